@@ -1,0 +1,236 @@
+"""vibevoice_pool.audio: decoding uploads and encoding responses, for real."""
+
+from __future__ import annotations
+
+import base64
+import io
+import wave
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from vibevoice_pool.audio import (
+    SUPPORTED_FORMATS,
+    StreamEncoder,
+    TooLarge,
+    decode_base64_upload,
+    decode_upload,
+    encode,
+    to_int16,
+    wav_header_for_stream,
+)
+from workers.messages import SAMPLE_RATE, ErrorKind, PoolError
+
+LIMITS = {"max_bytes": 2_000_000, "max_seconds": 10.0}
+
+
+def tone(seconds=1.0, rate=SAMPLE_RATE, freq=440.0, amp=0.5):
+    t = np.arange(int(seconds * rate)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def file_bytes(pcm, rate, fmt, subtype=None):
+    buf = io.BytesIO()
+    sf.write(buf, pcm, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def bad_input(excinfo):
+    err = excinfo.value
+    assert isinstance(err, PoolError) and err.kind is ErrorKind.BAD_INPUT
+    return err.message
+
+
+# ---- encode ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", SUPPORTED_FORMATS)
+def test_encode_round_trip_every_format(fmt):
+    pcm = tone(1.0)
+    data, ctype = encode(pcm, fmt)
+    assert ctype.startswith("audio/") and data
+    if fmt == "pcm":
+        back = np.frombuffer(data, "<i2").astype(np.float32) / 32767
+    else:
+        back, rate = sf.read(io.BytesIO(data), dtype="float32")
+        assert rate == SAMPLE_RATE and back.ndim == 1
+    assert abs(len(back) - len(pcm)) <= 0.05 * SAMPLE_RATE
+    n = min(len(back), len(pcm))
+    # Same loudness, and (for everything but the lossy codecs) the same samples.
+    assert np.sqrt(np.mean(back[:n] ** 2)) == pytest.approx(np.sqrt(np.mean(pcm**2)), rel=0.1)
+    if fmt in ("wav", "flac", "pcm"):
+        assert len(back) == len(pcm)
+        assert np.max(np.abs(back - pcm)) < 1e-3
+    # And what we encode, we accept as an upload.
+    if fmt != "pcm":
+        again = decode_upload(data, **LIMITS)
+        assert abs(len(again) - len(pcm)) <= 0.05 * SAMPLE_RATE
+
+
+def test_encode_headers_and_content_types():
+    pcm = tone(0.2)
+    assert encode(pcm, "wav")[0][:4] == b"RIFF"
+    assert encode(pcm, "flac")[0][:4] == b"fLaC"
+    opus, ctype = encode(pcm, "opus")
+    assert opus[:4] == b"OggS" and b"OpusHead" in opus[:200] and ctype == "audio/ogg"
+    assert encode(pcm, "mp3")[1] == "audio/mpeg"
+    assert len(encode(pcm, "pcm")[0]) == 2 * len(pcm)
+    assert encode(pcm, " WAV ")[1] == "audio/wav"  # case and spaces forgiven
+
+
+def test_encode_unsupported_format_lists_supported():
+    with pytest.raises(PoolError) as e:
+        encode(tone(0.1), "aac")
+    msg = bad_input(e)
+    assert "aac" in msg and all(f in msg for f in SUPPORTED_FORMATS)
+
+
+def test_to_int16_clips_and_rounds():
+    out = to_int16(np.array([0.0, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0, np.nan], np.float32))
+    assert out.dtype == np.int16
+    assert out.tolist() == [0, 16384, -16384, 32767, -32767, 32767, -32767, 0]
+
+
+def test_encode_clips_loud_input():
+    data, _ = encode(np.array([2.0, -2.0, 0.25], np.float32), "wav")
+    back, _ = sf.read(io.BytesIO(data), dtype="int16")
+    assert back.tolist() == [32767, -32767, 8192]
+
+
+# ---- streaming ---------------------------------------------------------------
+
+
+def test_stream_wav_is_readable_with_unknown_length():
+    enc = StreamEncoder("wav")
+    chunks = [tone(0.3, freq=220), tone(0.2, freq=330), tone(0.1)]
+    body = enc.start() + b"".join(enc.push(c) for c in chunks) + enc.end()
+    assert body.startswith(wav_header_for_stream()) and enc.streams
+    assert enc.content_type == "audio/wav" and enc.samples == sum(map(len, chunks))
+    back, rate = sf.read(io.BytesIO(body), dtype="float32")
+    assert rate == SAMPLE_RATE and len(back) == enc.samples
+    assert np.max(np.abs(back - np.concatenate(chunks))) < 1e-3
+    with wave.open(io.BytesIO(body)) as w:  # the stdlib reader copes too
+        assert w.getframerate() == SAMPLE_RATE and w.getsampwidth() == 2
+        assert len(w.readframes(10**9)) == 2 * enc.samples
+
+
+def test_stream_pcm_is_raw_and_immediate():
+    enc = StreamEncoder("pcm")
+    assert enc.start() == b""
+    part = enc.push(tone(0.1))
+    assert len(part) == 2 * int(0.1 * SAMPLE_RATE) and enc.end() == b""
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "flac", "opus"])
+def test_stream_buffered_formats_emit_whole_file_at_end(fmt):
+    enc = StreamEncoder(fmt)
+    assert not enc.streams
+    assert enc.start() == b"" and enc.push(tone(0.3)) == b"" and enc.push(tone(0.2)) == b""
+    body = enc.end()
+    back, rate = sf.read(io.BytesIO(body), dtype="float32")
+    assert rate == SAMPLE_RATE and abs(len(back) - int(0.5 * SAMPLE_RATE)) < 0.05 * SAMPLE_RATE
+
+
+def test_stream_unsupported_format():
+    with pytest.raises(PoolError) as e:
+        StreamEncoder("ogg-vorbis")
+    assert "wav" in bad_input(e)
+
+
+# ---- decode ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fmt,subtype", [("WAV", "PCM_16"), ("FLAC", None), ("MP3", None), ("OGG", "VORBIS")]
+)
+def test_decode_stereo_44k1_becomes_mono_24k(fmt, subtype):
+    left, right = tone(2.0, rate=44100, amp=0.6), tone(2.0, rate=44100, amp=0.2)
+    data = file_bytes(np.stack([left, right], axis=1), 44100, fmt, subtype)
+    out = decode_upload(data, **LIMITS)
+    assert out.dtype == np.float32 and out.ndim == 1
+    assert abs(len(out) - 2 * SAMPLE_RATE) <= (0 if fmt in ("WAV", "FLAC") else 0.05 * SAMPLE_RATE)
+    assert np.max(np.abs(out)) <= 1.0
+    # mono is the mean: a 440 Hz tone of amplitude 0.4
+    mid = out[SAMPLE_RATE // 2 : SAMPLE_RATE]
+    assert np.sqrt(np.mean(mid**2)) == pytest.approx(0.4 / np.sqrt(2), rel=0.1)
+
+
+def test_decode_float_wav_over_full_scale_is_clipped():
+    data = file_bytes(np.array([0.0, 1.5, -2.0, 0.5] * 100, np.float32), 24000, "WAV", "FLOAT")
+    out = decode_upload(data, **LIMITS)
+    assert out.max() == 1.0 and out.min() == -1.0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"hello, this is plainly text and not audio at all\n" * 20, bytes(range(256)) * 8],
+    ids=["text", "binary"],
+)
+def test_decode_rejects_non_audio(data):
+    with pytest.raises(PoolError) as e:
+        decode_upload(data, **LIMITS)
+    assert "could not be read as audio" in bad_input(e)
+
+
+def test_decode_rejects_corrupt_flac():
+    data = bytearray(file_bytes(tone(1.0), 24000, "FLAC"))
+    data[4:60] = b"\xff" * 56  # clobber the stream info block
+    with pytest.raises(PoolError) as e:
+        decode_upload(bytes(data), **LIMITS)
+    bad_input(e)
+
+
+def test_decode_rejects_empty_and_silent_files():
+    with pytest.raises(PoolError) as e:
+        decode_upload(b"", **LIMITS)
+    assert "empty" in bad_input(e)
+    with pytest.raises(PoolError) as e:
+        decode_upload(file_bytes(np.zeros(0, np.float32), 24000, "WAV", "PCM_16"), **LIMITS)
+    assert "no audio" in bad_input(e)
+
+
+def test_decode_rejects_oversized_upload_as_too_large():
+    data = file_bytes(tone(1.0), 24000, "WAV", "PCM_16")  # 48 KB
+    with pytest.raises(TooLarge) as e:
+        decode_upload(data, max_bytes=10 * 1024, max_seconds=60)
+    msg = bad_input(e)
+    assert "46.9 KB" in msg and "10 KB" in msg
+
+
+def test_decode_rejects_overlong_upload():
+    data = file_bytes(tone(3.0, rate=8000), 8000, "FLAC")
+    with pytest.raises(PoolError) as e:
+        decode_upload(data, max_bytes=10**7, max_seconds=2.0)
+    assert not isinstance(e.value, TooLarge)
+    msg = bad_input(e)
+    assert "3 s" in msg and "2 s" in msg
+
+
+def test_decode_rejects_overlong_stream_without_known_length():
+    body = wav_header_for_stream(8000) + to_int16(tone(3.0, rate=8000)).tobytes()
+    with pytest.raises(PoolError) as e:
+        decode_upload(body, max_bytes=10**7, max_seconds=2.0)
+    assert "2 s" in bad_input(e)
+
+
+def test_decode_base64_and_data_url():
+    raw = file_bytes(tone(0.5), 24000, "WAV", "PCM_16")
+    text = base64.b64encode(raw).decode()
+    assert len(decode_base64_upload(text, **LIMITS)) == SAMPLE_RATE // 2
+    wrapped = "data:audio/wav;base64," + "\n".join(text[i : i + 76] for i in range(0, 999, 76))
+    wrapped += text[999:]
+    assert len(decode_base64_upload(wrapped, **LIMITS)) == SAMPLE_RATE // 2
+
+
+@pytest.mark.parametrize("text", ["not base64 at all!", "QUJD$$==", "", "   "])
+def test_decode_base64_rejects_invalid(text):
+    with pytest.raises(PoolError) as e:
+        decode_base64_upload(text, **LIMITS, what="speakers[0].audio")
+    assert "speakers[0].audio" in bad_input(e)
+
+
+def test_decode_base64_too_large_before_decoding():
+    text = base64.b64encode(b"\0" * 50_000).decode()
+    with pytest.raises(TooLarge):
+        decode_base64_upload(text, max_bytes=1000, max_seconds=10)

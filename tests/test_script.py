@@ -1,0 +1,46 @@
+"""Script parsing: numbering, rotation, limits, messages that name the line."""
+
+import pytest
+
+from vibevoice_pool.script import parse_script
+from workers.messages import PoolError, Turn
+
+
+def test_one_based_numbering():
+    assert parse_script("Speaker 1: Hi\nSpeaker 2: Hello") == (Turn(0, "Hi"), Turn(1, "Hello"))
+
+
+def test_zero_based_numbering_when_speaker_0_appears():
+    assert parse_script("Speaker 0: Hi\nSpeaker 3: Yo") == (Turn(0, "Hi"), Turn(3, "Yo"))
+
+
+def test_unprefixed_lines_rotate_through_the_speakers():
+    turns = parse_script("one\ntwo\nthree", num_speakers=2)
+    assert [t.speaker for t in turns] == [0, 1, 0]
+    assert [t.speaker for t in parse_script("a\nb")] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("", "empty"),
+        ("   \n ", "empty"),
+        ("Speaker 5: too many", "line 1.*1-4"),
+        ("Speaker 1: ok\nSpeaker 0: a\nSpeaker 4: five", "line 3.*0-3"),
+        ("Speaker 1: ok\nSpeaker 2:", "line 2.*says nothing"),
+    ],
+)
+def test_bad_scripts_say_what_and_where(text, words):
+    with pytest.raises(PoolError, match=words) as e:
+        parse_script(text)
+    assert e.value.kind.value == "bad_input"
+
+
+def test_length_limit():
+    with pytest.raises(PoolError, match="limit is 10"):
+        parse_script("Speaker 1: " + "x" * 20, max_chars=10)
+
+
+def test_five_speakers_for_rotation_is_refused():
+    with pytest.raises(PoolError, match="at most 4"):
+        parse_script("a\nb", num_speakers=5)

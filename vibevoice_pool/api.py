@@ -1,0 +1,213 @@
+"""The HTTP API: a FastAPI app over a Pool. The Gradio page mounts on the same app.
+
+    POST /v1/synthesize        multi-speaker JSON in, audio out (or streamed)
+    GET  /v1/pool              the status board as JSON
+    POST /v1/pool/workers/{id}/restart
+    GET  /health               the process answers
+    GET  /ready                200 when at least one worker is ready, else 503
+
+Every error is a typed PoolError rendered in OpenAI's shape (errors.py).
+Blocking work (decoding uploads, encoding audio) runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from vibevoice_pool import audio
+from vibevoice_pool.config import PoolConfig
+from vibevoice_pool.errors import error_response, plain_error
+from vibevoice_pool.handle import RequestHandle
+from vibevoice_pool.pool import Pool
+from vibevoice_pool.script import MAX_SPEAKERS, parse_script
+from vibevoice_pool.voices import VoiceLibrary
+from workers import messages as m
+
+log = logging.getLogger("vibevoice_pool")
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MAX_VOICE_SECONDS = 60.0
+
+
+class Speaker(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    voice: str | None = Field(None, description="name of a voice preset (see /v1/voices)")
+    audio: str | None = Field(None, description="base64 of a wav/mp3/flac/ogg voice sample")
+
+
+class SynthesizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    script: str = Field(..., description="'Speaker 1: ...' lines; speakers 1-4 (or 0-3)")
+    speakers: list[Speaker] = Field(default_factory=list, max_length=MAX_SPEAKERS)
+    cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
+    inference_steps: int | None = Field(None, ge=1, le=100)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    format: str = "wav"
+    stream: bool = False
+    max_audio_s: float | None = Field(None, gt=0)
+
+
+@dataclass
+class Front:
+    """What every route needs: the pool, the voices, the settings."""
+
+    pool: Pool
+    voices: VoiceLibrary
+    cfg: PoolConfig
+
+    def build_request(self, body: SynthesizeBody) -> m.Request:
+        """A validated Request (BAD_INPUT otherwise). Decodes uploads: call off the loop."""
+        audio._check_format(body.format)
+        turns = parse_script(
+            body.script,
+            max_chars=self.cfg.max_text_chars,
+            num_speakers=len(body.speakers) or None,
+        )
+        n = max(t.speaker for t in turns) + 1
+        presets = self.voices.names()
+        voices = []
+        for i in range(n):
+            sp = body.speakers[i] if i < len(body.speakers) else Speaker()
+            if sp.voice and sp.audio:
+                raise m.PoolError(m.ErrorKind.BAD_INPUT, f"speakers[{i}]: give voice or audio, not both")
+            if sp.audio:
+                voices.append(
+                    audio.decode_base64_upload(
+                        sp.audio,
+                        max_bytes=MAX_UPLOAD_BYTES,
+                        max_seconds=MAX_VOICE_SECONDS,
+                        what=f"speakers[{i}].audio",
+                    )
+                )
+            elif sp.voice:
+                voices.append(self.voices.resolve(sp.voice))
+            else:
+                voices.append(self.voices.resolve(presets[i % len(presets)]) if presets else None)
+        return self.pool.make_request(
+            turns,
+            voices,
+            cfg_scale=body.cfg_scale,
+            inference_steps=body.inference_steps,
+            seed=body.seed,
+            stream=body.stream,
+            max_audio_s=body.max_audio_s,
+        )
+
+
+def headers_for(handle: RequestHandle, audio_s: float | None = None) -> dict:
+    h = {"X-Request-Id": handle.id, "X-Seed": str(handle.seed)}
+    if handle.worker is not None:
+        h["X-Worker"] = str(handle.worker)
+    if audio_s is not None:
+        h["X-Audio-Seconds"] = f"{audio_s:.3f}"
+    return h
+
+
+async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:
+    while not handle.done:
+        if await request.is_disconnected():
+            log.info("request %s: the client went away; cancelling", handle.id)
+            handle.cancel()
+            return
+        await asyncio.sleep(0.5)
+
+
+async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> Response:
+    """Wait for the whole result, then answer it encoded as `fmt`."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+    try:
+        async for event in handle.events():
+            if isinstance(event, m.Failed):
+                return error_response(m.PoolError(event.error, event.message))
+    finally:
+        watcher.cancel()
+    pcm = handle.audio()
+    data, ctype = await asyncio.to_thread(audio.encode, pcm, fmt)
+    return Response(data, media_type=ctype, headers=headers_for(handle, len(pcm) / m.SAMPLE_RATE))
+
+
+async def stream_response(handle: RequestHandle, fmt: str) -> Response:
+    """Stream audio as the worker makes it. Waits for Started so X-Worker is known."""
+    events = handle.events()
+    first = await anext(events)
+    if isinstance(first, m.Failed):
+        return error_response(m.PoolError(first.error, first.message))
+    enc = audio.StreamEncoder(fmt)
+
+    async def body():
+        try:
+            yield enc.start()
+            event = first
+            while True:
+                if isinstance(event, m.Chunk):
+                    data = enc.push(event.pcm)
+                    if data:
+                        yield data
+                elif isinstance(event, m.Failed):
+                    log.warning("stream %s ended early: %s", handle.id, event.message)
+                    return  # headers are sent; the short body is the signal
+                elif isinstance(event, m.Done):
+                    yield enc.end()
+                    return
+                event = await anext(events)
+        finally:
+            if not handle.done:
+                handle.cancel()  # the client went away mid-stream
+
+    return StreamingResponse(body(), media_type=enc.content_type, headers=headers_for(handle))
+
+
+def create_app(front: Front) -> FastAPI:
+    app = FastAPI(title="vibevoice-pool", version="0.1.0")
+    app.state.front = front
+    pool = front.pool
+
+    @app.exception_handler(m.PoolError)
+    async def _pool_error(_: Request, err: m.PoolError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError):
+        parts = []
+        for e in err.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{where or 'body'}: {e.get('msg')}")
+        return plain_error(400, "bad_input", "; ".join(parts) or "invalid request")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        n = pool.ready_workers()
+        body = {"ready": n > 0, "ready_workers": n, "workers": len(pool.placements)}
+        return JSONResponse(body, 200 if n else 503)
+
+    @app.get("/v1/pool")
+    async def pool_status():
+        return pool.status()
+
+    @app.post("/v1/pool/workers/{worker_id}/restart")
+    async def restart_worker(worker_id: int):
+        if not 0 <= worker_id < len(pool.placements):
+            return plain_error(404, "not_found", f"no worker {worker_id}; see /v1/pool")
+        pool.supervisor.restart(worker_id)
+        return {"restarting": worker_id}
+
+    @app.post("/v1/synthesize")
+    async def synthesize(body: SynthesizeBody, request: Request):
+        req = await asyncio.to_thread(front.build_request, body)
+        handle = pool.submit(req)
+        if body.stream:
+            return await stream_response(handle, body.format)
+        return await run_to_response(request, handle, body.format)
+
+    return app

@@ -1,0 +1,250 @@
+"""Audio in and out of the pool, on the parent side.
+
+Owns: turning uploaded voice samples (wav/mp3/flac/ogg bytes, or base64 text)
+into float32 mono 24 kHz numpy arrays, and turning the float32 audio the
+workers send back into response bytes (wav, mp3, flac, opus, raw pcm), whole
+or as a stream. Crossing its border: numpy arrays at workers.messages
+SAMPLE_RATE on one side, bytes plus a content type on the other. Every
+problem with user input is a PoolError(BAD_INPUT) whose message says what was
+wrong and what to do; an upload over the byte limit is TooLarge (HTTP 413).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import struct
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from workers.messages import SAMPLE_RATE, ErrorKind, PoolError
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("wav", "mp3", "flac", "opus", "pcm")
+
+# format name -> (libsndfile container, libsndfile subtype, content type)
+_CODECS: dict[str, tuple[str, str, str]] = {
+    "wav": ("WAV", "PCM_16", "audio/wav"),
+    "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
+    "flac": ("FLAC", "PCM_16", "audio/flac"),
+    "opus": ("OGG", "OPUS", "audio/ogg"),
+}
+# Raw 16-bit little-endian mono samples at SAMPLE_RATE, no header.
+PCM_CONTENT_TYPE = "audio/pcm"
+_READ_BLOCK = 1 << 16  # frames read per block while decoding
+
+
+class TooLarge(PoolError):
+    """An upload over the byte limit (the HTTP layer answers 413)."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorKind.BAD_INPUT, message)
+
+
+def _bad(message: str) -> PoolError:
+    return PoolError(ErrorKind.BAD_INPUT, message)
+
+
+def _size(n: float) -> str:
+    """A byte count for people: '512 bytes', '42 KB', '12.3 MB' (1 KB = 1024 bytes)."""
+    if n < 1024:
+        return f"{int(n)} bytes"
+    value, unit = (n / 1024, "KB") if n < 1024 * 1024 else (n / (1024 * 1024), "MB")
+    text = f"{value:.1f}"
+    return f"{text.removesuffix('.0')} {unit}"
+
+
+def _secs(s: float) -> str:
+    text = f"{s:.1f}"
+    return f"{text.removesuffix('.0')} s"
+
+
+def decode_upload(
+    data: bytes, *, max_bytes: int, max_seconds: float, what: str = "voice sample"
+) -> np.ndarray:
+    """Decode an audio file's bytes to float32 mono SAMPLE_RATE samples in [-1, 1].
+
+    `what` names the thing in error messages ("voice sample", "speakers[1].audio").
+    Raises TooLarge over max_bytes, PoolError(BAD_INPUT) for anything else wrong.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise _bad(f"{what} must be the bytes of an audio file, not {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise _bad(f"{what} is empty; send a wav, mp3, flac or ogg file")
+    if len(data) > max_bytes:
+        raise TooLarge(
+            f"{what} is {_size(len(data))}; the limit is {_size(max_bytes)}. "
+            "Send a shorter clip or a compressed format (mp3, ogg)"
+        )
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate, channels = f.samplerate, f.channels
+            if rate <= 0 or channels <= 0:
+                raise _bad(f"{what} has no usable audio stream; send a wav, mp3, flac or ogg file")
+            limit = int(max_seconds * rate)
+            if 0 < f.frames < (1 << 62) and f.frames > limit:
+                raise _bad(
+                    f"{what} is {_secs(f.frames / rate)} long; the limit is "
+                    f"{_secs(max_seconds)}. Trim it to a few seconds of clear speech"
+                )
+            blocks, total = [], 0
+            while total <= limit:
+                block = f.read(min(_READ_BLOCK, limit + 1 - total), dtype="float32", always_2d=True)
+                if len(block) == 0:
+                    break
+                blocks.append(block)
+                total += len(block)
+    except sf.SoundFileError:
+        raise _bad(
+            f"{what} could not be read as audio (corrupt, truncated, or not an audio "
+            "file); send a wav, mp3, flac or ogg file"
+        ) from None
+    if total > limit:
+        raise _bad(
+            f"{what} is longer than {_secs(max_seconds)}, the limit. "
+            "Trim it to a few seconds of clear speech"
+        )
+    if total == 0:
+        raise _bad(f"{what} contains no audio samples; send a recording of a few seconds")
+    pcm = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    pcm = np.nan_to_num(pcm, nan=0.0, posinf=1.0, neginf=-1.0).mean(axis=1, dtype=np.float32)
+    if rate != SAMPLE_RATE:
+        pcm = soxr.resample(pcm, rate, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(np.clip(pcm, -1.0, 1.0), dtype=np.float32)
+
+
+def decode_base64_upload(
+    text: str | bytes, *, max_bytes: int, max_seconds: float, what: str = "voice sample"
+) -> np.ndarray:
+    """decode_upload for base64 text (a bare string or a data: URL)."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("ascii")
+        except UnicodeDecodeError:
+            raise _bad(f"{what} is not valid base64 (it holds non-ASCII characters)") from None
+    if not isinstance(text, str):
+        raise _bad(f"{what} must be a base64 string, not {type(text).__name__}")
+    text = text.strip()
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]  # data:audio/wav;base64,....
+    text = "".join(text.split())
+    if not text:
+        raise _bad(f"{what} is empty; send a base64-encoded wav, mp3, flac or ogg file")
+    if len(text) // 4 * 3 > max_bytes + 3:  # refuse before decoding it
+        raise TooLarge(
+            f"{what} is about {_size(len(text) // 4 * 3)}; the limit is {_size(max_bytes)}. "
+            "Send a shorter clip or a compressed format (mp3, ogg)"
+        )
+    altchars = b"-_" if ("-" in text or "_" in text) else None
+    try:
+        data = base64.b64decode(text, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad(
+            f"{what} is not valid base64; encode the whole audio file with standard "
+            "base64 (e.g. `base64 -w0 voice.wav`)"
+        ) from None
+    return decode_upload(data, max_bytes=max_bytes, max_seconds=max_seconds, what=what)
+
+
+def to_int16(pcm: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] -> int16, clipped; NaN becomes silence."""
+    x = np.nan_to_num(np.asarray(pcm, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def _mono(pcm: np.ndarray) -> np.ndarray:
+    x = np.asarray(pcm, dtype=np.float32)
+    if x.ndim == 2:
+        x = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
+    elif x.ndim != 1:
+        raise ValueError(f"audio must be 1-D (mono) or 2-D (frames, channels), got {x.shape}")
+    return x
+
+
+def _check_format(fmt: str) -> str:
+    name = str(fmt).strip().lower()
+    if name not in SUPPORTED_FORMATS:
+        raise _bad(
+            f"audio format {fmt!r} is not supported; use one of: {', '.join(SUPPORTED_FORMATS)}"
+        )
+    return name
+
+
+def content_type(fmt: str) -> str:
+    """The Content-Type of a supported format's bytes."""
+    name = _check_format(fmt)
+    return PCM_CONTENT_TYPE if name == "pcm" else _CODECS[name][2]
+
+
+def encode(pcm: np.ndarray, fmt: str) -> tuple[bytes, str]:
+    """Encode float32 mono SAMPLE_RATE audio as `fmt`; returns (bytes, content type).
+
+    Empty input: wav and opus give a valid empty file; flac, mp3 and pcm give b"".
+    CPU-bound (mp3/opus of 30 s take about half a second): call it off the event loop.
+    """
+    name = _check_format(fmt)
+    x = _mono(pcm)
+    if name == "pcm":
+        return to_int16(x).astype("<i2").tobytes(), PCM_CONTENT_TYPE
+    container, subtype, ctype = _CODECS[name]
+    buf = io.BytesIO()
+    # Every encoder gets the same int16 samples as the raw pcm and wav stream.
+    sf.write(buf, to_int16(x), SAMPLE_RATE, format=container, subtype=subtype)
+    return buf.getvalue(), ctype
+
+
+def wav_header_for_stream(sample_rate: int = SAMPLE_RATE, channels: int = 1) -> bytes:
+    """A 16-bit PCM WAV header whose sizes say "as long as it goes" (0xFFFFFFFF).
+
+    Players (browsers, ffmpeg, libsndfile, Python's wave) read such a stream up
+    to where the data ends.
+    """
+    block_align = channels * 2
+    fmt_chunk = struct.pack(
+        "<4sIHHIIHH", b"fmt ", 16, 1, channels, sample_rate, sample_rate * block_align,
+        block_align, 16,
+    )  # fmt: skip
+    return (
+        b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + fmt_chunk
+        + b"data" + struct.pack("<I", 0xFFFFFFFF)
+    )  # fmt: skip
+
+
+class StreamEncoder:
+    """Encodes audio as it arrives, for streaming responses.
+
+    wav: start() gives a header with an unknown (maximal) length, each push()
+    gives its chunk as 16-bit PCM at once. pcm: raw 16-bit little-endian at
+    once, no header. mp3, flac and opus buffer every chunk and emit the whole
+    file from end() (their containers want the total length or whole frames);
+    `streams` is False for them, so a caller can tell the client.
+    Use: start(), push() per chunk, end() once.
+    """
+
+    def __init__(self, fmt: str):
+        self.format = _check_format(fmt)
+        self.content_type = content_type(self.format)
+        self.streams = self.format in ("wav", "pcm")
+        self._held: list[np.ndarray] = []
+        self.samples = 0  # samples pushed so far
+
+    def start(self) -> bytes:
+        return wav_header_for_stream() if self.format == "wav" else b""
+
+    def push(self, pcm: np.ndarray) -> bytes:
+        x = _mono(pcm)
+        self.samples += len(x)
+        if self.streams:
+            return to_int16(x).astype("<i2").tobytes()
+        self._held.append(x.copy())
+        return b""
+
+    def end(self) -> bytes:
+        if self.streams:
+            return b""
+        held = np.concatenate(self._held) if self._held else np.zeros(0, np.float32)
+        self._held = []
+        return encode(held, self.format)[0]

@@ -1,0 +1,123 @@
+"""The `vibevoice-pool` command. Imports stay inside the commands: a spawned
+worker re-imports the main script, and must not load the front ends.
+
+    launch            serve the pool (every setting in config.SETTINGS is a flag)
+    synth             send a script to a running server, write the audio
+    status            print the pool's status panel as a table
+    make-tiny-model   build the tiny random VibeVoice used by the demo and tests
+    convert           convert an original-layout VibeVoice checkpoint to HF
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("vibevoice_pool")
+
+
+def _launch_parser(sub) -> None:
+    from vibevoice_pool.config import SETTINGS
+
+    p = sub.add_parser("launch", help="serve the pool", argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="a YAML file of settings; flags override it")
+    for s in SETTINGS:
+        names = [f"--{s.name.replace('_', '-')}"]
+        if "_" in s.name:
+            names.append(f"--{s.name}")
+        if s.is_switch:
+            p.add_argument(*names, dest=s.name, action=argparse.BooleanOptionalAction, help=s.help)
+        else:
+            p.add_argument(*names, dest=s.name, help=f"{s.help} (default: {s.default!r})")
+    p.add_argument("--device", dest="_device", help="deprecated: devices come from --gpus")
+
+
+def _client_parsers(sub) -> None:
+    p = sub.add_parser("synth", help="synthesize a script on a running server")
+    p.add_argument("--url", default="http://127.0.0.1:7860")
+    p.add_argument("--script", required=True, help="a text file, or - for stdin")
+    p.add_argument("--voice", action="append", default=[], help="a preset per speaker, in order")
+    p.add_argument("--cfg-scale", type=float, default=1.3)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--format", default="wav")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--api-key", default=None)
+
+    p = sub.add_parser("status", help="print the pool's status")
+    p.add_argument("--url", default="http://127.0.0.1:7860")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("make-tiny-model", help="build the tiny random VibeVoice model")
+    p.add_argument("dir")
+
+    p = sub.add_parser("convert", help="convert an original-layout checkpoint to the HF layout")
+    p.add_argument("src")
+    p.add_argument("dst")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="vibevoice-pool", description="Serve VibeVoice on every GPU of a machine."
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    _launch_parser(sub)
+    _client_parsers(sub)
+    return ap
+
+
+def launch_config(ns: argparse.Namespace):
+    from vibevoice_pool import config
+
+    values = {}
+    if getattr(ns, "config", None):
+        values.update(config.load_file(ns.config))
+    flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "_device")}
+    values.update(flags)
+    return config.build(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vibevoice_pool import logs
+
+    ns = parser().parse_args(argv)
+    if ns.command == "launch":
+        from vibevoice_pool.config import ConfigError
+        from vibevoice_pool.server import EXIT_CONFIG, serve
+
+        logs.setup("INFO")
+        if getattr(ns, "_device", None):
+            log.warning("--device is deprecated and ignored: choose devices with --gpus (e.g. --gpus 0,1)")
+        try:
+            cfg = launch_config(ns)
+        except ConfigError as e:
+            log.error("%s", e)
+            return EXIT_CONFIG
+        logs.setup(cfg.log_level, cfg.log_format)
+        return serve(cfg)
+    if ns.command in ("synth", "status"):
+        from vibevoice_pool import client
+
+        return client.run(ns)
+    if ns.command == "make-tiny-model":
+        from workers.tiny import make_tiny_model
+
+        print(make_tiny_model(ns.dir))
+        return 0
+    if ns.command == "convert":
+        from workers.convert import convert_checkpoint
+
+        convert_checkpoint(ns.src, ns.dst)
+        print(f"converted {ns.src} -> {ns.dst}")
+        return 0
+    return 2
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

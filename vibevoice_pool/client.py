@@ -1,0 +1,123 @@
+"""The terminal side: `vibevoice-pool synth` and `vibevoice-pool status`,
+talking to a running server over HTTP (httpx)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import httpx
+import numpy as np
+
+from workers.estimate import audio_seconds_for
+from workers.messages import SAMPLE_RATE
+
+STATE_MARK = {
+    "ready": "✅",
+    "busy": "🔄",
+    "starting": "⏳",
+    "backoff": "♻️",
+    "failed": "❌",
+    "unavailable": "⛔",
+    "draining": "⏸️",
+    "stopped": "⏹️",
+}
+
+
+def _headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _fail(resp: httpx.Response) -> int:
+    try:
+        err = resp.json()["error"]
+        print(f"error {resp.status_code} ({err.get('code')}): {err.get('message')}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError):
+        print(f"error {resp.status_code}: {resp.text[:500]}", file=sys.stderr)
+    return 1
+
+
+def synth(ns) -> int:
+    text = sys.stdin.read() if ns.script == "-" else open(ns.script, encoding="utf-8").read()
+    body = {
+        "script": text,
+        "speakers": [{"voice": v} for v in ns.voice],
+        "cfg_scale": ns.cfg_scale,
+        "format": "pcm",
+        "stream": True,
+    }
+    if ns.steps:
+        body["inference_steps"] = ns.steps
+    if ns.seed is not None:
+        body["seed"] = ns.seed
+    est = audio_seconds_for(text)
+    got = bytearray()
+    t0 = time.monotonic()
+    timeout = httpx.Timeout(10.0, read=None)
+    with httpx.stream("POST", f"{ns.url}/v1/synthesize", json=body, headers=_headers(ns.api_key), timeout=timeout) as r:
+        if r.status_code != 200:
+            r.read()
+            return _fail(r)
+        worker, seed = r.headers.get("x-worker", "?"), r.headers.get("x-seed", "?")
+        for data in r.iter_bytes():
+            got.extend(data)
+            secs = len(got) / 2 / SAMPLE_RATE
+            bar = "#" * int(20 * min(1.0, secs / est)) if est else ""
+            print(
+                f"\r[{bar:<20}] {secs:6.1f} s of audio (about {est:.0f} s expected) "
+                f"on worker {worker}, {time.monotonic() - t0:5.1f} s",
+                end="",
+                file=sys.stderr,
+            )
+    print(file=sys.stderr)
+    pcm = np.frombuffer(bytes(got[: len(got) // 2 * 2]), dtype="<i2")
+    import soundfile as sf
+
+    fmt = ns.format.lower()
+    sf.write(ns.output, pcm, SAMPLE_RATE, format={"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}.get(fmt, "WAV"))
+    print(f"wrote {ns.output}: {len(pcm) / SAMPLE_RATE:.2f} s, seed {seed}")
+    return 0
+
+
+def bar(frac: float, width: int = 20) -> str:
+    frac = max(0.0, min(1.0, frac))
+    full = int(round(frac * width))
+    return "█" * full + "░" * (width - full)
+
+
+def status_table(pool: dict) -> str:
+    q = pool["queue"]
+    lines = [f"queue {q['length']}/{q['max']}   policy {pool.get('policy', '?')}"]
+    for w in pool["workers"]:
+        mem_t = w.get("mem_total_bytes") or 0
+        mem_u = w.get("mem_used_bytes") or 0
+        frac = mem_u / mem_t if mem_t else 0.0
+        lines.append(
+            f"{STATE_MARK.get(w['state'], '?')} worker {w['id']} {w['device']:<7} {w['state']:<11} "
+            f"pid {w.get('pid') or '-':<7} queue {w['inflight']}  restarts {w['restarts']}  "
+            f"done {w['completed']}  failed {w['failed']}"
+        )
+        lines.append(
+            f"     memory [{bar(frac)}] {100 * frac:5.1f}% ({mem_u / 1e9:.1f}/{mem_t / 1e9:.1f}GB)  "
+            f"util [{bar((w.get('util') or 0) / 100)}] {w.get('util') or 0:5.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def status(ns) -> int:
+    r = httpx.get(f"{ns.url}/v1/pool", headers=_headers(ns.api_key), timeout=10)
+    if r.status_code != 200:
+        return _fail(r)
+    if ns.json:
+        print(r.text)
+    else:
+        print(status_table(r.json()))
+    return 0
+
+
+def run(ns) -> int:
+    try:
+        return synth(ns) if ns.command == "synth" else status(ns)
+    except httpx.HTTPError as e:
+        print(f"cannot reach {ns.url}: {e}", file=sys.stderr)
+        return 1

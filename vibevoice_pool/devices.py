@@ -1,0 +1,112 @@
+"""Which devices exist, and which worker slots the `--gpus` setting asks for.
+
+GPUs are counted through NVML (nvidia-ml-py) in the parent, which creates no
+CUDA context. No driver, no GPUs: that is an answer, not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from vibevoice_pool.config import ConfigError
+
+log = logging.getLogger("vibevoice_pool")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    mem_total_bytes: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one worker slot runs."""
+
+    device: str  # "cuda:3", "cpu:0", "sim:1"
+    cuda_index: int | None  # physical ordinal for CUDA_VISIBLE_DEVICES
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.cuda_index is not None
+
+
+def find_gpus() -> list[Gpu]:
+    """Every NVIDIA GPU NVML can see; [] when there is no driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            gpus.append(Gpu(i, name, int(pynvml.nvmlDeviceGetMemoryInfo(h).total)))
+        return gpus
+    except pynvml.NVMLError as e:
+        log.warning("NVML answered but could not list GPUs: %s", e)
+        return []
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def default_cpu_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def plan(gpus_setting: str, workers_per_gpu: int, found: list[Gpu]) -> list[Placement]:
+    """The worker slots for a `--gpus` value, or a ConfigError naming the GPUs found."""
+    spec = (gpus_setting or "all").strip().lower()
+    listing = ", ".join(f"{g.index} ({g.name})" for g in found) or "none"
+    if spec.startswith("cpu"):
+        _, _, n = spec.partition(":")
+        try:
+            count = int(n) if n else default_cpu_workers()
+        except ValueError:
+            raise ConfigError(f"--gpus {gpus_setting!r}: write cpu:N, e.g. cpu:2") from None
+        if count < 1:
+            raise ConfigError(f"--gpus {gpus_setting!r}: need at least one CPU worker")
+        return [Placement(f"cpu:{i}", None) for i in range(count)]
+    if spec == "all":
+        if not found:
+            count = default_cpu_workers()
+            log.warning(
+                "No GPU found (no NVIDIA driver answered): starting %d CPU worker(s). "
+                "Use --gpus cpu:N to choose how many.",
+                count,
+            )
+            return [Placement(f"cpu:{i}", None) for i in range(count)]
+        ids = [g.index for g in found]
+    else:
+        try:
+            ids = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--gpus {gpus_setting!r}: write GPU ids such as 0,1,3, 'all' or cpu:N. "
+                f"GPUs found: {listing}"
+            ) from None
+        if not ids:
+            raise ConfigError(f"--gpus is empty. GPUs found: {listing}")
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ConfigError(
+                f"--gpus {gpus_setting!r} names GPU {', '.join(map(str, dupes))} more than once; "
+                f"use --workers-per-gpu for several workers on one GPU. GPUs found: {listing}"
+            )
+        known = {g.index for g in found}
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise ConfigError(
+                f"--gpus {gpus_setting!r}: no GPU {', '.join(map(str, unknown))} on this machine. "
+                f"GPUs found: {listing}"
+            )
+    return [Placement(f"cuda:{i}", i) for i in ids for _ in range(workers_per_gpu)]

@@ -1,0 +1,332 @@
+"""Dispatcher: admission, late binding, and the life of every accepted request.
+
+    submit() --> admission queue (bounded; full = OVERLOADED at once)
+                   |  pump(): only while some worker has a free slot
+                   v
+              policy picks among eligible workers (board snapshot)
+                   |  bump INFLIGHT / QUEUED_WORK_S on the board, then send
+                   v
+              worker request queue --> worker --> on_message() --> handle
+
+A request leaves the admission queue only when a worker can start it (late
+binding), so a slow worker never hoards a queue. When a worker is lost, its
+requests go back to the head of the queue; one that has taken down
+`max_attempts` workers is answered WORKER_LOST and never retried. A replayed
+request runs with the same seed; audio the client already has is skipped.
+
+Thread safety: one lock. submit() and cancel() come from the API's threads,
+on_message() and the worker events from the supervisor's loop thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from vibevoice_pool.handle import RequestHandle
+from vibevoice_pool.policies import Ctx, View, choose
+from workers import messages as m
+from workers.board import Col, SlotState, StatusBoard, WorkerState
+
+log = logging.getLogger("vibevoice_pool")
+
+
+@dataclass
+class _Job:
+    request: m.Request
+    handle: RequestHandle
+    work_s: float  # estimated audio seconds, corrected by measurement
+    lost: int = 0  # workers this request was on when they died
+    slot: int | None = None
+    left_s: float = 0.0  # estimated work still to do on its slot
+    delivered: int = 0  # samples the handle has received
+    seen: int = 0  # samples the current attempt has produced
+    dispatched_at: float = 0.0
+    started_at: float = 0.0  # worker clock, from Started
+    attempts_at: list[float] = field(default_factory=list)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        board: StatusBoard,
+        *,
+        policy: str = "least_work",
+        max_queue: int = 50,
+        max_attempts: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ):
+        self.board = board
+        self.policy = policy
+        self.max_queue = max_queue
+        self.max_attempts = max_attempts
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._jobs: dict[str, _Job] = {}
+        self._links: dict[int, Callable[[object], None]] = {}  # slot -> send
+        self._draining: set[int] = set()  # live, but takes no new work
+        self._ctx = Ctx(rng=rng or random.Random())
+        self._seq = itertools.count(1)
+        self._admitting = True
+        self.work_ratio = 1.0  # measured audio / estimated audio (EMA)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.listeners: list[Callable[[str, _Job, object], None]] = []
+
+    # ---- the API side --------------------------------------------------
+
+    def new_id(self) -> str:
+        return uuid.uuid4().hex[:16]
+
+    def submit(self, request: m.Request) -> RequestHandle:
+        """Accept a request or refuse it at once (OVERLOADED, UNAVAILABLE)."""
+        with self._lock:
+            if not self._admitting:
+                self.counters["refused_shutdown"] += 1
+                raise m.PoolError(m.ErrorKind.UNAVAILABLE, "the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                self.counters["refused_overloaded"] += 1
+                raise m.PoolError(
+                    m.ErrorKind.OVERLOADED,
+                    f"the queue is full ({self.max_queue} waiting); retry in a few seconds",
+                    retryable=True,
+                )
+            request = replace(request, seq=next(self._seq))
+            handle = RequestHandle(request, self.cancel)
+            job = _Job(request, handle, request.est_audio_s * self.work_ratio)
+            self._jobs[request.id] = job
+            self._queue.append(job)
+            self.counters["accepted"] += 1
+            self._pump_locked()
+            return handle
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(request_id)
+            if job is None:
+                return
+            if job.slot is None:
+                self._queue.remove(job)
+                self._finish(job, m.Failed(job.request.id, m.ErrorKind.CANCELLED, "cancelled"))
+            else:
+                self._send(job.slot, m.Cancel(request_id))
+
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def pending(self) -> int:
+        """Accepted and not yet answered: queued plus in flight."""
+        return len(self._jobs)
+
+    def stop_admitting(self) -> None:
+        with self._lock:
+            self._admitting = False
+
+    # ---- the supervisor side -------------------------------------------
+
+    def attach(self, slot: int, send: Callable[[object], None]) -> None:
+        """A worker in `slot` is ready; `send` puts a message on its queue."""
+        with self._lock:
+            self._links[slot] = send
+            self._draining.discard(slot)
+            self.board.set(slot, Col.INFLIGHT, 0)
+            self.board.set(slot, Col.QUEUED_WORK_S, 0)
+            self._pump_locked()
+
+    def worker_lost(self, slot: int, why: str) -> list[str]:
+        """The worker in `slot` is gone: requeue (or quarantine) what it held."""
+        with self._lock:
+            self._links.pop(slot, None)
+            self._draining.discard(slot)
+            held = [j for j in self._jobs.values() if j.slot == slot]
+            held.sort(key=lambda j: j.request.seq, reverse=True)
+            for job in held:
+                job.lost += 1
+                job.slot, job.seen, job.left_s = None, 0, 0.0
+                if job.lost >= self.max_attempts:
+                    log.error(
+                        "request %s quarantined: it was running on %d workers that died",
+                        job.request.id,
+                        job.lost,
+                    )
+                    self._finish(
+                        job,
+                        m.Failed(
+                            job.request.id,
+                            m.ErrorKind.WORKER_LOST,
+                            f"this request was running on {job.lost} workers that died ({why}); "
+                            "it will not be retried",
+                        ),
+                    )
+                    continue
+                job.request = replace(job.request, attempt=job.request.attempt + 1)
+                self._queue.appendleft(job)
+                self.counters["requeued"] += 1
+                self._emit("requeued", job, slot)
+            self.board.set(slot, Col.INFLIGHT, 0)
+            self.board.set(slot, Col.QUEUED_WORK_S, 0)
+            self._pump_locked()
+            return [j.request.id for j in held]
+
+    def drain(self, slot: int) -> None:
+        """Send no new work to `slot`; what it holds may finish."""
+        with self._lock:
+            self._draining.add(slot)
+
+    def held_by(self, slot: int) -> int:
+        with self._lock:
+            return sum(1 for j in self._jobs.values() if j.slot == slot)
+
+    def on_message(self, slot: int, msg) -> None:
+        with self._lock:
+            job = self._jobs.get(getattr(msg, "id", ""))
+            if job is None or job.slot != slot:
+                return  # an answer for a request that moved on (cancelled, requeued)
+            if isinstance(msg, m.Started):
+                job.started_at = msg.at
+                job.handle.push(msg)
+                self._emit("started", job, slot)
+            elif isinstance(msg, m.Chunk):
+                self._chunk(job, msg)
+            elif isinstance(msg, m.Done):
+                actual = job.seen / m.SAMPLE_RATE
+                if job.request.est_audio_s > 0 and actual > 0:
+                    ratio = actual / job.request.est_audio_s
+                    self.work_ratio = 0.9 * self.work_ratio + 0.1 * ratio
+                self._release(job)
+                self._finish(job, msg)
+            elif isinstance(msg, m.Failed):
+                self._release(job)
+                self._finish(job, msg)
+            self._pump_locked()
+
+    def fail_all(self, error: m.ErrorKind, message: str) -> int:
+        """Answer every request still pending (shutdown past its grace)."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+            self._queue.clear()
+            for job in jobs:
+                if job.slot is not None:
+                    self._release(job)
+                self._finish(job, m.Failed(job.request.id, error, message))
+            return len(jobs)
+
+    def expire(self, timeout_s: float) -> None:
+        """Fail requests older than timeout_s with TIMEOUT (called on each tick)."""
+        now = self.clock()
+        with self._lock:
+            for job in [j for j in self._jobs.values() if now - j.handle.submitted_at > timeout_s]:
+                if job.slot is not None:
+                    self._send(job.slot, m.Cancel(job.request.id))
+                    self._release(job)
+                else:
+                    self._queue.remove(job)
+                self._finish(
+                    job,
+                    m.Failed(
+                        job.request.id,
+                        m.ErrorKind.TIMEOUT,
+                        f"the request took longer than request_timeout_s={timeout_s:g}",
+                    ),
+                )
+            self._pump_locked()
+
+    # ---- internals -----------------------------------------------------
+
+    def _send(self, slot: int, msg) -> None:
+        send = self._links.get(slot)
+        if send is not None:
+            send(msg)
+
+    def _chunk(self, job: _Job, msg: m.Chunk) -> None:
+        n = len(msg.pcm)
+        start, job.seen = job.seen, job.seen + n
+        done_s = n / m.SAMPLE_RATE
+        used = min(job.left_s, done_s)
+        job.left_s -= used
+        self.board.add(job.slot, Col.QUEUED_WORK_S, -used)
+        if job.seen <= job.delivered:
+            return  # a replay: the client already has these samples
+        pcm = msg.pcm[job.delivered - start :] if start < job.delivered else msg.pcm
+        job.delivered = job.seen
+        job.handle.push(m.Chunk(msg.id, msg.seq, pcm))
+
+    def _release(self, job: _Job) -> None:
+        slot = job.slot
+        if slot is None:
+            return
+        self.board.add(slot, Col.INFLIGHT, -1)
+        self.board.add(slot, Col.QUEUED_WORK_S, -job.left_s)
+        if self.board.get(slot, Col.QUEUED_WORK_S) < 1e-9:
+            self.board.set(slot, Col.QUEUED_WORK_S, 0.0)
+        job.left_s = 0.0
+
+    def _finish(self, job: _Job, outcome) -> None:
+        self._jobs.pop(job.request.id, None)
+        job.handle.worker = job.slot if job.slot is not None else job.handle.worker
+        job.slot = None
+        self.counters["completed" if isinstance(outcome, m.Done) else outcome.error.value] += 1
+        job.handle.push(outcome)
+        self._emit("finished", job, outcome)
+
+    def _emit(self, what: str, job: _Job, detail) -> None:
+        for listener in self.listeners:
+            listener(what, job, detail)
+
+    def _eligible(self) -> list[View]:
+        t = self.board.table
+        views = []
+        for slot in self._links:
+            if slot in self._draining:
+                continue
+            row = t[slot]
+            if int(row[Col.SLOT_STATE]) != SlotState.RUNNING:
+                continue
+            if int(row[Col.WORKER_STATE]) not in (WorkerState.IDLE, WorkerState.BUSY):
+                continue
+            inflight, capacity = int(row[Col.INFLIGHT]), max(1, int(row[Col.CAPACITY]))
+            if inflight >= capacity:
+                continue
+            views.append(
+                View(
+                    slot=slot,
+                    inflight=inflight,
+                    capacity=capacity,
+                    queued_work_s=float(row[Col.QUEUED_WORK_S]),
+                    speed=float(row[Col.SPEED]),
+                    mem_used=float(row[Col.MEM_USED]),
+                    mem_total=float(row[Col.MEM_TOTAL]),
+                    util=float(row[Col.UTIL]),
+                )
+            )
+        return views
+
+    def pump(self) -> None:
+        with self._lock:
+            self._pump_locked()
+
+    def _pump_locked(self) -> None:
+        while self._queue:
+            views = self._eligible()
+            if not views:
+                return
+            job = self._queue.popleft()
+            i, score = choose(self.policy, views, job.work_s, self._ctx)
+            self._ctx.turn += 1
+            slot = views[i].slot
+            job.slot, job.left_s, job.seen = slot, job.work_s, 0
+            job.dispatched_at = self.clock()
+            job.handle.worker = slot
+            self.board.add(slot, Col.INFLIGHT, 1)
+            self.board.add(slot, Col.QUEUED_WORK_S, job.work_s)
+            self.board.add(slot, Col.ASSIGNED, 1)
+            self._links[slot](m.Synthesize(job.request))
+            self._emit("dispatched", job, (slot, score, views[i]))

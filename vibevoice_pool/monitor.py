@@ -1,0 +1,121 @@
+"""Monitor: a sampler thread that fills the board's device columns.
+
+Every `interval_s` it reads, for each worker slot:
+    GPU slot  -> NVML: memory used / total, utilisation, temperature, power,
+                 health (1 answers, 0 NVML fails for it). No CUDA context.
+    CPU slot  -> psutil on the worker's pid: RSS / machine memory, CPU percent.
+It writes only the monitor-owned columns. The NVML seam (`Nvml`) is replaced
+by a fake in tests; a machine without a driver simply has no NVML.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol
+
+from workers.board import Col, StatusBoard
+
+log = logging.getLogger("vibevoice_pool")
+
+
+class Nvml(Protocol):
+    def sample(self, index: int) -> dict: ...
+
+
+class RealNvml:
+    """NVML through nvidia-ml-py; `open()` returns None when there is no driver."""
+
+    def __init__(self, pynvml):
+        self.nv = pynvml
+
+    @classmethod
+    def open(cls) -> RealNvml | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception:  # ImportError or NVMLError (no driver): no NVML here
+            return None
+        return cls(pynvml)
+
+    def sample(self, index: int) -> dict:
+        nv = self.nv
+        h = nv.nvmlDeviceGetHandleByIndex(index)
+        mem = nv.nvmlDeviceGetMemoryInfo(h)
+        out = {"mem_used": mem.used, "mem_total": mem.total}
+        out["util"] = nv.nvmlDeviceGetUtilizationRates(h).gpu
+        try:
+            out["temp"] = nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)
+            out["power"] = nv.nvmlDeviceGetPowerUsage(h) / 1000.0
+        except nv.NVMLError:
+            pass
+        return out
+
+
+class Monitor:
+    def __init__(self, board: StatusBoard, slots, nvml: Nvml | None, interval_s: float = 1.0):
+        """`slots()` returns [(row, cuda_index or None, pid or None)]."""
+        self.board = board
+        self.slots = slots
+        self.nvml = nvml
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._procs: dict[int, object] = {}
+        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample_once()
+
+    def sample_once(self) -> None:
+        for row, cuda_index, pid in self.slots():
+            if cuda_index is not None:
+                self._gpu(row, cuda_index)
+            else:
+                self._cpu(row, pid)
+
+    def _gpu(self, row: int, index: int) -> None:
+        b = self.board
+        if self.nvml is None:
+            b.set(row, Col.HEALTH, -1)
+            return
+        try:
+            s = self.nvml.sample(index)
+        except Exception as e:  # an NVML failure for this device marks it unhealthy
+            if b.get(row, Col.HEALTH) != 0:
+                log.warning("GPU %d does not answer NVML: %s", index, e)
+            b.set(row, Col.HEALTH, 0)
+            return
+        b.set(row, Col.MEM_USED, s.get("mem_used", 0))
+        b.set(row, Col.MEM_TOTAL, s.get("mem_total", 0))
+        b.set(row, Col.UTIL, s.get("util", 0))
+        b.set(row, Col.TEMP, s.get("temp", 0))
+        b.set(row, Col.POWER, s.get("power", 0))
+        b.set(row, Col.HEALTH, 1)
+
+    def _cpu(self, row: int, pid: int | None) -> None:
+        import psutil
+
+        b = self.board
+        if not pid:
+            return
+        proc = self._procs.get(row)
+        try:
+            if proc is None or proc.pid != pid:
+                proc = psutil.Process(pid)
+                proc.cpu_percent(None)  # the first call only starts the count
+                self._procs[row] = proc
+            b.set(row, Col.MEM_USED, proc.memory_info().rss)
+            b.set(row, Col.MEM_TOTAL, psutil.virtual_memory().total)
+            b.set(row, Col.UTIL, min(100.0, proc.cpu_percent(None)))
+            b.set(row, Col.HEALTH, 1)
+        except psutil.Error:
+            self._procs.pop(row, None)

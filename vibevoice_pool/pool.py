@@ -1,0 +1,200 @@
+"""Pool: the parent's core, assembled. Board + Dispatcher + Supervisor + Monitor.
+
+The front ends (api.py, ui.py, the CLI) talk to a Pool and nothing below it:
+
+    pool = Pool.start(cfg)          spawn workers, wait for the first ready one
+    handle = pool.submit(request)   accept (or refuse at once) a request
+    pool.status()                   the /v1/pool view of the board
+    pool.shutdown()                 drain within grace_s, stop the workers
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from vibevoice_pool.config import PoolConfig
+from vibevoice_pool.devices import Gpu, Placement, find_gpus, plan
+from vibevoice_pool.dispatcher import Dispatcher
+from vibevoice_pool.handle import RequestHandle
+from vibevoice_pool.monitor import Monitor, RealNvml
+from vibevoice_pool.supervisor import Supervisor, engine_specs
+from workers import messages as m
+from workers.board import Col, SlotState, StatusBoard, WorkerState
+from workers.estimate import audio_seconds_for
+
+log = logging.getLogger("vibevoice_pool")
+
+SPARE_ROWS = 8  # board rows kept free for workers added while serving
+
+
+def public_state(slot_state: int, worker_state: int, health: float = 1) -> str:
+    """The one word /v1/pool and the page show for a slot."""
+    if slot_state == SlotState.RUNNING:
+        if health == 0:
+            return "unavailable"
+        return "busy" if worker_state == WorkerState.BUSY else "ready"
+    return {
+        SlotState.EMPTY: "starting",
+        SlotState.STARTING: "starting",
+        SlotState.DEAD: "backoff",
+        SlotState.BACKOFF: "backoff",
+        SlotState.FAILED: "failed",
+        SlotState.DRAINING: "draining",
+        SlotState.UNAVAILABLE: "unavailable",
+        SlotState.STOPPED: "stopped",
+    }.get(SlotState(slot_state), "starting")
+
+
+@dataclass
+class Pool:
+    cfg: PoolConfig
+    board: StatusBoard
+    dispatcher: Dispatcher
+    supervisor: Supervisor
+    monitor: Monitor
+    placements: list[Placement]
+    model_path: str
+
+    @classmethod
+    def start(cls, cfg: PoolConfig, *, model_path: str = "", gpus: list[Gpu] | None = None) -> Pool:
+        found = find_gpus() if gpus is None else gpus
+        if found:
+            log.info("Found %d GPU(s): %s", len(found), ", ".join(f"{g.index} {g.name}" for g in found))
+        placements = plan(cfg.gpus, cfg.workers_per_gpu, found)
+        gpu_ids = sorted({p.cuda_index for p in placements if p.is_gpu})
+        if gpu_ids:
+            log.info("Using GPUs: %s (%d worker(s) each)", gpu_ids, cfg.workers_per_gpu)
+        else:
+            log.info("Using %d CPU worker(s)", len(placements))
+        board = StatusBoard.create(len(placements) + SPARE_ROWS)
+        dispatcher = Dispatcher(
+            board, policy=cfg.policy, max_queue=cfg.max_queue, max_attempts=cfg.max_attempts
+        )
+        specs = engine_specs(cfg, placements, model_path or cfg.model_path)
+        supervisor = Supervisor(cfg, placements, specs, board, dispatcher)
+        monitor = Monitor(board, supervisor.monitor_targets, RealNvml.open() if gpu_ids else None)
+        pool = cls(cfg, board, dispatcher, supervisor, monitor, placements, model_path)
+        dispatcher.listeners.append(pool._log_event)
+        supervisor.start()
+        monitor.start()
+        try:
+            supervisor.wait_ready(cfg.boot_timeout_s)
+        except BaseException:
+            pool.shutdown(grace_s=0)
+            raise
+        return pool
+
+    # ---- requests ------------------------------------------------------
+
+    def make_request(self, turns, voices=(), *, cfg_scale=1.3, inference_steps=None, seed=None,
+                     stream=False, max_audio_s=None) -> m.Request:
+        import random
+
+        cap = min(self.cfg.max_audio_s, max_audio_s or self.cfg.max_audio_s)
+        text = "\n".join(t.text for t in turns)
+        return m.Request(
+            id=self.dispatcher.new_id(),
+            turns=tuple(turns),
+            voices=tuple(voices),
+            cfg_scale=float(cfg_scale),
+            inference_steps=int(inference_steps or self.cfg.inference_steps),
+            seed=int(seed) if seed is not None else random.randrange(2**31),
+            max_audio_s=cap,
+            stream=stream,
+            est_audio_s=audio_seconds_for(text, cap),
+        )
+
+    def submit(self, request: m.Request) -> RequestHandle:
+        """Accept a request, or refuse it at once: OVERLOADED when the queue is
+        full, UNAVAILABLE when no worker is up or on its way up."""
+        alive = (SlotState.RUNNING, SlotState.STARTING, SlotState.BACKOFF)
+        if not any(int(self.board.get(i, Col.SLOT_STATE)) in alive for i in range(len(self.placements))):
+            raise m.PoolError(
+                m.ErrorKind.UNAVAILABLE, "no worker is ready or starting; see /v1/pool", True
+            )
+        return self.dispatcher.submit(request)
+
+    def ready_workers(self) -> int:
+        return sum(1 for w in self.status()["workers"] if w["state"] in ("ready", "busy"))
+
+    # ---- status --------------------------------------------------------
+
+    def status(self) -> dict:
+        t = self.board.snapshot()
+        now = time.monotonic()
+        workers = []
+        for i, p in enumerate(self.placements):
+            row = t[i]
+            info = self.supervisor.slots[i].info
+            beat = row[Col.HEARTBEAT]
+            workers.append(
+                {
+                    "id": i,
+                    "device": p.device,
+                    "name": info.name if info else "",
+                    "state": public_state(int(row[Col.SLOT_STATE]), int(row[Col.WORKER_STATE]), row[Col.HEALTH]),
+                    "pid": int(row[Col.PID]) or None,
+                    "generation": int(row[Col.GENERATION]),
+                    "restarts": int(row[Col.RESTARTS]),
+                    "inflight": int(row[Col.INFLIGHT]),
+                    "capacity": int(row[Col.CAPACITY]),
+                    "queued_work_s": round(float(row[Col.QUEUED_WORK_S]), 3),
+                    "completed": int(row[Col.COMPLETED]),
+                    "failed": int(row[Col.FAILED]),
+                    "audio_s": round(float(row[Col.AUDIO_S]), 3),
+                    "busy_s": round(float(row[Col.COMPUTE_S]), 3),
+                    "speed": round(float(row[Col.SPEED]), 4),
+                    "current_request": int(row[Col.CURRENT]) or None,
+                    "batch_rows": int(row[Col.BATCH_ROWS]),
+                    "mem_used_bytes": int(row[Col.MEM_USED]),
+                    "mem_total_bytes": int(row[Col.MEM_TOTAL]),
+                    "util": round(float(row[Col.UTIL]), 1),
+                    "temp_c": round(float(row[Col.TEMP]), 1),
+                    "power_w": round(float(row[Col.POWER]), 1),
+                    "heartbeat_age_s": round(now - beat, 3) if beat > 0 else None,
+                    "note": info.note if info else "",
+                    "error": self.supervisor.slots[i].boot_error,
+                }
+            )
+        return {
+            "queue": {"length": self.dispatcher.queue_length(), "max": self.cfg.max_queue},
+            "policy": self.cfg.policy,
+            "engine": self.cfg.engine,
+            "workers": workers,
+        }
+
+    # ---- life ----------------------------------------------------------
+
+    def shutdown(self, grace_s: float | None = None) -> None:
+        grace = self.cfg.grace_s if grace_s is None else grace_s
+        self.monitor.stop()
+        self.supervisor.shutdown(grace)
+        self.board.close()
+
+    def _log_event(self, what: str, job, detail) -> None:
+        if what == "dispatched":
+            slot, score, view = detail
+            p = self.placements[slot]
+            where = f"GPU {p.cuda_index}" if p.is_gpu else f"worker {slot} ({p.device})"
+            log.info(
+                "🎯 Chose %s for request %s (queue: %d, score %.3f, %s, attempt %d)",
+                where,
+                job.request.id,
+                view.inflight,
+                score,
+                self.cfg.policy,
+                job.request.attempt,
+            )
+        elif what == "finished":
+            if isinstance(detail, m.Done):
+                log.info(
+                    "request %s done on worker %s: %.1f s of audio in %.1f s",
+                    job.request.id,
+                    job.handle.worker,
+                    detail.audio_s,
+                    detail.compute_s,
+                )
+            else:
+                log.info("request %s failed: %s: %s", job.request.id, detail.error.value, detail.message)

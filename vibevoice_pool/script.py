@@ -1,0 +1,69 @@
+"""Scripts: the text a user writes, parsed into speaker turns.
+
+    Speaker 1: Hello there.        explicit speaker (numbered 1-4 or 0-3)
+    Speaker 2: Hi!
+    And a line with no prefix.     unprefixed lines rotate through the speakers
+
+Numbering: if any line says "Speaker 0", numbers are 0-based (0-3), as the
+VibeVoice samples write them; otherwise 1-based (1-4), as people write them.
+At most four speakers. Every violation is BAD_INPUT naming the line.
+"""
+
+from __future__ import annotations
+
+import re
+
+from workers.messages import ErrorKind, PoolError, Turn
+
+MAX_SPEAKERS = 4
+_PREFIX = re.compile(r"^\s*speaker\s*(\d+)\s*[:：]\s*(.*)$", re.IGNORECASE)
+
+
+def _bad(message: str) -> PoolError:
+    return PoolError(ErrorKind.BAD_INPUT, message)
+
+
+def parse_script(text: str, *, max_chars: int = 20000, num_speakers: int | None = None) -> tuple[Turn, ...]:
+    """Turns of a script, speakers 0-based. `num_speakers` sets how many
+    speakers unprefixed lines rotate through (default: as many as named, or 1)."""
+    if not isinstance(text, str) or not text.strip():
+        raise _bad("the script is empty: write at least one line, e.g. 'Speaker 1: Hello'")
+    if len(text) > max_chars:
+        raise _bad(f"the script has {len(text)} characters; the limit is {max_chars}")
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    numbered = [(n, _PREFIX.match(line)) for n, line in lines]
+    numbers = [int(mt.group(1)) for _, mt in numbered if mt]
+    zero_based = 0 in numbers
+    turns: list[Turn] = []
+    for (n, line), (_, mt) in zip(lines, numbered):
+        if mt:
+            number, said = int(mt.group(1)), mt.group(2).strip()
+            speaker = number if zero_based else number - 1
+            if not 0 <= speaker < MAX_SPEAKERS:
+                allowed = "0-3" if zero_based else "1-4"
+                raise _bad(
+                    f"line {n}: 'Speaker {number}' is out of range; speakers are numbered "
+                    f"{allowed} (at most {MAX_SPEAKERS} speakers)"
+                )
+            if not said:
+                raise _bad(f"line {n}: Speaker {number} says nothing")
+            turns.append(Turn(speaker, said))
+        else:
+            turns.append(Turn(-1, line))
+    named = {t.speaker for t in turns if t.speaker >= 0}
+    rotation = num_speakers or (max(named) + 1 if named else 1)
+    if rotation > MAX_SPEAKERS:
+        raise _bad(f"{rotation} speakers given; at most {MAX_SPEAKERS} are supported")
+    out, k = [], 0
+    for t in turns:
+        if t.speaker < 0:
+            out.append(Turn(k % rotation, t.text))
+            k += 1
+        else:
+            out.append(t)
+    return tuple(out)
+
+
+def script_text(turns: tuple[Turn, ...]) -> str:
+    """The canonical form, Speaker 1-4, one turn a line."""
+    return "\n".join(f"Speaker {t.speaker + 1}: {t.text}" for t in turns)

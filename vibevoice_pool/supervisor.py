@@ -1,0 +1,431 @@
+"""Supervisor: spawns one worker process per slot and keeps the slots alive.
+
+One loop thread waits, with `multiprocessing.connection.wait`, on every
+worker's response pipe, every process sentinel and a wake-up pipe at once:
+
+    response pipe readable -> Ready / BootFailed here, the rest to the dispatcher
+    sentinel readable      -> the process died: drain its pipe, hand its
+                              requests back to the dispatcher, schedule respawn
+    tick (every 50 ms)     -> hung / stalled / slow-booting workers get SIGKILL,
+                              due respawns start, old requests time out
+
+Slot life: starting -> running (ready <-> busy) -> dead -> backoff -> starting;
+after `BOOT_FAILURES_TO_FAIL` boot failures in a row: failed, retried every
+`failed_retry_s`. Backoff: 1, 2, 4, 8, 16, 30 s (cap), reset after 60 s healthy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, replace
+from multiprocessing import connection
+
+from vibevoice_pool.config import PoolConfig
+from vibevoice_pool.devices import Placement
+from vibevoice_pool.dispatcher import Dispatcher
+from workers import messages as m
+from workers import worker_main
+from workers.board import Col, SlotState, StatusBoard, WorkerState
+from workers.engine import EngineSpec
+
+log = logging.getLogger("vibevoice_pool")
+
+BACKOFF_S = (1, 2, 4, 8, 16, 30)
+HEALTHY_RESET_S = 60.0
+BOOT_FAILURES_TO_FAIL = 3
+TICK_S = 0.05
+RESTART_REQUESTED = "restart requested"
+
+
+def _mp():
+    try:
+        import torch.multiprocessing as mp
+    except ImportError:  # torch is optional for a sim-only parent
+        import multiprocessing as mp
+    return mp.get_context("spawn")
+
+
+class BootError(RuntimeError):
+    """No worker could load its engine at launch."""
+
+
+@dataclass
+class _Slot:
+    index: int
+    placement: Placement
+    engine: EngineSpec
+    generation: int = 0
+    process: object = None
+    requests: object = None  # mp.Queue, parent -> worker
+    responses: object = None  # Connection, worker -> parent (read end)
+    death: object = None  # Connection, write end; closing it tells the worker to exit
+    started_at: float = 0.0
+    ready: bool = False
+    deaths: int = 0  # consecutive, for the backoff
+    boot_failures: int = 0  # consecutive
+    boot_error: str = ""
+    kill_reason: str = ""
+    due_at: float = 0.0  # when a backoff or failed slot is started again
+    removed: bool = False
+    restarts: int = 0
+    info: m.DeviceInfo | None = None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        placements: list[Placement],
+        engines: list[EngineSpec],
+        board: StatusBoard,
+        dispatcher: Dispatcher,
+    ):
+        self.cfg = cfg
+        self.board = board
+        self.dispatcher = dispatcher
+        self.ctx = _mp()
+        self.slots = [_Slot(i, p, e) for i, (p, e) in enumerate(zip(placements, engines))]
+        self._lock = threading.RLock()
+        self._wake_r, self._wake_w = os.pipe()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.first_boot_error: str = ""
+        self.events: list[tuple[float, int, str]] = []  # (time, slot, what) for benchmarks
+
+    # ---- public --------------------------------------------------------
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._spawn(slot)
+        self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Return once a worker is ready; BootError if every worker failed to boot."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if any(s.ready for s in self.slots):
+                    return
+                if all(s.boot_failures > 0 for s in self.slots):
+                    raise BootError(self.first_boot_error or "every worker failed to boot")
+            time.sleep(0.02)
+        raise BootError(
+            f"no worker was ready after {timeout:g} s; raise boot_timeout_s if the model "
+            "needs longer to load"
+        )
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [s.process.pid for s in self.slots if s.process is not None]
+
+    def monitor_targets(self) -> list[tuple[int, int | None, int | None]]:
+        """(row, CUDA ordinal or None, pid or None) of every slot, for the Monitor."""
+        with self._lock:
+            return [
+                (s.index, s.placement.cuda_index, s.process.pid if s.process else None)
+                for s in self.slots
+            ]
+
+    def restart(self, index: int) -> None:
+        """Kill and respawn a slot now (on demand), or retry a failed one."""
+        with self._lock:
+            slot = self.slots[index]
+            if slot.process is not None and slot.process.is_alive():
+                self._kill(slot, RESTART_REQUESTED)
+            else:
+                slot.due_at = 0.0
+                slot.boot_failures = 0
+        self._wake()
+
+    def shutdown(self, grace_s: float) -> None:
+        """Stop admitting, let accepted requests finish within grace_s, then stop."""
+        self.dispatcher.stop_admitting()
+        deadline = time.monotonic() + grace_s
+        while self.dispatcher.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.dispatcher.fail_all(
+            m.ErrorKind.UNAVAILABLE, "the server shut down before this request finished"
+        )
+        if left:
+            log.warning("shutdown: %d request(s) did not finish within %.0f s", left, grace_s)
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            for slot in self.slots:
+                self._send(slot, m.Shutdown(0.0))
+            for slot in self.slots:
+                self._stop_process(slot)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---- spawning ------------------------------------------------------
+
+    def _spawn(self, slot: _Slot) -> None:
+        b, i = self.board, slot.index
+        slot.generation += 1
+        slot.ready, slot.kill_reason, slot.info = False, "", None
+        slot.requests = self.ctx.Queue()
+        read_end, write_end = self.ctx.Pipe(duplex=False)
+        death_r, death_w = self.ctx.Pipe(duplex=False)
+        spec = worker_main.WorkerSpec(
+            slot=i,
+            generation=slot.generation,
+            engine=slot.engine,
+            board_name=b.name,
+            board_rows=b.rows,
+            cuda_device=slot.placement.cuda_index,
+            log_level=self.cfg.log_level,
+        )
+        for col in (Col.WORKER_STATE, Col.PID, Col.HEARTBEAT, Col.PROGRESS, Col.SPEED):
+            b.set(i, col, 0)
+        b.set(i, Col.SLOT_STATE, SlotState.STARTING)
+        b.set(i, Col.DEVICE, -1 if slot.placement.cuda_index is None else slot.placement.cuda_index)
+        b.set(i, Col.CAPACITY, slot.engine.max_batch_size)
+        proc = self.ctx.Process(
+            target=worker_main.run,
+            args=(spec, slot.requests, write_end, death_r),
+            name=f"vibevoice-worker-{i}",
+            daemon=True,
+        )
+        proc.start()
+        write_end.close()
+        death_r.close()
+        slot.process, slot.responses, slot.death = proc, read_end, death_w
+        slot.started_at = time.monotonic()
+        self._note(i, "spawned")
+        log.info("Initialising %s (worker %d, pid %d)", self._label(slot), i, proc.pid)
+
+    def _label(self, slot: _Slot) -> str:
+        p = slot.placement
+        return f"GPU {p.cuda_index}" if p.is_gpu else f"CPU worker {p.device.split(':')[1]}"
+
+    # ---- the loop ------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                waitables = {self._wake_r: None}
+                for s in self.slots:
+                    if s.process is None:
+                        continue
+                    if s.responses is not None:
+                        waitables[s.responses] = ("msg", s)
+                    waitables[s.process.sentinel] = ("dead", s)
+            ready = connection.wait(list(waitables), timeout=TICK_S)
+            with self._lock:
+                for obj in ready:
+                    tag = waitables[obj]
+                    if tag is None:
+                        os.read(self._wake_r, 4096)
+                    elif tag[0] == "msg" and tag[1].responses is obj:
+                        self._read(tag[1])
+                for obj in ready:
+                    tag = waitables[obj]
+                    if tag is not None and tag[0] == "dead" and tag[1].process is not None:
+                        if tag[1].process.sentinel == obj:
+                            self._died(tag[1])
+                self._tick()
+
+    def _read(self, slot: _Slot, drain: bool = False) -> None:
+        """Read the messages waiting on a slot's pipe (all of them when drain)."""
+        conn = slot.responses
+        try:
+            while conn.poll(0):
+                self._handle(slot, conn.recv())
+                if not drain:
+                    break
+        except (EOFError, OSError, ValueError):
+            slot.responses = None  # the worker closed its end; its sentinel follows
+            conn.close()
+        except Exception:  # a message cut short by a death does not unpickle
+            log.warning("worker %d sent a message that could not be read", slot.index)
+            slot.responses = None
+            conn.close()
+
+    def _handle(self, slot: _Slot, msg) -> None:
+        if isinstance(msg, m.Ready):
+            self._ready(slot, msg)
+        elif isinstance(msg, m.BootFailed):
+            slot.boot_error = f"{msg.error.value}: {msg.message}"
+            self.first_boot_error = self.first_boot_error or slot.boot_error
+            log.error("❌ %s failed to initialise: %s", self._label(slot), msg.message)
+        else:
+            self.dispatcher.on_message(slot.index, msg)
+
+    def _ready(self, slot: _Slot, msg: m.Ready) -> None:
+        b, i = self.board, slot.index
+        slot.ready, slot.info, slot.boot_failures, slot.boot_error = True, msg.info, 0, ""
+        b.set(i, Col.CAPACITY, max(1, msg.info.max_batch_size))
+        b.set(i, Col.READY_SINCE, time.monotonic())
+        b.set(i, Col.SLOT_STATE, SlotState.RUNNING)
+        mem = f" ({msg.info.mem_total_bytes / 1e9:.1f}GB)" if msg.info.mem_total_bytes else ""
+        log.info(
+            "✅ %s initialised: %s%s in %.1f s (worker %d, pid %d)",
+            self._label(slot),
+            msg.info.name,
+            mem,
+            msg.boot_s,
+            i,
+            msg.pid,
+        )
+        if msg.info.note:
+            log.info("   worker %d: %s", i, msg.info.note)
+        self._note(i, "ready")
+        requests = slot.requests
+        self.dispatcher.attach(i, requests.put)
+
+    def _died(self, slot: _Slot) -> None:
+        if slot.responses is not None:
+            self._read(slot, drain=True)
+        proc = slot.process
+        proc.join(timeout=1)
+        code = proc.exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+        if slot.kill_reason:
+            how = f"{slot.kill_reason}; {how}"
+        self._note(slot.index, "dead")
+        moved = self.dispatcher.worker_lost(slot.index, how)
+        self._close(slot)
+        b, i, now = self.board, slot.index, time.monotonic()
+        if not slot.ready:
+            slot.boot_failures += 1
+            if not slot.boot_error:
+                slot.boot_error = f"the worker died while loading its engine ({how})"
+                self.first_boot_error = self.first_boot_error or slot.boot_error
+        healthy = slot.ready and now - b.get(i, Col.READY_SINCE) >= HEALTHY_RESET_S
+        slot.deaths = 0 if healthy else slot.deaths
+        if self._stop.is_set() or slot.removed:
+            b.set(i, Col.SLOT_STATE, SlotState.STOPPED)
+            return
+        if slot.boot_failures >= BOOT_FAILURES_TO_FAIL:
+            slot.due_at = now + self.cfg.failed_retry_s
+            b.set(i, Col.SLOT_STATE, SlotState.FAILED)
+            log.error(
+                "❌ %s failed to boot %d times; retrying every %.0f s: %s",
+                self._label(slot),
+                slot.boot_failures,
+                self.cfg.failed_retry_s,
+                slot.boot_error,
+            )
+        else:
+            delay = BACKOFF_S[min(slot.deaths, len(BACKOFF_S) - 1)]
+            if slot.kill_reason == RESTART_REQUESTED:
+                delay = 0
+            slot.deaths += 1
+            slot.due_at = now + delay
+            b.set(i, Col.SLOT_STATE, SlotState.BACKOFF)
+            b.set(i, Col.BACKOFF_UNTIL, slot.due_at)
+            log.warning(
+                "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; "
+                "respawning in %d s",
+                self._label(slot),
+                i,
+                proc.pid,
+                how,
+                len(moved),
+                delay,
+            )
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        b = self.board
+        for slot in self.slots:
+            i = slot.index
+            state = int(b.get(i, Col.SLOT_STATE))
+            if slot.process is not None and not slot.kill_reason:
+                beat = b.get(i, Col.HEARTBEAT)  # 0 until the worker's first beat
+                busy = int(b.get(i, Col.WORKER_STATE)) == WorkerState.BUSY
+                if beat > 0 and now - beat > self.cfg.hang_timeout_s:
+                    self._kill(slot, f"hung: no heartbeat for {now - beat:.1f} s")
+                elif busy and now - b.get(i, Col.PROGRESS) > self.cfg.stall_timeout_s:
+                    self._kill(slot, f"stalled: no generation step for {self.cfg.stall_timeout_s:g} s")
+                elif not slot.ready and now - slot.started_at > self.cfg.boot_timeout_s:
+                    slot.boot_error = f"not ready after boot_timeout_s={self.cfg.boot_timeout_s:g}"
+                    self._kill(slot, slot.boot_error)
+            elif slot.process is None and state in (SlotState.BACKOFF, SlotState.FAILED):
+                if now >= slot.due_at and not slot.removed:
+                    slot.restarts = int(b.get(i, Col.RESTARTS)) + 1
+                    b.set(i, Col.RESTARTS, slot.restarts)
+                    log.info("🔄 respawning %s (restart %d)", self._label(slot), slot.restarts)
+                    self._spawn(slot)
+        self.dispatcher.expire(self.cfg.request_timeout_s)
+
+    # ---- helpers -------------------------------------------------------
+
+    def _kill(self, slot: _Slot, reason: str) -> None:
+        slot.kill_reason = reason
+        log.warning("⚠️ %s (worker %d): %s; killing it", self._label(slot), slot.index, reason)
+        self._note(slot.index, "kill")
+        try:
+            os.kill(slot.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _send(self, slot: _Slot, msg) -> None:
+        if slot.requests is not None:
+            try:
+                slot.requests.put(msg)
+            except (ValueError, OSError):
+                pass
+
+    def _stop_process(self, slot: _Slot) -> None:
+        proc = slot.process
+        if proc is None:
+            return
+        proc.join(timeout=2)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=2)
+        self._close(slot)
+        self.board.set(slot.index, Col.SLOT_STATE, SlotState.STOPPED)
+
+    def _close(self, slot: _Slot) -> None:
+        if slot.requests is not None:
+            slot.requests.cancel_join_thread()
+            slot.requests.close()
+        for conn in (slot.responses, slot.death):
+            if conn is not None:
+                conn.close()
+        slot.process, slot.requests, slot.responses, slot.death = None, None, None, None
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _note(self, slot: int, what: str) -> None:
+        self.events.append((time.monotonic(), slot, what))
+        del self.events[:-1000]
+
+
+def engine_specs(cfg: PoolConfig, placements: list[Placement], model_path: str) -> list[EngineSpec]:
+    """One EngineSpec per slot, from the config."""
+    base = EngineSpec(
+        engine=cfg.engine,
+        model_path=model_path,
+        dtype=cfg.dtype,
+        attn_implementation=cfg.attn_implementation,
+        max_batch_size=cfg.max_batch_size,
+        torch_threads=cfg.torch_threads,
+        inference_steps=cfg.inference_steps,
+        sim_rtf=cfg.sim_rtf,
+        sim_chunk_s=cfg.sim_chunk_s,
+        sim_boot_s=cfg.sim_boot_s,
+        sim_boot_error=cfg.sim_boot_error,
+    )
+    out = []
+    for i, p in enumerate(placements):
+        speed = cfg.sim_speeds[i % len(cfg.sim_speeds)] if cfg.sim_speeds else 1.0
+        out.append(replace(base, device="cuda" if p.is_gpu else "cpu", sim_speed=speed))
+    return out

@@ -1,0 +1,262 @@
+"""The voice presets folder: listing, matching, loading, adding and deleting voices.
+
+Owns: one folder of voice samples (wav, mp3, flac, ogg files named like
+`en-Alice_woman.wav`), a cache of their decoded audio, safe file names for
+voices users add, and the synthetic demo voices written when the folder is
+empty. Crossing its border: voice names (str) in, float32 mono SAMPLE_RATE
+numpy arrays out (what a Request carries), upload bytes in via add(). Every
+user mistake is PoolError(BAD_INPUT) (TooLarge for oversized uploads); no
+path outside the folder is ever read, written or removed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+
+from vibevoice_pool.audio import decode_upload, encode
+from workers.messages import SAMPLE_RATE, ErrorKind, PoolError
+
+VOICE_EXTENSIONS: tuple[str, ...] = (
+    ".wav",
+    ".flac",
+    ".mp3",
+    ".ogg",
+)  # preference order
+MAX_NAME_LENGTH = 64
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _bad(message: str) -> PoolError:
+    return PoolError(ErrorKind.BAD_INPUT, message)
+
+
+def _list_voices(folder: Path) -> dict[str, Path]:
+    """name (file stem) -> path, for the audio files directly in folder."""
+    found: dict[str, Path] = {}
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        stem, ext = os.path.splitext(entry.name)
+        ext = ext.lower()
+        if not stem or entry.name.startswith(".") or ext not in VOICE_EXTENSIONS:
+            continue
+        if not entry.is_file():
+            continue
+        known = found.get(stem)
+        if known is None or VOICE_EXTENSIONS.index(ext) < VOICE_EXTENSIONS.index(
+            known.suffix.lower()
+        ):
+            found[stem] = Path(entry.path)
+    return found
+
+
+def safe_voice_name(name: str) -> str:
+    """A name fit to be a file stem in the folder, or BAD_INPUT saying why not.
+
+    Spaces and other characters become '_', accents are dropped, a trailing
+    audio extension is removed; path separators, '..' and a leading dot are refused.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise _bad("a voice needs a name: letters, digits, '-', '_' or '.' (e.g. en-Maria_woman)")
+    raw = name.strip()
+    if "/" in raw or "\\" in raw or "\x00" in raw or ".." in raw or raw.startswith("."):
+        raise _bad(
+            f"voice name {name!r} is not allowed: no '/', '\\', '..' or leading '.'; "
+            "use letters, digits, '-', '_' and '.' (e.g. en-Maria_woman)"
+        )
+    stem, ext = os.path.splitext(raw)
+    if ext.lower() in VOICE_EXTENSIONS and stem:
+        raw = stem
+    ascii_name = unicodedata.normalize("NFKD", raw).encode("ascii", "ignore").decode("ascii")
+    safe = _UNSAFE.sub("_", ascii_name).strip("._-")[:MAX_NAME_LENGTH].rstrip("._-")
+    if not safe or not any(c.isalnum() for c in safe) or ".." in safe:
+        raise _bad(
+            f"voice name {name!r} has no usable characters; use letters, digits, "
+            "'-', '_' and '.' (e.g. en-Maria_woman)"
+        )
+    return safe
+
+
+def _write_atomic(folder: Path, filename: str, data: bytes) -> Path:
+    """Write data to folder/filename via a hidden temp file and a rename."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        target = folder / filename
+        os.replace(tmp, target)
+        return target
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class VoiceLibrary:
+    """The voices in one folder. Thread-safe; the folder may change underneath."""
+
+    def __init__(self, folder: str | os.PathLike, *, max_bytes: int, max_seconds: float):
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.max_seconds = max_seconds
+        self._lock = threading.Lock()
+        # name -> (path, (mtime_ns, size), samples)
+        self._cache: dict[str, tuple[Path, tuple[int, int], np.ndarray]] = {}
+
+    def names(self) -> list[str]:
+        return sorted(_list_voices(self.folder))
+
+    def match(self, name: str) -> str:
+        """The preset name `name` refers to, or BAD_INPUT listing some that exist.
+
+        Exact name first, then the same name in any case, then the short name
+        ("Alice" of "en-Alice_woman"), then a case-insensitive partial match
+        either way round (as the old VibeVoice demo did); the shortest wins.
+        """
+        voices = _list_voices(self.folder)
+        query = name.strip() if isinstance(name, str) else ""
+        if query in voices:
+            return query
+        if not query:
+            raise _bad(f"a voice name is needed; available voices: {self._some(voices)}")
+        low = query.lower()
+        ranked = sorted(voices, key=lambda n: (len(n), n))
+        for test in (
+            lambda n: n.lower() == low,
+            lambda n: _short_name(n).lower() == low,
+            lambda n: low in n.lower() or n.lower() in low,
+        ):
+            for candidate in ranked:
+                if test(candidate):
+                    return candidate
+        raise _bad(f"unknown voice {name!r}; available voices: {self._some(voices)}")
+
+    @staticmethod
+    def _some(voices: dict[str, Path], limit: int = 8) -> str:
+        if not voices:
+            return "none (add one, or upload a voice sample with the request)"
+        shown = sorted(voices)[:limit]
+        more = len(voices) - len(shown)
+        return ", ".join(shown) + (f" and {more} more (GET /v1/voices lists all)" if more else "")
+
+    def resolve(self, name: str) -> np.ndarray:
+        """The voice sample of `name` (see match) as float32 mono SAMPLE_RATE audio."""
+        preset = self.match(name)
+        path = _list_voices(self.folder).get(preset)
+        if path is None:  # removed between the two listings
+            raise _bad(f"voice {preset!r} was just removed; available: {self.names()}")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise _bad(f"voice {preset!r} was just removed; choose another") from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            hit = self._cache.get(preset)
+            if hit is not None and hit[0] == path and hit[1] == stamp:
+                return hit[2]
+        samples = decode_upload(
+            path.read_bytes(),
+            max_bytes=max(self.max_bytes, st.st_size),  # presets are trusted to be big
+            max_seconds=self.max_seconds,
+            what=f"voice preset {preset!r}",
+        )
+        samples.setflags(write=False)  # shared between requests: nobody may edit it
+        with self._lock:
+            self._cache[preset] = (path, stamp, samples)
+        return samples
+
+    def add(self, name: str, data: bytes, *, overwrite: bool = False) -> str:
+        """Validate an uploaded sample and store it as `<safe name>.wav`; returns the name."""
+        safe = safe_voice_name(name)
+        samples = decode_upload(
+            data,
+            max_bytes=self.max_bytes,
+            max_seconds=self.max_seconds,
+            what="voice sample",
+        )
+        with self._lock:
+            taken = [n for n in _list_voices(self.folder) if n.lower() == safe.lower()]
+            if taken and not overwrite:
+                raise _bad(
+                    f"a voice named {taken[0]!r} already exists; choose another name "
+                    "or delete that voice first"
+                )
+            for old in taken:  # same name, other extension or case: replaced
+                if old != safe or _list_voices(self.folder)[old].suffix.lower() != ".wav":
+                    self._remove(old)
+            wav, _ = encode(samples, "wav")
+            _write_atomic(self.folder, safe + ".wav", wav)
+            self._cache.pop(safe, None)
+        return safe
+
+    def delete(self, name: str) -> None:
+        """Remove the stored voice with exactly this name (no partial matching)."""
+        with self._lock:
+            if not isinstance(name, str) or name not in _list_voices(self.folder):
+                raise _bad(f"no voice named {name!r} to delete; voices: {self.names()}")
+            self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        path = _list_voices(self.folder).get(name)
+        if path is None:
+            return
+        folder = self.folder.resolve()
+        # The file itself (not a link target) must sit directly in the folder.
+        if path.parent.resolve() != folder:
+            raise _bad(f"voice {name!r} is not inside the voices folder; not removed")
+        path.unlink(missing_ok=True)
+        self._cache.pop(name, None)
+
+
+def _short_name(name: str) -> str:
+    """'en-Alice_woman' -> 'Alice' (the old demo's simplified preset names)."""
+    return name.split("_")[0].split("-")[-1]
+
+
+# ---- demo voices ----------------------------------------------------------
+
+# Our own synthetic samples: harmonic tones with vibrato, never a recording.
+_DEMO_VOICES: dict[str, float] = {
+    "demo-Alice_woman": 220.0,
+    "demo-Bob_man": 110.0,
+    "demo-Carol_woman": 262.0,
+    "demo-Dave_man": 131.0,
+}
+
+
+def _demo_tone(f0: float, seconds: float = 3.5, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    # Pitch glides like intonation, with a 5.5 Hz vibrato of 1.5 %.
+    contour = 1.0 + 0.06 * np.sin(2 * np.pi * 0.4 * t + seed)
+    freq = f0 * contour * (1.0 + 0.015 * np.sin(2 * np.pi * 5.5 * t))
+    phase = 2 * np.pi * np.cumsum(freq) / SAMPLE_RATE
+    voice = sum(np.sin(k * phase) / k**1.3 for k in range(1, 9))
+    # Syllable-like loudness at ~3.5 Hz, fades at both ends.
+    syllables = 0.55 + 0.45 * np.sin(2 * np.pi * 3.5 * t + seed) ** 2
+    fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.05)
+    out = voice * syllables * fade
+    return (0.5 * out / np.max(np.abs(out))).astype(np.float32)
+
+
+def ensure_demo_voices(folder: str | os.PathLike) -> list[str]:
+    """Write the synthetic demo voices when `folder` holds no voice; returns names written."""
+    path = Path(folder)
+    if _list_voices(path):
+        return []
+    written = []
+    for i, (name, f0) in enumerate(_DEMO_VOICES.items()):
+        wav, _ = encode(_demo_tone(f0, seed=i), "wav")
+        _write_atomic(path, name + ".wav", wav)
+        written.append(name)
+    return written

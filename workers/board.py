@@ -1,0 +1,135 @@
+"""StatusBoard: the pool's shared-memory status table, one row per worker slot.
+
+A `multiprocessing.shared_memory` block of float64, `rows x Col`. Each column
+group has exactly one writer, so nobody takes a lock (a lock held by a
+SIGKILLed process would deadlock everyone) and readers never block:
+
+    worker-owned      written by the worker process in that row
+    supervisor-owned  written by the parent's supervisor
+    dispatcher-owned  written by the parent's dispatcher at assignment time
+    monitor-owned     written by the parent's device monitor
+
+It lives on the child side because workers write it; the parent creates the
+block and passes its name to each worker, which attaches to it.
+Times are `time.monotonic()` values, comparable across processes on Linux.
+"""
+
+from __future__ import annotations
+
+import enum
+from multiprocessing import shared_memory
+
+import numpy as np
+
+
+class Col(enum.IntEnum):
+    # worker-owned
+    WORKER_STATE = 0  # WorkerState
+    PID = 1
+    GENERATION = 2  # which spawn of this slot wrote the row
+    HEARTBEAT = 3  # last beat of the heartbeat thread
+    PROGRESS = 4  # last generation step of the engine (stall detection)
+    CURRENT = 5  # board number of a request in the running batch (0 = none)
+    BATCH_ROWS = 6  # rows in the running batch
+    BATCH_AUDIO_S = 7  # audio seconds made so far in the running batch
+    AUDIO_S = 8  # totals since this spawn
+    COMPUTE_S = 9
+    COMPLETED = 10
+    FAILED = 11
+    SPEED = 12  # measured audio seconds per wall second (EMA), 0 = unknown
+    # supervisor-owned
+    SLOT_STATE = 16  # SlotState
+    RESTARTS = 17
+    DEVICE = 18  # CUDA ordinal, or -1 for a CPU / sim worker
+    CAPACITY = 19  # slots = the engine's max batch size
+    READY_SINCE = 20
+    BACKOFF_UNTIL = 21
+    # dispatcher-owned
+    INFLIGHT = 24
+    QUEUED_WORK_S = 25  # estimated audio seconds still to make on this worker
+    ASSIGNED = 26  # requests ever assigned to this slot
+    # monitor-owned
+    MEM_USED = 32  # bytes
+    MEM_TOTAL = 33
+    UTIL = 34  # percent, 0-100
+    TEMP = 35  # degrees C
+    POWER = 36  # watts
+    HEALTH = 37  # 1 healthy, 0 lost / failing, -1 unknown
+
+
+NCOLS = 40
+
+
+class WorkerState(enum.IntEnum):
+    """What the worker process says of itself."""
+
+    NONE = 0
+    BOOTING = 1
+    IDLE = 2
+    BUSY = 3
+    STOPPING = 4
+
+
+class SlotState(enum.IntEnum):
+    """What the supervisor says of a slot; the public state is derived from both."""
+
+    EMPTY = 0
+    STARTING = 1
+    RUNNING = 2  # the worker is up: ready or busy, by its own column
+    DEAD = 3
+    BACKOFF = 4
+    FAILED = 5
+    DRAINING = 6
+    UNAVAILABLE = 7
+    STOPPED = 8
+
+
+class StatusBoard:
+    """A view on the shared block. `create` in the parent, `attach` in workers."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, rows: int, owner: bool):
+        self._shm = shm
+        self.rows = rows
+        self.owner = owner
+        self.table = np.ndarray((rows, NCOLS), dtype=np.float64, buffer=shm.buf)
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    @classmethod
+    def create(cls, rows: int) -> StatusBoard:
+        shm = shared_memory.SharedMemory(create=True, size=rows * NCOLS * 8)
+        board = cls(shm, rows, owner=True)
+        board.table[:] = 0.0
+        board.table[:, Col.HEALTH] = -1
+        return board
+
+    @classmethod
+    def attach(cls, name: str, rows: int) -> StatusBoard:
+        return cls(shared_memory.SharedMemory(name=name), rows, owner=False)
+
+    def get(self, row: int, col: Col) -> float:
+        return float(self.table[row, col])
+
+    def set(self, row: int, col: Col, value: float) -> None:
+        self.table[row, col] = value
+
+    def add(self, row: int, col: Col, delta: float) -> None:
+        """Only for the column's own writer: read-modify-write is not atomic."""
+        self.table[row, col] += delta
+
+    def snapshot(self) -> np.ndarray:
+        return self.table.copy()
+
+    def close(self) -> None:
+        self.table = None
+        try:
+            self._shm.close()
+        except BufferError:
+            pass
+        if self.owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass

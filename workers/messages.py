@@ -1,0 +1,178 @@
+"""Every message that crosses the parent/worker boundary.
+
+Parent -> worker (on the worker's request queue):
+    Synthesize(request)   run this request (the worker may batch it)
+    Cancel(request_id)    stop this request at the next step, free its slot
+    Shutdown(grace_s)     finish what you hold (within grace_s), then exit
+
+Worker -> parent (on the worker's response pipe):
+    Ready(...)            the engine is loaded; the slot may take work
+    BootFailed(...)       the engine could not load; the worker exits
+    Started(id)           the request entered a generation batch
+    Chunk(id, seq, pcm)   a piece of audio (float32 mono numpy array)
+    Done(id, ...)         the request finished; its audio is the chunks sent
+    Failed(id, ...)       the request failed with a typed ErrorKind
+
+All messages are frozen dataclasses with a `kind`; nothing else crosses.
+Errors are typed by ErrorKind, never classified by matching strings.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+SAMPLE_RATE = 24_000
+
+
+class ErrorKind(str, enum.Enum):
+    """Typed failure kinds. Their values are what the API reports."""
+
+    BAD_INPUT = "bad_input"
+    OUT_OF_MEMORY = "out_of_memory"
+    ENGINE_ERROR = "engine_error"
+    WORKER_LOST = "worker_lost"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
+
+
+class PoolError(Exception):
+    """An error with a kind a client can act on. Raised on both sides."""
+
+    def __init__(self, kind: ErrorKind, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.kind = ErrorKind(kind)
+        self.message = message
+        self.retryable = retryable
+
+    def __repr__(self) -> str:
+        return f"PoolError({self.kind.value}: {self.message})"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One line of the script: speaker index (0-based) and what they say."""
+
+    speaker: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Request:
+    """A synthesis request as a worker sees it.
+
+    voices[i] is the voice sample of speaker i: a float32 mono numpy array at
+    24 kHz, or None when the engine should use its own default.
+    """
+
+    id: str
+    turns: tuple[Turn, ...]
+    seq: int = 0  # the parent's running number, shown on the status board
+    voices: tuple[Any, ...] = ()
+    cfg_scale: float = 1.3
+    inference_steps: int = 10
+    seed: int = 0
+    max_audio_s: float = 600.0
+    stream: bool = False
+    attempt: int = 1
+    est_audio_s: float = 1.0
+
+    @property
+    def text(self) -> str:
+        return "\n".join(t.text for t in self.turns)
+
+    @property
+    def num_speakers(self) -> int:
+        return max((t.speaker for t in self.turns), default=0) + 1
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a worker reports about the device it loaded its engine on."""
+
+    device: str  # "cuda:0" (as the worker sees it) or "cpu"
+    name: str  # e.g. "NVIDIA H100 80GB HBM3" or "CPU"
+    mem_total_bytes: int = 0
+    max_batch_size: int = 1
+    engine: str = ""
+    note: str = ""  # a line for the log and the page (e.g. "tiny random model")
+
+
+# ---- parent -> worker ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Synthesize:
+    request: Request
+    kind: str = field(default="synthesize", init=False)
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+    kind: str = field(default="cancel", init=False)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    grace_s: float = 0.0
+    kind: str = field(default="shutdown", init=False)
+
+
+# ---- worker -> parent ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    worker: int
+    pid: int
+    info: DeviceInfo
+    boot_s: float = 0.0
+    kind: str = field(default="ready", init=False)
+
+
+@dataclass(frozen=True)
+class BootFailed:
+    error: ErrorKind
+    message: str
+    kind: str = field(default="boot_failed", init=False)
+
+
+@dataclass(frozen=True)
+class Started:
+    id: str
+    batch_size: int = 1
+    at: float = 0.0  # time.monotonic() in the worker when the batch began
+    kind: str = field(default="started", init=False)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: str
+    seq: int
+    pcm: Any  # float32 numpy array, mono, SAMPLE_RATE
+    kind: str = field(default="chunk", init=False)
+
+
+@dataclass(frozen=True)
+class Done:
+    id: str
+    audio_s: float
+    compute_s: float
+    kind: str = field(default="done", init=False)
+
+
+@dataclass(frozen=True)
+class Failed:
+    id: str
+    error: ErrorKind
+    message: str
+    retryable: bool = False
+    kind: str = field(default="failed", init=False)
+
+
+ToWorker = Synthesize | Cancel | Shutdown
+FromWorker = Ready | BootFailed | Started | Chunk | Done | Failed
