@@ -85,7 +85,9 @@ class Server:
         cmd = [sys.executable, "-m", "vibevoice_pool", "launch", "--port", str(self.port)]
         cmd += ["--cache-dir", str(tmp_path / "cache"), *args]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=full_env
+        )
 
     def log(self) -> str:
         self._log.flush()

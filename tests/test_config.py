@@ -9,7 +9,11 @@ from vibevoice_pool.cli import launch_config, parser
 from vibevoice_pool.config import ConfigError, PoolConfig, build
 from vibevoice_pool.devices import Gpu, plan
 
-GPUS = [Gpu(0, "NVIDIA H100", 80 << 30), Gpu(1, "NVIDIA H100", 80 << 30), Gpu(3, "NVIDIA A100", 40 << 30)]
+GPUS = [
+    Gpu(0, "NVIDIA H100", 80 << 30),
+    Gpu(1, "NVIDIA H100", 80 << 30),
+    Gpu(3, "NVIDIA A100", 40 << 30),
+]
 
 
 def cfg_from(*argv):
@@ -24,15 +28,47 @@ def test_every_setting_is_a_config_field_with_the_same_default():
 
 
 def test_old_demo_flags_in_both_spellings():
-    a = cfg_from("--model_path", "/m", "--gpus", "0,1,3", "--inference_steps", "5", "--port", "8080", "--share")
-    b = cfg_from("--model-path", "/m", "--gpus", "0,1,3", "--inference-steps", "5", "--port", "8080", "--share")
+    a = cfg_from(
+        "--model_path",
+        "/m",
+        "--gpus",
+        "0,1,3",
+        "--inference_steps",
+        "5",
+        "--port",
+        "8080",
+        "--share",
+    )
+    b = cfg_from(
+        "--model-path",
+        "/m",
+        "--gpus",
+        "0,1,3",
+        "--inference-steps",
+        "5",
+        "--port",
+        "8080",
+        "--share",
+    )
     assert a == b
-    assert (a.model_path, a.gpus, a.inference_steps, a.port, a.share) == ("/m", "0,1,3", 5, 8080, True)
+    assert (a.model_path, a.gpus, a.inference_steps, a.port, a.share) == (
+        "/m",
+        "0,1,3",
+        5,
+        8080,
+        True,
+    )
 
 
 def test_defaults_protect():
     c = cfg_from()
-    assert (c.host, c.port, c.share, c.max_queue, c.policy) == ("127.0.0.1", 7860, False, 50, "least_work")
+    assert (c.host, c.port, c.share, c.max_queue, c.policy) == (
+        "127.0.0.1",
+        7860,
+        False,
+        50,
+        "least_work",
+    )
 
 
 def test_flags_override_the_config_file(tmp_path):

@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
         logs.setup("INFO")
         if getattr(ns, "_device", None):
-            log.warning("--device is deprecated and ignored: choose devices with --gpus (e.g. --gpus 0,1)")
+            log.warning(
+                "--device is deprecated and ignored: choose devices with --gpus (e.g. --gpus 0,1)"
+            )
         try:
             cfg = launch_config(ns)
         except ConfigError as e:

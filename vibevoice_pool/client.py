@@ -31,7 +31,9 @@ def _headers(api_key: str | None) -> dict:
 def _fail(resp: httpx.Response) -> int:
     try:
         err = resp.json()["error"]
-        print(f"error {resp.status_code} ({err.get('code')}): {err.get('message')}", file=sys.stderr)
+        print(
+            f"error {resp.status_code} ({err.get('code')}): {err.get('message')}", file=sys.stderr
+        )
     except (ValueError, KeyError, TypeError):
         print(f"error {resp.status_code}: {resp.text[:500]}", file=sys.stderr)
     return 1
@@ -54,7 +56,9 @@ def synth(ns) -> int:
     got = bytearray()
     t0 = time.monotonic()
     timeout = httpx.Timeout(10.0, read=None)
-    with httpx.stream("POST", f"{ns.url}/v1/synthesize", json=body, headers=_headers(ns.api_key), timeout=timeout) as r:
+    with httpx.stream(
+        "POST", f"{ns.url}/v1/synthesize", json=body, headers=_headers(ns.api_key), timeout=timeout
+    ) as r:
         if r.status_code != 200:
             r.read()
             return _fail(r)
@@ -74,7 +78,12 @@ def synth(ns) -> int:
     import soundfile as sf
 
     fmt = ns.format.lower()
-    sf.write(ns.output, pcm, SAMPLE_RATE, format={"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}.get(fmt, "WAV"))
+    sf.write(
+        ns.output,
+        pcm,
+        SAMPLE_RATE,
+        format={"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}.get(fmt, "WAV"),
+    )
     print(f"wrote {ns.output}: {len(pcm) / SAMPLE_RATE:.2f} s, seed {seed}")
     return 0
 

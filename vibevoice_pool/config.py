@@ -69,7 +69,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers_per_gpu", int, 1, "worker processes per GPU", _positive),
     Setting("engine", str, "vibevoice", "engine: vibevoice (the model) or sim", _one_of(ENGINES)),
     Setting("model_path", _opt_str, "", "VibeVoice model: an HF-format folder or a hub id"),
-    Setting("dtype", str, "auto", "weights dtype", _one_of(("auto", "bfloat16", "float16", "float32"))),
+    Setting(
+        "dtype", str, "auto", "weights dtype", _one_of(("auto", "bfloat16", "float16", "float32"))
+    ),
     Setting("attn_implementation", str, "sdpa", "attention implementation (sdpa, eager, ...)"),
     Setting("max_batch_size", int, 1, "requests one worker runs as one batch", _positive),
     Setting("torch_threads", int, 1, "torch threads per CPU worker", _positive),
@@ -79,8 +81,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_queue", int, 50, "admission queue size; a full queue refuses at once", _positive),
     Setting("request_timeout_s", float, 1800.0, "longest a request may take end to end", _positive),
     # recovery
-    Setting("boot_timeout_s", float, 600.0, "longest a worker may take to load its engine", _positive),
-    Setting("hang_timeout_s", float, 30.0, "a worker whose heartbeat is older is killed", _positive),
+    Setting(
+        "boot_timeout_s", float, 600.0, "longest a worker may take to load its engine", _positive
+    ),
+    Setting(
+        "hang_timeout_s", float, 30.0, "a worker whose heartbeat is older is killed", _positive
+    ),
     Setting(
         "stall_timeout_s", float, 300.0, "a busy worker with no step this long is killed", _positive
     ),

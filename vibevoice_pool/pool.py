@@ -61,7 +61,9 @@ class Pool:
     def start(cls, cfg: PoolConfig, *, model_path: str = "", gpus: list[Gpu] | None = None) -> Pool:
         found = find_gpus() if gpus is None else gpus
         if found:
-            log.info("Found %d GPU(s): %s", len(found), ", ".join(f"{g.index} {g.name}" for g in found))
+            log.info(
+                "Found %d GPU(s): %s", len(found), ", ".join(f"{g.index} {g.name}" for g in found)
+            )
         placements = plan(cfg.gpus, cfg.workers_per_gpu, found)
         gpu_ids = sorted({p.cuda_index for p in placements if p.is_gpu})
         if gpu_ids:
@@ -88,8 +90,17 @@ class Pool:
 
     # ---- requests ------------------------------------------------------
 
-    def make_request(self, turns, voices=(), *, cfg_scale=1.3, inference_steps=None, seed=None,
-                     stream=False, max_audio_s=None) -> m.Request:
+    def make_request(
+        self,
+        turns,
+        voices=(),
+        *,
+        cfg_scale=1.3,
+        inference_steps=None,
+        seed=None,
+        stream=False,
+        max_audio_s=None,
+    ) -> m.Request:
         import random
 
         cap = min(self.cfg.max_audio_s, max_audio_s or self.cfg.max_audio_s)
@@ -110,7 +121,9 @@ class Pool:
         """Accept a request, or refuse it at once: OVERLOADED when the queue is
         full, UNAVAILABLE when no worker is up or on its way up."""
         alive = (SlotState.RUNNING, SlotState.STARTING, SlotState.BACKOFF)
-        if not any(int(self.board.get(i, Col.SLOT_STATE)) in alive for i in range(len(self.placements))):
+        if not any(
+            int(self.board.get(i, Col.SLOT_STATE)) in alive for i in range(len(self.placements))
+        ):
             raise m.PoolError(
                 m.ErrorKind.UNAVAILABLE, "no worker is ready or starting; see /v1/pool", True
             )
@@ -134,7 +147,9 @@ class Pool:
                     "id": i,
                     "device": p.device,
                     "name": info.name if info else "",
-                    "state": public_state(int(row[Col.SLOT_STATE]), int(row[Col.WORKER_STATE]), row[Col.HEALTH]),
+                    "state": public_state(
+                        int(row[Col.SLOT_STATE]), int(row[Col.WORKER_STATE]), row[Col.HEALTH]
+                    ),
                     "pid": int(row[Col.PID]) or None,
                     "generation": int(row[Col.GENERATION]),
                     "restarts": int(row[Col.RESTARTS]),
@@ -197,4 +212,6 @@ class Pool:
                     detail.compute_s,
                 )
             else:
-                log.info("request %s failed: %s: %s", job.request.id, detail.error.value, detail.message)
+                log.info(
+                    "request %s failed: %s: %s", job.request.id, detail.error.value, detail.message
+                )

@@ -23,7 +23,9 @@ def _bad(message: str) -> PoolError:
     return PoolError(ErrorKind.BAD_INPUT, message)
 
 
-def parse_script(text: str, *, max_chars: int = 20000, num_speakers: int | None = None) -> tuple[Turn, ...]:
+def parse_script(
+    text: str, *, max_chars: int = 20000, num_speakers: int | None = None
+) -> tuple[Turn, ...]:
     """Turns of a script, speakers 0-based. `num_speakers` sets how many
     speakers unprefixed lines rotate through (default: as many as named, or 1)."""
     if not isinstance(text, str) or not text.strip():
@@ -35,7 +37,7 @@ def parse_script(text: str, *, max_chars: int = 20000, num_speakers: int | None 
     numbers = [int(mt.group(1)) for _, mt in numbered if mt]
     zero_based = 0 in numbers
     turns: list[Turn] = []
-    for (n, line), (_, mt) in zip(lines, numbered):
+    for (n, line), (_, mt) in zip(lines, numbered, strict=False):
         if mt:
             number, said = int(mt.group(1)), mt.group(2).strip()
             speaker = number if zero_based else number - 1

@@ -1,11 +1,11 @@
 """`vibevoice-pool launch`: resolve the model, start the pool, serve HTTP.
 
-    resolve model (tiny model built once into the cache when asked for)
-    Pool.start(cfg)            -> BootError: exit non-zero with the first cause
-    FastAPI app (+ Gradio page at / when the UI is present)
-    uvicorn until SIGINT/SIGTERM (its handlers only set a flag), then:
-      stop accepting, let open requests finish (grace_s), drain the pool,
-      stop the workers, exit 0
+resolve model (tiny model built once into the cache when asked for)
+Pool.start(cfg)            -> BootError: exit non-zero with the first cause
+FastAPI app (+ Gradio page at / when the UI is present)
+uvicorn until SIGINT/SIGTERM (its handlers only set a flag), then:
+  stop accepting, let open requests finish (grace_s), drain the pool,
+  stop the workers, exit 0
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def build_front(cfg: PoolConfig, pool):
     folder.mkdir(parents=True, exist_ok=True)
     made = ensure_demo_voices(folder)
     if made:
-        log.info("Wrote %d demo voices to %s (put your own wav/mp3/flac/ogg there)", len(made), folder)
+        log.info(
+            "Wrote %d demo voices to %s (put your own wav/mp3/flac/ogg there)", len(made), folder
+        )
     voices = VoiceLibrary(folder, max_bytes=MAX_UPLOAD_BYTES, max_seconds=MAX_VOICE_SECONDS)
     return Front(pool, voices, cfg)
 
@@ -67,6 +69,41 @@ def build_app(front):
     except ImportError:
         return app
     return ui.mount(app, front)
+
+
+def _uvicorn_server(app, cfg: PoolConfig):
+    """uvicorn, with signal handlers that only set its exit flag. (Stock uvicorn
+    re-raises the signal after its shutdown, which would kill this process
+    before the pool drains and turn a clean stop into exit code -15.)"""
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return Server(
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level="warning",
+            timeout_graceful_shutdown=max(1, int(cfg.grace_s)),
+        )
+    )
 
 
 def serve(cfg: PoolConfig) -> int:
@@ -85,18 +122,7 @@ def serve(cfg: PoolConfig) -> int:
         log.error("❌ No worker could start: %s", e)
         return EXIT_BOOT_FAILED
     try:
-        import uvicorn
-
-        app = build_app(build_front(cfg, pool))
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host=cfg.host,
-                port=cfg.port,
-                log_level="warning",
-                timeout_graceful_shutdown=max(1, int(cfg.grace_s)),
-            )
-        )
+        server = _uvicorn_server(build_app(build_front(cfg, pool)), cfg)
         log.info("Serving on http://%s:%d (API at /v1, page at /)", cfg.host, cfg.port)
         server.run()
     finally:

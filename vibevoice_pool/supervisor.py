@@ -88,7 +88,9 @@ class Supervisor:
         self.board = board
         self.dispatcher = dispatcher
         self.ctx = _mp()
-        self.slots = [_Slot(i, p, e) for i, (p, e) in enumerate(zip(placements, engines))]
+        self.slots = [
+            _Slot(i, p, e) for i, (p, e) in enumerate(zip(placements, engines, strict=False))
+        ]
         self._lock = threading.RLock()
         self._wake_r, self._wake_w = os.pipe()
         self._stop = threading.Event()
@@ -287,7 +289,9 @@ class Supervisor:
         proc = slot.process
         proc.join(timeout=1)
         code = proc.exitcode
-        how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+        how = (
+            f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+        )
         if slot.kill_reason:
             how = f"{slot.kill_reason}; {how}"
         self._note(slot.index, "dead")
@@ -345,7 +349,9 @@ class Supervisor:
                 if beat > 0 and now - beat > self.cfg.hang_timeout_s:
                     self._kill(slot, f"hung: no heartbeat for {now - beat:.1f} s")
                 elif busy and now - b.get(i, Col.PROGRESS) > self.cfg.stall_timeout_s:
-                    self._kill(slot, f"stalled: no generation step for {self.cfg.stall_timeout_s:g} s")
+                    self._kill(
+                        slot, f"stalled: no generation step for {self.cfg.stall_timeout_s:g} s"
+                    )
                 elif not slot.ready and now - slot.started_at > self.cfg.boot_timeout_s:
                     slot.boot_error = f"not ready after boot_timeout_s={self.cfg.boot_timeout_s:g}"
                     self._kill(slot, slot.boot_error)

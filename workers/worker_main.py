@@ -170,7 +170,9 @@ class Worker:
                     self._cond.wait()
                 if not self._pending and self._shutdown:
                     break
-                batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+                batch = [
+                    self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))
+                ]
             self._run_batch(engine, batch)
         self.board.set(self.row, Col.WORKER_STATE, WorkerState.STOPPING)
         self.responses.close()

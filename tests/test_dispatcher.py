@@ -1,0 +1,172 @@
+"""The dispatcher without processes: a real StatusBoard, fake worker links."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vibevoice_pool.dispatcher import Dispatcher
+from workers import messages as m
+from workers.board import Col, SlotState, StatusBoard, WorkerState
+
+
+@pytest.fixture
+def board():
+    b = StatusBoard.create(4)
+    yield b
+    b.close()
+
+
+class Link:
+    def __init__(self):
+        self.sent = []
+
+    def __call__(self, msg):
+        self.sent.append(msg)
+
+    def synth(self):
+        return [x.request for x in self.sent if isinstance(x, m.Synthesize)]
+
+
+def up(board, disp, slot, capacity=1, speed=1.0):
+    board.set(slot, Col.SLOT_STATE, SlotState.RUNNING)
+    board.set(slot, Col.WORKER_STATE, WorkerState.IDLE)
+    board.set(slot, Col.CAPACITY, capacity)
+    board.set(slot, Col.SPEED, speed)
+    link = Link()
+    disp.attach(slot, link)
+    return link
+
+
+def req(i, text="Speaker 1: hello", est=1.0):
+    return m.Request(id=f"r{i}", turns=(m.Turn(0, text),), seed=i, est_audio_s=est)
+
+
+def test_late_binding_holds_requests_until_a_slot_is_free(board):
+    d = Dispatcher(board)
+    link = up(board, d, 0)
+    handles = [d.submit(req(i)) for i in range(3)]
+    assert [r.id for r in link.synth()] == ["r0"]
+    assert d.queue_length() == 2 and board.get(0, Col.INFLIGHT) == 1
+    d.on_message(0, m.Chunk("r0", 0, np.zeros(2400, np.float32)))
+    d.on_message(0, m.Done("r0", 0.1, 0.1))
+    assert handles[0].done and [r.id for r in link.synth()] == ["r0", "r1"]
+    assert board.get(0, Col.INFLIGHT) == 1
+
+
+def test_a_full_queue_refuses_at_once_and_loses_nothing(board):
+    d = Dispatcher(board, max_queue=2)
+    link = up(board, d, 0)
+    accepted = [d.submit(req(i)) for i in range(3)]  # one dispatched, two queued
+    with pytest.raises(m.PoolError) as e:
+        d.submit(req(9))
+    assert e.value.kind == m.ErrorKind.OVERLOADED and e.value.retryable
+    for i in range(3):
+        d.on_message(0, m.Done(f"r{i}", 0.1, 0.1))
+    assert all(h.done for h in accepted)
+    assert [r.id for r in link.synth()] == ["r0", "r1", "r2"]
+
+
+def test_the_dispatcher_bumps_its_columns_at_assignment(board):
+    d = Dispatcher(board)
+    up(board, d, 0, capacity=4)
+    d.submit(req(1, est=3.0))
+    d.submit(req(2, est=2.0))
+    assert board.get(0, Col.INFLIGHT) == 2
+    assert board.get(0, Col.QUEUED_WORK_S) == pytest.approx(5.0)
+    d.on_message(0, m.Chunk("r1", 0, np.zeros(24000, np.float32)))  # 1 s made
+    assert board.get(0, Col.QUEUED_WORK_S) == pytest.approx(4.0)
+    d.on_message(0, m.Done("r1", 1.0, 1.0))
+    assert board.get(0, Col.QUEUED_WORK_S) == pytest.approx(2.0)
+
+
+def test_least_work_sends_work_to_the_faster_worker(board):
+    d = Dispatcher(board)
+    slow = up(board, d, 0, speed=0.5)
+    fast = up(board, d, 1, speed=2.0)
+    d.submit(req(1, est=4.0))
+    assert fast.synth() and not slow.synth()
+
+
+def test_a_lost_worker_requeues_its_requests_at_the_head(board):
+    d = Dispatcher(board)
+    a = up(board, d, 0, capacity=2)
+    handles = [d.submit(req(i)) for i in range(3)]
+    assert [r.id for r in a.synth()] == ["r0", "r1"]
+    moved = d.worker_lost(0, "killed by SIGKILL")
+    assert sorted(moved) == ["r0", "r1"]
+    b = up(board, d, 1, capacity=3)
+    sent = b.synth()
+    assert [r.id for r in sent] == ["r0", "r1", "r2"]  # the head first, in order
+    assert [r.attempt for r in sent] == [2, 2, 1]
+    assert [r.seed for r in sent] == [0, 1, 2]  # same seed on replay
+    assert not any(h.done for h in handles)
+
+
+def test_a_request_that_took_down_two_workers_is_quarantined(board):
+    d = Dispatcher(board, max_attempts=2)
+    up(board, d, 0)
+    h = d.submit(req(1, text="[[crash]]"))
+    d.worker_lost(0, "killed by SIGKILL")
+    up(board, d, 1)
+    d.worker_lost(1, "killed by SIGKILL")
+    assert isinstance(h.outcome, m.Failed) and h.outcome.error == m.ErrorKind.WORKER_LOST
+    with pytest.raises(m.PoolError, match="2 workers"):
+        h.result(0)
+    assert d.pending() == 0
+
+
+def test_a_replayed_stream_skips_audio_already_delivered(board):
+    d = Dispatcher(board)
+    up(board, d, 0)
+    h = d.submit(req(1))
+    full = np.arange(30000, dtype=np.float32)
+    d.on_message(0, m.Chunk("r1", 0, full[:12000]))
+    d.worker_lost(0, "killed")
+    up(board, d, 1)
+    d.on_message(1, m.Chunk("r1", 0, full[:10000]))  # all already delivered: dropped
+    d.on_message(1, m.Chunk("r1", 1, full[10000:20000]))  # 2000 repeated, 8000 new
+    d.on_message(1, m.Chunk("r1", 2, full[20000:]))
+    d.on_message(1, m.Done("r1", 1.25, 1.0))
+    np.testing.assert_array_equal(h.result(0), full)
+
+
+def test_answers_from_a_worker_that_no_longer_holds_the_request_are_ignored(board):
+    d = Dispatcher(board)
+    up(board, d, 0)
+    h = d.submit(req(1))
+    d.worker_lost(0, "killed")
+    d.on_message(0, m.Done("r1", 1.0, 1.0))  # late message from the dead worker
+    assert not h.done
+
+
+def test_cancel_a_queued_request_and_a_running_one(board):
+    d = Dispatcher(board)
+    link = up(board, d, 0)
+    running, queued = d.submit(req(1)), d.submit(req(2))
+    queued.cancel()
+    assert queued.outcome.error == m.ErrorKind.CANCELLED
+    running.cancel()
+    assert isinstance(link.sent[-1], m.Cancel) and link.sent[-1].request_id == "r1"
+    d.on_message(0, m.Failed("r1", m.ErrorKind.CANCELLED, "cancelled"))
+    assert running.outcome.error == m.ErrorKind.CANCELLED and d.pending() == 0
+
+
+def test_draining_worker_takes_no_new_work(board):
+    d = Dispatcher(board)
+    a = up(board, d, 0)
+    b = up(board, d, 1)
+    d.drain(0)
+    for i in range(2):
+        d.submit(req(i))
+    assert not a.synth() and len(b.synth()) == 1
+
+
+def test_expired_requests_time_out(board):
+    now = [100.0]
+    d = Dispatcher(board, clock=lambda: now[0])
+    h = d.submit(req(1))  # no worker: waits in the queue
+    h.submitted_at = 100.0
+    now[0] = 200.0
+    d.expire(50.0)
+    assert h.outcome.error == m.ErrorKind.TIMEOUT and d.queue_length() == 0

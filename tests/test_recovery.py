@@ -1,0 +1,148 @@
+"""Faults caused for real on a pool of spawned sim workers: SIGKILL, SIGSTOP,
+a stuck engine, a poisoned request. Nothing accepted may be lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import pid_alive, wait_until
+
+from vibevoice_pool.script import parse_script
+from workers import messages as m
+from workers.estimate import audio_seconds_for
+
+pytestmark = pytest.mark.slow
+
+TEXT = "Speaker 1: " + "a long line of speech " * 4  # about 6 s of audio
+
+
+def submit(pool, text=TEXT, seed=None):
+    return pool.submit(pool.make_request(parse_script(text), seed=seed))
+
+
+def expected_samples(text):
+    return int(round(audio_seconds_for(parse_script(text)[0].text) * m.SAMPLE_RATE))
+
+
+def worker(pool, i):
+    return pool.status()["workers"][i]
+
+
+def busy_worker(pool):
+    def find():
+        for w in pool.status()["workers"]:
+            if w["inflight"] and w["state"] == "busy":
+                return w
+        return None
+
+    return wait_until(find, 20, what="a busy worker")
+
+
+def test_sigkill_a_worker_holding_requests(sim_pool):
+    with sim_pool(gpus="cpu:2", sim_rtf=0.3, max_batch_size=2) as pool:
+        handles = [submit(pool, seed=i) for i in range(6)]
+        victim = busy_worker(pool)
+        os.kill(victim["pid"], signal.SIGKILL)
+        for h in handles:
+            audio = h.result(timeout=60)
+            assert len(audio) == expected_samples(TEXT)  # complete, nothing repeated
+        back = wait_until(
+            lambda: (w := worker(pool, victim["id"]))["state"] == "ready" and w, 20, what="respawn"
+        )
+        assert back["pid"] != victim["pid"] and back["restarts"] == 1
+        assert not pid_alive(victim["pid"])
+        assert pool.dispatcher.counters["requeued"] >= 1
+
+
+def test_a_replayed_request_gives_the_same_audio(sim_pool):
+    with sim_pool(gpus="cpu:2", sim_rtf=0.3) as pool:
+        h = submit(pool, seed=7)
+        victim = busy_worker(pool)
+        wait_until(lambda: len(h.audio()) > 0, 20, what="the first chunk")
+        os.kill(victim["pid"], signal.SIGKILL)
+        replayed = h.result(timeout=60)
+        again = submit(pool, seed=7).result(timeout=60)
+        assert (replayed == again).all()
+
+
+def test_sigstop_a_worker_is_found_hung_and_replaced(sim_pool):
+    with sim_pool(gpus="cpu:2", sim_rtf=0.3, hang_timeout_s=2.0) as pool:
+        handles = [submit(pool, seed=i) for i in range(4)]
+        victim = busy_worker(pool)
+        os.kill(victim["pid"], signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            wait_until(
+                lambda: not pid_alive(victim["pid"]), 15, what="the hung worker to be killed"
+            )
+            found_after = time.monotonic() - t0
+        finally:
+            if pid_alive(victim["pid"]):
+                os.kill(victim["pid"], signal.SIGCONT)
+        assert found_after < 2.0 + 3.0  # the hang timeout, plus a tick and scheduling slack
+        for h in handles:
+            assert len(h.result(timeout=60)) == expected_samples(TEXT)
+        back = wait_until(
+            lambda: (w := worker(pool, victim["id"]))["state"] == "ready" and w, 20, what="respawn"
+        )
+        assert back["pid"] != victim["pid"] and back["restarts"] == 1
+
+
+def test_a_stuck_engine_is_killed_by_the_stall_timeout(sim_pool):
+    with sim_pool(gpus="cpu:2", stall_timeout_s=1.5) as pool:
+        stuck = submit(pool, text="Speaker 1: this one hangs [[hang]]")
+        others = [submit(pool, seed=i) for i in range(3)]
+        for h in others:
+            h.result(timeout=60)
+        with pytest.raises(m.PoolError) as e:
+            stuck.result(timeout=60)
+        assert e.value.kind == m.ErrorKind.WORKER_LOST
+
+
+def test_a_poisoned_request_is_quarantined_after_two_lost_workers(sim_pool):
+    with sim_pool(gpus="cpu:2", sim_rtf=0.1) as pool:
+        poison = submit(pool, text="Speaker 1: this one crashes [[crash]]")
+        others = [submit(pool, seed=i) for i in range(5)]
+        with pytest.raises(m.PoolError) as e:
+            poison.result(timeout=60)
+        assert e.value.kind == m.ErrorKind.WORKER_LOST
+        assert "2 workers" in e.value.message
+        for h in others:
+            assert len(h.result(timeout=60)) == expected_samples(TEXT)
+        # the poison is never retried again: every slot comes back and stays up
+        wait_until(
+            lambda: all(w["state"] == "ready" for w in pool.status()["workers"]),
+            30,
+            what="respawns",
+        )
+        assert sum(w["restarts"] for w in pool.status()["workers"]) == 2
+
+
+def test_engine_errors_fail_the_request_and_the_worker_lives_on(sim_pool):
+    with sim_pool(gpus="cpu:1") as pool:
+        pid = worker(pool, 0)["pid"]
+        for marker, kind in (
+            ("[[oom]]", m.ErrorKind.OUT_OF_MEMORY),
+            ("[[error]]", m.ErrorKind.ENGINE_ERROR),
+        ):
+            with pytest.raises(m.PoolError) as e:
+                submit(pool, text=f"Speaker 1: {marker}").result(timeout=30)
+            assert e.value.kind == kind
+        assert len(submit(pool).result(timeout=30)) == expected_samples(TEXT)
+        assert worker(pool, 0)["pid"] == pid and worker(pool, 0)["restarts"] == 0
+
+
+def test_cancel_mid_generation_frees_the_slot(sim_pool):
+    with sim_pool(gpus="cpu:1", sim_rtf=0.5) as pool:
+        long = submit(pool, text="Speaker 1: " + "words " * 200)
+        wait_until(lambda: len(long.audio()) > 0, 20, what="the first chunk")
+        t0 = time.monotonic()
+        long.cancel()
+        with pytest.raises(m.PoolError) as e:
+            long.result(timeout=10)
+        assert e.value.kind == m.ErrorKind.CANCELLED
+        assert time.monotonic() - t0 < 5
+        assert len(submit(pool, text="Speaker 1: short").result(timeout=30)) > 0
