@@ -79,6 +79,12 @@ SETTINGS: tuple[Setting, ...] = (
     # scheduling
     Setting("policy", str, "least_work", "how a worker is chosen", _one_of(POLICIES)),
     Setting("max_queue", int, 50, "admission queue size; a full queue refuses at once", _positive),
+    Setting(
+        "bind_at_arrival",
+        _bool,
+        False,
+        "send each request to a worker's own queue on arrival (for comparison: late binding wins)",
+    ),
     Setting("request_timeout_s", float, 1800.0, "longest a request may take end to end", _positive),
     # recovery
     Setting(
@@ -129,6 +135,7 @@ class PoolConfig:
     inference_steps: int = 10
     policy: str = "least_work"
     max_queue: int = 50
+    bind_at_arrival: bool = False
     request_timeout_s: float = 1800.0
     boot_timeout_s: float = 600.0
     hang_timeout_s: float = 30.0

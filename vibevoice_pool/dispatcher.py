@@ -63,12 +63,16 @@ class Dispatcher:
         max_attempts: int = 2,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        bind_at_arrival: bool = False,
     ):
         self.board = board
         self.policy = policy
         self.max_queue = max_queue
         self.max_attempts = max_attempts
         self.clock = clock
+        # True: every request goes to a worker's own queue at once, as systems
+        # without late binding do (kept to measure what late binding buys).
+        self.bind_at_arrival = bind_at_arrival
         self._lock = threading.RLock()
         self._queue: collections.deque[_Job] = collections.deque()
         self._jobs: dict[str, _Job] = {}
@@ -293,7 +297,7 @@ class Dispatcher:
             if int(row[Col.WORKER_STATE]) not in (WorkerState.IDLE, WorkerState.BUSY):
                 continue
             inflight, capacity = int(row[Col.INFLIGHT]), max(1, int(row[Col.CAPACITY]))
-            if inflight >= capacity:
+            if inflight >= capacity and not self.bind_at_arrival:
                 continue
             views.append(
                 View(

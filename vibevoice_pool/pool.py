@@ -72,7 +72,11 @@ class Pool:
             log.info("Using %d CPU worker(s)", len(placements))
         board = StatusBoard.create(len(placements) + SPARE_ROWS)
         dispatcher = Dispatcher(
-            board, policy=cfg.policy, max_queue=cfg.max_queue, max_attempts=cfg.max_attempts
+            board,
+            policy=cfg.policy,
+            max_queue=cfg.max_queue,
+            max_attempts=cfg.max_attempts,
+            bind_at_arrival=cfg.bind_at_arrival,
         )
         specs = engine_specs(cfg, placements, model_path or cfg.model_path)
         supervisor = Supervisor(cfg, placements, specs, board, dispatcher)

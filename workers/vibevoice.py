@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -203,7 +202,13 @@ class VibeVoiceEngine:
         if self.is_tiny:
             cap = min(cap, max(req.est_audio_s, HOP_SAMPLES / SAMPLE_RATE))
         limit = getattr(self.model.config.text_config, "max_position_embeddings", 1 << 30)
-        return min(audio_tokens_for(cap), limit)
+        # A byte-level BPE never makes more tokens than UTF-8 bytes: a safe upper bound.
+        prompt = 64 + sum(len(t.text.encode()) + 8 for t in req.turns)
+        prompt += sum(math.ceil(len(v) / HOP_SAMPLES) for v in req.voices if v is not None)
+        if prompt >= limit:
+            msg = f"the script is too long for the model's context ({limit} tokens)"
+            raise PoolError(ErrorKind.BAD_INPUT, msg)
+        return min(audio_tokens_for(cap), limit - prompt)
 
     def _run_splitting(self, rows: list, sink: BatchSink) -> None:
         """Run rows as one batch; on CUDA out-of-memory, halve and retry. A row that already
@@ -336,4 +341,4 @@ def _physical_memory() -> int:
         return 0
 
 
-__all__ = ["VibeVoiceEngine", "check_request", "conversation_for", "default_voice", "Path"]
+__all__ = ["VibeVoiceEngine", "check_request", "conversation_for", "default_voice"]
