@@ -108,6 +108,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_audio_s", float, 1800.0, "cap on the audio one request makes", _positive),
     Setting("voices_dir", _opt_str, "", "folder of voice presets (default: <cache>/voices)"),
     Setting("cache_dir", _opt_str, "", "folder for the tiny model and demo voices"),
+    Setting("data_dir", _opt_str, "", "folder for durable jobs and results (default: <cache>/data)"),
+    Setting("job_ttl_s", float, 7 * 86400.0, "finished jobs and results expire after this", _positive),
+    Setting("jobs_disk_limit_mb", float, 10240.0, "disk the job results may use", _positive),
     Setting("log_format", str, "text", "log lines as text or json", _one_of(("text", "json"))),
     Setting("log_level", str, "INFO", "log level", _one_of(("DEBUG", "INFO", "WARNING", "ERROR"))),
     # the simulated engine (tests and benchmarks)
@@ -151,6 +154,9 @@ class PoolConfig:
     max_audio_s: float = 1800.0
     voices_dir: str = ""
     cache_dir: str = ""
+    data_dir: str = ""
+    job_ttl_s: float = 7 * 86400.0
+    jobs_disk_limit_mb: float = 10240.0
     log_format: str = "text"
     log_level: str = "INFO"
     sim_speeds: tuple[float, ...] = ()
@@ -203,6 +209,12 @@ def default_cache_dir(cfg: PoolConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
     return Path.home() / ".cache" / "vibevoice-pool"
+
+
+def data_dir(cfg: PoolConfig) -> Path:
+    if cfg.data_dir:
+        return Path(cfg.data_dir).expanduser()
+    return default_cache_dir(cfg) / "data"
 
 
 def voices_dir(cfg: PoolConfig) -> Path:

@@ -43,11 +43,17 @@ _RENAMES = (  # (HF, original): plain prefix swaps, longest first where they ove
     ("model.semantic_connector.linear_2.", "model.semantic_connector.fc2."),
     ("model.diffusion_head.timestep_proj.fc1.", "model.prediction_head.t_embedder.mlp.0."),
     ("model.diffusion_head.timestep_proj.fc2.", "model.prediction_head.t_embedder.mlp.2."),
-    ("model.diffusion_head.final_layer.linear_1.", "model.prediction_head.final_layer.adaLN_modulation.1."),
+    (
+        "model.diffusion_head.final_layer.linear_1.",
+        "model.prediction_head.final_layer.adaLN_modulation.1.",
+    ),
     ("model.diffusion_head.final_layer.linear_2.", "model.prediction_head.final_layer.linear."),
     ("model.diffusion_head.", "model.prediction_head."),
 )
-_HEAD_LAYER = (r"^(model\.diffusion_head\.layers\.\d+\.)linear\.", r"^(model\.prediction_head\.layers\.\d+\.)adaLN_modulation\.1\.")
+_HEAD_LAYER = (
+    r"^(model\.diffusion_head\.layers\.\d+\.)linear\.",
+    r"^(model\.prediction_head\.layers\.\d+\.)adaLN_modulation\.1\.",
+)
 
 
 def _tower_to_original(rest: str, decoder: bool) -> str:
@@ -77,7 +83,11 @@ def _tower_to_hf(rest: str, decoder: bool) -> str:
         return f"conv_layers.{int(m[1]) - 1}.{conv}{m[2]}"
     if m := re.match(r"stages\.(\d+)\.(\d+)\.(.*)", rest):
         stage = int(m[1])
-        return f"stem.stage.{m[2]}.{m[3]}" if stage == 0 else f"conv_layers.{stage - 1}.stage.{m[2]}.{m[3]}"
+        return (
+            f"stem.stage.{m[2]}.{m[3]}"
+            if stage == 0
+            else f"conv_layers.{stage - 1}.stage.{m[2]}.{m[3]}"
+        )
     if rest.startswith("head.conv.conv."):
         return "head.conv." + rest[len("head.conv.conv.") :]
     return rest
@@ -189,7 +199,9 @@ def _tower_config(orig: dict, model_type: str) -> dict:
     }
     for key, wanted in unsupported.items():
         if orig.get(key, wanted) != wanted:
-            raise PoolError(ErrorKind.BAD_INPUT, f"cannot convert a tokenizer with {key}={orig[key]!r}")
+            raise PoolError(
+                ErrorKind.BAD_INPUT, f"cannot convert a tokenizer with {key}={orig[key]!r}"
+            )
     return {
         "model_type": model_type,
         "channels": orig.get("channels", 1),
@@ -217,7 +229,9 @@ def hf_config_from_original(orig: dict, token_ids: dict[str, int]) -> dict:
     head = orig.get("diffusion_head_config", {})
     return {
         "text_config": text,
-        "audio_config": _tower_config(orig["acoustic_tokenizer_config"], "vibevoice_acoustic_tokenizer"),
+        "audio_config": _tower_config(
+            orig["acoustic_tokenizer_config"], "vibevoice_acoustic_tokenizer"
+        ),
         "semantic_model_config": _tower_config(
             orig["semantic_tokenizer_config"], "vibevoice_acoustic_tokenizer_encoder"
         ),
@@ -272,7 +286,9 @@ def convert_checkpoint(
 
         source = Path(snapshot_download(str(src)))
     if not looks_like_original_layout(source):
-        raise PoolError(ErrorKind.BAD_INPUT, f"{src} is not an original-layout VibeVoice checkpoint")
+        raise PoolError(
+            ErrorKind.BAD_INPUT, f"{src} is not an original-layout VibeVoice checkpoint"
+        )
     orig = json.loads((source / "config.json").read_text())
     tok = _load_tokenizer(source, tokenizer)
     ids = {

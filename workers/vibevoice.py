@@ -131,7 +131,9 @@ class VibeVoiceEngine:
             raise PoolError(ErrorKind.BAD_INPUT, refusal)
         if spec.device.startswith("cuda"):
             if not torch.cuda.is_available():
-                raise PoolError(ErrorKind.UNAVAILABLE, "a CUDA worker was asked for, but torch sees no GPU")
+                raise PoolError(
+                    ErrorKind.UNAVAILABLE, "a CUDA worker was asked for, but torch sees no GPU"
+                )
             self.device = "cuda:0"
         else:
             self.device = "cpu"
@@ -166,7 +168,9 @@ class VibeVoiceEngine:
         if wanted in ("", "auto"):
             return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         if wanted not in ("bfloat16", "float16", "float32"):
-            raise PoolError(ErrorKind.BAD_INPUT, f"unknown dtype {wanted!r}: auto|bfloat16|float16|float32")
+            raise PoolError(
+                ErrorKind.BAD_INPUT, f"unknown dtype {wanted!r}: auto|bfloat16|float16|float32"
+            )
         return getattr(torch, wanted)
 
     # ---- synthesize ---------------------------------------------------------------
@@ -328,7 +332,9 @@ def _drop_text_cfg(model: Any) -> None:
 
     def without_text_cfg(*args: Any, **kwargs: Any) -> Any:
         procs = build(*args, **kwargs)
-        kept = [p for p in procs if not isinstance(p, UnbatchedClassifierFreeGuidanceLogitsProcessor)]
+        kept = [
+            p for p in procs if not isinstance(p, UnbatchedClassifierFreeGuidanceLogitsProcessor)
+        ]
         return LogitsProcessorList(kept)
 
     model._get_logits_processor = without_text_cfg
