@@ -50,6 +50,12 @@ def _client_parsers(sub) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("scale", help="add or remove workers of a running server")
+    p.add_argument("--url", default="http://127.0.0.1:7860")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--add", action="append", default=[], metavar="DEVICE", help="cpu, cuda:N or N")
+    p.add_argument("--remove", action="append", default=[], type=int, metavar="ID")
+
     p = sub.add_parser("make-tiny-model", help="build the tiny random VibeVoice model")
     p.add_argument("dir")
 
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         logs.setup(cfg.log_level, cfg.log_format)
         return serve(cfg)
-    if ns.command in ("synth", "status"):
+    if ns.command in ("synth", "status", "scale"):
         from vibevoice_pool import client
 
         return client.run(ns)

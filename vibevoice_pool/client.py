@@ -124,9 +124,29 @@ def status(ns) -> int:
     return 0
 
 
+def scale(ns) -> int:
+    if not ns.add and not ns.remove:
+        print("nothing to do: give --add DEVICE and/or --remove ID", file=sys.stderr)
+        return 2
+    for device in ns.add:
+        r = httpx.post(
+            f"{ns.url}/v1/pool/workers", json={"device": device}, headers=_headers(ns.api_key)
+        )
+        if r.status_code != 201:
+            return _fail(r)
+        print(f"added worker {r.json()['id']} on {r.json()['device']}")
+    for worker_id in ns.remove:
+        r = httpx.delete(f"{ns.url}/v1/pool/workers/{worker_id}", headers=_headers(ns.api_key))
+        if r.status_code != 202:
+            return _fail(r)
+        print(f"worker {worker_id} is draining; it stops once it has finished what it holds")
+    return 0
+
+
 def run(ns) -> int:
+    commands = {"synth": synth, "status": status, "scale": scale}
     try:
-        return synth(ns) if ns.command == "synth" else status(ns)
+        return commands[ns.command](ns)
     except httpx.HTTPError as e:
         print(f"cannot reach {ns.url}: {e}", file=sys.stderr)
         return 1

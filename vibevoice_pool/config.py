@@ -85,6 +85,18 @@ SETTINGS: tuple[Setting, ...] = (
         False,
         "send each request to a worker's own queue on arrival (for comparison: late binding wins)",
     ),
+    Setting(
+        "mem_reserve_mb",
+        float,
+        1024.0,
+        "GPU memory a request needs beyond its length",
+        _non_negative,
+    ),
+    Setting(
+        "mem_per_audio_s_mb", float, 1.0, "GPU memory per second of audio requested", _non_negative
+    ),
+    Setting("monitor_interval_s", float, 1.0, "how often GPUs and workers are sampled", _positive),
+    Setting("device_lost_s", float, 3.0, "a GPU failing NVML this long is lost", _positive),
     Setting("request_timeout_s", float, 1800.0, "longest a request may take end to end", _positive),
     # recovery
     Setting(
@@ -108,8 +120,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_audio_s", float, 1800.0, "cap on the audio one request makes", _positive),
     Setting("voices_dir", _opt_str, "", "folder of voice presets (default: <cache>/voices)"),
     Setting("cache_dir", _opt_str, "", "folder for the tiny model and demo voices"),
-    Setting("data_dir", _opt_str, "", "folder for durable jobs and results (default: <cache>/data)"),
-    Setting("job_ttl_s", float, 7 * 86400.0, "finished jobs and results expire after this", _positive),
+    Setting(
+        "data_dir", _opt_str, "", "folder for durable jobs and results (default: <cache>/data)"
+    ),
+    Setting(
+        "job_ttl_s", float, 7 * 86400.0, "finished jobs and results expire after this", _positive
+    ),
     Setting("jobs_disk_limit_mb", float, 10240.0, "disk the job results may use", _positive),
     Setting("log_format", str, "text", "log lines as text or json", _one_of(("text", "json"))),
     Setting("log_level", str, "INFO", "log level", _one_of(("DEBUG", "INFO", "WARNING", "ERROR"))),
@@ -139,6 +155,10 @@ class PoolConfig:
     policy: str = "least_work"
     max_queue: int = 50
     bind_at_arrival: bool = False
+    mem_reserve_mb: float = 1024.0
+    mem_per_audio_s_mb: float = 1.0
+    monitor_interval_s: float = 1.0
+    device_lost_s: float = 3.0
     request_timeout_s: float = 1800.0
     boot_timeout_s: float = 600.0
     hang_timeout_s: float = 30.0

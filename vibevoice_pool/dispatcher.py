@@ -64,6 +64,8 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         bind_at_arrival: bool = False,
+        mem_reserve_bytes: float = 0.0,
+        mem_per_audio_s_bytes: float = 0.0,
     ):
         self.board = board
         self.policy = policy
@@ -73,6 +75,10 @@ class Dispatcher:
         # True: every request goes to a worker's own queue at once, as systems
         # without late binding do (kept to measure what late binding buys).
         self.bind_at_arrival = bind_at_arrival
+        # A GPU worker is chosen only when its free memory covers the request's
+        # estimated need: reserve + work_s * per-audio-second.
+        self.mem_reserve_bytes = mem_reserve_bytes
+        self.mem_per_audio_s_bytes = mem_per_audio_s_bytes
         self._lock = threading.RLock()
         self._queue: collections.deque[_Job] = collections.deque()
         self._jobs: dict[str, _Job] = {}
@@ -145,15 +151,16 @@ class Dispatcher:
             self.board.set(slot, Col.QUEUED_WORK_S, 0)
             self._pump_locked()
 
-    def worker_lost(self, slot: int, why: str) -> list[str]:
-        """The worker in `slot` is gone: requeue (or quarantine) what it held."""
+    def worker_lost(self, slot: int, why: str, blame: bool = True) -> list[str]:
+        """The worker in `slot` is gone: requeue (or quarantine) what it held.
+        `blame=False` (a lost device, a removal) does not count toward quarantine."""
         with self._lock:
             self._links.pop(slot, None)
             self._draining.discard(slot)
             held = [j for j in self._jobs.values() if j.slot == slot]
             held.sort(key=lambda j: j.request.seq, reverse=True)
             for job in held:
-                job.lost += 1
+                job.lost += 1 if blame else 0
                 job.slot, job.seen, job.left_s = None, 0, 0.0
                 if job.lost >= self.max_attempts:
                     log.error(
@@ -296,7 +303,10 @@ class Dispatcher:
                 continue
             if int(row[Col.WORKER_STATE]) not in (WorkerState.IDLE, WorkerState.BUSY):
                 continue
-            inflight, capacity = int(row[Col.INFLIGHT]), max(1, int(row[Col.CAPACITY]))
+            capacity = max(1, int(row[Col.CAPACITY]))
+            if row[Col.BATCH_LIMIT] >= 1:
+                capacity = min(capacity, int(row[Col.BATCH_LIMIT]))
+            inflight = int(row[Col.INFLIGHT])
             if inflight >= capacity and not self.bind_at_arrival:
                 continue
             views.append(
@@ -309,9 +319,20 @@ class Dispatcher:
                     mem_used=float(row[Col.MEM_USED]),
                     mem_total=float(row[Col.MEM_TOTAL]),
                     util=float(row[Col.UTIL]),
+                    mem_free=self._mem_free(row),
                 )
             )
         return views
+
+    @staticmethod
+    def _mem_free(row) -> float:
+        """Free device memory of a GPU slot; inf where unknown (CPU, no NVML yet)."""
+        if row[Col.DEVICE] < 0 or row[Col.MEM_TOTAL] <= 0:
+            return float("inf")
+        return float(row[Col.MEM_TOTAL] - row[Col.MEM_USED] + row[Col.MEM_REUSABLE])
+
+    def mem_need(self, work_s: float) -> float:
+        return self.mem_reserve_bytes + work_s * self.mem_per_audio_s_bytes
 
     def pump(self) -> None:
         with self._lock:
@@ -322,7 +343,12 @@ class Dispatcher:
             views = self._eligible()
             if not views:
                 return
-            job = self._queue.popleft()
+            job = self._queue[0]
+            need = self.mem_need(job.work_s)
+            views = [v for v in views if v.mem_free >= need]
+            if not views:
+                return  # no free slot has the memory: wait for one that does
+            self._queue.popleft()
             i, score = choose(self.policy, views, job.work_s, self._ctx)
             self._ctx.turn += 1
             slot = views[i].slot

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Protocol
 
 from workers.board import Col, StatusBoard
@@ -23,11 +24,49 @@ class Nvml(Protocol):
     def sample(self, index: int) -> dict: ...
 
 
+# XIDs after which a GPU cannot be trusted until it is reset (NVIDIA's XID catalogue):
+# 48 double-bit ECC, 63/64 row remapping, 74 NVLink, 79 fallen off the bus,
+# 92 high single-bit ECC rate, 94/95 contained/uncontained ECC.
+CRITICAL_XIDS = {48, 63, 64, 74, 79, 92, 94, 95}
+XID_QUARANTINE_S = 30.0
+
+
 class RealNvml:
-    """NVML through nvidia-ml-py; `open()` returns None when there is no driver."""
+    """NVML through nvidia-ml-py; `open()` returns None when there is no driver.
+    Critical XID events mark a device unhealthy for XID_QUARANTINE_S."""
 
     def __init__(self, pynvml):
         self.nv = pynvml
+        self._events = None
+        self._xid_until: dict[int, float] = {}
+        self._index_of: dict[str, int] = {}
+        try:
+            self._events = pynvml.nvmlEventSetCreate()
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                self._index_of[pynvml.nvmlDeviceGetUUID(h)] = i
+                pynvml.nvmlDeviceRegisterEvents(
+                    h, pynvml.nvmlEventTypeXidCriticalError, self._events
+                )
+        except pynvml.NVMLError as e:  # not supported on this driver or device
+            log.info("NVML XID events are not available: %s", e)
+            self._events = None
+
+    def _poll_xids(self) -> None:
+        nv = self.nv
+        while self._events is not None:
+            try:
+                ev = nv.nvmlEventSetWait_v2(self._events, 0)
+            except nv.NVMLError:  # NVML_ERROR_TIMEOUT: no event waiting
+                return
+            xid = int(ev.eventData)
+            try:
+                index = self._index_of.get(nv.nvmlDeviceGetUUID(ev.device), -1)
+            except nv.NVMLError:
+                index = -1
+            log.error("GPU %s reported XID %d", index, xid)
+            if xid in CRITICAL_XIDS and index >= 0:
+                self._xid_until[index] = time.monotonic() + XID_QUARANTINE_S
 
     @classmethod
     def open(cls) -> RealNvml | None:
@@ -41,6 +80,9 @@ class RealNvml:
 
     def sample(self, index: int) -> dict:
         nv = self.nv
+        self._poll_xids()
+        if self._xid_until.get(index, 0.0) > time.monotonic():
+            return {"healthy": False, "reason": "critical XID error"}
         h = nv.nvmlDeviceGetHandleByIndex(index)
         mem = nv.nvmlDeviceGetMemoryInfo(h)
         out = {"mem_used": mem.used, "mem_total": mem.total}
@@ -92,6 +134,11 @@ class Monitor:
         except Exception as e:  # an NVML failure for this device marks it unhealthy
             if b.get(row, Col.HEALTH) != 0:
                 log.warning("GPU %d does not answer NVML: %s", index, e)
+            b.set(row, Col.HEALTH, 0)
+            return
+        if not s.get("healthy", True):
+            if b.get(row, Col.HEALTH) != 0:
+                log.warning("GPU %d is unhealthy: %s", index, s.get("reason", "NVML says so"))
             b.set(row, Col.HEALTH, 0)
             return
         b.set(row, Col.MEM_USED, s.get("mem_used", 0))

@@ -30,6 +30,7 @@ class View:
     mem_used: float = 0.0
     mem_total: float = 0.0
     util: float = 0.0  # percent
+    mem_free: float = float("inf")  # bytes free for new work on the device
 
 
 @dataclass

@@ -18,7 +18,7 @@ from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.devices import Gpu, Placement, find_gpus, plan
 from vibevoice_pool.dispatcher import Dispatcher
 from vibevoice_pool.handle import RequestHandle
-from vibevoice_pool.monitor import Monitor, RealNvml
+from vibevoice_pool.monitor import Monitor, Nvml, RealNvml
 from vibevoice_pool.supervisor import Supervisor, engine_specs
 from workers import messages as m
 from workers.board import Col, SlotState, StatusBoard, WorkerState
@@ -26,7 +26,7 @@ from workers.estimate import audio_seconds_for
 
 log = logging.getLogger("vibevoice_pool")
 
-SPARE_ROWS = 8  # board rows kept free for workers added while serving
+SPARE_ROWS = 16  # board rows kept free for workers added while serving
 
 
 def public_state(slot_state: int, worker_state: int, health: float = 1) -> str:
@@ -54,11 +54,33 @@ class Pool:
     dispatcher: Dispatcher
     supervisor: Supervisor
     monitor: Monitor
-    placements: list[Placement]
     model_path: str
+    gpus: list[Gpu]
+
+    @property
+    def placements(self) -> list[Placement]:
+        """Where every slot ever started runs, by slot index (removed ones included)."""
+        return [s.placement for s in self.supervisor.slots]
+
+    def live_slots(self) -> list[int]:
+        """Slot indexes shown on /v1/pool: every slot but the removed and stopped ones."""
+        return [
+            s.index
+            for s in self.supervisor.slots
+            if not (s.removed and int(self.board.get(s.index, Col.SLOT_STATE)) == SlotState.STOPPED)
+        ]
 
     @classmethod
-    def start(cls, cfg: PoolConfig, *, model_path: str = "", gpus: list[Gpu] | None = None) -> Pool:
+    def start(
+        cls,
+        cfg: PoolConfig,
+        *,
+        model_path: str = "",
+        gpus: list[Gpu] | None = None,
+        nvml: Nvml | None = None,
+    ) -> Pool:
+        """Spawn the workers and wait for the first ready one. `gpus` and `nvml`
+        replace the machine's own (tests use fakes)."""
         found = find_gpus() if gpus is None else gpus
         if found:
             log.info(
@@ -77,11 +99,15 @@ class Pool:
             max_queue=cfg.max_queue,
             max_attempts=cfg.max_attempts,
             bind_at_arrival=cfg.bind_at_arrival,
+            mem_reserve_bytes=cfg.mem_reserve_mb * 2**20,
+            mem_per_audio_s_bytes=cfg.mem_per_audio_s_mb * 2**20,
         )
         specs = engine_specs(cfg, placements, model_path or cfg.model_path)
         supervisor = Supervisor(cfg, placements, specs, board, dispatcher)
-        monitor = Monitor(board, supervisor.monitor_targets, RealNvml.open() if gpu_ids else None)
-        pool = cls(cfg, board, dispatcher, supervisor, monitor, placements, model_path)
+        if nvml is None and gpu_ids:
+            nvml = RealNvml.open()
+        monitor = Monitor(board, supervisor.monitor_targets, nvml, cfg.monitor_interval_s)
+        pool = cls(cfg, board, dispatcher, supervisor, monitor, model_path, found)
         dispatcher.listeners.append(pool._log_event)
         supervisor.start()
         monitor.start()
@@ -125,9 +151,7 @@ class Pool:
         """Accept a request, or refuse it at once: OVERLOADED when the queue is
         full, UNAVAILABLE when no worker is up or on its way up."""
         alive = (SlotState.RUNNING, SlotState.STARTING, SlotState.BACKOFF)
-        if not any(
-            int(self.board.get(i, Col.SLOT_STATE)) in alive for i in range(len(self.placements))
-        ):
+        if not any(int(self.board.get(i, Col.SLOT_STATE)) in alive for i in self.live_slots()):
             raise m.PoolError(
                 m.ErrorKind.UNAVAILABLE, "no worker is ready or starting; see /v1/pool", True
             )
@@ -142,7 +166,8 @@ class Pool:
         t = self.board.snapshot()
         now = time.monotonic()
         workers = []
-        for i, p in enumerate(self.placements):
+        for i in self.live_slots():
+            p = self.supervisor.slots[i].placement
             row = t[i]
             info = self.supervisor.slots[i].info
             beat = row[Col.HEARTBEAT]
@@ -184,6 +209,33 @@ class Pool:
             "workers": workers,
         }
 
+    # ---- scaling -------------------------------------------------------
+
+    def add_worker(self, device: str) -> int:
+        """Start one more worker on `device` ("cpu", "cuda:N" or "N"); its slot index."""
+        from dataclasses import replace as dc_replace
+
+        from vibevoice_pool.config import ConfigError
+
+        dev = str(device).strip().lower()
+        try:
+            if dev.startswith("cpu"):
+                placement = Placement(f"cpu:{len(self.supervisor.slots)}", None)
+            else:
+                placement = plan(dev.removeprefix("cuda:"), 1, self.gpus)[0]
+        except ConfigError as e:
+            raise m.PoolError(m.ErrorKind.BAD_INPUT, str(e)) from None
+        spec = engine_specs(self.cfg, [placement], self.model_path or self.cfg.model_path)[0]
+        speeds = self.cfg.sim_speeds
+        if speeds:
+            spec = dc_replace(spec, sim_speed=speeds[len(self.supervisor.slots) % len(speeds)])
+        return self.supervisor.add_slot(placement, spec)
+
+    def remove_worker(self, index: int) -> None:
+        if index not in self.live_slots():
+            raise m.PoolError(m.ErrorKind.BAD_INPUT, f"no worker {index}; see /v1/pool")
+        self.supervisor.remove_slot(index)
+
     # ---- life ----------------------------------------------------------
 
     def shutdown(self, grace_s: float | None = None) -> None:
@@ -195,7 +247,7 @@ class Pool:
     def _log_event(self, what: str, job, detail) -> None:
         if what == "dispatched":
             slot, score, view = detail
-            p = self.placements[slot]
+            p = self.supervisor.slots[slot].placement
             where = f"GPU {p.cuda_index}" if p.is_gpu else f"worker {slot} ({p.device})"
             log.info(
                 "🎯 Chose %s for request %s (queue: %d, score %.3f, %s, attempt %d)",
@@ -205,6 +257,15 @@ class Pool:
                 score,
                 self.cfg.policy,
                 job.request.attempt,
+                extra={"request_id": job.request.id, "worker": slot},
+            )
+        elif what == "requeued":
+            log.warning(
+                "request %s sent back to the queue (attempt %d) after worker %s was lost",
+                job.request.id,
+                job.request.attempt,
+                detail,
+                extra={"request_id": job.request.id},
             )
         elif what == "finished":
             if isinstance(detail, m.Done):
@@ -214,8 +275,13 @@ class Pool:
                     job.handle.worker,
                     detail.audio_s,
                     detail.compute_s,
+                    extra={"request_id": job.request.id, "worker": job.handle.worker},
                 )
             else:
                 log.info(
-                    "request %s failed: %s: %s", job.request.id, detail.error.value, detail.message
+                    "request %s failed: %s: %s",
+                    job.request.id,
+                    detail.error.value,
+                    detail.message,
+                    extra={"request_id": job.request.id},
                 )

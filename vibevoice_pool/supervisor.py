@@ -71,6 +71,9 @@ class _Slot:
     kill_reason: str = ""
     due_at: float = 0.0  # when a backoff or failed slot is started again
     removed: bool = False
+    shutdown_sent: bool = False
+    device_lost: bool = False
+    unhealthy_since: float = 0.0
     restarts: int = 0
     info: m.DeviceInfo | None = None
 
@@ -131,7 +134,39 @@ class Supervisor:
             return [
                 (s.index, s.placement.cuda_index, s.process.pid if s.process else None)
                 for s in self.slots
+                if not (s.removed and s.process is None)
             ]
+
+    def add_slot(self, placement: Placement, engine: EngineSpec) -> int:
+        """Start a new worker while serving; returns its slot index."""
+        with self._lock:
+            if self._stop.is_set():
+                raise m.PoolError(m.ErrorKind.UNAVAILABLE, "the pool is shutting down")
+            index = len(self.slots)
+            if index >= self.board.rows:
+                raise m.PoolError(
+                    m.ErrorKind.BAD_INPUT,
+                    f"the pool has room for {self.board.rows} workers at most",
+                )
+            slot = _Slot(index, placement, engine)
+            self.slots.append(slot)
+            self._spawn(slot)
+        self._wake()
+        log.info("➕ added %s as worker %d", self._label(slot), index)
+        return index
+
+    def remove_slot(self, index: int) -> None:
+        """Drain a worker (it finishes what it holds), then stop it for good."""
+        with self._lock:
+            slot = self.slots[index]
+            if slot.removed:
+                return
+            slot.removed = True
+            self.dispatcher.drain(index)
+            if slot.process is not None:
+                self.board.set(index, Col.SLOT_STATE, SlotState.DRAINING)
+            log.info("➖ draining %s (worker %d) for removal", self._label(slot), index)
+        self._wake()
 
     def restart(self, index: int) -> None:
         """Kill and respawn a slot now (on demand), or retry a failed one."""
@@ -263,6 +298,10 @@ class Supervisor:
 
     def _ready(self, slot: _Slot, msg: m.Ready) -> None:
         b, i = self.board, slot.index
+        if slot.removed:  # removed while it was booting: it never takes work
+            slot.shutdown_sent = True
+            self._send(slot, m.Shutdown(0.0))
+            return
         slot.ready, slot.info, slot.boot_failures, slot.boot_error = True, msg.info, 0, ""
         b.set(i, Col.CAPACITY, max(1, msg.info.max_batch_size))
         b.set(i, Col.READY_SINCE, time.monotonic())
@@ -295,19 +334,35 @@ class Supervisor:
         if slot.kill_reason:
             how = f"{slot.kill_reason}; {how}"
         self._note(slot.index, "dead")
-        moved = self.dispatcher.worker_lost(slot.index, how)
+        # A lost device or a removal is not the requests' fault: no quarantine count.
+        blame = not (slot.device_lost or slot.removed)
+        moved = self.dispatcher.worker_lost(slot.index, how, blame=blame)
         self._close(slot)
         b, i, now = self.board, slot.index, time.monotonic()
+        if self._stop.is_set() or slot.removed:
+            b.set(i, Col.SLOT_STATE, SlotState.STOPPED)
+            if slot.removed:
+                log.info("➖ %s (worker %d) removed", self._label(slot), i)
+            return
+        if slot.device_lost:
+            slot.due_at = now + self.cfg.failed_retry_s
+            b.set(i, Col.SLOT_STATE, SlotState.UNAVAILABLE)
+            log.error(
+                "⛔ %s is unavailable (%s); %d request(s) sent to other workers; "
+                "checking it again every %.0f s",
+                self._label(slot),
+                how,
+                len(moved),
+                self.cfg.failed_retry_s,
+            )
+            return
         if not slot.ready:
             slot.boot_failures += 1
             if not slot.boot_error:
                 slot.boot_error = f"the worker died while loading its engine ({how})"
                 self.first_boot_error = self.first_boot_error or slot.boot_error
-        healthy = slot.ready and now - b.get(i, Col.READY_SINCE) >= HEALTHY_RESET_S
-        slot.deaths = 0 if healthy else slot.deaths
-        if self._stop.is_set() or slot.removed:
-            b.set(i, Col.SLOT_STATE, SlotState.STOPPED)
-            return
+        if slot.ready and now - b.get(i, Col.READY_SINCE) >= HEALTHY_RESET_S:
+            slot.deaths = 0  # it had been healthy long enough: backoff starts over
         if slot.boot_failures >= BOOT_FAILURES_TO_FAIL:
             slot.due_at = now + self.cfg.failed_retry_s
             b.set(i, Col.SLOT_STATE, SlotState.FAILED)
@@ -318,50 +373,80 @@ class Supervisor:
                 self.cfg.failed_retry_s,
                 slot.boot_error,
             )
-        else:
-            delay = BACKOFF_S[min(slot.deaths, len(BACKOFF_S) - 1)]
-            if slot.kill_reason == RESTART_REQUESTED:
-                delay = 0
-            slot.deaths += 1
-            slot.due_at = now + delay
-            b.set(i, Col.SLOT_STATE, SlotState.BACKOFF)
-            b.set(i, Col.BACKOFF_UNTIL, slot.due_at)
-            log.warning(
-                "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; "
-                "respawning in %d s",
-                self._label(slot),
-                i,
-                proc.pid,
-                how,
-                len(moved),
-                delay,
-            )
+            return
+        delay = BACKOFF_S[min(slot.deaths, len(BACKOFF_S) - 1)]
+        if slot.kill_reason == RESTART_REQUESTED:
+            delay = 0
+        slot.deaths += 1
+        slot.due_at = now + delay
+        b.set(i, Col.SLOT_STATE, SlotState.BACKOFF)
+        b.set(i, Col.BACKOFF_UNTIL, slot.due_at)
+        log.warning(
+            "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; "
+            "respawning in %d s",
+            self._label(slot),
+            i,
+            proc.pid,
+            how,
+            len(moved),
+            delay,
+        )
 
     def _tick(self) -> None:
         now = time.monotonic()
-        b = self.board
         for slot in self.slots:
-            i = slot.index
-            state = int(b.get(i, Col.SLOT_STATE))
-            if slot.process is not None and not slot.kill_reason:
-                beat = b.get(i, Col.HEARTBEAT)  # 0 until the worker's first beat
-                busy = int(b.get(i, Col.WORKER_STATE)) == WorkerState.BUSY
-                if beat > 0 and now - beat > self.cfg.hang_timeout_s:
-                    self._kill(slot, f"hung: no heartbeat for {now - beat:.1f} s")
-                elif busy and now - b.get(i, Col.PROGRESS) > self.cfg.stall_timeout_s:
-                    self._kill(
-                        slot, f"stalled: no generation step for {self.cfg.stall_timeout_s:g} s"
-                    )
-                elif not slot.ready and now - slot.started_at > self.cfg.boot_timeout_s:
-                    slot.boot_error = f"not ready after boot_timeout_s={self.cfg.boot_timeout_s:g}"
-                    self._kill(slot, slot.boot_error)
-            elif slot.process is None and state in (SlotState.BACKOFF, SlotState.FAILED):
-                if now >= slot.due_at and not slot.removed:
-                    slot.restarts = int(b.get(i, Col.RESTARTS)) + 1
-                    b.set(i, Col.RESTARTS, slot.restarts)
-                    log.info("🔄 respawning %s (restart %d)", self._label(slot), slot.restarts)
-                    self._spawn(slot)
+            if slot.process is not None:
+                self._check_live(slot, now)
+            else:
+                self._check_down(slot, now)
         self.dispatcher.expire(self.cfg.request_timeout_s)
+
+    def _check_live(self, slot: _Slot, now: float) -> None:
+        """Hang, stall, slow boot, lost device, finished draining."""
+        b, i = self.board, slot.index
+        if slot.kill_reason:
+            return  # already killed; its sentinel will fire
+        beat = b.get(i, Col.HEARTBEAT)  # 0 until the worker's first beat
+        busy = int(b.get(i, Col.WORKER_STATE)) == WorkerState.BUSY
+        unhealthy = slot.placement.is_gpu and b.get(i, Col.HEALTH) == 0
+        slot.unhealthy_since = (slot.unhealthy_since or now) if unhealthy else 0.0
+        if beat > 0 and now - beat > self.cfg.hang_timeout_s:
+            self._kill(slot, f"hung: no heartbeat for {now - beat:.1f} s")
+        elif busy and now - b.get(i, Col.PROGRESS) > self.cfg.stall_timeout_s:
+            self._kill(slot, f"stalled: no generation step for {self.cfg.stall_timeout_s:g} s")
+        elif not slot.ready and now - slot.started_at > self.cfg.boot_timeout_s:
+            slot.boot_error = f"not ready after boot_timeout_s={self.cfg.boot_timeout_s:g}"
+            self._kill(slot, slot.boot_error)
+        elif unhealthy and now - slot.unhealthy_since >= self.cfg.device_lost_s:
+            slot.device_lost = True
+            self.dispatcher.drain(i)
+            self._kill(slot, f"device lost: NVML has not answered for {self.cfg.device_lost_s:g} s")
+        elif slot.removed and not slot.shutdown_sent and self.dispatcher.held_by(i) == 0:
+            slot.shutdown_sent = True
+            self._send(slot, m.Shutdown(0.0))
+
+    def _check_down(self, slot: _Slot, now: float) -> None:
+        """Respawn a slot whose backoff is over, retry a failed or unavailable one."""
+        b, i = self.board, slot.index
+        state = int(b.get(i, Col.SLOT_STATE))
+        if slot.removed:
+            if state != SlotState.STOPPED:
+                b.set(i, Col.SLOT_STATE, SlotState.STOPPED)
+            return
+        if state not in (SlotState.BACKOFF, SlotState.FAILED, SlotState.UNAVAILABLE):
+            return
+        if now < slot.due_at:
+            return
+        if state == SlotState.UNAVAILABLE and b.get(i, Col.HEALTH) != 1:
+            slot.due_at = now + self.cfg.failed_retry_s  # the device still does not answer
+            return
+        if state == SlotState.UNAVAILABLE:
+            log.info("✅ %s answers again", self._label(slot))
+            slot.device_lost = False
+        slot.restarts = int(b.get(i, Col.RESTARTS)) + 1
+        b.set(i, Col.RESTARTS, slot.restarts)
+        log.info("🔄 respawning %s (restart %d)", self._label(slot), slot.restarts)
+        self._spawn(slot)
 
     # ---- helpers -------------------------------------------------------
 

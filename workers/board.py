@@ -37,6 +37,8 @@ class Col(enum.IntEnum):
     COMPLETED = 10
     FAILED = 11
     SPEED = 12  # measured audio seconds per wall second (EMA), 0 = unknown
+    BATCH_LIMIT = 13  # rows the worker will take now (lowered after repeated OOM); 0 = capacity
+    MEM_REUSABLE = 14  # bytes the worker's allocator holds but is not using
     # supervisor-owned
     SLOT_STATE = 16  # SlotState
     RESTARTS = 17

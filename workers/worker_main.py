@@ -30,6 +30,7 @@ from workers.board import Col, StatusBoard, WorkerState
 from workers.engine import EngineSpec
 
 BOOT_FAILED_EXIT = 3
+OOM_STREAK_TO_SHRINK = 2  # batches in a row with an out-of-memory row halve the batch size
 log = logging.getLogger("vibevoice_pool.worker")
 
 
@@ -150,6 +151,8 @@ class Worker:
         except Exception as e:  # any load failure is reported, typed by its class
             self._boot_failed(m.ErrorKind.ENGINE_ERROR, f"{type(e).__name__}: {e}")
         self.max_batch = max(1, info.max_batch_size)
+        self._oom_streak = 0
+        b.set(row, Col.BATCH_LIMIT, self.max_batch)
         b.set(row, Col.PROGRESS, time.monotonic())
         b.set(row, Col.WORKER_STATE, WorkerState.IDLE)
         threading.Thread(target=self._receive, name="receiver", daemon=True).start()
@@ -196,6 +199,7 @@ class Worker:
             log.exception("engine error in a batch of %d", len(batch))
             sink.fail_open(m.PoolError(m.ErrorKind.ENGINE_ERROR, f"{type(e).__name__}: {e}"))
         sink.fail_open(m.PoolError(m.ErrorKind.ENGINE_ERROR, "the engine left the row unfinished"))
+        self._after_batch(engine, batch, sink)
         wall = time.monotonic() - sink.t0
         if wall > 0 and sink.audio_s > 0:
             speed = sink.audio_s / wall
@@ -206,6 +210,21 @@ class Worker:
         b.set(row, Col.CURRENT, 0)
         b.set(row, Col.BATCH_ROWS, 0)
         b.set(row, Col.WORKER_STATE, WorkerState.IDLE)
+
+    def _after_batch(self, engine, batch: list[m.Request], sink: _Sink) -> None:
+        """Lower the batch size after repeated out-of-memory; report reusable memory."""
+        if sink.ooms and len(batch) > 1:
+            self._oom_streak += 1
+            if self._oom_streak >= OOM_STREAK_TO_SHRINK and self.max_batch > 1:
+                self.max_batch = max(1, self.max_batch // 2)
+                self._oom_streak = 0
+                self.board.set(self.row, Col.BATCH_LIMIT, self.max_batch)
+                log.warning("repeated out-of-memory: batch size lowered to %d", self.max_batch)
+        elif len(batch) > 1:
+            self._oom_streak = 0  # a full batch went through: the size is fine
+        reusable = getattr(engine, "reusable_bytes", None)
+        if reusable is not None:
+            self.board.set(self.row, Col.MEM_REUSABLE, reusable())
 
 
 class _Sink:
@@ -218,6 +237,7 @@ class _Sink:
         self.samples = dict.fromkeys(self.open, 0)
         self.seqs = dict.fromkeys(self.open, 0)
         self.audio_s = 0.0
+        self.ooms = 0
 
     def chunk(self, request_id: str, pcm) -> None:
         if request_id not in self.open:
@@ -244,6 +264,7 @@ class _Sink:
         if self.open.pop(request_id, None) is None:
             return
         self.w.board.add(self.w.row, Col.FAILED, 1)
+        self.ooms += error.kind == m.ErrorKind.OUT_OF_MEMORY
         self.w.send(m.Failed(request_id, error.kind, error.message, error.retryable))
 
     def fail_open(self, error: m.PoolError) -> None:

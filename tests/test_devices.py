@@ -1,0 +1,159 @@
+"""Device monitoring and faults with a fake NVML, and live scaling, on real
+spawned sim workers."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import pid_alive, wait_until
+from vibevoice_pool.config import build
+from vibevoice_pool.fake_nvml import FakeGpu, FakeNvml
+from vibevoice_pool.monitor import RealNvml
+from vibevoice_pool.pool import Pool
+from vibevoice_pool.script import parse_script
+from workers import messages as m
+from workers.board import Col
+
+pytestmark = pytest.mark.slow
+
+TEXT = "Speaker 1: " + "a line of speech " * 4
+
+
+@pytest.fixture
+def gpu_pool(tmp_path):
+    pools = []
+
+    def start(nvml: FakeNvml, **settings):
+        values = {
+            "engine": "sim",
+            "gpus": ",".join(str(i) for i in nvml.gpus),
+            "sim_rtf": 0.2,
+            "monitor_interval_s": 0.1,
+            "device_lost_s": 0.5,
+            "failed_retry_s": 1.0,
+            "cache_dir": str(tmp_path),
+        }
+        values.update(settings)
+        pool = Pool.start(build(values), gpus=nvml.gpu_list(), nvml=nvml)
+        pools.append(pool)
+        return pool
+
+    yield start
+    for pool in pools:
+        pool.shutdown(grace_s=0)
+
+
+def submit(pool, text=TEXT, seed=1):
+    return pool.submit(pool.make_request(parse_script(text), seed=seed))
+
+
+def state(pool, i):
+    return pool.status()["workers"][i]["state"]
+
+
+def test_the_board_shows_the_fake_devices_numbers(gpu_pool):
+    nvml = FakeNvml({0: FakeGpu(mem_used=3 << 30, util=42.0, temp=61.0, power=250.0)})
+    pool = gpu_pool(nvml)
+    w = wait_until(
+        lambda: (w := pool.status()["workers"][0])["mem_used_bytes"] == 3 << 30 and w,
+        10,
+        what="the monitor's sample",
+    )
+    assert w["mem_total_bytes"] == 80 << 30
+    assert (w["util"], w["temp_c"], w["power_w"]) == (42.0, 61.0, 250.0)
+    assert w["device"] == "cuda:0"
+
+
+def test_a_full_gpu_is_not_chosen(gpu_pool):
+    nvml = FakeNvml({0: FakeGpu(), 1: FakeGpu()})
+    nvml.gpus[0].mem_used = nvml.gpus[0].mem_total  # no room at all
+    pool = gpu_pool(nvml)
+    wait_until(lambda: pool.board.get(0, Col.MEM_USED) > 0, 10, what="the monitor's sample")
+    handles = [submit(pool, seed=i) for i in range(6)]
+    for h in handles:
+        h.result(timeout=60)
+    assert {h.worker for h in handles} == {1}
+    nvml.gpus[0].mem_used = 0  # room again: GPU 0 takes work again
+    wait_until(lambda: pool.board.get(0, Col.MEM_USED) == 0, 10, what="the new sample")
+    handles = [submit(pool, seed=i) for i in range(6)]
+    for h in handles:
+        h.result(timeout=60)
+    assert {h.worker for h in handles} == {0, 1}
+
+
+def test_a_lost_device_is_drained_its_requests_move_and_it_recovers(gpu_pool):
+    nvml = FakeNvml({0: FakeGpu(), 1: FakeGpu()})
+    pool = gpu_pool(nvml, sim_rtf=0.3)
+    old_pid = pool.status()["workers"][1]["pid"]
+    handles = [submit(pool, seed=i) for i in range(8)]
+    wait_until(lambda: pool.status()["workers"][1]["inflight"] > 0, 20, what="GPU 1 busy")
+    nvml.gpus[1].lost = True
+    wait_until(lambda: state(pool, 1) == "unavailable", 15, what="GPU 1 unavailable")
+    wait_until(lambda: not pid_alive(old_pid), 15, what="the lost GPU's worker to be stopped")
+    for h in handles:
+        assert len(h.result(timeout=60)) > 0  # nothing lost
+    more = [submit(pool, seed=i) for i in range(3)]
+    for h in more:
+        h.result(timeout=60)
+    assert {h.worker for h in more} == {0}  # nothing goes to the lost device
+    assert state(pool, 1) == "unavailable"
+    nvml.gpus[1].lost = False
+    w = wait_until(
+        lambda: (w := pool.status()["workers"][1])["state"] == "ready" and w,
+        20,
+        what="GPU 1 back",
+    )
+    assert w["pid"] != old_pid and w["restarts"] == 1
+    assert pool.dispatcher.counters["worker_lost"] == 0  # a device loss quarantines nothing
+
+
+def test_add_and_remove_workers_while_20_requests_run(sim_pool):
+    with sim_pool(gpus="cpu:2", sim_rtf=0.2, max_batch_size=2) as pool:
+        handles = [submit(pool, seed=i) for i in range(20)]
+        new = pool.add_worker("cpu")
+        wait_until(lambda: state(pool, new) in ("ready", "busy"), 20, what="the new worker")
+        wait_until(lambda: pool.board.get(0, Col.INFLIGHT) > 0, 20, what="worker 0 busy")
+        held = {j.request.id for j in pool.dispatcher._jobs.values() if j.slot == 0}
+        assert held
+        removed_pid = pool.status()["workers"][0]["pid"]
+        pool.remove_worker(0)
+        assert state(pool, 0) == "draining"
+        for h in handles:
+            assert len(h.result(timeout=90)) > 0
+        finished_on = {h.id: h.worker for h in handles}
+        assert all(finished_on[rid] == 0 for rid in held)  # it finished what it held
+        wait_until(lambda: not pid_alive(removed_pid), 15, what="the removed worker to exit")
+        ids = [w["id"] for w in pool.status()["workers"]]
+        assert 0 not in ids and new in ids
+        assert pool.dispatcher.counters["requeued"] == 0
+        assert {h.worker for h in handles} >= {new}
+
+
+def test_cpu_workers_are_monitored_without_a_driver(sim_pool):
+    assert RealNvml.open() is None  # no NVIDIA driver on this machine: no error either
+    with sim_pool(gpus="cpu:2", monitor_interval_s=0.2) as pool:
+        workers = wait_until(
+            lambda: (
+                (ws := pool.status()["workers"]) and all(w["mem_used_bytes"] > 0 for w in ws) and ws
+            ),
+            10,
+            what="CPU columns",
+        )
+        for w in workers:
+            assert w["mem_total_bytes"] > w["mem_used_bytes"] > 10 << 20  # a python process
+
+
+def test_repeated_out_of_memory_lowers_the_batch_size(sim_pool):
+    with sim_pool(gpus="cpu:1", max_batch_size=4, sim_rtf=0.2) as pool:
+        assert pool.board.get(0, Col.BATCH_LIMIT) == 4
+        for round_ in range(2):
+            blocker = submit(pool, seed=99)  # holds the worker so the next four batch up
+            wait_until(lambda: pool.board.get(0, Col.BATCH_ROWS) >= 1, 10, what="busy")
+            hs = [submit(pool, text="Speaker 1: [[oom]] too big", seed=round_)]
+            hs += [submit(pool, seed=i) for i in range(2)]
+            blocker.result(timeout=30)
+            with pytest.raises(m.PoolError):
+                hs[0].result(timeout=30)
+            for h in hs[1:]:
+                h.result(timeout=30)
+        wait_until(lambda: pool.board.get(0, Col.BATCH_LIMIT) == 2, 10, what="batch size halved")

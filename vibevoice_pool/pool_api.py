@@ -1,0 +1,34 @@
+"""Live scaling over HTTP: add a worker on a device, drain and remove one.
+
+POST   /v1/pool/workers          {"device": "cpu" | "cuda:1" | "1"} -> 201 {"id": n}
+DELETE /v1/pool/workers/{id}     drain (it finishes what it holds), then stop -> 202
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from vibevoice_pool.pool import Pool
+
+
+class AddWorker(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device: str = Field(..., description="'cpu', 'cuda:N' or a GPU id N")
+
+
+def pool_router(pool: Pool) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/pool/workers", status_code=201)
+    async def add_worker(body: AddWorker):
+        index = pool.add_worker(body.device)
+        return {"id": index, "device": pool.placements[index].device, "state": "starting"}
+
+    @router.delete("/v1/pool/workers/{worker_id}")
+    async def remove_worker(worker_id: int):
+        pool.remove_worker(worker_id)
+        return JSONResponse({"id": worker_id, "state": "draining"}, 202)
+
+    return router
