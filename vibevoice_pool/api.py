@@ -1,12 +1,16 @@
 """The HTTP API: a FastAPI app over a Pool. The Gradio page mounts on the same app.
 
     POST /v1/synthesize        multi-speaker JSON in, audio out (or streamed)
+    POST /v1/audio/speech      OpenAI-compatible (openai_api.py)
+    GET/POST/DELETE /v1/voices the voice presets (voices_api.py)
     GET  /v1/pool              the status board as JSON
     POST /v1/pool/workers/{id}/restart
+    GET  /metrics              Prometheus (metrics.py)
     GET  /health               the process answers
     GET  /ready                200 when at least one worker is ready, else 503
 
 Every error is a typed PoolError rendered in OpenAI's shape (errors.py).
+With an API key every route but /health and /ready needs it (auth.py).
 Blocking work (decoding uploads, encoding audio) runs off the event loop.
 """
 
@@ -14,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,9 +27,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import audio
+from vibevoice_pool.auth import ApiKeyMiddleware, BodyLimitMiddleware
 from vibevoice_pool.config import PoolConfig
-from vibevoice_pool.errors import error_response, plain_error
+from vibevoice_pool.errors import error_response, plain_error, status_for
 from vibevoice_pool.handle import RequestHandle
+from vibevoice_pool.metrics import Activity
 from vibevoice_pool.pool import Pool
 from vibevoice_pool.script import MAX_SPEAKERS, parse_script
 from vibevoice_pool.voices import VoiceLibrary
@@ -60,7 +67,21 @@ class Front:
 
     pool: Pool
     voices: VoiceLibrary
-    cfg: PoolConfig
+    cfg: PoolConfig  # cfg.api_key is the resolved key (auth.resolve_api_key)
+    activity: Activity | None = None  # made by create_app when not given
+    cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
+    stream_tokens: object = field(default=None, repr=False)  # the page's live streams
+
+    def refused(self, err: m.PoolError) -> None:
+        """Count an error answered before admission (for /metrics)."""
+        if self.activity is not None:
+            self.activity.refused("too_large" if status_for(err) == 413 else err.kind.value)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest /v1 request body: four base64 voice samples and a full script."""
+        per_voice = math.ceil(MAX_UPLOAD_BYTES / 3) * 4 + 1024
+        return MAX_SPEAKERS * per_voice + 6 * self.cfg.max_text_chars + (1 << 20)
 
     def build_request(self, body: SynthesizeBody) -> m.Request:
         """A validated Request (BAD_INPUT otherwise). Decodes uploads: call off the loop."""
@@ -76,7 +97,9 @@ class Front:
         for i in range(n):
             sp = body.speakers[i] if i < len(body.speakers) else Speaker()
             if sp.voice and sp.audio:
-                raise m.PoolError(m.ErrorKind.BAD_INPUT, f"speakers[{i}]: give voice or audio, not both")
+                raise m.PoolError(
+                    m.ErrorKind.BAD_INPUT, f"speakers[{i}]: give voice or audio, not both"
+                )
             if sp.audio:
                 voices.append(
                     audio.decode_base64_upload(
@@ -164,22 +187,53 @@ async def stream_response(handle: RequestHandle, fmt: str) -> Response:
     return StreamingResponse(body(), media_type=enc.content_type, headers=headers_for(handle))
 
 
+def _short(value, limit: int = 60) -> str:
+    text = repr(value[:limit] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_invalid(errors) -> str:
+    """One message for pydantic's validation errors, saying what to fix."""
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        kind = e.get("type", "")
+        if kind == "json_invalid":
+            why = (e.get("ctx") or {}).get("error", "")
+            parts.append(
+                f"the body is not valid JSON ({why}); send a JSON object such as "
+                '{"script": "Speaker 1: Hello"}'
+            )
+        elif kind == "missing":
+            parts.append(f"{where}: required, but missing")
+        elif kind == "extra_forbidden":
+            parts.append(f"{where}: unknown field; remove it (see /docs for the fields)")
+        elif kind == "model_attributes_type" and where == "body":
+            parts.append('the body must be a JSON object such as {"script": "Speaker 1: Hello"}')
+        else:
+            parts.append(f"{where}: {e.get('msg')} (got {_short(e.get('input'))})")
+    return "; ".join(parts) or "invalid request"
+
+
 def create_app(front: Front) -> FastAPI:
+    from vibevoice_pool import metrics, openai_api, voices_api
+
     app = FastAPI(title="vibevoice-pool", version="0.1.0")
     app.state.front = front
     pool = front.pool
+    if front.activity is None:
+        front.activity = Activity.attach(pool)
+    activity = front.activity
 
     @app.exception_handler(m.PoolError)
     async def _pool_error(_: Request, err: m.PoolError):
+        front.refused(err)
         return error_response(err)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError):
-        parts = []
-        for e in err.errors():
-            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{where or 'body'}: {e.get('msg')}")
-        return plain_error(400, "bad_input", "; ".join(parts) or "invalid request")
+        activity.refused(m.ErrorKind.BAD_INPUT.value)
+        return plain_error(400, "bad_input", describe_invalid(err.errors()))
 
     @app.get("/health")
     async def health():
@@ -210,4 +264,37 @@ def create_app(front: Front) -> FastAPI:
             return await stream_response(handle, body.format)
         return await run_to_response(request, handle, body.format)
 
+    openai_api.install(app, front)
+    voices_api.install(app, front)
+    metrics.install(app, pool, activity)
+    _middlewares(app, front)
     return app
+
+
+def _middlewares(app: FastAPI, front: Front) -> None:
+    """Outermost last: CORS (only when configured), then the key, then the body limit."""
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=front.max_body_bytes, on_refused=front.activity.refused
+    )
+    if front.cfg.api_key:
+
+        def live_stream(path: str) -> bool:
+            tokens = front.stream_tokens
+            return tokens is not None and tokens.allows(path)
+
+        app.add_middleware(
+            ApiKeyMiddleware,
+            key=front.cfg.api_key,
+            on_refused=front.activity.refused,
+            allow=live_stream,
+        )
+    if front.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(front.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Request-Id", "X-Seed", "X-Worker", "X-Audio-Seconds", "X-Voice"],
+        )

@@ -66,6 +66,13 @@ def _opt_str(v) -> str:
 SETTINGS: tuple[Setting, ...] = (
     # where the workers run
     Setting("gpus", _opt_str, "all", "GPUs to use: 'all', CUDA ids such as '0,1,3', or 'cpu:N'"),
+    Setting("backend", str, "local", "local worker processes, or ray", _one_of(("local", "ray"))),
+    Setting(
+        "address",
+        _opt_str,
+        "",
+        "ray backend: a cluster to join (auto or HOST:PORT); empty starts one",
+    ),
     Setting("workers_per_gpu", int, 1, "worker processes per GPU", _positive),
     Setting("engine", str, "vibevoice", "engine: vibevoice (the model) or sim", _one_of(ENGINES)),
     Setting("model_path", _opt_str, "", "VibeVoice model: an HF-format folder or a hub id"),
@@ -144,6 +151,8 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 @dataclass(frozen=True)
 class PoolConfig:
     gpus: str = "all"
+    backend: str = "local"
+    address: str = ""
     workers_per_gpu: int = 1
     engine: str = "vibevoice"
     model_path: str = ""

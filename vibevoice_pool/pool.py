@@ -29,6 +29,21 @@ log = logging.getLogger("vibevoice_pool")
 SPARE_ROWS = 16  # board rows kept free for workers added while serving
 
 
+def supervisor_class(cfg: PoolConfig):
+    """The local Supervisor, or the Ray one (same interface) for --backend ray."""
+    if cfg.backend == "ray":
+        try:
+            from vibevoice_pool.ray_backend import RaySupervisor
+        except ImportError as e:
+            raise m.PoolError(
+                m.ErrorKind.BAD_INPUT,
+                f"--backend ray needs Ray Serve ({e.name} is missing): "
+                "pip install 'vibevoice-pool[ray]'",
+            ) from None
+        return RaySupervisor
+    return Supervisor
+
+
 def public_state(slot_state: int, worker_state: int, health: float = 1) -> str:
     """The one word /v1/pool and the page show for a slot."""
     if slot_state == SlotState.RUNNING:
@@ -103,7 +118,7 @@ class Pool:
             mem_per_audio_s_bytes=cfg.mem_per_audio_s_mb * 2**20,
         )
         specs = engine_specs(cfg, placements, model_path or cfg.model_path)
-        supervisor = Supervisor(cfg, placements, specs, board, dispatcher)
+        supervisor = supervisor_class(cfg)(cfg, placements, specs, board, dispatcher)
         if nvml is None and gpu_ids:
             nvml = RealNvml.open()
         monitor = Monitor(board, supervisor.monitor_targets, nvml, cfg.monitor_interval_s)

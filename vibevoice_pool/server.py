@@ -45,9 +45,27 @@ def resolve_model(cfg: PoolConfig) -> str:
     return cfg.model_path
 
 
-def build_front(cfg: PoolConfig, pool):
+CORS_ENV = "VIBEVOICE_POOL_CORS_ORIGINS"  # comma-separated origins; unset: no CORS
+
+
+def build_front(cfg: PoolConfig, pool, environ=None):
+    """The Front every route uses. The API key and CORS origins are read here, at
+    launch: --api-key, else $VIBEVOICE_POOL_API_KEY; $VIBEVOICE_POOL_CORS_ORIGINS."""
     from vibevoice_pool.api import MAX_UPLOAD_BYTES, MAX_VOICE_SECONDS, Front
+    from vibevoice_pool.auth import resolve_api_key
     from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
+
+    env = os.environ if environ is None else environ
+    key = resolve_api_key(cfg.api_key, env)
+    if key != cfg.api_key:
+        cfg = cfg.replace(api_key=key)
+    if not key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "Serving on %s with no API key: anyone who reaches this address can use the "
+            "GPUs. Pass --api-key (or set $VIBEVOICE_POOL_API_KEY)",
+            cfg.host,
+        )
+    origins = tuple(o.strip() for o in env.get(CORS_ENV, "").split(",") if o.strip())
 
     folder = config_mod.voices_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,7 +75,7 @@ def build_front(cfg: PoolConfig, pool):
             "Wrote %d demo voices to %s (put your own wav/mp3/flac/ogg there)", len(made), folder
         )
     voices = VoiceLibrary(folder, max_bytes=MAX_UPLOAD_BYTES, max_seconds=MAX_VOICE_SECONDS)
-    return Front(pool, voices, cfg)
+    return Front(pool, voices, cfg, cors_origins=origins)
 
 
 def build_app(front):
@@ -121,12 +139,25 @@ def serve(cfg: PoolConfig) -> int:
     except BootError as e:
         log.error("❌ No worker could start: %s", e)
         return EXIT_BOOT_FAILED
+    from vibevoice_pool.jobs import start_jobs
+    from vibevoice_pool.jobs_api import install as install_jobs
+
+    jobs = None
     try:
-        server = _uvicorn_server(build_app(build_front(cfg, pool)), cfg)
+        front = build_front(cfg, pool)
+        jobs = front.jobs = start_jobs(cfg, pool, front)  # durable jobs; the page's Jobs tab
+        app = build_app(front)
+        install_jobs(app, front, jobs)  # /v1/jobs, ahead of the page mounted at /
+        server = _uvicorn_server(app, cfg)
         log.info("Serving on http://%s:%d (API at /v1, page at /)", cfg.host, cfg.port)
         server.run()
+    except ConfigError as e:  # the jobs data folder cannot be used
+        log.error("%s", e)
+        return EXIT_CONFIG
     finally:
         log.info("Shutting down: finishing accepted requests (up to %.0f s)", cfg.grace_s)
+        if jobs is not None:
+            jobs.stop(cfg.grace_s)  # unfinished jobs run again at the next start
         pool.shutdown()
         log.info("Stopped.")
     return 0

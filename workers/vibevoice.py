@@ -121,7 +121,7 @@ class VibeVoiceEngine:
         from transformers import VibeVoiceForConditionalGeneration, VibeVoiceProcessor
 
         from workers.convert import refusal_for
-        from workers.tiny import TINY_NOTE, is_tiny_model
+        from workers.tiny import CHAT_TEMPLATE, TINY_NOTE, is_tiny_model
 
         spec = self.spec
         if not spec.model_path:
@@ -150,6 +150,8 @@ class VibeVoiceEngine:
         except (OSError, ValueError) as exc:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
             raise PoolError(ErrorKind.BAD_INPUT, msg) from exc
+        if not getattr(self.processor, "chat_template", None):
+            self.processor.chat_template = CHAT_TEMPLATE  # the pip package ships none
         self.model = model.to(self.device).eval()
         if not self.keep_text_cfg:
             _drop_text_cfg(self.model)
