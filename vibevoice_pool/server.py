@@ -129,12 +129,16 @@ def serve(cfg: PoolConfig) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from vibevoice_pool.pool import Pool
     from vibevoice_pool.supervisor import BootError
+    from workers.messages import PoolError
 
     try:
         model_path = resolve_model(cfg)
         pool = Pool.start(cfg, model_path=model_path)
     except ConfigError as e:
         log.error("%s", e)
+        return EXIT_CONFIG
+    except PoolError as e:
+        log.error("%s", e.message)
         return EXIT_CONFIG
     except BootError as e:
         log.error("❌ No worker could start: %s", e)
