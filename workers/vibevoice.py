@@ -11,6 +11,7 @@ torch and transformers are imported inside load(), so importing this module is c
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -114,6 +115,8 @@ class VibeVoiceEngine:
         self.device = "cpu"
         self.is_tiny = False
         self.keep_text_cfg = False  # see _drop_text_cfg
+        self._nested_processor_kwargs = True
+        self.noise: Any = None  # per-row diffusion noise (workers/vibevoice_noise.py)
 
     # ---- load ---------------------------------------------------------------------
     def load(self) -> DeviceInfo:
@@ -150,11 +153,17 @@ class VibeVoiceEngine:
         except (OSError, ValueError) as exc:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
             raise PoolError(ErrorKind.BAD_INPUT, msg) from exc
+        params = inspect.signature(self.processor.apply_chat_template).parameters
+        self._nested_processor_kwargs = "processor_kwargs" in params
         if not getattr(self.processor, "chat_template", None):
             self.processor.chat_template = CHAT_TEMPLATE  # the pip package ships none
         self.model = model.to(self.device).eval()
         if not self.keep_text_cfg:
             _drop_text_cfg(self.model)
+        from workers.vibevoice_noise import RowNoise
+
+        self.noise = RowNoise(self.model)
+        self.noise.install()
         self.is_tiny = os.path.isdir(spec.model_path) and is_tiny_model(spec.model_path)
         if self.device.startswith("cuda"):
             props = torch.cuda.get_device_properties(0)
@@ -263,12 +272,15 @@ class VibeVoiceEngine:
         from workers.vibevoice_stream import BatchStreamer
 
         requests = [r.request for r in rows]
+        audio_kwargs = {"padding": True, "sampling_rate": SAMPLE_RATE}
+        if self._nested_processor_kwargs:  # transformers >= 5.2x wants them nested
+            audio_kwargs = {"processor_kwargs": audio_kwargs}
         inputs = self.processor.apply_chat_template(
             [conversation_for(req) for req in requests],
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            processor_kwargs={"padding": True, "sampling_rate": SAMPLE_RATE},
+            **audio_kwargs,
         )
         inputs = inputs.to(self.device)
         if "input_values" in inputs:
@@ -299,6 +311,8 @@ class VibeVoiceEngine:
         )
         req0 = requests[0]
         torch.manual_seed(batch_seed(requests))
+        if self.noise is not None and self.noise.installed:
+            self.noise.start([r.seed for r in requests])
         streamer.attach(self.model)
         try:
             with torch.inference_mode():
@@ -311,6 +325,8 @@ class VibeVoiceEngine:
                 )
         finally:
             streamer.detach()
+            if self.noise is not None:
+                self.noise.stop()
         for r in rows:  # every row ends inside generate; this is a guard, not a path
             if not r.closed:
                 r.finish(sink)

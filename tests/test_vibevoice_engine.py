@@ -1,0 +1,299 @@
+"""VibeVoiceEngine in-process, on the tiny random model (real transformers code, CPU).
+
+The tiny model is built once per session; every test drives the engine through a
+recording sink, the way the worker loop does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workers.engine import EngineSpec
+from workers.messages import SAMPLE_RATE, ErrorKind, PoolError, Request, Turn
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+from workers import convert, tiny  # noqa: E402
+from workers.vibevoice import HOP_SAMPLES, VibeVoiceEngine, conversation_for  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RecordingSink:
+    """A BatchSink that records every call in order; it can cancel rows on a rule."""
+
+    def __init__(self, cancel_after: dict[str, int] | None = None, cancel_all: bool = False):
+        self.calls: list[tuple] = []
+        self.steps = 0
+        self.cancel_after = cancel_after or {}
+        self.cancel_all = cancel_all
+
+    def chunk(self, request_id, pcm):
+        assert isinstance(pcm, np.ndarray) and pcm.dtype == np.float32 and pcm.ndim == 1
+        self.calls.append(("chunk", request_id, pcm))
+
+    def finish(self, request_id):
+        self.calls.append(("finish", request_id))
+
+    def fail(self, request_id, error):
+        assert isinstance(error, PoolError)
+        self.calls.append(("fail", request_id, error))
+
+    def cancelled(self, request_id):
+        if self.cancel_all and self.steps >= 1:
+            return True
+        limit = self.cancel_after.get(request_id)
+        return limit is not None and len(self.chunks(request_id)) >= limit
+
+    def step(self):
+        self.steps += 1
+
+    def chunks(self, request_id):
+        return [c[2] for c in self.calls if c[0] == "chunk" and c[1] == request_id]
+
+    def audio(self, request_id):
+        return np.concatenate(self.chunks(request_id))
+
+    def outcome(self, request_id):
+        ends = [c for c in self.calls if c[0] in ("finish", "fail") and c[1] == request_id]
+        assert len(ends) == 1, f"{request_id} ended {len(ends)} times"
+        return ends[0]
+
+
+def req(rid, *turns, **kw):
+    turns = turns or ((0, "Hello there, how are you today?"),)
+    return Request(id=rid, turns=tuple(Turn(s, t) for s, t in turns), **kw)
+
+
+def run(engine, batch, **sink_kw):
+    sink = RecordingSink(**sink_kw)
+    engine.synthesize(batch, sink)
+    return sink
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tiny.ensure_tiny_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_dir):
+    eng = VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=tiny_dir, max_batch_size=4))
+    info = eng.load()
+    assert info.engine == "vibevoice" and info.device == "cpu" and info.name == "CPU"
+    assert info.max_batch_size == 4 and "noise, not speech" in info.note
+    return eng
+
+
+def test_tiny_model_is_cached_and_reused(tiny_dir):
+    marker = Path(tiny_dir, tiny.TINY_MARKER)
+    before = marker.stat().st_mtime_ns
+    assert tiny.ensure_tiny_model(Path(tiny_dir).parent) == tiny_dir
+    assert marker.stat().st_mtime_ns == before
+    gen = json.loads(Path(tiny_dir, "generation_config.json").read_text())
+    assert gen["_from_model_config"] is False and gen["num_diffusion_steps"] == 10
+    assert gen["sequence_bias"] and gen["noise_scheduler_class"] == "DPMSolverMultistepScheduler"
+
+
+def test_importing_the_engine_does_not_import_torch():
+    code = "import sys, workers.vibevoice; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_one_speaker_gives_audio_of_the_capped_length(engine):
+    sink = run(engine, [req("a", est_audio_s=1.0)])
+    assert sink.outcome("a")[0] == "finish"
+    audio = sink.audio("a")
+    assert len(audio) == int(1.0 * SAMPLE_RATE // HOP_SAMPLES) * HOP_SAMPLES  # 7 tokens
+    assert np.all(np.isfinite(audio)) and 1e-3 < np.abs(audio).max() <= 10
+    assert sink.steps >= 7
+    # max_audio_s caps below the estimate
+    sink = run(engine, [req("b", est_audio_s=5.0, max_audio_s=0.5)])
+    assert len(sink.audio("b")) == 3 * HOP_SAMPLES
+
+
+def test_two_speakers_use_the_given_voice(engine):
+    sr = SAMPLE_RATE
+    voice_a = (0.2 * np.sin(2 * np.pi * 200 * np.arange(sr) / sr)).astype(np.float32)
+    voice_b = np.random.RandomState(3).uniform(-0.3, 0.3, sr // 2).astype(np.float32)
+    turns = ((0, "Hi, I am the first speaker."), (1, "And I am the second."), (0, "Bye."))
+    conv = conversation_for(req("x", *turns, voices=(voice_a, None)))
+    audios = [b for m in conv for b in m["content"] if b["type"] == "audio"]
+    assert len(audios) == 2 and np.array_equal(audios[0]["audio"], voice_a)  # one per speaker
+    with_a = run(engine, [req("a", *turns, voices=(voice_a, None), est_audio_s=0.8)])
+    with_b = run(engine, [req("b", *turns, voices=(voice_b, None), est_audio_s=0.8)])
+    assert with_a.outcome("a")[0] == with_b.outcome("b")[0] == "finish"
+    assert len(with_a.audio("a")) == len(with_b.audio("b")) == 6 * HOP_SAMPLES
+    assert not np.array_equal(with_a.audio("a"), with_b.audio("b"))  # the voice conditions it
+
+
+def test_batch_of_four_rows_end_on_their_own(engine):
+    lengths = {"r1": 0.4, "r2": 0.8, "r3": 1.2, "r4": 1.6}  # 3, 6, 9, 12 tokens
+    batch = [req(rid, est_audio_s=s, stream=True) for rid, s in lengths.items()]
+    sink = run(engine, batch)
+    for rid, s in lengths.items():
+        assert sink.outcome(rid)[0] == "finish"
+        assert len(sink.audio(rid)) == int(s * SAMPLE_RATE // HOP_SAMPLES) * HOP_SAMPLES
+    pos = {c[1]: i for i, c in enumerate(sink.calls) if c[0] == "finish"}
+    last_chunk_r4 = max(i for i, c in enumerate(sink.calls) if c[0] == "chunk" and c[1] == "r4")
+    assert pos["r1"] < pos["r2"] < pos["r3"] < last_chunk_r4 < pos["r4"]
+
+
+def test_streaming_sends_chunks_before_finish_and_they_make_the_whole_audio(engine):
+    streamed = run(engine, [req("s", est_audio_s=1.0, stream=True, seed=5)])
+    finish_at = streamed.calls.index(("finish", "s"))
+    before = [c for c in streamed.calls[:finish_at] if c[0] == "chunk"]
+    assert len(before) >= 2 and all(len(c[2]) == HOP_SAMPLES for c in before)
+    whole = run(engine, [req("w", est_audio_s=1.0, stream=False, seed=5)])
+    assert len(whole.chunks("w")) == 1
+    assert np.array_equal(streamed.audio("s"), whole.audio("w"))
+
+
+def test_cancel_stops_the_row_within_a_step(engine):
+    batch = [req("keep", est_audio_s=1.2, stream=True), req("stop", est_audio_s=1.2, stream=True)]
+    sink = run(engine, batch, cancel_after={"stop": 2})
+    kind, _, err = sink.outcome("stop")
+    assert kind == "fail" and err.kind is ErrorKind.CANCELLED
+    assert len(sink.chunks("stop")) == 2
+    assert sink.outcome("keep")[0] == "finish" and len(sink.audio("keep")) == 9 * HOP_SAMPLES
+    # every row cancelled: generation stops instead of running to the cap
+    sink = run(engine, [req("c1", est_audio_s=3.0), req("c2", est_audio_s=3.0)], cancel_all=True)
+    assert all(sink.outcome(r)[2].kind is ErrorKind.CANCELLED for r in ("c1", "c2"))
+    assert sink.steps <= 2
+
+
+def test_same_seed_same_audio_even_in_a_fresh_process(engine, tiny_dir, tmp_path):
+    batch = [req("a", est_audio_s=0.8, seed=11), req("b", est_audio_s=0.4, seed=11)]
+    first, second = run(engine, batch), run(engine, batch)
+    assert np.array_equal(first.audio("a"), second.audio("a"))
+    other = run(engine, [req("a", est_audio_s=0.8, seed=12), req("b", est_audio_s=0.4, seed=12)])
+    assert not np.array_equal(first.audio("a"), other.audio("a"))
+    script = (
+        "import sys, numpy as np\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from tests.test_vibevoice_engine import RecordingSink, req\n"
+        "from workers.engine import EngineSpec\n"
+        "from workers.vibevoice import VibeVoiceEngine\n"
+        "e = VibeVoiceEngine(EngineSpec(engine='vibevoice', model_path=sys.argv[2]))\n"
+        "e.load()\n"
+        "s = RecordingSink()\n"
+        "e.synthesize([req('a', est_audio_s=0.8, seed=11), req('b', est_audio_s=0.4, seed=11)], s)\n"
+        "np.save(sys.argv[3], s.audio('a'))\n"
+    )
+    out = tmp_path / "a.npy"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), tiny_dir, str(out)], env=env, check=True
+    )
+    assert np.load(out).tobytes() == first.audio("a").tobytes()
+
+
+def test_a_rows_audio_depends_on_its_seed_not_on_its_batch_mates(engine):
+    """Per-row diffusion noise (workers/vibevoice_noise.py): what a replay needs."""
+    assert engine.noise.installed
+    mine = dict(seed=5, est_audio_s=1.5)
+    alone = run(engine, [req("me", **mine)]).audio("me")
+    others = [req("a", (0, "Another line"), seed=9, est_audio_s=2.0), req("me", **mine)]
+    others.append(req("b", (0, "x y z"), seed=11, est_audio_s=1.0))
+    batched = run(engine, others).audio("me")
+    assert len(alone) == len(batched)
+    # Not bit-identical (padding in a batch changes the arithmetic a little), but the same audio:
+    assert np.corrcoef(alone, batched)[0, 1] > 0.99
+    other_seed = run(engine, [req("me", seed=6, est_audio_s=1.5)]).audio("me")
+    assert abs(np.corrcoef(alone, other_seed)[0, 1]) < 0.5
+
+
+def test_a_bad_row_fails_alone(engine):
+    voice = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
+    batch = [
+        req("too-many-voices", voices=(voice,) * 5),
+        req("ok", est_audio_s=0.4),
+        req("empty-text", (0, "   ")),
+        req("bad-speaker", (7, "Hello")),
+        req("nan-voice", voices=(np.full(800, np.nan, dtype=np.float32),)),
+        req("bad-steps", inference_steps=0),
+    ]
+    sink = run(engine, batch)
+    assert sink.outcome("ok")[0] == "finish" and len(sink.audio("ok")) == 3 * HOP_SAMPLES
+    for rid in ("too-many-voices", "empty-text", "bad-speaker", "nan-voice", "bad-steps"):
+        kind, _, err = sink.outcome(rid)
+        assert kind == "fail" and err.kind is ErrorKind.BAD_INPUT and err.message
+        assert not sink.chunks(rid)
+
+
+def test_out_of_memory_splits_the_batch_then_fails_the_row_alone(engine, monkeypatch):
+    real = engine.model.generate
+
+    def tight(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        text = engine.processor.batch_decode(ids)
+        if ids.shape[0] > 1 or any("HUGE" in t for t in text):
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", tight)
+    batch = [req(f"r{i}", est_audio_s=0.4) for i in range(3)] + [req("big", (0, "HUGE text"))]
+    sink = run(engine, batch)
+    for rid in ("r0", "r1", "r2"):
+        assert sink.outcome(rid)[0] == "finish" and len(sink.audio(rid)) == 3 * HOP_SAMPLES
+    kind, _, err = sink.outcome("big")
+    assert kind == "fail" and err.kind is ErrorKind.OUT_OF_MEMORY
+
+
+def test_original_layout_is_refused_then_converted(engine, tiny_dir, tmp_path):
+    from transformers import VibeVoiceForConditionalGeneration
+
+    src = Path(convert.make_original_layout_checkpoint(tmp_path / "orig"))
+    assert convert.looks_like_original_layout(src)
+    assert not convert.looks_like_original_layout(tiny_dir)
+    names = json.loads((src / "config.json").read_text())
+    assert "decoder_config" in names and "text_config" not in names
+    with pytest.raises(PoolError) as refused:
+        VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=str(src))).load()
+    assert refused.value.kind is ErrorKind.BAD_INPUT
+    assert f"vibevoice-pool convert {src} DST" in refused.value.message
+
+    dst = convert.convert_checkpoint(src, tmp_path / "hf")
+    assert not convert.looks_like_original_layout(dst)
+    converted = VibeVoiceForConditionalGeneration.from_pretrained(dst).state_dict()
+    reference = engine.model.state_dict()
+    assert set(converted) == set(reference)
+    assert all(torch.equal(converted[k], reference[k]) for k in reference)
+    gen = json.loads(Path(dst, "generation_config.json").read_text())
+    assert gen["noise_scheduler_config"]["beta_schedule"] == "squaredcos_cap_v2"
+    info = VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=dst)).load()
+    assert info.engine == "vibevoice"
+
+
+def test_weight_names_round_trip():
+    keys = [
+        "model.audio_tower.encoder.stem.conv.conv.weight",
+        "model.audio_tower.decoder.conv_layers.2.convtr.convtr.bias",
+        "model.semantic_tokenizer_encoder.conv_layers.0.stage.1.mixer.conv.weight",
+        "model.audio_tower.decoder.head.conv.weight",
+        "model.diffusion_head.layers.3.linear.weight",
+        "model.diffusion_head.final_layer.linear_2.weight",
+        "model.multi_modal_projector.act.weight",
+        "model.latent_scaling_factor",
+    ]
+    expected = [
+        "model.acoustic_tokenizer.encoder.downsample_layers.0.0.conv.conv.weight",
+        "model.acoustic_tokenizer.decoder.upsample_layers.3.0.convtr.convtr.bias",
+        "model.semantic_tokenizer.encoder.stages.1.1.mixer.conv.conv.conv.weight",
+        "model.acoustic_tokenizer.decoder.head.conv.conv.weight",
+        "model.prediction_head.layers.3.adaLN_modulation.1.weight",
+        "model.prediction_head.final_layer.linear.weight",
+        "model.acoustic_connector.norm.weight",
+        "model.speech_scaling_factor",
+    ]
+    assert [convert.hf_to_original_key(k) for k in keys] == expected
+    assert [convert.original_to_hf_key(k) for k in expected] == keys
