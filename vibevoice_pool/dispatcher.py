@@ -339,15 +339,16 @@ class Dispatcher:
             self._pump_locked()
 
     def _pump_locked(self) -> None:
+        sends: list[tuple[int, _Job]] = []
         while self._queue:
             views = self._eligible()
             if not views:
-                return
+                break
             job = self._queue[0]
             need = self.mem_need(job.work_s)
             views = [v for v in views if v.mem_free >= need]
             if not views:
-                return  # no free slot has the memory: wait for one that does
+                break  # no free slot has the memory: wait for one that does
             self._queue.popleft()
             i, score = choose(self.policy, views, job.work_s, self._ctx)
             self._ctx.turn += 1
@@ -358,5 +359,11 @@ class Dispatcher:
             self.board.add(slot, Col.INFLIGHT, 1)
             self.board.add(slot, Col.QUEUED_WORK_S, job.work_s)
             self.board.add(slot, Col.ASSIGNED, 1)
-            self._links[slot](m.Synthesize(job.request))
+            sends.append((slot, job))
             self._emit("dispatched", job, (slot, score, views[i]))
+        # Send after choosing, telling each worker how many more are right behind,
+        # so a burst that arrives together is batched together.
+        left = collections.Counter(slot for slot, _ in sends)
+        for slot, job in sends:
+            left[slot] -= 1
+            self._links[slot](m.Synthesize(job.request, following=left[slot]))

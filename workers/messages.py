@@ -107,6 +107,7 @@ class DeviceInfo:
 @dataclass(frozen=True)
 class Synthesize:
     request: Request
+    following: int = 0  # more Synthesize messages sent right behind this one (batch them)
     kind: str = field(default="synthesize", init=False)
 
 

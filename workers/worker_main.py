@@ -30,6 +30,7 @@ from workers.board import Col, StatusBoard, WorkerState
 from workers.engine import EngineSpec
 
 BOOT_FAILED_EXIT = 3
+BURST_WAIT_S = 0.05  # longest wait for the rest of a burst before a batch starts
 OOM_STREAK_TO_SHRINK = 2  # batches in a row with an out-of-memory row halve the batch size
 log = logging.getLogger("vibevoice_pool.worker")
 
@@ -92,6 +93,7 @@ class Worker:
         self._pending: collections.deque[m.Request] = collections.deque()
         self._cancelled: set[str] = set()
         self._shutdown = False
+        self._following = 0  # requests the parent said are right behind the last one
 
     # ---- plumbing ------------------------------------------------------
 
@@ -116,6 +118,7 @@ class Worker:
             with self._cond:
                 if isinstance(msg, m.Synthesize):
                     self._pending.append(msg.request)
+                    self._following = msg.following
                 elif isinstance(msg, m.Cancel):
                     self._cancel_locked(msg.request_id)
                 elif isinstance(msg, m.Shutdown):
@@ -173,6 +176,11 @@ class Worker:
                     self._cond.wait()
                 if not self._pending and self._shutdown:
                     break
+                # A burst the parent sent together is batched together.
+                self._cond.wait_for(
+                    lambda: not self._following or len(self._pending) >= self.max_batch,
+                    timeout=BURST_WAIT_S,
+                )
                 batch = [
                     self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))
                 ]
