@@ -74,6 +74,20 @@ def sim_pool(tmp_path):
         pool.shutdown(grace_s=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A --cache-dir that already holds the tiny model, so servers skip building it."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_cache):
+    """The tiny random VibeVoice, built once per test session, where --tiny-model looks."""
+    from workers.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tiny_cache / "tiny-model")
+
+
 class Server:
     """A `vibevoice-pool launch` child process on a free port."""
 
@@ -99,7 +113,7 @@ class Server:
     def post(self, path: str, **kw) -> httpx.Response:
         return httpx.post(self.url + path, timeout=kw.pop("timeout", 60), **kw)
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 120) -> None:
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log()}")

@@ -226,8 +226,9 @@ class VibeVoiceEngine:
         return min(audio_tokens_for(cap), limit - prompt)
 
     def _run_splitting(self, rows: list, sink: BatchSink) -> None:
-        """Run rows as one batch; on CUDA out-of-memory, halve and retry. A row that already
-        streamed audio cannot be replayed without a seam, so it fails (retryable)."""
+        """Run rows as one batch; on CUDA out-of-memory, halve and retry. Per-row noise
+        (vibevoice_noise.py) makes a rerun's audio the same, so a row that already sent
+        audio resumes where it was."""
         import torch
 
         try:
@@ -237,13 +238,8 @@ class VibeVoiceEngine:
             pass
         self._free_memory()
         pending = [r for r in rows if not r.closed]
-        for r in pending:
-            if r.sent_samples:
-                oom = "out of GPU memory after part of the audio was streamed"
-                r.fail(sink, PoolError(ErrorKind.OUT_OF_MEMORY, oom, retryable=True))
-        pending = [r for r in pending if not r.closed]
-        for r in pending:  # a retry starts from nothing
-            r.audio_tokens, r.held = 0, []
+        for r in pending:  # a retry starts from nothing; what was sent is skipped
+            r.restart()
         if len(pending) == 1 and len(rows) == 1:
             oom = (
                 "out of GPU memory for this request alone: shorten the script or the voice "

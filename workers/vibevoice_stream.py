@@ -35,6 +35,9 @@ except ImportError:  # pragma: no cover - the engine cannot run without transfor
     StoppingCriteria = object  # type: ignore[assignment,misc]
 
 
+HELD_TOKENS = 8  # a non-streamed row sends its audio every 8 tokens (~1.07 s)
+
+
 @dataclass
 class RowState:
     """One request of a running batch: its cap, what it has sent, whether it is closed."""
@@ -44,26 +47,42 @@ class RowState:
     audio_tokens: int = 0
     sent_samples: int = 0
     closed: bool = False
-    held: list[np.ndarray] = field(default_factory=list)  # audio of a non-streaming row
+    held: list[np.ndarray] = field(default_factory=list)  # audio not sent yet
+    skip: int = 0  # samples a rerun makes again that were already sent (see restart())
 
     @property
     def id(self) -> str:
         return self.request.id
 
     def add_audio(self, pcm: np.ndarray, sink: Any) -> None:
+        """A streamed row sends every step's audio; others send about a second at a time,
+        which is enough for progress and the scheduler's accounting."""
         self.audio_tokens += 1
-        if self.request.stream:
-            sink.chunk(self.id, pcm)
-            self.sent_samples += len(pcm)
-        else:
-            self.held.append(pcm)
+        if self.skip:
+            drop = min(self.skip, len(pcm))
+            self.skip -= drop
+            pcm = pcm[drop:]
+            if not len(pcm):
+                return
+        self.held.append(pcm)
+        if self.request.stream or len(self.held) >= HELD_TOKENS:
+            self._flush(sink)
 
-    def finish(self, sink: Any) -> None:
+    def _flush(self, sink: Any) -> None:
         if self.held:
             pcm = np.concatenate(self.held)
             self.held = []
             sink.chunk(self.id, pcm)
             self.sent_samples += len(pcm)
+
+    def restart(self) -> None:
+        """The row runs again from its start (after a batch split): per-row noise makes
+        the same audio, and what was already sent is skipped."""
+        self.skip, self.sent_samples = self.sent_samples, 0
+        self.audio_tokens, self.held = 0, []
+
+    def finish(self, sink: Any) -> None:
+        self._flush(sink)
         self.closed = True
         sink.finish(self.id)
 
