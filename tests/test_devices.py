@@ -4,8 +4,8 @@ spawned sim workers."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import pid_alive, wait_until
+
 from vibevoice_pool.config import build
 from vibevoice_pool.fake_nvml import FakeGpu, FakeNvml
 from vibevoice_pool.monitor import RealNvml

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import ROOT, wait_until
+
 from vibevoice_pool.config import build
 from vibevoice_pool.pool import Pool
 from vibevoice_pool.script import parse_script
