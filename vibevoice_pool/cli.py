@@ -2,7 +2,8 @@
 worker re-imports the main script, and must not load the front ends.
 
     launch            serve the pool (every setting in config.SETTINGS is a flag)
-    synth             send a script to a running server, write the audio
+    synth             send a script to a running server, write the audio (--async: as a job)
+    jobs              list your jobs, or follow one and write its audio
     status            print the pool's status panel as a table
     make-tiny-model   build the tiny random VibeVoice used by the demo and tests
     convert           convert an original-layout VibeVoice checkpoint to HF
@@ -44,6 +45,20 @@ def _client_parsers(sub) -> None:
     p.add_argument("--format", default="wav")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--async",
+        dest="as_job",
+        action="store_true",
+        help="run it as a durable job (POST /v1/jobs): it survives a closed terminal and a "
+        "restarted server; long scripts should use this",
+    )
+
+    p = sub.add_parser("jobs", help="list your jobs, or follow one and write its audio")
+    p.add_argument("job_id", nargs="?", help="a job to follow to its end (with -o)")
+    p.add_argument("-o", "--output", help="where to write the job's audio")
+    p.add_argument("--url", default="http://127.0.0.1:7860")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--limit", type=int, default=20, help="how many jobs to list")
 
     p = sub.add_parser("status", help="print the pool's status")
     p.add_argument("--url", default="http://127.0.0.1:7860")
@@ -105,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         logs.setup(cfg.log_level, cfg.log_format)
         return serve(cfg)
+    if ns.command == "jobs" or (ns.command == "synth" and ns.as_job):
+        from vibevoice_pool import jobs_client
+
+        return jobs_client.run(ns)
     if ns.command in ("synth", "status", "scale"):
         from vibevoice_pool import client
 

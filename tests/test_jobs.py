@@ -1,0 +1,207 @@
+"""Durable jobs on a real `vibevoice-pool launch` process with sim workers:
+a SIGKILLed server, twenty clients at once, a results folder that cannot be
+written, a client that goes away, and the CLI's side."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sqlite3
+import threading
+
+import httpx
+import pytest
+import soundfile as sf
+from conftest import Server, pid_alive, wait_until
+
+from vibevoice_pool import jobs_client
+from vibevoice_pool.script import parse_script
+from workers.estimate import audio_seconds_for
+from workers.messages import SAMPLE_RATE
+
+pytestmark = pytest.mark.slow
+
+SIM = ("--engine", "sim", "--gpus", "cpu:2")
+
+
+def samples_for(script: str) -> int:
+    """The audio the sim makes for a script: its turns' text at 15 characters a second."""
+    text = "\n".join(t.text for t in parse_script(script))
+    return int(round(audio_seconds_for(text) * SAMPLE_RATE))
+
+
+def submit(url: str, script: str, **extra) -> str:
+    r = httpx.post(f"{url}/v1/jobs", json={"script": script, **extra}, timeout=60)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def job(url: str, job_id: str) -> dict:
+    return httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+
+
+def wait_finished(url: str, ids, timeout: float = 60) -> dict[str, dict]:
+    def finished():
+        views = {i: job(url, i) for i in ids}
+        if all(v["state"] in ("done", "failed", "cancelled") for v in views.values()):
+            return views
+        return None
+
+    return wait_until(finished, timeout, 0.25, "the jobs to finish")
+
+
+def audio_of(url: str, job_id: str):
+    r = httpx.get(f"{url}/v1/jobs/{job_id}/audio", timeout=30)
+    assert r.status_code == 200, r.text
+    pcm, rate = sf.read(io.BytesIO(r.content))
+    assert rate == SAMPLE_RATE
+    return pcm
+
+
+def stop_and_reap(s: Server) -> None:
+    pids = s.worker_pids() if s.proc.poll() is None else []
+    s.stop()
+    for pid in pids:
+        wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
+
+
+def test_ten_jobs_survive_a_sigkilled_server_and_each_finishes_exactly_once(server, tmp_path):
+    data = tmp_path / "data"
+    args = (*SIM, "--sim-rtf", "0.2", "--data-dir", str(data))
+    s = server(*args)
+    scripts = [f"Speaker 1: job {i} " + "speaks for a while. " * (2 + i % 3) for i in range(10)]
+    ids = [submit(s.url, text) for text in scripts]
+
+    def mid_run():
+        states = [j["state"] for j in httpx.get(f"{s.url}/v1/jobs", timeout=10).json()["data"]]
+        return states.count("done") >= 2 and states.count("running") >= 1
+
+    wait_until(mid_run, 60, 0.05, "some jobs done and some running")
+    workers = s.worker_pids()
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait(10)
+    for pid in workers:  # the death pipe ends them
+        wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
+
+    again = server(*args)
+    views = wait_finished(again.url, ids)
+    assert [views[i]["state"] for i in ids] == ["done"] * 10
+    for job_id, text in zip(ids, scripts, strict=True):
+        assert len(audio_of(again.url, job_id)) == samples_for(text)
+        assert views[job_id]["progress"]["fraction"] == 1.0
+
+    db = sqlite3.connect(data / "jobs.db")
+    rows = dict(db.execute("SELECT id, finished_count FROM jobs").fetchall())
+    assert rows == {i: 1 for i in ids}
+    done_events = dict(
+        db.execute("SELECT job_id, COUNT(*) FROM events WHERE to_state='done' GROUP BY job_id")
+    )
+    assert done_events == {i: 1 for i in ids}
+    restarted = db.execute(
+        "SELECT COUNT(*) FROM events WHERE detail='the server restarted while it ran'"
+    ).fetchone()[0]
+    assert restarted >= 1  # the kill really caught jobs mid-run
+    assert sorted(p.name for p in (data / "results").iterdir()) == sorted(f"{i}.wav" for i in ids)
+    db.close()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One server for the tests below: a small admission queue, a fast sim."""
+    tmp = tmp_path_factory.mktemp("jobs")
+    s = Server(
+        [*SIM, "--sim-rtf", "0.05", "--max-queue", "4", "--data-dir", str(tmp / "data")], tmp
+    )
+    s.data = tmp / "data"
+    try:
+        s.wait_ready(timeout=120)
+        yield s
+    finally:
+        stop_and_reap(s)
+
+
+def test_twenty_clients_submitting_at_once_all_get_an_id_and_finish(shared):
+    barrier = threading.Barrier(20)
+    answers: dict[int, httpx.Response] = {}
+
+    def client(i: int) -> None:
+        barrier.wait()
+        answers[i] = httpx.post(
+            f"{shared.url}/v1/jobs",
+            json={"script": f"Speaker 1: client {i} says hello to everyone", "seed": i},
+            headers={"X-Browser-Id": f"client-{i}"},
+            timeout=60,
+        )
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(r.status_code for r in answers.values()) == [202] * 20
+    ids = {i: r.json()["id"] for i, r in answers.items()}
+    assert len(set(ids.values())) == 20
+    views = wait_finished(shared.url, ids.values())
+    assert {v["state"] for v in views.values()} == {"done"}  # more jobs than the pool queue holds
+    for i, job_id in ids.items():
+        mine = httpx.get(
+            f"{shared.url}/v1/jobs", headers={"X-Browser-Id": f"client-{i}"}, timeout=10
+        ).json()["data"]
+        assert [j["id"] for j in mine] == [job_id] and mine[0]["seed"] == i
+
+
+def test_a_result_that_cannot_be_written_fails_its_job_and_the_server_serves_on(shared):
+    results = shared.data / "results"
+    kept = shared.data / "results-kept"
+    results.rename(kept)
+    results.write_text("a file where the results folder should be")  # every write: ENOTDIR
+    try:
+        failed = submit(shared.url, "Speaker 1: this one will not find its folder")
+        view = wait_finished(shared.url, [failed])[failed]
+    finally:
+        results.unlink()
+        kept.rename(results)
+    assert view["state"] == "failed"
+    assert view["error"]["code"] == "storage_error"
+    assert "could not be written" in view["error"]["message"]
+    assert "Not a directory" in view["error"]["message"]
+    r = httpx.get(f"{shared.url}/v1/jobs/{failed}/audio", timeout=10)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready"
+
+    ok = submit(shared.url, "Speaker 1: and this one lands fine")
+    assert wait_finished(shared.url, [ok])[ok]["state"] == "done"
+    assert len(audio_of(shared.url, ok)) == samples_for("Speaker 1: and this one lands fine")
+    assert httpx.get(f"{shared.url}/ready", timeout=10).status_code == 200
+
+
+def test_a_client_gone_from_synthesize_loses_its_audio_but_a_job_keeps_it(shared):
+    script = "Speaker 1: " + "a long story that takes some time to tell. " * 40  # ~115 s
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after a second
+        httpx.post(
+            f"{shared.url}/v1/synthesize",
+            json={"script": script},
+            timeout=httpx.Timeout(1.0, connect=30),
+        )
+    wait_until(lambda: "the client went away; cancelling" in shared.log(), 30, 0.2, "the cancel")
+
+    job_id = submit(shared.url, script)  # and nobody waits on the answer
+    assert wait_finished(shared.url, [job_id])[job_id]["state"] == "done"
+    assert len(audio_of(shared.url, job_id)) == samples_for(script)
+
+
+def test_the_cli_follows_a_job_to_a_file_and_lists_it(shared, tmp_path, capsys):
+    out = tmp_path / "out.wav"
+    text = "Speaker 1: the command line waits for this one"
+    assert jobs_client.submit_and_follow(shared.url, {"script": text}, str(out)) == 0
+    err = capsys.readouterr().err
+    assert "submitted" in err and "█" in err and f"wrote {out}" in err
+    pcm, _ = sf.read(out)
+    assert len(pcm) == samples_for(text)
+    assert jobs_client.list_jobs(shared.url) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].startswith("job") and " done " in table
+    job_id = table.splitlines()[1].split()[0]
+    assert jobs_client.show_job(shared.url, job_id) == 0
+    assert job_id in capsys.readouterr().out
+    assert jobs_client.follow(shared.url, "no-such-job", str(out)) == 1

@@ -1,0 +1,471 @@
+"""Durable jobs without processes: the store's transitions, and the runner and
+routes over a fake pool (threads that play a worker's events into real
+RequestHandles)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import sqlite3
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import wait_until
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from vibevoice_pool import jobs as jobs_mod
+from vibevoice_pool.handle import RequestHandle
+from vibevoice_pool.jobs import JobRunner
+from vibevoice_pool.jobs_api import install
+from vibevoice_pool.jobs_store import JobError, JobErrorKind, JobState, JobStore
+from workers import messages as m
+from workers.estimate import audio_seconds_for
+
+T0 = 1_000_000.0
+
+
+def new_job(store: JobStore, at: float = T0, est_bytes: int = 1000, owner: str = "me") -> str:
+    job_id = uuid.uuid4().hex
+    store.create(
+        job_id,
+        owner=owner,
+        body={"script": "Speaker 1: hi"},
+        fmt="wav",
+        seed=1,
+        est_audio_s=1.0,
+        est_bytes=est_bytes,
+        at=at,
+    )
+    return job_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = JobStore.open(tmp_path / "data", disk_limit_mb=1)
+    yield s
+    s.close()
+
+
+# ---- the store ---------------------------------------------------------
+
+
+def test_a_job_moves_queued_running_done_once(store):
+    job_id = new_job(store)
+    assert store.get(job_id).state is JobState.QUEUED
+    assert store.claim(job_id, "r1", T0 + 1)
+    assert not store.claim(job_id, "r2", T0 + 1)  # already running
+    done = dict(result_path="results/x.wav", result_bytes=10, audio_s=1.0, compute_s=0.5)
+    assert store.finish_done(job_id, worker=0, at=T0 + 2, **done)
+    assert not store.finish_done(job_id, worker=1, at=T0 + 3, **done)
+    assert not store.fail(job_id, "engine_error", "late", T0 + 3)
+    with pytest.raises(JobError) as e:
+        store.cancel(job_id, T0 + 3)
+    assert e.value.kind is JobErrorKind.CONFLICT
+    job = store.get(job_id)
+    assert (job.state, job.finished_count, job.runs, job.worker) == (JobState.DONE, 1, 1, 0)
+    assert [(a, b) for a, b, _ in store.events(job_id)] == [
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "done"),
+    ]
+
+
+def test_the_database_itself_refuses_a_second_finish(store, tmp_path):
+    job_id = new_job(store)
+    store.cancel(job_id, T0)
+    conn = sqlite3.connect(tmp_path / "data" / "jobs.db")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE jobs SET finished_count = finished_count + 1 WHERE id=?", (job_id,))
+    conn.close()
+
+
+def test_racing_finish_fail_and_cancel_have_exactly_one_winner(store):
+    def finish(job_id):
+        done = dict(result_path="r", result_bytes=1, audio_s=1.0, compute_s=None, worker=0)
+        return store.finish_done(job_id, at=T0, **done)
+
+    def fail(job_id):
+        return store.fail(job_id, "engine_error", "x", T0)
+
+    def cancel(job_id):
+        try:
+            store.cancel(job_id, T0)
+            return True
+        except JobError:
+            return False
+
+    for _ in range(20):
+        job_id = new_job(store)
+        store.claim(job_id, "r", T0)
+        wins: list[bool] = []
+        barrier = threading.Barrier(3)
+
+        def race(move, job_id=job_id, wins=wins, barrier=barrier):
+            barrier.wait()
+            wins.append(move(job_id))
+
+        threads = [threading.Thread(target=race, args=(f,)) for f in (finish, fail, cancel)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(wins) == [False, False, True]
+        assert store.get(job_id).finished_count == 1
+
+
+def test_at_start_running_jobs_are_queued_again_oldest_first(store):
+    a, b, c = new_job(store, T0), new_job(store, T0 + 1), new_job(store, T0 + 2)
+    store.claim(b, "r", T0 + 3)
+    store.claim(c, "r", T0 + 3)
+    store.finish_done(
+        c, result_path="r", result_bytes=1, audio_s=1, compute_s=None, worker=0, at=T0 + 4
+    )
+    assert store.requeue_unfinished(T0 + 5) == [a, b]
+    assert store.get(b).state is JobState.QUEUED and store.get(c).state is JobState.DONE
+    assert store.events(b)[-1][2] == "the server restarted while it ran"
+    assert store.next_queued().id == a
+
+
+def test_finished_jobs_expire_and_hand_back_their_results(store):
+    old, new, running = new_job(store), new_job(store), new_job(store)
+    for job_id, at in ((old, T0 + 10), (new, T0 + 100)):
+        store.claim(job_id, "r", at)
+        store.finish_done(
+            job_id,
+            result_path=f"results/{job_id}.wav",
+            result_bytes=5,
+            audio_s=1,
+            compute_s=None,
+            worker=0,
+            at=at,
+        )
+    store.claim(running, "r", T0)
+    assert store.expire(before=T0 + 50) == [f"results/{old}.wav"]
+    assert store.get(old) is None and store.events(old) == []
+    assert store.get(new).state is JobState.DONE and store.get(running) is not None
+
+
+def test_the_disk_limit_counts_results_and_reserves_what_queued_jobs_will_write(store):
+    mb = 1024 * 1024
+    a = new_job(store, est_bytes=mb // 2)
+    with pytest.raises(JobError) as e:
+        new_job(store, est_bytes=mb // 2 + 1)
+    assert e.value.kind is JobErrorKind.DISK_LIMIT and "jobs_disk_limit_mb=1" in e.value.message
+    store.cancel(a, T0)  # a cancelled job holds nothing
+    assert store.reserved_bytes() == 0
+    new_job(store, est_bytes=mb - 1)
+
+
+def test_one_data_folder_serves_one_server(tmp_path):
+    first = JobStore.open(tmp_path / "d")
+    with pytest.raises(JobError) as e:
+        JobStore.open(tmp_path / "d")
+    assert e.value.kind is JobErrorKind.DATA_DIR and "in use" in e.value.message
+    first.close()
+    JobStore.open(tmp_path / "d").close()
+
+
+def test_paged_list_is_newest_first_and_per_owner(store):
+    mine = [new_job(store, T0 + i) for i in range(5)]
+    new_job(store, T0 + 10, owner="someone else")
+    page, more = store.list("me", limit=2)
+    assert [j.id for j in page] == mine[::-1][:2] and more
+    page, more = store.list("me", limit=2, offset=4)
+    assert [j.id for j in page] == [mine[0]] and not more
+
+
+# ---- the runner over a fake pool --------------------------------------
+
+
+class FakeDispatcher:
+    def __init__(self):
+        self.listeners = []
+        self.waiting = 0  # what queue_length() answers
+
+    def queue_length(self) -> int:
+        return self.waiting
+
+
+class FakePool:
+    """Plays Started, 0.5 s chunks and Done into each handle from a thread.
+    hold(n): every request pauses after n chunks until release(); `refuse`
+    makes submit raise that kind."""
+
+    placements = (0, 1)
+
+    def __init__(self):
+        self.dispatcher = FakeDispatcher()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.free_chunks = 10**9
+        self.refuse: m.ErrorKind | None = None
+        self.submitted: list[str] = []
+        self.cancelled: set[str] = set()
+
+    def hold(self, after_chunks: int = 0) -> None:
+        self.free_chunks = after_chunks
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.free_chunks = 10**9
+        self.gate.set()
+
+    def submit(self, req: m.Request) -> RequestHandle:
+        if self.refuse is not None:
+            raise m.PoolError(self.refuse, "not now", True)
+        handle = RequestHandle(req, self.cancelled.add)
+        handle.worker = len(self.submitted) % 2
+        self.submitted.append(req.id)
+        threading.Thread(target=self._play, args=(handle,), daemon=True).start()
+        return handle
+
+    def _play(self, handle: RequestHandle) -> None:
+        req = handle.request
+        handle.push(m.Started(req.id))
+        total = int(round(req.est_audio_s * m.SAMPLE_RATE))
+        step, done, seq = m.SAMPLE_RATE // 2, 0, 0
+        while done < total:
+            while seq >= self.free_chunks and not self.gate.wait(0.01):
+                if req.id in self.cancelled:
+                    break
+            if req.id in self.cancelled:
+                handle.push(m.Failed(req.id, m.ErrorKind.CANCELLED, "cancelled"))
+                return
+            n = min(step, total - done)
+            handle.push(m.Chunk(req.id, seq, np.full(n, 0.1, np.float32)))
+            done, seq = done + n, seq + 1
+            time.sleep(0.002)
+        handle.push(m.Done(req.id, total / m.SAMPLE_RATE, 0.01))
+
+
+def build(body: dict) -> m.Request:
+    script = body.get("script", "")
+    if not script.strip():
+        raise m.PoolError(m.ErrorKind.BAD_INPUT, "the script is empty")
+    return m.Request(
+        id=uuid.uuid4().hex[:16],
+        turns=(m.Turn(0, script),),
+        seed=body.get("seed") or 1234,
+        est_audio_s=audio_seconds_for(script),
+    )
+
+
+@pytest.fixture
+def runner(tmp_path):
+    runners = []
+
+    def make(pool=None, store_=None, **kw) -> JobRunner:
+        st = store_ or JobStore.open(tmp_path / "data")
+        r = JobRunner(st, pool or FakePool(), build, queue_depth=2, **kw).start()
+        runners.append(r)
+        return r
+
+    yield make
+    for r in runners:
+        r.stop()
+
+
+def wait_state(r: JobRunner, job_id: str, state: JobState, timeout: float = 10):
+    wait_until(lambda: r.store.get(job_id).state is state, timeout, what=f"{job_id} {state}")
+    return r.store.get(job_id)
+
+
+SCRIPT = "Speaker 1: " + "a" * 49  # 4.0 s of audio (the fake estimates the whole text)
+
+
+def test_a_job_runs_to_a_result_that_decodes_to_its_length(runner):
+    r = runner()
+    job = r.submit("me", {"script": SCRIPT})
+    assert job.seed == 1234 and r.store.body(job.id)["seed"] == 1234  # fixed for reruns
+    job = wait_state(r, job.id, JobState.DONE)
+    pcm, rate = sf.read(r.result_file(job))
+    assert rate == m.SAMPLE_RATE and len(pcm) == round(audio_seconds_for(SCRIPT) * m.SAMPLE_RATE)
+    view = r.describe(job)
+    assert view["progress"]["fraction"] == 1.0 and view["result"]["bytes"] == job.result_bytes
+    assert [p.name for p in r.store.results.iterdir()] == [f"{job.id}.wav"]  # no temp left
+
+
+def test_a_result_that_cannot_be_written_fails_its_job_and_the_next_one_runs(runner, monkeypatch):
+    real = jobs_mod.write_atomic
+    calls = []
+
+    def disk_full_once(path, data):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(jobs_mod, "write_atomic", disk_full_once)
+    r = runner()
+    first = r.submit("me", {"script": SCRIPT})
+    job = wait_state(r, first.id, JobState.FAILED)
+    assert job.error_code == "storage_error"
+    assert "could not be written" in job.error and "No space left on device" in job.error
+    second = r.submit("me", {"script": SCRIPT})
+    assert r.result_file(wait_state(r, second.id, JobState.DONE)).is_file()
+
+
+def test_an_overloaded_pool_keeps_jobs_queued_until_it_has_room(runner):
+    pool = FakePool()
+    pool.refuse = m.ErrorKind.OVERLOADED
+    r = runner(pool)
+    job = r.submit("me", {"script": SCRIPT})
+    time.sleep(1.5)
+    assert r.store.get(job.id).state is JobState.QUEUED and pool.submitted == []
+    pool.refuse = None
+    wait_state(r, job.id, JobState.DONE)
+
+
+def test_jobs_wait_while_the_admission_queue_is_at_depth(runner):
+    pool = FakePool()
+    pool.dispatcher.waiting = 2
+    r = runner(pool)
+    job = r.submit("me", {"script": SCRIPT})
+    time.sleep(1.0)
+    assert pool.submitted == []
+    pool.dispatcher.waiting = 0
+    wait_state(r, job.id, JobState.DONE)
+
+
+def test_progress_is_readable_while_it_runs_and_cancel_stops_it(runner):
+    pool = FakePool()
+    pool.hold(after_chunks=2)
+    r = runner(pool)
+    job = r.submit("me", {"script": SCRIPT})
+    wait_until(lambda: r.describe(r.get(job.id))["progress"]["audio_s"] == 1.0, 10)
+    view = r.describe(r.get(job.id))
+    assert view["state"] == "running" and view["progress"]["fraction"] == pytest.approx(
+        1.0 / audio_seconds_for(SCRIPT), abs=1e-3
+    )
+    assert view["worker"] in (0, 1)
+    r.cancel(job.id)
+    assert pool.cancelled == {r.get(job.id).request_id}
+    wait_until(lambda: not r._live, 10, what="the runner to let go")
+    job = r.get(job.id)
+    assert job.state is JobState.CANCELLED and job.finished_count == 1
+    assert list(r.store.results.iterdir()) == []
+
+
+def test_a_stopped_runner_queues_its_job_again_and_the_next_finishes_it_once(runner, tmp_path):
+    pool = FakePool()
+    pool.hold()
+    r = JobRunner(JobStore.open(tmp_path / "data"), pool, build, queue_depth=2).start()
+    job = r.submit("me", {"script": SCRIPT})
+    wait_until(lambda: r.store.get(job.id).state is JobState.RUNNING, 10)
+    r.stop(grace_s=0)
+    again = runner(FakePool(), JobStore.open(tmp_path / "data"))
+    assert again.store.events(job.id)[-1][1:] == ("queued", "the server stopped before it finished")
+    done = wait_state(again, job.id, JobState.DONE)
+    assert done.runs == 2 and done.finished_count == 1
+    assert [b for _, b, _ in again.store.events(job.id)].count("done") == 1
+
+
+def test_a_bad_body_is_refused_before_it_is_written_down(runner):
+    r = runner()
+    with pytest.raises(m.PoolError) as e:
+        r.submit("me", {"script": "  "})
+    assert e.value.kind is m.ErrorKind.BAD_INPUT
+    assert r.store.list("me")[0] == []
+
+
+def test_expiry_deletes_old_results(runner):
+    now = [time.time()]
+    r = runner(clock=lambda: now[0], ttl_s=60)
+    job = wait_state(r, r.submit("me", {"script": SCRIPT}).id, JobState.DONE)
+    path = r.result_file(job)
+    now[0] += 61
+    assert r.expire() == 1
+    assert not path.exists() and r.store.get(job.id) is None
+
+
+# ---- the routes --------------------------------------------------------
+
+
+class FakeFront:
+    class cfg:
+        api_key = ""
+
+
+def test_routes_submit_list_fetch_with_range_and_cancel(runner):
+    pool = FakePool()
+    r = runner(pool)
+    app = FastAPI()
+    install(app, FakeFront(), r)
+    c = TestClient(app)
+    mine = {"X-Browser-Id": "tab-1"}
+    resp = c.post("/v1/jobs", json={"script": SCRIPT}, headers=mine)
+    assert resp.status_code == 202
+    job_id = resp.json()["id"]
+    assert resp.headers["location"] == f"/v1/jobs/{job_id}"
+    wait_until(lambda: c.get(f"/v1/jobs/{job_id}").json()["state"] == "done", 10)
+    got = c.get(f"/v1/jobs/{job_id}").json()
+    assert got["result"]["url"] == f"/v1/jobs/{job_id}/audio" and got["error"] is None
+
+    whole = c.get(f"/v1/jobs/{job_id}/audio")
+    assert whole.status_code == 200 and whole.headers["accept-ranges"] == "bytes"
+    assert len(sf.read(io.BytesIO(whole.content))[0]) == round(audio_seconds_for(SCRIPT) * 24000)
+    part = c.get(f"/v1/jobs/{job_id}/audio", headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == whole.content[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(whole.content)}"
+    assert c.get(f"/v1/jobs/{job_id}/audio", headers={"Range": "bytes=9999999-"}).status_code == 416
+
+    key = {"Authorization": "Bearer k1"}
+    other = c.post("/v1/jobs", json={"script": SCRIPT}, headers=key).json()["id"]
+    assert [j["id"] for j in c.get("/v1/jobs", headers=mine).json()["data"]] == [job_id]
+    assert [j["id"] for j in c.get("/v1/jobs", headers=key).json()["data"]] == [other]
+    c.cookies.set("vvp_browser", "tab-1")
+    assert c.get("/v1/jobs").json()["data"][0]["id"] == job_id
+    c.cookies.clear()
+
+    pool.hold()
+    slow = c.post("/v1/jobs", json={"script": SCRIPT}, headers=mine).json()["id"]
+    early = c.get(f"/v1/jobs/{slow}/audio")
+    assert early.status_code == 409 and early.json()["error"]["code"] == "not_ready"
+    assert c.delete(f"/v1/jobs/{slow}").json()["state"] == "cancelled"
+    pool.release()
+    assert c.delete(f"/v1/jobs/{slow}").status_code == 409
+    assert c.get("/v1/jobs/nope").json()["error"]["code"] == "not_found"
+    assert c.get("/v1/jobs/nope").status_code == 404
+    bad = c.post("/v1/jobs", json={"script": " "})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_input"
+    page = c.get("/v1/jobs?limit=1", headers=mine).json()
+    assert page["has_more"] and page["next_offset"] == 1 and page["data"][0]["id"] == slow
+
+
+def test_routes_come_before_a_page_mounted_at_root(runner):
+    from starlette.responses import PlainTextResponse
+
+    app = FastAPI()
+    app.mount("/", PlainTextResponse("the page"))
+    install(app, FakeFront(), runner())
+    assert TestClient(app).get("/v1/jobs").json()["object"] == "list"
+
+
+def test_the_jobs_tab_builds_and_lists_this_browsers_jobs(runner):
+    import gradio as gr
+
+    from vibevoice_pool import ui_jobs
+
+    r = runner()
+
+    class Voices:
+        def names(self):
+            return ["alice", "bob"]
+
+    class Front:
+        voices = Voices()
+
+    with gr.Blocks():
+        ui_jobs.add_jobs_tab(Front(), r)
+    assert ui_jobs.submit_job(r, "b1", SCRIPT, [], "wav").startswith("✅")
+    assert ui_jobs.submit_job(r, "b1", "", [], "wav").startswith("❌")
+    job = wait_state(r, r.store.list("browser:b1")[0][0].id, JobState.DONE)
+    rows, files = ui_jobs.job_rows(r, "browser:b1")
+    assert rows[0][:2] == [job.id, "done"] and files == [str(r.result_file(job))]
+    assert ui_jobs.job_rows(r, "browser:b2") == ([], [])
+    assert ui_jobs.cancel_job(r, "b2", job.id).startswith("❌ No job")

@@ -1,0 +1,494 @@
+"""JobRunner: runs the durable jobs of a JobStore on the Pool, one by one, to the end.
+
+    submit(owner, body)   (POST /v1/jobs, the Jobs tab)
+        validate it as /v1/synthesize would, fix its seed, write it down: queued
+    the runner thread (its own asyncio loop), while the pool's admission queue
+    holds fewer than `queue_depth` requests:
+        oldest queued job -> Request from the stored body -> pool.submit
+            OVERLOADED / UNAVAILABLE: it stays queued; try again in a moment
+        -> claim (queued -> running) -> follow the handle: audio made = progress
+        Done:   encode, write results/<id>.<fmt> (temp file, fsync, rename), then
+                running -> done; a write error (disk full, I/O) -> failed
+        Failed: running -> failed (the pool has already retried a lost worker)
+    cancel(id): cancelled in the store first, then the pool request is stopped
+    start(): jobs a previous server left queued or running are queued again
+    stop(grace): take nothing new, let running jobs finish within grace, queue
+        the rest again for the next start
+
+Exactly once: a job reaches a terminal state through one compare-and-set in
+the store (finished_count <= 1 is a CHECK), so a racing cancel and finish
+cannot both win. A run killed at any point leaves the job `queued` or
+`running`, both run again at the next start; a result file renamed into
+place before the kill is replaced by the rerun's (same name, same seed), and
+only the transition to `done`, after the rename, makes it visible. The pool's
+workers die with the server (death pipe), so no run outlives its process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from vibevoice_pool import audio
+from vibevoice_pool.jobs_store import (
+    RESULTS_DIR,
+    Job,
+    JobError,
+    JobErrorKind,
+    JobState,
+    JobStore,
+)
+from workers import messages as m
+
+if TYPE_CHECKING:
+    from vibevoice_pool.config import PoolConfig
+    from vibevoice_pool.pool import Pool
+
+log = logging.getLogger("vibevoice_pool")
+
+# Kinds that mean "not now": the job stays queued and is tried again.
+RETRY_LATER = (m.ErrorKind.OVERLOADED, m.ErrorKind.UNAVAILABLE)
+RETRY_S = 1.0  # pause after the pool said "not now"
+POLL_S = 0.5  # the loop wakes at least this often (events wake it sooner)
+STOP_CANCEL_WAIT_S = 10.0  # at stop, how long cancelled runs get to answer
+# Upper bounds of result sizes, to reserve disk before a job runs.
+BYTES_PER_AUDIO_S = {"wav": 48_000, "pcm": 48_000, "flac": 48_000, "mp3": 16_000, "opus": 8_000}
+INTERNAL = "internal_error"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees all of it or none of it:
+    a temporary file beside it, fsync, rename over, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass
+class _Live:
+    """A job this process has handed to the pool."""
+
+    job_id: str
+    fmt: str
+    handle: Any = None  # RequestHandle
+    samples: int = 0  # audio made so far
+    worker: int | None = None
+    cancelled: bool = False  # its owner cancelled it
+    stopping: bool = False  # the server is stopping: queue it again
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: JobStore,
+        pool: Pool,
+        build: Callable[[dict], m.Request],
+        *,
+        queue_depth: int = 1,
+        ttl_s: float = 7 * 86400.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        """`build` turns a stored body into a validated Request (PoolError
+        BAD_INPUT otherwise), as /v1/synthesize does; `queue_depth` is how many
+        job requests may wait in the pool's admission queue at once."""
+        self.store = store
+        self.pool = pool
+        self.queue_depth = max(1, queue_depth)
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._build = build
+        self._lock = threading.Lock()
+        self._live: dict[str, _Live] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._stopping = False
+        self._stop_at = 0.0
+        self._retry_at = 0.0
+        self._said_later = False
+        self._sweep_s = max(1.0, min(60.0, ttl_s / 4))
+
+    # ---- life ----------------------------------------------------------
+
+    def start(self) -> JobRunner:
+        queued = self.store.requeue_unfinished(self.clock())
+        self._sweep_orphans()
+        self.expire()
+        if queued:
+            log.info("Jobs: %d job(s) from before are queued to run", len(queued))
+        self.pool.dispatcher.listeners.append(self._on_pool_event)
+        self._thread = threading.Thread(target=self._run, name="jobs", daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Take no new job; running ones get `grace_s` to finish, then are
+        cancelled and queued again for the next start. Closes the store."""
+        if self._thread is not None:
+            self._stop_at = time.monotonic() + grace_s
+            self._stopping = True
+            self._poke()
+            self._thread.join(grace_s + STOP_CANCEL_WAIT_S + 5)
+            self._thread = None
+        with contextlib.suppress(ValueError):
+            self.pool.dispatcher.listeners.remove(self._on_pool_event)
+        self.store.close()
+
+    # ---- the API side --------------------------------------------------
+
+    def submit(self, owner: str, body: dict) -> Job:
+        """Validate and write down a job; it runs when the pool has room.
+        PoolError (BAD_INPUT, UNAVAILABLE), JobError(DISK_LIMIT)."""
+        if self._stopping:
+            raise m.PoolError(m.ErrorKind.UNAVAILABLE, "the server is shutting down", True)
+        body = {**body, "stream": False}
+        req = self._build(body)  # validates; picks a seed when none is given
+        body["seed"] = req.seed  # a rerun after a restart makes the same audio
+        fmt = str(body.get("format") or "wav").strip().lower()
+        est_bytes = int(req.est_audio_s * BYTES_PER_AUDIO_S.get(fmt, 48_000)) + 4096
+        job = self.store.create(
+            uuid.uuid4().hex,
+            owner=owner,
+            body=body,
+            fmt=fmt,
+            seed=req.seed,
+            est_audio_s=req.est_audio_s,
+            est_bytes=est_bytes,
+            at=self.clock(),
+        )
+        log.info("job %s queued (about %.0f s of audio)", job.id, job.est_audio_s)
+        self._poke()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id} (it may have expired)")
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job. JobError NOT_FOUND / CONFLICT."""
+        self.store.cancel(job_id, self.clock())
+        with self._lock:
+            live = self._live.get(job_id)
+            if live is not None:
+                live.cancelled = True
+        if live is not None and live.handle is not None:
+            live.handle.cancel()
+        log.info("job %s cancelled", job_id)
+        return self.get(job_id)
+
+    def result_file(self, job: Job) -> Path:
+        """The result of a done job. JobError NOT_READY / NOT_FOUND."""
+        if job.state is not JobState.DONE or not job.result_path:
+            why = f": {job.error}" if job.error else ""
+            raise JobError(
+                JobErrorKind.NOT_READY,
+                f"job {job.id} is {job.state.value}{why}; its audio exists once it is done",
+            )
+        path = self.store.folder / job.result_path
+        if not path.is_file():
+            raise JobError(JobErrorKind.NOT_FOUND, f"the result of job {job.id} is gone from disk")
+        return path
+
+    def describe(self, job: Job) -> dict:
+        """The JSON view of a job, with live progress while it runs."""
+        with self._lock:
+            live = self._live.get(job.id)
+            made, worker = (live.samples / m.SAMPLE_RATE, live.worker) if live else (0.0, None)
+        if live is None or job.state is not JobState.RUNNING:
+            made, worker = job.audio_s, job.worker
+        est = job.est_audio_s
+        frac = 1.0 if job.state is JobState.DONE else min(1.0, made / est) if est > 0 else 0.0
+        now = self.clock()
+        end = job.finished_at or now
+        return {
+            "id": job.id,
+            "object": "job",
+            "state": job.state.value,
+            "progress": {
+                "audio_s": round(made, 3),
+                "estimate_s": round(est, 3),
+                "fraction": round(frac, 4),
+            },
+            "worker": worker,
+            "request_id": job.request_id,
+            "runs": job.runs,
+            "seed": job.seed,
+            "format": job.format,
+            "timings": {
+                "created_at": job.created_at,
+                "started_at": job.started_at,
+                "finished_at": job.finished_at,
+                "waited_s": round((job.started_at or end) - job.created_at, 3),
+                "ran_s": round(end - job.started_at, 3) if job.started_at else None,
+                "compute_s": job.compute_s,
+            },
+            "error": {"code": job.error_code, "message": job.error} if job.error_code else None,
+            "result": (
+                {
+                    "bytes": job.result_bytes,
+                    "audio_s": round(job.audio_s, 3),
+                    "content_type": audio.content_type(job.format),
+                    "expires_at": (job.finished_at or now) + self.ttl_s,
+                }
+                if job.state is JobState.DONE
+                else None
+            ),
+        }
+
+    def expire(self) -> int:
+        """Forget jobs finished more than ttl_s ago and delete their results."""
+        paths = self.store.expire(self.clock() - self.ttl_s)
+        for rel in paths:
+            with contextlib.suppress(FileNotFoundError):
+                (self.store.folder / rel).unlink()
+        if paths:
+            log.info("Jobs: %d expired result(s) deleted", len(paths))
+        return len(paths)
+
+    # ---- the loop --------------------------------------------------------
+
+    def _poke(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(wake.set)
+
+    def _on_pool_event(self, what: str, _job, _detail) -> None:
+        if what in ("finished", "dispatched"):  # room in the admission queue
+            self._poke()
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._started.set()
+        next_sweep = time.monotonic() + self._sweep_s
+        while not self._stopping:
+            try:
+                await self._fill()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self._sweep_s
+                    await asyncio.to_thread(self.expire)
+            except Exception:
+                log.exception("Jobs: the runner hit an error; it carries on")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_S)
+            self._wake.clear()
+        await self._wind_down()
+
+    async def _wind_down(self) -> None:
+        pending = set(self._tasks)
+        left = self._stop_at - time.monotonic()
+        if pending and left > 0:
+            _, pending = await asyncio.wait(pending, timeout=left)
+        if not pending:
+            return
+        with self._lock:
+            lives = list(self._live.values())
+        for live in lives:
+            live.stopping = True
+            live.handle.cancel()
+        _, pending = await asyncio.wait(pending, timeout=STOP_CANCEL_WAIT_S)
+        for task in pending:  # still `running` in the store: the next start requeues it
+            task.cancel()
+
+    async def _fill(self) -> None:
+        """Hand queued jobs to the pool, oldest first, while its queue has room."""
+        while not self._stopping and time.monotonic() >= self._retry_at:
+            if self.pool.dispatcher.queue_length() >= self.queue_depth:
+                return
+            job = self.store.next_queued()
+            if job is None:
+                return
+            try:
+                req = await asyncio.to_thread(self._build, self.store.body(job.id))
+            except JobError:
+                continue  # it expired or went away meanwhile
+            except m.PoolError as e:
+                self._fail(job.id, e.kind.value, f"the stored request cannot run: {e.message}")
+                continue
+            except Exception as e:
+                log.exception("job %s: building its request failed", job.id)
+                self._fail(job.id, INTERNAL, f"building the request failed: {e!r}")
+                continue
+            if self._stopping:
+                return  # it stays queued for the next start
+            try:
+                handle = self.pool.submit(req)
+            except m.PoolError as e:
+                if e.kind in RETRY_LATER:
+                    if not self._said_later:
+                        log.info("Jobs: the pool says %s; jobs wait", e.kind.value)
+                        self._said_later = True
+                    self._retry_at = time.monotonic() + RETRY_S
+                    return
+                self._fail(job.id, e.kind.value, e.message)
+                continue
+            self._said_later = False
+            live = _Live(job.id, job.format, handle)
+            with self._lock:
+                self._live[job.id] = live
+            if not self.store.claim(job.id, handle.id, self.clock()):
+                with self._lock:  # its owner cancelled it while it was being built
+                    self._live.pop(job.id, None)
+                handle.cancel()
+                continue
+            log.info("job %s running as request %s", job.id, handle.id)
+            task = asyncio.create_task(self._follow(live))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _follow(self, live: _Live) -> None:
+        handle = live.handle
+        try:
+            async for event in handle.events():
+                if isinstance(event, m.Started):
+                    live.worker = handle.worker
+                    self.store.note_worker(live.job_id, handle.worker)
+                elif isinstance(event, m.Chunk):
+                    live.samples += len(event.pcm)
+            await self._conclude(live)
+        except Exception as e:
+            log.exception("job %s: following it failed", live.job_id)
+            self._fail(live.job_id, INTERNAL, f"the server lost track of this job: {e!r}")
+        finally:
+            with self._lock:
+                self._live.pop(live.job_id, None)
+            self._poke()
+
+    async def _conclude(self, live: _Live) -> None:
+        outcome = live.handle.outcome
+        if isinstance(outcome, m.Done):
+            await self._deliver(live, outcome)
+        elif outcome.error is m.ErrorKind.CANCELLED and live.stopping:
+            self.store.requeue(live.job_id, "the server stopped before it finished", self.clock())
+        elif outcome.error is m.ErrorKind.CANCELLED and live.cancelled:
+            pass  # the store already says cancelled
+        else:
+            self._fail(live.job_id, outcome.error.value, outcome.message, live.handle.worker)
+
+    async def _deliver(self, live: _Live, done: m.Done) -> None:
+        handle = live.handle
+        pcm = handle.audio()
+        rel = f"{RESULTS_DIR}/{live.job_id}.{live.fmt}"
+        path = self.store.folder / rel
+        try:
+            size = await asyncio.to_thread(self._write_result, path, pcm, live.fmt)
+        except OSError as e:
+            self._fail(
+                live.job_id,
+                JobErrorKind.STORAGE.value,
+                f"the audio was made but could not be written to {path.parent}: "
+                f"{e.strerror or e}. Free disk space or repair the data folder, "
+                "then submit the job again",
+                handle.worker,
+            )
+            return
+        except JobError as e:
+            self._fail(live.job_id, e.kind.value, e.message, handle.worker)
+            return
+        if self.store.finish_done(
+            live.job_id,
+            result_path=rel,
+            result_bytes=size,
+            audio_s=len(pcm) / m.SAMPLE_RATE,
+            compute_s=done.compute_s,
+            worker=handle.worker,
+            at=self.clock(),
+        ):
+            log.info(
+                "job %s done: %.1f s of audio, %d bytes",
+                live.job_id,
+                len(pcm) / m.SAMPLE_RATE,
+                size,
+            )
+        else:  # cancelled while it was being written
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _write_result(self, path: Path, pcm, fmt: str) -> int:
+        data, _ = audio.encode(pcm, fmt)
+        held = self.store.result_bytes()
+        if held + len(data) > self.store.limit_bytes:
+            raise JobError(
+                JobErrorKind.DISK_LIMIT,
+                f"the result ({len(data)} bytes) would pass jobs_disk_limit_mb="
+                f"{self.store.limit_bytes / (1024 * 1024):g} ({held} bytes held)",
+            )
+        write_atomic(path, data)
+        return len(data)
+
+    def _fail(self, job_id: str, code: str, message: str, worker: int | None = None) -> None:
+        if self.store.fail(job_id, code, message, self.clock(), worker):
+            log.warning("job %s failed: %s: %s", job_id, code, message)
+
+    def _sweep_orphans(self) -> None:
+        """At start: delete temporary files and results no finished job points at."""
+        kept = self.store.kept_results()
+        for path in self.store.results.iterdir():
+            if f"{RESULTS_DIR}/{path.name}" not in kept and path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+def open_store(cfg: PoolConfig) -> JobStore:
+    """The server's JobStore in config.data_dir(cfg). ConfigError when the folder
+    cannot be used (another server holds it, it cannot be written)."""
+    from vibevoice_pool import config
+
+    try:
+        return JobStore.open(config.data_dir(cfg), disk_limit_mb=cfg.jobs_disk_limit_mb)
+    except JobError as e:
+        raise config.ConfigError(e.message) from e
+
+
+def start_jobs(cfg: PoolConfig, pool: Pool, front, store: JobStore) -> JobRunner:
+    """The server's JobRunner over `store`, started: its requests are built by
+    front.build_request, as /v1/synthesize builds them."""
+    from pydantic import ValidationError
+
+    from vibevoice_pool.api import SynthesizeBody, describe_invalid
+
+    def build(body: dict) -> m.Request:
+        try:
+            parsed = SynthesizeBody.model_validate(body)
+        except ValidationError as e:
+            raise m.PoolError(m.ErrorKind.BAD_INPUT, describe_invalid(e.errors())) from None
+        return front.build_request(parsed)
+
+    depth = max(1, min(len(pool.placements), cfg.max_queue // 2))
+    runner = JobRunner(store, pool, build, queue_depth=depth, ttl_s=cfg.job_ttl_s)
+    log.info("Jobs: data in %s", store.folder)
+    return runner.start()

@@ -1,0 +1,223 @@
+"""The terminal side of durable jobs: `vibevoice-pool synth --async` and
+`vibevoice-pool jobs`, over HTTP (httpx).
+
+    submit_and_follow(url, body, output, api_key)
+        POST /v1/jobs -> follow(): poll GET /v1/jobs/{id} with a progress bar on
+        stderr -> GET /v1/jobs/{id}/audio (resumed with Range if cut) -> output
+    follow(url, job_id, output, api_key)   the same for a job already submitted
+    list_jobs(url, api_key)                GET /v1/jobs as a table (show_job: one job)
+
+Ctrl-C stops the following, never the job: it runs on, and `vibevoice-pool
+jobs ID -o FILE` picks it up again. A server that restarts meanwhile is waited
+for (up to UNREACHABLE_GIVE_UP_S); the job finishes there after its restart.
+Exit codes: 0 written, 1 failed / cancelled / refused, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import httpx
+
+POLL_S = 1.0
+UNREACHABLE_GIVE_UP_S = 300.0  # a restarting server gets this long to come back
+DOWNLOAD_TRIES = 5
+EXIT_INTERRUPTED = 130
+
+
+def _headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _fail(resp: httpx.Response) -> int:
+    """Print the server's error (OpenAI-shaped when it is ours); exit code 1."""
+    try:
+        err = resp.json()["error"]
+        _say(f"error {resp.status_code} ({err.get('code')}): {err.get('message')}")
+    except (ValueError, KeyError, TypeError):
+        _say(f"error {resp.status_code}: {resp.text[:500]}")
+    return 1
+
+
+def bar(frac: float, width: int = 20) -> str:
+    full = int(round(max(0.0, min(1.0, frac)) * width))
+    return "█" * full + "░" * (width - full)
+
+
+def body_from_args(ns) -> dict:
+    """The /v1/jobs body from `synth`'s flags."""
+    text = sys.stdin.read() if ns.script == "-" else open(ns.script, encoding="utf-8").read()
+    body: dict = {
+        "script": text,
+        "speakers": [{"voice": v} for v in ns.voice],
+        "cfg_scale": ns.cfg_scale,
+        "format": ns.format,
+    }
+    if ns.steps:
+        body["inference_steps"] = ns.steps
+    if ns.seed is not None:
+        body["seed"] = ns.seed
+    return body
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _progress_line(job: dict, t0: float) -> str:
+    p = job["progress"]
+    worker = job.get("worker")
+    where = f" on worker {worker}" if worker is not None else ""
+    return (
+        f"\r[{bar(p['fraction'])}] {job['state']:<9} {p['audio_s']:6.1f} of ~"
+        f"{p['estimate_s']:.0f} s of audio{where}, {time.monotonic() - t0:5.0f} s "
+    )
+
+
+def submit_and_follow(url: str, body: dict, output: str, api_key: str | None = None) -> int:
+    try:
+        r = httpx.post(f"{url}/v1/jobs", json=body, headers=_headers(api_key), timeout=60)
+    except httpx.HTTPError as e:
+        _say(f"cannot reach {url}: {e}")
+        return 1
+    if r.status_code != 202:
+        return _fail(r)
+    job_id = r.json()["id"]
+    _say(f"job {job_id} submitted; it runs on even if this command stops")
+    return follow(url, job_id, output, api_key)
+
+
+def follow(url: str, job_id: str, output: str, api_key: str | None = None) -> int:
+    """Wait for a job with a progress bar, then write its audio to `output`."""
+    t0 = time.monotonic()
+    lost_since: float | None = None
+    try:
+        while True:
+            try:
+                r = httpx.get(f"{url}/v1/jobs/{job_id}", headers=_headers(api_key), timeout=10)
+            except httpx.TransportError as e:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > UNREACHABLE_GIVE_UP_S:
+                    _say(f"\ncannot reach {url} ({e}); the job may still finish: {_resume(job_id)}")
+                    return 1
+                print(f"\rthe server is not answering; still trying ({e})", end="", file=sys.stderr)
+                time.sleep(POLL_S)
+                continue
+            lost_since = None
+            if r.status_code != 200:
+                print(file=sys.stderr)
+                return _fail(r)
+            job = r.json()
+            print(_progress_line(job, t0), end="", file=sys.stderr)
+            if job["state"] == "done":
+                print(file=sys.stderr)
+                return _download(url, job, output, api_key)
+            if job["state"] in ("failed", "cancelled"):
+                err = job.get("error") or {}
+                _say(f"\njob {job_id} {job['state']}: {err.get('code')}: {err.get('message')}")
+                return 1
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        _say(f"\nstopped following; job {job_id} runs on: {_resume(job_id)}")
+        return EXIT_INTERRUPTED
+
+
+def _resume(job_id: str) -> str:
+    return f"`vibevoice-pool jobs {job_id} -o FILE` fetches it later"
+
+
+def _download(url: str, job: dict, output: str, api_key: str | None) -> int:
+    """Fetch the result into `output` (via a temporary file), resuming with Range."""
+    total = job["result"]["bytes"]
+    tmp = f"{output}.part"
+    got = 0
+    with open(tmp, "wb") as f:
+        for _ in range(DOWNLOAD_TRIES):
+            headers = _headers(api_key) | ({"Range": f"bytes={got}-"} if got else {})
+            try:
+                with httpx.stream(
+                    "GET", f"{url}{job['result']['url']}", headers=headers, timeout=60
+                ) as r:
+                    if r.status_code == 200:
+                        f.seek(0)
+                        f.truncate()
+                        got = 0
+                    elif r.status_code != 206:
+                        r.read()
+                        os.unlink(tmp)
+                        return _fail(r)
+                    for data in r.iter_bytes():
+                        f.write(data)
+                        got += len(data)
+            except httpx.TransportError as e:
+                _say(f"download cut at {got} of {total} bytes ({e}); resuming")
+                time.sleep(POLL_S)
+                continue
+            if got >= total:
+                break
+    if got != total:
+        os.unlink(tmp)
+        _say(f"could not download the result of job {job['id']}: {_resume(job['id'])}")
+        return 1
+    os.replace(tmp, output)
+    _say(f"wrote {output}: {job['result']['audio_s']:.2f} s, seed {job['seed']}, job {job['id']}")
+    return 0
+
+
+def jobs_table(jobs: list[dict]) -> str:
+    lines = [f"{'job':<32}  {'state':<9}  {'progress':<26}  {'audio':>8}  submitted"]
+    for j in jobs:
+        p = j["progress"]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j["timings"]["created_at"]))
+        audio = f"{j['result']['audio_s']:.1f} s" if j.get("result") else ""
+        lines.append(
+            f"{j['id']:<32}  {j['state']:<9}  [{bar(p['fraction'], 10)}] "
+            f"{p['audio_s']:5.1f}/{p['estimate_s']:<5.0f}s  {audio:>8}  {when}"
+        )
+        if j.get("error"):
+            lines.append(f"{'':<32}  {j['error']['code']}: {j['error']['message']}")
+    return "\n".join(lines)
+
+
+def show_job(url: str, job_id: str, api_key: str | None = None) -> int:
+    """Print one job's row (any owner's: the id is what fetches it)."""
+    try:
+        r = httpx.get(f"{url}/v1/jobs/{job_id}", headers=_headers(api_key), timeout=10)
+    except httpx.HTTPError as e:
+        _say(f"cannot reach {url}: {e}")
+        return 1
+    if r.status_code != 200:
+        return _fail(r)
+    print(jobs_table([r.json()]))
+    return 0
+
+
+def list_jobs(url: str, api_key: str | None = None, limit: int = 20) -> int:
+    """Print the caller's jobs (this API key's, or the anonymous ones), newest first."""
+    try:
+        r = httpx.get(
+            f"{url}/v1/jobs", params={"limit": limit}, headers=_headers(api_key), timeout=10
+        )
+    except httpx.HTTPError as e:
+        _say(f"cannot reach {url}: {e}")
+        return 1
+    if r.status_code != 200:
+        return _fail(r)
+    page = r.json()
+    print(jobs_table(page["data"]) if page["data"] else "no jobs")
+    if page["has_more"]:
+        print(f"(newest {limit} shown; --limit for more)")
+    return 0
+
+
+def run(ns) -> int:
+    """The CLI's entry: `synth --async` or `jobs [ID -o FILE]`."""
+    if ns.command == "synth":
+        return submit_and_follow(ns.url, body_from_args(ns), ns.output, ns.api_key)
+    if ns.job_id and ns.output:
+        return follow(ns.url, ns.job_id, ns.output, ns.api_key)
+    if ns.job_id:
+        return show_job(ns.url, ns.job_id, ns.api_key)
+    return list_jobs(ns.url, ns.api_key, ns.limit)

@@ -1,0 +1,182 @@
+"""The page's Jobs tab: long scripts as durable jobs, listed per browser.
+
+    Submit job -> JobRunner.submit(owner "browser:<id>", body)  (what POST /v1/jobs does)
+    every 2 s (gr.Timer, queue=False): this browser's jobs -> the table (state,
+        progress as audio made against the estimate), finished results -> the
+        download list (gr.File, served from the results folder)
+    Cancel -> JobRunner.cancel(id), for a job of this browser only
+
+The browser id is kept in the browser's localStorage (gr.BrowserState, with a
+secret kept in the data folder so it still reads after a restart): closing
+the tab or restarting the server loses nothing. It is the same owner as the
+`X-Browser-Id` header of /v1/jobs. Call `add_jobs_tab` inside a gr.Blocks().
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+
+import gradio as gr
+
+from vibevoice_pool.jobs import JobRunner
+from vibevoice_pool.jobs_store import JobError, JobState
+from workers.messages import PoolError
+
+REFRESH_S = 2.0
+MAX_ROWS = 50
+COLUMNS = ["job", "state", "progress", "audio", "submitted", "error"]
+FORMATS = ["wav", "mp3", "flac", "opus"]
+SECRET_FILE = "page.secret"
+
+
+def owner_for(browser_id: str) -> str:
+    return f"browser:{browser_id}"
+
+
+def _secret(folder: Path) -> str:
+    """A secret for the browser id, made once and kept in the data folder."""
+    path = folder / SECRET_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        value = secrets.token_hex(16)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value)
+        return value
+
+
+def job_rows(runner: JobRunner, owner: str) -> tuple[list[list[str]], list[str]]:
+    """The table rows of an owner's jobs (newest first) and the files of the done ones."""
+    jobs, _ = runner.store.list(owner, limit=MAX_ROWS)
+    rows, files = [], []
+    for job in jobs:
+        d = runner.describe(job)
+        p = d["progress"]
+        rows.append(
+            [
+                job.id,
+                job.state.value,
+                f"{100 * p['fraction']:.0f}% ({p['audio_s']:.1f} of ~{p['estimate_s']:.0f} s)",
+                f"{job.audio_s:.1f} s" if job.state is JobState.DONE else "",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
+                job.error or "",
+            ]
+        )
+        if job.state is JobState.DONE:
+            try:
+                files.append(str(runner.result_file(job)))
+            except JobError:
+                pass  # expired or removed from disk
+    return rows, files
+
+
+def submit_job(
+    runner: JobRunner, browser_id: str, script: str, voices: list[str] | None, fmt: str
+) -> str:
+    """Submit from the page; a line for the page either way."""
+    body = {
+        "script": script or "",
+        "speakers": [{"voice": v} for v in voices or []],
+        "format": fmt or "wav",
+    }
+    try:
+        job = runner.submit(owner_for(browser_id), body)
+    except (PoolError, JobError) as e:
+        return f"❌ {e.message}"
+    return f"✅ Job `{job.id}` queued (about {job.est_audio_s:.0f} s of audio)."
+
+
+def cancel_job(runner: JobRunner, browser_id: str, job_id: str) -> str:
+    job_id = (job_id or "").strip()
+    job = runner.store.get(job_id) if job_id else None
+    if job is None or job.owner != owner_for(browser_id):
+        return f"❌ No job `{job_id}` of this browser."
+    try:
+        runner.cancel(job_id)
+    except JobError as e:
+        return f"❌ {e.message}"
+    return f"⏹️ Job `{job_id}` cancelled."
+
+
+def add_jobs_tab(front, runner: JobRunner) -> None:
+    """Build the Jobs tab (call inside a gr.Blocks() context)."""
+    gr.set_static_paths([runner.store.results])  # the download list serves results from there
+    with gr.Tab("Jobs"):
+        gr.Markdown(
+            "Long scripts run best as **jobs**: they are written down before they run, keep "
+            "running when you close this tab, and finish after a server restart. Results stay "
+            "here for download until they expire."
+        )
+        browser = gr.BrowserState(
+            "", storage_key="vibevoice-pool-browser", secret=_secret(runner.store.folder)
+        )
+        with gr.Row():
+            script = gr.Textbox(
+                label="Script", lines=6, placeholder="Speaker 1: ...\nSpeaker 2: ...", scale=3
+            )
+            with gr.Column(scale=1):
+                voices = gr.Dropdown(
+                    choices=front.voices.names(),
+                    multiselect=True,
+                    label="Voices, in speaker order",
+                )
+                fmt = gr.Dropdown(FORMATS, value="wav", label="Format")
+                submit = gr.Button("Submit job", variant="primary")
+        message = gr.Markdown()
+        table = gr.Dataframe(
+            headers=COLUMNS, value=[], interactive=False, wrap=True, label="Jobs of this browser"
+        )
+        with gr.Row():
+            cancel_id = gr.Textbox(label="Job to cancel", placeholder="job id", scale=3)
+            cancel = gr.Button("Cancel job", scale=1)
+        files = gr.File(label="Finished results", file_count="multiple", interactive=False)
+        shown = gr.State(())  # the files on show: the list is replaced only when they change
+        timer = gr.Timer(REFRESH_S)
+
+        def ensure(browser_id: str) -> str:
+            return browser_id or uuid.uuid4().hex
+
+        def refresh(browser_id, on_show):
+            browser_id = ensure(browser_id)
+            rows, done = job_rows(runner, owner_for(browser_id))
+            if tuple(done) == tuple(on_show):
+                return browser_id, rows, gr.skip(), on_show
+            return browser_id, rows, done, tuple(done)
+
+        def on_submit(browser_id, text, chosen, chosen_fmt):
+            browser_id = ensure(browser_id)
+            return browser_id, submit_job(runner, browser_id, text, chosen, chosen_fmt)
+
+        def on_cancel(browser_id, job_id):
+            return cancel_job(runner, ensure(browser_id), job_id)
+
+        timer.tick(
+            refresh,
+            [browser, shown],
+            [browser, table, files, shown],
+            queue=False,
+            concurrency_limit=None,
+            show_progress="hidden",
+            api_visibility="private",
+        )
+        submit.click(
+            on_submit, [browser, script, voices, fmt], [browser, message], api_visibility="private"
+        ).then(
+            refresh,
+            [browser, shown],
+            [browser, table, files, shown],
+            queue=False,
+            api_visibility="private",
+        )
+        cancel.click(on_cancel, [browser, cancel_id], [message], api_visibility="private").then(
+            refresh,
+            [browser, shown],
+            [browser, table, files, shown],
+            queue=False,
+            api_visibility="private",
+        )
