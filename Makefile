@@ -42,7 +42,9 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The benchmarks rewrite docs/PERFORMANCE.md and docs/img/ (plots need the bench extra).
 bench: setup
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/run_all.py
 
 clean:

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -71,6 +72,7 @@ class Front:
     activity: Activity | None = None  # made by create_app when not given
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
     stream_tokens: object = field(default=None, repr=False)  # the page's live streams
+    jobs: Any = None  # the JobRunner (vibevoice_pool/jobs.py), set at launch
 
     def refused(self, err: m.PoolError) -> None:
         """Count an error answered before admission (for /metrics)."""
@@ -220,6 +222,7 @@ def create_app(front: Front) -> FastAPI:
 
     app = FastAPI(title="vibevoice-pool", version="0.1.0")
     app.state.front = front
+    app.state.on_stopping = []  # called as the server starts to stop (server.py)
     pool = front.pool
     if front.activity is None:
         front.activity = Activity.attach(pool)
@@ -242,7 +245,7 @@ def create_app(front: Front) -> FastAPI:
     @app.get("/ready")
     async def ready():
         n = pool.ready_workers()
-        body = {"ready": n > 0, "ready_workers": n, "workers": len(pool.placements)}
+        body = {"ready": n > 0, "ready_workers": n, "workers": len(pool.live_slots())}
         return JSONResponse(body, 200 if n else 503)
 
     @app.get("/v1/pool")
@@ -251,7 +254,7 @@ def create_app(front: Front) -> FastAPI:
 
     @app.post("/v1/pool/workers/{worker_id}/restart")
     async def restart_worker(worker_id: int):
-        if not 0 <= worker_id < len(pool.placements):
+        if worker_id not in pool.live_slots():
             return plain_error(404, "not_found", f"no worker {worker_id}; see /v1/pool")
         pool.supervisor.restart(worker_id)
         return {"restarting": worker_id}

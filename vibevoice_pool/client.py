@@ -1,8 +1,9 @@
-"""The terminal side: `vibevoice-pool synth` and `vibevoice-pool status`,
-talking to a running server over HTTP (httpx)."""
+"""The terminal side: `vibevoice-pool synth`, `status` and `scale`, talking to a
+running server over HTTP (httpx). `status` prints the page's GPU panel as text."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -11,17 +12,6 @@ import numpy as np
 
 from workers.estimate import audio_seconds_for
 from workers.messages import SAMPLE_RATE
-
-STATE_MARK = {
-    "ready": "✅",
-    "busy": "🔄",
-    "starting": "⏳",
-    "backoff": "♻️",
-    "failed": "❌",
-    "unavailable": "⛔",
-    "draining": "⏸️",
-    "stopped": "⏹️",
-}
 
 
 def _headers(api_key: str | None) -> dict:
@@ -88,29 +78,14 @@ def synth(ns) -> int:
     return 0
 
 
-def bar(frac: float, width: int = 20) -> str:
-    frac = max(0.0, min(1.0, frac))
-    full = int(round(frac * width))
-    return "█" * full + "░" * (width - full)
+def status_table(pool: dict, lang: str | None = None) -> str:
+    """The page's GPU status panel as a table (ui_panel), in $LANG's language (zh or en)."""
+    from vibevoice_pool.ui_panel import render_table
 
-
-def status_table(pool: dict) -> str:
-    q = pool["queue"]
-    lines = [f"queue {q['length']}/{q['max']}   policy {pool.get('policy', '?')}"]
-    for w in pool["workers"]:
-        mem_t = w.get("mem_total_bytes") or 0
-        mem_u = w.get("mem_used_bytes") or 0
-        frac = mem_u / mem_t if mem_t else 0.0
-        lines.append(
-            f"{STATE_MARK.get(w['state'], '?')} worker {w['id']} {w['device']:<7} {w['state']:<11} "
-            f"pid {w.get('pid') or '-':<7} queue {w['inflight']}  restarts {w['restarts']}  "
-            f"done {w['completed']}  failed {w['failed']}"
-        )
-        lines.append(
-            f"     memory [{bar(frac)}] {100 * frac:5.1f}% ({mem_u / 1e9:.1f}/{mem_t / 1e9:.1f}GB)  "
-            f"util [{bar((w.get('util') or 0) / 100)}] {w.get('util') or 0:5.1f}%"
-        )
-    return "\n".join(lines)
+    if lang is None:
+        env = os.environ.get("LC_ALL") or os.environ.get("LANG") or ""
+        lang = "zh" if env.lower().startswith("zh") else "en"
+    return render_table(pool, lang)
 
 
 def status(ns) -> int:

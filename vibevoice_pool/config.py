@@ -123,6 +123,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", int, 7860, "port to bind", lambda v: None if 0 <= v < 65536 else "0-65535"),
     Setting("share", _bool, False, "ask Gradio for a public share link"),
     Setting("api_key", _opt_str, "", "require this Bearer key on the API and a login on the page"),
+    Setting(
+        "cors_origins",
+        _opt_str,
+        "",
+        "origins allowed to call the API from a browser, comma-separated; none by default",
+    ),
     Setting("max_text_chars", int, 20000, "longest script accepted, in characters", _positive),
     Setting("max_audio_s", float, 1800.0, "cap on the audio one request makes", _positive),
     Setting("voices_dir", _opt_str, "", "folder of voice presets (default: <cache>/voices)"),
@@ -179,6 +185,7 @@ class PoolConfig:
     port: int = 7860
     share: bool = False
     api_key: str = ""
+    cors_origins: str = ""
     max_text_chars: int = 20000
     max_audio_s: float = 1800.0
     voices_dir: str = ""

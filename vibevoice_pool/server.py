@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 from vibevoice_pool import config as config_mod
@@ -50,7 +51,8 @@ CORS_ENV = "VIBEVOICE_POOL_CORS_ORIGINS"  # comma-separated origins; unset: no C
 
 def build_front(cfg: PoolConfig, pool, environ=None):
     """The Front every route uses. The API key and CORS origins are read here, at
-    launch: --api-key, else $VIBEVOICE_POOL_API_KEY; $VIBEVOICE_POOL_CORS_ORIGINS."""
+    launch: --api-key, else $VIBEVOICE_POOL_API_KEY; --cors-origins, else
+    $VIBEVOICE_POOL_CORS_ORIGINS."""
     from vibevoice_pool.api import MAX_UPLOAD_BYTES, MAX_VOICE_SECONDS, Front
     from vibevoice_pool.auth import resolve_api_key
     from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
@@ -65,7 +67,8 @@ def build_front(cfg: PoolConfig, pool, environ=None):
             "GPUs. Pass --api-key (or set $VIBEVOICE_POOL_API_KEY)",
             cfg.host,
         )
-    origins = tuple(o.strip() for o in env.get(CORS_ENV, "").split(",") if o.strip())
+    listed = cfg.cors_origins or env.get(CORS_ENV, "")
+    origins = tuple(o.strip() for o in listed.split(",") if o.strip())
 
     folder = config_mod.voices_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,13 +82,12 @@ def build_front(cfg: PoolConfig, pool, environ=None):
 
 
 def build_app(front):
+    from vibevoice_pool import ui
     from vibevoice_pool.api import create_app
+    from vibevoice_pool.pool_api import pool_router
 
     app = create_app(front)
-    try:
-        from vibevoice_pool import ui
-    except ImportError:
-        return app
+    app.include_router(pool_router(front.pool))  # ahead of the page mounted at /
     return ui.mount(app, front)
 
 
@@ -113,6 +115,13 @@ def _uvicorn_server(app, cfg: PoolConfig):
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
+        async def shutdown(self, sockets=None):
+            # Before waiting for open connections: streams that never end on their own
+            # (the page's keep-alive) are told to close, or every stop would take grace_s.
+            for stopping in getattr(app.state, "on_stopping", ()):
+                stopping()
+            await super().shutdown(sockets)
+
     return Server(
         uvicorn.Config(
             app,
@@ -124,15 +133,27 @@ def _uvicorn_server(app, cfg: PoolConfig):
     )
 
 
+def _preload_front() -> None:
+    try:
+        import vibevoice_pool.ui  # noqa: F401
+    except Exception:  # the real import in build_app reports it
+        pass
+
+
 def serve(cfg: PoolConfig) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from vibevoice_pool.jobs import open_store, start_jobs
+    from vibevoice_pool.jobs_api import install as install_jobs
     from vibevoice_pool.pool import Pool
     from vibevoice_pool.supervisor import BootError
     from workers.messages import PoolError
 
+    # The page's imports (Gradio) take seconds: do them while the workers boot.
+    threading.Thread(target=_preload_front, name="preload-ui", daemon=True).start()
     try:
         model_path = resolve_model(cfg)
+        store = open_store(cfg)  # the jobs data folder: refused before any worker boots
         pool = Pool.start(cfg, model_path=model_path)
     except ConfigError as e:
         log.error("%s", e)
@@ -143,21 +164,15 @@ def serve(cfg: PoolConfig) -> int:
     except BootError as e:
         log.error("❌ No worker could start: %s", e)
         return EXIT_BOOT_FAILED
-    from vibevoice_pool.jobs import start_jobs
-    from vibevoice_pool.jobs_api import install as install_jobs
-
     jobs = None
     try:
         front = build_front(cfg, pool)
-        jobs = front.jobs = start_jobs(cfg, pool, front)  # durable jobs; the page's Jobs tab
+        jobs = front.jobs = start_jobs(cfg, pool, front, store)  # durable jobs; the Jobs tab
         app = build_app(front)
         install_jobs(app, front, jobs)  # /v1/jobs, ahead of the page mounted at /
         server = _uvicorn_server(app, cfg)
         log.info("Serving on http://%s:%d (API at /v1, page at /)", cfg.host, cfg.port)
         server.run()
-    except ConfigError as e:  # the jobs data folder cannot be used
-        log.error("%s", e)
-        return EXIT_CONFIG
     finally:
         log.info("Shutting down: finishing accepted requests (up to %.0f s)", cfg.grace_s)
         if jobs is not None:

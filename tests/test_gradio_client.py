@@ -1,0 +1,125 @@
+"""gradio_client drives the page's public generate endpoint and gets audio; the
+status refreshes stay out of the public API."""
+
+from __future__ import annotations
+
+import pytest
+import soundfile as sf
+from gradio_client import Client
+from serving import shared_server
+
+SCRIPT = "Speaker 1: Hello from the page.\nSpeaker 2: And hello back, from the second voice."
+
+
+@pytest.fixture(scope="module")
+def srv(request, tmp_path_factory):
+    return shared_server(request, tmp_path_factory)
+
+
+@pytest.fixture
+def client(srv, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    c = Client(srv.url, download_files=str(tmp_path), verbose=False, analytics_enabled=False)
+    yield c
+    c.close()
+
+
+def test_generate_endpoint_returns_the_complete_audio(client):
+    job = client.submit(
+        SCRIPT,
+        2,
+        "demo-Alice_woman",
+        "demo-Dave_man",
+        None,
+        None,
+        1.3,
+        10,
+        42,
+        api_name="/generate",
+    )
+    _, progress, audio_path = job.result(timeout=120)
+    assert 'data-state="done"' in progress and "seed 42" in progress
+    first_live = job.outputs()[0][0]
+    assert "ui/stream/" in first_live  # the live player, streaming while it is made
+    pcm, rate = sf.read(audio_path)
+    assert rate == 24000
+    assert len(pcm) / rate > 1.0
+    assert abs(pcm).max() > 0.05
+
+
+def test_only_generate_is_public(client):
+    api = client.view_api(print_info=False, return_format="dict")
+    assert "/generate" in api["named_endpoints"]
+    assert not api["unnamed_endpoints"]
+    params = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
+    assert params[:2] == ["script", "speakers"]
+
+
+def test_bad_input_through_the_page_is_an_error_saying_what_to_fix(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as err:
+        client.predict("   ", 1, None, None, None, None, 1.3, 10, -1, api_name="/generate")
+    assert "script is empty" in str(err.value)
+
+
+class _FakePool:
+    """Just what the page reads of a pool: three workers, nothing running."""
+
+    def __init__(self, n: int, max_queue: int):
+        self.n, self.max_queue = n, max_queue
+
+    def status(self) -> dict:
+        workers = [
+            {"id": i, "device": f"cuda:{i}", "name": "GPU", "state": "ready"} for i in range(self.n)
+        ]
+        return {"queue": {"length": 0, "max": self.max_queue}, "workers": workers}
+
+
+def _page(tmp_path, workers: int = 3, max_queue: int = 7):
+    from fastapi import FastAPI
+
+    from vibevoice_pool import ui
+    from vibevoice_pool.api import Front
+    from vibevoice_pool.config import build
+    from vibevoice_pool.metrics import Activity
+    from vibevoice_pool.voices import VoiceLibrary
+
+    cfg = build({"engine": "sim", "max_queue": max_queue, "max_batch_size": 2})
+    voices = VoiceLibrary(tmp_path / "voices", max_bytes=1 << 20, max_seconds=60)
+    front = Front(_FakePool(workers, max_queue), voices, cfg, activity=Activity())
+    app = FastAPI()
+    app.state.on_stopping = []
+    ui.mount(app, front)
+    return app.state.page
+
+
+def test_gradio_queue_is_sized_from_the_pool(tmp_path):
+    """max_size = the pool's queue, default concurrency = its slots, and Generate may
+    run slots + queue at once: page requests wait in the pool's one queue."""
+    demo = _page(tmp_path, workers=3, max_queue=7).blocks
+    assert demo._queue.max_size == 7
+    assert demo._queue.default_concurrency_limit == 3 * 2
+    generate = next(f for f in demo.fns.values() if f.api_name == "generate")
+    assert generate.concurrency_limit == 3 * 2 + 7
+    quiet = [f for f in demo.fns.values() if f.api_name in ("panel", "charts")]
+    assert len(quiet) == 2
+    assert all(not f.queue and f.concurrency_limit is None for f in quiet)
+
+
+def test_a_voice_added_on_the_page_is_checked_and_offered_to_every_speaker(tmp_path):
+    import asyncio
+
+    import gradio as gr
+    from serving import wav_bytes
+
+    page = _page(tmp_path)
+    good, bad = tmp_path / "take 1.wav", tmp_path / "notes.wav"
+    good.write_bytes(wav_bytes())
+    bad.write_bytes(b"not audio at all" * 10)
+    *updates, message = asyncio.run(page.add_voice(str(good), "", None, None, None, None))
+    assert "take_1" in message
+    assert all("take_1" in u["choices"] for u in updates) and len(updates) == 4
+    with pytest.raises(gr.Error) as err:
+        asyncio.run(page.add_voice(str(bad), "notes", None, None, None, None))
+    assert "could not be read as audio" in str(err.value)

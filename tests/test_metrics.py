@@ -1,0 +1,110 @@
+"""/metrics: parses with prometheus_client's own parser, holds per-worker series,
+and counts what really happened (outcomes, refusals, latency, restarts)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import wait_until
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from vibevoice_pool.api import MAX_UPLOAD_BYTES, Front, create_app
+from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
+
+
+def scrape(client) -> dict[str, list]:
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    return {f.name: f.samples for f in text_string_to_metric_families(r.text)}
+
+
+def value(samples, name: str, **labels) -> float:
+    found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
+    assert found, f"no sample {name} {labels}"
+    return sum(found)
+
+
+@pytest.fixture
+def api(sim_pool, tmp_path):
+    ensure_demo_voices(tmp_path / "voices")
+    with sim_pool(gpus="cpu:2", sim_rtf=0.02) as pool:
+        voices = VoiceLibrary(tmp_path / "voices", max_bytes=MAX_UPLOAD_BYTES, max_seconds=60)
+        with TestClient(create_app(Front(pool, voices, pool.cfg))) as client:
+            yield client
+
+
+def test_metrics_parse_and_hold_per_worker_series(api):
+    for text in ("Speaker 1: one two three", "Speaker 1: four five six seven"):
+        assert api.post("/v1/synthesize", json={"script": text}).status_code == 200
+    failed = api.post("/v1/synthesize", json={"script": "Speaker 1: [[error]] boom"})
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "engine_error"
+    assert api.post("/v1/synthesize", json={"script": ""}).status_code == 400
+
+    m = scrape(api)
+    for family in (
+        "vibevoice_pool_worker_up",
+        "vibevoice_pool_worker_inflight",
+        "vibevoice_pool_worker_queued_work_seconds",
+        "vibevoice_pool_worker_restarts",
+        "vibevoice_pool_worker_memory_used_bytes",
+        "vibevoice_pool_worker_memory_total_bytes",
+        "vibevoice_pool_worker_utilization_ratio",
+        "vibevoice_pool_worker_heartbeat_age_seconds",
+        "vibevoice_pool_worker_audio_seconds",
+        "vibevoice_pool_worker_busy_seconds",
+    ):
+        workers = {s.labels["worker"] for s in m[family]}
+        assert workers == {"0", "1"}, family
+    assert value(m["vibevoice_pool_worker_up"], "vibevoice_pool_worker_up") == 2
+
+    def memory_seen():  # the device monitor samples once a second
+        name = "vibevoice_pool_worker_memory_total_bytes"
+        return all(value(scrape(api)[name], name, worker=w) > 0 for w in ("0", "1"))
+
+    wait_until(memory_seen, 15, 0.2, "the monitor's first memory sample")
+    requests = m["vibevoice_pool_worker_requests"]
+    assert value(requests, "vibevoice_pool_worker_requests_total", outcome="completed") == 2
+    assert value(requests, "vibevoice_pool_worker_requests_total", outcome="engine_error") == 1
+    assert value(m["vibevoice_pool_requests"], "vibevoice_pool_requests_total") == 3
+    audio = value(
+        m["vibevoice_pool_worker_audio_seconds"], "vibevoice_pool_worker_audio_seconds_total"
+    )
+    assert audio > 1.0
+    assert (
+        value(m["vibevoice_pool_worker_busy_seconds"], "vibevoice_pool_worker_busy_seconds_total")
+        > 0
+    )
+    assert value(
+        m["vibevoice_pool_audio_delivered_seconds"], "vibevoice_pool_audio_delivered_seconds_total"
+    ) == pytest.approx(audio, abs=0.01)
+    latency = m["vibevoice_pool_request_duration_seconds"]
+    assert value(latency, "vibevoice_pool_request_duration_seconds_count") == 3
+    assert value(latency, "vibevoice_pool_request_duration_seconds_bucket", le="+Inf") == 3
+    assert (
+        value(m["vibevoice_pool_refused"], "vibevoice_pool_refused_total", reason="bad_input") == 1
+    )
+    assert value(m["vibevoice_pool_queue_length"], "vibevoice_pool_queue_length") == 0
+    assert value(m["vibevoice_pool_queue_max"], "vibevoice_pool_queue_max") == 50
+    states = [s for s in m["vibevoice_pool_worker_state"] if s.value == 1]
+    assert sorted((s.labels["worker"], s.labels["state"]) for s in states) == [
+        ("0", "ready"),
+        ("1", "ready"),
+    ]
+
+
+def test_a_crash_shows_as_a_requeue_a_lost_request_and_a_restart(api):
+    r = api.post("/v1/synthesize", json={"script": "Speaker 1: [[crash]] down it goes"})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "worker_lost"
+
+    def restarted():
+        m = scrape(api)
+        total = value(m["vibevoice_pool_worker_restarts"], "vibevoice_pool_worker_restarts_total")
+        return m if total >= 2 else None
+
+    m = wait_until(restarted, 30, 0.3, "both crashed workers to be respawned")
+    assert value(m["vibevoice_pool_requeued"], "vibevoice_pool_requeued_total") == 1
+    assert (
+        value(m["vibevoice_pool_requests"], "vibevoice_pool_requests_total", outcome="worker_lost")
+        == 1
+    )

@@ -1,0 +1,119 @@
+"""The official `openai` package against /v1/audio/speech: every format, streaming,
+OpenAI's voice names, and a clear 400 for what is not supported."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+from serving import shared_server
+
+TEXT = "Hello from the pool. This sentence is long enough to make a second of audio."
+
+
+@pytest.fixture(scope="module")
+def srv(request, tmp_path_factory):
+    return shared_server(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield c
+    c.close()
+
+
+def _decode(data: bytes, fmt: str) -> np.ndarray:
+    if fmt == "pcm":
+        assert len(data) % 2 == 0
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768
+    pcm, rate = sf.read(io.BytesIO(data), dtype="float32")
+    assert rate in (24000, 48000)  # opus decodes at 48 kHz
+    return pcm
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac", "opus", "pcm"])
+def test_openai_client_gets_valid_audio_in_every_format(client, fmt):
+    speech = client.audio.speech.create(
+        model="tts-1", voice="demo-Alice_woman", input=TEXT, response_format=fmt
+    )
+    data = speech.read()
+    magic = {"wav": b"RIFF", "flac": b"fLaC", "opus": b"OggS"}
+    if fmt in magic:
+        assert data.startswith(magic[fmt])
+    pcm = _decode(data, fmt)
+    assert len(pcm) > 0.5 * 24000
+    assert np.abs(pcm).max() > 0.05  # a tone, not silence
+
+
+def test_openai_voice_names_map_to_presets(client):
+    raw = client.audio.speech.with_raw_response.create(
+        model="tts-1", voice="alloy", input=TEXT, response_format="wav"
+    )
+    assert raw.headers["x-voice"].startswith("demo-")
+    assert raw.content.startswith(b"RIFF")
+
+
+def test_streaming_response_arrives_in_pieces(client):
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1",
+        voice="demo-Bob_man",
+        input=TEXT * 3,
+        response_format="pcm",
+        extra_body={"stream": True},
+    ) as resp:
+        chunks = list(resp.iter_bytes(4800))
+    assert len(chunks) > 2
+    assert len(b"".join(chunks)) > 24000 * 2  # over a second of 16-bit audio
+
+
+def test_sse_stream_format_sends_openai_events(srv):
+    body = {
+        "model": "tts-1",
+        "input": TEXT,
+        "voice": "demo-Bob_man",
+        "response_format": "pcm",
+        "stream_format": "sse",
+    }
+    events = []
+    with httpx.stream("POST", srv.url + "/v1/audio/speech", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["type"] == "speech.audio.done"
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    audio = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    assert len(deltas) > 1 and len(audio) > 24000
+
+
+def test_unsupported_format_is_a_clear_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="aac")
+    assert err.value.status_code == 400
+    message = err.value.body["message"]
+    assert "'aac' is not supported" in message and "wav, mp3, flac, opus, pcm" in message
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"voice": "nobody-like-this"}, "unknown voice"),
+        ({"input": "   "}, "input is empty"),
+        ({"speed": 2.0}, "speed"),
+        ({"model": ""}, "model"),
+    ],
+)
+def test_bad_speech_requests_say_what_to_fix(srv, change, needle):
+    body = {"model": "tts-1", "input": TEXT, "voice": "alloy"} | change
+    r = srv.post("/v1/audio/speech", json=body)
+    assert r.status_code == 400
+    assert needle in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"

@@ -1,0 +1,194 @@
+"""The page's pure parts, without a server: the panel's states and formats, the
+language choice, the charts' sampler, the request activity, the live streams."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from vibevoice_pool.metrics import Activity
+from vibevoice_pool.ui_charts import History, render
+from vibevoice_pool.ui_i18n import EN, ZH, pick_language
+from vibevoice_pool.ui_live import LiveStreams, TabRequests
+from vibevoice_pool.ui_panel import display_state, render_html, render_table, views
+from workers import messages as m
+
+
+def worker(i: int, state: str = "ready", restarts: int = 0, **extra) -> dict:
+    return {
+        "id": i,
+        "device": f"cuda:{i}",
+        "name": "NVIDIA H100",
+        "state": state,
+        "pid": 100 + i,
+        "restarts": restarts,
+        "inflight": 1,
+        "mem_used_bytes": 16.2e9,
+        "mem_total_bytes": 40e9,
+        "util": 50.2,
+        "current_request": 12,
+        "error": "",
+    } | extra
+
+
+def status(*workers) -> dict:
+    return {"queue": {"length": 3, "max": 50}, "policy": "least_work", "workers": list(workers)}
+
+
+@pytest.mark.parametrize(
+    "state,restarts,shown",
+    [
+        ("ready", 0, "ready"),
+        ("busy", 0, "busy"),
+        ("backoff", 1, "recovering"),
+        ("starting", 0, "starting"),
+        ("starting", 2, "recovering"),  # a respawn on its way up
+        ("failed", 3, "failed"),
+        ("unavailable", 0, "unavailable"),
+        ("something-new", 0, "starting"),
+    ],
+)
+def test_display_state(state, restarts, shown):
+    assert display_state({"state": state, "restarts": restarts}) == shown
+
+
+def test_panel_html_has_the_old_demos_content_per_worker():
+    html = render_html(status(worker(0), worker(1, "backoff", restarts=1)), "zh")
+    blocks = re.findall(r'<div class="vv-worker[^"]*" data-worker="(\d)" data-state="(\w+)"', html)
+    assert blocks == [("0", "ready"), ("1", "recovering")]
+    assert "✅ GPU 0: NVIDIA H100 [就绪]" in html
+    assert "♻️ GPU 1: NVIDIA H100 [恢复中]" in html
+    assert "📊 队列: 1 | 内存: [████████░░░░░░░░░░░░] 40.5% (16.2/40.0GB)" in html
+    assert "⚡ 利用率: [██████████░░░░░░░░░░] 50.2%" in html
+    assert "🔁 重启: 1 | 🎙️ 当前请求: #12" in html
+    assert "等待队列: 3/50" in html
+
+
+def test_panel_html_escapes_what_it_shows():
+    html = render_html(status(worker(0, name="<script>x</script>")))
+    assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_table_has_a_row_per_worker_and_two_gpus_share_a_label_with_ids():
+    text = render_table(
+        status(
+            worker(0), worker(1, device="cuda:0", state="failed", error="CUDA error: boot failed")
+        )
+    )
+    rows = [line for line in text.splitlines() if line.startswith(("✅", "❌"))]
+    assert len(rows) == 2
+    assert rows[0].startswith("✅ GPU 0 #0: NVIDIA H100") and "ready" in rows[0]
+    assert rows[1].startswith("❌ GPU 0 #1") and "failed" in rows[1]
+    assert "⚠️ CUDA error: boot failed" in text
+    assert [v.short for v in views(status(worker(0)))] == ["GPU 0"]
+
+
+@pytest.mark.parametrize(
+    "header,lang",
+    [
+        (None, "en"),
+        ("", "en"),
+        ("zh-CN,zh;q=0.9,en;q=0.8", "zh"),
+        ("en-US,en;q=0.9,zh-CN;q=0.8", "en"),
+        ("fr-FR,zh-TW;q=0.7,en;q=0.5", "zh"),
+        ("de", "en"),
+        ("zh;q=0,en;q=0.1", "en"),
+        ("zh;q=oops", "en"),
+    ],
+)
+def test_language_follows_accept_language(header, lang):
+    assert pick_language(header) == lang
+
+
+def test_both_languages_have_every_string():
+    assert EN.keys() == ZH.keys()
+    for key in EN:
+        assert set(re.findall(r"{(\w+)", EN[key])) == set(re.findall(r"{(\w+)", ZH[key])), key
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _job(rid: str, slot: int | None, delivered: int = 0, submitted: float = 100.0):
+    handle = SimpleNamespace(worker=slot, submitted_at=submitted)
+    return SimpleNamespace(request=SimpleNamespace(id=rid), handle=handle, delivered=delivered)
+
+
+def test_activity_counts_busy_time_outcomes_and_delivered_audio():
+    clock = _Clock()
+    a = Activity(clock=clock)
+    j1, j2 = _job("a", 0), _job("b", 0)
+    for j in (j1, j2):
+        a.on_event("dispatched", j, (0, 0.0, None))
+        a.on_event("started", j, 0)
+    clock.now = 102.0
+    j1.delivered = m.SAMPLE_RATE  # one second handed to the client so far
+    assert a.busy_seconds(0) == pytest.approx(2.0)
+    assert a.delivered_seconds() == pytest.approx(1.0)
+    a.on_event("finished", j1, m.Done("a", 1.0, 2.0))
+    clock.now = 103.0
+    a.on_event("finished", j2, m.Failed("b", m.ErrorKind.CANCELLED, "cancelled"))
+    clock.now = 110.0  # idle time is not busy time
+    assert a.busy_seconds(0) == pytest.approx(3.0)  # two overlapping requests: 3 s, not 5
+    outcomes, _, audio = a.snapshot()
+    assert outcomes == {("0", "completed"): 1, ("0", "cancelled"): 1}
+    assert audio == {0: 1.0}
+    a.refused("bad_input")
+    assert a.snapshot()[1] == {"bad_input": 1}
+
+
+def test_history_keeps_recent_samples_and_computes_audio_per_second():
+    clock = _Clock()
+    delivered = [0.0]
+    pool = SimpleNamespace(status=lambda: status(worker(0), worker(1, util=0.0)))
+    activity = SimpleNamespace(delivered_seconds=lambda: delivered[0])
+    h = History(pool, activity, keep_s=10, clock=clock)
+    for _ in range(20):
+        clock.now += 1
+        delivered[0] += 2.0  # two seconds of audio each second
+        h.sample_once()
+    samples = h.samples()
+    assert len(samples) == 11  # the last 10 s
+    assert samples[-1].rate == pytest.approx(2.0)
+    assert samples[-1].util == {0: 50.2, 1: 0.0}
+    assert samples[-1].mem[0] == pytest.approx(40.5)
+    html = render(samples, {0: "GPU 0", 1: "GPU 1"}, "en", span_s=10)
+    assert html.count("<svg") == 4 and html.count("<polyline") == 2 + 2 + 1 + 1  # a line per worker
+    assert "collecting" in render([], {}, "en")
+
+
+def test_live_streams_and_tabs():
+    streams = LiveStreams(keep_s=0)
+    live = streams.new()
+    url = "/" + LiveStreams.url(live)
+    assert streams.allows(url) and not streams.allows("/ui/stream/guess.wav")
+    live.push(np.full(10, 0.5, dtype=np.float32))
+    assert len(live.chunks_from(0)[0]) == 20
+    live.close()
+    streams.prune()
+    assert not streams.allows(url)  # kept 0 s after it ended
+
+    tabs = TabRequests()
+    cancelled = []
+
+    class Handle:
+        def __init__(self, name):
+            self.name = name
+
+        def cancel(self):
+            cancelled.append(self.name)
+
+    mine, theirs = Handle("mine"), Handle("theirs")
+    tabs.add("tab-a", mine)
+    tabs.add("tab-b", theirs)
+    assert tabs.cancel("tab-a") == 1 and cancelled == ["mine"]
+    tabs.remove("tab-a", mine)
+    assert tabs.cancel("tab-a") == 0 and cancelled == ["mine"]

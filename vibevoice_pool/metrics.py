@@ -1,0 +1,232 @@
+"""Prometheus metrics at /metrics, and the request activity the page's charts use.
+
+Two sources, both read at scrape time:
+  - the StatusBoard through `Pool.status()` and the dispatcher: per-worker state,
+    in-flight, queued work, restarts, memory, utilisation, heartbeat age, and
+    the admission queue (a custom collector; no multiprocess mode needed);
+  - `Activity`, a dispatcher listener kept in the parent: requests by outcome
+    per worker, audio seconds produced, busy seconds, the request latency
+    histogram, and the audio delivered so far (for the page's audio-per-second
+    chart). Refusals (bad input, overloaded, no key, ...) are counted by the
+    front ends that answer them, through `Activity.refused`.
+
+Every series is in this app's own CollectorRegistry, so two apps in one
+process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, defaultdict
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from vibevoice_pool.ui_panel import MARK, display_state
+from workers import messages as m
+
+LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
+STATES = tuple(MARK)  # ready, busy, recovering, starting, failed, ...
+
+
+class Activity:
+    """What requests did, from the dispatcher's events. Thread-safe.
+
+    Listener calls arrive under the dispatcher's lock: they only touch our own
+    lock and never call back into the dispatcher.
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.outcomes: Counter[tuple[str, str]] = Counter()  # (worker or "", outcome)
+        self.refusals: Counter[str] = Counter()
+        self.audio_s: defaultdict[int, float] = defaultdict(float)  # per worker, from Done
+        self._busy_s: defaultdict[int, float] = defaultdict(float)
+        self._busy_since: dict[int, float] = {}
+        self._running: defaultdict[int, set[str]] = defaultdict(set)
+        self._active: dict[str, object] = {}  # request id -> the dispatcher's job
+        self._delivered_done = 0  # samples of finished requests
+        self.latency = Histogram(
+            "vibevoice_pool_request_duration_seconds",
+            "Time from admission to the last event of a request, by outcome",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
+
+    @classmethod
+    def attach(cls, pool) -> Activity:
+        activity = cls()
+        pool.dispatcher.listeners.append(activity.on_event)
+        return activity
+
+    # ---- events ----------------------------------------------------------
+
+    def on_event(self, what: str, job, detail) -> None:
+        rid = job.request.id
+        now = self.clock()
+        with self._lock:
+            if what == "dispatched":
+                self._active[rid] = job
+            elif what == "started":
+                self._start(detail, rid, now)
+            elif what == "requeued":
+                self._stop(detail, rid, now)
+            elif what == "finished":
+                self._active.pop(rid, None)
+                self._delivered_done += int(getattr(job, "delivered", 0))
+                worker = job.handle.worker
+                if worker is not None:
+                    self._stop(worker, rid, now)
+                outcome = "completed" if isinstance(detail, m.Done) else detail.error.value
+                self.outcomes[("" if worker is None else str(worker), outcome)] += 1
+                if isinstance(detail, m.Done) and worker is not None:
+                    self.audio_s[worker] += detail.audio_s
+                self.latency.labels(outcome).observe(max(0.0, now - job.handle.submitted_at))
+
+    def _start(self, slot: int, rid: str, now: float) -> None:
+        if not self._running[slot]:
+            self._busy_since[slot] = now
+        self._running[slot].add(rid)
+
+    def _stop(self, slot: int, rid: str, now: float) -> None:
+        running = self._running[slot]
+        if rid not in running:
+            return
+        running.discard(rid)
+        if not running and slot in self._busy_since:
+            self._busy_s[slot] += now - self._busy_since.pop(slot)
+
+    def refused(self, reason: str) -> None:
+        """A request answered with an error before it was admitted."""
+        with self._lock:
+            self.refusals[reason] += 1
+
+    # ---- reads -----------------------------------------------------------
+
+    def busy_seconds(self, slot: int) -> float:
+        with self._lock:
+            since = self._busy_since.get(slot)
+            return self._busy_s[slot] + (self.clock() - since if since is not None else 0.0)
+
+    def delivered_seconds(self) -> float:
+        """Audio seconds handed to clients so far, counting requests still running."""
+        with self._lock:
+            live = sum(int(getattr(j, "delivered", 0)) for j in self._active.values())
+            return (self._delivered_done + live) / m.SAMPLE_RATE
+
+    def snapshot(self) -> tuple[Counter, Counter, dict[int, float]]:
+        with self._lock:
+            return Counter(self.outcomes), Counter(self.refusals), dict(self.audio_s)
+
+
+class PoolCollector:
+    """Reads the pool at scrape time."""
+
+    def __init__(self, pool, activity: Activity):
+        self.pool = pool
+        self.activity = activity
+
+    def collect(self):
+        status = self.pool.status()
+        outcomes, refusals, audio = self.activity.snapshot()
+        p = "vibevoice_pool_"
+        q = status["queue"]
+        g = GaugeMetricFamily(p + "queue_length", "Requests waiting in the admission queue")
+        g.add_metric([], q["length"])
+        yield g
+        g = GaugeMetricFamily(p + "queue_max", "Size of the admission queue")
+        g.add_metric([], q["max"])
+        yield g
+
+        c = CounterMetricFamily(p + "requests", "Requests by outcome", labels=["outcome"])
+        by_outcome: Counter[str] = Counter()
+        for (_, outcome), n in outcomes.items():
+            by_outcome[outcome] += n
+        for outcome, n in sorted(by_outcome.items()):
+            c.add_metric([outcome], n)
+        yield c
+        c = CounterMetricFamily(
+            p + "refused", "Requests answered with an error before admission", labels=["reason"]
+        )
+        for reason, n in sorted(refusals.items()):
+            c.add_metric([reason], n)
+        yield c
+        c = CounterMetricFamily(p + "requeued", "Requests sent back to the queue by a death")
+        c.add_metric([], self.pool.dispatcher.counters.get("requeued", 0))
+        yield c
+        c = CounterMetricFamily(p + "audio_delivered_seconds", "Audio seconds sent to clients")
+        c.add_metric([], self.activity.delivered_seconds())
+        yield c
+
+        yield from self._workers(status["workers"], outcomes, audio)
+
+    def _workers(self, workers, outcomes, audio):
+        p = "vibevoice_pool_worker_"
+        lab = ["worker", "device"]
+
+        def fam(kind, name, doc, extra=()):
+            cls = CounterMetricFamily if kind == "c" else GaugeMetricFamily
+            return cls(p + name, doc, labels=[*lab, *extra])
+
+        fams = {
+            "up": fam("g", "up", "1 when the worker is ready or busy"),
+            "state": fam("g", "state", "1 for the worker's current panel state", ["state"]),
+            "requests": fam("c", "requests", "Requests finished on the worker", ["outcome"]),
+            "inflight": fam("g", "inflight", "Requests the worker holds"),
+            "capacity": fam("g", "capacity", "Requests the worker can hold (batch size)"),
+            "queued": fam("g", "queued_work_seconds", "Estimated audio seconds still to make"),
+            "audio": fam("c", "audio_seconds", "Audio seconds produced by finished requests"),
+            "busy": fam("c", "busy_seconds", "Seconds the worker spent generating"),
+            "restarts": fam("c", "restarts", "Times the worker was respawned"),
+            "mem_used": fam("g", "memory_used_bytes", "Device memory used (RSS for CPU workers)"),
+            "mem_total": fam("g", "memory_total_bytes", "Device memory in total"),
+            "util": fam("g", "utilization_ratio", "Device utilisation, 0-1"),
+            "beat": fam("g", "heartbeat_age_seconds", "Seconds since the worker's heartbeat"),
+            "speed": fam("g", "speed", "Measured audio seconds per wall second"),
+            "completed": fam("g", "completed_since_spawn", "Requests done since the last spawn"),
+        }
+        for w in workers:
+            ids = [str(w["id"]), str(w["device"])]
+            state = display_state(w)
+            fams["up"].add_metric(ids, 1 if state in ("ready", "busy") else 0)
+            for s in STATES:
+                fams["state"].add_metric([*ids, s], 1 if s == state else 0)
+            for (worker, outcome), n in sorted(outcomes.items()):
+                if worker == ids[0]:
+                    fams["requests"].add_metric([*ids, outcome], n)
+            fams["inflight"].add_metric(ids, w["inflight"])
+            fams["capacity"].add_metric(ids, w["capacity"])
+            fams["queued"].add_metric(ids, w["queued_work_s"])
+            fams["audio"].add_metric(ids, audio.get(w["id"], 0.0))
+            fams["busy"].add_metric(ids, self.activity.busy_seconds(w["id"]))
+            fams["restarts"].add_metric(ids, w["restarts"])
+            fams["mem_used"].add_metric(ids, w["mem_used_bytes"])
+            fams["mem_total"].add_metric(ids, w["mem_total_bytes"])
+            fams["util"].add_metric(ids, (w["util"] or 0.0) / 100.0)
+            if w.get("heartbeat_age_s") is not None:
+                fams["beat"].add_metric(ids, w["heartbeat_age_s"])
+            fams["speed"].add_metric(ids, w["speed"])
+            fams["completed"].add_metric(ids, w["completed"])
+        yield from fams.values()
+
+
+def registry_for(pool, activity: Activity) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PoolCollector(pool, activity))
+    registry.register(activity.latency)
+    return registry
+
+
+def install(app: FastAPI, pool, activity: Activity) -> None:
+    """Add GET /metrics to the app."""
+    registry = registry_for(pool, activity)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

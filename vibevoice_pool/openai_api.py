@@ -1,0 +1,188 @@
+"""POST /v1/audio/speech, compatible with OpenAI's text-to-speech API.
+
+    {"model": "...", "input": "text", "voice": "<preset>", "response_format":
+     "wav|mp3|flac|opus|pcm", "speed": 1.0, "stream_format": "audio|sse"}
+
+- `model` is any non-empty name (this server has one model); echoed in X-Model.
+- `voice` is a preset of /v1/voices. OpenAI's own voice names (alloy, echo,
+  ...) that are not presets map to the presets in a fixed order, so programs
+  written for OpenAI run unchanged; X-Voice says which preset was used.
+- `input` is one speaker's text; "Speaker N:" lines still work as in
+  /v1/synthesize, with the other speakers on the default presets.
+- The audio is streamed as it is made with `"stream": true` (wav and pcm play
+  while they arrive) or `"stream_format": "sse"` (OpenAI's events:
+  speech.audio.delta with base64 audio, then speech.audio.done).
+- Extensions: seed, cfg_scale, inference_steps, stream.
+Errors are OpenAI-shaped (errors.py), as on every route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Literal
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from vibevoice_pool import audio
+from vibevoice_pool.api import (
+    Speaker,
+    SynthesizeBody,
+    headers_for,
+    run_to_response,
+    stream_response,
+)
+from vibevoice_pool.errors import error_response
+from workers import messages as m
+
+OPENAI_VOICES = (
+    "alloy",
+    "ash",
+    "ballad",
+    "coral",
+    "echo",
+    "fable",
+    "nova",
+    "onyx",
+    "sage",
+    "shimmer",
+    "verse",
+    "marin",
+    "cedar",
+)
+
+
+class VoiceId(BaseModel):
+    id: str
+
+
+class SpeechBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, description="any name; this server has one model")
+    input: str = Field(..., description="the text to speak")
+    voice: str | VoiceId = Field(..., description="a preset of /v1/voices (or an OpenAI name)")
+    instructions: str | None = Field(None, description="accepted; VibeVoice takes no style prompt")
+    response_format: str = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+    stream: bool = False
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
+    inference_steps: int | None = Field(None, ge=1, le=100)
+
+
+def _bad(message: str) -> m.PoolError:
+    return m.PoolError(m.ErrorKind.BAD_INPUT, message)
+
+
+def resolve_voice(library, voice: str) -> str:
+    """The preset a requested voice means (see the module docstring)."""
+    try:
+        return library.match(voice)
+    except m.PoolError:
+        names = library.names()
+        if voice.strip().lower() in OPENAI_VOICES and names:
+            return names[OPENAI_VOICES.index(voice.strip().lower()) % len(names)]
+        raise
+
+
+def check(body: SpeechBody, max_chars: int) -> None:
+    if not body.input.strip():
+        raise _bad("input is empty; give the text to speak")
+    if len(body.input) > max_chars:
+        raise _bad(
+            f"input has {len(body.input)} characters; the limit is {max_chars}. "
+            "Split the text into several requests"
+        )
+    if body.speed != 1.0:
+        raise _bad("speed other than 1.0 is not supported by this server; leave it out")
+    audio._check_format(body.response_format)
+
+
+async def _sse(handle, fmt: str, extra_headers: dict):
+    """OpenAI's speech events: speech.audio.delta (base64) ..., speech.audio.done."""
+    events = handle.events()
+    first = await anext(events)
+    if isinstance(first, m.Failed):
+        return error_response(m.PoolError(first.error, first.message))
+    enc = audio.StreamEncoder(fmt)
+
+    def event(obj: dict) -> bytes:
+        return f"data: {json.dumps(obj)}\n\n".encode()
+
+    async def body():
+        try:
+            head = enc.start()
+            event_ = first
+            while True:
+                if isinstance(event_, m.Chunk):
+                    data = head + enc.push(event_.pcm)
+                    head = b""
+                    if data:
+                        yield event({"type": "speech.audio.delta", "audio": _b64(data)})
+                elif isinstance(event_, m.Failed):
+                    yield event(
+                        {
+                            "type": "error",
+                            "error": {"message": event_.message, "code": event_.error.value},
+                        }
+                    )
+                    return
+                elif isinstance(event_, m.Done):
+                    tail = head + enc.end()
+                    if tail:
+                        yield event({"type": "speech.audio.delta", "audio": _b64(tail)})
+                    yield event(
+                        {
+                            "type": "speech.audio.done",
+                            "usage": {"audio_seconds": round(event_.audio_s, 3)},
+                        }
+                    )
+                    return
+                event_ = await anext(events)
+        finally:
+            if not handle.done:
+                handle.cancel()
+
+    headers = headers_for(handle) | extra_headers
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def install(app: FastAPI, front) -> None:
+    pool = front.pool
+
+    @app.post("/v1/audio/speech")
+    async def speech(body: SpeechBody, request: Request):
+        check(body, front.cfg.max_text_chars)
+        voice = body.voice if isinstance(body.voice, str) else body.voice.id
+        preset = resolve_voice(front.voices, voice)
+        synth = SynthesizeBody(
+            script=body.input,
+            speakers=[Speaker(voice=preset)],
+            cfg_scale=body.cfg_scale,
+            inference_steps=body.inference_steps,
+            seed=body.seed,
+            format=body.response_format,
+            stream=body.stream or body.stream_format == "sse",
+        )
+        req = await asyncio.to_thread(front.build_request, synth)
+        handle = pool.submit(req)
+        extra = {"X-Voice": quote(preset), "X-Model": quote(body.model)}
+        fmt = audio._check_format(body.response_format)
+        if body.stream_format == "sse":
+            return await _sse(handle, fmt, extra)
+        if body.stream:
+            resp = await stream_response(handle, fmt)
+        else:
+            resp = await run_to_response(request, handle, fmt)
+        if resp.status_code == 200:
+            resp.headers.update(extra)
+        return resp

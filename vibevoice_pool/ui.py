@@ -1,0 +1,280 @@
+"""The Gradio page at `/`, mounted on the API's FastAPI app (server.build_app).
+
+    script, 1-4 speakers with a voice each, cfg / steps / seed
+      -> Generate: Front.build_request -> Pool.submit -> RequestHandle.events()
+         Chunk  -> LiveStreams (the <audio> player streams ui/stream/<token>.wav)
+                -> progress: audio seconds made against the estimate
+         Done   -> the complete audio (download)
+      -> Stop: cancels the RequestHandles of this tab (Gradio session) only
+    GPU status panel (ui_panel) every second, charts (ui_charts) every 3 s:
+      gr.Timer ticks with queue=False, so they keep updating when the queue is full
+    voice upload -> VoiceLibrary.add (the same checks as POST /v1/voices)
+
+Queue: Gradio's queue is sized from the pool (max_size = max_queue,
+default_concurrency_limit = total worker slots), and Generate may run up to
+slots + max_queue at once, so a page request goes straight into the pool's one
+admission queue and waits there in order with the API's requests: the page
+never holds a second queue of its own. A full pool queue is an error on the page.
+Languages: ui_i18n (labels by the browser's language, server text by its
+Accept-Language).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+from fastapi import FastAPI
+from pydantic import ValidationError
+from starlette.routing import Mount
+
+from vibevoice_pool import audio
+from vibevoice_pool.api import MAX_UPLOAD_BYTES, Speaker, SynthesizeBody, describe_invalid
+from vibevoice_pool.auth import page_login
+from vibevoice_pool.script import MAX_SPEAKERS
+from vibevoice_pool.ui_charts import History, render
+from vibevoice_pool.ui_i18n import gradio_i18n, language_of, t
+from vibevoice_pool.ui_layout import PAGE_CSS, build
+from vibevoice_pool.ui_live import LiveStreams, TabRequests, player_html, progress_html
+from vibevoice_pool.ui_panel import render_html, views
+from workers import messages as m
+
+log = logging.getLogger("vibevoice_pool")
+
+PROGRESS_EVERY_S = 0.3  # at most this often a progress update goes to the browser
+
+
+def total_slots(front) -> int:
+    """Requests the pool can run at once: every worker's batch size."""
+    return max(1, len(front.pool.status()["workers"]) * front.cfg.max_batch_size)
+
+
+class Page:
+    """The page's handlers and per-tab state; ui_layout.build() lays them out."""
+
+    def __init__(self, front):
+        self.front = front
+        self.pool = front.pool
+        self.streams = LiveStreams()
+        self.tabs = TabRequests()
+        self.history = History(front.pool, front.activity)
+        # Generate may run this many at once: every slot plus the pool's whole queue,
+        # so page requests wait in the pool's admission queue, not in Gradio's.
+        self.generate_limit = total_slots(front) + front.cfg.max_queue
+
+    # ---- status ----------------------------------------------------------
+
+    def panel(self, request: gr.Request = None) -> str:
+        return render_html(self.pool.status(), language_of(request))
+
+    def charts(self, request: gr.Request = None) -> str:
+        status = self.pool.status()
+        labels = {v.id: v.short for v in views(status)}
+        return render(self.history.samples(), labels, language_of(request))
+
+    def where(self, slot: int | None) -> str:
+        if slot is None or slot >= len(self.pool.placements):
+            return "?"
+        p = self.pool.placements[slot]
+        return f"GPU {p.cuda_index}" if p.is_gpu else f"worker {slot} ({p.device})"
+
+    # ---- voices ----------------------------------------------------------
+
+    def voice_names(self) -> list[str]:
+        return self.front.voices.names()
+
+    def refresh_voices(self, *current):
+        names = self.voice_names()
+        out = []
+        for i in range(MAX_SPEAKERS):
+            keep = current[i] if i < len(current) and current[i] in names else None
+            default = names[i % len(names)] if names else None
+            out.append(gr.update(choices=names, value=keep or default))
+        return out
+
+    async def add_voice(self, path, name, *current, request: gr.Request = None):
+        lang = language_of(request)
+        if not path:
+            raise gr.Error(t(lang, "no_voice_file"))
+        data = await asyncio.to_thread(Path(path).read_bytes)
+        try:
+            stored = await asyncio.to_thread(
+                self.front.voices.add, (name or "").strip() or Path(path).stem, data
+            )
+        except m.PoolError as e:
+            self.front.refused(e)
+            raise gr.Error(e.message) from None
+        return [*self.refresh_voices(*current), t(lang, "voice_added", name=stored)]
+
+    # ---- generate / stop ---------------------------------------------------
+
+    def _body(self, script, speakers, voices, cfg_scale, steps, seed) -> SynthesizeBody:
+        n = min(MAX_SPEAKERS, max(1, int(speakers or 1)))
+        seed = None if seed is None or float(seed) < 0 else int(seed)
+        return SynthesizeBody(
+            script=script or "",
+            speakers=[Speaker(voice=v or None) for v in list(voices)[:n]],
+            cfg_scale=float(cfg_scale),
+            inference_steps=int(steps) if steps else None,
+            seed=seed,
+            stream=True,
+        )
+
+    async def generate(
+        self, script, speakers, v1, v2, v3, v4, cfg_scale, steps, seed, request: gr.Request = None
+    ):
+        lang = language_of(request)
+        tab = getattr(request, "session_hash", None) or ""
+        try:
+            body = self._body(script, speakers, (v1, v2, v3, v4), cfg_scale, steps, seed)
+            req = await asyncio.to_thread(self.front.build_request, body)
+            handle = self.pool.submit(req)
+        except ValidationError as e:
+            self.front.activity.refused(m.ErrorKind.BAD_INPUT.value)
+            raise gr.Error(describe_invalid(e.errors())) from None
+        except m.PoolError as e:
+            self.front.refused(e)
+            raise gr.Error(e.message) from None
+        live = self.streams.new()
+        self.tabs.add(tab, handle)
+        est = max(0.5, req.est_audio_s * self.pool.dispatcher.work_ratio)
+        t0 = last = time.monotonic()
+        got = 0
+        try:
+            waiting = t(lang, "waiting", n=self.pool.dispatcher.queue_length())
+            yield (
+                player_html(live, handle.id),
+                progress_html("waiting", waiting, 0, handle.id),
+                None,
+            )
+            async for ev in handle.events():
+                if isinstance(ev, m.Chunk):
+                    live.push(ev.pcm)
+                    got += len(ev.pcm)
+                    if time.monotonic() - last < PROGRESS_EVERY_S:
+                        continue
+                if isinstance(ev, (m.Started, m.Chunk)):
+                    last = time.monotonic()
+                    secs = got / m.SAMPLE_RATE
+                    pct = min(99.0, 100 * secs / est)
+                    text = t(
+                        lang,
+                        "running",
+                        got=secs,
+                        est=max(est, secs),
+                        pct=pct,
+                        where=self.where(handle.worker),
+                    )
+                    yield gr.skip(), progress_html("running", text, pct, handle.id), gr.skip()
+                elif isinstance(ev, m.Done):
+                    live.close()
+                    pcm = await asyncio.to_thread(lambda: audio.to_int16(handle.audio()))
+                    text = t(
+                        lang,
+                        "done",
+                        secs=len(pcm) / m.SAMPLE_RATE,
+                        seed=handle.seed,
+                        wall=time.monotonic() - t0,
+                        where=self.where(handle.worker),
+                    )
+                    yield (
+                        gr.skip(),
+                        progress_html("done", text, 100, handle.id),
+                        (m.SAMPLE_RATE, pcm),
+                    )
+                elif isinstance(ev, m.Failed):
+                    live.close()
+                    if ev.error == m.ErrorKind.CANCELLED:
+                        pcm = audio.to_int16(handle.audio())
+                        text = t(lang, "stopped", secs=len(pcm) / m.SAMPLE_RATE)
+                        partial = (m.SAMPLE_RATE, pcm) if len(pcm) else None
+                        yield gr.skip(), progress_html("stopped", text, 0, handle.id), partial
+                    else:
+                        text = t(lang, "failed", message=ev.message)
+                        yield gr.skip(), progress_html("failed", text, 0, handle.id), None
+                        raise gr.Error(ev.message)
+        finally:
+            self.tabs.remove(tab, handle)
+            live.close()
+            if not handle.done:
+                handle.cancel()  # the tab went away, or Gradio ended the event
+
+    def stop(self, request: gr.Request = None) -> None:
+        """Cancel what this tab (and only this tab) is generating."""
+        tab = getattr(request, "session_hash", None) or ""
+        n = self.tabs.cancel(tab)
+        log.info("Stop from a tab: %d request(s) cancelled", n)
+
+
+def _open_share_link(host: str, port: int) -> None:
+    """Ask Gradio's share server for a public link (only with --share)."""
+    import secrets
+
+    from gradio import networking
+
+    try:
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = networking.setup_tunnel(local, port, secrets.token_urlsafe(32), None, None)
+        log.warning("🌍 Public share link (anyone with it can use this server): %s", url)
+    except Exception as e:  # no network, blocked, or the share server refused
+        log.error("Could not open a share link: %s: %s", type(e).__name__, e)
+
+
+def mount(app: FastAPI, front) -> FastAPI:
+    """Mount the page at `/` on `app` and return the app."""
+    page = Page(front)
+    cfg = front.cfg
+    demo = page.blocks = build(page)
+    demo.queue(max_size=cfg.max_queue, default_concurrency_limit=total_slots(front))
+    page.streams.install(app)  # before the mount: the page at "/" takes every path after it
+    front.stream_tokens = page.streams
+    key = cfg.api_key
+    app = gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        server_name=cfg.host,
+        server_port=cfg.port,
+        auth=page_login(key) if key else None,
+        auth_message=(
+            "Log in with any user name and the server's API key as the password. / "
+            "用户名任意，密码为服务器的 API 密钥。"
+        )
+        if key
+        else None,
+        max_file_size=MAX_UPLOAD_BYTES,
+        i18n=gradio_i18n(),
+        css=PAGE_CSS,
+        footer_links=["api", "settings"],
+        run_history=False,
+        ssr_mode=False,
+        mcp_server=False,
+    )
+    gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and r.path == "")
+    # Idle tabs hold a keep-alive stream open for ever; end those when the server stops.
+    app.state.on_stopping.append(gradio_app.stop_event.set)
+    if cfg.share and not key:
+        log.warning("--share without --api-key: anyone with the link can use these GPUs")
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a):
+        page.history.start()
+        if cfg.share:
+            threading.Thread(
+                target=_open_share_link, args=(cfg.host, cfg.port), daemon=True
+            ).start()
+        try:
+            async with inner(a) as state:
+                yield state
+        finally:
+            page.history.stop()
+
+    app.router.lifespan_context = lifespan
+    app.state.page = page
+    return app

@@ -1,0 +1,197 @@
+"""The page's two languages, English and Chinese, and how one is chosen.
+
+Labels of Gradio components are translated in the browser by Gradio's own
+i18n (`gradio_i18n()`, keyed by `navigator.language`). Text the server writes
+itself (the status panel, the charts, progress and errors) is translated here,
+from the request's Accept-Language header, which the browser fills from the
+same language setting. Nothing here imports Gradio at module level, so the
+terminal client can use the panel's words too.
+"""
+
+from __future__ import annotations
+
+LANGS = ("en", "zh")
+
+EN: dict[str, str] = {
+    # page
+    "title": "# 🎙️ VibeVoice: long-form, multi-speaker speech on every GPU",
+    "tab_generate": "Generate",
+    "intro": (
+        "Write a script with up to four speakers (`Speaker 1: ...`), pick a voice for "
+        "each, and press Generate. Audio plays while it is made; the complete file "
+        "is below when it is done."
+    ),
+    "script": "Script",
+    "script_placeholder": "Speaker 1: Hello and welcome.\nSpeaker 2: Thanks, glad to be here.",
+    "speakers": "Number of speakers",
+    "speaker_voice": "Speaker {n} voice",
+    "settings": "Generation settings",
+    "cfg_scale": "CFG scale (guidance)",
+    "steps": "Diffusion steps",
+    "seed": "Seed (-1 = random)",
+    "generate": "🎵 Generate",
+    "stop": "⏹ Stop",
+    "live_audio": "Live audio (plays while it is made)",
+    "complete_audio": "Complete audio (download)",
+    "status": "Status",
+    "examples": "Examples",
+    "voices": "Add a voice",
+    "voice_file": "Voice sample (a few seconds of clear speech)",
+    "voice_name": "Voice name",
+    "add_voice": "➕ Add voice",
+    "refresh_voices": "🔄 Refresh voices",
+    "charts": "📈 Last minutes",
+    # panel
+    "panel_title": "🖥️ GPU status",
+    "admission": "Waiting in queue: {n}/{max}",
+    "state": "State",
+    "queue": "Queue",
+    "memory": "Memory",
+    "util": "Utilisation",
+    "restarts": "Restarts",
+    "current": "Request",
+    "idle": "idle",
+    "worker": "Worker",
+    "no_workers": "No workers.",
+    "state.ready": "ready",
+    "state.busy": "busy",
+    "state.recovering": "recovering",
+    "state.starting": "starting",
+    "state.failed": "failed",
+    "state.unavailable": "unavailable",
+    "state.draining": "draining",
+    "state.stopped": "stopped",
+    # charts
+    "chart.util": "Utilisation %",
+    "chart.mem": "Memory %",
+    "chart.queue": "Queue length",
+    "chart.rate": "Audio seconds per second",
+    "chart.ago": "{m} min ago",
+    "chart.now": "now",
+    "chart.empty": "collecting samples...",
+    # progress and outcomes
+    "waiting": "⏳ Waiting for a free GPU ({n} in the queue)",
+    "running": "🎙️ {got:.1f} s of about {est:.0f} s of audio ({pct:.0f}%) on {where}",
+    "done": "✅ Done: {secs:.1f} s of audio in {wall:.1f} s on {where} (seed {seed})",
+    "stopped": "⏹ Stopped after {secs:.1f} s of audio",
+    "nothing_to_stop": "Nothing to stop in this tab.",
+    "stopping": "Stopping this tab's request...",
+    "failed": "❌ Failed: {message}",
+    "voice_added": "✅ Added voice {name!r}",
+    "no_voice_file": "Choose an audio file first.",
+}
+
+ZH: dict[str, str] = {
+    "title": "# 🎙️ VibeVoice 多GPU语音合成：长篇、多说话人",
+    "tab_generate": "生成",
+    "intro": (
+        "编写最多四位说话人的脚本（`Speaker 1: ...`），为每位选择声音，然后点击“生成”。"
+        "音频边生成边播放；完成后可在下方下载完整音频。"
+    ),
+    "script": "脚本",
+    "script_placeholder": "Speaker 1: 大家好，欢迎收听。\nSpeaker 2: 谢谢，很高兴来到这里。",
+    "speakers": "说话人数量",
+    "speaker_voice": "说话人 {n} 的声音",
+    "settings": "生成设置",
+    "cfg_scale": "CFG 系数（引导强度）",
+    "steps": "扩散步数",
+    "seed": "随机种子（-1 为随机）",
+    "generate": "🎵 生成",
+    "stop": "⏹ 停止",
+    "live_audio": "实时音频（边生成边播放）",
+    "complete_audio": "完整音频（下载）",
+    "status": "状态",
+    "examples": "示例",
+    "voices": "添加声音",
+    "voice_file": "声音样本（几秒清晰的语音）",
+    "voice_name": "声音名称",
+    "add_voice": "➕ 添加声音",
+    "refresh_voices": "🔄 刷新声音列表",
+    "charts": "📈 最近几分钟",
+    "panel_title": "🖥️ GPU状态监控",
+    "admission": "等待队列: {n}/{max}",
+    "state": "状态",
+    "queue": "队列",
+    "memory": "内存",
+    "util": "利用率",
+    "restarts": "重启",
+    "current": "当前请求",
+    "idle": "空闲",
+    "worker": "工作进程",
+    "no_workers": "没有工作进程。",
+    "state.ready": "就绪",
+    "state.busy": "忙碌",
+    "state.recovering": "恢复中",
+    "state.starting": "启动中",
+    "state.failed": "故障",
+    "state.unavailable": "不可用",
+    "state.draining": "排空中",
+    "state.stopped": "已停止",
+    "chart.util": "利用率 %",
+    "chart.mem": "内存 %",
+    "chart.queue": "队列长度",
+    "chart.rate": "每秒生成的音频秒数",
+    "chart.ago": "{m} 分钟前",
+    "chart.now": "现在",
+    "chart.empty": "正在采集数据...",
+    "waiting": "⏳ 等待空闲的GPU（队列中 {n} 个）",
+    "running": "🎙️ 已生成 {got:.1f} 秒，预计约 {est:.0f} 秒（{pct:.0f}%），在 {where}",
+    "done": "✅ 完成：{secs:.1f} 秒音频，用时 {wall:.1f} 秒，在 {where}（种子 {seed}）",
+    "stopped": "⏹ 已停止，生成了 {secs:.1f} 秒音频",
+    "nothing_to_stop": "此标签页没有正在进行的请求。",
+    "stopping": "正在停止此标签页的请求...",
+    "failed": "❌ 失败：{message}",
+    "voice_added": "✅ 已添加声音 {name!r}",
+    "no_voice_file": "请先选择一个音频文件。",
+}
+
+TEXTS: dict[str, dict[str, str]] = {"en": EN, "zh": ZH}
+assert EN.keys() == ZH.keys(), "every string needs both languages"
+
+
+def t(lang: str, key: str, **values) -> str:
+    """The string `key` in `lang` (English when unknown), formatted with `values`."""
+    text = TEXTS.get(lang, EN).get(key) or EN[key]
+    return text.format(**values) if values else text
+
+
+def pick_language(accept_language: str | None) -> str:
+    """'zh' or 'en' from an Accept-Language header, honouring q-values; default 'en'."""
+    best, best_q = "en", -1.0
+    for i, part in enumerate((accept_language or "").split(",")):
+        tag, _, params = part.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        base = tag.strip().lower().split("-")[0]
+        # earlier tags win ties, as the header lists them in preference order
+        if base in LANGS and q > best_q and q > 0:
+            best, best_q = base, q - i * 1e-6
+    return best
+
+
+def language_of(request) -> str:
+    """The language of a gr.Request (or a Starlette request); 'en' without one."""
+    headers = getattr(request, "headers", None)
+    if headers is None:
+        return "en"
+    return pick_language(headers.get("accept-language"))
+
+
+def gradio_i18n():
+    """A gr.I18n with the component labels; the browser picks by navigator.language."""
+    import gradio as gr
+
+    def labels(lang: str) -> dict[str, str]:
+        out = dict(TEXTS[lang])
+        for n in range(1, 5):  # a component label cannot be formatted: one key each
+            out[f"speaker_voice_{n}"] = t(lang, "speaker_voice", n=n)
+        return out
+
+    en, zh = labels("en"), labels("zh")
+    return gr.I18n(en=en, zh=zh, **{"zh-CN": zh, "zh-TW": zh})

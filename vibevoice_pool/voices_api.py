@@ -1,0 +1,97 @@
+"""The voice presets over HTTP: /v1/voices.
+
+    GET    /v1/voices          {"voices": [{"name": ...}, ...]}
+    POST   /v1/voices          add one: multipart (file, name, overwrite) or JSON
+                               {"name", "audio": base64, "overwrite"}; answers 201
+                               {"name": <the stored, sanitised name>}
+    DELETE /v1/voices/{name}   remove one (exact name); 404 when there is none
+
+The VoiceLibrary does the checking: the sample must decode as audio within the
+size and duration limits (TooLarge -> 413), and the name becomes a safe file
+stem inside the voices folder ('..' and '/' are refused with 400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from vibevoice_pool.errors import plain_error
+from vibevoice_pool.voices import safe_voice_name
+from workers.messages import ErrorKind, PoolError
+
+FORM_HINT = (
+    "send multipart/form-data with a 'file' (wav, mp3, flac or ogg) and a 'name', "
+    'or JSON {"name": "...", "audio": "<base64 of the file>"}'
+)
+
+
+def _bad(message: str) -> PoolError:
+    return PoolError(ErrorKind.BAD_INPUT, message)
+
+
+def _flag(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+async def _read_upload(request: Request) -> tuple[str, bytes, bool]:
+    """(name, file bytes, overwrite) from a multipart form or a JSON body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise _bad(f"no 'file' field in the form; {FORM_HINT}")
+        data = await upload.read()
+        name = form.get("name") or (upload.filename or "").rsplit(".", 1)[0]
+        if not isinstance(name, str):
+            raise _bad("'name' must be text")
+        return name, data, _flag(form.get("overwrite", False))
+    if ctype == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(f"the body is not valid JSON ({e}); {FORM_HINT}") from None
+        if not isinstance(body, dict):
+            raise _bad(f"the body must be a JSON object; {FORM_HINT}")
+        name, audio = body.get("name"), body.get("audio")
+        if not isinstance(name, str) or not isinstance(audio, str):
+            raise _bad(f"'name' and 'audio' must both be strings; {FORM_HINT}")
+        text = audio.split(",", 1)[1] if audio.startswith("data:") else audio
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad("'audio' is not valid base64; encode the whole file (base64 -w0)") from None
+        return name, data, _flag(body.get("overwrite", False))
+    raise _bad(f"unsupported content type {ctype or 'none'!r}; {FORM_HINT}")
+
+
+def install(app: FastAPI, front) -> None:
+    library = front.voices
+
+    @app.get("/v1/voices")
+    async def list_voices():
+        return {"voices": [{"name": n} for n in library.names()]}
+
+    @app.post("/v1/voices", status_code=201)
+    async def add_voice(request: Request):
+        name, data, overwrite = await _read_upload(request)
+        stored = await asyncio.to_thread(library.add, name, data, overwrite=overwrite)
+        return JSONResponse({"name": stored, "renamed": stored != name.strip()}, 201)
+
+    @app.delete("/v1/voices/{name:path}")
+    async def delete_voice(name: str):
+        safe = safe_voice_name(name)  # '../x', 'a/b': 400 saying why
+        if name not in library.names():
+            hint = f" (did you mean {safe!r}?)" if safe in library.names() else ""
+            return plain_error(404, "not_found", f"no voice named {name!r}{hint}; GET /v1/voices")
+        library.delete(name)
+        return {"deleted": name}
