@@ -16,17 +16,19 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
 run: setup
 	$(VENV)/bin/vibevoice-pool launch --config configs/demo.yaml --port $(PORT)
 
-# Debian's chromium for the browser tests (never a downloaded browser build).
+# What the tests need from Debian: chromium for the browser tests (never a
+# downloaded browser build), unshare and ip for Ray's private network namespace.
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
-	  else echo "The browser tests need Debian's chromium: sudo apt-get install chromium"; exit 1; fi; }
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1 || ! command -v unshare >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium iproute2 util-linux >/dev/null; \
+	  else echo "The tests need Debian's chromium, iproute2 and util-linux: sudo apt-get install chromium iproute2 util-linux"; exit 1; fi; \
+	fi
 
 test: setup chromium
 	$(PY) -m pytest -q -ra
@@ -44,7 +46,7 @@ format: setup
 
 # The benchmarks rewrite docs/PERFORMANCE.md and docs/img/ (plots need the bench extra).
 bench: setup
-	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[test,ray,bench]'
 	$(PY) bench/run_all.py
 
 clean:

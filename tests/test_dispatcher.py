@@ -107,8 +107,10 @@ def test_a_request_that_took_down_two_workers_is_quarantined(board):
     d = Dispatcher(board, max_attempts=2)
     up(board, d, 0)
     h = d.submit(req(1, text="[[crash]]"))
+    d.on_message(0, m.Started("r1", 1, at=1.0))
     d.worker_lost(0, "killed by SIGKILL")
     up(board, d, 1)
+    d.on_message(1, m.Started("r1", 1, at=2.0))
     d.worker_lost(1, "killed by SIGKILL")
     assert isinstance(h.outcome, m.Failed) and h.outcome.error == m.ErrorKind.WORKER_LOST
     with pytest.raises(m.PoolError, match="2 workers"):
@@ -129,6 +131,19 @@ def test_a_replayed_stream_skips_audio_already_delivered(board):
     d.on_message(1, m.Chunk("r1", 2, full[20000:]))
     d.on_message(1, m.Done("r1", 1.25, 1.0))
     np.testing.assert_array_equal(h.result(0), full)
+
+
+def test_a_request_still_waiting_in_a_dead_workers_queue_is_not_blamed(board):
+    d = Dispatcher(board, max_attempts=2, bind_at_arrival=True)
+    up(board, d, 0)
+    running, waiting = d.submit(req(1)), d.submit(req(2))
+    d.on_message(0, m.Started("r1", 1, at=1.0))
+    for slot in (0, 1):  # two workers die, r2 never started on either
+        d.worker_lost(slot, "killed by SIGKILL")
+        up(board, d, slot + 1)
+        d.on_message(slot + 1, m.Started("r1", 1, at=2.0))
+    assert running.outcome.error == m.ErrorKind.WORKER_LOST
+    assert not waiting.done
 
 
 def test_answers_from_a_worker_that_no_longer_holds_the_request_are_ignored(board):

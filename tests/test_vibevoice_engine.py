@@ -14,15 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from workers.engine import EngineSpec
-from workers.messages import SAMPLE_RATE, ErrorKind, PoolError, Request, Turn
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("diffusers")
+import torch  # noqa: E402
 
 from workers import convert, tiny  # noqa: E402
+from workers.engine import EngineSpec
+from workers.messages import SAMPLE_RATE, ErrorKind, PoolError, Request, Turn
 from workers.vibevoice import HOP_SAMPLES, VibeVoiceEngine, conversation_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -160,7 +160,10 @@ class Dispatcher:
             held = [j for j in self._jobs.values() if j.slot == slot]
             held.sort(key=lambda j: j.request.seq, reverse=True)
             for job in held:
-                job.lost += 1 if blame else 0
+                # Only a request that was running can have taken its worker down; one
+                # still waiting in the worker's queue is not counted toward quarantine.
+                job.lost += 1 if blame and job.started_at else 0
+                job.started_at = 0.0
                 job.slot, job.seen, job.left_s = None, 0, 0.0
                 if job.lost >= self.max_attempts:
                     log.error(
@@ -191,6 +194,12 @@ class Dispatcher:
         """Send no new work to `slot`; what it holds may finish."""
         with self._lock:
             self._draining.add(slot)
+
+    def undrain(self, slot: int) -> None:
+        """Let a drained worker take new work again."""
+        with self._lock:
+            self._draining.discard(slot)
+            self._pump_locked()
 
     def held_by(self, slot: int) -> int:
         with self._lock:

@@ -124,9 +124,9 @@ class Pool:
         monitor = Monitor(board, supervisor.monitor_targets, nvml, cfg.monitor_interval_s)
         pool = cls(cfg, board, dispatcher, supervisor, monitor, model_path, found)
         dispatcher.listeners.append(pool._log_event)
-        supervisor.start()
-        monitor.start()
         try:
+            supervisor.start()
+            monitor.start()
             supervisor.wait_ready(cfg.boot_timeout_s)
         except BaseException:
             pool.shutdown(grace_s=0)

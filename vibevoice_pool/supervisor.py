@@ -334,8 +334,8 @@ class Supervisor:
         if slot.kill_reason:
             how = f"{slot.kill_reason}; {how}"
         self._note(slot.index, "dead")
-        # A lost device or a removal is not the requests' fault: no quarantine count.
-        blame = not (slot.device_lost or slot.removed)
+        # A lost device, a removal or an operator's restart is not the requests' fault.
+        blame = not (slot.device_lost or slot.removed or slot.kill_reason == RESTART_REQUESTED)
         moved = self.dispatcher.worker_lost(slot.index, how, blame=blame)
         self._close(slot)
         b, i, now = self.board, slot.index, time.monotonic()

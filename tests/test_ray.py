@@ -1,0 +1,200 @@
+"""The ray backend (`--backend ray`).
+
+Fast: SlotReplica, the class every Serve replica runs, driven in process with
+the sim engine (no Ray cluster): streams, batching, cancel, boot failure,
+the stall health check.
+
+Slow: tests/ray_scenario.py, run inside a private network namespace that has
+only loopback (Ray listens on every interface; FACTS.md), against a real
+`vibevoice-pool launch --backend ray --gpus cpu:2` server: requests through the
+HTTP API, SIGKILL of a replica's process while requests run, the replacement,
+the quarantine of a request that kills every replica, and a SIGTERM after
+which no process the server started is alive (checked by pid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vibevoice_pool.ray_replica import SlotReplica, StalledError
+from workers import messages as m
+from workers.engine import EngineSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def request(rid: str, text: str = "a" * 15, seed: int = 1) -> m.Request:
+    return m.Request(id=rid, turns=(m.Turn(0, text),), seed=seed, max_audio_s=60)
+
+
+async def collect(replica: SlotReplica, req: m.Request) -> list:
+    return [msg async for msg in replica.synthesize(req)]
+
+
+def sim(**kw) -> EngineSpec:
+    return EngineSpec(**({"engine": "sim", "sim_rtf": 0.0} | kw))
+
+
+# ---- the replica, in process -------------------------------------------------
+
+
+def test_replica_streams_one_request_like_a_worker():
+    replica = SlotReplica(sim(sim_chunk_s=0.5))
+    msgs = asyncio.run(collect(replica, request("r1", "a" * 30)))  # 2 s of audio
+    assert isinstance(msgs[0], m.Started) and msgs[0].id == "r1"
+    chunks = [x for x in msgs if isinstance(x, m.Chunk)]
+    assert [c.seq for c in chunks] == [0, 1, 2, 3]
+    assert sum(len(c.pcm) for c in chunks) == 2 * m.SAMPLE_RATE
+    assert isinstance(msgs[-1], m.Done) and msgs[-1].audio_s == pytest.approx(2.0)
+    stats = replica.stats()
+    assert stats.ready and stats.boot_error is None and stats.info.engine == "sim"
+    assert stats.speed > 0 and stats.rows == 0 and stats.pending == 0
+
+
+def test_replica_batches_concurrent_requests():
+    replica = SlotReplica(sim(max_batch_size=4, sim_chunk_s=0.25))
+
+    async def many():
+        return await asyncio.gather(*(collect(replica, request(f"r{i}")) for i in range(3)))
+
+    results = asyncio.run(many())
+    assert all(isinstance(r[-1], m.Done) for r in results)
+    sizes = [r[0].batch_size for r in results]
+    assert max(sizes) > 1, sizes  # they shared a batch
+
+
+def test_replica_fails_a_row_with_its_typed_kind():
+    replica = SlotReplica(sim())
+    msgs = asyncio.run(collect(replica, request("bad", "[[oom]] too big")))
+    assert isinstance(msgs[-1], m.Failed) and msgs[-1].error == m.ErrorKind.OUT_OF_MEMORY
+
+
+def test_a_cancelled_stream_frees_its_row():
+    replica = SlotReplica(sim(sim_rtf=0.5, sim_chunk_s=0.1))  # 50 ms a step
+
+    async def cancel_midway():
+        gen = replica.synthesize(request("long", "a" * 600))  # 40 s of audio
+        first = await gen.__anext__()
+        await gen.aclose()  # what Serve does when the caller cancels
+        return first
+
+    first = asyncio.run(cancel_midway())
+    assert isinstance(first, m.Started)
+    deadline = time.monotonic() + 5
+    while replica.stats().rows and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert replica.stats().rows == 0  # the engine dropped the row within a step
+    msgs = asyncio.run(collect(replica, request("next")))
+    assert isinstance(msgs[-1], m.Done)
+
+
+def test_boot_failure_is_reported_not_raised():
+    replica = SlotReplica(sim(sim_boot_error="no such model"))
+    stats = replica.stats()
+    assert not stats.ready
+    assert stats.boot_error == m.ErrorKind.ENGINE_ERROR and "no such model" in stats.boot_message
+    msgs = asyncio.run(collect(replica, request("r")))
+    assert isinstance(msgs[-1], m.Failed) and msgs[-1].error == m.ErrorKind.UNAVAILABLE
+
+
+def test_health_check_raises_when_the_engine_stalls():
+    replica = SlotReplica(sim(), stall_timeout_s=0.2)
+    asyncio.run(replica.check_health())  # idle: healthy
+    replica._rows, replica._progress = 1, time.monotonic() - 1.0  # busy, no step for 1 s
+    with pytest.raises(StalledError):
+        asyncio.run(replica.check_health())
+
+
+def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
+    from vibevoice_pool.config import build
+    from vibevoice_pool.pool import supervisor_class
+
+    for name in [n for n in sys.modules if n.startswith("vibevoice_pool.ray_")]:
+        if name != "vibevoice_pool.ray_replica":
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails
+    with pytest.raises(m.PoolError) as e:
+        supervisor_class(build({"backend": "ray"}))
+    assert "pip install 'vibevoice-pool[ray]'" in e.value.message
+
+
+# ---- the whole server on Ray, in a private network namespace -----------------
+
+
+def run_scenario(engine: str, workdir: Path, timeout: float) -> dict:
+    import ray  # noqa: F401  (`make test` installs the ray extra: its absence is a failure)
+
+    from vibevoice_pool.ray_cluster import netns_command
+
+    assert shutil.which("unshare") and shutil.which("ip"), "install util-linux and iproute2"
+    probe = subprocess.run(netns_command(["true"]), capture_output=True, text=True)
+    assert probe.returncode == 0, f"cannot make a private network namespace: {probe.stderr}"
+    argv = [sys.executable, str(ROOT / "tests" / "ray_scenario.py")]
+    argv += ["--engine", engine, "--workdir", str(workdir)]
+    proc = subprocess.run(
+        netns_command(argv), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, (
+        f"no result (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    )
+    return json.loads(lines[-1])
+
+
+def check_common(result: dict) -> dict:
+    assert result["only_loopback"], "the scenario must run in a private network namespace"
+    phases = result["phases"]
+    assert "error" not in result, f"{result['error']}\n{result.get('log_tail', '')}"
+    workers = phases["boot"]["workers"]
+    assert [w["state"] for w in workers] == ["ready", "ready"]
+    assert all(w["pid"] for w in workers)
+
+    # served through the same HTTP API
+    assert all(a["status"] == 200 and a["audio_s"] > 0 for a in phases["served"]["answers"])
+
+    # SIGKILL one replica: every request still completes, with all its audio
+    kill = phases["kill"]
+    assert kill["victim_inflight"] >= 1 and not kill["victim_alive"]
+    answers = kill["answers"]
+    assert len(answers) == 6 and all(a["status"] == 200 for a in answers), answers
+    assert all(a["audio_s"] > 0 for a in answers)
+
+    # Ray Serve replaced the replica and it serves again
+    rec = phases["recovered"]
+    assert rec["restarts"] >= 1 and rec["pid"] != kill["victim_pid"]
+    assert rec["answer"]["status"] == 200
+
+    # SIGTERM: a clean exit, and nothing the server started is alive
+    down = phases["shutdown"]
+    assert down["exit_code"] == 0, result.get("log_tail", "")
+    assert len(down["ray_pids"]) >= 5  # gcs_server, raylet, controller, replicas, ...
+    assert kill["victim_pid"] in down["ray_pids"]
+    assert down["survivors"] == [], down["survivors"]
+    return phases
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(660)
+def test_ray_backend_serves_survives_a_kill_and_stops_clean(tmp_path):
+    result = run_scenario("sim", tmp_path, timeout=600)
+    phases = check_common(result)
+    kill = phases["kill"]
+    assert all(a["audio_s"] == pytest.approx(4.0) for a in kill["answers"])  # nothing lost
+    # a request that kills every replica it runs on is quarantined after max_attempts (2)
+    q = phases["quarantine"]["answer"]
+    assert q["status"] == 502 and q["code"] == "worker_lost"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_backend_with_the_tiny_model(tmp_path):
+    result = run_scenario("tiny", tmp_path, timeout=840)
+    check_common(result)

@@ -1,0 +1,297 @@
+"""Ray and Ray Serve for the ray backend: start or join, deploy, tear down.
+
+    RayCluster(cfg).start(cpus)   address "": start a private local Ray (loopback,
+                                  no dashboard, RAY_AUTH_MODE=disabled unless set)
+                                  address auto | HOST:PORT: join that cluster
+                                  (a process already connected keeps its Ray)
+                                  then Serve, with its HTTP proxy disabled
+    deploy(app, spec, ...)        one Serve application per slot (blocks until it
+                                  runs, or raises DeployError)
+    delete(app)                   remove one slot's application
+    stop()                        delete our applications; for a Ray we started,
+                                  shut Serve and Ray down and make sure every
+                                  process it started is gone, checked by pid
+
+It also says how to run a command inside a private network namespace (only
+loopback), which is where the tests and the peer benchmark run Ray.
+Ray is imported here and in ray_backend only: without it the rest of the
+package never notices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from typing import Callable
+
+import psutil
+import ray
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
+from ray.serve.schema import ApplicationStatus
+
+from vibevoice_pool.config import ConfigError, PoolConfig
+from vibevoice_pool.devices import Placement
+from vibevoice_pool.ray_replica import SlotReplica
+from workers.engine import EngineSpec
+
+log = logging.getLogger("vibevoice_pool")
+
+LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # audio chunks and voices are small
+REAP_WAIT_S = 15.0
+MAX_TEMP_DIR_CHARS = 30  # longer, and Ray's socket paths pass the 107-byte limit
+SHORT_TEMP_DIR = "/tmp/ray"  # how long Ray's own processes get to exit before SIGKILL
+
+
+class DeployError(RuntimeError):
+    """Ray Serve could not bring a slot's application up."""
+
+
+class RayCluster:
+    def __init__(self, cfg: PoolConfig):
+        self.cfg = cfg
+        self.owned = not cfg.address  # we start (and so stop) this Ray
+        self.reused = False  # this process was connected to Ray before us
+        self.apps: set[str] = set()
+        self._procs: dict[int, psutil.Process] = {}  # the processes our Ray started
+        self._submit_lock = threading.Lock()
+        self.started = False
+
+    # ---- start ---------------------------------------------------------
+
+    def start(self, cpus_needed: float) -> None:
+        verbose = self.cfg.log_level == "DEBUG"
+        quiet = logging.DEBUG if verbose else logging.WARNING
+        kw = dict(include_dashboard=False, log_to_driver=verbose, logging_level=quiet)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no reports to the outside
+        self.reused = ray.is_initialized()
+        if self.reused:  # this process is connected already (an embedding, a benchmark)
+            self.owned = False
+            log.info("Using this process's Ray connection")
+        else:
+            # ray.init sets SIGTERM to sys.exit in the main thread; the server's own
+            # handlers only set a flag (DESIGN.md), so the previous one is put back.
+            previous = signal.getsignal(signal.SIGTERM)
+            try:
+                self._init(cpus_needed, kw)
+            finally:
+                if threading.current_thread() is threading.main_thread() and previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+        self.started = True
+        self.track()
+        logging.getLogger("ray.serve").setLevel(quiet)
+        serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
+        self.track()
+
+    def _init(self, cpus_needed: float, kw: dict) -> None:
+        if self.owned:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file in ~/.ray
+            cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
+            log.info("Starting a local Ray (loopback only, %d CPU slots)", cpus)
+            if len(tempfile.gettempdir()) > MAX_TEMP_DIR_CHARS:
+                # Ray's unix sockets live under $TMPDIR/ray/session_*/sockets/ and a
+                # socket path may not exceed 107 bytes: a long TMPDIR fails at init
+                kw["_temp_dir"] = SHORT_TEMP_DIR
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                _node_ip_address="127.0.0.1",
+                **kw,
+            )
+        else:
+            log.info("Joining the Ray cluster at %s", self.cfg.address)
+            ray.init(address=self.cfg.address, **kw)
+
+    def gpu_placements(self, cfg: PoolConfig, room: int) -> list[Placement]:
+        """For `--gpus all`: one slot per GPU of the whole cluster (times
+        workers_per_gpu); [] when the setting names devices or there is no GPU."""
+        if (cfg.gpus or "all").strip().lower() != "all":
+            return []
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        want = gpus * cfg.workers_per_gpu
+        if want > room:
+            raise ConfigError(
+                f"the Ray cluster has {gpus} GPUs and this pool room for {room} workers: "
+                "pass --gpus with fewer"
+            )
+        if gpus:
+            log.info("The Ray cluster has %d GPU(s): %d replica(s)", gpus, want)
+        return [Placement(f"ray-gpu:{k}", k) for k in range(want)]
+
+    def track(self) -> None:
+        """Remember every process our local Ray has started so far (none when
+        joined). Called again while serving: restarted replicas are new ones."""
+        if not self.owned:
+            return
+        for child in psutil.Process().children(recursive=True):
+            if child.pid in self._procs:
+                continue
+            try:
+                cmd = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            if "multiprocessing.resource_tracker" in cmd:
+                continue  # ours, not Ray's
+            self._procs[child.pid] = child
+
+    def pids(self) -> list[int]:
+        return sorted(self._procs)
+
+    # ---- applications --------------------------------------------------
+
+    def deploy(
+        self,
+        app: str,
+        spec: EngineSpec,
+        *,
+        num_cpus: float,
+        num_gpus: float,
+        max_ongoing: int,
+        stall_timeout_s: float,
+        hang_timeout_s: float,
+        ready: Callable[[], bool] = lambda: True,
+    ):
+        """Run one slot's application (one replica) and wait until Serve says it
+        runs; its DeploymentHandle. DeployError when Serve gives up, or when
+        `ready()` turns False while waiting (the slot was replaced or removed)."""
+        with self._submit_lock:  # building a deployment is not thread-safe in Serve
+            deployment = serve.deployment(SlotReplica).options(
+                name="slot",
+                num_replicas=1,
+                ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+                max_ongoing_requests=max_ongoing,
+                health_check_period_s=max(1.0, min(10.0, hang_timeout_s / 3)),
+                health_check_timeout_s=hang_timeout_s,
+                graceful_shutdown_timeout_s=2.0,
+                graceful_shutdown_wait_loop_s=0.5,
+                max_constructor_retry_count=3,
+                logging_config={"enable_access_log": False, "log_level": "WARNING"},
+            )
+            target = serve.RunTarget(
+                target=deployment.bind(spec, stall_timeout_s), name=app, route_prefix=None
+            )
+            self.apps.add(app)
+            try:
+                (handle,) = serve.run_many([target], wait_for_applications_running=False)
+            except (RayError, RayServeException) as e:
+                raise DeployError(_first_line(e)) from e
+        while ready():
+            status = self.app_status(app)
+            if status is None:
+                raise DeployError(f"application {app} is gone")
+            if status[0] == ApplicationStatus.RUNNING:
+                return handle
+            if status[0] == ApplicationStatus.DEPLOY_FAILED:
+                raise DeployError(status[1])
+            time.sleep(0.2)
+        raise DeployError("the slot was replaced or removed while deploying")
+
+    def app_status(self, app: str) -> tuple[ApplicationStatus, str] | None:
+        """(status, Serve's message) of one of our applications; None if unknown."""
+        try:
+            found = serve.status().applications.get(app)
+        except (RayError, RayServeException) as e:
+            log.debug("serve.status() failed: %s", e)
+            return (ApplicationStatus.DEPLOYING, "")
+        return None if found is None else (found.status, found.message)
+
+    def delete(self, app: str) -> None:
+        self.apps.discard(app)
+        try:
+            serve.delete(app)
+        except (RayError, RayServeException, RuntimeError) as e:
+            log.warning("could not delete Serve application %s: %s", app, e)
+
+    def failed_apps(self) -> dict[str, str]:
+        """Applications Serve gave up deploying: name -> Serve's message."""
+        try:
+            apps = serve.status().applications
+        except (RayError, RayServeException) as e:
+            log.debug("serve.status() failed: %s", e)
+            return {}
+        return {
+            name: app.message
+            for name, app in apps.items()
+            if name in self.apps and app.status == ApplicationStatus.DEPLOY_FAILED
+        }
+
+    # ---- stop ----------------------------------------------------------
+
+    def stop(self) -> list[int]:
+        """Tear down what we made; the pids of Ray processes still alive after
+        REAP_WAIT_S and a SIGKILL (empty when all is well)."""
+        if not self.started:
+            return []
+        self.track()
+        try:
+            if self.owned:
+                serve.shutdown()
+            else:
+                for app in list(self.apps):
+                    self.delete(app)
+        except (RayError, RayServeException, RuntimeError) as e:
+            log.warning("Ray Serve did not shut down cleanly: %s", e)
+        self.started = False
+        if self.reused:
+            return []  # the connection is its owner's to close
+        ray.shutdown()  # a Ray we started stops; a joined cluster is only left
+        return self._reap()
+
+    def _reap(self) -> list[int]:
+        procs = list(self._procs.values())
+        _gone, alive = psutil.wait_procs(procs, timeout=REAP_WAIT_S)
+        for p in alive:
+            log.warning("Ray process %d (%s) did not exit: killing it", p.pid, p.name())
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        _gone, alive = psutil.wait_procs(alive, timeout=5)
+        return [p.pid for p in alive]
+
+
+def replica_resources(placement: Placement, spec: EngineSpec, workers_per_gpu: int):
+    """(num_cpus, num_gpus) one slot's replica asks Ray for."""
+    if placement.is_gpu:
+        return 1.0, 1.0 / workers_per_gpu
+    if spec.engine == "sim":
+        return 0.0, 0.0  # it sleeps: no core of its own
+    return float(spec.torch_threads), 0.0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---- private network namespaces ----------------------------------------------
+
+
+def only_loopback() -> bool:
+    """True inside a network namespace whose only interface is loopback."""
+    try:  # /proc/net follows this process's namespace (/sys/class/net need not)
+        with open("/proc/self/net/dev") as f:
+            names = {line.split(":", 1)[0].strip() for line in f.readlines()[2:]}
+    except OSError:
+        return False
+    return names == {"lo"}
+
+
+def netns_command(argv: list[str]) -> list[str]:
+    """`argv` run in a new network namespace with only loopback up. Ray opens
+    ports on every interface: this is how tests and benchmarks keep it private."""
+    unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    if not unshare or not ip:
+        raise OSError(
+            "running Ray privately needs `unshare` and `ip`: apt-get install util-linux iproute2"
+        )
+    user = [] if os.geteuid() == 0 else ["--map-root-user"]
+    script = f'{ip} link set lo up && exec "$@"'
+    return [unshare, "--net", *user, "--", "sh", "-c", script, "sh", *argv]

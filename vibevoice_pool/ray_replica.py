@@ -1,0 +1,322 @@
+"""The Ray Serve replica of one pool slot: the same Engine a local worker runs.
+
+    RaySupervisor (parent)                      SlotReplica (one Ray actor per slot)
+    ----------------------                      ------------------------------------
+    synthesize.remote(request), stream=True -->  queue the request; yield Started,
+                                                 Chunk..., then Done or Failed as the
+                                                 engine thread makes them
+    generator.cancel() (Cancel, timeout)    -->  the stream's finally cancels the row
+    ping.remote()                           -->  ReplicaStats: boot id, pid, speed, ...
+    Serve's health check                    -->  check_health(): raises when stalled,
+                                                 and Serve replaces the replica
+
+One engine thread per replica loads the engine, then runs batches of what is
+pending (up to the batch size, halved after repeated out-of-memory), exactly as
+workers/worker_main does in a local worker; the replica's event loop only moves
+messages from that thread into each request's stream. What crosses back is the
+workers.messages dataclasses, nothing else.
+
+Nothing here imports Ray: SlotReplica is a plain class (a test drives it in
+process) and ray_backend wraps it with `serve.deployment`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from workers import messages as m
+from workers.engine import EngineSpec, build_engine
+
+log = logging.getLogger("vibevoice_pool.replica")
+
+OOM_STREAK_TO_SHRINK = 2  # as workers.worker_main
+
+
+class StalledError(RuntimeError):
+    """Raised by check_health: the engine has made no step for too long."""
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """What a replica says of itself; the parent copies it onto the board."""
+
+    boot_id: str  # new for every replica process: a change means Ray replaced it
+    pid: int
+    node: str  # host name of the Ray node
+    ready: bool  # the engine is loaded
+    boot_error: m.ErrorKind | None  # set when the engine failed to load
+    boot_message: str
+    boot_s: float
+    info: m.DeviceInfo | None
+    rows: int  # requests in the running batch
+    pending: int  # requests waiting for the next batch
+    speed: float  # audio seconds per wall second (EMA), 0 = unknown
+    batch_limit: int
+    progress_age_s: float  # since the engine's last step (0 when idle)
+    mem_used_bytes: int
+    mem_total_bytes: int
+    util: float  # percent
+    mem_reusable_bytes: int = 0  # held by the engine's allocator, not in use
+    gpu_ids: tuple[str, ...] = ()
+
+
+class SlotReplica:
+    """One slot's engine behind Serve. Construct with the slot's EngineSpec."""
+
+    def __init__(self, spec: EngineSpec, stall_timeout_s: float = 300.0):
+        self.spec = spec
+        self.stall_timeout_s = stall_timeout_s
+        self.boot_id = uuid.uuid4().hex[:12]
+        self.node = socket.gethostname()
+        self._cond = threading.Condition()
+        self._pending: collections.deque[m.Request] = collections.deque()
+        self._cancelled: set[str] = set()
+        self._outboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._rows = 0
+        self._progress = 0.0
+        self.speed = 0.0
+        self.batch_limit = max(1, spec.max_batch_size)
+        self._oom_streak = 0
+        self.info: m.DeviceInfo | None = None
+        self.boot_error: m.ErrorKind | None = None
+        self.boot_message = ""
+        self.boot_s = 0.0
+        self._engine = None
+        self._load()
+        if self._engine is not None:
+            threading.Thread(target=self._loop, name="engine", daemon=True).start()
+
+    # ---- boot ----------------------------------------------------------
+
+    def _load(self) -> None:
+        t0 = time.monotonic()
+        threads = str(self.spec.torch_threads)
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        os.environ.setdefault("MKL_NUM_THREADS", threads)
+        try:
+            engine = build_engine(self.spec)
+            self.info = engine.load()
+        except m.PoolError as e:
+            self.boot_error, self.boot_message = e.kind, e.message
+        except Exception as e:  # any load failure is reported, typed by its class
+            self.boot_error = m.ErrorKind.ENGINE_ERROR
+            self.boot_message = f"{type(e).__name__}: {e}"
+        else:
+            self._engine = engine
+            self.batch_limit = max(1, self.info.max_batch_size)
+        self.boot_s = time.monotonic() - t0
+        if self.boot_error is not None:
+            log.error("engine failed to load: %s", self.boot_message)
+
+    # ---- what Serve calls ----------------------------------------------
+
+    async def synthesize(self, request: m.Request):
+        """Run one request; yield its messages, ending with Done or Failed."""
+        if self._engine is None:
+            yield m.Failed(request.id, m.ErrorKind.UNAVAILABLE, self.boot_message, True)
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._cond:
+            self._outboxes[request.id] = (asyncio.get_running_loop(), queue)
+            self._pending.append(request)
+            self._cond.notify_all()
+        finished = False
+        try:
+            while True:
+                msg = await queue.get()
+                finished = isinstance(msg, (m.Done, m.Failed))
+                yield msg
+                if finished:
+                    return
+        finally:
+            if not finished:  # the caller cancelled or went away: free the row
+                self.cancel(request.id)
+            with self._cond:
+                self._outboxes.pop(request.id, None)
+
+    def cancel(self, request_id: str) -> None:
+        with self._cond:
+            for req in self._pending:
+                if req.id == request_id:
+                    self._pending.remove(req)
+                    self._post(m.Failed(request_id, m.ErrorKind.CANCELLED, "cancelled"))
+                    return
+            self._cancelled.add(request_id)
+
+    async def ping(self) -> ReplicaStats:
+        return self.stats()
+
+    async def check_health(self) -> None:
+        """Serve's health check: a busy engine with no step for stall_timeout_s
+        is stuck (a hung kernel); raising makes Serve replace the replica."""
+        age = self._progress_age()
+        if age > self.stall_timeout_s:
+            raise StalledError(
+                f"stalled: no generation step for {age:.0f} s "
+                f"(stall_timeout_s={self.stall_timeout_s:g})"
+            )
+
+    # ---- status --------------------------------------------------------
+
+    def _progress_age(self) -> float:
+        return time.monotonic() - self._progress if self._rows else 0.0
+
+    def stats(self) -> ReplicaStats:
+        used, total, util = _memory(self.info)
+        with self._cond:
+            pending = len(self._pending)
+        return ReplicaStats(
+            boot_id=self.boot_id,
+            pid=os.getpid(),
+            node=self.node,
+            ready=self._engine is not None,
+            boot_error=self.boot_error,
+            boot_message=self.boot_message,
+            boot_s=self.boot_s,
+            info=self.info,
+            rows=self._rows,
+            pending=pending,
+            speed=self.speed,
+            batch_limit=self.batch_limit,
+            progress_age_s=self._progress_age(),
+            mem_used_bytes=used,
+            mem_total_bytes=total,
+            util=util,
+            mem_reusable_bytes=self._reusable(),
+            gpu_ids=tuple(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")),
+        )
+
+    def _reusable(self) -> int:
+        reusable = getattr(self._engine, "reusable_bytes", None)
+        return int(reusable()) if reusable is not None else 0
+
+    # ---- the engine thread ---------------------------------------------
+
+    def _post(self, msg) -> None:
+        """Hand a message to its request's stream (from any thread)."""
+        box = self._outboxes.get(msg.id)
+        if box is None:
+            return  # the stream is gone (cancelled by its caller)
+        loop, queue = box
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, msg)
+        except RuntimeError:  # the loop is closed: the replica is stopping
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                n = min(self.batch_limit, len(self._pending))
+                batch = [self._pending.popleft() for _ in range(n)]
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[m.Request]) -> None:
+        sink = _Sink(self, batch)
+        self._progress, self._rows = time.monotonic(), len(batch)
+        for req in batch:
+            self._post(m.Started(req.id, len(batch), sink.t0))
+        try:
+            self._engine.synthesize(batch, sink)
+        except m.PoolError as e:
+            sink.fail_open(e)
+        except Exception as e:  # a bug or a runtime error in the engine
+            log.exception("engine error in a batch of %d", len(batch))
+            sink.fail_open(m.PoolError(m.ErrorKind.ENGINE_ERROR, f"{type(e).__name__}: {e}"))
+        sink.fail_open(m.PoolError(m.ErrorKind.ENGINE_ERROR, "the engine left the row unfinished"))
+        if sink.ooms and len(batch) > 1:
+            self._oom_streak += 1
+            if self._oom_streak >= OOM_STREAK_TO_SHRINK and self.batch_limit > 1:
+                self.batch_limit = max(1, self.batch_limit // 2)
+                self._oom_streak = 0
+                log.warning("repeated out-of-memory: batch size lowered to %d", self.batch_limit)
+        elif len(batch) > 1:
+            self._oom_streak = 0
+        wall = time.monotonic() - sink.t0
+        if wall > 0 and sink.audio_s > 0:
+            speed = sink.audio_s / wall
+            self.speed = speed if self.speed <= 0 else 0.7 * self.speed + 0.3 * speed
+        with self._cond:
+            self._cancelled.difference_update(r.id for r in batch)
+        self._rows = 0
+
+
+class _Sink:
+    """The BatchSink the engine reports one batch through (workers.engine)."""
+
+    def __init__(self, replica: SlotReplica, batch: list[m.Request]):
+        self.r = replica
+        self.t0 = time.monotonic()
+        self.open = {req.id for req in batch}
+        self.samples = {req.id: 0 for req in batch}
+        self.seqs = {req.id: 0 for req in batch}
+        self.audio_s = 0.0
+        self.ooms = 0
+
+    def chunk(self, request_id: str, pcm) -> None:
+        if request_id not in self.open:
+            return
+        self.samples[request_id] += len(pcm)
+        self.audio_s += len(pcm) / m.SAMPLE_RATE
+        self.r._post(m.Chunk(request_id, self.seqs[request_id], pcm))
+        self.seqs[request_id] += 1
+
+    def finish(self, request_id: str) -> None:
+        if request_id not in self.open:
+            return
+        self.open.discard(request_id)
+        audio_s = self.samples[request_id] / m.SAMPLE_RATE
+        self.r._post(m.Done(request_id, audio_s, time.monotonic() - self.t0))
+
+    def fail(self, request_id: str, error: m.PoolError) -> None:
+        if request_id not in self.open:
+            return
+        self.open.discard(request_id)
+        self.ooms += error.kind == m.ErrorKind.OUT_OF_MEMORY
+        self.r._post(m.Failed(request_id, error.kind, error.message, error.retryable))
+
+    def fail_open(self, error: m.PoolError) -> None:
+        for rid in list(self.open):
+            self.fail(rid, error)
+
+    def cancelled(self, request_id: str) -> bool:
+        return request_id in self.r._cancelled
+
+    def step(self) -> None:
+        self.r._progress = time.monotonic()
+
+
+_PROC = None  # this process, kept so that cpu_percent measures between pings
+
+
+def _memory(info: m.DeviceInfo | None) -> tuple[int, int, float]:
+    """(used, total, utilisation %) of this replica's device, as far as it knows."""
+    if info is not None and info.device.startswith("cuda") and "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        try:
+            free, total = torch.cuda.mem_get_info(0)
+            return int(total - free), int(total), 0.0
+        except RuntimeError:
+            return 0, 0, 0.0
+    global _PROC
+    try:
+        import psutil
+
+        proc = _PROC = _PROC or psutil.Process()
+        return (
+            int(proc.memory_info().rss),
+            int(psutil.virtual_memory().total),
+            min(100.0, proc.cpu_percent(None)),
+        )
+    except ImportError:
+        return 0, 0, 0.0
