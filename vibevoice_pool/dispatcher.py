@@ -50,6 +50,7 @@ class _Job:
     seen: int = 0  # samples the current attempt has produced
     dispatched_at: float = 0.0
     started_at: float = 0.0  # worker clock, from Started
+    running: bool = False  # the worker said Started for the current attempt
     attempts_at: list[float] = field(default_factory=list)
 
 
@@ -151,9 +152,13 @@ class Dispatcher:
             self.board.set(slot, Col.QUEUED_WORK_S, 0)
             self._pump_locked()
 
-    def worker_lost(self, slot: int, why: str, blame: bool = True) -> list[str]:
+    def worker_lost(
+        self, slot: int, why: str, blame: bool = True, blame_unstarted: bool = False
+    ) -> list[str]:
         """The worker in `slot` is gone: requeue (or quarantine) what it held.
-        `blame=False` (a lost device, a removal) does not count toward quarantine."""
+        `blame=False` (a lost device, a removal) does not count toward quarantine.
+        `blame_unstarted=True` counts requests whose Started never arrived too, for a
+        backend that can lose the Started of a request that killed its worker (Ray)."""
         with self._lock:
             self._links.pop(slot, None)
             self._draining.discard(slot)
@@ -162,8 +167,8 @@ class Dispatcher:
             for job in held:
                 # Only a request that was running can have taken its worker down; one
                 # still waiting in the worker's queue is not counted toward quarantine.
-                job.lost += 1 if blame and job.started_at else 0
-                job.started_at = 0.0
+                job.lost += 1 if blame and (job.running or blame_unstarted) else 0
+                job.running = False
                 job.slot, job.seen, job.left_s = None, 0, 0.0
                 if job.lost >= self.max_attempts:
                     log.error(
@@ -211,7 +216,7 @@ class Dispatcher:
             if job is None or job.slot != slot:
                 return  # an answer for a request that moved on (cancelled, requeued)
             if isinstance(msg, m.Started):
-                job.started_at = msg.at
+                job.started_at, job.running = msg.at, True
                 job.handle.push(msg)
                 self._emit("started", job, slot)
             elif isinstance(msg, m.Chunk):

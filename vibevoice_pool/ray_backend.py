@@ -350,7 +350,9 @@ class RaySupervisor:
         b.set(i, Col.WORKER_STATE, WorkerState.NONE)
         b.set(i, Col.SLOT_STATE, SlotState.STOPPED if slot.removed else SlotState.BACKOFF)
         self._note(i, "dead")
-        moved = self.dispatcher.worker_lost(i, why, blame=blame)
+        # A replica's stream may not have delivered the Started of the request that
+        # killed it, so every request it held counts toward quarantine.
+        moved = self.dispatcher.worker_lost(i, why, blame=blame, blame_unstarted=True)
         if why != RESTART_REQUESTED:
             what = f"{slot.label} (worker {i}, pid {slot.pid}) died: {why}"
             log.warning(
