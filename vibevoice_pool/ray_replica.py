@@ -34,11 +34,10 @@ import uuid
 from dataclasses import dataclass
 
 from workers import messages as m
+from workers.batching import BatchSizer, run_engine, speed_ema, take_batch
 from workers.engine import EngineSpec, build_engine
 
 log = logging.getLogger("vibevoice_pool.replica")
-
-OOM_STREAK_TO_SHRINK = 2  # as workers.worker_main
 
 
 class StalledError(RuntimeError):
@@ -84,8 +83,7 @@ class SlotReplica:
         self._rows = 0
         self._progress = 0.0
         self.speed = 0.0
-        self.batch_limit = max(1, spec.max_batch_size)
-        self._oom_streak = 0
+        self.sizer = BatchSizer(spec.max_batch_size)
         self.info: m.DeviceInfo | None = None
         self.boot_error: m.ErrorKind | None = None
         self.boot_message = ""
@@ -112,7 +110,7 @@ class SlotReplica:
             self.boot_message = f"{type(e).__name__}: {e}"
         else:
             self._engine = engine
-            self.batch_limit = max(1, self.info.max_batch_size)
+            self.sizer = BatchSizer(self.info.max_batch_size)
         self.boot_s = time.monotonic() - t0
         if self.boot_error is not None:
             log.error("engine failed to load: %s", self.boot_message)
@@ -186,7 +184,7 @@ class SlotReplica:
             rows=self._rows,
             pending=pending,
             speed=self.speed,
-            batch_limit=self.batch_limit,
+            batch_limit=self.sizer.limit,
             progress_age_s=self._progress_age(),
             mem_used_bytes=used,
             mem_total_bytes=total,
@@ -217,8 +215,7 @@ class SlotReplica:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
-                n = min(self.batch_limit, len(self._pending))
-                batch = [self._pending.popleft() for _ in range(n)]
+                batch = take_batch(self._pending, self.sizer.limit)
             self._run_batch(batch)
 
     def _run_batch(self, batch: list[m.Request]) -> None:
@@ -226,26 +223,9 @@ class SlotReplica:
         self._progress, self._rows = time.monotonic(), len(batch)
         for req in batch:
             self._post(m.Started(req.id, len(batch), sink.t0))
-        try:
-            self._engine.synthesize(batch, sink)
-        except m.PoolError as e:
-            sink.fail_open(e)
-        except Exception as e:  # a bug or a runtime error in the engine
-            log.exception("engine error in a batch of %d", len(batch))
-            sink.fail_open(m.PoolError(m.ErrorKind.ENGINE_ERROR, f"{type(e).__name__}: {e}"))
-        sink.fail_open(m.PoolError(m.ErrorKind.ENGINE_ERROR, "the engine left the row unfinished"))
-        if sink.ooms and len(batch) > 1:
-            self._oom_streak += 1
-            if self._oom_streak >= OOM_STREAK_TO_SHRINK and self.batch_limit > 1:
-                self.batch_limit = max(1, self.batch_limit // 2)
-                self._oom_streak = 0
-                log.warning("repeated out-of-memory: batch size lowered to %d", self.batch_limit)
-        elif len(batch) > 1:
-            self._oom_streak = 0
-        wall = time.monotonic() - sink.t0
-        if wall > 0 and sink.audio_s > 0:
-            speed = sink.audio_s / wall
-            self.speed = speed if self.speed <= 0 else 0.7 * self.speed + 0.3 * speed
+        run_engine(self._engine, batch, sink)
+        self.sizer.record(len(batch), sink.ooms)
+        self.speed = speed_ema(self.speed, sink.audio_s, time.monotonic() - sink.t0)
         with self._cond:
             self._cancelled.difference_update(r.id for r in batch)
         self._rows = 0

@@ -26,12 +26,12 @@ import time
 from dataclasses import dataclass, field
 
 from workers import messages as m
+from workers.batching import BatchSizer, run_engine, speed_ema, take_batch
 from workers.board import Col, StatusBoard, WorkerState
 from workers.engine import EngineSpec
 
 BOOT_FAILED_EXIT = 3
 BURST_WAIT_S = 0.05  # longest wait for the rest of a burst before a batch starts
-OOM_STREAK_TO_SHRINK = 2  # batches in a row with an out-of-memory row halve the batch size
 log = logging.getLogger("vibevoice_pool.worker")
 
 
@@ -153,9 +153,8 @@ class Worker:
             self._boot_failed(e.kind, e.message)
         except Exception as e:  # any load failure is reported, typed by its class
             self._boot_failed(m.ErrorKind.ENGINE_ERROR, f"{type(e).__name__}: {e}")
-        self.max_batch = max(1, info.max_batch_size)
-        self._oom_streak = 0
-        b.set(row, Col.BATCH_LIMIT, self.max_batch)
+        self.sizer = BatchSizer(info.max_batch_size)
+        b.set(row, Col.BATCH_LIMIT, self.sizer.limit)
         b.set(row, Col.PROGRESS, time.monotonic())
         b.set(row, Col.WORKER_STATE, WorkerState.IDLE)
         threading.Thread(target=self._receive, name="receiver", daemon=True).start()
@@ -178,12 +177,10 @@ class Worker:
                     break
                 # A burst the parent sent together is batched together.
                 self._cond.wait_for(
-                    lambda: not self._following or len(self._pending) >= self.max_batch,
+                    lambda: not self._following or len(self._pending) >= self.sizer.limit,
                     timeout=BURST_WAIT_S,
                 )
-                batch = [
-                    self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))
-                ]
+                batch = take_batch(self._pending, self.sizer.limit)
             self._run_batch(engine, batch)
         self.board.set(self.row, Col.WORKER_STATE, WorkerState.STOPPING)
         self.responses.close()
@@ -199,40 +196,19 @@ class Worker:
         b.set(row, Col.WORKER_STATE, WorkerState.BUSY)
         for req in batch:
             self.send(m.Started(req.id, len(batch), sink.t0))
-        try:
-            engine.synthesize(batch, sink)
-        except m.PoolError as e:
-            sink.fail_open(e)
-        except Exception as e:  # a bug or a runtime error in the engine
-            log.exception("engine error in a batch of %d", len(batch))
-            sink.fail_open(m.PoolError(m.ErrorKind.ENGINE_ERROR, f"{type(e).__name__}: {e}"))
-        sink.fail_open(m.PoolError(m.ErrorKind.ENGINE_ERROR, "the engine left the row unfinished"))
-        self._after_batch(engine, batch, sink)
+        run_engine(engine, batch, sink)
+        if self.sizer.record(len(batch), sink.ooms):
+            b.set(row, Col.BATCH_LIMIT, self.sizer.limit)
+        reusable = getattr(engine, "reusable_bytes", None)
+        if reusable is not None:
+            b.set(row, Col.MEM_REUSABLE, reusable())
         wall = time.monotonic() - sink.t0
-        if wall > 0 and sink.audio_s > 0:
-            speed = sink.audio_s / wall
-            old = b.get(row, Col.SPEED)
-            b.set(row, Col.SPEED, speed if old <= 0 else 0.7 * old + 0.3 * speed)
+        b.set(row, Col.SPEED, speed_ema(b.get(row, Col.SPEED), sink.audio_s, wall))
         with self._cond:
             self._cancelled.difference_update(r.id for r in batch)
         b.set(row, Col.CURRENT, 0)
         b.set(row, Col.BATCH_ROWS, 0)
         b.set(row, Col.WORKER_STATE, WorkerState.IDLE)
-
-    def _after_batch(self, engine, batch: list[m.Request], sink: _Sink) -> None:
-        """Lower the batch size after repeated out-of-memory; report reusable memory."""
-        if sink.ooms and len(batch) > 1:
-            self._oom_streak += 1
-            if self._oom_streak >= OOM_STREAK_TO_SHRINK and self.max_batch > 1:
-                self.max_batch = max(1, self.max_batch // 2)
-                self._oom_streak = 0
-                self.board.set(self.row, Col.BATCH_LIMIT, self.max_batch)
-                log.warning("repeated out-of-memory: batch size lowered to %d", self.max_batch)
-        elif len(batch) > 1:
-            self._oom_streak = 0  # a full batch went through: the size is fine
-        reusable = getattr(engine, "reusable_bytes", None)
-        if reusable is not None:
-            self.board.set(self.row, Col.MEM_REUSABLE, reusable())
 
 
 class _Sink:
