@@ -37,6 +37,22 @@ from workers.board import Col, SlotState, StatusBoard, WorkerState
 
 log = logging.getLogger("vibevoice_pool")
 
+# Board columns as plain ints, for the hot path.
+_SLOT_STATE, _WORKER_STATE, _CAPACITY = (
+    int(Col.SLOT_STATE),
+    int(Col.WORKER_STATE),
+    int(Col.CAPACITY),
+)
+_BATCH_LIMIT, _INFLIGHT, _QUEUED_WORK_S = (
+    int(Col.BATCH_LIMIT),
+    int(Col.INFLIGHT),
+    int(Col.QUEUED_WORK_S),
+)
+_SPEED, _UTIL, _DEVICE = int(Col.SPEED), int(Col.UTIL), int(Col.DEVICE)
+_MEM_USED, _MEM_TOTAL, _MEM_REUSABLE = int(Col.MEM_USED), int(Col.MEM_TOTAL), int(Col.MEM_REUSABLE)
+_RUNNING = float(SlotState.RUNNING)
+_UP = (float(WorkerState.IDLE), float(WorkerState.BUSY))
+
 
 @dataclass
 class _Job:
@@ -129,6 +145,10 @@ class Dispatcher:
                 self._finish(job, m.Failed(job.request.id, m.ErrorKind.CANCELLED, "cancelled"))
             else:
                 self._send(job.slot, m.Cancel(request_id))
+
+    def has_workers(self) -> bool:
+        """Some worker is attached (ready, busy or draining)."""
+        return bool(self._links)
 
     def queue_length(self) -> int:
         return len(self._queue)
@@ -307,43 +327,41 @@ class Dispatcher:
             listener(what, job, detail)
 
     def _eligible(self) -> list[View]:
+        """Views of the workers that can take a request now. Each row is read from
+        the board once, as a list of floats (the hot path: no numpy scalars)."""
         t = self.board.table
         views = []
         for slot in self._links:
             if slot in self._draining:
                 continue
-            row = t[slot]
-            if int(row[Col.SLOT_STATE]) != SlotState.RUNNING:
+            row = t[slot].tolist()
+            if row[_SLOT_STATE] != _RUNNING or row[_WORKER_STATE] not in _UP:
                 continue
-            if int(row[Col.WORKER_STATE]) not in (WorkerState.IDLE, WorkerState.BUSY):
-                continue
-            capacity = max(1, int(row[Col.CAPACITY]))
-            if row[Col.BATCH_LIMIT] >= 1:
-                capacity = min(capacity, int(row[Col.BATCH_LIMIT]))
-            inflight = int(row[Col.INFLIGHT])
+            capacity = max(1, int(row[_CAPACITY]))
+            if row[_BATCH_LIMIT] >= 1:
+                capacity = min(capacity, int(row[_BATCH_LIMIT]))
+            inflight = int(row[_INFLIGHT])
             if inflight >= capacity and not self.bind_at_arrival:
                 continue
+            mem_total = row[_MEM_TOTAL]
+            if row[_DEVICE] < 0 or mem_total <= 0:
+                mem_free = float("inf")  # unknown (CPU, or no NVML sample yet)
+            else:
+                mem_free = mem_total - row[_MEM_USED] + row[_MEM_REUSABLE]
             views.append(
                 View(
-                    slot=slot,
-                    inflight=inflight,
-                    capacity=capacity,
-                    queued_work_s=float(row[Col.QUEUED_WORK_S]),
-                    speed=float(row[Col.SPEED]),
-                    mem_used=float(row[Col.MEM_USED]),
-                    mem_total=float(row[Col.MEM_TOTAL]),
-                    util=float(row[Col.UTIL]),
-                    mem_free=self._mem_free(row),
+                    slot,
+                    inflight,
+                    capacity,
+                    row[_QUEUED_WORK_S],
+                    row[_SPEED],
+                    row[_MEM_USED],
+                    mem_total,
+                    row[_UTIL],
+                    mem_free,
                 )
             )
         return views
-
-    @staticmethod
-    def _mem_free(row) -> float:
-        """Free device memory of a GPU slot; inf where unknown (CPU, no NVML yet)."""
-        if row[Col.DEVICE] < 0 or row[Col.MEM_TOTAL] <= 0:
-            return float("inf")
-        return float(row[Col.MEM_TOTAL] - row[Col.MEM_USED] + row[Col.MEM_REUSABLE])
 
     def mem_need(self, work_s: float) -> float:
         return self.mem_reserve_bytes + work_s * self.mem_per_audio_s_bytes
@@ -353,7 +371,7 @@ class Dispatcher:
             self._pump_locked()
 
     def _pump_locked(self) -> None:
-        sends: list[tuple[int, _Job]] = []
+        sends: list[tuple[int, _Job, float, View]] = []
         while self._queue:
             views = self._eligible()
             if not views:
@@ -373,11 +391,14 @@ class Dispatcher:
             self.board.add(slot, Col.INFLIGHT, 1)
             self.board.add(slot, Col.QUEUED_WORK_S, job.work_s)
             self.board.add(slot, Col.ASSIGNED, 1)
-            sends.append((slot, job))
-            self._emit("dispatched", job, (slot, score, views[i]))
+            sends.append((slot, job, score, views[i]))
+        if not sends:
+            return
         # Send after choosing, telling each worker how many more are right behind,
-        # so a burst that arrives together is batched together.
-        left = collections.Counter(slot for slot, _ in sends)
-        for slot, job in sends:
+        # so a burst that arrives together is batched together; log after sending.
+        left = collections.Counter(slot for slot, *_ in sends)
+        for slot, job, _, _ in sends:
             left[slot] -= 1
             self._links[slot](m.Synthesize(job.request, following=left[slot]))
+        for slot, job, score, view in sends:
+            self._emit("dispatched", job, (slot, score, view))

@@ -166,7 +166,9 @@ class Pool:
         """Accept a request, or refuse it at once: OVERLOADED when the queue is
         full, UNAVAILABLE when no worker is up or on its way up."""
         alive = (SlotState.RUNNING, SlotState.STARTING, SlotState.BACKOFF)
-        if not any(int(self.board.get(i, Col.SLOT_STATE)) in alive for i in self.live_slots()):
+        if not self.dispatcher.has_workers() and not any(
+            int(self.board.get(i, Col.SLOT_STATE)) in alive for i in self.live_slots()
+        ):
             raise m.PoolError(
                 m.ErrorKind.UNAVAILABLE, "no worker is ready or starting; see /v1/pool", True
             )

@@ -2,8 +2,8 @@
 
     parent                          worker (this module, `run`)
     ------                          ---------------------------
-    request queue  --Synthesize-->  receiver thread -> pending / cancelled
-                   --Cancel------>
+    request queue  --Synthesize-->  main thread, when idle and once per generation
+                   --Cancel------>  step: pending / cancelled
                    --Shutdown---->
     response pipe  <--Ready/...---  main thread: engine.load(), then batches
     death pipe     (EOF = parent gone)  watcher thread: os._exit
@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -89,7 +90,6 @@ class Worker:
         self.requests = requests
         self.responses = responses
         self._send_lock = threading.Lock()
-        self._cond = threading.Condition()
         self._pending: collections.deque[m.Request] = collections.deque()
         self._cancelled: set[str] = set()
         self._shutdown = False
@@ -109,23 +109,33 @@ class Worker:
             self.board.set(self.row, Col.HEARTBEAT, time.monotonic())
             time.sleep(self.spec.heartbeat_s)
 
-    def _receive(self) -> None:
+    def _poll(self, timeout: float | None) -> None:
+        """Take every message waiting on the request queue, waiting up to `timeout`
+        for the first (None: as long as it takes; 0: not at all). The main thread
+        calls it when idle and once per generation step, so a Cancel is seen
+        within a step and no thread stands between the queue and the engine."""
+        try:
+            msg = self.requests.get_nowait() if timeout == 0 else self.requests.get(True, timeout)
+        except queue.Empty:
+            return
+        except (EOFError, OSError):
+            os._exit(0)  # the parent is gone
         while True:
+            if isinstance(msg, m.Synthesize):
+                self._pending.append(msg.request)
+                self._following = msg.following
+            elif isinstance(msg, m.Cancel):
+                self._cancel(msg.request_id)
+            elif isinstance(msg, m.Shutdown):
+                self._shutdown = True
             try:
-                msg = self.requests.get()
+                msg = self.requests.get_nowait()
+            except queue.Empty:
+                return
             except (EOFError, OSError):
                 os._exit(0)
-            with self._cond:
-                if isinstance(msg, m.Synthesize):
-                    self._pending.append(msg.request)
-                    self._following = msg.following
-                elif isinstance(msg, m.Cancel):
-                    self._cancel_locked(msg.request_id)
-                elif isinstance(msg, m.Shutdown):
-                    self._shutdown = True
-                self._cond.notify_all()
 
-    def _cancel_locked(self, rid: str) -> None:
+    def _cancel(self, rid: str) -> None:
         for req in self._pending:
             if req.id == rid:
                 self._pending.remove(req)
@@ -157,7 +167,6 @@ class Worker:
         b.set(row, Col.BATCH_LIMIT, self.sizer.limit)
         b.set(row, Col.PROGRESS, time.monotonic())
         b.set(row, Col.WORKER_STATE, WorkerState.IDLE)
-        threading.Thread(target=self._receive, name="receiver", daemon=True).start()
         self.send(m.Ready(self.row, os.getpid(), info, time.monotonic() - t0))
         self._loop(engine)
 
@@ -170,18 +179,19 @@ class Worker:
 
     def _loop(self, engine) -> None:
         while True:
-            with self._cond:
-                while not self._pending and not self._shutdown:
-                    self._cond.wait()
-                if not self._pending and self._shutdown:
+            if not self._pending:
+                if self._shutdown:
                     break
-                # A burst the parent sent together is batched together.
-                self._cond.wait_for(
-                    lambda: not self._following or len(self._pending) >= self.sizer.limit,
-                    timeout=BURST_WAIT_S,
-                )
-                batch = take_batch(self._pending, self.sizer.limit)
-            self._run_batch(engine, batch)
+                self._poll(None)
+                continue
+            # A burst the parent sent together is batched together.
+            deadline = time.monotonic() + BURST_WAIT_S
+            while self._following and len(self._pending) < self.sizer.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._poll(left)
+            self._run_batch(engine, take_batch(self._pending, self.sizer.limit))
         self.board.set(self.row, Col.WORKER_STATE, WorkerState.STOPPING)
         self.responses.close()
         os._exit(0)
@@ -204,8 +214,7 @@ class Worker:
             b.set(row, Col.MEM_REUSABLE, reusable())
         wall = time.monotonic() - sink.t0
         b.set(row, Col.SPEED, speed_ema(b.get(row, Col.SPEED), sink.audio_s, wall))
-        with self._cond:
-            self._cancelled.difference_update(r.id for r in batch)
+        self._cancelled.difference_update(r.id for r in batch)
         b.set(row, Col.CURRENT, 0)
         b.set(row, Col.BATCH_ROWS, 0)
         b.set(row, Col.WORKER_STATE, WorkerState.IDLE)
@@ -260,3 +269,4 @@ class _Sink:
 
     def step(self) -> None:
         self.w.board.set(self.w.row, Col.PROGRESS, time.monotonic())
+        self.w._poll(0)  # cancels (and new requests) that arrived during the step
