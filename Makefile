@@ -44,10 +44,11 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The benchmarks rewrite docs/PERFORMANCE.md and docs/img/ (plots need the bench extra).
+# The benchmarks rewrite docs/PERFORMANCE.md and docs/img/ (plots need the bench extra);
+# BENCH_ARGS passes options on, e.g. BENCH_ARGS="--keep /tmp/bench" keeps the raw figures.
 bench: setup
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[test,ray,bench]'
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
