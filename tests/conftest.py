@@ -63,6 +63,8 @@ def sim_pool(tmp_path):
         values.update(settings)
         pool = Pool.start(build(values))
         pools.append(pool)
+        n = len(pool.live_slots())
+        wait_until(lambda: pool.ready_workers() == n, 60, what="every worker to be ready")
         try:
             yield pool
         finally:
@@ -118,11 +120,13 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log()}")
             try:
-                return self.get("/ready", timeout=2).status_code == 200
+                r = self.get("/ready", timeout=2)
             except httpx.HTTPError:
                 return False
+            body = r.json() if r.status_code == 200 else {}
+            return body.get("ready_workers") == body.get("workers")  # every worker up
 
-        wait_until(ready, timeout, 0.1, "the server to be ready")
+        wait_until(ready, timeout, 0.1, "every worker of the server to be ready")
 
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.get("/v1/pool").json()["workers"] if w["pid"]]

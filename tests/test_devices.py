@@ -36,6 +36,8 @@ def gpu_pool(tmp_path):
         values.update(settings)
         pool = Pool.start(build(values), gpus=nvml.gpu_list(), nvml=nvml)
         pools.append(pool)
+        n = len(pool.live_slots())
+        wait_until(lambda: pool.ready_workers() == n, 60, what="every worker to be ready")
         return pool
 
     yield start
