@@ -1,4 +1,5 @@
-"""Which devices exist, and which worker slots the `--gpus` setting asks for.
+"""Which devices exist, which worker slots the `--gpus` setting asks for, and
+the engine spec each slot gets.
 
 GPUs are counted through NVML (nvidia-ml-py) in the parent, which creates no
 CUDA context. No driver, no GPUs: that is an answer, not an error.
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from vibevoice_pool.config import ConfigError
+from vibevoice_pool.config import ConfigError, PoolConfig
+from workers.engine import EngineSpec
 
 log = logging.getLogger("vibevoice_pool")
 
@@ -110,3 +112,25 @@ def plan(gpus_setting: str, workers_per_gpu: int, found: list[Gpu]) -> list[Plac
                 f"GPUs found: {listing}"
             )
     return [Placement(f"cuda:{i}", i) for i in ids for _ in range(workers_per_gpu)]
+
+
+def engine_specs(cfg: PoolConfig, placements: list[Placement], model_path: str) -> list[EngineSpec]:
+    """One EngineSpec per slot, from the config."""
+    base = EngineSpec(
+        engine=cfg.engine,
+        model_path=model_path,
+        dtype=cfg.dtype,
+        attn_implementation=cfg.attn_implementation,
+        max_batch_size=cfg.max_batch_size,
+        torch_threads=cfg.torch_threads,
+        inference_steps=cfg.inference_steps,
+        sim_rtf=cfg.sim_rtf,
+        sim_chunk_s=cfg.sim_chunk_s,
+        sim_boot_s=cfg.sim_boot_s,
+        sim_boot_error=cfg.sim_boot_error,
+    )
+    out = []
+    for i, p in enumerate(placements):
+        speed = cfg.sim_speeds[i % len(cfg.sim_speeds)] if cfg.sim_speeds else 1.0
+        out.append(replace(base, device="cuda" if p.is_gpu else "cpu", sim_speed=speed))
+    return out

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 
 from vibevoice_pool.config import PoolConfig
-from vibevoice_pool.devices import Gpu, Placement, find_gpus, plan
+from vibevoice_pool.devices import Gpu, Placement, engine_specs, find_gpus, plan
 from vibevoice_pool.dispatcher import Dispatcher
 from vibevoice_pool.handle import RequestHandle
 from vibevoice_pool.monitor import Monitor, Nvml, RealNvml
-from vibevoice_pool.supervisor import Supervisor, engine_specs
+from vibevoice_pool.supervisor import Supervisor
 from workers import messages as m
 from workers.board import Col, SlotState, StatusBoard, WorkerState
 from workers.estimate import audio_seconds_for

@@ -38,7 +38,7 @@ import uuid
 from ray.exceptions import RayError
 
 from vibevoice_pool.config import PoolConfig
-from vibevoice_pool.devices import Placement
+from vibevoice_pool.devices import Placement, engine_specs
 from vibevoice_pool.dispatcher import Dispatcher
 from vibevoice_pool.ray_cluster import DeployError, RayCluster, replica_resources
 from vibevoice_pool.ray_replica import ReplicaStats
@@ -48,7 +48,6 @@ from vibevoice_pool.supervisor import (
     BOOT_FAILURES_TO_FAIL,
     RESTART_REQUESTED,
     BootError,
-    engine_specs,
 )
 from workers import messages as m
 from workers.board import Col, SlotState, StatusBoard, WorkerState

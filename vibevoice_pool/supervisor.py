@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing import connection
 
 from vibevoice_pool.config import PoolConfig
@@ -498,25 +498,3 @@ class Supervisor:
     def _note(self, slot: int, what: str) -> None:
         self.events.append((time.monotonic(), slot, what))
         del self.events[:-1000]
-
-
-def engine_specs(cfg: PoolConfig, placements: list[Placement], model_path: str) -> list[EngineSpec]:
-    """One EngineSpec per slot, from the config."""
-    base = EngineSpec(
-        engine=cfg.engine,
-        model_path=model_path,
-        dtype=cfg.dtype,
-        attn_implementation=cfg.attn_implementation,
-        max_batch_size=cfg.max_batch_size,
-        torch_threads=cfg.torch_threads,
-        inference_steps=cfg.inference_steps,
-        sim_rtf=cfg.sim_rtf,
-        sim_chunk_s=cfg.sim_chunk_s,
-        sim_boot_s=cfg.sim_boot_s,
-        sim_boot_error=cfg.sim_boot_error,
-    )
-    out = []
-    for i, p in enumerate(placements):
-        speed = cfg.sim_speeds[i % len(cfg.sim_speeds)] if cfg.sim_speeds else 1.0
-        out.append(replace(base, device="cuda" if p.is_gpu else "cpu", sim_speed=speed))
-    return out
