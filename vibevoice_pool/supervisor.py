@@ -41,11 +41,14 @@ TICK_S = 0.05
 RESTART_REQUESTED = "restart requested"
 
 
-def _mp():
-    try:
-        import torch.multiprocessing as mp
-    except ImportError:  # torch is optional for a sim-only parent
+def _mp(engine: str):
+    """The spawn context: torch.multiprocessing's for a model engine, so tensors
+    could cross if they ever do; the standard library's for the simulator, which
+    needs no torch (and the parent then skips seconds of `import torch`)."""
+    if engine == "sim":
         import multiprocessing as mp
+    else:
+        import torch.multiprocessing as mp
     return mp.get_context("spawn")
 
 
@@ -90,7 +93,7 @@ class Supervisor:
         self.cfg = cfg
         self.board = board
         self.dispatcher = dispatcher
-        self.ctx = _mp()
+        self.ctx = _mp(cfg.engine)
         self.slots = [
             _Slot(i, p, e) for i, (p, e) in enumerate(zip(placements, engines, strict=False))
         ]
