@@ -47,7 +47,7 @@ from vibevoice_pool.supervisor import (
     BACKOFF_S,
     BOOT_FAILURES_TO_FAIL,
     RESTART_REQUESTED,
-    BootError,
+    wait_first_ready,
 )
 from workers import messages as m
 from workers.board import Col, SlotState, StatusBoard, WorkerState
@@ -111,17 +111,15 @@ class RaySupervisor:
 
     def wait_ready(self, timeout: float) -> None:
         """Return once a replica is ready; BootError if every slot failed to boot."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._ctl:
-                if any(s.attached for s in self.slots):
-                    return
-                if all(s.boot_failures > 0 for s in self.slots):
-                    raise BootError(self.first_boot_error or "every replica failed to boot")
-            time.sleep(0.05)
-        raise BootError(
-            f"no replica was ready after {timeout:g} s; raise boot_timeout_s if the model "
-            "needs longer to load, and check that the Ray cluster has the CPUs/GPUs asked for"
+        hint = ", and check that the Ray cluster has the CPUs/GPUs asked for"
+        wait_first_ready(
+            self._ctl,
+            self.slots,
+            lambda s: s.attached,
+            lambda: self.first_boot_error,
+            timeout,
+            "replica",
+            hint,
         )
 
     def pids(self) -> list[int]:

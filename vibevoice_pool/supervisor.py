@@ -56,6 +56,25 @@ class BootError(RuntimeError):
     """No worker could load its engine at launch."""
 
 
+def wait_first_ready(
+    lock, slots, is_ready, first_error, timeout: float, noun: str, hint: str = ""
+) -> None:
+    """Block until one slot `is_ready`; BootError when every slot has failed to boot
+    (with the first error), or after `timeout` (naming the setting to raise)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with lock:
+            if any(is_ready(s) for s in slots):
+                return
+            if all(s.boot_failures > 0 for s in slots):
+                raise BootError(first_error() or f"every {noun} failed to boot")
+        time.sleep(0.02)
+    raise BootError(
+        f"no {noun} was ready after {timeout:g} s; raise boot_timeout_s if the model "
+        f"needs longer to load{hint}"
+    )
+
+
 @dataclass
 class _Slot:
     index: int
@@ -114,17 +133,13 @@ class Supervisor:
 
     def wait_ready(self, timeout: float) -> None:
         """Return once a worker is ready; BootError if every worker failed to boot."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if any(s.ready for s in self.slots):
-                    return
-                if all(s.boot_failures > 0 for s in self.slots):
-                    raise BootError(self.first_boot_error or "every worker failed to boot")
-            time.sleep(0.02)
-        raise BootError(
-            f"no worker was ready after {timeout:g} s; raise boot_timeout_s if the model "
-            "needs longer to load"
+        wait_first_ready(
+            self._lock,
+            self.slots,
+            lambda s: s.ready,
+            lambda: self.first_boot_error,
+            timeout,
+            "worker",
         )
 
     def pids(self) -> list[int]:
