@@ -43,11 +43,11 @@ from vibevoice_pool.dispatcher import Dispatcher
 from vibevoice_pool.ray_cluster import DeployError, RayCluster, replica_resources
 from vibevoice_pool.ray_replica import ReplicaStats
 from vibevoice_pool.ray_streams import Slot, Streams
+from vibevoice_pool.slots import next_slot_index, wait_first_ready
 from vibevoice_pool.supervisor import (
     BACKOFF_S,
     BOOT_FAILURES_TO_FAIL,
     RESTART_REQUESTED,
-    wait_first_ready,
 )
 from workers import messages as m
 from workers.board import Col, SlotState, StatusBoard, WorkerState
@@ -137,14 +137,7 @@ class RaySupervisor:
 
     def add_slot(self, placement: Placement, engine: EngineSpec) -> int:
         with self._ctl:
-            if self._stop.is_set():
-                raise m.PoolError(m.ErrorKind.UNAVAILABLE, "the pool is shutting down")
-            index = len(self.slots)
-            if index >= self.board.rows:
-                raise m.PoolError(
-                    m.ErrorKind.BAD_INPUT,
-                    f"the pool has room for {self.board.rows} workers at most",
-                )
+            index = next_slot_index(self._stop.is_set(), self.slots, self.board.rows)
             slot = Slot(index, placement, engine)
             self.slots.append(slot)
             self._deploy(slot)

@@ -146,7 +146,7 @@ def serve(cfg: PoolConfig) -> int:
     from vibevoice_pool.jobs import open_store, start_jobs
     from vibevoice_pool.jobs_api import install as install_jobs
     from vibevoice_pool.pool import Pool
-    from vibevoice_pool.supervisor import BootError
+    from vibevoice_pool.slots import BootError
     from workers.messages import PoolError
 
     # The page's imports (Gradio) take seconds: do them while the workers boot.

@@ -27,6 +27,7 @@ from multiprocessing import connection
 from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.devices import Placement
 from vibevoice_pool.dispatcher import Dispatcher
+from vibevoice_pool.slots import next_slot_index, wait_first_ready
 from workers import messages as m
 from workers import worker_main
 from workers.board import Col, SlotState, StatusBoard, WorkerState
@@ -50,29 +51,6 @@ def _mp(engine: str):
     else:
         import torch.multiprocessing as mp
     return mp.get_context("spawn")
-
-
-class BootError(RuntimeError):
-    """No worker could load its engine at launch."""
-
-
-def wait_first_ready(
-    lock, slots, is_ready, first_error, timeout: float, noun: str, hint: str = ""
-) -> None:
-    """Block until one slot `is_ready`; BootError when every slot has failed to boot
-    (with the first error), or after `timeout` (naming the setting to raise)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with lock:
-            if any(is_ready(s) for s in slots):
-                return
-            if all(s.boot_failures > 0 for s in slots):
-                raise BootError(first_error() or f"every {noun} failed to boot")
-        time.sleep(0.02)
-    raise BootError(
-        f"no {noun} was ready after {timeout:g} s; raise boot_timeout_s if the model "
-        f"needs longer to load{hint}"
-    )
 
 
 @dataclass
@@ -158,14 +136,7 @@ class Supervisor:
     def add_slot(self, placement: Placement, engine: EngineSpec) -> int:
         """Start a new worker while serving; returns its slot index."""
         with self._lock:
-            if self._stop.is_set():
-                raise m.PoolError(m.ErrorKind.UNAVAILABLE, "the pool is shutting down")
-            index = len(self.slots)
-            if index >= self.board.rows:
-                raise m.PoolError(
-                    m.ErrorKind.BAD_INPUT,
-                    f"the pool has room for {self.board.rows} workers at most",
-                )
+            index = next_slot_index(self._stop.is_set(), self.slots, self.board.rows)
             slot = _Slot(index, placement, engine)
             self.slots.append(slot)
             self._spawn(slot)
