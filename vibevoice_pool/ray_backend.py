@@ -237,7 +237,9 @@ class RaySupervisor:
                     hang_timeout_s=self.cfg.hang_timeout_s,
                     ready=lambda: slot.deploys == token and not self._stop.is_set(),
                 )
-            except DeployError as e:
+            except Exception as e:  # DeployError, or a surprise from Serve: never hang DEPLOYING
+                if not isinstance(e, DeployError):
+                    log.exception("deploying %s failed unexpectedly", app)
                 with self._ctl:
                     if slot.deploys == token and not self._stop.is_set():
                         slot.deploying = False

@@ -44,9 +44,10 @@ from workers.engine import EngineSpec
 log = logging.getLogger("vibevoice_pool")
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # audio chunks and voices are small
-REAP_WAIT_S = 15.0
+REAP_WAIT_S = 15.0  # how long Ray's own processes get to exit before SIGKILL
 MAX_TEMP_DIR_CHARS = 30  # longer, and Ray's socket paths pass the 107-byte limit
-SHORT_TEMP_DIR = "/tmp/ray"  # how long Ray's own processes get to exit before SIGKILL
+BUILD_TRIES = 5  # building a deployment, when it races Serve's own threads
+SHORT_TEMP_DIR = "/tmp/ray"
 
 
 class DeployError(RuntimeError):
@@ -60,7 +61,10 @@ class RayCluster:
         self.reused = False  # this process was connected to Ray before us
         self.apps: set[str] = set()
         self._procs: dict[int, psutil.Process] = {}  # the processes our Ray started
-        self._submit_lock = threading.Lock()
+        # Serve's client is not thread-safe: building a deployment registers and
+        # unregisters a module for pickling by value, process-wide. Every call
+        # we make into Serve goes through this lock.
+        self._serve_lock = threading.RLock()
         self.started = False
 
     # ---- start ---------------------------------------------------------
@@ -161,21 +165,9 @@ class RayCluster:
         """Run one slot's application (one replica) and wait until Serve says it
         runs; its DeploymentHandle. DeployError when Serve gives up, or when
         `ready()` turns False while waiting (the slot was replaced or removed)."""
-        with self._submit_lock:  # building a deployment is not thread-safe in Serve
-            deployment = serve.deployment(SlotReplica).options(
-                name="slot",
-                num_replicas=1,
-                ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-                max_ongoing_requests=max_ongoing,
-                health_check_period_s=max(1.0, min(10.0, hang_timeout_s / 3)),
-                health_check_timeout_s=hang_timeout_s,
-                graceful_shutdown_timeout_s=2.0,
-                graceful_shutdown_wait_loop_s=0.5,
-                max_constructor_retry_count=3,
-                logging_config={"enable_access_log": False, "log_level": "WARNING"},
-            )
-            target = serve.RunTarget(
-                target=deployment.bind(spec, stall_timeout_s), name=app, route_prefix=None
+        with self._serve_lock:
+            target = self._target(
+                app, spec, num_cpus, num_gpus, max_ongoing, hang_timeout_s, stall_timeout_s
             )
             self.apps.add(app)
             try:
@@ -193,10 +185,39 @@ class RayCluster:
             time.sleep(0.2)
         raise DeployError("the slot was replaced or removed while deploying")
 
+    def _target(self, app, spec, num_cpus, num_gpus, max_ongoing, hang_timeout_s, stall_timeout_s):
+        """The RunTarget of one slot's application. Serve's own threads (a
+        handle's router) may still race us on the by-value registration, so a
+        ValueError from it is retried a few times before it counts as a failure."""
+        for attempt in range(BUILD_TRIES):
+            try:
+                deployment = serve.deployment(SlotReplica).options(
+                    name="slot",
+                    num_replicas=1,
+                    ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+                    max_ongoing_requests=max_ongoing,
+                    health_check_period_s=max(1.0, min(10.0, hang_timeout_s / 3)),
+                    health_check_timeout_s=hang_timeout_s,
+                    graceful_shutdown_timeout_s=2.0,
+                    graceful_shutdown_wait_loop_s=0.5,
+                    max_constructor_retry_count=3,
+                    logging_config={"enable_access_log": False, "log_level": "WARNING"},
+                )
+                return serve.RunTarget(
+                    target=deployment.bind(spec, stall_timeout_s), name=app, route_prefix=None
+                )
+            except ValueError as e:
+                if attempt + 1 == BUILD_TRIES:
+                    raise DeployError(f"Serve could not build the deployment: {e}") from e
+                log.debug("building %s raced Serve (%s); again", app, e)
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     def app_status(self, app: str) -> tuple[ApplicationStatus, str] | None:
         """(status, Serve's message) of one of our applications; None if unknown."""
         try:
-            found = serve.status().applications.get(app)
+            with self._serve_lock:
+                found = serve.status().applications.get(app)
         except (RayError, RayServeException) as e:
             log.debug("serve.status() failed: %s", e)
             return (ApplicationStatus.DEPLOYING, "")
@@ -205,14 +226,15 @@ class RayCluster:
     def delete(self, app: str) -> None:
         self.apps.discard(app)
         try:
-            serve.delete(app)
+            serve.delete(app)  # builds no config; blocking, so not under the lock
         except (RayError, RayServeException, RuntimeError) as e:
             log.warning("could not delete Serve application %s: %s", app, e)
 
     def failed_apps(self) -> dict[str, str]:
         """Applications Serve gave up deploying: name -> Serve's message."""
         try:
-            apps = serve.status().applications
+            with self._serve_lock:
+                apps = serve.status().applications
         except (RayError, RayServeException) as e:
             log.debug("serve.status() failed: %s", e)
             return {}
