@@ -116,6 +116,46 @@ def test_the_same_seed_on_two_workers_gives_identical_audio(tiny_pool):
     np.testing.assert_array_equal(xa, xb)
 
 
+def test_a_kept_voice_sounds_the_same_as_the_voice_sent_whole(tiny_pool):
+    """A read-only voice (a preset) crosses worker 0's queue once as KeptVoice, then
+    as VoiceRef; the audio must equal what the same samples sent whole (a writable
+    copy) give, and another voice must give other audio."""
+    t = np.arange(2 * m.SAMPLE_RATE) / m.SAMPLE_RATE
+    preset = (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+    preset.setflags(write=False)
+    other = (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+    other.setflags(write=False)
+    sent = []
+    link = tiny_pool.dispatcher._links[0]
+    put = link._put
+    link._put = lambda msg: (sent.append(msg), put(msg))[1]
+    text = "Speaker 1: a voice the worker keeps"
+
+    def run(voice):
+        others = [i for i in tiny_pool.live_slots() if i != 0]
+        for i in others:
+            tiny_pool.dispatcher.drain(i)
+        try:
+            req = tiny_pool.make_request(parse_script(text), (voice,), seed=9)
+            handle = tiny_pool.submit(req)
+        finally:
+            for i in others:
+                tiny_pool.dispatcher.undrain(i)
+        audio = handle.result(timeout=120)
+        assert handle.worker == 0
+        return audio
+
+    try:
+        first, again, whole, changed = run(preset), run(preset), run(preset.copy()), run(other)
+    finally:
+        link._put = put
+    kinds = [type(msg.request.voices[0]).__name__ for msg in sent]
+    assert kinds == ["KeptVoice", "VoiceRef", "ndarray", "KeptVoice"]
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, whole)
+    assert len(changed) == len(first) and not np.array_equal(changed, first)
+
+
 def test_cancel_mid_generation_frees_the_slot(tiny_pool):
     long = submit(tiny_pool, "Speaker 1: " + "many words " * 60, seed=5)
     wait_until(lambda: len(long.audio()) > 0, 120, interval=0.01, what="the first chunk")

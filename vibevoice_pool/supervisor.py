@@ -28,6 +28,7 @@ from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.devices import Placement
 from vibevoice_pool.dispatcher import Dispatcher
 from vibevoice_pool.slots import next_slot_index, wait_first_ready
+from vibevoice_pool.voice_sender import VoiceSender
 from workers import messages as m
 from workers import worker_main
 from workers.board import Col, SlotState, StatusBoard, WorkerState
@@ -309,7 +310,7 @@ class Supervisor:
             log.info("   worker %d: %s", i, msg.info.note)
         self._note(i, "ready")
         requests = slot.requests
-        self.dispatcher.attach(i, requests.put)
+        self.dispatcher.attach(i, VoiceSender(requests.put))
 
     def _died(self, slot: _Slot) -> None:
         if slot.responses is not None:

@@ -15,6 +15,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 import unicodedata
 from pathlib import Path
 
@@ -30,6 +31,7 @@ VOICE_EXTENSIONS: tuple[str, ...] = (
     ".ogg",
 )  # preference order
 MAX_NAME_LENGTH = 64
+LISTING_MAX_AGE_S = 2.0  # a change the folder's mtime misses is seen within this
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -113,9 +115,25 @@ class VoiceLibrary:
         self._lock = threading.Lock()
         # name -> (path, (mtime_ns, size), samples)
         self._cache: dict[str, tuple[Path, tuple[int, int], np.ndarray]] = {}
+        self._listed: tuple[int, float, dict[str, Path]] | None = None  # mtime_ns, when, names
+
+    def _listing(self) -> dict[str, Path]:
+        """The folder's voices, listed again only when the folder changed (its
+        mtime), or LISTING_MAX_AGE_S passed, or we changed it ourselves."""
+        try:
+            stamp = os.stat(self.folder).st_mtime_ns
+        except FileNotFoundError:
+            stamp = -1
+        now = time.monotonic()
+        listed = self._listed
+        if listed is not None and listed[0] == stamp and now - listed[1] < LISTING_MAX_AGE_S:
+            return listed[2]
+        found = _list_voices(self.folder)
+        self._listed = (stamp, now, found)
+        return found
 
     def names(self) -> list[str]:
-        return sorted(_list_voices(self.folder))
+        return sorted(self._listing())
 
     def match(self, name: str) -> str:
         """The preset name `name` refers to, or BAD_INPUT listing some that exist.
@@ -124,7 +142,7 @@ class VoiceLibrary:
         ("Alice" of "en-Alice_woman"), then a case-insensitive partial match
         either way round (as the old VibeVoice demo did); the shortest wins.
         """
-        voices = _list_voices(self.folder)
+        voices = self._listing()
         query = name.strip() if isinstance(name, str) else ""
         if query in voices:
             return query
@@ -153,7 +171,7 @@ class VoiceLibrary:
     def resolve(self, name: str) -> np.ndarray:
         """The voice sample of `name` (see match) as float32 mono SAMPLE_RATE audio."""
         preset = self.match(name)
-        path = _list_voices(self.folder).get(preset)
+        path = self._listing().get(preset)
         if path is None:  # removed between the two listings
             raise _bad(f"voice {preset!r} was just removed; available: {self.names()}")
         try:
@@ -186,29 +204,30 @@ class VoiceLibrary:
             what="voice sample",
         )
         with self._lock:
-            taken = [n for n in _list_voices(self.folder) if n.lower() == safe.lower()]
+            taken = [n for n in self._listing() if n.lower() == safe.lower()]
             if taken and not overwrite:
                 raise _bad(
                     f"a voice named {taken[0]!r} already exists; choose another name "
                     "or delete that voice first"
                 )
             for old in taken:  # same name, other extension or case: replaced
-                if old != safe or _list_voices(self.folder)[old].suffix.lower() != ".wav":
+                if old != safe or self._listing()[old].suffix.lower() != ".wav":
                     self._remove(old)
             wav, _ = encode(samples, "wav")
             _write_atomic(self.folder, safe + ".wav", wav)
             self._cache.pop(safe, None)
+            self._listed = None
         return safe
 
     def delete(self, name: str) -> None:
         """Remove the stored voice with exactly this name (no partial matching)."""
         with self._lock:
-            if not isinstance(name, str) or name not in _list_voices(self.folder):
+            if not isinstance(name, str) or name not in self._listing():
                 raise _bad(f"no voice named {name!r} to delete; voices: {self.names()}")
             self._remove(name)
 
     def _remove(self, name: str) -> None:
-        path = _list_voices(self.folder).get(name)
+        path = self._listing().get(name)
         if path is None:
             return
         folder = self.folder.resolve()
@@ -217,6 +236,7 @@ class VoiceLibrary:
             raise _bad(f"voice {name!r} is not inside the voices folder; not removed")
         path.unlink(missing_ok=True)
         self._cache.pop(name, None)
+        self._listed = None
 
 
 def _short_name(name: str) -> str:

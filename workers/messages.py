@@ -4,6 +4,8 @@ Parent -> worker (on the worker's request queue):
     Synthesize(request)   run this request (the worker may batch it)
     Cancel(request_id)    stop this request at the next step, free its slot
     Shutdown(grace_s)     finish what you hold (within grace_s), then exit
+    (inside a Request's voices: KeptVoice(key, samples) to use and keep,
+     VoiceRef(key) for one kept before; see VoiceSender and VoiceCache)
 
 Worker -> parent (on the worker's response pipe):
     Ready(...)            the engine is loaded; the slot may take work
@@ -102,6 +104,26 @@ class DeviceInfo:
 
 
 # ---- parent -> worker ------------------------------------------------------
+
+# A voice sample that cannot change (a read-only array: the presets) crosses a
+# worker's queue once; later requests name it. Both ends keep the last
+# KEPT_VOICES samples sent, first in first out, so they always agree.
+KEPT_VOICES = 16
+
+
+@dataclass(frozen=True)
+class KeptVoice:
+    """In Request.voices on a worker's queue: a sample to use and keep as `key`."""
+
+    key: int
+    samples: Any
+
+
+@dataclass(frozen=True)
+class VoiceRef:
+    """In Request.voices on a worker's queue: the sample kept earlier as `key`."""
+
+    key: int
 
 
 @dataclass(frozen=True)

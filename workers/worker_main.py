@@ -30,6 +30,7 @@ from workers import messages as m
 from workers.batching import BatchSizer, run_engine, speed_ema, take_batch
 from workers.board import Col, StatusBoard, WorkerState
 from workers.engine import EngineSpec
+from workers.voice_cache import VoiceCache
 
 BOOT_FAILED_EXIT = 3
 BURST_WAIT_S = 0.05  # longest wait for the rest of a burst before a batch starts
@@ -94,6 +95,7 @@ class Worker:
         self._cancelled: set[str] = set()
         self._shutdown = False
         self._following = 0  # requests the parent said are right behind the last one
+        self.voices = VoiceCache()  # the voice samples the parent sent to keep
 
     # ---- plumbing ------------------------------------------------------
 
@@ -122,8 +124,12 @@ class Worker:
             os._exit(0)  # the parent is gone
         while True:
             if isinstance(msg, m.Synthesize):
-                self._pending.append(msg.request)
                 self._following = msg.following
+                try:
+                    self._pending.append(self.voices.resolve(msg.request))
+                except m.PoolError as e:
+                    log.error("%s", e.message)
+                    self.send(m.Failed(msg.request.id, e.kind, e.message))
             elif isinstance(msg, m.Cancel):
                 self._cancel(msg.request_id)
             elif isinstance(msg, m.Shutdown):
