@@ -27,6 +27,7 @@ from multiprocessing import connection
 from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.devices import Placement
 from vibevoice_pool.dispatcher import Dispatcher
+from vibevoice_pool.request_channel import RequestChannel
 from vibevoice_pool.slots import next_slot_index, wait_first_ready
 from vibevoice_pool.voice_sender import VoiceSender
 from workers import messages as m
@@ -61,7 +62,7 @@ class _Slot:
     engine: EngineSpec
     generation: int = 0
     process: object = None
-    requests: object = None  # mp.Queue, parent -> worker
+    requests: RequestChannel | None = None  # parent -> worker
     responses: object = None  # Connection, worker -> parent (read end)
     death: object = None  # Connection, write end; closing it tells the worker to exit
     started_at: float = 0.0
@@ -198,7 +199,7 @@ class Supervisor:
         b, i = self.board, slot.index
         slot.generation += 1
         slot.ready, slot.kill_reason, slot.info = False, "", None
-        slot.requests = self.ctx.Queue()
+        slot.requests = RequestChannel(self.ctx)
         read_end, write_end = self.ctx.Pipe(duplex=False)
         death_r, death_w = self.ctx.Pipe(duplex=False)
         spec = worker_main.WorkerSpec(
@@ -217,11 +218,12 @@ class Supervisor:
         b.set(i, Col.CAPACITY, slot.engine.max_batch_size)
         proc = self.ctx.Process(
             target=worker_main.run,
-            args=(spec, slot.requests, write_end, death_r),
+            args=(spec, slot.requests.reader, write_end, death_r),
             name=f"vibevoice-worker-{i}",
             daemon=True,
         )
         proc.start()
+        slot.requests.reader_sent()
         write_end.close()
         death_r.close()
         slot.process, slot.responses, slot.death = proc, read_end, death_w
@@ -472,7 +474,6 @@ class Supervisor:
 
     def _close(self, slot: _Slot) -> None:
         if slot.requests is not None:
-            slot.requests.cancel_join_thread()
             slot.requests.close()
         for conn in (slot.responses, slot.death):
             if conn is not None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -117,29 +116,25 @@ class Worker:
         calls it when idle and once per generation step, so a Cancel is seen
         within a step and no thread stands between the queue and the engine."""
         try:
-            msg = self.requests.get_nowait() if timeout == 0 else self.requests.get(True, timeout)
-        except queue.Empty:
-            return
+            if not self.requests.poll(timeout):
+                return
+            while True:
+                msg = self.requests.recv()
+                if isinstance(msg, m.Synthesize):
+                    self._following = msg.following
+                    try:
+                        self._pending.append(self.voices.resolve(msg.request))
+                    except m.PoolError as e:
+                        log.error("%s", e.message)
+                        self.send(m.Failed(msg.request.id, e.kind, e.message))
+                elif isinstance(msg, m.Cancel):
+                    self._cancel(msg.request_id)
+                elif isinstance(msg, m.Shutdown):
+                    self._shutdown = True
+                if not self.requests.poll(0):
+                    return
         except (EOFError, OSError):
             os._exit(0)  # the parent is gone
-        while True:
-            if isinstance(msg, m.Synthesize):
-                self._following = msg.following
-                try:
-                    self._pending.append(self.voices.resolve(msg.request))
-                except m.PoolError as e:
-                    log.error("%s", e.message)
-                    self.send(m.Failed(msg.request.id, e.kind, e.message))
-            elif isinstance(msg, m.Cancel):
-                self._cancel(msg.request_id)
-            elif isinstance(msg, m.Shutdown):
-                self._shutdown = True
-            try:
-                msg = self.requests.get_nowait()
-            except queue.Empty:
-                return
-            except (EOFError, OSError):
-                os._exit(0)
 
     def _cancel(self, rid: str) -> None:
         for req in self._pending:
