@@ -381,8 +381,8 @@ def render(res: dict) -> str:
     lat = res["latency"]
     rows = []
     for key, label in (
-        ("decide", "submit() -> dispatched (parent: admission, policy, hand-off to the queue)"),
-        ("transport", "dispatched -> Started.at (queue feeder, pipe, the worker's loop)"),
+        ("decide", "submit() -> dispatched (parent: admission, policy, write to the pipe)"),
+        ("transport", "dispatched -> Started.at (the worker wakes, reads, starts)"),
         ("total", "**submit() -> Started.at**"),
     ):
         s = lat[key]

@@ -46,9 +46,13 @@ class RequestHandle:
                 self._chunks.append(event.pcm)
             if isinstance(event, TERMINAL):
                 self.outcome = event
+            # A reader that has events waiting will read this one too before it
+            # waits again: wake it only when this is the first (one loop wake-up
+            # for a burst of events).
+            first = not self._events
             self._events.append(event)
             self._cond.notify_all()
-            waker = self._waker
+            waker = self._waker if first else None
         if waker is not None:
             waker()
 

@@ -22,11 +22,14 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import logging
 import os
 import select
 import struct
 import threading
 from multiprocessing.reduction import ForkingPickler
+
+log = logging.getLogger("vibevoice_pool")
 
 F_SETPIPE_SZ = 1031  # Linux: ask for a bigger pipe (a voice sample is ~0.3 MB)
 PIPE_BYTES = 1 << 20  # the unprivileged maximum by default
@@ -106,12 +109,12 @@ class RequestChannel:
             n = os.write(self._fd, data)
         except BlockingIOError:
             return data
-        except OSError as e:
-            if e.errno in (errno.EPIPE, errno.EBADF):
-                self._broken = True
-                self._outbox.clear()
-                return None
-            raise
+        except OSError as e:  # EPIPE: the worker is gone; anything else: so is the pipe
+            if e.errno != errno.EPIPE:
+                log.warning("a request pipe failed (%s); what it held is dropped", e)
+            self._broken = True
+            self._outbox.clear()
+            return None
         return data[n:] if n < len(data) else None
 
     def _send_loop(self) -> None:
