@@ -126,6 +126,7 @@ def test_a_kept_voice_sounds_the_same_as_the_voice_sent_whole(tiny_pool):
     other = (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
     other.setflags(write=False)
     sent = []
+    wait_until(lambda: 0 in tiny_pool.dispatcher._links, 120, what="worker 0 attached")
     link = tiny_pool.dispatcher._links[0]
     put = link._put
     link._put = lambda msg: (sent.append(msg), put(msg))[1]
