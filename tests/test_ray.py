@@ -113,6 +113,39 @@ def test_health_check_raises_when_the_engine_stalls():
         asyncio.run(replica.check_health())
 
 
+def test_a_deployment_build_that_races_serve_is_retried(monkeypatch):
+    """Serve registers a module for pickling by value while it builds a deployment,
+    process-wide; its own threads can race that (CI saw `ValueError: ... is not
+    registered for pickle by value`). The build is retried, and a build that keeps
+    failing is a DeployError (which the backend backs off from), never a hang."""
+    from ray import serve
+
+    from vibevoice_pool import ray_cluster
+    from vibevoice_pool.config import build
+
+    real = serve.deployment
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise ValueError("<module 'x'> is not registered for pickle by value")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ray_cluster.serve, "deployment", flaky)
+    cluster = ray_cluster.RayCluster(build({"engine": "sim", "backend": "ray"}))
+    spec = EngineSpec(engine="sim")
+    target = cluster._target("app-x", spec, 1.0, 0.0, 4, 5.0, 30.0)
+    assert len(calls) == 3 and target.name == "app-x"
+
+    def always(*args, **kwargs):
+        raise ValueError("<module 'x'> is not registered for pickle by value")
+
+    monkeypatch.setattr(ray_cluster.serve, "deployment", always)
+    with pytest.raises(ray_cluster.DeployError, match="could not build"):
+        cluster._target("app-y", spec, 1.0, 0.0, 4, 5.0, 30.0)
+
+
 def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
     from vibevoice_pool.config import build
     from vibevoice_pool.pool import supervisor_class
