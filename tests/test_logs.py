@@ -1,0 +1,70 @@
+"""The parent's logging: JSON lines, and a log reader that stops reading never
+stops the logging threads (records queue up; one listener writes them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT
+
+SCRIPT = textwrap.dedent(
+    """
+    import logging, sys
+    from vibevoice_pool import logs
+    logs.setup("INFO", sys.argv[1])
+    log = logging.getLogger("vibevoice_pool")
+    for i in range(int(sys.argv[2])):
+        log.info("line %d of the log", i, extra={"request_id": f"r{i}"})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("it failed")
+    print("logged", flush=True)
+    sys.stdin.readline()  # the test says when to exit
+    """
+)
+
+
+def run(fmt: str, n: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, fmt, str(n)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_json_lines_carry_the_request_id_and_the_traceback_and_all_are_written_at_exit():
+    p = run("json", 2000)
+    out, err = p.communicate("\n", timeout=60)
+    assert p.returncode == 0 and out.strip() == "logged"
+    lines = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    assert len(lines) == 2001
+    assert [x["request_id"] for x in lines[:2000]] == [f"r{i}" for i in range(2000)]
+    assert lines[5]["msg"] == "line 5 of the log" and lines[5]["level"] == "INFO"
+    assert lines[-1]["msg"] == "it failed" and "ValueError: boom" in lines[-1]["exc"]
+
+
+@pytest.mark.timeout(60)
+def test_a_log_reader_that_stops_reading_does_not_block_the_logger():
+    """100,000 lines (several MB) into a stderr pipe nobody reads: a logger that
+    wrote stderr itself would block once the pipe's 64 KB are full."""
+    p = run("text", 100_000)
+    try:
+        assert p.stdout.readline().strip() == "logged"  # reached while stderr is unread
+        p.stdin.write("\n")
+        p.stdin.flush()
+        err = p.stderr.read()  # now read: the listener writes the rest, then exits
+        assert p.wait(timeout=60) == 0
+    finally:
+        p.kill()
+    lines = err.splitlines()
+    assert lines[0].endswith("INFO line 0 of the log")
+    assert sum(1 for x in lines if " INFO line " in x) == 100_000
+    assert "ValueError: boom" in err
