@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+import bench_tiny_cpu
 import common
 import dispatch_overhead
 import recovery
@@ -177,22 +178,7 @@ def _targets(sections: dict) -> str:
         )
     d = sections.get("tiny", {}).get("data")
     if d:
-        rows.append(
-            [
-                "tiny model on CPU: spawn to ready at most 3 s",
-                f"{d['spawn_to_ready_s']:.2f} s",
-                common.verdict(d["spawn_to_ready_s"] <= 3.0),
-            ]
-        )
-        per_batch, per_single = d["batch4"]["wall_s"] / 4, d["single_x4"]["wall_s"] / 4
-        rows.append(
-            [
-                "tiny model, 1 thread: a batch of 4 at least 2x the throughput of 4 singles",
-                f"{d['batch_speedup']:.2f}x ({per_batch:.2f} s of wall per item against "
-                f"{per_single:.2f} s)",
-                common.verdict(d["batch_speedup"] >= 2.0),
-            ]
-        )
+        rows += [[what, got, common.verdict(ok)] for what, got, ok in bench_tiny_cpu.targets(d)]
     for name, sec in sections.items():
         if "data" not in sec:
             rows.append([f"section `{name}`", "failed", "**not measured**"])
@@ -458,31 +444,7 @@ def _tiny(sec, planned: bool) -> list[str]:
     other = [ln for ln in sec["stdout"].splitlines() if ln.strip() and not ln.startswith("|")]
     out += ["`python bench/bench_tiny_cpu.py` (its own table, as it prints it):", ""]
     out += other[:5] + ([""] if other else []) + table_lines + [""]
-    d = sec["data"]
-    b = d.get("spawn_breakdown_s", {})
-    imports = sum(b.get(k, 0.0) for k in ("torch_s", "transformers_s", "model_classes_s"))
-    out += [
-        "### Reading the figures",
-        "",
-        f"- Spawn to ready is {d['spawn_to_ready_s']:.2f} s, of which {imports:.2f} s is "
-        "importing: torch, transformers, and the VibeVoice classes, whose import pulls in "
-        "transformers' kernel, continuous-batching and distributed-tensor modules (and with "
-        f"them torch._dynamo and sympy). Loading the tiny model takes {b.get('load_s', 0):.2f} s. "
-        "The same imports were timed at about 2.3 s (torch 0.7 s, transformers 1.6 s) on a "
-        "quiet machine of this kind when the project began; this 2-core machine is shared, "
-        "and an import is mostly reading and unmarshalling thousands of small files.",
-        "- What would close it: a template process that has imported torch and transformers "
-        "(and touched no GPU) from which workers are forked (multiprocessing's forkserver "
-        "with a preload list), so that a worker, and above all a respawned one, pays only "
-        "its model load. Not done: the design pins a worker by setting CUDA_VISIBLE_DEVICES "
-        "before torch is imported, and a forked template must be shown, on a real GPU, never "
-        "to initialise CUDA before it forks; this machine has no GPU to show it. With the "
-        "real 1.5B model, loading the weights, not importing, is most of a worker's start.",
-        "- The batch figure is throughput: four requests in one batch finish "
-        f"{d['batch_speedup']:.2f}x sooner than the same four one after another, although "
-        "each item in the batch waits for the whole batch (the per-item column).",
-        "",
-    ]
+    out += bench_tiny_cpu.reading(sec["data"]) + [""]
     return out
 
 
