@@ -62,8 +62,8 @@ class RayCluster:
         self.apps: set[str] = set()
         self._procs: dict[int, psutil.Process] = {}  # the processes our Ray started
         # Serve's client is not thread-safe: building a deployment registers and
-        # unregisters a module for pickling by value, process-wide. Every call
-        # we make into Serve goes through this lock.
+        # unregisters a module for pickling by value, process-wide. Our calls
+        # that build or read configs take this lock (delete builds none).
         self._serve_lock = threading.RLock()
         self.started = False
 
