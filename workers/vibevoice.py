@@ -122,10 +122,14 @@ class VibeVoiceEngine:
     def load(self) -> DeviceInfo:
         import torch
         from transformers import VibeVoiceForConditionalGeneration, VibeVoiceProcessor
+        from transformers.utils import logging as hf_logging
 
         from workers.convert import refusal_for
         from workers.tiny import CHAT_TEMPLATE, TINY_NOTE, is_tiny_model
 
+        # N workers' "Loading weights" bars would interleave in one log, and each
+        # bar takes a multiprocessing lock that a killed worker leaks.
+        hf_logging.disable_progress_bar()
         spec = self.spec
         if not spec.model_path:
             raise PoolError(ErrorKind.BAD_INPUT, "no model path: pass --model_path DIR or a hub id")
