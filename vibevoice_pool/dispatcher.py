@@ -161,6 +161,20 @@ class Dispatcher:
         with self._lock:
             self._admitting = False
 
+    def wind_down(self, grace_s: float) -> int:
+        """Stop admitting, let what was accepted finish within grace_s, then answer
+        the rest UNAVAILABLE (never dropped); how many were failed so."""
+        self.stop_admitting()
+        deadline = time.monotonic() + grace_s
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.fail_all(
+            m.ErrorKind.UNAVAILABLE, "the server shut down before this request finished"
+        )
+        if left:
+            log.warning("shutdown: %d request(s) did not finish within %.0f s", left, grace_s)
+        return left
+
     # ---- the supervisor side -------------------------------------------
 
     def attach(self, slot: int, send: Callable[[object], None]) -> None:

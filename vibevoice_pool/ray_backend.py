@@ -167,15 +167,7 @@ class RaySupervisor:
 
     def shutdown(self, grace_s: float) -> None:
         """Stop admitting, let accepted requests finish within grace_s, then stop."""
-        self.dispatcher.stop_admitting()
-        deadline = time.monotonic() + grace_s
-        while self.dispatcher.pending() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = self.dispatcher.fail_all(
-            m.ErrorKind.UNAVAILABLE, "the server shut down before this request finished"
-        )
-        if left:
-            log.warning("shutdown: %d request(s) did not finish within %.0f s", left, grace_s)
+        self.dispatcher.wind_down(grace_s)
         self._stop.set()
         for t in self._threads:
             t.join(timeout=PING_TIMEOUT_S + 3)
