@@ -15,6 +15,7 @@ import base64
 import binascii
 import io
 import struct
+import threading
 
 import numpy as np
 import soundfile as sf
@@ -61,11 +62,78 @@ def _secs(s: float) -> str:
     return f"{text.removesuffix('.0')} s"
 
 
+# What an upload may declare in its header, checked before a sample is decoded.
+MAX_CHANNELS = 2
+MIN_RATE, MAX_RATE = 8_000, 192_000
+# Containers libsndfile may parse for an upload; its other formats (MAT, PAF,
+# SD2, VOC, ...) are refused before any of their parsers run.
+UPLOAD_CONTAINERS = frozenset({"WAV", "WAVEX", "RF64", "W64", "FLAC", "OGG", "MP3", "AIFF", "CAF"})
+DECODE_WAIT_S = 30.0  # longest an upload waits for a decode slot before 429
+_decode_slots = threading.BoundedSemaphore(2)
+
+
+def set_decode_slots(n: int) -> None:
+    """How many uploads may be decoded at once (the setting max_decodes, at launch)."""
+    global _decode_slots
+    _decode_slots = threading.BoundedSemaphore(max(1, int(n)))
+
+
+def _check_header(f: sf.SoundFile, what: str, max_seconds: float) -> None:
+    if f.format not in UPLOAD_CONTAINERS:
+        raise _bad(f"{what} is a {f.format} file; send a wav, mp3, flac or ogg file")
+    if not 1 <= f.channels <= MAX_CHANNELS:
+        raise _bad(
+            f"{what} has {f.channels} channels; at most {MAX_CHANNELS} (mono or stereo) "
+            "are accepted. Send a mono recording"
+        )
+    if not MIN_RATE <= f.samplerate <= MAX_RATE:
+        raise _bad(
+            f"{what} is sampled at {f.samplerate} Hz; {MIN_RATE // 1000}-{MAX_RATE // 1000} kHz "
+            "is accepted. Send a 16, 24, 44.1 or 48 kHz recording"
+        )
+    if 0 < f.frames < (1 << 62) and f.frames > max_seconds * f.samplerate:
+        raise _bad(
+            f"{what} is {_secs(f.frames / f.samplerate)} long; the limit is "
+            f"{_secs(max_seconds)}. Trim it to a few seconds of clear speech"
+        )
+
+
+def _decode_bounded(f: sf.SoundFile, what: str, max_seconds: float) -> np.ndarray:
+    """Read `f` in blocks, each made mono and resampled to SAMPLE_RATE at once: what
+    is held is the 24 kHz mono result plus one block, whatever the file declares."""
+    rate = f.samplerate
+    limit = int(max_seconds * rate)
+    stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, "float32")
+    pieces, total = [], 0
+    while True:
+        block = f.read(min(_READ_BLOCK, limit + 1 - total), dtype="float32", always_2d=True)
+        total += len(block)
+        if total > limit:
+            raise _bad(
+                f"{what} is longer than {_secs(max_seconds)}, the limit. "
+                "Trim it to a few seconds of clear speech"
+            )
+        last = len(block) == 0
+        mono = np.nan_to_num(block, nan=0.0, posinf=1.0, neginf=-1.0).mean(axis=1, dtype=np.float32)
+        out = mono if stream is None else stream.resample_chunk(mono, last=last)
+        if len(out):
+            pieces.append(out)
+        if last:
+            break
+    if total == 0:
+        raise _bad(f"{what} contains no audio samples; send a recording of a few seconds")
+    return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
+
+
 def decode_upload(
     data: bytes, *, max_bytes: int, max_seconds: float, what: str = "voice sample"
 ) -> np.ndarray:
     """Decode an audio file's bytes to float32 mono SAMPLE_RATE samples in [-1, 1].
 
+    The header is checked first (container, at most MAX_CHANNELS channels,
+    MIN_RATE-MAX_RATE Hz, at most max_seconds); decoding then holds about one
+    block plus max_seconds of 24 kHz mono, and at most set_decode_slots() run at
+    once (a caller that waits DECODE_WAIT_S for a slot gets OVERLOADED).
     `what` names the thing in error messages ("voice sample", "speakers[1].audio").
     Raises TooLarge over max_bytes, PoolError(BAD_INPUT) for anything else wrong.
     """
@@ -79,40 +147,24 @@ def decode_upload(
             f"{what} is {_size(len(data))}; the limit is {_size(max_bytes)}. "
             "Send a shorter clip or a compressed format (mp3, ogg)"
         )
+    slots = _decode_slots
+    if not slots.acquire(timeout=DECODE_WAIT_S):
+        raise PoolError(
+            ErrorKind.OVERLOADED,
+            f"too many voice samples are being decoded at once; {what} waited "
+            f"{_secs(DECODE_WAIT_S)}. Retry in a few seconds",
+        )
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate, channels = f.samplerate, f.channels
-            if rate <= 0 or channels <= 0:
-                raise _bad(f"{what} has no usable audio stream; send a wav, mp3, flac or ogg file")
-            limit = int(max_seconds * rate)
-            if 0 < f.frames < (1 << 62) and f.frames > limit:
-                raise _bad(
-                    f"{what} is {_secs(f.frames / rate)} long; the limit is "
-                    f"{_secs(max_seconds)}. Trim it to a few seconds of clear speech"
-                )
-            blocks, total = [], 0
-            while total <= limit:
-                block = f.read(min(_READ_BLOCK, limit + 1 - total), dtype="float32", always_2d=True)
-                if len(block) == 0:
-                    break
-                blocks.append(block)
-                total += len(block)
+            _check_header(f, what, max_seconds)
+            pcm = _decode_bounded(f, what, max_seconds)
     except sf.SoundFileError:
         raise _bad(
             f"{what} could not be read as audio (corrupt, truncated, or not an audio "
             "file); send a wav, mp3, flac or ogg file"
         ) from None
-    if total > limit:
-        raise _bad(
-            f"{what} is longer than {_secs(max_seconds)}, the limit. "
-            "Trim it to a few seconds of clear speech"
-        )
-    if total == 0:
-        raise _bad(f"{what} contains no audio samples; send a recording of a few seconds")
-    pcm = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
-    pcm = np.nan_to_num(pcm, nan=0.0, posinf=1.0, neginf=-1.0).mean(axis=1, dtype=np.float32)
-    if rate != SAMPLE_RATE:
-        pcm = soxr.resample(pcm, rate, SAMPLE_RATE, quality="HQ")
+    finally:
+        slots.release()
     return np.ascontiguousarray(np.clip(pcm, -1.0, 1.0), dtype=np.float32)
 
 
