@@ -19,7 +19,8 @@ import torch  # noqa: E402
 from workers import convert, tiny  # noqa: E402
 from workers.engine import EngineSpec
 from workers.messages import SAMPLE_RATE, ErrorKind, PoolError, Request, Turn
-from workers.vibevoice import HOP_SAMPLES, VibeVoiceEngine, conversation_for  # noqa: E402
+from workers.vibevoice import HOP_SAMPLES, VibeVoiceEngine  # noqa: E402
+from workers.vibevoice_prompt import build_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,9 +123,9 @@ def test_two_speakers_use_the_given_voice(engine):
     voice_a = (0.2 * np.sin(2 * np.pi * 200 * np.arange(sr) / sr)).astype(np.float32)
     voice_b = np.random.RandomState(3).uniform(-0.3, 0.3, sr // 2).astype(np.float32)
     turns = ((0, "Hi, I am the first speaker."), (1, "And I am the second."), (0, "Bye."))
-    conv = conversation_for(req("x", *turns, voices=(voice_a, None)))
-    audios = [b for m in conv for b in m["content"] if b["type"] == "audio"]
-    assert len(audios) == 2 and np.array_equal(audios[0]["audio"], voice_a)  # one per speaker
+    prompt = build_inputs(engine.processor, [req("x", *turns, voices=(voice_a, None))])
+    assert prompt.voice_rows == [0] and prompt.voice_tokens == [SAMPLE_RATE // HOP_SAMPLES + 1]
+    assert prompt.inputs["input_values"].shape[0] == 1  # speaker 2 brings no sample: no voice
     with_a = run(engine, [req("a", *turns, voices=(voice_a, None), est_audio_s=0.8)])
     with_b = run(engine, [req("b", *turns, voices=(voice_b, None), est_audio_s=0.8)])
     assert with_a.outcome("a")[0] == with_b.outcome("b")[0] == "finish"

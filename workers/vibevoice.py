@@ -11,7 +11,6 @@ torch and transformers are imported inside load(), so importing this module is c
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -21,29 +20,18 @@ import numpy as np
 
 from workers.engine import BatchSink, EngineSpec
 from workers.messages import SAMPLE_RATE, DeviceInfo, ErrorKind, PoolError, Request
+from workers.vibevoice_prompt import build_inputs, check_script_text
 
 HOP_SAMPLES = 3200  # one audio token = 3200 samples = 0.133 s at 24 kHz
 MAX_SPEAKERS = 4
 MAX_VOICE_S = 120.0
 MAX_STEPS = 100
 MAX_CFG = 10.0
-DEFAULT_VOICE_S = 0.8
 
 
 def audio_tokens_for(seconds: float) -> int:
     """Audio tokens that fit in `seconds` (at least one)."""
     return max(1, int(seconds * SAMPLE_RATE // HOP_SAMPLES))
-
-
-def default_voice(speaker: int) -> np.ndarray:
-    """A short synthetic voice sample for a speaker who brings none (deterministic)."""
-    n = int(DEFAULT_VOICE_S * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    f0 = 110.0 * (1.0 + 0.3 * speaker)
-    wave = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in (1, 2, 3))
-    wobble = 1.0 + 0.2 * np.sin(2 * np.pi * 3.0 * t)
-    noise = np.random.RandomState(1000 + speaker).standard_normal(n) * 0.01
-    return (0.1 * wave * wobble + noise).astype(np.float32)
 
 
 def batch_seed(rows: Sequence[Request]) -> int:
@@ -64,6 +52,7 @@ def check_request(req: Request) -> None:
 
     if not req.turns:
         raise bad("the script is empty: give at least one speaker turn")
+    check_script_text(req)
     for n, turn in enumerate(req.turns, 1):
         if not 0 <= turn.speaker < MAX_SPEAKERS:
             raise bad(f"turn {n}: speaker {turn.speaker + 1} is out of range (1-{MAX_SPEAKERS})")
@@ -89,22 +78,6 @@ def check_request(req: Request) -> None:
         raise bad(f"max_audio_s must be positive, got {req.max_audio_s}")
 
 
-def conversation_for(req: Request) -> list[dict]:
-    """The request as a processor conversation: one message per turn, and each speaker's
-    voice sample on their first turn (one voice slot per speaker)."""
-    voiced: set[int] = set()
-    messages = []
-    for turn in req.turns:
-        content: list[dict] = [{"type": "text", "text": " ".join(turn.text.split())}]
-        if turn.speaker not in voiced:
-            voiced.add(turn.speaker)
-            given = req.voices[turn.speaker] if turn.speaker < len(req.voices) else None
-            voice = default_voice(turn.speaker) if given is None else given
-            content.append({"type": "audio", "audio": np.asarray(voice, dtype=np.float32)})
-        messages.append({"role": str(turn.speaker), "content": content})
-    return messages
-
-
 class VibeVoiceEngine:
     """The Engine protocol over transformers' VibeVoice (see workers/engine.py)."""
 
@@ -115,7 +88,6 @@ class VibeVoiceEngine:
         self.device = "cpu"
         self.is_tiny = False
         self.keep_text_cfg = False  # see _drop_text_cfg
-        self._nested_processor_kwargs = True
         self.noise: Any = None  # per-row diffusion noise (workers/vibevoice_noise.py)
 
     # ---- load ---------------------------------------------------------------------
@@ -125,7 +97,7 @@ class VibeVoiceEngine:
         from transformers.utils import logging as hf_logging
 
         from workers.convert import refusal_for
-        from workers.tiny import CHAT_TEMPLATE, TINY_NOTE, is_tiny_model
+        from workers.tiny import TINY_NOTE, is_tiny_model
 
         # N workers' "Loading weights" bars would interleave in one log, and each
         # bar takes a multiprocessing lock that a killed worker leaks.
@@ -157,10 +129,6 @@ class VibeVoiceEngine:
         except (OSError, ValueError) as exc:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
             raise PoolError(ErrorKind.BAD_INPUT, msg) from exc
-        params = inspect.signature(self.processor.apply_chat_template).parameters
-        self._nested_processor_kwargs = "processor_kwargs" in params
-        if not getattr(self.processor, "chat_template", None):
-            self.processor.chat_template = CHAT_TEMPLATE  # the pip package ships none
         self.model = model.to(self.device).eval()
         if not self.keep_text_cfg:
             _drop_text_cfg(self.model)
@@ -272,20 +240,10 @@ class VibeVoiceEngine:
         from workers.vibevoice_stream import BatchStreamer
 
         requests = [r.request for r in rows]
-        audio_kwargs = {"padding": True, "sampling_rate": SAMPLE_RATE}
-        if self._nested_processor_kwargs:  # transformers >= 5.2x wants them nested
-            audio_kwargs = {"processor_kwargs": audio_kwargs}
-        inputs = self.processor.apply_chat_template(
-            [conversation_for(req) for req in requests],
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            **audio_kwargs,
-        )
-        inputs = inputs.to(self.device)
-        if "input_values" in inputs:
-            inputs["input_values"] = inputs["input_values"].to(self.model.dtype)
-        prompt_len = int(inputs["input_ids"].shape[1])
+        # microsoft's prompt format, padded on the left (workers/vibevoice_prompt.py)
+        prompt = build_inputs(self.processor, requests, device=self.device, dtype=self.model.dtype)
+        inputs = prompt.inputs
+        prompt_len = prompt.width
         # Room for non-audio tokens (segment starts/ends) on top of the longest audio cap.
         max_new = max(r.budget_tokens for r in rows)
         max_new = max_new + 8 + max_new // 16
@@ -312,7 +270,7 @@ class VibeVoiceEngine:
         req0 = requests[0]
         torch.manual_seed(batch_seed(requests))
         if self.noise is not None and self.noise.installed:
-            self.noise.start([r.seed for r in requests])
+            self.noise.start([r.seed for r in requests], prompt.voice_rows, prompt.voice_tokens)
         streamer.attach(self.model)
         try:
             with torch.inference_mode():
@@ -365,4 +323,4 @@ def _physical_memory() -> int:
         return 0
 
 
-__all__ = ["VibeVoiceEngine", "check_request", "conversation_for", "default_voice"]
+__all__ = ["VibeVoiceEngine", "check_request"]
