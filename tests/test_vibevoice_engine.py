@@ -269,6 +269,9 @@ def test_original_layout_is_refused_then_converted(engine, tiny_dir, tmp_path):
     assert gen["noise_scheduler_config"]["beta_schedule"] == "squaredcos_cap_v2"
     info = VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=dst)).load()
     assert info.engine == "vibevoice"
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(dst).padding_side == "left"  # saved, not assumed
 
 
 def test_weight_names_round_trip():

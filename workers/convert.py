@@ -346,7 +346,20 @@ def convert_checkpoint(
         pad_to_multiple_of=3200,
     )
     VibeVoiceProcessor(feature_extractor, tok, chat_template=CHAT_TEMPLATE).save_pretrained(out)
+    pin_left_padding(out)
     return str(out)
+
+
+def pin_left_padding(folder: str | os.PathLike) -> None:
+    """Write `padding_side: left` into the saved tokenizer config. transformers does not
+    always save the side, and a checkpoint that loads padding right corrupts the shorter
+    rows of a batch (microsoft always pads left). The engine pads left by itself anyway
+    (workers/vibevoice_prompt.py); this keeps the files true for any other reader."""
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if config.get("padding_side") != "left":
+        config["padding_side"] = "left"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---- a small original-layout checkpoint, for tests ------------------------------------
