@@ -129,6 +129,37 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "origins allowed to call the API from a browser, comma-separated; none by default",
     ),
+    Setting(
+        "api_keys",
+        _opt_str,
+        "",
+        "file of named keys, one 'name: key' a line; each name owns its own jobs",
+    ),
+    Setting(
+        "allowed_hosts",
+        _opt_str,
+        "",
+        "Host names the server answers besides the loopback ones, comma-separated ('*': any)",
+    ),
+    Setting(
+        "max_connections", int, 1000, "open connections at most (fit to the file limit)", _positive
+    ),
+    Setting(
+        "header_timeout_s",
+        float,
+        10.0,
+        "a client must send its request headers within this",
+        _positive,
+    ),
+    Setting(
+        "body_timeout_s",
+        float,
+        10.0,
+        "grace before a request body must keep body_min_rate",
+        _positive,
+    ),
+    Setting("body_min_rate", float, 1024.0, "slowest request body accepted, bytes/s", _positive),
+    Setting("max_decodes", int, 2, "voice uploads decoded at once", _positive),
     Setting("max_text_chars", int, 20000, "longest script accepted, in characters", _positive),
     Setting("max_audio_s", float, 1800.0, "cap on the audio one request makes", _positive),
     Setting("voices_dir", _opt_str, "", "folder of voice presets (default: <cache>/voices)"),
@@ -186,6 +217,13 @@ class PoolConfig:
     share: bool = False
     api_key: str = ""
     cors_origins: str = ""
+    api_keys: str = ""
+    allowed_hosts: str = ""
+    max_connections: int = 1000
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    body_min_rate: float = 1024.0
+    max_decodes: int = 2
     max_text_chars: int = 20000
     max_audio_s: float = 1800.0
     voices_dir: str = ""

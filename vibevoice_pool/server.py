@@ -101,6 +101,8 @@ def _uvicorn_server(app, cfg: PoolConfig):
 
     import uvicorn
 
+    from vibevoice_pool.connections import guarded_protocol
+
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self):
@@ -122,6 +124,8 @@ def _uvicorn_server(app, cfg: PoolConfig):
                 stopping()
             await super().shutdown(sockets)
 
+    guard = connection_guard(cfg)
+    app.state.connections = guard
     return Server(
         uvicorn.Config(
             app,
@@ -129,7 +133,27 @@ def _uvicorn_server(app, cfg: PoolConfig):
             port=cfg.port,
             log_level="warning",
             timeout_graceful_shutdown=max(1, int(cfg.grace_s)),
+            http=guarded_protocol(guard),  # header/body deadlines, the connection cap
         )
+    )
+
+
+def connection_guard(cfg: PoolConfig):
+    """The deadlines and the cap of connections.py, from the settings and the file limit."""
+    from vibevoice_pool.connections import ConnectionGuard, connection_cap
+
+    cap = connection_cap(cfg.max_connections)
+    if cap < cfg.max_connections:
+        log.warning(
+            "max_connections lowered from %d to %d to fit the open-file limit",
+            cfg.max_connections,
+            cap,
+        )
+    return ConnectionGuard(
+        max_connections=cap,
+        header_timeout_s=cfg.header_timeout_s,
+        body_timeout_s=cfg.body_timeout_s,
+        body_min_rate=cfg.body_min_rate,
     )
 
 
@@ -143,12 +167,16 @@ def _preload_front() -> None:
 def serve(cfg: PoolConfig) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from vibevoice_pool import audio
+    from vibevoice_pool.connections import raise_nofile
     from vibevoice_pool.jobs import open_store, start_jobs
     from vibevoice_pool.jobs_api import install as install_jobs
     from vibevoice_pool.pool import Pool
     from vibevoice_pool.slots import BootError
     from workers.messages import PoolError
 
+    raise_nofile()  # before the workers' pipes and the clients' sockets take handles
+    audio.set_decode_slots(cfg.max_decodes)
     # The page's imports (Gradio) take seconds: do them while the workers boot.
     threading.Thread(target=_preload_front, name="preload-ui", daemon=True).start()
     try:
