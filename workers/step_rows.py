@@ -1,0 +1,87 @@
+"""One request while it runs in the step engine: what it has made and sent.
+
+A Row is engine-neutral bookkeeping (the VibeVoice step engine and the
+simulator both use it): the request, its audio-token budget and step cap, the
+audio held back for a non-streamed row, the samples a resumed row must skip,
+and how it ended. Model state (KV, stream caches) lives in step_caches.py,
+indexed by the row's place in the running set.
+
+What crosses out is only through the sink:
+    sink.chunk(request_id, pcm)   float32 mono audio at 24 kHz, in order
+    sink.finish(request_id)       the row ended on its own (EOS or its cap)
+    sink.fail(request_id, err)    the row ended with a typed PoolError
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from workers.messages import PoolError, Request
+
+HELD_TOKENS = 8  # a non-streamed row sends its audio every 8 tokens (~1.07 s)
+
+
+@dataclass
+class Row:
+    request: Request
+    budget_tokens: int  # audio tokens this row may make (max_audio_s, the tiny model's length)
+    max_steps: int  # decode steps this row may take in all (the runaway cap)
+    skip: int = 0  # samples a rerun makes again that the listener already has
+    slot: int = -1  # its place in the stream caches (step_caches.StreamSlots)
+    steps: int = 0
+    audio_tokens: int = 0
+    sent_samples: int = 0
+    made_samples: int = 0  # audio made so far, skipped or not
+    closed: bool = False
+    held: list[np.ndarray] = field(default_factory=list)
+    state: Any = None  # engine-owned per-row state (generator, pending embeds, ...)
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    def add_audio(self, pcm: np.ndarray, sink: Any) -> None:
+        """A streamed row sends every step's audio; others about a second at a time,
+        enough for progress and the scheduler's accounting."""
+        self.audio_tokens += 1
+        self.made_samples += len(pcm)
+        if self.skip:
+            drop = min(self.skip, len(pcm))
+            self.skip -= drop
+            pcm = pcm[drop:]
+            if not len(pcm):
+                return
+        self.held.append(pcm)
+        if self.request.stream or len(self.held) >= HELD_TOKENS:
+            self._flush(sink)
+
+    def _flush(self, sink: Any) -> None:
+        if self.held:
+            pcm = np.concatenate(self.held)
+            self.held = []
+            sink.chunk(self.id, pcm)
+            self.sent_samples += len(pcm)
+
+    @property
+    def out_of_budget(self) -> bool:
+        return self.audio_tokens >= self.budget_tokens or self.steps >= self.max_steps
+
+    def finish(self, sink: Any) -> None:
+        self._flush(sink)
+        self.closed = True
+        sink.finish(self.id)
+
+    def fail(self, sink: Any, error: PoolError) -> None:
+        self.held = []
+        self.closed = True
+        sink.fail(self.id, error)
+
+    def restarted(self) -> Row:
+        """The same request from its start (after the engine lost its state, e.g. to
+        out-of-memory): per-row noise makes the same audio, so what was sent is skipped."""
+        held = sum(len(p) for p in self.held)
+        covered = max(self.made_samples - held, self.made_samples - held + self.skip)
+        return Row(self.request, self.budget_tokens, self.max_steps, skip=covered)
