@@ -79,7 +79,7 @@ class TimingSink:
             self.first_chunk_s = time.perf_counter() - self.t0
         self.samples[request_id] = self.samples.get(request_id, 0) + len(pcm)
 
-    def finish(self, request_id):
+    def finish(self, request_id, stop_reason="eos"):
         pass
 
     def fail(self, request_id, error):

@@ -30,6 +30,7 @@ class RecordingSink:
 
     def __init__(self, cancel_after: dict[str, int] | None = None, cancel_all: bool = False):
         self.calls: list[tuple] = []
+        self.reasons: dict[str, str] = {}
         self.steps = 0
         self.cancel_after = cancel_after or {}
         self.cancel_all = cancel_all
@@ -38,8 +39,9 @@ class RecordingSink:
         assert isinstance(pcm, np.ndarray) and pcm.dtype == np.float32 and pcm.ndim == 1
         self.calls.append(("chunk", request_id, pcm))
 
-    def finish(self, request_id):
+    def finish(self, request_id, stop_reason="eos"):
         self.calls.append(("finish", request_id))
+        self.reasons[request_id] = stop_reason
 
     def fail(self, request_id, error):
         assert isinstance(error, PoolError)
@@ -297,3 +299,39 @@ def test_weight_names_round_trip():
     ]
     assert [convert.hf_to_original_key(k) for k in keys] == expected
     assert [convert.original_to_hf_key(k) for k in expected] == keys
+
+
+def test_row_cap_is_the_smallest_limit_and_names_it():
+    from workers.vibevoice import row_cap
+
+    r = req("r", est_audio_s=3.0, max_audio_s=600.0)
+    assert (row_cap(r).tokens, row_cap(r).reason) == (45, "runaway_cap")  # 2 x 3 s = 6 s
+    assert row_cap(r, runaway_factor=1.5).tokens == 33  # 4.5 s
+    assert row_cap(r, scripted_end=True).reason == "estimate"
+    assert row_cap(r, scripted_end=True).tokens == 22  # 3 s, the tiny model's stand-in for EOS
+    short = req("s", est_audio_s=3.0, max_audio_s=2.0)
+    assert (row_cap(short).tokens, row_cap(short).reason) == (15, "max_audio")
+    assert row_cap(r, context_limit=120).reason == "context"
+    with pytest.raises(PoolError) as full:
+        row_cap(r, context_limit=50)
+    assert full.value.kind is ErrorKind.BAD_INPUT
+
+
+def test_the_runaway_cap_cuts_the_tiny_model_and_says_so(engine):
+    """The tiny model never draws EOS: with the cap below its scripted end (the estimated
+    length), the cap is what stops it, at runaway_factor x the estimate."""
+    import dataclasses
+
+    capped = VibeVoiceEngine(dataclasses.replace(engine.spec, runaway_factor=0.5))
+    capped.load()
+    sink = run(capped, [req("cut", est_audio_s=2.0, seed=3), req("short", est_audio_s=0.2)])
+    assert sink.outcome("cut")[0] == "finish" and sink.reasons["cut"] == "runaway_cap"
+    assert len(sink.audio("cut")) == 7 * HOP_SAMPLES  # 0.5 x 2.0 s = 1.0 s = 7 tokens
+    # the same request under the default factor (2) ends at its scripted end instead
+    whole = run(engine, [req("cut", est_audio_s=2.0, seed=3)])
+    assert whole.reasons["cut"] == "estimate" and len(whole.audio("cut")) == 15 * HOP_SAMPLES
+    # the cut audio is the start of the uncut audio: the cap only ends the row
+    np.testing.assert_allclose(sink.audio("cut"), whole.audio("cut")[: 7 * HOP_SAMPLES], atol=1e-5)
+    # max_audio_s below the runaway cap: cut there, and named so
+    sink = run(engine, [req("m", est_audio_s=2.0, max_audio_s=0.5)])
+    assert sink.reasons["m"] == "max_audio" and len(sink.audio("m")) == 3 * HOP_SAMPLES

@@ -83,6 +83,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_batch_size", int, 1, "requests one worker runs as one batch", _positive),
     Setting("torch_threads", int, 1, "torch threads per CPU worker", _positive),
     Setting("inference_steps", int, 10, "default diffusion steps per request", _positive),
+    Setting(
+        "runaway_factor",
+        float,
+        2.0,
+        "a request that never ends is cut at this times its estimated length (max_audio_s "
+        "still caps it)",
+        _positive,
+    ),
     # scheduling
     Setting("policy", str, "least_work", "how a worker is chosen", _one_of(POLICIES)),
     Setting("max_queue", int, 50, "admission queue size; a full queue refuses at once", _positive),
@@ -198,6 +206,7 @@ class PoolConfig:
     max_batch_size: int = 1
     torch_threads: int = 1
     inference_steps: int = 10
+    runaway_factor: float = 2.0
     policy: str = "least_work"
     max_queue: int = 50
     bind_at_arrival: bool = False

@@ -124,6 +124,7 @@ def engine_specs(cfg: PoolConfig, placements: list[Placement], model_path: str) 
         max_batch_size=cfg.max_batch_size,
         torch_threads=cfg.torch_threads,
         inference_steps=cfg.inference_steps,
+        runaway_factor=cfg.runaway_factor,
         sim_rtf=cfg.sim_rtf,
         sim_chunk_s=cfg.sim_chunk_s,
         sim_boot_s=cfg.sim_boot_s,

@@ -251,12 +251,12 @@ class _Sink:
         self.r._post(m.Chunk(request_id, self.seqs[request_id], pcm))
         self.seqs[request_id] += 1
 
-    def finish(self, request_id: str) -> None:
+    def finish(self, request_id: str, stop_reason: str = m.StopReason.EOS.value) -> None:
         if request_id not in self.open:
             return
         self.open.discard(request_id)
         audio_s = self.samples[request_id] / m.SAMPLE_RATE
-        self.r._post(m.Done(request_id, audio_s, time.monotonic() - self.t0))
+        self.r._post(m.Done(request_id, audio_s, time.monotonic() - self.t0, stop_reason))
 
     def fail(self, request_id: str, error: m.PoolError) -> None:
         if request_id not in self.open:

@@ -12,7 +12,9 @@ through the BatchSink:
 
     sink.chunk(request_id, pcm)   a piece of float32 mono audio at 24 kHz;
                                   a request's audio is its chunks in order
-    sink.finish(request_id)       this row is complete (rows end on their own)
+    sink.finish(request_id, stop_reason="eos")
+                                  this row is complete (rows end on their own);
+                                  stop_reason is a messages.StopReason value
     sink.fail(request_id, err)    this row failed with a PoolError; others go on
     sink.cancelled(request_id)    True once the parent cancelled the row: stop
                                   it within one step and `fail` it CANCELLED
@@ -45,6 +47,7 @@ class EngineSpec:
     max_batch_size: int = 1
     torch_threads: int = 1
     inference_steps: int = 10
+    runaway_factor: float = 2.0  # a row stops at this x its estimated length (VibeVoice)
     # SimEngine only
     sim_speed: float = 1.0  # relative speed of this worker
     sim_rtf: float = 0.05  # wall seconds per audio second at speed 1
@@ -56,7 +59,7 @@ class EngineSpec:
 
 class BatchSink(Protocol):
     def chunk(self, request_id: str, pcm) -> None: ...
-    def finish(self, request_id: str) -> None: ...
+    def finish(self, request_id: str, stop_reason: str = "eos") -> None: ...
     def fail(self, request_id: str, error: PoolError) -> None: ...
     def cancelled(self, request_id: str) -> bool: ...
     def step(self) -> None: ...

@@ -12,7 +12,8 @@ Worker -> parent (on the worker's response pipe):
     BootFailed(...)       the engine could not load; the worker exits
     Started(id)           the request entered a generation batch
     Chunk(id, seq, pcm)   a piece of audio (float32 mono numpy array)
-    Done(id, ...)         the request finished; its audio is the chunks sent
+    Done(id, ...)         the request finished; its audio is the chunks sent, and
+                          stop_reason says why it stopped (StopReason)
     Failed(id, ...)       the request failed with a typed ErrorKind
 
 All messages are frozen dataclasses with a `kind`; nothing else crosses.
@@ -39,6 +40,16 @@ class ErrorKind(str, enum.Enum):
     TIMEOUT = "timeout"
     OVERLOADED = "overloaded"
     UNAVAILABLE = "unavailable"
+
+
+class StopReason(str, enum.Enum):
+    """Why a row that finished stopped. Done carries the value; the API reports it."""
+
+    EOS = "eos"  # the model ended the speech itself
+    RUNAWAY_CAP = "runaway_cap"  # cut at runaway_factor x the estimated length
+    MAX_AUDIO = "max_audio"  # cut at the request's max_audio_s
+    CONTEXT = "context"  # cut where the model's context was full
+    ESTIMATE = "estimate"  # the tiny model (random weights) ends at the estimated length
 
 
 class PoolError(Exception):
@@ -185,6 +196,7 @@ class Done:
     id: str
     audio_s: float
     compute_s: float
+    stop_reason: str = StopReason.EOS.value  # why the row stopped (a StopReason value)
     kind: str = field(default="done", init=False)
 
 

@@ -14,12 +14,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from workers.engine import BatchSink, EngineSpec
-from workers.messages import SAMPLE_RATE, DeviceInfo, ErrorKind, PoolError, Request
+from workers.messages import (
+    SAMPLE_RATE,
+    DeviceInfo,
+    ErrorKind,
+    PoolError,
+    Request,
+    StopReason,
+)
 from workers.vibevoice_prompt import build_inputs, check_script_text
 
 HOP_SAMPLES = 3200  # one audio token = 3200 samples = 0.133 s at 24 kHz
@@ -27,11 +35,54 @@ MAX_SPEAKERS = 4
 MAX_VOICE_S = 120.0
 MAX_STEPS = 100
 MAX_CFG = 10.0
+DEFAULT_RUNAWAY_FACTOR = 2.0  # microsoft's max_length_times
 
 
 def audio_tokens_for(seconds: float) -> int:
     """Audio tokens that fit in `seconds` (at least one)."""
     return max(1, int(seconds * SAMPLE_RATE // HOP_SAMPLES))
+
+
+@dataclass(frozen=True)
+class RowCap:
+    """Audio tokens a row may make, and the stop reason a row that reaches them gets."""
+
+    tokens: int
+    reason: str  # a StopReason value
+
+
+def row_cap(
+    req: Request,
+    *,
+    runaway_factor: float = DEFAULT_RUNAWAY_FACTOR,
+    context_limit: int = 1 << 30,
+    scripted_end: bool = False,
+) -> RowCap:
+    """A row's length cap in audio tokens: the smallest of
+    - the runaway cap, `runaway_factor` x the script's estimated length (microsoft's
+      `max_length_times`, there a multiple of the prompt length): a row that never emits
+      EOS stops here and says so (StopReason.RUNAWAY_CAP);
+    - the request's max_audio_s (StopReason.MAX_AUDIO);
+    - the room left in the model's context after the prompt (StopReason.CONTEXT);
+    - with `scripted_end` (the tiny model, whose random weights never choose EOS), the
+      estimated length itself, as a stand-in for EOS (StopReason.ESTIMATE).
+    Raises BAD_INPUT when the prompt alone fills the context."""
+    # A byte-level BPE never makes more tokens than UTF-8 bytes: a safe upper bound.
+    prompt = 64 + sum(len(t.text.encode("utf-8")) + 8 for t in req.turns)
+    prompt += sum(math.ceil(len(v) / HOP_SAMPLES) + 8 for v in req.voices if v is not None)
+    if prompt >= context_limit:
+        msg = f"the script is too long for the model's context ({context_limit} tokens)"
+        raise PoolError(ErrorKind.BAD_INPUT, msg)
+    est = max(req.est_audio_s, HOP_SAMPLES / SAMPLE_RATE)
+    caps = [
+        (audio_tokens_for(runaway_factor * est), StopReason.RUNAWAY_CAP.value),
+        (audio_tokens_for(req.max_audio_s), StopReason.MAX_AUDIO.value),
+        (context_limit - prompt, StopReason.CONTEXT.value),
+    ]
+    if scripted_end:
+        caps.insert(0, (audio_tokens_for(est), StopReason.ESTIMATE.value))
+    tokens, reason = min(caps, key=lambda c: c[0])  # the first wins a tie
+    return RowCap(max(1, tokens), reason)
 
 
 def batch_seed(rows: Sequence[Request]) -> int:
@@ -166,14 +217,14 @@ class VibeVoiceEngine:
         for req in batch:
             try:
                 check_request(req)
-                budget = self._budget_tokens(req)
+                cap = self._budget_tokens(req)
             except PoolError as err:
                 sink.fail(req.id, err)
                 continue
             if sink.cancelled(req.id):
                 sink.fail(req.id, PoolError(ErrorKind.CANCELLED, "cancelled before it started"))
                 continue
-            rows.append(RowState(req, budget))
+            rows.append(RowState(req, cap.tokens, cap_reason=cap.reason))
         # One generate call runs one cfg_scale and one step count: group rows that share them.
         groups: dict[tuple[int, float], list[RowState]] = {}
         for row in rows:
@@ -182,20 +233,16 @@ class VibeVoiceEngine:
         for group in groups.values():
             self._run_splitting(group, sink)
 
-    def _budget_tokens(self, req: Request) -> int:
-        """The row's length cap in audio tokens: max_audio_s, and for the tiny model (which
-        never stops on its own) the estimated length of the script."""
-        cap = req.max_audio_s
-        if self.is_tiny:
-            cap = min(cap, max(req.est_audio_s, HOP_SAMPLES / SAMPLE_RATE))
+    def _budget_tokens(self, req: Request) -> RowCap:
+        """The row's cap (row_cap) for this model: its context and, for the tiny model, the
+        scripted end at the estimated length."""
         limit = getattr(self.model.config.text_config, "max_position_embeddings", 1 << 30)
-        # A byte-level BPE never makes more tokens than UTF-8 bytes: a safe upper bound.
-        prompt = 64 + sum(len(t.text.encode()) + 8 for t in req.turns)
-        prompt += sum(math.ceil(len(v) / HOP_SAMPLES) for v in req.voices if v is not None)
-        if prompt >= limit:
-            msg = f"the script is too long for the model's context ({limit} tokens)"
-            raise PoolError(ErrorKind.BAD_INPUT, msg)
-        return min(audio_tokens_for(cap), limit - prompt)
+        return row_cap(
+            req,
+            runaway_factor=self.spec.runaway_factor,
+            context_limit=limit,
+            scripted_end=self.is_tiny,
+        )
 
     def _run_splitting(self, rows: list, sink: BatchSink) -> None:
         """Run rows as one batch; on CUDA out-of-memory, halve and retry. Per-row noise
@@ -323,4 +370,4 @@ def _physical_memory() -> int:
         return 0
 
 
-__all__ = ["VibeVoiceEngine", "check_request"]
+__all__ = ["RowCap", "VibeVoiceEngine", "check_request", "row_cap"]

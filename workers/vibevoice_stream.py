@@ -49,6 +49,7 @@ class RowState:
     closed: bool = False
     held: list[np.ndarray] = field(default_factory=list)  # audio not sent yet
     skip: int = 0  # samples a rerun makes again that were already sent (see restart())
+    cap_reason: str = "eos"  # the StopReason of a row that reaches budget_tokens
 
     @property
     def id(self) -> str:
@@ -81,10 +82,10 @@ class RowState:
         self.skip, self.sent_samples = self.sent_samples, 0
         self.audio_tokens, self.held = 0, []
 
-    def finish(self, sink: Any) -> None:
+    def finish(self, sink: Any, stop_reason: str = "eos") -> None:
         self._flush(sink)
         self.closed = True
-        sink.finish(self.id)
+        sink.finish(self.id, stop_reason)
 
     def fail(self, sink: Any, error: PoolError) -> None:
         self.held = []
@@ -158,11 +159,9 @@ class BatchStreamer(StoppingCriteria):
                 else:
                     if i in pcm:
                         row.add_audio(pcm[i], self.sink)
-                    if (
-                        last[i] in self.eos_token_ids
-                        or row.audio_tokens >= row.budget_tokens
-                        or generated >= self.max_new_tokens
-                    ):
-                        row.finish(self.sink)
+                    if last[i] in self.eos_token_ids:
+                        row.finish(self.sink, "eos")
+                    elif row.audio_tokens >= row.budget_tokens or generated >= self.max_new_tokens:
+                        row.finish(self.sink, row.cap_reason)
             done.append(row.closed)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

@@ -243,7 +243,7 @@ class _Sink:
         self.w.send(m.Chunk(request_id, self.seqs[request_id], pcm))
         self.seqs[request_id] += 1
 
-    def finish(self, request_id: str) -> None:
+    def finish(self, request_id: str, stop_reason: str = m.StopReason.EOS.value) -> None:
         if self.open.pop(request_id, None) is None:
             return
         audio_s = self.samples[request_id] / m.SAMPLE_RATE
@@ -252,7 +252,7 @@ class _Sink:
         b.add(row, Col.AUDIO_S, audio_s)
         b.add(row, Col.COMPUTE_S, compute_s)
         b.add(row, Col.COMPLETED, 1)
-        self.w.send(m.Done(request_id, audio_s, compute_s))
+        self.w.send(m.Done(request_id, audio_s, compute_s, stop_reason))
 
     def fail(self, request_id: str, error: m.PoolError) -> None:
         if self.open.pop(request_id, None) is None:
