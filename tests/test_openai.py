@@ -7,6 +7,7 @@ import base64
 import io
 import json
 
+import av
 import httpx
 import numpy as np
 import openai
@@ -33,18 +34,22 @@ def _decode(data: bytes, fmt: str) -> np.ndarray:
     if fmt == "pcm":
         assert len(data) % 2 == 0
         return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768
+    if fmt == "aac":  # libsndfile has no AAC: FFmpeg's decoder, through PyAV
+        with av.open(io.BytesIO(data), format="aac") as c:
+            assert c.streams.audio[0].rate == 24000
+            return np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)])
     pcm, rate = sf.read(io.BytesIO(data), dtype="float32")
     assert rate in (24000, 48000)  # opus decodes at 48 kHz
     return pcm
 
 
-@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac", "opus", "pcm"])
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac", "opus", "aac", "pcm"])
 def test_openai_client_gets_valid_audio_in_every_format(client, fmt):
     speech = client.audio.speech.create(
         model="tts-1", voice="demo-Alice_woman", input=TEXT, response_format=fmt
     )
     data = speech.read()
-    magic = {"wav": b"RIFF", "flac": b"fLaC", "opus": b"OggS"}
+    magic = {"wav": b"RIFF", "flac": b"fLaC", "opus": b"OggS", "aac": b"\xff\xf1"}  # ADTS sync
     if fmt in magic:
         assert data.startswith(magic[fmt])
     pcm = _decode(data, fmt)
@@ -96,10 +101,13 @@ def test_sse_stream_format_sends_openai_events(srv):
 
 def test_unsupported_format_is_a_clear_400(client):
     with pytest.raises(openai.BadRequestError) as err:
-        client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="aac")
+        client.audio.speech.create(
+            model="tts-1", voice="alloy", input=TEXT, response_format="vorbis"
+        )
     assert err.value.status_code == 400
     message = err.value.body["message"]
-    assert "'aac' is not supported" in message and "wav, mp3, flac, opus, pcm" in message
+    assert "'vorbis' is not supported" in message
+    assert "wav, mp3, flac, opus, aac, pcm" in message
 
 
 @pytest.mark.parametrize(
@@ -117,3 +125,23 @@ def test_bad_speech_requests_say_what_to_fix(srv, change, needle):
     assert r.status_code == 400
     assert needle in r.json()["error"]["message"]
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_models_and_voices_in_the_shapes_clients_read(srv, client):
+    models = client.models.list()  # OpenAI's own shape, read by the official client
+    ids = [m.id for m in models.data]
+    assert "tts-1" in ids and "vibevoice" in ids
+    assert client.models.retrieve("tts-1").owned_by == "vibevoice-pool"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    # Open WebUI: {"models": [{"id"}]} and {"voices": [{"id", "name"}]}
+    assert {"id": "tts-1", "name": "tts-1"} in srv.get("/v1/audio/models").json()["models"]
+    voices = srv.get("/v1/audio/voices").json()["voices"]
+    assert {"id": "demo-Alice_woman", "name": "demo-Alice_woman"} in voices
+    names = srv.get("/v1/audio/voices", params={"names": "true"}).json()["voices"]
+    assert names == [v["id"] for v in voices]  # Kokoro-FastAPI's older list of names
+    # A listed voice is one the speech route takes.
+    raw = client.audio.speech.with_raw_response.create(
+        model=ids[0], voice=voices[0]["id"], input=TEXT, response_format="wav"
+    )
+    assert raw.headers["x-voice"] == voices[0]["id"]

@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from vibevoice_pool import audio
+from vibevoice_pool import audio, encoders
 from vibevoice_pool.auth import ApiKeyMiddleware, BodyLimitMiddleware
 from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.errors import error_response, plain_error, status_for
@@ -89,7 +89,7 @@ class Front:
 
     def build_request(self, body: SynthesizeBody) -> m.Request:
         """A validated Request (BAD_INPUT otherwise). Decodes uploads: call off the loop."""
-        audio._check_format(body.format)
+        encoders.check_format(body.format)
         turns = parse_script(
             body.script,
             max_chars=self.cfg.max_text_chars,
@@ -100,11 +100,11 @@ class Front:
         voices = []
         for i in range(n):
             sp = body.speakers[i] if i < len(body.speakers) else Speaker()
-            if sp.voice and sp.audio:
+            if sp.voice is not None and sp.audio is not None:
                 raise m.PoolError(
                     m.ErrorKind.BAD_INPUT, f"speakers[{i}]: give voice or audio, not both"
                 )
-            if sp.audio:
+            if sp.audio is not None:  # "" is refused as empty, not taken as no voice
                 voices.append(
                     audio.decode_base64_upload(
                         sp.audio,
@@ -113,7 +113,7 @@ class Front:
                         what=f"speakers[{i}].audio",
                     )
                 )
-            elif sp.voice:
+            elif sp.voice is not None:
                 voices.append(self.voices.resolve(sp.voice))
             else:
                 voices.append(self.voices.resolve(presets[i % len(presets)]) if presets else None)
@@ -157,9 +157,9 @@ async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> 
         watcher.cancel()
     pcm = handle.audio()
     if fmt in INLINE_FORMATS and len(pcm) <= INLINE_ENCODE_SAMPLES:
-        data, ctype = audio.encode(pcm, fmt)  # a copy and a header: cheaper than a thread hop
+        data, ctype = encoders.encode(pcm, fmt)  # a copy and a header: cheaper than a thread hop
     else:
-        data, ctype = await asyncio.to_thread(audio.encode, pcm, fmt)
+        data, ctype = await asyncio.to_thread(encoders.encode, pcm, fmt)
     return Response(data, media_type=ctype, headers=headers_for(handle, len(pcm) / m.SAMPLE_RATE))
 
 
@@ -169,25 +169,26 @@ async def stream_response(handle: RequestHandle, fmt: str) -> Response:
     first = await anext(events)
     if isinstance(first, m.Failed):
         return error_response(m.PoolError(first.error, first.message))
-    enc = audio.StreamEncoder(fmt)
+    enc = encoders.StreamEncoder(fmt)
 
     async def body():
         try:
-            yield enc.start()
+            yield await encoders.run(enc, enc.start)
             event = first
             while True:
                 if isinstance(event, m.Chunk):
-                    data = enc.push(event.pcm)
+                    data = await encoders.run(enc, enc.push, event.pcm)
                     if data:
                         yield data
                 elif isinstance(event, m.Failed):
                     log.warning("stream %s ended early: %s", handle.id, event.message)
                     return  # headers are sent; the short body is the signal
                 elif isinstance(event, m.Done):
-                    yield enc.end()
+                    yield await encoders.run(enc, enc.end)
                     return
                 event = await anext(events)
         finally:
+            enc.close()
             if not handle.done:
                 handle.cancel()  # the client went away mid-stream
 
@@ -223,7 +224,7 @@ def describe_invalid(errors) -> str:
 
 
 def create_app(front: Front) -> FastAPI:
-    from vibevoice_pool import metrics, openai_api, voices_api
+    from vibevoice_pool import errors, metrics, openai_api, openapi_doc, voices_api
 
     app = FastAPI(title="vibevoice-pool", version="0.1.0")
     app.state.front = front
@@ -242,6 +243,8 @@ def create_app(front: Front) -> FastAPI:
     async def _invalid(_: Request, err: RequestValidationError):
         activity.refused(m.ErrorKind.BAD_INPUT.value)
         return plain_error(400, "bad_input", describe_invalid(err.errors()))
+
+    errors.install(app, activity.refused)  # the framework's own errors, 404 and 405 too
 
     @app.get("/health")
     async def health():
@@ -279,6 +282,7 @@ def create_app(front: Front) -> FastAPI:
     openai_api.install(app, front)
     voices_api.install(app, front)
     metrics.install(app, pool, activity)
+    openapi_doc.install(app)  # /openapi.json declares the real statuses and media types
     _middlewares(app, front)
     return app
 

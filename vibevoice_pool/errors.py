@@ -1,17 +1,33 @@
-"""How a typed PoolError becomes an HTTP answer, in OpenAI's error shape:
+"""Every error the HTTP API answers, in OpenAI's error shape:
 
-    {"error": {"message": "...", "type": "...", "code": "<ErrorKind value>"}}
+    {"error": {"message": "...", "type": "...", "code": "..."}}
 
-400 bad input, 401 no key, 413 too large, 429 overloaded (Retry-After),
-503 no worker ready, 504 timed out; the server-side kinds are 5xx.
+400 bad input, 401 no key, 403 refused, 404 no such route or thing, 405 wrong
+method (with Allow), 413 too large, 416 a Range past the end, 429 overloaded
+(Retry-After), 503 no worker ready, 504 timed out; the server-side kinds 5xx.
+
+A typed PoolError becomes its status by kind (error_response). install() makes
+the framework's own errors take the same shape: FastAPI's body parsing
+(invalid UTF-8, JSON nested too deep, a number of thousands of digits),
+Starlette's multipart limits, an unknown route or method (also where the page
+mounted at "/" would answer them: UnknownRoutes), and anything unforeseen (500,
+logged). FileAnswer does the same for Range errors of files.
 """
 
 from __future__ import annotations
 
-from fastapi.responses import JSONResponse
+import json
+import logging
+import sys
+
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from vibevoice_pool.audio import TooLarge
 from workers.messages import ErrorKind, PoolError
+
+log = logging.getLogger("vibevoice_pool")
 
 STATUS = {
     ErrorKind.BAD_INPUT: 400,
@@ -26,18 +42,41 @@ STATUS = {
 TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
+    416: "invalid_request_error",
     429: "rate_limit_error",
 }
+CODES = {  # the code of a framework error, by status
+    400: "bad_input",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    416: "range_not_satisfiable",
+    429: "overloaded",
+    503: "unavailable",
+}
 RETRY_AFTER_S = 5
+JSON_HINT = 'send a JSON object such as {"script": "Speaker 1: Hello"}'
+# Where an unknown route is answered in this shape; the page owns every other path.
+API_PATHS = ("/v1/", "/metrics", "/health", "/ready", "/docs", "/redoc", "/openapi.json")
 
 
 def status_for(err: PoolError) -> int:
     return 413 if isinstance(err, TooLarge) else STATUS.get(err.kind, 500)
 
 
+def error_type(status: int) -> str:
+    return TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
 def error_body(status: int, code: str, message: str) -> dict:
-    return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "code": code}}
+    return {"error": {"message": message, "type": error_type(status), "code": code}}
 
 
 def error_response(err: PoolError) -> JSONResponse:
@@ -48,3 +87,155 @@ def error_response(err: PoolError) -> JSONResponse:
 
 def plain_error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, code, message), status, headers=headers)
+
+
+def body_parse_message(cause: BaseException | None, detail: str) -> str:
+    """What was wrong with a body FastAPI could not parse, and what to send instead."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (byte {cause.start}); {JSON_HINT}"
+    if isinstance(cause, RecursionError):
+        return f"the JSON body is nested too deeply; {JSON_HINT}"
+    if isinstance(cause, ValueError):  # int() past sys.get_int_max_str_digits()
+        limit = sys.get_int_max_str_digits()
+        return f"a number in the JSON body has more than {limit} digits; {JSON_HINT}"
+    return f"{detail}; {JSON_HINT}" if detail else JSON_HINT
+
+
+def http_error(err: StarletteHTTPException) -> JSONResponse:
+    """A framework HTTPException (or our own) in OpenAI's shape, its headers kept."""
+    status = err.status_code
+    detail = err.detail if isinstance(err.detail, str) else json.dumps(err.detail)
+    if status == 400 and err.__cause__ is not None:
+        message = body_parse_message(err.__cause__, detail)
+    elif status == 404:
+        message = "no such route; see /docs for the API"
+    elif status == 405:
+        allowed = (err.headers or {}).get("Allow", "")
+        message = f"method not allowed here; use {allowed or 'another method'}"
+    else:
+        message = detail
+    code = CODES.get(status, "server_error" if status >= 500 else "bad_input")
+    return plain_error(status, code, message, headers=dict(err.headers or {}) or None)
+
+
+def install(app, on_refused=None) -> None:
+    """The framework's errors in OpenAI's shape (see the module docstring)."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, err: StarletteHTTPException):
+        if on_refused is not None and err.status_code < 500:
+            on_refused(CODES.get(err.status_code, "bad_input"))
+        return http_error(err)
+
+    @app.exception_handler(Exception)
+    async def _unforeseen(request, err: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=err)
+        return plain_error(
+            500, "internal_error", f"the server failed on this request ({type(err).__name__})"
+        )
+
+    app.add_middleware(UnknownRoutes, owner=app)
+
+
+async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
+    data = json.dumps(body).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
+    await send({"type": "http.response.body", "body": data})
+
+
+class UnknownRoutes:
+    """404 and 405 in OpenAI's shape even where the page mounted at "/" would
+    answer them (the page's mount takes every path no API route took, so an
+    API path with the wrong method would otherwise be the page's 404).
+
+    Only a 404 or 405 answer is looked at, and only when no API route fully
+    matched the request (an API route's own 404, such as an unknown job, stays).
+    """
+
+    def __init__(self, inner, owner):
+        self.inner = inner
+        self.owner = owner  # the app whose routes to match, read at request time
+
+    def _verdict(self, scope) -> tuple[int, str] | None:
+        allowed: set[str] = set()
+        for route in self.owner.router.routes:
+            if isinstance(route, Mount) and route.path == "":
+                continue  # the page
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return None
+            if match is Match.PARTIAL:
+                allowed |= set(getattr(route, "methods", None) or ())
+        if allowed:
+            return 405, ", ".join(sorted(allowed))
+        path = scope.get("path", "")
+        if path == "/v1" or path.startswith(API_PATHS):
+            return 404, ""
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        replaced = False
+
+        async def guarded(message):
+            nonlocal replaced
+            if replaced:
+                return  # the body of the answer we replaced
+            if message["type"] == "http.response.start" and message["status"] in (404, 405):
+                verdict = self._verdict(scope)
+                if verdict is not None:
+                    replaced = True
+                    status, allow = verdict
+                    if status == 405:
+                        message = (
+                            f"{scope['method']} is not allowed on {scope['path']}; use {allow}"
+                        )
+                        await _send_json(
+                            send,
+                            405,
+                            error_body(405, "method_not_allowed", message),
+                            [(b"allow", allow.encode())],
+                        )
+                    else:
+                        message = f"no route {scope['path'][:200]!r}; see /docs for the API"
+                        await _send_json(send, 404, error_body(404, "not_found", message))
+                    return
+            await send(message)
+
+        await self.inner(scope, receive, guarded)
+
+
+class FileAnswer(FileResponse):
+    """A FileResponse whose Range errors (400 malformed, 416 past the end) are in
+    OpenAI's shape, with Content-Range kept."""
+
+    async def __call__(self, scope, receive, send):
+        held: dict | None = None
+
+        async def guarded(message):
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] in (400, 416):
+                held = message
+                return
+            if held is None:
+                return await send(message)
+            if message["type"] != "http.response.body":
+                return
+            status = held["status"]
+            extra = [(k, v) for k, v in held.get("headers", []) if k.lower() == b"content-range"]
+            text = (message.get("body") or b"").decode("utf-8", "replace").strip()
+            if status == 416:
+                size = extra[0][1].decode().rsplit("/", 1)[-1] if extra else "?"
+                body = error_body(
+                    416,
+                    CODES[416],
+                    f"the Range asks for bytes past the end; the file has {size} bytes",
+                )
+            else:
+                body = error_body(400, "bad_input", f"the Range header is malformed: {text}")
+            held = None
+            await _send_json(send, status, body, extra)
+
+        await super().__call__(scope, receive, guarded)

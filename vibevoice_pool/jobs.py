@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from vibevoice_pool import audio
+from vibevoice_pool import encoders
 from vibevoice_pool.jobs_store import (
     RESULTS_DIR,
     Job,
@@ -60,7 +60,8 @@ RETRY_S = 1.0  # pause after the pool said "not now"
 POLL_S = 0.5  # the loop wakes at least this often (events wake it sooner)
 STOP_CANCEL_WAIT_S = 10.0  # at stop, how long cancelled runs get to answer
 # Upper bounds of result sizes, to reserve disk before a job runs.
-BYTES_PER_AUDIO_S = {"wav": 48_000, "pcm": 48_000, "flac": 48_000, "mp3": 16_000, "opus": 8_000}
+BYTES_PER_AUDIO_S = {"wav": 48_000, "pcm": 48_000, "flac": 48_000}
+BYTES_PER_AUDIO_S |= {"mp3": 16_000, "opus": 8_000, "aac": 16_000}
 INTERNAL = "internal_error"
 
 
@@ -257,7 +258,7 @@ class JobRunner:
                 {
                     "bytes": job.result_bytes,
                     "audio_s": round(job.audio_s, 3),
-                    "content_type": audio.content_type(job.format),
+                    "content_type": encoders.content_type(job.format),
                     "expires_at": (job.finished_at or now) + self.ttl_s,
                 }
                 if job.state is JobState.DONE
@@ -439,7 +440,7 @@ class JobRunner:
                 path.unlink()
 
     def _write_result(self, path: Path, pcm, fmt: str) -> int:
-        data, _ = audio.encode(pcm, fmt)
+        data, _ = encoders.encode(pcm, fmt)
         held = self.store.result_bytes()
         if held + len(data) > self.store.limit_bytes:
             raise JobError(

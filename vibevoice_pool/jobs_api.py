@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.routing import Mount
 
-from vibevoice_pool import audio
+from vibevoice_pool import encoders
 from vibevoice_pool.api import SynthesizeBody
-from vibevoice_pool.errors import error_response, plain_error
+from vibevoice_pool.errors import FileAnswer, error_response, plain_error
 from vibevoice_pool.jobs import JobRunner
 from vibevoice_pool.jobs_store import Job, JobError, JobErrorKind, JobState
 from workers.messages import PoolError
@@ -33,6 +33,7 @@ from workers.messages import PoolError
 BROWSER_HEADER = "x-browser-id"
 BROWSER_COOKIE = "vvp_browser"
 MAX_PAGE = 100
+MAX_OFFSET = 2**63 - 1
 
 JOB_STATUS = {
     JobErrorKind.NOT_FOUND: 404,
@@ -92,7 +93,7 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
     def list_jobs(
         request: Request,
         limit: int = Query(20, ge=1, le=MAX_PAGE),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),  # SQLite's integers are 64-bit
         state: JobState | None = None,
     ):
         jobs, more = runner.store.list(owner_of(request), limit=limit, offset=offset, state=state)
@@ -125,9 +126,9 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
         }
         if job.worker is not None:
             headers["X-Worker"] = str(job.worker)
-        return FileResponse(  # answers Range with 206, a bad range with 416
+        return FileAnswer(  # answers Range with 206, a bad range with 416 (OpenAI-shaped)
             path,
-            media_type=audio.content_type(job.format),
+            media_type=encoders.content_type(job.format),
             filename=f"vibevoice-{job.id}.{job.format}",
             content_disposition_type="inline",
             headers=headers,

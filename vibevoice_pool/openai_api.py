@@ -1,7 +1,7 @@
 """POST /v1/audio/speech, compatible with OpenAI's text-to-speech API.
 
     {"model": "...", "input": "text", "voice": "<preset>", "response_format":
-     "wav|mp3|flac|opus|pcm", "speed": 1.0, "stream_format": "audio|sse"}
+     "mp3|opus|aac|flac|wav|pcm", "speed": 1.0, "stream_format": "audio|sse"}
 
 - `model` is any non-empty name (this server has one model); echoed in X-Model.
 - `voice` is a preset of /v1/voices. OpenAI's own voice names (alloy, echo,
@@ -9,10 +9,23 @@
   written for OpenAI run unchanged; X-Voice says which preset was used.
 - `input` is one speaker's text; "Speaker N:" lines still work as in
   /v1/synthesize, with the other speakers on the default presets.
-- The audio is streamed as it is made with `"stream": true` (wav and pcm play
-  while they arrive) or `"stream_format": "sse"` (OpenAI's events:
-  speech.audio.delta with base64 audio, then speech.audio.done).
+- The audio is streamed as it is made, as OpenAI's API does: every format
+  plays while it arrives (encoders.py). `"stream": false` answers one whole
+  file instead, with X-Audio-Seconds; flac is whole unless `"stream": true`
+  (a streamed FLAC cannot say its length, and libsndfile will not read it).
+  `"stream_format": "sse"` sends OpenAI's events: speech.audio.delta with
+  base64 audio, then speech.audio.done.
 - Extensions: seed, cfg_scale, inference_steps, stream.
+
+What clients list before they speak (Open WebUI, SillyTavern, Kokoro-FastAPI's
+shapes):
+    GET /v1/models          {"object": "list", "data": [{"id", "object": "model",
+                             "created", "owned_by"}]}  (OpenAI's; tts-1 and the
+                             other names clients send are all this one model)
+    GET /v1/models/{id}     one of those, or 404
+    GET /v1/audio/models    {"models": [{"id", "name"}]}  (Open WebUI)
+    GET /v1/audio/voices    {"voices": [{"id", "name"}]}  the presets (Open WebUI,
+                             Kokoro-FastAPI); ?names=true: {"voices": ["name", ...]}
 Errors are OpenAI-shaped (errors.py), as on every route.
 """
 
@@ -21,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from typing import Literal
 from urllib.parse import quote
 
@@ -28,7 +42,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from vibevoice_pool import audio
+from vibevoice_pool import encoders
 from vibevoice_pool.api import (
     Speaker,
     SynthesizeBody,
@@ -36,7 +50,7 @@ from vibevoice_pool.api import (
     run_to_response,
     stream_response,
 )
-from vibevoice_pool.errors import error_response
+from vibevoice_pool.errors import error_response, plain_error
 from workers import messages as m
 
 OPENAI_VOICES = (
@@ -54,6 +68,9 @@ OPENAI_VOICES = (
     "marin",
     "cedar",
 )
+# Names clients send as `model`; every one is this server's single model.
+MODEL_IDS = ("vibevoice", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+OWNER = "vibevoice-pool"
 
 
 class VoiceId(BaseModel):
@@ -62,14 +79,18 @@ class VoiceId(BaseModel):
 
 class SpeechBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(..., min_length=1, description="any name; this server has one model")
+    model: str = Field(
+        ..., min_length=1, max_length=256, description="any name; this server has one model"
+    )
     input: str = Field(..., description="the text to speak")
     voice: str | VoiceId = Field(..., description="a preset of /v1/voices (or an OpenAI name)")
     instructions: str | None = Field(None, description="accepted; VibeVoice takes no style prompt")
-    response_format: str = "mp3"
+    response_format: str = Field("mp3", description="mp3, opus, aac, flac, wav or pcm")
     speed: float = Field(1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio", "sse"] = "audio"
-    stream: bool = False
+    stream: bool | None = Field(
+        None, description="stream while it is made (default: yes, but flac whole)"
+    )
     seed: int | None = Field(None, ge=0, lt=2**31)
     cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
     inference_steps: int | None = Field(None, ge=1, le=100)
@@ -100,7 +121,14 @@ def check(body: SpeechBody, max_chars: int) -> None:
         )
     if body.speed != 1.0:
         raise _bad("speed other than 1.0 is not supported by this server; leave it out")
-    audio._check_format(body.response_format)
+    encoders.check_format(body.response_format)
+
+
+def streams(body: SpeechBody, fmt: str) -> bool:
+    """Whether the audio goes out as it is made (see the module docstring)."""
+    if body.stream_format == "sse":
+        return True
+    return body.stream if body.stream is not None else fmt != "flac"
 
 
 async def _sse(handle, fmt: str, extra_headers: dict):
@@ -109,18 +137,18 @@ async def _sse(handle, fmt: str, extra_headers: dict):
     first = await anext(events)
     if isinstance(first, m.Failed):
         return error_response(m.PoolError(first.error, first.message))
-    enc = audio.StreamEncoder(fmt)
+    enc = encoders.StreamEncoder(fmt)
 
     def event(obj: dict) -> bytes:
         return f"data: {json.dumps(obj)}\n\n".encode()
 
     async def body():
         try:
-            head = enc.start()
+            head = await encoders.run(enc, enc.start)
             event_ = first
             while True:
                 if isinstance(event_, m.Chunk):
-                    data = head + enc.push(event_.pcm)
+                    data = head + await encoders.run(enc, enc.push, event_.pcm)
                     head = b""
                     if data:
                         yield event({"type": "speech.audio.delta", "audio": _b64(data)})
@@ -133,7 +161,7 @@ async def _sse(handle, fmt: str, extra_headers: dict):
                     )
                     return
                 elif isinstance(event_, m.Done):
-                    tail = head + enc.end()
+                    tail = head + await encoders.run(enc, enc.end)
                     if tail:
                         yield event({"type": "speech.audio.delta", "audio": _b64(tail)})
                     yield event(
@@ -145,6 +173,7 @@ async def _sse(handle, fmt: str, extra_headers: dict):
                     return
                 event_ = await anext(events)
         finally:
+            enc.close()
             if not handle.done:
                 handle.cancel()
 
@@ -158,28 +187,56 @@ def _b64(data: bytes) -> str:
 
 def install(app: FastAPI, front) -> None:
     pool = front.pool
+    created = int(time.time())
+
+    def model(model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": OWNER}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model(i) for i in MODEL_IDS]}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str):
+        if model_id not in MODEL_IDS:
+            return plain_error(
+                404, "not_found", f"no model {model_id[:80]!r}; GET /v1/models lists them"
+            )
+        return model(model_id)
+
+    @app.get("/v1/audio/models")
+    async def audio_models():
+        return {"models": [{"id": i, "name": i} for i in MODEL_IDS]}
+
+    @app.get("/v1/audio/voices")
+    async def audio_voices(names: bool = False):
+        presets = front.voices.names()
+        if names:
+            return {"voices": presets}
+        return {"voices": [{"id": n, "name": n} for n in presets]}
 
     @app.post("/v1/audio/speech")
     async def speech(body: SpeechBody, request: Request):
         check(body, front.cfg.max_text_chars)
         voice = body.voice if isinstance(body.voice, str) else body.voice.id
         preset = resolve_voice(front.voices, voice)
+        fmt = encoders.check_format(body.response_format)
+        stream = streams(body, fmt)
         synth = SynthesizeBody(
             script=body.input,
             speakers=[Speaker(voice=preset)],
             cfg_scale=body.cfg_scale,
             inference_steps=body.inference_steps,
             seed=body.seed,
-            format=body.response_format,
-            stream=body.stream or body.stream_format == "sse",
+            format=fmt,
+            stream=stream,
         )
         req = await asyncio.to_thread(front.build_request, synth)
         handle = pool.submit(req)
         extra = {"X-Voice": quote(preset), "X-Model": quote(body.model)}
-        fmt = audio._check_format(body.response_format)
         if body.stream_format == "sse":
             return await _sse(handle, fmt, extra)
-        if body.stream:
+        if stream:
             resp = await stream_response(handle, fmt)
         else:
             resp = await run_to_response(request, handle, fmt)

@@ -21,8 +21,9 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vibevoice_pool.errors import plain_error
+from vibevoice_pool.errors import body_parse_message, plain_error
 from vibevoice_pool.voices import safe_voice_name
 from workers.messages import ErrorKind, PoolError
 
@@ -30,6 +31,43 @@ FORM_HINT = (
     "send multipart/form-data with a 'file' (wav, mp3, flac or ogg) and a 'name', "
     'or JSON {"name": "...", "audio": "<base64 of the file>"}'
 )
+
+
+_UPLOAD_SCHEMA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "description": "the preset's name"},
+        "overwrite": {"type": "boolean", "default": False},
+    },
+}
+UPLOAD_DOC = {  # the body is read by hand (two content types): declared here
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    **_UPLOAD_SCHEMA,
+                    "required": ["file", "name"],
+                    "properties": {
+                        **_UPLOAD_SCHEMA["properties"],
+                        "file": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    **_UPLOAD_SCHEMA,
+                    "required": ["name", "audio"],
+                    "properties": {
+                        **_UPLOAD_SCHEMA["properties"],
+                        "audio": {"type": "string", "description": "base64 of the file"},
+                    },
+                }
+            },
+        },
+    }
+}
 
 
 def _bad(message: str) -> PoolError:
@@ -46,7 +84,10 @@ async def _read_upload(request: Request) -> tuple[str, bytes, bool]:
     """(name, file bytes, overwrite) from a multipart form or a JSON body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=8)
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except StarletteHTTPException as e:  # the multipart parser's limits and errors
+            raise _bad(f"{str(e.detail).rstrip('.')}; {FORM_HINT}") from None
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise _bad(f"no 'file' field in the form; {FORM_HINT}")
@@ -58,8 +99,11 @@ async def _read_upload(request: Request) -> tuple[str, bytes, bool]:
     if ctype == "application/json":
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except json.JSONDecodeError as e:
             raise _bad(f"the body is not valid JSON ({e}); {FORM_HINT}") from None
+        except (ValueError, RecursionError) as e:  # not UTF-8, nested too deep, a huge number
+            why = body_parse_message(e, "").split(";")[0]
+            raise _bad(f"{why}; {FORM_HINT}") from None
         if not isinstance(body, dict):
             raise _bad(f"the body must be a JSON object; {FORM_HINT}")
         name, audio = body.get("name"), body.get("audio")
@@ -81,7 +125,7 @@ def install(app: FastAPI, front) -> None:
     async def list_voices():
         return {"voices": [{"name": n} for n in library.names()]}
 
-    @app.post("/v1/voices", status_code=201)
+    @app.post("/v1/voices", status_code=201, openapi_extra=UPLOAD_DOC)
     async def add_voice(request: Request):
         name, data, overwrite = await _read_upload(request)
         stored = await asyncio.to_thread(library.add, name, data, overwrite=overwrite)

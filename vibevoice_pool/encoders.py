@@ -1,0 +1,182 @@
+"""Response audio: the formats the server answers in, whole or as a stream.
+
+    check_format(name)     the canonical name, or BAD_INPUT listing the formats
+    content_type(name)     the Content-Type of that format's bytes
+    encode(pcm, name)      one whole file (bytes, content type)
+    StreamEncoder(name)    start() / push(pcm) per chunk / end(): bytes that play
+                           while they arrive, in every format
+
+wav and pcm are written here directly (a header whose sizes say "as long as
+it goes", then 16-bit samples). mp3, opus (in Ogg), aac (ADTS) and flac go
+through FFmpeg's encoders by PyAV into a non-seekable sink, so each push
+gives the packets the encoder has finished: an mp3 frame, an Ogg page, an
+ADTS frame, a FLAC frame. The codecs hold back a little (an mp3 or aac frame
+is 1,152 or 1,024 samples, an Ogg page at most PAGE_MS of audio); end()
+flushes the rest. Every encoder gets the same int16 samples as raw pcm.
+
+Whole files: wav, mp3, flac and opus as before (libsndfile through
+vibevoice_pool.audio); aac through the stream encoder, which is what an ADTS
+file is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+
+from vibevoice_pool import audio
+from workers.messages import SAMPLE_RATE, ErrorKind, PoolError
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("wav", "mp3", "flac", "opus", "aac", "pcm")
+CONTENT_TYPES = {
+    "wav": "audio/wav",
+    "mp3": "audio/mpeg",
+    "flac": "audio/flac",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
+    "pcm": audio.PCM_CONTENT_TYPE,
+}
+# format -> (PyAV container format, codec, container options)
+PAGE_MS = 60  # the longest Ogg page: what an opus stream may hold back
+_FFMPEG = {
+    "mp3": ("mp3", "libmp3lame", {"id3v2_version": "0", "write_xing": "0"}),
+    "opus": ("ogg", "libopus", {"page_duration": str(PAGE_MS * 1000)}),
+    "aac": ("adts", "aac", {}),
+    "flac": ("flac", "flac", {}),
+}
+INLINE = ("wav", "pcm")  # cheap enough to encode on the event loop
+
+
+async def run(enc: StreamEncoder, step, *args) -> bytes:
+    """One step of `enc` (start, push, end) from the event loop: wav and pcm inline
+    (a copy), the codecs in a thread (an mp3 frame costs more than a thread hop)."""
+    if enc.inline:
+        return step(*args)
+    return await asyncio.to_thread(step, *args)
+
+
+def check_format(fmt) -> str:
+    """The canonical name of a supported format; BAD_INPUT naming them otherwise."""
+    name = str(fmt).strip().lower()
+    if name not in SUPPORTED_FORMATS:
+        raise PoolError(
+            ErrorKind.BAD_INPUT,
+            f"audio format {str(fmt)[:40]!r} is not supported; use one of: "
+            + ", ".join(SUPPORTED_FORMATS),
+        )
+    return name
+
+
+def content_type(fmt: str) -> str:
+    return CONTENT_TYPES[check_format(fmt)]
+
+
+def encode(pcm: np.ndarray, fmt: str) -> tuple[bytes, str]:
+    """One whole file of float32 mono SAMPLE_RATE audio as `fmt`: (bytes, content type).
+    CPU-bound for the compressed formats: call it off the event loop."""
+    name = check_format(fmt)
+    if name != "aac":
+        return audio.encode(pcm, name)
+    enc = StreamEncoder(name)
+    return enc.start() + enc.push(pcm) + enc.end(), enc.content_type
+
+
+class _Sink:
+    """A write-only, non-seekable file for PyAV: what the muxer wrote since take()."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def write(self, data) -> int:
+        self._buf += data
+        return len(data)
+
+    def take(self) -> bytes:
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+
+class StreamEncoder:
+    """Encodes audio as it arrives. Use: start(), push() per chunk, end() once.
+
+    Every format streams (`streams` is True): the bytes returned so far always
+    form a playable prefix of the file.
+    """
+
+    streams = True
+
+    def __init__(self, fmt: str):
+        self.format = check_format(fmt)
+        self.content_type = CONTENT_TYPES[self.format]
+        self.inline = self.format in INLINE
+        self.samples = 0  # samples pushed so far
+        self._sink: _Sink | None = None
+        self._container = None
+        self._stream = None
+        self._ended = False
+        self._lock = threading.Lock()  # close() from the loop never races a push in a thread
+
+    def start(self) -> bytes:
+        if self.format == "wav":
+            return audio.wav_header_for_stream()
+        if self.format == "pcm":
+            return b""
+        import av  # PyAV: imported on first use (it loads FFmpeg's libraries)
+
+        kind, codec, options = _FFMPEG[self.format]
+        self._sink = _Sink()
+        self._container = av.open(self._sink, "w", format=kind, options=options, buffer_size=4096)
+        self._container.flags |= 0x0020  # AVFMT_FLAG_FLUSH_PACKETS: no bytes wait in the IO buffer
+        self._stream = self._container.add_stream(codec, rate=SAMPLE_RATE)
+        self._stream.layout = "mono"
+        self._container.start_encoding()
+        return self._sink.take()
+
+    def push(self, pcm: np.ndarray) -> bytes:
+        x = audio._mono(pcm)
+        self.samples += len(x)
+        samples = audio.to_int16(x).astype("<i2")
+        if self.format in INLINE:
+            return samples.tobytes()
+        if self._container is None:
+            raise RuntimeError("StreamEncoder.push before start()")
+        if len(samples) == 0:
+            return b""
+        import av
+
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        with self._lock:
+            if self._ended:
+                return b""
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+            return self._sink.take()
+
+    def end(self) -> bytes:
+        if self.format in INLINE or self._container is None:
+            return b""
+        with self._lock:
+            if self._ended:
+                return b""
+            self._ended = True
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+            self._container.close()
+            return self._sink.take()
+
+    def close(self) -> None:
+        """Free the encoder without finishing the file (the client went away)."""
+        if self._container is None:
+            return
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+            try:
+                self._container.close()
+            except Exception:  # an unfinished file; nothing to keep
+                pass

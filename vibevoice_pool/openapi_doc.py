@@ -1,0 +1,135 @@
+"""/openapi.json that says what the routes really answer.
+
+FastAPI declares every route as 200 (or its status) plus 422 JSON. This server
+answers 400 for every validation error (never 422), 401 without the key, 403
+for a refused cross-site write, 404 for an unknown id, 413 for a body over the
+limit, 429/503/504 when the pool cannot take or finish a request, and audio
+(not JSON) from the synthesis routes. document() rewrites each operation so:
+  - 422 goes, 400 comes (every route: a foreign Host is one too);
+  - 401 on every route but /health and /ready (when a key is set);
+  - 403 on the state-changing methods; 404 where the path names a thing;
+    413 where there is a body;
+  - the per-route statuses of ROUTE_ERRORS;
+  - audio media types on the synthesis routes and job audio (206 too);
+and every error is the one Error schema of OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from vibevoice_pool.encoders import CONTENT_TYPES
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "code": {"type": "string"},
+            },
+        }
+    },
+}
+WHY = {
+    "400": "Bad input: the message says what to fix",
+    "401": "An API key is set and was not sent (Authorization: Bearer <key>)",
+    "403": "A cross-site request refused",
+    "404": "No such thing",
+    "409": "Not in a state for this (the job is not done, or already ended)",
+    "413": "The body is over the server's limit",
+    "416": "The Range is past the end of the file",
+    "429": "The queue is full: retry after Retry-After seconds",
+    "500": "The engine failed on this request",
+    "502": "The request took down workers twice and was given up",
+    "503": "No worker is ready (or the server is stopping): retry after Retry-After",
+    "504": "The request ran past its time limit",
+    "507": "Out of memory (GPU) or the jobs disk limit",
+}
+SYNTH_FAILURES = ("429", "500", "502", "503", "504", "507")
+ROUTE_ERRORS = {
+    ("/ready", "get"): ("503",),
+    ("/v1/synthesize", "post"): SYNTH_FAILURES,
+    ("/v1/audio/speech", "post"): SYNTH_FAILURES,
+    ("/v1/jobs", "post"): ("503", "507"),
+    ("/v1/jobs/{job_id}", "delete"): ("409",),
+    ("/v1/jobs/{job_id}/audio", "get"): ("409", "416"),
+    ("/v1/jobs/{job_id}/audio", "head"): ("409", "416"),
+}
+AUDIO = {
+    ctype: {"schema": {"type": "string", "format": "binary"}} for ctype in CONTENT_TYPES.values()
+}
+AUDIO_ROUTES = {
+    ("/v1/synthesize", "post"): ("200",),
+    ("/v1/audio/speech", "post"): ("200",),
+    ("/v1/jobs/{job_id}/audio", "get"): ("200", "206"),
+    ("/v1/jobs/{job_id}/audio", "head"): ("200", "206"),
+}
+SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+OPEN = ("/health", "/ready")
+WRITES = ("post", "put", "patch", "delete")
+
+
+def _error(status: str) -> dict:
+    return {
+        "description": WHY.get(status, "Error"),
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _document_operation(path: str, method: str, op: dict) -> None:
+    responses = op.setdefault("responses", {})
+    responses.pop("422", None)
+    wanted = ["400"]
+    if path not in OPEN:
+        wanted.append("401")
+    if method in WRITES:
+        wanted.append("403")
+    if "{" in path:
+        wanted.append("404")
+    if "requestBody" in op:
+        wanted.append("413")
+    wanted += ROUTE_ERRORS.get((path, method), ())
+    for status in wanted:
+        responses.setdefault(status, _error(status))
+    for status in AUDIO_ROUTES.get((path, method), ()):
+        content = dict(AUDIO)
+        if path == "/v1/audio/speech":
+            content |= SSE
+        description = "The audio" if status == "200" else "Part of the audio (Range)"
+        responses[status] = {"description": description, "content": content}
+
+
+def document(app: FastAPI) -> dict:
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+    )
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            if isinstance(op, dict) and "responses" in op:
+                _document_operation(path, method, op)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components["Error"] = ERROR_SCHEMA
+    return schema
+
+
+def install(app: FastAPI) -> None:
+    """Serve document(app) at /openapi.json (built once, on the first request,
+    when every route, the jobs' too, is in place)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document(app)
+        return app.openapi_schema
+
+    app.openapi = openapi
