@@ -126,6 +126,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("grace_s", float, 30.0, "on shutdown, time to finish accepted requests", _non_negative),
     Setting("max_attempts", int, 2, "workers a request may take down before quarantine", _positive),
     Setting("failed_retry_s", float, 30.0, "how often a failed slot is tried again", _positive),
+    Setting(
+        "worker_start",
+        str,
+        "zygote",
+        "how a worker process starts: forked from a template process that has imported "
+        "torch and the model code (zygote), or spawned from nothing (spawn)",
+        _one_of(("zygote", "spawn")),
+    ),
     # front
     Setting("host", str, "127.0.0.1", "address to bind"),
     Setting("port", int, 7860, "port to bind", lambda v: None if 0 <= v < 65536 else "0-65535"),
@@ -221,6 +229,7 @@ class PoolConfig:
     grace_s: float = 30.0
     max_attempts: int = 2
     failed_retry_s: float = 30.0
+    worker_start: str = "zygote"
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False

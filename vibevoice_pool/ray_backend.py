@@ -274,7 +274,9 @@ class RaySupervisor:
                 message,
             )
             return
-        slot.due_at = now + BACKOFF_S[min(slot.boot_failures - 1, len(BACKOFF_S) - 1)]
+        # A replica that failed to boot waits 1, 2, 4 ... s (BACKOFF_S[0], the
+        # immediate respawn, is for a worker's first crash, not a failed boot).
+        slot.due_at = now + BACKOFF_S[min(slot.boot_failures, len(BACKOFF_S) - 1)]
         b.set(i, Col.SLOT_STATE, SlotState.BACKOFF)
         b.set(i, Col.BACKOFF_UNTIL, slot.due_at)
         log.error("❌ %s failed to initialise: %s", slot.label, message)

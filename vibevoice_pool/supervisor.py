@@ -1,24 +1,32 @@
-"""Supervisor: spawns one worker process per slot and keeps the slots alive.
+"""Supervisor: starts one worker process per slot and keeps the slots alive.
 
-One loop thread waits, with `multiprocessing.connection.wait`, on every
-worker's response pipe, every process sentinel and a wake-up pipe at once:
+A worker is forked from the zygote (vibevoice_pool/zygote.py), which has
+imported torch, transformers and the engine once; it is spawned while the
+zygote is not warm, and always with `worker_start = spawn`. One loop thread
+waits, with `multiprocessing.connection.wait`, on every worker's response
+pipe, every process's end (worker_process.py) and a wake-up pipe at once:
 
     response pipe readable -> Ready / BootFailed here, the rest to the dispatcher
-    sentinel readable      -> the process died: drain its pipe, hand its
+    process ended          -> the process died: drain its pipe, hand its
                               requests back to the dispatcher, schedule respawn
     tick (every 50 ms)     -> hung / stalled / slow-booting workers get SIGKILL,
-                              due respawns start, old requests time out
+                              due respawns start, old requests time out, a dead
+                              zygote is restarted
 
 Slot life: starting -> running (ready <-> busy) -> dead -> backoff -> starting;
 after `BOOT_FAILURES_TO_FAIL` boot failures in a row: failed, retried every
-`failed_retry_s`. Backoff: 1, 2, 4, 8, 16, 30 s (cap), reset after 60 s healthy.
+`failed_retry_s`. A first death respawns at once; deaths in a row wait 1, 2,
+4, 8, 16, 30 s (cap); the count starts over when the worker that died had
+been ready for `HEALTHY_RESET_S`: a crash loop backs off, a worker killed now
+and then comes back at once every time. (gunicorn's arbiter respawns a dead
+worker at once, always, and halts on a boot error; the boot-failure rule here
+stays: `failed` after three.)
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +38,8 @@ from vibevoice_pool.dispatcher import Dispatcher
 from vibevoice_pool.request_channel import RequestChannel
 from vibevoice_pool.slots import next_slot_index, wait_first_ready
 from vibevoice_pool.voice_sender import VoiceSender
+from vibevoice_pool.worker_process import WorkerProcess
+from vibevoice_pool.zygote import Zygote
 from workers import messages as m
 from workers import worker_main
 from workers.board import Col, SlotState, StatusBoard, WorkerState
@@ -37,22 +47,12 @@ from workers.engine import EngineSpec
 
 log = logging.getLogger("vibevoice_pool")
 
-BACKOFF_S = (1, 2, 4, 8, 16, 30)
-HEALTHY_RESET_S = 60.0
+BACKOFF_S = (0, 1, 2, 4, 8, 16, 30)  # by deaths in a row: the first respawn is at once
+HEALTHY_RESET_S = 10.0  # a worker ready this long before it died starts the backoff over
 BOOT_FAILURES_TO_FAIL = 3
 TICK_S = 0.05
 RESTART_REQUESTED = "restart requested"
-
-
-def _mp(engine: str):
-    """The spawn context: torch.multiprocessing's for a model engine, so tensors
-    could cross if they ever do; the standard library's for the simulator, which
-    needs no torch (and the parent then skips seconds of `import torch`)."""
-    if engine == "sim":
-        import multiprocessing as mp
-    else:
-        import torch.multiprocessing as mp
-    return mp.get_context("spawn")
+ZYGOTE_WAIT_S = 120.0  # at launch, longest wait for the zygote before workers spawn
 
 
 @dataclass
@@ -61,7 +61,7 @@ class _Slot:
     placement: Placement
     engine: EngineSpec
     generation: int = 0
-    process: object = None
+    process: WorkerProcess | None = None
     requests: RequestChannel | None = None  # parent -> worker
     responses: object = None  # Connection, worker -> parent (read end)
     death: object = None  # Connection, write end; closing it tells the worker to exit
@@ -78,6 +78,7 @@ class _Slot:
     unhealthy_since: float = 0.0
     restarts: int = 0
     info: m.DeviceInfo | None = None
+    boot_s: float = 0.0  # the engine's load, as the last Ready reported it
 
 
 class Supervisor:
@@ -92,7 +93,8 @@ class Supervisor:
         self.cfg = cfg
         self.board = board
         self.dispatcher = dispatcher
-        self.ctx = _mp(cfg.engine)
+        self.zygote = Zygote(cfg.engine, cfg.worker_start)
+        self.ctx = self.zygote.spawn_ctx  # pipes; a worker's process comes from zygote.context()
         self.slots = [
             _Slot(i, p, e) for i, (p, e) in enumerate(zip(placements, engines, strict=False))
         ]
@@ -106,6 +108,7 @@ class Supervisor:
     # ---- public --------------------------------------------------------
 
     def start(self) -> None:
+        self.zygote.start(wait_s=min(self.cfg.boot_timeout_s, ZYGOTE_WAIT_S))
         for slot in self.slots:
             self._spawn(slot)
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
@@ -163,7 +166,7 @@ class Supervisor:
         """Kill and respawn a slot now (on demand), or retry a failed one."""
         with self._lock:
             slot = self.slots[index]
-            if slot.process is not None and slot.process.is_alive():
+            if slot.process is not None and slot.process.alive():
                 self._kill(slot, RESTART_REQUESTED)
             else:
                 slot.due_at = 0.0
@@ -182,6 +185,7 @@ class Supervisor:
                 self._send(slot, m.Shutdown(0.0))
             for slot in self.slots:
                 self._stop_process(slot)
+        self.zygote.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -208,20 +212,25 @@ class Supervisor:
         b.set(i, Col.SLOT_STATE, SlotState.STARTING)
         b.set(i, Col.DEVICE, -1 if slot.placement.cuda_index is None else slot.placement.cuda_index)
         b.set(i, Col.CAPACITY, slot.engine.max_batch_size)
-        proc = self.ctx.Process(
+        ctx, forked = self.zygote.context()
+        proc = WorkerProcess(
+            ctx,
+            forked,
             target=worker_main.run,
             args=(spec, slot.requests.reader, write_end, death_r),
             name=f"vibevoice-worker-{i}",
             daemon=True,
         )
+        self._note(i, "starting")
         proc.start()
         slot.requests.reader_sent()
         write_end.close()
         death_r.close()
         slot.process, slot.responses, slot.death = proc, read_end, death_w
         slot.started_at = time.monotonic()
-        self._note(i, "spawned")
-        log.info("Initialising %s (worker %d, pid %d)", self._label(slot), i, proc.pid)
+        self._note(i, "forked" if forked else "spawned")
+        how = "forked from the zygote" if forked else "spawned"
+        log.info("Initialising %s (worker %d, pid %d, %s)", self._label(slot), i, proc.pid, how)
 
     def _label(self, slot: _Slot) -> str:
         p = slot.placement
@@ -238,7 +247,7 @@ class Supervisor:
                         continue
                     if s.responses is not None:
                         waitables[s.responses] = ("msg", s)
-                    waitables[s.process.sentinel] = ("dead", s)
+                    waitables[s.process.handle] = ("dead", s)
             ready = connection.wait(list(waitables), timeout=TICK_S)
             with self._lock:
                 for obj in ready:
@@ -250,7 +259,7 @@ class Supervisor:
                 for obj in ready:
                     tag = waitables[obj]
                     if tag is not None and tag[0] == "dead" and tag[1].process is not None:
-                        if tag[1].process.sentinel == obj:
+                        if tag[1].process.handle == obj:
                             self._died(tag[1])
                 self._tick()
 
@@ -287,6 +296,7 @@ class Supervisor:
             self._send(slot, m.Shutdown(0.0))
             return
         slot.ready, slot.info, slot.boot_failures, slot.boot_error = True, msg.info, 0, ""
+        slot.boot_s = msg.boot_s
         b.set(i, Col.CAPACITY, max(1, msg.info.max_batch_size))
         b.set(i, Col.READY_SINCE, time.monotonic())
         b.set(i, Col.SLOT_STATE, SlotState.RUNNING)
@@ -310,11 +320,7 @@ class Supervisor:
         if slot.responses is not None:
             self._read(slot, drain=True)
         proc = slot.process
-        proc.join(timeout=1)
-        code = proc.exitcode
-        how = (
-            f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
-        )
+        how = proc.exit_description()
         if slot.kill_reason:
             how = f"{slot.kill_reason}; {how}"
         self._note(slot.index, "dead")
@@ -366,15 +372,16 @@ class Supervisor:
         b.set(i, Col.SLOT_STATE, SlotState.BACKOFF)
         b.set(i, Col.BACKOFF_UNTIL, slot.due_at)
         log.warning(
-            "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; "
-            "respawning in %d s",
+            "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; %s",
             self._label(slot),
             i,
             proc.pid,
             how,
             len(moved),
-            delay,
+            f"respawning in {delay} s" if delay else "respawning now",
         )
+        if delay == 0:
+            self._check_down(slot, now)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -383,6 +390,7 @@ class Supervisor:
                 self._check_live(slot, now)
             else:
                 self._check_down(slot, now)
+        self.zygote.check()
         self.dispatcher.expire(self.cfg.request_timeout_s)
 
     def _check_live(self, slot: _Slot, now: float) -> None:
@@ -438,10 +446,7 @@ class Supervisor:
         slot.kill_reason = reason
         log.warning("⚠️ %s (worker %d): %s; killing it", self._label(slot), slot.index, reason)
         self._note(slot.index, "kill")
-        try:
-            os.kill(slot.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        slot.process.kill()
 
     def _send(self, slot: _Slot, msg) -> None:
         if slot.requests is not None:
@@ -451,16 +456,9 @@ class Supervisor:
                 pass
 
     def _stop_process(self, slot: _Slot) -> None:
-        proc = slot.process
-        if proc is None:
+        if slot.process is None:
             return
-        proc.join(timeout=2)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(timeout=2)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=2)
+        slot.process.stop(timeout=2)
         self._close(slot)
         self.board.set(slot.index, Col.SLOT_STATE, SlotState.STOPPED)
 
@@ -470,6 +468,8 @@ class Supervisor:
         for conn in (slot.responses, slot.death):
             if conn is not None:
                 conn.close()
+        if slot.process is not None:
+            slot.process.close()
         slot.process, slot.requests, slot.responses, slot.death = None, None, None, None
 
     def _wake(self) -> None:

@@ -1,4 +1,4 @@
-"""The worker process: one per device slot, started with `spawn`.
+"""The worker process: one per device slot, forked from the zygote or spawned.
 
     parent                          worker (this module, `run`)
     ------                          ---------------------------
@@ -9,8 +9,10 @@
     death pipe     (EOF = parent gone)  watcher thread: os._exit
     StatusBoard row                 heartbeat thread + main thread write it
 
-The device is pinned by CUDA_VISIBLE_DEVICES before the engine imports torch,
-so the worker sees its GPU as cuda:0. SIGINT and SIGTERM are ignored: they reach
+The device is pinned by CUDA_VISIBLE_DEVICES first thing in `run`: before the
+engine imports torch (spawned), or before any CUDA call (forked from the zygote,
+which has imported torch but never initialised CUDA), so the worker sees its
+GPU as cuda:0. SIGINT and SIGTERM are ignored: they reach
 the whole process group, and the parent decides how the pool drains.
 """
 
@@ -56,6 +58,11 @@ def run(spec: WorkerSpec, requests, responses, death) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", threads)
     os.environ.setdefault("MKL_NUM_THREADS", threads)
     os.environ.update(spec.env)
+    # Forked from the zygote, torch is loaded already and sized its thread pool
+    # from the zygote's environment: size it as a spawned worker's would be.
+    torch = sys.modules.get("torch")
+    if torch is not None and os.environ["OMP_NUM_THREADS"].isdigit():
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
     # Ctrl+C and `kill -TERM <group>` (systemd, timeout) reach every process of
     # the group; only the parent decides how the pool drains, so a worker ends
     # by Shutdown, by SIGKILL, or when its death pipe says the parent is gone.

@@ -1,0 +1,71 @@
+"""One worker process as the supervisor sees it: started, watched, stopped.
+
+A worker forked by the zygote is the zygote's child, not the parent's: its
+`multiprocessing` sentinel is a socket to the zygote, which reports the exit
+when it reaps the child, and which reads as a death of every such worker if
+the zygote itself dies. So a worker is watched through a pidfd of its own
+(Linux 5.3): readable once that process has ended, whoever its parent is. A
+spawned worker falls back to its sentinel where no pidfd can be had.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from multiprocessing import connection
+
+
+class WorkerProcess:
+    def __init__(self, ctx, forked: bool, **process_kwargs):
+        self.forked = forked  # started by the zygote (else spawned)
+        self.proc = ctx.Process(**process_kwargs)
+        self.pidfd: int | None = None
+
+    def start(self) -> None:
+        self.proc.start()
+        try:
+            self.pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):  # no pidfd here, or the child is already gone
+            self.pidfd = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def handle(self):
+        """What `connection.wait` waits on: ready once the process has ended."""
+        return self.pidfd if self.pidfd is not None else self.proc.sentinel
+
+    def ended(self, timeout: float = 0.0) -> bool:
+        return bool(connection.wait([self.handle], timeout))
+
+    def alive(self) -> bool:
+        return not self.ended(0)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def exit_description(self) -> str:
+        """'killed by SIGKILL' or 'exit code N', once the process has ended."""
+        self.proc.join(timeout=1)  # a spawned child is reaped; the zygote reports a forked one
+        code = self.proc.exitcode
+        if code and code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+    def stop(self, timeout: float) -> None:
+        """Wait for the process to end on its own, then SIGKILL it (a worker ignores
+        SIGTERM: only the parent decides how the pool drains)."""
+        if not self.ended(timeout):
+            self.kill()
+            self.ended(timeout)
+        self.proc.join(timeout=0.5)
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None

@@ -1,0 +1,59 @@
+"""The model stack the zygote imports for VibeVoice workers (see workers/zygote.py).
+
+Everything `VibeVoiceEngine.load()` and a first `synthesize` import lazily is
+imported here once, so a forked worker spends its boot on the checkpoint, not
+on imports (about 3.5 s of imports on a 2-core machine). Imports only: no
+tensor is made, no device is asked about. A module missing from this
+transformers release is skipped: the worker then imports what it needs itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+import workers.zygote  # noqa: F401  (thread-count variables first)
+
+_T0 = time.monotonic()
+
+import torch  # noqa: E402,F401
+import transformers  # noqa: E402,F401
+
+MODULES = (
+    # load(): the model, its processor, the checkpoint reader
+    "transformers.models.vibevoice.modeling_vibevoice",
+    "transformers.models.vibevoice.processing_vibevoice",
+    "transformers.models.vibevoice_acoustic_tokenizer.modeling_vibevoice_acoustic_tokenizer",
+    "transformers.models.vibevoice_acoustic_tokenizer.feature_extraction_vibevoice_acoustic_tokenizer",
+    "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.qwen2.tokenization_qwen2",
+    "transformers.feature_extraction_sequence_utils",
+    "transformers.modeling_layers",
+    "transformers.generation.utils",
+    "transformers.generation.logits_process",
+    "transformers.generation.stopping_criteria",
+    "safetensors.torch",
+    # the first generate: the diffusion scheduler
+    "diffusers.schedulers.scheduling_dpmsolver_multistep",
+    # this project's engine
+    "workers.vibevoice",
+    "workers.vibevoice_stream",
+    "workers.vibevoice_noise",
+    "workers.convert",
+    "workers.tiny",
+)
+NAMES = ("VibeVoiceForConditionalGeneration", "VibeVoiceProcessor", "Qwen2TokenizerFast")
+
+missing: list[str] = []
+for _name in MODULES:
+    try:
+        importlib.import_module(_name)
+    except ImportError:
+        missing.append(_name)
+for _name in NAMES:  # transformers resolves these lazily: resolve them now
+    try:
+        getattr(transformers, _name)
+    except (AttributeError, ImportError):
+        missing.append(f"transformers.{_name}")
+
+IMPORT_S = time.monotonic() - _T0
