@@ -165,7 +165,7 @@ def test_metrics_of_the_real_server_parse_and_hold_both_workers(srv):
 
 def test_restart_route_brings_a_worker_back_with_a_new_pid(srv):
     before = srv.get("/v1/pool").json()["workers"][1]
-    assert srv.post("/v1/pool/workers/1/restart").json() == {"restarting": 1}
+    assert srv.post("/v1/pool/workers/1/restart", json={}).json() == {"restarting": 1}
 
     def back():
         w = srv.get("/v1/pool").json()["workers"][1]
@@ -173,7 +173,7 @@ def test_restart_route_brings_a_worker_back_with_a_new_pid(srv):
 
     after = wait_until(back, 30, 0.2, "worker 1 to come back")
     assert after["restarts"] == before["restarts"] + 1
-    missing = srv.post("/v1/pool/workers/9/restart")
+    missing = srv.post("/v1/pool/workers/9/restart", json={})
     assert missing.status_code == 404 and "no worker 9" in missing.json()["error"]["message"]
 
 

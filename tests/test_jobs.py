@@ -31,8 +31,11 @@ def samples_for(script: str) -> int:
     return int(round(audio_seconds_for(text) * SAMPLE_RATE))
 
 
+OWNER = {"X-Owner-Token": "test-jobs-owner-token-0123456789"}  # these tests' jobs
+
+
 def submit(url: str, script: str, **extra) -> str:
-    r = httpx.post(f"{url}/v1/jobs", json={"script": script, **extra}, timeout=60)
+    r = httpx.post(f"{url}/v1/jobs", json={"script": script, **extra}, headers=OWNER, timeout=60)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -74,7 +77,8 @@ def test_ten_jobs_survive_a_sigkilled_server_and_each_finishes_exactly_once(serv
     ids = [submit(s.url, text) for text in scripts]
 
     def mid_run():
-        states = [j["state"] for j in httpx.get(f"{s.url}/v1/jobs", timeout=10).json()["data"]]
+        page = httpx.get(f"{s.url}/v1/jobs", headers=OWNER, timeout=10).json()
+        states = [j["state"] for j in page["data"]]
         return states.count("done") >= 2 and states.count("running") >= 1
 
     wait_until(mid_run, 60, 0.05, "some jobs done and some running")
@@ -190,7 +194,8 @@ def test_a_client_gone_from_synthesize_loses_its_audio_but_a_job_keeps_it(shared
     assert len(audio_of(shared.url, job_id)) == samples_for(script)
 
 
-def test_the_cli_follows_a_job_to_a_file_and_lists_it(shared, tmp_path, capsys):
+def test_the_cli_follows_a_job_to_a_file_and_lists_it(shared, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(jobs_client.OWNER_FILE_ENV, str(tmp_path / "owner-token"))
     out = tmp_path / "out.wav"
     text = "Speaker 1: the command line waits for this one"
     assert jobs_client.submit_and_follow(shared.url, {"script": text}, str(out)) == 0
@@ -205,3 +210,8 @@ def test_the_cli_follows_a_job_to_a_file_and_lists_it(shared, tmp_path, capsys):
     assert jobs_client.show_job(shared.url, job_id) == 0
     assert job_id in capsys.readouterr().out
     assert jobs_client.follow(shared.url, "no-such-job", str(out)) == 1
+    # the jobs are this user's: another owner token lists none of them
+    assert (tmp_path / "owner-token").stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv(jobs_client.OWNER_FILE_ENV, str(tmp_path / "someone-else"))
+    assert jobs_client.list_jobs(shared.url) == 0
+    assert capsys.readouterr().out.strip() == "no jobs"

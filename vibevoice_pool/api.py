@@ -75,6 +75,7 @@ class Front:
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
     stream_tokens: object = field(default=None, repr=False)  # the page's live streams
     jobs: Any = None  # the JobRunner (vibevoice_pool/jobs.py), set at launch
+    keys: Any = None  # auth.KeyRing (--api-key and --api-keys), set at launch
 
     def refused(self, err: m.PoolError) -> None:
         """Count an error answered before admission (for /metrics)."""
@@ -292,7 +293,7 @@ def _middlewares(app: FastAPI, front: Front) -> None:
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=front.max_body_bytes, on_refused=front.activity.refused
     )
-    if front.cfg.api_key:
+    if front.keys or front.cfg.api_key:
 
         def live_stream(path: str) -> bool:
             tokens = front.stream_tokens
@@ -300,7 +301,7 @@ def _middlewares(app: FastAPI, front: Front) -> None:
 
         app.add_middleware(
             ApiKeyMiddleware,
-            key=front.cfg.api_key,
+            key=front.keys or front.cfg.api_key,
             on_refused=front.activity.refused,
             allow=live_stream,
         )

@@ -1,9 +1,12 @@
 """Who may call the server: the API key, the page's login, and the body-size limit.
 
     resolve_api_key(cfg)   --api-key, else $VIBEVOICE_POOL_API_KEY (read at launch)
+    KeyRing / load_keys    the keys accepted: that one key (owner "key:<hash>"),
+                           and the named keys of `--api-keys FILE` ("name: key"
+                           lines; owner "key:<name>"); jobs belong to the owner
     ApiKeyMiddleware       every API route but /health and /ready needs
                            `Authorization: Bearer <key>`; 401 otherwise
-    page_login(key)        the Gradio page's login check (any user name, the key
+    page_login(keys)       the Gradio page's login check (any user name, a key
                            as password); Gradio guards its own routes with it
     BodyLimitMiddleware    a request body over the limit is answered 413 before
                            it is read (Content-Length) or as soon as it passes
@@ -15,8 +18,12 @@ detection pass through untouched. Errors are in OpenAI's shape (errors.py).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from vibevoice_pool.errors import error_body
@@ -32,6 +39,87 @@ def resolve_api_key(configured: str, environ=None) -> str:
     """The key to require: the setting, else the environment variable; '' for none."""
     env = os.environ if environ is None else environ
     return (configured or env.get(API_KEY_ENV, "")).strip()
+
+
+KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+MIN_KEY_CHARS = 16  # a key in the file shorter than this is refused at launch
+
+
+class KeyFileError(ValueError):
+    """A keys file that cannot be used; the message names the file and the line."""
+
+
+def single_key_owner(key: str) -> str:
+    """The owner of jobs made with the one --api-key (stable across restarts)."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The keys the server accepts, each with the owner its jobs belong to."""
+
+    entries: tuple[tuple[str, str, str], ...] = ()  # (name, key, owner)
+    named: bool = False  # from --api-keys: each name owns its own jobs, even by id
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    @property
+    def first(self) -> str:
+        return self.entries[0][1] if self.entries else ""
+
+    def match(self, given: str) -> tuple[str, str] | None:
+        """(name, owner) of the key `given`, or None. Every key is compared."""
+        found = None
+        for name, key, owner in self.entries:
+            if key_matches(key, given) and found is None:
+                found = (name, owner)
+        return found
+
+    def owner_of(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        hit = self.match(bearer_of(headers))
+        return hit[1] if hit else None
+
+    def allows(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        return bool(self.entries) and self.owner_of(headers) is not None
+
+
+def load_keys(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(name, key) pairs of a keys file: 'name: key' a line, '#' comments, blank lines."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyFileError(f"cannot read the keys file {p}: {e}") from None
+    out: list[tuple[str, str]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, key = line.partition(":")
+        name, key = name.strip(), key.strip()
+        if not sep or not KEY_NAME.match(name):
+            raise KeyFileError(f"{p} line {n}: write 'name: key' (name of letters, digits, _.@-)")
+        if len(key) < MIN_KEY_CHARS:
+            raise KeyFileError(f"{p} line {n}: the key of {name!r} is shorter than {MIN_KEY_CHARS}")
+        if any(name == k for k, _ in out):
+            raise KeyFileError(f"{p} line {n}: the name {name!r} is given twice")
+        if any(key == v for _, v in out):
+            raise KeyFileError(f"{p} line {n}: the key of {name!r} is another name's key too")
+        out.append((name, key))
+    if not out:
+        raise KeyFileError(f"the keys file {p} holds no keys")
+    return out
+
+
+def key_ring(api_key: str, keys_file: str = "") -> KeyRing:
+    """The ring for --api-key and --api-keys FILE (either, both or neither)."""
+    entries = []
+    if api_key:
+        entries.append(("default", api_key, single_key_owner(api_key)))
+    if keys_file:
+        entries += [(name, key, f"key:{name}") for name, key in load_keys(keys_file)]
+    return KeyRing(tuple(entries), named=bool(keys_file))
 
 
 def is_api_path(path: str) -> bool:
@@ -79,22 +167,22 @@ class ApiKeyMiddleware:
     def __init__(
         self,
         app,
-        key: str,
+        key: str | KeyRing,
         on_refused: Callable[[str], None] | None = None,
         allow: Callable[[str], bool] | None = None,
     ):
         self.app = app
-        self.key = key
+        self.keys = key if isinstance(key, KeyRing) else key_ring(key)
         self.on_refused = on_refused
         self.allow = allow
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.key:
+        if scope["type"] != "http" or not self.keys:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         if path in OPEN_PATHS or not is_api_path(path):
             return await self.app(scope, receive, send)
-        if key_matches(self.key, bearer_of(scope.get("headers", []))):
+        if self.keys.allows(scope.get("headers", [])):
             return await self.app(scope, receive, send)
         if self.allow is not None and self.allow(path):
             return await self.app(scope, receive, send)
@@ -113,11 +201,12 @@ class ApiKeyMiddleware:
         )
 
 
-def page_login(key: str) -> Callable[[str, str], bool]:
-    """Gradio's auth callable: any user name, the API key as the password."""
+def page_login(key: str | KeyRing) -> Callable[[str, str], bool]:
+    """Gradio's auth callable: any user name, an API key as the password."""
+    keys = key if isinstance(key, KeyRing) else key_ring(key)
 
     def check(_user: str, password: str) -> bool:
-        return key_matches(key, password or "")
+        return keys.match(password or "") is not None
 
     return check
 

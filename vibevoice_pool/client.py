@@ -111,7 +111,9 @@ def scale(ns) -> int:
             return _fail(r)
         print(f"added worker {r.json()['id']} on {r.json()['device']}")
     for worker_id in ns.remove:
-        r = httpx.delete(f"{ns.url}/v1/pool/workers/{worker_id}", headers=_headers(ns.api_key))
+        r = httpx.request(  # a JSON body: worker actions refuse bodiless (browser) calls
+            "DELETE", f"{ns.url}/v1/pool/workers/{worker_id}", json={}, headers=_headers(ns.api_key)
+        )
         if r.status_code != 202:
             return _fail(r)
         print(f"worker {worker_id} is draining; it stops once it has finished what it holds")

@@ -11,13 +11,20 @@ Ctrl-C stops the following, never the job: it runs on, and `vibevoice-pool
 jobs ID -o FILE` picks it up again. A server that restarts meanwhile is waited
 for (up to UNREACHABLE_GIVE_UP_S); the job finishes there after its restart.
 Exit codes: 0 written, 1 failed / cancelled / refused, 130 interrupted.
+
+Jobs belong to their creator. Every call sends this user's owner token
+(X-Owner-Token), made once and kept in owner_token_path() (mode 0600), so a
+server without a key lists the jobs this user made; with a key, the key is the
+owner and the token is ignored.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -27,8 +34,40 @@ DOWNLOAD_TRIES = 5
 EXIT_INTERRUPTED = 130
 
 
+OWNER_FILE_ENV = "VIBEVOICE_POOL_OWNER_FILE"
+
+
+def owner_token_path() -> Path:
+    """$VIBEVOICE_POOL_OWNER_FILE, else ~/.cache/vibevoice-pool/owner-token."""
+    given = os.environ.get(OWNER_FILE_ENV, "")
+    if given:
+        return Path(given).expanduser()
+    return Path.home() / ".cache" / "vibevoice-pool" / "owner-token"
+
+
+def owner_token() -> str:
+    """This user's owner token for keyless servers, made on first use."""
+    path = owner_token_path()
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another command made it meanwhile
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return token
+
+
 def _headers(api_key: str | None) -> dict:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = {"X-Owner-Token": owner_token()}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
 
 
 def _fail(resp: httpx.Response) -> int:
@@ -182,7 +221,7 @@ def jobs_table(jobs: list[dict]) -> str:
 
 
 def show_job(url: str, job_id: str, api_key: str | None = None) -> int:
-    """Print one job's row (any owner's: the id is what fetches it)."""
+    """Print one job's row (the id is what fetches it; with named keys, only its own)."""
     try:
         r = httpx.get(f"{url}/v1/jobs/{job_id}", headers=_headers(api_key), timeout=10)
     except httpx.HTTPError as e:
@@ -195,7 +234,7 @@ def show_job(url: str, job_id: str, api_key: str | None = None) -> int:
 
 
 def list_jobs(url: str, api_key: str | None = None, limit: int = 20) -> int:
-    """Print the caller's jobs (this API key's, or the anonymous ones), newest first."""
+    """Print the caller's jobs (this API key's, or this owner token's), newest first."""
     try:
         r = httpx.get(
             f"{url}/v1/jobs", params={"limit": limit}, headers=_headers(api_key), timeout=10

@@ -54,14 +54,20 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     launch: --api-key, else $VIBEVOICE_POOL_API_KEY; --cors-origins, else
     $VIBEVOICE_POOL_CORS_ORIGINS."""
     from vibevoice_pool.api import MAX_UPLOAD_BYTES, MAX_VOICE_SECONDS, Front
-    from vibevoice_pool.auth import resolve_api_key
+    from vibevoice_pool.auth import KeyFileError, key_ring, resolve_api_key
     from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
 
     env = os.environ if environ is None else environ
     key = resolve_api_key(cfg.api_key, env)
     if key != cfg.api_key:
         cfg = cfg.replace(api_key=key)
-    if not key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+    try:
+        keys = key_ring(key, cfg.api_keys)
+    except KeyFileError as e:
+        raise ConfigError(f"api_keys: {e}") from None
+    if keys.named:
+        log.info("API keys: %s (each name owns its jobs)", ", ".join(n for n, _, _ in keys.entries))
+    if not keys and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "Serving on %s with no API key: anyone who reaches this address can use the "
             "GPUs. Pass --api-key (or set $VIBEVOICE_POOL_API_KEY)",
@@ -78,7 +84,7 @@ def build_front(cfg: PoolConfig, pool, environ=None):
             "Wrote %d demo voices to %s (put your own wav/mp3/flac/ogg there)", len(made), folder
         )
     voices = VoiceLibrary(folder, max_bytes=MAX_UPLOAD_BYTES, max_seconds=MAX_VOICE_SECONDS)
-    return Front(pool, voices, cfg, cors_origins=origins)
+    return Front(pool, voices, cfg, cors_origins=origins, keys=keys)
 
 
 def build_app(front):
@@ -88,7 +94,31 @@ def build_app(front):
 
     app = create_app(front)
     app.include_router(pool_router(front.pool))  # ahead of the page mounted at /
-    return ui.mount(app, front)
+    app = ui.mount(app, front)
+    install_guards(app, front)
+    return app
+
+
+def install_guards(app, front) -> None:
+    """Outermost: the Host allow-list and cross-site refusal (origin.py), and the
+    page login's throttle (login_throttle.py) when there is a login."""
+    from vibevoice_pool.login_throttle import LoginThrottle
+    from vibevoice_pool.origin import BrowserGuard, allowed_hosts
+
+    cfg = front.cfg
+    keys = front.keys
+    if keys:
+        app.add_middleware(LoginThrottle, on_refused=front.activity.refused)
+    hosts = allowed_hosts(cfg.host, cfg.allowed_hosts, share=cfg.share)
+    log.info("Answering to the host names: %s", ", ".join(sorted(hosts)))
+    app.add_middleware(
+        BrowserGuard,
+        allowed=hosts,
+        key_ok=(keys.allows if keys else (lambda _headers: False)),
+        cors_origins=front.cors_origins,
+        on_refused=front.activity.refused,
+        keyed=bool(keys),
+    )
 
 
 def _uvicorn_server(app, cfg: PoolConfig):
@@ -134,6 +164,7 @@ def _uvicorn_server(app, cfg: PoolConfig):
             log_level="warning",
             timeout_graceful_shutdown=max(1, int(cfg.grace_s)),
             http=guarded_protocol(guard),  # header/body deadlines, the connection cap
+            proxy_headers=False,  # the peer is the client (login throttling counts per address)
         )
     )
 
@@ -181,6 +212,13 @@ def serve(cfg: PoolConfig) -> int:
     threading.Thread(target=_preload_front, name="preload-ui", daemon=True).start()
     try:
         model_path = resolve_model(cfg)
+        if cfg.api_keys:  # a bad keys file is refused before any worker boots
+            from vibevoice_pool.auth import KeyFileError, load_keys
+
+            try:
+                load_keys(cfg.api_keys)
+            except KeyFileError as e:
+                raise ConfigError(f"api_keys: {e}") from None
         store = open_store(cfg)  # the jobs data folder: refused before any worker boots
         pool = Pool.start(cfg, model_path=model_path)
     except ConfigError as e:

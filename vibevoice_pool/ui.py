@@ -233,7 +233,7 @@ def mount(app: FastAPI, front) -> FastAPI:
     demo.queue(max_size=cfg.max_queue, default_concurrency_limit=total_slots(front))
     page.streams.install(app)  # before the mount: the page at "/" takes every path after it
     front.stream_tokens = page.streams
-    key = cfg.api_key
+    key = front.keys or cfg.api_key  # auth.KeyRing: every key logs in
     app = gr.mount_gradio_app(
         app,
         demo,
