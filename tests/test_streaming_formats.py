@@ -1,0 +1,75 @@
+"""Compressed formats stream while they are made: the official `openai` client
+gets mp3, opus and aac bytes long before generation ends, and what it gets
+decodes. A server whose simulated GPU makes audio at about three times real
+time, so a request of ~10 s of audio takes ~3.5 s to make."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import av
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+from serving import running_server
+
+TEXT = "This sentence is long enough to make a few seconds of simulated speech. " * 2
+SIM_RTF = 0.35  # wall seconds per audio second
+SIM_CHUNK_S = 0.5  # audio seconds per step: the first chunk is ready after ~0.2 s
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    args = ("--sim-rtf", str(SIM_RTF), "--sim-chunk-s", str(SIM_CHUNK_S))
+    with running_server(tmp_path_factory.mktemp("streaming"), *args) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        yield c
+        c.close()
+
+
+def _timed(client, fmt: str, **extra) -> tuple[float, float, bytes, dict]:
+    """(seconds to the first body bytes, seconds to the end, the body, headers)."""
+    start = time.perf_counter()
+    first = None
+    parts = []
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="alloy", input=TEXT, response_format=fmt, **extra
+    ) as resp:
+        headers = dict(resp.headers)
+        for part in resp.iter_bytes(1024):
+            if first is None:
+                first = time.perf_counter() - start
+            parts.append(part)
+    return first, time.perf_counter() - start, b"".join(parts), headers
+
+
+def _decode(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
+    if fmt in ("mp3", "opus"):
+        return sf.read(io.BytesIO(data), dtype="float32")
+    with av.open(io.BytesIO(data), format={"aac": "aac", "flac": "flac"}[fmt]) as c:
+        rate = c.streams.audio[0].rate
+        return np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)]), rate
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "aac"])
+def test_openai_client_gets_audio_long_before_generation_ends(client, fmt):
+    first, total, data, headers = _timed(client, fmt)
+    print(f"{fmt}: first bytes after {first:.2f} s, the end after {total:.2f} s")
+    assert "x-audio-seconds" not in headers  # streamed: the length is not known up front
+    assert total > 3.0, "the request must take seconds to make, or the check means nothing"
+    assert first < 0.3 * total and first < 1.5
+    pcm, rate = _decode(data, fmt)
+    assert len(pcm) / rate == pytest.approx(total / SIM_RTF, rel=0.35)  # all of it arrived
+    assert np.abs(pcm).max() > 0.05  # a tone, not silence
+
+
+def test_flac_is_one_whole_file_unless_streaming_is_asked_for(client):
+    first, total, whole, headers = _timed(client, "flac")
+    assert float(headers["x-audio-seconds"]) > 5  # buffered: the length is known
+    assert first > 0.7 * total
+    pcm, rate = sf.read(io.BytesIO(whole), dtype="float32")  # libsndfile needs the length
+    first, total, streamed, _ = _timed(client, "flac", extra_body={"stream": True})
+    assert first < 0.3 * total
+    assert len(_decode(streamed, "flac")[0]) == len(pcm)  # the same samples, sent early
