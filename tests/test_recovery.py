@@ -146,3 +146,26 @@ def test_cancel_mid_generation_frees_the_slot(sim_pool):
         assert e.value.kind == m.ErrorKind.CANCELLED
         assert time.monotonic() - t0 < 5
         assert len(submit(pool, text="Speaker 1: short").result(timeout=30)) > 0
+
+
+def test_a_first_death_respawns_at_once_and_deaths_in_a_row_back_off(sim_pool):
+    from vibevoice_pool.supervisor import BACKOFF_S
+
+    def kill_and_wait(pool):
+        old = worker(pool, 0)["pid"]
+        t_kill = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        wait_until(
+            lambda: (w := worker(pool, 0))["state"] == "ready" and w["pid"] not in (0, old),
+            30,
+            what="respawn",
+        )
+        events = [(t, what) for t, slot, what in pool.supervisor.events if slot == 0]
+        dead = next(t for t, what in events if what == "dead" and t >= t_kill)
+        start = next(t for t, what in events if what == "starting" and t >= dead)
+        return start - dead  # how long the slot waited before its new worker started
+
+    with sim_pool(gpus="cpu:1") as pool:
+        assert kill_and_wait(pool) < 0.2  # the first death: no backoff
+        assert kill_and_wait(pool) >= BACKOFF_S[1]  # again, before it was healthy long
+        assert worker(pool, 0)["restarts"] == 2
