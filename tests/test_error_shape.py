@@ -1,0 +1,146 @@
+"""Every error in one shape, one table: framework errors (bodies FastAPI cannot
+parse, multipart limits, unknown routes and methods, Range errors) answer
+OpenAI's {"error": {"message", "type", "code"}} with the right status, the
+500s the red team found are 400s, and /openapi.json declares what the routes
+answer. Afterwards the server is ready and no worker restarted."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest import wait_until
+from serving import shared_server, wav_bytes
+
+OK = "Speaker 1: Hello there."
+JSON = {"content-type": "application/json"}
+DEEP = "[" * 200_000 + "]" * 200_000
+BIG_SEED = '{"script": "Speaker 1: hi", "seed": ' + "9" * 5000 + "}"
+JOB_RANGE = "JOB"  # the path of a finished job's audio (filled in by the fixture)
+
+# (what, method, path, request kwargs, status, code, words the message must hold)
+CASES = [
+    # The three 500s of the red-team pass
+    ("an offset too large for SQLite", "GET", "/v1/jobs?offset=54933090839859298304", {}, 400,
+     "bad_input", "offset: Input should be less than or equal to 9223372036854775807"),
+    ("JSON nested 200,000 deep on /v1/voices", "POST", "/v1/voices",
+     {"content": DEEP, "headers": JSON}, 400, "bad_input", "nested too deeply"),
+    ("JSON nested 200,000 deep on /v1/synthesize", "POST", "/v1/synthesize",
+     {"content": DEEP, "headers": JSON}, 400, "bad_input", "nested too deeply"),
+    # Bodies FastAPI cannot parse (they were {"detail": ...})
+    ("invalid UTF-8", "POST", "/v1/synthesize",
+     {"content": b'{"script": "Speaker 1: \xff\xfe"}', "headers": JSON}, 400, "bad_input",
+     "not valid UTF-8"),
+    ("invalid UTF-8 on /v1/voices", "POST", "/v1/voices",
+     {"content": b'{"name": "\xff"}', "headers": JSON}, 400, "bad_input", "not valid UTF-8"),
+    ("a 5,000-digit seed", "POST", "/v1/synthesize", {"content": BIG_SEED, "headers": JSON},
+     400, "bad_input", "more than 4300 digits"),
+    ("a 5,000-digit seed on the jobs route", "POST", "/v1/jobs",
+     {"content": BIG_SEED, "headers": JSON}, 400, "bad_input", "more than 4300 digits"),
+    ("empty base64 audio", "POST", "/v1/synthesize",
+     {"json": {"script": OK, "speakers": [{"audio": ""}]}}, 400, "bad_input",
+     "speakers[0].audio is empty"),
+    ("empty base64 audio in a job", "POST", "/v1/jobs",
+     {"json": {"script": OK, "speakers": [{"audio": ""}]}}, 400, "bad_input",
+     "speakers[0].audio is empty"),
+    # Multipart limits (they were {"detail": ...})
+    ("two files in one voice upload", "POST", "/v1/voices",
+     {"files": [("file", ("a.wav", wav_bytes(0.2))), ("file", ("b.wav", wav_bytes(0.2)))],
+      "data": {"name": "two"}}, 400, "bad_input", "Maximum number of files is 1"),
+    ("too many form fields", "POST", "/v1/voices",
+     {"files": {"file": ("a.wav", wav_bytes(0.2))}, "data": {f"f{i}": "x" for i in range(20)}},
+     400, "bad_input", "Maximum number of fields is 8"),
+    # Unknown routes and methods (they were 404s typed server_error, or the page's 404)
+    ("an unknown route", "GET", "/v1/nothing-here", {}, 404, "not_found", "no route"),
+    ("an unknown route under a known one", "POST", "/v1/synthesize/more", {"json": {}}, 404,
+     "not_found", "no route"),
+    ("GET on a POST route", "GET", "/v1/synthesize", {}, 405, "method_not_allowed", "use POST"),
+    ("PUT on /v1/voices", "PUT", "/v1/voices", {}, 405, "method_not_allowed", "use GET, POST"),
+    ("POST on /health", "POST", "/health", {}, 405, "method_not_allowed", "use GET"),
+    ("DELETE on /v1/models", "DELETE", "/v1/models", {}, 405, "method_not_allowed", "use GET"),
+    ("an unknown job", "GET", "/v1/jobs/" + "0" * 32, {}, 404, "not_found", "job"),
+    ("an unknown model", "GET", "/v1/models/no-such-model", {}, 404, "not_found", "no model"),
+    # Range errors on a job's audio (they were plain text)
+    ("a Range past the end", "GET", JOB_RANGE, {"headers": {"Range": "bytes=99999999-"}}, 416,
+     "range_not_satisfiable", "past the end; the file has"),
+    ("a Range in other units", "GET", JOB_RANGE, {"headers": {"Range": "items=0-1"}}, 400,
+     "bad_input", "the Range header is malformed"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def srv(request, tmp_path_factory):
+    s = shared_server(request, tmp_path_factory)
+    wait_until(lambda: s.get("/ready").json()["ready_workers"] == 2, 60, 0.2, "both workers")
+    s.before = s.get("/v1/pool").json()["workers"]
+    s.http = httpx.Client(base_url=s.url, timeout=60)  # keeps the jobs' owner cookie
+    job = s.http.post("/v1/jobs", json={"script": OK, "format": "wav"}).json()
+    wait_until(
+        lambda: s.http.get(f"/v1/jobs/{job['id']}").json()["state"] == "done", 60, 0.1, "the job"
+    )
+    s.job_audio = f"/v1/jobs/{job['id']}/audio"
+    yield s
+    s.http.close()
+
+
+@pytest.mark.parametrize(
+    "what,method,path,kwargs,status,code,words", CASES, ids=[c[0] for c in CASES]
+)
+def test_every_error_is_in_openai_shape_with_the_right_status(
+    srv, what, method, path, kwargs, status, code, words
+):
+    path = srv.job_audio if path == JOB_RANGE else path
+    r = srv.http.request(method, path, **kwargs)
+    assert r.status_code == status, f"{what}: {r.status_code} {r.text[:300]}"
+    assert r.headers["content-type"].startswith("application/json"), what
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code"}
+    err = body["error"]
+    assert err["code"] == code, what
+    assert err["type"] == "invalid_request_error", what
+    assert words in err["message"], f"{what}: {err['message']!r}"
+    if status == 405:
+        assert words.removeprefix("use ") == r.headers["allow"]
+    if status == 416:
+        assert r.headers["content-range"].startswith("bytes */")
+
+
+def test_a_valid_range_still_answers_206(srv):
+    r = srv.http.get(srv.job_audio, headers={"Range": "bytes=0-3"})
+    assert r.status_code == 206 and r.content == b"RIFF"
+
+
+def test_the_page_still_answers_its_own_paths(srv):
+    assert srv.http.get("/").status_code == 200  # the page at / is not an unknown route
+    assert srv.http.get("/config").status_code == 200  # nor are Gradio's own routes
+
+
+def test_openapi_declares_the_real_statuses_and_media_types(srv):
+    spec = srv.http.get("/openapi.json").json()
+    ops = {(p, m): op for p, item in spec["paths"].items() for m, op in item.items()}
+    assert not [k for k, op in ops.items() if "422" in op["responses"]]  # never answered
+    synth = ops[("/v1/synthesize", "post")]["responses"]
+    assert {"200", "400", "401", "413", "429", "503", "504"} <= set(synth)
+    assert {"audio/wav", "audio/mpeg", "audio/ogg", "audio/aac", "audio/flac"} <= set(
+        synth["200"]["content"]
+    )
+    speech = ops[("/v1/audio/speech", "post")]["responses"]
+    assert "text/event-stream" in speech["200"]["content"]
+    audio = ops[("/v1/jobs/{job_id}/audio", "get")]["responses"]
+    assert {"200", "206", "404", "409", "416"} <= set(audio)
+    assert "503" in ops[("/ready", "get")]["responses"]
+    assert "401" not in ops[("/health", "get")]["responses"]
+    error = spec["components"]["schemas"]["Error"]
+    assert error["properties"]["error"]["required"] == ["message", "type", "code"]
+    assert "multipart/form-data" in ops[("/v1/voices", "post")]["requestBody"]["content"]
+    for (path, method), op in ops.items():
+        assert "400" in op["responses"], (path, method)
+
+
+def test_afterwards_the_server_is_ready_and_no_worker_restarted(srv):
+    assert srv.get("/ready").status_code == 200
+    after = srv.get("/v1/pool").json()["workers"]
+    assert [(w["pid"], w["restarts"]) for w in after] == [
+        (w["pid"], w["restarts"]) for w in srv.before
+    ]
+    good = srv.post("/v1/synthesize", json={"script": OK})
+    assert good.status_code == 200 and good.content.startswith(b"RIFF")
