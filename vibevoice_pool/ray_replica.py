@@ -10,10 +10,11 @@
     Serve's health check                    -->  check_health(): raises when stalled,
                                                  and Serve replaces the replica
 
-One engine thread per replica loads the engine, then runs batches of what is
-pending (up to the batch size, halved after repeated out-of-memory), exactly as
-workers/worker_main does in a local worker; the replica's event loop only moves
-messages from that thread into each request's stream. What crosses back is the
+One engine thread per replica loads the engine, then runs it step by step
+through the same StepHost (workers/batching.py) as a local worker: between two
+steps it takes what arrived, lets waiting requests join the running set and
+frees cancelled rows. The replica's event loop only moves messages between
+that thread and each request's stream. What crosses back is the
 workers.messages dataclasses, nothing else.
 
 Nothing here imports Ray: SlotReplica is a plain class (a test drives it in
@@ -34,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 
 from workers import messages as m
-from workers.batching import BatchSizer, run_engine, speed_ema, take_batch
+from workers.batching import StepHost
 from workers.engine import EngineSpec, build_engine
 
 log = logging.getLogger("vibevoice_pool.replica")
@@ -77,13 +78,14 @@ class SlotReplica:
         self.boot_id = uuid.uuid4().hex[:12]
         self.node = socket.gethostname()
         self._cond = threading.Condition()
-        self._pending: collections.deque[m.Request] = collections.deque()
-        self._cancelled: set[str] = set()
+        self._pending: collections.deque[m.Request] = collections.deque()  # not yet in the host
+        self._cancels: set[str] = set()  # for the engine thread, at the next step boundary
+        self._host: StepHost | None = None
         self._outboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._rows = 0
         self._progress = 0.0
         self.speed = 0.0
-        self.sizer = BatchSizer(spec.max_batch_size)
+        self.batch_limit = max(1, spec.max_batch_size)
         self.info: m.DeviceInfo | None = None
         self.boot_error: m.ErrorKind | None = None
         self.boot_message = ""
@@ -110,7 +112,7 @@ class SlotReplica:
             self.boot_message = f"{type(e).__name__}: {e}"
         else:
             self._engine = engine
-            self.sizer = BatchSizer(self.info.max_batch_size)
+            self.batch_limit = engine.max_rows
         self.boot_s = time.monotonic() - t0
         if self.boot_error is not None:
             log.error("engine failed to load: %s", self.boot_message)
@@ -148,7 +150,8 @@ class SlotReplica:
                     self._pending.remove(req)
                     self._post(m.Failed(request_id, m.ErrorKind.CANCELLED, "cancelled"))
                     return
-            self._cancelled.add(request_id)
+            self._cancels.add(request_id)
+            self._cond.notify_all()
 
     async def ping(self) -> ReplicaStats:
         return self.stats()
@@ -171,7 +174,7 @@ class SlotReplica:
     def stats(self) -> ReplicaStats:
         used, total, util = _memory(self.info)
         with self._cond:
-            pending = len(self._pending)
+            pending = len(self._pending) + (len(self._host.pending) if self._host else 0)
         return ReplicaStats(
             boot_id=self.boot_id,
             pid=os.getpid(),
@@ -184,7 +187,7 @@ class SlotReplica:
             rows=self._rows,
             pending=pending,
             speed=self.speed,
-            batch_limit=self.sizer.limit,
+            batch_limit=self.batch_limit,
             progress_age_s=self._progress_age(),
             mem_used_bytes=used,
             mem_total_bytes=total,
@@ -211,66 +214,67 @@ class SlotReplica:
             pass
 
     def _loop(self) -> None:
+        sink = _Sink(self)
+        host = self._host = StepHost(self._engine, sink, self.spec.admit_only_when_idle)
         while True:
             with self._cond:
-                while not self._pending:
+                while not (self._pending or self._cancels or host.live or host.pending):
                     self._cond.wait()
-                batch = take_batch(self._pending, self.sizer.limit)
-            self._run_batch(batch)
-
-    def _run_batch(self, batch: list[m.Request]) -> None:
-        sink = _Sink(self, batch)
-        self._progress, self._rows = time.monotonic(), len(batch)
-        for req in batch:
-            self._post(m.Started(req.id, len(batch), sink.t0))
-        run_engine(self._engine, batch, sink)
-        self.sizer.record(len(batch), sink.ooms)
-        self.speed = speed_ema(self.speed, sink.audio_s, time.monotonic() - sink.t0)
-        with self._cond:
-            self._cancelled.difference_update(r.id for r in batch)
-        self._rows = 0
+                arrived, cancels = list(self._pending), set(self._cancels)
+                self._pending.clear()
+                self._cancels.clear()
+            for req in arrived:
+                sink.track(req)
+                host.submit(req)
+            for rid in cancels:
+                host.cancel(rid)
+            now = time.monotonic()
+            for req in host.admit():
+                sink.started(req.id, now)
+                self._post(m.Started(req.id, host.live, now))
+            self._rows = host.live
+            if not host.live:
+                continue
+            self._progress = now
+            host.step()
+            self._rows = host.live
+            self.speed = host.speed
+            self.batch_limit = host.engine.max_rows
 
 
 class _Sink:
-    """The BatchSink the engine reports one batch through (workers.engine)."""
+    """Where the engine's rows report (workers.engine.StepSink), for the replica's life."""
 
-    def __init__(self, replica: SlotReplica, batch: list[m.Request]):
+    def __init__(self, replica: SlotReplica):
         self.r = replica
-        self.t0 = time.monotonic()
-        self.open = {req.id for req in batch}
-        self.samples = {req.id: 0 for req in batch}
-        self.seqs = {req.id: 0 for req in batch}
-        self.audio_s = 0.0
-        self.ooms = 0
+        self.open: dict[str, list] = {}  # request id -> [t0, samples, next chunk seq]
+
+    def track(self, req: m.Request) -> None:
+        self.open[req.id] = [time.monotonic(), 0, 0]
+
+    def started(self, request_id: str, at: float) -> None:
+        if request_id in self.open:
+            self.open[request_id][0] = at
 
     def chunk(self, request_id: str, pcm) -> None:
-        if request_id not in self.open:
+        entry = self.open.get(request_id)
+        if entry is None:
             return
-        self.samples[request_id] += len(pcm)
-        self.audio_s += len(pcm) / m.SAMPLE_RATE
-        self.r._post(m.Chunk(request_id, self.seqs[request_id], pcm))
-        self.seqs[request_id] += 1
+        entry[1] += len(pcm)
+        self.r._post(m.Chunk(request_id, entry[2], pcm))
+        entry[2] += 1
 
     def finish(self, request_id: str, stop_reason: str = m.StopReason.EOS.value) -> None:
-        if request_id not in self.open:
+        entry = self.open.pop(request_id, None)
+        if entry is None:
             return
-        self.open.discard(request_id)
-        audio_s = self.samples[request_id] / m.SAMPLE_RATE
-        self.r._post(m.Done(request_id, audio_s, time.monotonic() - self.t0, stop_reason))
+        audio_s = entry[1] / m.SAMPLE_RATE
+        self.r._post(m.Done(request_id, audio_s, time.monotonic() - entry[0], stop_reason))
 
     def fail(self, request_id: str, error: m.PoolError) -> None:
-        if request_id not in self.open:
+        if self.open.pop(request_id, None) is None:
             return
-        self.open.discard(request_id)
-        self.ooms += error.kind == m.ErrorKind.OUT_OF_MEMORY
         self.r._post(m.Failed(request_id, error.kind, error.message, error.retryable))
-
-    def fail_open(self, error: m.PoolError) -> None:
-        for rid in list(self.open):
-            self.fail(rid, error)
-
-    def cancelled(self, request_id: str) -> bool:
-        return request_id in self.r._cancelled
 
     def step(self) -> None:
         self.r._progress = time.monotonic()

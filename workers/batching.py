@@ -1,64 +1,159 @@
-"""What every engine host (the local worker process, a Ray replica) does the
-same way around a batch: which pending requests form it, how an engine's
-errors reach the open rows, how repeated out-of-memory shrinks the batch size,
-and the speed estimate the scheduler reads."""
+"""What every engine host (the local worker process, a Ray replica) does the same
+way around a step engine: which waiting requests join the running set and when,
+cancels, how an engine's errors reach the open rows, and the speed estimate the
+scheduler reads.
+
+    host.submit(request)     it waits for room (pending)
+    host.cancel(request_id)  waiting: answered at once; running: its place is freed
+    host.admit() -> [req]    at a step boundary: the waiting requests that joined
+    host.step()              one engine step for every live row
+
+Admission, in arrival order, stops at the first request that cannot join:
+  - the engine holds its live row limit;
+  - the engine's memory budget has no room for the row (it waits for a row to
+    leave; one that can never fit was failed by prepare);
+  - a replay (attempt > 1) runs alone: if it is what killed a worker, it must
+    not take innocent rows down again; nothing joins while it runs;
+  - in the benchmarks' static mode (admit_only_when_idle), rows join only an
+    empty engine, as the old whole-batch `generate` did.
+"""
 
 from __future__ import annotations
 
 import collections
 import logging
+import time
 
 from workers import messages as m
+from workers.step_rows import Row
 
 log = logging.getLogger("vibevoice_pool.worker")
 
-OOM_STREAK_TO_SHRINK = 2  # batches in a row with an out-of-memory row halve the batch size
+SPEED_WINDOW_S = 1.0  # busy seconds per speed sample (or less, when the engine empties)
 
 
-def take_batch(pending: collections.deque, limit: int) -> list[m.Request]:
-    """Up to `limit` pending requests, in order. A replay (attempt > 1) runs alone:
-    if it is what killed a worker, it must not take innocent batch mates down again."""
-    batch = [pending.popleft()]
-    if batch[0].attempt > 1:
-        return batch
-    while pending and len(batch) < limit and pending[0].attempt == 1:
-        batch.append(pending.popleft())
-    return batch
+class StepHost:
+    def __init__(self, engine, sink, admit_only_when_idle: bool = False):
+        self.engine = engine
+        self.sink = sink  # the host's own: chunk / finish / fail / step (workers.engine.StepSink)
+        self.idle_only = admit_only_when_idle
+        self.pending: collections.deque[m.Request] = collections.deque()
+        self.running: dict[str, m.Request] = {}
+        self._ready: dict[str, Row] = {}  # prepared, waiting for memory
+        self.speed = 0.0  # audio seconds per busy wall second, all rows together (EMA)
+        self._win_audio = 0.0
+        self._win_wall = 0.0
+        self._counting = _Counting(self)
+
+    @property
+    def live(self) -> int:
+        return len(self.running)
+
+    def submit(self, req: m.Request) -> None:
+        self.pending.append(req)
+
+    def cancel(self, request_id: str) -> bool:
+        for req in self.pending:
+            if req.id == request_id:
+                self.pending.remove(req)
+                self._ready.pop(request_id, None)
+                err = m.PoolError(m.ErrorKind.CANCELLED, "cancelled before it started")
+                self.sink.fail(request_id, err)
+                return True
+        if request_id in self.running and self.engine.cancel(request_id) is not None:
+            self.running.pop(request_id, None)
+            self.sink.fail(
+                request_id, m.PoolError(m.ErrorKind.CANCELLED, "cancelled by the client")
+            )
+            return True
+        return False
+
+    def admit(self) -> list[m.Request]:
+        e = self.engine
+        joined: list[m.Request] = []
+        while self.pending:
+            req = self.pending[0]
+            if len(self.running) >= e.max_rows:
+                break
+            if self.running and (req.attempt > 1 or self._replay_running()):
+                break
+            if self.idle_only and self.running and not joined:
+                break
+            row = self._ready.pop(req.id, None)
+            if row is None:
+                try:
+                    row = e.prepare(req)
+                except m.PoolError as err:
+                    self.pending.popleft()
+                    self.sink.fail(req.id, err)
+                    continue
+                except Exception as err:  # a bug in prepare: this row fails, the rest go on
+                    log.exception("preparing %s failed", req.id)
+                    self.pending.popleft()
+                    self.sink.fail(req.id, _engine_error(err))
+                    continue
+            if self.running and not e.fits(row):
+                self._ready[req.id] = row  # waits for a row to leave
+                break
+            self.pending.popleft()
+            e.admit(row)
+            self.running[req.id] = req
+            joined.append(req)
+            if req.attempt > 1:
+                break
+        return joined
+
+    def _replay_running(self) -> bool:
+        return any(r.attempt > 1 for r in self.running.values())
+
+    def step(self) -> None:
+        if not self.running:
+            return
+        t0 = time.monotonic()
+        try:
+            self.engine.step(self._counting)
+        except m.PoolError as err:
+            self._fail_all(err)
+        except Exception as err:  # a bug or a runtime error in the engine
+            log.exception("engine error in a step of %d rows", len(self.running))
+            self._fail_all(_engine_error(err))
+        self._win_wall += time.monotonic() - t0
+        if self._win_wall >= SPEED_WINDOW_S or not self.running:
+            self.speed = speed_ema(self.speed, self._win_audio, self._win_wall)
+            self._win_audio = self._win_wall = 0.0
+
+    def _fail_all(self, err: m.PoolError) -> None:
+        self.engine.reset()
+        for rid in list(self.running):
+            self.running.pop(rid)
+            self.sink.fail(rid, err)
 
 
-def run_engine(engine, batch: list[m.Request], sink) -> None:
-    """engine.synthesize, with every row it leaves open failed by a typed error."""
-    try:
-        engine.synthesize(batch, sink)
-    except m.PoolError as e:
-        sink.fail_open(e)
-    except Exception as e:  # a bug or a runtime error in the engine
-        log.exception("engine error in a batch of %d", len(batch))
-        sink.fail_open(m.PoolError(m.ErrorKind.ENGINE_ERROR, f"{type(e).__name__}: {e}"))
-    sink.fail_open(m.PoolError(m.ErrorKind.ENGINE_ERROR, "the engine left the row unfinished"))
+class _Counting:
+    """The sink the engine sees: forwards to the host's sink, keeps `running` and the
+    speed window up to date."""
+
+    def __init__(self, host: StepHost):
+        self.h = host
+
+    def chunk(self, request_id: str, pcm) -> None:
+        self.h._win_audio += len(pcm) / m.SAMPLE_RATE
+        self.h.sink.chunk(request_id, pcm)
+
+    def finish(self, request_id: str, stop_reason: str = "eos") -> None:
+        if self.h.running.pop(request_id, None) is not None:
+            self.h.sink.finish(request_id, stop_reason)
+
+    def fail(self, request_id: str, error: m.PoolError) -> None:
+        if self.h.running.pop(request_id, None) is not None:
+            self.h.sink.fail(request_id, error)
+
+    def step(self) -> None:
+        self.h.sink.step()
 
 
-class BatchSizer:
-    """The batch size, halved after OOM_STREAK_TO_SHRINK batches in a row lost a row
-    to out-of-memory; a full batch that goes through resets the count."""
-
-    def __init__(self, limit: int):
-        self.limit = max(1, limit)
-        self.streak = 0
-
-    def record(self, rows: int, ooms: int) -> bool:
-        """Account one batch; True when the limit was lowered."""
-        if rows <= 1:
-            return False
-        if not ooms:
-            self.streak = 0
-            return False
-        self.streak += 1
-        if self.streak < OOM_STREAK_TO_SHRINK or self.limit == 1:
-            return False
-        self.limit, self.streak = max(1, self.limit // 2), 0
-        log.warning("repeated out-of-memory: batch size lowered to %d", self.limit)
-        return True
+def _engine_error(err: Exception) -> m.PoolError:
+    return m.PoolError(m.ErrorKind.ENGINE_ERROR, f"{type(err).__name__}: {err}")
 
 
 def speed_ema(old: float, audio_s: float, wall_s: float) -> float:

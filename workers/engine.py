@@ -1,14 +1,22 @@
-"""The contract between the worker loop and a model.
+"""The contract between an engine host (the worker loop, a Ray replica) and a model.
 
 An Engine is a plain class: it knows nothing of processes, queues or the
-board, so a test can run it in-process. The worker loop (worker_main) owns it
-and calls, in this order:
+board, so a test can run it in-process. It runs a set of rows that join and
+leave at every step (continuous batching). The host (workers/batching.py
+StepHost) calls:
 
-    info = engine.load()                      # once, in the worker process
-    engine.synthesize(batch, sink)            # per batch, as often as needed
+    info = engine.load()              once, in the worker process
+    row = engine.prepare(request)     a Row (workers/step_rows.py) for a request;
+                                      raises PoolError: BAD_INPUT, or
+                                      OUT_OF_MEMORY when it could never fit
+    engine.fits(row) -> bool          memory-aware admission: room for it now?
+    engine.admit(row)                 it joins the running set at the next step
+    engine.step(sink)                 one decode step for every live row
+    engine.cancel(request_id)         free a row's place at once (-> Row | None)
+    engine.reset() -> [Row]           forget every row (after an engine error)
+    engine.live, engine.max_rows      rows held now; the live row limit
 
-`synthesize` gets up to `info.max_batch_size` validated requests and reports
-through the BatchSink:
+`step` reports through the sink:
 
     sink.chunk(request_id, pcm)   a piece of float32 mono audio at 24 kHz;
                                   a request's audio is its chunks in order
@@ -16,23 +24,21 @@ through the BatchSink:
                                   this row is complete (rows end on their own);
                                   stop_reason is a messages.StopReason value
     sink.fail(request_id, err)    this row failed with a PoolError; others go on
-    sink.cancelled(request_id)    True once the parent cancelled the row: stop
-                                  it within one step and `fail` it CANCELLED
-    sink.step()                   called at least once per generation step; it
-                                  proves progress to the hang detector
+    sink.step()                   once per step; it proves progress to the hang
+                                  detector
 
-A row the engine neither finishes nor fails is failed ENGINE_ERROR by the
-worker loop. An exception escaping `synthesize` fails every open row of the
-batch: a PoolError with its own kind, anything else as ENGINE_ERROR. The
-worker lives on after either; only a process death loses it.
+An exception escaping `step` fails every open row (a PoolError with its own
+kind, anything else ENGINE_ERROR) and the engine is reset. The worker lives on
+after either; only a process death loses it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from workers.messages import DeviceInfo, PoolError, Request
+from workers.step_rows import Row
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,12 @@ class EngineSpec:
     device: str = "cpu"  # "cpu" or "cuda" (the worker sees its GPU as cuda:0)
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     attn_implementation: str = "sdpa"
-    max_batch_size: int = 1
+    max_batch_size: int = 1  # the live row limit of the step engine
+    # Memory-aware admission (VibeVoice): the KV budget of the running set in MiB
+    # (0: on CUDA, free memory minus the headroom; on CPU, no limit)
+    mem_budget_mb: float = 0.0
+    mem_headroom_mb: float = 1024.0
+    admit_only_when_idle: bool = False  # the old static batches (benchmarks only)
     torch_threads: int = 1
     inference_steps: int = 10
     runaway_factor: float = 2.0  # a row stops at this x its estimated length (VibeVoice)
@@ -57,17 +68,24 @@ class EngineSpec:
     sim_boot_error: str = ""  # when set, load() fails with this message
 
 
-class BatchSink(Protocol):
+class StepSink(Protocol):
     def chunk(self, request_id: str, pcm) -> None: ...
     def finish(self, request_id: str, stop_reason: str = "eos") -> None: ...
     def fail(self, request_id: str, error: PoolError) -> None: ...
-    def cancelled(self, request_id: str) -> bool: ...
     def step(self) -> None: ...
 
 
 class Engine(Protocol):
+    live: int
+    max_rows: int
+
     def load(self) -> DeviceInfo: ...
-    def synthesize(self, batch: Sequence[Request], sink: BatchSink) -> None: ...
+    def prepare(self, request: Request) -> Row: ...
+    def fits(self, row: Row) -> bool: ...
+    def admit(self, row: Row) -> None: ...
+    def step(self, sink: StepSink) -> None: ...
+    def cancel(self, request_id: str) -> Row | None: ...
+    def reset(self) -> list[Row]: ...
 
 
 def build_engine(spec: EngineSpec) -> Engine:

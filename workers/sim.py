@@ -1,14 +1,16 @@
 """SimEngine: a stand-in for a GPU running VibeVoice, for tests and benchmarks.
 
-It loads nothing. A batch advances in steps of `sim_chunk_s` audio seconds;
-a step takes `sim_chunk_s * sim_rtf / sim_speed` wall seconds, times
+It loads nothing and keeps the step contract of workers/engine.py, so the
+worker has one loop: rows join and leave a running set at every step. A step
+makes `sim_chunk_s` audio seconds for every live row and takes
+`sim_chunk_s * sim_rtf / sim_speed` wall seconds, times
 `1 + sim_batch_cost * (rows - 1)`, so batching pays as on a GPU. Each row
 gets a tone of its scripted length (workers.estimate), deterministic in the
 seed and the sample index, so a replay with the same seed is bit-identical.
 
 Fault markers in the script text, honoured by this engine only:
-    [[crash]]  the process dies with SIGKILL (a segfault, a driver reset)
-    [[hang]]   the generation step never returns (a stuck kernel)
+    [[crash]]  the process dies with SIGKILL at the step the row joins
+    [[hang]]   that step never returns (a stuck kernel)
     [[oom]]    the row fails with out_of_memory; the worker lives on
     [[error]]  the row fails with engine_error; the worker lives on
 The sim engine is never the default; it must be asked for by name.
@@ -20,11 +22,11 @@ import os
 import signal
 import threading
 import time
-from typing import Sequence
 
-from workers.engine import BatchSink, EngineSpec
+from workers.engine import EngineSpec, StepSink
 from workers.estimate import audio_seconds_for
 from workers.messages import SAMPLE_RATE, DeviceInfo, ErrorKind, PoolError, Request
+from workers.step_rows import Row
 
 CRASH, HANG, OOM, ERROR = "[[crash]]", "[[hang]]", "[[oom]]", "[[error]]"
 
@@ -43,6 +45,14 @@ class SimEngine:
         if spec.sim_speed <= 0 or spec.sim_rtf < 0 or spec.sim_chunk_s <= 0:
             raise ValueError("sim_speed and sim_chunk_s must be > 0, sim_rtf >= 0")
         self.spec = spec
+        self.max_rows = max(1, spec.max_batch_size)
+        self.rows: list[Row] = []
+        self.joining: list[Row] = []
+        self.step_samples = int(spec.sim_chunk_s * SAMPLE_RATE)
+
+    @property
+    def live(self) -> int:
+        return len(self.rows) + len(self.joining)
 
     def load(self) -> DeviceInfo:
         if self.spec.sim_boot_s:
@@ -58,44 +68,53 @@ class SimEngine:
             note="simulated engine: tones, no model",
         )
 
-    def synthesize(self, batch: Sequence[Request], sink: BatchSink) -> None:
-        rows = {}
-        for req in batch:
-            text = req.text
-            if OOM in text:
-                sink.fail(req.id, PoolError(ErrorKind.OUT_OF_MEMORY, "simulated out of memory"))
-                continue
-            if ERROR in text:
-                sink.fail(req.id, PoolError(ErrorKind.ENGINE_ERROR, "simulated engine error"))
-                continue
-            total = int(round(audio_seconds_for(text, req.max_audio_s) * SAMPLE_RATE))
-            rows[req.id] = [req, 0, total]
-        faults = " ".join(r[0].text for r in rows.values())
+    def prepare(self, req: Request) -> Row:
+        text = req.text
+        if OOM in text:
+            raise PoolError(ErrorKind.OUT_OF_MEMORY, "simulated out of memory")
+        if ERROR in text:
+            raise PoolError(ErrorKind.ENGINE_ERROR, "simulated engine error")
+        total = int(round(audio_seconds_for(text, req.max_audio_s) * SAMPLE_RATE))
+        steps = -(-total // self.step_samples)
+        return Row(req, steps, steps, state=total)
+
+    def fits(self, row: Row) -> bool:
+        return True
+
+    def admit(self, row: Row) -> None:
+        self.joining.append(row)
+
+    def cancel(self, request_id: str) -> Row | None:
+        for rows in (self.rows, self.joining):
+            for row in rows:
+                if row.id == request_id:
+                    rows.remove(row)
+                    return row
+        return None
+
+    def reset(self) -> list[Row]:
+        rows, self.rows, self.joining = self.rows + self.joining, [], []
+        return rows
+
+    def step(self, sink: StepSink) -> None:
+        faults = " ".join(r.request.text for r in self.joining)
         if CRASH in faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if HANG in faults:
             threading.Event().wait()  # never returns: the stall detector ends us
-        step = int(self.spec.sim_chunk_s * SAMPLE_RATE)
-        while rows:
-            sink.step()
-            for rid in [rid for rid in rows if sink.cancelled(rid)]:
-                del rows[rid]
-                sink.fail(rid, PoolError(ErrorKind.CANCELLED, "cancelled"))
-            if not rows:
-                break
-            wall = (
-                self.spec.sim_chunk_s
-                * self.spec.sim_rtf
-                / self.spec.sim_speed
-                * (1 + self.spec.sim_batch_cost * (len(rows) - 1))
-            )
-            if wall > 0:
-                time.sleep(wall)
-            for rid in list(rows):
-                req, done, total = rows[rid]
-                n = min(step, total - done)
-                sink.chunk(rid, tone(req.seed, done, n))
-                rows[rid][1] = done + n
-                if done + n >= total:
-                    del rows[rid]
-                    sink.finish(rid)
+        self.rows.extend(self.joining)
+        self.joining = []
+        sink.step()
+        s = self.spec
+        wall = (
+            s.sim_chunk_s * s.sim_rtf / s.sim_speed * (1 + s.sim_batch_cost * (len(self.rows) - 1))
+        )
+        if wall > 0:
+            time.sleep(wall)
+        for row in list(self.rows):
+            n = min(self.step_samples, row.state - row.made_samples)
+            sink.chunk(row.id, tone(row.request.seed, row.made_samples, n))
+            row.made_samples += n
+            if row.made_samples >= row.state:
+                self.rows.remove(row)
+                sink.finish(row.id, "eos")

@@ -100,7 +100,8 @@ class StepEngine:
         self.joining: list[Row] = []
         self.restarting: collections.deque[Row] = collections.deque()
         self.acoustic, self.semantic = self._stream_slots()
-        self.free_slots = list(range(self.max_rows))
+        self.slot_count = self.max_rows
+        self.free_slots = list(range(self.slot_count))
         self.steps = 0
         self.kv_bytes_per_token = self._kv_bytes_per_token()
 
@@ -178,10 +179,10 @@ class StepEngine:
         shapes = [self._shape(r) for r in (*self.rows, *self.joining, *self.restarting)]
         return self.peak_bytes([*shapes, self._shape(row)]) <= budget
 
-    def prepare(self, req: Request, budget_tokens: int, max_steps: int) -> Row:
+    def prepare(self, req: Request, budget_tokens: int, max_steps: int, cap_reason: str) -> Row:
         """A row for `req`, its prompt built (not run). Raises PoolError(OUT_OF_MEMORY)
         when the row alone can never fit the budget."""
-        row = Row(req, budget_tokens, max_steps, state=self._row_state(req))
+        row = Row(req, budget_tokens, max_steps, cap_reason, state=self._row_state(req))
         budget = self.budget_bytes()
         need = self.peak_bytes([self._shape(row)])
         if budget and need > budget:
@@ -228,7 +229,7 @@ class StepEngine:
         self.rows, self.joining, self.embeds = [], [], None
         self.restarting.clear()
         self.pos, self.neg = BranchKV(self.device), BranchKV(self.device)
-        self.free_slots = list(range(self.max_rows))
+        self.free_slots = list(range(self.slot_count))
         return rows
 
     # ---- one step ---------------------------------------------------------------------
@@ -286,7 +287,7 @@ class StepEngine:
         for i, (row, tok) in enumerate(zip(self.rows, toks, strict=True)):
             row.steps += 1
             if tok in self.eos_ids:
-                row.finish(sink)
+                row.finish(sink, "eos")
             elif tok == self.audio_id:
                 diffuse.append(i)
             elif tok == self.end_id:
@@ -309,7 +310,7 @@ class StepEngine:
                 self.rows[i].add_audio(pcm[k], sink)
         for row in self.rows:
             if not row.closed and row.out_of_budget:
-                row.finish(sink)
+                row.finish(sink, row.cap_reason)
         self.embeds = next_embeds
         self._drop_closed()
         sink.step()

@@ -8,7 +8,7 @@ indexed by the row's place in the running set.
 
 What crosses out is only through the sink:
     sink.chunk(request_id, pcm)   float32 mono audio at 24 kHz, in order
-    sink.finish(request_id)       the row ended on its own (EOS or its cap)
+    sink.finish(request_id, why)  the row ended on its own (EOS or its cap)
     sink.fail(request_id, err)    the row ended with a typed PoolError
 """
 
@@ -29,6 +29,7 @@ class Row:
     request: Request
     budget_tokens: int  # audio tokens this row may make (max_audio_s, the tiny model's length)
     max_steps: int  # decode steps this row may take in all (the runaway cap)
+    cap_reason: str = "eos"  # the StopReason of a row that reaches its budget or its step cap
     skip: int = 0  # samples a rerun makes again that the listener already has
     slot: int = -1  # its place in the stream caches (step_caches.StreamSlots)
     steps: int = 0
@@ -69,10 +70,10 @@ class Row:
     def out_of_budget(self) -> bool:
         return self.audio_tokens >= self.budget_tokens or self.steps >= self.max_steps
 
-    def finish(self, sink: Any) -> None:
+    def finish(self, sink: Any, stop_reason: str = "eos") -> None:
         self._flush(sink)
         self.closed = True
-        sink.finish(self.id)
+        sink.finish(self.id, stop_reason)
 
     def fail(self, sink: Any, error: PoolError) -> None:
         self.held = []
@@ -82,6 +83,5 @@ class Row:
     def restarted(self) -> Row:
         """The same request from its start (after the engine lost its state, e.g. to
         out-of-memory): per-row noise makes the same audio, so what was sent is skipped."""
-        held = sum(len(p) for p in self.held)
-        covered = max(self.made_samples - held, self.made_samples - held + self.skip)
-        return Row(self.request, self.budget_tokens, self.max_steps, skip=covered)
+        covered = self.made_samples - sum(len(p) for p in self.held) + self.skip
+        return Row(self.request, self.budget_tokens, self.max_steps, self.cap_reason, covered)

@@ -3,9 +3,9 @@
 This module owns running VibeVoice inside a worker: loading the model and processor
 (`VibeVoiceForConditionalGeneration`, `VibeVoiceProcessor`) from a local folder or a hub
 id in the HF format, refusing a checkpoint in the original microsoft/VibeVoice layout with
-the command that converts it, checking each request before it joins a batch, building one
-batched processor call, seeding, capping lengths, and splitting a batch that runs out of
-CUDA memory. Audio leaves while it is generated (see workers/vibevoice_stream.py).
+the command that converts it, checking each request and capping its length before it
+joins the running set. The loop itself is the step engine (workers/step_engine.py):
+rows join and leave at every step, and audio leaves as it is made.
 torch and transformers are imported inside load(), so importing this module is cheap.
 """
 
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from workers.engine import BatchSink, EngineSpec
+from workers.engine import EngineSpec, StepSink
 from workers.messages import (
     SAMPLE_RATE,
     DeviceInfo,
@@ -28,7 +27,8 @@ from workers.messages import (
     Request,
     StopReason,
 )
-from workers.vibevoice_prompt import build_inputs, check_script_text
+from workers.step_rows import Row
+from workers.vibevoice_prompt import check_script_text
 
 HOP_SAMPLES = 3200  # one audio token = 3200 samples = 0.133 s at 24 kHz
 MAX_SPEAKERS = 4
@@ -85,16 +85,6 @@ def row_cap(
     return RowCap(max(1, tokens), reason)
 
 
-def batch_seed(rows: Sequence[Request]) -> int:
-    """One seed for a batch: a row's own seed alone, else a fixed mix of all in order."""
-    if len({r.seed for r in rows}) == 1:
-        return int(rows[0].seed) % (2**63)
-    mixed = 0
-    for r in rows:
-        mixed = (mixed * 1_000_003 + int(r.seed)) % (2**63)
-    return mixed
-
-
 def check_request(req: Request) -> None:
     """Raise PoolError(BAD_INPUT) when a row cannot run; the message says what to fix."""
 
@@ -138,8 +128,7 @@ class VibeVoiceEngine:
         self.processor: Any = None
         self.device = "cpu"
         self.is_tiny = False
-        self.keep_text_cfg = False  # see _drop_text_cfg
-        self.noise: Any = None  # per-row diffusion noise (workers/vibevoice_noise.py)
+        self.steps: Any = None  # the step engine (workers/step_engine.py), made by load()
 
     # ---- load ---------------------------------------------------------------------
     def load(self) -> DeviceInfo:
@@ -181,12 +170,16 @@ class VibeVoiceEngine:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
             raise PoolError(ErrorKind.BAD_INPUT, msg) from exc
         self.model = model.to(self.device).eval()
-        if not self.keep_text_cfg:
-            _drop_text_cfg(self.model)
-        from workers.vibevoice_noise import RowNoise
+        from workers.step_engine import MIB, StepEngine
 
-        self.noise = RowNoise(self.model)
-        self.noise.install()
+        self.steps = StepEngine(
+            self.model,
+            self.device,
+            spec.max_batch_size,
+            self.processor,
+            mem_budget_bytes=int(spec.mem_budget_mb * MIB),
+            mem_headroom_bytes=int(spec.mem_headroom_mb * MIB),
+        )
         self.is_tiny = os.path.isdir(spec.model_path) and is_tiny_model(spec.model_path)
         if self.device.startswith("cuda"):
             props = torch.cuda.get_device_properties(0)
@@ -207,31 +200,38 @@ class VibeVoiceEngine:
             )
         return getattr(torch, wanted)
 
-    # ---- synthesize ---------------------------------------------------------------
-    def synthesize(self, batch: Sequence[Request], sink: BatchSink) -> None:
-        if self.model is None:
-            raise PoolError(ErrorKind.ENGINE_ERROR, "synthesize() before load()")
-        from workers.vibevoice_stream import RowState
+    # ---- the step contract (workers/engine.py) -----------------------------------
+    @property
+    def live(self) -> int:
+        return self.steps.live if self.steps is not None else 0
 
-        rows: list[RowState] = []
-        for req in batch:
-            try:
-                check_request(req)
-                cap = self._budget_tokens(req)
-            except PoolError as err:
-                sink.fail(req.id, err)
-                continue
-            if sink.cancelled(req.id):
-                sink.fail(req.id, PoolError(ErrorKind.CANCELLED, "cancelled before it started"))
-                continue
-            rows.append(RowState(req, cap.tokens, cap_reason=cap.reason))
-        # One generate call runs one cfg_scale and one step count: group rows that share them.
-        groups: dict[tuple[int, float], list[RowState]] = {}
-        for row in rows:
-            key = (row.request.inference_steps, row.request.cfg_scale)
-            groups.setdefault(key, []).append(row)
-        for group in groups.values():
-            self._run_splitting(group, sink)
+    @property
+    def max_rows(self) -> int:
+        return self.steps.max_rows if self.steps is not None else self.spec.max_batch_size
+
+    def prepare(self, req: Request) -> Row:
+        if self.steps is None:
+            raise PoolError(ErrorKind.ENGINE_ERROR, "prepare() before load()")
+        check_request(req)
+        cap = self._budget_tokens(req)
+        # Room for non-audio tokens (segment starts and ends) on top of the audio cap.
+        steps = cap.tokens + 8 + cap.tokens // 16
+        return self.steps.prepare(req, cap.tokens, steps, cap.reason)
+
+    def fits(self, row: Row) -> bool:
+        return self.steps.fits(row)
+
+    def admit(self, row: Row) -> None:
+        self.steps.admit(row)
+
+    def step(self, sink: StepSink) -> None:
+        self.steps.step(sink)
+
+    def cancel(self, request_id: str) -> Row | None:
+        return self.steps.cancel(request_id)
+
+    def reset(self) -> list[Row]:
+        return self.steps.reset() if self.steps is not None else []
 
     def _budget_tokens(self, req: Request) -> RowCap:
         """The row's cap (row_cap) for this model: its context and, for the tiny model, the
@@ -243,124 +243,6 @@ class VibeVoiceEngine:
             context_limit=limit,
             scripted_end=self.is_tiny,
         )
-
-    def _run_splitting(self, rows: list, sink: BatchSink) -> None:
-        """Run rows as one batch; on CUDA out-of-memory, halve and retry. Per-row noise
-        (vibevoice_noise.py) makes a rerun's audio the same, so a row that already sent
-        audio resumes where it was."""
-        import torch
-
-        try:
-            self._generate(rows, sink)
-            return
-        except torch.cuda.OutOfMemoryError:
-            pass
-        self._free_memory()
-        pending = [r for r in rows if not r.closed]
-        for r in pending:  # a retry starts from nothing; what was sent is skipped
-            r.restart()
-        if len(pending) == 1 and len(rows) == 1:
-            oom = (
-                "out of GPU memory for this request alone: shorten the script or the voice "
-                "samples, or lower max_audio_s"
-            )
-            pending[0].fail(sink, PoolError(ErrorKind.OUT_OF_MEMORY, oom))
-            return
-        half = (len(pending) + 1) // 2
-        for part in (pending[:half], pending[half:]):
-            if part:
-                self._run_splitting(part, sink)
-
-    def _free_memory(self) -> None:
-        import gc
-
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def _generate(self, rows: list, sink: BatchSink) -> None:
-        import torch
-        from transformers import StoppingCriteriaList
-
-        from workers.vibevoice_stream import BatchStreamer
-
-        requests = [r.request for r in rows]
-        # microsoft's prompt format, padded on the left (workers/vibevoice_prompt.py)
-        prompt = build_inputs(self.processor, requests, device=self.device, dtype=self.model.dtype)
-        inputs = prompt.inputs
-        prompt_len = prompt.width
-        # Room for non-audio tokens (segment starts/ends) on top of the longest audio cap.
-        max_new = max(r.budget_tokens for r in rows)
-        max_new = max_new + 8 + max_new // 16
-        limit = getattr(self.model.config.text_config, "max_position_embeddings", None)
-        if limit:
-            max_new = min(max_new, limit - prompt_len)
-            if max_new < 1:
-                for r in rows:
-                    too_long = "the script and voice samples fill the model's whole context"
-                    r.fail(sink, PoolError(ErrorKind.BAD_INPUT, too_long))
-                return
-        config = self.model.config
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        eos_ids.add(config.eos_token_id)
-        streamer = BatchStreamer(
-            rows,
-            sink,
-            audio_token_id=config.audio_token_id,
-            eos_token_ids=eos_ids,
-            prompt_len=prompt_len,
-            max_new_tokens=max_new,
-        )
-        req0 = requests[0]
-        torch.manual_seed(batch_seed(requests))
-        if self.noise is not None and self.noise.installed:
-            self.noise.start([r.seed for r in requests], prompt.voice_rows, prompt.voice_tokens)
-        streamer.attach(self.model)
-        try:
-            with torch.inference_mode():
-                self.model.generate(
-                    **inputs,
-                    max_new_tokens=max_new,
-                    num_diffusion_steps=req0.inference_steps,
-                    guidance_scale=req0.cfg_scale,
-                    stopping_criteria=StoppingCriteriaList([streamer]),
-                )
-        finally:
-            streamer.detach()
-            if self.noise is not None:
-                self.noise.stop()
-        for r in rows:  # every row ends inside generate; this is a guard, not a path
-            if not r.closed:
-                r.finish(sink)
-
-
-def _drop_text_cfg(model: Any) -> None:
-    """Keep VibeVoice's classifier-free guidance on the diffusion head only.
-
-    In transformers 5.23 the guidance scale that VibeVoice's diffusion sampling reads is the
-    generation config's `guidance_scale`, and any value other than 1 also makes `generate`
-    add an `UnbatchedClassifierFreeGuidanceLogitsProcessor`: a second language-model pass
-    per step whose output only re-weights the audio/EOS token choice. The original model
-    guides the diffusion head only, so the extra pass is dropped (by type).
-    """
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        UnbatchedClassifierFreeGuidanceLogitsProcessor,
-    )
-
-    build = model._get_logits_processor
-
-    def without_text_cfg(*args: Any, **kwargs: Any) -> Any:
-        procs = build(*args, **kwargs)
-        kept = [
-            p for p in procs if not isinstance(p, UnbatchedClassifierFreeGuidanceLogitsProcessor)
-        ]
-        return LogitsProcessorList(kept)
-
-    model._get_logits_processor = without_text_cfg
 
 
 def _physical_memory() -> int:

@@ -18,7 +18,6 @@ the whole process group, and the parent decides how the pool drains.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from workers import messages as m
-from workers.batching import BatchSizer, run_engine, speed_ema, take_batch
+from workers.batching import StepHost
 from workers.board import Col, StatusBoard, WorkerState
 from workers.engine import EngineSpec
 from workers.voice_cache import VoiceCache
@@ -97,11 +96,11 @@ class Worker:
         self.requests = requests
         self.responses = responses
         self._send_lock = threading.Lock()
-        self._pending: collections.deque[m.Request] = collections.deque()
-        self._cancelled: set[str] = set()
         self._shutdown = False
         self._following = 0  # requests the parent said are right behind the last one
         self.voices = VoiceCache()  # the voice samples the parent sent to keep
+        self.sink = _Sink(self)
+        self.host: StepHost | None = None
 
     # ---- plumbing ------------------------------------------------------
 
@@ -120,8 +119,8 @@ class Worker:
     def _poll(self, timeout: float | None) -> None:
         """Take every message waiting on the request queue, waiting up to `timeout`
         for the first (None: as long as it takes; 0: not at all). The main thread
-        calls it when idle and once per generation step, so a Cancel is seen
-        within a step and no thread stands between the queue and the engine."""
+        calls it when idle and between steps, never inside one: a request that
+        arrives joins the running set at the next step, a Cancel frees its row there."""
         try:
             if not self.requests.poll(timeout):
                 return
@@ -130,26 +129,21 @@ class Worker:
                 if isinstance(msg, m.Synthesize):
                     self._following = msg.following
                     try:
-                        self._pending.append(self.voices.resolve(msg.request))
+                        req = self.voices.resolve(msg.request)
                     except m.PoolError as e:
                         log.error("%s", e.message)
                         self.send(m.Failed(msg.request.id, e.kind, e.message))
+                    else:
+                        self.sink.track(req)
+                        self.host.submit(req)
                 elif isinstance(msg, m.Cancel):
-                    self._cancel(msg.request_id)
+                    self.host.cancel(msg.request_id)
                 elif isinstance(msg, m.Shutdown):
                     self._shutdown = True
                 if not self.requests.poll(0):
                     return
         except (EOFError, OSError):
             os._exit(0)  # the parent is gone
-
-    def _cancel(self, rid: str) -> None:
-        for req in self._pending:
-            if req.id == rid:
-                self._pending.remove(req)
-                self.send(m.Failed(rid, m.ErrorKind.CANCELLED, "cancelled before it started"))
-                return
-        self._cancelled.add(rid)
 
     # ---- life ----------------------------------------------------------
 
@@ -171,12 +165,12 @@ class Worker:
             self._boot_failed(e.kind, e.message)
         except Exception as e:  # any load failure is reported, typed by its class
             self._boot_failed(m.ErrorKind.ENGINE_ERROR, f"{type(e).__name__}: {e}")
-        self.sizer = BatchSizer(info.max_batch_size)
-        b.set(row, Col.BATCH_LIMIT, self.sizer.limit)
+        self.host = StepHost(engine, self.sink, self.spec.engine.admit_only_when_idle)
+        b.set(row, Col.BATCH_LIMIT, engine.max_rows)
         b.set(row, Col.PROGRESS, time.monotonic())
         b.set(row, Col.WORKER_STATE, WorkerState.IDLE)
         self.send(m.Ready(self.row, os.getpid(), info, time.monotonic() - t0))
-        self._loop(engine)
+        self._loop()
 
     def _boot_failed(self, kind: m.ErrorKind, message: str) -> None:
         log.error("engine failed to load: %s", message)
@@ -185,76 +179,85 @@ class Worker:
         self.responses.close()
         os._exit(BOOT_FAILED_EXIT)
 
-    def _loop(self, engine) -> None:
+    def _loop(self) -> None:
+        host, b, row = self.host, self.board, self.row
         while True:
-            if not self._pending:
+            if not host.live and not host.pending:
                 if self._shutdown:
                     break
+                self._idle()
                 self._poll(None)
                 continue
-            # A burst the parent sent together is batched together.
-            deadline = time.monotonic() + BURST_WAIT_S
-            while self._following and len(self._pending) < self.sizer.limit:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._poll(left)
-            self._run_batch(engine, take_batch(self._pending, self.sizer.limit))
+            self._poll(0)
+            if not host.live and self._following:
+                # A burst the parent sent together starts together (one batched prefill).
+                deadline = time.monotonic() + BURST_WAIT_S
+                while self._following and len(host.pending) < host.engine.max_rows:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._poll(left)
+            now = time.monotonic()
+            for req in host.admit():
+                self.sink.started(req.id, now)
+                self.send(m.Started(req.id, host.live, now))
+            if not host.live:
+                continue
+            b.set(row, Col.WORKER_STATE, WorkerState.BUSY)
+            b.set(row, Col.BATCH_ROWS, host.live)
+            b.set(row, Col.CURRENT, min(r.seq for r in host.running.values()))
+            host.step()
+            b.set(row, Col.BATCH_LIMIT, host.engine.max_rows)
+            b.set(row, Col.SPEED, host.speed)
         self.board.set(self.row, Col.WORKER_STATE, WorkerState.STOPPING)
         self.responses.close()
         os._exit(0)
 
-    def _run_batch(self, engine, batch: list[m.Request]) -> None:
+    def _idle(self) -> None:
         b, row = self.board, self.row
-        sink = _Sink(self, batch)
-        b.set(row, Col.CURRENT, batch[0].seq)
-        b.set(row, Col.BATCH_ROWS, len(batch))
-        b.set(row, Col.BATCH_AUDIO_S, 0.0)
-        b.set(row, Col.PROGRESS, time.monotonic())
-        b.set(row, Col.WORKER_STATE, WorkerState.BUSY)
-        for req in batch:
-            self.send(m.Started(req.id, len(batch), sink.t0))
-        run_engine(engine, batch, sink)
-        if self.sizer.record(len(batch), sink.ooms):
-            b.set(row, Col.BATCH_LIMIT, self.sizer.limit)
-        reusable = getattr(engine, "reusable_bytes", None)
-        if reusable is not None:
-            b.set(row, Col.MEM_REUSABLE, reusable())
-        wall = time.monotonic() - sink.t0
-        b.set(row, Col.SPEED, speed_ema(b.get(row, Col.SPEED), sink.audio_s, wall))
-        self._cancelled.difference_update(r.id for r in batch)
         b.set(row, Col.CURRENT, 0)
         b.set(row, Col.BATCH_ROWS, 0)
+        b.set(row, Col.BATCH_AUDIO_S, 0.0)
         b.set(row, Col.WORKER_STATE, WorkerState.IDLE)
+        reusable = getattr(self.host.engine, "reusable_bytes", None)
+        if reusable is not None:
+            b.set(row, Col.MEM_REUSABLE, reusable())
 
 
 class _Sink:
-    """The BatchSink the worker hands to its engine for one batch."""
+    """Where the engine's rows report, for the whole life of the worker: each row's
+    audio goes out as Chunk messages, its end as Done or Failed, and the board's
+    totals follow."""
 
-    def __init__(self, worker: Worker, batch: list[m.Request]):
+    def __init__(self, worker: Worker):
         self.w = worker
-        self.t0 = time.monotonic()
-        self.open = {r.id: r for r in batch}
-        self.samples = dict.fromkeys(self.open, 0)
-        self.seqs = dict.fromkeys(self.open, 0)
-        self.audio_s = 0.0
-        self.ooms = 0
+        self.open: dict[str, list] = {}  # request id -> [t0, samples, next chunk seq]
+        self.busy_audio_s = 0.0
+
+    def track(self, req: m.Request) -> None:
+        self.open[req.id] = [time.monotonic(), 0, 0]
+
+    def started(self, request_id: str, at: float) -> None:
+        if request_id in self.open:
+            self.open[request_id][0] = at
 
     def chunk(self, request_id: str, pcm) -> None:
-        if request_id not in self.open:
+        entry = self.open.get(request_id)
+        if entry is None:
             return
         n = len(pcm)
-        self.samples[request_id] += n
-        self.audio_s += n / m.SAMPLE_RATE
-        self.w.board.set(self.w.row, Col.BATCH_AUDIO_S, self.audio_s)
-        self.w.send(m.Chunk(request_id, self.seqs[request_id], pcm))
-        self.seqs[request_id] += 1
+        entry[1] += n
+        self.busy_audio_s += n / m.SAMPLE_RATE
+        self.w.board.set(self.w.row, Col.BATCH_AUDIO_S, self.busy_audio_s)
+        self.w.send(m.Chunk(request_id, entry[2], pcm))
+        entry[2] += 1
 
     def finish(self, request_id: str, stop_reason: str = m.StopReason.EOS.value) -> None:
-        if self.open.pop(request_id, None) is None:
+        entry = self.open.pop(request_id, None)
+        if entry is None:
             return
-        audio_s = self.samples[request_id] / m.SAMPLE_RATE
-        compute_s = time.monotonic() - self.t0
+        audio_s = entry[1] / m.SAMPLE_RATE
+        compute_s = time.monotonic() - entry[0]
         b, row = self.w.board, self.w.row
         b.add(row, Col.AUDIO_S, audio_s)
         b.add(row, Col.COMPUTE_S, compute_s)
@@ -265,16 +268,7 @@ class _Sink:
         if self.open.pop(request_id, None) is None:
             return
         self.w.board.add(self.w.row, Col.FAILED, 1)
-        self.ooms += error.kind == m.ErrorKind.OUT_OF_MEMORY
         self.w.send(m.Failed(request_id, error.kind, error.message, error.retryable))
-
-    def fail_open(self, error: m.PoolError) -> None:
-        for rid in list(self.open):
-            self.fail(rid, error)
-
-    def cancelled(self, request_id: str) -> bool:
-        return request_id in self.w._cancelled
 
     def step(self) -> None:
         self.w.board.set(self.w.row, Col.PROGRESS, time.monotonic())
-        self.w._poll(0)  # cancels (and new requests) that arrived during the step
