@@ -80,7 +80,24 @@ SETTINGS: tuple[Setting, ...] = (
         "dtype", str, "auto", "weights dtype", _one_of(("auto", "bfloat16", "float16", "float32"))
     ),
     Setting("attn_implementation", str, "sdpa", "attention implementation (sdpa, eager, ...)"),
-    Setting("max_batch_size", int, 1, "requests one worker runs as one batch", _positive),
+    Setting(
+        "max_batch_size", int, 1, "rows one worker runs at once (continuous batching)", _positive
+    ),
+    Setting(
+        "mem_budget_mb",
+        float,
+        0.0,
+        "KV cache budget of one worker's running rows in MiB; a row waits until it fits "
+        "(0: free GPU memory minus mem_headroom_mb; no limit on CPU)",
+        _non_negative,
+    ),
+    Setting(
+        "mem_headroom_mb",
+        float,
+        1024.0,
+        "GPU memory kept free when admitting rows (with mem_budget_mb 0)",
+        _non_negative,
+    ),
     Setting("torch_threads", int, 1, "torch threads per CPU worker", _positive),
     Setting("inference_steps", int, 10, "default diffusion steps per request", _positive),
     Setting(
@@ -212,6 +229,8 @@ class PoolConfig:
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     max_batch_size: int = 1
+    mem_budget_mb: float = 0.0
+    mem_headroom_mb: float = 1024.0
     torch_threads: int = 1
     inference_steps: int = 10
     runaway_factor: float = 2.0

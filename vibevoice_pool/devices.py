@@ -122,6 +122,8 @@ def engine_specs(cfg: PoolConfig, placements: list[Placement], model_path: str) 
         dtype=cfg.dtype,
         attn_implementation=cfg.attn_implementation,
         max_batch_size=cfg.max_batch_size,
+        mem_budget_mb=cfg.mem_budget_mb,
+        mem_headroom_mb=cfg.mem_headroom_mb,
         torch_threads=cfg.torch_threads,
         inference_steps=cfg.inference_steps,
         runaway_factor=cfg.runaway_factor,

@@ -278,8 +278,7 @@ class StepEngine:
         self.rows.extend(joined)
         hidden_t = torch.cat(hidden)
         consumed_t = torch.cat(consumed)[:, None]
-        logits = self.model.lm_head(hidden_t).float() + self.token_bias
-        tokens = logits.argmax(dim=-1)
+        tokens = self._choose(self.model.lm_head(hidden_t))
         toks = tokens.tolist()
         self.steps += 1
 
@@ -314,6 +313,11 @@ class StepEngine:
         self.embeds = next_embeds
         self._drop_closed()
         sink.step()
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token, in self.rows order: the argmax over the four tokens
+        VibeVoice allows (it ignores sampling, as transformers' and microsoft's loops do)."""
+        return (logits.float() + self.token_bias).argmax(dim=-1)
 
     def _prefill(self, rows: list[Row]) -> torch.Tensor:
         """Run the joining rows' prompts, batched (left-padded, per-row positions, each
