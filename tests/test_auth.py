@@ -102,3 +102,87 @@ def test_a_logged_in_client_generates_and_its_live_stream_needs_no_bearer(srv, t
     url = re.search(r'src="(ui/stream/[^"]+)"', job.outputs()[0][0]).group(1)
     stream = httpx.get(f"{srv.url}/{url}", timeout=30)  # the token is the capability
     assert stream.status_code == 200 and stream.content.startswith(b"RIFF")
+
+
+# ---- named keys (--api-keys FILE) and the login throttle ------------------------
+
+ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
+
+
+@pytest.fixture(scope="module")
+def named(tmp_path_factory):
+    from conftest import Server, pid_alive, wait_until
+
+    tmp = tmp_path_factory.mktemp("named")
+    keys = tmp / "keys"
+    keys.write_text(f"# who may call\nalice: {ALICE}\nbob: {BOB}\n")
+    s = Server(["--engine", "sim", "--gpus", "cpu:1", "--api-keys", str(keys)], tmp)
+    pids = []
+    try:
+        s.wait_ready()
+        pool = s.get("/v1/pool", headers={"Authorization": f"Bearer {BOB}"}).json()
+        pids = [w["pid"] for w in pool["workers"]]
+        yield s
+    finally:
+        s.stop()
+        for pid in pids:
+            wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
+
+
+def test_each_named_key_owns_its_jobs(named):
+    alice = {"Authorization": f"Bearer {ALICE}"}
+    bob = {"Authorization": f"Bearer {BOB}"}
+    assert named.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = named.post("/v1/jobs", json={"script": "Speaker 1: alice's"}, headers=alice)
+    assert r.status_code == 202 and "x-owner-token" not in r.headers  # the key is the owner
+    job_id = r.json()["id"]
+    assert [j["id"] for j in named.get("/v1/jobs", headers=alice).json()["data"]] == [job_id]
+    assert named.get("/v1/jobs", headers=bob).json()["data"] == []
+    for method, path in (
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("GET", f"/v1/jobs/{job_id}/audio"),
+        ("DELETE", f"/v1/jobs/{job_id}"),
+    ):
+        r = httpx.request(method, named.url + path, headers=bob, timeout=10)
+        assert r.status_code == 404, (method, path)
+        assert r.json()["error"]["code"] == "not_found"
+    assert named.get(f"/v1/jobs/{job_id}", headers=alice).json()["id"] == job_id
+
+
+def test_every_named_key_logs_in_to_the_page(named):
+    with httpx.Client(base_url=named.url, timeout=10) as browser:
+        assert browser.post("/login", data={"username": "x", "password": BOB}).status_code == 200
+        assert browser.get("/gradio_api/info").status_code == 200
+
+
+def test_failed_logins_slow_down_then_get_429(named):
+    import time
+
+    took, statuses = [], []
+    with httpx.Client(base_url=named.url, timeout=30) as browser:
+        for i in range(8):
+            t0 = time.monotonic()
+            r = browser.post("/login", data={"username": "x", "password": f"guess-{i}"})
+            took.append(time.monotonic() - t0)
+            statuses.append(r.status_code)
+        assert statuses == [400] * 8
+        assert max(took[:3]) < 0.25 <= min(took[3:])  # from the fourth failure on
+        locked = browser.post("/login", data={"username": "x", "password": ALICE})
+        assert locked.status_code == 429  # the right key too, until the window passes
+        assert 250 <= int(locked.headers["retry-after"]) <= 300
+        assert "failed logins" in locked.json()["error"]["message"]
+    # the API's Bearer keys are not the page login: they still work
+    assert named.get("/v1/pool", headers={"Authorization": f"Bearer {ALICE}"}).status_code == 200
+
+
+def test_a_bad_keys_file_stops_the_launch_before_any_worker(tmp_path):
+    from conftest import Server
+
+    keys = tmp_path / "keys"
+    keys.write_text("alice: short\n")
+    s = Server(["--engine", "sim", "--gpus", "cpu:1", "--api-keys", str(keys)], tmp_path)
+    try:
+        assert s.proc.wait(60) == 2
+        assert "shorter than 16" in s.log() and "Initialising" not in s.log()
+    finally:
+        s.stop()

@@ -1,12 +1,14 @@
 """Throttling of the page's login (Gradio's POST /login), per client address.
 
 Each address has a sliding window of its failed logins (window_s):
-    fewer than slow_after     answered at once
-    slow_after or more        answered after a delay that doubles with each
-                              failure, up to max_delay_s
-    lock_after or more        429 with Retry-After (the seconds until the oldest
-                              failure leaves the window), without asking Gradio;
-                              a correct key is refused too until then
+    fewer than slow_after (3)  answered at once
+    slow_after or more         answered after a delay: 0.25 s, doubling with
+                               each failure, up to max_delay_s (2 s)
+    lock_after (8) or more     429 with Retry-After (the seconds until enough
+                               failures leave the window), without asking
+                               Gradio; a correct key is refused too until then
+With the defaults (window_s 300) an address tries at most 8 passwords in 5
+minutes.
 A successful login clears the address. The address is the socket's peer (the
 server does not trust X-Forwarded-For: behind a proxy every client shares the
 proxy's address, and the proxy should throttle logins itself).
@@ -33,8 +35,8 @@ class LoginThrottle:
         *,
         window_s: float = 300.0,
         slow_after: int = 3,
-        lock_after: int = 10,
-        max_delay_s: float = 4.0,
+        lock_after: int = 8,
+        max_delay_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] = asyncio.sleep,
         on_refused: Callable[[str], None] | None = None,
@@ -48,6 +50,9 @@ class LoginThrottle:
         self.sleep = sleep
         self.on_refused = on_refused
         self.failures: OrderedDict[str, deque[float]] = OrderedDict()
+        # attempts being checked now count as failures until they answer, so a
+        # burst of parallel guesses cannot slip past the lock together
+        self.pending: dict[str, int] = {}
 
     def _recent(self, address: str, now: float) -> deque[float]:
         seen = self.failures.get(address)
@@ -62,15 +67,18 @@ class LoginThrottle:
     def delay_for(self, failures: int) -> float:
         if failures < self.slow_after:
             return 0.0
-        return min(self.max_delay_s, 0.5 * 2 ** (failures - self.slow_after))
+        return min(self.max_delay_s, 0.25 * 2 ** (failures - self.slow_after))
 
     def retry_after(self, address: str, now: float) -> int | None:
         """Seconds until `address` may try again, or None when it may now."""
         seen = self._recent(address, now)
-        if len(seen) < self.lock_after:
+        over = len(seen) + self.pending.get(address, 0) - self.lock_after
+        if over < 0:
             return None
+        if over >= len(seen):  # only attempts still being checked: a moment
+            return 1
         # the failure whose expiry brings the count under lock_after
-        ends = seen[len(seen) - self.lock_after] + self.window_s
+        ends = seen[over] + self.window_s
         return max(1, math.ceil(ends - now))
 
     def _record(self, address: str, ok: bool) -> None:
@@ -103,9 +111,8 @@ class LoginThrottle:
                 f"too many failed logins from this address; try again in {wait} s",
                 [(b"retry-after", str(wait).encode())],
             )
-        delay = self.delay_for(len(self._recent(address, now)))
-        if delay:
-            await self.sleep(delay)
+        delay = self.delay_for(len(self._recent(address, now)) + self.pending.get(address, 0))
+        self.pending[address] = self.pending.get(address, 0) + 1
         status = 0
 
         async def watching_send(message):
@@ -114,8 +121,17 @@ class LoginThrottle:
                 status = message["status"]
             await send(message)
 
-        await self.app(scope, receive, watching_send)
-        if status == 200:
-            self._record(address, True)
-        elif status in (400, 401, 403):
-            self._record(address, False)
+        try:
+            if delay:
+                await self.sleep(delay)
+            await self.app(scope, receive, watching_send)
+        finally:
+            left = self.pending[address] - 1
+            if left:
+                self.pending[address] = left
+            else:
+                del self.pending[address]
+            if status == 200:
+                self._record(address, True)
+            elif status >= 400:
+                self._record(address, False)  # 400 from Gradio: wrong key

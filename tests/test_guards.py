@@ -1,0 +1,299 @@
+"""The guards against hostile clients, one at a time with fakes: connection
+deadlines and the cap (connections.py), Host and cross-site rules (origin.py),
+named keys (auth.py) and the login throttle (login_throttle.py). The same
+guards face real sockets and a real server in test_hostile.py and test_auth.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from vibevoice_pool.auth import KeyFileError, key_ring, load_keys, single_key_owner
+from vibevoice_pool.connections import (
+    BODY,
+    BUSY,
+    FD_RESERVE,
+    IDLE,
+    ConnectionGuard,
+    connection_cap,
+)
+from vibevoice_pool.login_throttle import LoginThrottle
+from vibevoice_pool.origin import BrowserGuard, allowed_hosts, host_allowed, is_cross_site
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeTransport:
+    def __init__(self):
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+# ---- connections -----------------------------------------------------------
+
+
+def guard(clock, cap=4) -> ConnectionGuard:
+    g = ConnectionGuard(
+        max_connections=cap,
+        header_timeout_s=10,
+        body_timeout_s=10,
+        body_min_rate=1000,
+        clock=clock,
+    )
+    g._arm = lambda: None  # no event loop here: the test sweeps by hand
+    return g
+
+
+def test_headers_past_their_deadline_get_408_and_are_closed():
+    clock = Clock()
+    g = guard(clock)
+    slow, t_slow = object(), FakeTransport()
+    quick, t_quick = object(), FakeTransport()
+    assert g.opened(slow, t_slow) and g.opened(quick, t_quick)
+    clock.t += 5
+    g.phase(quick, BODY)
+    g.phase(quick, BUSY)  # its request is in: no deadline while the app works
+    clock.t += 5.5
+    assert g.sweep() == 1
+    assert t_slow.closed and t_slow.written.startswith(b"HTTP/1.1 408 ")
+    assert not t_quick.closed and g.stats()["open"] == 1
+
+
+def test_a_body_must_keep_the_minimum_rate_after_its_grace():
+    clock = Clock()
+    g = guard(clock)
+    p, t = object(), FakeTransport()
+    g.opened(p, t)
+    g.phase(p, BODY)
+    for _ in range(30):  # 500 bytes a second against a minimum of 1,000
+        clock.t += 1
+        g.body(p, 500)
+        g.sweep()
+        if t.closed:
+            break
+    # 10 s of grace + received/1000: caught up when 500*t > 1000*(t-10), t = 20 s
+    assert t.closed and 19 <= clock.t - 1000 <= 21
+    fast, tf = object(), FakeTransport()
+    g.opened(fast, tf)
+    g.phase(fast, BODY)
+    for _ in range(60):  # at the minimum rate it is never cut
+        clock.t += 1
+        g.body(fast, 1000)
+        assert g.sweep() == 0
+
+
+def test_at_the_cap_the_oldest_header_sender_makes_room_and_busy_ones_stay():
+    clock = Clock()
+    g = guard(clock, cap=3)
+    conns = [(object(), FakeTransport()) for _ in range(5)]
+    for p, t in conns[:3]:
+        assert g.opened(p, t)
+        clock.t += 1
+    g.phase(conns[0][0], BUSY)
+    assert g.opened(*conns[3])  # evicts conns[1], the oldest still sending headers
+    assert conns[1][1].closed and not conns[0][1].closed
+    for p, _ in conns[2:4]:
+        g.phase(p, BUSY)
+    # every connection busy: the new one is refused with 503
+    assert not g.opened(*conns[4])
+    assert conns[4][1].written.startswith(b"HTTP/1.1 503 ") and conns[4][1].closed
+    g.phase(conns[2][0], IDLE)  # an idle keep-alive is evicted when nothing else is
+    assert g.opened(object(), FakeTransport()) and conns[2][1].closed
+    assert g.stats()["evicted"] == 2 and g.stats()["refused"] == 1
+
+
+def test_the_cap_leaves_file_handles_for_the_server():
+    assert connection_cap(1000, nofile=1024) == 1024 - FD_RESERVE
+    assert connection_cap(1000, nofile=1 << 20) == 1000
+
+
+# ---- origins ------------------------------------------------------------------
+
+
+def test_host_allow_list():
+    hosts = allowed_hosts("127.0.0.1", "tts.example.org, *.lan")
+    for ok in ("localhost", "LOCALHOST:7860", "127.0.0.1:1", "[::1]:7860", "tts.example.org",
+               "a.b.lan", "localhost."):  # fmt: skip
+        assert host_allowed(ok, hosts), ok
+    for bad in ("attacker.example", "127.0.0.1.nip.io", "lan", "", "tts.example.org.evil"):
+        assert not host_allowed(bad, hosts), bad
+    assert host_allowed("anything", allowed_hosts("127.0.0.1", "*"))
+    assert host_allowed("x.gradio.live", allowed_hosts("127.0.0.1", "", share=True))
+
+
+@pytest.mark.parametrize(
+    "headers,cross",
+    [
+        ({}, False),  # curl, the openai package
+        ({"sec-fetch-site": "same-origin", "origin": "http://localhost:7860"}, False),
+        ({"sec-fetch-site": "none"}, False),  # typed in the address bar
+        ({"sec-fetch-site": "cross-site"}, True),
+        ({"sec-fetch-site": "same-site"}, True),  # another port of localhost
+        ({"origin": "http://localhost:7860"}, False),
+        ({"origin": "http://localhost:8000"}, True),
+        ({"origin": "http://evil.example"}, True),
+        ({"origin": "null"}, True),
+        ({"origin": "https://app.example", "sec-fetch-site": "cross-site"}, False),  # CORS
+    ],
+)
+def test_cross_site(headers, cross):
+    headers = {"host": "localhost:7860", **headers}
+    assert is_cross_site(headers, "http", ("https://app.example",)) is cross
+
+
+def _guarded(keyed: bool = False) -> TestClient:
+    async def ok(_request):
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/{path:path}", ok, methods=["GET", "POST", "DELETE"])])
+    keys = key_ring("k" * 20) if keyed else None
+    wrapped = BrowserGuard(
+        app,
+        allowed=allowed_hosts("127.0.0.1", "testserver"),
+        key_ok=keys.allows if keys else (lambda _h: False),
+        keyed=keyed,
+    )
+    return TestClient(wrapped)
+
+
+def test_browser_guard_refusals_are_openai_shaped():
+    c = _guarded()
+    r = c.get("/v1/pool", headers={"host": "evil.example"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_host"
+    r = c.post("/v1/voices", headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site"
+    assert c.get("/v1/pool", headers={"origin": "http://evil.example"}).status_code == 200
+    assert c.post("/v1/pool/workers/0/restart").json()["error"]["code"] == "admin_needs_json"
+    assert c.post("/v1/pool/workers/0/restart", json={}).status_code == 200
+
+
+def test_with_a_key_sent_a_cross_site_write_passes():
+    c = _guarded(keyed=True)
+    evil = {"origin": "http://evil.example"}
+    assert c.post("/v1/voices", headers=evil).status_code == 403
+    ok = c.post("/v1/voices", headers={**evil, "authorization": "Bearer " + "k" * 20})
+    assert ok.status_code == 200
+    # a keyed server leaves the admin rule to the key middleware (401 there)
+    assert c.post("/v1/pool/workers/0/restart").status_code == 200
+
+
+# ---- named keys ------------------------------------------------------------------
+
+
+def test_keys_file(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text("# team keys\nalice: " + "a" * 20 + "\n\nbob:" + "b" * 24 + "  \n")
+    assert load_keys(f) == [("alice", "a" * 20), ("bob", "b" * 24)]
+    ring = key_ring("single-key-for-all", str(f))
+    assert ring.named and ring.match("a" * 20) == ("alice", "key:alice")
+    assert ring.match("b" * 24) == ("bob", "key:bob")
+    assert ring.match("single-key-for-all")[1] == single_key_owner("single-key-for-all")
+    assert ring.match("a" * 19) is None and ring.match("") is None
+    assert not key_ring("") and not key_ring("").named
+    for text, words in (
+        ("alice " + "a" * 20, "name: key"),
+        ("alice: short", "shorter than 16"),
+        ("a: " + "x" * 20 + "\na: " + "y" * 20, "given twice"),
+        ("a: " + "x" * 20 + "\nb: " + "x" * 20, "another name's key"),
+        ("# nothing\n", "holds no keys"),
+        ("bad name: " + "x" * 20, "name: key"),
+    ):
+        f.write_text(text)
+        with pytest.raises(KeyFileError, match=words):
+            load_keys(f)
+    with pytest.raises(KeyFileError, match="cannot read"):
+        load_keys(tmp_path / "missing")
+
+
+# ---- the login throttle -------------------------------------------------------------
+
+GOOD = "the-right-key"
+
+
+async def fake_login(scope, receive, send):
+    """Gradio's /login in small: 200 for the right password, 400 otherwise."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    status = 200 if f"password={GOOD}".encode() in body else 400
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+class Login:
+    def __init__(self):
+        self.clock = Clock()
+        self.slept: list[float] = []
+
+        async def sleep(s):
+            self.slept.append(s)
+
+        self.throttle = LoginThrottle(fake_login, clock=self.clock, sleep=sleep)
+
+    def attempt(self, password: str, address: str = "10.0.0.1") -> tuple[int, dict]:
+        got: dict = {}
+        body = f"username=x&password={password}".encode()
+        sent = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return sent.pop(0) if sent else {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                got["status"] = message["status"]
+                got["headers"] = dict(message["headers"])
+
+        scope = {"type": "http", "method": "POST", "path": "/login", "client": (address, 5)}
+        asyncio.run(self.throttle(scope, receive, send))
+        return got["status"], got["headers"]
+
+
+def test_login_slows_down_then_locks_then_lets_the_key_in_after_the_window():
+    login = Login()
+    statuses = [login.attempt("guess")[0] for _ in range(8)]
+    assert statuses == [400] * 8
+    assert login.slept == [0.25, 0.5, 1.0, 2.0, 2.0]  # from the fourth failure on
+    status, headers = login.attempt(GOOD)  # locked: even the right key waits
+    assert status == 429 and int(headers[b"retry-after"]) == 300
+    assert login.attempt("guess", address="10.0.0.2")[0] == 400  # others are not locked
+    login.clock.t += 150
+    status, headers = login.attempt(GOOD)
+    assert status == 429 and int(headers[b"retry-after"]) == 150
+    login.clock.t += 151  # the window has passed
+    assert login.attempt(GOOD)[0] == 200
+    assert "10.0.0.1" not in login.throttle.failures  # a success clears the address
+
+
+def test_parallel_guesses_count_before_they_answer():
+    login = Login()
+    for _ in range(7):
+        login.attempt("guess")
+    login.throttle.pending["10.0.0.1"] = 1  # one guess still being checked
+    assert login.attempt("guess")[0] == 429  # the eighth is that one, not this
+    del login.throttle.pending["10.0.0.1"]  # it answered (without a failure)
+    assert login.attempt("guess")[0] == 400
+    assert login.attempt("guess")[0] == 429
+    assert not login.throttle.pending  # nothing left counted as in flight
