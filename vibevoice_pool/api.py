@@ -59,7 +59,7 @@ class SynthesizeBody(BaseModel):
     cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
     inference_steps: int | None = Field(None, ge=1, le=100)
     seed: int | None = Field(None, ge=0, lt=2**31)
-    format: str = "wav"
+    format: str = Field("wav", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)})
     stream: bool = False
     max_audio_s: float | None = Field(None, gt=0)
 

@@ -85,7 +85,9 @@ class SpeechBody(BaseModel):
     input: str = Field(..., description="the text to speak")
     voice: str | VoiceId = Field(..., description="a preset of /v1/voices (or an OpenAI name)")
     instructions: str | None = Field(None, description="accepted; VibeVoice takes no style prompt")
-    response_format: str = Field("mp3", description="mp3, opus, aac, flac, wav or pcm")
+    response_format: str = Field(
+        "mp3", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)}
+    )
     speed: float = Field(1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio", "sse"] = "audio"
     stream: bool | None = Field(
