@@ -297,3 +297,32 @@ def test_parallel_guesses_count_before_they_answer():
     assert login.attempt("guess")[0] == 400
     assert login.attempt("guess")[0] == 429
     assert not login.throttle.pending  # nothing left counted as in flight
+
+
+# ---- decodes at once ----------------------------------------------------------------
+
+
+def test_decodes_beyond_the_slots_wait_then_get_overloaded(monkeypatch):
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from vibevoice_pool import audio
+    from workers.messages import ErrorKind, PoolError
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(2400, np.float32), 24000, format="WAV")
+    wav = buf.getvalue()
+    monkeypatch.setattr(audio, "DECODE_WAIT_S", 0.2)
+    audio.set_decode_slots(1)
+    try:
+        held = audio._decode_slots
+        assert held.acquire(timeout=1)  # someone else's decode is running
+        with pytest.raises(PoolError) as e:
+            audio.decode_upload(wav, max_bytes=10**6, max_seconds=5)
+        assert e.value.kind is ErrorKind.OVERLOADED and "decoded at once" in e.value.message
+        held.release()
+        assert len(audio.decode_upload(wav, max_bytes=10**6, max_seconds=5)) == 2400
+    finally:
+        audio.set_decode_slots(2)
