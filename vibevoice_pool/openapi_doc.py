@@ -44,7 +44,7 @@ WHY = {
     "409": "Not in a state for this (the job is not done, or already ended)",
     "413": "The body is over the server's limit",
     "416": "The Range is past the end of the file",
-    "429": "The queue is full: retry after Retry-After seconds",
+    "429": "The queue (or the voice decoder) is full: retry after Retry-After seconds",
     "500": "The engine failed on this request",
     "502": "The request took down workers twice and was given up",
     "503": "No worker is ready (or the server is stopping): retry after Retry-After",
@@ -56,7 +56,8 @@ ROUTE_ERRORS = {
     ("/ready", "get"): ("503",),
     ("/v1/synthesize", "post"): SYNTH_FAILURES,
     ("/v1/audio/speech", "post"): SYNTH_FAILURES,
-    ("/v1/jobs", "post"): ("503", "507"),
+    ("/v1/jobs", "post"): ("429", "503", "507"),  # 429: voice samples waiting to decode
+    ("/v1/voices", "post"): ("429",),
     ("/v1/jobs/{job_id}", "delete"): ("409",),
     ("/v1/jobs/{job_id}/audio", "get"): ("409", "416"),
     ("/v1/jobs/{job_id}/audio", "head"): ("409", "416"),

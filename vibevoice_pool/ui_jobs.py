@@ -29,7 +29,7 @@ from workers.messages import PoolError
 REFRESH_S = 2.0
 MAX_ROWS = 50
 COLUMNS = ["job", "state", "progress", "audio", "submitted", "error"]
-FORMATS = ["wav", "mp3", "flac", "opus"]
+FORMATS = ["wav", "mp3", "flac", "opus", "aac"]
 SECRET_FILE = "page.secret"
 
 
