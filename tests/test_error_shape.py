@@ -59,6 +59,8 @@ CASES = [
     ("DELETE on /v1/models", "DELETE", "/v1/models", {}, 405, "method_not_allowed", "use GET"),
     ("an unknown job", "GET", "/v1/jobs/" + "0" * 32, {}, 404, "not_found", "job"),
     ("an unknown model", "GET", "/v1/models/no-such-model", {}, 404, "not_found", "no model"),
+    ("draining an unknown worker", "DELETE", "/v1/pool/workers/99", {"headers": JSON}, 404,
+     "not_found", "no worker 99"),
     # Range errors on a job's audio (they were plain text)
     ("a Range past the end", "GET", JOB_RANGE, {"headers": {"Range": "bytes=99999999-"}}, 416,
      "range_not_satisfiable", "past the end; the file has"),

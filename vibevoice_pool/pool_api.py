@@ -1,7 +1,8 @@
 """Live scaling over HTTP: add a worker on a device, drain and remove one.
 
 POST   /v1/pool/workers          {"device": "cpu" | "cuda:1" | "1"} -> 201 {"id": n}
-DELETE /v1/pool/workers/{id}     drain (it finishes what it holds), then stop -> 202
+DELETE /v1/pool/workers/{id}     drain (it finishes what it holds), then stop -> 202;
+                                 404 for a worker that is not in the pool
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from vibevoice_pool.errors import plain_error
 from vibevoice_pool.pool import Pool
 
 
@@ -28,6 +30,8 @@ def pool_router(pool: Pool) -> APIRouter:
 
     @router.delete("/v1/pool/workers/{worker_id}")
     async def remove_worker(worker_id: int):
+        if worker_id not in pool.live_slots():
+            return plain_error(404, "not_found", f"no worker {worker_id}; see /v1/pool")
         pool.remove_worker(worker_id)
         return JSONResponse({"id": worker_id, "state": "draining"}, 202)
 
