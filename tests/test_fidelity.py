@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_vibevoice_engine import RecordingSink, req, run
 
 from workers.engine import EngineSpec
@@ -101,25 +102,38 @@ CASES = {  # name: (script, microsoft's voice_samples, the request's voices)
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    eng = VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=tiny_model_dir))
+    eng = VibeVoiceEngine(
+        EngineSpec(engine="vibevoice", model_path=tiny_model_dir, max_batch_size=4)
+    )
     eng.load()
     return eng
 
 
 def engine_inputs(engine, requests, monkeypatch):
-    """What the engine hands to model.generate for `requests` (one batch)."""
-    seen = []
-    real = engine.model.generate
+    """The prefill inputs the engine builds for `requests` (joining together) and runs:
+    what `build_inputs` gave it, checked against the ids its prefill embedded."""
+    import workers.vibevoice_prompt as prompt
 
-    def spy(*args, **kwargs):
-        seen.append({k: v.clone() for k, v in kwargs.items() if hasattr(v, "clone")})
-        return real(*args, **kwargs)
+    built, embedded = [], []
+    real_build, real_embed = prompt.build_inputs, engine.steps.embed
 
-    monkeypatch.setattr(engine.model, "generate", spy)
+    def spy_build(*args, **kwargs):
+        batch = real_build(*args, **kwargs)
+        built.append({k: v.detach().clone() for k, v in batch.inputs.items()})
+        return batch
+
+    def spy_embed(ids):
+        if ids.ndim == 2:  # a prefill (a step embeds one token per row)
+            embedded.append(ids.clone())
+        return real_embed(ids)
+
+    monkeypatch.setattr(prompt, "build_inputs", spy_build)
+    monkeypatch.setattr(engine.steps, "embed", spy_embed)
     sink = run(engine, requests)
     assert all(sink.outcome(r.id)[0] == "finish" for r in requests)
-    assert len(seen) == 1
-    return seen[0]
+    assert len(built) == len(embedded) == 1  # one prefill for the rows joining together
+    assert torch.equal(built[0]["input_ids"], embedded[0])
+    return built[0]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -183,9 +197,18 @@ def test_same_audio_alone_and_batched_even_when_the_checkpoint_pads_right(tiny_m
         voices=(V0, V1),
     )
     alone = run(eng, [mine]).audio("me")
-    for batch in ([longer, mine], [mine, longer]):
-        sink = RecordingSink()
-        eng.synthesize(batch, sink)
-        batched = sink.audio("me")
+    for batch in ([longer, mine], [mine, longer]):  # joining together, either order
+        batched = run(eng, batch).audio("me")
         assert len(batched) == len(alone)
         assert np.abs(batched - alone).max() < 1e-3 * np.abs(alone).max()
+    # joining a running batch: the longer row is 3 steps in when this one arrives
+    sink = RecordingSink()
+    eng.admit(eng.prepare(longer))
+    for _ in range(3):
+        eng.step(sink)
+    eng.admit(eng.prepare(mine))
+    while eng.live:
+        eng.step(sink)
+    joined = sink.audio("me")
+    assert len(joined) == len(alone)
+    assert np.abs(joined - alone).max() < 1e-3 * np.abs(alone).max()
