@@ -1,0 +1,82 @@
+"""vibevoice_pool.encoders: every format streams (bytes after the first chunk,
+a playable prefix at every point), the whole stream decodes to the audio sent,
+and an encoder closed mid-stream (a client gone) is freed safely."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import av
+import numpy as np
+import pytest
+
+from vibevoice_pool.encoders import SUPPORTED_FORMATS, StreamEncoder, check_format, encode
+from workers.messages import SAMPLE_RATE, PoolError
+
+CODECS = ["mp3", "opus", "aac", "flac"]
+AV_FORMAT = {"mp3": "mp3", "opus": "ogg", "aac": "aac", "flac": "flac", "wav": "wav"}
+
+
+def tone(seconds: float, freq: float = 330.0) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.4 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def decoded_seconds(data: bytes, fmt: str) -> float:
+    with av.open(io.BytesIO(data), format=AV_FORMAT[fmt]) as c:
+        frames = list(c.decode(audio=0))
+    samples = sum(f.samples for f in frames)
+    peak = max(float(np.abs(f.to_ndarray()).max()) for f in frames)
+    assert peak > 0.1  # the tone, not silence
+    return samples / frames[0].sample_rate
+
+
+@pytest.mark.parametrize("fmt", CODECS + ["wav"])
+def test_each_chunk_gives_bytes_at_once_and_the_stream_decodes_whole(fmt):
+    enc = StreamEncoder(fmt)
+    assert enc.streams and enc.content_type.startswith("audio/")
+    parts = [enc.start()]
+    for _ in range(6):  # 3 s in chunks of 0.5 s, as a worker sends them
+        part = enc.push(tone(0.5))
+        assert len(part) > 200, f"{fmt}: a 0.5 s chunk gave only {len(part)} bytes"
+        parts.append(part)
+    prefix = b"".join(parts)
+    assert decoded_seconds(prefix, fmt) > 2.3  # what arrived so far already plays
+    parts.append(enc.end())
+    assert enc.end() == b""  # once
+    assert enc.samples == 6 * SAMPLE_RATE // 2
+    assert decoded_seconds(b"".join(parts), fmt) == pytest.approx(3.0, abs=0.1)
+
+
+def test_pcm_is_raw_16_bit_samples():
+    enc = StreamEncoder("pcm")
+    assert enc.start() == b"" and len(enc.push(tone(0.25))) == SAMPLE_RATE // 2
+    assert enc.end() == b""
+
+
+def test_whole_aac_file_decodes():
+    data, ctype = encode(tone(1.5), "aac")
+    assert ctype == "audio/aac" and data[:2] == b"\xff\xf1"  # an ADTS frame
+    assert decoded_seconds(data, "aac") == pytest.approx(1.5, abs=0.1)
+
+
+def test_closing_mid_stream_while_a_push_runs_in_a_thread():
+    for fmt in CODECS:
+        enc = StreamEncoder(fmt)
+        enc.start()
+        enc.push(tone(0.5))
+        pushing = threading.Thread(target=lambda e=enc: [e.push(tone(0.5)) for _ in range(20)])
+        pushing.start()
+        enc.close()  # the client went away: frees the encoder, never corrupts it
+        pushing.join(10)
+        assert not pushing.is_alive()
+        assert enc.push(tone(0.5)) == b"" and enc.end() == b""
+        enc.close()
+
+
+def test_formats_are_checked_and_listed():
+    assert check_format(" MP3 ") == "mp3"
+    with pytest.raises(PoolError) as err:
+        StreamEncoder("vorbis")
+    assert all(f in err.value.message for f in SUPPORTED_FORMATS)
