@@ -146,3 +146,35 @@ def test_afterwards_the_server_is_ready_and_no_worker_restarted(srv):
     ]
     good = srv.post("/v1/synthesize", json={"script": OK})
     assert good.status_code == 200 and good.content.startswith(b"RIFF")
+
+
+def test_an_unforeseen_failure_is_a_500_in_the_same_shape(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from vibevoice_pool.api import Front, create_app
+    from vibevoice_pool.config import build
+    from vibevoice_pool.metrics import Activity
+    from vibevoice_pool.voices import VoiceLibrary
+
+    class NoPool:
+        def status(self) -> dict:
+            return {"queue": {"length": 0, "max": 1}, "workers": []}
+
+    voices = VoiceLibrary(tmp_path, max_bytes=1 << 20, max_seconds=60)
+    app = create_app(Front(NoPool(), voices, build({"engine": "sim"}), activity=Activity()))
+
+    @app.get("/v1/broken")
+    async def broken():
+        return {}["missing"]  # a bug: KeyError
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/v1/broken")
+        assert r.status_code == 500
+        assert r.json() == {
+            "error": {
+                "message": "the server failed on this request (KeyError)",
+                "type": "server_error",
+                "code": "internal_error",
+            }
+        }
+        assert client.get("/v1/voices").status_code == 200  # and it goes on serving

@@ -17,7 +17,6 @@ logged). FileAnswer does the same for Range errors of files.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 from fastapi.responses import FileResponse, JSONResponse
@@ -26,8 +25,6 @@ from starlette.routing import Match, Mount
 
 from vibevoice_pool.audio import TooLarge
 from workers.messages import ErrorKind, PoolError
-
-log = logging.getLogger("vibevoice_pool")
 
 STATUS = {
     ErrorKind.BAD_INPUT: 400,
@@ -128,8 +125,8 @@ def install(app, on_refused=None) -> None:
         return http_error(err)
 
     @app.exception_handler(Exception)
-    async def _unforeseen(request, err: Exception):
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=err)
+    async def _unforeseen(_, err: Exception):
+        # Starlette raises it again after this answer: uvicorn logs the traceback.
         return plain_error(
             500, "internal_error", f"the server failed on this request ({type(err).__name__})"
         )
