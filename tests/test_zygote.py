@@ -123,6 +123,8 @@ def test_a_killed_tiny_worker_is_forked_again_and_ready_within_the_bound(tiny_mo
         assert ppid(pid) == zygote.pid  # forked again, not spawned
         assert elapsed < KILL_TO_READY_BOUND_S, f"kill to ready took {elapsed:.2f} s"
         assert worker(pool, 0)["restarts"] == 1
+        with open(f"/proc/{pid}/maps") as f:  # its weights are mapped from the parent's memory
+            assert "/memfd:model.safetensors" in f.read()
         audio = submit_to(pool, 0, TEXT, 3).result(timeout=120)
         assert len(audio) > 0
     finally:

@@ -151,6 +151,13 @@ SETTINGS: tuple[Setting, ...] = (
         "torch and the model code (zygote), or spawned from nothing (spawn)",
         _one_of(("zygote", "spawn")),
     ),
+    Setting(
+        "warm_weights",
+        _bool,
+        True,
+        "hold a local model folder's weights in memory once, so a respawned worker maps "
+        "them instead of reading the files",
+    ),
     # front
     Setting("host", str, "127.0.0.1", "address to bind"),
     Setting("port", int, 7860, "port to bind", lambda v: None if 0 <= v < 65536 else "0-65535"),
@@ -249,6 +256,7 @@ class PoolConfig:
     max_attempts: int = 2
     failed_retry_s: float = 30.0
     worker_start: str = "zygote"
+    warm_weights: bool = True
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False

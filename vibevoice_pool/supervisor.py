@@ -38,6 +38,7 @@ from vibevoice_pool.dispatcher import Dispatcher
 from vibevoice_pool.request_channel import RequestChannel
 from vibevoice_pool.slots import next_slot_index, wait_first_ready
 from vibevoice_pool.voice_sender import VoiceSender
+from vibevoice_pool.warm_weights import WeightsHolder
 from vibevoice_pool.worker_process import WorkerProcess
 from vibevoice_pool.zygote import Zygote
 from workers import messages as m
@@ -103,12 +104,15 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.first_boot_error: str = ""
+        self.weights = WeightsHolder(cfg.warm_weights)  # model weights held in memory
         self.events: list[tuple[float, int, str]] = []  # (time, slot, what) for benchmarks
 
     # ---- public --------------------------------------------------------
 
     def start(self) -> None:
         self.zygote.start(wait_s=min(self.cfg.boot_timeout_s, ZYGOTE_WAIT_S))
+        for slot in self.slots:
+            slot.engine = self.weights.spec_for(slot.engine)
         for slot in self.slots:
             self._spawn(slot)
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
@@ -142,7 +146,7 @@ class Supervisor:
         """Start a new worker while serving; returns its slot index."""
         with self._lock:
             index = next_slot_index(self._stop.is_set(), self.slots, self.board.rows)
-            slot = _Slot(index, placement, engine)
+            slot = _Slot(index, placement, self.weights.spec_for(engine))
             self.slots.append(slot)
             self._spawn(slot)
         self._wake()
@@ -186,6 +190,7 @@ class Supervisor:
             for slot in self.slots:
                 self._stop_process(slot)
         self.zygote.close()
+        self.weights.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
