@@ -69,13 +69,16 @@ def test_headers_past_their_deadline_get_408_and_are_closed():
     g = guard(clock)
     slow, t_slow = object(), FakeTransport()
     quick, t_quick = object(), FakeTransport()
-    assert g.opened(slow, t_slow) and g.opened(quick, t_quick)
+    silent, t_silent = object(), FakeTransport()
+    assert g.opened(slow, t_slow) and g.opened(quick, t_quick) and g.opened(silent, t_silent)
+    g.heard(slow)  # a few bytes of headers, never finished
     clock.t += 5
     g.phase(quick, BODY)
     g.phase(quick, BUSY)  # its request is in: no deadline while the app works
     clock.t += 5.5
-    assert g.sweep() == 1
+    assert g.sweep() == 2
     assert t_slow.closed and t_slow.written.startswith(b"HTTP/1.1 408 ")
+    assert t_silent.closed and t_silent.written == b""  # nothing asked, nothing answered
     assert not t_quick.closed and g.stats()["open"] == 1
 
 
@@ -108,6 +111,7 @@ def test_at_the_cap_the_oldest_header_sender_makes_room_and_busy_ones_stay():
     conns = [(object(), FakeTransport()) for _ in range(5)]
     for p, t in conns[:3]:
         assert g.opened(p, t)
+        g.heard(p)
         clock.t += 1
     g.phase(conns[0][0], BUSY)
     assert g.opened(*conns[3])  # evicts conns[1], the oldest still sending headers

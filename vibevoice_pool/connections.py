@@ -15,7 +15,7 @@ is wrapped here (uvicorn's httptools protocol, through `Config(http=...)`):
     guarded_protocol(guard) the protocol class uvicorn builds per connection
 
 A connection past its deadline gets 408 and is closed (a sweep every
-SWEEP_S). At the cap (max_connections, lowered to fit the file-handle limit
+SWEEP_S); one that never sent a byte is closed without an answer. At the cap (max_connections, lowered to fit the file-handle limit
 less FD_RESERVE) a new connection evicts the oldest one still sending its
 headers, or idle; when every connection is busy the new one gets 503.
 Slow clients therefore cost at most a socket each, for a bounded time, and a
@@ -29,7 +29,7 @@ import json
 import logging
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -99,7 +99,7 @@ class _Conn:
     phase: str
     since: float
     got: int = 0  # body bytes received in the body phase
-    opened: float = field(default=0.0)
+    spoke: bool = False  # any byte received (a silent one is closed without a 408)
 
 
 class ConnectionGuard:
@@ -136,7 +136,7 @@ class ConnectionGuard:
             transport.write(FULL)
             transport.close()
             return False
-        self.conns[proto] = _Conn(transport, HEADERS, now, opened=now)
+        self.conns[proto] = _Conn(transport, HEADERS, now)
         self._arm()
         return True
 
@@ -147,6 +147,11 @@ class ConnectionGuard:
         c = self.conns.get(proto)
         if c is not None and c.phase != phase:
             c.phase, c.since, c.got = phase, self.clock(), 0
+
+    def heard(self, proto) -> None:
+        c = self.conns.get(proto)
+        if c is not None:
+            c.spoke = True
 
     def body(self, proto, n: int) -> None:
         c = self.conns.get(proto)
@@ -170,7 +175,8 @@ class ConnectionGuard:
         for proto, c in late:
             self.conns.pop(proto, None)
             self.timed_out += 1
-            c.transport.write(TIMED_OUT)
+            if c.spoke:
+                c.transport.write(TIMED_OUT)
             c.transport.close()
         return len(late)
 
@@ -185,7 +191,7 @@ class ConnectionGuard:
             if oldest is not None:
                 self.conns.pop(oldest[0], None)
                 self.evicted += 1
-                if wanted == HEADERS:
+                if wanted == HEADERS and oldest[1].spoke:
                     oldest[1].transport.write(TIMED_OUT)
                 oldest[1].transport.close()
                 return True
@@ -236,6 +242,10 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
         def connection_lost(self, exc) -> None:
             guard.closed(self)
             super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            guard.heard(self)
+            super().data_received(data)
 
         def on_message_begin(self) -> None:
             guard.phase(self, HEADERS)
