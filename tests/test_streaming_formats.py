@@ -58,6 +58,7 @@ def test_openai_client_gets_audio_long_before_generation_ends(client, fmt):
     first, total, data, headers = _timed(client, fmt)
     print(f"{fmt}: first bytes after {first:.2f} s, the end after {total:.2f} s")
     assert "x-audio-seconds" not in headers  # streamed: the length is not known up front
+    assert headers["x-accel-buffering"] == "no"  # nor should a proxy hold it back
     assert total > 3.0, "the request must take seconds to make, or the check means nothing"
     assert first < 0.3 * total and first < 1.5
     pcm, rate = _decode(data, fmt)

@@ -43,6 +43,7 @@ log = logging.getLogger("vibevoice_pool")
 INLINE_FORMATS = ("wav", "pcm")
 INLINE_ENCODE_SAMPLES = 60 * 24_000  # up to a minute of audio is encoded on the loop
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+STREAM_HEADERS = {"X-Accel-Buffering": "no"}  # a proxy (nginx) passes each piece on at once
 MAX_VOICE_SECONDS = 60.0
 
 
@@ -193,7 +194,8 @@ async def stream_response(handle: RequestHandle, fmt: str) -> Response:
             if not handle.done:
                 handle.cancel()  # the client went away mid-stream
 
-    return StreamingResponse(body(), media_type=enc.content_type, headers=headers_for(handle))
+    headers = headers_for(handle) | STREAM_HEADERS
+    return StreamingResponse(body(), media_type=enc.content_type, headers=headers)
 
 
 def _short(value, limit: int = 60) -> str:

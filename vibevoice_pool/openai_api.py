@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import encoders
 from vibevoice_pool.api import (
+    STREAM_HEADERS,
     Speaker,
     SynthesizeBody,
     headers_for,
@@ -179,7 +180,7 @@ async def _sse(handle, fmt: str, extra_headers: dict):
             if not handle.done:
                 handle.cancel()
 
-    headers = headers_for(handle) | extra_headers
+    headers = headers_for(handle) | extra_headers | STREAM_HEADERS
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
