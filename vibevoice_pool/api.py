@@ -136,6 +136,8 @@ def headers_for(handle: RequestHandle, audio_s: float | None = None) -> dict:
         h["X-Worker"] = str(handle.worker)
     if audio_s is not None:
         h["X-Audio-Seconds"] = f"{audio_s:.3f}"
+    if isinstance(handle.outcome, m.Done):  # why it stopped: eos, runaway_cap, max_audio...
+        h["X-Stop-Reason"] = handle.outcome.stop_reason
     return h
 
 
@@ -315,5 +317,12 @@ def _middlewares(app: FastAPI, front: Front) -> None:
             allow_origins=list(front.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
-            expose_headers=["X-Request-Id", "X-Seed", "X-Worker", "X-Audio-Seconds", "X-Voice"],
+            expose_headers=[
+                "X-Request-Id",
+                "X-Seed",
+                "X-Worker",
+                "X-Audio-Seconds",
+                "X-Stop-Reason",
+                "X-Voice",
+            ],
         )

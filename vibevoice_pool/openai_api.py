@@ -171,6 +171,7 @@ async def _sse(handle, fmt: str, extra_headers: dict):
                         {
                             "type": "speech.audio.done",
                             "usage": {"audio_seconds": round(event_.audio_s, 3)},
+                            "stop_reason": event_.stop_reason,
                         }
                     )
                     return

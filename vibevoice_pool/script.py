@@ -6,7 +6,10 @@
 
 Numbering: if any line says "Speaker 0", numbers are 0-based (0-3), as the
 VibeVoice samples write them; otherwise 1-based (1-4), as people write them.
-At most four speakers. Every violation is BAD_INPUT naming the line.
+At most four speakers. Every violation is BAD_INPUT naming the line, and so
+is text that is not valid Unicode (a lone surrogate such as "\ud800", which
+JSON can carry but UTF-8 cannot): every route parses its script here, so such a
+script is refused with 400 before it is admitted.
 """
 
 from __future__ import annotations
@@ -23,6 +26,18 @@ def _bad(message: str) -> PoolError:
     return PoolError(ErrorKind.BAD_INPUT, message)
 
 
+def check_encodable(text: str, what: str = "the script") -> None:
+    """BAD_INPUT when `text` cannot be encoded as UTF-8 (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        line = text.count("\n", 0, exc.start) + 1
+        raise _bad(
+            f"{what} is not valid Unicode text: line {line} holds a lone surrogate "
+            f"(U+{ord(text[exc.start]):04X}); send the text as UTF-8"
+        ) from None
+
+
 def parse_script(
     text: str, *, max_chars: int = 20000, num_speakers: int | None = None
 ) -> tuple[Turn, ...]:
@@ -32,6 +47,7 @@ def parse_script(
         raise _bad("the script is empty: write at least one line, e.g. 'Speaker 1: Hello'")
     if len(text) > max_chars:
         raise _bad(f"the script has {len(text)} characters; the limit is {max_chars}")
+    check_encodable(text)
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     numbered = [(n, _PREFIX.match(line)) for n, line in lines]
     numbers = [int(mt.group(1)) for _, mt in numbered if mt]

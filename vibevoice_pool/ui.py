@@ -46,6 +46,12 @@ from workers import messages as m
 
 log = logging.getLogger("vibevoice_pool")
 
+# Stop reasons the status line explains: a cap ended the speech, not the model.
+CUT_REASONS = (
+    m.StopReason.RUNAWAY_CAP.value,
+    m.StopReason.MAX_AUDIO.value,
+    m.StopReason.CONTEXT.value,
+)
 PROGRESS_EVERY_S = 0.3  # at most this often a progress update goes to the browser
 
 
@@ -182,6 +188,9 @@ class Page:
                         wall=time.monotonic() - t0,
                         where=self.where(handle.worker),
                     )
+                    if ev.stop_reason in CUT_REASONS:  # say when a cap, not the model, ended it
+                        factor = self.front.cfg.runaway_factor
+                        text += t(lang, f"cut.{ev.stop_reason}", factor=factor)
                     yield (
                         gr.skip(),
                         progress_html("done", text, 100, handle.id),

@@ -1,0 +1,122 @@
+"""A real server on the tiny model: a script that is not valid Unicode is refused with
+400 on every route before any worker sees it, and a row cut by the runaway cap says so
+(X-Stop-Reason, the OpenAI stream's done event, the page's status line)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import pytest
+import soundfile as sf
+from conftest import Server, pid_alive, wait_until
+
+from vibevoice_pool.script import parse_script
+from workers.estimate import audio_seconds_for
+
+pytestmark = pytest.mark.slow
+
+HOP = 3200
+FACTOR = 0.5  # below the tiny model's scripted end (1x the estimate), so the cap cuts
+SURROGATE = "Speaker 1: Hello \ud800 there"
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_cache, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fidelity-server")
+    args = ["--tiny-model", "--gpus", "cpu:1", "--runaway-factor", str(FACTOR)]
+    s = Server([*args, "--cache-dir", str(tiny_cache)], tmp)
+    pids: list[int] = []
+    try:
+        s.wait_ready(timeout=180)
+        pids = s.worker_pids()
+        yield s
+    finally:
+        s.stop()
+        for pid in pids:
+            wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
+
+
+def raw_json(obj: dict) -> dict:
+    """The body as JSON text with \\uXXXX escapes: a lone surrogate is valid JSON."""
+    body = json.dumps(obj, ensure_ascii=True).encode("ascii")
+    return {"content": body, "headers": {"content-type": "application/json"}}
+
+
+def workers_failed(s: Server) -> list[int]:
+    return [w["failed"] for w in s.get("/v1/pool").json()["workers"]]
+
+
+ROUTES = {
+    "synthesize": ("/v1/synthesize", {"script": SURROGATE}),
+    "speech": ("/v1/audio/speech", {"model": "tts-1", "input": SURROGATE, "voice": "alloy"}),
+    "jobs": ("/v1/jobs", {"script": SURROGATE}),
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_a_lone_surrogate_is_a_400_on_every_http_route(srv, route):
+    pids = sorted(srv.worker_pids())
+    path, body = ROUTES[route]
+    r = httpx.post(srv.url + path, timeout=30, **raw_json(body))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "lone surrogate" in error["message"] and "UTF-8" in error["message"]
+    assert error["code"] == "bad_input"
+    assert sorted(srv.worker_pids()) == pids and workers_failed(srv) == [0]
+    assert srv.get("/ready").status_code == 200
+    assert "UnicodeEncodeError" not in srv.log()
+
+
+def test_a_lone_surrogate_through_the_page_says_what_to_fix(srv):
+    """The page's generate call, as a browser sends it (JSON.stringify writes a lone
+    surrogate as \\ud800; gradio_client cannot even encode it)."""
+    pids = sorted(srv.worker_pids())
+    data = [SURROGATE, 1, None, None, None, None, 1.3, 10, 1]
+    r = httpx.post(srv.url + "/gradio_api/call/generate", timeout=30, **raw_json({"data": data}))
+    assert r.status_code == 200, r.text
+    event_id = r.json()["event_id"]
+    with httpx.stream("GET", f"{srv.url}/gradio_api/call/generate/{event_id}", timeout=60) as r:
+        lines = list(r.iter_lines())
+    events = [line.split(":", 1)[1].strip() for line in lines if line.startswith("event:")]
+    assert events[-1] == "error", lines
+    assert any("lone surrogate" in line for line in lines), lines
+    assert sorted(srv.worker_pids()) == pids and workers_failed(srv) == [0]
+    assert "UnicodeEncodeError" not in srv.log()
+
+
+def cut_samples(script: str) -> int:
+    est = audio_seconds_for("\n".join(t.text for t in parse_script(script)))
+    return max(1, int(FACTOR * est * 24000 // HOP)) * HOP
+
+
+def test_a_row_cut_by_the_runaway_cap_says_so_on_every_route(srv, tmp_path, monkeypatch):
+    script = "Speaker 1: The tiny model never ends its speech by itself, so the cap must."
+    r = srv.post("/v1/synthesize", json={"script": script, "seed": 3}, timeout=180)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-stop-reason"] == "runaway_cap"
+    audio, _ = sf.read(io.BytesIO(r.content), dtype="float32")
+    assert len(audio) == cut_samples(script)
+
+    speech = {"model": "tts-1", "input": script, "voice": "alloy", "stream_format": "sse"}
+    with httpx.stream("POST", srv.url + "/v1/audio/speech", json=speech, timeout=180) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "speech.audio.done"
+    assert events[-1]["stop_reason"] == "runaway_cap"
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert pcm  # audio came before the done event
+
+    from gradio_client import Client
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    client = Client(srv.url, download_files=str(tmp_path), verbose=False, analytics_enabled=False)
+    try:
+        _, progress, _ = client.predict(
+            script, 1, None, None, None, None, 1.3, 10, 3, api_name="/generate"
+        )
+    finally:
+        client.close()
+    assert "runaway cap" in progress and f"{FACTOR:g}x" in progress
