@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import wave
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import soundfile as sf
 
 from vibevoice_pool.audio import (
     SUPPORTED_FORMATS,
-    StreamEncoder,
     TooLarge,
     decode_base64_upload,
     decode_upload,
@@ -96,46 +94,6 @@ def test_encode_clips_loud_input():
     data, _ = encode(np.array([2.0, -2.0, 0.25], np.float32), "wav")
     back, _ = sf.read(io.BytesIO(data), dtype="int16")
     assert back.tolist() == [32767, -32767, 8192]
-
-
-# ---- streaming ---------------------------------------------------------------
-
-
-def test_stream_wav_is_readable_with_unknown_length():
-    enc = StreamEncoder("wav")
-    chunks = [tone(0.3, freq=220), tone(0.2, freq=330), tone(0.1)]
-    body = enc.start() + b"".join(enc.push(c) for c in chunks) + enc.end()
-    assert body.startswith(wav_header_for_stream()) and enc.streams
-    assert enc.content_type == "audio/wav" and enc.samples == sum(map(len, chunks))
-    back, rate = sf.read(io.BytesIO(body), dtype="float32")
-    assert rate == SAMPLE_RATE and len(back) == enc.samples
-    assert np.max(np.abs(back - np.concatenate(chunks))) < 1e-3
-    with wave.open(io.BytesIO(body)) as w:  # the stdlib reader copes too
-        assert w.getframerate() == SAMPLE_RATE and w.getsampwidth() == 2
-        assert len(w.readframes(10**9)) == 2 * enc.samples
-
-
-def test_stream_pcm_is_raw_and_immediate():
-    enc = StreamEncoder("pcm")
-    assert enc.start() == b""
-    part = enc.push(tone(0.1))
-    assert len(part) == 2 * int(0.1 * SAMPLE_RATE) and enc.end() == b""
-
-
-@pytest.mark.parametrize("fmt", ["mp3", "flac", "opus"])
-def test_stream_buffered_formats_emit_whole_file_at_end(fmt):
-    enc = StreamEncoder(fmt)
-    assert not enc.streams
-    assert enc.start() == b"" and enc.push(tone(0.3)) == b"" and enc.push(tone(0.2)) == b""
-    body = enc.end()
-    back, rate = sf.read(io.BytesIO(body), dtype="float32")
-    assert rate == SAMPLE_RATE and abs(len(back) - int(0.5 * SAMPLE_RATE)) < 0.05 * SAMPLE_RATE
-
-
-def test_stream_unsupported_format():
-    with pytest.raises(PoolError) as e:
-        StreamEncoder("ogg-vorbis")
-    assert "wav" in bad_input(e)
 
 
 # ---- decode ----------------------------------------------------------------

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import io
 import threading
+import wave
 
 import av
 import numpy as np
 import pytest
+import soundfile as sf
 
+from vibevoice_pool.audio import wav_header_for_stream
 from vibevoice_pool.encoders import SUPPORTED_FORMATS, StreamEncoder, check_format, encode
 from workers.messages import SAMPLE_RATE, PoolError
 
@@ -80,3 +83,16 @@ def test_formats_are_checked_and_listed():
     with pytest.raises(PoolError) as err:
         StreamEncoder("vorbis")
     assert all(f in err.value.message for f in SUPPORTED_FORMATS)
+
+
+def test_streamed_wav_reads_back_exactly_with_unknown_length():
+    enc = StreamEncoder("wav")
+    chunks = [tone(0.3, freq=220), tone(0.2, freq=330), tone(0.1)]
+    body = enc.start() + b"".join(enc.push(c) for c in chunks) + enc.end()
+    assert body.startswith(wav_header_for_stream()) and enc.content_type == "audio/wav"
+    back, rate = sf.read(io.BytesIO(body), dtype="float32")
+    assert rate == SAMPLE_RATE and len(back) == enc.samples == sum(map(len, chunks))
+    assert np.max(np.abs(back - np.concatenate(chunks))) < 1e-3
+    with wave.open(io.BytesIO(body)) as w:  # the stdlib reader copes too
+        assert w.getframerate() == SAMPLE_RATE and w.getsampwidth() == 2
+        assert len(w.readframes(10**9)) == 2 * enc.samples

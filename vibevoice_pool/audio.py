@@ -2,8 +2,8 @@
 
 Owns: turning uploaded voice samples (wav/mp3/flac/ogg bytes, or base64 text)
 into float32 mono 24 kHz numpy arrays, and turning the float32 audio the
-workers send back into response bytes (wav, mp3, flac, opus, raw pcm), whole
-or as a stream. Crossing its border: numpy arrays at workers.messages
+workers send back into whole files (wav, mp3, flac, opus, raw pcm; streams and
+aac are vibevoice_pool.encoders', built on these). Crossing its border: numpy arrays at workers.messages
 SAMPLE_RATE on one side, bytes plus a content type on the other. Every
 problem with user input is a PoolError(BAD_INPUT) whose message says what was
 wrong and what to do; an upload over the byte limit is TooLarge (HTTP 413).
@@ -263,40 +263,3 @@ def wav_header_for_stream(sample_rate: int = SAMPLE_RATE, channels: int = 1) -> 
         b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + fmt_chunk
         + b"data" + struct.pack("<I", 0xFFFFFFFF)
     )  # fmt: skip
-
-
-class StreamEncoder:
-    """Encodes audio as it arrives, for streaming responses.
-
-    wav: start() gives a header with an unknown (maximal) length, each push()
-    gives its chunk as 16-bit PCM at once. pcm: raw 16-bit little-endian at
-    once, no header. mp3, flac and opus buffer every chunk and emit the whole
-    file from end() (their containers want the total length or whole frames);
-    `streams` is False for them, so a caller can tell the client.
-    Use: start(), push() per chunk, end() once.
-    """
-
-    def __init__(self, fmt: str):
-        self.format = _check_format(fmt)
-        self.content_type = content_type(self.format)
-        self.streams = self.format in ("wav", "pcm")
-        self._held: list[np.ndarray] = []
-        self.samples = 0  # samples pushed so far
-
-    def start(self) -> bytes:
-        return wav_header_for_stream() if self.format == "wav" else b""
-
-    def push(self, pcm: np.ndarray) -> bytes:
-        x = _mono(pcm)
-        self.samples += len(x)
-        if self.streams:
-            return to_int16(x).astype("<i2").tobytes()
-        self._held.append(x.copy())
-        return b""
-
-    def end(self) -> bytes:
-        if self.streams:
-            return b""
-        held = np.concatenate(self._held) if self._held else np.zeros(0, np.float32)
-        self._held = []
-        return encode(held, self.format)[0]
