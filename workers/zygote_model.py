@@ -2,8 +2,8 @@
 
 Everything `VibeVoiceEngine.load()` and a first `synthesize` import lazily is
 imported here once, so a forked worker spends its boot on the checkpoint, not
-on imports (about 3.5 s of imports on a 2-core machine). Imports only: no
-tensor is made, no device is asked about. A module missing from this
+on imports (about 3.5 s of imports on a 2-core machine). Imports and
+pure-Python tables only: no tensor is made, no device is asked about. A module missing from this
 transformers release is skipped: the worker then imports what it needs itself.
 """
 
@@ -33,6 +33,7 @@ MODULES = (
     "transformers.generation.logits_process",
     "transformers.generation.stopping_criteria",
     "safetensors.torch",
+    "transformers.models.audioflamingo3",  # the processor's auto classes look it up
     # the first generate: the diffusion scheduler
     "diffusers.schedulers.scheduling_dpmsolver_multistep",
     # this project's engine
@@ -41,6 +42,10 @@ MODULES = (
     "workers.vibevoice_noise",
     "workers.convert",
     "workers.tiny",
+    "workers.vibevoice_prompt",
+    "workers.step_engine",
+    "workers.step_caches",
+    "workers.step_rows",
 )
 NAMES = ("VibeVoiceForConditionalGeneration", "VibeVoiceProcessor", "Qwen2TokenizerFast")
 
@@ -55,5 +60,15 @@ for _name in NAMES:  # transformers resolves these lazily: resolve them now
         getattr(transformers, _name)
     except (AttributeError, ImportError):
         missing.append(f"transformers.{_name}")
+
+# transformers builds its table of checkpoint renamings (about 1,400 compiled
+# patterns, pure Python) at a process's first from_pretrained: build it here
+# once, and every forked worker inherits it.
+try:
+    from transformers import conversion_mapping
+
+    conversion_mapping.get_checkpoint_conversion_mapping("vibevoice")
+except (ImportError, AttributeError):
+    missing.append("transformers.conversion_mapping")
 
 IMPORT_S = time.monotonic() - _T0
