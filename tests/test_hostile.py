@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import resource
 import socket
 import subprocess
@@ -70,8 +71,6 @@ class LimitedServer(Server):
 
         def limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-
-        import os
 
         env = dict(os.environ, TMPDIR=str(tmp_path))
         self.proc = subprocess.Popen(
@@ -229,7 +228,7 @@ def test_a_body_trickled_byte_by_byte_is_cut(srv):
         answer = b""
         while time.monotonic() - t0 < 40 and not answer:
             try:
-                s.sendall(b" ")  # one byte a second: far under body_min_rate
+                s.sendall(b" ")  # a byte every 2 s (the recv timeout): the rate
                 answer = s.recv(4096)
             except TimeoutError:
                 continue
