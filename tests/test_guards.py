@@ -22,7 +22,7 @@ from vibevoice_pool.connections import (
     ConnectionGuard,
     connection_cap,
 )
-from vibevoice_pool.login_throttle import LoginThrottle
+from vibevoice_pool.login_throttle import LoginThrottle, client_key
 from vibevoice_pool.origin import BrowserGuard, allowed_hosts, host_allowed, is_cross_site
 
 
@@ -295,9 +295,9 @@ def test_parallel_guesses_count_before_they_answer():
     login = Login()
     for _ in range(7):
         login.attempt("guess")
-    login.throttle.pending["10.0.0.1"] = 1  # one guess still being checked
+    login.throttle._count("10.0.0.1", 1)  # one guess still being checked
     assert login.attempt("guess")[0] == 429  # the eighth is that one, not this
-    del login.throttle.pending["10.0.0.1"]  # it answered (without a failure)
+    login.throttle._count("10.0.0.1", -1)  # it answered (without a failure)
     assert login.attempt("guess")[0] == 400
     assert login.attempt("guess")[0] == 429
     assert not login.throttle.pending  # nothing left counted as in flight
@@ -330,3 +330,23 @@ def test_decodes_beyond_the_slots_wait_then_get_overloaded(monkeypatch):
         assert len(audio.decode_upload(wav, max_bytes=10**6, max_seconds=5)) == 2400
     finally:
         audio.set_decode_slots(2)
+
+
+def test_addresses_that_one_client_can_change_at_will_count_as_one():
+    assert client_key("127.0.0.1") == client_key("127.8.9.10") == client_key("::1") == "loopback"
+    assert client_key("::ffff:127.0.0.2") == "loopback"
+    assert client_key("2001:db8::1") == client_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert client_key("10.0.0.1") != client_key("10.0.0.2")
+    login = Login()
+    for i in range(8):
+        assert login.attempt("guess", address=f"127.0.0.{i + 1}")[0] == 400
+    assert login.attempt("guess", address="127.1.2.3")[0] == 429
+
+
+def test_many_addresses_together_are_capped_too():
+    login = Login()
+    login.throttle.global_lock_after = 20
+    for i in range(20):  # two failures each from ten addresses: none locked alone
+        assert login.attempt("guess", address=f"10.0.1.{i % 10}")[0] == 400
+    status, headers = login.attempt(GOOD, address="10.0.2.1")
+    assert status == 429 and int(headers[b"retry-after"]) == 300

@@ -8,15 +8,21 @@ Each address has a sliding window of its failed logins (window_s):
                                failures leave the window), without asking
                                Gradio; a correct key is refused too until then
 With the defaults (window_s 300) an address tries at most 8 passwords in 5
-minutes.
-A successful login clears the address. The address is the socket's peer (the
-server does not trust X-Forwarded-For: behind a proxy every client shares the
-proxy's address, and the proxy should throttle logins itself).
+minutes. A successful login clears the address.
+
+The address is the socket's peer (the server does not trust X-Forwarded-For:
+behind a proxy every client shares the proxy's address, and the proxy should
+throttle logins itself), grouped so that it cannot be changed at will: all of
+127.0.0.0/8 is one address (any local process may bind any of them), an IPv6
+address counts as its /64. Across all addresses, global_lock_after (100)
+failures in the window lock the login for everyone, so many addresses at once
+still guess at most that many keys per window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import time
 from collections import OrderedDict, deque
@@ -26,6 +32,22 @@ from vibevoice_pool.origin import send_error
 
 LOGIN_PATHS = ("/login", "/login/")
 MAX_ADDRESSES = 10_000  # addresses remembered at once; the least recent go first
+ALL = "*"  # the key of every address together
+
+
+def client_key(host: str) -> str:
+    """The address a login failure counts against (see the module doc)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class LoginThrottle:
@@ -36,6 +58,7 @@ class LoginThrottle:
         window_s: float = 300.0,
         slow_after: int = 3,
         lock_after: int = 8,
+        global_lock_after: int = 100,
         max_delay_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] = asyncio.sleep,
@@ -45,6 +68,7 @@ class LoginThrottle:
         self.window_s = window_s
         self.slow_after = slow_after
         self.lock_after = lock_after
+        self.global_lock_after = global_lock_after
         self.max_delay_s = max_delay_s
         self.clock = clock
         self.sleep = sleep
@@ -69,27 +93,40 @@ class LoginThrottle:
             return 0.0
         return min(self.max_delay_s, 0.25 * 2 ** (failures - self.slow_after))
 
-    def retry_after(self, address: str, now: float) -> int | None:
-        """Seconds until `address` may try again, or None when it may now."""
-        seen = self._recent(address, now)
-        over = len(seen) + self.pending.get(address, 0) - self.lock_after
+    def _wait(self, key: str, limit: int, now: float) -> int | None:
+        seen = self._recent(key, now)
+        over = len(seen) + self.pending.get(key, 0) - limit
         if over < 0:
             return None
         if over >= len(seen):  # only attempts still being checked: a moment
             return 1
-        # the failure whose expiry brings the count under lock_after
-        ends = seen[over] + self.window_s
-        return max(1, math.ceil(ends - now))
+        # the failure whose expiry brings the count under the limit
+        return max(1, math.ceil(seen[over] + self.window_s - now))
+
+    def retry_after(self, address: str, now: float) -> int | None:
+        """Seconds until `address` may try again, or None when it may now."""
+        mine = self._wait(address, self.lock_after, now)
+        everyone = self._wait(ALL, self.global_lock_after, now)
+        waits = [w for w in (mine, everyone) if w is not None]
+        return max(waits) if waits else None
 
     def _record(self, address: str, ok: bool) -> None:
         if ok:
             self.failures.pop(address, None)
             return
-        seen = self.failures.setdefault(address, deque())
-        seen.append(self.clock())
-        self.failures.move_to_end(address)
+        for key in (address, ALL):
+            seen = self.failures.setdefault(key, deque())
+            seen.append(self.clock())
+            self.failures.move_to_end(key)
         while len(self.failures) > MAX_ADDRESSES:
             self.failures.popitem(last=False)
+
+    def _count(self, key: str, step: int) -> None:
+        left = self.pending.get(key, 0) + step
+        if left:
+            self.pending[key] = left
+        else:
+            self.pending.pop(key, None)
 
     async def __call__(self, scope, receive, send):
         if (
@@ -98,7 +135,7 @@ class LoginThrottle:
             or scope.get("path") not in LOGIN_PATHS
         ):
             return await self.app(scope, receive, send)
-        address = (scope.get("client") or ("?", 0))[0]
+        address = client_key((scope.get("client") or ("?", 0))[0])
         now = self.clock()
         wait = self.retry_after(address, now)
         if wait is not None:
@@ -108,11 +145,12 @@ class LoginThrottle:
                 send,
                 429,
                 "login_throttled",
-                f"too many failed logins from this address; try again in {wait} s",
+                f"too many failed logins; try again in {wait} s",
                 [(b"retry-after", str(wait).encode())],
             )
         delay = self.delay_for(len(self._recent(address, now)) + self.pending.get(address, 0))
-        self.pending[address] = self.pending.get(address, 0) + 1
+        self._count(address, 1)
+        self._count(ALL, 1)
         status = 0
 
         async def watching_send(message):
@@ -126,11 +164,8 @@ class LoginThrottle:
                 await self.sleep(delay)
             await self.app(scope, receive, watching_send)
         finally:
-            left = self.pending[address] - 1
-            if left:
-                self.pending[address] = left
-            else:
-                del self.pending[address]
+            self._count(address, -1)
+            self._count(ALL, -1)
             if status == 200:
                 self._record(address, True)
             elif status >= 400:
