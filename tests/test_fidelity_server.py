@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -120,3 +121,39 @@ def test_a_row_cut_by_the_runaway_cap_says_so_on_every_route(srv, tmp_path, monk
     finally:
         client.close()
     assert "runaway cap" in progress and f"{FACTOR:g}x" in progress
+
+
+def test_real_weights_get_no_synthetic_voices_and_say_whose_voice_speaks(tiny_model_dir, tmp_path):
+    """A checkpoint that is not the tiny model (the tiny weights without their marker)
+    stands for real weights: the tone presets are neither written nor offered, even when
+    a tiny-model run left them in the folder, and a speaker without a sample speaks in
+    the model's own voice (no voice prompt)."""
+    import shutil
+
+    from vibevoice_pool.voices import ensure_demo_voices
+
+    real = tmp_path / "real-weights"
+    shutil.copytree(tiny_model_dir, real, ignore=shutil.ignore_patterns("TINY_MODEL"))
+    voices = tmp_path / "voices"
+    ensure_demo_voices(voices)  # left behind by an earlier tiny-model run
+    args = ["--model_path", str(real), "--gpus", "cpu:1", "--voices-dir", str(voices)]
+    s = Server(args, tmp_path)
+    try:
+        s.wait_ready(timeout=180)
+        listed = s.get("/v1/voices").json()
+        assert listed["voices"] == [] and "model's own voice" in listed["note"]
+        assert f"No voice presets in {voices}" in s.log() and "POST /v1/voices" in s.log()
+        r = s.post("/v1/synthesize", json={"script": "Speaker 1: Hi.", "seed": 1}, timeout=180)
+        assert r.status_code == 200, r.text
+        body = {"model": "tts-1", "input": "Hello.", "voice": "alloy", "response_format": "wav"}
+        r = s.post("/v1/audio/speech", json=body, timeout=180)
+        assert r.status_code == 200, r.text
+        assert unquote(r.headers["x-voice"]) == "none (the model's own voice)"
+        r = s.post(
+            "/v1/synthesize",
+            json={"script": "Speaker 1: Hi.", "speakers": [{"voice": "demo-Alice_woman"}]},
+            timeout=30,
+        )
+        assert r.status_code == 400 and "unknown voice" in r.json()["error"]["message"]
+    finally:
+        s.stop()

@@ -211,3 +211,20 @@ def test_demo_voices_created_once(tmp_path):
 def test_demo_voices_not_written_next_to_real_ones(folder):
     assert ensure_demo_voices(folder) == []
     assert not [p for p in os.listdir(folder) if p.startswith("demo-")]
+
+
+def test_demo_voices_are_written_and_offered_only_for_synthetic_engines(tmp_path):
+    from vibevoice_pool.voices import prepare_voices
+
+    real_dir, tiny_dir = tmp_path / "real", tmp_path / "tiny"
+    made, line = prepare_voices(real_dir, synthetic=False)
+    assert made == [] and not list(real_dir.iterdir())
+    assert "model's own voice" in line and str(real_dir) in line
+    made, line = prepare_voices(tiny_dir, synthetic=True)
+    assert len(made) == 4 and "synthetic demo voices" in line
+    lib = VoiceLibrary(tiny_dir, max_bytes=10**7, max_seconds=60, offer_demo=False)
+    assert lib.names() == []  # tones left by a tiny run are not offered to real weights
+    with pytest.raises(PoolError):
+        lib.resolve(made[0])
+    assert prepare_voices(tiny_dir, synthetic=False)[1]  # still says: no presets
+    assert VoiceLibrary(tiny_dir, max_bytes=10**7, max_seconds=60).names() == sorted(made)

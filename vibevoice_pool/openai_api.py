@@ -52,6 +52,7 @@ from vibevoice_pool.api import (
     stream_response,
 )
 from vibevoice_pool.errors import error_response, plain_error
+from vibevoice_pool.voices import MODEL_VOICE
 from workers import messages as m
 
 OPENAI_VOICES = (
@@ -103,13 +104,16 @@ def _bad(message: str) -> m.PoolError:
     return m.PoolError(m.ErrorKind.BAD_INPUT, message)
 
 
-def resolve_voice(library, voice: str) -> str:
-    """The preset a requested voice means (see the module docstring)."""
+def resolve_voice(library, voice: str) -> str | None:
+    """The preset a requested voice means (see the module docstring); None for an OpenAI
+    voice name when there are no presets: the model speaks in its own voice."""
     try:
         return library.match(voice)
     except m.PoolError:
         names = library.names()
-        if voice.strip().lower() in OPENAI_VOICES and names:
+        if voice.strip().lower() in OPENAI_VOICES:
+            if not names:
+                return None
             return names[OPENAI_VOICES.index(voice.strip().lower()) % len(names)]
         raise
 
@@ -228,7 +232,7 @@ def install(app: FastAPI, front) -> None:
         stream = streams(body, fmt)
         synth = SynthesizeBody(
             script=body.input,
-            speakers=[Speaker(voice=preset)],
+            speakers=[Speaker(voice=preset)] if preset else [],
             cfg_scale=body.cfg_scale,
             inference_steps=body.inference_steps,
             seed=body.seed,
@@ -237,7 +241,7 @@ def install(app: FastAPI, front) -> None:
         )
         req = await asyncio.to_thread(front.build_request, synth)
         handle = pool.submit(req)
-        extra = {"X-Voice": quote(preset), "X-Model": quote(body.model)}
+        extra = {"X-Voice": quote(preset or MODEL_VOICE), "X-Model": quote(body.model)}
         if body.stream_format == "sse":
             return await _sse(handle, fmt, extra)
         if stream:

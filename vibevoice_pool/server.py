@@ -55,7 +55,8 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     $VIBEVOICE_POOL_CORS_ORIGINS."""
     from vibevoice_pool.api import MAX_UPLOAD_BYTES, MAX_VOICE_SECONDS, Front
     from vibevoice_pool.auth import KeyFileError, key_ring, resolve_api_key
-    from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
+    from vibevoice_pool.voices import VoiceLibrary, prepare_voices
+    from workers.tiny import is_tiny_model
 
     env = os.environ if environ is None else environ
     key = resolve_api_key(cfg.api_key, env)
@@ -77,13 +78,17 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     origins = tuple(o.strip() for o in listed.split(",") if o.strip())
 
     folder = config_mod.voices_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    made = ensure_demo_voices(folder)
-    if made:
-        log.info(
-            "Wrote %d demo voices to %s (put your own wav/mp3/flac/ogg there)", len(made), folder
-        )
-    voices = VoiceLibrary(folder, max_bytes=MAX_UPLOAD_BYTES, max_seconds=MAX_VOICE_SECONDS)
+    # The synthetic demo voices are tones: offered only to the tiny model and the sim.
+    synthetic = cfg.engine == "sim" or cfg.tiny_model or is_tiny_model(cfg.model_path or ".")
+    _, line = prepare_voices(folder, synthetic=synthetic)
+    if line:
+        log.info("%s", line)
+    voices = VoiceLibrary(
+        folder,
+        max_bytes=MAX_UPLOAD_BYTES,
+        max_seconds=MAX_VOICE_SECONDS,
+        offer_demo=synthetic,
+    )
     return Front(pool, voices, cfg, cors_origins=origins, keys=keys)
 
 

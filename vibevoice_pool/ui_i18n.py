@@ -25,6 +25,8 @@ EN: dict[str, str] = {
     "script_placeholder": "Speaker 1: Hello and welcome.\nSpeaker 2: Thanks, glad to be here.",
     "speakers": "Number of speakers",
     "speaker_voice": "Speaker {n} voice",
+    "no_voices": "No voice presets yet: without a sample this speaker speaks in the "
+    "model's own voice. Add one under \"Add a voice\" or in the voices folder.",
     "settings": "Generation settings",
     "cfg_scale": "CFG scale (guidance)",
     "steps": "Diffusion steps",
@@ -96,6 +98,7 @@ ZH: dict[str, str] = {
     "script_placeholder": "Speaker 1: 大家好，欢迎收听。\nSpeaker 2: 谢谢，很高兴来到这里。",
     "speakers": "说话人数量",
     "speaker_voice": "说话人 {n} 的声音",
+    "no_voices": "还没有预设声音：没有样本时，该说话人使用模型自己的声音。可在“添加声音”或声音文件夹中添加。",
     "settings": "生成设置",
     "cfg_scale": "CFG 系数（引导强度）",
     "steps": "扩散步数",

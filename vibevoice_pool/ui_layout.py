@@ -111,6 +111,7 @@ def _generate_tab(page, i18n) -> list:
                 names,
                 value=names[i % len(names)] if names else None,
                 label=i18n(f"speaker_voice_{i + 1}"),
+                info=None if names else i18n("no_voices"),  # the model's own voice
                 visible=i < 2,
                 elem_id=f"vv-voice-{i + 1}",
             )

@@ -2,8 +2,11 @@
 
 Owns: one folder of voice samples (wav, mp3, flac, ogg files named like
 `en-Alice_woman.wav`), a cache of their decoded audio, safe file names for
-voices users add, and the synthetic demo voices written when the folder is
-empty. Crossing its border: voice names (str) in, float32 mono SAMPLE_RATE
+voices users add, and the synthetic demo voices: tones, written when the
+folder is empty and offered only with the tiny model or the simulator
+(prepare_voices). Real weights would clone a tone, so with them the demo
+voices are hidden, and a speaker without a sample gets no voice prompt: the
+model speaks in its own voice (MODEL_VOICE_NOTE). Crossing its border: voice names (str) in, float32 mono SAMPLE_RATE
 numpy arrays out (what a Request carries), upload bytes in via add(). Every
 user mistake is PoolError(BAD_INPUT) (TooLarge for oversized uploads); no
 path outside the folder is ever read, written or removed.
@@ -33,6 +36,12 @@ VOICE_EXTENSIONS: tuple[str, ...] = (
 MAX_NAME_LENGTH = 64
 LISTING_MAX_AGE_S = 2.0  # a change the folder's mtime misses is seen within this
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MODEL_VOICE = "none (the model's own voice)"  # what X-Voice says when no preset was used
+MODEL_VOICE_NOTE = (
+    "A speaker without a voice sample gets no voice prompt and speaks in the model's own "
+    "voice. Add presets by putting wav/mp3/flac/ogg files in the voices folder, with "
+    "POST /v1/voices, or on the page's voice tab; or send a sample with the request."
+)
 
 
 def _bad(message: str) -> PoolError:
@@ -108,8 +117,17 @@ def _write_atomic(folder: Path, filename: str, data: bytes) -> Path:
 class VoiceLibrary:
     """The voices in one folder. Thread-safe; the folder may change underneath."""
 
-    def __init__(self, folder: str | os.PathLike, *, max_bytes: int, max_seconds: float):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        *,
+        max_bytes: int,
+        max_seconds: float,
+        offer_demo: bool = True,
+    ):
+        """`offer_demo=False` (real weights) hides the synthetic demo voices."""
         self.folder = Path(folder)
+        self.offer_demo = offer_demo
         self.max_bytes = max_bytes
         self.max_seconds = max_seconds
         self._lock = threading.Lock()
@@ -129,6 +147,8 @@ class VoiceLibrary:
         if listed is not None and listed[0] == stamp and now - listed[1] < LISTING_MAX_AGE_S:
             return listed[2]
         found = _list_voices(self.folder)
+        if not self.offer_demo:
+            found = {n: p for n, p in found.items() if n not in _DEMO_VOICES}
         self._listed = (stamp, now, found)
         return found
 
@@ -267,6 +287,25 @@ def _demo_tone(f0: float, seconds: float = 3.5, seed: int = 0) -> np.ndarray:
     fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.05)
     out = voice * syllables * fade
     return (0.5 * out / np.max(np.abs(out))).astype(np.float32)
+
+
+def prepare_voices(folder: str | os.PathLike, *, synthetic: bool) -> tuple[list[str], str]:
+    """Ready the presets folder at launch: the demo voices written (only when `synthetic`,
+    the tiny model or the simulator, and the folder holds none), and a line for the log."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    if synthetic:
+        made = ensure_demo_voices(path)
+        if made:
+            return made, (
+                f"Wrote {len(made)} synthetic demo voices to {path} (tones, for the tiny model "
+                "and the simulator; put your own wav/mp3/flac/ogg there)"
+            )
+        return [], ""
+    real = [n for n in _list_voices(path) if n not in _DEMO_VOICES]
+    if real:
+        return [], ""
+    return [], f"No voice presets in {path}. {MODEL_VOICE_NOTE}"
 
 
 def ensure_demo_voices(folder: str | os.PathLike) -> list[str]:

@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vibevoice_pool.errors import body_parse_message, plain_error
-from vibevoice_pool.voices import safe_voice_name
+from vibevoice_pool.voices import MODEL_VOICE_NOTE, safe_voice_name
 from workers.messages import ErrorKind, PoolError
 
 FORM_HINT = (
@@ -123,7 +123,10 @@ def install(app: FastAPI, front) -> None:
 
     @app.get("/v1/voices")
     async def list_voices():
-        return {"voices": [{"name": n} for n in library.names()]}
+        names = library.names()
+        if not names:  # say what a speaker without a sample sounds like
+            return {"voices": [], "note": MODEL_VOICE_NOTE}
+        return {"voices": [{"name": n} for n in names]}
 
     @app.post("/v1/voices", status_code=201, openapi_extra=UPLOAD_DOC)
     async def add_voice(request: Request):
