@@ -350,3 +350,25 @@ def test_many_addresses_together_are_capped_too():
         assert login.attempt("guess", address=f"10.0.1.{i % 10}")[0] == 400
     status, headers = login.attempt(GOOD, address="10.0.2.1")
     assert status == 429 and int(headers[b"retry-after"]) == 300
+
+
+def test_the_page_upload_and_presets_on_disk_meet_the_same_header_checks(tmp_path):
+    """The page's voice upload (ui.Page.add_voice) and presets on disk go through
+    VoiceLibrary, which decodes with audio.decode_upload like every route."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from vibevoice_pool.voices import VoiceLibrary
+    from workers.messages import PoolError
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((96_000, 8), np.float32), 96_000, format="FLAC")
+    bomb = buf.getvalue()
+    library = VoiceLibrary(tmp_path, max_bytes=10 << 20, max_seconds=60)
+    with pytest.raises(PoolError, match="8 channels"):
+        library.add("page-upload", bomb)
+    (tmp_path / "dropped.flac").write_bytes(bomb)  # a file put in the folder by hand
+    with pytest.raises(PoolError, match="voice preset 'dropped' has 8 channels"):
+        library.resolve("dropped")
