@@ -1,0 +1,216 @@
+"""A respawn on a GPU: CUDA init and the weight copy, and who holds GPU memory.
+
+Runs where a GPU is lent (nothing here works without one but the checks that
+say so). With a model folder in the HF layout (`--model DIR`, or
+`--build-full-size DIR` to save VibeVoice-1.5B's architecture with random
+weights there first, about 5 GB, with bench_gpu_1p5b.full_size_config):
+
+    1. starts the zygote as a pool does and checks it: no CUDA driver or
+       /dev/nvidia* mapped, one thread;
+    2. holds the weights in memory as a pool does (vibevoice_pool/warm_weights.py);
+    3. forks a worker from the zygote that pins its GPU, then times
+       - CUDA init: the first CUDA call (driver, context) to a synchronised op,
+       - weight copy: the held safetensors mapped and copied to the GPU (bytes/s),
+       - the engine's whole load() as a worker runs it (from the held folder);
+    4. while that worker holds its context, asks nvidia-smi which processes hold
+       GPU memory: only the worker may (not the parent, not the zygote).
+
+    python bench/gpu_respawn.py --build-full-size /tmp/vv15 --out gpu_respawn.json
+    python bench/gpu_respawn.py --model DIR --out gpu_respawn.json
+
+`respawn_on_gpu(model_dir)` and `gpu_memory_holders()` are the functions other
+benchmarks (bench_gpu_1p5b.py) can call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def gpu_memory_holders() -> dict[int, int] | None:
+    """{pid: MiB} of the processes holding GPU memory, from nvidia-smi; None when
+    nvidia-smi is missing or fails. (In a container with its own pid namespace
+    nvidia-smi may list no process, or host pids: the caller says so.)"""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    cmd = [exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    holders: dict[int, int] = {}
+    for line in out.strip().splitlines():
+        pid, _, mib = line.partition(",")
+        if pid.strip().isdigit():
+            holders[int(pid)] = int(mib.strip() or 0) if mib.strip().isdigit() else 0
+    return holders
+
+
+def worker_measure(model_dir: str, device: int, results, release) -> None:
+    """In a worker forked from the zygote: pin, init CUDA, copy the weights, load."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(device)  # before any CUDA call
+    import torch
+    from safetensors.torch import load_file
+
+    out: dict = {"pid": os.getpid(), "cuda_initialized_at_fork": torch.cuda.is_initialized()}
+    t0 = time.monotonic()
+    torch.cuda.init()
+    torch.empty(1, device="cuda:0")
+    torch.cuda.synchronize()
+    out["cuda_init_s"] = time.monotonic() - t0
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    t0 = time.monotonic()
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))  # mapped from the held memory files
+    out["map_s"] = time.monotonic() - t0
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    t0 = time.monotonic()
+    on_gpu = {k: t.to("cuda:0", non_blocking=False) for k, t in state.items()}
+    torch.cuda.synchronize()
+    out["copy_s"] = time.monotonic() - t0
+    out["weight_bytes"] = nbytes
+    out["copy_gb_per_s"] = nbytes / out["copy_s"] / 1e9 if out["copy_s"] > 0 else None
+    del on_gpu, state
+    torch.cuda.empty_cache()
+    from workers.engine import EngineSpec, build_engine
+
+    t0 = time.monotonic()
+    engine = build_engine(EngineSpec(engine="vibevoice", model_path=model_dir, device="cuda"))
+    info = engine.load()
+    torch.cuda.synchronize()
+    out["engine_load_s"] = time.monotonic() - t0
+    out["device"] = info.name
+    results.send(out)
+    release.recv()  # hold the context while the parent asks nvidia-smi
+
+
+def respawn_on_gpu(model_dir: str, device: int = 0) -> dict:
+    """The whole check; a dict of figures and verdicts (see the module doc)."""
+    from vibevoice_pool.warm_weights import WarmWeights
+    from vibevoice_pool.zygote import Zygote
+    from workers.zygote_probe import cuda_mappings, thread_count
+
+    res: dict = {"model": model_dir, "gpu": device}
+    zygote = Zygote("vibevoice")
+    t0 = time.monotonic()
+    zygote.start(wait_s=300)
+    res["zygote_warm_s"] = time.monotonic() - t0
+    if not zygote.warm:
+        res["error"] = f"the zygote did not warm up ({zygote.off_reason or 'timeout'})"
+        return res
+    with open(f"/proc/{zygote.pid}/maps") as f:
+        res["zygote_cuda_mappings"] = cuda_mappings(f.read())
+    res["zygote_threads"] = thread_count(zygote.pid)
+    held = WarmWeights.hold(model_dir)
+    res["held_bytes"] = held.nbytes if held else 0
+    res["hold_s"] = held.copy_s if held else None
+    path = held.path if held else model_dir
+    ctx, _ = zygote.context()
+    results_r, results_w = ctx.Pipe(duplex=False)
+    release_r, release_w = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=worker_measure, args=(path, device, results_w, release_r))
+    try:
+        child.start()
+        results_w.close()
+        deadline = time.monotonic() + 600
+        while not results_r.poll(1):
+            if not child.is_alive() or time.monotonic() > deadline:
+                res["error"] = f"the worker ended or hung without a result ({child.exitcode})"
+                return res
+        try:
+            res["worker"] = results_r.recv()
+        except EOFError:
+            res["error"] = f"the worker died before its result (exit {child.exitcode})"
+            return res
+        holders = gpu_memory_holders()
+        res["gpu_memory_holders"] = holders
+        others = {zygote.pid: "zygote", os.getpid(): "parent"}
+        if holders is None:
+            res["only_workers_hold_gpu_memory"] = "unknown: nvidia-smi missing or failed"
+        elif not holders:
+            res["only_workers_hold_gpu_memory"] = "unknown: nvidia-smi lists no process"
+        else:
+            wrong = [others[p] for p in holders if p in others]
+            res["only_workers_hold_gpu_memory"] = not wrong and child.pid in holders
+            res["gpu_memory_wrong_holders"] = wrong
+        with open(f"/proc/{zygote.pid}/maps") as f:  # still clean after forking a CUDA worker
+            res["zygote_cuda_mappings_after"] = cuda_mappings(f.read())
+    finally:
+        release_w.send(True)
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+        zygote.close()
+        if held:
+            held.close()
+    w = res["worker"]
+    res["respawn_estimate_s"] = w["cuda_init_s"] + w["engine_load_s"]
+    return res
+
+
+def build_full_size(folder: str) -> str:
+    """Save VibeVoice-1.5B's architecture with random weights (bf16) to `folder`, in a
+    process of its own (built on the GPU when there is one, for speed): its CUDA
+    context is gone before the checks start."""
+    code = (
+        "import sys; sys.path[:0] = sys.argv[3:]; "
+        "from gpu_respawn import _build; _build(sys.argv[1], sys.argv[2])"
+    )
+    bench, root = str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])
+    device = "cuda" if shutil.which("nvidia-smi") else "cpu"
+    subprocess.run([sys.executable, "-c", code, folder, device, bench, root], check=True)
+    return folder
+
+
+def _build(folder: str, device: str) -> None:
+    import torch
+    from bench_gpu_1p5b import full_size_config
+    from transformers import VibeVoiceForConditionalGeneration
+
+    from workers.tiny import make_tiny_model
+
+    make_tiny_model(folder)  # the tokenizer, the processor's files, the chat template
+    for f in Path(folder).glob("*.safetensors"):
+        f.unlink()
+    (Path(folder) / "TINY_MODEL").unlink(missing_ok=True)
+    with torch.device(device):
+        model = VibeVoiceForConditionalGeneration._from_config(
+            full_size_config(), dtype=torch.bfloat16
+        )
+    model.save_pretrained(folder)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="a VibeVoice folder in the HF layout")
+    ap.add_argument("--build-full-size", metavar="DIR", help="save the 1.5B architecture here")
+    ap.add_argument("--gpu", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    model = args.model
+    if args.build_full_size:
+        t0 = time.monotonic()
+        model = build_full_size(args.build_full_size)
+        print(f"built {model} in {time.monotonic() - t0:.0f} s", flush=True)
+    if not model:
+        ap.error("give --model DIR or --build-full-size DIR")
+    res = respawn_on_gpu(model, args.gpu)
+    print(json.dumps(res, indent=1, default=str))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    return 0 if "error" not in res else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
