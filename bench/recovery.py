@@ -21,10 +21,11 @@ finished), the supervisor's events (dead, ready) and every handle's audio:
     detection   kill -> the supervisor's "dead" event
     re-dispatch kill -> the requeued request's next "dispatched" event
 
-The supervisor's respawn backoff (1, 2, 4 ... s, reset after 60 s healthy) is
-not scaled with the benchmark: each worker dies two or three times here, so
-later deaths wait 2 or 4 s before the respawn. That capacity loss is part of
-the p99 during the kills.
+The supervisor's respawn rule is not scaled with the benchmark: a first death
+respawns at once, deaths in a row back off 1, 2, 4 ... s, and the count starts
+over once a worker has been ready 10 s. Each worker dies two or three times
+here, mostly far enough apart to come back at once; the time a slot is down is
+part of the p99 during the kills.
 
     python bench/recovery.py --out recovery.json [--quick]
 """

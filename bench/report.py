@@ -17,6 +17,7 @@ import bench_tiny_cpu
 import common
 import dispatch_overhead
 import recovery
+import respawn
 import scheduling
 
 GPU_SCRIPT = "bench_gpu_1p5b.py"
@@ -71,6 +72,7 @@ def render(info: dict, sections: dict, img_dir: Path, doc_path: Path) -> str:
     out += _scheduling(sections.get("scheduling"), img_dir, rel)
     out += _overhead(sections.get("overhead"), img_dir, rel)
     out += _recovery(sections.get("recovery"), img_dir, rel)
+    out += _respawn(sections.get("respawn"))
     out += _tiny(sections.get("tiny"), "tiny" in sections or not info.get("only"))
     out += _peer(sections.get("ray"))
     out += _not_run("ray" in sections)
@@ -176,6 +178,9 @@ def _targets(sections: dict) -> str:
                 common.verdict(t["ok_redispatch"]),
             ]
         )
+    d = sections.get("respawn", {}).get("data")
+    if d:
+        rows += [[what, got, common.verdict(ok)] for what, got, ok in respawn.targets(d)]
     d = sections.get("tiny", {}).get("data")
     if d:
         rows += [[what, got, common.verdict(ok)] for what, got, ok in bench_tiny_cpu.targets(d)]
@@ -412,8 +417,9 @@ def _recovery(sec, img_dir: Path, rel: str) -> list[str]:
         f"fraction of a service time (kill -> requeued p50 {k['requeue']['p50'] * 1e3:.1f} ms, "
         f"-> dispatched p50 {k['redispatch']['p50'] * 1e3:.1f} ms).",
         "- Each kill costs the killed request its work so far (it runs again from the "
-        "start, with the audio already sent skipped) and the slot its backoff plus a spawn. "
-        "The respawn backoff (1, 2, 4, 8 s ..., reset after 60 s healthy) is a constant of "
+        "start, with the audio already sent skipped) and the slot its backoff plus a respawn. "
+        "A first death respawns at once; deaths in a row back off (1, 2, 4, 8 s ..., the "
+        "count starts over once a worker has been ready 10 s): a constant of "
         "the supervisor, not scaled with this benchmark, and here each worker dies up to "
         f"{_most_kills(k)} times in {res.get('run_s', 0):.0f} s, so its later deaths keep it "
         f"down longer: dead or starting slots took {k['down_share']:.1%} of "
@@ -423,6 +429,15 @@ def _recovery(sec, img_dir: Path, rel: str) -> list[str]:
         "",
     ]
     return out
+
+
+def _respawn(sec) -> list[str]:
+    out = ["## 3b. Respawn: a killed worker serving again", ""]
+    if sec is None:
+        return out + ["`bench/respawn.py` was not run in this run.", ""]
+    if "data" not in sec:
+        return out + _failed("respawn", sec)
+    return out + [respawn.render(sec["data"]), "", *respawn.reading(sec["data"]), ""]
 
 
 def _most_kills(phase: dict) -> int:

@@ -10,6 +10,7 @@ them into the record, with the machine, the date and the command. Sections:
     scheduling.py         policies against the central-queue bound
     dispatch_overhead.py  zero-work latency, decisions/s, HTTP against a bare handler
     recovery.py           SIGKILLs at 80% load: lost, duplicated, detection, re-dispatch
+    respawn.py            SIGKILL a tiny-model worker: kill to ready, zygote against spawn
     bench_tiny_cpu.py     the real tiny model on CPU (when the file is there)
     ray_peer.py           Ray Serve beside the pool (when the file is there)
 
@@ -34,6 +35,7 @@ SECTIONS = (
     ("scheduling", "scheduling.py", 900),
     ("overhead", "dispatch_overhead.py", 600),
     ("recovery", "recovery.py", 900),
+    ("respawn", "respawn.py", 600),
 )
 TINY = ("tiny", "bench_tiny_cpu.py", 900)
 PEER = ("ray", "ray_peer.py", 900)
