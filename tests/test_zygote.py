@@ -162,3 +162,23 @@ def test_without_its_zygote_a_worker_spawns_with_identical_audio_and_the_zygote_
         assert ppid(forked) == zygote.pid
     finally:
         pool.shutdown(grace_s=0)
+
+
+def test_neither_the_zygote_nor_its_workers_outlive_a_sigkilled_parent(server):
+    import psutil
+
+    s = server("--engine", "sim", "--gpus", "cpu:2")
+    workers = s.worker_pids()
+    zygotes = [
+        p.pid
+        for p in psutil.Process(s.proc.pid).children()
+        if "multiprocessing.forkserver" in " ".join(p.cmdline())
+    ]
+    assert len(zygotes) == 1 and all(ppid(w) == zygotes[0] for w in workers)
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait(10)
+    wait_until(
+        lambda: not any(pid_alive(p) for p in workers + zygotes),
+        10,
+        what="the zygote and the workers to exit after their parent",
+    )
