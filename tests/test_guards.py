@@ -128,6 +128,7 @@ def test_at_the_cap_the_oldest_header_sender_makes_room_and_busy_ones_stay():
 
 def test_the_cap_leaves_file_handles_for_the_server():
     assert connection_cap(1000, nofile=1024) == 1024 - FD_RESERVE
+    assert connection_cap(1000, nofile=1024, in_use=100) == 1024 - 100 - FD_RESERVE
     assert connection_cap(1000, nofile=1 << 20) == 1000
 
 

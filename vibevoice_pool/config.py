@@ -92,6 +92,14 @@ SETTINGS: tuple[Setting, ...] = (
         _non_negative,
     ),
     Setting(
+        "head_compile",
+        str,
+        "",
+        "opt-in, not yet measured on a GPU: torch.compile mode of the diffusion head "
+        "(reduce-overhead = CUDA graphs per row count); empty = off",
+        _one_of(("", "default", "reduce-overhead", "max-autotune")),
+    ),
+    Setting(
         "mem_headroom_mb",
         float,
         1024.0,
@@ -238,6 +246,7 @@ class PoolConfig:
     max_batch_size: int = 1
     mem_budget_mb: float = 0.0
     mem_headroom_mb: float = 1024.0
+    head_compile: str = ""
     torch_threads: int = 1
     inference_steps: int = 10
     runaway_factor: float = 2.0

@@ -15,9 +15,11 @@ is wrapped here (uvicorn's httptools protocol, through `Config(http=...)`):
     guarded_protocol(guard) the protocol class uvicorn builds per connection
 
 A connection past its deadline gets 408 and is closed (a sweep every
-SWEEP_S); one that never sent a byte is closed without an answer. At the cap (max_connections, lowered to fit the file-handle limit
-less FD_RESERVE) a new connection evicts the oldest one still sending its
-headers, or idle; when every connection is busy the new one gets 503.
+SWEEP_S); one that never sent a byte is closed without an answer. At the cap
+(max_connections, lowered to fit the file-handle limit less the handles held
+at start and FD_RESERVE) a new connection evicts the oldest one still sending
+its headers, or else the oldest idle one; when every connection is busy the
+new one gets 503.
 Slow clients therefore cost at most a socket each, for a bounded time, and a
 new client always gets in.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -60,11 +63,20 @@ def raise_nofile() -> tuple[int, int]:
     return soft, soft
 
 
-def connection_cap(max_connections: int, nofile: int | None = None) -> int:
-    """max_connections, lowered so connections never take the last FD_RESERVE handles."""
+def open_fds() -> int:
+    """File handles this process holds now (0 where /proc cannot tell)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def connection_cap(max_connections: int, nofile: int | None = None, in_use: int = 0) -> int:
+    """max_connections, lowered so that connections never take the handles the
+    server already holds (`in_use`) nor the FD_RESERVE it may still open."""
     if nofile is None:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(16, min(max_connections, nofile - FD_RESERVE))
+    return max(16, min(max_connections, nofile - in_use - FD_RESERVE))
 
 
 def _raw_response(status: int, reason: str, code: str, message: str) -> bytes:

@@ -176,9 +176,9 @@ def _uvicorn_server(app, cfg: PoolConfig):
 
 def connection_guard(cfg: PoolConfig):
     """The deadlines and the cap of connections.py, from the settings and the file limit."""
-    from vibevoice_pool.connections import ConnectionGuard, connection_cap
+    from vibevoice_pool.connections import ConnectionGuard, connection_cap, open_fds
 
-    cap = connection_cap(cfg.max_connections)
+    cap = connection_cap(cfg.max_connections, in_use=open_fds())  # workers started by now
     if cap < cfg.max_connections:
         log.warning(
             "max_connections lowered from %d to %d to fit the open-file limit",
