@@ -142,7 +142,8 @@ class ConnectionGuard:
     def opened(self, proto, transport) -> bool:
         """A new connection; False when it was refused (503, closed)."""
         now = self.clock()
-        self._drop_closed()
+        if len(self.conns) >= self.cap:
+            self._drop_closed()  # (upgraded ones leave without telling)
         if len(self.conns) >= self.cap and not self._evict_one():
             self.refused += 1
             transport.write(FULL)
