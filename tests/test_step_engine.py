@@ -157,8 +157,8 @@ def test_speech_end_and_start_move_only_their_own_row(engine):
             if row.id != "x":
                 continue
             if row.steps == 5:  # after speech_end: its stream caches are zero
-                store = [t[row.slot] for t in steps.acoustic.store.values()]
-                store += [t[row.slot] for t in steps.semantic.store.values()]
+                store = [t[row.slot] for t in steps.speech.acoustic.store.values()]
+                store += [t[row.slot] for t in steps.speech.semantic.store.values()]
                 assert all(not t.any() for t in store)
                 checks.append("zeroed")
             if row.steps == 6:  # after speech_start: one attended negative entry, position 1

@@ -56,6 +56,9 @@ class EngineSpec:
     mem_budget_mb: float = 0.0
     mem_headroom_mb: float = 1024.0
     admit_only_when_idle: bool = False  # the old static batches (benchmarks only)
+    # opt-in, unmeasured: torch.compile mode of the diffusion head ("reduce-overhead":
+    # CUDA graphs per row count); "" = off (workers/step_audio.py)
+    head_compile: str = ""
     torch_threads: int = 1
     inference_steps: int = 10
     runaway_factor: float = 2.0  # a row stops at this x its estimated length (VibeVoice)

@@ -31,14 +31,14 @@ limit halved, skipping the audio it already sent; a row alone fails.
 from __future__ import annotations
 
 import collections
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from workers.messages import ErrorKind, PoolError, Request
-from workers.step_caches import BranchKV, StreamSlots, learn_shapes
+from workers.step_audio import Speech
+from workers.step_caches import BranchKV
 from workers.step_rows import Row
 
 MIB = 1 << 20
@@ -57,23 +57,43 @@ class _RowModel:
     first_neg: list | None = None  # [keys, values] per layer of its first negative entry
 
 
+class ProcessorPrompts:
+    """Prompts as microsoft's processor builds them (workers/vibevoice_prompt.py)."""
+
+    def __init__(self, processor: Any):
+        from workers.vibevoice_prompt import PromptTokens
+
+        self.processor = processor
+        self.tokens = PromptTokens.from_processor(processor)
+
+    def length(self, req: Request) -> int:
+        from workers.vibevoice_prompt import prompt_ids
+
+        return len(prompt_ids(self.tokens, req))
+
+    def batch(self, requests: list[Request], device: Any, dtype: Any):
+        from workers.vibevoice_prompt import build_inputs
+
+        return build_inputs(
+            self.processor, requests, tokens=self.tokens, device=device, dtype=dtype
+        )
+
+
 class StepEngine:
     def __init__(
         self,
         model: Any,
         device: str,
         max_rows: int,
-        processor: Any,
+        prompts: Any,
         mem_budget_bytes: int = 0,
         mem_headroom_bytes: int = 0,
+        head_compile: str = "",
     ):
         self.model = model
         self.device = device
         self.max_rows = max(1, max_rows)
-        from workers.vibevoice_prompt import PromptTokens
-
-        self.processor = processor
-        self.tokens = PromptTokens.from_processor(processor)
+        self.prompts = prompts  # .length(request) and .batch(requests, device, dtype)
         self.mem_budget_bytes = mem_budget_bytes
         self.mem_headroom_bytes = mem_headroom_bytes
         cfg = model.config
@@ -87,19 +107,16 @@ class StepEngine:
         self.lm = model.model.language_model
         self.embed = model.get_input_embeddings()
         self.text_cfg = cfg.text_config
-        self.latent_width = cfg.audio_config.hidden_size
         self.hop = cfg.audio_config.hop_length
         self.vae_std = float(getattr(model.model.audio_tower.config, "vae_std", 0.625))
         self.token_bias = self._token_bias(model)
-        self.base_scheduler = model._build_default_noise_scheduler(model.generation_config)
-        self.schedulers: dict[int, Any] = {}
         self.pos = BranchKV(device)
         self.neg = BranchKV(device)
         self.rows: list[Row] = []
         self.embeds: torch.Tensor | None = None  # (rows, 1, H): what each row feeds next step
         self.joining: list[Row] = []
         self.restarting: collections.deque[Row] = collections.deque()
-        self.acoustic, self.semantic = self._stream_slots()
+        self.speech = Speech(model, device, self.max_rows, head_compile)
         self.slot_count = self.max_rows
         self.free_slots = list(range(self.slot_count))
         self.steps = 0
@@ -121,22 +138,6 @@ class StepEngine:
             extra[ids[0]] += float(value)
         return (extra + bias).to(self.device)
 
-    def _stream_slots(self) -> tuple[StreamSlots, StreamSlots]:
-        """Learn the streaming conv caches' shapes from one silent call, then allocate a
-        slot per possible row."""
-        tower = self.model.model.audio_tower
-        with torch.no_grad():
-            zero = torch.zeros(1, 1, self.latent_width, device=self.device, dtype=self.dtype)
-            out = tower.decode(zero, padding_cache=None, use_cache=True)
-            sem = self.model.model.semantic_tokenizer_encoder(
-                out.audio, padding_cache=None, use_cache=True
-            )
-        dt = self.dtype
-        return (
-            StreamSlots(learn_shapes(out.padding_cache), self.max_rows, self.device, dt),
-            StreamSlots(learn_shapes(sem.padding_cache), self.max_rows, self.device, dt),
-        )
-
     def _kv_bytes_per_token(self) -> int:
         c = self.text_cfg
         heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
@@ -155,7 +156,7 @@ class StepEngine:
             return 0
         pos_len = max(p + s for p, s in rows)
         neg_len = max(s for _, s in rows) + 1
-        slots = self.acoustic.bytes_per_slot() + self.semantic.bytes_per_slot()
+        slots = self.speech.bytes_per_slot()
         return len(rows) * ((pos_len + neg_len) * self.kv_bytes_per_token + slots)
 
     def budget_bytes(self) -> int:
@@ -195,10 +196,9 @@ class StepEngine:
 
     def _row_state(self, req: Request) -> _RowModel:
         from workers.vibevoice_noise import row_generators
-        from workers.vibevoice_prompt import prompt_ids
 
         (gen,) = row_generators([req.seed])
-        return _RowModel(gen, len(prompt_ids(self.tokens, req)))
+        return _RowModel(gen, self.prompts.length(req))
 
     def admit(self, row: Row) -> None:
         """The row joins the running set at the next step."""
@@ -272,9 +272,7 @@ class StepEngine:
             consumed.append(bos.expand(len(joined), -1))
             for row in joined:
                 row.slot = self.free_slots.pop(0)
-            slots = torch.tensor([r.slot for r in joined], device=self.device)
-            self.acoustic.zero(slots)
-            self.semantic.zero(slots)
+            self.speech.zero(torch.tensor([r.slot for r in joined], device=self.device))
         self.rows.extend(joined)
         hidden_t = torch.cat(hidden)
         consumed_t = torch.cat(consumed)[:, None]
@@ -290,9 +288,7 @@ class StepEngine:
             elif tok == self.audio_id:
                 diffuse.append(i)
             elif tok == self.end_id:
-                slot = torch.tensor([row.slot], device=self.device)
-                self.acoustic.zero(slot)
-                self.semantic.zero(slot)
+                self.speech.zero(torch.tensor([row.slot], device=self.device))
             elif tok == self.bos_id:
                 self._reset_negative(i)
         next_embeds = self.embed(tokens)[:, None]
@@ -301,8 +297,9 @@ class StepEngine:
             advance = torch.zeros(len(self.rows), dtype=torch.bool, device=self.device)
             advance[idx] = True
             neg_hidden = self._forward(self.neg, consumed_t, advance=advance)
-            latents = self._diffuse([self.rows[i] for i in diffuse], hidden_t[idx], neg_hidden[idx])
-            audio, embeds = self._decode([self.rows[i].slot for i in diffuse], latents)
+            speaking = [self.rows[i] for i in diffuse]
+            latents = self.speech.diffuse(speaking, hidden_t[idx], neg_hidden[idx])
+            audio, embeds = self.speech.decode([r.slot for r in speaking], latents)
             next_embeds[idx] = embeds.to(next_embeds.dtype)
             pcm = audio[:, 0, :].float().cpu().numpy()
             for k, i in enumerate(diffuse):
@@ -326,15 +323,8 @@ class StepEngine:
         from transformers import DynamicCache
 
         from workers.vibevoice_noise import add_voice_noise
-        from workers.vibevoice_prompt import build_inputs
 
-        batch = build_inputs(
-            self.processor,
-            [r.request for r in rows],
-            tokens=self.tokens,
-            device=self.device,
-            dtype=self.dtype,
-        )
+        batch = self.prompts.batch([r.request for r in rows], self.device, self.dtype)
         inputs = batch.inputs
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         embeds = self.embed(ids)
@@ -403,54 +393,6 @@ class StepEngine:
         self.neg.mask[i] = 0
         self.neg.mask[i, -1] = 1
         self.neg.pos[i] = 1
-
-    def _scheduler(self, steps: int) -> Any:
-        if steps not in self.schedulers:
-            self.schedulers[steps] = copy.deepcopy(self.base_scheduler)
-        return self.schedulers[steps]
-
-    def _diffuse(self, rows: list[Row], pos_cond: torch.Tensor, neg_cond: torch.Tensor):
-        """The diffusion head for the rows that speak, grouped by step count; each row
-        its own cfg scale and noise. Returns latents (n, 1, width) in row order."""
-        head = self.model.model.diffusion_head
-        out = torch.empty(len(rows), self.latent_width, device=self.device, dtype=pos_cond.dtype)
-        groups: dict[int, list[int]] = {}
-        for k, row in enumerate(rows):
-            groups.setdefault(row.request.inference_steps, []).append(k)
-        for steps, members in groups.items():
-            sel = torch.tensor(members, device=self.device)
-            n = len(members)
-            cond = torch.cat([pos_cond[sel], neg_cond[sel]])
-            noise = [
-                torch.randn(self.latent_width, generator=rows[k].state.generator) for k in members
-            ]
-            x = torch.stack(noise).to(cond)
-            scale = torch.tensor([[rows[k].request.cfg_scale] for k in members]).to(cond)
-            sched = self._scheduler(steps)
-            sched.set_timesteps(num_inference_steps=steps)
-            latent = torch.cat([x, x])
-            for t in sched.timesteps:
-                both = torch.cat([latent[:n], latent[:n]])
-                eps = head(both, t.repeat(2 * n).to(both), condition=cond)
-                cond_eps, uncond_eps = torch.split(eps, n)
-                guided = uncond_eps + scale * (cond_eps - uncond_eps)
-                latent = sched.step(torch.cat([guided, guided]), t, latent).prev_sample
-            out[sel] = latent[:n]
-        return out[:, None]
-
-    def _decode(self, slots: list[int], latents: torch.Tensor):
-        """Acoustic decode and semantic re-encode of the speaking rows alone, each on its
-        own stream caches. Returns (audio (n, 1, hop), next embeddings (n, 1, H))."""
-        m = self.model.model
-        idx = torch.tensor(slots, device=self.device)
-        scaled = latents / m.latent_scaling_factor - m.latent_bias_factor
-        cache = self.acoustic.gather(idx)
-        audio = m.audio_tower.decode(scaled, padding_cache=cache, use_cache=True).audio
-        self.acoustic.scatter(idx, cache)
-        cache = self.semantic.gather(idx)
-        sem = m.semantic_tokenizer_encoder(audio, padding_cache=cache, use_cache=True).latents
-        self.semantic.scatter(idx, cache)
-        return audio, m.multi_modal_projector(latents) + m.semantic_connector(sem)
 
     def _drop_closed(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.closed]

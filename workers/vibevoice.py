@@ -170,15 +170,16 @@ class VibeVoiceEngine:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
             raise PoolError(ErrorKind.BAD_INPUT, msg) from exc
         self.model = model.to(self.device).eval()
-        from workers.step_engine import MIB, StepEngine
+        from workers.step_engine import MIB, ProcessorPrompts, StepEngine
 
         self.steps = StepEngine(
             self.model,
             self.device,
             spec.max_batch_size,
-            self.processor,
+            ProcessorPrompts(self.processor),
             mem_budget_bytes=int(spec.mem_budget_mb * MIB),
             mem_headroom_bytes=int(spec.mem_headroom_mb * MIB),
+            head_compile=spec.head_compile,
         )
         self.is_tiny = os.path.isdir(spec.model_path) and is_tiny_model(spec.model_path)
         if self.device.startswith("cuda"):
