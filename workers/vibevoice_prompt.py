@@ -24,8 +24,9 @@ A speaker without a sample is simply left out of the voice section (no made-up v
 Rows are padded on the LEFT whatever the checkpoint's tokenizer says (microsoft always
 pads left; a right-padded row corrupts the shorter rows of a batch). The voice samples
 are normalised to -25 dBFS by the checkpoint's feature extractor, as microsoft's
-AudioNormalizer does. The step engine calls build_inputs for its prefill; the generate
-path (workers/vibevoice.py) calls it for a whole batch. Nothing here draws a random
+AudioNormalizer does. The step engine (workers/step_engine.py) calls build_inputs to
+prefill the rows that join together; the tests' reference run of transformers'
+`generate` (tests/vibevoice_reference.py) uses it too. Nothing here draws a random
 number: the voice-latent noise is the row's own (workers/vibevoice_noise.py).
 """
 
