@@ -12,6 +12,7 @@ The server is this module's own: the fuzzer may add and delete voice presets.
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -29,7 +30,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from serving import running_server
 
-EXAMPLES = 20  # per operation and mode (valid, invalid)
+# per operation and mode (valid, invalid); FUZZ_EXAMPLES=500 for a longer run by hand
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
