@@ -289,6 +289,13 @@ def reading(res: dict) -> list[str]:
         f"- The first request on a new worker is {z['first_step'] * 1e3:+.0f} ms against its "
         "second (zygote): the zygote has imported what the first generate would import, "
         "so the first step costs what any step costs.",
+        f"- Launch: the zygote imports once, in one process, and the first workers wait "
+        f"for it; spawned workers import in parallel, one per core. With as many workers as "
+        f"cores the two launch about alike, and launch time follows the machine's other "
+        f"load most of all: here {res['zygote']['launch_s']:.1f} s against "
+        f"{res['spawn']['launch_s']:.1f} s, one after the other. With more workers than "
+        "cores, or on a GPU server whose workers each import on a busy core, the zygote "
+        "imports once instead of N times.",
         "- On a GPU a respawn adds CUDA init and the weight copy from host memory: "
         "`bench/gpu_respawn.py` measures both, and checks with nvidia-smi that only workers "
         "hold GPU memory; it runs where a GPU is lent.",
