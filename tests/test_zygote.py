@@ -182,3 +182,17 @@ def test_neither_the_zygote_nor_its_workers_outlive_a_sigkilled_parent(server):
         10,
         what="the zygote and the workers to exit after their parent",
     )
+
+
+def test_a_stopped_zygote_does_not_block_a_respawn(sim_pool):
+    with sim_pool(gpus="cpu:2") as pool:
+        zygote = pool.supervisor.zygote
+        assert zygote.warm
+        os.kill(zygote.pid, signal.SIGSTOP)
+        try:
+            elapsed, pid = kill_and_wait(pool, 0, timeout=30)
+            assert ppid(pid) == os.getpid()  # spawned: a fork request would wait on the zygote
+        finally:
+            os.kill(zygote.pid, signal.SIGCONT)
+        _, pid = kill_and_wait(pool, 0, timeout=30)
+        assert ppid(pid) == zygote.pid  # running again: forked

@@ -136,7 +136,7 @@ class Zygote:
     def context(self):
         """(multiprocessing context, forked from the zygote?) for the next worker."""
         with self._lock:
-            if self.warm and not self._dead():
+            if self.warm and not self._dead() and not self._stopped():
                 return self.fork_ctx, True
         self.check()
         return self.spawn_ctx, False
@@ -169,6 +169,15 @@ class Zygote:
 
         readable, _, _ = select.select([self._pidfd], [], [], 0)
         return bool(readable)
+
+    def _stopped(self) -> bool:
+        """A stopped zygote (SIGSTOP) would block a fork request, and with it the
+        supervisor: a worker spawns instead until it runs again."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+        except (OSError, IndexError):
+            return False
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
