@@ -12,9 +12,9 @@ for --api-key, "key:<name>" for a named key of --api-keys); else the owner
 token of `X-Owner-Token` or the `vvp_owner` cookie ("token:<hash>"). A keyless
 caller that has none gets one from POST /v1/jobs, in the X-Owner-Token header
 and the cookie: keep it to list those jobs later. The list shows only the
-caller's jobs (none without an owner). A job's id (128 random bits) is a
-capability: it reads and cancels that job, except with named keys, where a
-job answers only its own name (404 to the others). The API key, when set, is
+caller's jobs (none without an owner). A job's id (a UUID4: 122 random bits)
+is a capability: it reads and cancels that job, except with named keys,
+where a job answers only its own name (404 to the others). The API key, when set, is
 checked by the app's middleware (auth.py), as for every /v1 route.
 Errors are OpenAI-shaped (errors.py): PoolError by its kind, JobError by
 JOB_STATUS. Handlers are plain functions: FastAPI runs them off the loop.
