@@ -21,6 +21,7 @@ from vibevoice_pool.pool import Pool
 from vibevoice_pool.script import parse_script
 from workers import messages as m
 from workers.board import Col
+from workers.estimate import audio_seconds_for
 
 pytestmark = pytest.mark.slow
 
@@ -142,3 +143,44 @@ def test_sigkill_mid_batch_replays_every_row_without_repeated_audio(pool, refere
         assert_alone(reference, h)  # the audio heard before the kill is not heard again
     assert pool.dispatcher.counters["requeued"] >= 3
     wait_until(lambda: pool.ready_workers() == 1, 60, what="the respawned worker")
+
+
+def test_with_a_small_memory_budget_a_row_waits_for_one_to_leave(tiny_model_dir, tmp_path):
+    from workers.engine import EngineSpec
+    from workers.step_engine import MIB
+    from workers.vibevoice import VibeVoiceEngine
+
+    first_text, second_text = "Speaker 1: " + "first words " * 6, "Speaker 1: second"
+    local = VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=tiny_model_dir))
+    local.load()
+
+    def need(text: str) -> int:  # the predicted peak of the row alone, as the worker sees it
+        turns = tuple(parse_script(text))
+        est = audio_seconds_for("\n".join(t.text for t in turns), 600.0)
+        row = local.prepare(m.Request(id="probe", turns=turns, est_audio_s=est))
+        return local.steps.peak_bytes([local.steps._shape(row)])
+
+    need = [need(first_text), need(second_text)]
+    budget_mb = (max(need) + min(need) // 2) / MIB  # either alone fits, not both
+    cfg = build(
+        {
+            "engine": "vibevoice",
+            "model_path": tiny_model_dir,
+            "gpus": "cpu:1",
+            "max_batch_size": 4,
+            "mem_budget_mb": budget_mb,
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    )
+    small_pool = Pool.start(cfg, model_path=tiny_model_dir)
+    try:
+        wait_until(lambda: small_pool.ready_workers() == 1, 120, what="the tiny worker")
+        clock = Clock()
+        first = submit(small_pool, clock, first_text, 91, stream=True)
+        second = submit(small_pool, clock, second_text, 92, stream=True)
+        first.result(timeout=120)
+        assert clock.count(second.id) == 0  # it waited: no audio while the first ran
+        second.result(timeout=120)  # then admitted; nothing ran out of memory
+        assert first.outcome.audio_s > 0 and second.outcome.audio_s > 0
+    finally:
+        small_pool.shutdown(grace_s=0)
