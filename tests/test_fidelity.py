@@ -4,7 +4,7 @@ The reference below is written from microsoft's processor
 (`vibevoice/processor/vibevoice_processor.py`: `_parse_script`, `_process_single`,
 `_create_voice_prompt`, `AudioNormalizer`): a script string and a positional list of
 voice samples in, ids out. It shares no code with the engine's prompt builder. The
-engine's side is what `VibeVoiceEngine` really passes to `model.generate`.
+engine's side is what `VibeVoiceEngine`'s prefill really embeds.
 """
 
 from __future__ import annotations
@@ -182,11 +182,18 @@ def right_padded_copy(src: str, dst: Path) -> str:
     return str(dst)
 
 
-def test_same_audio_alone_and_batched_even_when_the_checkpoint_pads_right(tiny_model_dir, tmp_path):
-    path = right_padded_copy(tiny_model_dir, tmp_path / "right")
-    eng = VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=path, max_batch_size=2))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_same_audio_alone_batched_and_joining_whatever_side_the_checkpoint_pads(
+    tiny_model_dir, tmp_path, side
+):
+    """ "right": the checkpoint's tokenizer is saved padding right; "left": the tiny model
+    as it is built."""
+    path = right_padded_copy(tiny_model_dir, tmp_path / "right") if side == "right" else None
+    eng = VibeVoiceEngine(
+        EngineSpec(engine="vibevoice", model_path=path or tiny_model_dir, max_batch_size=2)
+    )
     eng.load()
-    assert eng.processor.tokenizer.padding_side == "right"  # the checkpoint says right
+    assert eng.processor.tokenizer.padding_side == side  # what the checkpoint says
     mine = req("me", (0, "Short line."), seed=7, est_audio_s=1.2, voices=(V1,))
     longer = req(
         "long",

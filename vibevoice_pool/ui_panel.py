@@ -52,6 +52,7 @@ class WorkerView:
     current: int | None  # board number of the request it is working on
     pid: int | None
     error: str
+    rows: int = 0  # rows the engine runs now (continuous batching)
 
     @property
     def mark(self) -> str:
@@ -108,6 +109,7 @@ def views(status: dict) -> list[WorkerView]:
                 current=w.get("current_request"),
                 pid=w.get("pid"),
                 error=w.get("error") or "",
+                rows=int(w.get("batch_rows") or 0),
             )
         )
     return out
@@ -121,6 +123,8 @@ def bar(frac: float, width: int = BAR_WIDTH) -> str:
 
 def _lines(v: WorkerView, lang: str) -> list[str]:
     current = f"#{v.current}" if v.current else t(lang, "idle")
+    if v.current and v.rows > 1:
+        current += f" (+{v.rows - 1})"  # the other rows running beside it
     lines = [
         f"{v.mark} {v.title} [{t(lang, 'state.' + v.state)}]",
         f"   📊 {t(lang, 'queue')}: {v.queue} | {t(lang, 'memory')}: [{bar(v.mem_frac)}] "
