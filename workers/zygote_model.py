@@ -38,7 +38,10 @@ MODULES = (
     "diffusers.schedulers.scheduling_dpmsolver_multistep",
     # this project's engine
     "workers.vibevoice",
-    "workers.vibevoice_stream",
+    "workers.step_engine",
+    "workers.step_audio",
+    "workers.step_caches",
+    "workers.vibevoice_prompt",
     "workers.vibevoice_noise",
     "workers.convert",
     "workers.tiny",
