@@ -10,7 +10,9 @@ here would be broken in every worker.
 
 The thread-count variables are set before numpy and torch are imported: both
 size their pools when their library loads, and OpenBLAS starts its pool at
-once. A worker sets its own thread count after the fork (worker_main.run).
+once, so it gets one thread whatever the environment says (numpy's own BLAS
+calls are small here; torch has its own pool). A worker sets torch's thread
+count after the fork (worker_main.run).
 
 What a child forked from it inherited is checked by workers/zygote_probe.py.
 """
@@ -21,7 +23,8 @@ import os
 import time
 
 _T0 = time.monotonic()
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+os.environ["OPENBLAS_NUM_THREADS"] = "1"  # OpenBLAS starts its pool when it loads
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # these size pools started later
     os.environ.setdefault(_var, "1")
 
 import workers.board  # noqa: E402,F401
