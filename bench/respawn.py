@@ -140,6 +140,7 @@ def run_pool(model_dir: str, cache: str, mode: str, kills: int) -> dict:
             "kills": rows,
         }
         out["import_s"] = _zygote_imports(zygote) if zygote.enabled else None
+        out["map_s"] = _map_time(zygote, pool.supervisor.slots[0].engine.model_path)
         return out
     finally:
         pool.shutdown(grace_s=0)
@@ -159,6 +160,33 @@ def _zygote_imports(zygote) -> float | None:
     report = reader.recv() if reader.poll(30) else {}
     child.join(10)
     return report.get("import_s")
+
+
+def map_weights(folder: str, results) -> None:
+    """In a forked (or spawned) child: map every weight file of `folder` as the
+    engine's load does (safetensors), and report how long that took."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    t0 = time.monotonic()
+    tensors = sum(len(load_file(str(f))) for f in sorted(Path(folder).glob("*.safetensors")))
+    results.send({"map_s": time.monotonic() - t0, "tensors": tensors})
+    results.close()
+
+
+def _map_time(zygote, folder: str) -> float | None:
+    """How long a new worker takes to map the weights its engine loads (the
+    held memory files with warm_weights), measured in a child started as the
+    pool starts its workers."""
+    ctx, _ = zygote.context()
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=map_weights, args=(folder, writer))
+    child.start()
+    writer.close()
+    report = reader.recv() if reader.poll(60) else {}
+    child.join(10)
+    return report.get("map_s")
 
 
 def summarise(res: dict) -> dict:
@@ -246,6 +274,11 @@ def render(res: dict) -> str:
             "engine load (weights mapped, model built; spawned: with its imports)",
             sec(z["load"]),
             sec(sp["load"]),
+        ],
+        [
+            "of which: mapping the weights (safetensors, in a new child)",
+            sec(rz.get("map_s")),
+            sec(rs.get("map_s")),
         ],
         [
             "first step: first request minus second on the new worker",
