@@ -71,7 +71,32 @@ AUDIO_ROUTES = {
     ("/v1/jobs/{job_id}/audio", "get"): ("200", "206"),
     ("/v1/jobs/{job_id}/audio", "head"): ("200", "206"),
 }
-SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+SPEECH_EVENT = {  # the JSON of one event of stream_format "sse" (openai_api._sse)
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"enum": ["speech.audio.delta", "speech.audio.done", "error"]},
+        "audio": {"type": "string", "description": "base64 of the next bytes of the file"},
+        "usage": {"type": "object"},
+        "error": {"type": "object"},
+    },
+}
+SSE = {  # OpenAPI 3.1: the schema of text/event-stream describes one event
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "event": {"type": "string"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": SPEECH_EVENT,
+                },
+            },
+        }
+    }
+}
 OPEN = ("/health", "/ready")
 WRITES = ("post", "put", "patch", "delete")
 
