@@ -388,8 +388,10 @@ def reading(d: dict) -> list[str]:
         "",
         f"- Spawn to ready is {d['spawn_to_ready_s']:.2f} s, of which {imports:.2f} s is "
         "importing torch, transformers and the VibeVoice classes; loading the tiny model "
-        f"takes {b.get('load_s', 0):.2f} s. The pool's workers fork from a zygote that has "
-        "imported them already (docs/OPERATIONS.md); this figure is a cold spawn.",
+        f"takes {b.get('load_s', 0):.2f} s. This is a cold spawn: the pool's workers fork "
+        "from a zygote that has imported all of it already (section 3b), so a respawned "
+        "worker pays only its model load. On a GPU, `bench/gpu_respawn.py` measures the "
+        "1.5B respawn (not run yet: no GPU here).",
     ]
     if "burst" not in d:
         return out
@@ -406,10 +408,13 @@ def reading(d: dict) -> list[str]:
         "a batch runs as long as its longest row, and the rows that ended leave it emptier "
         f"and emptier (mean rows in flight {burst['static 4']['rows_mean']:.1f} against "
         f"{burst['CB 4']['rows_mean']:.1f}).",
-        "- On the tiny model a step's cost is mostly the acoustic decoder and the semantic "
-        "encoder (convolutions that grow with the rows) and the 10 diffusion-head calls; "
-        f"a step of 4 rows took {burst['CB 4']['step_ms_median']:.0f} ms against "
-        f"{burst['batch 1']['step_ms_median']:.0f} ms for one, so 4 rows give well under 4x.",
+        "- Two things hold CB 4 there: a step of more rows costs more (median "
+        f"{burst['CB 4']['step_ms_median']:.0f} ms against {burst['batch 1']['step_ms_median']:.0f} "
+        "ms at batch 1; on the tiny model on CPU most of a step is the acoustic decoder and the "
+        "semantic encoder, convolutions whose cost grows with the rows, and the 10 "
+        "diffusion-head calls), and a burst of mixed lengths ends with its longest request "
+        f"alone (mean rows in flight {burst['CB 4']['rows_mean']:.1f} of 4). On a GPU the "
+        "per-row cost of a step is far smaller: `bench/bench_gpu_1p5b.py` measures it.",
         f"- Under Poisson arrivals at {d['poisson_load']:.0%} of batch-1 capacity every mode "
         "keeps up on average, so audio s/s is near the offered load (a run ends with its "
         "last request, latest at batch 1, whose queue drains last); latency is what differs: "

@@ -458,7 +458,9 @@ def _tiny(sec, planned: bool) -> list[str]:
     table_lines = [ln for ln in sec["stdout"].splitlines() if ln.startswith("|")]
     other = [ln for ln in sec["stdout"].splitlines() if ln.strip() and not ln.startswith("|")]
     out += ["`python bench/bench_tiny_cpu.py` (its own table, as it prints it):", ""]
-    out += other[:5] + ([""] if other else []) + table_lines + [""]
+    for line in other[:5]:  # each its own paragraph
+        out += [line, ""]
+    out += table_lines + [""]
     out += bench_tiny_cpu.reading(sec["data"]) + [""]
     return out
 
