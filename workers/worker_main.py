@@ -2,10 +2,10 @@
 
     parent                          worker (this module, `run`)
     ------                          ---------------------------
-    request queue  --Synthesize-->  main thread, when idle and once per generation
-                   --Cancel------>  step: pending / cancelled
-                   --Shutdown---->
-    response pipe  <--Ready/...---  main thread: engine.load(), then batches
+    request queue  --Synthesize-->  main thread, when idle and between two steps:
+                   --Cancel------>  a request joins the running rows at the next
+                   --Shutdown---->  step, a cancel frees its row (batching.StepHost)
+    response pipe  <--Ready/...---  main thread: engine.load(), then engine steps
     death pipe     (EOF = parent gone)  watcher thread: os._exit
     StatusBoard row                 heartbeat thread + main thread write it
 
