@@ -45,9 +45,6 @@ MODULES = (
     "workers.vibevoice_noise",
     "workers.convert",
     "workers.tiny",
-    "workers.vibevoice_prompt",
-    "workers.step_engine",
-    "workers.step_caches",
     "workers.step_rows",
 )
 NAMES = ("VibeVoiceForConditionalGeneration", "VibeVoiceProcessor", "Qwen2TokenizerFast")
