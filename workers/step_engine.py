@@ -17,7 +17,7 @@ compare each row with. The engine owns the running set of rows. Each call to
      unconditional context does not grow), the diffusion head batched over
      them (grouped by step count, each row with its own cfg scale and its own
      noise generator), then the acoustic decode and semantic re-encode of
-     those rows alone (step_caches.StreamSlots);
+     those rows alone (step_audio.Speech, on step_caches.StreamSlots);
   5. streams each row's new audio and drops the rows that ended, freeing
      their state.
 
