@@ -16,7 +16,7 @@ from vibevoice_pool.config import build
 from vibevoice_pool.pool import Pool
 from vibevoice_pool.script import parse_script
 from vibevoice_pool.zygote import Zygote
-from workers.zygote_probe import cuda_mappings, probe, thread_count
+from workers.zygote_probe import cuda_mappings, load_imports, probe, thread_count
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +110,25 @@ def test_the_zygote_imports_the_model_stack_but_never_touches_cuda_or_starts_thr
         assert report["zygote_threads"] == 1
         assert report["import_s"] > 0
         assert thread_count(zygote.pid) == 1  # forking a worker started none either
+    finally:
+        zygote.close()
+
+
+def test_a_forked_worker_loads_its_engine_without_importing_a_heavy_module(tiny_model_dir):
+    zygote = Zygote("vibevoice")
+    zygote.start(wait_s=120)
+    try:
+        ctx, forked = zygote.context()
+        assert forked
+        reader, writer = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=load_imports, args=(tiny_model_dir, writer))
+        child.start()
+        writer.close()
+        assert reader.poll(120)
+        report = reader.recv()
+        child.join(10)
+        # what load() imports after the fork belongs in workers/zygote_model.py
+        assert report["heavy"] == [], report["heavy"]
     finally:
         zygote.close()
 

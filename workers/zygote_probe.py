@@ -64,3 +64,23 @@ def probe(results) -> None:
 def _import_s(name: str) -> float:
     """What a preloaded module's imports cost the zygote (0 when not preloaded)."""
     return getattr(sys.modules.get(name), "IMPORT_S", 0.0)
+
+
+HEAVY = ("torch", "transformers", "diffusers", "safetensors", "tokenizers", "numpy", "scipy")
+
+
+def load_imports(model_path: str, results) -> None:
+    """In a child forked from the zygote: load the engine as a worker does and
+    report which modules that load had to import itself (the zygote should have
+    imported every heavy one)."""
+    before = {id(m) for m in sys.modules.values()}
+    t0 = time.monotonic()
+    from workers.engine import EngineSpec, build_engine
+
+    build_engine(EngineSpec(engine="vibevoice", model_path=model_path)).load()
+    # new module objects only: transformers also files old names as aliases of
+    # modules it already has (tokenization_*_fast), which cost nothing
+    new = sorted(n for n, m in list(sys.modules.items()) if id(m) not in before)
+    heavy = [n for n in new if n.split(".")[0] in HEAVY]
+    results.send({"load_s": time.monotonic() - t0, "new": new, "heavy": heavy})
+    results.close()
