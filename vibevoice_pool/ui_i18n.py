@@ -26,7 +26,7 @@ EN: dict[str, str] = {
     "speakers": "Number of speakers",
     "speaker_voice": "Speaker {n} voice",
     "no_voices": "No voice presets yet: without a sample this speaker speaks in the "
-    "model's own voice. Add one under \"Add a voice\" or in the voices folder.",
+    'model\'s own voice. Add one under "Add a voice" or in the voices folder.',
     "settings": "Generation settings",
     "cfg_scale": "CFG scale (guidance)",
     "steps": "Diffusion steps",
