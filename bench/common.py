@@ -87,7 +87,7 @@ def load_average() -> list[float]:
 def start_pool(**settings):
     """A started Pool of sim workers (every worker ready), logging warnings only."""
     from vibevoice_pool.config import build
-    from vibevoice_pool.pool import Pool
+    from vibevoice_pool.pool.facade import Pool
 
     logging.getLogger("vibevoice_pool").setLevel(logging.WARNING)
     values = {"engine": "sim", "log_level": "WARNING", "max_queue": 100_000} | settings

@@ -73,7 +73,7 @@ def latency(pool, rec: common.Recorder, n: int) -> dict:
 
 def dispatcher_alone(n: int) -> dict:
     """Decisions per second of the Dispatcher with fake workers that never fill."""
-    from vibevoice_pool.dispatcher import Dispatcher
+    from vibevoice_pool.pool.dispatcher import Dispatcher
     from workers import messages as m
     from workers.board import Col, SlotState, StatusBoard, WorkerState
 
@@ -143,14 +143,14 @@ def asgi(pool, tmp: str) -> dict:
 
     import bare_server
 
-    from vibevoice_pool.api import create_app
+    from vibevoice_pool.api.app import create_app
     from vibevoice_pool.server import build_front
 
     try:
         cfg = pool.cfg.replace(cache_dir=tmp, data_dir=os.path.join(tmp, "data-asgi"))
         front = build_front(cfg, pool, environ={})
         app = create_app(front)
-        from vibevoice_pool.api import SynthesizeBody
+        from vibevoice_pool.api.app import SynthesizeBody
 
         req = front.build_request(SynthesizeBody(**BODY))
         voice_bytes = sum(getattr(v, "nbytes", 0) for v in req.voices)

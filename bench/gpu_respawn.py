@@ -7,7 +7,7 @@ weights there first, about 5 GB, with bench_gpu_1p5b.full_size_config):
 
     1. starts the zygote as a pool does and checks it: no CUDA driver or
        /dev/nvidia* mapped, one thread;
-    2. holds the weights in memory as a pool does (vibevoice_pool/warm_weights.py);
+    2. holds the weights in memory as a pool does (vibevoice_pool/pool/warm_weights.py);
     3. forks a worker from the zygote that pins its GPU, then times
        - CUDA init: the first CUDA call (driver, context) to a synchronised op,
        - weight copy: the held safetensors mapped and copied to the GPU (bytes/s),
@@ -97,8 +97,8 @@ def worker_measure(model_dir: str, device: int, results, release) -> None:
 
 def respawn_on_gpu(model_dir: str, device: int = 0) -> dict:
     """The whole check; a dict of figures and verdicts (see the module doc)."""
-    from vibevoice_pool.warm_weights import WarmWeights
-    from vibevoice_pool.zygote import Zygote
+    from vibevoice_pool.pool.warm_weights import WarmWeights
+    from vibevoice_pool.pool.zygote import Zygote
     from workers.zygote_probe import cuda_mappings, thread_count
 
     res: dict = {"model": model_dir, "gpu": device}

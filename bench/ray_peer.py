@@ -1,7 +1,7 @@
 """A peer, side by side: Ray Serve against the pool, same workloads, same run.
 
 Three systems, each with two workers running the same SimEngine through the
-same replica code (vibevoice_pool.ray_replica.SlotReplica for both Ray ones):
+same replica code (workers.ray_replica.SlotReplica for both Ray ones):
 
     pool          our local pool: two worker processes, our dispatcher
     pool on Ray   the same pool with --backend ray: two Serve applications of
@@ -104,8 +104,8 @@ class ServeSystem:
     def __init__(self, sim_rtf: float, app: str, max_ongoing: int):
         from ray import serve
 
-        from vibevoice_pool.ray_replica import SlotReplica
         from workers.engine import EngineSpec
+        from workers.ray_replica import SlotReplica
 
         spec = EngineSpec(engine="sim", sim_rtf=sim_rtf)
         deployment = serve.deployment(SlotReplica).options(
@@ -273,7 +273,7 @@ def markdown(results: dict, ratio: dict) -> str:
 
 def measure(quick: bool) -> dict:
     from vibevoice_pool.config import build
-    from vibevoice_pool.ray_cluster import RayCluster, only_loopback
+    from vibevoice_pool.ray.cluster import RayCluster, only_loopback
 
     logging.getLogger("vibevoice_pool").setLevel(logging.WARNING)
     n = 160 if quick else 400
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     try:
-        from vibevoice_pool.ray_cluster import netns_command, only_loopback
+        from vibevoice_pool.ray.cluster import netns_command, only_loopback
     except ImportError as e:  # no ray extra: say so, and leave a record that says so
         note = f"skipped: Ray Serve is not installed ({e.name}); pip install 'vibevoice-pool[ray]'"
         print(note)

@@ -356,7 +356,7 @@ def _overhead(sec, img_dir: Path, rel: str) -> list[str]:
         "of two shared cores that wake-up waits for a core.",
         "- A multiprocessing.Queue would add a thread switch to every dispatch: its put "
         "hands the message to a feeder thread that must get the GIL before it pickles and "
-        "writes. The pool's request channel (vibevoice_pool/request_channel.py) writes from "
+        "writes. The pool's request channel (vibevoice_pool/pool/channel.py) writes from "
         "the dispatcher's own thread into a non-blocking pipe, and only what the pipe cannot "
         "take right now (a busy or stopped worker) waits in an ordered outbox for a sender "
         "thread. Before that change this record showed 0.221 ms of parent work and 0.352 ms "

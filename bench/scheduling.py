@@ -253,7 +253,7 @@ def configs_of(args) -> list[tuple[float, float]]:
 
 def child(args) -> int:
     """One policy in its own pool: calibrate, post it, wait for the start, run."""
-    from vibevoice_pool import policies
+    from vibevoice_pool.pool import policies
     from workers.board import Col
 
     label = args.child

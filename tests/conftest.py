@@ -53,7 +53,7 @@ def pid_alive(pid: int) -> bool:
 def sim_pool(tmp_path):
     """Start an in-process Pool of sim workers: `with sim_pool(gpus="cpu:2", ...) as pool`."""
     from vibevoice_pool.config import build
-    from vibevoice_pool.pool import Pool
+    from vibevoice_pool.pool.facade import Pool
 
     pools = []
 

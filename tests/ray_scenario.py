@@ -39,7 +39,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vibevoice_pool.ray_cluster import only_loopback  # noqa: E402
+from vibevoice_pool.ray.cluster import only_loopback  # noqa: E402
 
 BOOT_TIMEOUT_S = 300.0  # Ray's start is 3 s on an idle machine, 30 s on a busy one
 RECOVER_TIMEOUT_S = 120.0

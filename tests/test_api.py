@@ -17,7 +17,7 @@ from conftest import ROOT, wait_until
 from fastapi import FastAPI, Request
 from serving import shared_server, wav_bytes
 
-from vibevoice_pool.errors import error_response
+from vibevoice_pool.api.errors import error_response
 from workers.messages import ErrorKind, PoolError
 
 SCRIPT = "Speaker 1: Hello there, how are you?\nSpeaker 2: Fine, thank you."
@@ -206,9 +206,9 @@ class _NoPool:
 def test_cors_only_for_the_configured_origins(tmp_path):
     from fastapi.testclient import TestClient
 
-    from vibevoice_pool.api import Front, create_app
+    from vibevoice_pool.api.app import Front, create_app
+    from vibevoice_pool.api.metrics import Activity
     from vibevoice_pool.config import build
-    from vibevoice_pool.metrics import Activity
     from vibevoice_pool.voices import VoiceLibrary
 
     voices = VoiceLibrary(tmp_path, max_bytes=1 << 20, max_seconds=60)
@@ -231,7 +231,7 @@ def test_cors_only_for_the_configured_origins(tmp_path):
 def test_body_limit_answers_413_before_or_while_reading():
     from fastapi.testclient import TestClient
 
-    from vibevoice_pool.auth import BodyLimitMiddleware
+    from vibevoice_pool.api.auth import BodyLimitMiddleware
 
     refused = []
     app = FastAPI()

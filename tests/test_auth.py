@@ -7,7 +7,7 @@ import httpx
 import pytest
 from serving import running_server
 
-from vibevoice_pool.auth import API_KEY_ENV, resolve_api_key
+from vibevoice_pool.api.auth import API_KEY_ENV, resolve_api_key
 
 KEY = "s3cret-key-for-tests"
 OPEN = {"/health", "/ready"}

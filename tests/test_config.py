@@ -7,7 +7,7 @@ import pytest
 from vibevoice_pool import config
 from vibevoice_pool.cli import launch_config, parser
 from vibevoice_pool.config import ConfigError, PoolConfig, build
-from vibevoice_pool.devices import Gpu, plan
+from vibevoice_pool.pool.devices import Gpu, plan
 
 GPUS = [
     Gpu(0, "NVIDIA H100", 80 << 30),

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 from conftest import pid_alive, wait_until
+from fake_nvml import FakeGpu, FakeNvml
 
 from vibevoice_pool.config import build
-from vibevoice_pool.fake_nvml import FakeGpu, FakeNvml
-from vibevoice_pool.monitor import RealNvml
-from vibevoice_pool.pool import Pool
+from vibevoice_pool.pool.facade import Pool
+from vibevoice_pool.pool.monitor import RealNvml
 from vibevoice_pool.script import parse_script
 from workers import messages as m
 from workers.board import Col

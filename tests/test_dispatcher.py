@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vibevoice_pool.dispatcher import Dispatcher
+from vibevoice_pool.pool.dispatcher import Dispatcher
 from workers import messages as m
 from workers.board import Col, SlotState, StatusBoard, WorkerState
 

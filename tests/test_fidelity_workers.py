@@ -14,7 +14,7 @@ from conftest import wait_until
 from test_fidelity import V0, V1, right_padded_copy
 
 from vibevoice_pool.config import build
-from vibevoice_pool.pool import Pool
+from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.script import parse_script
 from workers import messages as m
 

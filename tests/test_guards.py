@@ -13,8 +13,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from vibevoice_pool.auth import KeyFileError, key_ring, load_keys, single_key_owner
-from vibevoice_pool.connections import (
+from vibevoice_pool.api.auth import KeyFileError, key_ring, load_keys, single_key_owner
+from vibevoice_pool.api.connections import (
     BODY,
     BUSY,
     FD_RESERVE,
@@ -22,8 +22,8 @@ from vibevoice_pool.connections import (
     ConnectionGuard,
     connection_cap,
 )
-from vibevoice_pool.login_throttle import LoginThrottle, client_key
-from vibevoice_pool.origin import BrowserGuard, allowed_hosts, host_allowed, is_cross_site
+from vibevoice_pool.api.login_throttle import LoginThrottle, client_key
+from vibevoice_pool.api.origin import BrowserGuard, allowed_hosts, host_allowed, is_cross_site
 
 
 class Clock:

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 from conftest import Server, pid_alive, wait_until
 
-from vibevoice_pool import jobs_client
+from vibevoice_pool.jobs import client as jobs_client
 from vibevoice_pool.script import parse_script
 from workers.estimate import audio_seconds_for
 from workers.messages import SAMPLE_RATE

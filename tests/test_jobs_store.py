@@ -18,11 +18,11 @@ from conftest import wait_until
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from vibevoice_pool import jobs as jobs_mod
-from vibevoice_pool.handle import RequestHandle
-from vibevoice_pool.jobs import JobRunner
-from vibevoice_pool.jobs_api import install
-from vibevoice_pool.jobs_store import JobError, JobErrorKind, JobState, JobStore
+from vibevoice_pool.api.jobs import install
+from vibevoice_pool.jobs import runner as jobs_mod
+from vibevoice_pool.jobs.runner import JobRunner
+from vibevoice_pool.jobs.store import JobError, JobErrorKind, JobState, JobStore
+from vibevoice_pool.pool.handle import RequestHandle
 from workers import messages as m
 from workers.estimate import audio_seconds_for
 
@@ -449,7 +449,7 @@ def test_routes_come_before_a_page_mounted_at_root(runner):
 def test_the_jobs_tab_builds_and_lists_this_browsers_jobs(runner):
     import gradio as gr
 
-    from vibevoice_pool import ui_jobs
+    from vibevoice_pool.ui import jobs as ui_jobs
 
     r = runner()
 

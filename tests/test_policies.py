@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from vibevoice_pool.policies import POLICIES, Ctx, View, choose, pick
+from vibevoice_pool.pool.policies import POLICIES, Ctx, View, choose, pick
 
 
 def ctx(turn=0, seed=0):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from vibevoice_pool.ray_replica import SlotReplica, StalledError
 from workers import messages as m
 from workers.engine import EngineSpec
+from workers.ray_replica import SlotReplica, StalledError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,8 +120,8 @@ def test_a_deployment_build_that_races_serve_is_retried(monkeypatch):
     failing is a DeployError (which the backend backs off from), never a hang."""
     from ray import serve
 
-    from vibevoice_pool import ray_cluster
     from vibevoice_pool.config import build
+    from vibevoice_pool.ray import cluster as ray_cluster
 
     real = serve.deployment
     calls = []
@@ -148,11 +148,10 @@ def test_a_deployment_build_that_races_serve_is_retried(monkeypatch):
 
 def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
     from vibevoice_pool.config import build
-    from vibevoice_pool.pool import supervisor_class
+    from vibevoice_pool.pool.facade import supervisor_class
 
-    for name in [n for n in sys.modules if n.startswith("vibevoice_pool.ray_")]:
-        if name != "vibevoice_pool.ray_replica":
-            monkeypatch.delitem(sys.modules, name)
+    for name in [n for n in sys.modules if n.startswith("vibevoice_pool.ray")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails
     with pytest.raises(m.PoolError) as e:
         supervisor_class(build({"backend": "ray"}))
@@ -165,7 +164,7 @@ def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
 def run_scenario(engine: str, workdir: Path, timeout: float) -> dict:
     import ray  # noqa: F401  (`make test` installs the ray extra: its absence is a failure)
 
-    from vibevoice_pool.ray_cluster import netns_command
+    from vibevoice_pool.ray.cluster import netns_command
 
     assert shutil.which("unshare") and shutil.which("ip"), "install util-linux and iproute2"
     probe = subprocess.run(netns_command(["true"]), capture_output=True, text=True)

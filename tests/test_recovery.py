@@ -149,7 +149,7 @@ def test_cancel_mid_generation_frees_the_slot(sim_pool):
 
 
 def test_a_first_death_respawns_at_once_and_deaths_in_a_row_back_off(sim_pool):
-    from vibevoice_pool.supervisor import BACKOFF_S
+    from vibevoice_pool.pool.supervisor import BACKOFF_S
 
     def kill_and_wait(pool):
         old = worker(pool, 0)["pid"]

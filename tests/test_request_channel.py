@@ -8,7 +8,7 @@ import threading
 import numpy as np
 from conftest import wait_until
 
-from vibevoice_pool.request_channel import RequestChannel
+from vibevoice_pool.pool.channel import RequestChannel
 
 CTX = multiprocessing.get_context("spawn")
 

@@ -17,7 +17,7 @@ from conftest import wait_until
 from vibevoice_reference import Reference
 
 from vibevoice_pool.config import build
-from vibevoice_pool.pool import Pool
+from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.script import parse_script
 from workers import messages as m
 from workers.board import Col

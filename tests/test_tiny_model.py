@@ -14,7 +14,7 @@ import soundfile as sf
 from conftest import ROOT, wait_until
 
 from vibevoice_pool.config import build
-from vibevoice_pool.pool import Pool
+from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.script import parse_script
 from workers import messages as m
 from workers.convert import make_original_layout_checkpoint

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vibevoice_pool.metrics import Activity
-from vibevoice_pool.ui_charts import History, render
-from vibevoice_pool.ui_i18n import EN, ZH, pick_language
-from vibevoice_pool.ui_live import LiveStreams, TabRequests
-from vibevoice_pool.ui_panel import display_state, render_html, render_table, views
+from vibevoice_pool.api.metrics import Activity
+from vibevoice_pool.ui.charts import History, render
+from vibevoice_pool.ui.i18n import EN, ZH, pick_language
+from vibevoice_pool.ui.live import LiveStreams, TabRequests
+from vibevoice_pool.ui.panel import display_state, render_html, render_table, views
 from workers import messages as m
 
 

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from vibevoice_pool.voice_sender import VoiceSender
+from vibevoice_pool.pool.voice_sender import VoiceSender
 from workers import messages as m
 from workers.voice_cache import VoiceCache
 

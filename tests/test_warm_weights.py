@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vibevoice_pool import warm_weights
-from vibevoice_pool.warm_weights import PREFIX, WarmWeights, WeightsHolder
+from vibevoice_pool.pool import warm_weights
+from vibevoice_pool.pool.warm_weights import PREFIX, WarmWeights, WeightsHolder
 from workers.engine import EngineSpec
 
 

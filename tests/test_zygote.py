@@ -13,9 +13,9 @@ import pytest
 from conftest import pid_alive, wait_until
 
 from vibevoice_pool.config import build
-from vibevoice_pool.pool import Pool
+from vibevoice_pool.pool.facade import Pool
+from vibevoice_pool.pool.zygote import Zygote
 from vibevoice_pool.script import parse_script
-from vibevoice_pool.zygote import Zygote
 from workers.zygote_probe import cuda_mappings, load_imports, probe, thread_count
 
 pytestmark = pytest.mark.slow

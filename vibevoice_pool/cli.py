@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(cfg.log_level, cfg.log_format)
         return serve(cfg)
     if ns.command == "jobs" or (ns.command == "synth" and ns.as_job):
-        from vibevoice_pool import jobs_client
+        from vibevoice_pool.jobs import client as jobs_client
 
         return jobs_client.run(ns)
     if ns.command in ("synth", "status", "scale"):

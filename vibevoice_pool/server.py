@@ -53,8 +53,8 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     """The Front every route uses. The API key and CORS origins are read here, at
     launch: --api-key, else $VIBEVOICE_POOL_API_KEY; --cors-origins, else
     $VIBEVOICE_POOL_CORS_ORIGINS."""
-    from vibevoice_pool.api import MAX_UPLOAD_BYTES, MAX_VOICE_SECONDS, Front
-    from vibevoice_pool.auth import KeyFileError, key_ring, resolve_api_key
+    from vibevoice_pool.api.app import MAX_UPLOAD_BYTES, MAX_VOICE_SECONDS, Front
+    from vibevoice_pool.api.auth import KeyFileError, key_ring, resolve_api_key
     from vibevoice_pool.voices import VoiceLibrary, prepare_voices
     from workers.tiny import is_tiny_model
 
@@ -93,9 +93,9 @@ def build_front(cfg: PoolConfig, pool, environ=None):
 
 
 def build_app(front):
-    from vibevoice_pool import ui
-    from vibevoice_pool.api import create_app
-    from vibevoice_pool.pool_api import pool_router
+    from vibevoice_pool.api.app import create_app
+    from vibevoice_pool.api.scaling import pool_router
+    from vibevoice_pool.ui import page as ui
 
     app = create_app(front)
     app.include_router(pool_router(front.pool))  # ahead of the page mounted at /
@@ -107,8 +107,8 @@ def build_app(front):
 def install_guards(app, front) -> None:
     """Outermost: the Host allow-list and cross-site refusal (origin.py), and the
     page login's throttle (login_throttle.py) when there is a login."""
-    from vibevoice_pool.login_throttle import LoginThrottle
-    from vibevoice_pool.origin import BrowserGuard, allowed_hosts
+    from vibevoice_pool.api.login_throttle import LoginThrottle
+    from vibevoice_pool.api.origin import BrowserGuard, allowed_hosts
 
     cfg = front.cfg
     keys = front.keys
@@ -136,7 +136,7 @@ def _uvicorn_server(app, cfg: PoolConfig):
 
     import uvicorn
 
-    from vibevoice_pool.connections import guarded_protocol
+    from vibevoice_pool.api.connections import guarded_protocol
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -176,7 +176,7 @@ def _uvicorn_server(app, cfg: PoolConfig):
 
 def connection_guard(cfg: PoolConfig):
     """The deadlines and the cap of connections.py, from the settings and the file limit."""
-    from vibevoice_pool.connections import ConnectionGuard, connection_cap, open_fds
+    from vibevoice_pool.api.connections import ConnectionGuard, connection_cap, open_fds
 
     cap = connection_cap(cfg.max_connections, in_use=open_fds())  # workers started by now
     if cap < cfg.max_connections:
@@ -195,7 +195,7 @@ def connection_guard(cfg: PoolConfig):
 
 def _preload_front() -> None:
     try:
-        import vibevoice_pool.ui  # noqa: F401
+        import vibevoice_pool.ui.page  # noqa: F401
     except Exception:  # the real import in build_app reports it
         pass
 
@@ -204,11 +204,11 @@ def serve(cfg: PoolConfig) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from vibevoice_pool import audio
-    from vibevoice_pool.connections import raise_nofile
-    from vibevoice_pool.jobs import open_store, start_jobs
-    from vibevoice_pool.jobs_api import install as install_jobs
-    from vibevoice_pool.pool import Pool
-    from vibevoice_pool.slots import BootError
+    from vibevoice_pool.api.connections import raise_nofile
+    from vibevoice_pool.api.jobs import install as install_jobs
+    from vibevoice_pool.jobs.runner import open_store, start_jobs
+    from vibevoice_pool.pool.facade import Pool
+    from vibevoice_pool.pool.slots import BootError
     from workers.messages import PoolError
 
     raise_nofile()  # before the workers' pipes and the clients' sockets take handles
@@ -218,7 +218,7 @@ def serve(cfg: PoolConfig) -> int:
     try:
         model_path = resolve_model(cfg)
         if cfg.api_keys:  # a bad keys file is refused before any worker boots
-            from vibevoice_pool.auth import KeyFileError, load_keys
+            from vibevoice_pool.api.auth import KeyFileError, load_keys
 
             try:
                 load_keys(cfg.api_keys)

@@ -18,7 +18,7 @@ import html
 import unicodedata
 from dataclasses import dataclass
 
-from vibevoice_pool.ui_i18n import t
+from vibevoice_pool.ui.i18n import t
 
 BAR_WIDTH = 20
 GB = 1e9  # the old demo's GB (16.2/40.0GB)

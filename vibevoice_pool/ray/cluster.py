@@ -37,9 +37,9 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.schema import ApplicationStatus
 
 from vibevoice_pool.config import ConfigError, PoolConfig
-from vibevoice_pool.devices import Placement
-from vibevoice_pool.ray_replica import SlotReplica
+from vibevoice_pool.pool.devices import Placement
 from workers.engine import EngineSpec
+from workers.ray_replica import SlotReplica
 
 log = logging.getLogger("vibevoice_pool")
 

@@ -33,12 +33,12 @@ from ray.serve.exceptions import (
     RequestCancelledError,
 )
 
-from vibevoice_pool.devices import Placement
-from vibevoice_pool.dispatcher import Dispatcher
-from vibevoice_pool.ray_replica import ReplicaStats
+from vibevoice_pool.pool.devices import Placement
+from vibevoice_pool.pool.dispatcher import Dispatcher
 from workers import messages as m
 from workers.board import Col, StatusBoard, WorkerState
 from workers.engine import EngineSpec
+from workers.ray_replica import ReplicaStats
 
 log = logging.getLogger("vibevoice_pool")
 

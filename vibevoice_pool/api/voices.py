@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vibevoice_pool.errors import body_parse_message, plain_error
+from vibevoice_pool.api.errors import body_parse_message, plain_error
 from vibevoice_pool.voices import MODEL_VOICE_NOTE, safe_voice_name
 from workers.messages import ErrorKind, PoolError
 

@@ -11,8 +11,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from vibevoice_pool.errors import plain_error
-from vibevoice_pool.pool import Pool
+from vibevoice_pool.api.errors import plain_error
+from vibevoice_pool.pool.facade import Pool
 
 
 class AddWorker(BaseModel):

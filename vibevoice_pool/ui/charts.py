@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from vibevoice_pool.ui_i18n import t
+from vibevoice_pool.ui.i18n import t
 
 RATE_WINDOW_S = 5.0
 COLORS = ("#2563eb", "#16a34a", "#dc2626", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777")

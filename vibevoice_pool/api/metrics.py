@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from vibevoice_pool.ui_panel import MARK, display_state
+from vibevoice_pool.ui.panel import MARK, display_state
 from workers import messages as m
 
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))

@@ -43,7 +43,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import encoders
-from vibevoice_pool.api import (
+from vibevoice_pool.api.app import (
     STREAM_HEADERS,
     Speaker,
     SynthesizeBody,
@@ -51,7 +51,7 @@ from vibevoice_pool.api import (
     run_to_response,
     stream_response,
 )
-from vibevoice_pool.errors import error_response, plain_error
+from vibevoice_pool.api.errors import error_response, plain_error
 from vibevoice_pool.voices import MODEL_VOICE
 from workers import messages as m
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from vibevoice_pool.devices import Gpu
+from vibevoice_pool.pool.devices import Gpu
 
 
 class FakeNvmlError(RuntimeError):

@@ -1,6 +1,6 @@
 """Supervisor: starts one worker process per slot and keeps the slots alive.
 
-A worker is forked from the zygote (vibevoice_pool/zygote.py), which has
+A worker is forked from the zygote (vibevoice_pool/pool/zygote.py), which has
 imported torch, transformers and the engine once; it is spawned while the
 zygote is not warm, and always with `worker_start = spawn`. One loop thread
 waits, with `multiprocessing.connection.wait`, on every worker's response
@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from multiprocessing import connection
 
 from vibevoice_pool.config import PoolConfig
-from vibevoice_pool.devices import Placement
-from vibevoice_pool.dispatcher import Dispatcher
-from vibevoice_pool.request_channel import RequestChannel
-from vibevoice_pool.slots import next_slot_index, wait_first_ready
-from vibevoice_pool.voice_sender import VoiceSender
-from vibevoice_pool.warm_weights import WeightsHolder
-from vibevoice_pool.worker_process import WorkerProcess
-from vibevoice_pool.zygote import Zygote
+from vibevoice_pool.pool.channel import RequestChannel
+from vibevoice_pool.pool.devices import Placement
+from vibevoice_pool.pool.dispatcher import Dispatcher
+from vibevoice_pool.pool.slots import next_slot_index, wait_first_ready
+from vibevoice_pool.pool.voice_sender import VoiceSender
+from vibevoice_pool.pool.warm_weights import WeightsHolder
+from vibevoice_pool.pool.worker_process import WorkerProcess
+from vibevoice_pool.pool.zygote import Zygote
 from workers import messages as m
 from workers import worker_main
 from workers.board import Col, SlotState, StatusBoard, WorkerState

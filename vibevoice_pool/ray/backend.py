@@ -38,20 +38,20 @@ import uuid
 from ray.exceptions import RayError
 
 from vibevoice_pool.config import PoolConfig
-from vibevoice_pool.devices import Placement, engine_specs
-from vibevoice_pool.dispatcher import Dispatcher
-from vibevoice_pool.ray_cluster import DeployError, RayCluster, replica_resources
-from vibevoice_pool.ray_replica import ReplicaStats
-from vibevoice_pool.ray_streams import Slot, Streams
-from vibevoice_pool.slots import next_slot_index, wait_first_ready
-from vibevoice_pool.supervisor import (
+from vibevoice_pool.pool.devices import Placement, engine_specs
+from vibevoice_pool.pool.dispatcher import Dispatcher
+from vibevoice_pool.pool.slots import next_slot_index, wait_first_ready
+from vibevoice_pool.pool.supervisor import (
     BACKOFF_S,
     BOOT_FAILURES_TO_FAIL,
     RESTART_REQUESTED,
 )
+from vibevoice_pool.ray.cluster import DeployError, RayCluster, replica_resources
+from vibevoice_pool.ray.streams import Slot, Streams
 from workers import messages as m
 from workers.board import Col, SlotState, StatusBoard, WorkerState
 from workers.engine import EngineSpec
+from workers.ray_replica import ReplicaStats
 
 log = logging.getLogger("vibevoice_pool")
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import gradio as gr
 
 from vibevoice_pool.script import MAX_SPEAKERS
-from vibevoice_pool.ui_charts import CHARTS_CSS
-from vibevoice_pool.ui_i18n import gradio_i18n
-from vibevoice_pool.ui_panel import PANEL_CSS
+from vibevoice_pool.ui.charts import CHARTS_CSS
+from vibevoice_pool.ui.i18n import gradio_i18n
+from vibevoice_pool.ui.panel import PANEL_CSS
 
 PANEL_EVERY_S = 1.0
 CHARTS_EVERY_S = 3.0
@@ -77,7 +77,7 @@ def build(page) -> gr.Blocks:
                     voices = _generate_tab(page, i18n)
                 jobs = getattr(page.front, "jobs", None)
                 if jobs is not None:  # durable jobs (jobs.py), when the server runs them
-                    from vibevoice_pool.ui_jobs import add_jobs_tab
+                    from vibevoice_pool.ui.jobs import add_jobs_tab
 
                     add_jobs_tab(page.front, jobs)
         with gr.Accordion(i18n("charts"), open=True):

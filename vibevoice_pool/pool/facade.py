@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 
 from vibevoice_pool.config import PoolConfig
-from vibevoice_pool.devices import Gpu, Placement, engine_specs, find_gpus, plan
-from vibevoice_pool.dispatcher import Dispatcher
-from vibevoice_pool.handle import RequestHandle
-from vibevoice_pool.monitor import Monitor, Nvml, RealNvml
-from vibevoice_pool.supervisor import Supervisor
+from vibevoice_pool.pool.devices import Gpu, Placement, engine_specs, find_gpus, plan
+from vibevoice_pool.pool.dispatcher import Dispatcher
+from vibevoice_pool.pool.handle import RequestHandle
+from vibevoice_pool.pool.monitor import Monitor, Nvml, RealNvml
+from vibevoice_pool.pool.supervisor import Supervisor
 from workers import messages as m
 from workers.board import Col, SlotState, StatusBoard, WorkerState
 from workers.estimate import audio_seconds_for
@@ -33,7 +33,7 @@ def supervisor_class(cfg: PoolConfig):
     """The local Supervisor, or the Ray one (same interface) for --backend ray."""
     if cfg.backend == "ray":
         try:
-            from vibevoice_pool.ray_backend import RaySupervisor
+            from vibevoice_pool.ray.backend import RaySupervisor
         except ImportError as e:
             raise m.PoolError(
                 m.ErrorKind.BAD_INPUT,

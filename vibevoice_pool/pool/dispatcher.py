@@ -30,8 +30,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from vibevoice_pool.handle import RequestHandle
-from vibevoice_pool.policies import Ctx, View, choose
+from vibevoice_pool.pool.handle import RequestHandle
+from vibevoice_pool.pool.policies import Ctx, View, choose
 from workers import messages as m
 from workers.board import Col, SlotState, StatusBoard, WorkerState
 

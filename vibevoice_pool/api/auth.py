@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from vibevoice_pool.errors import error_body
+from vibevoice_pool.api.errors import error_body
 
 API_KEY_ENV = "VIBEVOICE_POOL_API_KEY"
 OPEN_PATHS = ("/health", "/ready")

@@ -37,7 +37,7 @@ from typing import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from vibevoice_pool.errors import error_body
+from vibevoice_pool.api.errors import error_body
 
 log = logging.getLogger("vibevoice_pool")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from vibevoice_pool.jobs import JobRunner
-from vibevoice_pool.jobs_store import JobError, JobState
+from vibevoice_pool.jobs.runner import JobRunner
+from vibevoice_pool.jobs.store import JobError, JobState
 from workers.messages import PoolError
 
 REFRESH_S = 2.0

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from vibevoice_pool import audio
-from vibevoice_pool.errors import plain_error
+from vibevoice_pool.api.errors import plain_error
 
 PREFIX = "/ui/stream/"
 KEEP_S = 300.0  # a finished stream stays playable this long

@@ -34,14 +34,14 @@ from pydantic import ValidationError
 from starlette.routing import Mount
 
 from vibevoice_pool import audio
-from vibevoice_pool.api import MAX_UPLOAD_BYTES, Speaker, SynthesizeBody, describe_invalid
-from vibevoice_pool.auth import page_login
+from vibevoice_pool.api.app import MAX_UPLOAD_BYTES, Speaker, SynthesizeBody, describe_invalid
+from vibevoice_pool.api.auth import page_login
 from vibevoice_pool.script import MAX_SPEAKERS
-from vibevoice_pool.ui_charts import History, render
-from vibevoice_pool.ui_i18n import gradio_i18n, language_of, t
-from vibevoice_pool.ui_layout import PAGE_CSS, build
-from vibevoice_pool.ui_live import LiveStreams, TabRequests, player_html, progress_html
-from vibevoice_pool.ui_panel import render_html, views
+from vibevoice_pool.ui.charts import History, render
+from vibevoice_pool.ui.i18n import gradio_i18n, language_of, t
+from vibevoice_pool.ui.layout import PAGE_CSS, build
+from vibevoice_pool.ui.live import LiveStreams, TabRequests, player_html, progress_html
+from vibevoice_pool.ui.panel import render_html, views
 from workers import messages as m
 
 log = logging.getLogger("vibevoice_pool")

@@ -28,12 +28,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import audio, encoders
-from vibevoice_pool.auth import ApiKeyMiddleware, BodyLimitMiddleware
+from vibevoice_pool.api.auth import ApiKeyMiddleware, BodyLimitMiddleware
+from vibevoice_pool.api.errors import error_response, plain_error, status_for
+from vibevoice_pool.api.metrics import Activity
 from vibevoice_pool.config import PoolConfig
-from vibevoice_pool.errors import error_response, plain_error, status_for
-from vibevoice_pool.handle import RequestHandle
-from vibevoice_pool.metrics import Activity
-from vibevoice_pool.pool import Pool
+from vibevoice_pool.pool.facade import Pool
+from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.script import MAX_SPEAKERS, parse_script
 from vibevoice_pool.voices import VoiceLibrary
 from workers import messages as m
@@ -75,7 +75,7 @@ class Front:
     activity: Activity | None = None  # made by create_app when not given
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
     stream_tokens: object = field(default=None, repr=False)  # the page's live streams
-    jobs: Any = None  # the JobRunner (vibevoice_pool/jobs.py), set at launch
+    jobs: Any = None  # the JobRunner (vibevoice_pool/jobs/runner.py), set at launch
     keys: Any = None  # auth.KeyRing (--api-key and --api-keys), set at launch
 
     def refused(self, err: m.PoolError) -> None:
@@ -229,7 +229,9 @@ def describe_invalid(errors) -> str:
 
 
 def create_app(front: Front) -> FastAPI:
-    from vibevoice_pool import errors, metrics, openai_api, openapi_doc, voices_api
+    from vibevoice_pool.api import errors, metrics, openapi_doc
+    from vibevoice_pool.api import openai as openai_api
+    from vibevoice_pool.api import voices as voices_api
 
     app = FastAPI(title="vibevoice-pool", version="0.1.0")
     app.state.front = front

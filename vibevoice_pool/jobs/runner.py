@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from vibevoice_pool import encoders
-from vibevoice_pool.jobs_store import (
+from vibevoice_pool.jobs.store import (
     RESULTS_DIR,
     Job,
     JobError,
@@ -50,7 +50,7 @@ from workers import messages as m
 
 if TYPE_CHECKING:
     from vibevoice_pool.config import PoolConfig
-    from vibevoice_pool.pool import Pool
+    from vibevoice_pool.pool.facade import Pool
 
 log = logging.getLogger("vibevoice_pool")
 
@@ -480,7 +480,7 @@ def start_jobs(cfg: PoolConfig, pool: Pool, front, store: JobStore) -> JobRunner
     front.build_request, as /v1/synthesize builds them."""
     from pydantic import ValidationError
 
-    from vibevoice_pool.api import SynthesizeBody, describe_invalid
+    from vibevoice_pool.api.app import SynthesizeBody, describe_invalid
 
     def build(body: dict) -> m.Request:
         try:

@@ -31,11 +31,11 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Mount
 
 from vibevoice_pool import encoders
-from vibevoice_pool.api import SynthesizeBody
-from vibevoice_pool.auth import KeyRing
-from vibevoice_pool.errors import FileAnswer, error_response, plain_error
-from vibevoice_pool.jobs import JobRunner
-from vibevoice_pool.jobs_store import Job, JobError, JobErrorKind, JobState
+from vibevoice_pool.api.app import SynthesizeBody
+from vibevoice_pool.api.auth import KeyRing
+from vibevoice_pool.api.errors import FileAnswer, error_response, plain_error
+from vibevoice_pool.jobs.runner import JobRunner
+from vibevoice_pool.jobs.store import Job, JobError, JobErrorKind, JobState
 from workers.messages import ErrorKind, PoolError
 
 BROWSER_HEADER = "x-browser-id"

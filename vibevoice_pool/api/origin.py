@@ -29,7 +29,7 @@ import socket
 from typing import Callable
 from urllib.parse import urlsplit
 
-from vibevoice_pool.errors import error_body
+from vibevoice_pool.api.errors import error_body
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")

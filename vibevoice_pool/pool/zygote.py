@@ -20,7 +20,7 @@ what `worker_start = "spawn"` asks for, and what a platform without a safe
 fork (not Linux, no pidfd) gets.
 
 A forkserver preloads modules, not a model: the weights are kept warm by the
-parent instead (vibevoice_pool/warm_weights.py), and a forked tiny worker is
+parent instead (vibevoice_pool/pool/warm_weights.py), and a forked tiny worker is
 ready again in about half a second (docs/PERFORMANCE.md, section 3b), so a
 zygote of our own that also held a built model was not needed to reach the
 1 s target.
