@@ -4,7 +4,7 @@ Owns the data folder (`--data-dir`):
 
     <data>/jobs.db        SQLite in WAL mode: the jobs table and the events table
     <data>/jobs.lock      held (flock) by the one server that uses this folder
-    <data>/results/       one finished result per job, written by jobs.py
+    <data>/results/       one finished result per job, written by jobs/runner.py
 
 Every state change is one compare-and-set UPDATE (`... WHERE id=? AND state IN
 (...)`) in the same transaction as its row in `events`, so two racing callers
@@ -16,9 +16,8 @@ Every state change is one compare-and-set UPDATE (`... WHERE id=? AND state IN
 
 `finished_count` counts the transitions into a terminal state; a CHECK keeps
 it at most 1, so the database itself refuses a second finish. Finished jobs
-expire after job_ttl_s; disk use (finished results plus an estimate of what
-queued and running jobs will write) is held under jobs_disk_limit_mb.
-Nothing here knows about the pool or HTTP; timestamps are passed in.
+expire after job_ttl_s; disk use (finished results plus what queued and running
+jobs will write) stays under jobs_disk_limit_mb. No pool, no HTTP; times passed in.
 """
 
 from __future__ import annotations
