@@ -83,7 +83,8 @@ def worker_measure(model_dir: str, device: int, results, release) -> None:
     out["copy_gb_per_s"] = nbytes / out["copy_s"] / 1e9 if out["copy_s"] > 0 else None
     del on_gpu, state
     torch.cuda.empty_cache()
-    from workers.engine import EngineSpec, build_engine
+    from workers.engine import EngineSpec
+    from workers.engines import build_engine
 
     t0 = time.monotonic()
     engine = build_engine(EngineSpec(engine="vibevoice", model_path=model_dir, device="cuda"))

@@ -89,17 +89,3 @@ class Engine(Protocol):
     def step(self, sink: StepSink) -> None: ...
     def cancel(self, request_id: str) -> Row | None: ...
     def reset(self) -> list[Row]: ...
-
-
-def build_engine(spec: EngineSpec) -> Engine:
-    """Construct (not load) the engine a spec names. Imports lazily, so a sim
-    worker never imports torch."""
-    if spec.engine == "sim":
-        from workers.sim import SimEngine
-
-        return SimEngine(spec)
-    if spec.engine == "vibevoice":
-        from workers.vibevoice import VibeVoiceEngine
-
-        return VibeVoiceEngine(spec)
-    raise ValueError(f"unknown engine {spec.engine!r}: choose sim or vibevoice")

@@ -36,7 +36,9 @@ from dataclasses import dataclass
 
 from workers import messages as m
 from workers.batching import StepHost
-from workers.engine import EngineSpec, build_engine
+from workers.engine import EngineSpec
+from workers.engines import build_engine
+from workers.host_sink import HostSink
 
 log = logging.getLogger("vibevoice_pool.replica")
 
@@ -214,7 +216,7 @@ class SlotReplica:
             pass
 
     def _loop(self) -> None:
-        sink = _Sink(self)
+        sink = _ReplicaSink(self)
         host = self._host = StepHost(self._engine, sink, self.spec.admit_only_when_idle)
         while True:
             with self._cond:
@@ -242,39 +244,12 @@ class SlotReplica:
             self.batch_limit = host.engine.max_rows
 
 
-class _Sink:
-    """Where the engine's rows report (workers.engine.StepSink), for the replica's life."""
+class _ReplicaSink(HostSink):
+    """The replica's sink: each row's messages go to its request's stream."""
 
     def __init__(self, replica: SlotReplica):
+        super().__init__(replica._post)
         self.r = replica
-        self.open: dict[str, list] = {}  # request id -> [t0, samples, next chunk seq]
-
-    def track(self, req: m.Request) -> None:
-        self.open[req.id] = [time.monotonic(), 0, 0]
-
-    def started(self, request_id: str, at: float) -> None:
-        if request_id in self.open:
-            self.open[request_id][0] = at
-
-    def chunk(self, request_id: str, pcm) -> None:
-        entry = self.open.get(request_id)
-        if entry is None:
-            return
-        entry[1] += len(pcm)
-        self.r._post(m.Chunk(request_id, entry[2], pcm))
-        entry[2] += 1
-
-    def finish(self, request_id: str, stop_reason: str = m.StopReason.EOS.value) -> None:
-        entry = self.open.pop(request_id, None)
-        if entry is None:
-            return
-        audio_s = entry[1] / m.SAMPLE_RATE
-        self.r._post(m.Done(request_id, audio_s, time.monotonic() - entry[0], stop_reason))
-
-    def fail(self, request_id: str, error: m.PoolError) -> None:
-        if self.open.pop(request_id, None) is None:
-            return
-        self.r._post(m.Failed(request_id, error.kind, error.message, error.retryable))
 
     def step(self) -> None:
         self.r._progress = time.monotonic()

@@ -30,6 +30,7 @@ from workers import messages as m
 from workers.batching import StepHost
 from workers.board import Col, StatusBoard, WorkerState
 from workers.engine import EngineSpec
+from workers.host_sink import HostSink
 from workers.voice_cache import VoiceCache
 
 BOOT_FAILED_EXIT = 3
@@ -99,7 +100,7 @@ class Worker:
         self._shutdown = False
         self._following = 0  # requests the parent said are right behind the last one
         self.voices = VoiceCache()  # the voice samples the parent sent to keep
-        self.sink = _Sink(self)
+        self.sink = _BoardSink(self)
         self.host: StepHost | None = None
 
     # ---- plumbing ------------------------------------------------------
@@ -157,7 +158,7 @@ class Worker:
         threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
         t0 = time.monotonic()
         try:
-            from workers.engine import build_engine
+            from workers.engines import build_engine
 
             engine = build_engine(self.spec.engine)
             info = engine.load()
@@ -224,51 +225,27 @@ class Worker:
             b.set(row, Col.MEM_REUSABLE, reusable())
 
 
-class _Sink:
-    """Where the engine's rows report, for the whole life of the worker: each row's
-    audio goes out as Chunk messages, its end as Done or Failed, and the board's
-    totals follow."""
+class _BoardSink(HostSink):
+    """The worker's sink: the rows' messages go out on its response pipe, and the
+    board's totals follow them."""
 
     def __init__(self, worker: Worker):
+        super().__init__(worker.send)
         self.w = worker
-        self.open: dict[str, list] = {}  # request id -> [t0, samples, next chunk seq]
         self.busy_audio_s = 0.0
 
-    def track(self, req: m.Request) -> None:
-        self.open[req.id] = [time.monotonic(), 0, 0]
-
-    def started(self, request_id: str, at: float) -> None:
-        if request_id in self.open:
-            self.open[request_id][0] = at
-
-    def chunk(self, request_id: str, pcm) -> None:
-        entry = self.open.get(request_id)
-        if entry is None:
-            return
-        n = len(pcm)
-        entry[1] += n
-        self.busy_audio_s += n / m.SAMPLE_RATE
+    def counted(self, samples: int) -> None:
+        self.busy_audio_s += samples / m.SAMPLE_RATE
         self.w.board.set(self.w.row, Col.BATCH_AUDIO_S, self.busy_audio_s)
-        self.w.send(m.Chunk(request_id, entry[2], pcm))
-        entry[2] += 1
 
-    def finish(self, request_id: str, stop_reason: str = m.StopReason.EOS.value) -> None:
-        entry = self.open.pop(request_id, None)
-        if entry is None:
-            return
-        audio_s = entry[1] / m.SAMPLE_RATE
-        compute_s = time.monotonic() - entry[0]
+    def done(self, audio_s: float, compute_s: float) -> None:
         b, row = self.w.board, self.w.row
         b.add(row, Col.AUDIO_S, audio_s)
         b.add(row, Col.COMPUTE_S, compute_s)
         b.add(row, Col.COMPLETED, 1)
-        self.w.send(m.Done(request_id, audio_s, compute_s, stop_reason))
 
-    def fail(self, request_id: str, error: m.PoolError) -> None:
-        if self.open.pop(request_id, None) is None:
-            return
+    def failed(self) -> None:
         self.w.board.add(self.w.row, Col.FAILED, 1)
-        self.w.send(m.Failed(request_id, error.kind, error.message, error.retryable))
 
     def step(self) -> None:
         self.w.board.set(self.w.row, Col.PROGRESS, time.monotonic())

@@ -31,6 +31,6 @@ import workers.board  # noqa: E402,F401
 import workers.messages  # noqa: E402,F401
 import workers.worker_main  # noqa: E402,F401
 from workers import sim  # noqa: E402,F401
-from workers.engine import build_engine  # noqa: E402,F401
+from workers.engines import build_engine  # noqa: E402,F401
 
 IMPORT_S = time.monotonic() - _T0  # what this module's imports cost the zygote

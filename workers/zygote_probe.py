@@ -75,7 +75,8 @@ def load_imports(model_path: str, results) -> None:
     imported every heavy one)."""
     before = {id(m) for m in sys.modules.values()}
     t0 = time.monotonic()
-    from workers.engine import EngineSpec, build_engine
+    from workers.engine import EngineSpec
+    from workers.engines import build_engine
 
     build_engine(EngineSpec(engine="vibevoice", model_path=model_path)).load()
     # new module objects only: transformers also files old names as aliases of
