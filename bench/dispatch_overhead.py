@@ -150,7 +150,7 @@ def asgi(pool, tmp: str) -> dict:
         cfg = pool.cfg.replace(cache_dir=tmp, data_dir=os.path.join(tmp, "data-asgi"))
         front = build_front(cfg, pool, environ={})
         app = create_app(front)
-        from vibevoice_pool.api.app import SynthesizeBody
+        from vibevoice_pool.api.speech import SynthesizeBody
 
         req = front.build_request(SynthesizeBody(**BODY))
         voice_bytes = sum(getattr(v, "nbytes", 0) for v in req.voices)

@@ -206,8 +206,9 @@ class _NoPool:
 def test_cors_only_for_the_configured_origins(tmp_path):
     from fastapi.testclient import TestClient
 
-    from vibevoice_pool.api.app import Front, create_app
+    from vibevoice_pool.api.app import create_app
     from vibevoice_pool.api.metrics import Activity
+    from vibevoice_pool.api.speech import Front
     from vibevoice_pool.config import build
     from vibevoice_pool.voices import VoiceLibrary
 

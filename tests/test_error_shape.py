@@ -151,8 +151,9 @@ def test_afterwards_the_server_is_ready_and_no_worker_restarted(srv):
 def test_an_unforeseen_failure_is_a_500_in_the_same_shape(tmp_path):
     from fastapi.testclient import TestClient
 
-    from vibevoice_pool.api.app import Front, create_app
+    from vibevoice_pool.api.app import create_app
     from vibevoice_pool.api.metrics import Activity
+    from vibevoice_pool.api.speech import Front
     from vibevoice_pool.config import build
     from vibevoice_pool.voices import VoiceLibrary
 

@@ -79,8 +79,8 @@ class _FakePool:
 def _page(tmp_path, workers: int = 3, max_queue: int = 7):
     from fastapi import FastAPI
 
-    from vibevoice_pool.api.app import Front
     from vibevoice_pool.api.metrics import Activity
+    from vibevoice_pool.api.speech import Front
     from vibevoice_pool.config import build
     from vibevoice_pool.ui import page as ui
     from vibevoice_pool.voices import VoiceLibrary

@@ -8,7 +8,8 @@ from conftest import wait_until
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from vibevoice_pool.api.app import MAX_UPLOAD_BYTES, Front, create_app
+from vibevoice_pool.api.app import create_app
+from vibevoice_pool.api.speech import MAX_UPLOAD_BYTES, Front
 from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
 
 

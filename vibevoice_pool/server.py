@@ -53,8 +53,8 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     """The Front every route uses. The API key and CORS origins are read here, at
     launch: --api-key, else $VIBEVOICE_POOL_API_KEY; --cors-origins, else
     $VIBEVOICE_POOL_CORS_ORIGINS."""
-    from vibevoice_pool.api.app import MAX_UPLOAD_BYTES, MAX_VOICE_SECONDS, Front
     from vibevoice_pool.api.auth import KeyFileError, key_ring, resolve_api_key
+    from vibevoice_pool.api.speech import MAX_UPLOAD_BYTES, MAX_VOICE_SECONDS, Front
     from vibevoice_pool.voices import VoiceLibrary, prepare_voices
     from workers.tiny import is_tiny_model
 

@@ -31,9 +31,9 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Mount
 
 from vibevoice_pool import encoders
-from vibevoice_pool.api.app import SynthesizeBody
 from vibevoice_pool.api.auth import KeyRing
 from vibevoice_pool.api.errors import FileAnswer, error_response, plain_error
+from vibevoice_pool.api.speech import SynthesizeBody
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import Job, JobError, JobErrorKind, JobState
 from workers.messages import ErrorKind, PoolError

@@ -43,7 +43,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import encoders
-from vibevoice_pool.api.app import (
+from vibevoice_pool.api.errors import error_response, plain_error
+from vibevoice_pool.api.speech import (
     STREAM_HEADERS,
     Speaker,
     SynthesizeBody,
@@ -51,7 +52,6 @@ from vibevoice_pool.api.app import (
     run_to_response,
     stream_response,
 )
-from vibevoice_pool.api.errors import error_response, plain_error
 from vibevoice_pool.voices import MODEL_VOICE
 from workers import messages as m
 
@@ -118,7 +118,8 @@ def resolve_voice(library, voice: str) -> str | None:
         raise
 
 
-def check(body: SpeechBody, max_chars: int) -> None:
+def check(body: SpeechBody, max_chars: int) -> str:
+    """What the body's own fields cannot say; the format it asks for."""
     if not body.input.strip():
         raise _bad("input is empty; give the text to speak")
     if len(body.input) > max_chars:
@@ -128,7 +129,7 @@ def check(body: SpeechBody, max_chars: int) -> None:
         )
     if body.speed != 1.0:
         raise _bad("speed other than 1.0 is not supported by this server; leave it out")
-    encoders.check_format(body.response_format)
+    return encoders.check_format(body.response_format)
 
 
 def streams(body: SpeechBody, fmt: str) -> bool:
@@ -225,14 +226,14 @@ def install(app: FastAPI, front) -> None:
 
     @app.post("/v1/audio/speech")
     async def speech(body: SpeechBody, request: Request):
-        check(body, front.cfg.max_text_chars)
+        fmt = check(body, front.cfg.max_text_chars)
         voice = body.voice if isinstance(body.voice, str) else body.voice.id
         preset = resolve_voice(front.voices, voice)
-        fmt = encoders.check_format(body.response_format)
         stream = streams(body, fmt)
-        synth = SynthesizeBody(
+        # SpeechBody has validated every field this body takes: not again.
+        synth = SynthesizeBody.model_construct(
             script=body.input,
-            speakers=[Speaker(voice=preset)] if preset else [],
+            speakers=[Speaker.model_construct(voice=preset, audio=None)] if preset else [],
             cfg_scale=body.cfg_scale,
             inference_steps=body.inference_steps,
             seed=body.seed,

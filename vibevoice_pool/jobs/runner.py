@@ -480,7 +480,7 @@ def start_jobs(cfg: PoolConfig, pool: Pool, front, store: JobStore) -> JobRunner
     front.build_request, as /v1/synthesize builds them."""
     from pydantic import ValidationError
 
-    from vibevoice_pool.api.app import SynthesizeBody, describe_invalid
+    from vibevoice_pool.api.speech import SynthesizeBody, describe_invalid
 
     def build(body: dict) -> m.Request:
         try:

@@ -34,8 +34,8 @@ from pydantic import ValidationError
 from starlette.routing import Mount
 
 from vibevoice_pool import audio
-from vibevoice_pool.api.app import MAX_UPLOAD_BYTES, Speaker, SynthesizeBody, describe_invalid
 from vibevoice_pool.api.auth import page_login
+from vibevoice_pool.api.speech import MAX_UPLOAD_BYTES, Speaker, SynthesizeBody, describe_invalid
 from vibevoice_pool.script import MAX_SPEAKERS
 from vibevoice_pool.ui.charts import History, render
 from vibevoice_pool.ui.i18n import gradio_i18n, language_of, t

@@ -1,0 +1,226 @@
+"""One request model for every front end: what a speech request is and how it is answered.
+
+The native route (/v1/synthesize), the OpenAI route, the jobs (HTTP and the
+page's tab) and the page itself all build their pool Request here:
+
+    SynthesizeBody, Speaker         the body (pydantic): script, speakers, format...
+    Front                           what every front end holds: pool, voices, settings;
+                                    Front.build_request(body) -> Request (BAD_INPUT
+                                    otherwise)
+    describe_invalid(errors)        one message for pydantic's validation errors
+    run_to_response / stream_response / headers_for
+                                    answer a RequestHandle whole or as it is made
+
+No route is declared here, so a front end that imports this imports no other
+front end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from vibevoice_pool import audio, encoders
+from vibevoice_pool.api.errors import error_response, status_for
+from vibevoice_pool.config import PoolConfig
+from vibevoice_pool.pool.facade import Pool
+from vibevoice_pool.pool.handle import RequestHandle
+from vibevoice_pool.script import MAX_SPEAKERS, parse_script
+from vibevoice_pool.voices import VoiceLibrary
+from workers import messages as m
+
+log = logging.getLogger("vibevoice_pool")
+
+INLINE_FORMATS = ("wav", "pcm")
+INLINE_ENCODE_SAMPLES = 60 * 24_000  # up to a minute of audio is encoded on the loop
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+STREAM_HEADERS = {"X-Accel-Buffering": "no"}  # a proxy (nginx) passes each piece on at once
+MAX_VOICE_SECONDS = 60.0
+
+
+class Speaker(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    voice: str | None = Field(None, description="name of a voice preset (see /v1/voices)")
+    audio: str | None = Field(None, description="base64 of a wav/mp3/flac/ogg voice sample")
+
+
+class SynthesizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    script: str = Field(..., description="'Speaker 1: ...' lines; speakers 1-4 (or 0-3)")
+    speakers: list[Speaker] = Field(default_factory=list, max_length=MAX_SPEAKERS)
+    cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
+    inference_steps: int | None = Field(None, ge=1, le=100)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    format: str = Field("wav", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)})
+    stream: bool = False
+    max_audio_s: float | None = Field(None, gt=0)
+
+
+@dataclass
+class Front:
+    """What every route needs: the pool, the voices, the settings."""
+
+    pool: Pool
+    voices: VoiceLibrary
+    cfg: PoolConfig  # cfg.api_key is the resolved key (auth.resolve_api_key)
+    activity: Any = None  # api.metrics.Activity; made by create_app when not given
+    cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
+    stream_tokens: object = field(default=None, repr=False)  # the page's live streams
+    jobs: Any = None  # the JobRunner (vibevoice_pool/jobs/runner.py), set at launch
+    keys: Any = None  # auth.KeyRing (--api-key and --api-keys), set at launch
+
+    def refused(self, err: m.PoolError) -> None:
+        """Count an error answered before admission (for /metrics)."""
+        if self.activity is not None:
+            self.activity.refused("too_large" if status_for(err) == 413 else err.kind.value)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest /v1 request body: four base64 voice samples and a full script."""
+        per_voice = math.ceil(MAX_UPLOAD_BYTES / 3) * 4 + 1024
+        return MAX_SPEAKERS * per_voice + 6 * self.cfg.max_text_chars + (1 << 20)
+
+    def build_request(self, body: SynthesizeBody) -> m.Request:
+        """A validated Request (BAD_INPUT otherwise). Decodes uploads: call off the loop."""
+        encoders.check_format(body.format)
+        turns = parse_script(
+            body.script,
+            max_chars=self.cfg.max_text_chars,
+            num_speakers=len(body.speakers) or None,
+        )
+        n = max(t.speaker for t in turns) + 1
+        presets = self.voices.names()
+        voices = []
+        for i in range(n):
+            sp = body.speakers[i] if i < len(body.speakers) else Speaker()
+            if sp.voice is not None and sp.audio is not None:
+                raise m.PoolError(
+                    m.ErrorKind.BAD_INPUT, f"speakers[{i}]: give voice or audio, not both"
+                )
+            if sp.audio is not None:  # "" is refused as empty, not taken as no voice
+                voices.append(
+                    audio.decode_base64_upload(
+                        sp.audio,
+                        max_bytes=MAX_UPLOAD_BYTES,
+                        max_seconds=MAX_VOICE_SECONDS,
+                        what=f"speakers[{i}].audio",
+                    )
+                )
+            elif sp.voice is not None:
+                voices.append(self.voices.resolve(sp.voice))
+            else:
+                voices.append(self.voices.resolve(presets[i % len(presets)]) if presets else None)
+        return self.pool.make_request(
+            turns,
+            voices,
+            cfg_scale=body.cfg_scale,
+            inference_steps=body.inference_steps,
+            seed=body.seed,
+            stream=body.stream,
+            max_audio_s=body.max_audio_s,
+        )
+
+
+def headers_for(handle: RequestHandle, audio_s: float | None = None) -> dict:
+    h = {"X-Request-Id": handle.id, "X-Seed": str(handle.seed)}
+    if handle.worker is not None:
+        h["X-Worker"] = str(handle.worker)
+    if audio_s is not None:
+        h["X-Audio-Seconds"] = f"{audio_s:.3f}"
+    if isinstance(handle.outcome, m.Done):  # why it stopped: eos, runaway_cap, max_audio...
+        h["X-Stop-Reason"] = handle.outcome.stop_reason
+    return h
+
+
+async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:
+    while not handle.done:
+        if await request.is_disconnected():
+            log.info("request %s: the client went away; cancelling", handle.id)
+            handle.cancel()
+            return
+        await asyncio.sleep(0.5)
+
+
+async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> Response:
+    """Wait for the whole result, then answer it encoded as `fmt`."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+    try:
+        async for event in handle.events():
+            if isinstance(event, m.Failed):
+                return error_response(m.PoolError(event.error, event.message))
+    finally:
+        watcher.cancel()
+    pcm = handle.audio()
+    if fmt in INLINE_FORMATS and len(pcm) <= INLINE_ENCODE_SAMPLES:
+        data, ctype = encoders.encode(pcm, fmt)  # a copy and a header: cheaper than a thread hop
+    else:
+        data, ctype = await asyncio.to_thread(encoders.encode, pcm, fmt)
+    return Response(data, media_type=ctype, headers=headers_for(handle, len(pcm) / m.SAMPLE_RATE))
+
+
+async def stream_response(handle: RequestHandle, fmt: str) -> Response:
+    """Stream audio as the worker makes it. Waits for Started so X-Worker is known."""
+    events = handle.events()
+    first = await anext(events)
+    if isinstance(first, m.Failed):
+        return error_response(m.PoolError(first.error, first.message))
+    enc = encoders.StreamEncoder(fmt)
+
+    async def body():
+        try:
+            yield await encoders.run(enc, enc.start)
+            event = first
+            while True:
+                if isinstance(event, m.Chunk):
+                    data = await encoders.run(enc, enc.push, event.pcm)
+                    if data:
+                        yield data
+                elif isinstance(event, m.Failed):
+                    log.warning("stream %s ended early: %s", handle.id, event.message)
+                    return  # headers are sent; the short body is the signal
+                elif isinstance(event, m.Done):
+                    yield await encoders.run(enc, enc.end)
+                    return
+                event = await anext(events)
+        finally:
+            enc.close()
+            if not handle.done:
+                handle.cancel()  # the client went away mid-stream
+
+    headers = headers_for(handle) | STREAM_HEADERS
+    return StreamingResponse(body(), media_type=enc.content_type, headers=headers)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value[:limit] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_invalid(errors) -> str:
+    """One message for pydantic's validation errors, saying what to fix."""
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        kind = e.get("type", "")
+        if kind == "json_invalid":
+            why = (e.get("ctx") or {}).get("error", "")
+            parts.append(
+                f"the body is not valid JSON ({why}); send a JSON object such as "
+                '{"script": "Speaker 1: Hello"}'
+            )
+        elif kind == "missing":
+            parts.append(f"{where}: required, but missing")
+        elif kind == "extra_forbidden":
+            parts.append(f"{where}: unknown field; remove it (see /docs for the fields)")
+        elif kind == "model_attributes_type" and where == "body":
+            parts.append('the body must be a JSON object such as {"script": "Speaker 1: Hello"}')
+        else:
+            parts.append(f"{where}: {e.get('msg')} (got {_short(e.get('input'))})")
+    return "; ".join(parts) or "invalid request"
