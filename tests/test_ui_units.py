@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from vibevoice_pool.api.metrics import Activity
+from vibevoice_pool.pool.states import shown_state
 from vibevoice_pool.ui.charts import History, render
 from vibevoice_pool.ui.i18n import EN, ZH, pick_language
 from vibevoice_pool.ui.live import LiveStreams, TabRequests
-from vibevoice_pool.ui.panel import display_state, render_html, render_table, views
+from vibevoice_pool.ui.panel import render_html, render_table, views
 from workers import messages as m
 
 
@@ -51,8 +52,8 @@ def status(*workers) -> dict:
         ("something-new", 0, "starting"),
     ],
 )
-def test_display_state(state, restarts, shown):
-    assert display_state({"state": state, "restarts": restarts}) == shown
+def test_shown_state(state, restarts, shown):
+    assert shown_state({"state": state, "restarts": restarts}) == shown
 
 
 def test_panel_html_has_the_old_demos_content_per_worker():

@@ -26,11 +26,11 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from vibevoice_pool.ui.panel import MARK, display_state
+from vibevoice_pool.pool.states import SERVING, SHOWN, shown_state
 from workers import messages as m
 
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
-STATES = tuple(MARK)  # ready, busy, recovering, starting, failed, ...
+STATES = SHOWN  # ready, busy, recovering, starting, failed, ...
 
 
 class Activity:
@@ -193,8 +193,8 @@ class PoolCollector:
         }
         for w in workers:
             ids = [str(w["id"]), str(w["device"])]
-            state = display_state(w)
-            fams["up"].add_metric(ids, 1 if state in ("ready", "busy") else 0)
+            state = shown_state(w)
+            fams["up"].add_metric(ids, 1 if state in SERVING else 0)
             for s in STATES:
                 fams["state"].add_metric([*ids, s], 1 if s == state else 0)
             for (worker, outcome), n in sorted(outcomes.items()):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool.api.errors import plain_error
 from vibevoice_pool.pool.facade import Pool
+from vibevoice_pool.pool.states import State
 
 
 class AddWorker(BaseModel):
@@ -26,13 +27,13 @@ def pool_router(pool: Pool) -> APIRouter:
     @router.post("/v1/pool/workers", status_code=201)
     async def add_worker(body: AddWorker):
         index = pool.add_worker(body.device)
-        return {"id": index, "device": pool.placements[index].device, "state": "starting"}
+        return {"id": index, "device": pool.placements[index].device, "state": State.STARTING.value}
 
     @router.delete("/v1/pool/workers/{worker_id}")
     async def remove_worker(worker_id: int):
         if worker_id not in pool.live_slots():
             return plain_error(404, "not_found", f"no worker {worker_id}; see /v1/pool")
         pool.remove_worker(worker_id)
-        return JSONResponse({"id": worker_id, "state": "draining"}, 202)
+        return JSONResponse({"id": worker_id, "state": State.DRAINING.value}, 202)
 
     return router

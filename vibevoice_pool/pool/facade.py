@@ -19,9 +19,12 @@ from vibevoice_pool.pool.devices import Gpu, Placement, engine_specs, find_gpus,
 from vibevoice_pool.pool.dispatcher import Dispatcher
 from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.monitor import Monitor, Nvml, RealNvml
+from vibevoice_pool.pool.recovery import RecoveryPolicy
+from vibevoice_pool.pool.slots import SlotBackend
+from vibevoice_pool.pool.states import SERVING, public_state
 from vibevoice_pool.pool.supervisor import Supervisor
 from workers import messages as m
-from workers.board import Col, SlotState, StatusBoard, WorkerState
+from workers.board import Col, SlotState, StatusBoard
 from workers.estimate import audio_seconds_for
 
 log = logging.getLogger("vibevoice_pool")
@@ -29,7 +32,7 @@ log = logging.getLogger("vibevoice_pool")
 SPARE_ROWS = 16  # board rows kept free for workers added while serving
 
 
-def supervisor_class(cfg: PoolConfig):
+def supervisor_class(cfg: PoolConfig) -> type[SlotBackend]:
     """The local Supervisor, or the Ray one (same interface) for --backend ray."""
     if cfg.backend == "ray":
         try:
@@ -44,30 +47,12 @@ def supervisor_class(cfg: PoolConfig):
     return Supervisor
 
 
-def public_state(slot_state: int, worker_state: int, health: float = 1) -> str:
-    """The one word /v1/pool and the page show for a slot."""
-    if slot_state == SlotState.RUNNING:
-        if health == 0:
-            return "unavailable"
-        return "busy" if worker_state == WorkerState.BUSY else "ready"
-    return {
-        SlotState.EMPTY: "starting",
-        SlotState.STARTING: "starting",
-        SlotState.DEAD: "backoff",
-        SlotState.BACKOFF: "backoff",
-        SlotState.FAILED: "failed",
-        SlotState.DRAINING: "draining",
-        SlotState.UNAVAILABLE: "unavailable",
-        SlotState.STOPPED: "stopped",
-    }.get(SlotState(slot_state), "starting")
-
-
 @dataclass
 class Pool:
     cfg: PoolConfig
     board: StatusBoard
     dispatcher: Dispatcher
-    supervisor: Supervisor
+    supervisor: SlotBackend  # the local Supervisor or the RaySupervisor
     monitor: Monitor
     model_path: str
     gpus: list[Gpu]
@@ -108,17 +93,20 @@ class Pool:
         else:
             log.info("Using %d CPU worker(s)", len(placements))
         board = StatusBoard.create(len(placements) + SPARE_ROWS)
+        recovery = RecoveryPolicy.from_config(cfg)  # one policy: quarantine and every slot
         dispatcher = Dispatcher(
             board,
             policy=cfg.policy,
             max_queue=cfg.max_queue,
             max_attempts=cfg.max_attempts,
+            quarantined=recovery.quarantined,
             bind_at_arrival=cfg.bind_at_arrival,
             mem_reserve_bytes=cfg.mem_reserve_mb * 2**20,
             mem_per_audio_s_bytes=cfg.mem_per_audio_s_mb * 2**20,
         )
         specs = engine_specs(cfg, placements, model_path or cfg.model_path)
-        supervisor = supervisor_class(cfg)(cfg, placements, specs, board, dispatcher)
+        backend = supervisor_class(cfg)
+        supervisor = backend(cfg, placements, specs, board, dispatcher, recovery)
         if nvml is None and gpu_ids:
             nvml = RealNvml.open()
         monitor = Monitor(board, supervisor.monitor_targets, nvml, cfg.monitor_interval_s)
@@ -175,7 +163,7 @@ class Pool:
         return self.dispatcher.submit(request)
 
     def ready_workers(self) -> int:
-        return sum(1 for w in self.status()["workers"] if w["state"] in ("ready", "busy"))
+        return sum(1 for w in self.status()["workers"] if w["state"] in SERVING)
 
     # ---- status --------------------------------------------------------
 
@@ -195,7 +183,7 @@ class Pool:
                     "name": info.name if info else "",
                     "state": public_state(
                         int(row[Col.SLOT_STATE]), int(row[Col.WORKER_STATE]), row[Col.HEALTH]
-                    ),
+                    ).value,
                     "pid": int(row[Col.PID]) or None,
                     "generation": int(row[Col.GENERATION]),
                     "restarts": int(row[Col.RESTARTS]),

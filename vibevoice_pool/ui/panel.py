@@ -18,20 +18,21 @@ import html
 import unicodedata
 from dataclasses import dataclass
 
+from vibevoice_pool.pool.states import Shown, shown_state
 from vibevoice_pool.ui.i18n import t
 
 BAR_WIDTH = 20
 GB = 1e9  # the old demo's GB (16.2/40.0GB)
 
 MARK = {
-    "ready": "✅",
-    "busy": "🔄",
-    "recovering": "♻️",
-    "starting": "⏳",
-    "failed": "❌",
-    "unavailable": "⛔",
-    "draining": "⏸️",
-    "stopped": "⏹️",
+    Shown.READY.value: "✅",
+    Shown.BUSY.value: "🔄",
+    Shown.RECOVERING.value: "♻️",
+    Shown.STARTING.value: "⏳",
+    Shown.FAILED.value: "❌",
+    Shown.UNAVAILABLE.value: "⛔",
+    Shown.DRAINING.value: "⏸️",
+    Shown.STOPPED.value: "⏹️",
 }
 
 
@@ -40,7 +41,7 @@ class WorkerView:
     """One worker's block of the panel, ready to render."""
 
     id: int
-    state: str  # a key of MARK
+    state: str  # a Shown word (pool/states.py)
     title: str  # "GPU 0: NVIDIA H100" / "Worker 0 (cpu:0): SimEngine x1"
     short: str  # "GPU 0" / "Worker 0": chart legends
     queue: int  # requests the worker holds (running, or batched)
@@ -57,16 +58,6 @@ class WorkerView:
     @property
     def mark(self) -> str:
         return MARK.get(self.state, "❔")
-
-
-def display_state(worker: dict) -> str:
-    """The panel's word for a worker: /v1/pool's state, with a respawn shown as recovering."""
-    state = worker.get("state", "starting")
-    if state == "backoff":
-        return "recovering"
-    if state == "starting" and (worker.get("restarts") or 0) > 0:
-        return "recovering"
-    return state if state in MARK else "starting"
 
 
 def _labels(worker: dict, gpu_workers: dict[str, int]) -> tuple[str, str]:
@@ -97,7 +88,7 @@ def views(status: dict) -> list[WorkerView]:
         out.append(
             WorkerView(
                 id=int(w["id"]),
-                state=display_state(w),
+                state=shown_state(w),
                 title=title,
                 short=short,
                 queue=int(w.get("inflight") or 0),
