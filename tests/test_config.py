@@ -1,6 +1,13 @@
-"""Settings: flags, config files, the old demo's spellings, --gpus planning."""
+"""Settings: flags, config files, the old demo's spellings, the README's table, --gpus planning."""
 
-import dataclasses
+import contextlib
+import io
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +15,9 @@ from vibevoice_pool import config
 from vibevoice_pool.cli import launch_config, parser
 from vibevoice_pool.config import ConfigError, PoolConfig, build
 from vibevoice_pool.pool.devices import Gpu, plan
+from vibevoice_pool.pool.policies import POLICIES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GPUS = [
     Gpu(0, "NVIDIA H100", 80 << 30),
@@ -20,11 +30,22 @@ def cfg_from(*argv):
     return launch_config(parser().parse_args(["launch", *argv]))
 
 
-def test_every_setting_is_a_config_field_with_the_same_default():
-    fields = {f.name: f.default for f in dataclasses.fields(PoolConfig)}
-    assert set(fields) == {s.name for s in config.SETTINGS}
-    for s in config.SETTINGS:
-        assert fields[s.name] == s.default, s.name
+def launch_help() -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parser().parse_args(["launch", "--help"])
+    return out.getvalue()
+
+
+def test_every_setting_is_a_flag_in_both_spellings_with_its_default():
+    defaults = cfg_from()
+    assert defaults == PoolConfig()
+    for name, info in PoolConfig.model_fields.items():
+        assert getattr(defaults, name) == info.default, name
+    launch = parser()._subparsers._group_actions[0].choices["launch"]
+    options = {o for a in launch._actions for o in a.option_strings}
+    for name in PoolConfig.model_fields:
+        assert config.flag(name) in options and f"--{name}" in options, name
 
 
 def test_old_demo_flags_in_both_spellings():
@@ -135,3 +156,132 @@ def test_gpu_ids_on_a_machine_without_gpus_say_none_were_found():
         plan("0", 1, [])
     with pytest.raises(ConfigError, match="cpu:N"):
         plan("cpu:x", 1, [])
+
+
+# ---- one declaration: validation ----------------------------------------------------
+
+
+@pytest.mark.parametrize("word", ["maybe", "2", "nein", ""])
+def test_a_switch_that_is_not_a_boolean_is_an_error_not_false(word, tmp_path):
+    with pytest.raises(ConfigError, match=f"share = {word!r}: .*boolean"):
+        build({"share": word})
+    f = tmp_path / "c.yaml"
+    f.write_text(f"tiny_model: '{word}'\n")
+    with pytest.raises(ConfigError, match="tiny_model"):
+        cfg_from("--config", str(f))
+
+
+def test_switches_take_yes_and_no_from_files_and_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("share: yes\nwarm_weights: false\n")
+    c = cfg_from("--config", str(f))
+    assert (c.share, c.warm_weights) == (True, False)
+    c = cfg_from("--config", str(f), "--no-share", "--warm_weights")
+    assert (c.share, c.warm_weights) == (False, True)
+
+
+def test_every_registered_policy_is_a_choice_and_nothing_else():
+    for name in POLICIES:
+        assert build({"policy": name}).policy == name
+    with pytest.raises(ConfigError) as e:
+        build({"policy": "fastest"})
+    assert all(name in str(e.value) for name in POLICIES)
+
+
+def test_an_unknown_setting_suggests_the_nearest():
+    with pytest.raises(ConfigError, match="unknown setting 'max_qeue'; did you mean 'max_queue'"):
+        build({"max_qeue": 3})
+
+
+def test_yaml_numbers_and_blanks_read_as_text(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gpus: 0\nmodel_path:\napi_key: 1234567890123456\nsim_speeds: 1, 0.5\n")
+    c = cfg_from("--config", str(f))
+    assert (c.gpus, c.model_path, c.api_key) == ("0", "", "1234567890123456")
+    assert c.sim_speeds == (1.0, 0.5)
+    with pytest.raises(ConfigError, match="sim_speeds"):
+        build({"sim_speeds": "1,0"})
+
+
+def test_limits_that_were_constants_are_settings():
+    c = cfg_from(
+        "--max-upload-mb",
+        "2",
+        "--max_voice_s",
+        "30",
+        "--backoff-cap-s",
+        "8",
+        "--heartbeat-s",
+        "0.5",
+        "--boot-failures-to-fail",
+        "5",
+        "--healthy-reset-s",
+        "4",
+    )
+    assert c.max_upload_bytes == 2 << 20
+    assert (c.max_voice_s, c.backoff_cap_s, c.heartbeat_s) == (30.0, 8.0, 0.5)
+    assert (c.boot_failures_to_fail, c.healthy_reset_s) == (5, 4.0)
+    with pytest.raises(ConfigError, match="max_upload_mb"):
+        build({"max_upload_mb": 0})
+
+
+def test_a_heartbeat_slower_than_half_the_hang_timeout_is_refused():
+    with pytest.raises(ConfigError, match="heartbeat_s .* hang_timeout_s"):
+        build({"heartbeat_s": 2, "hang_timeout_s": 3})
+    assert build({"heartbeat_s": 1, "hang_timeout_s": 3}).heartbeat_s == 1.0
+
+
+def test_a_config_is_frozen_replaced_with_validation_and_crosses_processes():
+    c = build({"engine": "sim", "sim_speeds": [1, 0.5]})
+    with pytest.raises(ValueError):
+        c.port = 1  # type: ignore[misc]
+    assert c.replace(max_queue=7).max_queue == 7
+    with pytest.raises(ConfigError, match="max_queue"):
+        c.replace(max_queue=0)
+    assert pickle.loads(pickle.dumps(c)) == c
+
+
+def test_the_shipped_config_files_are_valid():
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        assert isinstance(build(config.load_file(f)), PoolConfig), f
+
+
+# ---- one declaration: the README and --help ------------------------------------------
+
+
+def _readme_block(text: str) -> str:
+    assert config.START in text and config.END in text
+    return text.split(config.START, 1)[1].split(config.END, 1)[0]
+
+
+def test_readme_and_launch_help_list_the_same_settings():
+    readme = set(
+        re.findall(
+            r"^\| `(--[a-z0-9-]+)` \|", _readme_block((ROOT / "README.md").read_text()), re.M
+        )
+    )
+    shown = set(re.findall(r"^  (--[a-z0-9-]+)", launch_help(), re.M)) - {
+        "--config",
+        "--device",
+        "--help",
+    }
+    assert readme == shown == {config.flag(n) for n in PoolConfig.model_fields}
+
+
+def test_readme_table_is_the_generated_one():
+    assert _readme_block((ROOT / "README.md").read_text()) == "\n" + config.markdown()
+
+
+def test_the_generator_rewrites_only_its_block(tmp_path):
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    before = readme.read_text()
+    stale = before.replace("| `--max-queue` |", "| `--old-flag` |")
+    readme.write_text(stale)
+    run = [sys.executable, "-m", "vibevoice_pool.config", "--readme", str(readme)]
+    out = subprocess.run(run, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "updated" in out.stdout and readme.read_text() == before
+    out = subprocess.run(run, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "already current" in out.stdout

@@ -1,7 +1,7 @@
 """The `vibevoice-pool` command. Imports stay inside the commands: a spawned
 worker re-imports the main script, and must not load the front ends.
 
-    launch            serve the pool (every setting in config.SETTINGS is a flag)
+    launch            serve the pool (every field of config.PoolConfig is a flag)
     synth             send a script to a running server, write the audio (--async: as a job)
     jobs              list your jobs, or follow one and write its audio
     status            print the pool's status panel as a table
@@ -19,19 +19,57 @@ log = logging.getLogger("vibevoice_pool")
 
 
 def _launch_parser(sub) -> None:
-    from vibevoice_pool.config import SETTINGS
+    """Every field of config.PoolConfig is a flag, in its section, with its help."""
+    from vibevoice_pool import config
 
-    p = sub.add_parser("launch", help="serve the pool", argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="a YAML file of settings; flags override it")
-    for s in SETTINGS:
-        names = [f"--{s.name.replace('_', '-')}"]
-        if "_" in s.name:
-            names.append(f"--{s.name}")
-        if s.is_switch:
-            p.add_argument(*names, dest=s.name, action=argparse.BooleanOptionalAction, help=s.help)
-        else:
-            p.add_argument(*names, dest=s.name, help=f"{s.help} (default: {s.default!r})")
-    p.add_argument("--device", dest="_device", help="deprecated: devices come from --gpus")
+    p = sub.add_parser(
+        "launch",
+        help="serve the pool",
+        description="Serve the pool. Each flag is also a key of a --config file; flags "
+        "override the file. Every flag takes the underscore spelling too "
+        "(--model_path = --model-path), as the old demo wrote them.",
+        usage="%(prog)s [--config FILE] [--SETTING VALUE ...]",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", metavar="FILE", help="a YAML file of settings; flags override it")
+    p.add_argument(
+        "--device", dest="_device", metavar="DEVICE", help="deprecated: devices come from --gpus"
+    )
+    for title, fields in config.sections():
+        group = p.add_argument_group(title)
+        for name, info in fields:
+            _add_setting(group, p, name, info)
+
+
+def _add_setting(group, p, name: str, info) -> None:
+    from vibevoice_pool import config
+
+    options = [o for o in config.choices(info) if o]  # "" (off) is said in the help
+    words, default = info.description, config.shown(info.default)
+    if len(options) > 4:
+        words += f"; one of {', '.join(options)}"
+    if default and "default" not in words:
+        words += f" (default: {default})"
+    if config.is_switch(info):
+        kind = {"action": argparse.BooleanOptionalAction}
+    elif options and len(options) <= 4:
+        kind = {"metavar": "{" + ",".join(options) + "}"}
+    else:
+        kind = {"metavar": _metavar(name, info)}
+    group.add_argument(config.flag(name), dest=name, help=words, **kind)
+    if "_" in name:  # the old demo's spelling, accepted, not listed twice
+        p.add_argument(f"--{name}", dest=name, help=argparse.SUPPRESS, **kind)
+
+
+def _metavar(name: str, info) -> str:
+    declared = info.json_schema_extra.get("metavar")
+    if declared:
+        return declared
+    if name.endswith("_s"):
+        return "SECONDS"
+    if name.endswith("_mb"):
+        return "MIB"
+    return {int: "N", float: "X"}.get(info.annotation, "NAME")
 
 
 def _client_parsers(sub) -> None:

@@ -1,19 +1,30 @@
-"""The pool's settings: one typed, validated config that reaches every process.
+"""The pool's settings, declared once: the fields of `PoolConfig`.
 
-Each setting is declared once in SETTINGS (name, type, default, help, check);
-the CLI flags, the YAML config files and `PoolConfig` all come from that list.
+Each field is one setting: its type, default, bounds, choices and help text.
+Everything else is read off the fields: the `launch` flags and their --help
+(cli.py), the YAML keys of a config file, the validation, and the README's
+settings table (`python -m vibevoice_pool.config --readme README.md`).
 Precedence: built-in default < config file (`--config`) < command-line flag.
 Nothing is read from the environment at import time.
+
+    build(values) -> PoolConfig     raw values (YAML, flags) -> validated, frozen
+    cfg.replace(**changes)          a validated copy
+    load_file(path) -> dict         a YAML file's raw settings
+    sections()                      [(title, [(name, FieldInfo)])], declaration order
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+import difflib
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-POLICIES = ("least_work", "seed", "least_queue", "round_robin", "power_of_two", "random")
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+from vibevoice_pool.pool.policies import POLICIES
+
 ENGINES = ("sim", "vibevoice")
 
 
@@ -21,300 +32,298 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the setting."""
 
 
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    type: Callable[[Any], Any]
-    default: Any
-    help: str
-    check: Callable[[Any], str | None] = lambda v: None  # returns a complaint or None
-    flag: bool = True  # exposed as a command-line flag
+def _section(title: str):
+    """A field maker for one section of the settings (a --help group, a README block)."""
 
-    @property
-    def is_switch(self) -> bool:
-        return self.type is _bool
+    def make(default: Any, help: str, metavar: str = "", **bounds: Any) -> Any:
+        extra = {"section": title, "metavar": metavar}
+        return Field(default, description=help, json_schema_extra=extra, **bounds)
+
+    return make
 
 
-def _bool(v) -> bool:
-    if isinstance(v, bool):
-        return v
-    return str(v).strip().lower() in ("1", "true", "yes", "on")
+def _empty_if_none(v: Any) -> Any:
+    return "" if v is None else v  # a YAML key with no value
 
 
-def _positive(v) -> str | None:
-    return None if v > 0 else "must be > 0"
+def _split_floats(v: Any) -> Any:
+    if isinstance(v, str):
+        return tuple(x.strip() for x in v.split(",") if x.strip())
+    return v
 
 
-def _non_negative(v) -> str | None:
-    return None if v >= 0 else "must be >= 0"
+Text = Annotated[str, BeforeValidator(_empty_if_none)]
+Policy = Literal[tuple(POLICIES)]  # the names the policy registry knows
+Positive = Annotated[float, Field(gt=0)]
+
+WORKERS = _section("Workers: where they run and what they serve")
+SCHEDULING = _section("Scheduling")
+RECOVERY = _section("Recovery")
+FRONT = _section("The front: HTTP, the page, limits")
+FILES = _section("Files, jobs and logs")
+SIM = _section("The simulated engine (tests and benchmarks)")
 
 
-def _one_of(options) -> Callable[[Any], str | None]:
-    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+class PoolConfig(BaseModel):
+    """Every setting of the pool; crosses to worker processes and Ray replicas."""
 
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", coerce_numbers_to_str=True, validate_default=False
+    )
 
-def _floats(v) -> tuple[float, ...]:
-    if isinstance(v, (list, tuple)):
-        return tuple(float(x) for x in v)
-    return tuple(float(x) for x in str(v).split(",") if x.strip())
-
-
-def _opt_str(v) -> str:
-    return "" if v is None else str(v)
-
-
-SETTINGS: tuple[Setting, ...] = (
-    # where the workers run
-    Setting("gpus", _opt_str, "all", "GPUs to use: 'all', CUDA ids such as '0,1,3', or 'cpu:N'"),
-    Setting("backend", str, "local", "local worker processes, or ray", _one_of(("local", "ray"))),
-    Setting(
-        "address",
-        _opt_str,
+    # ---- workers -----------------------------------------------------------
+    gpus: Text = WORKERS(
+        "all",
+        "GPUs to use: CUDA ids such as 0,1,3; all (CPU workers with a warning when there "
+        "is no GPU); or cpu:N",
+        metavar="IDS",
+    )
+    backend: Literal["local", "ray"] = WORKERS("local", "local worker processes, or ray")
+    address: Text = WORKERS(
         "",
         "ray backend: a cluster to join (auto or HOST:PORT); empty starts one",
-    ),
-    Setting("workers_per_gpu", int, 1, "worker processes per GPU", _positive),
-    Setting("engine", str, "vibevoice", "engine: vibevoice (the model) or sim", _one_of(ENGINES)),
-    Setting("model_path", _opt_str, "", "VibeVoice model: an HF-format folder or a hub id"),
-    Setting(
-        "dtype", str, "auto", "weights dtype", _one_of(("auto", "bfloat16", "float16", "float32"))
-    ),
-    Setting("attn_implementation", str, "sdpa", "attention implementation (sdpa, eager, ...)"),
-    Setting(
-        "max_batch_size", int, 1, "rows one worker runs at once (continuous batching)", _positive
-    ),
-    Setting(
-        "mem_budget_mb",
-        float,
+        metavar="ADDRESS",
+    )
+    workers_per_gpu: int = WORKERS(1, "worker processes per GPU", gt=0)
+    engine: Literal[ENGINES] = WORKERS(
+        "vibevoice", "vibevoice (the model), or sim (a simulator for trying the pool)"
+    )
+    model_path: Text = WORKERS(
+        "", "VibeVoice model: an HF-format folder or a hub id", metavar="PATH"
+    )
+    tiny_model: bool = WORKERS(False, "serve the built-in tiny random model (demo, tests)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = WORKERS("auto", "weights dtype")
+    attn_implementation: str = WORKERS(
+        "sdpa", "attention implementation (sdpa, eager, ...)", metavar="NAME"
+    )
+    max_batch_size: int = WORKERS(
+        1,
+        "rows a worker runs at once; requests join and leave the running batch at every "
+        "step (continuous batching)",
+        gt=0,
+    )
+    mem_budget_mb: float = WORKERS(
         0.0,
-        "KV cache budget of one worker's running rows in MiB; a row waits until it fits "
-        "(0: free GPU memory minus mem_headroom_mb; no limit on CPU)",
-        _non_negative,
-    ),
-    Setting(
-        "head_compile",
-        str,
+        "KV-cache budget of a worker's rows in MiB; a row waits until it fits (0: free GPU "
+        "memory minus mem_headroom_mb; no limit on CPU)",
+        ge=0,
+    )
+    mem_headroom_mb: float = WORKERS(
+        1024.0, "GPU memory in MiB kept free when admitting rows (with mem_budget_mb 0)", ge=0
+    )
+    head_compile: Literal["", "default", "reduce-overhead", "max-autotune"] = WORKERS(
         "",
         "opt-in, not yet measured on a GPU: torch.compile mode of the diffusion head "
         "(reduce-overhead = CUDA graphs per row count); empty = off",
-        _one_of(("", "default", "reduce-overhead", "max-autotune")),
-    ),
-    Setting(
-        "mem_headroom_mb",
-        float,
-        1024.0,
-        "GPU memory kept free when admitting rows (with mem_budget_mb 0)",
-        _non_negative,
-    ),
-    Setting("torch_threads", int, 1, "torch threads per CPU worker", _positive),
-    Setting("inference_steps", int, 10, "default diffusion steps per request", _positive),
-    Setting(
-        "runaway_factor",
-        float,
+    )
+    torch_threads: int = WORKERS(1, "torch threads per CPU worker", gt=0)
+    inference_steps: int = WORKERS(10, "default diffusion steps per request", gt=0)
+    runaway_factor: float = WORKERS(
         2.0,
-        "a request that never ends is cut at this times its estimated length (max_audio_s "
-        "still caps it)",
-        _positive,
-    ),
-    # scheduling
-    Setting("policy", str, "least_work", "how a worker is chosen", _one_of(POLICIES)),
-    Setting("max_queue", int, 50, "admission queue size; a full queue refuses at once", _positive),
-    Setting(
-        "bind_at_arrival",
-        _bool,
-        False,
-        "send each request to a worker's own queue on arrival (for comparison: late binding wins)",
-    ),
-    Setting(
-        "mem_reserve_mb",
-        float,
-        1024.0,
-        "GPU memory a request needs beyond its length",
-        _non_negative,
-    ),
-    Setting(
-        "mem_per_audio_s_mb", float, 1.0, "GPU memory per second of audio requested", _non_negative
-    ),
-    Setting("monitor_interval_s", float, 1.0, "how often GPUs and workers are sampled", _positive),
-    Setting("device_lost_s", float, 3.0, "a GPU failing NVML this long is lost", _positive),
-    Setting("request_timeout_s", float, 1800.0, "longest a request may take end to end", _positive),
-    # recovery
-    Setting(
-        "boot_timeout_s", float, 600.0, "longest a worker may take to load its engine", _positive
-    ),
-    Setting(
-        "hang_timeout_s", float, 30.0, "a worker whose heartbeat is older is killed", _positive
-    ),
-    Setting(
-        "stall_timeout_s", float, 300.0, "a busy worker with no step this long is killed", _positive
-    ),
-    Setting("grace_s", float, 30.0, "on shutdown, time to finish accepted requests", _non_negative),
-    Setting("max_attempts", int, 2, "workers a request may take down before quarantine", _positive),
-    Setting("failed_retry_s", float, 30.0, "how often a failed slot is tried again", _positive),
-    Setting(
-        "worker_start",
-        str,
+        "a request that never ends is cut at this times its estimated length "
+        "(X-Stop-Reason: runaway_cap; max_audio_s still caps it)",
+        gt=0,
+    )
+    worker_start: Literal["zygote", "spawn"] = WORKERS(
         "zygote",
         "how a worker process starts: forked from a template process that has imported "
         "torch and the model code (zygote), or spawned from nothing (spawn)",
-        _one_of(("zygote", "spawn")),
-    ),
-    Setting(
-        "warm_weights",
-        _bool,
+    )
+    warm_weights: bool = WORKERS(
         True,
         "hold a local model folder's weights in memory once, so a respawned worker maps "
         "them instead of reading the files",
-    ),
-    # front
-    Setting("host", str, "127.0.0.1", "address to bind"),
-    Setting("port", int, 7860, "port to bind", lambda v: None if 0 <= v < 65536 else "0-65535"),
-    Setting("share", _bool, False, "ask Gradio for a public share link"),
-    Setting("api_key", _opt_str, "", "require this Bearer key on the API and a login on the page"),
-    Setting(
-        "cors_origins",
-        _opt_str,
+    )
+
+    # ---- scheduling --------------------------------------------------------
+    policy: Policy = SCHEDULING(
+        "least_work",
+        "how a worker is chosen (least_work: the earliest expected finish; seed: the old "
+        "demo's score)",
+    )
+    max_queue: int = SCHEDULING(
+        50, "admission queue; when full, requests are refused at once (HTTP 429)", gt=0
+    )
+    bind_at_arrival: bool = SCHEDULING(
+        False,
+        "send each request to a worker's own queue on arrival (for comparison: late binding wins)",
+    )
+    mem_reserve_mb: float = SCHEDULING(
+        1024.0, "GPU memory in MiB a request needs beyond its length", ge=0
+    )
+    mem_per_audio_s_mb: float = SCHEDULING(
+        1.0, "GPU memory in MiB per second of audio requested", ge=0
+    )
+    monitor_interval_s: float = SCHEDULING(1.0, "how often GPUs and workers are sampled", gt=0)
+    device_lost_s: float = SCHEDULING(3.0, "a GPU failing NVML this long is lost", gt=0)
+    request_timeout_s: float = SCHEDULING(1800.0, "longest a request may take end to end", gt=0)
+
+    # ---- recovery ----------------------------------------------------------
+    boot_timeout_s: float = RECOVERY(600.0, "longest a worker may take to load its engine", gt=0)
+    heartbeat_s: float = RECOVERY(
+        0.25, "how often a worker beats (must be well under hang_timeout_s)", gt=0
+    )
+    hang_timeout_s: float = RECOVERY(
+        30.0, "a worker whose heartbeat is older is killed and replaced", gt=0
+    )
+    stall_timeout_s: float = RECOVERY(300.0, "a busy worker with no step this long is killed", gt=0)
+    grace_s: float = RECOVERY(30.0, "on SIGINT/SIGTERM, time to finish accepted requests", ge=0)
+    max_attempts: int = RECOVERY(
+        2, "workers a request may take down before it is answered worker_lost", gt=0
+    )
+    backoff_cap_s: float = RECOVERY(
+        30.0,
+        "longest wait before a respawn: deaths in a row wait 0, 1, 2, 4 ... s up to this",
+        ge=0,
+    )
+    healthy_reset_s: float = RECOVERY(
+        10.0, "a worker ready this long before it died starts the backoff over", ge=0
+    )
+    boot_failures_to_fail: int = RECOVERY(
+        3, "failed boots in a row after which a slot halts (failed)", gt=0
+    )
+    failed_retry_s: float = RECOVERY(30.0, "how often a failed slot is tried again", gt=0)
+
+    # ---- the front ---------------------------------------------------------
+    host: str = FRONT("127.0.0.1", "address to bind", metavar="ADDRESS")
+    port: int = FRONT(7860, "port to bind", ge=0, lt=65536)
+    share: bool = FRONT(False, "ask Gradio for a public share link")
+    api_key: Text = FRONT(
+        "", "require this Bearer key on the API and a login on the page", metavar="KEY"
+    )
+    api_keys: Text = FRONT(
+        "",
+        "a file of named keys ('name: key' a line); each name owns its own jobs",
+        metavar="FILE",
+    )
+    cors_origins: Text = FRONT(
         "",
         "origins allowed to call the API from a browser, comma-separated; none by default",
-    ),
-    Setting(
-        "api_keys",
-        _opt_str,
+        metavar="ORIGINS",
+    )
+    allowed_hosts: Text = FRONT(
         "",
-        "file of named keys, one 'name: key' a line; each name owns its own jobs",
-    ),
-    Setting(
-        "allowed_hosts",
-        _opt_str,
+        "Host names served besides the loopback ones, comma-separated (*.example.org, "
+        "or * for any)",
+        metavar="HOSTS",
+    )
+    max_connections: int = FRONT(1000, "open connections at most (fit to the file limit)", gt=0)
+    header_timeout_s: float = FRONT(
+        10.0, "a client must send its request headers within this", gt=0
+    )
+    body_timeout_s: float = FRONT(10.0, "grace before a request body must keep body_min_rate", gt=0)
+    body_min_rate: float = FRONT(1024.0, "slowest request body accepted, bytes/s", gt=0)
+    max_decodes: int = FRONT(2, "voice uploads decoded at once", gt=0)
+    max_text_chars: int = FRONT(20000, "longest script accepted, in characters", gt=0)
+    max_audio_s: float = FRONT(1800.0, "cap on the audio one request makes, in seconds", gt=0)
+    max_upload_mb: float = FRONT(10.0, "largest voice upload accepted, in MiB", gt=0)
+    max_voice_s: float = FRONT(60.0, "longest voice sample accepted, in seconds", gt=0)
+
+    # ---- files, jobs, logs -------------------------------------------------
+    voices_dir: Text = FILES("", "folder of voice presets (default: <cache>/voices)", metavar="DIR")
+    cache_dir: Text = FILES(
         "",
-        "Host names the server answers besides the loopback ones, comma-separated ('*': any)",
-    ),
-    Setting(
-        "max_connections", int, 1000, "open connections at most (fit to the file limit)", _positive
-    ),
-    Setting(
-        "header_timeout_s",
-        float,
-        10.0,
-        "a client must send its request headers within this",
-        _positive,
-    ),
-    Setting(
-        "body_timeout_s",
-        float,
-        10.0,
-        "grace before a request body must keep body_min_rate",
-        _positive,
-    ),
-    Setting("body_min_rate", float, 1024.0, "slowest request body accepted, bytes/s", _positive),
-    Setting("max_decodes", int, 2, "voice uploads decoded at once", _positive),
-    Setting("max_text_chars", int, 20000, "longest script accepted, in characters", _positive),
-    Setting("max_audio_s", float, 1800.0, "cap on the audio one request makes", _positive),
-    Setting("voices_dir", _opt_str, "", "folder of voice presets (default: <cache>/voices)"),
-    Setting("cache_dir", _opt_str, "", "folder for the tiny model and demo voices"),
-    Setting(
-        "data_dir", _opt_str, "", "folder for durable jobs and results (default: <cache>/data)"
-    ),
-    Setting(
-        "job_ttl_s", float, 7 * 86400.0, "finished jobs and results expire after this", _positive
-    ),
-    Setting("jobs_disk_limit_mb", float, 10240.0, "disk the job results may use", _positive),
-    Setting("log_format", str, "text", "log lines as text or json", _one_of(("text", "json"))),
-    Setting("log_level", str, "INFO", "log level", _one_of(("DEBUG", "INFO", "WARNING", "ERROR"))),
-    # the simulated engine (tests and benchmarks)
-    Setting("sim_speeds", _floats, (), "relative speed of each sim worker, e.g. 1,1,0.5,0.5"),
-    Setting("sim_rtf", float, 0.05, "sim: wall seconds per audio second at speed 1", _non_negative),
-    Setting("sim_chunk_s", float, 0.5, "sim: audio seconds per generation step", _positive),
-    Setting("sim_boot_s", float, 0.0, "sim: extra seconds a worker takes to boot", _non_negative),
-    Setting("sim_boot_error", _opt_str, "", "sim: make every worker fail to boot with this"),
-    Setting("tiny_model", _bool, False, "serve the built-in tiny random model (demo, tests)"),
-)
+        "folder for the tiny model and demo voices (default: ~/.cache/vibevoice-pool)",
+        metavar="DIR",
+    )
+    data_dir: Text = FILES(
+        "", "folder for durable jobs and results (default: <cache>/data)", metavar="DIR"
+    )
+    job_ttl_s: float = FILES(7 * 86400.0, "finished jobs and results expire after this", gt=0)
+    jobs_disk_limit_mb: float = FILES(10240.0, "disk in MiB the job results may use", gt=0)
+    log_format: Literal["text", "json"] = FILES("text", "log lines as text or json")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = FILES("INFO", "log level")
 
-_BY_NAME = {s.name: s for s in SETTINGS}
+    # ---- the simulated engine ----------------------------------------------
+    sim_speeds: Annotated[tuple[Positive, ...], BeforeValidator(_split_floats)] = SIM(
+        (), "relative speed of each sim worker, e.g. 1,1,0.5,0.5", metavar="SPEEDS"
+    )
+    sim_rtf: float = SIM(0.05, "wall seconds per audio second at speed 1", ge=0)
+    sim_chunk_s: float = SIM(0.5, "audio seconds per generation step", gt=0)
+    sim_boot_s: float = SIM(0.0, "extra seconds a worker takes to boot", ge=0)
+    sim_boot_error: Text = SIM(
+        "", "make every worker fail to boot with this message", metavar="MESSAGE"
+    )
+
+    @model_validator(mode="after")
+    def _together(self) -> PoolConfig:
+        if self.heartbeat_s * 2 > self.hang_timeout_s:
+            raise ValueError(
+                f"heartbeat_s ({self.heartbeat_s}) must be at most half of hang_timeout_s "
+                f"({self.hang_timeout_s}), or a live worker looks hung"
+            )
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * (1 << 20))
+
+    def replace(self, **changes: Any) -> PoolConfig:
+        return build(self.model_dump() | changes)
 
 
-@dataclass(frozen=True)
-class PoolConfig:
-    gpus: str = "all"
-    backend: str = "local"
-    address: str = ""
-    workers_per_gpu: int = 1
-    engine: str = "vibevoice"
-    model_path: str = ""
-    dtype: str = "auto"
-    attn_implementation: str = "sdpa"
-    max_batch_size: int = 1
-    mem_budget_mb: float = 0.0
-    mem_headroom_mb: float = 1024.0
-    head_compile: str = ""
-    torch_threads: int = 1
-    inference_steps: int = 10
-    runaway_factor: float = 2.0
-    policy: str = "least_work"
-    max_queue: int = 50
-    bind_at_arrival: bool = False
-    mem_reserve_mb: float = 1024.0
-    mem_per_audio_s_mb: float = 1.0
-    monitor_interval_s: float = 1.0
-    device_lost_s: float = 3.0
-    request_timeout_s: float = 1800.0
-    boot_timeout_s: float = 600.0
-    hang_timeout_s: float = 30.0
-    stall_timeout_s: float = 300.0
-    grace_s: float = 30.0
-    max_attempts: int = 2
-    failed_retry_s: float = 30.0
-    worker_start: str = "zygote"
-    warm_weights: bool = True
-    host: str = "127.0.0.1"
-    port: int = 7860
-    share: bool = False
-    api_key: str = ""
-    cors_origins: str = ""
-    api_keys: str = ""
-    allowed_hosts: str = ""
-    max_connections: int = 1000
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 10.0
-    body_min_rate: float = 1024.0
-    max_decodes: int = 2
-    max_text_chars: int = 20000
-    max_audio_s: float = 1800.0
-    voices_dir: str = ""
-    cache_dir: str = ""
-    data_dir: str = ""
-    job_ttl_s: float = 7 * 86400.0
-    jobs_disk_limit_mb: float = 10240.0
-    log_format: str = "text"
-    log_level: str = "INFO"
-    sim_speeds: tuple[float, ...] = ()
-    sim_rtf: float = 0.05
-    sim_chunk_s: float = 0.5
-    sim_boot_s: float = 0.0
-    sim_boot_error: str = ""
-    tiny_model: bool = False
+# ---- reading the declaration -----------------------------------------------------
 
-    def replace(self, **changes) -> PoolConfig:
-        return build(dataclasses.asdict(self) | changes)
+
+def sections() -> list[tuple[str, list[tuple[str, FieldInfo]]]]:
+    """The settings by section, in declaration order."""
+    out: dict[str, list[tuple[str, FieldInfo]]] = {}
+    for name, info in PoolConfig.model_fields.items():
+        out.setdefault(info.json_schema_extra["section"], []).append((name, info))
+    return list(out.items())
+
+
+def choices(info: FieldInfo) -> tuple[str, ...]:
+    """The values a setting takes, when it is one of a few words."""
+    return tuple(get_args(info.annotation)) if get_origin(info.annotation) is Literal else ()
+
+
+def is_switch(info: FieldInfo) -> bool:
+    return info.annotation is bool
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def shown(value: Any) -> str:
+    """A default as a reader writes it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def build(values: dict[str, Any]) -> PoolConfig:
     """A validated PoolConfig from raw values (a YAML mapping, parsed flags)."""
+    known = PoolConfig.model_fields
     out = {}
     for key, raw in values.items():
-        name = key.replace("-", "_")
-        setting = _BY_NAME.get(name)
-        if setting is None:
-            raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(_BY_NAME))}")
-        try:
-            value = setting.type(raw)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{name}: cannot read {raw!r} ({e})") from None
-        complaint = setting.check(value)
-        if complaint:
-            raise ConfigError(f"{name} = {value!r}: {complaint}")
-        out[name] = value
-    return PoolConfig(**out)
+        name = str(key).replace("-", "_")
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(known)}"
+            raise ConfigError(f"unknown setting {key!r}{hint}")
+        out[name] = raw
+    try:
+        return PoolConfig(**out)
+    except ValidationError as e:
+        raise ConfigError(_complaints(e)) from None
+
+
+def _complaints(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["loc"]:
+            name = str(err["loc"][0])
+            lines.append(f"{name} = {err['input']!r}: {msg}")
+        else:
+            lines.append(msg)
+    return "; ".join(lines)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -349,3 +358,46 @@ def voices_dir(cfg: PoolConfig) -> Path:
     if cfg.voices_dir:
         return Path(cfg.voices_dir).expanduser()
     return default_cache_dir(cfg) / "voices"
+
+
+# ---- the README's table ------------------------------------------------------------
+
+START, END = "<!-- settings: start -->", "<!-- settings: end -->"
+
+
+def markdown() -> str:
+    """The settings table of the README, one block per section."""
+    out = []
+    for title, fields in sections():
+        out += [f"**{title}**", "", "| flag | default | meaning |", "|---|---|---|"]
+        for name, info in fields:
+            words = info.description.replace("|", "\\|")
+            if choices(info):
+                words += f"; one of {', '.join(f'`{c}`' for c in choices(info) if c)}"
+            default = shown(info.default)
+            out.append(f"| `{flag(name)}` | {f'`{default}`' if default else ''} | {words} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_readme(path: str | Path) -> bool:
+    """Put the table between the markers of a README; True when it changed."""
+    p = Path(path)
+    text = p.read_text()
+    head, start, rest = text.partition(START)
+    _, end, tail = rest.partition(END)
+    if not (start and end):
+        raise ConfigError(f"{p} has no {START} ... {END} block")
+    new = f"{head}{START}\n{markdown()}{END}{tail}"
+    p.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--readme"] and len(args) == 2:
+        print(f"{args[1]}: {'updated' if write_readme(args[1]) else 'already current'}")
+    elif args == ["--markdown"]:
+        print(markdown(), end="")
+    else:
+        sys.exit("usage: python -m vibevoice_pool.config (--markdown | --readme README.md)")
