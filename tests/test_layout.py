@@ -1,0 +1,124 @@
+"""The house: the import map of vibevoice_pool/ and workers/ (docs/ARCHITECTURE.md).
+
+Read from the source (every import, those inside functions too), so a lazy
+import cannot hide a circle or an arrow that runs back up.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("vibevoice_pool", "workers")
+ROUTES = ("app", "openai", "voices", "jobs", "scaling")  # api/ modules that declare routes
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def import_map() -> dict[str, set[str]]:
+    mods = modules()
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    deps.add(full if full in mods else node.module)
+        graph[name] = {d for d in deps if d in mods and d != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_circle_finder_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert circles(graph) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    assert circles(import_map()) == []
+
+
+def test_no_module_over_500_lines():
+    long = {n: len(p.read_text().splitlines()) for n, p in modules().items()}
+    assert {n: k for n, k in long.items() if k > 500} == {}
+
+
+def test_at_most_a_dozen_modules_at_the_top():
+    top = sorted(p.name for p in (ROOT / "vibevoice_pool").glob("*.py"))
+    assert len(top) <= 12, top
+
+
+def test_arrows_run_one_way():
+    graph = import_map()
+    wrong = []
+    for name, deps in graph.items():
+        for dep in deps:
+            if name.startswith("workers") and dep.startswith("vibevoice_pool"):
+                wrong.append((name, dep))  # a worker never loads the parent
+            if name.startswith("vibevoice_pool.pool") and dep.startswith(
+                ("vibevoice_pool.api", "vibevoice_pool.ui", "vibevoice_pool.jobs")
+            ):
+                wrong.append((name, dep))  # the pool knows no front end
+            if name.startswith("vibevoice_pool.ui") and dep in {
+                f"vibevoice_pool.api.{r}" for r in ROUTES
+            }:
+                wrong.append((name, dep))  # the page imports no HTTP route module
+            if name.startswith(("vibevoice_pool.api", "vibevoice_pool.jobs")) and dep.startswith(
+                "vibevoice_pool.ui"
+            ):
+                wrong.append((name, dep))
+    assert wrong == []
+
+
+def test_route_modules_do_not_import_one_another():
+    graph = import_map()
+    routes = {f"vibevoice_pool.api.{r}" for r in ROUTES}
+    assembler = "vibevoice_pool.api.app"  # builds every router into one app
+    wrong = [(n, d) for n in routes - {assembler} for d in graph[n] if d in routes]
+    assert wrong == []
