@@ -285,3 +285,34 @@ def test_the_generator_rewrites_only_its_block(tmp_path):
     assert "updated" in out.stdout and readme.read_text() == before
     out = subprocess.run(run, capture_output=True, text=True, check=True, cwd=ROOT)
     assert "already current" in out.stdout
+
+
+# ---- the limits reach the server --------------------------------------------------------
+
+
+def test_the_upload_size_and_voice_length_are_the_settings(sim_pool):
+    import base64
+
+    from fastapi.testclient import TestClient
+    from serving import wav_bytes
+
+    from vibevoice_pool.api.app import create_app
+    from vibevoice_pool.server import build_front
+
+    def speak(sample: bytes):
+        body = {
+            "script": "Speaker 1: hi",
+            "speakers": [{"audio": base64.b64encode(sample).decode()}],
+        }
+        return client.post("/v1/synthesize", json=body)
+
+    # 0.05 MiB = 52,428 bytes; a 16-bit 24 kHz WAV is 48,000 bytes a second
+    with sim_pool(gpus="cpu:1", max_upload_mb=0.05, max_voice_s=0.5) as pool:
+        with TestClient(create_app(build_front(pool.cfg, pool, environ={}))) as client:
+            assert speak(wav_bytes(0.4)).status_code == 200
+            too_long = speak(wav_bytes(0.8))  # 38 KB: fits, but longer than 0.5 s
+            assert too_long.status_code == 400, too_long.text
+            assert "0.5" in too_long.json()["error"]["message"]
+            assert speak(wav_bytes(1.2)).status_code == 413  # 57 KB
+            files = {"file": ("v.wav", wav_bytes(1.2), "audio/wav")}
+            assert client.post("/v1/voices", files=files, data={"name": "v"}).status_code == 413

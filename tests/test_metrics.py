@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from vibevoice_pool.api.app import create_app
-from vibevoice_pool.api.speech import MAX_UPLOAD_BYTES, Front
+from vibevoice_pool.api.speech import Front
 from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
 
 
@@ -30,7 +30,9 @@ def value(samples, name: str, **labels) -> float:
 def api(sim_pool, tmp_path):
     ensure_demo_voices(tmp_path / "voices")
     with sim_pool(gpus="cpu:2", sim_rtf=0.02) as pool:
-        voices = VoiceLibrary(tmp_path / "voices", max_bytes=MAX_UPLOAD_BYTES, max_seconds=60)
+        voices = VoiceLibrary(
+            tmp_path / "voices", max_bytes=pool.cfg.max_upload_bytes, max_seconds=60
+        )
         with TestClient(create_app(Front(pool, voices, pool.cfg))) as client:
             yield client
 

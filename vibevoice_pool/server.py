@@ -54,7 +54,7 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     launch: --api-key, else $VIBEVOICE_POOL_API_KEY; --cors-origins, else
     $VIBEVOICE_POOL_CORS_ORIGINS."""
     from vibevoice_pool.api.auth import KeyFileError, key_ring, resolve_api_key
-    from vibevoice_pool.api.speech import MAX_UPLOAD_BYTES, MAX_VOICE_SECONDS, Front
+    from vibevoice_pool.api.speech import Front
     from vibevoice_pool.voices import VoiceLibrary, prepare_voices
     from workers.tiny import is_tiny_model
 
@@ -85,8 +85,8 @@ def build_front(cfg: PoolConfig, pool, environ=None):
         log.info("%s", line)
     voices = VoiceLibrary(
         folder,
-        max_bytes=MAX_UPLOAD_BYTES,
-        max_seconds=MAX_VOICE_SECONDS,
+        max_bytes=cfg.max_upload_bytes,
+        max_seconds=cfg.max_voice_s,
         offer_demo=synthetic,
     )
     return Front(pool, voices, cfg, cors_origins=origins, keys=keys)

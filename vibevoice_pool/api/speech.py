@@ -40,9 +40,7 @@ log = logging.getLogger("vibevoice_pool")
 
 INLINE_FORMATS = ("wav", "pcm")
 INLINE_ENCODE_SAMPLES = 60 * 24_000  # up to a minute of audio is encoded on the loop
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 STREAM_HEADERS = {"X-Accel-Buffering": "no"}  # a proxy (nginx) passes each piece on at once
-MAX_VOICE_SECONDS = 60.0
 
 
 class Speaker(BaseModel):
@@ -84,7 +82,7 @@ class Front:
     @property
     def max_body_bytes(self) -> int:
         """The largest /v1 request body: four base64 voice samples and a full script."""
-        per_voice = math.ceil(MAX_UPLOAD_BYTES / 3) * 4 + 1024
+        per_voice = math.ceil(self.cfg.max_upload_bytes / 3) * 4 + 1024
         return MAX_SPEAKERS * per_voice + 6 * self.cfg.max_text_chars + (1 << 20)
 
     def build_request(self, body: SynthesizeBody) -> m.Request:
@@ -108,8 +106,8 @@ class Front:
                 voices.append(
                     audio.decode_base64_upload(
                         sp.audio,
-                        max_bytes=MAX_UPLOAD_BYTES,
-                        max_seconds=MAX_VOICE_SECONDS,
+                        max_bytes=self.cfg.max_upload_bytes,
+                        max_seconds=self.cfg.max_voice_s,
                         what=f"speakers[{i}].audio",
                     )
                 )

@@ -35,7 +35,7 @@ from starlette.routing import Mount
 
 from vibevoice_pool import audio
 from vibevoice_pool.api.auth import page_login
-from vibevoice_pool.api.speech import MAX_UPLOAD_BYTES, Speaker, SynthesizeBody, describe_invalid
+from vibevoice_pool.api.speech import Speaker, SynthesizeBody, describe_invalid
 from vibevoice_pool.script import MAX_SPEAKERS
 from vibevoice_pool.ui.charts import History, render
 from vibevoice_pool.ui.i18n import gradio_i18n, language_of, t
@@ -256,7 +256,7 @@ def mount(app: FastAPI, front) -> FastAPI:
         )
         if key
         else None,
-        max_file_size=MAX_UPLOAD_BYTES,
+        max_file_size=cfg.max_upload_bytes,
         i18n=gradio_i18n(),
         css=PAGE_CSS,
         footer_links=["api", "settings"],
