@@ -69,7 +69,7 @@ def _timed(pool, slot: int, seed: int) -> float:
 def run_pool(model_dir: str, cache: str, mode: str, kills: int) -> dict:
     from vibevoice_pool.config import build
     from vibevoice_pool.pool.facade import Pool
-    from vibevoice_pool.pool.supervisor import HEALTHY_RESET_S
+    from vibevoice_pool.pool.recovery import HEALTHY_RESET_S
     from workers.board import Col
 
     t0 = time.monotonic()

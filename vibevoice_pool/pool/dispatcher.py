@@ -83,11 +83,14 @@ class Dispatcher:
         bind_at_arrival: bool = False,
         mem_reserve_bytes: float = 0.0,
         mem_per_audio_s_bytes: float = 0.0,
+        quarantined: Callable[[int], bool] | None = None,
     ):
         self.board = board
         self.policy = policy
         self.max_queue = max_queue
         self.max_attempts = max_attempts
+        # the recovery policy's rule (RecoveryPolicy.quarantined) when Pool gives it
+        self.quarantined = quarantined or (lambda lost: lost >= self.max_attempts)
         self.clock = clock
         # True: every request goes to a worker's own queue at once, as systems
         # without late binding do (kept to measure what late binding buys).
@@ -204,7 +207,7 @@ class Dispatcher:
                 job.lost += 1 if blame and (job.running or blame_unstarted) else 0
                 job.running = False
                 job.slot, job.seen, job.left_s = None, 0, 0.0
-                if job.lost >= self.max_attempts:
+                if self.quarantined(job.lost):
                     log.error(
                         "request %s quarantined: it was running on %d workers that died",
                         job.request.id,

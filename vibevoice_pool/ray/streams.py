@@ -33,11 +33,10 @@ from ray.serve.exceptions import (
     RequestCancelledError,
 )
 
-from vibevoice_pool.pool.devices import Placement
 from vibevoice_pool.pool.dispatcher import Dispatcher
+from vibevoice_pool.pool.slots import SlotBase
 from workers import messages as m
 from workers.board import Col, StatusBoard, WorkerState
-from workers.engine import EngineSpec
 from workers.ray_replica import ReplicaStats
 
 log = logging.getLogger("vibevoice_pool")
@@ -60,39 +59,22 @@ class Stream:
 
 
 @dataclass
-class Slot:
+class Slot(SlotBase):
     """One pool slot on Ray: its Serve application and the replica attached."""
 
-    index: int
-    placement: Placement
-    engine: EngineSpec
     app: str = ""  # the Serve application now deployed for this slot
     handle: object = None  # its DeploymentHandle; None while not deployed
     synth: object = None  # the handle for synthesize, streaming
     pinger: object = None  # the handle for ping
     deploys: int = 0  # token: a deploy thread acts only if it is still the latest
     deploying: bool = False
-    deployed_at: float = 0.0
     attached: bool = False  # the dispatcher may send to it
-    generation: int = 0  # bumps on every attach; streams carry theirs
     boot_id: str = ""  # of the replica attached last
-    lost_at: float = 0.0
-    boot_failures: int = 0
-    boot_error: str = ""
-    due_at: float = 0.0  # when a failed slot is deployed again
-    removed: bool = False
     stopped: bool = False
-    restarts: int = 0
     busy_rows: int = 0
-    info: m.DeviceInfo | None = None
     pid: int | None = None  # the replica's, on its own node
     node: str = ""
-    process: object = None  # no local process: Ray owns the replica
     streams: dict[str, Stream] = field(default_factory=dict)
-
-    @property
-    def ready(self) -> bool:
-        return self.attached
 
     @property
     def label(self) -> str:
