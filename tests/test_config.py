@@ -316,3 +316,22 @@ def test_the_upload_size_and_voice_length_are_the_settings(sim_pool):
             assert speak(wav_bytes(1.2)).status_code == 413  # 57 KB
             files = {"file": ("v.wav", wav_bytes(1.2), "audio/wav")}
             assert client.post("/v1/voices", files=files, data={"name": "v"}).status_code == 413
+
+
+def test_the_heartbeat_setting_reaches_the_worker(sim_pool):
+    import time
+
+    from workers.board import Col
+
+    def beats_in(pool, seconds: float) -> int:
+        seen, end = set(), time.monotonic() + seconds
+        while time.monotonic() < end:
+            seen.add(pool.board.get(0, Col.HEARTBEAT))
+            time.sleep(0.01)
+        return len(seen)
+
+    with sim_pool(gpus="cpu:1", heartbeat_s=1.0) as pool:
+        slow = beats_in(pool, 2.0)
+    with sim_pool(gpus="cpu:1", heartbeat_s=0.1) as pool:
+        fast = beats_in(pool, 2.0)
+    assert slow <= 3 and fast >= 10, (slow, fast)
