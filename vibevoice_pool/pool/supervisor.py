@@ -1,26 +1,24 @@
-"""Supervisor: starts one worker process per slot and keeps the slots alive.
+"""Supervisor: the local backend. One worker process per slot, started, stopped
+and watched here; what a death or a failed boot leads to is the recovery
+policy's (pool/recovery.py), applied through the shared SlotLifecycle (slots.py).
 
-A worker is forked from the zygote (vibevoice_pool/pool/zygote.py), which has
-imported torch, transformers and the engine once; it is spawned while the
-zygote is not warm, and always with `worker_start = spawn`. One loop thread
-waits, with `multiprocessing.connection.wait`, on every worker's response
-pipe, every process's end (worker_process.py) and a wake-up pipe at once:
+A worker is forked from the zygote (pool/zygote.py), which has imported torch,
+transformers and the engine once; it is spawned while the zygote is not warm,
+and always with `worker_start = spawn`. One loop thread waits, with
+`multiprocessing.connection.wait`, on every worker's response pipe, every
+process's end (worker_process.py) and a wake-up pipe at once:
 
     response pipe readable -> Ready / BootFailed here, the rest to the dispatcher
     process ended          -> the process died: drain its pipe, hand its
-                              requests back to the dispatcher, schedule respawn
-    tick (every 50 ms)     -> hung / stalled / slow-booting workers get SIGKILL,
-                              due respawns start, old requests time out, a dead
-                              zygote is restarted
+                              requests back to the dispatcher, ask the policy
+    tick (every 50 ms)     -> the policy's hang rule over the board's vitals
+                              (heartbeat, progress, device health, boot time):
+                              a kill; due respawns start, old requests time
+                              out, a dead zygote is restarted
 
 Slot life: starting -> running (ready <-> busy) -> dead -> backoff -> starting;
-after `BOOT_FAILURES_TO_FAIL` boot failures in a row: failed, retried every
-`failed_retry_s`. A first death respawns at once; deaths in a row wait 1, 2,
-4, 8, 16, 30 s (cap); the count starts over when the worker that died had
-been ready for `HEALTHY_RESET_S`: a crash loop backs off, a worker killed now
-and then comes back at once every time. (gunicorn's arbiter respawns a dead
-worker at once, always, and halts on a boot error; the boot-failure rule here
-stays: `failed` after three.)
+`failed` after the policy's failed boots in a row, retried every
+`failed_retry_s`; `unavailable` while its GPU does not answer.
 """
 
 from __future__ import annotations
@@ -36,7 +34,8 @@ from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool.channel import RequestChannel
 from vibevoice_pool.pool.devices import Placement
 from vibevoice_pool.pool.dispatcher import Dispatcher
-from vibevoice_pool.pool.slots import next_slot_index, wait_first_ready
+from vibevoice_pool.pool.recovery import Cause, KillKind, RecoveryPolicy, Verdict, Vitals
+from vibevoice_pool.pool.slots import SlotBase, SlotLifecycle
 from vibevoice_pool.pool.voice_sender import VoiceSender
 from vibevoice_pool.pool.warm_weights import WeightsHolder
 from vibevoice_pool.pool.worker_process import WorkerProcess
@@ -48,41 +47,24 @@ from workers.engine import EngineSpec
 
 log = logging.getLogger("vibevoice_pool")
 
-BACKOFF_S = (0, 1, 2, 4, 8, 16, 30)  # by deaths in a row: the first respawn is at once
-HEALTHY_RESET_S = 10.0  # a worker ready this long before it died starts the backoff over
-BOOT_FAILURES_TO_FAIL = 3
 TICK_S = 0.05
-RESTART_REQUESTED = "restart requested"
+RESTART_REQUESTED = Cause.RESTART.value
 ZYGOTE_WAIT_S = 120.0  # at launch, longest wait for the zygote before workers spawn
 
 
 @dataclass
-class _Slot:
-    index: int
-    placement: Placement
-    engine: EngineSpec
-    generation: int = 0
+class _Slot(SlotBase):
     process: WorkerProcess | None = None
     requests: RequestChannel | None = None  # parent -> worker
     responses: object = None  # Connection, worker -> parent (read end)
     death: object = None  # Connection, write end; closing it tells the worker to exit
-    started_at: float = 0.0
-    ready: bool = False
-    deaths: int = 0  # consecutive, for the backoff
-    boot_failures: int = 0  # consecutive
-    boot_error: str = ""
     kill_reason: str = ""
-    due_at: float = 0.0  # when a backoff or failed slot is started again
-    removed: bool = False
     shutdown_sent: bool = False
     device_lost: bool = False
     unhealthy_since: float = 0.0
-    restarts: int = 0
-    info: m.DeviceInfo | None = None
-    boot_s: float = 0.0  # the engine's load, as the last Ready reported it
 
 
-class Supervisor:
+class Supervisor(SlotLifecycle):
     def __init__(
         self,
         cfg: PoolConfig,
@@ -90,22 +72,17 @@ class Supervisor:
         engines: list[EngineSpec],
         board: StatusBoard,
         dispatcher: Dispatcher,
+        policy: RecoveryPolicy | None = None,
     ):
-        self.cfg = cfg
-        self.board = board
-        self.dispatcher = dispatcher
+        super().__init__(cfg, placements, engines, board, dispatcher, policy)
         self.zygote = Zygote(cfg.engine, cfg.worker_start)
         self.ctx = self.zygote.spawn_ctx  # pipes; a worker's process comes from zygote.context()
-        self.slots = [
-            _Slot(i, p, e) for i, (p, e) in enumerate(zip(placements, engines, strict=False))
-        ]
-        self._lock = threading.RLock()
         self._wake_r, self._wake_w = os.pipe()
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.first_boot_error: str = ""
         self.weights = WeightsHolder(cfg.warm_weights)  # model weights held in memory
-        self.events: list[tuple[float, int, str]] = []  # (time, slot, what) for benchmarks
+
+    def _new_slot(self, index: int, placement: Placement, engine: EngineSpec) -> _Slot:
+        return _Slot(index, placement, engine)
 
     # ---- public --------------------------------------------------------
 
@@ -114,20 +91,9 @@ class Supervisor:
         for slot in self.slots:
             slot.engine = self.weights.spec_for(slot.engine)
         for slot in self.slots:
-            self._spawn(slot)
+            self._start(slot)
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
         self._thread.start()
-
-    def wait_ready(self, timeout: float) -> None:
-        """Return once a worker is ready; BootError if every worker failed to boot."""
-        wait_first_ready(
-            self._lock,
-            self.slots,
-            lambda s: s.ready,
-            lambda: self.first_boot_error,
-            timeout,
-            "worker",
-        )
 
     def pids(self) -> list[int]:
         with self._lock:
@@ -143,28 +109,7 @@ class Supervisor:
             ]
 
     def add_slot(self, placement: Placement, engine: EngineSpec) -> int:
-        """Start a new worker while serving; returns its slot index."""
-        with self._lock:
-            index = next_slot_index(self._stop.is_set(), self.slots, self.board.rows)
-            slot = _Slot(index, placement, self.weights.spec_for(engine))
-            self.slots.append(slot)
-            self._spawn(slot)
-        self._wake()
-        log.info("➕ added %s as worker %d", self._label(slot), index)
-        return index
-
-    def remove_slot(self, index: int) -> None:
-        """Drain a worker (it finishes what it holds), then stop it for good."""
-        with self._lock:
-            slot = self.slots[index]
-            if slot.removed:
-                return
-            slot.removed = True
-            self.dispatcher.drain(index)
-            if slot.process is not None:
-                self.board.set(index, Col.SLOT_STATE, SlotState.DRAINING)
-            log.info("➖ draining %s (worker %d) for removal", self._label(slot), index)
-        self._wake()
+        return super().add_slot(placement, self.weights.spec_for(engine))
 
     def restart(self, index: int) -> None:
         """Kill and respawn a slot now (on demand), or retry a failed one."""
@@ -173,8 +118,7 @@ class Supervisor:
             if slot.process is not None and slot.process.alive():
                 self._kill(slot, RESTART_REQUESTED)
             else:
-                slot.due_at = 0.0
-                slot.boot_failures = 0
+                self._retry_now(slot)
         self._wake()
 
     def shutdown(self, grace_s: float) -> None:
@@ -194,12 +138,13 @@ class Supervisor:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    # ---- spawning ------------------------------------------------------
+    # ---- start ---------------------------------------------------------
 
-    def _spawn(self, slot: _Slot) -> None:
+    def _start(self, slot: _Slot) -> None:
         b, i = self.board, slot.index
         slot.generation += 1
-        slot.ready, slot.kill_reason, slot.info = False, "", None
+        slot.kill_reason = ""
+        self._starting(slot)
         slot.requests = RequestChannel(self.ctx)
         read_end, write_end = self.ctx.Pipe(duplex=False)
         death_r, death_w = self.ctx.Pipe(duplex=False)
@@ -213,11 +158,6 @@ class Supervisor:
             log_level=self.cfg.log_level,
             heartbeat_s=self.cfg.heartbeat_s,
         )
-        for col in (Col.WORKER_STATE, Col.PID, Col.HEARTBEAT, Col.PROGRESS, Col.SPEED):
-            b.set(i, col, 0)
-        b.set(i, Col.SLOT_STATE, SlotState.STARTING)
-        b.set(i, Col.DEVICE, -1 if slot.placement.cuda_index is None else slot.placement.cuda_index)
-        b.set(i, Col.CAPACITY, slot.engine.max_batch_size)
         ctx, forked = self.zygote.context()
         proc = WorkerProcess(
             ctx,
@@ -233,16 +173,11 @@ class Supervisor:
         write_end.close()
         death_r.close()
         slot.process, slot.responses, slot.death = proc, read_end, death_w
-        slot.started_at = time.monotonic()
         self._note(i, "forked" if forked else "spawned")
         how = "forked from the zygote" if forked else "spawned"
         log.info("Initialising %s (worker %d, pid %d, %s)", self._label(slot), i, proc.pid, how)
 
-    def _label(self, slot: _Slot) -> str:
-        p = slot.placement
-        return f"GPU {p.cuda_index}" if p.is_gpu else f"CPU worker {p.device.split(':')[1]}"
-
-    # ---- the loop ------------------------------------------------------
+    # ---- watch ---------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -289,23 +224,17 @@ class Supervisor:
         if isinstance(msg, m.Ready):
             self._ready(slot, msg)
         elif isinstance(msg, m.BootFailed):
-            slot.boot_error = f"{msg.error.value}: {msg.message}"
-            self.first_boot_error = self.first_boot_error or slot.boot_error
+            self._boot_error(slot, f"{msg.error.value}: {msg.message}")
             log.error("❌ %s failed to initialise: %s", self._label(slot), msg.message)
         else:
             self.dispatcher.on_message(slot.index, msg)
 
     def _ready(self, slot: _Slot, msg: m.Ready) -> None:
-        b, i = self.board, slot.index
         if slot.removed:  # removed while it was booting: it never takes work
             slot.shutdown_sent = True
             self._send(slot, m.Shutdown(0.0))
             return
-        slot.ready, slot.info, slot.boot_failures, slot.boot_error = True, msg.info, 0, ""
         slot.boot_s = msg.boot_s
-        b.set(i, Col.CAPACITY, max(1, msg.info.max_batch_size))
-        b.set(i, Col.READY_SINCE, time.monotonic())
-        b.set(i, Col.SLOT_STATE, SlotState.RUNNING)
         mem = f" ({msg.info.mem_total_bytes / 1e9:.1f}GB)" if msg.info.mem_total_bytes else ""
         log.info(
             "✅ %s initialised: %s%s in %.1f s (worker %d, pid %d)",
@@ -313,81 +242,57 @@ class Supervisor:
             msg.info.name,
             mem,
             msg.boot_s,
-            i,
+            slot.index,
             msg.pid,
         )
         if msg.info.note:
-            log.info("   worker %d: %s", i, msg.info.note)
-        self._note(i, "ready")
-        requests = slot.requests
-        self.dispatcher.attach(i, VoiceSender(requests.put))
+            log.info("   worker %d: %s", slot.index, msg.info.note)
+        self._became_ready(slot, msg.info, VoiceSender(slot.requests.put))
+
+    def _cause(self, slot: _Slot) -> Cause:
+        if self._stop.is_set():
+            return Cause.SHUTDOWN
+        if slot.removed:
+            return Cause.REMOVED
+        if slot.device_lost:
+            return Cause.DEVICE_LOST
+        return Cause.RESTART if slot.kill_reason == RESTART_REQUESTED else Cause.CRASH
 
     def _died(self, slot: _Slot) -> None:
         if slot.responses is not None:
             self._read(slot, drain=True)
-        proc = slot.process
-        how = proc.exit_description()
+        pid, how = slot.process.pid, slot.process.exit_description()
         if slot.kill_reason:
             how = f"{slot.kill_reason}; {how}"
         self._note(slot.index, "dead")
+        cause = self._cause(slot)
         # A lost device, a removal or an operator's restart is not the requests' fault.
-        blame = not (slot.device_lost or slot.removed or slot.kill_reason == RESTART_REQUESTED)
-        moved = self.dispatcher.worker_lost(slot.index, how, blame=blame)
+        moved = self.dispatcher.worker_lost(slot.index, how, blame=cause is Cause.CRASH)
         self._close(slot)
-        b, i, now = self.board, slot.index, time.monotonic()
-        if self._stop.is_set() or slot.removed:
-            b.set(i, Col.SLOT_STATE, SlotState.STOPPED)
-            if slot.removed:
-                log.info("➖ %s (worker %d) removed", self._label(slot), i)
-            return
-        if slot.device_lost:
-            slot.due_at = now + self.cfg.failed_retry_s
-            b.set(i, Col.SLOT_STATE, SlotState.UNAVAILABLE)
+        action = self._after_death(slot, cause, how)
+        label, i = self._label(slot), slot.index
+        if action.verdict is Verdict.UNAVAILABLE:
             log.error(
                 "⛔ %s is unavailable (%s); %d request(s) sent to other workers; "
                 "checking it again every %.0f s",
-                self._label(slot),
+                label,
                 how,
                 len(moved),
-                self.cfg.failed_retry_s,
+                self.policy.failed_retry_s,
             )
-            return
-        if not slot.ready:
-            slot.boot_failures += 1
-            if not slot.boot_error:
-                slot.boot_error = f"the worker died while loading its engine ({how})"
-                self.first_boot_error = self.first_boot_error or slot.boot_error
-        if slot.ready and now - b.get(i, Col.READY_SINCE) >= HEALTHY_RESET_S:
-            slot.deaths = 0  # it had been healthy long enough: backoff starts over
-        if slot.boot_failures >= BOOT_FAILURES_TO_FAIL:
-            slot.due_at = now + self.cfg.failed_retry_s
-            b.set(i, Col.SLOT_STATE, SlotState.FAILED)
-            log.error(
-                "❌ %s failed to boot %d times; retrying every %.0f s: %s",
-                self._label(slot),
-                slot.boot_failures,
-                self.cfg.failed_retry_s,
-                slot.boot_error,
+        elif action.verdict is Verdict.RESPAWN:
+            delay = action.at - time.monotonic()
+            log.warning(
+                "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; %s",
+                label,
+                i,
+                pid,
+                how,
+                len(moved),
+                f"respawning in {delay:.0f} s" if delay > 0 else "respawning now",
             )
-            return
-        delay = BACKOFF_S[min(slot.deaths, len(BACKOFF_S) - 1)]
-        if slot.kill_reason == RESTART_REQUESTED:
-            delay = 0
-        slot.deaths += 1
-        slot.due_at = now + delay
-        b.set(i, Col.SLOT_STATE, SlotState.BACKOFF)
-        b.set(i, Col.BACKOFF_UNTIL, slot.due_at)
-        log.warning(
-            "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; %s",
-            self._label(slot),
-            i,
-            proc.pid,
-            how,
-            len(moved),
-            f"respawning in {delay} s" if delay else "respawning now",
-        )
-        if delay == 0:
-            self._check_down(slot, now)
+            if delay <= 0:
+                self._check_down(slot, time.monotonic())
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -399,27 +304,32 @@ class Supervisor:
         self.zygote.check()
         self.dispatcher.expire(self.cfg.request_timeout_s)
 
-    def _check_live(self, slot: _Slot, now: float) -> None:
-        """Hang, stall, slow boot, lost device, finished draining."""
+    def _vitals(self, slot: _Slot, now: float) -> Vitals:
+        """What the board shows of a live worker, for the policy's hang rule."""
         b, i = self.board, slot.index
-        if slot.kill_reason:
-            return  # already killed; its sentinel will fire
         beat = b.get(i, Col.HEARTBEAT)  # 0 until the worker's first beat
         busy = int(b.get(i, Col.WORKER_STATE)) == WorkerState.BUSY
         unhealthy = slot.placement.is_gpu and b.get(i, Col.HEALTH) == 0
         slot.unhealthy_since = (slot.unhealthy_since or now) if unhealthy else 0.0
-        if beat > 0 and now - beat > self.cfg.hang_timeout_s:
-            self._kill(slot, f"hung: no heartbeat for {now - beat:.1f} s")
-        elif busy and now - b.get(i, Col.PROGRESS) > self.cfg.stall_timeout_s:
-            self._kill(slot, f"stalled: no generation step for {self.cfg.stall_timeout_s:g} s")
-        elif not slot.ready and now - slot.started_at > self.cfg.boot_timeout_s:
-            slot.boot_error = f"not ready after boot_timeout_s={self.cfg.boot_timeout_s:g}"
-            self._kill(slot, slot.boot_error)
-        elif unhealthy and now - slot.unhealthy_since >= self.cfg.device_lost_s:
-            slot.device_lost = True
-            self.dispatcher.drain(i)
-            self._kill(slot, f"device lost: NVML has not answered for {self.cfg.device_lost_s:g} s")
-        elif slot.removed and not slot.shutdown_sent and self.dispatcher.held_by(i) == 0:
+        return Vitals(
+            heartbeat_age=now - beat if beat > 0 else None,
+            progress_age=now - b.get(i, Col.PROGRESS) if busy else None,
+            unhealthy_for=now - slot.unhealthy_since if unhealthy else None,
+        )
+
+    def _check_live(self, slot: _Slot, now: float) -> None:
+        """The hang rule, and a removed worker that finished draining."""
+        if slot.kill_reason:
+            return  # already killed; its sentinel will fire
+        kill = self.policy.on_tick(slot.record, now, self._vitals(slot, now))
+        if kill is not None:
+            if kill.kind is KillKind.BOOT_TIMEOUT:
+                slot.boot_error = kill.reason
+            elif kill.kind is KillKind.DEVICE_LOST:
+                slot.device_lost = True
+                self.dispatcher.drain(slot.index)
+            self._kill(slot, kill.reason)
+        elif slot.removed and not slot.shutdown_sent and self.dispatcher.held_by(slot.index) == 0:
             slot.shutdown_sent = True
             self._send(slot, m.Shutdown(0.0))
 
@@ -436,15 +346,14 @@ class Supervisor:
         if now < slot.due_at:
             return
         if state == SlotState.UNAVAILABLE and b.get(i, Col.HEALTH) != 1:
-            slot.due_at = now + self.cfg.failed_retry_s  # the device still does not answer
+            slot.due_at = now + self.policy.failed_retry_s  # the device still does not answer
             return
         if state == SlotState.UNAVAILABLE:
             log.info("✅ %s answers again", self._label(slot))
             slot.device_lost = False
-        slot.restarts = int(b.get(i, Col.RESTARTS)) + 1
-        b.set(i, Col.RESTARTS, slot.restarts)
+        self._counted_restart(slot)
         log.info("🔄 respawning %s (restart %d)", self._label(slot), slot.restarts)
-        self._spawn(slot)
+        self._start(slot)
 
     # ---- helpers -------------------------------------------------------
 
@@ -483,7 +392,3 @@ class Supervisor:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
-
-    def _note(self, slot: int, what: str) -> None:
-        self.events.append((time.monotonic(), slot, what))
-        del self.events[:-1000]
