@@ -124,7 +124,7 @@ def make_request(pool, audio_s: float, seed: int):
 
 
 class Recorder:
-    """A dispatcher listener that appends (what, request id, time, slot) and
+    """A pool listener (Pool.subscribe) that appends (what, request id, time, slot) and
     nothing more: it runs under the dispatcher's lock, so it must be cheap."""
 
     def __init__(self):
@@ -132,19 +132,19 @@ class Recorder:
         self.started_at: dict[str, float] = {}  # the worker's clock, from Started
         self.outcomes: dict[str, object] = {}
 
-    def __call__(self, what: str, job, detail) -> None:
+    def __call__(self, e) -> None:
         now = time.monotonic()
-        rid = job.request.id
-        if what == "dispatched":
-            self.events.append((what, rid, now, detail[0]))
-        elif what == "started":
-            self.started_at[rid] = job.started_at
-            self.events.append((what, rid, now, detail))
-        elif what == "requeued":
-            self.events.append((what, rid, now, detail))
-        elif what == "finished":
-            self.outcomes[rid] = detail
-            self.events.append((what, rid, now, job.handle.worker))
+        rid = e.request.id
+        if e.kind == "dispatched":
+            self.events.append((e.kind, rid, now, e.slot))
+        elif e.kind == "started":
+            self.started_at[rid] = e.at
+            self.events.append((e.kind, rid, now, e.slot))
+        elif e.kind == "requeued":
+            self.events.append((e.kind, rid, now, e.slot))
+        elif e.kind == "finished":
+            self.outcomes[rid] = e.outcome
+            self.events.append((e.kind, rid, now, e.handle.worker))
 
     def clear(self) -> None:
         self.events, self.started_at, self.outcomes = [], {}, {}

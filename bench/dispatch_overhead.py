@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     )
     pool = common.start_pool(gpus="cpu:4", sim_rtf=0.0)
     rec = common.Recorder()
-    pool.dispatcher.listeners.append(rec)
+    pool.subscribe(rec)
     try:
         for i in range(50):  # warm up the path
             pool.submit(common.make_request(pool, ZERO_WORK_S, i)).result(10)

@@ -11,7 +11,7 @@ the same instant, so that the machine's other load hits both alike:
                 never one holding a request that was already replayed (a request
                 that takes down two workers is answered worker_lost, by design)
 
-From the outside only: the dispatcher's listeners (dispatched, requeued,
+From the outside only: the pool's events (dispatched, requeued,
 finished), the supervisor's events (dead, ready) and every handle's audio:
 
     lost        accepted requests not answered with their audio (must be 0)
@@ -62,18 +62,18 @@ class Tracker:
         self.held: dict[int, dict[str, int]] = {}  # slot -> {request id: attempt}
         self.check = check
 
-    def __call__(self, what: str, job, detail) -> None:
-        rid = job.request.id
+    def __call__(self, e) -> None:
+        rid = e.request.id
         with self.lock:
-            if what == "dispatched":
-                self.held.setdefault(detail[0], {})[rid] = job.request.attempt
-            elif what == "requeued":
-                self.held.get(detail, {}).pop(rid, None)
-            elif what == "finished":
+            if e.kind == "dispatched":
+                self.held.setdefault(e.slot, {})[rid] = e.request.attempt
+            elif e.kind == "requeued":
+                self.held.get(e.slot, {}).pop(rid, None)
+            elif e.kind == "finished":
                 for reqs in self.held.values():
                     reqs.pop(rid, None)
-        if what == "finished":
-            self.check.put(job)
+        if e.kind == "finished":
+            self.check.put(e)  # its request and handle
 
     def holding(self, slot: int) -> dict[str, int]:
         with self.lock:
@@ -256,7 +256,8 @@ def child(args) -> int:
     rec = common.Recorder()
     check: queue.Queue = queue.Queue()
     tracker = Tracker(check)
-    pool.dispatcher.listeners += [rec, tracker]
+    pool.subscribe(rec)
+    pool.subscribe(tracker)
     try:
         meet.post(f"ready-{args.child}", True)
         meet.wait("all-ready")  # calibrate only once both pools have booted

@@ -266,7 +266,7 @@ def child(args) -> int:
         sim_chunk_s=SIM_CHUNK_S,
     )
     rec = common.Recorder()
-    pool.dispatcher.listeners.append(rec)
+    pool.subscribe(rec)
     poll = StalePoll(pool.board, list(range(len(SPEEDS))), POLL_S).start()
     policies.POLICIES["seed_stale"] = poll.policy
     results = []

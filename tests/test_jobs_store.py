@@ -207,6 +207,15 @@ class FakePool:
         self.submitted: list[str] = []
         self.cancelled: set[str] = set()
 
+    def subscribe(self, listener) -> None:
+        self.dispatcher.listeners.append(listener)
+
+    def unsubscribe(self, listener) -> None:
+        self.dispatcher.listeners.remove(listener)
+
+    def queue_length(self) -> int:
+        return self.dispatcher.queue_length()
+
     def hold(self, after_chunks: int = 0) -> None:
         self.free_chunks = after_chunks
         self.gate.clear()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vibevoice_pool.api.metrics import Activity
+from vibevoice_pool.pool import events as ev
 from vibevoice_pool.pool.states import shown_state
 from vibevoice_pool.ui.charts import History, render
 from vibevoice_pool.ui.i18n import EN, ZH, pick_language
@@ -118,25 +119,26 @@ class _Clock:
         return self.now
 
 
-def _job(rid: str, slot: int | None, delivered: int = 0, submitted: float = 100.0):
-    handle = SimpleNamespace(worker=slot, submitted_at=submitted)
-    return SimpleNamespace(request=SimpleNamespace(id=rid), handle=handle, delivered=delivered)
+def _handle(rid: str, slot: int | None, samples: int = 0, submitted: float = 100.0):
+    return SimpleNamespace(
+        request=SimpleNamespace(id=rid), worker=slot, submitted_at=submitted, samples=samples
+    )
 
 
 def test_activity_counts_busy_time_outcomes_and_delivered_audio():
     clock = _Clock()
     a = Activity(clock=clock)
-    j1, j2 = _job("a", 0), _job("b", 0)
-    for j in (j1, j2):
-        a.on_event("dispatched", j, (0, 0.0, None))
-        a.on_event("started", j, 0)
+    h1, h2 = _handle("a", 0), _handle("b", 0)
+    for h in (h1, h2):
+        a.on_event(ev.Dispatched(h.request, h, 0, 0.0, 0))
+        a.on_event(ev.Started(h.request, h, 0, 0.0))
     clock.now = 102.0
-    j1.delivered = m.SAMPLE_RATE  # one second handed to the client so far
+    h1.samples = m.SAMPLE_RATE  # one second handed to the client so far
     assert a.busy_seconds(0) == pytest.approx(2.0)
     assert a.delivered_seconds() == pytest.approx(1.0)
-    a.on_event("finished", j1, m.Done("a", 1.0, 2.0))
+    a.on_event(ev.Finished(h1.request, h1, m.Done("a", 1.0, 2.0)))
     clock.now = 103.0
-    a.on_event("finished", j2, m.Failed("b", m.ErrorKind.CANCELLED, "cancelled"))
+    a.on_event(ev.Finished(h2.request, h2, m.Failed("b", m.ErrorKind.CANCELLED, "cancelled")))
     clock.now = 110.0  # idle time is not busy time
     assert a.busy_seconds(0) == pytest.approx(3.0)  # two overlapping requests: 3 s, not 5
     outcomes, _, audio = a.snapshot()

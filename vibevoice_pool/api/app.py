@@ -81,7 +81,7 @@ def create_app(front: Front) -> FastAPI:
     async def restart_worker(worker_id: int):
         if worker_id not in pool.live_slots():
             return plain_error(404, "not_found", f"no worker {worker_id}; see /v1/pool")
-        pool.supervisor.restart(worker_id)
+        pool.restart_worker(worker_id)
         return {"restarting": worker_id}
 
     @app.post("/v1/synthesize")

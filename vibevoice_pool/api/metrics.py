@@ -26,6 +26,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from vibevoice_pool.pool import events as ev
+from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.states import SERVING, SHOWN, shown_state
 from workers import messages as m
 
@@ -49,7 +51,7 @@ class Activity:
         self._busy_s: defaultdict[int, float] = defaultdict(float)
         self._busy_since: dict[int, float] = {}
         self._running: defaultdict[int, set[str]] = defaultdict(set)
-        self._active: dict[str, object] = {}  # request id -> the dispatcher's job
+        self._active: dict[str, RequestHandle] = {}  # request id -> its handle
         self._delivered_done = 0  # samples of finished requests
         self.latency = Histogram(
             "vibevoice_pool_request_duration_seconds",
@@ -62,32 +64,33 @@ class Activity:
     @classmethod
     def attach(cls, pool) -> Activity:
         activity = cls()
-        pool.dispatcher.listeners.append(activity.on_event)
+        pool.subscribe(activity.on_event)
         return activity
 
     # ---- events ----------------------------------------------------------
 
-    def on_event(self, what: str, job, detail) -> None:
-        rid = job.request.id
+    def on_event(self, e: ev.PoolEvent) -> None:
+        rid = e.request.id
         now = self.clock()
         with self._lock:
-            if what == "dispatched":
-                self._active[rid] = job
-            elif what == "started":
-                self._start(detail, rid, now)
-            elif what == "requeued":
-                self._stop(detail, rid, now)
-            elif what == "finished":
+            if isinstance(e, ev.Dispatched):
+                self._active[rid] = e.handle
+            elif isinstance(e, ev.Started):
+                self._start(e.slot, rid, now)
+            elif isinstance(e, ev.Requeued):
+                self._stop(e.slot, rid, now)
+            elif isinstance(e, ev.Finished):
                 self._active.pop(rid, None)
-                self._delivered_done += int(getattr(job, "delivered", 0))
-                worker = job.handle.worker
+                self._delivered_done += e.handle.samples
+                worker = e.handle.worker
                 if worker is not None:
                     self._stop(worker, rid, now)
-                outcome = "completed" if isinstance(detail, m.Done) else detail.error.value
+                done = isinstance(e.outcome, m.Done)
+                outcome = "completed" if done else e.outcome.error.value
                 self.outcomes[("" if worker is None else str(worker), outcome)] += 1
-                if isinstance(detail, m.Done) and worker is not None:
-                    self.audio_s[worker] += detail.audio_s
-                self.latency.labels(outcome).observe(max(0.0, now - job.handle.submitted_at))
+                if done and worker is not None:
+                    self.audio_s[worker] += e.outcome.audio_s
+                self.latency.labels(outcome).observe(max(0.0, now - e.handle.submitted_at))
 
     def _start(self, slot: int, rid: str, now: float) -> None:
         if not self._running[slot]:
@@ -117,7 +120,7 @@ class Activity:
     def delivered_seconds(self) -> float:
         """Audio seconds handed to clients so far, counting requests still running."""
         with self._lock:
-            live = sum(int(getattr(j, "delivered", 0)) for j in self._active.values())
+            live = sum(h.samples for h in self._active.values())
             return (self._delivered_done + live) / m.SAMPLE_RATE
 
     def snapshot(self) -> tuple[Counter, Counter, dict[int, float]]:
@@ -158,7 +161,7 @@ class PoolCollector:
             c.add_metric([reason], n)
         yield c
         c = CounterMetricFamily(p + "requeued", "Requests sent back to the queue by a death")
-        c.add_metric([], self.pool.dispatcher.counters.get("requeued", 0))
+        c.add_metric([], self.pool.requeued())
         yield c
         c = CounterMetricFamily(p + "audio_delivered_seconds", "Audio seconds sent to clients")
         c.add_metric([], self.activity.delivered_seconds())

@@ -144,7 +144,7 @@ class JobRunner:
         self.expire()
         if queued:
             log.info("Jobs: %d job(s) from before are queued to run", len(queued))
-        self.pool.dispatcher.listeners.append(self._on_pool_event)
+        self.pool.subscribe(self._on_pool_event)
         self._thread = threading.Thread(target=self._run, name="jobs", daemon=True)
         self._thread.start()
         self._started.wait(10)
@@ -160,7 +160,7 @@ class JobRunner:
             self._thread.join(grace_s + STOP_CANCEL_WAIT_S + 5)
             self._thread = None
         with contextlib.suppress(ValueError):
-            self.pool.dispatcher.listeners.remove(self._on_pool_event)
+            self.pool.unsubscribe(self._on_pool_event)
         self.store.close()
 
     # ---- the API side --------------------------------------------------
@@ -284,8 +284,8 @@ class JobRunner:
             with contextlib.suppress(RuntimeError):  # the loop has closed
                 loop.call_soon_threadsafe(wake.set)
 
-    def _on_pool_event(self, what: str, _job, _detail) -> None:
-        if what in ("finished", "dispatched"):  # room in the admission queue
+    def _on_pool_event(self, event) -> None:
+        if event.kind in ("finished", "dispatched"):  # room in the admission queue
             self._poke()
 
     def _run(self) -> None:
@@ -328,7 +328,7 @@ class JobRunner:
     async def _fill(self) -> None:
         """Hand queued jobs to the pool, oldest first, while its queue has room."""
         while not self._stopping and time.monotonic() >= self._retry_at:
-            if self.pool.dispatcher.queue_length() >= self.queue_depth:
+            if self.pool.queue_length() >= self.queue_depth:
                 return
             job = self.store.next_queued()
             if job is None:

@@ -30,6 +30,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from vibevoice_pool.pool import events as ev
 from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.policies import Ctx, View, choose
 from workers import messages as m
@@ -109,7 +110,7 @@ class Dispatcher:
         self._admitting = True
         self.work_ratio = 1.0  # measured audio / estimated audio (EMA)
         self.counters: collections.Counter[str] = collections.Counter()
-        self.listeners: list[Callable[[str, _Job, object], None]] = []
+        self.listeners: list[ev.Listener] = []
 
     # ---- the API side --------------------------------------------------
 
@@ -226,7 +227,7 @@ class Dispatcher:
                 job.request = replace(job.request, attempt=job.request.attempt + 1)
                 self._queue.appendleft(job)
                 self.counters["requeued"] += 1
-                self._emit("requeued", job, slot)
+                self._emit(ev.Requeued(job.request, job.handle, slot))
             self.board.set(slot, Col.INFLIGHT, 0)
             self.board.set(slot, Col.QUEUED_WORK_S, 0)
             self._pump_locked()
@@ -255,7 +256,7 @@ class Dispatcher:
             if isinstance(msg, m.Started):
                 job.started_at, job.running = msg.at, True
                 job.handle.push(msg)
-                self._emit("started", job, slot)
+                self._emit(ev.Started(job.request, job.handle, slot, msg.at))
             elif isinstance(msg, m.Chunk):
                 self._chunk(job, msg)
             elif isinstance(msg, m.Done):
@@ -337,11 +338,11 @@ class Dispatcher:
         job.slot = None
         self.counters["completed" if isinstance(outcome, m.Done) else outcome.error.value] += 1
         job.handle.push(outcome)
-        self._emit("finished", job, outcome)
+        self._emit(ev.Finished(job.request, job.handle, outcome))
 
-    def _emit(self, what: str, job: _Job, detail) -> None:
+    def _emit(self, event: ev.PoolEvent) -> None:
         for listener in self.listeners:
-            listener(what, job, detail)
+            listener(event)
 
     def _eligible(self) -> list[View]:
         """Views of the workers that can take a request now. Each row is read from
@@ -418,4 +419,4 @@ class Dispatcher:
             left[slot] -= 1
             self._links[slot](m.Synthesize(job.request, following=left[slot]))
         for slot, job, score, view in sends:
-            self._emit("dispatched", job, (slot, score, view))
+            self._emit(ev.Dispatched(job.request, job.handle, slot, score, view.inflight))

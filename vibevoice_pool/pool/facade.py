@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from vibevoice_pool.config import PoolConfig
+from vibevoice_pool.pool import events as ev
 from vibevoice_pool.pool.devices import Gpu, Placement, engine_specs, find_gpus, plan
 from vibevoice_pool.pool.dispatcher import Dispatcher
 from vibevoice_pool.pool.handle import RequestHandle
@@ -111,7 +112,7 @@ class Pool:
             nvml = RealNvml.open()
         monitor = Monitor(board, supervisor.monitor_targets, nvml, cfg.monitor_interval_s)
         pool = cls(cfg, board, dispatcher, supervisor, monitor, model_path, found)
-        dispatcher.listeners.append(pool._log_event)
+        pool.subscribe(pool._log_event)
         try:
             supervisor.start()
             monitor.start()
@@ -164,6 +165,32 @@ class Pool:
 
     def ready_workers(self) -> int:
         return sum(1 for w in self.status()["workers"] if w["state"] in SERVING)
+
+    def queue_length(self) -> int:
+        """Requests waiting for a worker."""
+        return self.dispatcher.queue_length()
+
+    def work_ratio(self) -> float:
+        """Measured audio over estimated audio (a moving average): scales estimates."""
+        return self.dispatcher.work_ratio
+
+    def requeued(self) -> int:
+        """Requests sent back to the queue because their worker was lost, so far."""
+        return self.dispatcher.counters.get("requeued", 0)
+
+    def subscribe(self, listener: ev.Listener) -> None:
+        """Call `listener(event)` for each dispatcher event (pool/events.py)."""
+        self.dispatcher.listeners.append(listener)
+
+    def unsubscribe(self, listener: ev.Listener) -> None:
+        self.dispatcher.listeners.remove(listener)
+
+    def where(self, slot: int | None) -> str:
+        """A slot as people name it: "GPU 1", or "worker 2 (cpu:2)"; "?" if unknown."""
+        if slot is None or not 0 <= slot < len(self.supervisor.slots):
+            return "?"
+        p = self.supervisor.slots[slot].placement
+        return f"GPU {p.cuda_index}" if p.is_gpu else f"worker {slot} ({p.device})"
 
     # ---- status --------------------------------------------------------
 
@@ -236,6 +263,12 @@ class Pool:
             spec = dc_replace(spec, sim_speed=speeds[len(self.supervisor.slots) % len(speeds)])
         return self.supervisor.add_slot(placement, spec)
 
+    def restart_worker(self, index: int) -> None:
+        """Stop a worker and start it again (its requests go back to the queue)."""
+        if index not in self.live_slots():
+            raise m.PoolError(m.ErrorKind.BAD_INPUT, f"no worker {index}; see /v1/pool")
+        self.supervisor.restart(index)
+
     def remove_worker(self, index: int) -> None:
         if index not in self.live_slots():
             raise m.PoolError(m.ErrorKind.BAD_INPUT, f"no worker {index}; see /v1/pool")
@@ -249,44 +282,42 @@ class Pool:
         self.supervisor.shutdown(grace)
         self.board.close()
 
-    def _log_event(self, what: str, job, detail) -> None:
-        if what == "dispatched":
-            slot, score, view = detail
-            p = self.supervisor.slots[slot].placement
-            where = f"GPU {p.cuda_index}" if p.is_gpu else f"worker {slot} ({p.device})"
+    def _log_event(self, e: ev.PoolEvent) -> None:
+        rid = e.request.id
+        if isinstance(e, ev.Dispatched):
             log.info(
                 "🎯 Chose %s for request %s (queue: %d, score %.3f, %s, attempt %d)",
-                where,
-                job.request.id,
-                view.inflight,
-                score,
+                self.where(e.slot),
+                rid,
+                e.inflight,
+                e.score,
                 self.cfg.policy,
-                job.request.attempt,
-                extra={"request_id": job.request.id, "worker": slot},
+                e.request.attempt,
+                extra={"request_id": rid, "worker": e.slot},
             )
-        elif what == "requeued":
+        elif isinstance(e, ev.Requeued):
             log.warning(
                 "request %s sent back to the queue (attempt %d) after worker %s was lost",
-                job.request.id,
-                job.request.attempt,
-                detail,
-                extra={"request_id": job.request.id},
+                rid,
+                e.request.attempt,
+                e.slot,
+                extra={"request_id": rid},
             )
-        elif what == "finished":
-            if isinstance(detail, m.Done):
+        elif isinstance(e, ev.Finished):
+            if isinstance(e.outcome, m.Done):
                 log.info(
                     "request %s done on worker %s: %.1f s of audio in %.1f s",
-                    job.request.id,
-                    job.handle.worker,
-                    detail.audio_s,
-                    detail.compute_s,
-                    extra={"request_id": job.request.id, "worker": job.handle.worker},
+                    rid,
+                    e.handle.worker,
+                    e.outcome.audio_s,
+                    e.outcome.compute_s,
+                    extra={"request_id": rid, "worker": e.handle.worker},
                 )
             else:
                 log.info(
                     "request %s failed: %s: %s",
-                    job.request.id,
-                    detail.error.value,
-                    detail.message,
-                    extra={"request_id": job.request.id},
+                    rid,
+                    e.outcome.error.value,
+                    e.outcome.message,
+                    extra={"request_id": rid},
                 )

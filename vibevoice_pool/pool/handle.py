@@ -35,6 +35,7 @@ class RequestHandle:
         self._cond = threading.Condition()
         self._waker: Callable[[], None] | None = None
         self._chunks: list[np.ndarray] = []
+        self.samples = 0  # audio samples received so far
 
     # ---- producer side (dispatcher threads) ----------------------------
 
@@ -44,6 +45,7 @@ class RequestHandle:
                 return  # nothing follows the one terminal event
             if isinstance(event, m.Chunk):
                 self._chunks.append(event.pcm)
+                self.samples += len(event.pcm)
             if isinstance(event, TERMINAL):
                 self.outcome = event
             # A reader that has events waiting will read this one too before it

@@ -84,10 +84,7 @@ class Page:
         return render(self.history.samples(), labels, language_of(request))
 
     def where(self, slot: int | None) -> str:
-        if slot is None or slot >= len(self.pool.placements):
-            return "?"
-        p = self.pool.placements[slot]
-        return f"GPU {p.cuda_index}" if p.is_gpu else f"worker {slot} ({p.device})"
+        return self.pool.where(slot)
 
     # ---- voices ----------------------------------------------------------
 
@@ -148,11 +145,11 @@ class Page:
             raise gr.Error(e.message) from None
         live = self.streams.new()
         self.tabs.add(tab, handle)
-        est = max(0.5, req.est_audio_s * self.pool.dispatcher.work_ratio)
+        est = max(0.5, req.est_audio_s * self.pool.work_ratio())
         t0 = last = time.monotonic()
         got = 0
         try:
-            waiting = t(lang, "waiting", n=self.pool.dispatcher.queue_length())
+            waiting = t(lang, "waiting", n=self.pool.queue_length())
             yield (
                 player_html(live, handle.id),
                 progress_html("waiting", waiting, 0, handle.id),
