@@ -185,3 +185,32 @@ def test_expired_requests_time_out(board):
     now[0] = 200.0
     d.expire(50.0)
     assert h.outcome.error == m.ErrorKind.TIMEOUT and d.queue_length() == 0
+
+
+def test_listeners_get_typed_events_in_order(board):
+    from vibevoice_pool.pool import events as ev
+
+    d = Dispatcher(board)
+    seen = []
+    d.listeners.append(seen.append)
+    up(board, d, 0)
+    h = d.submit(req(1))
+    d.on_message(0, m.Started("r1", 1, at=5.0))
+    d.on_message(0, m.Chunk("r1", 0, np.zeros(2400, np.float32)))
+    d.worker_lost(0, "killed")
+    up(board, d, 1)
+    d.on_message(1, m.Chunk("r1", 0, np.zeros(4800, np.float32)))  # 2400 of them new
+    d.on_message(1, m.Done("r1", 0.2, 0.1))
+    assert [type(e) for e in seen] == [
+        ev.Dispatched,
+        ev.Started,
+        ev.Requeued,
+        ev.Dispatched,
+        ev.Finished,
+    ]
+    assert [getattr(e, "slot", None) for e in seen] == [0, 0, 0, 1, None]
+    assert all(e.handle is h for e in seen)
+    assert seen[1].at == 5.0 and seen[3].request.attempt == 2
+    assert isinstance(seen[-1].outcome, m.Done) and h.samples == 4800
+    with pytest.raises(AttributeError):  # frozen
+        seen[0].slot = 3
