@@ -83,7 +83,8 @@ class SlotBackend(Protocol):
 
 class SlotLifecycle:
     """The slot bookkeeping both backends share. A backend sets `noun`, makes
-    its slots with `_new_slot` and implements `_start` (and its own watching)."""
+    its slots with `_new_slot`, adds its own state in `_setup` and implements
+    `_start` (and its own watching)."""
 
     noun = "worker"
     boot_hint = ""
@@ -107,8 +108,12 @@ class SlotLifecycle:
         self._stop = threading.Event()
         self.first_boot_error = ""
         self.events: list[tuple[float, int, str]] = []
+        self._setup()
 
     # ---- for a backend to fill in ---------------------------------------
+
+    def _setup(self) -> None:
+        """What the backend keeps beside the slots (called at the end of __init__)."""
 
     def _new_slot(self, index: int, placement: Placement, engine: EngineSpec) -> SlotBase:
         return SlotBase(index, placement, engine)

@@ -30,11 +30,9 @@ import time
 from dataclasses import dataclass
 from multiprocessing import connection
 
-from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool.channel import RequestChannel
 from vibevoice_pool.pool.devices import Placement
-from vibevoice_pool.pool.dispatcher import Dispatcher
-from vibevoice_pool.pool.recovery import Cause, KillKind, RecoveryPolicy, Verdict, Vitals
+from vibevoice_pool.pool.recovery import Cause, KillKind, Verdict, Vitals
 from vibevoice_pool.pool.slots import SlotBase, SlotLifecycle
 from vibevoice_pool.pool.voice_sender import VoiceSender
 from vibevoice_pool.pool.warm_weights import WeightsHolder
@@ -42,7 +40,7 @@ from vibevoice_pool.pool.worker_process import WorkerProcess
 from vibevoice_pool.pool.zygote import Zygote
 from workers import messages as m
 from workers import worker_main
-from workers.board import Col, SlotState, StatusBoard, WorkerState
+from workers.board import Col, SlotState, WorkerState
 from workers.engine import EngineSpec
 
 log = logging.getLogger("vibevoice_pool")
@@ -65,16 +63,8 @@ class _Slot(SlotBase):
 
 
 class Supervisor(SlotLifecycle):
-    def __init__(
-        self,
-        cfg: PoolConfig,
-        placements: list[Placement],
-        engines: list[EngineSpec],
-        board: StatusBoard,
-        dispatcher: Dispatcher,
-        policy: RecoveryPolicy | None = None,
-    ):
-        super().__init__(cfg, placements, engines, board, dispatcher, policy)
+    def _setup(self) -> None:
+        cfg = self.cfg
         self.zygote = Zygote(cfg.engine, cfg.worker_start)
         self.ctx = self.zygote.spawn_ctx  # pipes; a worker's process comes from zygote.context()
         self._wake_r, self._wake_w = os.pipe()

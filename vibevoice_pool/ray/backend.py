@@ -40,15 +40,13 @@ import uuid
 
 from ray.exceptions import RayError
 
-from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool.devices import Placement, engine_specs
-from vibevoice_pool.pool.dispatcher import Dispatcher
-from vibevoice_pool.pool.recovery import Cause, RecoveryPolicy, Verdict, Vitals
+from vibevoice_pool.pool.recovery import Cause, Verdict, Vitals
 from vibevoice_pool.pool.slots import SlotLifecycle
 from vibevoice_pool.ray.cluster import DeployError, RayCluster, replica_resources
 from vibevoice_pool.ray.streams import Slot, Streams
 from workers import messages as m
-from workers.board import Col, SlotState, StatusBoard, WorkerState
+from workers.board import Col, SlotState, WorkerState
 from workers.engine import EngineSpec
 from workers.ray_replica import ReplicaStats
 
@@ -65,20 +63,11 @@ class RaySupervisor(SlotLifecycle):
     noun = "replica"
     boot_hint = ", and check that the Ray cluster has the CPUs/GPUs asked for"
 
-    def __init__(
-        self,
-        cfg: PoolConfig,
-        placements: list[Placement],
-        engines: list[EngineSpec],
-        board: StatusBoard,
-        dispatcher: Dispatcher,
-        policy: RecoveryPolicy | None = None,
-    ):
-        super().__init__(cfg, placements, engines, board, dispatcher, policy)
-        self.cluster = RayCluster(cfg)
+    def _setup(self) -> None:
+        self.cluster = RayCluster(self.cfg)
         self.tag = uuid.uuid4().hex[:6]  # our applications' names, apart from other pools'
         self._threads: list[threading.Thread] = []
-        self.streams = Streams(board, dispatcher, self._lost, self._stop)
+        self.streams = Streams(self.board, self.dispatcher, self._lost, self._stop)
 
     def _new_slot(self, index: int, placement: Placement, engine: EngineSpec) -> Slot:
         return Slot(index, placement, engine)
