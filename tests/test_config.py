@@ -171,6 +171,15 @@ def test_a_switch_that_is_not_a_boolean_is_an_error_not_false(word, tmp_path):
         cfg_from("--config", str(f))
 
 
+def test_a_yes_or_no_given_to_a_setting_that_is_not_a_switch_is_an_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("max_queue: yes\n")
+    with pytest.raises(ConfigError, match="max_queue = True: max_queue is not a switch"):
+        cfg_from("--config", str(f))
+    with pytest.raises(ConfigError, match="sim_rtf"):
+        build({"sim_rtf": False})
+
+
 def test_switches_take_yes_and_no_from_files_and_flags(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("share: yes\nwarm_weights: false\n")

@@ -245,6 +245,16 @@ class PoolConfig(BaseModel):
         "", "make every worker fail to boot with this message", metavar="MESSAGE"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_no_for_a_value(cls, values: Any) -> Any:
+        """`max_queue: yes` in YAML is a mistake, not 1."""
+        for name, v in values.items() if isinstance(values, dict) else ():
+            info = cls.model_fields.get(name)
+            if isinstance(v, bool) and info is not None and info.annotation is not bool:
+                raise ValueError(f"{name} = {v!r}: {name} is not a switch; give a value")
+        return values
+
     @model_validator(mode="after")
     def _together(self) -> PoolConfig:
         if self.heartbeat_s * 2 > self.hang_timeout_s:
