@@ -307,7 +307,7 @@ def test_parallel_guesses_count_before_they_answer():
 # ---- decodes at once ----------------------------------------------------------------
 
 
-def test_decodes_beyond_the_slots_wait_then_get_overloaded(monkeypatch):
+def test_decodes_beyond_the_slots_wait_then_get_overloaded():
     import io
 
     import numpy as np
@@ -319,8 +319,7 @@ def test_decodes_beyond_the_slots_wait_then_get_overloaded(monkeypatch):
     buf = io.BytesIO()
     sf.write(buf, np.zeros(2400, np.float32), 24000, format="WAV")
     wav = buf.getvalue()
-    monkeypatch.setattr(audio, "DECODE_WAIT_S", 0.2)
-    audio.set_decode_slots(1)
+    audio.set_decode_slots(1, wait_s=0.2)
     try:
         held = audio._decode_slots
         assert held.acquire(timeout=1)  # someone else's decode is running

@@ -68,14 +68,16 @@ MIN_RATE, MAX_RATE = 8_000, 192_000
 # Containers libsndfile may parse for an upload; its other formats (MAT, PAF,
 # SD2, VOC, ...) are refused before any of their parsers run.
 UPLOAD_CONTAINERS = frozenset({"WAV", "WAVEX", "RF64", "W64", "FLAC", "OGG", "MP3", "AIFF", "CAF"})
-DECODE_WAIT_S = 30.0  # longest an upload waits for a decode slot before 429
 _decode_slots = threading.BoundedSemaphore(2)
+_decode_wait_s = 30.0  # longest an upload waits for a decode slot before 429
 
 
-def set_decode_slots(n: int) -> None:
-    """How many uploads may be decoded at once (the setting max_decodes, at launch)."""
-    global _decode_slots
+def set_decode_slots(n: int, wait_s: float = 30.0) -> None:
+    """How many uploads may be decoded at once, and how long one waits for its turn
+    (the settings max_decodes and decode_wait_s, at launch)."""
+    global _decode_slots, _decode_wait_s
     _decode_slots = threading.BoundedSemaphore(max(1, int(n)))
+    _decode_wait_s = float(wait_s)
 
 
 def _check_header(f: sf.SoundFile, what: str, max_seconds: float) -> None:
@@ -133,7 +135,7 @@ def decode_upload(
     The header is checked first (container, at most MAX_CHANNELS channels,
     MIN_RATE-MAX_RATE Hz, at most max_seconds); decoding then holds about one
     block plus max_seconds of 24 kHz mono, and at most set_decode_slots() run at
-    once (a caller that waits DECODE_WAIT_S for a slot gets OVERLOADED).
+    once (a caller that waits decode_wait_s for a slot gets OVERLOADED).
     `what` names the thing in error messages ("voice sample", "speakers[1].audio").
     Raises TooLarge over max_bytes, PoolError(BAD_INPUT) for anything else wrong.
     """
@@ -147,12 +149,12 @@ def decode_upload(
             f"{what} is {_size(len(data))}; the limit is {_size(max_bytes)}. "
             "Send a shorter clip or a compressed format (mp3, ogg)"
         )
-    slots = _decode_slots
-    if not slots.acquire(timeout=DECODE_WAIT_S):
+    slots, wait_s = _decode_slots, _decode_wait_s
+    if not slots.acquire(timeout=wait_s):
         raise PoolError(
             ErrorKind.OVERLOADED,
             f"too many voice samples are being decoded at once; {what} waited "
-            f"{_secs(DECODE_WAIT_S)}. Retry in a few seconds",
+            f"{_secs(wait_s)}. Retry in a few seconds",
         )
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:

@@ -214,6 +214,9 @@ class PoolConfig(BaseModel):
     body_timeout_s: float = FRONT(10.0, "grace before a request body must keep body_min_rate", gt=0)
     body_min_rate: float = FRONT(1024.0, "slowest request body accepted, bytes/s", gt=0)
     max_decodes: int = FRONT(2, "voice uploads decoded at once", gt=0)
+    decode_wait_s: float = FRONT(
+        30.0, "longest an upload waits for a decode turn before HTTP 429", gt=0
+    )
     max_text_chars: int = FRONT(20000, "longest script accepted, in characters", gt=0)
     max_audio_s: float = FRONT(1800.0, "cap on the audio one request makes, in seconds", gt=0)
     max_upload_mb: float = FRONT(10.0, "largest voice upload accepted, in MiB", gt=0)

@@ -212,7 +212,7 @@ def serve(cfg: PoolConfig) -> int:
     from workers.messages import PoolError
 
     raise_nofile()  # before the workers' pipes and the clients' sockets take handles
-    audio.set_decode_slots(cfg.max_decodes)
+    audio.set_decode_slots(cfg.max_decodes, cfg.decode_wait_s)
     # The page's imports (Gradio) take seconds: do them while the workers boot.
     threading.Thread(target=_preload_front, name="preload-ui", daemon=True).start()
     try:
