@@ -11,6 +11,10 @@ Nothing is read from the environment at import time.
     cfg.replace(**changes)          a validated copy
     load_file(path) -> dict         a YAML file's raw settings
     sections()                      [(title, [(name, FieldInfo)])], declaration order
+
+To add a setting: declare a field below (type, default, help, bounds) with its
+section's maker, read it as `cfg.<name>`, and run the README command above (a
+test fails until the README's table matches).
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ SIM = _section("The simulated engine (tests and benchmarks)")
 
 
 class PoolConfig(BaseModel):
-    """Every setting of the pool; crosses to worker processes and Ray replicas."""
+    """Every setting of the pool. It lives in the parent; what a worker needs of it
+    crosses as that worker's EngineSpec and WorkerSpec (pool/devices.py, supervisor)."""
 
     model_config = ConfigDict(
         frozen=True, extra="forbid", coerce_numbers_to_str=True, validate_default=False
