@@ -25,9 +25,10 @@ def _launch_parser(sub) -> None:
     p = sub.add_parser(
         "launch",
         help="serve the pool",
-        description="Serve the pool. Each flag is also a key of a --config file; flags "
-        "override the file. Every flag takes the underscore spelling too "
-        "(--model_path = --model-path), as the old demo wrote them.",
+        description="Serve the pool. Each flag is also a key of a --config YAML file;\n"
+        "flags override the file. Every flag takes underscores too, as the old\n"
+        "demo wrote them: --model_path is --model-path.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="%(prog)s [--config FILE] [--SETTING VALUE ...]",
         argument_default=argparse.SUPPRESS,
     )
