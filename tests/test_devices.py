@@ -3,6 +3,7 @@ spawned sim workers."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import pid_alive, wait_until
 from fake_nvml import FakeGpu, FakeNvml
@@ -145,17 +146,22 @@ def test_cpu_workers_are_monitored_without_a_driver(sim_pool):
             assert w["mem_total_bytes"] > w["mem_used_bytes"] > 10 << 20  # a python process
 
 
-def test_repeated_out_of_memory_lowers_the_batch_size(sim_pool):
+def test_out_of_memory_in_a_step_lowers_the_live_row_limit(sim_pool):
+    """A step that runs out of memory halves the live rows and restarts them from
+    their start (what was sent is skipped); the row that does not fit even alone
+    fails out_of_memory, and the others' audio is as if nothing had happened."""
     with sim_pool(gpus="cpu:1", max_batch_size=4, sim_rtf=0.2) as pool:
         assert pool.board.get(0, Col.BATCH_LIMIT) == 4
-        for round_ in range(2):
-            blocker = submit(pool, seed=99)  # holds the worker so the next four batch up
-            wait_until(lambda: pool.board.get(0, Col.BATCH_ROWS) >= 1, 10, what="busy")
-            hs = [submit(pool, text="Speaker 1: [[oom]] too big", seed=round_)]
-            hs += [submit(pool, seed=i) for i in range(2)]
-            blocker.result(timeout=30)
-            with pytest.raises(m.PoolError):
-                hs[0].result(timeout=30)
-            for h in hs[1:]:
-                h.result(timeout=30)
-        wait_until(lambda: pool.board.get(0, Col.BATCH_LIMIT) == 2, 10, what="batch size halved")
+        blocker = submit(pool, seed=99)  # running when the others join
+        wait_until(lambda: pool.board.get(0, Col.BATCH_ROWS) >= 1, 10, what="busy")
+        bad = submit(pool, text="Speaker 1: [[oom]] too big", seed=5)
+        mates = [submit(pool, seed=i) for i in range(2)]
+        with pytest.raises(m.PoolError) as err:
+            bad.result(timeout=30)
+        assert err.value.kind == m.ErrorKind.OUT_OF_MEMORY
+        heard = [h.result(timeout=30) for h in (blocker, *mates)]
+        assert pool.board.get(0, Col.BATCH_LIMIT) == 1  # 4 -> 2 -> 1 as the row kept failing
+        alone = [submit(pool, seed=s).result(timeout=30) for s in (99, 0, 1)]
+        for got, want in zip(heard, alone, strict=True):
+            assert len(got) == len(want) > 0
+            assert np.array_equal(got, want)  # no repeated and no missing audio

@@ -11,13 +11,17 @@ seed and the sample index, so a replay with the same seed is bit-identical.
 Fault markers in the script text, honoured by this engine only:
     [[crash]]  the process dies with SIGKILL at the step the row joins
     [[hang]]   that step never returns (a stuck kernel)
-    [[oom]]    the row fails with out_of_memory; the worker lives on
+    [[oom]]    the step the row joins runs out of memory, as a CUDA step would:
+               with other rows, the live row limit halves and every row
+               restarts from its start (what was sent is skipped); alone, the
+               row fails with out_of_memory. The worker lives on.
     [[error]]  the row fails with engine_error; the worker lives on
 The sim engine is never the default; it must be asked for by name.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import threading
@@ -26,7 +30,7 @@ import time
 from workers.engine import EngineSpec, StepSink
 from workers.estimate import audio_seconds_for
 from workers.messages import SAMPLE_RATE, DeviceInfo, ErrorKind, PoolError, Request
-from workers.step_rows import Row
+from workers.step_rows import Row, ran_in_step
 
 CRASH, HANG, OOM, ERROR = "[[crash]]", "[[hang]]", "[[oom]]", "[[error]]"
 
@@ -48,11 +52,12 @@ class SimEngine:
         self.max_rows = max(1, spec.max_batch_size)
         self.rows: list[Row] = []
         self.joining: list[Row] = []
+        self.restarting: collections.deque[Row] = collections.deque()
         self.step_samples = int(spec.sim_chunk_s * SAMPLE_RATE)
 
     @property
     def live(self) -> int:
-        return len(self.rows) + len(self.joining)
+        return len(self.rows) + len(self.joining) + len(self.restarting)
 
     def load(self) -> DeviceInfo:
         if self.spec.sim_boot_s:
@@ -70,8 +75,6 @@ class SimEngine:
 
     def prepare(self, req: Request) -> Row:
         text = req.text
-        if OOM in text:
-            raise PoolError(ErrorKind.OUT_OF_MEMORY, "simulated out of memory")
         if ERROR in text:
             raise PoolError(ErrorKind.ENGINE_ERROR, "simulated engine error")
         total = int(round(audio_seconds_for(text, req.max_audio_s) * SAMPLE_RATE))
@@ -85,7 +88,7 @@ class SimEngine:
         self.joining.append(row)
 
     def cancel(self, request_id: str) -> Row | None:
-        for rows in (self.rows, self.joining):
+        for rows in (self.rows, self.joining, self.restarting):
             for row in rows:
                 if row.id == request_id:
                     rows.remove(row)
@@ -93,11 +96,33 @@ class SimEngine:
         return None
 
     def reset(self) -> list[Row]:
-        rows, self.rows, self.joining = self.rows + self.joining, [], []
+        rows = self.rows + self.joining + list(self.restarting)
+        self.rows, self.joining = [], []
+        self.restarting.clear()
         return rows
 
+    def _out_of_memory(self, sink: StepSink) -> None:
+        """What the step engine does on CUDA out-of-memory (workers/step_engine.py)."""
+        waiting = list(self.restarting)
+        ran = ran_in_step(self.reset(), waiting)
+        self.restarting.extend(waiting)
+        if len(ran) <= 1:
+            for r in ran:
+                r.fail(sink, PoolError(ErrorKind.OUT_OF_MEMORY, "simulated out of memory"))
+            return
+        self.max_rows = max(1, min(self.max_rows, len(ran)) // 2)
+        for r in ran:
+            again = r.restarted()
+            again.state = r.state
+            self.restarting.append(again)
+
     def step(self, sink: StepSink) -> None:
+        while self.restarting and len(self.rows) + len(self.joining) < self.max_rows:
+            self.joining.append(self.restarting.popleft())
         faults = " ".join(r.request.text for r in self.joining)
+        if OOM in faults:
+            self._out_of_memory(sink)
+            return
         if CRASH in faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if HANG in faults:
@@ -113,8 +138,12 @@ class SimEngine:
             time.sleep(wall)
         for row in list(self.rows):
             n = min(self.step_samples, row.state - row.made_samples)
-            sink.chunk(row.id, tone(row.request.seed, row.made_samples, n))
+            pcm = tone(row.request.seed, row.made_samples, n)
             row.made_samples += n
+            drop = min(row.skip, n)  # a restarted row skips what the listener has
+            row.skip -= drop
+            if drop < n:
+                sink.chunk(row.id, pcm[drop:])
             if row.made_samples >= row.state:
                 self.rows.remove(row)
                 sink.finish(row.id, "eos")

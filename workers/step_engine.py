@@ -39,7 +39,7 @@ import torch
 from workers.messages import ErrorKind, PoolError, Request
 from workers.step_audio import Speech
 from workers.step_caches import BranchKV
-from workers.step_rows import Row
+from workers.step_rows import Row, ran_in_step
 
 MIB = 1 << 20
 OOM_ALONE = (
@@ -245,15 +245,17 @@ class StepEngine:
             self._out_of_memory(sink)
 
     def _out_of_memory(self, sink: Any) -> None:
-        rows = [r for r in self.reset() if not r.closed]
+        waiting = list(self.restarting)  # restarted earlier, not in this step: they keep waiting
+        ran = ran_in_step(self.reset(), waiting)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if len(rows) <= 1:
-            for r in rows:
+        self.restarting.extend(waiting)
+        if len(ran) <= 1:
+            for r in ran:
                 r.fail(sink, PoolError(ErrorKind.OUT_OF_MEMORY, OOM_ALONE))
             return
-        self.max_rows = max(1, min(self.max_rows, len(rows)) // 2)
-        for r in rows:
+        self.max_rows = max(1, min(self.max_rows, len(ran)) // 2)
+        for r in ran:
             again = r.restarted()
             again.state = self._row_state(r.request)
             self.restarting.append(again)

@@ -85,3 +85,11 @@ class Row:
         out-of-memory): per-row noise makes the same audio, so what was sent is skipped."""
         covered = self.made_samples - sum(len(p) for p in self.held) + self.skip
         return Row(self.request, self.budget_tokens, self.max_steps, self.cap_reason, covered)
+
+
+def ran_in_step(rows: list[Row], waiting: list[Row]) -> list[Row]:
+    """The open rows of `rows` that took part in the step, not those `waiting` to
+    rejoin after an earlier restart (an out-of-memory step is charged to the rows
+    that ran it; counting the waiting ones would restart a lone row forever)."""
+    held = {id(r) for r in waiting}
+    return [r for r in rows if not r.closed and id(r) not in held]
