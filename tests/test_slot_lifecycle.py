@@ -50,6 +50,10 @@ class FakeCall:
         return self.answer()
 
 
+def hung():
+    raise TimeoutError  # what a Serve call that gets no answer in time raises
+
+
 class FakeHandle:
     """A Serve handle whose ping reaches a SlotReplica in this process."""
 
@@ -60,7 +64,8 @@ class FakeHandle:
         return self
 
     def remote(self, *args):
-        return FakeCall(lambda: self.cluster.replicas[self.app].stats())
+        replica = self.cluster.replicas[self.app]
+        return FakeCall(hung if replica in self.cluster.hung else replica.stats)
 
 
 class FakeCluster:
@@ -72,6 +77,7 @@ class FakeCluster:
 
         self.make = SlotReplica
         self.replicas: dict = {}
+        self.hung: list = []  # replicas that no longer answer
 
     def start(self, cpus_needed):
         pass
@@ -192,3 +198,26 @@ def test_a_death_backs_off_as_the_policy_says(backends, kind):
         starts = [t for t, i, what in sup.events if i == 0 and what == "starting"]
         assert starts[-1] - dead[-1] >= 1.0
     assert slot.record.deaths == 2
+
+
+@pytest.mark.parametrize("kind", ["local", "ray"])
+def test_a_worker_that_stops_answering_is_replaced_by_the_hang_rule(backends, kind):
+    policy = Spy(RecoveryPolicy(hang_timeout_s=1.5, backoff_cap_s=30.0))
+    sup, board = backends(kind, policy)
+    sup.wait_ready(30)
+    slot = sup.slots[0]
+    if kind == "local":
+        victim = slot.process.pid
+        os.kill(victim, signal.SIGSTOP)  # no more heartbeats; SIGKILL still ends it
+    else:
+        victim = slot.app
+        sup.cluster.hung.append(sup.cluster.replicas[victim])  # no more ping answers
+    t0 = time.monotonic()
+    wait_until(lambda: policy.asked.count("on_death") == 1, 20, what="the hang to be found")
+    assert 1.5 <= time.monotonic() - t0 < 6
+    wait_until(
+        lambda: slot.ready and int(board.get(0, Col.RESTARTS)) == 1, 30, what="its replacement"
+    )
+    assert (slot.process.pid if kind == "local" else slot.app) != victim
+    kills = [what for _, i, what in sup.events if i == 0 and what in ("kill", "dead")]
+    assert "dead" in kills

@@ -3,7 +3,8 @@
 A SlotBackend (pool/slots.py) like the local Supervisor: the slot bookkeeping
 (add, remove, wait for the first ready slot, the board row reset on every
 start) and every recovery decision (pool/recovery.py: the backoff after a
-failed boot, the halt after too many, the boot timeout) are shared with it;
+failed boot, the halt after too many, the boot timeout, the hang rule) are
+shared with it;
 only how a slot is started (a Serve application), stopped and watched (pings
 and streams) is here.
 
@@ -13,7 +14,8 @@ and streams) is here.
         +----- attach(slot, send) -- prober thread: ping every slot; a replica
                                      that answers (a new one after a death) is
                                      attached; its stats go onto the board
-    loop thread: request timeouts, boot timeouts, failed-slot retries, removals
+    loop thread: request timeouts, the policy's hang rule and boot timeout,
+                 failed-slot retries, removals
 
 Routing stays ours: each slot is its own Serve application with exactly one
 replica, so Serve's router has one choice and decides nothing; our Dispatcher
@@ -27,8 +29,10 @@ Death: a stream that raises RayActorError (or Serve's ReplicaUnavailableError)
 means the replica is gone. Its slot shows backoff, the dispatcher requeues what
 it held (a request that took down max_attempts replicas is quarantined), Serve
 starts a new replica by itself, and the first ping it answers attaches it
-again. A hang is Serve's health check's to find: check_health raises on a
-stalled engine and a replica that stops answering is replaced.
+again. A hang: a replica whose pings go unanswered for hang_timeout_s (or
+whose engine made no step for stall_timeout_s) is detached by the policy's
+hang rule and replaced with a new application after the policy's backoff;
+Serve's health check (check_health raises on a stalled engine) looks as well.
 """
 
 from __future__ import annotations
@@ -228,6 +232,7 @@ class RaySupervisor(SlotLifecycle):
                 self._boot_failed(slot, f"{stats.boot_error.value}: {stats.boot_message}")
                 return
             self.streams.write_stats(slot, stats)
+            slot.progress_age = stats.progress_age_s if stats.rows else None
             if not slot.attached:
                 self._attach(slot, stats)
 
@@ -255,8 +260,9 @@ class RaySupervisor(SlotLifecycle):
             if slot.generation == generation and slot.attached and not self._stop.is_set():
                 self._detach(slot, why)
 
-    def _detach(self, slot: Slot, why: str) -> None:
-        """The slot's replica is gone (or is being replaced on purpose)."""
+    def _detach(self, slot: Slot, why: str, by_serve: bool = True) -> None:
+        """The slot's replica is gone (or is being replaced on purpose). `by_serve`:
+        Serve starts its successor; otherwise we deploy it when the policy says."""
         i = slot.index
         slot.attached = False
         self.streams.drop(slot)
@@ -270,19 +276,26 @@ class RaySupervisor(SlotLifecycle):
         # killed it, so every request it held counts toward quarantine.
         blame = cause is Cause.CRASH
         moved = self.dispatcher.worker_lost(i, why, blame=blame, blame_unstarted=blame)
-        self._after_death(slot, cause, why)
-        if cause is Cause.CRASH:
+        action = self._after_death(slot, cause, why)
+        if cause is not Cause.CRASH:
+            return
+        if by_serve:
             # Serve starts the new replica by itself, now: its boot is timed from here
             slot.record = self.policy.on_start(slot.record, time.monotonic())
-            log.warning(
-                "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; "
-                "waiting for Ray Serve to replace it",
-                slot.label,
-                i,
-                slot.pid,
-                why,
-                len(moved),
-            )
+            then = "waiting for Ray Serve to replace it"
+        else:
+            self._undeploy(slot)  # _check deploys a new one at action.at
+            delay = action.at - time.monotonic()
+            then = f"replacing it in {delay:.0f} s" if delay > 0 else "replacing it now"
+        log.warning(
+            "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; %s",
+            slot.label,
+            i,
+            slot.pid,
+            why,
+            len(moved),
+            then,
+        )
 
     # ---- threads ---------------------------------------------------------
 
@@ -316,6 +329,14 @@ class RaySupervisor(SlotLifecycle):
                 tracked = now
                 self.cluster.track()
 
+    def _vitals(self, slot: Slot, now: float) -> Vitals:
+        """What the pings show of an attached replica, for the policy's hang rule."""
+        beat = self.board.get(slot.index, Col.HEARTBEAT)  # the last ping answered
+        return Vitals(
+            heartbeat_age=now - beat if beat > 0 else None,
+            progress_age=slot.progress_age,
+        )
+
     def _booting(self):
         return (s for s in self.slots if not s.attached and s.app and not s.removed)
 
@@ -333,12 +354,16 @@ class RaySupervisor(SlotLifecycle):
                 slot.stopped = True
             return
         if slot.attached:
+            # The policy's hang rule over the pings (each answer is a heartbeat) and
+            # the engine's last step; Serve's health check (check_health) looks too.
+            kill = self.policy.on_tick(slot.record, now, self._vitals(slot, now))
+            if kill is not None:
+                log.warning("⚠️ %s (worker %d): %s", slot.label, i, kill.reason)
+                self._detach(slot, kill.reason, by_serve=False)
             return
         if slot.app in failed:
             self._boot_failed(slot, f"Ray Serve could not start the replica: {failed[slot.app]}")
-        elif slot.app:
-            # A hang or a stall is Serve's health check's to find (the replica's
-            # check_health); the boot timeout is the policy's, as for a local worker.
+        elif slot.app:  # booting: the policy's boot timeout, as for a local worker
             kill = self.policy.on_tick(slot.record, now, Vitals())
             if kill is not None:
                 self._boot_failed(slot, kill.reason)

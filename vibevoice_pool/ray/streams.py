@@ -72,6 +72,7 @@ class Slot(SlotBase):
     boot_id: str = ""  # of the replica attached last
     stopped: bool = False
     busy_rows: int = 0
+    progress_age: float | None = None  # since the engine's last step, as last pinged
     pid: int | None = None  # the replica's, on its own node
     node: str = ""
     streams: dict[str, Stream] = field(default_factory=dict)
