@@ -214,3 +214,36 @@ def test_listeners_get_typed_events_in_order(board):
     assert isinstance(seen[-1].outcome, m.Done) and h.samples == 4800
     with pytest.raises(AttributeError):  # frozen
         seen[0].slot = 3
+
+
+def test_a_handle_has_several_readers_that_wait_rather_than_poll():
+    import asyncio
+    import threading
+
+    from vibevoice_pool.pool.handle import RequestHandle
+
+    h = RequestHandle(req(1), lambda _: None)
+    pcm = np.ones(2400, np.float32)
+
+    async def read() -> list:
+        return [type(e).__name__ async for e in h.events()]
+
+    async def main():
+        readers = [asyncio.create_task(read()) for _ in range(2)]
+        await asyncio.sleep(0.05)  # both caught up and waiting: nothing to read yet
+        assert len(h._wakers) == 2
+
+        def produce():
+            h.push(m.Started("r1"))
+            for i in range(3):
+                h.push(m.Chunk("r1", i, pcm))
+            h.push(m.Done("r1", 0.3, 0.1))
+
+        threading.Thread(target=produce).start()  # from another thread, as the pool does
+        got = await asyncio.wait_for(asyncio.gather(*readers), 5)
+        late = await read()  # a reader that comes after the end reads it all too
+        return got + [late]
+
+    every = ["Started", "Chunk", "Chunk", "Chunk", "Done"]
+    assert asyncio.run(main()) == [every, every, every]
+    assert h.samples == 7200 and not h._wakers

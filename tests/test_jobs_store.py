@@ -18,7 +18,7 @@ from conftest import wait_until
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from vibevoice_pool.api.jobs import install
+from vibevoice_pool.api.jobs import jobs_router
 from vibevoice_pool.jobs import runner as jobs_mod
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import JobError, JobErrorKind, JobState, JobStore
@@ -404,7 +404,7 @@ def test_routes_submit_list_fetch_with_range_and_cancel(runner):
     pool = FakePool()
     r = runner(pool)
     app = FastAPI()
-    install(app, FakeFront(), r)
+    app.include_router(jobs_router(FakeFront(), r))
     c = TestClient(app)
     mine = {"X-Browser-Id": "tab-1"}
     resp = c.post("/v1/jobs", json={"script": SCRIPT}, headers=mine)
@@ -449,10 +449,12 @@ def test_routes_submit_list_fetch_with_range_and_cancel(runner):
 def test_routes_come_before_a_page_mounted_at_root(runner):
     from starlette.responses import PlainTextResponse
 
-    app = FastAPI()
+    app = FastAPI()  # as server.build_app does: every router first, the page last
+    app.include_router(jobs_router(FakeFront(), runner()))
     app.mount("/", PlainTextResponse("the page"))
-    install(app, FakeFront(), runner())
-    assert TestClient(app).get("/v1/jobs").json()["object"] == "list"
+    client = TestClient(app)
+    assert client.get("/v1/jobs").json()["object"] == "list"
+    assert client.get("/anything").text == "the page"
 
 
 def test_the_jobs_tab_builds_and_lists_this_browsers_jobs(runner):

@@ -122,3 +122,15 @@ def test_route_modules_do_not_import_one_another():
     assembler = "vibevoice_pool.api.app"  # builds every router into one app
     wrong = [(n, d) for n in routes - {assembler} for d in graph[n] if d in routes]
     assert wrong == []
+
+
+def test_the_architecture_page_names_every_sub_package_and_the_readme_links_it():
+    page = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    packages = sorted(
+        p.parent.relative_to(ROOT).as_posix() + "/"
+        for pkg in PACKAGES
+        for p in (ROOT / pkg).rglob("__init__.py")
+    )
+    assert "vibevoice_pool/pool/" in packages and "workers/" in packages
+    assert [p for p in packages if f"`{p}`" not in page and f"\n{p}" not in page] == []
+    assert "(docs/ARCHITECTURE.md)" in (ROOT / "README.md").read_text(encoding="utf-8")

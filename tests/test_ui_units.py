@@ -169,13 +169,23 @@ def test_history_keeps_recent_samples_and_computes_audio_per_second():
 
 
 def test_live_streams_and_tabs():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vibevoice_pool.pool.handle import RequestHandle
+
     streams = LiveStreams(keep_s=0)
-    live = streams.new()
-    url = "/" + LiveStreams.url(live)
+    handle = RequestHandle(m.Request(id="r1", turns=(m.Turn(0, "hi"),), seed=1), lambda _: None)
+    url = "/" + LiveStreams.url(streams.add(handle))
     assert streams.allows(url) and not streams.allows("/ui/stream/guess.wav")
-    live.push(np.full(10, 0.5, dtype=np.float32))
-    assert len(live.chunks_from(0)[0]) == 20
-    live.close()
+    app = FastAPI()
+    app.include_router(streams.router())
+    handle.push(m.Started("r1"))
+    handle.push(m.Chunk("r1", 0, np.full(10, 0.5, dtype=np.float32)))
+    handle.push(m.Done("r1", 10 / m.SAMPLE_RATE, 0.1))
+    with TestClient(app) as client:
+        wav = client.get(url).content
+    assert len(wav) == 44 + 20  # the header, then ten 16-bit samples
     streams.prune()
     assert not streams.allows(url)  # kept 0 s after it ended
 

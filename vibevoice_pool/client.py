@@ -79,7 +79,7 @@ def synth(ns) -> int:
 
 
 def status_table(pool: dict, lang: str | None = None) -> str:
-    """The page's GPU status panel as a table (ui_panel), in $LANG's language (zh or en)."""
+    """The page's GPU status panel as a table (ui/panel.py), in $LANG's language (zh or en)."""
     from vibevoice_pool.ui.panel import render_table
 
     if lang is None:

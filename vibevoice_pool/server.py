@@ -93,12 +93,12 @@ def build_front(cfg: PoolConfig, pool, environ=None):
 
 
 def build_app(front):
+    """Every router first (create_app), then the page mounted at "/" last (it
+    answers every path after it), then the guards around the whole."""
     from vibevoice_pool.api.app import create_app
-    from vibevoice_pool.api.scaling import pool_router
     from vibevoice_pool.ui import page as ui
 
     app = create_app(front)
-    app.include_router(pool_router(front.pool))  # ahead of the page mounted at /
     app = ui.mount(app, front)
     install_guards(app, front)
     return app
@@ -205,7 +205,6 @@ def serve(cfg: PoolConfig) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from vibevoice_pool import audio
     from vibevoice_pool.api.connections import raise_nofile
-    from vibevoice_pool.api.jobs import install as install_jobs
     from vibevoice_pool.jobs.runner import open_store, start_jobs
     from vibevoice_pool.pool.facade import Pool
     from vibevoice_pool.pool.slots import BootError
@@ -240,7 +239,6 @@ def serve(cfg: PoolConfig) -> int:
         front = build_front(cfg, pool)
         jobs = front.jobs = start_jobs(cfg, pool, front, store)  # durable jobs; the Jobs tab
         app = build_app(front)
-        install_jobs(app, front, jobs)  # /v1/jobs, ahead of the page mounted at /
         server = _uvicorn_server(app, cfg)
         log.info("Serving on http://%s:%d (API at /v1, page at /)", cfg.host, cfg.port)
         server.run()

@@ -18,7 +18,7 @@ that thread and each request's stream. What crosses back is the
 workers.messages dataclasses, nothing else.
 
 Nothing here imports Ray: SlotReplica is a plain class (a test drives it in
-process) and ray_backend wraps it with `serve.deployment`.
+process) and vibevoice_pool/ray/cluster.py wraps it with `serve.deployment`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
-"""The HTTP API: a FastAPI app over a Pool. The Gradio page mounts on the same app.
+"""The HTTP API: a FastAPI app over a Pool, assembled from one router per part.
+The Gradio page mounts on the same app, last.
 
     POST /v1/synthesize        multi-speaker JSON in, audio out (or streamed)
-    POST /v1/audio/speech      OpenAI-compatible (openai_api.py)
-    GET/POST/DELETE /v1/voices the voice presets (voices_api.py)
+    POST /v1/audio/speech      OpenAI-compatible (openai.py)
+    GET/POST/DELETE /v1/voices the voice presets (voices.py)
+    /v1/jobs                   durable jobs (jobs.py), when the server runs them
     GET  /v1/pool              the status board as JSON
     POST /v1/pool/workers/{id}/restart
+    POST/DELETE /v1/pool/workers  live scaling (scaling.py)
     GET  /metrics              Prometheus (metrics.py)
     GET  /health               the process answers
     GET  /ready                200 when at least one worker is ready, else 503
 
+The request model they share is speech.py.
 Every error is a typed PoolError rendered in OpenAI's shape (errors.py).
 With an API key every route but /health and /ready needs it (auth.py).
 Blocking work (decoding uploads, encoding audio) runs off the event loop.
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -39,17 +43,35 @@ log = logging.getLogger("vibevoice_pool")
 
 
 def create_app(front: Front) -> FastAPI:
-    from vibevoice_pool.api import errors, metrics, openapi_doc
+    """The API app: every router built first and included in one place; the
+    framework's errors, /openapi.json and the middlewares around them. The
+    page (server.build_app) is mounted on it after, at "/", last."""
+    from vibevoice_pool.api import errors, metrics, openapi_doc, scaling
     from vibevoice_pool.api import openai as openai_api
     from vibevoice_pool.api import voices as voices_api
 
     app = FastAPI(title="vibevoice-pool", version="0.1.0")
     app.state.front = front
     app.state.on_stopping = []  # called as the server starts to stop (server.py)
-    pool = front.pool
     if front.activity is None:
-        front.activity = Activity.attach(pool)
+        front.activity = Activity.attach(front.pool)
     activity = front.activity
+
+    routers = [
+        native_router(front),
+        openai_api.router(front),
+        voices_api.router(front),
+        scaling.pool_router(front.pool),
+        metrics.router(front.pool, activity),
+    ]
+    if front.jobs is not None:
+        from vibevoice_pool.api.jobs import jobs_router
+
+        routers.append(jobs_router(front, front.jobs))
+    for router in routers:
+        # The routes themselves, not include_router's lazy wrapper: the 405 and 404
+        # answers (errors.UnknownRoutes) and /openapi.json read app.router.routes.
+        app.router.routes.extend(router.routes)
 
     @app.exception_handler(m.PoolError)
     async def _pool_error(_: Request, err: m.PoolError):
@@ -62,29 +84,38 @@ def create_app(front: Front) -> FastAPI:
         return plain_error(400, "bad_input", describe_invalid(err.errors()))
 
     errors.install(app, activity.refused)  # the framework's own errors, 404 and 405 too
+    openapi_doc.install(app)  # /openapi.json declares the real statuses and media types
+    _middlewares(app, front)
+    return app
 
-    @app.get("/health")
+
+def native_router(front: Front) -> APIRouter:
+    """/health, /ready, /v1/pool, a worker's restart and /v1/synthesize."""
+    pool = front.pool
+    router = APIRouter()
+
+    @router.get("/health")
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @router.get("/ready")
     async def ready():
         n = pool.ready_workers()
         body = {"ready": n > 0, "ready_workers": n, "workers": len(pool.live_slots())}
         return JSONResponse(body, 200 if n else 503)
 
-    @app.get("/v1/pool")
+    @router.get("/v1/pool")
     async def pool_status():
         return pool.status()
 
-    @app.post("/v1/pool/workers/{worker_id}/restart")
+    @router.post("/v1/pool/workers/{worker_id}/restart")
     async def restart_worker(worker_id: int):
         if worker_id not in pool.live_slots():
             return plain_error(404, "not_found", f"no worker {worker_id}; see /v1/pool")
         pool.restart_worker(worker_id)
         return {"restarting": worker_id}
 
-    @app.post("/v1/synthesize")
+    @router.post("/v1/synthesize")
     async def synthesize(body: SynthesizeBody, request: Request):
         # Uploads are decoded off the loop; a request of preset voices is built on it.
         if any(sp.audio for sp in body.speakers):
@@ -96,12 +127,7 @@ def create_app(front: Front) -> FastAPI:
             return await stream_response(handle, body.format)
         return await run_to_response(request, handle, body.format)
 
-    openai_api.install(app, front)
-    voices_api.install(app, front)
-    metrics.install(app, pool, activity)
-    openapi_doc.install(app)  # /openapi.json declares the real statuses and media types
-    _middlewares(app, front)
-    return app
+    return router
 
 
 def _middlewares(app: FastAPI, front: Front) -> None:

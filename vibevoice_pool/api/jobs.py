@@ -1,4 +1,4 @@
-"""HTTP routes of durable jobs: a FastAPI router over a JobRunner (jobs.py).
+"""HTTP routes of durable jobs: a FastAPI router over a JobRunner (jobs/runner.py).
 
     POST   /v1/jobs             the body of /v1/synthesize -> 202 {"id", ...} at once
     GET    /v1/jobs             the caller's jobs, newest first (?limit=&offset=&state=)
@@ -26,9 +26,8 @@ import hashlib
 import re
 import secrets
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from starlette.routing import Mount
 
 from vibevoice_pool import encoders
 from vibevoice_pool.api.auth import KeyRing
@@ -201,13 +200,3 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
             return error_response(e)
 
     return router
-
-
-def install(app: FastAPI, front, runner: JobRunner) -> None:
-    """Add the jobs routes to `app`, ahead of any page mounted at "/" (a Mount
-    there would otherwise answer /v1/jobs first)."""
-    before = list(app.router.routes)
-    app.include_router(jobs_router(front, runner))
-    added = app.router.routes[len(before) :]
-    first_mount = next((i for i, r in enumerate(before) if isinstance(r, Mount)), len(before))
-    app.router.routes[:] = before[:first_mount] + added + before[first_mount:]

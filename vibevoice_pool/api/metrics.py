@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 
-from fastapi import FastAPI
+from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -226,10 +226,13 @@ def registry_for(pool, activity: Activity) -> CollectorRegistry:
     return registry
 
 
-def install(app: FastAPI, pool, activity: Activity) -> None:
-    """Add GET /metrics to the app."""
+def router(pool, activity: Activity) -> APIRouter:
+    """GET /metrics."""
     registry = registry_for(pool, activity)
+    router = APIRouter()
 
-    @app.get("/metrics", include_in_schema=False)
+    @router.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router

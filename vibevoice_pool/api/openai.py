@@ -38,7 +38,7 @@ import time
 from typing import Literal
 from urllib.parse import quote
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -194,18 +194,20 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def install(app: FastAPI, front) -> None:
+def router(front) -> APIRouter:
+    """The OpenAI-compatible routes (see the module docstring)."""
+    router = APIRouter()
     pool = front.pool
     created = int(time.time())
 
     def model(model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": OWNER}
 
-    @app.get("/v1/models")
+    @router.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [model(i) for i in MODEL_IDS]}
 
-    @app.get("/v1/models/{model_id}")
+    @router.get("/v1/models/{model_id}")
     async def get_model(model_id: str):
         if model_id not in MODEL_IDS:
             return plain_error(
@@ -213,18 +215,18 @@ def install(app: FastAPI, front) -> None:
             )
         return model(model_id)
 
-    @app.get("/v1/audio/models")
+    @router.get("/v1/audio/models")
     async def audio_models():
         return {"models": [{"id": i, "name": i} for i in MODEL_IDS]}
 
-    @app.get("/v1/audio/voices")
+    @router.get("/v1/audio/voices")
     async def audio_voices(names: bool = False):
         presets = front.voices.names()
         if names:
             return {"voices": presets}
         return {"voices": [{"id": n, "name": n} for n in presets]}
 
-    @app.post("/v1/audio/speech")
+    @router.post("/v1/audio/speech")
     async def speech(body: SpeechBody, request: Request):
         fmt = check(body, front.cfg.max_text_chars)
         voice = body.voice if isinstance(body.voice, str) else body.voice.id
@@ -252,3 +254,5 @@ def install(app: FastAPI, front) -> None:
         if resp.status_code == 200:
             resp.headers.update(extra)
         return resp
+
+    return router

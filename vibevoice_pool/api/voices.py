@@ -18,7 +18,7 @@ import base64
 import binascii
 import json
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -118,23 +118,25 @@ async def _read_upload(request: Request) -> tuple[str, bytes, bool]:
     raise _bad(f"unsupported content type {ctype or 'none'!r}; {FORM_HINT}")
 
 
-def install(app: FastAPI, front) -> None:
+def router(front) -> APIRouter:
+    """GET, POST and DELETE /v1/voices."""
+    router = APIRouter()
     library = front.voices
 
-    @app.get("/v1/voices")
+    @router.get("/v1/voices")
     async def list_voices():
         names = library.names()
         if not names:  # say what a speaker without a sample sounds like
             return {"voices": [], "note": MODEL_VOICE_NOTE}
         return {"voices": [{"name": n} for n in names]}
 
-    @app.post("/v1/voices", status_code=201, openapi_extra=UPLOAD_DOC)
+    @router.post("/v1/voices", status_code=201, openapi_extra=UPLOAD_DOC)
     async def add_voice(request: Request):
         name, data, overwrite = await _read_upload(request)
         stored = await asyncio.to_thread(library.add, name, data, overwrite=overwrite)
         return JSONResponse({"name": stored, "renamed": stored != name.strip()}, 201)
 
-    @app.delete("/v1/voices/{name:path}")
+    @router.delete("/v1/voices/{name:path}")
     async def delete_voice(name: str):
         safe = safe_voice_name(name)  # '../x', 'a/b': 400 saying why
         if name not in library.names():
@@ -142,3 +144,5 @@ def install(app: FastAPI, front) -> None:
             return plain_error(404, "not_found", f"no voice named {name!r}{hint}; GET /v1/voices")
         library.delete(name)
         return {"deleted": name}
+
+    return router

@@ -1,6 +1,6 @@
 """Pool: the parent's core, assembled. Board + Dispatcher + Supervisor + Monitor.
 
-The front ends (api.py, ui.py, the CLI) talk to a Pool and nothing below it:
+The front ends (api/, ui/, jobs/, the CLI) talk to a Pool and nothing below it:
 
     pool = Pool.start(cfg)          spawn workers, wait for the first ready one
     handle = pool.submit(request)   accept (or refuse at once) a request

@@ -1,16 +1,19 @@
 """RequestHandle: what a caller of `Dispatcher.submit` holds.
 
-The dispatcher pushes events into it from the pool's threads; the caller reads
+The dispatcher pushes events into it from the pool's threads; callers read
 them from asyncio (`async for ev in handle.events()`) or from a plain thread
 (`handle.result(timeout)`). Events are the worker's own message types:
 Started, Chunk (already trimmed of audio a replay repeats), then exactly one
 of Done or Failed.
+
+It takes several readers: each `events()` reads every event from the first,
+at its own pace, and waits (no polling) when it has caught up. The page reads
+one for its progress while its <audio> player's stream reads another.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
 import time
 from typing import Callable
@@ -31,11 +34,12 @@ class RequestHandle:
         self.worker: int | None = None  # the slot that finished (or last ran) it
         self.outcome: m.Done | m.Failed | None = None
         self._cancel = cancel
-        self._events: collections.deque = collections.deque()
-        self._cond = threading.Condition()
-        self._waker: Callable[[], None] | None = None
-        self._chunks: list[np.ndarray] = []
+        self.finished_at: float | None = None  # monotonic time of the terminal event
         self.samples = 0  # audio samples received so far
+        self._log: list = []  # every event, in order: each reader keeps its own place
+        self._cond = threading.Condition()
+        self._wakers: set[Callable[[], None]] = set()  # readers waiting for the next event
+        self._chunks: list[np.ndarray] = []
 
     # ---- producer side (dispatcher threads) ----------------------------
 
@@ -48,14 +52,13 @@ class RequestHandle:
                 self.samples += len(event.pcm)
             if isinstance(event, TERMINAL):
                 self.outcome = event
-            # A reader that has events waiting will read this one too before it
-            # waits again: wake it only when this is the first (one loop wake-up
-            # for a burst of events).
-            first = not self._events
-            self._events.append(event)
+                self.finished_at = time.monotonic()
+            self._log.append(event)
             self._cond.notify_all()
-            waker = self._waker if first else None
-        if waker is not None:
+            # A waker is armed only by a reader that has caught up, and fires
+            # once: one loop wake-up per reader for a burst of events.
+            wakers, self._wakers = self._wakers, set()
+        for waker in wakers:
             waker()
 
     # ---- consumer side -------------------------------------------------
@@ -85,22 +88,29 @@ class RequestHandle:
         return self.audio()
 
     async def events(self):
-        """Every event in order, ending with the terminal one."""
+        """Every event in order from the first, ending with the terminal one."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        with self._cond:
-            self._waker = lambda: loop.call_soon_threadsafe(wake.set)
+
+        def waker() -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+        read = 0
         try:
             while True:
                 with self._cond:
-                    event = self._events.popleft() if self._events else None
-                if event is None:
+                    fresh = self._log[read:]
+                    if not fresh:
+                        self._wakers.add(waker)
+                if not fresh:
                     await wake.wait()
                     wake.clear()
                     continue
-                yield event
-                if isinstance(event, TERMINAL):
-                    return
+                for event in fresh:
+                    read += 1
+                    yield event
+                    if isinstance(event, TERMINAL):
+                        return
         finally:
             with self._cond:
-                self._waker = None
+                self._wakers.discard(waker)

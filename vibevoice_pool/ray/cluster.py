@@ -14,7 +14,7 @@
 
 It also says how to run a command inside a private network namespace (only
 loopback), which is where the tests and the peer benchmark run Ray.
-Ray is imported here and in ray_backend only: without it the rest of the
+Ray is imported here and in ray/backend.py only: without it the rest of the
 package never notices.
 """
 

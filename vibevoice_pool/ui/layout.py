@@ -76,7 +76,7 @@ def build(page) -> gr.Blocks:
                 with gr.Tab(i18n("tab_generate"), elem_id="vv-tab-generate"):
                     voices = _generate_tab(page, i18n)
                 jobs = getattr(page.front, "jobs", None)
-                if jobs is not None:  # durable jobs (jobs.py), when the server runs them
+                if jobs is not None:  # durable jobs (jobs/runner.py), when the server runs them
                     from vibevoice_pool.ui.jobs import add_jobs_tab
 
                     add_jobs_tab(page.front, jobs)

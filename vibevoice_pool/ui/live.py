@@ -3,6 +3,8 @@
 LiveStreams   a request's audio as it arrives, served at
               /ui/stream/<token>.wav as one growing WAV the browser's
               <audio> plays while it downloads (no ffmpeg, no re-encoding).
+              The route is one more reader of the request's handle: it
+              waits for each chunk, it does not poll.
               The token is unguessable and only handed to the tab that
               made the request, so with an API key the route needs no
               Bearer header (auth.ApiKeyMiddleware asks `allows`).
@@ -12,59 +14,40 @@ TabRequests   Gradio session hash -> the RequestHandles that tab started,
 
 from __future__ import annotations
 
-import asyncio
 import html
 import secrets
 import threading
 import time
 
-import numpy as np
-from fastapi import FastAPI
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from vibevoice_pool import audio
 from vibevoice_pool.api.errors import plain_error
+from vibevoice_pool.pool.handle import RequestHandle
+from workers import messages as m
 
 PREFIX = "/ui/stream/"
 KEEP_S = 300.0  # a finished stream stays playable this long
-POLL_S = 0.05
-
-
-class LiveAudio:
-    """One request's audio so far, as 16-bit PCM chunks."""
-
-    def __init__(self, token: str):
-        self.token = token
-        self._chunks: list[bytes] = []
-        self.done = False
-        self.closed_at = 0.0
-
-    def push(self, pcm: np.ndarray) -> None:
-        self._chunks.append(audio.to_int16(pcm).astype("<i2").tobytes())
-
-    def close(self) -> None:
-        if not self.done:
-            self.done = True
-            self.closed_at = time.monotonic()
-
-    def chunks_from(self, index: int) -> list[bytes]:
-        return self._chunks[index:]
 
 
 class LiveStreams:
+    """Stream token -> the RequestHandle whose audio it plays."""
+
     def __init__(self, keep_s: float = KEEP_S):
         self.keep_s = keep_s
         self._lock = threading.Lock()
-        self._live: dict[str, LiveAudio] = {}
+        self._live: dict[str, RequestHandle] = {}
 
-    def new(self) -> LiveAudio:
+    def add(self, handle: RequestHandle) -> str:
+        """A new unguessable token for `handle`'s audio."""
         self.prune()
-        live = LiveAudio(secrets.token_urlsafe(24))
+        token = secrets.token_urlsafe(24)
         with self._lock:
-            self._live[live.token] = live
-        return live
+            self._live[token] = handle
+        return token
 
-    def get(self, token: str) -> LiveAudio | None:
+    def get(self, token: str) -> RequestHandle | None:
         with self._lock:
             return self._live.get(token)
 
@@ -72,7 +55,9 @@ class LiveStreams:
         now = time.monotonic()
         with self._lock:
             for token in [
-                k for k, v in self._live.items() if v.done and now - v.closed_at > self.keep_s
+                k
+                for k, h in self._live.items()
+                if h.finished_at is not None and now - h.finished_at >= self.keep_s
             ]:
                 del self._live[token]
 
@@ -83,31 +68,29 @@ class LiveStreams:
         return self.get(path[len(PREFIX) :].removesuffix(".wav")) is not None
 
     @staticmethod
-    def url(live: LiveAudio) -> str:
-        return f"{PREFIX.lstrip('/')}{live.token}.wav"  # relative: works under a proxy prefix
+    def url(token: str) -> str:
+        return f"{PREFIX.lstrip('/')}{token}.wav"  # relative: works under a proxy prefix
 
-    def install(self, app: FastAPI) -> None:
-        @app.get(PREFIX + "{name}", include_in_schema=False)
+    def router(self) -> APIRouter:
+        router = APIRouter()
+
+        @router.get(PREFIX + "{name}", include_in_schema=False)
         async def stream(name: str):
-            live = self.get(name.removesuffix(".wav"))
-            if live is None:
+            handle = self.get(name.removesuffix(".wav"))
+            if handle is None:
                 return plain_error(404, "not_found", "no such audio stream (it may have expired)")
 
             async def body():
                 yield audio.wav_header_for_stream()
-                sent = 0
-                while True:
-                    fresh = live.chunks_from(sent)
-                    for data in fresh:
-                        yield data
-                    sent += len(fresh)
-                    if live.done and not live.chunks_from(sent):
-                        return
-                    await asyncio.sleep(POLL_S)
+                async for event in handle.events():
+                    if isinstance(event, m.Chunk):
+                        yield audio.to_int16(event.pcm).astype("<i2").tobytes()
 
             return StreamingResponse(
                 body(), media_type="audio/wav", headers={"Cache-Control": "no-store"}
             )
+
+        return router
 
 
 class TabRequests:
@@ -142,9 +125,9 @@ class TabRequests:
         return len(handles)
 
 
-def player_html(live, request_id: str) -> str:
+def player_html(token: str, request_id: str) -> str:
     """The page's live player: an <audio> on the request's growing WAV."""
-    url = LiveStreams.url(live)
+    url = LiveStreams.url(token)
     return (
         f'<div class="vv-live" data-request="{request_id}">'
         f'<audio controls autoplay preload="auto" src="{url}"></audio></div>'

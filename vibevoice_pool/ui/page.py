@@ -1,12 +1,12 @@
 """The Gradio page at `/`, mounted on the API's FastAPI app (server.build_app).
 
     script, 1-4 speakers with a voice each, cfg / steps / seed
-      -> Generate: Front.build_request -> Pool.submit -> RequestHandle.events()
-         Chunk  -> LiveStreams (the <audio> player streams ui/stream/<token>.wav)
-                -> progress: audio seconds made against the estimate
-         Done   -> the complete audio (download)
+      -> Generate: Front.build_request -> Pool.submit -> a RequestHandle, read twice:
+         the <audio> player streams ui/stream/<token>.wav (live.py), and Generate
+         waits on its events: progress (audio seconds made against the estimate),
+         then Done -> the complete audio (download)
       -> Stop: cancels the RequestHandles of this tab (Gradio session) only
-    GPU status panel (ui_panel) every second, charts (ui_charts) every 3 s:
+    GPU status panel (panel.py) every second, charts (charts.py) every 3 s:
       gr.Timer ticks with queue=False, so they keep updating when the queue is full
     voice upload -> VoiceLibrary.add (the same checks as POST /v1/voices)
 
@@ -15,7 +15,7 @@ default_concurrency_limit = total worker slots), and Generate may run up to
 slots + max_queue at once, so a page request goes straight into the pool's one
 admission queue and waits there in order with the API's requests: the page
 never holds a second queue of its own. A full pool queue is an error on the page.
-Languages: ui_i18n (labels by the browser's language, server text by its
+Languages: i18n.py (labels by the browser's language, server text by its
 Accept-Language).
 """
 
@@ -61,7 +61,7 @@ def total_slots(front) -> int:
 
 
 class Page:
-    """The page's handlers and per-tab state; ui_layout.build() lays them out."""
+    """The page's handlers and per-tab state; layout.build() lays them out."""
 
     def __init__(self, front):
         self.front = front
@@ -143,7 +143,7 @@ class Page:
         except m.PoolError as e:
             self.front.refused(e)
             raise gr.Error(e.message) from None
-        live = self.streams.new()
+        live = self.streams.add(handle)  # its <audio> reads the handle too
         self.tabs.add(tab, handle)
         est = max(0.5, req.est_audio_s * self.pool.work_ratio())
         t0 = last = time.monotonic()
@@ -157,7 +157,6 @@ class Page:
             )
             async for ev in handle.events():
                 if isinstance(ev, m.Chunk):
-                    live.push(ev.pcm)
                     got += len(ev.pcm)
                     if time.monotonic() - last < PROGRESS_EVERY_S:
                         continue
@@ -175,7 +174,6 @@ class Page:
                     )
                     yield gr.skip(), progress_html("running", text, pct, handle.id), gr.skip()
                 elif isinstance(ev, m.Done):
-                    live.close()
                     pcm = await asyncio.to_thread(lambda: audio.to_int16(handle.audio()))
                     text = t(
                         lang,
@@ -194,7 +192,6 @@ class Page:
                         (m.SAMPLE_RATE, pcm),
                     )
                 elif isinstance(ev, m.Failed):
-                    live.close()
                     if ev.error == m.ErrorKind.CANCELLED:
                         pcm = audio.to_int16(handle.audio())
                         text = t(lang, "stopped", secs=len(pcm) / m.SAMPLE_RATE)
@@ -206,7 +203,6 @@ class Page:
                         raise gr.Error(ev.message)
         finally:
             self.tabs.remove(tab, handle)
-            live.close()
             if not handle.done:
                 handle.cancel()  # the tab went away, or Gradio ended the event
 
@@ -237,7 +233,7 @@ def mount(app: FastAPI, front) -> FastAPI:
     cfg = front.cfg
     demo = page.blocks = build(page)
     demo.queue(max_size=cfg.max_queue, default_concurrency_limit=total_slots(front))
-    page.streams.install(app)  # before the mount: the page at "/" takes every path after it
+    app.include_router(page.streams.router())  # a route; the page mount at "/" comes last
     front.stream_tokens = page.streams
     key = front.keys or cfg.api_key  # auth.KeyRing: every key logs in
     app = gr.mount_gradio_app(
