@@ -228,12 +228,13 @@ def _open_share_link(host: str, port: int) -> None:
 
 
 def mount(app: FastAPI, front) -> FastAPI:
-    """Mount the page at `/` on `app` and return the app."""
+    """Add the page's audio stream route, then mount the page at `/`, last (it
+    answers every path no route took), and return the app."""
     page = Page(front)
     cfg = front.cfg
     demo = page.blocks = build(page)
     demo.queue(max_size=cfg.max_queue, default_concurrency_limit=total_slots(front))
-    app.include_router(page.streams.router())  # a route; the page mount at "/" comes last
+    app.router.routes.extend(page.streams.router().routes)  # as create_app adds its routers
     front.stream_tokens = page.streams
     key = front.keys or cfg.api_key  # auth.KeyRing: every key logs in
     app = gr.mount_gradio_app(
