@@ -3,9 +3,15 @@
 The front ends (api/, ui/, jobs/, the CLI) talk to a Pool and nothing below it:
 
     pool = Pool.start(cfg)          spawn workers, wait for the first ready one
+    pool.make_request(turns, ...)   a Request with its estimate (api/speech.py builds it)
     handle = pool.submit(request)   accept (or refuse at once) a request
-    pool.status()                   the /v1/pool view of the board
+    pool.subscribe(listener)        the dispatcher's typed events (events.py)
+    pool.status()                   the /v1/pool view of the board (words: states.py)
+    pool.ready_workers(), queue_length(), work_ratio(), requeued(), where(slot)
+    pool.add_worker / remove_worker / restart_worker
     pool.shutdown()                 drain within grace_s, stop the workers
+
+The dispatcher and the slot backend stay behind it: a front end never reaches them.
 """
 
 from __future__ import annotations
