@@ -36,7 +36,7 @@ class RequestHandle:
         self._cancel = cancel
         self.finished_at: float | None = None  # monotonic time of the terminal event
         self.samples = 0  # audio samples received so far
-        self._log: list = []  # every event, in order: each reader keeps its own place
+        self._events: list = []  # every event, in order: each reader keeps its own place
         self._cond = threading.Condition()
         self._wakers: set[Callable[[], None]] = set()  # readers waiting for the next event
         self._chunks: list[np.ndarray] = []
@@ -53,7 +53,7 @@ class RequestHandle:
             if isinstance(event, TERMINAL):
                 self.outcome = event
                 self.finished_at = time.monotonic()
-            self._log.append(event)
+            self._events.append(event)
             self._cond.notify_all()
             # A waker is armed only by a reader that has caught up, and fires
             # once: one loop wake-up per reader for a burst of events.
@@ -99,7 +99,7 @@ class RequestHandle:
         try:
             while True:
                 with self._cond:
-                    fresh = self._log[read:]
+                    fresh = self._events[read:]
                     if not fresh:
                         self._wakers.add(waker)
                 if not fresh:
