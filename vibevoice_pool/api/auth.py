@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from vibevoice_pool.api.errors import error_body
+from vibevoice_pool.api.errors import error_body, send_json
 
 API_KEY_ENV = "VIBEVOICE_POOL_API_KEY"
 OPEN_PATHS = ("/health", "/ready")
@@ -139,24 +139,6 @@ def bearer_of(headers: list[tuple[bytes, bytes]]) -> str:
     return ""
 
 
-async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
-    import json
-
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
-
 class ApiKeyMiddleware:
     """401 for API paths without the right Bearer key.
 
@@ -188,7 +170,7 @@ class ApiKeyMiddleware:
             return await self.app(scope, receive, send)
         if self.on_refused is not None:
             self.on_refused("unauthorized")
-        await _send_json(
+        await send_json(
             send,
             401,
             error_body(
@@ -236,7 +218,7 @@ class BodyLimitMiddleware:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 if self.on_refused is not None:
                     self.on_refused("too_large")
-                return await _send_json(send, 413, self._message())
+                return await send_json(send, 413, self._message())
         seen = 0
         over = False
         started = False
@@ -266,4 +248,4 @@ class BodyLimitMiddleware:
         if over and not started:
             if self.on_refused is not None:
                 self.on_refused("too_large")
-            await _send_json(send, 413, self._message())
+            await send_json(send, 413, self._message())

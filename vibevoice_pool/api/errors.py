@@ -134,11 +134,19 @@ def install(app, on_refused=None) -> None:
     app.add_middleware(UnknownRoutes, owner=app)
 
 
-async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
+async def send_json(send, status: int, body: dict, headers=()) -> None:
+    """A JSON answer straight from ASGI middleware."""
     data = json.dumps(body).encode()
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
+    await send(
+        {"type": "http.response.start", "status": status, "headers": head + list(headers or ())}
+    )
     await send({"type": "http.response.body", "body": data})
+
+
+async def send_error(send, status: int, code: str, message: str, headers=()) -> None:
+    """An OpenAI-shaped JSON error straight from ASGI middleware."""
+    await send_json(send, status, error_body(status, code, message), headers)
 
 
 class UnknownRoutes:
@@ -189,7 +197,7 @@ class UnknownRoutes:
                         message = (
                             f"{scope['method']} is not allowed on {scope['path']}; use {allow}"
                         )
-                        await _send_json(
+                        await send_json(
                             send,
                             405,
                             error_body(405, "method_not_allowed", message),
@@ -197,7 +205,7 @@ class UnknownRoutes:
                         )
                     else:
                         message = f"no route {scope['path'][:200]!r}; see /docs for the API"
-                        await _send_json(send, 404, error_body(404, "not_found", message))
+                        await send_json(send, 404, error_body(404, "not_found", message))
                     return
             await send(message)
 
@@ -233,6 +241,6 @@ class FileAnswer(FileResponse):
             else:
                 body = error_body(400, "bad_input", f"the Range header is malformed: {text}")
             held = None
-            await _send_json(send, status, body, extra)
+            await send_json(send, status, body, extra)
 
         await super().__call__(scope, receive, guarded)

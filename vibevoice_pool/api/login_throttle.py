@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Callable
 
-from vibevoice_pool.api.origin import send_error
+from vibevoice_pool.api.errors import send_error
 
 LOGIN_PATHS = ("/login", "/login/")
 MAX_ADDRESSES = 10_000  # addresses remembered at once; the least recent go first

@@ -24,12 +24,11 @@ Origin and no Sec-Fetch-Site, and pass. The page's own requests are same-origin.
 
 from __future__ import annotations
 
-import json
 import socket
 from typing import Callable
 from urllib.parse import urlsplit
 
-from vibevoice_pool.api.errors import error_body
+from vibevoice_pool.api.errors import send_error
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
@@ -132,23 +131,6 @@ def is_cross_site(headers: dict[str, str], scheme: str, cors_origins: tuple[str,
         return False  # not a browser, or a browser too old to say: nothing to compare
     theirs = _origin_authority(origin)
     return theirs is None or theirs != _host_authority(headers.get("host", ""), scheme)
-
-
-async def send_error(send, status: int, code: str, message: str, headers=()) -> None:
-    """An OpenAI-shaped JSON error straight from ASGI middleware."""
-    data = json.dumps(error_body(status, code, message)).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
 
 
 class BrowserGuard:
