@@ -1,6 +1,6 @@
 """A real server on the tiny model: a script that is not valid Unicode is refused with
 400 on every route before any worker sees it, and a row cut by the runaway cap says so
-(X-Stop-Reason, the OpenAI stream's done event, the page's status line)."""
+(X-Stop-Reason, the OpenAI stream's done event, the page's status line, a job's view)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ SURROGATE = "Speaker 1: Hello \ud800 there"
 def srv(tiny_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fidelity-server")
     args = ["--tiny-model", "--gpus", "cpu:1", "--runaway-factor", str(FACTOR)]
-    s = Server([*args, "--cache-dir", str(tiny_cache)], tmp)
+    s = Server([*args, "--cache-dir", str(tiny_cache), "--data-dir", str(tmp / "data")], tmp)
     pids: list[int] = []
     try:
         s.wait_ready(timeout=180)
@@ -157,3 +157,27 @@ def test_real_weights_get_no_synthetic_voices_and_say_whose_voice_speaks(tiny_mo
         assert r.status_code == 400 and "unknown voice" in r.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_a_job_cut_by_the_runaway_cap_says_so_and_a_job_not_cut_gives_its_own_reason(srv):
+    script = "Speaker 1: A durable job on the tiny model runs into the cap as well."
+    cut = srv.post("/v1/jobs", json={"script": script, "seed": 3})
+    short = srv.post("/v1/jobs", json={"script": script, "seed": 3, "max_audio_s": 0.2})
+    assert cut.status_code == 202 and short.status_code == 202, (cut.text, short.text)
+    views = {}
+
+    def finished() -> bool:
+        for name, r in (("cut", cut), ("short", short)):
+            views[name] = srv.get(f"/v1/jobs/{r.json()['id']}").json()
+        return all(v["state"] in ("done", "failed", "cancelled") for v in views.values())
+
+    wait_until(finished, 180, what="both jobs to finish")
+    assert views["cut"]["state"] == "done" and views["cut"]["stop_reason"] == "runaway_cap"
+    audio = srv.get(views["cut"]["result"]["url"], timeout=30)
+    assert audio.headers["x-stop-reason"] == "runaway_cap"
+    assert len(sf.read(io.BytesIO(audio.content))[0]) == cut_samples(script)
+    # a job that the cap did not cut reports the reason the synchronous answer gives
+    same = srv.post("/v1/synthesize", json={"script": script, "seed": 3, "max_audio_s": 0.2})
+    assert same.status_code == 200 and same.headers["x-stop-reason"] != "runaway_cap"
+    assert views["short"]["state"] == "done"
+    assert views["short"]["stop_reason"] == same.headers["x-stop-reason"]

@@ -170,6 +170,53 @@ def test_one_data_folder_serves_one_server(tmp_path):
     JobStore.open(tmp_path / "d").close()
 
 
+V1_JOBS = """CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, state TEXT NOT NULL, body TEXT NOT NULL,
+    format TEXT NOT NULL, seed INTEGER NOT NULL, est_audio_s REAL NOT NULL,
+    est_bytes INTEGER NOT NULL, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+    runs INTEGER NOT NULL DEFAULT 0, request_id TEXT, worker INTEGER,
+    audio_s REAL NOT NULL DEFAULT 0, compute_s REAL, result_path TEXT,
+    result_bytes INTEGER NOT NULL DEFAULT 0, error_code TEXT, error TEXT,
+    finished_count INTEGER NOT NULL DEFAULT 0 CHECK (finished_count <= 1));
+CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,
+    at REAL NOT NULL, from_state TEXT, to_state TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');
+PRAGMA user_version=1;"""
+
+
+def test_a_database_from_version_1_opens_keeps_its_jobs_and_records_stop_reasons(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    old = sqlite3.connect(data / "jobs.db")
+    old.executescript(V1_JOBS)
+    old.execute(
+        "INSERT INTO jobs (id, owner, state, body, format, seed, est_audio_s, est_bytes,"
+        " created_at, finished_at, result_path, result_bytes, finished_count)"
+        " VALUES ('old', 'me', 'done', '{}', 'wav', 1, 1.0, 10, ?, ?, 'results/old.wav', 10, 1)",
+        (T0, T0 + 1),
+    )
+    old.commit()
+    old.close()
+
+    store = JobStore.open(data)
+    try:
+        before = store.get("old")
+        assert before.state is JobState.DONE and before.stop_reason is None
+        job_id = new_job(store, at=T0 + 2)
+        assert store.claim(job_id, "r1", T0 + 3)
+        done = {"result_path": "results/x.wav", "result_bytes": 5, "audio_s": 1.0}
+        assert store.finish_done(
+            job_id, compute_s=0.1, worker=0, at=T0 + 4, stop_reason="runaway_cap", **done
+        )
+        assert store.get(job_id).stop_reason == "runaway_cap"
+        assert store.kept_results() == {"results/old.wav", "results/x.wav"}
+    finally:
+        store.close()
+    conn = sqlite3.connect(data / "jobs.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+    JobStore.open(data).close()  # a second open finds the column there and adds nothing
+
+
 def test_paged_list_is_newest_first_and_per_owner(store):
     mine = [new_job(store, T0 + i) for i in range(5)]
     new_job(store, T0 + 10, owner="someone else")
@@ -206,6 +253,7 @@ class FakePool:
         self.refuse: m.ErrorKind | None = None
         self.submitted: list[str] = []
         self.cancelled: set[str] = set()
+        self.stop_reason = m.StopReason.EOS.value  # what Done says ended each row
 
     def subscribe(self, listener) -> None:
         self.dispatcher.listeners.append(listener)
@@ -249,7 +297,7 @@ class FakePool:
             handle.push(m.Chunk(req.id, seq, np.full(n, 0.1, np.float32)))
             done, seq = done + n, seq + 1
             time.sleep(0.002)
-        handle.push(m.Done(req.id, total / m.SAMPLE_RATE, 0.01))
+        handle.push(m.Done(req.id, total / m.SAMPLE_RATE, 0.01, stop_reason=self.stop_reason))
 
 
 def build(body: dict) -> m.Request:
@@ -297,6 +345,26 @@ def test_a_job_runs_to_a_result_that_decodes_to_its_length(runner):
     view = r.describe(job)
     assert view["progress"]["fraction"] == 1.0 and view["result"]["bytes"] == job.result_bytes
     assert [p.name for p in r.store.results.iterdir()] == [f"{job.id}.wav"]  # no temp left
+
+
+def test_a_job_reports_why_its_row_stopped_in_its_view(runner):
+    pool = FakePool()
+    r = runner(pool)
+    normal = wait_state(r, r.submit("me", {"script": SCRIPT}).id, JobState.DONE)
+    assert normal.stop_reason == "eos" and r.describe(normal)["stop_reason"] == "eos"
+    pool.stop_reason = m.StopReason.RUNAWAY_CAP.value
+    cut = wait_state(r, r.submit("me", {"script": SCRIPT}).id, JobState.DONE)
+    assert r.describe(cut)["stop_reason"] == "runaway_cap"
+    app = FastAPI()
+    app.include_router(jobs_router(FakeFront(), r))
+    c = TestClient(app)
+    pool.hold()
+    queued = c.post("/v1/jobs", json={"script": SCRIPT}).json()
+    assert queued["stop_reason"] is None  # not known before it is done
+    pool.release()
+    wait_until(lambda: c.get(f"/v1/jobs/{queued['id']}").json()["state"] == "done", 10)
+    assert c.get(f"/v1/jobs/{queued['id']}").json()["stop_reason"] == "runaway_cap"
+    assert c.get(f"/v1/jobs/{queued['id']}/audio").headers["x-stop-reason"] == "runaway_cap"
 
 
 def test_a_result_that_cannot_be_written_fails_its_job_and_the_next_one_runs(runner, monkeypatch):

@@ -182,6 +182,8 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
         }
         if job.worker is not None:
             headers["X-Worker"] = str(job.worker)
+        if job.stop_reason:
+            headers["X-Stop-Reason"] = job.stop_reason
         return FileAnswer(  # answers Range with 206, a bad range with 416 (OpenAI-shaped)
             path,
             media_type=encoders.content_type(job.format),

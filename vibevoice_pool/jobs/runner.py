@@ -254,6 +254,7 @@ class JobRunner:
                 "compute_s": job.compute_s,
             },
             "error": {"code": job.error_code, "message": job.error} if job.error_code else None,
+            "stop_reason": job.stop_reason,  # a StopReason value (eos, runaway_cap...) once done
             "result": (
                 {
                     "bytes": job.result_bytes,
@@ -428,6 +429,7 @@ class JobRunner:
             compute_s=done.compute_s,
             worker=handle.worker,
             at=self.clock(),
+            stop_reason=done.stop_reason,
         ):
             log.info(
                 "job %s done: %.1f s of audio, %d bytes",

@@ -31,48 +31,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from .schema import migrate
+
 DB_NAME = "jobs.db"
 LOCK_NAME = "jobs.lock"
 RESULTS_DIR = "results"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id             TEXT PRIMARY KEY,
-    owner          TEXT NOT NULL,
-    state          TEXT NOT NULL
-                   CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-    body           TEXT NOT NULL,             -- the /v1/synthesize body, seed fixed
-    format         TEXT NOT NULL,
-    seed           INTEGER NOT NULL,
-    est_audio_s    REAL NOT NULL,
-    est_bytes      INTEGER NOT NULL,          -- reserved against the disk limit
-    created_at     REAL NOT NULL,
-    started_at     REAL,                      -- the latest run
-    finished_at    REAL,
-    runs           INTEGER NOT NULL DEFAULT 0,
-    request_id     TEXT,                      -- the pool request of the latest run
-    worker         INTEGER,
-    audio_s        REAL NOT NULL DEFAULT 0,
-    compute_s      REAL,
-    result_path    TEXT,                      -- relative to the data folder
-    result_bytes   INTEGER NOT NULL DEFAULT 0,
-    error_code     TEXT,
-    error          TEXT,
-    finished_count INTEGER NOT NULL DEFAULT 0 CHECK (finished_count <= 1)
-);
-CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at DESC);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
-CREATE TABLE IF NOT EXISTS events (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id     TEXT NOT NULL,
-    at         REAL NOT NULL,
-    from_state TEXT,
-    to_state   TEXT NOT NULL,
-    detail     TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
-"""
 
 
 class JobState(str, enum.Enum):
@@ -132,6 +95,7 @@ class Job:
     error_code: str | None
     error: str | None
     finished_count: int
+    stop_reason: str | None  # a StopReason value, once done
 
     @property
     def finished(self) -> bool:
@@ -187,8 +151,7 @@ class JobStore:
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a finished transition survives power loss
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            migrate(conn)
         except sqlite3.Error as e:
             os.close(lock_fd)
             raise JobError(JobErrorKind.DATA_DIR, f"cannot open {folder / DB_NAME}: {e}") from e
@@ -418,6 +381,7 @@ class JobStore:
         compute_s: float | None,
         worker: int | None,
         at: float,
+        stop_reason: str | None = None,
     ) -> bool:
         """running -> done, once. False if the job is no longer running (cancelled)."""
         return (
@@ -427,8 +391,9 @@ class JobStore:
                 (JobState.RUNNING,),
                 f"{result_bytes} bytes, {audio_s:.3f} s of audio",
                 at,
-                ", finished_at=?, result_path=?, result_bytes=?, audio_s=?, compute_s=?, worker=?",
-                (at, result_path, result_bytes, audio_s, compute_s, worker),
+                ", finished_at=?, result_path=?, result_bytes=?, audio_s=?, compute_s=?, worker=?,"
+                " stop_reason=?",
+                (at, result_path, result_bytes, audio_s, compute_s, worker, stop_reason),
             )
             is not None
         )

@@ -1,0 +1,65 @@
+"""The SQLite schema of the job store, and its upgrade from older versions.
+
+A data folder written by an older server opens as it is: `migrate` creates
+what is missing and adds the columns later versions brought (ALTER TABLE ADD
+COLUMN, nullable, so old rows read as NULL). PRAGMA user_version records the
+version the file now has.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id             TEXT PRIMARY KEY,
+    owner          TEXT NOT NULL,
+    state          TEXT NOT NULL
+                   CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    body           TEXT NOT NULL,             -- the /v1/synthesize body, seed fixed
+    format         TEXT NOT NULL,
+    seed           INTEGER NOT NULL,
+    est_audio_s    REAL NOT NULL,
+    est_bytes      INTEGER NOT NULL,          -- reserved against the disk limit
+    created_at     REAL NOT NULL,
+    started_at     REAL,                      -- the latest run
+    finished_at    REAL,
+    runs           INTEGER NOT NULL DEFAULT 0,
+    request_id     TEXT,                      -- the pool request of the latest run
+    worker         INTEGER,
+    audio_s        REAL NOT NULL DEFAULT 0,
+    compute_s      REAL,
+    result_path    TEXT,                      -- relative to the data folder
+    result_bytes   INTEGER NOT NULL DEFAULT 0,
+    error_code     TEXT,
+    error          TEXT,
+    finished_count INTEGER NOT NULL DEFAULT 0 CHECK (finished_count <= 1),
+    stop_reason    TEXT                       -- version 2: why the model stopped
+);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at DESC);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id     TEXT NOT NULL,
+    at         REAL NOT NULL,
+    from_state TEXT,
+    to_state   TEXT NOT NULL,
+    detail     TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
+"""
+
+# Columns added after version 1: (name, SQL type). Each must be nullable.
+ADDED_COLUMNS = (("stop_reason", "TEXT"),)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the database on `conn` to SCHEMA_VERSION (a new file or an older one)."""
+    conn.executescript(_SCHEMA)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    for name, sql_type in ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
