@@ -138,6 +138,46 @@ def test_openapi_declares_the_real_statuses_and_media_types(srv):
         assert "400" in op["responses"], (path, method)
 
 
+def codes_of(response: dict) -> set[str]:
+    examples = response["content"]["application/json"].get("examples", {})
+    return {e["value"]["error"]["code"] for e in examples.values()}
+
+
+def test_openapi_declares_what_the_guards_answer(srv):
+    spec = srv.http.get("/openapi.json").json()
+    ops = {(p, m): op["responses"] for p, item in spec["paths"].items() for m, op in item.items()}
+    for (path, method), responses in ops.items():
+        assert "bad_host" in codes_of(responses["400"]), (path, method)
+        assert codes_of(responses["408"]) == {"timeout"}, (path, method)
+        if method in ("post", "put", "patch", "delete"):
+            assert "cross_site" in codes_of(responses["403"]), (path, method)
+        else:
+            assert "403" not in responses, (path, method)
+    admin = [k for k in ops if k[0].startswith("/v1/pool/workers")]
+    assert admin  # the worker routes are in the schema
+    for key in admin:
+        assert codes_of(ops[key]["403"]) == {"cross_site", "admin_needs_json"}, key
+    assert "admin_needs_json" not in codes_of(ops[("/v1/jobs", "post")]["403"])
+    for key in [k for k in ops if k[0] in ("/login", "/login/") and k[1] == "post"]:
+        assert codes_of(ops[key]["429"]) == {"login_throttled"}, key
+    headers = ops[("/v1/jobs", "post")]["202"]["headers"]
+    assert {"X-Owner-Token", "Location"} <= set(headers)
+
+    # what the guards answer is what the schema says: a foreign Host, a cross-site write
+    r = srv.http.get("/v1/pool", headers={"Host": "attacker.example"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_host"
+    r = srv.http.post(
+        "/v1/pool/workers/0/restart", json={}, headers={"Origin": "http://attacker.example"}
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site"
+    r = srv.http.post(
+        "/v1/pool/workers/0/restart", content=b"x", headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_needs_json"
+    r = httpx.post(srv.url + "/v1/jobs", json={"script": OK}, timeout=60)  # no owner cookie
+    assert r.status_code == 202 and len(r.headers["x-owner-token"]) >= 22
+
+
 def test_afterwards_the_server_is_ready_and_no_worker_restarted(srv):
     assert srv.get("/ready").status_code == 200
     after = srv.get("/v1/pool").json()["workers"]

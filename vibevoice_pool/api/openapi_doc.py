@@ -5,10 +5,13 @@ answers 400 for every validation error (never 422), 401 without the key, 403
 for a refused cross-site write, 404 for an unknown id, 413 for a body over the
 limit, 429/503/504 when the pool cannot take or finish a request, and audio
 (not JSON) from the synthesis routes. document() rewrites each operation so:
-  - 422 goes, 400 comes (every route: a foreign Host is one too);
+  - 422 goes, 400 comes (every route: a foreign Host is one too, bad_host);
   - 401 on every route but /health and /ready (when a key is set);
-  - 403 on the state-changing methods; 404 where the path names a thing;
-    413 where there is a body;
+  - 403 on the state-changing methods (cross_site; admin_needs_json on the
+    worker routes too); 404 where the path names a thing;
+    413 where there is a body; 408 everywhere (the connection guard);
+  - 429 login_throttled on the page login, if it is in the schema;
+  - the X-Owner-Token and Location headers of POST /v1/jobs;
   - the per-route statuses of ROUTE_ERRORS;
   - audio media types on the synthesis routes and job audio (206 too);
 and every error is the one Error schema of OpenAI's shape.
@@ -19,6 +22,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from vibevoice_pool.api.login_throttle import LOGIN_PATHS  # 429 login_throttled
+from vibevoice_pool.api.origin import ADMIN_PREFIX  # 403 admin_needs_json without a key
 from vibevoice_pool.encoders import CONTENT_TYPES
 
 ERROR_SCHEMA = {
@@ -40,6 +45,7 @@ WHY = {
     "400": "Bad input: the message says what to fix",
     "401": "An API key is set and was not sent (Authorization: Bearer <key>)",
     "403": "A cross-site request refused",
+    "408": "The request was sent too slowly (the connection guard closed it)",
     "404": "No such thing",
     "409": "Not in a state for this (the job is not done, or already ended)",
     "413": "The body is over the server's limit",
@@ -97,21 +103,47 @@ SSE = {  # OpenAPI 3.1: the schema of text/event-stream describes one event
         }
     }
 }
+GUARD_CODES = {  # the error codes the guards answer with, per status (origin.py, ...)
+    "400": ("bad_host",),  # a Host this server does not serve (every route)
+    "403": ("cross_site",),  # a write a browser marks as from another site
+    "408": ("timeout",),  # connections.py: headers or body sent too slowly
+}
+OWNER_TOKEN = {
+    "description": "Only to a caller without a key or owner token: the token that owns "
+    "this job (send it back as X-Owner-Token; also set as the vvp_owner cookie)",
+    "schema": {"type": "string"},
+}
+LOCATION = {"description": "The job's URL", "schema": {"type": "string"}}
 OPEN = ("/health", "/ready")
 WRITES = ("post", "put", "patch", "delete")
 
 
-def _error(status: str) -> dict:
-    return {
-        "description": WHY.get(status, "Error"),
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
+def _error(status: str, codes: tuple[str, ...] = ()) -> dict:
+    """One error response; `codes` are the error.code values it may carry."""
+    json_ = {"schema": {"$ref": "#/components/schemas/Error"}}
+    description = WHY.get(status, "Error")
+    if codes:
+        description += " (error.code: " + ", ".join(codes) + ")"
+        json_["examples"] = {
+            code: {"value": {"error": {"message": "...", "type": "error", "code": code}}}
+            for code in codes
+        }
+    return {"description": description, "content": {"application/json": json_}}
+
+
+def _guard_codes(path: str, method: str, status: str) -> tuple[str, ...]:
+    codes = GUARD_CODES.get(status, ())
+    if status == "403" and path.startswith(ADMIN_PREFIX):
+        codes += ("admin_needs_json",)
+    if status == "429" and path in LOGIN_PATHS:
+        codes = ("login_throttled",)
+    return codes
 
 
 def _document_operation(path: str, method: str, op: dict) -> None:
     responses = op.setdefault("responses", {})
     responses.pop("422", None)
-    wanted = ["400"]
+    wanted = ["400", "408"]
     if path not in OPEN:
         wanted.append("401")
     if method in WRITES:
@@ -121,8 +153,18 @@ def _document_operation(path: str, method: str, op: dict) -> None:
     if "requestBody" in op:
         wanted.append("413")
     wanted += ROUTE_ERRORS.get((path, method), ())
+    if path in LOGIN_PATHS and method == "post":
+        wanted.append("429")
     for status in wanted:
-        responses.setdefault(status, _error(status))
+        codes = _guard_codes(path, method, status)
+        if status in responses and not codes:
+            continue
+        responses[status] = _error(status, codes)
+    if (path, method) == ("/v1/jobs", "post"):
+        accepted = responses.setdefault("202", {"description": "The job, queued"})
+        accepted.setdefault("headers", {}).update(
+            {"X-Owner-Token": OWNER_TOKEN, "Location": LOCATION}
+        )
     for status in AUDIO_ROUTES.get((path, method), ()):
         content = dict(AUDIO)
         if path == "/v1/audio/speech":
