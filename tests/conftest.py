@@ -90,6 +90,20 @@ def tiny_model_dir(tiny_cache):
     return ensure_tiny_model(tiny_cache / "tiny-model")
 
 
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    """The tiny model in a VibeVoiceEngine of up to 4 rows, loaded in this process, one
+    per test module (an engine keeps its running set between the module's tests)."""
+    from workers.engine import EngineSpec
+    from workers.vibevoice import VibeVoiceEngine
+
+    eng = VibeVoiceEngine(
+        EngineSpec(engine="vibevoice", model_path=tiny_model_dir, max_batch_size=4)
+    )
+    eng.load()
+    return eng
+
+
 class Server:
     """A `vibevoice-pool launch` child process on a free port."""
 

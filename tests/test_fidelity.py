@@ -100,15 +100,6 @@ CASES = {  # name: (script, microsoft's voice_samples, the request's voices)
 }
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = VibeVoiceEngine(
-        EngineSpec(engine="vibevoice", model_path=tiny_model_dir, max_batch_size=4)
-    )
-    eng.load()
-    return eng
-
-
 def engine_inputs(engine, requests, monkeypatch):
     """The prefill inputs the engine builds for `requests` (joining together) and runs:
     what `build_inputs` gave it, checked against the ids its prefill embedded."""

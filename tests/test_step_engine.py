@@ -14,9 +14,8 @@ import torch
 from vibevoice_reference import Reference
 
 from workers.batching import StepHost
-from workers.engine import EngineSpec
 from workers.messages import SAMPLE_RATE, ErrorKind, PoolError, Request, Turn
-from workers.vibevoice import HOP_SAMPLES, VibeVoiceEngine
+from workers.vibevoice import HOP_SAMPLES
 
 TOL = 1e-4  # of the row's peak, float32
 
@@ -55,15 +54,6 @@ def req(rid, text="Hello there, how are you today?", **kw) -> Request:
 def voice(seconds=0.7, f=180.0) -> np.ndarray:
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     return (0.2 * np.sin(2 * np.pi * f * t)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = VibeVoiceEngine(
-        EngineSpec(engine="vibevoice", model_path=tiny_model_dir, max_batch_size=4)
-    )
-    eng.load()
-    return eng
 
 
 @pytest.fixture(scope="module")

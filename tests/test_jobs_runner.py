@@ -1,0 +1,346 @@
+"""Durable jobs over a fake pool, without processes: the runner and the routes
+(threads play a worker's events into real RequestHandles)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import wait_until
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from vibevoice_pool.api.jobs import jobs_router
+from vibevoice_pool.jobs import runner as jobs_mod
+from vibevoice_pool.jobs.runner import JobRunner
+from vibevoice_pool.jobs.store import JobState, JobStore
+from vibevoice_pool.pool.handle import RequestHandle
+from workers import messages as m
+from workers.estimate import audio_seconds_for
+
+
+class FakeDispatcher:
+    def __init__(self):
+        self.listeners = []
+        self.waiting = 0  # what queue_length() answers
+
+    def queue_length(self) -> int:
+        return self.waiting
+
+
+class FakePool:
+    """Plays Started, 0.5 s chunks and Done into each handle from a thread.
+    hold(n): every request pauses after n chunks until release(); `refuse`
+    makes submit raise that kind."""
+
+    placements = (0, 1)
+
+    def __init__(self):
+        self.dispatcher = FakeDispatcher()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.free_chunks = 10**9
+        self.refuse: m.ErrorKind | None = None
+        self.submitted: list[str] = []
+        self.cancelled: set[str] = set()
+        self.stop_reason = m.StopReason.EOS.value  # what Done says ended each row
+
+    def subscribe(self, listener) -> None:
+        self.dispatcher.listeners.append(listener)
+
+    def unsubscribe(self, listener) -> None:
+        self.dispatcher.listeners.remove(listener)
+
+    def queue_length(self) -> int:
+        return self.dispatcher.queue_length()
+
+    def hold(self, after_chunks: int = 0) -> None:
+        self.free_chunks = after_chunks
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.free_chunks = 10**9
+        self.gate.set()
+
+    def submit(self, req: m.Request) -> RequestHandle:
+        if self.refuse is not None:
+            raise m.PoolError(self.refuse, "not now", True)
+        handle = RequestHandle(req, self.cancelled.add)
+        handle.worker = len(self.submitted) % 2
+        self.submitted.append(req.id)
+        threading.Thread(target=self._play, args=(handle,), daemon=True).start()
+        return handle
+
+    def _play(self, handle: RequestHandle) -> None:
+        req = handle.request
+        handle.push(m.Started(req.id))
+        total = int(round(req.est_audio_s * m.SAMPLE_RATE))
+        step, done, seq = m.SAMPLE_RATE // 2, 0, 0
+        while done < total:
+            while seq >= self.free_chunks and not self.gate.wait(0.01):
+                if req.id in self.cancelled:
+                    break
+            if req.id in self.cancelled:
+                handle.push(m.Failed(req.id, m.ErrorKind.CANCELLED, "cancelled"))
+                return
+            n = min(step, total - done)
+            handle.push(m.Chunk(req.id, seq, np.full(n, 0.1, np.float32)))
+            done, seq = done + n, seq + 1
+            time.sleep(0.002)
+        handle.push(m.Done(req.id, total / m.SAMPLE_RATE, 0.01, stop_reason=self.stop_reason))
+
+
+def build(body: dict) -> m.Request:
+    script = body.get("script", "")
+    if not script.strip():
+        raise m.PoolError(m.ErrorKind.BAD_INPUT, "the script is empty")
+    return m.Request(
+        id=uuid.uuid4().hex[:16],
+        turns=(m.Turn(0, script),),
+        seed=body.get("seed") or 1234,
+        est_audio_s=audio_seconds_for(script),
+    )
+
+
+@pytest.fixture
+def runner(tmp_path):
+    runners = []
+
+    def make(pool=None, store_=None, **kw) -> JobRunner:
+        st = store_ or JobStore.open(tmp_path / "data")
+        r = JobRunner(st, pool or FakePool(), build, queue_depth=2, **kw).start()
+        runners.append(r)
+        return r
+
+    yield make
+    for r in runners:
+        r.stop()
+
+
+def wait_state(r: JobRunner, job_id: str, state: JobState, timeout: float = 10):
+    wait_until(lambda: r.store.get(job_id).state is state, timeout, what=f"{job_id} {state}")
+    return r.store.get(job_id)
+
+
+SCRIPT = "Speaker 1: " + "a" * 49  # 4.0 s of audio (the fake estimates the whole text)
+
+
+def test_a_job_runs_to_a_result_that_decodes_to_its_length(runner):
+    r = runner()
+    job = r.submit("me", {"script": SCRIPT})
+    assert job.seed == 1234 and r.store.body(job.id)["seed"] == 1234  # fixed for reruns
+    job = wait_state(r, job.id, JobState.DONE)
+    pcm, rate = sf.read(r.result_file(job))
+    assert rate == m.SAMPLE_RATE and len(pcm) == round(audio_seconds_for(SCRIPT) * m.SAMPLE_RATE)
+    view = r.describe(job)
+    assert view["progress"]["fraction"] == 1.0 and view["result"]["bytes"] == job.result_bytes
+    assert [p.name for p in r.store.results.iterdir()] == [f"{job.id}.wav"]  # no temp left
+
+
+def test_a_job_reports_why_its_row_stopped_in_its_view(runner):
+    pool = FakePool()
+    r = runner(pool)
+    normal = wait_state(r, r.submit("me", {"script": SCRIPT}).id, JobState.DONE)
+    assert normal.stop_reason == "eos" and r.describe(normal)["stop_reason"] == "eos"
+    pool.stop_reason = m.StopReason.RUNAWAY_CAP.value
+    cut = wait_state(r, r.submit("me", {"script": SCRIPT}).id, JobState.DONE)
+    assert r.describe(cut)["stop_reason"] == "runaway_cap"
+    app = FastAPI()
+    app.include_router(jobs_router(FakeFront(), r))
+    c = TestClient(app)
+    pool.hold()
+    queued = c.post("/v1/jobs", json={"script": SCRIPT}).json()
+    assert queued["stop_reason"] is None  # not known before it is done
+    pool.release()
+    wait_until(lambda: c.get(f"/v1/jobs/{queued['id']}").json()["state"] == "done", 10)
+    assert c.get(f"/v1/jobs/{queued['id']}").json()["stop_reason"] == "runaway_cap"
+    assert c.get(f"/v1/jobs/{queued['id']}/audio").headers["x-stop-reason"] == "runaway_cap"
+
+
+def test_a_result_that_cannot_be_written_fails_its_job_and_the_next_one_runs(runner, monkeypatch):
+    real = jobs_mod.write_atomic
+    calls = []
+
+    def disk_full_once(path, data):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(jobs_mod, "write_atomic", disk_full_once)
+    r = runner()
+    first = r.submit("me", {"script": SCRIPT})
+    job = wait_state(r, first.id, JobState.FAILED)
+    assert job.error_code == "storage_error"
+    assert "could not be written" in job.error and "No space left on device" in job.error
+    second = r.submit("me", {"script": SCRIPT})
+    assert r.result_file(wait_state(r, second.id, JobState.DONE)).is_file()
+
+
+def test_an_overloaded_pool_keeps_jobs_queued_until_it_has_room(runner):
+    pool = FakePool()
+    pool.refuse = m.ErrorKind.OVERLOADED
+    r = runner(pool)
+    job = r.submit("me", {"script": SCRIPT})
+    time.sleep(1.5)
+    assert r.store.get(job.id).state is JobState.QUEUED and pool.submitted == []
+    pool.refuse = None
+    wait_state(r, job.id, JobState.DONE)
+
+
+def test_jobs_wait_while_the_admission_queue_is_at_depth(runner):
+    pool = FakePool()
+    pool.dispatcher.waiting = 2
+    r = runner(pool)
+    job = r.submit("me", {"script": SCRIPT})
+    time.sleep(1.0)
+    assert pool.submitted == []
+    pool.dispatcher.waiting = 0
+    wait_state(r, job.id, JobState.DONE)
+
+
+def test_progress_is_readable_while_it_runs_and_cancel_stops_it(runner):
+    pool = FakePool()
+    pool.hold(after_chunks=2)
+    r = runner(pool)
+    job = r.submit("me", {"script": SCRIPT})
+    wait_until(lambda: r.describe(r.get(job.id))["progress"]["audio_s"] == 1.0, 10)
+    view = r.describe(r.get(job.id))
+    assert view["state"] == "running" and view["progress"]["fraction"] == pytest.approx(
+        1.0 / audio_seconds_for(SCRIPT), abs=1e-3
+    )
+    assert view["worker"] in (0, 1)
+    r.cancel(job.id)
+    assert pool.cancelled == {r.get(job.id).request_id}
+    wait_until(lambda: not r._live, 10, what="the runner to let go")
+    job = r.get(job.id)
+    assert job.state is JobState.CANCELLED and job.finished_count == 1
+    assert list(r.store.results.iterdir()) == []
+
+
+def test_a_stopped_runner_queues_its_job_again_and_the_next_finishes_it_once(runner, tmp_path):
+    pool = FakePool()
+    pool.hold()
+    r = JobRunner(JobStore.open(tmp_path / "data"), pool, build, queue_depth=2).start()
+    job = r.submit("me", {"script": SCRIPT})
+    wait_until(lambda: r.store.get(job.id).state is JobState.RUNNING, 10)
+    r.stop(grace_s=0)
+    again = runner(FakePool(), JobStore.open(tmp_path / "data"))
+    assert again.store.events(job.id)[-1][1:] == ("queued", "the server stopped before it finished")
+    done = wait_state(again, job.id, JobState.DONE)
+    assert done.runs == 2 and done.finished_count == 1
+    assert [b for _, b, _ in again.store.events(job.id)].count("done") == 1
+
+
+def test_a_bad_body_is_refused_before_it_is_written_down(runner):
+    r = runner()
+    with pytest.raises(m.PoolError) as e:
+        r.submit("me", {"script": "  "})
+    assert e.value.kind is m.ErrorKind.BAD_INPUT
+    assert r.store.list("me")[0] == []
+
+
+def test_expiry_deletes_old_results(runner):
+    now = [time.time()]
+    r = runner(clock=lambda: now[0], ttl_s=60)
+    job = wait_state(r, r.submit("me", {"script": SCRIPT}).id, JobState.DONE)
+    path = r.result_file(job)
+    now[0] += 61
+    assert r.expire() == 1
+    assert not path.exists() and r.store.get(job.id) is None
+
+
+# ---- the routes --------------------------------------------------------
+
+
+class FakeFront:
+    class cfg:
+        api_key = ""
+
+
+def test_routes_submit_list_fetch_with_range_and_cancel(runner):
+    pool = FakePool()
+    r = runner(pool)
+    app = FastAPI()
+    app.include_router(jobs_router(FakeFront(), r))
+    c = TestClient(app)
+    mine = {"X-Browser-Id": "tab-1"}
+    resp = c.post("/v1/jobs", json={"script": SCRIPT}, headers=mine)
+    assert resp.status_code == 202
+    job_id = resp.json()["id"]
+    assert resp.headers["location"] == f"/v1/jobs/{job_id}"
+    wait_until(lambda: c.get(f"/v1/jobs/{job_id}").json()["state"] == "done", 10)
+    got = c.get(f"/v1/jobs/{job_id}").json()
+    assert got["result"]["url"] == f"/v1/jobs/{job_id}/audio" and got["error"] is None
+
+    whole = c.get(f"/v1/jobs/{job_id}/audio")
+    assert whole.status_code == 200 and whole.headers["accept-ranges"] == "bytes"
+    assert len(sf.read(io.BytesIO(whole.content))[0]) == round(audio_seconds_for(SCRIPT) * 24000)
+    part = c.get(f"/v1/jobs/{job_id}/audio", headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == whole.content[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(whole.content)}"
+    assert c.get(f"/v1/jobs/{job_id}/audio", headers={"Range": "bytes=9999999-"}).status_code == 416
+
+    key = {"Authorization": "Bearer k1"}
+    other = c.post("/v1/jobs", json={"script": SCRIPT}, headers=key).json()["id"]
+    assert [j["id"] for j in c.get("/v1/jobs", headers=mine).json()["data"]] == [job_id]
+    assert [j["id"] for j in c.get("/v1/jobs", headers=key).json()["data"]] == [other]
+    c.cookies.set("vvp_browser", "tab-1")
+    assert c.get("/v1/jobs").json()["data"][0]["id"] == job_id
+    c.cookies.clear()
+
+    pool.hold()
+    slow = c.post("/v1/jobs", json={"script": SCRIPT}, headers=mine).json()["id"]
+    early = c.get(f"/v1/jobs/{slow}/audio")
+    assert early.status_code == 409 and early.json()["error"]["code"] == "not_ready"
+    assert c.delete(f"/v1/jobs/{slow}").json()["state"] == "cancelled"
+    pool.release()
+    assert c.delete(f"/v1/jobs/{slow}").status_code == 409
+    assert c.get("/v1/jobs/nope").json()["error"]["code"] == "not_found"
+    assert c.get("/v1/jobs/nope").status_code == 404
+    bad = c.post("/v1/jobs", json={"script": " "})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_input"
+    page = c.get("/v1/jobs?limit=1", headers=mine).json()
+    assert page["has_more"] and page["next_offset"] == 1 and page["data"][0]["id"] == slow
+
+
+def test_routes_come_before_a_page_mounted_at_root(runner):
+    from starlette.responses import PlainTextResponse
+
+    app = FastAPI()  # as server.build_app does: every router first, the page last
+    app.include_router(jobs_router(FakeFront(), runner()))
+    app.mount("/", PlainTextResponse("the page"))
+    client = TestClient(app)
+    assert client.get("/v1/jobs").json()["object"] == "list"
+    assert client.get("/anything").text == "the page"
+
+
+def test_the_jobs_tab_builds_and_lists_this_browsers_jobs(runner):
+    import gradio as gr
+
+    from vibevoice_pool.ui import jobs as ui_jobs
+
+    r = runner()
+
+    class Voices:
+        def names(self):
+            return ["alice", "bob"]
+
+    class Front:
+        voices = Voices()
+
+    with gr.Blocks():
+        ui_jobs.add_jobs_tab(Front(), r)
+    assert ui_jobs.submit_job(r, "b1", SCRIPT, [], "wav").startswith("✅")
+    assert ui_jobs.submit_job(r, "b1", "", [], "wav").startswith("❌")
+    job = wait_state(r, r.store.list("browser:b1")[0][0].id, JobState.DONE)
+    rows, files = ui_jobs.job_rows(r, "browser:b1")
+    assert rows[0][:2] == [job.id, "done"] and files == [str(r.result_file(job))]
+    assert ui_jobs.job_rows(r, "browser:b2") == ([], [])
+    assert ui_jobs.cancel_job(r, "b2", job.id).startswith("❌ No job")
