@@ -1,0 +1,79 @@
+"""Large request bodies wait on disk, not in memory, while they arrive.
+
+FastAPI reads a JSON body whole, and holds what has come while the rest
+trickles in: forty 50 MB bodies left a little short would hold 2 GB. BodySpool,
+the innermost middleware (after the key and the /v1 size limit), takes every
+body over `spool_bytes` (or of unknown length) first: it writes it to an
+unnamed temporary file as it arrives (the first `spool_bytes` in memory), and
+calls the app only once the body is whole, replaying it from the file a chunk
+at a time. A body over `max_bytes` gets 413 (at once when its Content-Length
+says so); a client that leaves while sending costs nothing more, and the file
+is gone as soon as it closes (unnamed: a crash leaves nothing behind either).
+How long a body may take is the connection guard's business (connections.py).
+
+What crosses: ASGI messages only; the file lives in the system's temporary
+folder ($TMPDIR).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from vibevoice_pool.api.errors import send_error
+
+CHUNK = 64 * 1024
+
+
+class BodySpool:
+    def __init__(self, app, spool_bytes: int, max_bytes: int):
+        self.app = app
+        self.spool_bytes = spool_bytes
+        self.max_bytes = max_bytes
+
+    async def _too_large(self, send) -> None:
+        await send_error(
+            send,
+            413,
+            "too_large",
+            f"the request body is over {self.max_bytes / 2**20:.0f} MB, the server's limit; "
+            "send shorter voice samples or fewer of them",
+        )
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length, chunked = None, False
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit():
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        if not chunked and (length is None or length <= self.spool_bytes):
+            return await self.app(scope, receive, send)
+        if length is not None and length > self.max_bytes:
+            return await self._too_large(send)
+        with tempfile.SpooledTemporaryFile(max_size=self.spool_bytes) as spool:
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left: nobody to answer
+                data = message.get("body", b"")
+                size += len(data)
+                if size > self.max_bytes:
+                    return await self._too_large(send)
+                spool.write(data)
+                if not message.get("more_body", False):
+                    break
+            spool.seek(0)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()  # after the body: the disconnect, when it comes
+                data = spool.read(CHUNK)
+                replayed = spool.tell() >= size
+                return {"type": "http.request", "body": data, "more_body": not replayed}
+
+            await self.app(scope, replay, send)
