@@ -3,9 +3,11 @@ each phase to the ConnectionGuard (connections.py) and refusing what must never
 reach the app.
 
     connection_made     guard.opened: the caps of connections (may close it at once)
-    data_received       request line and headers over max_header_bytes: 431, closed
+    data_received       request line and headers over max_header_bytes: 431
                         (counted before the parser holds them); bytes of a lingering
                         connection are dropped
+    _refuse             a refusal is answered, then the connection lingers: its write
+                        side shut, what still comes dropped, closed after LINGER_S
     on_headers_complete two Host headers: 400 bad_host; a client over its streams:
                         429 (guard.request); else the app gets the request (body phase)
     on_message_complete the request is whole: busy
@@ -90,8 +92,17 @@ def guarded_protocol(guard: ConnectionGuard, max_header_bytes: int = 64 * 1024) 
             super().data_received(data)
 
         def _refuse(self, answer: bytes) -> None:
-            if not self.transport.is_closing():
-                self.transport.write(answer)
+            """Answer and stop: what the client still sends is read and dropped for
+            LINGER_S (closing at once would reset the connection under the answer)."""
+            if self.transport.is_closing():
+                return
+            self.transport.write(answer)
+            if guard.lingering(self) or not self.transport.can_write_eof():
+                self.transport.close()
+                return
+            self.transport.write_eof()
+            guard.phase(self, LINGER)
+            if not guard.lingering(self):  # a connection the guard does not hold
                 self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
