@@ -38,7 +38,7 @@ from vibevoice_pool.api.speech import (
     stream_response,
 )
 from vibevoice_pool.api.spool import BodySpool
-from workers import messages as m
+from workers.wire import messages as m
 
 log = logging.getLogger("vibevoice_pool")
 
