@@ -275,7 +275,7 @@ class Recorder:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-def run_spool(headers, chunks, spool_bytes=1024, max_bytes=10_000, leave=False):
+def run_spool(headers, chunks, spool_bytes=1024, max_bytes=10_000, leave=False, spool=None):
     log: list = []
     sent: list = []
     pending = list(chunks)
@@ -292,7 +292,8 @@ def run_spool(headers, chunks, spool_bytes=1024, max_bytes=10_000, leave=False):
     async def send(message):
         sent.append(message)
 
-    app = BodySpool(Recorder(log), spool_bytes=spool_bytes, max_bytes=max_bytes)
+    app = spool or BodySpool(Recorder(log), spool_bytes=spool_bytes, max_bytes=max_bytes)
+    app.app = Recorder(log)
     scope = {"type": "http", "method": "POST", "path": "/v1/x", "headers": headers}
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 5))
     return log, sent
@@ -320,6 +321,22 @@ def test_a_small_body_goes_straight_through_and_a_large_one_can_be_refused():
 def test_a_client_that_leaves_mid_body_never_reaches_the_app():
     log, sent = run_spool([(b"content-length", b"8000")], [b"x" * 1000] * 3, leave=True)
     assert "app" not in log and sent == []
+
+
+def test_the_bodies_spooled_at_once_have_a_budget():
+    spool = BodySpool(None, spool_bytes=1024, max_bytes=100_000, total_bytes=20_000)
+    spool.held = 15_000  # other bodies being taken in
+    chunks = [b"x" * 1000] * 8
+    log, sent = run_spool([(b"content-length", b"8000")], chunks, spool=spool)
+    assert sent[0]["status"] == 503 and "app" not in log and log == []  # refused at once
+    log, sent = run_spool([(b"transfer-encoding", b"chunked")], chunks, spool=spool)
+    assert sent[0]["status"] == 503 and "app" not in log  # refused once it passed the budget
+    assert spool.held == 15_000
+    spool.held = 0
+    log, sent = run_spool([(b"content-length", b"8000")], chunks, spool=spool)
+    assert sent[0]["status"] == 200 and spool.held == 0  # given back once answered
+    log, sent = run_spool([(b"transfer-encoding", b"chunked")], chunks, spool=spool)
+    assert sent[0]["status"] == 200 and spool.held == 0
 
 
 @pytest.mark.parametrize("bad", [0, -1])

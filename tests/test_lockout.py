@@ -72,8 +72,13 @@ def probe_while_flooded(srv, mode: str) -> list[tuple[float, float]]:
          str(PROBE_S + 8)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    fresh = httpx.Limits(max_keepalive_connections=0)  # a new connection at every probe
+    same = httpx.Client(base_url=srv.url, timeout=10, limits=fresh)  # the flood's address
     other = httpx.Client(
-        base_url=srv.url, timeout=10, transport=httpx.HTTPTransport(local_address="127.0.0.2")
+        base_url=srv.url,
+        timeout=10,
+        limits=fresh,
+        transport=httpx.HTTPTransport(local_address="127.0.0.2", limits=fresh),
     )
     waits, held = [], []
     base = server_sockets(srv.proc.pid)
@@ -82,7 +87,7 @@ def probe_while_flooded(srv, mode: str) -> list[tuple[float, float]]:
         end = time.monotonic() + PROBE_S
         while time.monotonic() < end:
             t0 = time.monotonic()
-            r = httpx.get(srv.url + "/ready", timeout=10)  # from the flood's own address
+            r = same.get("/ready")
             t1 = time.monotonic()
             assert r.status_code == 200, (mode, r.status_code, r.text[:200])
             s = other.post("/v1/synthesize", json={"script": "Speaker 1: still here"})
@@ -93,6 +98,7 @@ def probe_while_flooded(srv, mode: str) -> list[tuple[float, float]]:
             time.sleep(max(0.0, 1.0 - (t2 - t0)))
         out, _ = flood.communicate(timeout=30)
     finally:
+        same.close()
         other.close()
         if flood.poll() is None:
             flood.kill()

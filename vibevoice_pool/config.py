@@ -249,6 +249,11 @@ class PoolConfig(BaseModel):
         "is whole, not in memory",
         ge=1,
     )
+    spool_limit_mb: float = FRONT(
+        4096.0,
+        "disk in MiB all the request bodies being spooled at once may take; past it HTTP 503",
+        gt=0,
+    )
     max_decodes: int = FRONT(2, "voice uploads decoded at once", gt=0)
     decode_wait_s: float = FRONT(
         30.0, "longest an upload waits for a decode turn before HTTP 429", gt=0

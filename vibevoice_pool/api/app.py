@@ -135,7 +135,10 @@ def _middlewares(app: FastAPI, front: Front) -> None:
     """Outermost last: CORS (only when configured), then the key, then the body limit,
     then the spool that holds large bodies on disk until they are whole (spool.py)."""
     app.add_middleware(
-        BodySpool, spool_bytes=front.cfg.body_spool_kb * 1024, max_bytes=front.max_body_bytes
+        BodySpool,
+        spool_bytes=front.cfg.body_spool_kb * 1024,
+        max_bytes=front.max_body_bytes,
+        total_bytes=int(front.cfg.spool_limit_mb * (1 << 20)),
     )
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=front.max_body_bytes, on_refused=front.activity.refused
