@@ -20,7 +20,8 @@ connection's phase to the one ConnectionGuard of the server, here:
       idle     keep-alive between requests: uvicorn's timeout_keep_alive, and
                header_timeout_s here (bytes that start no request do not reset it)
       linger   answered before its body arrived (400, 401, 403, 413...): the rest
-               of the body is dropped, and the connection closed after LINGER_S
+               of the body must come within LINGER_S (it is dropped), else closed;
+               and a connection the guard refused, closed after LINGER_S
 
 The caps, in the order a connection meets them:
 - a client at client_max_connections closes its own oldest connection to open

@@ -4,14 +4,15 @@ reach the app.
 
     connection_made     guard.opened: the caps of connections (may close it at once)
     data_received       request line and headers over max_header_bytes: 431
-                        (counted before the parser holds them); bytes of a lingering
-                        connection are dropped
+                        (counted before the parser holds them)
     _refuse             a refusal is answered, then the connection lingers: its write
                         side shut, what still comes dropped, closed after LINGER_S
     on_headers_complete two Host headers: 400 bad_host; a client over its streams:
                         429 (guard.request); else the app gets the request (body phase)
     on_message_complete the request is whole: busy
-    on_response_complete idle, or linger when the body had not all arrived
+    on_response_complete idle, or linger when the body had not all arrived (answered
+                        early: 400 bad_host, 401, 403, 413...): the rest is read and
+                        dropped, and the connection closed unless it is whole in LINGER_S
 
 What crosses: the guard's calls, and whole raw answers (connections.raw_error)
 written to the socket where the app never saw the request.
@@ -61,6 +62,7 @@ def guarded_protocol(guard: ConnectionGuard, max_header_bytes: int = 64 * 1024) 
         _in_head = True  # between requests, or in the middle of one's headers
         _hosts = 0
         _refusal = b""  # the answer that replaces uvicorn's own 400
+        _refused = False  # answered by the guard: the parser is not fed again
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -73,8 +75,8 @@ def guarded_protocol(guard: ConnectionGuard, max_header_bytes: int = 64 * 1024) 
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing() or guard.lingering(self):
-                return  # answered: what is still sent is dropped until the close
+            if self.transport.is_closing() or self._refused:
+                return  # refused: what is still sent is dropped until the close
             guard.heard(self)
             if self._in_head:
                 room = max_header_bytes - self._head
@@ -96,6 +98,7 @@ def guarded_protocol(guard: ConnectionGuard, max_header_bytes: int = 64 * 1024) 
             LINGER_S (closing at once would reset the connection under the answer)."""
             if self.transport.is_closing():
                 return
+            self._refused = True
             self.transport.write(answer)
             if guard.lingering(self) or not self.transport.can_write_eof():
                 self.transport.close()
@@ -138,13 +141,14 @@ def guarded_protocol(guard: ConnectionGuard, max_header_bytes: int = 64 * 1024) 
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._in_head, self._head = True, 0
-            guard.phase(self, BUSY)
+            # the body of a request answered early came in time: the connection lives on
+            guard.phase(self, IDLE if guard.lingering(self) else BUSY)
 
         def on_response_complete(self) -> None:
             done = self.cycle
             super().on_response_complete()  # starts a pipelined request, if one waits
             if done is not None and done.response_complete and done.more_body:
-                guard.phase(self, LINGER)  # answered before its body came: not read on
+                guard.phase(self, LINGER)  # answered before its body came: LINGER_S for the rest
                 return
             busy = self.cycle is not None and not self.cycle.response_complete
             guard.phase(self, BUSY if busy else IDLE)
