@@ -277,6 +277,15 @@ def test_a_megabyte_of_headers_gets_431(srv):
             s.shutdown(socket.SHUT_WR)
             answer, _ = read_until_closed(s, 10)
         assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    # small headers and a large body in one write: the body does not count as headers
+    body = b'{"script": "Speaker 1: hi"' + b" " * 300_000 + b"}"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/synthesize HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        answer, _ = read_until_closed(s, 30)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"RIFF" in answer, answer[:300]
 
 
 def test_two_host_headers_get_400(srv):

@@ -199,7 +199,7 @@ class ConnectionGuard:
         now = self.clock()
         mine = self.by_client.get(client, {})
         if len(mine) >= self.client_cap:
-            self._drop_closed()
+            self._drop_closed(mine)
             mine = self.by_client.get(client, {})
         while len(mine) >= self.client_cap and mine:
             self._evict(self._victim(client), CLIENT_FULL)
@@ -342,11 +342,12 @@ class ConnectionGuard:
             if not mine:
                 del self.by_client[c.client]
 
-    def _drop_closed(self) -> None:
-        gone = [(p, c) for p, c in self.conns.items() if c.transport.is_closing()]
-        for p, c in gone:
-            self.conns.pop(p, None)
-            self._forget(p, c)
+    def _drop_closed(self, among=None) -> None:
+        """Forget the connections closed without telling (all, or those `among`)."""
+        protos = self.conns if among is None else list(among)
+        gone = [p for p in protos if self.conns[p].transport.is_closing()]
+        for p in gone:
+            self._forget(p, self.conns.pop(p))
 
     def _arm(self) -> None:
         if self._sweeper is None:
