@@ -239,6 +239,21 @@ def test_a_client_over_its_streams_is_refused_but_health_checks_and_others_pass(
     assert g.stats()["streams_refused"] == 1
 
 
+def test_refusals_are_reported_once_a_minute_not_once_each():
+    clock = Clock()
+    g = guard(clock, per_client=2, cap=100)
+    for _ in range(50):
+        g.opened(object(), FakeTransport(), "10.0.0.9")
+        g.malformed()
+    assert g.report() == ""  # not a minute yet
+    clock.t += 61
+    line = g.report()
+    assert "48 evicted" in line and "50 malformed" in line and "(10.0.0.9)" in line, line
+    assert g.report() == ""  # said once
+    clock.t += 61
+    assert g.report() == ""  # nothing new to say
+
+
 def test_clients_are_addresses_and_ipv6_counts_by_64():
     assert client_of("127.0.0.1") != client_of("127.0.0.2")
     assert client_of("::ffff:10.1.2.3") == client_of("10.1.2.3") == "10.1.2.3"

@@ -295,6 +295,11 @@ def test_two_host_headers_get_400(srv):
             answer, _ = read_until_closed(s, 10)
         assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
         assert b'"code": "bad_host"' in answer and b"more than one Host" in answer
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer, _ = read_until_closed(s, 10)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"code": "bad_input"' in answer
+    assert "Invalid HTTP request" not in srv.log()  # counted, not a log line each
 
 
 @pytest.mark.parametrize(

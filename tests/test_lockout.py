@@ -121,6 +121,10 @@ def test_a_flood_from_one_address_leaves_ready_and_others_served(srv, mode):
     assert len(waits) >= PROBE_S * 0.75
     slowest = max(max(w) for w in waits)
     assert slowest < WITHIN_S, waits
+    # thousands of refusals, a line a minute in the log (not a line each)
+    log = srv.log()
+    assert "Invalid HTTP request" not in log
+    assert log.count("Connections in the last") <= 3
 
 
 def test_stalled_large_bodies_stay_off_memory_and_are_closed(srv):

@@ -56,6 +56,7 @@ log = logging.getLogger("vibevoice_pool")
 
 FD_RESERVE = 128  # file handles kept for workers, logs, the jobs database, results
 SWEEP_S = 1.0
+REPORT_S = 60.0  # at most one log line of refusals this often
 LINGER_S = 2.0  # an answered connection still sending its body: dropped bytes, then closed
 
 HEADERS, BODY, BUSY, IDLE, LINGER = "headers", "body", "busy", "idle", "linger"
@@ -189,7 +190,14 @@ class ConnectionGuard:
         self.clock = clock
         self.conns: dict[object, _Conn] = {}  # in the order they opened
         self.by_client: dict[str, dict[object, None]] = {}  # each in the order they opened
-        self.counts = {"timed_out": 0, "evicted": 0, "refused": 0, "streams_refused": 0}
+        self.counts = {
+            "timed_out": 0,
+            "evicted": 0,
+            "refused": 0,
+            "streams_refused": 0,
+            "malformed": 0,
+        }
+        self._reported = (clock(), dict(self.counts))  # the last REPORT_S line: when, counts
         self._sweeper: asyncio.TimerHandle | None = None
 
     # ---- the protocol's events ------------------------------------------------
@@ -245,6 +253,28 @@ class ConnectionGuard:
             self.counts["streams_refused"] += 1
             return False
         return True
+
+    def malformed(self) -> None:
+        """A request that is not HTTP (answered 400 by the protocol)."""
+        self.counts["malformed"] += 1
+
+    def report(self) -> str:
+        """One line of what the guard did since the last one, every REPORT_S at most
+        (one per refusal would let a flood fill the log); '' when nothing."""
+        now = self.clock()
+        since, before = self._reported
+        if now - since < REPORT_S:
+            return ""
+        done = {k: v - before[k] for k, v in self.counts.items() if v > before[k]}
+        self._reported = (now, dict(self.counts))
+        if not done:
+            return ""
+        top = max(self.by_client.items(), key=lambda kv: len(kv[1]), default=("", {}))
+        what = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in done.items())
+        return (
+            f"Connections in the last {now - since:.0f} s: {what}; {len(self.conns)} open, "
+            f"the most from one client {len(top[1])} ({top[0] or 'none'})"
+        )
 
     def heard(self, proto) -> None:
         c = self.conns.get(proto)
@@ -358,6 +388,9 @@ class ConnectionGuard:
         self._sweeper = None
         try:
             self.sweep()
+            line = self.report()
+            if line:
+                log.warning("%s", line)
         except Exception:  # a sweep must never stop the loop's next one
             log.exception("connection sweep failed")
         if self.conns:

@@ -20,6 +20,7 @@ written to the socket where the app never saw the request.
 
 from __future__ import annotations
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from vibevoice_pool.api.connections import (
@@ -84,14 +85,30 @@ def guarded_protocol(guard: ConnectionGuard, max_header_bytes: int = 64 * 1024) 
                     head, rest = data[:room], data[room:]
                     self._head = max_header_bytes
                     if head:
-                        super().data_received(head)
+                        self._feed(head)
                     if self._in_head:  # the headers did not end within the limit
                         self._refuse(too_large)
                     elif rest and not self.transport.is_closing():
                         self.data_received(rest)
                     return
                 self._head += len(data)
-            super().data_received(data)
+            self._feed(data)
+
+        def _feed(self, data: bytes) -> None:
+            """uvicorn's data_received, less its warning on every refused request
+            (a flood of them would fill the log): the guard counts them instead."""
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
+            except httptools.HttpParserError:
+                if not self._refusal:
+                    guard.malformed()
+                self._refuse(self._refusal or MALFORMED)
 
         def _refuse(self, answer: bytes) -> None:
             """Answer and stop: what the client still sends is read and dropped for
@@ -107,9 +124,6 @@ def guarded_protocol(guard: ConnectionGuard, max_header_bytes: int = 64 * 1024) 
             guard.phase(self, LINGER)
             if not guard.lingering(self):  # a connection the guard does not hold
                 self.transport.close()
-
-        def send_400_response(self, msg: str) -> None:
-            self._refuse(self._refusal or MALFORMED)
 
         def on_message_begin(self) -> None:
             self._hosts = 0
