@@ -95,3 +95,15 @@ def test_a_flag_over_a_bad_variable_is_not_blamed_on_it(monkeypatch):
 def test_nothing_is_read_without_launch(monkeypatch):
     monkeypatch.setenv("VIBEVOICE_POOL_PORT", "9123")
     assert PoolConfig().port == 7860 and config.build({}).port == 7860
+
+
+def test_a_variable_that_names_no_setting_is_pointed_out():
+    environ = {
+        "VIBEVOICE_POOL_PROT": "8000",
+        "VIBEVOICE_POOL_PORT": "8000",
+        "VIBEVOICE_POOL_OWNER_FILE": "/x",  # the jobs client's own variable
+        "PATH": "/bin",
+    }
+    assert config.stray_variables(environ) == [
+        "$VIBEVOICE_POOL_PROT is not a setting; did you mean $VIBEVOICE_POOL_PORT?"
+    ]

@@ -131,8 +131,9 @@ def parser() -> argparse.ArgumentParser:
 def launch_config(ns: argparse.Namespace):
     """Default < VIBEVOICE_POOL_<NAME> variable < --config file < flag."""
     from vibevoice_pool import config
+    from vibevoice_pool.config import from_environment
 
-    environment = config.from_environment()
+    environment = from_environment()
     given = config.load_file(ns.config) if getattr(ns, "config", None) else {}
     given.update({k: v for k, v in vars(ns).items() if k not in ("command", "config", "_device")})
     overridden = {str(k).replace("-", "_") for k in given}
@@ -154,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(
                 "--device is deprecated and ignored: choose devices with --gpus (e.g. --gpus 0,1)"
             )
+        import os
+
+        from vibevoice_pool.config import stray_variables
+
+        for line in stray_variables(dict(os.environ)):
+            log.warning("%s", line)
         try:
             cfg = launch_config(ns)
         except ConfigError as e:

@@ -13,6 +13,7 @@ Precedence: built-in default < environment variable < config file (`--config`)
     cfg.replace(**changes)          a validated copy
     load_file(path) -> dict         a YAML file's raw settings
     from_environment() -> dict      the VIBEVOICE_POOL_<NAME> variables' raw settings
+    stray_variables(environ)        VIBEVOICE_POOL_* names that are no setting (typos)
     sections()                      [(title, [(name, FieldInfo)])], declaration order
 
 To add a setting: declare a field below (type, default, help, bounds) with its
@@ -389,6 +390,23 @@ def from_environment() -> dict[str, str]:
     fields: dict[str, Any] = {name: (str | None, None) for name in PoolConfig.model_fields}
     reader = create_model("PoolEnvironment", __base__=Reader, **fields)
     return reader().model_dump(exclude_none=True)
+
+
+NOT_SETTINGS = ("OWNER_FILE",)  # VIBEVOICE_POOL_OWNER_FILE: the jobs client's, not launch's
+
+
+def stray_variables(environ: dict[str, str]) -> list[str]:
+    """VIBEVOICE_POOL_* variables that name no setting (a typo is otherwise silent)."""
+    names = [env_name(n) for n in PoolConfig.model_fields]
+    out = []
+    for var in sorted(environ):
+        upper = var.upper()
+        rest = upper.removeprefix(ENV_PREFIX)
+        if rest == upper or upper in names or rest in NOT_SETTINGS:
+            continue
+        near = difflib.get_close_matches(upper, names, n=1)
+        out.append(f"${var} is not a setting" + (f"; did you mean ${near[0]}?" if near else ""))
+    return out
 
 
 def default_cache_dir(cfg: PoolConfig) -> Path:
