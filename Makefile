@@ -54,13 +54,19 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# `make image` builds the container image (Containerfile, docs/DEPLOY.md) with docker,
-# podman or buildah, whichever is installed. IMAGE names it; IMAGE_ARGS passes more, e.g.
-# IMAGE_ARGS="--build-arg TORCH_VARIANT=cpu" for the CPU build.
+# `make image` builds the container image (Containerfile, docs/DEPLOY.md) with docker (when
+# its daemon answers), podman or buildah, whichever is installed; IMAGE_TOOL=podman chooses.
+# IMAGE names it; IMAGE_ARGS passes more, e.g. IMAGE_ARGS="--build-arg TORCH_VARIANT=cpu".
 IMAGE      ?= vibevoice-pool:latest
 IMAGE_ARGS ?=
+IMAGE_TOOL ?=
 image:
-	@tool=$$(for t in docker podman buildah; do command -v $$t >/dev/null 2>&1 && echo $$t && break; done); \
+	@tool="$(IMAGE_TOOL)"; \
+	if [ -z "$$tool" ]; then \
+	  if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then tool=docker; \
+	  elif command -v podman >/dev/null 2>&1; then tool=podman; \
+	  elif command -v buildah >/dev/null 2>&1; then tool=buildah; fi; \
+	fi; \
 	case "$$tool" in \
 	  docker) set -- build ;; \
 	  podman) set -- build --format docker ;; \

@@ -9,10 +9,11 @@ it gives the size of the wheel's files once installed, and its METADATA the
 requirements to follow.
 
     python bench/cuda_image_size.py [--torch 2.13.0]
-        [--cpu-image-bytes N --cpu-torch-bytes M]
+        [--cpu-image-bytes N --cpu-torch-wheel torch-2.13.0+cpu-....whl]
 
-prints each wheel with its download and installed size, the totals, and with the
-CPU image's measured size and its torch's: CPU image - CPU torch + CUDA wheels.
+prints each wheel with its download and installed size, the totals, and given
+the CPU image's measured size and the CPU torch wheel it holds:
+CPU image - CPU torch (installed) + CUDA torch and its CUDA wheels (installed).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--torch", default="2.13.0")
     ap.add_argument("--cpu-image-bytes", type=int, default=0, help="the CPU image, measured")
-    ap.add_argument("--cpu-torch-bytes", type=int, default=0, help="its CPU torch, installed")
+    ap.add_argument("--cpu-torch-wheel", default="", help="the CPU torch wheel it holds")
     args = ap.parse_args()
     total_dl = total_inst = 0
     with httpx.Client(timeout=60, follow_redirects=True) as client:
@@ -143,8 +144,11 @@ def main() -> None:
     print(
         f"{'torch (CUDA) and its CUDA wheels':72} {total_dl / 1e6:7.0f} MB {total_inst / 1e6:7.0f} MB"
     )
-    if args.cpu_image_bytes:
-        estimate = args.cpu_image_bytes - args.cpu_torch_bytes + total_inst
+    if args.cpu_image_bytes and args.cpu_torch_wheel:
+        with zipfile.ZipFile(args.cpu_torch_wheel) as z:
+            cpu_torch = sum(i.file_size for i in z.infolist())
+        estimate = args.cpu_image_bytes - cpu_torch + total_inst
+        print(f"CPU torch installed: {cpu_torch / 1e6:.0f} MB")
         print(f"CUDA image, estimated: {estimate / 1e9:.2f} GB")
 
 

@@ -47,6 +47,7 @@ def image(store):
     """The CPU image, built from the Containerfile on a debootstrapped base."""
     t0 = time.monotonic()
     store.make_base()
+    t_base = time.monotonic() - t0
     settings = cb.pip_settings()
     args, mounts = {"TORCH_VARIANT": "cpu"}, []
     wheels = cb.torch_wheel_folder(settings)
@@ -59,7 +60,8 @@ def image(store):
         args["PIP_CERT"] = "/run/host-ca.crt"
     store.build(ROOT, TAG, args, mounts)
     size = store.image_size(TAG)
-    print(f"\nimage {TAG}: {size / 1e9:.2f} GB, base + build {time.monotonic() - t0:.0f} s")
+    took = time.monotonic() - t0
+    print(f"\n{TAG}: {size} bytes; base {t_base:.0f} s, build {took - t_base:.0f} s")
     return TAG
 
 
