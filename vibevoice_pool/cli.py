@@ -131,9 +131,8 @@ def parser() -> argparse.ArgumentParser:
 def launch_config(ns: argparse.Namespace):
     """Default < VIBEVOICE_POOL_<NAME> variable < --config file < flag."""
     from vibevoice_pool import config
-    from vibevoice_pool.config import from_environment
 
-    environment = from_environment()
+    environment = config.from_environment()
     given = config.load_file(ns.config) if getattr(ns, "config", None) else {}
     given.update({k: v for k, v in vars(ns).items() if k not in ("command", "config", "_device")})
     overridden = {str(k).replace("-", "_") for k in given}
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from vibevoice_pool.config import stray_variables
 
-        for line in stray_variables(dict(os.environ)):
+        for line in stray_variables(dict(os.environ)):  # a typo'd variable is not silent
             log.warning("%s", line)
         try:
             cfg = launch_config(ns)
