@@ -216,48 +216,18 @@ class PoolConfig(BaseModel):
         "or * for any)",
         metavar="HOSTS",
     )
-    max_connections: int = FRONT(
-        1000,
-        "open connections at most (fit to the file limit); at the cap the client holding "
-        "the most loses its oldest",
-        gt=0,
-    )
-    client_max_connections: int = FRONT(
-        64,
-        "open connections one client address (an IPv6 /64) may hold; one more closes its "
-        "oldest (behind a proxy every client has the proxy's address)",
-        gt=0,
-    )
-    client_max_streams: int = FRONT(
-        32,
-        "requests one client address may have in progress (bodies arriving, answers being "
-        "made or streamed); past it HTTP 429; /health and /ready are not counted",
-        gt=0,
-    )
+    max_connections: int = FRONT(1000, "open connections at most (fit to the file limit)", gt=0)
+    client_max_connections: int = FRONT(64, "connections one client address may hold", gt=0)
+    client_max_streams: int = FRONT(32, "requests one client address may have open; else 429", gt=0)
     header_timeout_s: float = FRONT(
-        10.0, "a client must send its request headers within this (and idles at most this)", gt=0
+        10.0, "a client must send its request headers within this", gt=0
     )
-    max_header_kb: int = FRONT(
-        64, "request line and headers at most, in KiB; past it HTTP 431", ge=1, le=1024
-    )
-    body_timeout_s: float = FRONT(
-        10.0, "window over which a request body must keep body_min_rate (else 408)", gt=0
-    )
+    max_header_kb: int = FRONT(64, "request line and headers at most, in KiB; else 431", ge=1)
+    body_timeout_s: float = FRONT(10.0, "a request body keeps body_min_rate over this", gt=0)
     body_min_rate: float = FRONT(1024.0, "slowest request body accepted, bytes/s", gt=0)
-    body_deadline_s: float = FRONT(
-        120.0, "a request body must be whole within this of its headers, whatever its size", gt=0
-    )
-    body_spool_kb: int = FRONT(
-        64,
-        "a request body over this many KiB waits in a temporary file ($TMPDIR) until it "
-        "is whole, not in memory",
-        ge=1,
-    )
-    spool_limit_mb: float = FRONT(
-        4096.0,
-        "disk in MiB all the request bodies being spooled at once may take; past it HTTP 503",
-        gt=0,
-    )
+    body_deadline_s: float = FRONT(120.0, "a request body must be whole within this", gt=0)
+    body_spool_kb: int = FRONT(64, "a larger request body waits on disk ($TMPDIR)", ge=1)
+    spool_limit_mb: float = FRONT(4096.0, "disk all bodies on disk at once may take, MiB", gt=0)
     max_decodes: int = FRONT(2, "voice uploads decoded at once", gt=0)
     decode_wait_s: float = FRONT(
         30.0, "longest an upload waits for a decode turn before HTTP 429", gt=0
@@ -310,15 +280,10 @@ class PoolConfig(BaseModel):
                 f"heartbeat_s ({self.heartbeat_s}) must be at most half of hang_timeout_s "
                 f"({self.hang_timeout_s}), or a live worker looks hung"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _client_caps(self) -> PoolConfig:
         if self.client_max_streams > self.client_max_connections:
             raise ValueError(
                 f"client_max_streams ({self.client_max_streams}) must be at most "
-                f"client_max_connections ({self.client_max_connections}): each request in "
-                "progress holds a connection"
+                f"client_max_connections ({self.client_max_connections})"
             )
         return self
 
