@@ -17,6 +17,7 @@ weights there first, about 5 GB, with bench_gpu_1p5b.full_size_config):
 
     python bench/gpu_respawn.py --build-full-size /tmp/vv15 --out gpu_respawn.json
     python bench/gpu_respawn.py --model DIR --out gpu_respawn.json
+    python bench/gpu_respawn.py --tiny /tmp/tiny --gpu -1 --out dry.json   # CPU dry run
 
 `respawn_on_gpu(model_dir)` and `gpu_memory_holders()` are the functions other
 benchmarks (bench_gpu_1p5b.py) can call.
@@ -57,17 +58,21 @@ def gpu_memory_holders() -> dict[int, int] | None:
 
 
 def worker_measure(model_dir: str, device: int, results, release) -> None:
-    """In a worker forked from the zygote: pin, init CUDA, copy the weights, load."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(device)  # before any CUDA call
+    """In a worker forked from the zygote: pin, init CUDA, copy the weights, load. With
+    device < 0 (a CPU dry run) the same steps on the CPU, CUDA init left out."""
+    if device >= 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)  # before any CUDA call
     import torch
     from safetensors.torch import load_file
 
     out: dict = {"pid": os.getpid(), "cuda_initialized_at_fork": torch.cuda.is_initialized()}
+    target = "cuda:0" if device >= 0 else "cpu"
     t0 = time.monotonic()
-    torch.cuda.init()
-    torch.empty(1, device="cuda:0")
-    torch.cuda.synchronize()
-    out["cuda_init_s"] = time.monotonic() - t0
+    if device >= 0:
+        torch.cuda.init()
+        torch.empty(1, device=target)
+        torch.cuda.synchronize()
+    out["cuda_init_s"] = time.monotonic() - t0 if device >= 0 else 0.0
     files = sorted(Path(model_dir).glob("*.safetensors"))
     t0 = time.monotonic()
     state = {}
@@ -76,20 +81,24 @@ def worker_measure(model_dir: str, device: int, results, release) -> None:
     out["map_s"] = time.monotonic() - t0
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     t0 = time.monotonic()
-    on_gpu = {k: t.to("cuda:0", non_blocking=False) for k, t in state.items()}
-    torch.cuda.synchronize()
+    on_gpu = {k: t.to(target, copy=True) for k, t in state.items()}
+    if device >= 0:
+        torch.cuda.synchronize()
     out["copy_s"] = time.monotonic() - t0
     out["weight_bytes"] = nbytes
     out["copy_gb_per_s"] = nbytes / out["copy_s"] / 1e9 if out["copy_s"] > 0 else None
     del on_gpu, state
-    torch.cuda.empty_cache()
+    if device >= 0:
+        torch.cuda.empty_cache()
     from workers.engine import EngineSpec
     from workers.engines import build_engine
 
     t0 = time.monotonic()
-    engine = build_engine(EngineSpec(engine="vibevoice", model_path=model_dir, device="cuda"))
+    spec = EngineSpec(engine="vibevoice", model_path=model_dir, device=target.split(":")[0])
+    engine = build_engine(spec)
     info = engine.load()
-    torch.cuda.synchronize()
+    if device >= 0:
+        torch.cuda.synchronize()
     out["engine_load_s"] = time.monotonic() - t0
     out["device"] = info.name
     results.send(out)
@@ -179,16 +188,26 @@ def _build(folder: str, device: str) -> None:
     from bench_gpu_1p5b import full_size_config
     from transformers import VibeVoiceForConditionalGeneration
 
-    from workers.tiny import make_tiny_model
+    from workers.tiny import configure_generation, make_tiny_model
 
     make_tiny_model(folder)  # the tokenizer, the processor's files, the chat template
     for f in Path(folder).glob("*.safetensors"):
         f.unlink()
     (Path(folder) / "TINY_MODEL").unlink(missing_ok=True)
+    # The tiny tokenizer numbers the special tokens its own way: the model uses its ids,
+    # so prompts, voice slots and the audio token agree (the vocabulary stays 151,936).
+    tiny = json.loads((Path(folder) / "config.json").read_text())
+    names = ("pad", "eos", "audio_bos", "audio_eos", "audio")
+    ids = {k: tiny[f"{k}_token_id"] for k in names}
     with torch.device(device):
         model = VibeVoiceForConditionalGeneration._from_config(
-            full_size_config(), dtype=torch.bfloat16
+            full_size_config(ids), dtype=torch.bfloat16
         )
+    # Random weights never pick the audio token: the sequence_bias makes every token audio.
+    configure_generation(model.generation_config, ids["audio"], bias=True)
+    model.generation_config.pad_token_id = ids["pad"]
+    model.generation_config.eos_token_id = ids["eos"]
+    model.generation_config.bos_token_id = None
     model.save_pretrained(folder)
 
 
@@ -196,7 +215,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a VibeVoice folder in the HF layout")
     ap.add_argument("--build-full-size", metavar="DIR", help="save the 1.5B architecture here")
-    ap.add_argument("--gpu", type=int, default=0)
+    ap.add_argument("--gpu", type=int, default=0, help="-1: the CPU (a dry run, with --tiny)")
+    ap.add_argument("--tiny", metavar="DIR", help="build the tiny model here (a CPU dry run)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     model = args.model
@@ -204,8 +224,12 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         model = build_full_size(args.build_full_size)
         print(f"built {model} in {time.monotonic() - t0:.0f} s", flush=True)
+    if args.tiny:
+        from workers.tiny import ensure_tiny_model
+
+        model = ensure_tiny_model(args.tiny)
     if not model:
-        ap.error("give --model DIR or --build-full-size DIR")
+        ap.error("give --model DIR, --build-full-size DIR or --tiny DIR")
     res = respawn_on_gpu(model, args.gpu)
     print(json.dumps(res, indent=1, default=str))
     if args.out:
