@@ -57,6 +57,57 @@ def gpu_memory_holders() -> dict[int, int] | None:
     return holders
 
 
+_TOUCH_PROBE = r"""
+import json, os, sys, traceback
+preload = sys.argv[1:]
+first = {}
+def maps():
+    from workers.zygote_probe import cuda_mappings
+    with open("/proc/self/maps") as f:
+        return cuda_mappings(f.read())
+def watch(mod, name):
+    orig = getattr(mod, name, None)
+    if orig is None:
+        return
+    def wrapped(*a, **k):
+        if name not in first:
+            first[name] = traceback.format_stack(limit=12)[:-1]
+        return orig(*a, **k)
+    setattr(mod, name, wrapped)
+out = {"env_nvml_check": None, "after": {}}
+for i, modname in enumerate(preload):
+    __import__(modname)
+    if modname == "workers.zygote" or i == 0:
+        import torch
+        out["env_nvml_check"] = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+        for n in ("is_available", "device_count", "_lazy_init", "init", "current_device",
+                  "get_device_capability", "get_device_properties", "is_bf16_supported"):
+            watch(torch.cuda, n)
+        watch(torch._C, "_cuda_getDeviceCount")
+        watch(torch._C, "_cuda_init")
+    out["after"][modname] = maps()
+out["first_calls"] = {k: "".join(v) for k, v in first.items()}
+print("TOUCH " + json.dumps(out))
+"""
+
+
+def cuda_touch_probe(preload: list[str]) -> dict:
+    """In a fresh interpreter (as the zygote starts), import the zygote's preload one
+    module at a time: which one leaves the CUDA driver mapped, and the first call into
+    torch.cuda's device queries with its stack (wrapped after torch is imported)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-c", _TOUCH_PROBE, *preload]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    for line in r.stdout.splitlines():
+        if line.startswith("TOUCH "):
+            return json.loads(line[6:])
+    return {"error": f"rc {r.returncode}: {r.stderr[-2000:]}"}
+
+
 def worker_measure(model_dir: str, device: int, results, release) -> None:
     """In a worker forked from the zygote: pin, init CUDA, copy the weights, load. With
     device < 0 (a CPU dry run) the same steps on the CPU, CUDA init left out."""
@@ -113,11 +164,13 @@ def respawn_on_gpu(model_dir: str, device: int = 0) -> dict:
 
     res: dict = {"model": model_dir, "gpu": device}
     zygote = Zygote("vibevoice")
+    res["cuda_touch_probe"] = cuda_touch_probe(zygote.preload)
+    print(json.dumps(res["cuda_touch_probe"], indent=1), flush=True)
     t0 = time.monotonic()
     zygote.start(wait_s=300)
     res["zygote_warm_s"] = time.monotonic() - t0
     if not zygote.warm:
-        res["error"] = f"the zygote did not warm up ({zygote.off_reason or 'timeout'})"
+        res["error"] = f"the zygote is not usable ({zygote.off_reason or 'timeout'})"
         return res
     with open(f"/proc/{zygote.pid}/maps") as f:
         res["zygote_cuda_mappings"] = cuda_mappings(f.read())
