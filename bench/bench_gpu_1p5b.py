@@ -2,7 +2,7 @@
 
 Builds VibeVoice-1.5B's architecture (Qwen2.5-1.5B text model, the real acoustic and
 semantic tokenizers and diffusion head) with random weights, in bf16 with SDPA, and runs
-the step engine (workers/step_engine.py) with 1, 4, 8, 16 and 32 rows admitted together: a
+the step engine (workers/engines/vibevoice/step.py) with 1, 4, 8, 16 and 32 rows admitted together: a
 fixed prompt per row (script tokens and one voice sample), 10 diffusion steps, cfg 1.3,
 diffusion-only guidance as microsoft's loop. Lengths "fixed": every row the same number
 of audio tokens; "mixed": rows of 0.5, 0.83, 1.17 and 1.5 times it in turn (the same mean),
@@ -101,7 +101,7 @@ def full_size_config(token_ids: dict | None = None):
 def build_model(args, torch):
     from transformers import VibeVoiceForConditionalGeneration
 
-    from workers.tiny import configure_generation, ensure_tiny_model
+    from workers.checkpoints.tiny import configure_generation, ensure_tiny_model
 
     attn = {"text_config": "sdpa"}
     if args.tiny:
@@ -138,7 +138,7 @@ class SyntheticPrompts:
     def batch(self, requests, device, dtype):
         import torch
 
-        from workers.vibevoice_prompt import PromptBatch
+        from workers.engines.vibevoice.prompt import PromptBatch
 
         cfg, n = self.cfg, len(requests)
         g = torch.Generator().manual_seed(int(requests[0].seed))
@@ -257,8 +257,8 @@ def run_rows(
     """`rows` rows admitted together (`tokens` audio tokens each, or mixed around it), to
     the end. With `count`, the second step runs under the operator counter (count_step)
     and is left out of the timings."""
-    from workers.messages import Request, Turn
-    from workers.step_engine import StepEngine
+    from workers.engines.vibevoice.step import StepEngine
+    from workers.wire.messages import Request, Turn
 
     cuda = args.device.startswith("cuda")
     per_row = row_tokens(rows, tokens, lengths)

@@ -62,7 +62,7 @@ def _pct(values, q: float) -> float | None:
 def script_for(audio_s: float) -> str:
     """Text the estimator sizes at no less than `audio_s` (so the runaway cap, 2x the
     estimate, never cuts a row before its max_audio_s)."""
-    from workers.estimate import audio_seconds_for
+    from workers.wire.estimate import audio_seconds_for
 
     words = ["hello", "there", "friends", "welcome", "to", "the", "show", "today"]
     text = ""
@@ -97,7 +97,7 @@ class FirstAudio:
 
 
 def submit_burst(pool, lengths: list[float], seed0: int, watch: FirstAudio) -> list:
-    from workers.messages import Turn
+    from workers.wire.messages import Turn
 
     handles = []
     for i, length in enumerate(lengths):
@@ -110,7 +110,7 @@ def submit_burst(pool, lengths: list[float], seed0: int, watch: FirstAudio) -> l
 
 
 def outcomes(handles, timeout: float) -> list[dict]:
-    from workers import messages as m
+    from workers.wire import messages as m
 
     out = []
     for h in handles:
@@ -137,7 +137,7 @@ def memory_holders(pool) -> dict:
     zygote's address spaces."""
     from gpu_respawn import gpu_memory_holders
 
-    from workers.zygote_probe import cuda_mappings
+    from workers.zygote.probe import cuda_mappings
 
     holders = gpu_memory_holders()
     workers = {w["pid"] for w in pool.status()["workers"] if w["pid"]}
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="vvp-gpu-pool-") as tmp:
         model = args.model
         if args.tiny and not model:
-            from workers.tiny import ensure_tiny_model
+            from workers.checkpoints.tiny import ensure_tiny_model
 
             model = ensure_tiny_model(os.path.join(tmp, "tiny"))
         if not model:

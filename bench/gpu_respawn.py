@@ -62,7 +62,7 @@ import json, os, sys, traceback
 preload = sys.argv[1:]
 first = {}
 def maps():
-    from workers.zygote_probe import cuda_mappings
+    from workers.zygote.probe import cuda_mappings
     with open("/proc/self/maps") as f:
         return cuda_mappings(f.read())
 def watch(mod, name):
@@ -77,7 +77,7 @@ def watch(mod, name):
 out = {"env_nvml_check": None, "after": {}}
 for i, modname in enumerate(preload):
     __import__(modname)
-    if modname == "workers.zygote" or i == 0:
+    if modname == "workers.zygote.preload" or i == 0:
         import torch
         out["env_nvml_check"] = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
         for n in ("is_available", "device_count", "_lazy_init", "init", "current_device",
@@ -141,8 +141,8 @@ def worker_measure(model_dir: str, device: int, results, release) -> None:
     del on_gpu, state
     if device >= 0:
         torch.cuda.empty_cache()
-    from workers.engine import EngineSpec
-    from workers.engines import build_engine
+    from workers.engines.contract import EngineSpec
+    from workers.engines.factory import build_engine
 
     t0 = time.monotonic()
     spec = EngineSpec(engine="vibevoice", model_path=model_dir, device=target.split(":")[0])
@@ -160,7 +160,7 @@ def respawn_on_gpu(model_dir: str, device: int = 0) -> dict:
     """The whole check; a dict of figures and verdicts (see the module doc)."""
     from vibevoice_pool.pool.warm_weights import WarmWeights
     from vibevoice_pool.pool.zygote import Zygote
-    from workers.zygote_probe import cuda_mappings, thread_count
+    from workers.zygote.probe import cuda_mappings, thread_count
 
     res: dict = {"model": model_dir, "gpu": device}
     zygote = Zygote("vibevoice")
@@ -241,7 +241,7 @@ def _build(folder: str, device: str) -> None:
     from bench_gpu_1p5b import full_size_config
     from transformers import VibeVoiceForConditionalGeneration
 
-    from workers.tiny import configure_generation, make_tiny_model
+    from workers.checkpoints.tiny import configure_generation, make_tiny_model
 
     make_tiny_model(folder)  # the tokenizer, the processor's files, the chat template
     for f in Path(folder).glob("*.safetensors"):
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
         model = build_full_size(args.build_full_size)
         print(f"built {model} in {time.monotonic() - t0:.0f} s", flush=True)
     if args.tiny:
-        from workers.tiny import ensure_tiny_model
+        from workers.checkpoints.tiny import ensure_tiny_model
 
         model = ensure_tiny_model(args.tiny)
     if not model:

@@ -1,7 +1,7 @@
 """What the zygote (the template process workers are forked from) holds.
 
 The parent starts the zygote with `multiprocessing`'s forkserver and names this
-module (and, for the model engine, `workers.zygote_model`) in its preload list:
+module (and, for the model engine, `workers.zygote.model`) in its preload list:
 the zygote imports them once, at launch, and every worker forked from it
 starts with those modules already in memory (copy-on-write). Nothing here may
 start a thread, touch a device or run a tensor operation: a fork copies only
@@ -12,7 +12,7 @@ The thread-count variables are set before numpy and torch are imported: both
 size their pools when their library loads, and OpenBLAS starts its pool at
 once, so it gets one thread whatever the environment says (numpy's own BLAS
 calls are small here; torch has its own pool). A worker sets torch's thread
-count after the fork (worker_main.run).
+count after the fork (workers.host.worker.run).
 
 PYTORCH_NVML_BASED_CUDA_CHECK=1 makes torch.cuda.is_available() and device_count()
 ask NVML instead of the CUDA runtime: asking the runtime loads the driver and
@@ -22,7 +22,7 @@ after its imports and every forked GPU worker failed to boot; the parent also
 checks the zygote's memory map after its warm-up and spawns workers instead when
 the driver is there (vibevoice_pool/pool/zygote.py).
 
-What a child forked from it inherited is checked by workers/zygote_probe.py.
+What a child forked from it inherited is checked by workers/zygote/probe.py.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # these size pools started 
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # a device query must not load CUDA
 
-import workers.board  # noqa: E402,F401
-import workers.messages  # noqa: E402,F401
-import workers.worker_main  # noqa: E402,F401
-from workers import sim  # noqa: E402,F401
-from workers.engines import build_engine  # noqa: E402,F401
+import workers.host.worker  # noqa: E402,F401
+import workers.wire.board  # noqa: E402,F401
+import workers.wire.messages  # noqa: E402,F401
+from workers.engines import sim  # noqa: E402,F401
+from workers.engines.factory import build_engine  # noqa: E402,F401
 
 IMPORT_S = time.monotonic() - _T0  # what this module's imports cost the zygote
