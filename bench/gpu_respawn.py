@@ -5,10 +5,14 @@ say so). With a model folder in the HF layout (`--model DIR`, or
 `--build-full-size DIR` to save VibeVoice-1.5B's architecture with random
 weights there first, about 5 GB, with bench_gpu_1p5b.full_size_config):
 
+    0. first, in a fresh interpreter, imports the zygote's preload one module at a
+       time and reports which one (if any) leaves the CUDA driver mapped, with the
+       stack of the first torch.cuda device query (cuda_touch_probe);
     1. starts the zygote as a pool does and checks it: no CUDA driver or
-       /dev/nvidia* mapped, one thread;
+       /dev/nvidia* mapped, one thread (when it has the driver, the pool does not
+       use it, and the worker below spawns instead: `worker_forked` says which);
     2. holds the weights in memory as a pool does (vibevoice_pool/pool/warm_weights.py);
-    3. forks a worker from the zygote that pins its GPU, then times
+    3. forks a worker from the zygote (spawns one, see 1) that pins its GPU, then times
        - CUDA init: the first CUDA call (driver, context) to a synchronised op,
        - weight copy: the held safetensors mapped and copied to the GPU (bytes/s),
        - the engine's whole load() as a worker runs it (from the held folder);
@@ -169,8 +173,10 @@ def respawn_on_gpu(model_dir: str, device: int = 0) -> dict:
     t0 = time.monotonic()
     zygote.start(wait_s=300)
     res["zygote_warm_s"] = time.monotonic() - t0
-    if not zygote.warm:
-        res["error"] = f"the zygote is not usable ({zygote.off_reason or 'timeout'})"
+    res["zygote_usable"] = zygote.warm  # not: the worker below spawns (and says why)
+    res["zygote_off_reason"] = zygote.off_reason
+    if zygote.pid is None:
+        res["error"] = f"the zygote did not start ({zygote.off_reason or 'timeout'})"
         return res
     with open(f"/proc/{zygote.pid}/maps") as f:
         res["zygote_cuda_mappings"] = cuda_mappings(f.read())
@@ -179,7 +185,7 @@ def respawn_on_gpu(model_dir: str, device: int = 0) -> dict:
     res["held_bytes"] = held.nbytes if held else 0
     res["hold_s"] = held.copy_s if held else None
     path = held.path if held else model_dir
-    ctx, _ = zygote.context()
+    ctx, res["worker_forked"] = zygote.context()
     results_r, results_w = ctx.Pipe(duplex=False)
     release_r, release_w = ctx.Pipe(duplex=False)
     child = ctx.Process(target=worker_measure, args=(path, device, results_w, release_r))

@@ -154,7 +154,7 @@ class Zygote:
         _use_preload(self.preload)
         self._warm_up_async()
         self._warming.join(timeout=wait_s)
-        if not self.warm:
+        if not self.warm and self._warming.is_alive():  # else the warm-up said why
             log.warning("The zygote is not warm after %.0f s: workers spawn meanwhile", wait_s)
 
     def context(self):
