@@ -18,6 +18,7 @@ front end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -150,9 +151,10 @@ async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> 
     """Wait for the whole result, then answer it encoded as `fmt`."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
     try:
-        async for event in handle.events():
-            if isinstance(event, m.Failed):
-                return error_response(m.PoolError(event.error, event.message))
+        async for _ in handle.stream():
+            pass
+    except m.PoolError as e:
+        return error_response(e)
     finally:
         watcher.cancel()
     pcm = handle.audio()
@@ -163,34 +165,39 @@ async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> 
     return Response(data, media_type=ctype, headers=headers_for(handle, len(pcm) / m.SAMPLE_RATE))
 
 
+async def encoded(handle: RequestHandle, enc: encoders.StreamEncoder):
+    """The handle's audio through `enc` as it is made: the header, each chunk's bytes,
+    the tail. Raises the PoolError the request failed with; the encoder is closed, and
+    a request still running when its reader stops (the client went away) is cancelled."""
+    try:
+        yield await encoders.run(enc, enc.start)
+        async for pcm in handle.stream():
+            data = await encoders.run(enc, enc.push, pcm)
+            if data:
+                yield data
+        yield await encoders.run(enc, enc.end)
+    finally:
+        enc.close()
+        if not handle.done:
+            handle.cancel()
+
+
 async def stream_response(handle: RequestHandle, fmt: str) -> Response:
     """Stream audio as the worker makes it. Waits for Started so X-Worker is known."""
-    events = handle.events()
-    first = await anext(events)
-    if isinstance(first, m.Failed):
-        return error_response(m.PoolError(first.error, first.message))
+    try:
+        await handle.started()
+    except m.PoolError as e:
+        return error_response(e)
     enc = encoders.StreamEncoder(fmt)
 
     async def body():
         try:
-            yield await encoders.run(enc, enc.start)
-            event = first
-            while True:
-                if isinstance(event, m.Chunk):
-                    data = await encoders.run(enc, enc.push, event.pcm)
-                    if data:
-                        yield data
-                elif isinstance(event, m.Failed):
-                    log.warning("stream %s ended early: %s", handle.id, event.message)
-                    return  # headers are sent; the short body is the signal
-                elif isinstance(event, m.Done):
-                    yield await encoders.run(enc, enc.end)
-                    return
-                event = await anext(events)
-        finally:
-            enc.close()
-            if not handle.done:
-                handle.cancel()  # the client went away mid-stream
+            async with contextlib.aclosing(encoded(handle, enc)) as pieces:
+                async for data in pieces:
+                    yield data
+        except m.PoolError as e:
+            log.warning("stream %s ended early: %s", handle.id, e.message)
+            # headers are sent; the short body is the signal
 
     headers = headers_for(handle) | STREAM_HEADERS
     return StreamingResponse(body(), media_type=enc.content_type, headers=headers)

@@ -15,12 +15,16 @@ requests go back to the head of the queue; one that has taken down
 request runs with the same seed; audio the client already has is skipped.
 
 Thread safety: one lock. submit() and cancel() come from the API's threads,
-on_message() and the worker events from the supervisor's loop thread.
+on_message() and the worker events from the supervisor's loop thread. Events
+for the listeners are queued under the lock and delivered after it is
+released, in order, by one thread at a time: a slow listener (the log, say)
+delays no submit, and a listener may call back into the dispatcher.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import random
@@ -101,6 +105,7 @@ class Dispatcher:
         self.mem_reserve_bytes = mem_reserve_bytes
         self.mem_per_audio_s_bytes = mem_per_audio_s_bytes
         self._lock = threading.RLock()
+        self._depth = 0  # how deep the lock is held (it is re-entrant)
         self._queue: collections.deque[_Job] = collections.deque()
         self._jobs: dict[str, _Job] = {}
         self._links: dict[int, Callable[[object], None]] = {}  # slot -> send
@@ -110,16 +115,27 @@ class Dispatcher:
         self._admitting = True
         self.work_ratio = 1.0  # measured audio / estimated audio (EMA)
         self.counters: collections.Counter[str] = collections.Counter()
-        self.listeners: list[ev.Listener] = []
+        self.listeners: tuple[ev.Listener, ...] = ()  # replaced whole, never changed in place
+        self._outbox: collections.deque[ev.PoolEvent] = collections.deque()
+        self._delivering = threading.Lock()  # held by the one thread calling listeners
 
     # ---- the API side --------------------------------------------------
+
+    def subscribe(self, listener: ev.Listener) -> None:
+        """Call `listener(event)` for each event, after the lock is released."""
+        with self._locked():
+            self.listeners = (*self.listeners, listener)
+
+    def unsubscribe(self, listener: ev.Listener) -> None:
+        with self._locked():
+            self.listeners = tuple(x for x in self.listeners if x is not listener)
 
     def new_id(self) -> str:
         return uuid.uuid4().hex[:16]
 
     def submit(self, request: m.Request) -> RequestHandle:
         """Accept a request or refuse it at once (OVERLOADED, UNAVAILABLE)."""
-        with self._lock:
+        with self._locked():
             if not self._admitting:
                 self.counters["refused_shutdown"] += 1
                 raise m.PoolError(m.ErrorKind.UNAVAILABLE, "the server is shutting down")
@@ -131,7 +147,7 @@ class Dispatcher:
                     retryable=True,
                 )
             request = replace(request, seq=next(self._seq))
-            handle = RequestHandle(request, self.cancel)
+            handle = RequestHandle(request, self.cancel, self.clock)
             job = _Job(request, handle, request.est_audio_s * self.work_ratio)
             self._jobs[request.id] = job
             self._queue.append(job)
@@ -140,7 +156,7 @@ class Dispatcher:
             return handle
 
     def cancel(self, request_id: str) -> None:
-        with self._lock:
+        with self._locked():
             job = self._jobs.get(request_id)
             if job is None:
                 return
@@ -162,14 +178,14 @@ class Dispatcher:
         return len(self._jobs)
 
     def stop_admitting(self) -> None:
-        with self._lock:
+        with self._locked():
             self._admitting = False
 
     def wind_down(self, grace_s: float) -> int:
         """Stop admitting, let what was accepted finish within grace_s, then answer
         the rest UNAVAILABLE (never dropped); how many were failed so."""
         self.stop_admitting()
-        deadline = time.monotonic() + grace_s
+        deadline = time.monotonic() + grace_s  # real time: it sleeps
         while self.pending() and time.monotonic() < deadline:
             time.sleep(0.05)
         left = self.fail_all(
@@ -183,7 +199,7 @@ class Dispatcher:
 
     def attach(self, slot: int, send: Callable[[object], None]) -> None:
         """A worker in `slot` is ready; `send` puts a message on its queue."""
-        with self._lock:
+        with self._locked():
             self._links[slot] = send
             self._draining.discard(slot)
             self.board.set(slot, Col.INFLIGHT, 0)
@@ -197,7 +213,7 @@ class Dispatcher:
         `blame=False` (a lost device, a removal) does not count toward quarantine.
         `blame_unstarted=True` counts requests whose Started never arrived too, for a
         backend that can lose the Started of a request that killed its worker (Ray)."""
-        with self._lock:
+        with self._locked():
             self._links.pop(slot, None)
             self._draining.discard(slot)
             held = [j for j in self._jobs.values() if j.slot == slot]
@@ -235,21 +251,21 @@ class Dispatcher:
 
     def drain(self, slot: int) -> None:
         """Send no new work to `slot`; what it holds may finish."""
-        with self._lock:
+        with self._locked():
             self._draining.add(slot)
 
     def undrain(self, slot: int) -> None:
         """Let a drained worker take new work again."""
-        with self._lock:
+        with self._locked():
             self._draining.discard(slot)
             self._pump_locked()
 
     def held_by(self, slot: int) -> int:
-        with self._lock:
+        with self._locked():
             return sum(1 for j in self._jobs.values() if j.slot == slot)
 
     def on_message(self, slot: int, msg) -> None:
-        with self._lock:
+        with self._locked():
             job = self._jobs.get(getattr(msg, "id", ""))
             if job is None or job.slot != slot:
                 return  # an answer for a request that moved on (cancelled, requeued)
@@ -273,7 +289,7 @@ class Dispatcher:
 
     def fail_all(self, error: m.ErrorKind, message: str) -> int:
         """Answer every request still pending (shutdown past its grace)."""
-        with self._lock:
+        with self._locked():
             jobs = list(self._jobs.values())
             self._queue.clear()
             for job in jobs:
@@ -285,7 +301,7 @@ class Dispatcher:
     def expire(self, timeout_s: float) -> None:
         """Fail requests older than timeout_s with TIMEOUT (called on each tick)."""
         now = self.clock()
-        with self._lock:
+        with self._locked():
             for job in [j for j in self._jobs.values() if now - j.handle.submitted_at > timeout_s]:
                 if job.slot is not None:
                     self._send(job.slot, m.Cancel(job.request.id))
@@ -340,9 +356,41 @@ class Dispatcher:
         job.handle.push(outcome)
         self._emit(ev.Finished(job.request, job.handle, outcome))
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the lock; when the outermost hold ends, deliver what was emitted."""
+        outer = False
+        try:
+            with self._lock:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                    outer = self._depth == 0
+        finally:
+            if outer:
+                self._deliver()
+
     def _emit(self, event: ev.PoolEvent) -> None:
-        for listener in self.listeners:
-            listener(event)
+        self._outbox.append(event)  # under the lock: the outbox keeps the lock's order
+
+    def _deliver(self) -> None:
+        """Call the listeners, outside the lock, in order. One thread delivers at a
+        time; a thread that finds another delivering leaves its events to it."""
+        while self._outbox:
+            if not self._delivering.acquire(blocking=False):
+                return
+            try:
+                while self._outbox:
+                    event = self._outbox.popleft()
+                    for listener in self.listeners:
+                        try:
+                            listener(event)
+                        except Exception:
+                            log.exception("a pool listener failed on %s", type(event).__name__)
+            finally:
+                self._delivering.release()
 
     def _eligible(self) -> list[View]:
         """Views of the workers that can take a request now. Each row is read from
@@ -385,7 +433,7 @@ class Dispatcher:
         return self.mem_reserve_bytes + work_s * self.mem_per_audio_s_bytes
 
     def pump(self) -> None:
-        with self._lock:
+        with self._locked():
             self._pump_locked()
 
     def _pump_locked(self) -> None:

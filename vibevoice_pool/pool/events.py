@@ -5,9 +5,10 @@
     Requeued     the slot was lost; the request waits in the queue again
     Finished     the request ended: outcome is Done or Failed
 
-`Pool.subscribe(listener)` calls `listener(event)` for each, on the
-dispatcher's thread under its lock: a listener must be quick and must not
-call back into the pool. Each carries the public Request and RequestHandle,
+`Pool.subscribe(listener)` calls `listener(event)` for each, in order, after
+the dispatcher's lock is released, on whichever pool thread emitted it (the
+supervisor's, or the caller of submit): a slow listener delays only later
+events, never a submit. A listener that raises is logged and skipped. Each carries the public Request and RequestHandle,
 never the dispatcher's own bookkeeping.
 """
 

@@ -186,10 +186,10 @@ class Pool:
 
     def subscribe(self, listener: ev.Listener) -> None:
         """Call `listener(event)` for each dispatcher event (pool/events.py)."""
-        self.dispatcher.listeners.append(listener)
+        self.dispatcher.subscribe(listener)
 
     def unsubscribe(self, listener: ev.Listener) -> None:
-        self.dispatcher.listeners.remove(listener)
+        self.dispatcher.unsubscribe(listener)
 
     def where(self, slot: int | None) -> str:
         """A slot as people name it: "GPU 1", or "worker 2 (cpu:2)"; "?" if unknown."""

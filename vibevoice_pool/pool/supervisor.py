@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from multiprocessing import connection
 
@@ -272,7 +271,7 @@ class Supervisor(SlotLifecycle):
                 self.policy.failed_retry_s,
             )
         elif action.verdict is Verdict.RESPAWN:
-            delay = action.at - time.monotonic()
+            delay = action.at - self.clock()
             log.warning(
                 "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; %s",
                 label,
@@ -283,10 +282,10 @@ class Supervisor(SlotLifecycle):
                 f"respawning in {delay:.0f} s" if delay > 0 else "respawning now",
             )
             if delay <= 0:
-                self._check_down(slot, time.monotonic())
+                self._check_down(slot, self.clock())
 
     def _tick(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for slot in self.slots:
             if slot.process is not None:
                 self._check_live(slot, now)
