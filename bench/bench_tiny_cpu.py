@@ -149,7 +149,7 @@ def drive(engine, rows: int, idle_only: bool, requests: list, offsets: list[floa
     engine.steps.max_rows = rows
     clock = Clock()
     sink = Times(clock)
-    host = StepHost(engine, sink, admit_only_when_idle=idle_only)
+    host = StepHost(engine, sink)
     t0 = 0.0
     i, n = 0, len(requests)
     step_walls: list[float] = []
@@ -167,7 +167,8 @@ def drive(engine, rows: int, idle_only: bool, requests: list, offsets: list[floa
                 joinable.add(req.id)
             host.submit(req)
             i += 1
-        host.admit()
+        if not idle_only or not host.live:  # static batches: rows join an empty engine only
+            host.admit()
         if host.live:
             occupancy.append(host.live)
             s = clock.now()

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vibevoice_pool.pool.dispatcher import Dispatcher
+
 ROOT = Path(__file__).resolve().parent.parent
 CHARS_PER_S = 15.0  # workers.wire.estimate: 15 characters of script = 1 s of audio
 SAMPLE_RATE = 24_000
@@ -417,3 +419,17 @@ def save_json(path: str | Path, data) -> None:
 
 def load_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+class ArrivalBinding(Dispatcher):
+    """The pool's dispatcher without late binding: each request goes to a worker's
+    own queue on arrival, room or not, as systems without late binding do."""
+
+    def has_room(self, inflight: int, capacity: int) -> bool:
+        return True
+
+
+def bind_at_arrival(dispatcher: Dispatcher, on: bool) -> None:
+    """Turn late binding off (on=True) or back on for a running pool's dispatcher: the
+    comparison of what late binding buys. A benchmark's mode, so it lives here."""
+    dispatcher.__class__ = ArrivalBinding if on else Dispatcher

@@ -179,7 +179,8 @@ def run_policy(
     """One policy on the workload; its latencies, and its own bound: the DES
     with the compute times the workers delivered in this very run."""
     d = pool.dispatcher
-    d.policy, d.bind_at_arrival = policy, bind
+    d.policy = policy
+    common.bind_at_arrival(d, bind)
     ctx = getattr(d, "_ctx", None)  # the policy's random generator: same draws per run
     if ctx is not None:
         ctx.rng.seed(seed)
@@ -193,7 +194,8 @@ def run_policy(
         start_at=start_at,
     )
     common.drain(pool)
-    d.policy, d.bind_at_arrival = "least_work", False
+    d.policy = "least_work"
+    common.bind_at_arrival(d, False)
     per = rec.by_request()
     lat, transit, per_slot = [], [], [0] * len(SPEEDS)
     points: dict[int, list[tuple[float, float]]] = {s: [] for s in range(len(SPEEDS))}

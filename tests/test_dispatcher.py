@@ -107,10 +107,10 @@ def test_a_request_that_took_down_two_workers_is_quarantined(board):
     d = Dispatcher(board, max_attempts=2)
     up(board, d, 0)
     h = d.submit(req(1, text="[[crash]]"))
-    d.on_message(0, m.Started("r1", 1, at=1.0))
+    d.on_message(0, m.Started("r1", at=1.0))
     d.worker_lost(0, "killed by SIGKILL")
     up(board, d, 1)
-    d.on_message(1, m.Started("r1", 1, at=2.0))
+    d.on_message(1, m.Started("r1", at=2.0))
     d.worker_lost(1, "killed by SIGKILL")
     assert isinstance(h.outcome, m.Failed) and h.outcome.error == m.ErrorKind.WORKER_LOST
     with pytest.raises(m.PoolError, match="2 workers"):
@@ -134,14 +134,14 @@ def test_a_replayed_stream_skips_audio_already_delivered(board):
 
 
 def test_a_request_still_waiting_in_a_dead_workers_queue_is_not_blamed(board):
-    d = Dispatcher(board, max_attempts=2, bind_at_arrival=True)
-    up(board, d, 0)
+    d = Dispatcher(board, max_attempts=2)
+    up(board, d, 0, capacity=2)  # r2 is in the worker's queue, behind r1
     running, waiting = d.submit(req(1)), d.submit(req(2))
-    d.on_message(0, m.Started("r1", 1, at=1.0))
+    d.on_message(0, m.Started("r1", at=1.0))
     for slot in (0, 1):  # two workers die, r2 never started on either
         d.worker_lost(slot, "killed by SIGKILL")
-        up(board, d, slot + 1)
-        d.on_message(slot + 1, m.Started("r1", 1, at=2.0))
+        up(board, d, slot + 1, capacity=2)
+        d.on_message(slot + 1, m.Started("r1", at=2.0))
     assert running.outcome.error == m.ErrorKind.WORKER_LOST
     assert not waiting.done
 
@@ -198,7 +198,7 @@ def test_listeners_get_typed_events_in_order(board):
     d.subscribe(seen.append)
     up(board, d, 0)
     h = d.submit(req(1))
-    d.on_message(0, m.Started("r1", 1, at=5.0))
+    d.on_message(0, m.Started("r1", at=5.0))
     d.on_message(0, m.Chunk("r1", 0, np.zeros(2400, np.float32)))
     d.worker_lost(0, "killed")
     up(board, d, 1)
@@ -326,3 +326,16 @@ def test_a_listener_that_raises_is_logged_and_the_rest_still_hear(board, caplog)
     d.unsubscribe(broken)
     d.on_message(0, m.Done("r1", 0.1, 0.1))
     assert len(heard) == 2
+
+
+def test_a_remote_traceback_goes_to_the_log_and_never_to_the_client(board, caplog):
+    d = Dispatcher(board)
+    up(board, d, 0)
+    h = d.submit(req(1))
+    tb = 'Traceback (most recent call last):\n  File "step.py", line 9, in step\nKeyError: 3\n'
+    d.on_message(0, m.Failed("r1", m.ErrorKind.ENGINE_ERROR, "KeyError: 3", traceback=tb))
+    assert 'File "step.py", line 9, in step' in caplog.text and "request r1" in caplog.text
+    assert h.outcome.traceback == "" and h.outcome.message == "KeyError: 3"
+    with pytest.raises(m.PoolError) as e:
+        h.result(0)
+    assert "Traceback" not in str(e.value) and e.value.traceback == ""

@@ -102,6 +102,26 @@ def test_a_stuck_engine_is_killed_by_the_stall_timeout(sim_pool):
         assert e.value.kind == m.ErrorKind.WORKER_LOST
 
 
+def test_a_stalled_worker_leaves_its_python_stack_in_the_log(sim_pool, caplog):
+    caplog.set_level("WARNING", logger="vibevoice_pool")
+    with sim_pool(gpus="cpu:1", stall_timeout_s=1.0) as pool:
+        victim = worker(pool, 0)
+        stuck = submit(pool, text="Speaker 1: this one hangs [[hang]]")
+        with pytest.raises(m.PoolError) as e:
+            stuck.result(timeout=60)
+        assert e.value.kind == m.ErrorKind.WORKER_LOST
+        assert "Traceback" not in e.value.message  # the stack is for the log, not the client
+    # one stack per worker it stalled (it is replayed once, then quarantined)
+    stacks = [r.getMessage() for r in caplog.records if "stack when it ended" in r.getMessage()]
+    assert stacks and f"pid {victim['pid']}" in stacks[0], caplog.text
+    stack = stacks[0]
+    # where it was stuck: the sim's step, waiting on an event that never comes, called
+    # by the worker loop; and every other thread (heartbeat, death pipe) too
+    assert "engines/sim.py" in stack and "in step" in stack and "in wait" in stack
+    assert "host/worker.py" in stack and "in _loop" in stack and "in _beat" in stack
+    assert "killed by SIGKILL" in caplog.text  # asked first, then killed
+
+
 def test_a_poisoned_request_is_quarantined_after_two_lost_workers(sim_pool):
     with sim_pool(gpus="cpu:2", sim_rtf=0.1) as pool:
         poison = submit(pool, text="Speaker 1: this one crashes [[crash]]")

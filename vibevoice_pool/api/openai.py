@@ -98,7 +98,7 @@ class SpeechBody(BaseModel):
         None, description="stream while it is made (default: yes, but flac whole)"
     )
     seed: int | None = Field(None, ge=0, lt=2**31)
-    cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
+    cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE)
     inference_steps: int | None = Field(None, ge=1, le=100)
 
 

@@ -54,7 +54,7 @@ class SynthesizeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     script: str = Field(..., description="'Speaker 1: ...' lines; speakers 1-4 (or 0-3)")
     speakers: list[Speaker] = Field(default_factory=list, max_length=MAX_SPEAKERS)
-    cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
+    cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE)
     inference_steps: int | None = Field(None, ge=1, le=100)
     seed: int | None = Field(None, ge=0, lt=2**31)
     format: str = Field("wav", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)})

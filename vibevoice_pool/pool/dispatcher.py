@@ -64,6 +64,7 @@ class _Job:
     request: m.Request
     handle: RequestHandle
     work_s: float  # estimated audio seconds, corrected by measurement
+    seq: int  # the order of arrival
     lost: int = 0  # workers this request was on when they died
     slot: int | None = None
     left_s: float = 0.0  # estimated work still to do on its slot
@@ -85,7 +86,6 @@ class Dispatcher:
         max_attempts: int = 2,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
-        bind_at_arrival: bool = False,
         mem_reserve_bytes: float = 0.0,
         mem_per_audio_s_bytes: float = 0.0,
         quarantined: Callable[[int], bool] | None = None,
@@ -97,9 +97,6 @@ class Dispatcher:
         # the recovery policy's rule (RecoveryPolicy.quarantined) when Pool gives it
         self.quarantined = quarantined or (lambda lost: lost >= self.max_attempts)
         self.clock = clock
-        # True: every request goes to a worker's own queue at once, as systems
-        # without late binding do (kept to measure what late binding buys).
-        self.bind_at_arrival = bind_at_arrival
         # A GPU worker is chosen only when its free memory covers the request's
         # estimated need: reserve + work_s * per-audio-second.
         self.mem_reserve_bytes = mem_reserve_bytes
@@ -146,9 +143,8 @@ class Dispatcher:
                     f"the queue is full ({self.max_queue} waiting); retry in a few seconds",
                     retryable=True,
                 )
-            request = replace(request, seq=next(self._seq))
             handle = RequestHandle(request, self.cancel, self.clock)
-            job = _Job(request, handle, request.est_audio_s * self.work_ratio)
+            job = _Job(request, handle, request.est_audio_s * self.work_ratio, next(self._seq))
             self._jobs[request.id] = job
             self._queue.append(job)
             self.counters["accepted"] += 1
@@ -217,7 +213,7 @@ class Dispatcher:
             self._links.pop(slot, None)
             self._draining.discard(slot)
             held = [j for j in self._jobs.values() if j.slot == slot]
-            held.sort(key=lambda j: j.request.seq, reverse=True)
+            held.sort(key=lambda j: j.seq, reverse=True)
             for job in held:
                 # Only a request that was running can have taken its worker down; one
                 # still waiting in the worker's queue is not counted toward quarantine.
@@ -283,6 +279,15 @@ class Dispatcher:
                 self._release(job)
                 self._finish(job, msg)
             elif isinstance(msg, m.Failed):
+                if msg.traceback:  # for the log; a client gets the message only
+                    log.error(
+                        "request %s failed in worker %d: %s\n%s",
+                        msg.id,
+                        slot,
+                        msg.message,
+                        msg.traceback.rstrip(),
+                    )
+                    msg = replace(msg, traceback="")
                 self._release(job)
                 self._finish(job, msg)
             self._pump_locked()
@@ -407,7 +412,7 @@ class Dispatcher:
             if row[_BATCH_LIMIT] >= 1:
                 capacity = min(capacity, int(row[_BATCH_LIMIT]))
             inflight = int(row[_INFLIGHT])
-            if inflight >= capacity and not self.bind_at_arrival:
+            if not self.has_room(inflight, capacity):
                 continue
             mem_total = row[_MEM_TOTAL]
             if row[_DEVICE] < 0 or mem_total <= 0:
@@ -428,6 +433,17 @@ class Dispatcher:
                 )
             )
         return views
+
+    def has_room(self, inflight: int, capacity: int) -> bool:
+        """Late binding: a slot takes a request only while it holds fewer than its
+        capacity (a benchmark overrides this to measure binding at arrival)."""
+        return inflight < capacity
+
+    def current(self, slot: int) -> int | None:
+        """The arrival number of the oldest request the slot is running, if any."""
+        with self._lock:
+            running = [j.seq for j in self._jobs.values() if j.slot == slot and j.running]
+        return min(running, default=None)
 
     def mem_need(self, work_s: float) -> float:
         return self.mem_reserve_bytes + work_s * self.mem_per_audio_s_bytes
@@ -456,7 +472,6 @@ class Dispatcher:
             job.handle.worker = slot
             self.board.add(slot, Col.INFLIGHT, 1)
             self.board.add(slot, Col.QUEUED_WORK_S, job.work_s)
-            self.board.add(slot, Col.ASSIGNED, 1)
             sends.append((slot, job, score, views[i]))
         if not sends:
             return
