@@ -58,7 +58,7 @@ format: setup
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--keep /tmp/bench" keeps the raw figures.
 bench: setup
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[test,ray,bench]'
-	$(PY) bench/run_all.py $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -433,3 +433,34 @@ def bind_at_arrival(dispatcher: Dispatcher, on: bool) -> None:
     """Turn late binding off (on=True) or back on for a running pool's dispatcher: the
     comparison of what late binding buys. A benchmark's mode, so it lives here."""
     dispatcher.__class__ = ArrivalBinding if on else Dispatcher
+
+
+# ---- the record's pieces every section uses ----------------------------------
+
+
+def failed(name: str, section) -> list[str]:
+    """A section that did not run (None) or failed, as the record says it."""
+    if section is None:
+        return ["Not run in this run (`--only`).", ""]
+    return [
+        f"**This section failed** (exit code {section['rc']}):",
+        "",
+        "```",
+        section.get("error", ""),
+        "```",
+        "",
+    ]
+
+
+def pct(ratio: float) -> str:
+    return f"{(1 - ratio) * 100:.0f}% below" if ratio <= 1 else f"{(ratio - 1) * 100:.0f}% above"
+
+
+def plotted(plot, res: dict, img_dir) -> list[str]:
+    """The files a section's `plot` drew; none where matplotlib (the bench extra,
+    which `make bench` installs) is missing, so the record is still written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    return plot(res, img_dir)
