@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench import common, report
+from bench.overhead import record as overhead
+from bench.recovery import record as recovery
 from bench.scheduling import record as scheduling
 
 DATA = Path(__file__).parent / "data" / "bench"
@@ -105,3 +107,41 @@ def test_the_record_assembles_every_section_from_the_saved_figures(tmp_path):
     assert "| section `respawn` | failed | **not measured** |" in doc
     assert "**This section failed** (exit code 1):" in doc
     assert "Not run in this run (`--only`)." in doc  # tiny and ray were not asked for
+
+
+def test_overhead_targets_and_tables_come_from_the_saved_latencies():
+    res = figures("overhead")
+    t = overhead.targets(res)
+    total = res["latency"]["total"]
+    assert (t["p50"], t["p99"]) == (total["p50"], total["p99"])
+    assert t["ok_p50"] == (total["p50"] < 0.3e-3) and t["ok_http"] == (res["http"]["ratio"] <= 1.5)
+    rows = overhead.target_rows(res)
+    assert rows[0] == [
+        "enqueue-to-worker p50 under 0.3 ms",
+        f"{total['p50'] * 1e3:.3f} ms",
+        common.verdict(total["p50"] < 0.3e-3),
+    ]
+    assert rows[2][1] == f"bare / pool = {res['http']['ratio']:.2f}x"
+    assert "submit() -> dispatched" in overhead.render(res)
+
+
+def test_recovery_targets_count_the_saved_kills_and_losses():
+    res = figures("recovery")
+    k = res["phases"]["kills"]
+    t = recovery.targets(res)
+    assert t["kills"] == len(k["kills"]) and t["ok_count"] == (len(k["kills"]) >= 20)
+    assert t["lost"] == k["lost"] + k["bad_audio_count"] and t["ok_lost"] == (t["lost"] == 0)
+    rows = {row[0]: row[1:] for row in recovery.target_rows(res)}
+    assert rows["at least 20 kills"] == [str(len(k["kills"])), common.verdict(t["ok_count"])]
+    detect = rows["detection (kill -> dead) median under 100 ms"]
+    assert detect == [
+        f"{k['detect']['p50'] * 1e3:.1f} ms",
+        common.verdict(k["detect"]["p50"] < 0.1),
+    ]
+    text = "\n".join(recovery.section({"data": res, "rc": 0}, Path("unused"), "img"))
+    assert text.startswith("## 3. Recovery under fire")
+    assert f"-> dispatched p50 {k['redispatch']['p50'] * 1e3:.1f} ms" in text
+    most = max(
+        sum(1 for x in k["kills"] if x["slot"] == s) for s in {x["slot"] for x in k["kills"]}
+    )
+    assert f"dies up to {most} times" in text

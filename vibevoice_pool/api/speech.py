@@ -22,14 +22,16 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import audio, encoders
+from vibevoice_pool.api.auth import KeyRing
 from vibevoice_pool.api.errors import error_response, status_for
+from vibevoice_pool.api.metrics import Activity
 from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.pool.handle import RequestHandle
@@ -62,18 +64,27 @@ class SynthesizeBody(BaseModel):
     max_audio_s: float | None = Field(None, gt=0)
 
 
+class StreamTokens(Protocol):
+    """The page's live audio streams (ui/live.LiveStreams), as the API's key check
+    sees them: a path it lets through without a key."""
+
+    def allows(self, path: str) -> bool: ...
+
+
 @dataclass
 class Front:
-    """What every route needs: the pool, the voices, the settings."""
+    """What every route needs: the pool, the voices, the settings, and the services
+    launch adds (each None until then)."""
 
     pool: Pool
     voices: VoiceLibrary
     cfg: PoolConfig  # cfg.api_key is the resolved key (auth.resolve_api_key)
-    activity: Any = None  # api.metrics.Activity; made by create_app when not given
+    activity: Activity | None = None  # made by create_app when not given
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
-    stream_tokens: object = field(default=None, repr=False)  # the page's live streams
-    jobs: Any = None  # the JobRunner (vibevoice_pool/jobs/runner.py), set at launch
-    keys: Any = None  # auth.KeyRing (--api-key and --api-keys), set at launch
+    stream_tokens: StreamTokens | None = field(default=None, repr=False)
+    # the JobRunner (jobs/runner.py, which imports this module: so not named here)
+    jobs: object | None = None
+    keys: KeyRing | None = None  # --api-key and --api-keys, set at launch
 
     def refused(self, err: m.PoolError) -> None:
         """Count an error answered before admission (for /metrics)."""
