@@ -464,3 +464,29 @@ def plotted(plot, res: dict, img_dir) -> list[str]:
     except ImportError:
         return []
     return plot(res, img_dir)
+
+
+def rows(*targets: tuple[str, str, bool]) -> list[list[str]]:
+    """Rows of the targets table: (what, measured, met) -> [what, measured, verdict]."""
+    return [[what, got, verdict(ok)] for what, got, ok in targets]
+
+
+def opening(title: str, name: str, section, render, plot, img_dir, rel: str):
+    """A section's heading, its tables and plots; (lines, figures), or the failure and
+    None where the section did not run or failed."""
+    out = [title, ""]
+    if not section or "data" not in section:
+        return out + failed(name, section), None
+    res = section["data"]
+    out += [render(res), ""]
+    for file in plotted(plot, res, img_dir):
+        out += [f"![{file}]({rel}/{file})", ""]
+    return out, res
+
+
+def save_plot(plt, fig, img_dir, name: str) -> str:
+    """Lay out, write and close a section's figure; its file name."""
+    fig.tight_layout()
+    fig.savefig(Path(img_dir) / name, dpi=110)
+    plt.close(fig)
+    return name

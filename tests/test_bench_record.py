@@ -125,7 +125,7 @@ def test_overhead_targets_and_tables_come_from_the_saved_latencies():
     assert "submit() -> dispatched" in overhead.render(res)
 
 
-def test_recovery_targets_count_the_saved_kills_and_losses():
+def test_recovery_targets_count_the_saved_kills_and_losses(tmp_path):
     res = figures("recovery")
     k = res["phases"]["kills"]
     t = recovery.targets(res)
@@ -138,7 +138,7 @@ def test_recovery_targets_count_the_saved_kills_and_losses():
         f"{k['detect']['p50'] * 1e3:.1f} ms",
         common.verdict(k["detect"]["p50"] < 0.1),
     ]
-    text = "\n".join(recovery.section({"data": res, "rc": 0}, Path("unused"), "img"))
+    text = "\n".join(recovery.section({"data": res, "rc": 0}, tmp_path, "img"))
     assert text.startswith("## 3. Recovery under fire")
     assert f"-> dispatched p50 {k['redispatch']['p50'] * 1e3:.1f} ms" in text
     most = max(

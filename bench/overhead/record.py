@@ -151,11 +151,7 @@ def plot(res: dict, img_dir) -> list[str]:
     ax.set_title("Enqueue-to-worker latency, zero-work requests")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = img_dir / "dispatch_latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
+    return [common.save_plot(plt, fig, img_dir, "dispatch_latency.png")]
 
 
 # ---- in the record (bench/report.py assembles the sections) ---------------
@@ -163,40 +159,24 @@ def plot(res: dict, img_dir) -> list[str]:
 
 def target_rows(o: dict) -> list[list[str]]:
     """This section's rows of the record's targets table."""
-    rows = []
     t = targets(o)
-    rows.append(
-        [
-            "enqueue-to-worker p50 under 0.3 ms",
-            f"{t['p50'] * 1e3:.3f} ms",
-            common.verdict(t["ok_p50"]),
-        ]
-    )
-    rows.append(
-        [
-            "enqueue-to-worker p99 under 1 ms",
-            f"{t['p99'] * 1e3:.3f} ms",
-            common.verdict(t["ok_p99"]),
-        ]
-    )
-    rows.append(
-        [
+    return common.rows(
+        ("enqueue-to-worker p50 under 0.3 ms", f"{t['p50'] * 1e3:.3f} ms", t["ok_p50"]),
+        ("enqueue-to-worker p99 under 1 ms", f"{t['p99'] * 1e3:.3f} ms", t["ok_p99"]),
+        (
             "HTTP requests/s within 1.5x of a bare FastAPI handler",
             f"bare / pool = {t['http_ratio']:.2f}x",
-            common.verdict(t["ok_http"]),
-        ]
+            t["ok_http"],
+        ),
     )
-    return rows
 
 
 def section(sec, img_dir: Path, rel: str) -> list[str]:
-    out = ["## 2. Dispatch overhead", ""]
-    if not sec or "data" not in sec:
-        return out + common.failed("overhead", sec)
-    res = sec["data"]
-    out += [render(res), ""]
-    for name in common.plotted(plot, res, img_dir):
-        out += [f"![{name}]({rel}/{name})", ""]
+    out, res = common.opening(
+        "## 2. Dispatch overhead", "overhead", sec, render, plot, img_dir, rel
+    )
+    if res is None:
+        return out
     lat, h = res["latency"], res["http"]
     seq, asg = h["sequential"], res.get("asgi", {})
     out += [

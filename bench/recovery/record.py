@@ -151,11 +151,7 @@ def plot(res: dict, img_dir) -> list[str]:
     ax.set_ylabel("fraction of kills")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = img_dir / "recovery.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
+    return [common.save_plot(plt, fig, img_dir, "recovery.png")]
 
 
 # ---- in the record (bench/report.py assembles the sections) ---------------
@@ -163,42 +159,30 @@ def plot(res: dict, img_dir) -> list[str]:
 
 def target_rows(r: dict) -> list[list[str]]:
     """This section's rows of the record's targets table."""
-    rows = []
     t = targets(r)
-    rows.append(["no request lost under kills", f"{t['lost']} lost", common.verdict(t["ok_lost"])])
-    rows.append(
-        [
-            "no request duplicated under kills",
-            f"{t['duplicated']} duplicated",
-            common.verdict(t["ok_dup"]),
-        ]
-    )
-    rows.append(["at least 20 kills", f"{t['kills']}", common.verdict(t["ok_count"])])
-    rows.append(
-        [
+    return common.rows(
+        ("no request lost under kills", f"{t['lost']} lost", t["ok_lost"]),
+        ("no request duplicated under kills", f"{t['duplicated']} duplicated", t["ok_dup"]),
+        ("at least 20 kills", f"{t['kills']}", t["ok_count"]),
+        (
             "detection (kill -> dead) median under 100 ms",
             f"{t['detect_p50'] * 1e3:.1f} ms",
-            common.verdict(t["ok_detect"]),
-        ]
-    )
-    rows.append(
-        [
+            t["ok_detect"],
+        ),
+        (
             "re-dispatch (kill -> dispatched again) median under 250 ms",
             f"{t['redispatch_p50'] * 1e3:.1f} ms",
-            common.verdict(t["ok_redispatch"]),
-        ]
+            t["ok_redispatch"],
+        ),
     )
-    return rows
 
 
 def section(sec, img_dir: Path, rel: str) -> list[str]:
-    out = ["## 3. Recovery under fire", ""]
-    if not sec or "data" not in sec:
-        return out + common.failed("recovery", sec)
-    res = sec["data"]
-    out += [render(res), ""]
-    for name in common.plotted(plot, res, img_dir):
-        out += [f"![{name}]({rel}/{name})", ""]
+    out, res = common.opening(
+        "## 3. Recovery under fire", "recovery", sec, render, plot, img_dir, rel
+    )
+    if res is None:
+        return out
     k = res["phases"]["kills"]
     out += [
         "### Reading the figures",

@@ -235,38 +235,32 @@ def target_rows(s: dict) -> list[list[str]]:
     rows = []
     for t in targets(s):
         cv = f"CV {t['cv']:g}, load 0.9"
-        rows.append(
-            [
+        rows += common.rows(
+            (
                 f"least_work p99 within 10% of the bound ({cv})",
                 f"{t['vs_bound']:.2f}x the bound",
-                common.verdict(t["ok_bound"]),
-            ]
-        )
-        rows.append(
-            [
+                t["ok_bound"],
+            ),
+            (
                 f"least_work p99 at least 15% below seed ({cv})",
-                f"{common.pct(t['vs_seed'])}",
-                common.verdict(t["ok_seed"]),
-            ]
-        )
-        rows.append(
-            [
+                common.pct(t["vs_seed"]),
+                t["ok_seed"],
+            ),
+            (
                 f"least_work p99 at least 15% below least_queue ({cv})",
-                f"{common.pct(t['vs_least_queue'])}",
-                common.verdict(t["ok_least_queue"]),
-            ]
+                common.pct(t["vs_least_queue"]),
+                t["ok_least_queue"],
+            ),
         )
     return rows
 
 
 def section(sec, img_dir: Path, rel: str) -> list[str]:
-    out = ["## 1. Scheduling quality", ""]
-    if not sec or "data" not in sec:
-        return out + common.failed("scheduling", sec)
-    res = sec["data"]
-    out += [render(res), ""]
-    for name in common.plotted(plot, res, img_dir):
-        out += [f"![{name}]({rel}/{name})", ""]
+    out, res = common.opening(
+        "## 1. Scheduling quality", "scheduling", sec, render, plot, img_dir, rel
+    )
+    if res is None:
+        return out
     out += _scheduling_why(res)
     return out
 
