@@ -12,7 +12,7 @@ same replica code (workers.host.ray_replica.SlotReplica for both Ray ones):
                   default 5 (requests queue inside the replicas)
 
 Two workloads, driven the same way through each system's in-process client
-(Pool.submit + RequestHandle.events; DeploymentHandle.remote, stream=True):
+(Pool.submit + RequestHandle.stream; DeploymentHandle.remote, stream=True):
 
     zero   zero-work requests (sim_rtf 0: 0.5 s of tone, no sleep), 8 clients in
            a closed loop: requests/s and latency
@@ -76,7 +76,7 @@ def sizes_for(n: int) -> dict:
 
 
 class PoolSystem:
-    """The pool (local or on Ray), driven through submit + handle.events()."""
+    """The pool (local or on Ray), driven through submit + handle.stream()."""
 
     def __init__(self, backend: str, sim_rtf: float):
         settings = {"gpus": "cpu:2", "sim_rtf": sim_rtf, "backend": backend}
@@ -89,9 +89,12 @@ class PoolSystem:
         from workers.wire import messages as m
 
         handle = self.pool.submit(req)
-        async for _ in handle.events():
-            pass
-        return isinstance(handle.outcome, m.Done)
+        try:
+            async for _ in handle.stream():
+                pass
+        except m.PoolError:
+            return False
+        return True
 
     def close(self) -> None:
         self.pool.shutdown(grace_s=0)
