@@ -112,20 +112,16 @@ class Dispatcher:
         self._admitting = True
         self.work_ratio = 1.0  # measured audio / estimated audio (EMA)
         self.counters: collections.Counter[str] = collections.Counter()
-        self.listeners: tuple[ev.Listener, ...] = ()  # replaced whole, never changed in place
-        self._outbox: collections.deque[ev.PoolEvent] = collections.deque()
-        self._delivering = threading.Lock()  # held by the one thread calling listeners
+        self.listeners = ev.Listeners()  # hear the events after the lock is released
 
     # ---- the API side --------------------------------------------------
 
     def subscribe(self, listener: ev.Listener) -> None:
         """Call `listener(event)` for each event, after the lock is released."""
-        with self._locked():
-            self.listeners = (*self.listeners, listener)
+        self.listeners.add(listener)
 
     def unsubscribe(self, listener: ev.Listener) -> None:
-        with self._locked():
-            self.listeners = tuple(x for x in self.listeners if x is not listener)
+        self.listeners.remove(listener)
 
     def new_id(self) -> str:
         return uuid.uuid4().hex[:16]
@@ -375,27 +371,10 @@ class Dispatcher:
                     outer = self._depth == 0
         finally:
             if outer:
-                self._deliver()
+                self.listeners.deliver()
 
     def _emit(self, event: ev.PoolEvent) -> None:
-        self._outbox.append(event)  # under the lock: the outbox keeps the lock's order
-
-    def _deliver(self) -> None:
-        """Call the listeners, outside the lock, in order. One thread delivers at a
-        time; a thread that finds another delivering leaves its events to it."""
-        while self._outbox:
-            if not self._delivering.acquire(blocking=False):
-                return
-            try:
-                while self._outbox:
-                    event = self._outbox.popleft()
-                    for listener in self.listeners:
-                        try:
-                            listener(event)
-                        except Exception:
-                            log.exception("a pool listener failed on %s", type(event).__name__)
-            finally:
-                self._delivering.release()
+        self.listeners.queue(event)  # under the lock: the queue keeps the lock's order
 
     def _eligible(self) -> list[View]:
         """Views of the workers that can take a request now. Each row is read from
