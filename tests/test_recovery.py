@@ -155,6 +155,27 @@ def test_engine_errors_fail_the_request_and_the_worker_lives_on(sim_pool):
         assert worker(pool, 0)["pid"] == pid and worker(pool, 0)["restarts"] == 0
 
 
+def test_an_engine_bug_leaves_its_traceback_in_the_log_and_its_message_to_the_client(
+    sim_pool, caplog
+):
+    caplog.set_level("ERROR", logger="vibevoice_pool")
+    with sim_pool(gpus="cpu:1") as pool:
+        pid = worker(pool, 0)["pid"]
+        # poisoned: a turn whose text is not text, built past the API's checks
+        poisoned = m.Request(id=pool.dispatcher.new_id(), turns=(m.Turn(0, None),))
+        with pytest.raises(m.PoolError) as e:
+            pool.submit(poisoned).result(timeout=30)
+        assert e.value.kind == m.ErrorKind.ENGINE_ERROR
+        assert e.value.message.startswith("TypeError:") and "Traceback" not in e.value.message
+        assert len(submit(pool).result(timeout=30)) == expected_samples(TEXT)
+        assert worker(pool, 0)["pid"] == pid  # the worker lived on
+    logged = [r.getMessage() for r in caplog.records if "failed in worker 0" in r.getMessage()]
+    assert len(logged) == 1, caplog.text
+    # the worker's own traceback, carried home: where in the engine it broke
+    assert "Traceback (most recent call last)" in logged[0]
+    assert "engines/sim.py" in logged[0] and "in prepare" in logged[0]
+
+
 def test_cancel_mid_generation_frees_the_slot(sim_pool):
     with sim_pool(gpus="cpu:1", sim_rtf=0.5) as pool:
         long = submit(pool, text="Speaker 1: " + "words " * 200)
