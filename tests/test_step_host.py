@@ -100,6 +100,7 @@ def test_an_engine_error_fails_every_open_row_and_the_host_goes_on(monkeypatch):
     err = sink.errors["a"]  # the message is for clients; the traceback is for the log
     assert err.message == "RuntimeError: device lost"
     assert "Traceback" in err.traceback and "in broken" in err.traceback
+    assert repr(err) == "PoolError(engine_error: RuntimeError: device lost)"
     monkeypatch.undo()
     assert run(h, {0: [req("c", 0.5)]})[0] == ["c"]
     assert ("finish", "c") in sink.events

@@ -68,6 +68,9 @@ class PoolError(Exception):
         self.retryable = retryable
         self.traceback = ""  # where an unexpected exception became this error (for the log)
 
+    def __repr__(self) -> str:
+        return f"PoolError({self.kind.value}: {self.message})"
+
 
 def unexpected(err: BaseException) -> PoolError:
     """An engine's unexpected exception as ENGINE_ERROR, its traceback kept for the
@@ -77,9 +80,6 @@ def unexpected(err: BaseException) -> PoolError:
     e = PoolError(ErrorKind.ENGINE_ERROR, f"{type(err).__name__}: {err}")
     e.traceback = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     return e
-
-    def __repr__(self) -> str:
-        return f"PoolError({self.kind.value}: {self.message})"
 
 
 @dataclass(frozen=True)
