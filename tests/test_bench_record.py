@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import common, report
+from bench import common, gpu_record, report
 from bench.overhead import record as overhead
 from bench.recovery import record as recovery
 from bench.scheduling import record as scheduling
@@ -145,3 +145,14 @@ def test_recovery_targets_count_the_saved_kills_and_losses(tmp_path):
         sum(1 for x in k["kills"] if x["slot"] == s) for s in {x["slot"] for x in k["kills"]}
     )
     assert f"dies up to {most} times" in text
+
+
+def test_the_gpu_section_is_written_from_the_newest_saved_gpu_run():
+    path = gpu_record.newest()
+    assert path is not None and path.parent.name == "gpu"
+    run = json.loads(path.read_text())
+    text = "\n".join(gpu_record.section(path))
+    assert text.startswith("## 6. On a GPU")
+    assert f"| date | {run['date']} |" in text and f"({run['run_wall_s']:.0f} s)" in text
+    doc = report._not_run(peer_ran=True)
+    assert doc[: len(gpu_record.section(path))] == gpu_record.section(path)

@@ -92,7 +92,9 @@ def test_no_module_over_500_lines():
     assert {n: k for n, k in long.items() if k > 500} == {}
 
 
-GPU_SCRIPTS = ("bench_gpu_1p5b.py", "gpu_respawn.py")  # run as `python bench/<name>.py`
+# standalone scripts for a GPU machine, run as `python bench/<name>.py` (gpu_all.py runs
+# the others); everything else in bench/ is the package
+GPU_SCRIPTS = ("bench_gpu_1p5b.py", "gpu_respawn.py", "gpu_pool.py", "gpu_all.py")
 
 
 def test_the_benchmarks_are_a_package_that_edits_no_import_path():
