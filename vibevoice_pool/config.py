@@ -153,10 +153,6 @@ class PoolConfig(BaseModel):
     max_queue: int = SCHEDULING(
         50, "admission queue; when full, requests are refused at once (HTTP 429)", gt=0
     )
-    bind_at_arrival: bool = SCHEDULING(
-        False,
-        "send each request to a worker's own queue on arrival (for comparison: late binding wins)",
-    )
     mem_reserve_mb: float = SCHEDULING(
         1024.0, "GPU memory in MiB a request needs beyond its length", ge=0
     )
