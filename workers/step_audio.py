@@ -77,7 +77,10 @@ class Speech:
             cond = torch.cat([pos_cond[sel], neg_cond[sel]])
             noise = [torch.randn(self.width, generator=rows[k].state.generator) for k in members]
             x = torch.stack(noise).to(cond)
-            scale = torch.tensor([[rows[k].request.cfg_scale] for k in members]).to(cond)
+            # float32 even in a bf16 model (1.3 would be 1.296875): microsoft multiplies by a
+            # Python float, which the kernel applies at float32 precision
+            scale = torch.tensor([[float(rows[k].request.cfg_scale)] for k in members])
+            scale = scale.to(self.device)
             sched = self._scheduler(steps)
             sched.set_timesteps(num_inference_steps=steps)
             latent = torch.cat([x, x])
@@ -85,7 +88,7 @@ class Speech:
                 both = torch.cat([latent[:n], latent[:n]])
                 eps = self.head(both, t.repeat(2 * n).to(both), condition=cond)
                 cond_eps, uncond_eps = torch.split(eps, n)
-                guided = uncond_eps + scale * (cond_eps - uncond_eps)
+                guided = uncond_eps + (scale * (cond_eps - uncond_eps)).to(cond_eps.dtype)
                 latent = sched.step(torch.cat([guided, guided]), t, latent).prev_sample
             out[sel] = latent[:n]
         return out[:, None]

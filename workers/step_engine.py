@@ -9,9 +9,12 @@ compare each row with. The engine owns the running set of rows. Each call to
      each voice's latent noise from its own row's generator, so it never
      depends on the neighbours); their KV joins the batch (step_caches.BranchKV,
      left-padded, per-row positions);
-  2. picks each row's token among the four VibeVoice allows (argmax);
-  3. per row, as microsoft's loop does: EOS ends it; speech_end zeroes its
-     stream caches; speech_start resets its negative branch to its first entry;
+  2. picks each row's token among the four VibeVoice allows (argmax over their
+     logits alone, computed in float32 from the four lm_head rows sliced at load);
+  3. per row, as microsoft's loop does: EOS ends it; a row at its step cap ends
+     before it acts (its capping step); speech_end zeroes its stream caches;
+     speech_start restarts its negative branch (its next negative token attends
+     only itself, at position 0);
   4. for the rows that drew the audio token: one negative LM forward (the rows
      that do not diffuse get a masked column and keep their position, so their
      unconditional context does not grow), the diffusion head batched over
@@ -54,7 +57,6 @@ class _RowModel:
 
     generator: torch.Generator  # every random draw of the row: voice noise, then diffusion
     prompt_len: int
-    first_neg: list | None = None  # [keys, values] per layer of its first negative entry
 
 
 class ProcessorPrompts:
@@ -109,7 +111,7 @@ class StepEngine:
         self.text_cfg = cfg.text_config
         self.hop = cfg.audio_config.hop_length
         self.vae_std = float(getattr(model.model.audio_tower.config, "vae_std", 0.625))
-        self.token_bias = self._token_bias(model)
+        self.allowed, self.head_weight, self.head_bias = self._allowed_head(model)
         self.pos = BranchKV(device)
         self.neg = BranchKV(device)
         self.rows: list[Row] = []
@@ -123,20 +125,28 @@ class StepEngine:
         self.kv_bytes_per_token = self._kv_bytes_per_token()
 
     # ---- setup ----------------------------------------------------------------------
-    def _token_bias(self, model: Any) -> torch.Tensor:
-        """The allowed-token constraint (-inf elsewhere) plus the generation config's
-        single-token sequence_bias (the tiny model's way of choosing audio)."""
+    def _allowed_head(self, model: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The four tokens VibeVoice may draw (ascending, so that argmax breaks a tie as
+        an argmax over the whole vocabulary does), their lm_head rows in float32, and
+        their bias: the head's own, plus the generation config's single-token
+        sequence_bias (the tiny model's way of choosing audio). Every step then reads
+        4 rows of the head instead of all 151,936, and no near-tie is decided by bf16."""
         cfg = model.config
-        bias = torch.full((cfg.text_config.vocab_size,), float("-inf"))
-        bias[[self.bos_id, self.end_id, self.audio_id, cfg.eos_token_id]] = 0.0
-        extra = torch.zeros_like(bias)
-        for ids, value in getattr(model.generation_config, "sequence_bias", None) or []:
-            if len(ids) != 1:
+        ids = sorted({self.bos_id, self.end_id, self.audio_id, cfg.eos_token_id})
+        head = model.lm_head
+        weight = head.weight.detach()[ids].float()
+        bias = torch.zeros(len(ids))
+        if getattr(head, "bias", None) is not None:
+            bias += head.bias.detach()[ids].float().cpu()
+        for seq, value in getattr(model.generation_config, "sequence_bias", None) or []:
+            if len(seq) != 1:
                 raise PoolError(
                     ErrorKind.ENGINE_ERROR, "only single-token sequence_bias is supported"
                 )
-            extra[ids[0]] += float(value)
-        return (extra + bias).to(self.device)
+            if seq[0] in ids:
+                bias[ids.index(seq[0])] += float(value)
+        dev = self.device
+        return torch.tensor(ids, device=dev), weight.to(dev), bias.to(dev)
 
     def _kv_bytes_per_token(self) -> int:
         c = self.text_cfg
@@ -154,7 +164,7 @@ class StepEngine:
         both branches padded to the longest row, plus the stream slots."""
         if not rows:
             return 0
-        pos_len = max(p + s for p, s in rows)
+        pos_len = max(p + s for p, s in rows) + 1  # + the capping step
         neg_len = max(s for _, s in rows) + 1
         slots = self.speech.bytes_per_slot()
         return len(rows) * ((pos_len + neg_len) * self.kv_bytes_per_token + slots)
@@ -278,15 +288,18 @@ class StepEngine:
         self.rows.extend(joined)
         hidden_t = torch.cat(hidden)
         consumed_t = torch.cat(consumed)[:, None]
-        tokens = self._choose(self.model.lm_head(hidden_t))
+        tokens = self._choose(hidden_t)
         toks = tokens.tolist()
         self.steps += 1
 
         diffuse = []
         for i, (row, tok) in enumerate(zip(self.rows, toks, strict=True)):
+            capped = row.steps >= row.max_steps  # its capping step: ends before it acts
             row.steps += 1
             if tok in self.eos_ids:
                 row.finish(sink, "eos")
+            elif capped:
+                row.finish(sink, row.step_reason)
             elif tok == self.audio_id:
                 diffuse.append(i)
             elif tok == self.end_id:
@@ -313,10 +326,15 @@ class StepEngine:
         self._drop_closed()
         sink.step()
 
-    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+    def _choose(self, hidden: torch.Tensor) -> torch.Tensor:
         """Each row's next token, in self.rows order: the argmax over the four tokens
-        VibeVoice allows (it ignores sampling, as transformers' and microsoft's loops do)."""
-        return (logits.float() + self.token_bias).argmax(dim=-1)
+        VibeVoice allows (it ignores sampling, as transformers' and microsoft's loops do),
+        their logits computed in float32 from the last hidden states (rows, H)."""
+        return self.allowed[self.allowed_logits(hidden).argmax(dim=-1)]
+
+    def allowed_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, 4) float32 scores of the allowed tokens (self.allowed's order)."""
+        return hidden.float() @ self.head_weight.T + self.head_bias
 
     def _prefill(self, rows: list[Row]) -> torch.Tensor:
         """Run the joining rows' prompts, batched (left-padded, per-row positions, each
@@ -374,27 +392,17 @@ class StepEngine:
         keep = ones if advance is None else advance.long()[:, None]
         branch.mask = torch.cat([branch.mask, keep], dim=1)
         branch.pos = branch.pos + keep[:, 0]
-        if advance is not None:
-            for i in advance.nonzero().view(-1).tolist():
-                state = self.rows[i].state
-                if state.first_neg is None:
-                    state.first_neg = [
-                        [t[i : i + 1, :, -1:].clone() for t in kv] for kv in branch.layers
-                    ]
         return out.last_hidden_state[:, -1]
 
     def _reset_negative(self, i: int) -> None:
-        """speech_start: the row's unconditional context becomes its first entry alone
-        (microsoft: mask all but the last column, copy slot 0's KV there)."""
-        first = self.rows[i].state.first_neg
-        if first is None or not self.neg.length:
-            return
-        for kv, saved in zip(self.neg.layers, first, strict=True):
-            for t, s in zip(kv, saved, strict=True):
-                t[i : i + 1, :, -1:] = s
+        """speech_start: the row's unconditional context starts again. microsoft masks
+        every negative column but the last, and between its steps the mask is one column
+        longer than the KV (the column of the token about to run): so its copy of KV slot
+        0 into the last slot lands on a masked column, and the next negative token attends
+        only itself, at position 0. Here: every column masked, position 0; the next
+        negative forward attends its own new column. Context: [speech_start@0, d@1, ...]."""
         self.neg.mask[i] = 0
-        self.neg.mask[i, -1] = 1
-        self.neg.pos[i] = 1
+        self.neg.pos[i] = 0
 
     def _drop_closed(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.closed]
