@@ -210,3 +210,84 @@ def test_same_audio_alone_batched_and_joining_whatever_side_the_checkpoint_pads(
     joined = sink.audio("me")
     assert len(joined) == len(alone)
     assert np.abs(joined - alone).max() < 1e-3 * np.abs(alone).max()
+
+
+# ---- numerics: the token choice in float32 --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(tiny_model_dir):
+    eng = VibeVoiceEngine(
+        EngineSpec(engine="vibevoice", model_path=tiny_model_dir, dtype="bfloat16")
+    )
+    eng.load()
+    return eng
+
+
+def bf16_choice(steps, hidden: torch.Tensor) -> int:
+    """What the engine chose before: the full lm_head in the model's dtype, cast to
+    float32 after, plus the four-token constraint and the sequence_bias."""
+    logits = steps.model.lm_head(hidden).float()
+    bias = torch.full_like(logits, float("-inf"))
+    bias[:, steps.allowed] = steps.head_bias
+    return int((logits + bias).argmax(dim=-1)[0])
+
+
+def near_tie(steps, gap: float) -> torch.Tensor:
+    """A bf16 hidden state whose float32 scores put the audio token `gap` above EOS and
+    the two others far below (least-norm solve over the four lm_head rows)."""
+    ids = steps.allowed.tolist()
+    cfg = steps.model.config
+    target = torch.full((4,), -100.0)
+    audio, eos = ids.index(cfg.audio_token_id), ids.index(cfg.eos_token_id)
+    target[eos] = 40.0
+    target[audio] = 40.0 + gap
+    target = target - steps.head_bias  # the scores include the sequence_bias
+    hidden = torch.linalg.pinv(steps.head_weight) @ target
+    return hidden[None].to(torch.bfloat16)
+
+
+def test_the_token_is_chosen_from_float32_logits_of_the_four_allowed_tokens(bf16_engine):
+    """On a near-tie between the audio token and EOS, logits computed in bf16 (then cast)
+    choose EOS, float32 logits choose audio, and the engine follows float32."""
+    steps = bf16_engine.steps
+    cfg = steps.model.config
+    assert steps.model.dtype == torch.bfloat16
+    assert steps.head_weight.dtype == torch.float32 and steps.head_weight.shape[0] == 4
+    assert sorted(steps.allowed.tolist()) == steps.allowed.tolist()
+    flipped = []
+    for k in range(1, 40):
+        hidden = near_tie(steps, gap=0.005 * k)
+        scores = steps.allowed_logits(hidden)[0]
+        assert scores.dtype == torch.float32
+        fp32 = int(steps.allowed[scores.argmax()])
+        if fp32 == cfg.audio_token_id and bf16_choice(steps, hidden) == cfg.eos_token_id:
+            flipped.append(hidden)
+    assert flipped, "no near-tie flipped between bf16 and float32"
+    for hidden in flipped:
+        assert int(steps._choose(hidden)[0]) == cfg.audio_token_id
+    # far from a tie, both agree: the slice is the same head
+    for gap in (-5.0, 5.0):
+        hidden = near_tie(steps, gap)
+        assert int(steps._choose(hidden)[0]) == bf16_choice(steps, hidden)
+
+
+def test_flash_attention_is_taken_where_installed_and_sdpa_otherwise(monkeypatch, caplog):
+    import importlib.util
+
+    from workers.vibevoice import attention_for
+
+    assert attention_for("eager", "cuda:0") == ("eager", "as configured")
+    assert attention_for("auto", "cpu")[0] == "sdpa"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "flash_attn" else real(n, *a)
+    )
+    with caplog.at_level("INFO", logger="vibevoice_pool.worker"):
+        assert attention_for("flash_attention_2", "cuda:0")[0] == "sdpa"
+    assert "flash-attn package is not installed" in caplog.text
+    assert "sdpa may lower audio quality" in caplog.text
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a)
+    )
+    assert attention_for("auto", "cuda:0")[0] == "flash_attention_2"

@@ -99,7 +99,10 @@ class PoolConfig(BaseModel):
     tiny_model: bool = WORKERS(False, "serve the built-in tiny random model (demo, tests)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = WORKERS("auto", "weights dtype")
     attn_implementation: str = WORKERS(
-        "sdpa", "attention implementation (sdpa, eager, ...)", metavar="NAME"
+        "auto",
+        "the LM's attention implementation: auto (flash_attention_2 on a GPU where the "
+        "flash-attn package is installed, as microsoft's demo; else sdpa), sdpa, eager, ...",
+        metavar="NAME",
     )
     max_batch_size: int = WORKERS(
         1,

@@ -11,6 +11,8 @@ torch and transformers are imported inside load(), so importing this module is c
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from workers.messages import (
 )
 from workers.step_rows import Row
 from workers.vibevoice_prompt import check_script_text
+
+log = logging.getLogger("vibevoice_pool.worker")
 
 HOP_SAMPLES = 3200  # one audio token = 3200 samples = 0.133 s at 24 kHz
 MAX_SPEAKERS = 4
@@ -85,6 +89,27 @@ def row_cap(
     return RowCap(max(1, tokens), reason)
 
 
+def attention_for(requested: str, device: str) -> tuple[str, str]:
+    """The LM's attention implementation to load, and why. "auto" (and an explicit
+    "flash_attention_2") take flash_attention_2 on a GPU where the flash-attn package
+    is installed, as microsoft's demo does (it warns that SDPA may lower audio quality);
+    elsewhere sdpa, with a log line that says why. Any other name is loaded as given."""
+    if requested not in ("auto", "flash_attention_2"):
+        return requested, "as configured"
+    if not device.startswith("cuda"):
+        why = "flash_attention_2 needs a GPU"
+    elif importlib.util.find_spec("flash_attn") is None:
+        why = "the flash-attn package is not installed"
+    else:
+        return "flash_attention_2", "flash-attn is installed (microsoft's demo runs it)"
+    msg = f"attention: sdpa, not flash_attention_2 ({why})"
+    if requested == "flash_attention_2":
+        log.warning("%s; microsoft warns that sdpa may lower audio quality", msg)
+    else:
+        log.info("%s", msg)
+    return "sdpa", why
+
+
 def check_request(req: Request) -> None:
     """Raise PoolError(BAD_INPUT) when a row cannot run; the message says what to fix."""
 
@@ -129,6 +154,7 @@ class VibeVoiceEngine:
         self.device = "cpu"
         self.is_tiny = False
         self.steps: Any = None  # the step engine (workers/step_engine.py), made by load()
+        self.attention = ""  # the LM's attention implementation load() chose
 
     # ---- load ---------------------------------------------------------------------
     def load(self) -> DeviceInfo:
@@ -159,12 +185,13 @@ class VibeVoiceEngine:
             if spec.torch_threads > 0:
                 torch.set_num_threads(spec.torch_threads)
         dtype = self._dtype(torch)
+        self.attention, _ = attention_for(spec.attn_implementation, self.device)
         try:
             self.processor = VibeVoiceProcessor.from_pretrained(spec.model_path)
             model = VibeVoiceForConditionalGeneration.from_pretrained(
                 spec.model_path,
                 dtype=dtype,
-                attn_implementation={"text_config": spec.attn_implementation},
+                attn_implementation={"text_config": self.attention},
             )
         except (OSError, ValueError) as exc:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
@@ -188,7 +215,7 @@ class VibeVoiceEngine:
         else:
             name, mem = "CPU", _physical_memory()
         dtype_name = str(dtype).replace("torch.", "")
-        note = TINY_NOTE if self.is_tiny else f"{spec.model_path} ({dtype_name})"
+        note = TINY_NOTE if self.is_tiny else f"{spec.model_path} ({dtype_name}, {self.attention})"
         return DeviceInfo(self.device, name, mem, spec.max_batch_size, "vibevoice", note)
 
     def _dtype(self, torch: Any) -> Any:
