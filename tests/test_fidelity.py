@@ -291,3 +291,61 @@ def test_flash_attention_is_taken_where_installed_and_sdpa_otherwise(monkeypatch
         importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a)
     )
     assert attention_for("auto", "cuda:0")[0] == "flash_attention_2"
+
+
+# ---- the length estimate knows the script ----------------------------------------------
+
+EN_DIALOGUE = (  # 50 words: about 20 s at 150 words a minute
+    "Did you finish the report for tomorrow's meeting?\n"
+    "Almost. I still need the sales figures from March, and a chart or two.\n"
+    "I can send those tonight. Do you want the regional numbers as well?\n"
+    "Yes, please. The board will ask about the north first, so put that on top."
+)
+ZH_DIALOGUE = (  # 76 Han characters: about 17 s at 4-5 characters a second
+    "你今天下午有空吗？我们一起去看电影吧。\n"
+    "好啊，不过我要先把工作做完，大概五点以后才能出门。\n"
+    "没关系，我们可以看七点那场，看完再去吃晚饭。\n"
+    "太好了，那就这么定了，我到时候给你打电话。"
+)
+
+
+def test_the_estimate_counts_each_script_at_its_own_rate():
+    from workers import estimate as e
+
+    assert len(EN_DIALOGUE.split()) == 50
+    assert sum(0x4E00 <= ord(c) <= 0x9FFF for c in ZH_DIALOGUE) == 76
+    for text, natural in ((EN_DIALOGUE, 50 / 2.5), (ZH_DIALOGUE, 76 / 4.5)):
+        assert 0.7 * natural <= e.audio_seconds_for(text) <= 1.3 * natural
+    # each kind at its rate: 9 Han characters, 9 words, 9 digits, 9 kana
+    assert e.speech_seconds("今天天气很好我们走") == pytest.approx(9 / e.CJK_CHARS_PER_S)
+    assert e.speech_seconds("one two three four five six seven eight nine") == pytest.approx(
+        9 / e.WORDS_PER_S
+    )
+    assert e.speech_seconds("123456789") == pytest.approx(9 / e.DIGITS_PER_S)
+    assert e.speech_seconds("ありがとうございま") == pytest.approx(9 / e.KANA_PER_S)
+    # a long word counts as several; punctuation adds its pause
+    assert e.speech_seconds("Donaudampfschifffahrt") == pytest.approx(3 / e.WORDS_PER_S)
+    assert e.speech_seconds("Yes. No, maybe") == pytest.approx(
+        3 / e.WORDS_PER_S + e.SENTENCE_PAUSE_S + e.CLAUSE_PAUSE_S
+    )
+    assert e.audio_seconds_for("Hi") == e.MIN_AUDIO_S
+    assert e.audio_seconds_for(ZH_DIALOGUE, max_audio_s=3.0) == 3.0
+
+
+def test_a_chinese_script_gets_a_runaway_cap_of_at_least_twice_its_natural_length():
+    """Even where its prompt is short in tokens (a Qwen-sized vocabulary packs a Han
+    character or two in a token), the cap follows the estimate; and it is never tighter
+    than microsoft's 2 x the prompt's tokens, voice placeholders included."""
+    from workers.estimate import audio_seconds_for
+    from workers.messages import Request, Turn
+    from workers.vibevoice import TOKENS_PER_S, row_cap
+
+    turns = tuple(Turn(k % 2, line) for k, line in enumerate(ZH_DIALOGUE.split("\n")))
+    r = Request(id="zh", turns=turns, est_audio_s=audio_seconds_for(ZH_DIALOGUE))
+    natural_tokens = 76 / 4.5 * TOKENS_PER_S
+    for prompt in (60, 110, 400):
+        cap = row_cap(r, prompt_tokens=prompt)
+        assert cap.steps >= 2 * natural_tokens and cap.steps >= 2 * prompt
+    # a short line is never cut before the floor
+    hi = Request(id="hi", turns=(Turn(0, "Hi."),), est_audio_s=audio_seconds_for("Hi."))
+    assert row_cap(hi, prompt_tokens=10, runaway_factor=0.5).steps >= 5 * TOKENS_PER_S

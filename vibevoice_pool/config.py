@@ -128,8 +128,9 @@ class PoolConfig(BaseModel):
     inference_steps: int = WORKERS(10, "default diffusion steps per request", gt=0)
     runaway_factor: float = WORKERS(
         2.0,
-        "a request that never ends is cut at this times its estimated length "
-        "(X-Stop-Reason: runaway_cap; max_audio_s still caps it)",
+        "a request that never ends is cut at this times the longer of its estimated "
+        "length and its prompt's tokens (microsoft's max_length_times), and never before "
+        "5 s (X-Stop-Reason: runaway_cap; max_audio_s still caps it)",
         gt=0,
     )
     worker_start: Literal["zygote", "spawn"] = WORKERS(

@@ -181,7 +181,11 @@ class StepEngine:
         return 0
 
     def _shape(self, row: Row) -> tuple[int, int]:
-        return (row.state.prompt_len, row.max_steps)
+        """(prompt tokens, steps it may take): its step cap, or for a row whose audio
+        budget ends it first (max_audio_s, the tiny model's scripted end) that budget,
+        plus room for the turns' speech_start/speech_end tokens."""
+        budget = row.budget_tokens + 2 * len(row.request.turns) + 2
+        return (row.state.prompt_len, min(row.max_steps, budget))
 
     def fits(self, row: Row) -> bool:
         budget = self.budget_bytes()
@@ -190,10 +194,19 @@ class StepEngine:
         shapes = [self._shape(r) for r in (*self.rows, *self.joining, *self.restarting)]
         return self.peak_bytes([*shapes, self._shape(row)]) <= budget
 
-    def prepare(self, req: Request, budget_tokens: int, max_steps: int, cap_reason: str) -> Row:
+    def prepare(
+        self,
+        req: Request,
+        budget_tokens: int,
+        max_steps: int,
+        cap_reason: str,
+        step_reason: str = "runaway_cap",
+        prompt_len: int | None = None,
+    ) -> Row:
         """A row for `req`, its prompt built (not run). Raises PoolError(OUT_OF_MEMORY)
         when the row alone can never fit the budget."""
-        row = Row(req, budget_tokens, max_steps, cap_reason, state=self._row_state(req))
+        state = self._row_state(req, prompt_len)
+        row = Row(req, budget_tokens, max_steps, cap_reason, step_reason, state=state)
         budget = self.budget_bytes()
         need = self.peak_bytes([self._shape(row)])
         if budget and need > budget:
@@ -204,11 +217,11 @@ class StepEngine:
             )
         return row
 
-    def _row_state(self, req: Request) -> _RowModel:
+    def _row_state(self, req: Request, prompt_len: int | None = None) -> _RowModel:
         from workers.vibevoice_noise import row_generators
 
         (gen,) = row_generators([req.seed])
-        return _RowModel(gen, self.prompts.length(req))
+        return _RowModel(gen, self.prompts.length(req) if prompt_len is None else prompt_len)
 
     def admit(self, row: Row) -> None:
         """The row joins the running set at the next step."""

@@ -42,6 +42,10 @@ MAX_CFG = 10.0
 DEFAULT_RUNAWAY_FACTOR = 2.0  # microsoft's max_length_times
 
 
+TOKENS_PER_S = SAMPLE_RATE / HOP_SAMPLES  # 7.5 audio tokens a second
+RUNAWAY_FLOOR_S = 5.0  # the runaway cap never cuts a row before this much audio
+
+
 def audio_tokens_for(seconds: float) -> int:
     """Audio tokens that fit in `seconds` (at least one)."""
     return max(1, int(seconds * SAMPLE_RATE // HOP_SAMPLES))
@@ -49,44 +53,56 @@ def audio_tokens_for(seconds: float) -> int:
 
 @dataclass(frozen=True)
 class RowCap:
-    """Audio tokens a row may make, and the stop reason a row that reaches them gets."""
+    """A row's two caps: the audio tokens it may make (`tokens`, ended with `reason`) and
+    the decode steps it may act in (`steps`; on step index `steps` it ends before it
+    acts, as microsoft's loop does, with `step_reason`)."""
 
     tokens: int
     reason: str  # a StopReason value
+    steps: int = 1 << 30
+    step_reason: str = StopReason.RUNAWAY_CAP.value
 
 
 def row_cap(
     req: Request,
     *,
+    prompt_tokens: int,
     runaway_factor: float = DEFAULT_RUNAWAY_FACTOR,
     context_limit: int = 1 << 30,
     scripted_end: bool = False,
 ) -> RowCap:
-    """A row's length cap in audio tokens: the smallest of
-    - the runaway cap, `runaway_factor` x the script's estimated length (microsoft's
-      `max_length_times`, there a multiple of the prompt length): a row that never emits
-      EOS stops here and says so (StopReason.RUNAWAY_CAP);
-    - the request's max_audio_s (StopReason.MAX_AUDIO);
-    - the room left in the model's context after the prompt (StopReason.CONTEXT);
-    - with `scripted_end` (the tiny model, whose random weights never choose EOS), the
-      estimated length itself, as a stand-in for EOS (StopReason.ESTIMATE).
+    """A row's caps.
+
+    Steps: the runaway cap, `runaway_factor` x the longest of
+      - the prompt in tokens, voice placeholders included (microsoft's
+        `max_length_times` x the prompt length: with the default factor of 2 never
+        tighter than microsoft's),
+      - the script's estimated length in audio tokens (workers/estimate.py), which a
+        short prompt of a long script (Chinese) would otherwise cut,
+      - and never under RUNAWAY_FLOOR_S, so that a short line can finish;
+    a row that never emits EOS stops there and says so (StopReason.RUNAWAY_CAP), or
+    where the model's context is full (StopReason.CONTEXT), whichever comes first.
+    Audio tokens: the request's max_audio_s (StopReason.MAX_AUDIO) and, with
+    `scripted_end` (the tiny model, whose random weights never choose EOS), the
+    estimated length itself, as a stand-in for EOS (StopReason.ESTIMATE).
     Raises BAD_INPUT when the prompt alone fills the context."""
-    # A byte-level BPE never makes more tokens than UTF-8 bytes: a safe upper bound.
-    prompt = 64 + sum(len(t.text.encode("utf-8")) + 8 for t in req.turns)
-    prompt += sum(math.ceil(len(v) / HOP_SAMPLES) + 8 for v in req.voices if v is not None)
-    if prompt >= context_limit:
+    if prompt_tokens >= context_limit:
         msg = f"the script is too long for the model's context ({context_limit} tokens)"
         raise PoolError(ErrorKind.BAD_INPUT, msg)
     est = max(req.est_audio_s, HOP_SAMPLES / SAMPLE_RATE)
-    caps = [
-        (audio_tokens_for(runaway_factor * est), StopReason.RUNAWAY_CAP.value),
-        (audio_tokens_for(req.max_audio_s), StopReason.MAX_AUDIO.value),
-        (context_limit - prompt, StopReason.CONTEXT.value),
+    longest = max(
+        prompt_tokens, est * TOKENS_PER_S, RUNAWAY_FLOOR_S * TOKENS_PER_S / runaway_factor
+    )
+    steps = [
+        (math.ceil(runaway_factor * longest), StopReason.RUNAWAY_CAP.value),
+        (context_limit - prompt_tokens, StopReason.CONTEXT.value),
     ]
+    audio = [(audio_tokens_for(req.max_audio_s), StopReason.MAX_AUDIO.value)]
     if scripted_end:
-        caps.insert(0, (audio_tokens_for(est), StopReason.ESTIMATE.value))
-    tokens, reason = min(caps, key=lambda c: c[0])  # the first wins a tie
-    return RowCap(max(1, tokens), reason)
+        audio.insert(0, (audio_tokens_for(est), StopReason.ESTIMATE.value))
+    tokens, reason = min(audio, key=lambda c: c[0])  # the first wins a tie
+    step_cap, step_reason = min(steps, key=lambda c: c[0])
+    return RowCap(max(1, tokens), reason, max(1, step_cap), step_reason)
 
 
 def attention_for(requested: str, device: str) -> tuple[str, str]:
@@ -241,10 +257,11 @@ class VibeVoiceEngine:
         if self.steps is None:
             raise PoolError(ErrorKind.ENGINE_ERROR, "prepare() before load()")
         check_request(req)
-        cap = self._budget_tokens(req)
-        # Room for non-audio tokens (segment starts and ends) on top of the audio cap.
-        steps = cap.tokens + 8 + cap.tokens // 16
-        return self.steps.prepare(req, cap.tokens, steps, cap.reason)
+        prompt = self.steps.prompts.length(req)
+        cap = self._caps(req, prompt)
+        return self.steps.prepare(
+            req, cap.tokens, cap.steps, cap.reason, cap.step_reason, prompt_len=prompt
+        )
 
     def fits(self, row: Row) -> bool:
         return self.steps.fits(row)
@@ -261,12 +278,13 @@ class VibeVoiceEngine:
     def reset(self) -> list[Row]:
         return self.steps.reset() if self.steps is not None else []
 
-    def _budget_tokens(self, req: Request) -> RowCap:
-        """The row's cap (row_cap) for this model: its context and, for the tiny model, the
-        scripted end at the estimated length."""
+    def _caps(self, req: Request, prompt_tokens: int) -> RowCap:
+        """The row's caps (row_cap) for this model: its context and, for the tiny model,
+        the scripted end at the estimated length."""
         limit = getattr(self.model.config.text_config, "max_position_embeddings", 1 << 30)
         return row_cap(
             req,
+            prompt_tokens=prompt_tokens,
             runaway_factor=self.spec.runaway_factor,
             context_limit=limit,
             scripted_end=self.is_tiny,
