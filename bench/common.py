@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# workers.estimate sizes one long word of n letters at n / (LETTERS_PER_WORD * WORDS_PER_S)
+# workers.wire.estimate sizes one long word of n letters at n / (LETTERS_PER_WORD * WORDS_PER_S)
 # seconds: 17.5 letters of script = 1 s of audio
 CHARS_PER_S = 7.0 * 2.5
 SAMPLE_RATE = 24_000
@@ -121,7 +121,7 @@ def script_for(audio_s: float) -> str:
 
 
 def make_request(pool, audio_s: float, seed: int):
-    from workers import messages as m
+    from workers.wire import messages as m
 
     return pool.make_request([m.Turn(0, script_for(audio_s))], seed=seed)
 

@@ -32,7 +32,7 @@ import time
 
 import common
 
-from workers.estimate import audio_seconds_for
+from workers.wire.estimate import audio_seconds_for
 
 N_LATENCY = 1500
 N_DECISIONS = 20_000
@@ -76,8 +76,8 @@ def latency(pool, rec: common.Recorder, n: int) -> dict:
 def dispatcher_alone(n: int) -> dict:
     """Decisions per second of the Dispatcher with fake workers that never fill."""
     from vibevoice_pool.pool.dispatcher import Dispatcher
-    from workers import messages as m
-    from workers.board import Col, SlotState, StatusBoard, WorkerState
+    from workers.wire import messages as m
+    from workers.wire.board import Col, SlotState, StatusBoard, WorkerState
 
     board = StatusBoard.create(4)
     try:

@@ -20,9 +20,9 @@ import pytest
 import torch
 from test_vibevoice_engine import RecordingSink, req, run
 
-from workers.engine import EngineSpec
-from workers.messages import SAMPLE_RATE
-from workers.vibevoice import VibeVoiceEngine
+from workers.engines.contract import EngineSpec
+from workers.engines.vibevoice.engine import VibeVoiceEngine
+from workers.wire.messages import SAMPLE_RATE
 
 SYSTEM = (
     " Transform the text provided by various speakers into speech output, utilizing the "
@@ -103,7 +103,7 @@ CASES = {  # name: (script, microsoft's voice_samples, the request's voices)
 def engine_inputs(engine, requests, monkeypatch):
     """The prefill inputs the engine builds for `requests` (joining together) and runs:
     what `build_inputs` gave it, checked against the ids its prefill embedded."""
-    import workers.vibevoice_prompt as prompt
+    import workers.engines.vibevoice.prompt as prompt
 
     built, embedded = [], []
     real_build, real_embed = prompt.build_inputs, engine.steps.embed
@@ -275,7 +275,7 @@ def test_the_token_is_chosen_from_float32_logits_of_the_four_allowed_tokens(bf16
 def test_flash_attention_is_taken_where_installed_and_sdpa_otherwise(monkeypatch, caplog):
     import importlib.util
 
-    from workers.vibevoice import attention_for
+    from workers.engines.vibevoice.engine import attention_for
 
     assert attention_for("eager", "cuda:0") == ("eager", "as configured")
     assert attention_for("auto", "cpu")[0] == "sdpa"
@@ -310,7 +310,7 @@ ZH_DIALOGUE = (  # 76 Han characters: about 17 s at 4-5 characters a second
 
 
 def test_the_estimate_counts_each_script_at_its_own_rate():
-    from workers import estimate as e
+    from workers.wire import estimate as e
 
     assert len(EN_DIALOGUE.split()) == 50
     assert sum(0x4E00 <= ord(c) <= 0x9FFF for c in ZH_DIALOGUE) == 76
@@ -336,9 +336,9 @@ def test_a_chinese_script_gets_a_runaway_cap_of_at_least_twice_its_natural_lengt
     """Even where its prompt is short in tokens (a Qwen-sized vocabulary packs a Han
     character or two in a token), the cap follows the estimate; and it is never tighter
     than microsoft's 2 x the prompt's tokens, voice placeholders included."""
-    from workers.estimate import audio_seconds_for
-    from workers.messages import Request, Turn
-    from workers.vibevoice import TOKENS_PER_S, row_cap
+    from workers.engines.vibevoice.engine import TOKENS_PER_S, row_cap
+    from workers.wire.estimate import audio_seconds_for
+    from workers.wire.messages import Request, Turn
 
     turns = tuple(Turn(k % 2, line) for k, line in enumerate(ZH_DIALOGUE.split("\n")))
     r = Request(id="zh", turns=turns, est_audio_s=audio_seconds_for(ZH_DIALOGUE))

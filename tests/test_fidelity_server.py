@@ -20,9 +20,9 @@ import soundfile as sf
 from conftest import Server, pid_alive, wait_until
 
 from vibevoice_pool.script import parse_script
-from workers.estimate import audio_seconds_for
-from workers.messages import Request, Turn
-from workers.vibevoice import RUNAWAY_FLOOR_S, TOKENS_PER_S
+from workers.engines.vibevoice.engine import RUNAWAY_FLOOR_S, TOKENS_PER_S
+from workers.wire.estimate import audio_seconds_for
+from workers.wire.messages import Request, Turn
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def prompt_tokens(model_dir: str, script: str) -> int:
     """The prompt's length in tokens, as microsoft's processor builds it."""
     from transformers import VibeVoiceProcessor
 
-    from workers.vibevoice_prompt import PromptTokens, prompt_ids
+    from workers.engines.vibevoice.prompt import PromptTokens, prompt_ids
 
     tokens = PromptTokens.from_processor(VibeVoiceProcessor.from_pretrained(model_dir))
     turns = tuple(Turn(t.speaker, t.text) for t in parse_script(script))

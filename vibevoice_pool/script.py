@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from workers.messages import ErrorKind, PoolError, Turn
+from workers.wire.messages import ErrorKind, PoolError, Turn
 
 MAX_SPEAKERS = 4
 _PREFIX = re.compile(r"^\s*speaker\s*(\d+)\s*[:：]\s*(.*)$", re.IGNORECASE)

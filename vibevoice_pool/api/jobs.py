@@ -35,7 +35,7 @@ from vibevoice_pool.api.errors import FileAnswer, error_response, plain_error
 from vibevoice_pool.api.speech import SynthesizeBody
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import Job, JobError, JobErrorKind, JobState
-from workers.messages import ErrorKind, PoolError
+from workers.wire.messages import ErrorKind, PoolError
 
 BROWSER_HEADER = "x-browser-id"
 BROWSER_COOKIE = "vvp_browser"

@@ -53,7 +53,7 @@ from vibevoice_pool.api.speech import (
     stream_response,
 )
 from vibevoice_pool.voices import MODEL_VOICE
-from workers import messages as m
+from workers.wire import messages as m
 
 OPENAI_VOICES = (
     "alloy",

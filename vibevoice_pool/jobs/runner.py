@@ -46,7 +46,7 @@ from vibevoice_pool.jobs.store import (
     JobState,
     JobStore,
 )
-from workers import messages as m
+from workers.wire import messages as m
 
 if TYPE_CHECKING:
     from vibevoice_pool.config import PoolConfig

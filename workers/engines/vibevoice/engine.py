@@ -4,7 +4,7 @@ This module owns running VibeVoice inside a worker: loading the model and proces
 (`VibeVoiceForConditionalGeneration`, `VibeVoiceProcessor`) from a local folder or a hub
 id in the HF format, refusing a checkpoint in the original microsoft/VibeVoice layout with
 the command that converts it, checking each request and capping its length before it
-joins the running set. The loop itself is the step engine (workers/step_engine.py):
+joins the running set. The loop itself is the step engine (workers/engines/vibevoice/step.py):
 rows join and leave at every step, and audio leaves as it is made.
 torch and transformers are imported inside load(), so importing this module is cheap.
 """
@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from workers.engine import EngineSpec, StepSink
-from workers.messages import (
+from workers.engines.contract import EngineSpec, StepSink
+from workers.engines.row import Row
+from workers.engines.vibevoice.prompt import check_script_text
+from workers.wire.messages import (
     SAMPLE_RATE,
     DeviceInfo,
     ErrorKind,
@@ -29,8 +31,6 @@ from workers.messages import (
     Request,
     StopReason,
 )
-from workers.step_rows import Row
-from workers.vibevoice_prompt import check_script_text
 
 log = logging.getLogger("vibevoice_pool.worker")
 
@@ -77,7 +77,7 @@ def row_cap(
       - the prompt in tokens, voice placeholders included (microsoft's
         `max_length_times` x the prompt length: with the default factor of 2 never
         tighter than microsoft's),
-      - the script's estimated length in audio tokens (workers/estimate.py), which a
+      - the script's estimated length in audio tokens (workers/wire/estimate.py), which a
         short prompt of a long script (Chinese) would otherwise cut,
       - and never under RUNAWAY_FLOOR_S, so that a short line can finish;
     a row that never emits EOS stops there and says so (StopReason.RUNAWAY_CAP), or
@@ -169,7 +169,9 @@ class VibeVoiceEngine:
         self.processor: Any = None
         self.device = "cpu"
         self.is_tiny = False
-        self.steps: Any = None  # the step engine (workers/step_engine.py), made by load()
+        self.steps: Any = (
+            None  # the step engine (workers/engines/vibevoice/step.py), made by load()
+        )
         self.attention = ""  # the LM's attention implementation load() chose
 
     # ---- load ---------------------------------------------------------------------
@@ -178,8 +180,8 @@ class VibeVoiceEngine:
         from transformers import VibeVoiceForConditionalGeneration, VibeVoiceProcessor
         from transformers.utils import logging as hf_logging
 
-        from workers.convert import refusal_for
-        from workers.tiny import TINY_NOTE, is_tiny_model
+        from workers.checkpoints.convert import refusal_for
+        from workers.checkpoints.tiny import TINY_NOTE, is_tiny_model
 
         # N workers' "Loading weights" bars would interleave in one log, and each
         # bar takes a multiprocessing lock that a killed worker leaks.
@@ -213,7 +215,7 @@ class VibeVoiceEngine:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
             raise PoolError(ErrorKind.BAD_INPUT, msg) from exc
         self.model = model.to(self.device).eval()
-        from workers.step_engine import MIB, ProcessorPrompts, StepEngine
+        from workers.engines.vibevoice.step import MIB, ProcessorPrompts, StepEngine
 
         self.steps = StepEngine(
             self.model,

@@ -2,8 +2,9 @@
 
 The parent uses it to size work for the scheduler (the dispatcher then scales it
 by what each worker measures); the SimEngine uses it as the length of the tone it
-returns; the VibeVoice engine caps a row at a multiple of it (workers/vibevoice.py
-row_cap). All of them call `audio_seconds_for`, so they agree.
+returns; the VibeVoice engine caps a row at a multiple of it
+(workers/engines/vibevoice/engine.py, row_cap). All of them call
+`audio_seconds_for`, so they agree.
 
 The estimate knows the script: each kind of text is spoken at its own rate.
   - Han characters: one syllable each, spoken at CJK_CHARS_PER_S;
