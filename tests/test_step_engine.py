@@ -116,7 +116,7 @@ def test_rows_joining_at_steps_0_3_and_10_and_ending_early_each_sound_as_alone(e
     assert list(sink.ends) == ["early", "other", "late", "long"]  # short rows leave first
     for r in (long, early, late, other):
         assert_alone(reference, sink, r)
-    assert engine.steps.pos.rows == engine.steps.neg.rows == 0 and engine.live == 0
+    assert engine.steps.kv.rows == 0 and engine.live == 0
 
 
 def test_a_cancelled_row_frees_its_place_for_a_waiting_one(engine, reference, monkeypatch):
@@ -259,7 +259,7 @@ def test_a_row_that_does_not_fit_waits_for_one_to_leave(engine, monkeypatch):
 
     def watched(sink):
         real(sink)
-        peak[0] = max(peak[0], steps.pos.bytes() + steps.neg.bytes())
+        peak[0] = max(peak[0], steps.kv.bytes())
 
     monkeypatch.setattr(steps, "_step", watched)
     sink = drive(engine, {0: [small], 1: [big]})

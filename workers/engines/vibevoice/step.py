@@ -4,28 +4,31 @@ We drive the loop; transformers' `generate` is only the reference the tests
 compare each row with. The engine owns the running set of rows. Each call to
 `step(sink)`:
 
-  1. runs the positive LM forward for the running rows on the embeddings they
-     made last step, and prefills the rows that join (batched among themselves;
-     each voice's latent noise from its own row's generator, so it never
-     depends on the neighbours); their KV joins the batch (step_caches.BranchKV,
-     left-padded, per-row positions);
-  2. picks each row's token among the four VibeVoice allows (argmax over their
+  1. prefills the rows that join (batched among themselves; each voice's latent
+     noise from its own row's generator, so it never depends on the neighbours);
+     their KV joins the store (caches.BranchKV, left-padded, per-row positions);
+  2. runs ONE LM forward for both branches of every row: rows [0, n) are the
+     positive branches, rows [n, 2n) the negative (CFG) ones, each with its own
+     KV, positions and mask, all fed the embedding the row made last step;
+  3. picks each row's token among the four VibeVoice allows (argmax over their
      logits alone, computed in float32 from the four lm_head rows sliced at load);
-  3. per row, as microsoft's loop does: EOS ends it; a row at its step cap ends
+  4. per row, as microsoft's loop does: EOS ends it; a row at its step cap ends
      before it acts (its capping step); speech_end zeroes its stream caches;
      speech_start restarts its negative branch (its next negative token attends
-     only itself, at position 0);
-  4. for the rows that drew the audio token: one negative LM forward (the rows
-     that do not diffuse get a masked column and keep their position, so their
-     unconditional context does not grow), the diffusion head batched over
+     only itself, at position 0); a negative row keeps this step's column only
+     when the row diffuses (the others mask it and keep their position, so their
+     unconditional context does not grow: microsoft's `correct_cnt`). Running the
+     negative pass before the token is known changes nothing: a row that does
+     not diffuse drops what it computed;
+  5. for the rows that drew the audio token: the diffusion head batched over
      them (grouped by step count, each row with its own cfg scale and its own
      noise generator), then the acoustic decode and semantic re-encode of
-     those rows alone (step_audio.Speech, on step_caches.StreamSlots);
-  5. streams each row's new audio and drops the rows that ended, freeing
+     those rows alone (audio.Speech, on caches.StreamSlots);
+  6. streams each row's new audio and drops the rows that ended, freeing
      their state.
 
 Memory-aware admission: `fits(rows)` predicts the peak KV of a running set
-(both branches, prompt plus the row's step cap, padded to the longest) and
+(both branches, each prompt plus the row's step cap, padded to the longest) and
 compares it with the budget (a setting, or on CUDA free memory minus headroom).
 On CUDA out-of-memory anyway, every row restarts from its start with the row
 limit halved, skipping the audio it already sent; a row alone fails.
@@ -112,8 +115,9 @@ class StepEngine:
         self.hop = cfg.audio_config.hop_length
         self.vae_std = float(getattr(model.model.audio_tower.config, "vae_std", 0.625))
         self.allowed, self.head_weight, self.head_bias = self._allowed_head(model)
-        self.pos = BranchKV(device)
-        self.neg = BranchKV(device)
+        # Both LM branches of every row in one store, run by one forward per step: rows
+        # [0, n) are the positive (prompt) branches, rows [n, 2n) the negative (CFG) ones.
+        self.kv = BranchKV(device)
         self.rows: list[Row] = []
         self.embeds: torch.Tensor | None = None  # (rows, 1, H): what each row feeds next step
         self.joining: list[Row] = []
@@ -164,10 +168,10 @@ class StepEngine:
         both branches padded to the longest row, plus the stream slots."""
         if not rows:
             return 0
-        pos_len = max(p + s for p, s in rows) + 1  # + the capping step
-        neg_len = max(s for _, s in rows) + 1
+        length = max(p + s for p, s in rows) + 2  # + the capping step, + the join column
         slots = self.speech.bytes_per_slot()
-        return len(rows) * ((pos_len + neg_len) * self.kv_bytes_per_token + slots)
+        # the negative rows share the positive rows' length (one store, one forward)
+        return len(rows) * (2 * length * self.kv_bytes_per_token + slots)
 
     def budget_bytes(self) -> int:
         """What the running set may hold: the configured budget, else on CUDA free
@@ -176,7 +180,7 @@ class StepEngine:
             return self.mem_budget_bytes
         if self.device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info()
-            held = self.pos.bytes() + self.neg.bytes()
+            held = self.kv.bytes()
             return max(1, free + held - self.mem_headroom_bytes)
         return 0
 
@@ -251,7 +255,7 @@ class StepEngine:
         rows = self.open_rows()
         self.rows, self.joining, self.embeds = [], [], None
         self.restarting.clear()
-        self.pos, self.neg = BranchKV(self.device), BranchKV(self.device)
+        self.kv = BranchKV(self.device)
         self.free_slots = list(range(self.slot_count))
         return rows
 
@@ -284,28 +288,33 @@ class StepEngine:
             self.restarting.append(again)
 
     def _step(self, sink: Any) -> None:
-        hidden, consumed = [], []
-        if self.rows:
-            h = self._forward(self.pos, self.embeds, advance=None)
-            hidden.append(h)
-            consumed.append(self.embeds[:, 0])
         joined = self.joining
         self.joining = []
+        old = len(self.rows)
+        fresh = None
         if joined:
-            hidden.append(self._prefill(joined))
-            bos = self.embed(torch.tensor([self.bos_id], device=self.device))
-            consumed.append(bos.expand(len(joined), -1))
+            fresh = self._prefill(joined, old)
             for row in joined:
                 row.slot = self.free_slots.pop(0)
             self.speech.zero(torch.tensor([r.slot for r in joined], device=self.device))
+            bos = self.embed(torch.tensor([self.bos_id], device=self.device))
         self.rows.extend(joined)
-        hidden_t = torch.cat(hidden)
-        consumed_t = torch.cat(consumed)[:, None]
-        tokens = self._choose(hidden_t)
+        n = len(self.rows)
+        # What each row consumes this step, in both branches: its last token's embedding
+        # (for a row that just joined, speech_start; its positive pass is the prefill,
+        # so that row's positive column here is run and dropped).
+        parts = [self.embeds[:, 0]] if old else []
+        if joined:
+            parts.append(bos.expand(len(joined), -1))
+        consumed = torch.cat(parts)
+        hidden = self._forward(torch.cat([consumed, consumed])[:, None])
+        pos_hidden = hidden[:n] if fresh is None else torch.cat([hidden[:old], fresh])
+        neg_hidden = hidden[n:]
+        tokens = self._choose(pos_hidden)
         toks = tokens.tolist()
         self.steps += 1
 
-        diffuse = []
+        diffuse, restart = [], []
         for i, (row, tok) in enumerate(zip(self.rows, toks, strict=True)):
             capped = row.steps >= row.max_steps  # its capping step: ends before it acts
             row.steps += 1
@@ -318,15 +327,20 @@ class StepEngine:
             elif tok == self.end_id:
                 self.speech.zero(torch.tensor([row.slot], device=self.device))
             elif tok == self.bos_id:
-                self._reset_negative(i)
+                restart.append(i)
+        # Every positive row that ran keeps its column; a negative row only when it
+        # diffuses (microsoft's loop: a row's unconditional context grows only then).
+        keep = [True] * old + [False] * (n - old) + [False] * n
+        for i in diffuse:
+            keep[n + i] = True
+        self._advance(torch.tensor(keep, device=self.device))
+        for i in restart:
+            self._reset_negative(i)
         next_embeds = self.embed(tokens)[:, None]
         if diffuse:
             idx = torch.tensor(diffuse, device=self.device)
-            advance = torch.zeros(len(self.rows), dtype=torch.bool, device=self.device)
-            advance[idx] = True
-            neg_hidden = self._forward(self.neg, consumed_t, advance=advance)
             speaking = [self.rows[i] for i in diffuse]
-            latents = self.speech.diffuse(speaking, hidden_t[idx], neg_hidden[idx])
+            latents = self.speech.diffuse(speaking, pos_hidden[idx], neg_hidden[idx])
             audio, embeds = self.speech.decode([r.slot for r in speaking], latents)
             next_embeds[idx] = embeds.to(next_embeds.dtype)
             pcm = audio[:, 0, :].float().cpu().numpy()
@@ -349,10 +363,11 @@ class StepEngine:
         """(rows, 4) float32 scores of the allowed tokens (self.allowed's order)."""
         return hidden.float() @ self.head_weight.T + self.head_bias
 
-    def _prefill(self, rows: list[Row]) -> torch.Tensor:
+    def _prefill(self, rows: list[Row], old: int) -> torch.Tensor:
         """Run the joining rows' prompts, batched (left-padded, per-row positions, each
-        voice's latent noise from its own row's generator); their KV joins the positive
-        branch, their negative branch starts empty. Returns last hidden states (n, H)."""
+        voice's latent noise from its own row's generator); their KV joins the store
+        after the `old` running rows' positive branches, their negative branches start
+        empty after the running rows' negative ones. Returns last hidden states (n, H)."""
         from transformers import DynamicCache
 
         from workers.engines.vibevoice.noise import add_voice_noise
@@ -383,29 +398,38 @@ class StepEngine:
         )
         n = len(rows)
         layers = [[layer.keys, layer.values] for layer in cache.layers]
-        self.pos.add(layers, mask, mask.sum(dim=-1))
-        self.neg.add(None, mask[:, :0], torch.zeros(n, dtype=torch.long, device=self.device))
+        kv = self.kv  # [pos old, neg old] -> [pos old, neg old, pos new, neg new]
+        kv.add(layers, mask, mask.sum(dim=-1))
+        kv.add(None, mask[:, :0], torch.zeros(n, dtype=torch.long, device=self.device))
+        if old:  # -> [pos old, pos new, neg old, neg new]
+            ar = torch.arange(2 * (old + n), device=self.device)
+            kv.keep(torch.cat([ar[:old], ar[2 * old : 2 * old + n], ar[old : 2 * old], ar[-n:]]))
         return out.last_hidden_state[:, -1]
 
-    def _forward(self, branch: BranchKV, embeds: torch.Tensor, advance) -> torch.Tensor:
-        """One LM forward of a branch for every row; `advance` (None: all) says which
-        rows keep the new column. Every row attends its own new column during the pass,
-        so no row's attention is empty. Returns the last hidden states (rows, H)."""
-        rows = branch.rows
-        ones = torch.ones(rows, 1, dtype=torch.long, device=self.device)
-        cache = branch.cache()
+    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """One LM forward of both branches of every row (2n rows, each its own KV,
+        positions and mask). Every row attends its own new column during the pass, so no
+        row's attention is empty; `_advance` then says which rows keep it. Returns the
+        last hidden states (2n, H)."""
+        kv = self.kv
+        ones = torch.ones(kv.rows, 1, dtype=torch.long, device=self.device)
+        cache = kv.cache()
         out = self.lm(
             inputs_embeds=embeds,
-            attention_mask=torch.cat([branch.mask, ones], dim=1),
-            position_ids=branch.pos[:, None],
+            attention_mask=torch.cat([kv.mask, ones], dim=1),
+            position_ids=kv.pos[:, None],
             cache=cache,
             use_cache=True,
         )
-        branch.absorb(cache)
-        keep = ones if advance is None else advance.long()[:, None]
-        branch.mask = torch.cat([branch.mask, keep], dim=1)
-        branch.pos = branch.pos + keep[:, 0]
+        kv.absorb(cache)
         return out.last_hidden_state[:, -1]
+
+    def _advance(self, keep: torch.Tensor) -> None:
+        """After a forward: the rows where `keep` (2n bools) is set attend their new
+        column from now on and move one position on; the others mask it."""
+        kv = self.kv
+        kv.mask = torch.cat([kv.mask, keep.long()[:, None]], dim=1)
+        kv.pos = kv.pos + keep.long()
 
     def _reset_negative(self, i: int) -> None:
         """speech_start: the row's unconditional context starts again. microsoft masks
@@ -414,8 +438,9 @@ class StepEngine:
         0 into the last slot lands on a masked column, and the next negative token attends
         only itself, at position 0. Here: every column masked, position 0; the next
         negative forward attends its own new column. Context: [speech_start@0, d@1, ...]."""
-        self.neg.mask[i] = 0
-        self.neg.pos[i] = 0
+        n = len(self.rows)
+        self.kv.mask[n + i] = 0
+        self.kv.pos[n + i] = 0
 
     def _drop_closed(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.closed]
@@ -426,8 +451,7 @@ class StepEngine:
                 self.free_slots.append(r.slot)
                 r.slot = -1
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.pos.keep(idx)
-        self.neg.keep(idx)
+        self.kv.keep(torch.cat([idx, idx + len(self.rows)]))
         if self.embeds is not None:
             self.embeds = self.embeds.index_select(0, idx) if keep else None
         self.rows = [self.rows[i] for i in keep]
