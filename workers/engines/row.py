@@ -45,10 +45,12 @@ class Row:
     def id(self) -> str:
         return self.request.id
 
-    def add_audio(self, pcm: np.ndarray, sink: Any) -> None:
+    def add_audio(self, pcm: np.ndarray, sink: Any, counted: bool = False) -> None:
         """A streamed row sends every step's audio; others about a second at a time,
-        enough for progress and the scheduler's accounting."""
-        self.audio_tokens += 1
+        enough for progress and the scheduler's accounting. `counted`: the engine
+        already counted this audio token (it hands the samples over a step later)."""
+        if not counted:
+            self.audio_tokens += 1
         self.made_samples += len(pcm)
         if self.skip:
             drop = min(self.skip, len(pcm))

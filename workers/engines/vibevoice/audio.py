@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from workers.engines.vibevoice.caches import StreamSlots, learn_shapes
+from workers.engines.vibevoice.caches import StreamSlots, learn_shapes, to_device
 
 HEAD_COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
 
@@ -61,9 +61,15 @@ class Speech:
         return self.acoustic.bytes_per_slot() + self.semantic.bytes_per_slot()
 
     def _scheduler(self, steps: int) -> Any:
+        """A fresh DPM-Solver for `steps` sub-steps: a copy of one set up once per step
+        count (timesteps on the device; its first index given, so that no step looks
+        it up with nonzero().item(), a host sync)."""
         if steps not in self.schedulers:
-            self.schedulers[steps] = copy.deepcopy(self.base_scheduler)
-        return self.schedulers[steps]
+            sched = copy.deepcopy(self.base_scheduler)
+            sched.set_timesteps(num_inference_steps=steps, device=self.device)
+            sched.set_begin_index(0)
+            self.schedulers[steps] = sched
+        return copy.deepcopy(self.schedulers[steps])
 
     def diffuse(self, rows: list, pos_cond: torch.Tensor, neg_cond: torch.Tensor):
         """Latents (n, 1, width) for the speaking rows, in their order."""
@@ -72,17 +78,16 @@ class Speech:
         for k, row in enumerate(rows):
             groups.setdefault(row.request.inference_steps, []).append(k)
         for steps, members in groups.items():
-            sel = torch.tensor(members, device=self.device)
+            sel = to_device(members, self.device)
             n = len(members)
             cond = torch.cat([pos_cond[sel], neg_cond[sel]])
             noise = [torch.randn(self.width, generator=rows[k].state.generator) for k in members]
-            x = torch.stack(noise).to(cond)
+            x = to_device(torch.stack(noise), self.device).to(cond.dtype)
             # float32 even in a bf16 model (1.3 would be 1.296875): microsoft multiplies by a
             # Python float, which the kernel applies at float32 precision
-            scale = torch.tensor([[float(rows[k].request.cfg_scale)] for k in members])
-            scale = scale.to(self.device)
+            scale = [[float(rows[k].request.cfg_scale)] for k in members]
+            scale = to_device(scale, self.device, torch.float32)
             sched = self._scheduler(steps)
-            sched.set_timesteps(num_inference_steps=steps)
             latent = torch.cat([x, x])
             for t in sched.timesteps:
                 both = torch.cat([latent[:n], latent[:n]])
@@ -96,7 +101,7 @@ class Speech:
     def decode(self, slots: list[int], latents: torch.Tensor):
         """(audio (n, 1, hop), next embeddings (n, 1, H)) of the speaking rows."""
         m = self.model.model
-        idx = torch.tensor(slots, device=self.device)
+        idx = to_device(slots, self.device)
         scaled = latents / m.latent_scaling_factor - m.latent_bias_factor
         cache = self.acoustic.gather(idx)
         audio = m.audio_tower.decode(scaled, padding_cache=cache, use_cache=True).audio

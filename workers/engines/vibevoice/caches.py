@@ -24,6 +24,16 @@ from typing import Any
 import torch
 
 
+def to_device(values, device: Any, dtype: Any = torch.long) -> torch.Tensor:
+    """A small host-made tensor on `device` without a host sync: on CUDA it goes through
+    pinned memory with a non-blocking copy (a copy from pageable memory waits for the
+    stream). `values`: a list, or a CPU tensor."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if not str(device).startswith("cuda"):
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     short = length - t.shape[dim]
     if short <= 0:

@@ -44,7 +44,7 @@ import torch
 
 from workers.engines.row import Row, ran_in_step
 from workers.engines.vibevoice.audio import Speech
-from workers.engines.vibevoice.caches import BranchKV
+from workers.engines.vibevoice.caches import BranchKV, to_device
 from workers.wire.messages import ErrorKind, PoolError, Request
 
 MIB = 1 << 20
@@ -127,6 +127,13 @@ class StepEngine:
         self.free_slots = list(range(self.slot_count))
         self.steps = 0
         self.kv_bytes_per_token = self._kv_bytes_per_token()
+        # On CUDA a step's audio goes to the host with a non-blocking copy into pinned
+        # memory and is handed to its rows after the next step's one sync (the tokens),
+        # or before a row ends; on CPU it is handed over at once.
+        self.async_audio = device.startswith("cuda")
+        self.held_audio: list[tuple[list[Row], torch.Tensor, Any]] = []
+        attn = getattr(self.text_cfg, "_attn_implementation", None) or "sdpa"
+        self.mask_kind = attn if attn in ("sdpa", "eager") else "2d"
 
     # ---- setup ----------------------------------------------------------------------
     def _allowed_head(self, model: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,6 +263,7 @@ class StepEngine:
         self.rows, self.joining, self.embeds = [], [], None
         self.restarting.clear()
         self.kv = BranchKV(self.device)
+        self.held_audio = []
         self.free_slots = list(range(self.slot_count))
         return rows
 
@@ -296,8 +304,8 @@ class StepEngine:
             fresh = self._prefill(joined, old)
             for row in joined:
                 row.slot = self.free_slots.pop(0)
-            self.speech.zero(torch.tensor([r.slot for r in joined], device=self.device))
-            bos = self.embed(torch.tensor([self.bos_id], device=self.device))
+            self.speech.zero(to_device([r.slot for r in joined], self.device))
+            bos = self.embed(to_device([self.bos_id], self.device))
         self.rows.extend(joined)
         n = len(self.rows)
         # What each row consumes this step, in both branches: its last token's embedding
@@ -311,47 +319,86 @@ class StepEngine:
         pos_hidden = hidden[:n] if fresh is None else torch.cat([hidden[:old], fresh])
         neg_hidden = hidden[n:]
         tokens = self._choose(pos_hidden)
-        toks = tokens.tolist()
+        capped = [i for i, row in enumerate(self.rows) if row.steps >= row.max_steps]
+        # Every positive row that ran keeps its column; a negative row only when it
+        # diffuses (microsoft's loop: a row's unconditional context grows only then).
+        # Built on the device from the tokens, before the one host sync of the step.
+        speaks = tokens == self.audio_id
+        if capped:  # its capping step: it ends before it acts
+            speaks[to_device(capped, self.device)] = False
+        keep = torch.cat([self._flags(old, True), self._flags(n - old, False), speaks])
+        self._advance(keep)
+        next_embeds = self.embed(tokens)[:, None]
+        toks = tokens.tolist()  # the step's one host sync
+        self._hand_over(sink)  # the last step's audio: its copy is done by now
         self.steps += 1
 
         diffuse, restart = [], []
         for i, (row, tok) in enumerate(zip(self.rows, toks, strict=True)):
-            capped = row.steps >= row.max_steps  # its capping step: ends before it acts
             row.steps += 1
             if tok in self.eos_ids:
                 row.finish(sink, "eos")
-            elif capped:
+            elif i in capped:
                 row.finish(sink, row.step_reason)
             elif tok == self.audio_id:
                 diffuse.append(i)
             elif tok == self.end_id:
-                self.speech.zero(torch.tensor([row.slot], device=self.device))
+                self.speech.zero(to_device([row.slot], self.device))
             elif tok == self.bos_id:
                 restart.append(i)
-        # Every positive row that ran keeps its column; a negative row only when it
-        # diffuses (microsoft's loop: a row's unconditional context grows only then).
-        keep = [True] * old + [False] * (n - old) + [False] * n
-        for i in diffuse:
-            keep[n + i] = True
-        self._advance(torch.tensor(keep, device=self.device))
         for i in restart:
             self._reset_negative(i)
-        next_embeds = self.embed(tokens)[:, None]
         if diffuse:
-            idx = torch.tensor(diffuse, device=self.device)
+            idx = to_device(diffuse, self.device)
             speaking = [self.rows[i] for i in diffuse]
             latents = self.speech.diffuse(speaking, pos_hidden[idx], neg_hidden[idx])
             audio, embeds = self.speech.decode([r.slot for r in speaking], latents)
             next_embeds[idx] = embeds.to(next_embeds.dtype)
-            pcm = audio[:, 0, :].float().cpu().numpy()
-            for k, i in enumerate(diffuse):
-                self.rows[i].add_audio(pcm[k], sink)
-        for row in self.rows:
-            if not row.closed and row.out_of_budget:
+            self._hold(speaking, audio[:, 0, :])
+            for row in speaking:
+                row.audio_tokens += 1  # counted now, handed over with its samples
+            if not self.async_audio:
+                self._hand_over(sink)
+        ending = [r for r in self.rows if not r.closed and r.out_of_budget]
+        if ending:
+            self._hand_over(sink, wait=True)
+            for row in ending:
                 row.finish(sink, row.cap_reason)
         self.embeds = next_embeds
         self._drop_closed()
         sink.step()
+
+    def _flags(self, count: int, value: bool) -> torch.Tensor:
+        return torch.full((count,), value, dtype=torch.bool, device=self.device)
+
+    def _hold(self, rows: list[Row], audio: torch.Tensor) -> None:
+        """Keep the speaking rows' new audio (rows, samples) until it is on the host."""
+        pcm = audio.float()
+        if not self.async_audio:
+            self.held_audio.append((rows, pcm, None))
+            return
+        host = torch.empty(pcm.shape, dtype=pcm.dtype, pin_memory=True)
+        host.copy_(pcm, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.held_audio.append((rows, host, event))
+
+    def _hand_over(self, sink: Any, wait: bool = False) -> None:
+        """Give the held audio to its rows (a row closed since gets none). On CPU at once;
+        on CUDA after the step's sync, or with `wait` (a row ends) after its copy."""
+        if self.held_audio and self.async_audio and not wait and not self._copied():
+            return
+        for rows, pcm, event in self.held_audio:
+            if event is not None:
+                event.synchronize()
+            arr = pcm.numpy()
+            for k, row in enumerate(rows):
+                if not row.closed:
+                    row.add_audio(arr[k], sink, counted=True)
+        self.held_audio = []
+
+    def _copied(self) -> bool:
+        return all(event is None or event.query() for _, _, event in self.held_audio)
 
     def _choose(self, hidden: torch.Tensor) -> torch.Tensor:
         """Each row's next token, in self.rows order: the argmax over the four tokens
@@ -416,13 +463,26 @@ class StepEngine:
         cache = kv.cache()
         out = self.lm(
             inputs_embeds=embeds,
-            attention_mask=torch.cat([kv.mask, ones], dim=1),
+            attention_mask=self._decode_mask(torch.cat([kv.mask, ones], dim=1)),
             position_ids=kv.pos[:, None],
             cache=cache,
             use_cache=True,
         )
         kv.absorb(cache)
         return out.last_hidden_state[:, -1]
+
+    def _decode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The (rows, columns) mask of a one-token step, made 4D for sdpa (bool) and eager
+        (additive) so that transformers takes it as it is: its 2D path checks whether
+        every column is attended (a host sync) to skip the mask. flash_attention_2 takes
+        the 2D mask."""
+        if self.mask_kind == "2d":
+            return mask
+        allowed = mask.bool()[:, None, None, :]
+        if self.mask_kind == "sdpa":
+            return allowed
+        blocked = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return blocked.masked_fill(~allowed, torch.finfo(self.dtype).min)
 
     def _advance(self, keep: torch.Tensor) -> None:
         """After a forward: the rows where `keep` (2n bools) is set attend their new
