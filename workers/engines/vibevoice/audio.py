@@ -7,6 +7,7 @@
     decode(slots, latents) -> audio, next embeds   the streaming acoustic decode and
         semantic re-encode of those rows alone, each on its own conv caches
         (caches.StreamSlots), then the connectors that make the next LM input
+    HandOff: each step's audio on its way to the host (asynchronous on CUDA)
 
 Opt-in, off by default and not measured yet (no GPU was lent when it was written):
 `head_compile` compiles the diffusion head with torch.compile in that mode;
@@ -110,3 +111,45 @@ class Speech:
         sem = m.semantic_tokenizer_encoder(audio, padding_cache=cache, use_cache=True).latents
         self.semantic.scatter(idx, cache)
         return audio, m.multi_modal_projector(latents) + m.semantic_connector(sem)
+
+
+class HandOff:
+    """Each step's audio on its way to its rows. On CUDA it goes to the host with a
+    non-blocking copy into pinned memory and reaches its rows after the next step's one
+    host sync (the tokens), or at once when a row is about to end; on CPU at once.
+
+        hold(rows, audio, sink)       the speaking rows' new audio (rows, samples)
+        hand_over(sink, wait=False)   give what is on the host to its rows
+    """
+
+    def __init__(self, device: str):
+        self.async_copy = device.startswith("cuda")
+        self.held: list[tuple[list, torch.Tensor, Any]] = []  # (rows, pcm, copy event)
+
+    def hold(self, rows: list, audio: torch.Tensor, sink: Any) -> None:
+        for row in rows:
+            row.audio_tokens += 1  # counted now (a row's budget), its samples follow
+        pcm = audio.float()
+        if not self.async_copy:
+            self.held.append((rows, pcm, None))
+            self.hand_over(sink)
+            return
+        host = torch.empty(pcm.shape, dtype=pcm.dtype, pin_memory=True)
+        host.copy_(pcm, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.held.append((rows, host, event))
+
+    def hand_over(self, sink: Any, wait: bool = False) -> None:
+        """A row closed since (cancelled) gets none. Without `wait`, nothing moves until
+        every copy is done (after the step's sync it is)."""
+        if not wait and not all(e is None or e.query() for _, _, e in self.held):
+            return
+        for rows, pcm, event in self.held:
+            if event is not None:
+                event.synchronize()
+            arr = pcm.numpy()
+            for k, row in enumerate(rows):
+                if not row.closed:
+                    row.add_audio(arr[k], sink, counted=True)
+        self.held = []

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from workers.engines.row import Row, ran_in_step
-from workers.engines.vibevoice.audio import Speech
+from workers.engines.vibevoice.audio import HandOff, Speech
 from workers.engines.vibevoice.caches import BranchKV, to_device
 from workers.wire.messages import ErrorKind, PoolError, Request
 
@@ -127,11 +127,7 @@ class StepEngine:
         self.free_slots = list(range(self.slot_count))
         self.steps = 0
         self.kv_bytes_per_token = self._kv_bytes_per_token()
-        # On CUDA a step's audio goes to the host with a non-blocking copy into pinned
-        # memory and is handed to its rows after the next step's one sync (the tokens),
-        # or before a row ends; on CPU it is handed over at once.
-        self.async_audio = device.startswith("cuda")
-        self.held_audio: list[tuple[list[Row], torch.Tensor, Any]] = []
+        self.audio_out = HandOff(device)  # each step's audio, on its way to the host
         attn = getattr(self.text_cfg, "_attn_implementation", None) or "sdpa"
         self.mask_kind = attn if attn in ("sdpa", "eager") else "2d"
 
@@ -263,7 +259,7 @@ class StepEngine:
         self.rows, self.joining, self.embeds = [], [], None
         self.restarting.clear()
         self.kv = BranchKV(self.device)
-        self.held_audio = []
+        self.audio_out = HandOff(self.device)
         self.free_slots = list(range(self.slot_count))
         return rows
 
@@ -330,7 +326,7 @@ class StepEngine:
         self._advance(keep)
         next_embeds = self.embed(tokens)[:, None]
         toks = tokens.tolist()  # the step's one host sync
-        self._hand_over(sink)  # the last step's audio: its copy is done by now
+        self.audio_out.hand_over(sink)  # the last step's audio: its copy is done by now
         self.steps += 1
 
         diffuse, restart = [], []
@@ -354,14 +350,10 @@ class StepEngine:
             latents = self.speech.diffuse(speaking, pos_hidden[idx], neg_hidden[idx])
             audio, embeds = self.speech.decode([r.slot for r in speaking], latents)
             next_embeds[idx] = embeds.to(next_embeds.dtype)
-            self._hold(speaking, audio[:, 0, :])
-            for row in speaking:
-                row.audio_tokens += 1  # counted now, handed over with its samples
-            if not self.async_audio:
-                self._hand_over(sink)
+            self.audio_out.hold(speaking, audio[:, 0, :], sink)
         ending = [r for r in self.rows if not r.closed and r.out_of_budget]
         if ending:
-            self._hand_over(sink, wait=True)
+            self.audio_out.hand_over(sink, wait=True)
             for row in ending:
                 row.finish(sink, row.cap_reason)
         self.embeds = next_embeds
@@ -370,35 +362,6 @@ class StepEngine:
 
     def _flags(self, count: int, value: bool) -> torch.Tensor:
         return torch.full((count,), value, dtype=torch.bool, device=self.device)
-
-    def _hold(self, rows: list[Row], audio: torch.Tensor) -> None:
-        """Keep the speaking rows' new audio (rows, samples) until it is on the host."""
-        pcm = audio.float()
-        if not self.async_audio:
-            self.held_audio.append((rows, pcm, None))
-            return
-        host = torch.empty(pcm.shape, dtype=pcm.dtype, pin_memory=True)
-        host.copy_(pcm, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.held_audio.append((rows, host, event))
-
-    def _hand_over(self, sink: Any, wait: bool = False) -> None:
-        """Give the held audio to its rows (a row closed since gets none). On CPU at once;
-        on CUDA after the step's sync, or with `wait` (a row ends) after its copy."""
-        if self.held_audio and self.async_audio and not wait and not self._copied():
-            return
-        for rows, pcm, event in self.held_audio:
-            if event is not None:
-                event.synchronize()
-            arr = pcm.numpy()
-            for k, row in enumerate(rows):
-                if not row.closed:
-                    row.add_audio(arr[k], sink, counted=True)
-        self.held_audio = []
-
-    def _copied(self) -> bool:
-        return all(event is None or event.query() for _, _, event in self.held_audio)
 
     def _choose(self, hidden: torch.Tensor) -> torch.Tensor:
         """Each row's next token, in self.rows order: the argmax over the four tokens
