@@ -30,7 +30,9 @@ from pathlib import Path
 from vibevoice_pool.pool.dispatcher import Dispatcher
 
 ROOT = Path(__file__).resolve().parent.parent
-CHARS_PER_S = 15.0  # workers.wire.estimate: 15 characters of script = 1 s of audio
+# workers.wire.estimate sizes one long word of n letters at n / (LETTERS_PER_WORD * WORDS_PER_S)
+# seconds: 17.5 letters of script = 1 s of audio
+CHARS_PER_S = 7.0 * 2.5
 SAMPLE_RATE = 24_000
 
 
@@ -115,8 +117,9 @@ def drain(pool, timeout: float = 120.0) -> None:
 
 
 def script_for(audio_s: float) -> str:
-    """A script the estimator sizes at `audio_s` seconds (to 1/15 s)."""
-    return "a" * max(1, int(round(audio_s * CHARS_PER_S)))
+    """A script the estimator sizes at `audio_s` seconds (to 1/17.5 s, at least 0.4 s):
+    one word of that many letters."""
+    return "a" * max(7, int(round(audio_s * CHARS_PER_S)))
 
 
 def make_request(pool, audio_s: float, seed: int):

@@ -210,3 +210,142 @@ def test_same_audio_alone_batched_and_joining_whatever_side_the_checkpoint_pads(
     joined = sink.audio("me")
     assert len(joined) == len(alone)
     assert np.abs(joined - alone).max() < 1e-3 * np.abs(alone).max()
+
+
+# ---- numerics: the token choice in float32 --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(tiny_model_dir):
+    eng = VibeVoiceEngine(
+        EngineSpec(engine="vibevoice", model_path=tiny_model_dir, dtype="bfloat16")
+    )
+    eng.load()
+    return eng
+
+
+def bf16_choice(steps, hidden: torch.Tensor) -> int:
+    """What the engine chose before: the full lm_head in the model's dtype, cast to
+    float32 after, plus the four-token constraint and the sequence_bias."""
+    logits = steps.model.lm_head(hidden).float()
+    bias = torch.full_like(logits, float("-inf"))
+    bias[:, steps.allowed] = steps.head_bias
+    return int((logits + bias).argmax(dim=-1)[0])
+
+
+def near_tie(steps, gap: float) -> torch.Tensor:
+    """A bf16 hidden state whose float32 scores put the audio token `gap` above EOS and
+    the two others far below (least-norm solve over the four lm_head rows)."""
+    ids = steps.allowed.tolist()
+    cfg = steps.model.config
+    target = torch.full((4,), -100.0)
+    audio, eos = ids.index(cfg.audio_token_id), ids.index(cfg.eos_token_id)
+    target[eos] = 40.0
+    target[audio] = 40.0 + gap
+    target = target - steps.head_bias  # the scores include the sequence_bias
+    hidden = torch.linalg.pinv(steps.head_weight) @ target
+    return hidden[None].to(torch.bfloat16)
+
+
+def test_the_token_is_chosen_from_float32_logits_of_the_four_allowed_tokens(bf16_engine):
+    """On a near-tie between the audio token and EOS, logits computed in bf16 (then cast)
+    choose EOS, float32 logits choose audio, and the engine follows float32."""
+    steps = bf16_engine.steps
+    cfg = steps.model.config
+    assert steps.model.dtype == torch.bfloat16
+    assert steps.head_weight.dtype == torch.float32 and steps.head_weight.shape[0] == 4
+    assert sorted(steps.allowed.tolist()) == steps.allowed.tolist()
+    flipped = []
+    for k in range(1, 40):
+        hidden = near_tie(steps, gap=0.005 * k)
+        scores = steps.allowed_logits(hidden)[0]
+        assert scores.dtype == torch.float32
+        fp32 = int(steps.allowed[scores.argmax()])
+        if fp32 == cfg.audio_token_id and bf16_choice(steps, hidden) == cfg.eos_token_id:
+            flipped.append(hidden)
+    assert flipped, "no near-tie flipped between bf16 and float32"
+    for hidden in flipped:
+        assert int(steps._choose(hidden)[0]) == cfg.audio_token_id
+    # far from a tie, both agree: the slice is the same head
+    for gap in (-5.0, 5.0):
+        hidden = near_tie(steps, gap)
+        assert int(steps._choose(hidden)[0]) == bf16_choice(steps, hidden)
+
+
+def test_flash_attention_is_taken_where_installed_and_sdpa_otherwise(monkeypatch, caplog):
+    import importlib.util
+
+    from workers.engines.vibevoice.engine import attention_for
+
+    assert attention_for("eager", "cuda:0") == ("eager", "as configured")
+    assert attention_for("auto", "cpu")[0] == "sdpa"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "flash_attn" else real(n, *a)
+    )
+    with caplog.at_level("INFO", logger="vibevoice_pool.worker"):
+        assert attention_for("flash_attention_2", "cuda:0")[0] == "sdpa"
+    assert "flash-attn package is not installed" in caplog.text
+    assert "sdpa may lower audio quality" in caplog.text
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a)
+    )
+    assert attention_for("auto", "cuda:0")[0] == "flash_attention_2"
+
+
+# ---- the length estimate knows the script ----------------------------------------------
+
+EN_DIALOGUE = (  # 50 words: about 20 s at 150 words a minute
+    "Did you finish the report for tomorrow's meeting?\n"
+    "Almost. I still need the sales figures from March, and a chart or two.\n"
+    "I can send those tonight. Do you want the regional numbers as well?\n"
+    "Yes, please. The board will ask about the north first, so put that on top."
+)
+ZH_DIALOGUE = (  # 76 Han characters: about 17 s at 4-5 characters a second
+    "你今天下午有空吗？我们一起去看电影吧。\n"
+    "好啊，不过我要先把工作做完，大概五点以后才能出门。\n"
+    "没关系，我们可以看七点那场，看完再去吃晚饭。\n"
+    "太好了，那就这么定了，我到时候给你打电话。"
+)
+
+
+def test_the_estimate_counts_each_script_at_its_own_rate():
+    from workers.wire import estimate as e
+
+    assert len(EN_DIALOGUE.split()) == 50
+    assert sum(0x4E00 <= ord(c) <= 0x9FFF for c in ZH_DIALOGUE) == 76
+    for text, natural in ((EN_DIALOGUE, 50 / 2.5), (ZH_DIALOGUE, 76 / 4.5)):
+        assert 0.7 * natural <= e.audio_seconds_for(text) <= 1.3 * natural
+    # each kind at its rate: 9 Han characters, 9 words, 9 digits, 9 kana
+    assert e.speech_seconds("今天天气很好我们走") == pytest.approx(9 / e.CJK_CHARS_PER_S)
+    assert e.speech_seconds("one two three four five six seven eight nine") == pytest.approx(
+        9 / e.WORDS_PER_S
+    )
+    assert e.speech_seconds("123456789") == pytest.approx(9 / e.DIGITS_PER_S)
+    assert e.speech_seconds("ありがとうございま") == pytest.approx(9 / e.KANA_PER_S)
+    # a long word counts as several; punctuation adds its pause
+    assert e.speech_seconds("Donaudampfschifffahrt") == pytest.approx(3 / e.WORDS_PER_S)
+    assert e.speech_seconds("Yes. No, maybe") == pytest.approx(
+        3 / e.WORDS_PER_S + e.SENTENCE_PAUSE_S + e.CLAUSE_PAUSE_S
+    )
+    assert e.audio_seconds_for("Hi") == e.MIN_AUDIO_S
+    assert e.audio_seconds_for(ZH_DIALOGUE, max_audio_s=3.0) == 3.0
+
+
+def test_a_chinese_script_gets_a_runaway_cap_of_at_least_twice_its_natural_length():
+    """Even where its prompt is short in tokens (a Qwen-sized vocabulary packs a Han
+    character or two in a token), the cap follows the estimate; and it is never tighter
+    than microsoft's 2 x the prompt's tokens, voice placeholders included."""
+    from workers.engines.vibevoice.engine import TOKENS_PER_S, row_cap
+    from workers.wire.estimate import audio_seconds_for
+    from workers.wire.messages import Request, Turn
+
+    turns = tuple(Turn(k % 2, line) for k, line in enumerate(ZH_DIALOGUE.split("\n")))
+    r = Request(id="zh", turns=turns, est_audio_s=audio_seconds_for(ZH_DIALOGUE))
+    natural_tokens = 76 / 4.5 * TOKENS_PER_S
+    for prompt in (60, 110, 400):
+        cap = row_cap(r, prompt_tokens=prompt)
+        assert cap.steps >= 2 * natural_tokens and cap.steps >= 2 * prompt
+    # a short line is never cut before the floor
+    hi = Request(id="hi", turns=(Turn(0, "Hi."),), est_audio_s=audio_seconds_for("Hi."))
+    assert row_cap(hi, prompt_tokens=10, runaway_factor=0.5).steps >= 5 * TOKENS_PER_S

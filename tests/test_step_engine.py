@@ -26,6 +26,7 @@ class Sink:
         self.ends: dict[str, object] = {}
         self.steps = 0
         self.first_chunk_step: dict[str, int] = {}  # 0-based index of the step
+        self.end_step: dict[str, int] = {}
 
     def chunk(self, rid, pcm):
         self.audio.setdefault(rid, []).append(pcm)
@@ -34,6 +35,7 @@ class Sink:
     def finish(self, rid, stop_reason="eos"):
         assert rid not in self.ends
         self.ends[rid] = stop_reason
+        self.end_step[rid] = self.steps  # 0-based index of the step it ended in
 
     def fail(self, rid, error):
         assert rid not in self.ends and isinstance(error, PoolError)
@@ -114,7 +116,7 @@ def test_rows_joining_at_steps_0_3_and_10_and_ending_early_each_sound_as_alone(e
     assert list(sink.ends) == ["early", "other", "late", "long"]  # short rows leave first
     for r in (long, early, late, other):
         assert_alone(reference, sink, r)
-    assert engine.steps.pos.rows == engine.steps.neg.rows == 0 and engine.live == 0
+    assert engine.steps.kv.rows == 0 and engine.live == 0
 
 
 def test_a_cancelled_row_frees_its_place_for_a_waiting_one(engine, reference, monkeypatch):
@@ -131,48 +133,119 @@ def test_a_cancelled_row_frees_its_place_for_a_waiting_one(engine, reference, mo
         assert_alone(reference, sink, r)
 
 
-def test_speech_end_and_start_move_only_their_own_row(engine):
-    """microsoft's loop: speech_end zeroes the row's stream caches, speech_start resets
-    its negative branch to its first entry, and a row that does not diffuse in a step
-    keeps its negative context. The tiny model never picks those tokens: they are forced."""
-    steps = engine.steps
+FIDELITY = 1e-5  # conditions and audio, absolute, float32
+
+
+class Forced:
+    """The step engine along forced token paths (the tiny model never picks speech_end,
+    speech_start or EOS itself): `plans[row id]` maps a row's step (0-based) to the token
+    it draws there; `caps[row id]` is a row's step cap. Records, per row, each
+    diffusion's (positive, negative) conditions."""
+
+    def __init__(self, engine, monkeypatch, plans, caps):
+        self.plans, self.caps = plans, caps
+        self.conditions: dict[str, list] = {}
+        steps = engine.steps
+        choose, diffuse, prepare = steps._choose, steps.speech.diffuse, engine.prepare
+
+        def forced_choose(hidden):
+            tokens = choose(hidden)
+            for i, row in enumerate(steps.rows):
+                token = self.plans.get(row.id, {}).get(row.steps)
+                if token is not None:
+                    tokens[i] = token
+            return tokens
+
+        def recorded_diffuse(rows, pos, neg):
+            for k, row in enumerate(rows):
+                self.conditions.setdefault(row.id, []).append((pos[k].clone(), neg[k].clone()))
+            return diffuse(rows, pos, neg)
+
+        def capped_prepare(request):
+            row = prepare(request)
+            if request.id in self.caps:
+                row.max_steps = self.caps[request.id]
+            return row
+
+        monkeypatch.setattr(steps, "_choose", forced_choose)
+        monkeypatch.setattr(steps.speech, "diffuse", recorded_diffuse)
+        monkeypatch.setattr(engine, "prepare", capped_prepare)
+
+
+def assert_as_reference(reference, forced, sink, r: Request, max_new_tokens: int) -> int:
+    """The row's every diffusion condition and its audio equal transformers' generate
+    for that row alone along the same token path; returns its count of diffusions."""
+    want_audio, want_conds = reference.forced(r, max_new_tokens, forced.plans.get(r.id, {}))
+    got_conds = forced.conditions[r.id]
+    assert len(got_conds) == len(want_conds) > 0
+    for k, ((pos, neg), (want_pos, want_neg)) in enumerate(zip(got_conds, want_conds, strict=True)):
+        assert (pos - want_pos[0]).abs().max() < FIDELITY, f"{r.id}: positive at diffusion {k}"
+        assert (neg - want_neg[0]).abs().max() < FIDELITY, f"{r.id}: negative at diffusion {k}"
+    got = sink.pcm(r.id)
+    assert len(got) == len(want_audio) == len(got_conds) * HOP_SAMPLES
+    assert np.abs(got - want_audio).max() < FIDELITY, f"{r.id}: audio"
+    return len(got_conds)
+
+
+def test_forced_speech_end_start_eos_and_cap_follow_the_reference_alone_and_batched(
+    engine, reference, monkeypatch
+):
+    """microsoft's loop on a forced path: speech_end zeroes the row's stream caches;
+    speech_start restarts its negative branch (the next negative token attends only
+    itself, at position 0); EOS ends it; on its capping step a row ends before it
+    diffuses. Each row's every diffusion condition (positive and negative) and its
+    audio equal transformers' generate for the row alone, with or without mates."""
     cfg = engine.model.config
-    plan = [None] * 4 + [cfg.audio_eos_token_id, cfg.audio_bos_token_id] + [None] * 4
-    checks: list[str] = []
-    real = steps._choose
+    turns = req("turns", seed=31, est_audio_s=1.0)  # 7 audio tokens in 9 steps
+    eos = req("eos", "An early end.", seed=34, est_audio_s=2.0)
+    cap = req("cap", "Cut by its step cap.", seed=35, est_audio_s=2.0)
+    plans = {
+        "turns": {4: cfg.audio_eos_token_id, 5: cfg.audio_bos_token_id},
+        "eos": {3: cfg.eos_token_id},
+    }
+    forced = Forced(engine, monkeypatch, plans, caps={"cap": 5})
+    tokens = {"turns": 9, "eos": 40, "cap": 5}  # the reference's max_new_tokens
+    for r in (turns, eos, cap):
+        sink = drive(engine, {0: [r]})
+        assert assert_as_reference(reference, forced, sink, r, tokens[r.id]) > 0
+    assert sink.ends == {"cap": "runaway_cap"} and sink.end_step["cap"] == 5
+    assert len(forced.conditions["turns"]) == 7 and len(forced.conditions["eos"]) == 3
+    assert len(forced.conditions["cap"]) == 5  # its sixth step (the capping one) did not diffuse
+    alone = {rid: conds for rid, conds in forced.conditions.items()}
 
-    def choose(logits):
-        toks = real(logits)
-        for i, row in enumerate(steps.rows):
-            if row.id != "x":
-                continue
-            if row.steps == 5:  # after speech_end: its stream caches are zero
-                store = [t[row.slot] for t in steps.speech.acoustic.store.values()]
-                store += [t[row.slot] for t in steps.speech.semantic.store.values()]
-                assert all(not t.any() for t in store)
-                checks.append("zeroed")
-            if row.steps == 6:  # after speech_start: one attended negative entry, position 1
-                assert int(steps.neg.mask[i].sum()) == 1 and int(steps.neg.pos[i]) == 1
-                checks.append("reset")
-            if row.steps < len(plan) and plan[row.steps] is not None:
-                toks[i] = plan[row.steps]
-        return toks
+    forced.conditions = {}
+    mates = [req("m1", seed=32, est_audio_s=2.0), req("m2", seed=33, est_audio_s=0.3)]
+    sink = drive(engine, {0: [mates[0], eos], 2: [turns, mates[1]], 4: [cap]})
+    assert sink.ends["eos"] == "eos" and sink.ends["cap"] == "runaway_cap"
+    assert sink.end_step["eos"] == 3 and sink.end_step["cap"] == 4 + 5
+    for r in (turns, eos, cap):
+        assert_as_reference(reference, forced, sink, r, tokens[r.id])
+        assert len(forced.conditions[r.id]) == len(alone[r.id])
+    for m in mates:
+        assert_alone(reference, sink, m)
 
-    steps._choose = choose
-    try:
-        x = req("x", seed=31, est_audio_s=1.0)  # 7 audio tokens, 9 steps
-        alone = drive(engine, {0: [x]})
-        mates = [req("m1", seed=32, est_audio_s=2.0), req("m2", seed=33, est_audio_s=0.3)]
-        beside = drive(engine, {0: [mates[0]], 2: [x, mates[1]]})
-    finally:
-        del steps._choose
-    assert checks == ["zeroed", "reset"] * 2
-    a, b = alone.pcm("x"), beside.pcm("x")
-    assert len(a) == len(b) == 7 * HOP_SAMPLES
-    assert np.abs(a - b).max() < TOL * np.abs(a).max()
-    plain = drive(engine, {0: [req("x", seed=31, est_audio_s=1.0)]}).pcm("x")
-    assert np.array_equal(plain[: 4 * HOP_SAMPLES], a[: 4 * HOP_SAMPLES])
-    assert not np.allclose(plain[4 * HOP_SAMPLES :], a[4 * HOP_SAMPLES :])
+
+def test_the_negative_branch_restarts_at_speech_start_as_microsofts_does(
+    engine, reference, monkeypatch
+):
+    """The reset changes what the guidance sees: after speech_start the negative condition
+    differs from the one an unreset branch gives, and equals the reference's."""
+    cfg = engine.model.config
+    x = req("x", seed=31, est_audio_s=1.0)
+    plans = {"x": {4: cfg.audio_eos_token_id, 5: cfg.audio_bos_token_id}}
+    forced = Forced(engine, monkeypatch, plans, caps={})
+    drive(engine, {0: [x]})
+    reset = forced.conditions["x"]
+    forced.conditions = {}
+    monkeypatch.setattr(engine.steps, "_reset_negative", lambda i: None)
+    drive(engine, {0: [x]})
+    kept = forced.conditions["x"]
+    # the first four diffusions come before speech_start: the same either way
+    for k in range(4):
+        assert torch.equal(reset[k][1], kept[k][1])
+    assert all((reset[k][1] - kept[k][1]).abs().max() > 1e-3 for k in range(4, 7))
+    _, want = reference.forced(x, 9, plans["x"])
+    assert all((reset[k][1] - want[k][1][0]).abs().max() < FIDELITY for k in range(7))
 
 
 def test_a_row_that_does_not_fit_waits_for_one_to_leave(engine, monkeypatch):
@@ -186,7 +259,7 @@ def test_a_row_that_does_not_fit_waits_for_one_to_leave(engine, monkeypatch):
 
     def watched(sink):
         real(sink)
-        peak[0] = max(peak[0], steps.pos.bytes() + steps.neg.bytes())
+        peak[0] = max(peak[0], steps.kv.bytes())
 
     monkeypatch.setattr(steps, "_step", watched)
     sink = drive(engine, {0: [small], 1: [big]})

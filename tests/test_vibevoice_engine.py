@@ -319,33 +319,50 @@ def test_row_cap_is_the_smallest_limit_and_names_it():
     from workers.engines.vibevoice.engine import row_cap
 
     r = req("r", est_audio_s=3.0, max_audio_s=600.0)
-    assert (row_cap(r).tokens, row_cap(r).reason) == (45, "runaway_cap")  # 2 x 3 s = 6 s
-    assert row_cap(r, runaway_factor=1.5).tokens == 33  # 4.5 s
-    assert row_cap(r, scripted_end=True).reason == "estimate"
-    assert row_cap(r, scripted_end=True).tokens == 22  # 3 s, the tiny model's stand-in for EOS
+    # the runaway cap in steps: 2 x the longest of the prompt (microsoft's), the estimate
+    # (3 s = 22.5 tokens) and the 5 s floor (37.5 tokens / 2)
+    cap = row_cap(r, prompt_tokens=40)
+    assert (cap.steps, cap.step_reason, cap.tokens, cap.reason) == (
+        80,
+        "runaway_cap",
+        4500,
+        "max_audio",
+    )
+    assert row_cap(r, prompt_tokens=10).steps == 45  # 2 x 22.5 tokens: the estimate
+    assert row_cap(r, prompt_tokens=10, runaway_factor=0.5).steps == 38  # the 5 s floor
+    assert row_cap(r, prompt_tokens=10, runaway_factor=1.5).steps == 38  # 1.5 x 3 s, floor
+    assert row_cap(r, prompt_tokens=100, runaway_factor=1.5).steps == 150
+    scripted = row_cap(r, prompt_tokens=40, scripted_end=True)
+    assert (scripted.tokens, scripted.reason) == (22, "estimate")  # the tiny model's EOS
     short = req("s", est_audio_s=3.0, max_audio_s=2.0)
-    assert (row_cap(short).tokens, row_cap(short).reason) == (15, "max_audio")
-    assert row_cap(r, context_limit=120).reason == "context"
+    assert (row_cap(short, prompt_tokens=40).tokens, row_cap(short, prompt_tokens=40).reason) == (
+        15,
+        "max_audio",
+    )
+    ctx = row_cap(r, prompt_tokens=40, context_limit=100)
+    assert (ctx.steps, ctx.step_reason) == (60, "context")
     with pytest.raises(PoolError) as full:
-        row_cap(r, context_limit=50)
+        row_cap(r, prompt_tokens=50, context_limit=50)
     assert full.value.kind is ErrorKind.BAD_INPUT
 
 
-def test_the_runaway_cap_cuts_the_tiny_model_and_says_so(engine):
-    """The tiny model never draws EOS: with the cap below its scripted end (the estimated
-    length), the cap is what stops it, at runaway_factor x the estimate."""
-    import dataclasses
+def test_the_runaway_cap_cuts_a_model_that_never_ends_and_says_so(engine, monkeypatch):
+    """The tiny weights served as real weights (no scripted end at the estimate) never
+    draw EOS: the runaway cap stops them, at 2 x the longest of the prompt, the estimate
+    and the floor, in steps; on its capping step the row ends before it diffuses."""
+    from workers.engines.vibevoice.engine import RUNAWAY_FLOOR_S, TOKENS_PER_S
 
-    capped = VibeVoiceEngine(dataclasses.replace(engine.spec, runaway_factor=0.5))
-    capped.load()
-    sink = run(capped, [req("cut", est_audio_s=2.0, seed=3), req("short", est_audio_s=0.2)])
+    monkeypatch.setattr(engine, "is_tiny", False)
+    r = req("cut", est_audio_s=2.0, seed=3)
+    prompt = engine.steps.prompts.length(r)
+    steps = 2 * max(prompt, 2.0 * TOKENS_PER_S, RUNAWAY_FLOOR_S * TOKENS_PER_S / 2)
+    sink = run(engine, [r, req("short", est_audio_s=0.2, max_audio_s=0.5)])
     assert sink.outcome("cut")[0] == "finish" and sink.reasons["cut"] == "runaway_cap"
-    assert len(sink.audio("cut")) == 7 * HOP_SAMPLES  # 0.5 x 2.0 s = 1.0 s = 7 tokens
-    # the same request under the default factor (2) ends at its scripted end instead
+    assert len(sink.audio("cut")) == int(steps) * HOP_SAMPLES
+    assert sink.steps == int(steps) + 1  # the capping step ran, and made no audio
+    assert sink.reasons["short"] == "max_audio" and len(sink.audio("short")) == 3 * HOP_SAMPLES
+    # the tiny model ends at its scripted end, and the cut audio starts the same way
+    monkeypatch.setattr(engine, "is_tiny", True)
     whole = run(engine, [req("cut", est_audio_s=2.0, seed=3)])
     assert whole.reasons["cut"] == "estimate" and len(whole.audio("cut")) == 15 * HOP_SAMPLES
-    # the cut audio is the start of the uncut audio: the cap only ends the row
-    np.testing.assert_allclose(sink.audio("cut"), whole.audio("cut")[: 7 * HOP_SAMPLES], atol=1e-5)
-    # max_audio_s below the runaway cap: cut there, and named so
-    sink = run(engine, [req("m", est_audio_s=2.0, max_audio_s=0.5)])
-    assert sink.reasons["m"] == "max_audio" and len(sink.audio("m")) == 3 * HOP_SAMPLES
+    np.testing.assert_allclose(sink.audio("cut")[: 15 * HOP_SAMPLES], whole.audio("cut"), atol=1e-5)

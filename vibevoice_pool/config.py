@@ -103,7 +103,10 @@ class PoolConfig(BaseModel):
     tiny_model: bool = WORKERS(False, "serve the built-in tiny random model (demo, tests)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = WORKERS("auto", "weights dtype")
     attn_implementation: str = WORKERS(
-        "sdpa", "attention implementation (sdpa, eager, ...)", metavar="NAME"
+        "auto",
+        "the LM's attention implementation: auto (flash_attention_2 on a GPU where the "
+        "flash-attn package is installed, as microsoft's demo; else sdpa), sdpa, eager, ...",
+        metavar="NAME",
     )
     max_batch_size: int = WORKERS(
         1,
@@ -129,8 +132,9 @@ class PoolConfig(BaseModel):
     inference_steps: int = WORKERS(10, "default diffusion steps per request", gt=0)
     runaway_factor: float = WORKERS(
         2.0,
-        "a request that never ends is cut at this times its estimated length "
-        "(X-Stop-Reason: runaway_cap; max_audio_s still caps it)",
+        "a request that never ends is cut at this times the longer of its estimated "
+        "length and its prompt's tokens (microsoft's max_length_times), and never before "
+        "5 s (X-Stop-Reason: runaway_cap; max_audio_s still caps it)",
         gt=0,
     )
     worker_start: Literal["zygote", "spawn"] = WORKERS(

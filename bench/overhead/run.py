@@ -32,6 +32,8 @@ import time
 
 from bench import common
 
+from workers.wire.estimate import audio_seconds_for
+
 N_LATENCY = 1500
 N_DECISIONS = 20_000
 N_THROUGHPUT = 3000
@@ -40,7 +42,7 @@ HTTP_ROUND_S = 6.0
 HTTP_ROUNDS = 2  # per server, in turns: bare, pool, bare, pool
 HTTP_SEQUENTIAL = 300  # requests one at a time, per server
 BODY = {"script": "Speaker 1: hello there", "seed": 7}
-ZERO_WORK_S = len("hello there") / common.CHARS_PER_S  # 0.73 s of tone, as BODY asks
+ZERO_WORK_S = audio_seconds_for("hello there")  # 0.8 s of tone, as BODY asks
 
 
 # ---- enqueue-to-worker latency ---------------------------------------------

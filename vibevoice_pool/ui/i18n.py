@@ -77,7 +77,7 @@ EN: dict[str, str] = {
     "done": "✅ Done: {secs:.1f} s of audio in {wall:.1f} s on {where} (seed {seed})",
     "stopped": "⏹ Stopped after {secs:.1f} s of audio",
     "cut.runaway_cap": " ✂️ Cut at the runaway cap ({factor:g}x the script's estimated "
-    "length): the model did not end the speech itself",
+    "length or its prompt, whichever is longer): the model did not end the speech itself",
     "cut.max_audio": " ✂️ Cut at the length limit (max_audio_s)",
     "cut.context": " ✂️ Cut where the model's context was full",
     "nothing_to_stop": "Nothing to stop in this tab.",
@@ -145,7 +145,7 @@ ZH: dict[str, str] = {
     "running": "🎙️ 已生成 {got:.1f} 秒，预计约 {est:.0f} 秒（{pct:.0f}%），在 {where}",
     "done": "✅ 完成：{secs:.1f} 秒音频，用时 {wall:.1f} 秒，在 {where}（种子 {seed}）",
     "stopped": "⏹ 已停止，生成了 {secs:.1f} 秒音频",
-    "cut.runaway_cap": " ✂️ 已在失控上限处截断（脚本预计长度的 {factor:g} 倍）：模型未自行结束",
+    "cut.runaway_cap": " ✂️ 已在失控上限处截断（脚本预计长度或提示长度的 {factor:g} 倍，取较长者）：模型未自行结束",
     "cut.max_audio": " ✂️ 已在长度上限（max_audio_s）处截断",
     "cut.context": " ✂️ 已在模型上下文用尽处截断",
     "nothing_to_stop": "此标签页没有正在进行的请求。",

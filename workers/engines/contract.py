@@ -49,7 +49,7 @@ class EngineSpec:
     model_path: str = ""
     device: str = "cpu"  # "cpu" or "cuda" (the worker sees its GPU as cuda:0)
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # auto: flash_attention_2 where installed, else sdpa
     max_batch_size: int = 1  # the live row limit of the step engine
     # Memory-aware admission (VibeVoice): the KV budget of the running set in MiB
     # (0: on CUDA, free memory minus the headroom; on CPU, no limit)

@@ -28,8 +28,9 @@ HELD_TOKENS = 8  # a non-streamed row sends its audio every 8 tokens (~1.07 s)
 class Row:
     request: Request
     budget_tokens: int  # audio tokens this row may make (max_audio_s, the tiny model's length)
-    max_steps: int  # decode steps this row may take in all (the runaway cap)
-    cap_reason: str = "eos"  # the StopReason of a row that reaches its budget or its step cap
+    max_steps: int  # decode steps that may act: on step index max_steps the row ends unacted
+    cap_reason: str = "eos"  # the StopReason of a row that reaches its audio budget
+    step_reason: str = "runaway_cap"  # the StopReason of a row that reaches max_steps
     skip: int = 0  # samples a rerun makes again that the listener already has
     slot: int = -1  # its place in the stream caches (vibevoice/caches.py StreamSlots)
     steps: int = 0
@@ -44,10 +45,12 @@ class Row:
     def id(self) -> str:
         return self.request.id
 
-    def add_audio(self, pcm: np.ndarray, sink: Any) -> None:
+    def add_audio(self, pcm: np.ndarray, sink: Any, counted: bool = False) -> None:
         """A streamed row sends every step's audio; others about a second at a time,
-        enough for progress and the scheduler's accounting."""
-        self.audio_tokens += 1
+        enough for progress and the scheduler's accounting. `counted`: the engine
+        already counted this audio token (it hands the samples over a step later)."""
+        if not counted:
+            self.audio_tokens += 1
         self.made_samples += len(pcm)
         if self.skip:
             drop = min(self.skip, len(pcm))
@@ -68,7 +71,8 @@ class Row:
 
     @property
     def out_of_budget(self) -> bool:
-        return self.audio_tokens >= self.budget_tokens or self.steps >= self.max_steps
+        """It made all the audio it may (its max_audio_s, or the tiny model's scripted end)."""
+        return self.audio_tokens >= self.budget_tokens
 
     def finish(self, sink: Any, stop_reason: str = "eos") -> None:
         self._flush(sink)
@@ -84,7 +88,14 @@ class Row:
         """The same request from its start (after the engine lost its state, e.g. to
         out-of-memory): per-row noise makes the same audio, so what was sent is skipped."""
         covered = self.made_samples - sum(len(p) for p in self.held) + self.skip
-        return Row(self.request, self.budget_tokens, self.max_steps, self.cap_reason, covered)
+        return Row(
+            self.request,
+            self.budget_tokens,
+            self.max_steps,
+            self.cap_reason,
+            self.step_reason,
+            skip=covered,
+        )
 
 
 def ran_in_step(rows: list[Row], waiting: list[Row]) -> list[Row]:

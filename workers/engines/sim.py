@@ -102,7 +102,7 @@ class SimEngine:
         return rows
 
     def _out_of_memory(self, sink: StepSink) -> None:
-        """What the step engine does on CUDA out-of-memory (workers/step_engine.py)."""
+        """What the step engine does on CUDA out-of-memory (workers/engines/vibevoice/step.py)."""
         waiting = list(self.restarting)
         ran = ran_in_step(self.reset(), waiting)
         self.restarting.extend(waiting)

@@ -7,6 +7,7 @@
     decode(slots, latents) -> audio, next embeds   the streaming acoustic decode and
         semantic re-encode of those rows alone, each on its own conv caches
         (caches.StreamSlots), then the connectors that make the next LM input
+    HandOff: each step's audio on its way to the host (asynchronous on CUDA)
 
 Opt-in, off by default and not measured yet (no GPU was lent when it was written):
 `head_compile` compiles the diffusion head with torch.compile in that mode;
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from workers.engines.vibevoice.caches import StreamSlots, learn_shapes
+from workers.engines.vibevoice.caches import StreamSlots, learn_shapes, to_device
 
 HEAD_COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
 
@@ -61,9 +62,15 @@ class Speech:
         return self.acoustic.bytes_per_slot() + self.semantic.bytes_per_slot()
 
     def _scheduler(self, steps: int) -> Any:
+        """A fresh DPM-Solver for `steps` sub-steps: a copy of one set up once per step
+        count (timesteps on the device; its first index given, so that no step looks
+        it up with nonzero().item(), a host sync)."""
         if steps not in self.schedulers:
-            self.schedulers[steps] = copy.deepcopy(self.base_scheduler)
-        return self.schedulers[steps]
+            sched = copy.deepcopy(self.base_scheduler)
+            sched.set_timesteps(num_inference_steps=steps, device=self.device)
+            sched.set_begin_index(0)
+            self.schedulers[steps] = sched
+        return copy.deepcopy(self.schedulers[steps])
 
     def diffuse(self, rows: list, pos_cond: torch.Tensor, neg_cond: torch.Tensor):
         """Latents (n, 1, width) for the speaking rows, in their order."""
@@ -72,20 +79,22 @@ class Speech:
         for k, row in enumerate(rows):
             groups.setdefault(row.request.inference_steps, []).append(k)
         for steps, members in groups.items():
-            sel = torch.tensor(members, device=self.device)
+            sel = to_device(members, self.device)
             n = len(members)
             cond = torch.cat([pos_cond[sel], neg_cond[sel]])
             noise = [torch.randn(self.width, generator=rows[k].state.generator) for k in members]
-            x = torch.stack(noise).to(cond)
-            scale = torch.tensor([[rows[k].request.cfg_scale] for k in members]).to(cond)
+            x = to_device(torch.stack(noise), self.device).to(cond.dtype)
+            # float32 even in a bf16 model (1.3 would be 1.296875): microsoft multiplies by a
+            # Python float, which the kernel applies at float32 precision
+            scale = [[float(rows[k].request.cfg_scale)] for k in members]
+            scale = to_device(scale, self.device, torch.float32)
             sched = self._scheduler(steps)
-            sched.set_timesteps(num_inference_steps=steps)
             latent = torch.cat([x, x])
             for t in sched.timesteps:
                 both = torch.cat([latent[:n], latent[:n]])
                 eps = self.head(both, t.repeat(2 * n).to(both), condition=cond)
                 cond_eps, uncond_eps = torch.split(eps, n)
-                guided = uncond_eps + scale * (cond_eps - uncond_eps)
+                guided = uncond_eps + (scale * (cond_eps - uncond_eps)).to(cond_eps.dtype)
                 latent = sched.step(torch.cat([guided, guided]), t, latent).prev_sample
             out[sel] = latent[:n]
         return out[:, None]
@@ -93,7 +102,7 @@ class Speech:
     def decode(self, slots: list[int], latents: torch.Tensor):
         """(audio (n, 1, hop), next embeddings (n, 1, H)) of the speaking rows."""
         m = self.model.model
-        idx = torch.tensor(slots, device=self.device)
+        idx = to_device(slots, self.device)
         scaled = latents / m.latent_scaling_factor - m.latent_bias_factor
         cache = self.acoustic.gather(idx)
         audio = m.audio_tower.decode(scaled, padding_cache=cache, use_cache=True).audio
@@ -102,3 +111,45 @@ class Speech:
         sem = m.semantic_tokenizer_encoder(audio, padding_cache=cache, use_cache=True).latents
         self.semantic.scatter(idx, cache)
         return audio, m.multi_modal_projector(latents) + m.semantic_connector(sem)
+
+
+class HandOff:
+    """Each step's audio on its way to its rows. On CUDA it goes to the host with a
+    non-blocking copy into pinned memory and reaches its rows after the next step's one
+    host sync (the tokens), or at once when a row is about to end; on CPU at once.
+
+        hold(rows, audio, sink)       the speaking rows' new audio (rows, samples)
+        hand_over(sink, wait=False)   give what is on the host to its rows
+    """
+
+    def __init__(self, device: str):
+        self.async_copy = device.startswith("cuda")
+        self.held: list[tuple[list, torch.Tensor, Any]] = []  # (rows, pcm, copy event)
+
+    def hold(self, rows: list, audio: torch.Tensor, sink: Any) -> None:
+        for row in rows:
+            row.audio_tokens += 1  # counted now (a row's budget), its samples follow
+        pcm = audio.float()
+        if not self.async_copy:
+            self.held.append((rows, pcm, None))
+            self.hand_over(sink)
+            return
+        host = torch.empty(pcm.shape, dtype=pcm.dtype, pin_memory=True)
+        host.copy_(pcm, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.held.append((rows, host, event))
+
+    def hand_over(self, sink: Any, wait: bool = False) -> None:
+        """A row closed since (cancelled) gets none. Without `wait`, nothing moves until
+        every copy is done (after the step's sync it is)."""
+        if not wait and not all(e is None or e.query() for _, _, e in self.held):
+            return
+        for rows, pcm, event in self.held:
+            if event is not None:
+                event.synchronize()
+            arr = pcm.numpy()
+            for k, row in enumerate(rows):
+                if not row.closed:
+                    row.add_audio(arr[k], sink, counted=True)
+        self.held = []

@@ -1,7 +1,8 @@
 """Per-row model state of the step engine, kept batched for the running set.
 
-BranchKV: one language-model branch (the positive prompt branch, or the CFG
-negative branch) for every live row. Per layer the keys and values are one
+BranchKV: the language model's KV for a set of rows (the step engine keeps both
+branches of every live row in one: the positive prompt branches, then the CFG
+negative ones). Per layer the keys and values are one
 (rows, kv_heads, length, head_dim) tensor, left-padded; a 2D attention mask
 (rows, length) says which columns a row attends; `pos` is each row's next
 position (its count of attended tokens), passed as position_ids, so a row's
@@ -21,6 +22,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+
+def to_device(values, device: Any, dtype: Any = torch.long) -> torch.Tensor:
+    """A small host-made tensor on `device` without a host sync: on CUDA it goes through
+    pinned memory with a non-blocking copy (a copy from pageable memory waits for the
+    stream). `values`: a list, or a CPU tensor."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if not str(device).startswith("cuda"):
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:

@@ -4,13 +4,15 @@ This module owns running VibeVoice inside a worker: loading the model and proces
 (`VibeVoiceForConditionalGeneration`, `VibeVoiceProcessor`) from a local folder or a hub
 id in the HF format, refusing a checkpoint in the original microsoft/VibeVoice layout with
 the command that converts it, checking each request and capping its length before it
-joins the running set. The loop itself is the step engine (workers/step_engine.py):
+joins the running set. The loop itself is the step engine (workers/engines/vibevoice/step.py):
 rows join and leave at every step, and audio leaves as it is made.
 torch and transformers are imported inside load(), so importing this module is cheap.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -32,11 +34,17 @@ from workers.wire.messages import (
     StopReason,
 )
 
+log = logging.getLogger("vibevoice_pool.worker")
+
 HOP_SAMPLES = 3200  # one audio token = 3200 samples = 0.133 s at 24 kHz
 MAX_SPEAKERS = 4
 MAX_VOICE_S = 120.0
 MAX_STEPS = 100
 DEFAULT_RUNAWAY_FACTOR = 2.0  # microsoft's max_length_times
+
+
+TOKENS_PER_S = SAMPLE_RATE / HOP_SAMPLES  # 7.5 audio tokens a second
+RUNAWAY_FLOOR_S = 5.0  # the runaway cap never cuts a row before this much audio
 
 
 def audio_tokens_for(seconds: float) -> int:
@@ -46,44 +54,77 @@ def audio_tokens_for(seconds: float) -> int:
 
 @dataclass(frozen=True)
 class RowCap:
-    """Audio tokens a row may make, and the stop reason a row that reaches them gets."""
+    """A row's two caps: the audio tokens it may make (`tokens`, ended with `reason`) and
+    the decode steps it may act in (`steps`; on step index `steps` it ends before it
+    acts, as microsoft's loop does, with `step_reason`)."""
 
     tokens: int
     reason: str  # a StopReason value
+    steps: int = 1 << 30
+    step_reason: str = StopReason.RUNAWAY_CAP.value
 
 
 def row_cap(
     req: Request,
     *,
+    prompt_tokens: int,
     runaway_factor: float = DEFAULT_RUNAWAY_FACTOR,
     context_limit: int = 1 << 30,
     scripted_end: bool = False,
 ) -> RowCap:
-    """A row's length cap in audio tokens: the smallest of
-    - the runaway cap, `runaway_factor` x the script's estimated length (microsoft's
-      `max_length_times`, there a multiple of the prompt length): a row that never emits
-      EOS stops here and says so (StopReason.RUNAWAY_CAP);
-    - the request's max_audio_s (StopReason.MAX_AUDIO);
-    - the room left in the model's context after the prompt (StopReason.CONTEXT);
-    - with `scripted_end` (the tiny model, whose random weights never choose EOS), the
-      estimated length itself, as a stand-in for EOS (StopReason.ESTIMATE).
+    """A row's caps.
+
+    Steps: the runaway cap, `runaway_factor` x the longest of
+      - the prompt in tokens, voice placeholders included (microsoft's
+        `max_length_times` x the prompt length: with the default factor of 2 never
+        tighter than microsoft's),
+      - the script's estimated length in audio tokens (workers/wire/estimate.py), which a
+        short prompt of a long script (Chinese) would otherwise cut,
+      - and never under RUNAWAY_FLOOR_S, so that a short line can finish;
+    a row that never emits EOS stops there and says so (StopReason.RUNAWAY_CAP), or
+    where the model's context is full (StopReason.CONTEXT), whichever comes first.
+    Audio tokens: the request's max_audio_s (StopReason.MAX_AUDIO) and, with
+    `scripted_end` (the tiny model, whose random weights never choose EOS), the
+    estimated length itself, as a stand-in for EOS (StopReason.ESTIMATE).
     Raises BAD_INPUT when the prompt alone fills the context."""
-    # A byte-level BPE never makes more tokens than UTF-8 bytes: a safe upper bound.
-    prompt = 64 + sum(len(t.text.encode("utf-8")) + 8 for t in req.turns)
-    prompt += sum(math.ceil(len(v) / HOP_SAMPLES) + 8 for v in req.voices if v is not None)
-    if prompt >= context_limit:
+    if prompt_tokens >= context_limit:
         msg = f"the script is too long for the model's context ({context_limit} tokens)"
         raise PoolError(ErrorKind.BAD_INPUT, msg)
     est = max(req.est_audio_s, HOP_SAMPLES / SAMPLE_RATE)
-    caps = [
-        (audio_tokens_for(runaway_factor * est), StopReason.RUNAWAY_CAP.value),
-        (audio_tokens_for(req.max_audio_s), StopReason.MAX_AUDIO.value),
-        (context_limit - prompt, StopReason.CONTEXT.value),
+    longest = max(
+        prompt_tokens, est * TOKENS_PER_S, RUNAWAY_FLOOR_S * TOKENS_PER_S / runaway_factor
+    )
+    steps = [
+        (math.ceil(runaway_factor * longest), StopReason.RUNAWAY_CAP.value),
+        (context_limit - prompt_tokens, StopReason.CONTEXT.value),
     ]
+    audio = [(audio_tokens_for(req.max_audio_s), StopReason.MAX_AUDIO.value)]
     if scripted_end:
-        caps.insert(0, (audio_tokens_for(est), StopReason.ESTIMATE.value))
-    tokens, reason = min(caps, key=lambda c: c[0])  # the first wins a tie
-    return RowCap(max(1, tokens), reason)
+        audio.insert(0, (audio_tokens_for(est), StopReason.ESTIMATE.value))
+    tokens, reason = min(audio, key=lambda c: c[0])  # the first wins a tie
+    step_cap, step_reason = min(steps, key=lambda c: c[0])
+    return RowCap(max(1, tokens), reason, max(1, step_cap), step_reason)
+
+
+def attention_for(requested: str, device: str) -> tuple[str, str]:
+    """The LM's attention implementation to load, and why. "auto" (and an explicit
+    "flash_attention_2") take flash_attention_2 on a GPU where the flash-attn package
+    is installed, as microsoft's demo does (it warns that SDPA may lower audio quality);
+    elsewhere sdpa, with a log line that says why. Any other name is loaded as given."""
+    if requested not in ("auto", "flash_attention_2"):
+        return requested, "as configured"
+    if not device.startswith("cuda"):
+        why = "flash_attention_2 needs a GPU"
+    elif importlib.util.find_spec("flash_attn") is None:
+        why = "the flash-attn package is not installed"
+    else:
+        return "flash_attention_2", "flash-attn is installed (microsoft's demo runs it)"
+    msg = f"attention: sdpa, not flash_attention_2 ({why})"
+    if requested == "flash_attention_2":
+        log.warning("%s; microsoft warns that sdpa may lower audio quality", msg)
+    else:
+        log.info("%s", msg)
+    return "sdpa", why
 
 
 def check_request(req: Request) -> None:
@@ -131,7 +172,10 @@ class VibeVoiceEngine:
         self.processor: Any = None
         self.device = "cpu"
         self.is_tiny = False
-        self.steps: Any = None  # the step engine (workers/step_engine.py), made by load()
+        self.steps: Any = (
+            None  # the step engine (workers/engines/vibevoice/step.py), made by load()
+        )
+        self.attention = ""  # the LM's attention implementation load() chose
 
     # ---- load ---------------------------------------------------------------------
     def load(self) -> DeviceInfo:
@@ -162,12 +206,13 @@ class VibeVoiceEngine:
             if spec.torch_threads > 0:
                 torch.set_num_threads(spec.torch_threads)
         dtype = self._dtype(torch)
+        self.attention, _ = attention_for(spec.attn_implementation, self.device)
         try:
             self.processor = VibeVoiceProcessor.from_pretrained(spec.model_path)
             model = VibeVoiceForConditionalGeneration.from_pretrained(
                 spec.model_path,
                 dtype=dtype,
-                attn_implementation={"text_config": spec.attn_implementation},
+                attn_implementation={"text_config": self.attention},
             )
         except (OSError, ValueError) as exc:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
@@ -191,7 +236,7 @@ class VibeVoiceEngine:
         else:
             name, mem = "CPU", _physical_memory()
         dtype_name = str(dtype).replace("torch.", "")
-        note = TINY_NOTE if self.is_tiny else f"{spec.model_path} ({dtype_name})"
+        note = TINY_NOTE if self.is_tiny else f"{spec.model_path} ({dtype_name}, {self.attention})"
         return DeviceInfo(self.device, name, mem, spec.max_batch_size, "vibevoice", note)
 
     def _dtype(self, torch: Any) -> Any:
@@ -217,10 +262,11 @@ class VibeVoiceEngine:
         if self.steps is None:
             raise PoolError(ErrorKind.ENGINE_ERROR, "prepare() before load()")
         check_request(req)
-        cap = self._budget_tokens(req)
-        # Room for non-audio tokens (segment starts and ends) on top of the audio cap.
-        steps = cap.tokens + 8 + cap.tokens // 16
-        return self.steps.prepare(req, cap.tokens, steps, cap.reason)
+        prompt = self.steps.prompts.length(req)
+        cap = self._caps(req, prompt)
+        return self.steps.prepare(
+            req, cap.tokens, cap.steps, cap.reason, cap.step_reason, prompt_len=prompt
+        )
 
     def fits(self, row: Row) -> bool:
         return self.steps.fits(row)
@@ -237,12 +283,13 @@ class VibeVoiceEngine:
     def reset(self) -> list[Row]:
         return self.steps.reset() if self.steps is not None else []
 
-    def _budget_tokens(self, req: Request) -> RowCap:
-        """The row's cap (row_cap) for this model: its context and, for the tiny model, the
-        scripted end at the estimated length."""
+    def _caps(self, req: Request, prompt_tokens: int) -> RowCap:
+        """The row's caps (row_cap) for this model: its context and, for the tiny model,
+        the scripted end at the estimated length."""
         limit = getattr(self.model.config.text_config, "max_position_embeddings", 1 << 30)
         return row_cap(
             req,
+            prompt_tokens=prompt_tokens,
             runaway_factor=self.spec.runaway_factor,
             context_limit=limit,
             scripted_end=self.is_tiny,

@@ -4,25 +4,31 @@ We drive the loop; transformers' `generate` is only the reference the tests
 compare each row with. The engine owns the running set of rows. Each call to
 `step(sink)`:
 
-  1. runs the positive LM forward for the running rows on the embeddings they
-     made last step, and prefills the rows that join (batched among themselves;
-     each voice's latent noise from its own row's generator, so it never
-     depends on the neighbours); their KV joins the batch (step_caches.BranchKV,
-     left-padded, per-row positions);
-  2. picks each row's token among the four VibeVoice allows (argmax);
-  3. per row, as microsoft's loop does: EOS ends it; speech_end zeroes its
-     stream caches; speech_start resets its negative branch to its first entry;
-  4. for the rows that drew the audio token: one negative LM forward (the rows
-     that do not diffuse get a masked column and keep their position, so their
-     unconditional context does not grow), the diffusion head batched over
+  1. prefills the rows that join (batched among themselves; each voice's latent
+     noise from its own row's generator, so it never depends on the neighbours);
+     their KV joins the store (caches.BranchKV, left-padded, per-row positions);
+  2. runs ONE LM forward for both branches of every row: rows [0, n) are the
+     positive branches, rows [n, 2n) the negative (CFG) ones, each with its own
+     KV, positions and mask, all fed the embedding the row made last step;
+  3. picks each row's token among the four VibeVoice allows (argmax over their
+     logits alone, computed in float32 from the four lm_head rows sliced at load);
+  4. per row, as microsoft's loop does: EOS ends it; a row at its step cap ends
+     before it acts (its capping step); speech_end zeroes its stream caches;
+     speech_start restarts its negative branch (its next negative token attends
+     only itself, at position 0); a negative row keeps this step's column only
+     when the row diffuses (the others mask it and keep their position, so their
+     unconditional context does not grow: microsoft's `correct_cnt`). Running the
+     negative pass before the token is known changes nothing: a row that does
+     not diffuse drops what it computed;
+  5. for the rows that drew the audio token: the diffusion head batched over
      them (grouped by step count, each row with its own cfg scale and its own
      noise generator), then the acoustic decode and semantic re-encode of
-     those rows alone (step_audio.Speech, on step_caches.StreamSlots);
-  5. streams each row's new audio and drops the rows that ended, freeing
+     those rows alone (audio.Speech, on caches.StreamSlots);
+  6. streams each row's new audio and drops the rows that ended, freeing
      their state.
 
 Memory-aware admission: `fits(rows)` predicts the peak KV of a running set
-(both branches, prompt plus the row's step cap, padded to the longest) and
+(both branches, each prompt plus the row's step cap, padded to the longest) and
 compares it with the budget (a setting, or on CUDA free memory minus headroom).
 On CUDA out-of-memory anyway, every row restarts from its start with the row
 limit halved, skipping the audio it already sent; a row alone fails.
@@ -37,8 +43,8 @@ from typing import Any
 import torch
 
 from workers.engines.row import Row, ran_in_step
-from workers.engines.vibevoice.audio import Speech
-from workers.engines.vibevoice.caches import BranchKV
+from workers.engines.vibevoice.audio import HandOff, Speech
+from workers.engines.vibevoice.caches import BranchKV, to_device
 from workers.wire.messages import ErrorKind, PoolError, Request
 
 MIB = 1 << 20
@@ -54,7 +60,6 @@ class _RowModel:
 
     generator: torch.Generator  # every random draw of the row: voice noise, then diffusion
     prompt_len: int
-    first_neg: list | None = None  # [keys, values] per layer of its first negative entry
 
 
 def cache_keyword(lm: Any) -> str:
@@ -68,7 +73,7 @@ def cache_keyword(lm: Any) -> str:
 
 
 class ProcessorPrompts:
-    """Prompts as microsoft's processor builds them (workers/vibevoice_prompt.py)."""
+    """Prompts as microsoft's processor builds them (workers/engines/vibevoice/prompt.py)."""
 
     def __init__(self, processor: Any):
         from workers.engines.vibevoice.prompt import PromptTokens
@@ -120,9 +125,10 @@ class StepEngine:
         self.text_cfg = cfg.text_config
         self.hop = cfg.audio_config.hop_length
         self.vae_std = float(getattr(model.model.audio_tower.config, "vae_std", 0.625))
-        self.token_bias = self._token_bias(model)
-        self.pos = BranchKV(device)
-        self.neg = BranchKV(device)
+        self.allowed, self.head_weight, self.head_bias = self._allowed_head(model)
+        # Both LM branches of every row in one store, run by one forward per step: rows
+        # [0, n) are the positive (prompt) branches, rows [n, 2n) the negative (CFG) ones.
+        self.kv = BranchKV(device)
         self.rows: list[Row] = []
         self.embeds: torch.Tensor | None = None  # (rows, 1, H): what each row feeds next step
         self.joining: list[Row] = []
@@ -132,22 +138,33 @@ class StepEngine:
         self.free_slots = list(range(self.slot_count))
         self.steps = 0
         self.kv_bytes_per_token = self._kv_bytes_per_token()
+        self.audio_out = HandOff(device)  # each step's audio, on its way to the host
+        attn = getattr(self.text_cfg, "_attn_implementation", None) or "sdpa"
+        self.mask_kind = attn if attn in ("sdpa", "eager") else "2d"
 
     # ---- setup ----------------------------------------------------------------------
-    def _token_bias(self, model: Any) -> torch.Tensor:
-        """The allowed-token constraint (-inf elsewhere) plus the generation config's
-        single-token sequence_bias (the tiny model's way of choosing audio)."""
+    def _allowed_head(self, model: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The four tokens VibeVoice may draw (ascending, so that argmax breaks a tie as
+        an argmax over the whole vocabulary does), their lm_head rows in float32, and
+        their bias: the head's own, plus the generation config's single-token
+        sequence_bias (the tiny model's way of choosing audio). Every step then reads
+        4 rows of the head instead of all 151,936, and no near-tie is decided by bf16."""
         cfg = model.config
-        bias = torch.full((cfg.text_config.vocab_size,), float("-inf"))
-        bias[[self.bos_id, self.end_id, self.audio_id, cfg.eos_token_id]] = 0.0
-        extra = torch.zeros_like(bias)
-        for ids, value in getattr(model.generation_config, "sequence_bias", None) or []:
-            if len(ids) != 1:
+        ids = sorted({self.bos_id, self.end_id, self.audio_id, cfg.eos_token_id})
+        head = model.lm_head
+        weight = head.weight.detach()[ids].float()
+        bias = torch.zeros(len(ids))
+        if getattr(head, "bias", None) is not None:
+            bias += head.bias.detach()[ids].float().cpu()
+        for seq, value in getattr(model.generation_config, "sequence_bias", None) or []:
+            if len(seq) != 1:
                 raise PoolError(
                     ErrorKind.ENGINE_ERROR, "only single-token sequence_bias is supported"
                 )
-            extra[ids[0]] += float(value)
-        return (extra + bias).to(self.device)
+            if seq[0] in ids:
+                bias[ids.index(seq[0])] += float(value)
+        dev = self.device
+        return torch.tensor(ids, device=dev), weight.to(dev), bias.to(dev)
 
     def _kv_bytes_per_token(self) -> int:
         c = self.text_cfg
@@ -165,10 +182,10 @@ class StepEngine:
         both branches padded to the longest row, plus the stream slots."""
         if not rows:
             return 0
-        pos_len = max(p + s for p, s in rows)
-        neg_len = max(s for _, s in rows) + 1
+        length = max(p + s for p, s in rows) + 2  # + the capping step, + the join column
         slots = self.speech.bytes_per_slot()
-        return len(rows) * ((pos_len + neg_len) * self.kv_bytes_per_token + slots)
+        # the negative rows share the positive rows' length (one store, one forward)
+        return len(rows) * (2 * length * self.kv_bytes_per_token + slots)
 
     def budget_bytes(self) -> int:
         """What the running set may hold: the configured budget, else on CUDA free
@@ -177,12 +194,16 @@ class StepEngine:
             return self.mem_budget_bytes
         if self.device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info()
-            held = self.pos.bytes() + self.neg.bytes()
+            held = self.kv.bytes()
             return max(1, free + held - self.mem_headroom_bytes)
         return 0
 
     def _shape(self, row: Row) -> tuple[int, int]:
-        return (row.state.prompt_len, row.max_steps)
+        """(prompt tokens, steps it may take): its step cap, or for a row whose audio
+        budget ends it first (max_audio_s, the tiny model's scripted end) that budget,
+        plus room for the turns' speech_start/speech_end tokens."""
+        budget = row.budget_tokens + 2 * len(row.request.turns) + 2
+        return (row.state.prompt_len, min(row.max_steps, budget))
 
     def fits(self, row: Row) -> bool:
         budget = self.budget_bytes()
@@ -191,10 +212,19 @@ class StepEngine:
         shapes = [self._shape(r) for r in (*self.rows, *self.joining, *self.restarting)]
         return self.peak_bytes([*shapes, self._shape(row)]) <= budget
 
-    def prepare(self, req: Request, budget_tokens: int, max_steps: int, cap_reason: str) -> Row:
+    def prepare(
+        self,
+        req: Request,
+        budget_tokens: int,
+        max_steps: int,
+        cap_reason: str,
+        step_reason: str = "runaway_cap",
+        prompt_len: int | None = None,
+    ) -> Row:
         """A row for `req`, its prompt built (not run). Raises PoolError(OUT_OF_MEMORY)
         when the row alone can never fit the budget."""
-        row = Row(req, budget_tokens, max_steps, cap_reason, state=self._row_state(req))
+        state = self._row_state(req, prompt_len)
+        row = Row(req, budget_tokens, max_steps, cap_reason, step_reason, state=state)
         budget = self.budget_bytes()
         need = self.peak_bytes([self._shape(row)])
         if budget and need > budget:
@@ -205,11 +235,11 @@ class StepEngine:
             )
         return row
 
-    def _row_state(self, req: Request) -> _RowModel:
+    def _row_state(self, req: Request, prompt_len: int | None = None) -> _RowModel:
         from workers.engines.vibevoice.noise import row_generators
 
         (gen,) = row_generators([req.seed])
-        return _RowModel(gen, self.prompts.length(req))
+        return _RowModel(gen, self.prompts.length(req) if prompt_len is None else prompt_len)
 
     def admit(self, row: Row) -> None:
         """The row joins the running set at the next step."""
@@ -239,7 +269,8 @@ class StepEngine:
         rows = self.open_rows()
         self.rows, self.joining, self.embeds = [], [], None
         self.restarting.clear()
-        self.pos, self.neg = BranchKV(self.device), BranchKV(self.device)
+        self.kv = BranchKV(self.device)
+        self.audio_out = HandOff(self.device)
         self.free_slots = list(range(self.slot_count))
         return rows
 
@@ -272,67 +303,92 @@ class StepEngine:
             self.restarting.append(again)
 
     def _step(self, sink: Any) -> None:
-        hidden, consumed = [], []
-        if self.rows:
-            h = self._forward(self.pos, self.embeds, advance=None)
-            hidden.append(h)
-            consumed.append(self.embeds[:, 0])
         joined = self.joining
         self.joining = []
+        old = len(self.rows)
+        fresh = None
         if joined:
-            hidden.append(self._prefill(joined))
-            bos = self.embed(torch.tensor([self.bos_id], device=self.device))
-            consumed.append(bos.expand(len(joined), -1))
+            fresh = self._prefill(joined, old)
             for row in joined:
                 row.slot = self.free_slots.pop(0)
-            self.speech.zero(torch.tensor([r.slot for r in joined], device=self.device))
+            self.speech.zero(to_device([r.slot for r in joined], self.device))
+            bos = self.embed(to_device([self.bos_id], self.device))
         self.rows.extend(joined)
-        hidden_t = torch.cat(hidden)
-        consumed_t = torch.cat(consumed)[:, None]
-        tokens = self._choose(self.model.lm_head(hidden_t))
-        toks = tokens.tolist()
+        n = len(self.rows)
+        # What each row consumes this step, in both branches: its last token's embedding
+        # (for a row that just joined, speech_start; its positive pass is the prefill,
+        # so that row's positive column here is run and dropped).
+        parts = [self.embeds[:, 0]] if old else []
+        if joined:
+            parts.append(bos.expand(len(joined), -1))
+        consumed = torch.cat(parts)
+        hidden = self._forward(torch.cat([consumed, consumed])[:, None])
+        pos_hidden = hidden[:n] if fresh is None else torch.cat([hidden[:old], fresh])
+        neg_hidden = hidden[n:]
+        tokens = self._choose(pos_hidden)
+        capped = [i for i, row in enumerate(self.rows) if row.steps >= row.max_steps]
+        # Every positive row that ran keeps its column; a negative row only when it
+        # diffuses (microsoft's loop: a row's unconditional context grows only then).
+        # Built on the device from the tokens, before the one host sync of the step.
+        speaks = tokens == self.audio_id
+        if capped:  # its capping step: it ends before it acts
+            speaks[to_device(capped, self.device)] = False
+        keep = torch.cat([self._flags(old, True), self._flags(n - old, False), speaks])
+        self._advance(keep)
+        next_embeds = self.embed(tokens)[:, None]
+        toks = tokens.tolist()  # the step's one host sync
+        self.audio_out.hand_over(sink)  # the last step's audio: its copy is done by now
         self.steps += 1
 
-        diffuse = []
+        diffuse, restart = [], []
         for i, (row, tok) in enumerate(zip(self.rows, toks, strict=True)):
             row.steps += 1
             if tok in self.eos_ids:
                 row.finish(sink, "eos")
+            elif i in capped:
+                row.finish(sink, row.step_reason)
             elif tok == self.audio_id:
                 diffuse.append(i)
             elif tok == self.end_id:
-                self.speech.zero(torch.tensor([row.slot], device=self.device))
+                self.speech.zero(to_device([row.slot], self.device))
             elif tok == self.bos_id:
-                self._reset_negative(i)
-        next_embeds = self.embed(tokens)[:, None]
+                restart.append(i)
+        for i in restart:
+            self._reset_negative(i)
         if diffuse:
-            idx = torch.tensor(diffuse, device=self.device)
-            advance = torch.zeros(len(self.rows), dtype=torch.bool, device=self.device)
-            advance[idx] = True
-            neg_hidden = self._forward(self.neg, consumed_t, advance=advance)
+            idx = to_device(diffuse, self.device)
             speaking = [self.rows[i] for i in diffuse]
-            latents = self.speech.diffuse(speaking, hidden_t[idx], neg_hidden[idx])
+            latents = self.speech.diffuse(speaking, pos_hidden[idx], neg_hidden[idx])
             audio, embeds = self.speech.decode([r.slot for r in speaking], latents)
             next_embeds[idx] = embeds.to(next_embeds.dtype)
-            pcm = audio[:, 0, :].float().cpu().numpy()
-            for k, i in enumerate(diffuse):
-                self.rows[i].add_audio(pcm[k], sink)
-        for row in self.rows:
-            if not row.closed and row.out_of_budget:
+            self.audio_out.hold(speaking, audio[:, 0, :], sink)
+        ending = [r for r in self.rows if not r.closed and r.out_of_budget]
+        if ending:
+            self.audio_out.hand_over(sink, wait=True)
+            for row in ending:
                 row.finish(sink, row.cap_reason)
         self.embeds = next_embeds
         self._drop_closed()
         sink.step()
 
-    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token, in self.rows order: the argmax over the four tokens
-        VibeVoice allows (it ignores sampling, as transformers' and microsoft's loops do)."""
-        return (logits.float() + self.token_bias).argmax(dim=-1)
+    def _flags(self, count: int, value: bool) -> torch.Tensor:
+        return torch.full((count,), value, dtype=torch.bool, device=self.device)
 
-    def _prefill(self, rows: list[Row]) -> torch.Tensor:
+    def _choose(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Each row's next token, in self.rows order: the argmax over the four tokens
+        VibeVoice allows (it ignores sampling, as transformers' and microsoft's loops do),
+        their logits computed in float32 from the last hidden states (rows, H)."""
+        return self.allowed[self.allowed_logits(hidden).argmax(dim=-1)]
+
+    def allowed_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, 4) float32 scores of the allowed tokens (self.allowed's order)."""
+        return hidden.float() @ self.head_weight.T + self.head_bias
+
+    def _prefill(self, rows: list[Row], old: int) -> torch.Tensor:
         """Run the joining rows' prompts, batched (left-padded, per-row positions, each
-        voice's latent noise from its own row's generator); their KV joins the positive
-        branch, their negative branch starts empty. Returns last hidden states (n, H)."""
+        voice's latent noise from its own row's generator); their KV joins the store
+        after the `old` running rows' positive branches, their negative branches start
+        empty after the running rows' negative ones. Returns last hidden states (n, H)."""
         from transformers import DynamicCache
 
         from workers.engines.vibevoice.noise import add_voice_noise
@@ -363,49 +419,62 @@ class StepEngine:
         )
         n = len(rows)
         layers = [[layer.keys, layer.values] for layer in cache.layers]
-        self.pos.add(layers, mask, mask.sum(dim=-1))
-        self.neg.add(None, mask[:, :0], torch.zeros(n, dtype=torch.long, device=self.device))
+        kv = self.kv  # [pos old, neg old] -> [pos old, neg old, pos new, neg new]
+        kv.add(layers, mask, mask.sum(dim=-1))
+        kv.add(None, mask[:, :0], torch.zeros(n, dtype=torch.long, device=self.device))
+        if old:  # -> [pos old, pos new, neg old, neg new]
+            ar = torch.arange(2 * (old + n), device=self.device)
+            kv.keep(torch.cat([ar[:old], ar[2 * old : 2 * old + n], ar[old : 2 * old], ar[-n:]]))
         return out.last_hidden_state[:, -1]
 
-    def _forward(self, branch: BranchKV, embeds: torch.Tensor, advance) -> torch.Tensor:
-        """One LM forward of a branch for every row; `advance` (None: all) says which
-        rows keep the new column. Every row attends its own new column during the pass,
-        so no row's attention is empty. Returns the last hidden states (rows, H)."""
-        rows = branch.rows
-        ones = torch.ones(rows, 1, dtype=torch.long, device=self.device)
-        cache = branch.cache()
+    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """One LM forward of both branches of every row (2n rows, each its own KV,
+        positions and mask). Every row attends its own new column during the pass, so no
+        row's attention is empty; `_advance` then says which rows keep it. Returns the
+        last hidden states (2n, H)."""
+        kv = self.kv
+        ones = torch.ones(kv.rows, 1, dtype=torch.long, device=self.device)
+        cache = kv.cache()
         out = self.lm(
             inputs_embeds=embeds,
-            attention_mask=torch.cat([branch.mask, ones], dim=1),
-            position_ids=branch.pos[:, None],
+            attention_mask=self._decode_mask(torch.cat([kv.mask, ones], dim=1)),
+            position_ids=kv.pos[:, None],
             **{self.cache_arg: cache},
             use_cache=True,
         )
-        branch.absorb(cache)
-        keep = ones if advance is None else advance.long()[:, None]
-        branch.mask = torch.cat([branch.mask, keep], dim=1)
-        branch.pos = branch.pos + keep[:, 0]
-        if advance is not None:
-            for i in advance.nonzero().view(-1).tolist():
-                state = self.rows[i].state
-                if state.first_neg is None:
-                    state.first_neg = [
-                        [t[i : i + 1, :, -1:].clone() for t in kv] for kv in branch.layers
-                    ]
+        kv.absorb(cache)
         return out.last_hidden_state[:, -1]
 
+    def _decode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The (rows, columns) mask of a one-token step, made 4D for sdpa (bool) and eager
+        (additive) so that transformers takes it as it is: its 2D path checks whether
+        every column is attended (a host sync) to skip the mask. flash_attention_2 takes
+        the 2D mask."""
+        if self.mask_kind == "2d":
+            return mask
+        allowed = mask.bool()[:, None, None, :]
+        if self.mask_kind == "sdpa":
+            return allowed
+        blocked = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return blocked.masked_fill(~allowed, torch.finfo(self.dtype).min)
+
+    def _advance(self, keep: torch.Tensor) -> None:
+        """After a forward: the rows where `keep` (2n bools) is set attend their new
+        column from now on and move one position on; the others mask it."""
+        kv = self.kv
+        kv.mask = torch.cat([kv.mask, keep.long()[:, None]], dim=1)
+        kv.pos = kv.pos + keep.long()
+
     def _reset_negative(self, i: int) -> None:
-        """speech_start: the row's unconditional context becomes its first entry alone
-        (microsoft: mask all but the last column, copy slot 0's KV there)."""
-        first = self.rows[i].state.first_neg
-        if first is None or not self.neg.length:
-            return
-        for kv, saved in zip(self.neg.layers, first, strict=True):
-            for t, s in zip(kv, saved, strict=True):
-                t[i : i + 1, :, -1:] = s
-        self.neg.mask[i] = 0
-        self.neg.mask[i, -1] = 1
-        self.neg.pos[i] = 1
+        """speech_start: the row's unconditional context starts again. microsoft masks
+        every negative column but the last, and between its steps the mask is one column
+        longer than the KV (the column of the token about to run): so its copy of KV slot
+        0 into the last slot lands on a masked column, and the next negative token attends
+        only itself, at position 0. Here: every column masked, position 0; the next
+        negative forward attends its own new column. Context: [speech_start@0, d@1, ...]."""
+        n = len(self.rows)
+        self.kv.mask[n + i] = 0
+        self.kv.pos[n + i] = 0
 
     def _drop_closed(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.closed]
@@ -416,8 +485,7 @@ class StepEngine:
                 self.free_slots.append(r.slot)
                 r.slot = -1
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.pos.keep(idx)
-        self.neg.keep(idx)
+        self.kv.keep(torch.cat([idx, idx + len(self.rows)]))
         if self.embeds is not None:
             self.embeds = self.embeds.index_select(0, idx) if keep else None
         self.rows = [self.rows[i] for i in keep]

@@ -1,0 +1,121 @@
+"""The host's work per decode step of the step engine: operators dispatched, on CPU.
+
+On a GPU every operator the step dispatches is a kernel launch (unless it runs inside
+a captured graph), so their count is the host's share of a step. This builds a model
+with VibeVoice-1.5B's depths at tiny widths (28 LM layers, 4 diffusion head layers,
+tokenizer stage depths 3-3-3-3-3-3-8; the 1.5B model's operator count at negligible
+compute), runs the step engine (workers/engines/vibevoice/step.py) with 1, 4 and 16
+rows admitted together, and counts with a TorchDispatchMode the aten operators of
+each decode step after the first (views are not counted: they launch nothing).
+`_local_scalar_dense` (.item()) and `nonzero` are host syncs; `.tolist()` and `.cpu()`
+on a CPU tensor dispatch nothing, so those are read from the code.
+
+    python bench/step_dispatches.py            # a minute or two on one CPU core
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "item"}
+
+
+def depths_config():
+    """VibeVoice-1.5B's depths at tiny widths (FACTS: the operator count of the 1.5B)."""
+    from bench_gpu_1p5b import full_size_config
+
+    cfg = full_size_config()
+    text = cfg.text_config
+    text.hidden_size, text.intermediate_size = 64, 128
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = 4, 2, 16
+    text.layer_types = ["full_attention"] * text.num_hidden_layers
+    head = cfg.diffusion_head_config
+    head.hidden_size, head.intermediate_size = 64, 128
+    for tower in (cfg.audio_config, cfg.semantic_model_config):
+        tower.num_filters = 4
+    return cfg
+
+
+def build(torch):
+    from transformers import VibeVoiceForConditionalGeneration
+
+    from workers.checkpoints.tiny import configure_generation
+
+    torch.manual_seed(0)
+    model = VibeVoiceForConditionalGeneration._from_config(
+        depths_config(), dtype=torch.float32, attn_implementation={"text_config": "sdpa"}
+    ).eval()
+    configure_generation(model.generation_config, model.config.audio_token_id, bias=True)
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    return model
+
+
+def count_steps(model, rows: int, measured: int, torch) -> dict:
+    from bench_gpu_1p5b import SyntheticPrompts, _Sink
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from workers.engines.vibevoice.step import StepEngine
+    from workers.wire.messages import Request, Turn
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.ops[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    prompts = SyntheticPrompts(model, prompt_tokens=64, voice_s=0.8)
+    engine = StepEngine(model, "cpu", rows, prompts)
+    tokens = measured + 4
+    for i in range(rows):
+        req = Request(id=f"r{i}", turns=(Turn(0, "x"),), seed=i, stream=True)
+        engine.admit(engine.prepare(req, tokens, tokens + 8, "estimate"))
+    sink = _Sink()
+    engine.step(sink)  # prefill and the first decode step
+    engine.step(sink)  # warm
+    counter = Counter()
+    with counter:
+        for _ in range(measured):
+            engine.step(sink)
+    total = sum(counter.ops.values())
+    syncs = sum(n for op, n in counter.ops.items() if op in SYNC_OPS)
+    return {
+        "rows": rows,
+        "dispatches_per_step": total / measured,
+        "syncs_per_step_seen": syncs / measured,
+        "top": counter.ops.most_common(8),
+    }
+
+
+def main() -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default="1,4,16")
+    p.add_argument("--steps", type=int, default=3, help="decode steps counted per row count")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    model = build(torch)
+    results = [count_steps(model, int(r), args.steps, torch) for r in args.rows.split(",")]
+    print("| rows | dispatches per decode step | host syncs seen |")
+    print("|---|---|---|")
+    for r in results:
+        print(f"| {r['rows']} | {r['dispatches_per_step']:.0f} | {r['syncs_per_step_seen']:.0f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
