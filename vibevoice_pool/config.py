@@ -212,6 +212,13 @@ class PoolConfig(BaseModel):
         "or * for any)",
         metavar="HOSTS",
     )
+    openai_voices: Text = FRONT(
+        "",
+        "presets the OpenAI voice names play, e.g. alloy=en-Alice_woman,echo=en-Carter_man; "
+        "a name not given plays the preset of that name, else the presets in a fixed order "
+        "(never an upload)",
+        metavar="MAP",
+    )
     max_connections: int = FRONT(1000, "open connections at most (fit to the file limit)", gt=0)
     header_timeout_s: float = FRONT(
         10.0, "a client must send its request headers within this", gt=0

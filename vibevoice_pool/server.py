@@ -53,7 +53,12 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     """The Front every route uses. The API key and CORS origins are read here, at
     launch: --api-key, else $VIBEVOICE_POOL_API_KEY; --cors-origins, else
     $VIBEVOICE_POOL_CORS_ORIGINS."""
-    from vibevoice_pool.api.auth import KeyFileError, key_ring, resolve_api_key
+    from vibevoice_pool.api.auth import (
+        KeyFileError,
+        key_ring,
+        resolve_api_key,
+        short_key_warning,
+    )
     from vibevoice_pool.api.speech import Front
     from vibevoice_pool.voices import VoiceLibrary, prepare_voices
     from workers.tiny import is_tiny_model
@@ -66,8 +71,13 @@ def build_front(cfg: PoolConfig, pool, environ=None):
         keys = key_ring(key, cfg.api_keys)
     except KeyFileError as e:
         raise ConfigError(f"api_keys: {e}") from None
+    if short_key_warning(key):
+        log.warning("%s", short_key_warning(key))
     if keys.named:
-        log.info("API keys: %s (each name owns its jobs)", ", ".join(n for n, _, _ in keys.entries))
+        log.info(
+            "API keys: %s (each name owns its jobs and voices)",
+            ", ".join(f"{c.name} ({c.role})" for _, c in keys.entries),
+        )
     if not keys and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "Serving on %s with no API key: anyone who reaches this address can use the "
@@ -223,6 +233,7 @@ def serve(cfg: PoolConfig) -> int:
                 load_keys(cfg.api_keys)
             except KeyFileError as e:
                 raise ConfigError(f"api_keys: {e}") from None
+        check_openai_voices(cfg)
         store = open_store(cfg)  # the jobs data folder: refused before any worker boots
         pool = Pool.start(cfg, model_path=model_path)
     except ConfigError as e:
@@ -249,6 +260,16 @@ def serve(cfg: PoolConfig) -> int:
         pool.shutdown()
         log.info("Stopped.")
     return 0
+
+
+def check_openai_voices(cfg: PoolConfig) -> None:
+    """ConfigError for an openai_voices setting that cannot be read."""
+    from vibevoice_pool.voices import parse_openai_map
+
+    try:
+        parse_openai_map(cfg.openai_voices)
+    except ValueError as e:
+        raise ConfigError(f"openai_voices: {e}") from None
 
 
 def cache_path(cfg: PoolConfig, *parts: str) -> Path:

@@ -4,9 +4,11 @@
      "mp3|opus|aac|flac|wav|pcm", "speed": 1.0, "stream_format": "audio|sse"}
 
 - `model` is any non-empty name (this server has one model); echoed in X-Model.
-- `voice` is a preset of /v1/voices. OpenAI's own voice names (alloy, echo,
-  ...) that are not presets map to the presets in a fixed order, so programs
-  written for OpenAI run unchanged; X-Voice says which preset was used.
+- `voice` is a voice of /v1/voices. OpenAI's own voice names (alloy, echo,
+  ...) map to presets only, never to an upload: as the `openai_voices`
+  setting declares (alloy=NAME,...), else a preset of that name, else the
+  presets in a fixed order (VoiceLibrary.openai_voice), so programs written
+  for OpenAI run unchanged; X-Voice says which preset was used.
 - `input` is one speaker's text; "Speaker N:" lines still work as in
   /v1/synthesize, with the other speakers on the default presets.
 - The audio is streamed as it is made, as OpenAI's API does: every format
@@ -52,24 +54,9 @@ from vibevoice_pool.api.speech import (
     run_to_response,
     stream_response,
 )
-from vibevoice_pool.voices import MODEL_VOICE
+from vibevoice_pool.voices import MODEL_VOICE, OPENAI_VOICES, parse_openai_map
 from workers import messages as m
 
-OPENAI_VOICES = (
-    "alloy",
-    "ash",
-    "ballad",
-    "coral",
-    "echo",
-    "fable",
-    "nova",
-    "onyx",
-    "sage",
-    "shimmer",
-    "verse",
-    "marin",
-    "cedar",
-)
 # Names clients send as `model`; every one is this server's single model.
 MODEL_IDS = ("vibevoice", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 OWNER = "vibevoice-pool"
@@ -104,18 +91,12 @@ def _bad(message: str) -> m.PoolError:
     return m.PoolError(m.ErrorKind.BAD_INPUT, message)
 
 
-def resolve_voice(library, voice: str) -> str | None:
+def resolve_voice(library, voice: str, declared: dict[str, str] | None = None) -> str | None:
     """The preset a requested voice means (see the module docstring); None for an OpenAI
     voice name when there are no presets: the model speaks in its own voice."""
-    try:
-        return library.match(voice)
-    except m.PoolError:
-        names = library.names()
-        if voice.strip().lower() in OPENAI_VOICES:
-            if not names:
-                return None
-            return names[OPENAI_VOICES.index(voice.strip().lower()) % len(names)]
-        raise
+    if voice.strip().lower() in OPENAI_VOICES:
+        return library.openai_voice(voice, declared)
+    return library.match(voice)
 
 
 def check(body: SpeechBody, max_chars: int) -> str:
@@ -199,6 +180,7 @@ def router(front) -> APIRouter:
     router = APIRouter()
     pool = front.pool
     created = int(time.time())
+    declared = parse_openai_map(front.cfg.openai_voices)  # checked at launch (server.py)
 
     def model(model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": OWNER}
@@ -230,7 +212,7 @@ def router(front) -> APIRouter:
     async def speech(body: SpeechBody, request: Request):
         fmt = check(body, front.cfg.max_text_chars)
         voice = body.voice if isinstance(body.voice, str) else body.voice.id
-        preset = resolve_voice(front.voices, voice)
+        preset = resolve_voice(front.voices, voice, declared)
         stream = streams(body, fmt)
         # SpeechBody has validated every field this body takes: not again.
         synth = SynthesizeBody.model_construct(

@@ -9,6 +9,9 @@
 The VoiceLibrary does the checking: the sample must decode as audio within the
 size and duration limits (TooLarge -> 413), and the name becomes a safe file
 stem inside the voices folder ('..' and '/' are refused with 400).
+Ownership (with API keys): an upload belongs to the key that sent it; a user
+key that overwrites or deletes a preset or another key's voice gets 403
+`forbidden` (VoiceLibrary's VoiceForbidden). Admin keys may change any voice.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vibevoice_pool.api.auth import caller_of
 from vibevoice_pool.api.errors import body_parse_message, plain_error
-from vibevoice_pool.voices import MODEL_VOICE_NOTE, safe_voice_name
+from vibevoice_pool.voices import MODEL_VOICE_NOTE, VoiceForbidden, safe_voice_name
 from workers.messages import ErrorKind, PoolError
 
 FORM_HINT = (
@@ -132,17 +136,32 @@ def router(front) -> APIRouter:
 
     @router.post("/v1/voices", status_code=201, openapi_extra=UPLOAD_DOC)
     async def add_voice(request: Request):
+        caller = caller_of(request.scope)
         name, data, overwrite = await _read_upload(request)
-        stored = await asyncio.to_thread(library.add, name, data, overwrite=overwrite)
+        try:
+            stored = await asyncio.to_thread(
+                library.add,
+                name,
+                data,
+                overwrite=overwrite,
+                owner=caller.owner or "upload",
+                admin=caller.admin,
+            )
+        except VoiceForbidden as e:
+            return plain_error(403, "forbidden", e.message)
         return JSONResponse({"name": stored, "renamed": stored != name.strip()}, 201)
 
     @router.delete("/v1/voices/{name:path}")
-    async def delete_voice(name: str):
+    async def delete_voice(name: str, request: Request):
+        caller = caller_of(request.scope)
         safe = safe_voice_name(name)  # '../x', 'a/b': 400 saying why
         if name not in library.names():
             hint = f" (did you mean {safe!r}?)" if safe in library.names() else ""
             return plain_error(404, "not_found", f"no voice named {name!r}{hint}; GET /v1/voices")
-        library.delete(name)
+        try:
+            library.delete(name, owner=caller.owner, admin=caller.admin)
+        except VoiceForbidden as e:
+            return plain_error(403, "forbidden", e.message)
         return {"deleted": name}
 
     return router
