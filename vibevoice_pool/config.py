@@ -245,7 +245,19 @@ class PoolConfig(BaseModel):
         "", "folder for durable jobs and results (default: <cache>/data)", metavar="DIR"
     )
     job_ttl_s: float = FILES(7 * 86400.0, "finished jobs and results expire after this", gt=0)
-    jobs_disk_limit_mb: float = FILES(10240.0, "disk in MiB the job results may use", gt=0)
+    jobs_disk_limit_mb: float = FILES(
+        10240.0, "disk in MiB the jobs may use: results, expected results and bodies", gt=0
+    )
+    jobs_owner_disk_mb: float = FILES(
+        2560.0, "of that, what one owner's jobs may hold, in MiB", gt=0
+    )
+    jobs_owner_max_active: int = FILES(200, "jobs one owner may have queued or running", gt=0)
+    jobs_owner_running: int = FILES(
+        0,
+        "jobs of one owner handed to the pool at once (0: the pool's rows but one, so "
+        "another owner's job starts at once)",
+        ge=0,
+    )
     log_format: Literal["text", "json"] = FILES("text", "log lines as text or json")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = FILES("INFO", "log level")
 

@@ -215,7 +215,7 @@ def serve(cfg: PoolConfig) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from vibevoice_pool import audio
     from vibevoice_pool.api.connections import raise_nofile
-    from vibevoice_pool.jobs.runner import open_store, start_jobs
+    from vibevoice_pool.jobs.launch import open_store, start_jobs
     from vibevoice_pool.pool.facade import Pool
     from vibevoice_pool.pool.slots import BootError
     from workers.messages import PoolError
@@ -234,7 +234,8 @@ def serve(cfg: PoolConfig) -> int:
             except KeyFileError as e:
                 raise ConfigError(f"api_keys: {e}") from None
         check_openai_voices(cfg)
-        store = open_store(cfg)  # the jobs data folder: refused before any worker boots
+        # the jobs data folder: refused before any worker boots (a full disk: no jobs)
+        store, no_jobs = open_store(cfg)
         pool = Pool.start(cfg, model_path=model_path)
     except ConfigError as e:
         log.error("%s", e)
@@ -248,7 +249,9 @@ def serve(cfg: PoolConfig) -> int:
     jobs = None
     try:
         front = build_front(cfg, pool)
-        jobs = front.jobs = start_jobs(cfg, pool, front, store)  # durable jobs; the Jobs tab
+        if store is not None:
+            jobs = front.jobs = start_jobs(cfg, pool, front, store)  # durable jobs; the Jobs tab
+        front.jobs_unavailable = no_jobs
         app = build_app(front)
         server = _uvicorn_server(app, cfg)
         log.info("Serving on http://%s:%d (API at /v1, page at /)", cfg.host, cfg.port)

@@ -73,6 +73,7 @@ class Front:
     stream_tokens: object = field(default=None, repr=False)  # the page's live streams
     jobs: Any = None  # the JobRunner (vibevoice_pool/jobs/runner.py), set at launch
     keys: Any = None  # auth.KeyRing (--api-key and --api-keys), set at launch
+    jobs_unavailable: str = ""  # why there are no jobs (a full data disk at start)
 
     def refused(self, err: m.PoolError) -> None:
         """Count an error answered before admission (for /metrics)."""

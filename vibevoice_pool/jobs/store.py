@@ -16,21 +16,51 @@ Every state change is one compare-and-set UPDATE (`... WHERE id=? AND state IN
 
 `finished_count` counts the transitions into a terminal state; a CHECK keeps
 it at most 1, so the database itself refuses a second finish. Finished jobs
-expire after job_ttl_s; disk use (finished results plus what queued and running
-jobs will write) stays under jobs_disk_limit_mb. No pool, no HTTP; times passed in.
+expire after job_ttl_s. No pool, no HTTP; times passed in.
+
+Disk (Limits): what the folder holds counts against jobs_disk_limit_mb: the
+results of done jobs, what queued and running jobs are expected to write, and
+the bodies of queued and running jobs (a body is dropped when its job
+finishes). One owner may hold at most owner_max_active queued and running jobs
+and owner_disk_mb of that space (OWNER_LIMIT). Freed pages go back to the disk
+(reclaim: incremental vacuum, the journal truncated). A full disk is an error
+of its own (DISK_FULL, told apart by SQLite's error code or ENOSPC), never a 500.
+
+Fairness (next_queued): the next job to run belongs to the owner with the
+fewest running jobs, then the one served least recently; an owner at its
+running cap waits while others run. Within an owner, oldest first.
 """
 
 from __future__ import annotations
 
-import enum
-import fcntl
+import contextlib
 import json
 import os
 import sqlite3
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
+from .disk import (
+    DROPPED_BODY,
+    HELD_SQL,
+    JOURNAL_LIMIT,
+    RECLAIM_PAGES,
+    Limits,
+    file_size,
+    is_disk_full,
+    lock_folder,
+    storage_error,
+)
+from .records import (  # noqa: F401 (re-exported: the store's users import them from here)
+    ACTIVE,
+    COLUMNS,
+    TERMINAL,
+    Job,
+    JobError,
+    JobErrorKind,
+    JobState,
+    job_from_row,
+)
 from .schema import migrate
 
 DB_NAME = "jobs.db"
@@ -38,124 +68,50 @@ LOCK_NAME = "jobs.lock"
 RESULTS_DIR = "results"
 
 
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ACTIVE = (JobState.QUEUED, JobState.RUNNING)
-TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
-
-
-class JobErrorKind(str, enum.Enum):
-    """What went wrong with a job request; the values are the API's error codes."""
-
-    NOT_FOUND = "not_found"  # no such job (or it expired)
-    NOT_READY = "not_ready"  # the audio of a job that has not finished
-    CONFLICT = "conflict"  # cancelling a job that already finished
-    DISK_LIMIT = "disk_limit"  # the results would pass jobs_disk_limit_mb
-    STORAGE = "storage_error"  # the result could not be written (disk full, I/O error)
-    DATA_DIR = "data_dir"  # the data folder cannot be used (in use, not writable)
-
-
-class JobError(Exception):
-    def __init__(self, kind: JobErrorKind, message: str):
-        super().__init__(message)
-        self.kind = JobErrorKind(kind)
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"JobError({self.kind.value}: {self.message})"
-
-
-@dataclass(frozen=True)
-class Job:
-    """One row of the jobs table (without the body, which can be large)."""
-
-    id: str
-    owner: str
-    state: JobState
-    format: str
-    seed: int
-    est_audio_s: float
-    est_bytes: int
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    runs: int
-    request_id: str | None
-    worker: int | None
-    audio_s: float
-    compute_s: float | None
-    result_path: str | None
-    result_bytes: int
-    error_code: str | None
-    error: str | None
-    finished_count: int
-    stop_reason: str | None  # a StopReason value, once done
-
-    @property
-    def finished(self) -> bool:
-        return self.state in TERMINAL
-
-
-_COLUMNS = ", ".join(f.name for f in Job.__dataclass_fields__.values())
-
-
-def _job(row: tuple) -> Job:
-    return Job(row[0], row[1], JobState(row[2]), *row[3:])
-
-
 class JobStore:
     """The jobs table. Thread-safe: one connection behind one lock."""
 
-    def __init__(self, folder: Path, conn: sqlite3.Connection, lock_fd: int, limit_bytes: int):
+    def __init__(
+        self, folder: Path, conn: sqlite3.Connection, lock_fd: int, limits: Limits = Limits()
+    ):
         self.folder = folder
         self.results = folder / RESULTS_DIR
-        self.limit_bytes = limit_bytes
+        self.limits = limits
+        self.limit_bytes = limits.disk_bytes
         self._conn = conn
         self._lock_fd = lock_fd
         self._mutex = threading.Lock()
 
     @classmethod
-    def open(cls, folder: str | Path, *, disk_limit_mb: float = 10240.0) -> JobStore:
-        """Open (or create) the store in `folder`, taking its lock.
-        JobError(DATA_DIR) if another server holds it or it cannot be written."""
+    def open(
+        cls,
+        folder: str | Path,
+        *,
+        disk_limit_mb: float = 10240.0,
+        owner_disk_mb: float = 2560.0,
+        owner_max_active: int = 200,
+    ) -> JobStore:
+        """Open (or create) the store in `folder`, taking its lock. JobError
+        DATA_DIR if another server holds it or it cannot be written, DISK_FULL
+        when its disk is too full to open it."""
         folder = Path(folder).expanduser()
-        try:
-            (folder / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise JobError(
-                JobErrorKind.DATA_DIR,
-                f"cannot use {folder} for jobs ({e.strerror}); pass a writable --data-dir",
-            ) from e
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(lock_fd)
-            raise JobError(
-                JobErrorKind.DATA_DIR,
-                f"the data folder {folder} is in use by another vibevoice-pool server "
-                f"(pid {holder}); give this one its own --data-dir",
-            ) from None
-        os.ftruncate(lock_fd, 0)
-        os.pwrite(lock_fd, str(os.getpid()).encode(), 0)
+        limits = Limits(int(disk_limit_mb * 2**20), int(owner_disk_mb * 2**20), owner_max_active)
+        lock_fd = lock_folder(folder, RESULTS_DIR, LOCK_NAME)
         try:
             conn = sqlite3.connect(
                 folder / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a finished transition survives power loss
+            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT}")
             migrate(conn)
         except sqlite3.Error as e:
             os.close(lock_fd)
+            if is_disk_full(e):
+                raise storage_error(e, folder) from e
             raise JobError(JobErrorKind.DATA_DIR, f"cannot open {folder / DB_NAME}: {e}") from e
-        return cls(folder, conn, lock_fd, int(disk_limit_mb * 1024 * 1024))
+        return cls(folder, conn, lock_fd, limits)
 
     def close(self) -> None:
         with self._mutex:
@@ -169,10 +125,8 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         with self._mutex:
-            row = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)
-            ).fetchone()
-        return _job(row) if row else None
+            row = self._conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return job_from_row(row) if row else None
 
     def body(self, job_id: str) -> dict:
         with self._mutex:
@@ -185,7 +139,7 @@ class JobStore:
         self, owner: str, *, limit: int = 20, offset: int = 0, state: JobState | None = None
     ) -> tuple[list[Job], bool]:
         """An owner's jobs, newest first; and whether more follow."""
-        sql = f"SELECT {_COLUMNS} FROM jobs WHERE owner=?"
+        sql = f"SELECT {COLUMNS} FROM jobs WHERE owner=?"
         args: list = [owner]
         if state is not None:
             sql += " AND state=?"
@@ -194,16 +148,33 @@ class JobStore:
         args += [limit + 1, offset]
         with self._mutex:
             rows = self._conn.execute(sql, args).fetchall()
-        return [_job(r) for r in rows[:limit]], len(rows) > limit
+        return [job_from_row(r) for r in rows[:limit]], len(rows) > limit
 
-    def next_queued(self) -> Job | None:
-        """The oldest queued job."""
+    def next_queued(self, max_running: int | None = None) -> Job | None:
+        """The next job to run (see Fairness in the module doc); owners with
+        `max_running` jobs running already are passed over."""
+        cap = max_running if max_running is not None else 2**62
         with self._mutex:
             row = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE state='queued' "
-                "ORDER BY created_at, rowid LIMIT 1"
+                "SELECT q.owner,"
+                " (SELECT COUNT(*) FROM jobs r WHERE r.owner=q.owner AND r.state='running') AS n,"
+                " (SELECT MAX(started_at) FROM jobs s WHERE s.owner=q.owner) AS served"
+                " FROM jobs q WHERE q.state='queued' GROUP BY q.owner HAVING n < ?"
+                " ORDER BY n, COALESCE(served, 0), MIN(q.created_at) LIMIT 1",
+                (cap,),
             ).fetchone()
-        return _job(row) if row else None
+            if row is None:
+                return None
+            job = self._conn.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE owner=? AND state='queued'"
+                " ORDER BY created_at, rowid LIMIT 1",
+                (row[0],),
+            ).fetchone()
+        return job_from_row(job) if job else None
+
+    def running_ids(self) -> set[str]:
+        with self._mutex:
+            return {r[0] for r in self._conn.execute("SELECT id FROM jobs WHERE state='running'")}
 
     def count(self, state: JobState) -> int:
         with self._mutex:
@@ -228,16 +199,61 @@ class JobStore:
                 "SELECT COALESCE(SUM(result_bytes), 0) FROM jobs WHERE state='done'"
             ).fetchone()[0]
 
-    def reserved_bytes(self) -> int:
-        """Finished results plus what the queued and running jobs are expected to write."""
+    def reserved_bytes(self, owner: str | None = None) -> int:
+        """What the jobs hold or will write (see Disk in the module doc), of one owner or all."""
         with self._mutex:
+            if owner is None:
+                return self._conn.execute(f"SELECT {HELD_SQL} FROM jobs").fetchone()[0]
             return self._conn.execute(
-                "SELECT COALESCE(SUM(CASE WHEN state='done' THEN result_bytes ELSE est_bytes END), 0)"
-                " FROM jobs WHERE state IN ('done', 'queued', 'running')"
+                f"SELECT {HELD_SQL} FROM jobs WHERE owner=?", (owner,)
             ).fetchone()[0]
+
+    def disk_bytes(self) -> int:
+        """What the data folder's files take now: the database, its journal, the results."""
+        total = 0
+        for path in (self.folder / DB_NAME, self.folder / (DB_NAME + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        with contextlib.suppress(FileNotFoundError):
+            total += sum(p.stat().st_size for p in self.results.iterdir() if p.is_file())
+        return total
+
+    def reclaim(self, force: bool = False) -> bool:
+        """Give freed pages back to the disk and cut the journal back, when there is
+        enough to give (or `force`). False when the disk refused even that."""
+        with self._mutex:
+            try:
+                free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+                if free >= RECLAIM_PAGES or (force and free):
+                    self._conn.executescript("PRAGMA incremental_vacuum;")
+                wal = self.folder / (DB_NAME + "-wal")
+                if force or free >= RECLAIM_PAGES or file_size(wal) > JOURNAL_LIMIT:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error:
+                return False
+        return True
 
     def _mb(self, n: int) -> str:
         return f"{n / (1024 * 1024):.1f} MB"
+
+    @contextlib.contextmanager
+    def _tx(self):
+        """One write transaction under the mutex; SQLite's errors become JobError
+        (DISK_FULL when the disk is full, STORAGE otherwise)."""
+        with self._mutex:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise storage_error(e, self.folder) from e
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException as e:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise storage_error(e, self.folder) from e
+                raise
 
     # ---- transitions ---------------------------------------------------
 
@@ -254,31 +270,26 @@ class JobStore:
         """Compare-and-set: move a job in one of `allowed` to `to`, with the
         extra SET clauses; returns the state it left, or None if it was in none."""
         marks = ",".join("?" * len(allowed))
-        finish = ", finished_count = finished_count + 1" if to in TERMINAL else ""
-        with self._mutex:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._conn.execute(
-                    f"SELECT state FROM jobs WHERE id=? AND state IN ({marks})",
-                    (job_id, *[s.value for s in allowed]),
-                ).fetchone()
-                if row is None:
-                    self._conn.execute("ROLLBACK")
-                    return None
-                cur = self._conn.execute(
-                    f"UPDATE jobs SET state=?{finish}{sets} WHERE id=? AND state=?",
-                    (to.value, *args, job_id, row[0]),
-                )
-                assert cur.rowcount == 1  # the transaction holds the write lock
-                self._conn.execute(
-                    "INSERT INTO events (job_id, at, from_state, to_state, detail)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (job_id, at, row[0], to.value, detail),
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        finish = ""
+        if to in TERMINAL:  # counted once; the body is no longer needed
+            finish = f", finished_count = finished_count + 1, body='{DROPPED_BODY}', body_bytes=0"
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT state FROM jobs WHERE id=? AND state IN ({marks})",
+                (job_id, *[s.value for s in allowed]),
+            ).fetchone()
+            if row is None:
+                return None
+            cur = conn.execute(
+                f"UPDATE jobs SET state=?{finish}{sets} WHERE id=? AND state=?",
+                (to.value, *args, job_id, row[0]),
+            )
+            assert cur.rowcount == 1  # the transaction holds the write lock
+            conn.execute(
+                "INSERT INTO events (job_id, at, from_state, to_state, detail)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (job_id, at, row[0], to.value, detail),
+            )
         return JobState(row[0])
 
     def create(
@@ -293,37 +304,51 @@ class JobStore:
         est_bytes: int,
         at: float,
     ) -> Job:
-        """Write a new queued job down. JobError(DISK_LIMIT) when its estimated
-        result would not fit under the limit with what is already held."""
-        with self._mutex:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                held = self._conn.execute(
-                    "SELECT COALESCE(SUM(CASE WHEN state='done' THEN result_bytes"
-                    " ELSE est_bytes END), 0) FROM jobs WHERE state IN ('done','queued','running')"
-                ).fetchone()[0]
-                if held + est_bytes > self.limit_bytes:
-                    raise JobError(
-                        JobErrorKind.DISK_LIMIT,
-                        f"job results hold {self._mb(held)} and this one needs about "
-                        f"{self._mb(est_bytes)}; the limit is jobs_disk_limit_mb="
-                        f"{self.limit_bytes / (1024 * 1024):g}. Fetch and let old jobs expire, "
-                        "or raise the limit",
-                    )
-                self._conn.execute(
-                    "INSERT INTO jobs (id, owner, state, body, format, seed, est_audio_s,"
-                    " est_bytes, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                    (job_id, owner, json.dumps(body), fmt, seed, est_audio_s, est_bytes, at),
+        """Write a new queued job down. JobError DISK_LIMIT when it would not fit
+        under the limit with what is already held, OWNER_LIMIT past its owner's
+        share, DISK_FULL when the disk refuses it."""
+        text = json.dumps(body)
+        size = len(text.encode())
+        lim = self.limits
+        with self._tx() as conn:
+            held = conn.execute(f"SELECT {HELD_SQL} FROM jobs").fetchone()[0]
+            # the body is written twice for a moment: the journal, then the database
+            if held + est_bytes + 2 * size > lim.disk_bytes:
+                raise JobError(
+                    JobErrorKind.DISK_LIMIT,
+                    f"jobs hold {self._mb(held)} and this one needs about "
+                    f"{self._mb(est_bytes + 2 * size)} (its result and its body); the limit is "
+                    f"jobs_disk_limit_mb={lim.disk_bytes / 2**20:g}. Fetch and let old jobs "
+                    "expire, or raise the limit",
                 )
-                self._conn.execute(
-                    "INSERT INTO events (job_id, at, from_state, to_state, detail)"
-                    " VALUES (?, ?, NULL, 'queued', 'submitted')",
-                    (job_id, at),
+            active, mine = conn.execute(
+                "SELECT COALESCE(SUM(state IN ('queued','running')), 0),"
+                f" {HELD_SQL} FROM jobs WHERE owner=?",
+                (owner,),
+            ).fetchone()
+            if active >= lim.owner_max_active:
+                raise JobError(
+                    JobErrorKind.OWNER_LIMIT,
+                    f"you have {active} jobs queued or running; the limit is "
+                    f"jobs_owner_max_active={lim.owner_max_active}. Wait for some to finish",
                 )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+            if mine + est_bytes + size > lim.owner_disk_bytes:
+                raise JobError(
+                    JobErrorKind.OWNER_LIMIT,
+                    f"your jobs hold {self._mb(mine)} and this one needs about "
+                    f"{self._mb(est_bytes + size)}; one owner may hold jobs_owner_disk_mb="
+                    f"{lim.owner_disk_bytes / 2**20:g}. Fetch or cancel some jobs first",
+                )
+            conn.execute(
+                "INSERT INTO jobs (id, owner, state, body, body_bytes, format, seed, est_audio_s,"
+                " est_bytes, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, owner, text, size, fmt, seed, est_audio_s, est_bytes, at),
+            )
+            conn.execute(
+                "INSERT INTO events (job_id, at, from_state, to_state, detail)"
+                " VALUES (?, ?, NULL, 'queued', 'submitted')",
+                (job_id, at),
+            )
         job = self.get(job_id)
         assert job is not None
         return job
@@ -345,8 +370,8 @@ class JobStore:
 
     def note_worker(self, job_id: str, worker: int | None) -> None:
         """The worker that runs it (no state change)."""
-        with self._mutex:
-            self._conn.execute(
+        with self._tx() as conn:
+            conn.execute(
                 "UPDATE jobs SET worker=? WHERE id=? AND state='running'", (worker, job_id)
             )
 
@@ -437,21 +462,15 @@ class JobStore:
     def expire(self, before: float) -> list[str]:
         """Forget jobs that finished before `before`; returns their result paths
         (relative to the folder) for the caller to delete."""
-        with self._mutex:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._conn.execute(
-                    "SELECT id, result_path FROM jobs WHERE state IN ('done','failed','cancelled')"
-                    " AND finished_at < ?",
-                    (before,),
-                ).fetchall()
-                for job_id, _ in rows:
-                    self._conn.execute("DELETE FROM events WHERE job_id=?", (job_id,))
-                    self._conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT id, result_path FROM jobs WHERE state IN ('done','failed','cancelled')"
+                " AND finished_at < ?",
+                (before,),
+            ).fetchall()
+            for job_id, _ in rows:
+                conn.execute("DELETE FROM events WHERE job_id=?", (job_id,))
+                conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
         return [path for _, path in rows if path]
 
     def kept_results(self) -> set[str]:
