@@ -40,6 +40,7 @@ HELD_SQL = (
 RECLAIM_PAGES = 256  # free pages (1 MB) worth giving back to the disk
 JOURNAL_LIMIT = 4 * 2**20  # the write-ahead log is cut back to this after a checkpoint
 DROPPED_BODY = "{}"
+BIG_BODY = 256 * 1024  # a body past this is checkpointed out of the journal at once
 
 
 def is_disk_full(e: BaseException) -> bool:

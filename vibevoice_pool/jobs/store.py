@@ -41,6 +41,7 @@ import threading
 from pathlib import Path
 
 from .disk import (
+    BIG_BODY,
     DROPPED_BODY,
     HELD_SQL,
     JOURNAL_LIMIT,
@@ -349,6 +350,8 @@ class JobStore:
                 " VALUES (?, ?, NULL, 'queued', 'submitted')",
                 (job_id, at),
             )
+        if size > BIG_BODY:  # its copy in the journal goes now, not at some later checkpoint
+            self.reclaim(force=True)
         job = self.get(job_id)
         assert job is not None
         return job
