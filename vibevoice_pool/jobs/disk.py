@@ -40,6 +40,7 @@ HELD_SQL = (
 RECLAIM_PAGES = 256  # free pages (1 MB) worth giving back to the disk
 JOURNAL_LIMIT = 4 * 2**20  # the write-ahead log is cut back to this after a checkpoint
 DROPPED_BODY = "{}"
+LOW_SPACE = 2**20  # less free space than this under the data folder counts as full
 BIG_BODY = 256 * 1024  # a body past this is checkpointed out of the journal at once
 
 
@@ -50,8 +51,18 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def out_of_space(folder: Path) -> bool:
+    """Whether the disk under `folder` has (almost) nothing left: what SQLite's
+    "disk I/O error" means when it cannot even make its shared-memory file."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE
+
+
 def storage_error(e: BaseException, folder: Path) -> JobError:
-    if is_disk_full(e):
+    if is_disk_full(e) or out_of_space(folder):
         return JobError(
             JobErrorKind.DISK_FULL,
             f"the disk of the data folder {folder} is full; new jobs wait until space is "

@@ -50,6 +50,7 @@ from .disk import (
     file_size,
     is_disk_full,
     lock_folder,
+    out_of_space,
     storage_error,
 )
 from .records import (  # noqa: F401 (re-exported: the store's users import them from here)
@@ -109,7 +110,7 @@ class JobStore:
             migrate(conn)
         except sqlite3.Error as e:
             os.close(lock_fd)
-            if is_disk_full(e):
+            if is_disk_full(e) or out_of_space(folder):
                 raise storage_error(e, folder) from e
             raise JobError(JobErrorKind.DATA_DIR, f"cannot open {folder / DB_NAME}: {e}") from e
         return cls(folder, conn, lock_fd, limits)
