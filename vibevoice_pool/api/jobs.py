@@ -4,7 +4,8 @@
     GET    /v1/jobs             the caller's jobs, newest first (?limit=&offset=&state=)
     GET    /v1/jobs/{id}        state, progress, worker, timings, error
     GET    /v1/jobs/{id}/audio  the result, with HTTP Range (206 Partial Content)
-    DELETE /v1/jobs/{id}        cancel a queued or running job
+    DELETE /v1/jobs/{id}        cancel it if it is queued or running, then forget it
+                                (its result too): answers its last view; 404 after
 
 Owner of a job (owner_of): the API key sent ("key:<hash>" for --api-key,
 "key:<name>" for a named key of --api-keys); else the owner token of
@@ -30,6 +31,7 @@ data disk was full at start).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -230,13 +232,19 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
         )
 
     @router.delete("/{job_id}")
-    def cancel_job(job_id: str, request: Request):
+    def delete_job(job_id: str, request: Request):
         try:
-            return view(runner, runner.cancel(own(job_id, request).id))
+            job = own(job_id, request)
+            if not job.finished:
+                with contextlib.suppress(JobError):  # it may finish meanwhile: forget it anyway
+                    runner.cancel(job.id)
+            last = view(runner, runner.get(job.id))
+            runner.store.delete(job.id)
         except JobError as e:
             return job_error(e)
         except PoolError as e:
             return error_response(e)
+        return {**last, "deleted": True}
 
     return router
 

@@ -37,7 +37,7 @@ import asyncio
 import base64
 import json
 import time
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vibevoice_pool import encoders
 from vibevoice_pool.api.errors import error_response, plain_error
 from vibevoice_pool.api.speech import (
+    NOT_BLANK,
     STREAM_HEADERS,
     Speaker,
     SynthesizeBody,
@@ -63,7 +64,7 @@ OWNER = "vibevoice-pool"
 
 
 class VoiceId(BaseModel):
-    id: str
+    id: str = Field(..., min_length=1, pattern=NOT_BLANK)
 
 
 class SpeechBody(BaseModel):
@@ -71,20 +72,22 @@ class SpeechBody(BaseModel):
     model: str = Field(
         ..., min_length=1, max_length=256, description="any name; this server has one model"
     )
-    input: str = Field(..., description="the text to speak")
-    voice: str | VoiceId = Field(..., description="a preset of /v1/voices (or an OpenAI name)")
+    input: str = Field(..., pattern=NOT_BLANK, description="the text to speak")
+    voice: Annotated[str, Field(min_length=1, pattern=NOT_BLANK)] | VoiceId = Field(
+        ..., description="a voice of /v1/voices (or an OpenAI name)"
+    )
     instructions: str | None = Field(None, description="accepted; VibeVoice takes no style prompt")
     response_format: str = Field(
         "mp3", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)}
     )
-    speed: float = Field(1.0, ge=0.25, le=4.0)
+    speed: float = Field(1.0, ge=0.25, le=4.0, strict=True)
     stream_format: Literal["audio", "sse"] = "audio"
     stream: bool | None = Field(
-        None, description="stream while it is made (default: yes, but flac whole)"
+        None, strict=True, description="stream while it is made (default: yes, but flac whole)"
     )
-    seed: int | None = Field(None, ge=0, lt=2**31)
-    cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
-    inference_steps: int | None = Field(None, ge=1, le=100)
+    seed: int | None = Field(None, ge=0, lt=2**31, strict=True)
+    cfg_scale: float = Field(1.3, ge=1.0, le=2.0, strict=True)
+    inference_steps: int | None = Field(None, ge=1, le=100, strict=True)
 
 
 def _bad(message: str) -> m.PoolError:

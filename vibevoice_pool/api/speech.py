@@ -43,22 +43,33 @@ INLINE_ENCODE_SAMPLES = 60 * 24_000  # up to a minute of audio is encoded on the
 STREAM_HEADERS = {"X-Accel-Buffering": "no"}  # a proxy (nginx) passes each piece on at once
 
 
+NOT_BLANK = r"\S"  # a text field must hold something besides spaces (as the server checks)
+
+
 class Speaker(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    voice: str | None = Field(None, description="name of a voice preset (see /v1/voices)")
-    audio: str | None = Field(None, description="base64 of a wav/mp3/flac/ogg voice sample")
+    voice: str | None = Field(
+        None, min_length=1, pattern=NOT_BLANK, description="name of a voice (see /v1/voices)"
+    )
+    audio: str | None = Field(
+        None, min_length=1, description="base64 of a wav/mp3/flac/ogg voice sample"
+    )
 
 
 class SynthesizeBody(BaseModel):
+    """Numbers and flags are strict: `true` is not 1, "1" is not a number."""
+
     model_config = ConfigDict(extra="forbid")
-    script: str = Field(..., description="'Speaker 1: ...' lines; speakers 1-4 (or 0-3)")
+    script: str = Field(
+        ..., pattern=NOT_BLANK, description="'Speaker 1: ...' lines; speakers 1-4 (or 0-3)"
+    )
     speakers: list[Speaker] = Field(default_factory=list, max_length=MAX_SPEAKERS)
-    cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
-    inference_steps: int | None = Field(None, ge=1, le=100)
-    seed: int | None = Field(None, ge=0, lt=2**31)
+    cfg_scale: float = Field(1.3, ge=1.0, le=2.0, strict=True)
+    inference_steps: int | None = Field(None, ge=1, le=100, strict=True)
+    seed: int | None = Field(None, ge=0, lt=2**31, strict=True)
     format: str = Field("wav", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)})
-    stream: bool = False
-    max_audio_s: float | None = Field(None, gt=0)
+    stream: bool = Field(False, strict=True)
+    max_audio_s: float | None = Field(None, gt=0, strict=True)
 
 
 @dataclass
@@ -218,6 +229,8 @@ def describe_invalid(errors) -> str:
             parts.append(f"{where}: required, but missing")
         elif kind == "extra_forbidden":
             parts.append(f"{where}: unknown field; remove it (see /docs for the fields)")
+        elif kind == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == NOT_BLANK:
+            parts.append(f"{where}: empty; write some text")
         elif kind == "model_attributes_type" and where == "body":
             parts.append('the body must be a JSON object such as {"script": "Speaker 1: Hello"}')
         else:

@@ -1,6 +1,7 @@
 """The voice presets over HTTP: /v1/voices.
 
     GET    /v1/voices          {"voices": [{"name": ...}, ...]}
+    GET    /v1/voices/{name}   {"name", "preset": true for the operator's files}; 404
     POST   /v1/voices          add one: multipart (file, name, overwrite) or JSON
                                {"name", "audio": base64, "overwrite"}; answers 201
                                {"name": <the stored, sanitised name>}
@@ -37,11 +38,18 @@ FORM_HINT = (
 )
 
 
+NAME_PATTERN = r"^(?![.])(?!.*[.][.])[^/\\\x00]*[A-Za-z0-9][^/\\\x00]*$"
 _UPLOAD_SCHEMA = {
     "type": "object",
     "required": ["name"],
     "properties": {
-        "name": {"type": "string", "description": "the preset's name"},
+        "name": {
+            "type": "string",
+            "minLength": 1,
+            # what safe_voice_name keeps: a letter or digit, no '/', '\\', '..', leading '.'
+            "pattern": NAME_PATTERN,
+            "description": "the voice's name (letters, digits, '-', '_', '.')",
+        },
         "overwrite": {"type": "boolean", "default": False},
     },
 }
@@ -65,7 +73,12 @@ UPLOAD_DOC = {  # the body is read by hand (two content types): declared here
                     "required": ["name", "audio"],
                     "properties": {
                         **_UPLOAD_SCHEMA["properties"],
-                        "audio": {"type": "string", "description": "base64 of the file"},
+                        "audio": {
+                            "type": "string",
+                            "minLength": 1,
+                            "contentEncoding": "base64",
+                            "description": "base64 of the file",
+                        },
                     },
                 }
             },
@@ -118,7 +131,10 @@ async def _read_upload(request: Request) -> tuple[str, bytes, bool]:
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError):
             raise _bad("'audio' is not valid base64; encode the whole file (base64 -w0)") from None
-        return name, data, _flag(body.get("overwrite", False))
+        overwrite = body.get("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise _bad("'overwrite' must be true or false")
+        return name, data, overwrite
     raise _bad(f"unsupported content type {ctype or 'none'!r}; {FORM_HINT}")
 
 
@@ -150,6 +166,12 @@ def router(front) -> APIRouter:
         except VoiceForbidden as e:
             return plain_error(403, "forbidden", e.message)
         return JSONResponse({"name": stored, "renamed": stored != name.strip()}, 201)
+
+    @router.get("/v1/voices/{name:path}")
+    async def get_voice(name: str):
+        if name not in library.names():  # exact: a deleted voice reads as gone
+            return plain_error(404, "not_found", f"no voice named {name!r}; GET /v1/voices")
+        return {"name": name, "preset": library.owner(name) is None}
 
     @router.delete("/v1/voices/{name:path}")
     async def delete_voice(name: str, request: Request):

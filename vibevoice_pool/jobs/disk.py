@@ -131,3 +131,25 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def folder_bytes(folder: Path, db_name: str, results: Path) -> int:
+    """What the data folder's files take: the database, its journal, the results."""
+    total = file_size(folder / db_name) + file_size(folder / (db_name + "-wal"))
+    with contextlib.suppress(FileNotFoundError):
+        total += sum(p.stat().st_size for p in results.iterdir() if p.is_file())
+    return total
+
+
+def reclaim_space(conn: sqlite3.Connection, wal: Path, force: bool) -> bool:
+    """Incremental vacuum when RECLAIM_PAGES are free (or any, with `force`), and a
+    checkpoint that truncates the journal; False when SQLite refused."""
+    try:
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if free >= RECLAIM_PAGES or (force and free):
+            conn.executescript("PRAGMA incremental_vacuum;")  # steps it to the end
+        if force or free >= RECLAIM_PAGES or file_size(wal) > JOURNAL_LIMIT:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.Error:
+        return False
+    return True

@@ -45,12 +45,12 @@ from .disk import (
     DROPPED_BODY,
     HELD_SQL,
     JOURNAL_LIMIT,
-    RECLAIM_PAGES,
     Limits,
-    file_size,
+    folder_bytes,
     is_disk_full,
     lock_folder,
     out_of_space,
+    reclaim_space,
     storage_error,
 )
 from .records import (  # noqa: F401 (re-exported: the store's users import them from here)
@@ -212,28 +212,13 @@ class JobStore:
 
     def disk_bytes(self) -> int:
         """What the data folder's files take now: the database, its journal, the results."""
-        total = 0
-        for path in (self.folder / DB_NAME, self.folder / (DB_NAME + "-wal")):
-            with contextlib.suppress(FileNotFoundError):
-                total += path.stat().st_size
-        with contextlib.suppress(FileNotFoundError):
-            total += sum(p.stat().st_size for p in self.results.iterdir() if p.is_file())
-        return total
+        return folder_bytes(self.folder, DB_NAME, self.results)
 
     def reclaim(self, force: bool = False) -> bool:
         """Give freed pages back to the disk and cut the journal back, when there is
         enough to give (or `force`). False when the disk refused even that."""
         with self._mutex:
-            try:
-                free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
-                if free >= RECLAIM_PAGES or (force and free):
-                    self._conn.executescript("PRAGMA incremental_vacuum;")
-                wal = self.folder / (DB_NAME + "-wal")
-                if force or free >= RECLAIM_PAGES or file_size(wal) > JOURNAL_LIMIT:
-                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            except sqlite3.Error:
-                return False
-        return True
+            return reclaim_space(self._conn, self.folder / (DB_NAME + "-wal"), force)
 
     def _mb(self, n: int) -> str:
         return f"{n / (1024 * 1024):.1f} MB"
@@ -462,6 +447,24 @@ class JobStore:
         if job is None:
             raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id} (it may have expired)")
         raise JobError(JobErrorKind.CONFLICT, f"job {job_id} already {job.state.value}")
+
+    def delete(self, job_id: str) -> Job:
+        """Forget a finished job (its row, its events, its result file); the job as
+        it was. JobError NOT_FOUND, or CONFLICT while it is queued or running."""
+        job = self.get(job_id)
+        if job is None:
+            raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id} (it may have expired)")
+        with self._tx() as conn:
+            gone = conn.execute(
+                "DELETE FROM jobs WHERE id=? AND state IN ('done','failed','cancelled')", (job_id,)
+            ).rowcount
+            if not gone:
+                raise JobError(JobErrorKind.CONFLICT, f"job {job_id} is {job.state.value}")
+            conn.execute("DELETE FROM events WHERE job_id=?", (job_id,))
+        if job.result_path:
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / job.result_path).unlink()
+        return job
 
     def expire(self, before: float) -> list[str]:
         """Forget jobs that finished before `before`; returns their result paths
