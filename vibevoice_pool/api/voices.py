@@ -22,7 +22,7 @@ import base64
 import binascii
 import json
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -85,6 +85,11 @@ UPLOAD_DOC = {  # the body is read by hand (two content types): declared here
         },
     }
 }
+
+
+# A voice's name in a path: declared with the pattern names are made to (documented,
+# not enforced: a file the operator named otherwise is still found by its name).
+NAME = Path(..., json_schema_extra={"pattern": NAME_PATTERN})
 
 
 def _bad(message: str) -> PoolError:
@@ -168,16 +173,16 @@ def router(front) -> APIRouter:
         return JSONResponse({"name": stored, "renamed": stored != name.strip()}, 201)
 
     @router.get("/v1/voices/{name:path}")
-    async def get_voice(name: str):
+    async def get_voice(name: str = NAME):
         if name not in library.names():  # exact: a deleted voice reads as gone
             return plain_error(404, "not_found", f"no voice named {name!r}; GET /v1/voices")
         return {"name": name, "preset": library.owner(name) is None}
 
     @router.delete("/v1/voices/{name:path}")
-    async def delete_voice(name: str, request: Request):
+    async def delete_voice(request: Request, name: str = NAME):
         caller = caller_of(request.scope)
-        safe = safe_voice_name(name)  # '../x', 'a/b': 400 saying why
         if name not in library.names():
+            safe = safe_voice_name(name)  # '../x', 'a/b': 400 saying why
             hint = f" (did you mean {safe!r}?)" if safe in library.names() else ""
             return plain_error(404, "not_found", f"no voice named {name!r}{hint}; GET /v1/voices")
         try:
