@@ -194,11 +194,14 @@ class PoolConfig(BaseModel):
     port: int = FRONT(7860, "port to bind", ge=0, lt=65536)
     share: bool = FRONT(False, "ask Gradio for a public share link")
     api_key: Text = FRONT(
-        "", "require this Bearer key on the API and a login on the page", metavar="KEY"
+        "",
+        "require this Bearer key on the API and a login on the page (an admin key)",
+        metavar="KEY",
     )
     api_keys: Text = FRONT(
         "",
-        "a file of named keys ('name: key' a line); each name owns its own jobs",
+        "a file of named keys ('name: [admin|user:] key' a line; no role: a user); each "
+        "name owns its own jobs and voices",
         metavar="FILE",
     )
     cors_origins: Text = FRONT(
