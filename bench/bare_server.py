@@ -15,9 +15,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from vibevoice_pool import audio
-from workers.estimate import audio_seconds_for
-from workers.messages import SAMPLE_RATE
-from workers.sim import tone
+from workers.engines.sim import tone
+from workers.wire.estimate import audio_seconds_for
+from workers.wire.messages import SAMPLE_RATE
 
 SPOKEN = "hello there"  # the body the benchmark posts is "Speaker 1: hello there"
 SAMPLES = int(round(audio_seconds_for(SPOKEN) * SAMPLE_RATE))

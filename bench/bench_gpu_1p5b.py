@@ -2,7 +2,7 @@
 
 Builds VibeVoice-1.5B's architecture (Qwen2.5-1.5B text model, the real acoustic and
 semantic tokenizers and diffusion head) with random weights, in bf16 with SDPA, and runs
-the step engine (workers/step_engine.py) with 1, 4, 8 and 16 rows admitted together: a
+the step engine (workers/engines/vibevoice/step.py) with 1, 4, 8 and 16 rows admitted together: a
 fixed prompt per row (script tokens and one voice sample), a fixed number of audio
 tokens, 10 diffusion steps, cfg 1.3, diffusion-only guidance as microsoft's loop.
 Random weights never pick the audio token, so a sequence_bias on it makes every new
@@ -88,7 +88,7 @@ def full_size_config():
 def build_model(args, torch):
     from transformers import VibeVoiceForConditionalGeneration
 
-    from workers.tiny import configure_generation, ensure_tiny_model
+    from workers.checkpoints.tiny import configure_generation, ensure_tiny_model
 
     attn = {"text_config": "sdpa"}
     if args.tiny:
@@ -125,7 +125,7 @@ class SyntheticPrompts:
     def batch(self, requests, device, dtype):
         import torch
 
-        from workers.vibevoice_prompt import PromptBatch
+        from workers.engines.vibevoice.prompt import PromptBatch
 
         cfg, n = self.cfg, len(requests)
         g = torch.Generator().manual_seed(int(requests[0].seed))
@@ -166,8 +166,8 @@ class _Sink:
 
 def run_rows(model, prompts, rows: int, tokens: int, args, torch, compile_mode: str) -> dict:
     """`rows` rows admitted together, each `tokens` audio tokens, to the end."""
-    from workers.messages import Request, Turn
-    from workers.step_engine import StepEngine
+    from workers.engines.vibevoice.step import StepEngine
+    from workers.wire.messages import Request, Turn
 
     cuda = args.device.startswith("cuda")
     engine = StepEngine(model, args.device, rows, prompts, head_compile=compile_mode)

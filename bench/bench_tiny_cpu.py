@@ -42,8 +42,8 @@ import transformers
 t2 = time.time()
 from transformers import VibeVoiceForConditionalGeneration, VibeVoiceProcessor
 t25 = time.time()
-from workers.engine import EngineSpec
-from workers.vibevoice import VibeVoiceEngine
+from workers.engines.contract import EngineSpec
+from workers.engines.vibevoice.engine import VibeVoiceEngine
 spec = EngineSpec(engine="vibevoice", model_path=sys.argv[1], torch_threads=1)
 VibeVoiceEngine(spec).load()
 t3 = time.time()
@@ -143,8 +143,8 @@ class Times:
 def drive(engine, rows: int, idle_only: bool, requests: list, offsets: list[float]) -> dict:
     """Run the requests through one StepHost as a worker does, each submitted at its
     offset (seconds from the start, on the Clock); they join at the next step boundary."""
-    from workers.batching import StepHost
-    from workers.messages import SAMPLE_RATE
+    from workers.host.step_host import StepHost
+    from workers.wire.messages import SAMPLE_RATE
 
     engine.steps.max_rows = rows
     clock = Clock()
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
-    from workers.tiny import ensure_tiny_model
+    from workers.checkpoints.tiny import ensure_tiny_model
 
     cache = args.cache_dir or str(Path(tempfile.gettempdir()) / "vv-bench")
     model_dir = ensure_tiny_model(cache)
@@ -231,9 +231,9 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from workers.engine import EngineSpec
-    from workers.messages import Request, Turn
-    from workers.vibevoice import VibeVoiceEngine
+    from workers.engines.contract import EngineSpec
+    from workers.engines.vibevoice.engine import VibeVoiceEngine
+    from workers.wire.messages import Request, Turn
 
     engine = VibeVoiceEngine(
         EngineSpec(engine="vibevoice", model_path=model_dir, max_batch_size=8, torch_threads=1)

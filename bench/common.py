@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHARS_PER_S = 15.0  # workers.estimate: 15 characters of script = 1 s of audio
+CHARS_PER_S = 15.0  # workers.wire.estimate: 15 characters of script = 1 s of audio
 SAMPLE_RATE = 24_000
 
 
@@ -118,7 +118,7 @@ def script_for(audio_s: float) -> str:
 
 
 def make_request(pool, audio_s: float, seed: int):
-    from workers import messages as m
+    from workers.wire import messages as m
 
     return pool.make_request([m.Turn(0, script_for(audio_s))], seed=seed)
 

@@ -74,8 +74,8 @@ def latency(pool, rec: common.Recorder, n: int) -> dict:
 def dispatcher_alone(n: int) -> dict:
     """Decisions per second of the Dispatcher with fake workers that never fill."""
     from vibevoice_pool.pool.dispatcher import Dispatcher
-    from workers import messages as m
-    from workers.board import Col, SlotState, StatusBoard, WorkerState
+    from workers.wire import messages as m
+    from workers.wire.board import Col, SlotState, StatusBoard, WorkerState
 
     board = StatusBoard.create(4)
     try:

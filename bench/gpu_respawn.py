@@ -83,8 +83,8 @@ def worker_measure(model_dir: str, device: int, results, release) -> None:
     out["copy_gb_per_s"] = nbytes / out["copy_s"] / 1e9 if out["copy_s"] > 0 else None
     del on_gpu, state
     torch.cuda.empty_cache()
-    from workers.engine import EngineSpec
-    from workers.engines import build_engine
+    from workers.engines.contract import EngineSpec
+    from workers.engines.factory import build_engine
 
     t0 = time.monotonic()
     engine = build_engine(EngineSpec(engine="vibevoice", model_path=model_dir, device="cuda"))
@@ -100,7 +100,7 @@ def respawn_on_gpu(model_dir: str, device: int = 0) -> dict:
     """The whole check; a dict of figures and verdicts (see the module doc)."""
     from vibevoice_pool.pool.warm_weights import WarmWeights
     from vibevoice_pool.pool.zygote import Zygote
-    from workers.zygote_probe import cuda_mappings, thread_count
+    from workers.zygote.probe import cuda_mappings, thread_count
 
     res: dict = {"model": model_dir, "gpu": device}
     zygote = Zygote("vibevoice")
@@ -179,7 +179,7 @@ def _build(folder: str, device: str) -> None:
     from bench_gpu_1p5b import full_size_config
     from transformers import VibeVoiceForConditionalGeneration
 
-    from workers.tiny import make_tiny_model
+    from workers.checkpoints.tiny import make_tiny_model
 
     make_tiny_model(folder)  # the tokenizer, the processor's files, the chat template
     for f in Path(folder).glob("*.safetensors"):

@@ -1,7 +1,7 @@
 """A peer, side by side: Ray Serve against the pool, same workloads, same run.
 
 Three systems, each with two workers running the same SimEngine through the
-same replica code (workers.ray_replica.SlotReplica for both Ray ones):
+same replica code (workers.host.ray_replica.SlotReplica for both Ray ones):
 
     pool          our local pool: two worker processes, our dispatcher
     pool on Ray   the same pool with --backend ray: two Serve applications of
@@ -87,7 +87,7 @@ class PoolSystem:
         return common.make_request(self.pool, audio_s, seed)
 
     async def call(self, req) -> bool:
-        from workers import messages as m
+        from workers.wire import messages as m
 
         handle = self.pool.submit(req)
         async for _ in handle.events():
@@ -104,8 +104,8 @@ class ServeSystem:
     def __init__(self, sim_rtf: float, app: str, max_ongoing: int):
         from ray import serve
 
-        from workers.engine import EngineSpec
-        from workers.ray_replica import SlotReplica
+        from workers.engines.contract import EngineSpec
+        from workers.host.ray_replica import SlotReplica
 
         spec = EngineSpec(engine="sim", sim_rtf=sim_rtf)
         deployment = serve.deployment(SlotReplica).options(
@@ -121,14 +121,14 @@ class ServeSystem:
         self.n = 0
 
     def request(self, audio_s: float, seed: int):
-        from workers import messages as m
+        from workers.wire import messages as m
 
         self.n += 1
         text = common.script_for(audio_s)
         return m.Request(id=f"peer-{self.n}", turns=(m.Turn(0, text),), seed=seed)
 
     async def call(self, req) -> bool:
-        from workers import messages as m
+        from workers.wire import messages as m
 
         last = None
         async for item in self.handle.remote(req):

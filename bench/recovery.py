@@ -91,9 +91,9 @@ class Verifier(threading.Thread):
         self.replays_checked = 0
 
     def run(self) -> None:
-        from workers.estimate import audio_seconds_for
-        from workers.messages import SAMPLE_RATE, Done
-        from workers.sim import tone
+        from workers.engines.sim import tone
+        from workers.wire.estimate import audio_seconds_for
+        from workers.wire.messages import SAMPLE_RATE, Done
 
         while True:
             job = self.check.get()
@@ -118,7 +118,7 @@ class Verifier(threading.Thread):
 
 def run_phase(pool, rec, tracker, verifier_q, workload, kills: bool, rng, start_at) -> dict:
     """Drive one workload from `start_at`; with kills, SIGKILL a worker every KILL_EVERY_S."""
-    from workers.board import Col, SlotState
+    from workers.wire.board import Col, SlotState
 
     rec.clear()
     verifier = Verifier(verifier_q)

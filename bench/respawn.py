@@ -70,7 +70,7 @@ def run_pool(model_dir: str, cache: str, mode: str, kills: int) -> dict:
     from vibevoice_pool.config import build
     from vibevoice_pool.pool.facade import Pool
     from vibevoice_pool.pool.recovery import HEALTHY_RESET_S
-    from workers.board import Col
+    from workers.wire.board import Col
 
     t0 = time.monotonic()
     cfg = build(
@@ -148,7 +148,7 @@ def run_pool(model_dir: str, cache: str, mode: str, kills: int) -> dict:
 
 def _zygote_imports(zygote) -> float | None:
     """What the zygote's preload imports cost it (read in a child forked from it)."""
-    from workers.zygote_probe import probe
+    from workers.zygote.probe import probe
 
     ctx, forked = zygote.context()
     if not forked:
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer kills (development)")
     args = ap.parse_args(argv)
-    from workers.tiny import ensure_tiny_model
+    from workers.checkpoints.tiny import ensure_tiny_model
 
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vvp-respawn-") as tmp:

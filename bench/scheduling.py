@@ -92,7 +92,7 @@ class StalePoll:
         self._thread.join(timeout=2)
 
     def _run(self) -> None:
-        from workers.board import Col, WorkerState
+        from workers.wire.board import Col, WorkerState
 
         while not self._stop.is_set():
             for s in self.slots:
@@ -254,7 +254,7 @@ def configs_of(args) -> list[tuple[float, float]]:
 def child(args) -> int:
     """One policy in its own pool: calibrate, post it, wait for the start, run."""
     from vibevoice_pool.pool import policies
-    from workers.board import Col
+    from workers.wire.board import Col
 
     label = args.child
     policy, bind = next((p, b) for lb, p, b in RUNS if lb == label)

@@ -85,7 +85,7 @@ def tiny_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_cache):
     """The tiny random VibeVoice, built once per test session, where --tiny-model looks."""
-    from workers.tiny import ensure_tiny_model
+    from workers.checkpoints.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tiny_cache / "tiny-model")
 
@@ -94,8 +94,8 @@ def tiny_model_dir(tiny_cache):
 def engine(tiny_model_dir):
     """The tiny model in a VibeVoiceEngine of up to 4 rows, loaded in this process, one
     per test module (an engine keeps its running set between the module's tests)."""
-    from workers.engine import EngineSpec
-    from workers.vibevoice import VibeVoiceEngine
+    from workers.engines.contract import EngineSpec
+    from workers.engines.vibevoice.engine import VibeVoiceEngine
 
     eng = VibeVoiceEngine(
         EngineSpec(engine="vibevoice", model_path=tiny_model_dir, max_batch_size=4)

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from serving import shared_server, wav_bytes
 
 from vibevoice_pool.api.errors import error_response
-from workers.messages import ErrorKind, PoolError
+from workers.wire.messages import ErrorKind, PoolError
 
 SCRIPT = "Speaker 1: Hello there, how are you?\nSpeaker 2: Fine, thank you."
 

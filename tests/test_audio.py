@@ -18,7 +18,7 @@ from vibevoice_pool.audio import (
     to_int16,
     wav_header_for_stream,
 )
-from workers.messages import SAMPLE_RATE, ErrorKind, PoolError
+from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError
 
 LIMITS = {"max_bytes": 2_000_000, "max_seconds": 10.0}
 

@@ -330,7 +330,7 @@ def test_the_upload_size_and_voice_length_are_the_settings(sim_pool):
 def test_the_heartbeat_setting_reaches_the_worker(sim_pool):
     import time
 
-    from workers.board import Col
+    from workers.wire.board import Col
 
     def beats_in(pool, seconds: float) -> int:
         seen, end = set(), time.monotonic() + seconds

@@ -12,8 +12,8 @@ from vibevoice_pool.config import build
 from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.pool.monitor import RealNvml
 from vibevoice_pool.script import parse_script
-from workers import messages as m
-from workers.board import Col
+from workers.wire import messages as m
+from workers.wire.board import Col
 
 pytestmark = pytest.mark.slow
 

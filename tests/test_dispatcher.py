@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from vibevoice_pool.pool.dispatcher import Dispatcher
-from workers import messages as m
-from workers.board import Col, SlotState, StatusBoard, WorkerState
+from workers.wire import messages as m
+from workers.wire.board import Col, SlotState, StatusBoard, WorkerState
 
 
 @pytest.fixture

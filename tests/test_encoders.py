@@ -15,7 +15,7 @@ import soundfile as sf
 
 from vibevoice_pool.audio import wav_header_for_stream
 from vibevoice_pool.encoders import SUPPORTED_FORMATS, StreamEncoder, check_format, encode
-from workers.messages import SAMPLE_RATE, PoolError
+from workers.wire.messages import SAMPLE_RATE, PoolError
 
 CODECS = ["mp3", "opus", "aac", "flac"]
 AV_FORMAT = {"mp3": "mp3", "opus": "ogg", "aac": "aac", "flac": "flac", "wav": "wav"}

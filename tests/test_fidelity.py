@@ -20,9 +20,9 @@ import pytest
 import torch
 from test_vibevoice_engine import RecordingSink, req, run
 
-from workers.engine import EngineSpec
-from workers.messages import SAMPLE_RATE
-from workers.vibevoice import VibeVoiceEngine
+from workers.engines.contract import EngineSpec
+from workers.engines.vibevoice.engine import VibeVoiceEngine
+from workers.wire.messages import SAMPLE_RATE
 
 SYSTEM = (
     " Transform the text provided by various speakers into speech output, utilizing the "
@@ -103,7 +103,7 @@ CASES = {  # name: (script, microsoft's voice_samples, the request's voices)
 def engine_inputs(engine, requests, monkeypatch):
     """The prefill inputs the engine builds for `requests` (joining together) and runs:
     what `build_inputs` gave it, checked against the ids its prefill embedded."""
-    import workers.vibevoice_prompt as prompt
+    import workers.engines.vibevoice.prompt as prompt
 
     built, embedded = [], []
     real_build, real_embed = prompt.build_inputs, engine.steps.embed

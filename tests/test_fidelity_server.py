@@ -15,7 +15,7 @@ import soundfile as sf
 from conftest import Server, pid_alive, wait_until
 
 from vibevoice_pool.script import parse_script
-from workers.estimate import audio_seconds_for
+from workers.wire.estimate import audio_seconds_for
 
 pytestmark = pytest.mark.slow
 

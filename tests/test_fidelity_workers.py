@@ -16,7 +16,7 @@ from test_fidelity import V0, V1, right_padded_copy
 from vibevoice_pool.config import build
 from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.script import parse_script
-from workers import messages as m
+from workers.wire import messages as m
 
 pytestmark = pytest.mark.slow
 

@@ -337,7 +337,7 @@ def test_decodes_beyond_the_slots_wait_then_get_overloaded():
     import soundfile as sf
 
     from vibevoice_pool import audio
-    from workers.messages import ErrorKind, PoolError
+    from workers.wire.messages import ErrorKind, PoolError
 
     buf = io.BytesIO()
     sf.write(buf, np.zeros(2400, np.float32), 24000, format="WAV")
@@ -393,7 +393,7 @@ def test_the_page_upload_and_presets_on_disk_meet_the_same_header_checks(tmp_pat
     import soundfile as sf
 
     from vibevoice_pool.voices import VoiceLibrary
-    from workers.messages import PoolError
+    from workers.wire.messages import PoolError
 
     buf = io.BytesIO()
     sf.write(buf, np.zeros((96_000, 8), np.float32), 96_000, format="FLAC")

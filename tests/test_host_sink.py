@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers import messages as m
-from workers.host_sink import HostSink
+from workers.host.sink import HostSink
+from workers.wire import messages as m
 
 
 class Counting(HostSink):

@@ -17,8 +17,8 @@ from conftest import Server, pid_alive, wait_until
 
 from vibevoice_pool.jobs import client as jobs_client
 from vibevoice_pool.script import parse_script
-from workers.estimate import audio_seconds_for
-from workers.messages import SAMPLE_RATE
+from workers.wire.estimate import audio_seconds_for
+from workers.wire.messages import SAMPLE_RATE
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,8 @@ from vibevoice_pool.jobs import runner as jobs_mod
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import JobState, JobStore
 from vibevoice_pool.pool.handle import RequestHandle
-from workers import messages as m
-from workers.estimate import audio_seconds_for
+from workers.wire import messages as m
+from workers.wire.estimate import audio_seconds_for
 
 
 class FakeDispatcher:

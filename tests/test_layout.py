@@ -94,6 +94,57 @@ def test_at_most_a_dozen_modules_at_the_top():
     assert len(top) <= 12, top
 
 
+def test_workers_is_shaped_in_sub_packages():
+    top = sorted(p.name for p in (ROOT / "workers").glob("*.py"))
+    assert len(top) <= 6, top
+    folders = sorted(p.name for p in (ROOT / "workers").iterdir() if (p / "__init__.py").exists())
+    assert folders == ["checkpoints", "engines", "host", "wire", "zygote"]
+
+
+# what each workers/ sub-package may import of workers/ (itself always)
+WORKER_ARROWS = {
+    "workers.wire": set(),  # the contract both sides read stands alone
+    "workers.engines": {"workers.wire", "workers.checkpoints"},  # never a host
+    "workers.checkpoints": {"workers.wire"},
+    "workers.host": {"workers.wire", "workers.engines"},
+    "workers.zygote": {"workers.wire", "workers.engines", "workers.host", "workers.checkpoints"},
+}
+
+
+def _part(name: str) -> str:
+    return ".".join(name.split(".")[:2])
+
+
+def test_worker_parts_import_only_what_they_build_on():
+    wrong = []
+    for name, deps in import_map().items():
+        if not name.startswith("workers."):
+            continue
+        allowed = WORKER_ARROWS[_part(name)] | {_part(name), "workers"}
+        wrong += [(name, d) for d in deps if d.startswith("workers") and _part(d) not in allowed]
+    assert wrong == []
+
+
+def test_an_engine_never_imports_another_engine_but_through_the_factory():
+    graph = import_map()
+    sim, vv = "workers.engines.sim", "workers.engines.vibevoice"
+    wrong = [
+        (n, d) for n, ds in graph.items() for d in ds if n.startswith(sim) and d.startswith(vv)
+    ]
+    wrong += [
+        (n, d) for n, ds in graph.items() for d in ds if n.startswith(vv) and d.startswith(sim)
+    ]
+    wrong += [
+        (n, d)
+        for n, ds in graph.items()
+        for d in ds
+        if d == "workers.engines.factory"
+        and n.startswith("workers.engines")
+        and n != "workers.engines.factory"
+    ]
+    assert wrong == []
+
+
 def test_arrows_run_one_way():
     graph = import_map()
     wrong = []

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from workers import messages as m
-from workers.engine import EngineSpec
-from workers.ray_replica import SlotReplica, StalledError
+from workers.engines.contract import EngineSpec
+from workers.host.ray_replica import SlotReplica, StalledError
+from workers.wire import messages as m
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import pid_alive, wait_until
 
 from vibevoice_pool.script import parse_script
-from workers import messages as m
-from workers.estimate import audio_seconds_for
+from workers.wire import messages as m
+from workers.wire.estimate import audio_seconds_for
 
 pytestmark = pytest.mark.slow
 

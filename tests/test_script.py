@@ -3,7 +3,7 @@
 import pytest
 
 from vibevoice_pool.script import parse_script
-from workers.messages import PoolError, Turn
+from workers.wire.messages import PoolError, Turn
 
 
 def test_one_based_numbering():

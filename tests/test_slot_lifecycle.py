@@ -18,7 +18,7 @@ from vibevoice_pool.pool.devices import engine_specs, plan
 from vibevoice_pool.pool.dispatcher import Dispatcher
 from vibevoice_pool.pool.recovery import RecoveryPolicy
 from vibevoice_pool.pool.slots import BootError
-from workers.board import Col, SlotState, StatusBoard
+from workers.wire.board import Col, SlotState, StatusBoard
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ class FakeCluster:
     real SlotReplica (which loads the sim engine, or fails to)."""
 
     def __init__(self, cfg):
-        from workers.ray_replica import SlotReplica
+        from workers.host.ray_replica import SlotReplica
 
         self.make = SlotReplica
         self.replicas: dict = {}

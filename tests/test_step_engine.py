@@ -2,7 +2,7 @@
 `generate` for that row alone (tests/vibevoice_reference.py says how the
 reference follows microsoft's loop), whatever joins or leaves beside it.
 
-Rows are driven step by step through workers/batching.StepHost, as a worker
+Rows are driven step by step through workers/host/step_host.StepHost, as a worker
 drives them, so "joins at step 3" means exactly the third step boundary.
 """
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from vibevoice_reference import Reference
 
-from workers.batching import StepHost
-from workers.messages import SAMPLE_RATE, ErrorKind, PoolError, Request, Turn
-from workers.vibevoice import HOP_SAMPLES
+from workers.engines.vibevoice.engine import HOP_SAMPLES
+from workers.host.step_host import StepHost
+from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError, Request, Turn
 
 TOL = 1e-4  # of the row's peak, float32
 

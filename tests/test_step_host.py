@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from workers.batching import StepHost
-from workers.engine import EngineSpec
-from workers.messages import ErrorKind, PoolError, Request, Turn
-from workers.sim import SimEngine
+from workers.engines.contract import EngineSpec
+from workers.engines.sim import SimEngine
+from workers.host.step_host import StepHost
+from workers.wire.messages import ErrorKind, PoolError, Request, Turn
 
 
 class Sink:
@@ -27,7 +27,7 @@ class Sink:
 
 
 def req(rid: str, seconds: float, attempt: int = 1) -> Request:
-    text = "x" * int(seconds * 15)  # workers.estimate: 15 characters a second
+    text = "x" * int(seconds * 15)  # workers.wire.estimate: 15 characters a second
     return Request(id=rid, turns=(Turn(0, text),), attempt=attempt)
 
 

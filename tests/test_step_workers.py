@@ -19,9 +19,9 @@ from vibevoice_reference import Reference
 from vibevoice_pool.config import build
 from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.script import parse_script
-from workers import messages as m
-from workers.board import Col
-from workers.estimate import audio_seconds_for
+from workers.wire import messages as m
+from workers.wire.board import Col
+from workers.wire.estimate import audio_seconds_for
 
 pytestmark = pytest.mark.slow
 
@@ -146,9 +146,9 @@ def test_sigkill_mid_batch_replays_every_row_without_repeated_audio(pool, refere
 
 
 def test_with_a_small_memory_budget_a_row_waits_for_one_to_leave(tiny_model_dir, tmp_path):
-    from workers.engine import EngineSpec
-    from workers.step_engine import MIB
-    from workers.vibevoice import VibeVoiceEngine
+    from workers.engines.contract import EngineSpec
+    from workers.engines.vibevoice.engine import VibeVoiceEngine
+    from workers.engines.vibevoice.step import MIB
 
     first_text, second_text = "Speaker 1: " + "first words " * 6, "Speaker 1: second"
     local = VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=tiny_model_dir))

@@ -16,9 +16,9 @@ from conftest import ROOT, wait_until
 from vibevoice_pool.config import build
 from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.script import parse_script
-from workers import messages as m
-from workers.convert import make_original_layout_checkpoint
-from workers.estimate import audio_seconds_for
+from workers.checkpoints.convert import make_original_layout_checkpoint
+from workers.wire import messages as m
+from workers.wire.estimate import audio_seconds_for
 
 pytestmark = pytest.mark.slow
 

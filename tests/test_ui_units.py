@@ -16,7 +16,7 @@ from vibevoice_pool.ui.charts import History, render
 from vibevoice_pool.ui.i18n import EN, ZH, pick_language
 from vibevoice_pool.ui.live import LiveStreams, TabRequests
 from vibevoice_pool.ui.panel import render_html, render_table, views
-from workers import messages as m
+from workers.wire import messages as m
 
 
 def worker(i: int, state: str = "ready", restarts: int = 0, **extra) -> dict:

@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 import torch  # noqa: E402
 
-from workers import convert, tiny  # noqa: E402
-from workers.batching import StepHost
-from workers.engine import EngineSpec
-from workers.messages import SAMPLE_RATE, ErrorKind, PoolError, Request, Turn
-from workers.vibevoice import HOP_SAMPLES, VibeVoiceEngine  # noqa: E402
-from workers.vibevoice_prompt import build_inputs
+from workers.checkpoints import (
+    convert,
+    tiny,  # noqa: E402
+)
+from workers.engines.contract import EngineSpec
+from workers.engines.vibevoice.engine import HOP_SAMPLES, VibeVoiceEngine  # noqa: E402
+from workers.engines.vibevoice.prompt import build_inputs
+from workers.host.step_host import StepHost
+from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError, Request, Turn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +78,7 @@ def req(rid, *turns, **kw):
 
 
 def run(engine, batch, **sink_kw):
-    """Drive the engine as a worker does (workers/batching.StepHost): every request
+    """Drive the engine as a worker does (workers/host/step_host.StepHost): every request
     submitted at once, a cancel rule applied between steps, until all rows ended."""
     sink = RecordingSink(**sink_kw)
     host = StepHost(engine, sink)
@@ -115,7 +118,7 @@ def test_tiny_model_is_cached_and_reused(tiny_dir):
 
 
 def test_importing_the_engine_does_not_import_torch():
-    code = "import sys, workers.vibevoice; assert 'torch' not in sys.modules"
+    code = "import sys, workers.engines.vibevoice.engine; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -191,8 +194,8 @@ def test_same_seed_same_audio_even_in_a_fresh_process(engine, tiny_dir, tmp_path
         "import sys, numpy as np\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "from tests.test_vibevoice_engine import req, run\n"
-        "from workers.engine import EngineSpec\n"
-        "from workers.vibevoice import VibeVoiceEngine\n"
+        "from workers.engines.contract import EngineSpec\n"
+        "from workers.engines.vibevoice.engine import VibeVoiceEngine\n"
         "e = VibeVoiceEngine(EngineSpec(engine='vibevoice', model_path=sys.argv[2], max_batch_size=4))\n"
         "e.load()\n"
         "s = run(e, [req('a', est_audio_s=0.8, seed=11), req('b', est_audio_s=0.4, seed=11)])\n"
@@ -207,7 +210,7 @@ def test_same_seed_same_audio_even_in_a_fresh_process(engine, tiny_dir, tmp_path
 
 
 def test_a_rows_audio_depends_on_its_seed_not_on_its_batch_mates(engine):
-    """Per-row noise (workers/vibevoice_noise.py) and per-row state: what a replay needs."""
+    """Per-row noise (workers/engines/vibevoice/noise.py) and per-row state: what a replay needs."""
     mine = dict(seed=5, est_audio_s=1.5)
     alone = run(engine, [req("me", **mine)]).audio("me")
     others = [req("a", (0, "Another line"), seed=9, est_audio_s=2.0), req("me", **mine)]
@@ -313,7 +316,7 @@ def test_weight_names_round_trip():
 
 
 def test_row_cap_is_the_smallest_limit_and_names_it():
-    from workers.vibevoice import row_cap
+    from workers.engines.vibevoice.engine import row_cap
 
     r = req("r", est_audio_s=3.0, max_audio_s=600.0)
     assert (row_cap(r).tokens, row_cap(r).reason) == (45, "runaway_cap")  # 2 x 3 s = 6 s

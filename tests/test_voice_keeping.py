@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from vibevoice_pool.pool.voice_sender import VoiceSender
-from workers import messages as m
-from workers.voice_cache import VoiceCache
+from workers.host.voice_cache import VoiceCache
+from workers.wire import messages as m
 
 
 def frozen(value: float, n: int = 4000) -> np.ndarray:

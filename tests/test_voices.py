@@ -11,7 +11,7 @@ import soundfile as sf
 
 from vibevoice_pool.audio import TooLarge
 from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices, safe_voice_name
-from workers.messages import SAMPLE_RATE, ErrorKind, PoolError
+from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError
 
 
 def tone(seconds=0.5, freq=200.0, rate=SAMPLE_RATE):

@@ -11,7 +11,7 @@ import pytest
 
 from vibevoice_pool.pool import warm_weights
 from vibevoice_pool.pool.warm_weights import PREFIX, WarmWeights, WeightsHolder
-from workers.engine import EngineSpec
+from workers.engines.contract import EngineSpec
 
 
 def test_a_model_folder_is_mirrored_with_its_weights_in_memory(tiny_model_dir):

@@ -16,7 +16,7 @@ from vibevoice_pool.config import build
 from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.pool.zygote import Zygote
 from vibevoice_pool.script import parse_script
-from workers.zygote_probe import cuda_mappings, load_imports, probe, thread_count
+from workers.zygote.probe import cuda_mappings, load_imports, probe, thread_count
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +127,7 @@ def test_a_forked_worker_loads_its_engine_without_importing_a_heavy_module(tiny_
         assert reader.poll(120)
         report = reader.recv()
         child.join(10)
-        # what load() imports after the fork belongs in workers/zygote_model.py
+        # what load() imports after the fork belongs in workers/zygote/model.py
         assert report["heavy"] == [], report["heavy"]
     finally:
         zygote.close()

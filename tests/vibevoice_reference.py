@@ -20,9 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from workers.messages import Request
-from workers.vibevoice_noise import add_voice_noise, row_generators
-from workers.vibevoice_prompt import build_inputs
+from workers.engines.vibevoice.noise import add_voice_noise, row_generators
+from workers.engines.vibevoice.prompt import build_inputs
+from workers.wire.messages import Request
 
 
 def drop_text_cfg(model: Any) -> None:

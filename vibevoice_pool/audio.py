@@ -3,7 +3,7 @@
 Owns: turning uploaded voice samples (wav/mp3/flac/ogg bytes, or base64 text)
 into float32 mono 24 kHz numpy arrays, and turning the float32 audio the
 workers send back into whole files (wav, mp3, flac, opus, raw pcm; streams and
-aac are vibevoice_pool.encoders', built on these). Crossing its border: numpy arrays at workers.messages
+aac are vibevoice_pool.encoders', built on these). Crossing its border: numpy arrays at workers.wire.messages
 SAMPLE_RATE on one side, bytes plus a content type on the other. Every
 problem with user input is a PoolError(BAD_INPUT) whose message says what was
 wrong and what to do; an upload over the byte limit is TooLarge (HTTP 413).
@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from workers.messages import SAMPLE_RATE, ErrorKind, PoolError
+from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("wav", "mp3", "flac", "opus", "pcm")
 

@@ -168,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return client.run(ns)
     if ns.command == "make-tiny-model":
-        from workers.tiny import make_tiny_model
+        from workers.checkpoints.tiny import make_tiny_model
 
         print(make_tiny_model(ns.dir))
         return 0
     if ns.command == "convert":
-        from workers.convert import convert_checkpoint
+        from workers.checkpoints.convert import convert_checkpoint
 
         convert_checkpoint(ns.src, ns.dst)
         print(f"converted {ns.src} -> {ns.dst}")

@@ -10,8 +10,8 @@ import time
 import httpx
 import numpy as np
 
-from workers.estimate import audio_seconds_for
-from workers.messages import SAMPLE_RATE
+from workers.wire.estimate import audio_seconds_for
+from workers.wire.messages import SAMPLE_RATE
 
 
 def _headers(api_key: str | None) -> dict:

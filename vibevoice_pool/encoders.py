@@ -32,7 +32,7 @@ import threading
 import numpy as np
 
 from vibevoice_pool import audio
-from workers.messages import SAMPLE_RATE, ErrorKind, PoolError
+from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("wav", "mp3", "flac", "opus", "aac", "pcm")
 CONTENT_TYPES = {

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from workers.messages import ErrorKind, PoolError, Turn
+from workers.wire.messages import ErrorKind, PoolError, Turn
 
 MAX_SPEAKERS = 4
 MAX_NUMBER_DIGITS = 6  # a longer speaker number is out of range without being read

@@ -29,7 +29,7 @@ def resolve_model(cfg: PoolConfig) -> str:
     if cfg.engine == "sim":
         return ""
     if cfg.tiny_model:
-        from workers.tiny import ensure_tiny_model
+        from workers.checkpoints.tiny import ensure_tiny_model
 
         path = ensure_tiny_model(config_mod.default_cache_dir(cfg) / "tiny-model")
         log.warning(
@@ -61,7 +61,7 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     )
     from vibevoice_pool.api.speech import Front
     from vibevoice_pool.voices import VoiceLibrary, prepare_voices
-    from workers.tiny import is_tiny_model
+    from workers.checkpoints.tiny import is_tiny_model
 
     env = os.environ if environ is None else environ
     key = resolve_api_key(cfg.api_key, env)
@@ -218,7 +218,7 @@ def serve(cfg: PoolConfig) -> int:
     from vibevoice_pool.jobs.launch import open_store, start_jobs
     from vibevoice_pool.pool.facade import Pool
     from vibevoice_pool.pool.slots import BootError
-    from workers.messages import PoolError
+    from workers.wire.messages import PoolError
 
     raise_nofile()  # before the workers' pipes and the clients' sockets take handles
     audio.set_decode_slots(cfg.max_decodes, cfg.decode_wait_s)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from vibevoice_pool.audio import decode_upload, encode
-from workers.messages import SAMPLE_RATE, ErrorKind, PoolError
+from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError
 
 VOICE_EXTENSIONS: tuple[str, ...] = (
     ".wav",

@@ -37,7 +37,7 @@ from vibevoice_pool.api.speech import (
     run_to_response,
     stream_response,
 )
-from workers import messages as m
+from workers.wire import messages as m
 
 log = logging.getLogger("vibevoice_pool")
 

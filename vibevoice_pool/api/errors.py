@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
 from vibevoice_pool.audio import TooLarge
-from workers.messages import ErrorKind, PoolError
+from workers.wire.messages import ErrorKind, PoolError
 
 STATUS = {
     ErrorKind.BAD_INPUT: 400,

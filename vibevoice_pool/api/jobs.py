@@ -48,7 +48,7 @@ from vibevoice_pool.api.errors import FileAnswer, error_response, plain_error
 from vibevoice_pool.api.speech import SynthesizeBody
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import Job, JobError, JobErrorKind, JobState
-from workers.messages import PoolError
+from workers.wire.messages import PoolError
 
 OWNER_HEADER = "x-owner-token"
 OWNER_COOKIE = "vvp_owner"

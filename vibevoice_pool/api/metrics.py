@@ -29,7 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from vibevoice_pool.pool import events as ev
 from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.states import SERVING, SHOWN, shown_state
-from workers import messages as m
+from workers.wire import messages as m
 
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
 STATES = SHOWN  # ready, busy, recovering, starting, failed, ...

@@ -56,7 +56,7 @@ from vibevoice_pool.api.speech import (
     stream_response,
 )
 from vibevoice_pool.voices import MODEL_VOICE, OPENAI_VOICES, parse_openai_map
-from workers import messages as m
+from workers.wire import messages as m
 
 # Names clients send as `model`; every one is this server's single model.
 MODEL_IDS = ("vibevoice", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")

@@ -34,7 +34,7 @@ from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.script import MAX_SPEAKERS, parse_script
 from vibevoice_pool.voices import VoiceLibrary
-from workers import messages as m
+from workers.wire import messages as m
 
 log = logging.getLogger("vibevoice_pool")
 

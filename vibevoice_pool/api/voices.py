@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vibevoice_pool.api.auth import caller_of
 from vibevoice_pool.api.errors import body_parse_message, plain_error
 from vibevoice_pool.voices import MODEL_VOICE_NOTE, VoiceForbidden, safe_voice_name
-from workers.messages import ErrorKind, PoolError
+from workers.wire.messages import ErrorKind, PoolError
 
 FORM_HINT = (
     "send multipart/form-data with a 'file' (wav, mp3, flac or ogg) and a 'name', "

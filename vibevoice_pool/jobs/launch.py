@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import JobError, JobErrorKind, JobStore
-from workers import messages as m
+from workers.wire import messages as m
 
 if TYPE_CHECKING:
     from vibevoice_pool.config import PoolConfig

@@ -56,7 +56,7 @@ from vibevoice_pool.jobs.store import (
     JobStore,
 )
 from vibevoice_pool.jobs.view import job_view
-from workers import messages as m
+from workers.wire import messages as m
 
 if TYPE_CHECKING:
     from vibevoice_pool.pool.facade import Pool

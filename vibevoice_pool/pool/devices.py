@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, replace
 
 from vibevoice_pool.config import ConfigError, PoolConfig
-from workers.engine import EngineSpec
+from workers.engines.contract import EngineSpec
 
 log = logging.getLogger("vibevoice_pool")
 

@@ -33,8 +33,8 @@ from typing import Callable
 from vibevoice_pool.pool import events as ev
 from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.policies import Ctx, View, choose
-from workers import messages as m
-from workers.board import Col, SlotState, StatusBoard, WorkerState
+from workers.wire import messages as m
+from workers.wire.board import Col, SlotState, StatusBoard, WorkerState
 
 log = logging.getLogger("vibevoice_pool")
 

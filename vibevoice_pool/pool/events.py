@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Union
 
 from vibevoice_pool.pool.handle import RequestHandle
-from workers import messages as m
+from workers.wire import messages as m
 
 
 @dataclass(frozen=True)

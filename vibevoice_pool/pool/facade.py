@@ -30,9 +30,9 @@ from vibevoice_pool.pool.recovery import RecoveryPolicy
 from vibevoice_pool.pool.slots import SlotBackend
 from vibevoice_pool.pool.states import SERVING, public_state
 from vibevoice_pool.pool.supervisor import Supervisor
-from workers import messages as m
-from workers.board import Col, SlotState, StatusBoard
-from workers.estimate import audio_seconds_for
+from workers.wire import messages as m
+from workers.wire.board import Col, SlotState, StatusBoard
+from workers.wire.estimate import audio_seconds_for
 
 log = logging.getLogger("vibevoice_pool")
 

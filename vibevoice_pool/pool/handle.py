@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from workers import messages as m
+from workers.wire import messages as m
 
 TERMINAL = (m.Done, m.Failed)
 

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Protocol
 
-from workers.board import Col, StatusBoard
+from workers.wire.board import Col, StatusBoard
 
 log = logging.getLogger("vibevoice_pool")
 

@@ -28,9 +28,9 @@ from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool.devices import Placement
 from vibevoice_pool.pool.dispatcher import Dispatcher
 from vibevoice_pool.pool.recovery import Action, Cause, Record, RecoveryPolicy, Verdict
-from workers import messages as m
-from workers.board import Col, SlotState, StatusBoard
-from workers.engine import EngineSpec
+from workers.engines.contract import EngineSpec
+from workers.wire import messages as m
+from workers.wire.board import Col, SlotState, StatusBoard
 
 log = logging.getLogger("vibevoice_pool")
 

@@ -1,7 +1,7 @@
 """A worker's state in words: the one place that spells them.
 
 Two layers feed it: the supervisor's SlotState and the worker's own
-WorkerState (workers/board.py, numbers on the shared board). From them:
+WorkerState (workers/wire/board.py, numbers on the shared board). From them:
 
     State          what /v1/pool says of a worker (public_state)
     Shown          what people see (the page's panel, `vibevoice-pool status`,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 
-from workers.board import SlotState, WorkerState
+from workers.wire.board import SlotState, WorkerState
 
 
 class State(str, enum.Enum):

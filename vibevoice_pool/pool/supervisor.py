@@ -38,10 +38,11 @@ from vibevoice_pool.pool.voice_sender import VoiceSender
 from vibevoice_pool.pool.warm_weights import WeightsHolder
 from vibevoice_pool.pool.worker_process import WorkerProcess
 from vibevoice_pool.pool.zygote import Zygote
-from workers import messages as m
-from workers import worker_main
-from workers.board import Col, SlotState, WorkerState
-from workers.engine import EngineSpec
+from workers.engines.contract import EngineSpec
+from workers.host.worker import WorkerSpec
+from workers.host.worker import run as run_worker
+from workers.wire import messages as m
+from workers.wire.board import Col, SlotState, WorkerState
 
 log = logging.getLogger("vibevoice_pool")
 
@@ -138,7 +139,7 @@ class Supervisor(SlotLifecycle):
         slot.requests = RequestChannel(self.ctx)
         read_end, write_end = self.ctx.Pipe(duplex=False)
         death_r, death_w = self.ctx.Pipe(duplex=False)
-        spec = worker_main.WorkerSpec(
+        spec = WorkerSpec(
             slot=i,
             generation=slot.generation,
             engine=slot.engine,
@@ -152,7 +153,7 @@ class Supervisor(SlotLifecycle):
         proc = WorkerProcess(
             ctx,
             forked,
-            target=worker_main.run,
+            target=run_worker,
             args=(spec, slot.requests.reader, write_end, death_r),
             name=f"vibevoice-worker-{i}",
             daemon=True,

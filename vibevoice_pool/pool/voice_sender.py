@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from workers import messages as m
+from workers.wire import messages as m
 
 
 class VoiceSender:

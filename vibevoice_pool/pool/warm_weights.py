@@ -29,7 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from workers.convert import refusal_for
+from workers.checkpoints.convert import refusal_for
 
 log = logging.getLogger("vibevoice_pool")
 

@@ -3,11 +3,11 @@
     parent (supervisor)            zygote (multiprocessing forkserver)
     -------------------            -----------------------------------
     start()  -- preload list -->   imports torch, transformers, the engine's
-                                   classes (workers/zygote*.py); no thread,
+                                   classes (workers/zygote/); no thread,
                                    no CUDA, no tensor
     context() -> forkserver   --> forks a worker on request; the worker pins
                                    its device (CUDA_VISIBLE_DEVICES) before
-                                   any CUDA call (worker_main.run)
+                                   any CUDA call (workers.host.worker.run)
     check() every tick        <-- its pidfd: readable once it died
 
 The zygote is the standard library's forkserver (`set_forkserver_preload`), so
@@ -41,8 +41,8 @@ log = logging.getLogger("vibevoice_pool")
 
 START_METHODS = ("zygote", "spawn")
 PRELOAD = {
-    "sim": ["workers.zygote"],
-    "vibevoice": ["workers.zygote", "workers.zygote_model"],
+    "sim": ["workers.zygote.preload"],
+    "vibevoice": ["workers.zygote.preload", "workers.zygote.model"],
 }
 _started_with: list[str] | None = None  # the preload of the forkserver this process runs
 _module_lock = threading.Lock()

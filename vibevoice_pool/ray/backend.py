@@ -49,10 +49,10 @@ from vibevoice_pool.pool.recovery import Cause, Verdict, Vitals
 from vibevoice_pool.pool.slots import SlotLifecycle
 from vibevoice_pool.ray.cluster import DeployError, RayCluster, replica_resources
 from vibevoice_pool.ray.streams import Slot, Streams
-from workers import messages as m
-from workers.board import Col, SlotState, WorkerState
-from workers.engine import EngineSpec
-from workers.ray_replica import ReplicaStats
+from workers.engines.contract import EngineSpec
+from workers.host.ray_replica import ReplicaStats
+from workers.wire import messages as m
+from workers.wire.board import Col, SlotState, WorkerState
 
 log = logging.getLogger("vibevoice_pool")
 

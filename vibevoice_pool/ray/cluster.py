@@ -38,8 +38,8 @@ from ray.serve.schema import ApplicationStatus
 
 from vibevoice_pool.config import ConfigError, PoolConfig
 from vibevoice_pool.pool.devices import Placement
-from workers.engine import EngineSpec
-from workers.ray_replica import SlotReplica
+from workers.engines.contract import EngineSpec
+from workers.host.ray_replica import SlotReplica
 
 log = logging.getLogger("vibevoice_pool")
 

@@ -35,9 +35,9 @@ from ray.serve.exceptions import (
 
 from vibevoice_pool.pool.dispatcher import Dispatcher
 from vibevoice_pool.pool.slots import SlotBase
-from workers import messages as m
-from workers.board import Col, StatusBoard, WorkerState
-from workers.ray_replica import ReplicaStats
+from workers.host.ray_replica import ReplicaStats
+from workers.wire import messages as m
+from workers.wire.board import Col, StatusBoard, WorkerState
 
 log = logging.getLogger("vibevoice_pool")
 

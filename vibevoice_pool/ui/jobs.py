@@ -25,7 +25,7 @@ import gradio as gr
 
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import JobError, JobState
-from workers.messages import PoolError
+from workers.wire.messages import PoolError
 
 REFRESH_S = 2.0
 MAX_ROWS = 50

@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from vibevoice_pool import audio
 from vibevoice_pool.api.errors import plain_error
 from vibevoice_pool.pool.handle import RequestHandle
-from workers import messages as m
+from workers.wire import messages as m
 
 PREFIX = "/ui/stream/"
 KEEP_S = 300.0  # a finished stream stays playable this long

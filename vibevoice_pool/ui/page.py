@@ -42,7 +42,7 @@ from vibevoice_pool.ui.i18n import gradio_i18n, language_of, t
 from vibevoice_pool.ui.layout import PAGE_CSS, build
 from vibevoice_pool.ui.live import LiveStreams, TabRequests, player_html, progress_html
 from vibevoice_pool.ui.panel import render_html, views
-from workers import messages as m
+from workers.wire import messages as m
 
 log = logging.getLogger("vibevoice_pool")
 

@@ -24,8 +24,8 @@ import collections
 import logging
 import time
 
-from workers import messages as m
-from workers.step_rows import Row
+from workers.engines.row import Row
+from workers.wire import messages as m
 
 log = logging.getLogger("vibevoice_pool.worker")
 
@@ -35,7 +35,9 @@ SPEED_WINDOW_S = 1.0  # busy seconds per speed sample (or less, when the engine 
 class StepHost:
     def __init__(self, engine, sink, admit_only_when_idle: bool = False):
         self.engine = engine
-        self.sink = sink  # the host's own: chunk / finish / fail / step (workers.engine.StepSink)
+        self.sink = (
+            sink  # the host's own: chunk / finish / fail / step (workers.engines.contract.StepSink)
+        )
         self.idle_only = admit_only_when_idle
         self.pending: collections.deque[m.Request] = collections.deque()
         self.running: dict[str, m.Request] = {}
@@ -43,7 +45,7 @@ class StepHost:
         self.speed = 0.0  # audio seconds per busy wall second, all rows together (EMA)
         self._win_audio = 0.0
         self._win_wall = 0.0
-        self._counting = _Counting(self)
+        self._engine_sink = _EngineSink(self)
 
     @property
     def live(self) -> int:
@@ -111,7 +113,7 @@ class StepHost:
             return
         t0 = time.monotonic()
         try:
-            self.engine.step(self._counting)
+            self.engine.step(self._engine_sink)
         except m.PoolError as err:
             self._fail_all(err)
         except Exception as err:  # a bug or a runtime error in the engine
@@ -129,7 +131,7 @@ class StepHost:
             self.sink.fail(rid, err)
 
 
-class _Counting:
+class _EngineSink:
     """The sink the engine sees: forwards to the host's sink, keeps `running` and the
     speed window up to date."""
 

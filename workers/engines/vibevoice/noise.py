@@ -5,7 +5,7 @@ Every random draw of a row comes from that row's own torch.Generator, seeded
 with the request's seed, in this order: first the noise on its voice latents
 (prefill), then each diffusion step's starting noise. `row_generators(seeds)`
 makes them; `add_voice_noise` draws the voice noise. The step engine
-(workers/step_engine.py) draws the diffusion noise from the same generator, and
+(workers/engines/vibevoice/step.py) draws the diffusion noise from the same generator, and
 the tests' reference (transformers' generate) does the same, so a row sounds the
 same on both, alone or in any batch, and a replay after a worker died lines up
 with what the listener already heard.

@@ -1,5 +1,5 @@
 """Where a step engine's rows report, for every engine host: the local worker
-process (worker_main) and the Ray replica (ray_replica) use this one sink.
+process (host/worker.py) and the Ray replica (host/ray_replica.py) use this one sink.
 
     StepHost / engine           HostSink                      out (the host's `send`)
     -----------------           --------                      -----------------------
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from workers import messages as m
+from workers.wire import messages as m
 
 
 @dataclass

@@ -2,11 +2,11 @@
 
 An Engine is a plain class: it knows nothing of processes, queues or the
 board, so a test can run it in-process. It runs a set of rows that join and
-leave at every step (continuous batching). The host (workers/batching.py
+leave at every step (continuous batching). The host (workers/host/step_host.py
 StepHost) calls:
 
     info = engine.load()              once, in the worker process
-    row = engine.prepare(request)     a Row (workers/step_rows.py) for a request;
+    row = engine.prepare(request)     a Row (workers/engines/row.py) for a request;
                                       raises PoolError: BAD_INPUT, or
                                       OUT_OF_MEMORY when it could never fit
     engine.fits(row) -> bool          memory-aware admission: room for it now?
@@ -37,8 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from workers.messages import DeviceInfo, PoolError, Request
-from workers.step_rows import Row
+from workers.engines.row import Row
+from workers.wire.messages import DeviceInfo, PoolError, Request
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class EngineSpec:
     mem_headroom_mb: float = 1024.0
     admit_only_when_idle: bool = False  # the old static batches (benchmarks only)
     # opt-in, unmeasured: torch.compile mode of the diffusion head ("reduce-overhead":
-    # CUDA graphs per row count); "" = off (workers/step_audio.py)
+    # CUDA graphs per row count); "" = off (workers/engines/vibevoice/audio.py)
     head_compile: str = ""
     torch_threads: int = 1
     inference_steps: int = 10

@@ -24,10 +24,10 @@ A speaker without a sample is simply left out of the voice section (no made-up v
 Rows are padded on the LEFT whatever the checkpoint's tokenizer says (microsoft always
 pads left; a right-padded row corrupts the shorter rows of a batch). The voice samples
 are normalised to -25 dBFS by the checkpoint's feature extractor, as microsoft's
-AudioNormalizer does. The step engine (workers/step_engine.py) calls build_inputs to
+AudioNormalizer does. The step engine (workers/engines/vibevoice/step.py) calls build_inputs to
 prefill the rows that join together; the tests' reference run of transformers'
 `generate` (tests/vibevoice_reference.py) uses it too. Nothing here draws a random
-number: the voice-latent noise is the row's own (workers/vibevoice_noise.py).
+number: the voice-latent noise is the row's own (workers/engines/vibevoice/noise.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from workers.messages import SAMPLE_RATE, ErrorKind, PoolError, Request
+from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError, Request
 
 HOP_SAMPLES = 3200  # samples per audio token (the acoustic tokenizer's compression)
 

@@ -3,7 +3,7 @@
 A Row is engine-neutral bookkeeping (the VibeVoice step engine and the
 simulator both use it): the request, its audio-token budget and step cap, the
 audio held back for a non-streamed row, the samples a resumed row must skip,
-and how it ended. Model state (KV, stream caches) lives in step_caches.py,
+and how it ended. Model state (KV, stream caches) lives in vibevoice/caches.py,
 indexed by the row's place in the running set.
 
 What crosses out is only through the sink:
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.messages import PoolError, Request
+from workers.wire.messages import PoolError, Request
 
 HELD_TOKENS = 8  # a non-streamed row sends its audio every 8 tokens (~1.07 s)
 
@@ -31,7 +31,7 @@ class Row:
     max_steps: int  # decode steps this row may take in all (the runaway cap)
     cap_reason: str = "eos"  # the StopReason of a row that reaches its budget or its step cap
     skip: int = 0  # samples a rerun makes again that the listener already has
-    slot: int = -1  # its place in the stream caches (step_caches.StreamSlots)
+    slot: int = -1  # its place in the stream caches (vibevoice/caches.py StreamSlots)
     steps: int = 0
     audio_tokens: int = 0
     sent_samples: int = 0

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from workers.messages import ErrorKind, PoolError
+from workers.wire.messages import ErrorKind, PoolError
 
 CONVERT_HINT = "vibevoice-pool convert {src} DST"
 
@@ -278,7 +278,13 @@ def convert_checkpoint(
         VibeVoiceProcessor,
     )
 
-    from workers.tiny import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, CHAT_TEMPLATE, configure_generation
+    from workers.checkpoints.tiny import (
+        AUDIO_BOS,
+        AUDIO_EOS,
+        AUDIO_TOKEN,
+        CHAT_TEMPLATE,
+        configure_generation,
+    )
 
     source = Path(src)
     if not source.is_dir():
@@ -354,7 +360,7 @@ def pin_left_padding(folder: str | os.PathLike) -> None:
     """Write `padding_side: left` into the saved tokenizer config. transformers does not
     always save the side, and a checkpoint that loads padding right corrupts the shorter
     rows of a batch (microsoft always pads left). The engine pads left by itself anyway
-    (workers/vibevoice_prompt.py); this keeps the files true for any other reader."""
+    (workers/engines/vibevoice/prompt.py); this keeps the files true for any other reader."""
     path = Path(folder) / "tokenizer_config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
     if config.get("padding_side") != "left":
@@ -431,7 +437,7 @@ def make_original_layout_checkpoint(directory: str | os.PathLike, seed: int = 12
     (the real checkpoint has none; conversion then downloads the Qwen tokenizer)."""
     from safetensors.torch import load_file, save_file
 
-    from workers.tiny import make_tiny_model, tiny_config_dict
+    from workers.checkpoints.tiny import make_tiny_model, tiny_config_dict
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
         drawn from its own generator, so a row's latents never depend on its mates
     decode(slots, latents) -> audio, next embeds   the streaming acoustic decode and
         semantic re-encode of those rows alone, each on its own conv caches
-        (step_caches.StreamSlots), then the connectors that make the next LM input
+        (caches.StreamSlots), then the connectors that make the next LM input
 
 Opt-in, off by default and not measured yet (no GPU was lent when it was written):
 `head_compile` compiles the diffusion head with torch.compile in that mode;
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from workers.step_caches import StreamSlots, learn_shapes
+from workers.engines.vibevoice.caches import StreamSlots, learn_shapes
 
 HEAD_COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
 

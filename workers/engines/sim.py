@@ -5,7 +5,7 @@ worker has one loop: rows join and leave a running set at every step. A step
 makes `sim_chunk_s` audio seconds for every live row and takes
 `sim_chunk_s * sim_rtf / sim_speed` wall seconds, times
 `1 + sim_batch_cost * (rows - 1)`, so batching pays as on a GPU. Each row
-gets a tone of its scripted length (workers.estimate), deterministic in the
+gets a tone of its scripted length (workers.wire.estimate), deterministic in the
 seed and the sample index, so a replay with the same seed is bit-identical.
 
 Fault markers in the script text, honoured by this engine only:
@@ -27,10 +27,10 @@ import signal
 import threading
 import time
 
-from workers.engine import EngineSpec, StepSink
-from workers.estimate import audio_seconds_for
-from workers.messages import SAMPLE_RATE, DeviceInfo, ErrorKind, PoolError, Request
-from workers.step_rows import Row, ran_in_step
+from workers.engines.contract import EngineSpec, StepSink
+from workers.engines.row import Row, ran_in_step
+from workers.wire.estimate import audio_seconds_for
+from workers.wire.messages import SAMPLE_RATE, DeviceInfo, ErrorKind, PoolError, Request
 
 CRASH, HANG, OOM, ERROR = "[[crash]]", "[[hang]]", "[[oom]]", "[[error]]"
 

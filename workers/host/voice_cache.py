@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 from dataclasses import replace
 
-from workers import messages as m
+from workers.wire import messages as m
 
 
 class VoiceCache:

@@ -11,11 +11,11 @@
                                                  and Serve replaces the replica
 
 One engine thread per replica loads the engine, then runs it step by step
-through the same StepHost (workers/batching.py) as a local worker: between two
+through the same StepHost (workers/host/step_host.py) as a local worker: between two
 steps it takes what arrived, lets waiting requests join the running set and
 frees cancelled rows. The replica's event loop only moves messages between
 that thread and each request's stream. What crosses back is the
-workers.messages dataclasses, nothing else.
+workers.wire.messages dataclasses, nothing else.
 
 Nothing here imports Ray: SlotReplica is a plain class (a test drives it in
 process) and vibevoice_pool/ray/cluster.py wraps it with `serve.deployment`.
@@ -34,11 +34,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from workers import messages as m
-from workers.batching import StepHost
-from workers.engine import EngineSpec
-from workers.engines import build_engine
-from workers.host_sink import HostSink
+from workers.engines.contract import EngineSpec
+from workers.engines.factory import build_engine
+from workers.host.sink import HostSink
+from workers.host.step_host import StepHost
+from workers.wire import messages as m
 
 log = logging.getLogger("vibevoice_pool.replica")
 

@@ -1,4 +1,4 @@
-"""The model stack the zygote imports for VibeVoice workers (see workers/zygote.py).
+"""The model stack the zygote imports for VibeVoice workers (see workers/zygote/preload.py).
 
 Everything `VibeVoiceEngine.load()` and a first `synthesize` import lazily is
 imported here once, so a forked worker spends its boot on the checkpoint, not
@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import time
 
-import workers.zygote  # noqa: F401  (thread-count variables first)
+import workers.zygote.preload  # noqa: F401  (thread-count variables first)
 
 _T0 = time.monotonic()
 
@@ -37,15 +37,15 @@ MODULES = (
     # the first generate: the diffusion scheduler
     "diffusers.schedulers.scheduling_dpmsolver_multistep",
     # this project's engine
-    "workers.vibevoice",
-    "workers.step_engine",
-    "workers.step_audio",
-    "workers.step_caches",
-    "workers.vibevoice_prompt",
-    "workers.vibevoice_noise",
-    "workers.convert",
-    "workers.tiny",
-    "workers.step_rows",
+    "workers.engines.vibevoice.engine",
+    "workers.engines.vibevoice.step",
+    "workers.engines.vibevoice.audio",
+    "workers.engines.vibevoice.caches",
+    "workers.engines.vibevoice.prompt",
+    "workers.engines.vibevoice.noise",
+    "workers.checkpoints.convert",
+    "workers.checkpoints.tiny",
+    "workers.engines.row",
 )
 NAMES = ("VibeVoiceForConditionalGeneration", "VibeVoiceProcessor", "Qwen2TokenizerFast")
 

@@ -4,7 +4,7 @@
     ------                          ---------------------------
     request queue  --Synthesize-->  main thread, when idle and between two steps:
                    --Cancel------>  a request joins the running rows at the next
-                   --Shutdown---->  step, a cancel frees its row (batching.StepHost)
+                   --Shutdown---->  step, a cancel frees its row (step_host.StepHost)
     response pipe  <--Ready/...---  main thread: engine.load(), then engine steps
     death pipe     (EOF = parent gone)  watcher thread: os._exit
     StatusBoard row                 heartbeat thread + main thread write it
@@ -26,12 +26,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from workers import messages as m
-from workers.batching import StepHost
-from workers.board import Col, StatusBoard, WorkerState
-from workers.engine import EngineSpec
-from workers.host_sink import HostSink
-from workers.voice_cache import VoiceCache
+from workers.engines.contract import EngineSpec
+from workers.host.sink import HostSink
+from workers.host.step_host import StepHost
+from workers.host.voice_cache import VoiceCache
+from workers.wire import messages as m
+from workers.wire.board import Col, StatusBoard, WorkerState
 
 BOOT_FAILED_EXIT = 3
 BURST_WAIT_S = 0.05  # longest wait for the rest of a burst before a batch starts
@@ -158,7 +158,7 @@ class Worker:
         threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
         t0 = time.monotonic()
         try:
-            from workers.engines import build_engine
+            from workers.engines.factory import build_engine
 
             engine = build_engine(self.spec.engine)
             info = engine.load()

@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from workers.messages import ErrorKind, PoolError, Request
-from workers.step_audio import Speech
-from workers.step_caches import BranchKV
-from workers.step_rows import Row, ran_in_step
+from workers.engines.row import Row, ran_in_step
+from workers.engines.vibevoice.audio import Speech
+from workers.engines.vibevoice.caches import BranchKV
+from workers.wire.messages import ErrorKind, PoolError, Request
 
 MIB = 1 << 20
 OOM_ALONE = (
@@ -61,18 +61,18 @@ class ProcessorPrompts:
     """Prompts as microsoft's processor builds them (workers/vibevoice_prompt.py)."""
 
     def __init__(self, processor: Any):
-        from workers.vibevoice_prompt import PromptTokens
+        from workers.engines.vibevoice.prompt import PromptTokens
 
         self.processor = processor
         self.tokens = PromptTokens.from_processor(processor)
 
     def length(self, req: Request) -> int:
-        from workers.vibevoice_prompt import prompt_ids
+        from workers.engines.vibevoice.prompt import prompt_ids
 
         return len(prompt_ids(self.tokens, req))
 
     def batch(self, requests: list[Request], device: Any, dtype: Any):
-        from workers.vibevoice_prompt import build_inputs
+        from workers.engines.vibevoice.prompt import build_inputs
 
         return build_inputs(
             self.processor, requests, tokens=self.tokens, device=device, dtype=dtype
@@ -195,7 +195,7 @@ class StepEngine:
         return row
 
     def _row_state(self, req: Request) -> _RowModel:
-        from workers.vibevoice_noise import row_generators
+        from workers.engines.vibevoice.noise import row_generators
 
         (gen,) = row_generators([req.seed])
         return _RowModel(gen, self.prompts.length(req))
@@ -324,7 +324,7 @@ class StepEngine:
         branch, their negative branch starts empty. Returns last hidden states (n, H)."""
         from transformers import DynamicCache
 
-        from workers.vibevoice_noise import add_voice_noise
+        from workers.engines.vibevoice.noise import add_voice_noise
 
         batch = self.prompts.batch([r.request for r in rows], self.device, self.dtype)
         inputs = batch.inputs

@@ -55,7 +55,7 @@ def probe(results) -> None:
         "transformers_loaded": "transformers.models.vibevoice.modeling_vibevoice" in sys.modules,
         "zygote_threads": thread_count(os.getppid()),
         "modules": len(sys.modules),
-        "import_s": _import_s("workers.zygote") + _import_s("workers.zygote_model"),
+        "import_s": _import_s("workers.zygote.preload") + _import_s("workers.zygote.model"),
     }
     results.send(report)
     results.close()
@@ -75,8 +75,8 @@ def load_imports(model_path: str, results) -> None:
     imported every heavy one)."""
     before = {id(m) for m in sys.modules.values()}
     t0 = time.monotonic()
-    from workers.engine import EngineSpec
-    from workers.engines import build_engine
+    from workers.engines.contract import EngineSpec
+    from workers.engines.factory import build_engine
 
     build_engine(EngineSpec(engine="vibevoice", model_path=model_path)).load()
     # new module objects only: transformers also files old names as aliases of

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from workers.engine import EngineSpec, StepSink
-from workers.messages import (
+from workers.engines.contract import EngineSpec, StepSink
+from workers.engines.row import Row
+from workers.engines.vibevoice.prompt import check_script_text
+from workers.wire.messages import (
     SAMPLE_RATE,
     DeviceInfo,
     ErrorKind,
@@ -27,8 +29,6 @@ from workers.messages import (
     Request,
     StopReason,
 )
-from workers.step_rows import Row
-from workers.vibevoice_prompt import check_script_text
 
 HOP_SAMPLES = 3200  # one audio token = 3200 samples = 0.133 s at 24 kHz
 MAX_SPEAKERS = 4
@@ -136,8 +136,8 @@ class VibeVoiceEngine:
         from transformers import VibeVoiceForConditionalGeneration, VibeVoiceProcessor
         from transformers.utils import logging as hf_logging
 
-        from workers.convert import refusal_for
-        from workers.tiny import TINY_NOTE, is_tiny_model
+        from workers.checkpoints.convert import refusal_for
+        from workers.checkpoints.tiny import TINY_NOTE, is_tiny_model
 
         # N workers' "Loading weights" bars would interleave in one log, and each
         # bar takes a multiprocessing lock that a killed worker leaks.
@@ -170,7 +170,7 @@ class VibeVoiceEngine:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
             raise PoolError(ErrorKind.BAD_INPUT, msg) from exc
         self.model = model.to(self.device).eval()
-        from workers.step_engine import MIB, ProcessorPrompts, StepEngine
+        from workers.engines.vibevoice.step import MIB, ProcessorPrompts, StepEngine
 
         self.steps = StepEngine(
             self.model,
