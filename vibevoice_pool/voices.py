@@ -191,7 +191,9 @@ class VoiceLibrary:
             data = json.loads((self.folder / OWNERS_FILE).read_text(encoding="utf-8"))
         except (FileNotFoundError, ValueError, UnicodeDecodeError):
             return {}
-        return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+        return (
+            {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+        )
 
     def _save_owners(self, owners: dict[str, str]) -> None:
         _write_atomic(self.folder, OWNERS_FILE, json.dumps(owners, sort_keys=True).encode())
@@ -231,9 +233,7 @@ class VoiceLibrary:
             return
         holder = self._owners().get(name)
         if holder is None:
-            raise VoiceForbidden(
-                f"{name!r} is a preset; only an admin key may change or delete it"
-            )
+            raise VoiceForbidden(f"{name!r} is a preset; only an admin key may change or delete it")
         if holder != owner:
             raise VoiceForbidden(
                 f"the voice {name!r} was uploaded by another key; only that key or an "
