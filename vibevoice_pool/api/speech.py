@@ -213,11 +213,21 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _where(loc) -> str:
+    """pydantic's location as a reader writes it: speakers[0].audio."""
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
 def describe_invalid(errors) -> str:
     """One message for pydantic's validation errors, saying what to fix."""
     parts = []
     for e in errors:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        where = _where(e.get("loc", ()))
         kind = e.get("type", "")
         if kind == "json_invalid":
             why = (e.get("ctx") or {}).get("error", "")
@@ -230,7 +240,9 @@ def describe_invalid(errors) -> str:
         elif kind == "extra_forbidden":
             parts.append(f"{where}: unknown field; remove it (see /docs for the fields)")
         elif kind == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == NOT_BLANK:
-            parts.append(f"{where}: empty; write some text")
+            parts.append(f"{where} is empty: write some text")
+        elif kind == "string_too_short" and not e.get("input"):
+            parts.append(f"{where} is empty: leave it out or give a value")
         elif kind == "model_attributes_type" and where == "body":
             parts.append('the body must be a JSON object such as {"script": "Speaker 1: Hello"}')
         else:
