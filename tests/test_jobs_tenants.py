@@ -104,21 +104,40 @@ def test_one_owners_limits_refuse_its_jobs_and_leave_others_room(tmp_path):
 
 
 def test_bodies_count_against_the_limit_and_their_space_returns(tmp_path):
-    s = JobStore.open(tmp_path / "d", disk_limit_mb=12)
+    s = JobStore.open(tmp_path / "d", disk_limit_mb=10)
     voice = {"script": "Speaker 1: hi", "speakers": [{"audio": "A" * (3 * MB)}]}
+    bodies = tmp_path / "d" / "bodies"
     try:
-        jobs = [new_job(s, body=voice) for _ in range(2)]
-        with pytest.raises(JobError) as e:  # 6 MB held + 3 MB twice while it is written
+        jobs = [new_job(s, body=voice) for _ in range(3)]
+        with pytest.raises(JobError) as e:  # 9 MB held and 3 MB more: over 10
             new_job(s, body=voice)
         assert e.value.kind is JobErrorKind.DISK_LIMIT and "its body" in e.value.message
-        assert 6 * MB < s.disk_bytes() <= 12 * MB
+        assert len(list(bodies.iterdir())) == 3  # big bodies are files, not database pages
+        assert 9 * MB < s.disk_bytes() <= 10 * MB
+        assert (tmp_path / "d" / DB_NAME).stat().st_size < MB
+        assert s.body(jobs[0]) == voice
         for job_id in jobs:
             s.cancel(job_id, T0)
-        assert s.reserved_bytes() == 0 and s.body(jobs[0]) == {}  # dropped at the end
+        assert s.reserved_bytes() == 0 and list(bodies.iterdir()) == []  # gone as they end
+        assert s.body(jobs[0]) == {} and s.disk_bytes() < MB
+        assert s.reclaim(force=True)
+        new_job(s, body=voice)  # and the room is there again
+    finally:
+        s.close()
+
+
+def test_a_small_body_in_the_database_gives_its_pages_back(tmp_path):
+    s = JobStore.open(tmp_path / "d")
+    small = {"script": "Speaker 1: " + "x" * 200_000}  # under 256 KB: kept in the database
+    try:
+        jobs = [new_job(s, body=small) for _ in range(20)]
+        assert not (tmp_path / "d" / "bodies").exists()
+        grown = (tmp_path / "d" / DB_NAME).stat().st_size + s.disk_bytes()
+        for job_id in jobs:
+            s.cancel(job_id, T0)
         assert s.reclaim(force=True)
         db = (tmp_path / "d" / DB_NAME).stat().st_size
-        assert db < MB and s.disk_bytes() < MB  # the file and its journal gave it back
-        new_job(s, body=voice)  # and the room is there again
+        assert grown > 4 * MB and db < MB and s.disk_bytes() < MB
     finally:
         s.close()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ RECLAIM_PAGES = 256  # free pages (1 MB) worth giving back to the disk
 JOURNAL_LIMIT = 4 * 2**20  # the write-ahead log is cut back to this after a checkpoint
 DROPPED_BODY = "{}"
 LOW_SPACE = 2**20  # less free space than this under the data folder counts as full
-BIG_BODY = 256 * 1024  # a body past this is checkpointed out of the journal at once
+BIG_BODY = 256 * 1024  # a body past this is kept in a file of its own
+BODIES_DIR = "bodies"
+BODY_FILE_KEY = "$file"  # the database's body of a job whose body is a file
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -134,10 +137,12 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def folder_bytes(folder: Path, db_name: str, results: Path) -> int:
-    """What the data folder's files take: the database, its journal, the results."""
+    """What the data folder's files take: the database, its journal, the results
+    and the body files."""
     total = file_size(folder / db_name) + file_size(folder / (db_name + "-wal"))
-    with contextlib.suppress(FileNotFoundError):
-        total += sum(p.stat().st_size for p in results.iterdir() if p.is_file())
+    for sub in (results, folder / BODIES_DIR):
+        with contextlib.suppress(FileNotFoundError):
+            total += sum(file_size(p) for p in sub.iterdir() if p.is_file())
     return total
 
 
@@ -153,3 +158,42 @@ def reclaim_space(conn: sqlite3.Connection, wal: Path, force: bool) -> bool:
     except sqlite3.Error:
         return False
     return True
+
+
+def _body_path(folder: Path, job_id: str) -> Path:
+    return folder / BODIES_DIR / f"{job_id}.json"
+
+
+def write_body(folder: Path, job_id: str, text: str) -> str:
+    """Write a big body to its file; what the database keeps in its place.
+    JobError DISK_FULL (or STORAGE) when it cannot be written (nothing is left)."""
+    path = _body_path(folder, job_id)
+    try:
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, text.encode())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise storage_error(e, folder) from e
+    return json.dumps({BODY_FILE_KEY: f"{BODIES_DIR}/{path.name}"})
+
+
+def read_body(folder: Path, stored: str) -> dict:
+    body = json.loads(stored)
+    if isinstance(body, dict) and BODY_FILE_KEY in body:
+        body = json.loads((folder / body[BODY_FILE_KEY]).read_text(encoding="utf-8"))
+    return body
+
+
+def drop_body(folder: Path, job_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _body_path(folder, job_id).unlink()
+
+
+def sweep_bodies(folder: Path, active: set[str]) -> None:
+    """At start: body files (and their temporary files) of jobs no longer active."""
+    with contextlib.suppress(FileNotFoundError):
+        for path in (folder / BODIES_DIR).iterdir():
+            if path.name.removesuffix(".json") not in active:
+                with contextlib.suppress(OSError):
+                    path.unlink()

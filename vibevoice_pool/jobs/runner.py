@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from vibevoice_pool import encoders
-from vibevoice_pool.jobs.disk import is_disk_full, write_atomic
+from vibevoice_pool.jobs.disk import is_disk_full, sweep_bodies, write_atomic
 from vibevoice_pool.jobs.store import (
     RESULTS_DIR,
     Job,
@@ -486,7 +486,9 @@ class JobRunner:
             self._write_later(job_id, fail, e)
 
     def _sweep_orphans(self) -> None:
-        """At start: delete temporary files and results no finished job points at."""
+        """At start: delete temporary files, results no finished job points at, and
+        the body files of jobs no longer active."""
+        sweep_bodies(self.store.folder, self.store.running_ids(also_queued=True))
         kept = self.store.kept_results()
         for path in self.store.results.iterdir():
             if f"{RESULTS_DIR}/{path.name}" not in kept and path.is_file():

@@ -5,6 +5,7 @@ Owns the data folder (`--data-dir`):
     <data>/jobs.db        SQLite in WAL mode: the jobs table and the events table
     <data>/jobs.lock      held (flock) by the one server that uses this folder
     <data>/results/       one finished result per job, written by jobs/runner.py
+    <data>/bodies/        the bodies over 256 KB of active jobs (disk.py)
 
 Every state change is one compare-and-set UPDATE (`... WHERE id=? AND state IN
 (...)`) in the same transaction as its row in `events`, so two racing callers
@@ -18,17 +19,12 @@ Every state change is one compare-and-set UPDATE (`... WHERE id=? AND state IN
 it at most 1, so the database itself refuses a second finish. Finished jobs
 expire after job_ttl_s. No pool, no HTTP; times passed in.
 
-Disk (Limits): what the folder holds counts against jobs_disk_limit_mb: the
-results of done jobs, what queued and running jobs are expected to write, and
-the bodies of queued and running jobs (a body is dropped when its job
-finishes). One owner may hold at most owner_max_active queued and running jobs
-and owner_disk_mb of that space (OWNER_LIMIT). Freed pages go back to the disk
-(reclaim: incremental vacuum, the journal truncated). A full disk is an error
-of its own (DISK_FULL, told apart by SQLite's error code or ENOSPC), never a 500.
-
-Fairness (next_queued): the next job to run belongs to the owner with the
-fewest running jobs, then the one served least recently; an owner at its
-running cap waits while others run. Within an owner, oldest first.
+Disk (Limits, disk.py): results, expected results and the bodies of active
+jobs count against jobs_disk_limit_mb (a body goes when its job ends); one
+owner holds at most owner_max_active active jobs and owner_disk_mb (OWNER_LIMIT).
+Freed pages go back to the disk (reclaim). A full disk is DISK_FULL, never a 500.
+Fairness (next_queued): the owner with the fewest running jobs goes first,
+then the one served least recently, oldest first within; owners at the cap wait.
 """
 
 from __future__ import annotations
@@ -46,12 +42,15 @@ from .disk import (
     HELD_SQL,
     JOURNAL_LIMIT,
     Limits,
+    drop_body,
     folder_bytes,
     is_disk_full,
     lock_folder,
     out_of_space,
+    read_body,
     reclaim_space,
     storage_error,
+    write_body,
 )
 from .records import (  # noqa: F401 (re-exported: the store's users import them from here)
     ACTIVE,
@@ -135,7 +134,10 @@ class JobStore:
             row = self._conn.execute("SELECT body FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id}")
-        return json.loads(row[0])
+        try:
+            return read_body(self.folder, row[0])
+        except FileNotFoundError:
+            raise JobError(JobErrorKind.NOT_FOUND, f"the body of job {job_id} is gone") from None
 
     def list(
         self, owner: str, *, limit: int = 20, offset: int = 0, state: JobState | None = None
@@ -174,15 +176,12 @@ class JobStore:
             ).fetchone()
         return job_from_row(job) if job else None
 
-    def running_ids(self) -> set[str]:
+    def running_ids(self, also_queued: bool = False) -> set[str]:
+        states = "('running', 'queued')" if also_queued else "('running')"
         with self._mutex:
-            return {r[0] for r in self._conn.execute("SELECT id FROM jobs WHERE state='running'")}
-
-    def count(self, state: JobState) -> int:
-        with self._mutex:
-            return self._conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state=?", (JobState(state).value,)
-            ).fetchone()[0]
+            return {
+                r[0] for r in self._conn.execute(f"SELECT id FROM jobs WHERE state IN {states}")
+            }
 
     def events(self, job_id: str) -> list[tuple[str | None, str, str]]:
         """(from, to, detail) of every transition of a job, in order."""
@@ -211,7 +210,7 @@ class JobStore:
             ).fetchone()[0]
 
     def disk_bytes(self) -> int:
-        """What the data folder's files take now: the database, its journal, the results."""
+        """What the data folder's files take now (disk.folder_bytes)."""
         return folder_bytes(self.folder, DB_NAME, self.results)
 
     def reclaim(self, force: bool = False) -> bool:
@@ -277,6 +276,8 @@ class JobStore:
                 " VALUES (?, ?, ?, ?, ?)",
                 (job_id, at, row[0], to.value, detail),
             )
+        if to in TERMINAL:
+            drop_body(self.folder, job_id)
         return JobState(row[0])
 
     def create(
@@ -297,14 +298,16 @@ class JobStore:
         text = json.dumps(body)
         size = len(text.encode())
         lim = self.limits
+        # a small body is written twice for a moment (the journal, then the database);
+        # a big one goes to a file of its own, once
+        need = est_bytes + size + (size if size <= BIG_BODY else 0)
         with self._tx() as conn:
             held = conn.execute(f"SELECT {HELD_SQL} FROM jobs").fetchone()[0]
-            # the body is written twice for a moment: the journal, then the database
-            if held + est_bytes + 2 * size > lim.disk_bytes:
+            if held + need > lim.disk_bytes:
                 raise JobError(
                     JobErrorKind.DISK_LIMIT,
                     f"jobs hold {self._mb(held)} and this one needs about "
-                    f"{self._mb(est_bytes + 2 * size)} (its result and its body); the limit is "
+                    f"{self._mb(need)} (its result and its body); the limit is "
                     f"jobs_disk_limit_mb={lim.disk_bytes / 2**20:g}. Fetch and let old jobs "
                     "expire, or raise the limit",
                 )
@@ -326,18 +329,21 @@ class JobStore:
                     f"{self._mb(est_bytes + size)}; one owner may hold jobs_owner_disk_mb="
                     f"{lim.owner_disk_bytes / 2**20:g}. Fetch or cancel some jobs first",
                 )
-            conn.execute(
-                "INSERT INTO jobs (id, owner, state, body, body_bytes, format, seed, est_audio_s,"
-                " est_bytes, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, owner, text, size, fmt, seed, est_audio_s, est_bytes, at),
-            )
-            conn.execute(
-                "INSERT INTO events (job_id, at, from_state, to_state, detail)"
-                " VALUES (?, ?, NULL, 'queued', 'submitted')",
-                (job_id, at),
-            )
-        if size > BIG_BODY:  # its copy in the journal goes now, not at some later checkpoint
-            self.reclaim(force=True)
+            stored = write_body(self.folder, job_id, text) if size > BIG_BODY else text
+            try:
+                conn.execute(
+                    "INSERT INTO jobs (id, owner, state, body, body_bytes, format, seed,"
+                    " est_audio_s, est_bytes, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, owner, stored, size, fmt, seed, est_audio_s, est_bytes, at),
+                )
+                conn.execute(
+                    "INSERT INTO events (job_id, at, from_state, to_state, detail)"
+                    " VALUES (?, ?, NULL, 'queued', 'submitted')",
+                    (job_id, at),
+                )
+            except BaseException:
+                drop_body(self.folder, job_id)
+                raise
         job = self.get(job_id)
         assert job is not None
         return job
@@ -461,6 +467,7 @@ class JobStore:
             if not gone:
                 raise JobError(JobErrorKind.CONFLICT, f"job {job_id} is {job.state.value}")
             conn.execute("DELETE FROM events WHERE job_id=?", (job_id,))
+        drop_body(self.folder, job_id)
         if job.result_path:
             with contextlib.suppress(FileNotFoundError):
                 (self.folder / job.result_path).unlink()
