@@ -59,6 +59,16 @@ def test_user_keys_get_403_on_worker_actions_and_metrics(keyed):
     )
 
 
+def test_a_wrong_key_from_another_site_is_judged_by_the_key_check(keyed):
+    evil = {"Origin": "http://attacker.example", "Authorization": "Bearer wrong-key-guess"}
+    r = keyed.post("/v1/synthesize", json={"script": "Speaker 1: hi"}, headers=evil)
+    assert r.status_code == 401  # counted as a guess, not a 403 that tells it apart
+    ok = keyed.post(
+        "/v1/synthesize", json={"script": "Speaker 1: hi"}, headers={**evil, **auth(BOB)}
+    )
+    assert ok.status_code == 200
+
+
 def test_a_users_voice_is_its_own_and_presets_are_the_admins(keyed):
     sample = base64.b64encode(wav_bytes(1.0)).decode()
     up = {"name": "alice-voice", "audio": sample}

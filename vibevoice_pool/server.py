@@ -114,6 +114,16 @@ def build_app(front):
     return app
 
 
+def carries_key(headers) -> bool:
+    """Whether a request carries an API key, right or wrong. A browser cannot send
+    one from another site (no CORS), so the cross-site check lets it through, and
+    the key middleware judges it: a wrong key there is a 401 counted against its
+    address (auth.py), never a cross-site 403 that would tell it apart unthrottled."""
+    from vibevoice_pool.api.auth import bearer_of
+
+    return bool(bearer_of(headers))
+
+
 def install_guards(app, front) -> None:
     """Outermost: the Host allow-list and cross-site refusal (origin.py), and the
     page login's throttle (login_throttle.py) when there is a login."""
@@ -129,7 +139,7 @@ def install_guards(app, front) -> None:
     app.add_middleware(
         BrowserGuard,
         allowed=hosts,
-        key_ok=(keys.allows if keys else (lambda _headers: False)),
+        key_ok=(carries_key if keys else (lambda _headers: False)),
         cors_origins=front.cors_origins,
         on_refused=front.activity.refused,
         keyed=bool(keys),
