@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PORT   ?= 7860
 
-.PHONY: setup run test test-fast lint format bench chromium clean
+.PHONY: setup run test test-fast lint format bench chromium clean image container-tools test-image
 
 setup: $(STAMP)
 
@@ -53,6 +53,39 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# `make image` builds the container image (Containerfile, docs/DEPLOY.md) with docker (when
+# its daemon answers), podman or buildah, whichever is installed; IMAGE_TOOL=podman chooses.
+# IMAGE names it; IMAGE_ARGS passes more, e.g. IMAGE_ARGS="--build-arg TORCH_VARIANT=cpu".
+IMAGE      ?= vibevoice-pool:latest
+IMAGE_ARGS ?=
+IMAGE_TOOL ?=
+image:
+	@tool="$(IMAGE_TOOL)"; \
+	if [ -z "$$tool" ]; then \
+	  if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then tool=docker; \
+	  elif command -v podman >/dev/null 2>&1; then tool=podman; \
+	  elif command -v buildah >/dev/null 2>&1; then tool=buildah; fi; \
+	fi; \
+	case "$$tool" in \
+	  docker) set -- build ;; \
+	  podman) set -- build --format docker ;; \
+	  buildah) set -- bud --format docker ;; \
+	  *) echo "make image needs docker, podman or buildah"; exit 1 ;; \
+	esac; \
+	echo "$$tool $$* -f Containerfile -t $(IMAGE) $(IMAGE_ARGS) ."; \
+	$$tool "$$@" -f Containerfile -t $(IMAGE) $(IMAGE_ARGS) .
+
+# The image test (tests/test_container.py, minutes): debootstrap makes the base, buildah
+# builds the CPU image offline and runs the server in it. It needs root and Debian's tools.
+container-tools:
+	@if ! command -v buildah >/dev/null 2>&1 || ! command -v podman >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah podman debootstrap >/dev/null; \
+	  else echo "The image test needs root and Debian's buildah, podman and debootstrap"; exit 1; fi; \
+	fi
+
+test-image: setup container-tools
+	$(PY) -m pytest -q -ra -s -m container tests/test_container.py
 
 # The benchmarks rewrite docs/PERFORMANCE.md and docs/img/ (plots need the bench extra);
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--keep /tmp/bench" keeps the raw figures.

@@ -16,6 +16,7 @@ from pathlib import Path
 import bench_tiny_cpu
 import common
 import dispatch_overhead
+import gpu_record
 import recovery
 import respawn
 import scheduling
@@ -484,19 +485,15 @@ def _peer(sec) -> list[str]:
 
 
 def _not_run(peer_ran: bool) -> list[str]:
-    gpu = common.ROOT / "bench" / GPU_SCRIPT
-    where = "" if gpu.exists() else " (not in this checkout yet)"
-    out = [
-        "## Not measured here",
-        "",
-        f"- `bench/{GPU_SCRIPT}`{where}: the step engine on the full-size 1.5B architecture "
-        "(random weights) on a GPU: 1, 4, 8 and 16 rows, the diffusion head eager and "
-        "compiled (`head_compile: reduce-overhead`, CUDA graphs), audio s per wall s per GPU, "
-        "RTF and peak memory per row, beside vLLM-Omni's reported H100 figures (RTF 0.30 at "
-        "batch 1 eager, 0.19 with CUDA graphs, about 7 audio s/s at 4 concurrent). Ready, "
-        "not run here (this machine has no GPU); `head_compile` stays off by default until "
-        "it is measured there.",
-    ]
+    record = gpu_record.newest()  # the last GPU run's section (docs/gpu/*.json)
+    out = [*(gpu_record.section(record) if record else []), "## Not measured here", ""]
+    if not record:
+        out.append(f"- `bench/{GPU_SCRIPT}` and `bench/gpu_all.py`: on a GPU only.")
+    else:
+        out.append(
+            "- On a GPU: kill-to-ready, nvidia-smi's list of holders and the pool (1 worker "
+            "against 2) did not run (section 6); `bench/gpu_all.py` runs them on the next GPU."
+        )
     if not peer_ran:
         out.append("- Ray Serve side by side (issue 7, item 5): not part of this run.")
     return out + [""]

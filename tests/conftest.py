@@ -179,3 +179,14 @@ def server(tmp_path):
         s.stop()
         for pid in pids:  # no worker may outlive its server
             wait_until(lambda p=pid: not pid_alive(p), 10, what=f"worker {pid} to exit")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The container image test builds an image for minutes as root: it runs only when
+    its marker is asked for (`make test-image`, which .ci/run calls after `make test`)."""
+    if "container" in (config.getoption("markexpr") or ""):
+        return
+    kept = [i for i in items if i.get_closest_marker("container") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept

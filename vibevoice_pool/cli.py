@@ -129,14 +129,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def launch_config(ns: argparse.Namespace):
+    """Default < VIBEVOICE_POOL_<NAME> variable < --config file < flag."""
     from vibevoice_pool import config
 
-    values = {}
-    if getattr(ns, "config", None):
-        values.update(config.load_file(ns.config))
-    flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "_device")}
-    values.update(flags)
-    return config.build(values)
+    environment = config.from_environment()
+    given = config.load_file(ns.config) if getattr(ns, "config", None) else {}
+    given.update({k: v for k, v in vars(ns).items() if k not in ("command", "config", "_device")})
+    overridden = {str(k).replace("-", "_") for k in given}
+    origins = {n: "$" + config.env_name(n) for n in environment if n not in overridden}
+    values = {n: v for n, v in environment.items() if n not in overridden} | given
+    return config.build(values, origins)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(
                 "--device is deprecated and ignored: choose devices with --gpus (e.g. --gpus 0,1)"
             )
+        import os
+
+        from vibevoice_pool.config import stray_variables
+
+        for line in stray_variables(dict(os.environ)):  # a typo'd variable is not silent
+            log.warning("%s", line)
         try:
             cfg = launch_config(ns)
         except ConfigError as e:

@@ -4,12 +4,16 @@ Each field is one setting: its type, default, bounds, choices and help text.
 Everything else is read off the fields: the `launch` flags and their --help
 (cli.py), the YAML keys of a config file, the validation, and the README's
 settings table (`python -m vibevoice_pool.config --readme README.md`).
-Precedence: built-in default < config file (`--config`) < command-line flag.
-Nothing is read from the environment at import time.
+Every setting is also an environment variable, VIBEVOICE_POOL_<NAME> (the
+container convention), read by pydantic-settings when `launch` starts.
+Precedence: built-in default < environment variable < config file (`--config`)
+< command-line flag. Nothing is read from the environment at import time.
 
     build(values) -> PoolConfig     raw values (YAML, flags) -> validated, frozen
     cfg.replace(**changes)          a validated copy
     load_file(path) -> dict         a YAML file's raw settings
+    from_environment() -> dict      the VIBEVOICE_POOL_<NAME> variables' raw settings
+    stray_variables(environ)        VIBEVOICE_POOL_* names that are no setting (typos)
     sections()                      [(title, [(name, FieldInfo)])], declaration order
 
 To add a setting: declare a field below (type, default, help, bounds) with its
@@ -337,8 +341,9 @@ def shown(value: Any) -> str:
     return str(value)
 
 
-def build(values: dict[str, Any]) -> PoolConfig:
-    """A validated PoolConfig from raw values (a YAML mapping, parsed flags)."""
+def build(values: dict[str, Any], origins: dict[str, str] | None = None) -> PoolConfig:
+    """A validated PoolConfig from raw values (a YAML mapping, parsed flags).
+    `origins` names where a value came from (an environment variable) for the errors."""
     known = PoolConfig.model_fields
     out = {}
     for key, raw in values.items():
@@ -351,16 +356,17 @@ def build(values: dict[str, Any]) -> PoolConfig:
     try:
         return PoolConfig(**out)
     except ValidationError as e:
-        raise ConfigError(_complaints(e)) from None
+        raise ConfigError(_complaints(e, origins or {})) from None
 
 
-def _complaints(e: ValidationError) -> str:
+def _complaints(e: ValidationError, origins: dict[str, str]) -> str:
     lines = []
     for err in e.errors(include_url=False):
         msg = err["msg"].removeprefix("Value error, ")
         if err["loc"]:
             name = str(err["loc"][0])
-            lines.append(f"{name} = {err['input']!r}: {msg}")
+            source = f" (from {origins[name]})" if name in origins else ""
+            lines.append(f"{name} = {err['input']!r}{source}: {msg}")
         else:
             lines.append(msg)
     return "; ".join(lines)
@@ -380,6 +386,49 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must be a mapping of setting: value")
     return data
+
+
+ENV_PREFIX = "VIBEVOICE_POOL_"
+
+
+def env_name(name: str) -> str:
+    """The environment variable of a setting: VIBEVOICE_POOL_<NAME>."""
+    return ENV_PREFIX + name.upper()
+
+
+def from_environment() -> dict[str, str]:
+    """The settings given as environment variables, as raw text for build() to
+    validate. pydantic-settings matches the names (the prefix, any case); an empty
+    variable counts as unset (compose writes ${UNSET} as empty)."""
+    from pydantic import create_model
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    class Reader(BaseSettings):
+        model_config = SettingsConfigDict(
+            env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore"
+        )
+
+    # Every field as plain text: the types, bounds and messages stay PoolConfig's.
+    fields: dict[str, Any] = {name: (str | None, None) for name in PoolConfig.model_fields}
+    reader = create_model("PoolEnvironment", __base__=Reader, **fields)
+    return reader().model_dump(exclude_none=True)
+
+
+NOT_SETTINGS = ("OWNER_FILE",)  # VIBEVOICE_POOL_OWNER_FILE: the jobs client's, not launch's
+
+
+def stray_variables(environ: dict[str, str]) -> list[str]:
+    """VIBEVOICE_POOL_* variables that name no setting (a typo is otherwise silent)."""
+    names = [env_name(n) for n in PoolConfig.model_fields]
+    out = []
+    for var in sorted(environ):
+        upper = var.upper()
+        rest = upper.removeprefix(ENV_PREFIX)
+        if rest == upper or upper in names or rest in NOT_SETTINGS:
+            continue
+        near = difflib.get_close_matches(upper, names, n=1)
+        out.append(f"${var} is not a setting" + (f"; did you mean ${near[0]}?" if near else ""))
+    return out
 
 
 def default_cache_dir(cfg: PoolConfig) -> Path:
@@ -409,13 +458,19 @@ def markdown() -> str:
     """The settings table of the README, one block per section."""
     out = []
     for title, fields in sections():
-        out += [f"**{title}**", "", "| flag | default | meaning |", "|---|---|---|"]
+        out += [
+            f"**{title}**",
+            "",
+            "| flag | environment | default | meaning |",
+            "|---|---|---|---|",
+        ]
         for name, info in fields:
             words = info.description.replace("|", "\\|")
             if choices(info):
                 words += f"; one of {', '.join(f'`{c}`' for c in choices(info) if c)}"
             default = shown(info.default)
-            out.append(f"| `{flag(name)}` | {f'`{default}`' if default else ''} | {words} |")
+            shown_default = f"`{default}`" if default else ""
+            out.append(f"| `{flag(name)}` | `{env_name(name)}` | {shown_default} | {words} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

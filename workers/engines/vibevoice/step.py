@@ -57,6 +57,16 @@ class _RowModel:
     first_neg: list | None = None  # [keys, values] per layer of its first negative entry
 
 
+def cache_keyword(lm: Any) -> str:
+    """The name the LM's forward takes its KV cache by: `cache` since transformers 5.23,
+    `past_key_values` before (5.17 swallows an unknown `cache=` silently and runs with
+    no cache at all)."""
+    import inspect
+
+    params = inspect.signature(lm.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class ProcessorPrompts:
     """Prompts as microsoft's processor builds them (workers/vibevoice_prompt.py)."""
 
@@ -105,6 +115,7 @@ class StepEngine:
         self.eos_ids.add(cfg.eos_token_id)
         self.dtype = model.dtype
         self.lm = model.model.language_model
+        self.cache_arg = cache_keyword(self.lm)
         self.embed = model.get_input_embeddings()
         self.text_cfg = cfg.text_config
         self.hop = cfg.audio_config.hop_length
@@ -347,7 +358,7 @@ class StepEngine:
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            cache=cache,
+            **{self.cache_arg: cache},
             use_cache=True,
         )
         n = len(rows)
@@ -367,7 +378,7 @@ class StepEngine:
             inputs_embeds=embeds,
             attention_mask=torch.cat([branch.mask, ones], dim=1),
             position_ids=branch.pos[:, None],
-            cache=cache,
+            **{self.cache_arg: cache},
             use_cache=True,
         )
         branch.absorb(cache)
