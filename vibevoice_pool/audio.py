@@ -44,6 +44,16 @@ class TooLarge(PoolError):
         super().__init__(ErrorKind.BAD_INPUT, message)
 
 
+class NotAudio(PoolError):
+    """Bytes that are no audio file this server reads (the HTTP layer answers 415
+    `unsupported_audio`: the content is in a format the route does not take)."""
+
+    code = "unsupported_audio"
+
+    def __init__(self, message: str):
+        super().__init__(ErrorKind.BAD_INPUT, message)
+
+
 def _bad(message: str) -> PoolError:
     return PoolError(ErrorKind.BAD_INPUT, message)
 
@@ -82,7 +92,7 @@ def set_decode_slots(n: int, wait_s: float = 30.0) -> None:
 
 def _check_header(f: sf.SoundFile, what: str, max_seconds: float) -> None:
     if f.format not in UPLOAD_CONTAINERS:
-        raise _bad(f"{what} is a {f.format} file; send a wav, mp3, flac or ogg file")
+        raise NotAudio(f"{what} is a {f.format} file; send a wav, mp3, flac or ogg file")
     if not 1 <= f.channels <= MAX_CHANNELS:
         raise _bad(
             f"{what} has {f.channels} channels; at most {MAX_CHANNELS} (mono or stereo) "
@@ -137,7 +147,8 @@ def decode_upload(
     block plus max_seconds of 24 kHz mono, and at most set_decode_slots() run at
     once (a caller that waits decode_wait_s for a slot gets OVERLOADED).
     `what` names the thing in error messages ("voice sample", "speakers[1].audio").
-    Raises TooLarge over max_bytes, PoolError(BAD_INPUT) for anything else wrong.
+    Raises TooLarge over max_bytes, NotAudio for bytes that are no wav, mp3, flac or
+    ogg file, PoolError(BAD_INPUT) for anything else wrong.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise _bad(f"{what} must be the bytes of an audio file, not {type(data).__name__}")
@@ -161,7 +172,7 @@ def decode_upload(
             _check_header(f, what, max_seconds)
             pcm = _decode_bounded(f, what, max_seconds)
     except sf.SoundFileError:
-        raise _bad(
+        raise NotAudio(
             f"{what} could not be read as audio (corrupt, truncated, or not an audio "
             "file); send a wav, mp3, flac or ogg file"
         ) from None
@@ -170,10 +181,20 @@ def decode_upload(
     return np.ascontiguousarray(np.clip(pcm, -1.0, 1.0), dtype=np.float32)
 
 
-def decode_base64_upload(
-    text: str | bytes, *, max_bytes: int, max_seconds: float, what: str = "voice sample"
-) -> np.ndarray:
-    """decode_upload for base64 text (a bare string or a data: URL)."""
+_WS = r"[ \t\r\n]*"  # whitespace the decoder drops (line breaks of `base64` output)
+_CH = r"(?:[A-Za-z0-9+/_-]" + _WS + ")"  # one character: the standard or URL-safe alphabet
+# What base64_bytes takes, for the API schema: an optional data: URL prefix, then
+# whole groups of four (the last may end in = or ==), at least one group.
+BASE64_PATTERN = (
+    f"^{_WS}(?:data:[^,]*,)?{_WS}(?:{_CH}{{4}})*"
+    f"(?:{_CH}{{4}}|{_CH}{{2}}={_WS}={_WS}|{_CH}{{3}}={_WS})$"
+)
+
+
+def base64_bytes(text: str | bytes, *, max_bytes: int, what: str = "voice sample") -> bytes:
+    """The bytes of base64 text (a bare string or a data: URL; whitespace is
+    dropped, the URL-safe alphabet is taken). TooLarge past max_bytes (before
+    decoding), PoolError(BAD_INPUT) for text that is not base64 or holds nothing."""
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("ascii")
@@ -194,12 +215,19 @@ def decode_base64_upload(
         )
     altchars = b"-_" if ("-" in text or "_" in text) else None
     try:
-        data = base64.b64decode(text, altchars=altchars, validate=True)
+        return base64.b64decode(text, altchars=altchars, validate=True)
     except (binascii.Error, ValueError):
         raise _bad(
             f"{what} is not valid base64; encode the whole audio file with standard "
             "base64 (e.g. `base64 -w0 voice.wav`)"
         ) from None
+
+
+def decode_base64_upload(
+    text: str | bytes, *, max_bytes: int, max_seconds: float, what: str = "voice sample"
+) -> np.ndarray:
+    """decode_upload for base64 text (see base64_bytes)."""
+    data = base64_bytes(text, max_bytes=max_bytes, what=what)
     return decode_upload(data, max_bytes=max_bytes, max_seconds=max_seconds, what=what)
 
 

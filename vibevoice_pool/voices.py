@@ -8,7 +8,8 @@ folder is empty and offered only with the tiny model or the simulator
 voices are hidden, and a speaker without a sample gets no voice prompt: the
 model speaks in its own voice (MODEL_VOICE_NOTE). Crossing its border: voice names (str) in, float32 mono SAMPLE_RATE
 numpy arrays out (what a Request carries), upload bytes in via add(). Every
-user mistake is PoolError(BAD_INPUT) (TooLarge for oversized uploads); no
+user mistake is PoolError(BAD_INPUT) (TooLarge for oversized uploads, NotAudio
+for bytes that are no sound file, VoiceNotFound for a name it does not hold); no
 path outside the folder is ever read, written or removed.
 
 Ownership: a voice added through add() records its uploader (an owner id, see
@@ -70,6 +71,16 @@ MODEL_VOICE_NOTE = (
 
 def _bad(message: str) -> PoolError:
     return PoolError(ErrorKind.BAD_INPUT, message)
+
+
+class VoiceNotFound(PoolError):
+    """A request named a voice the folder does not hold (the HTTP layer answers 404
+    `voice_not_found`: a missing resource, not a malformed request)."""
+
+    code = "voice_not_found"
+
+    def __init__(self, message: str):
+        super().__init__(ErrorKind.BAD_INPUT, message)
 
 
 class VoiceForbidden(Exception):
@@ -283,7 +294,7 @@ class VoiceLibrary:
             for candidate in ranked:
                 if test(candidate):
                     return candidate
-        raise _bad(f"unknown voice {name!r}; available voices: {self._some(voices)}")
+        raise VoiceNotFound(f"unknown voice {name!r}; available voices: {self._some(voices)}")
 
     @staticmethod
     def _some(voices: dict[str, Path], limit: int = 8) -> str:
@@ -298,11 +309,11 @@ class VoiceLibrary:
         preset = self.match(name)
         path = self._listing().get(preset)
         if path is None:  # removed between the two listings
-            raise _bad(f"voice {preset!r} was just removed; available: {self.names()}")
+            raise VoiceNotFound(f"voice {preset!r} was just removed; available: {self.names()}")
         try:
             st = path.stat()
         except FileNotFoundError:
-            raise _bad(f"voice {preset!r} was just removed; choose another") from None
+            raise VoiceNotFound(f"voice {preset!r} was just removed; choose another") from None
         stamp = (st.st_mtime_ns, st.st_size)
         with self._lock:
             hit = self._cache.get(preset)

@@ -2,9 +2,11 @@
 
     {"error": {"message": "...", "type": "...", "code": "..."}}
 
-400 bad input, 401 no key, 403 refused, 404 no such route or thing, 405 wrong
-method (with Allow), 413 too large, 416 a Range past the end, 429 overloaded
-(Retry-After), 503 no worker ready, 504 timed out; the server-side kinds 5xx.
+400 bad input, 401 no key, 403 refused, 404 no such route or thing (a voice a
+request names: voice_not_found), 405 wrong method (with Allow), 413 too large,
+415 a voice sample that is no audio file (unsupported_audio), 416 a Range past
+the end, 429 overloaded (Retry-After), 503 no worker ready, 504 timed out; the
+server-side kinds 5xx.
 
 A typed PoolError becomes its status by kind (error_response). install() makes
 the framework's own errors take the same shape: FastAPI's body parsing
@@ -23,7 +25,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
-from vibevoice_pool.audio import TooLarge
+from vibevoice_pool.audio import NotAudio, TooLarge
+from vibevoice_pool.voices import VoiceNotFound
 from workers.wire.messages import ErrorKind, PoolError
 
 STATUS = {
@@ -44,6 +47,7 @@ TYPES = {
     405: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     416: "invalid_request_error",
     429: "rate_limit_error",
 }
@@ -65,7 +69,18 @@ API_PATHS = ("/v1/", "/metrics", "/health", "/ready", "/docs", "/redoc", "/opena
 
 
 def status_for(err: PoolError) -> int:
-    return 413 if isinstance(err, TooLarge) else STATUS.get(err.kind, 500)
+    if isinstance(err, TooLarge):
+        return 413
+    if isinstance(err, VoiceNotFound):  # a named voice that is not there: a missing thing
+        return 404
+    if isinstance(err, NotAudio):  # bytes in no format the route takes
+        return 415
+    return STATUS.get(err.kind, 500)
+
+
+def error_code(err: PoolError) -> str:
+    """error.code: the subclass's own (voice_not_found, unsupported_audio), else the kind."""
+    return getattr(err, "code", None) or err.kind.value
 
 
 def error_type(status: int) -> str:
@@ -79,7 +94,7 @@ def error_body(status: int, code: str, message: str) -> dict:
 def error_response(err: PoolError) -> JSONResponse:
     status = status_for(err)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
-    return JSONResponse(error_body(status, err.kind.value, err.message), status, headers=headers)
+    return JSONResponse(error_body(status, error_code(err), err.message), status, headers=headers)
 
 
 def plain_error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:

@@ -50,7 +50,9 @@ from vibevoice_pool.api.errors import error_response, plain_error
 from vibevoice_pool.api.speech import (
     NOT_BLANK,
     STREAM_HEADERS,
+    Seed,
     Speaker,
+    Steps,
     SynthesizeBody,
     encoded,
     headers_for,
@@ -82,14 +84,16 @@ class SpeechBody(BaseModel):
     response_format: str = Field(
         "mp3", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)}
     )
-    speed: float = Field(1.0, ge=0.25, le=4.0, strict=True)
+    speed: float = Field(  # OpenAI's range is 0.25-4.0; this server speaks at 1.0 only
+        1.0, ge=0.25, le=4.0, strict=True, json_schema_extra={"enum": [1.0]}
+    )
     stream_format: Literal["audio", "sse"] = "audio"
     stream: bool | None = Field(
         None, strict=True, description="stream while it is made (default: yes, but flac whole)"
     )
-    seed: int | None = Field(None, ge=0, lt=2**31, strict=True)
+    seed: Seed | None = None
     cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE, strict=True)
-    inference_steps: int | None = Field(None, ge=1, le=100, strict=True)
+    inference_steps: Steps | None = None
 
 
 def _bad(message: str) -> m.PoolError:

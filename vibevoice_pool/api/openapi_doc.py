@@ -15,7 +15,8 @@ limit, 429/503/504 when the pool cannot take or finish a request, and audio
   - 403 admin_only on the admin routes (auth.ADMIN_ROUTES), forbidden on the
     voice writes (another key's voice, a preset);
   - the X-Owner-Token and Location headers of POST /v1/jobs;
-  - the per-route statuses of ROUTE_ERRORS;
+  - the per-route statuses of ROUTE_ERRORS (404 voice_not_found where a body
+    names a voice, 415 unsupported_audio where it carries a voice sample);
   - audio media types on the synthesis routes and job audio (206 too);
 and every error is the one Error schema of OpenAI's shape.
 """
@@ -50,9 +51,10 @@ WHY = {
     "401": "An API key is set and was not sent (Authorization: Bearer <key>)",
     "403": "Refused: a cross-site write, a user key on an admin route, another key's voice",
     "408": "The request was sent too slowly (the connection guard closed it)",
-    "404": "No such thing",
+    "404": "No such thing (a job, a worker, a voice the request names)",
     "409": "Not in a state for this (the job is not done, or already ended)",
     "413": "The body is over the server's limit",
+    "415": "A voice sample that is no wav, mp3, flac or ogg file",
     "416": "The Range is past the end of the file",
     "429": "The queue (or the voice decoder) is full, or this address has as many requests "
     "in progress as it may: retry after Retry-After seconds",
@@ -64,12 +66,14 @@ WHY = {
     "507": "Out of memory (GPU), the jobs disk limit, or a full data disk",
 }
 SYNTH_FAILURES = ("429", "500", "502", "503", "504", "507")
+# 404 voice_not_found: a voice named in the body that the server does not hold;
+# 415 unsupported_audio: a voice sample (speakers[].audio, an upload) that is no sound file
 ROUTE_ERRORS = {
     ("/ready", "get"): ("503",),
-    ("/v1/synthesize", "post"): SYNTH_FAILURES,
-    ("/v1/audio/speech", "post"): SYNTH_FAILURES,
-    ("/v1/jobs", "post"): ("429", "503", "507"),  # 429: decodes waiting, an owner's limits
-    ("/v1/voices", "post"): ("429",),
+    ("/v1/synthesize", "post"): ("404", "415", *SYNTH_FAILURES),
+    ("/v1/audio/speech", "post"): ("404", *SYNTH_FAILURES),
+    ("/v1/jobs", "post"): ("404", "415", "429", "503", "507"),  # 429: decodes, owner limits
+    ("/v1/voices", "post"): ("415", "429"),
     ("/metrics", "get"): ("403",),
     ("/v1/jobs/{job_id}", "delete"): ("409", "507"),
     ("/v1/jobs/{job_id}/audio", "get"): ("409", "416"),
@@ -141,6 +145,12 @@ def _error(status: str, codes: tuple[str, ...] = ()) -> dict:
 
 
 ROUTE_CODES = {  # error codes of a route's own statuses, where a client may act on them
+    ("/v1/synthesize", "post", "404"): ("voice_not_found",),
+    ("/v1/synthesize", "post", "415"): ("unsupported_audio",),
+    ("/v1/audio/speech", "post", "404"): ("voice_not_found",),
+    ("/v1/jobs", "post", "404"): ("voice_not_found",),
+    ("/v1/jobs", "post", "415"): ("unsupported_audio",),
+    ("/v1/voices", "post", "415"): ("unsupported_audio",),
     ("/v1/jobs", "post", "429"): ("overloaded", "owner_limit"),
     ("/v1/jobs", "post", "507"): ("disk_limit", "disk_full"),
     ("/v1/jobs/{job_id}", "delete", "507"): ("disk_full",),

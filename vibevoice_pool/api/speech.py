@@ -22,16 +22,17 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Annotated, Protocol
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from vibevoice_pool import audio, encoders
 from vibevoice_pool.api.auth import KeyRing
 from vibevoice_pool.api.errors import error_response, status_for
 from vibevoice_pool.api.metrics import Activity
+from vibevoice_pool.audio import BASE64_PATTERN as BASE64
 from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.pool.handle import RequestHandle
@@ -47,20 +48,44 @@ STREAM_HEADERS = {"X-Accel-Buffering": "no"}  # a proxy (nginx) passes each piec
 
 
 NOT_BLANK = r"\S"  # a text field must hold something besides spaces (as the server checks)
+# A voice sample in a body: base64 (audio.base64_bytes), declared with its pattern but
+# not enforced by it, so that the server's own check says what is wrong.
+Base64Audio = Annotated[
+    str,
+    Field(min_length=1, json_schema_extra={"contentEncoding": "base64", "pattern": BASE64}),
+]
+# A speaker gives a voice or a sample, not both (build_request says so with 400)
+NOT_BOTH = {
+    "not": {
+        "required": ["voice", "audio"],
+        "properties": {"voice": {"type": "string"}, "audio": {"type": "string"}},
+    }
+}
+
+
+def _whole(value):
+    """A JSON number without a fraction is an integer (JSON Schema says so): 5.0 is 5.
+    Anything else goes on to the strict check (true, "5" and 5.5 are refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integer fields: strict but for whole floats (5.0), then their limits
+Steps = Annotated[int, Field(strict=True, ge=1, le=100), BeforeValidator(_whole)]
+Seed = Annotated[int, Field(strict=True, ge=0, lt=2**31), BeforeValidator(_whole)]
 
 
 class Speaker(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=NOT_BOTH)
     voice: str | None = Field(
         None, min_length=1, pattern=NOT_BLANK, description="name of a voice (see /v1/voices)"
     )
-    audio: str | None = Field(
-        None, min_length=1, description="base64 of a wav/mp3/flac/ogg voice sample"
-    )
+    audio: Base64Audio | None = Field(None, description="base64 of a wav/mp3/flac/ogg voice sample")
 
 
 class SynthesizeBody(BaseModel):
-    """Numbers and flags are strict: `true` is not 1, "1" is not a number."""
+    """Numbers and flags are strict: `true` is not 1, "1" is not a number (5.0 is 5)."""
 
     model_config = ConfigDict(extra="forbid")
     script: str = Field(
@@ -68,8 +93,8 @@ class SynthesizeBody(BaseModel):
     )
     speakers: list[Speaker] = Field(default_factory=list, max_length=MAX_SPEAKERS)
     cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE, strict=True)
-    inference_steps: int | None = Field(None, ge=1, le=100, strict=True)
-    seed: int | None = Field(None, ge=0, lt=2**31, strict=True)
+    inference_steps: Steps | None = None
+    seed: Seed | None = None
     format: str = Field("wav", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)})
     stream: bool = Field(False, strict=True)
     max_audio_s: float | None = Field(None, gt=0, strict=True)

@@ -18,8 +18,6 @@ key that overwrites or deletes a preset or another key's voice gets 403
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 
 from fastapi import APIRouter, Path, Request
@@ -29,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vibevoice_pool.api.auth import caller_of
 from vibevoice_pool.api.errors import body_parse_message, plain_error
+from vibevoice_pool.audio import BASE64_PATTERN, base64_bytes
 from vibevoice_pool.voices import MODEL_VOICE_NOTE, VoiceForbidden, safe_voice_name
 from workers.wire.messages import ErrorKind, PoolError
 
@@ -77,7 +76,8 @@ UPLOAD_DOC = {  # the body is read by hand (two content types): declared here
                             "type": "string",
                             "minLength": 1,
                             "contentEncoding": "base64",
-                            "description": "base64 of the file",
+                            "pattern": BASE64_PATTERN,
+                            "description": "base64 of the file (a data: URL too)",
                         },
                     },
                 }
@@ -102,7 +102,7 @@ def _flag(value) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-async def _read_upload(request: Request) -> tuple[str, bytes, bool]:
+async def _read_upload(request: Request, max_bytes: int) -> tuple[str, bytes, bool]:
     """(name, file bytes, overwrite) from a multipart form or a JSON body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
@@ -131,11 +131,7 @@ async def _read_upload(request: Request) -> tuple[str, bytes, bool]:
         name, audio = body.get("name"), body.get("audio")
         if not isinstance(name, str) or not isinstance(audio, str):
             raise _bad(f"'name' and 'audio' must both be strings; {FORM_HINT}")
-        text = audio.split(",", 1)[1] if audio.startswith("data:") else audio
-        try:
-            data = base64.b64decode("".join(text.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise _bad("'audio' is not valid base64; encode the whole file (base64 -w0)") from None
+        data = base64_bytes(audio, max_bytes=max_bytes, what="'audio'")
         overwrite = body.get("overwrite", False)
         if not isinstance(overwrite, bool):
             raise _bad("'overwrite' must be true or false")
@@ -158,7 +154,7 @@ def router(front) -> APIRouter:
     @router.post("/v1/voices", status_code=201, openapi_extra=UPLOAD_DOC)
     async def add_voice(request: Request):
         caller = caller_of(request.scope)
-        name, data, overwrite = await _read_upload(request)
+        name, data, overwrite = await _read_upload(request, library.max_bytes)
         try:
             stored = await asyncio.to_thread(
                 library.add,
