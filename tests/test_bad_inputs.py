@@ -26,6 +26,8 @@ def upload(name: str, data: bytes) -> dict:
     return {"files": {"file": ("sample.wav", data, "audio/wav")}, "data": {"name": name}}
 
 
+# error.code by status: a missing voice and bytes that are no audio have their own
+CODES = {400: "bad_input", 404: "voice_not_found", 413: "too_large", 415: "unsupported_audio"}
 BIG = b"RIFF" + b"\0" * (11 * 1024 * 1024)  # over the 10 MB upload limit
 
 # (what, method, path, request kwargs, status, words the message must hold)
@@ -37,18 +39,30 @@ CASES = [
      400, "at most 4"),
     ("a fifth speaker in the script", "POST", "/v1/synthesize",
      synth(script="Speaker 1: a\nSpeaker 5: b"), 400, "numbered 1-4"),
-    ("unknown voice", "POST", "/v1/synthesize", synth(speakers=[{"voice": "Nobody"}]), 400,
+    ("unknown voice", "POST", "/v1/synthesize", synth(speakers=[{"voice": "Nobody"}]), 404,
      "unknown voice 'Nobody'; available voices: demo-"),
+    ("unknown voice in a job", "POST", "/v1/jobs", synth(speakers=[{"voice": "Nobody"}]), 404,
+     "unknown voice 'Nobody'"),
     ("corrupt upload", "POST", "/v1/synthesize",
-     synth(speakers=[{"audio": b64(wav_bytes()[:30])}]), 400,
+     synth(speakers=[{"audio": b64(wav_bytes()[:30])}]), 415,
      "could not be read as audio"),
     ("non-audio upload", "POST", "/v1/synthesize",
-     synth(speakers=[{"audio": b64(b"%PDF-1.4 not a voice at all")}]), 400,
+     synth(speakers=[{"audio": b64(b"%PDF-1.4 not a voice at all")}]), 415,
      "send a wav, mp3, flac or ogg file"),
+    ("voice and audio both", "POST", "/v1/synthesize",
+     synth(speakers=[{"voice": "Alice", "audio": b64(wav_bytes())}]), 400,
+     "give voice or audio, not both"),
+    ("seed with a fraction", "POST", "/v1/synthesize", synth(seed=4.5), 400,
+     "seed: Input should be a valid integer"),
+    ("seed that is a flag", "POST", "/v1/synthesize", synth(seed=True), 400,
+     "seed: Input should be a valid integer"),
     ("upload that is not base64", "POST", "/v1/synthesize", synth(speakers=[{"audio": "@@@"}]),
      400, "not valid base64"),
     ("non-audio voice file", "POST", "/v1/voices", upload("notes", b"just some text\n" * 50),
-     400, "could not be read as audio"),
+     415, "could not be read as audio"),
+    ("non-audio voice as JSON", "POST", "/v1/voices",
+     {"json": {"name": "notes", "audio": b64(b"just some text")}}, 415, "could not be read"),
+    ("empty voice file", "POST", "/v1/voices", upload("nothing", b""), 400, "is empty"),
     ("oversized voice file", "POST", "/v1/voices", upload("big", BIG), 413, "the limit is 10 MB"),
     ("oversized base64 upload", "POST", "/v1/synthesize", synth(speakers=[{"audio": b64(BIG)}]),
      413, "the limit is 10 MB"),
@@ -57,7 +71,7 @@ CASES = [
     ("delete a name with ../", "DELETE", "/v1/voices/..%2F..%2Fetc%2Fpasswd", {}, 400,
      "is not allowed"),
     ("a speaker's voice with ../", "POST", "/v1/synthesize",
-     synth(speakers=[{"voice": "../../etc/passwd"}]), 400, "unknown voice"),
+     synth(speakers=[{"voice": "../../etc/passwd"}]), 404, "unknown voice"),
     ("invalid JSON", "POST", "/v1/synthesize",
      {"content": b'{"script": "Speaker 1: hi",', "headers": {"content-type": "application/json"}},
      400, "not valid JSON"),
@@ -100,7 +114,7 @@ def test_bad_input_is_refused_with_a_message_that_says_what_to_fix(
     assert r.status_code == status, f"{what}: {r.status_code} {r.text[:300]}"
     err = r.json()["error"]
     assert words in err["message"], f"{what}: {err['message']!r}"
-    assert err["code"] in ("bad_input", "too_large")
+    assert err["code"] == CODES[status]
     assert err["type"] == "invalid_request_error"
 
 

@@ -111,19 +111,20 @@ def test_unsupported_format_is_a_clear_400(client):
 
 
 @pytest.mark.parametrize(
-    "change,needle",
+    "change,status,needle",
     [
-        ({"voice": "nobody-like-this"}, "unknown voice"),
-        ({"input": "   "}, "input is empty"),
-        ({"speed": 2.0}, "speed"),
-        ({"model": ""}, "model"),
+        ({"voice": "nobody-like-this"}, 404, "unknown voice"),  # code voice_not_found
+        ({"input": "   "}, 400, "input is empty"),
+        ({"speed": 2.0}, 400, "speed"),
+        ({"model": ""}, 400, "model"),
     ],
 )
-def test_bad_speech_requests_say_what_to_fix(srv, change, needle):
+def test_bad_speech_requests_say_what_to_fix(srv, change, status, needle):
     body = {"model": "tts-1", "input": TEXT, "voice": "alloy"} | change
     r = srv.post("/v1/audio/speech", json=body)
-    assert r.status_code == 400
+    assert r.status_code == status
     assert needle in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == ("voice_not_found" if status == 404 else "bad_input")
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 

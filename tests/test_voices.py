@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from vibevoice_pool.audio import TooLarge
-from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices, safe_voice_name
+from vibevoice_pool.audio import NotAudio, TooLarge
+from vibevoice_pool.voices import VoiceLibrary, VoiceNotFound, ensure_demo_voices, safe_voice_name
 from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError
 
 
@@ -87,12 +87,13 @@ def test_partial_matching(lib, query, expected):
 
 
 def test_unknown_voice_lists_available(lib):
-    with pytest.raises(PoolError) as e:
+    with pytest.raises(VoiceNotFound) as e:  # the API answers 404 voice_not_found
         lib.resolve("Zelda")
     msg = bad_input(e)
     assert "Zelda" in msg and "en-Alice_woman" in msg
-    with pytest.raises(PoolError):
+    with pytest.raises(PoolError) as e:
         lib.resolve("")
+    assert not isinstance(e.value, VoiceNotFound)  # no name at all is bad input (400)
 
 
 def test_cache_is_used_and_invalidated_on_change(lib, folder):
@@ -166,14 +167,14 @@ def test_add_then_resolve_and_delete(lib, folder):
 
 
 def test_add_validates_audio(lib, folder):
-    with pytest.raises(PoolError) as e:
+    with pytest.raises(NotAudio) as e:  # the API answers 415 unsupported_audio
         lib.add("junk", b"this is not audio" * 10)
     bad_input(e)
     with pytest.raises(TooLarge):
         lib.add("huge", b"\0" * 2_000_000)
     with pytest.raises(PoolError) as e:
         lib.add("long", wav_bytes(tone(6.0, rate=8000), rate=8000))
-    assert "5 s" in bad_input(e)
+    assert "5 s" in bad_input(e) and not isinstance(e.value, NotAudio)  # audio, too long: 400
     assert lib.names() == [
         "en-Alice_woman",
         "en-Bob_man",

@@ -40,6 +40,7 @@ FORM_HINT = (
 NAME_PATTERN = r"^(?![.])(?!.*[.][.])[^/\\\x00]*[A-Za-z0-9][^/\\\x00]*$"
 _UPLOAD_SCHEMA = {
     "type": "object",
+    "additionalProperties": False,  # _only_known
     "required": ["name"],
     "properties": {
         "name": {
@@ -62,7 +63,7 @@ UPLOAD_DOC = {  # the body is read by hand (two content types): declared here
                     "required": ["file", "name"],
                     "properties": {
                         **_UPLOAD_SCHEMA["properties"],
-                        "file": {"type": "string", "format": "binary"},
+                        "file": {"type": "string", "format": "binary", "minLength": 1},
                     },
                 }
             },
@@ -96,6 +97,14 @@ def _bad(message: str) -> PoolError:
     return PoolError(ErrorKind.BAD_INPUT, message)
 
 
+def _only_known(fields, known: tuple[str, ...]) -> None:
+    """Refuse a field the upload does not take, as the other bodies do (the schema
+    says additionalProperties: false)."""
+    unknown = sorted({str(f) for f in fields} - set(known))
+    if unknown:
+        raise _bad(f"unknown field {unknown[0][:60]!r}; an upload takes {', '.join(known)}")
+
+
 def _flag(value) -> bool:
     if isinstance(value, bool):
         return value
@@ -110,6 +119,7 @@ async def _read_upload(request: Request, max_bytes: int) -> tuple[str, bytes, bo
             form = await request.form(max_files=1, max_fields=8)
         except StarletteHTTPException as e:  # the multipart parser's limits and errors
             raise _bad(f"{str(e.detail).rstrip('.')}; {FORM_HINT}") from None
+        _only_known(form.keys(), ("file", "name", "overwrite"))
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise _bad(f"no 'file' field in the form; {FORM_HINT}")
@@ -128,6 +138,7 @@ async def _read_upload(request: Request, max_bytes: int) -> tuple[str, bytes, bo
             raise _bad(f"{why}; {FORM_HINT}") from None
         if not isinstance(body, dict):
             raise _bad(f"the body must be a JSON object; {FORM_HINT}")
+        _only_known(body, ("name", "audio", "overwrite"))
         name, audio = body.get("name"), body.get("audio")
         if not isinstance(name, str) or not isinstance(audio, str):
             raise _bad(f"'name' and 'audio' must both be strings; {FORM_HINT}")
