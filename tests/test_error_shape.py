@@ -172,6 +172,11 @@ def test_openapi_declares_what_the_guards_answer(srv):
         assert codes_of(ops[key]["429"]) == {"login_throttled", "too_many_streams"}, key
     headers = ops[("/v1/jobs", "post")]["202"]["headers"]
     assert {"X-Owner-Token", "Location"} <= set(headers)
+    # a voice a body names that does not exist, a sample that is no sound file
+    for key in [("/v1/synthesize", "post"), ("/v1/jobs", "post"), ("/v1/audio/speech", "post")]:
+        assert codes_of(ops[key]["404"]) == {"voice_not_found"}, key
+    for key in [("/v1/synthesize", "post"), ("/v1/jobs", "post"), ("/v1/voices", "post")]:
+        assert codes_of(ops[key]["415"]) == {"unsupported_audio"}, key
 
     # what the guards answer is what the schema says: a foreign Host, a cross-site write
     r = srv.http.get("/v1/pool", headers={"Host": "attacker.example"})

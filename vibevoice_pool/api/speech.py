@@ -47,7 +47,10 @@ INLINE_ENCODE_SAMPLES = 60 * 24_000  # up to a minute of audio is encoded on the
 STREAM_HEADERS = {"X-Accel-Buffering": "no"}  # a proxy (nginx) passes each piece on at once
 
 
-NOT_BLANK = r"\S"  # a text field must hold something besides spaces (as the server checks)
+# A text field must hold something besides spaces. One class that means the same in
+# JSON Schema's (ECMA) regexes, pydantic's and Python's: what str.strip() removes
+# (\x1c-\x1f and \x85 too) and the byte-order mark (whitespace to ECMA).
+NOT_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"
 # A voice sample in a body: base64 (audio.base64_bytes), declared with its pattern but
 # not enforced by it, so that the server's own check says what is wrong.
 Base64Audio = Annotated[
