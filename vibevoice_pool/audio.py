@@ -38,7 +38,10 @@ _READ_BLOCK = 1 << 16  # frames read per block while decoding
 
 
 class TooLarge(PoolError):
-    """An upload over the byte limit (the HTTP layer answers 413)."""
+    """An upload over the byte limit (the HTTP layer answers 413 `too_large`, as for a
+    body over the limit)."""
+
+    code = "too_large"
 
     def __init__(self, message: str):
         super().__init__(ErrorKind.BAD_INPUT, message)
