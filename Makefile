@@ -91,7 +91,7 @@ test-image: setup container-tools
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--keep /tmp/bench" keeps the raw figures.
 bench: setup
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[test,ray,bench]'
-	$(PY) bench/run_all.py $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

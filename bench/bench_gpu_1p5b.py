@@ -2,14 +2,20 @@
 
 Builds VibeVoice-1.5B's architecture (Qwen2.5-1.5B text model, the real acoustic and
 semantic tokenizers and diffusion head) with random weights, in bf16 with SDPA, and runs
-the step engine (workers/engines/vibevoice/step.py) with 1, 4, 8 and 16 rows admitted together: a
-fixed prompt per row (script tokens and one voice sample), a fixed number of audio
-tokens, 10 diffusion steps, cfg 1.3, diffusion-only guidance as microsoft's loop.
+the step engine (workers/engines/vibevoice/step.py) with 1, 4, 8, 16 and 32 rows admitted together: a
+fixed prompt per row (script tokens and one voice sample), 10 diffusion steps, cfg 1.3,
+diffusion-only guidance as microsoft's loop. Lengths "fixed": every row the same number
+of audio tokens; "mixed": rows of 0.5, 0.83, 1.17 and 1.5 times it in turn (the same mean),
+so rows leave the running set one by one.
 Random weights never pick the audio token, so a sequence_bias on it makes every new
 token an audio token: the compute per token is the real model's. Each row count runs
 with the diffusion head eager, then compiled (--compile-modes, "reduce-overhead" = CUDA
 graphs per row count). Reports audio s per wall s per GPU (decode phase and whole run),
-ms per step, RTF per row and peak memory per row. Prints a Markdown table; --out JSON.
+ms per step, RTF per row, first audio (admission to the first chunk), peak memory per
+row, and (eager) the operators one decode step dispatches and the host syncs among them,
+counted with a TorchDispatchMode. Prints a Markdown table; --out JSON, rewritten after
+every run so that a run stopped at a time limit keeps what it measured; --budget-s skips
+the runs that would start after that many seconds.
 
     python bench/bench_gpu_1p5b.py --out results.json          # one GPU, a few minutes
     python bench/bench_gpu_1p5b.py --tiny --out tiny.json      # the tiny model on CPU
@@ -51,8 +57,13 @@ QWEN25_1P5B = {  # the text model of VibeVoice-1.5B (Qwen2.5-1.5B)
 }
 
 
-def full_size_config():
+def full_size_config(token_ids: dict | None = None):
+    """VibeVoice-1.5B's config. `token_ids` (pad, eos, audio_bos, audio_eos, audio) replaces
+    the Qwen2.5 special ids, for a folder whose tokenizer numbers them otherwise."""
     from transformers import VibeVoiceConfig
+
+    ids = {"pad": 151643, "eos": 151643, "audio_bos": 151652, "audio_eos": 151653}
+    ids = {**ids, "audio": 151654, **(token_ids or {})}
 
     tower = {
         "num_filters": 32,
@@ -72,16 +83,18 @@ def full_size_config():
             **tower,
         },
         diffusion_head_config={
+            "hidden_size": QWEN25_1P5B["hidden_size"],  # 5.17 checks it, 5.23+ copies it
+            "latent_size": 64,  # the acoustic latent
             "num_hidden_layers": 4,
             "intermediate_size": 4608,  # head_ffn_ratio 3.0 x 1536
             "frequency_embedding_size": 256,
             "rms_norm_eps": 1e-5,
         },
-        pad_token_id=151643,
-        eos_token_id=151643,
-        audio_bos_token_id=151652,
-        audio_eos_token_id=151653,
-        audio_token_id=151654,
+        pad_token_id=ids["pad"],
+        eos_token_id=ids["eos"],
+        audio_bos_token_id=ids["audio_bos"],
+        audio_eos_token_id=ids["audio_eos"],
+        audio_token_id=ids["audio"],
     )
 
 
@@ -150,8 +163,11 @@ class _Sink:
     def __init__(self):
         self.samples = 0
         self.failed: list[str] = []
+        self.first_chunk_at: float | None = None
 
     def chunk(self, rid, pcm):
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.perf_counter()
         self.samples += len(pcm)
 
     def finish(self, rid, stop_reason="eos"):
@@ -164,14 +180,90 @@ class _Sink:
         pass
 
 
-def run_rows(model, prompts, rows: int, tokens: int, args, torch, compile_mode: str) -> dict:
-    """`rows` rows admitted together, each `tokens` audio tokens, to the end."""
+MIXED = (0.5, 5 / 6, 7 / 6, 1.5)  # row i makes MIXED[i % 4] x the tokens: the same mean
+
+# Operators that only make a view: no kernel, no work (FACTS.md, counting the host's work).
+VIEW_OPS = {
+    "view", "_unsafe_view", "_reshape_alias", "reshape", "view_as", "transpose", "t",
+    "slice", "select", "expand", "expand_as", "unsqueeze", "squeeze", "permute",
+    "as_strided", "alias", "detach", "split", "split_with_sizes", "unbind", "narrow",
+    "chunk", "unflatten", "flatten", "diagonal", "lift_fresh", "numpy_T",
+}  # fmt: skip
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero"}
+
+
+def row_tokens(rows: int, tokens: int, lengths: str) -> list[int]:
+    if lengths == "fixed":
+        return [tokens] * rows
+    return [max(2, round(tokens * MIXED[i % len(MIXED)])) for i in range(rows)]
+
+
+def count_step(engine, sink, torch) -> dict:
+    """One engine step under a TorchDispatchMode: the operators it dispatches (views
+    left out; on a GPU each is a kernel launch), the host syncs among them (.item(),
+    nonzero, copies from the device to the host) and the copies from the host to the
+    device (torch.tensor(list, device=...): each waits for the host)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"ops": 0, "syncs": 0, "h2d": 0, "sync_kinds": {}}
+
+    def direction(func, args, out) -> str:
+        name = func.overloadpacket.__name__
+        if name == "copy_" and len(args) > 1:
+            dst, src = args[0], args[1]
+        elif name == "_to_copy" and args:
+            dst, src = out, args[0]
+        else:
+            return ""
+        if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)):
+            return ""
+        if src.device.type != "cpu" and dst.device.type == "cpu":
+            return "to_host"
+        if src.device.type == "cpu" and dst.device.type != "cpu":
+            return "to_device"
+        return ""
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name not in VIEW_OPS:
+                counts["ops"] += 1
+            way = direction(func, args, out)
+            if name in SYNC_OPS or way == "to_host":
+                counts["syncs"] += 1
+                key = f"{name} (to host)" if way else name
+                counts["sync_kinds"][key] = counts["sync_kinds"].get(key, 0) + 1
+            elif way == "to_device":
+                counts["h2d"] += 1
+            return out
+
+    with Count():
+        engine.step(sink)
+    return counts
+
+
+def run_rows(
+    model,
+    prompts,
+    rows: int,
+    tokens: int,
+    args,
+    torch,
+    compile_mode: str,
+    lengths="fixed",
+    count=False,
+) -> dict:
+    """`rows` rows admitted together (`tokens` audio tokens each, or mixed around it), to
+    the end. With `count`, the second step runs under the operator counter (count_step)
+    and is left out of the timings."""
     from workers.engines.vibevoice.step import StepEngine
     from workers.wire.messages import Request, Turn
 
     cuda = args.device.startswith("cuda")
+    per_row = row_tokens(rows, tokens, lengths)
     engine = StepEngine(model, args.device, rows, prompts, head_compile=compile_mode)
-    for i in range(rows):
+    for i, n in enumerate(per_row):
         req = Request(
             id=f"r{i}",
             turns=(Turn(0, "x"),),
@@ -180,7 +272,7 @@ def run_rows(model, prompts, rows: int, tokens: int, args, torch, compile_mode: 
             cfg_scale=args.cfg,
             stream=True,
         )
-        engine.admit(engine.prepare(req, tokens, tokens + 8, "estimate"))
+        engine.admit(engine.prepare(req, n, n + 8, "estimate"))
     sink = _Sink()
     if cuda:
         torch.cuda.synchronize()
@@ -190,28 +282,45 @@ def run_rows(model, prompts, rows: int, tokens: int, args, torch, compile_mode: 
     engine.step(sink)  # prefill and the first decode step
     if cuda:
         torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    steps = 1
+    t1 = t_first = time.perf_counter()
+    steps, counted = 1, None
+    if count and engine.live:
+        counted = count_step(engine, sink, torch)
+        steps += 1
+        if cuda:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()  # the counted step is slow: out of the timings
+    first, early = steps, sink.samples
     while engine.live:
         engine.step(sink)
         steps += 1
     if cuda:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    if sink.failed or sink.samples != rows * tokens * HOP:
-        raise SystemExit(f"expected {rows} x {tokens} audio tokens: {sink.failed or sink.samples}")
-    audio_s = rows * tokens * HOP / SAMPLE_RATE
-    decode_s = (t2 - t1) / max(1, steps - 1)
+    if sink.failed or sink.samples != sum(per_row) * HOP:
+        raise SystemExit(f"expected {per_row} audio tokens: {sink.failed or sink.samples}")
+    audio_s = sum(per_row) * HOP / SAMPLE_RATE
+    decode_s = (t2 - t1) / max(1, steps - first)
     out = {
         "rows": rows,
+        "lengths": lengths,
         "compile": compile_mode or "off",
+        "tokens": per_row if lengths != "fixed" else tokens,
+        "steps": steps,
         "wall_s": round(t2 - t0, 4),
-        "first_step_s": round(t1 - t0, 4),
+        "first_step_s": round(t_first - t0, 4),
+        "first_audio_s": round(sink.first_chunk_at - t0, 4) if sink.first_chunk_at else None,
         "ms_per_step": round(1000 * decode_s, 2),
         "audio_s_per_s": round(audio_s / (t2 - t0), 3),  # all rows, whole run
-        "decode_audio_s_per_s": round(rows * HOP / SAMPLE_RATE / decode_s, 3),
         "rtf": round(decode_s / (HOP / SAMPLE_RATE), 4),  # wall s per audio s, each row
     }
+    # The decode phase (after the first step): the audio it made over its time.
+    out["decode_audio_s_per_s"] = round((sink.samples - early) / SAMPLE_RATE / (t2 - t1), 3)
+    if counted is not None:
+        out["ops_per_step"] = counted["ops"]
+        out["host_syncs_per_step"] = counted["syncs"]
+        out["h2d_copies_per_step"] = counted["h2d"]
+        out["sync_kinds"] = counted["sync_kinds"]
     if cuda:
         out["peak_mem_per_row_mib"] = round(
             (torch.cuda.max_memory_allocated() - base) / rows / 2**20, 1
@@ -223,8 +332,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="the tiny random model on CPU")
     p.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
-    p.add_argument("--rows", default="1,4,8,16")
+    p.add_argument("--rows", default="1,4,8,16,32")
+    p.add_argument("--lengths", default="fixed,mixed", help="fixed, mixed or both")
     p.add_argument("--compile-modes", default=None, help='e.g. ",reduce-overhead" (""=off)')
+    p.add_argument("--compiled-rows", default=None, help="row counts to compile (default all)")
     p.add_argument("--new-tokens", type=int, default=None, help="audio tokens per row")
     p.add_argument("--prompt-tokens", type=int, default=160)
     p.add_argument("--voice-s", type=float, default=3.0)
@@ -232,6 +343,7 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=1.3)
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--cache-dir", default=None, help="where --tiny builds the tiny model")
+    p.add_argument("--budget-s", type=float, default=0, help="start no run after this (0: none)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
@@ -242,24 +354,17 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
+    t_start = time.perf_counter()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --tiny for the CPU check")
-    t0 = time.perf_counter()
     model = build_model(args, torch)
-    build_s = time.perf_counter() - t0
+    build_s = time.perf_counter() - t_start
     prompts = SyntheticPrompts(model, args.prompt_tokens, args.voice_s)
     params = sum(p.numel() for p in model.parameters())
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
-    rows = []
-    for mode in args.compile_modes.split(","):
-        for r in (int(x) for x in args.rows.split(",")):
-            with torch.no_grad():
-                run_rows(model, prompts, r, 2, args, torch, mode)  # warm-up (and compile)
-                rows.append(run_rows(model, prompts, r, args.new_tokens, args, torch, mode))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-
+    rows: list[dict] = []
     result = {
         "model": "tiny random VibeVoice" if args.tiny else "VibeVoice-1.5B architecture, random",
         "engine": "step engine (continuous batching), rows admitted together",
@@ -277,32 +382,80 @@ def main(argv=None) -> int:
         "cfg_scale": args.cfg,
         "threads": args.threads if args.device == "cpu" else None,
         "rows": rows,
+        "skipped": [],
         "vllm_omni_h100": {"rtf_b1_eager": 0.30, "rtf_b1_graphs": 0.19, "audio_s_per_s_c4": 7.0},
     }
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    save()
+    row_counts = [int(x) for x in args.rows.split(",")]
+    for mode in args.compile_modes.split(","):
+        counts = row_counts
+        if mode and args.compiled_rows:
+            counts = [int(x) for x in args.compiled_rows.split(",")]
+        # Compiled: fixed lengths only (mixed lengths change the head's batch as rows
+        # leave, and each new batch size is a new capture, inside the timing).
+        for lengths in ["fixed"] if mode else args.lengths.split(","):
+            for r in counts:
+                if lengths == "mixed" and r == 1:
+                    continue  # one row: the same as fixed
+                label = f"{mode or 'off'}/{lengths}/{r}"
+                if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                    result["skipped"].append(label)
+                    continue
+                with torch.no_grad():
+                    # warm-up (and compile); eager: its second step is counted
+                    warm = run_rows(model, prompts, r, 3, args, torch, mode, count=not mode)
+                    res = run_rows(model, prompts, r, args.new_tokens, args, torch, mode, lengths)
+                for key in (
+                    "ops_per_step",
+                    "host_syncs_per_step",
+                    "h2d_copies_per_step",
+                    "sync_kinds",
+                ):
+                    if key in warm:
+                        res[key] = warm[key]
+                res["first_audio_s_warmup_run"] = warm["first_audio_s"]
+                rows.append(res)
+                save()
+                print(json.dumps(res), file=sys.stderr, flush=True)
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print_table(result, args)
+    return 0
+
+
+def print_table(result: dict, args) -> None:
     mem = args.device.startswith("cuda")
+    new = args.new_tokens
     print(
-        f"\n{result['model']} ({params / 1e6:.1f} M params, {result['dtype']}) on {device_name}; "
-        f"{args.new_tokens} audio tokens ({args.new_tokens * HOP / SAMPLE_RATE:.2f} s) per row, "
-        f"{args.steps} diffusion steps, cfg {args.cfg}\n"
+        f"\n{result['model']} ({result['params'] / 1e6:.1f} M params, {result['dtype']}) on "
+        f"{result['device']}; {new} audio tokens ({new * HOP / SAMPLE_RATE:.2f} s) per row "
+        f"(mixed: 0.5-1.5x), {args.steps} diffusion steps, cfg {args.cfg}\n"
     )
     head = (
-        "| rows | head compile | ms/step | RTF (per row) | audio s/s, decode | audio s/s, whole |"
+        "| rows | lengths | head compile | ms/step | RTF (per row) | audio s/s, decode | "
+        "audio s/s, whole | first audio ms | ops/step | syncs/step |"
     )
     print(head + (" peak MiB per row |" if mem else ""))
-    print("|---:|---|---:|---:|---:|---:|" + ("---:|" if mem else ""))
-    for r in rows:
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if mem else ""))
+    for r in result["rows"]:
         line = (
-            f"| {r['rows']} | {r['compile']} | {r['ms_per_step']:.1f} | {r['rtf']:.3f} | "
-            f"{r['decode_audio_s_per_s']:.2f} | {r['audio_s_per_s']:.2f} |"
+            f"| {r['rows']} | {r['lengths']} | {r['compile']} | {r['ms_per_step']:.1f} | "
+            f"{r['rtf']:.3f} | {r['decode_audio_s_per_s']:.2f} | {r['audio_s_per_s']:.2f} | "
+            f"{1000 * (r['first_audio_s'] or 0):.0f} | {r.get('ops_per_step', '-')} | "
+            f"{r.get('host_syncs_per_step', '-')} |"
         )
         print(line + (f" {r['peak_mem_per_row_mib']:.0f} |" if mem else ""))
+    if result["skipped"]:
+        print(f"\nskipped (time budget): {', '.join(result['skipped'])}")
     print(
         "\nvLLM-Omni's VibeVoice-1.5B port, its author's figures on one H100: RTF 0.30 at batch "
         "1 eager, 0.19 with CUDA graphs, about 7 audio s/s at 4 concurrent."
     )
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vibevoice_pool.pool.dispatcher import Dispatcher
+
 ROOT = Path(__file__).resolve().parent.parent
 # workers.wire.estimate sizes one long word of n letters at n / (LETTERS_PER_WORD * WORDS_PER_S)
 # seconds: 17.5 letters of script = 1 s of audio
@@ -420,3 +422,74 @@ def save_json(path: str | Path, data) -> None:
 
 def load_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+class ArrivalBinding(Dispatcher):
+    """The pool's dispatcher without late binding: each request goes to a worker's
+    own queue on arrival, room or not, as systems without late binding do."""
+
+    def has_room(self, inflight: int, capacity: int) -> bool:
+        return True
+
+
+def bind_at_arrival(dispatcher: Dispatcher, on: bool) -> None:
+    """Turn late binding off (on=True) or back on for a running pool's dispatcher: the
+    comparison of what late binding buys. A benchmark's mode, so it lives here."""
+    dispatcher.__class__ = ArrivalBinding if on else Dispatcher
+
+
+# ---- the record's pieces every section uses ----------------------------------
+
+
+def failed(name: str, section) -> list[str]:
+    """A section that did not run (None) or failed, as the record says it."""
+    if section is None:
+        return ["Not run in this run (`--only`).", ""]
+    return [
+        f"**This section failed** (exit code {section['rc']}):",
+        "",
+        "```",
+        section.get("error", ""),
+        "```",
+        "",
+    ]
+
+
+def pct(ratio: float) -> str:
+    return f"{(1 - ratio) * 100:.0f}% below" if ratio <= 1 else f"{(ratio - 1) * 100:.0f}% above"
+
+
+def plotted(plot, res: dict, img_dir) -> list[str]:
+    """The files a section's `plot` drew; none where matplotlib (the bench extra,
+    which `make bench` installs) is missing, so the record is still written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    return plot(res, img_dir)
+
+
+def rows(*targets: tuple[str, str, bool]) -> list[list[str]]:
+    """Rows of the targets table: (what, measured, met) -> [what, measured, verdict]."""
+    return [[what, got, verdict(ok)] for what, got, ok in targets]
+
+
+def opening(title: str, name: str, section, render, plot, img_dir, rel: str):
+    """A section's heading, its tables and plots; (lines, figures), or the failure and
+    None where the section did not run or failed."""
+    out = [title, ""]
+    if not section or "data" not in section:
+        return out + failed(name, section), None
+    res = section["data"]
+    out += [render(res), ""]
+    for file in plotted(plot, res, img_dir):
+        out += [f"![{file}]({rel}/{file})", ""]
+    return out, res
+
+
+def save_plot(plt, fig, img_dir, name: str) -> str:
+    """Lay out, write and close a section's figure; its file name."""
+    fig.tight_layout()
+    fig.savefig(Path(img_dir) / name, dpi=110)
+    plt.close(fig)
+    return name

@@ -5,10 +5,14 @@ say so). With a model folder in the HF layout (`--model DIR`, or
 `--build-full-size DIR` to save VibeVoice-1.5B's architecture with random
 weights there first, about 5 GB, with bench_gpu_1p5b.full_size_config):
 
+    0. first, in a fresh interpreter, imports the zygote's preload one module at a
+       time and reports which one (if any) leaves the CUDA driver mapped, with the
+       stack of the first torch.cuda device query (cuda_touch_probe);
     1. starts the zygote as a pool does and checks it: no CUDA driver or
-       /dev/nvidia* mapped, one thread;
+       /dev/nvidia* mapped, one thread (when it has the driver, the pool does not
+       use it, and the worker below spawns instead: `worker_forked` says which);
     2. holds the weights in memory as a pool does (vibevoice_pool/pool/warm_weights.py);
-    3. forks a worker from the zygote that pins its GPU, then times
+    3. forks a worker from the zygote (spawns one, see 1) that pins its GPU, then times
        - CUDA init: the first CUDA call (driver, context) to a synchronised op,
        - weight copy: the held safetensors mapped and copied to the GPU (bytes/s),
        - the engine's whole load() as a worker runs it (from the held folder);
@@ -17,6 +21,7 @@ weights there first, about 5 GB, with bench_gpu_1p5b.full_size_config):
 
     python bench/gpu_respawn.py --build-full-size /tmp/vv15 --out gpu_respawn.json
     python bench/gpu_respawn.py --model DIR --out gpu_respawn.json
+    python bench/gpu_respawn.py --tiny /tmp/tiny --gpu -1 --out dry.json   # CPU dry run
 
 `respawn_on_gpu(model_dir)` and `gpu_memory_holders()` are the functions other
 benchmarks (bench_gpu_1p5b.py) can call.
@@ -56,18 +61,73 @@ def gpu_memory_holders() -> dict[int, int] | None:
     return holders
 
 
+_TOUCH_PROBE = r"""
+import json, os, sys, traceback
+preload = sys.argv[1:]
+first = {}
+def maps():
+    from workers.zygote.probe import cuda_mappings
+    with open("/proc/self/maps") as f:
+        return cuda_mappings(f.read())
+def watch(mod, name):
+    orig = getattr(mod, name, None)
+    if orig is None:
+        return
+    def wrapped(*a, **k):
+        if name not in first:
+            first[name] = traceback.format_stack(limit=12)[:-1]
+        return orig(*a, **k)
+    setattr(mod, name, wrapped)
+out = {"env_nvml_check": None, "after": {}}
+for i, modname in enumerate(preload):
+    __import__(modname)
+    if modname == "workers.zygote.preload" or i == 0:
+        import torch
+        out["env_nvml_check"] = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+        for n in ("is_available", "device_count", "_lazy_init", "init", "current_device",
+                  "get_device_capability", "get_device_properties", "is_bf16_supported"):
+            watch(torch.cuda, n)
+        watch(torch._C, "_cuda_getDeviceCount")
+        watch(torch._C, "_cuda_init")
+    out["after"][modname] = maps()
+out["first_calls"] = {k: "".join(v) for k, v in first.items()}
+print("TOUCH " + json.dumps(out))
+"""
+
+
+def cuda_touch_probe(preload: list[str]) -> dict:
+    """In a fresh interpreter (as the zygote starts), import the zygote's preload one
+    module at a time: which one leaves the CUDA driver mapped, and the first call into
+    torch.cuda's device queries with its stack (wrapped after torch is imported)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-c", _TOUCH_PROBE, *preload]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    for line in r.stdout.splitlines():
+        if line.startswith("TOUCH "):
+            return json.loads(line[6:])
+    return {"error": f"rc {r.returncode}: {r.stderr[-2000:]}"}
+
+
 def worker_measure(model_dir: str, device: int, results, release) -> None:
-    """In a worker forked from the zygote: pin, init CUDA, copy the weights, load."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(device)  # before any CUDA call
+    """In a worker forked from the zygote: pin, init CUDA, copy the weights, load. With
+    device < 0 (a CPU dry run) the same steps on the CPU, CUDA init left out."""
+    if device >= 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)  # before any CUDA call
     import torch
     from safetensors.torch import load_file
 
     out: dict = {"pid": os.getpid(), "cuda_initialized_at_fork": torch.cuda.is_initialized()}
+    target = "cuda:0" if device >= 0 else "cpu"
     t0 = time.monotonic()
-    torch.cuda.init()
-    torch.empty(1, device="cuda:0")
-    torch.cuda.synchronize()
-    out["cuda_init_s"] = time.monotonic() - t0
+    if device >= 0:
+        torch.cuda.init()
+        torch.empty(1, device=target)
+        torch.cuda.synchronize()
+    out["cuda_init_s"] = time.monotonic() - t0 if device >= 0 else 0.0
     files = sorted(Path(model_dir).glob("*.safetensors"))
     t0 = time.monotonic()
     state = {}
@@ -76,20 +136,24 @@ def worker_measure(model_dir: str, device: int, results, release) -> None:
     out["map_s"] = time.monotonic() - t0
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     t0 = time.monotonic()
-    on_gpu = {k: t.to("cuda:0", non_blocking=False) for k, t in state.items()}
-    torch.cuda.synchronize()
+    on_gpu = {k: t.to(target, copy=True) for k, t in state.items()}
+    if device >= 0:
+        torch.cuda.synchronize()
     out["copy_s"] = time.monotonic() - t0
     out["weight_bytes"] = nbytes
     out["copy_gb_per_s"] = nbytes / out["copy_s"] / 1e9 if out["copy_s"] > 0 else None
     del on_gpu, state
-    torch.cuda.empty_cache()
+    if device >= 0:
+        torch.cuda.empty_cache()
     from workers.engines.contract import EngineSpec
     from workers.engines.factory import build_engine
 
     t0 = time.monotonic()
-    engine = build_engine(EngineSpec(engine="vibevoice", model_path=model_dir, device="cuda"))
+    spec = EngineSpec(engine="vibevoice", model_path=model_dir, device=target.split(":")[0])
+    engine = build_engine(spec)
     info = engine.load()
-    torch.cuda.synchronize()
+    if device >= 0:
+        torch.cuda.synchronize()
     out["engine_load_s"] = time.monotonic() - t0
     out["device"] = info.name
     results.send(out)
@@ -104,11 +168,15 @@ def respawn_on_gpu(model_dir: str, device: int = 0) -> dict:
 
     res: dict = {"model": model_dir, "gpu": device}
     zygote = Zygote("vibevoice")
+    res["cuda_touch_probe"] = cuda_touch_probe(zygote.preload)
+    print(json.dumps(res["cuda_touch_probe"], indent=1), flush=True)
     t0 = time.monotonic()
     zygote.start(wait_s=300)
     res["zygote_warm_s"] = time.monotonic() - t0
-    if not zygote.warm:
-        res["error"] = f"the zygote did not warm up ({zygote.off_reason or 'timeout'})"
+    res["zygote_usable"] = zygote.warm  # not: the worker below spawns (and says why)
+    res["zygote_off_reason"] = zygote.off_reason
+    if zygote.pid is None:
+        res["error"] = f"the zygote did not start ({zygote.off_reason or 'timeout'})"
         return res
     with open(f"/proc/{zygote.pid}/maps") as f:
         res["zygote_cuda_mappings"] = cuda_mappings(f.read())
@@ -117,7 +185,7 @@ def respawn_on_gpu(model_dir: str, device: int = 0) -> dict:
     res["held_bytes"] = held.nbytes if held else 0
     res["hold_s"] = held.copy_s if held else None
     path = held.path if held else model_dir
-    ctx, _ = zygote.context()
+    ctx, res["worker_forked"] = zygote.context()
     results_r, results_w = ctx.Pipe(duplex=False)
     release_r, release_w = ctx.Pipe(duplex=False)
     child = ctx.Process(target=worker_measure, args=(path, device, results_w, release_r))
@@ -179,16 +247,26 @@ def _build(folder: str, device: str) -> None:
     from bench_gpu_1p5b import full_size_config
     from transformers import VibeVoiceForConditionalGeneration
 
-    from workers.checkpoints.tiny import make_tiny_model
+    from workers.checkpoints.tiny import configure_generation, make_tiny_model
 
     make_tiny_model(folder)  # the tokenizer, the processor's files, the chat template
     for f in Path(folder).glob("*.safetensors"):
         f.unlink()
     (Path(folder) / "TINY_MODEL").unlink(missing_ok=True)
+    # The tiny tokenizer numbers the special tokens its own way: the model uses its ids,
+    # so prompts, voice slots and the audio token agree (the vocabulary stays 151,936).
+    tiny = json.loads((Path(folder) / "config.json").read_text())
+    names = ("pad", "eos", "audio_bos", "audio_eos", "audio")
+    ids = {k: tiny[f"{k}_token_id"] for k in names}
     with torch.device(device):
         model = VibeVoiceForConditionalGeneration._from_config(
-            full_size_config(), dtype=torch.bfloat16
+            full_size_config(ids), dtype=torch.bfloat16
         )
+    # Random weights never pick the audio token: the sequence_bias makes every token audio.
+    configure_generation(model.generation_config, ids["audio"], bias=True)
+    model.generation_config.pad_token_id = ids["pad"]
+    model.generation_config.eos_token_id = ids["eos"]
+    model.generation_config.bos_token_id = None
     model.save_pretrained(folder)
 
 
@@ -196,7 +274,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a VibeVoice folder in the HF layout")
     ap.add_argument("--build-full-size", metavar="DIR", help="save the 1.5B architecture here")
-    ap.add_argument("--gpu", type=int, default=0)
+    ap.add_argument("--gpu", type=int, default=0, help="-1: the CPU (a dry run, with --tiny)")
+    ap.add_argument("--tiny", metavar="DIR", help="build the tiny model here (a CPU dry run)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     model = args.model
@@ -204,8 +283,12 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         model = build_full_size(args.build_full_size)
         print(f"built {model} in {time.monotonic() - t0:.0f} s", flush=True)
+    if args.tiny:
+        from workers.checkpoints.tiny import ensure_tiny_model
+
+        model = ensure_tiny_model(args.tiny)
     if not model:
-        ap.error("give --model DIR or --build-full-size DIR")
+        ap.error("give --model DIR, --build-full-size DIR or --tiny DIR")
     res = respawn_on_gpu(model, args.gpu)
     print(json.dumps(res, indent=1, default=str))
     if args.out:

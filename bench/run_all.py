@@ -1,18 +1,21 @@
 """Run every benchmark, then rewrite docs/PERFORMANCE.md and docs/img/*.png.
 
-    make bench                     (= python bench/run_all.py)
-    python bench/run_all.py --quick --doc /tmp/perf.md --img-dir /tmp/img   (development)
+    make bench                     (= python -m bench)
+    python -m bench --quick --doc /tmp/perf.md --img-dir /tmp/img   (development)
+    python -m bench --render-from DIR   (the record again, from a --keep DIR)
 
 Each section runs in its own process (its own pool, nothing left over for the
-next) and leaves its figures as JSON in a temporary folder; this script turns
-them into the record, with the machine, the date and the command. Sections:
+next) and leaves its figures as JSON in a temporary folder; bench/report.py
+turns them into the record, with the machine, the date and the command. Each
+section is a package: `run.py` measures (`python -m bench.<section>.run --out
+FILE`), `record.py` writes its part of the record from the figures.
 
-    scheduling.py         policies against the central-queue bound
-    dispatch_overhead.py  zero-work latency, decisions/s, HTTP against a bare handler
-    recovery.py           SIGKILLs at 80% load: lost, duplicated, detection, re-dispatch
-    respawn.py            SIGKILL a tiny-model worker: kill to ready, zygote against spawn
-    bench_tiny_cpu.py     the real tiny model on CPU (when the file is there)
-    ray_peer.py           Ray Serve beside the pool (when the file is there)
+    scheduling/   policies against the central-queue bound
+    overhead/     zero-work latency, decisions/s, HTTP against a bare handler
+    recovery/     SIGKILLs at 80% load: lost, duplicated, detection, re-dispatch
+    respawn/      SIGKILL a tiny-model worker: kill to ready, zygote against spawn
+    tiny/         the real tiny model on CPU
+    ray_peer/     Ray Serve beside the pool
 
 bench_gpu_1p5b.py needs a GPU and is listed, not run. A failed section is
 recorded as failed and the script exits non-zero after writing the rest.
@@ -28,28 +31,26 @@ import tempfile
 import time
 from pathlib import Path
 
-import common
+from bench import common
 
-BENCH = common.ROOT / "bench"
-SECTIONS = (
-    ("scheduling", "scheduling.py", 900),
-    ("overhead", "dispatch_overhead.py", 600),
-    ("recovery", "recovery.py", 900),
-    ("respawn", "respawn.py", 600),
+SECTIONS = (  # name, the module that measures it, its time limit in seconds
+    ("scheduling", "bench.scheduling.run", 900),
+    ("overhead", "bench.overhead.run", 600),
+    ("recovery", "bench.recovery.run", 900),
+    ("respawn", "bench.respawn.run", 600),
+    ("tiny", "bench.tiny.run", 900),
+    ("ray", "bench.ray_peer.run", 900),
 )
-TINY = ("tiny", "bench_tiny_cpu.py", 900)
-PEER = ("ray", "ray_peer.py", 900)
-GPU_SCRIPT = "bench_gpu_1p5b.py"
 BUDGET_S = 15 * 60
 
 
-def run_section(name: str, script: str, timeout: int, tmp: Path, quick: bool) -> dict:
+def run_section(name: str, module: str, timeout: int, tmp: Path, quick: bool) -> dict:
     out = tmp / f"{name}.json"
     log = tmp / f"{name}.log"
-    cmd = [sys.executable, str(BENCH / script), "--out", str(out)]
+    cmd = [sys.executable, "-m", module, "--out", str(out)]
     if quick and name != "tiny":
         cmd.append("--quick")
-    print(f"== {name}: bench/{script}", flush=True)
+    print(f"== {name}: python -m {module}", flush=True)
     t = time.monotonic()
     stdout_lines: list[str] = []
     with open(log, "w") as err:
@@ -130,12 +131,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="vvp-bench-") as tmp:
         where = Path(args.keep) if args.keep else Path(tmp)
         where.mkdir(parents=True, exist_ok=True)
-        plan = list(SECTIONS)
-        plan += [extra for extra in (TINY, PEER) if (BENCH / extra[1]).exists()]
-        for name, script, timeout in plan:
+        for name, module, timeout in SECTIONS:
             if args.only and name not in args.only:
                 continue
-            sections[name] = run_section(name, script, timeout, where, args.quick)
+            sections[name] = run_section(name, module, timeout, where, args.quick)
         info["load_after"] = common.load_average()
         info["seconds"] = time.monotonic() - t_start
         if args.keep:
@@ -144,7 +143,7 @@ def main(argv=None) -> int:
 
 
 def write_record(info: dict, sections: dict, args) -> int:
-    import report
+    from bench import report
 
     img_dir = Path(args.img_dir)
     img_dir.mkdir(parents=True, exist_ok=True)

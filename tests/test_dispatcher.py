@@ -107,10 +107,10 @@ def test_a_request_that_took_down_two_workers_is_quarantined(board):
     d = Dispatcher(board, max_attempts=2)
     up(board, d, 0)
     h = d.submit(req(1, text="[[crash]]"))
-    d.on_message(0, m.Started("r1", 1, at=1.0))
+    d.on_message(0, m.Started("r1", at=1.0))
     d.worker_lost(0, "killed by SIGKILL")
     up(board, d, 1)
-    d.on_message(1, m.Started("r1", 1, at=2.0))
+    d.on_message(1, m.Started("r1", at=2.0))
     d.worker_lost(1, "killed by SIGKILL")
     assert isinstance(h.outcome, m.Failed) and h.outcome.error == m.ErrorKind.WORKER_LOST
     with pytest.raises(m.PoolError, match="2 workers"):
@@ -134,14 +134,14 @@ def test_a_replayed_stream_skips_audio_already_delivered(board):
 
 
 def test_a_request_still_waiting_in_a_dead_workers_queue_is_not_blamed(board):
-    d = Dispatcher(board, max_attempts=2, bind_at_arrival=True)
-    up(board, d, 0)
+    d = Dispatcher(board, max_attempts=2)
+    up(board, d, 0, capacity=2)  # r2 is in the worker's queue, behind r1
     running, waiting = d.submit(req(1)), d.submit(req(2))
-    d.on_message(0, m.Started("r1", 1, at=1.0))
+    d.on_message(0, m.Started("r1", at=1.0))
     for slot in (0, 1):  # two workers die, r2 never started on either
         d.worker_lost(slot, "killed by SIGKILL")
-        up(board, d, slot + 1)
-        d.on_message(slot + 1, m.Started("r1", 1, at=2.0))
+        up(board, d, slot + 1, capacity=2)
+        d.on_message(slot + 1, m.Started("r1", at=2.0))
     assert running.outcome.error == m.ErrorKind.WORKER_LOST
     assert not waiting.done
 
@@ -181,7 +181,10 @@ def test_expired_requests_time_out(board):
     now = [100.0]
     d = Dispatcher(board, clock=lambda: now[0])
     h = d.submit(req(1))  # no worker: waits in the queue
-    h.submitted_at = 100.0
+    assert h.submitted_at == 100.0  # the handle reads the dispatcher's clock
+    now[0] = 149.0
+    d.expire(50.0)
+    assert not h.done
     now[0] = 200.0
     d.expire(50.0)
     assert h.outcome.error == m.ErrorKind.TIMEOUT and d.queue_length() == 0
@@ -192,10 +195,10 @@ def test_listeners_get_typed_events_in_order(board):
 
     d = Dispatcher(board)
     seen = []
-    d.listeners.append(seen.append)
+    d.subscribe(seen.append)
     up(board, d, 0)
     h = d.submit(req(1))
-    d.on_message(0, m.Started("r1", 1, at=5.0))
+    d.on_message(0, m.Started("r1", at=5.0))
     d.on_message(0, m.Chunk("r1", 0, np.zeros(2400, np.float32)))
     d.worker_lost(0, "killed")
     up(board, d, 1)
@@ -226,7 +229,8 @@ def test_a_handle_has_several_readers_that_wait_rather_than_poll():
     pcm = np.ones(2400, np.float32)
 
     async def read() -> list:
-        return [type(e).__name__ async for e in h.events()]
+        await h.started()
+        return [len(p) async for p in h.stream()]
 
     async def main():
         readers = [asyncio.create_task(read()) for _ in range(2)]
@@ -244,6 +248,94 @@ def test_a_handle_has_several_readers_that_wait_rather_than_poll():
         late = await read()  # a reader that comes after the end reads it all too
         return got + [late]
 
-    every = ["Started", "Chunk", "Chunk", "Chunk", "Done"]
+    every = [2400, 2400, 2400]
     assert asyncio.run(main()) == [every, every, every]
-    assert h.samples == 7200 and not h._wakers
+    assert h.samples == 7200 and not h._wakers and isinstance(h.outcome, m.Done)
+
+
+def test_a_handle_read_raises_the_typed_error_after_the_audio_before_it():
+    import asyncio
+
+    from vibevoice_pool.pool.handle import RequestHandle
+
+    h = RequestHandle(req(1), lambda _: None)
+    h.push(m.Started("r1"))
+    h.push(m.Chunk("r1", 0, np.ones(100, np.float32)))
+    h.push(m.Failed("r1", m.ErrorKind.OUT_OF_MEMORY, "too long", retryable=True))
+    got = []
+
+    async def read():
+        await h.started()  # it did start: the failure comes later
+        async for pcm in h.stream():
+            got.append(len(pcm))
+
+    with pytest.raises(m.PoolError) as e:
+        asyncio.run(read())
+    assert got == [100] and e.value.kind is m.ErrorKind.OUT_OF_MEMORY and e.value.retryable
+
+    early = RequestHandle(req(2), lambda _: None)
+    early.push(m.Failed("r2", m.ErrorKind.CANCELLED, "cancelled"))
+    with pytest.raises(m.PoolError) as e:
+        asyncio.run(early.started())  # failed before any worker began it
+    assert e.value.kind is m.ErrorKind.CANCELLED
+
+
+def test_listeners_run_outside_the_lock_a_slow_one_delays_no_submit(board):
+    import threading
+    import time
+
+    from vibevoice_pool.pool import events as ev
+
+    d = Dispatcher(board)
+    up(board, d, 0, capacity=8)
+    holding, seen = threading.Event(), []
+
+    def slow(event) -> None:
+        seen.append(type(event))
+        if isinstance(event, ev.Finished) and not holding.is_set():
+            holding.set()
+            time.sleep(1.0)  # the log on a stuck disk, say
+
+    d.subscribe(slow)
+    first = d.submit(req(1))
+    finisher = threading.Thread(target=d.on_message, args=(0, m.Done("r1", 0.1, 0.1)))
+    finisher.start()  # as the supervisor's thread: delivers Finished, held for 1 s
+    assert holding.wait(5)
+    t0 = time.monotonic()
+    second = d.submit(req(2))  # another thread submits while the listener is held
+    took = time.monotonic() - t0
+    finisher.join(5)
+    assert took < 0.5, took
+    assert first.done and not second.done and d.pending() == 1
+    # nothing is lost: the held thread delivered the second Dispatched after it was done
+    assert seen == [ev.Dispatched, ev.Finished, ev.Dispatched]
+
+
+def test_a_listener_that_raises_is_logged_and_the_rest_still_hear(board, caplog):
+    d = Dispatcher(board)
+    heard = []
+
+    def broken(event) -> None:
+        raise RuntimeError("a bug in a listener")
+
+    d.subscribe(broken)
+    d.subscribe(heard.append)
+    up(board, d, 0)
+    d.submit(req(1))
+    assert len(heard) == 1 and "a pool listener failed" in caplog.text
+    d.unsubscribe(broken)
+    d.on_message(0, m.Done("r1", 0.1, 0.1))
+    assert len(heard) == 2
+
+
+def test_a_remote_traceback_goes_to_the_log_and_never_to_the_client(board, caplog):
+    d = Dispatcher(board)
+    up(board, d, 0)
+    h = d.submit(req(1))
+    tb = 'Traceback (most recent call last):\n  File "step.py", line 9, in step\nKeyError: 3\n'
+    d.on_message(0, m.Failed("r1", m.ErrorKind.ENGINE_ERROR, "KeyError: 3", traceback=tb))
+    assert 'File "step.py", line 9, in step' in caplog.text and "request r1" in caplog.text
+    assert h.outcome.traceback == "" and h.outcome.message == "KeyError: 3"
+    with pytest.raises(m.PoolError) as e:
+        h.result(0)
+    assert "Traceback" not in str(e.value) and e.value.traceback == ""

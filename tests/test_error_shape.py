@@ -149,6 +149,8 @@ def test_openapi_declares_what_the_guards_answer(srv):
     for (path, method), responses in ops.items():
         assert "bad_host" in codes_of(responses["400"]), (path, method)
         assert codes_of(responses["408"]) == {"timeout"}, (path, method)
+        assert "too_many_streams" in codes_of(responses["429"]), (path, method)
+        assert codes_of(responses["431"]) == {"headers_too_large"}, (path, method)
         if method in ("post", "put", "patch", "delete"):
             assert "cross_site" in codes_of(responses["403"]), (path, method)
         else:
@@ -159,7 +161,7 @@ def test_openapi_declares_what_the_guards_answer(srv):
         assert codes_of(ops[key]["403"]) == {"cross_site", "admin_needs_json"}, key
     assert "admin_needs_json" not in codes_of(ops[("/v1/jobs", "post")]["403"])
     for key in [k for k in ops if k[0] in ("/login", "/login/") and k[1] == "post"]:
-        assert codes_of(ops[key]["429"]) == {"login_throttled"}, key
+        assert codes_of(ops[key]["429"]) == {"login_throttled", "too_many_streams"}, key
     headers = ops[("/v1/jobs", "post")]["202"]["headers"]
     assert {"X-Owner-Token", "Location"} <= set(headers)
 

@@ -1,6 +1,6 @@
-"""The guards against hostile clients, one at a time with fakes: connection
-deadlines and the cap (connections.py), Host and cross-site rules (origin.py),
-named keys (auth.py) and the login throttle (login_throttle.py). The same
+"""The guards against hostile clients, one at a time with fakes: Host and
+cross-site rules (origin.py), named keys (auth.py) and the login throttle
+(login_throttle.py); the connection guard's are in test_connections.py. The same
 guards face real sockets and a real server in test_hostile.py and test_auth.py."""
 
 from __future__ import annotations
@@ -14,14 +14,6 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from vibevoice_pool.api.auth import KeyFileError, key_ring, load_keys, single_key_owner
-from vibevoice_pool.api.connections import (
-    BODY,
-    BUSY,
-    FD_RESERVE,
-    IDLE,
-    ConnectionGuard,
-    connection_cap,
-)
 from vibevoice_pool.api.login_throttle import LoginThrottle, client_key
 from vibevoice_pool.api.origin import BrowserGuard, allowed_hosts, host_allowed, is_cross_site
 
@@ -32,104 +24,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-class FakeTransport:
-    def __init__(self):
-        self.written = b""
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
-# ---- connections -----------------------------------------------------------
-
-
-def guard(clock, cap=4) -> ConnectionGuard:
-    g = ConnectionGuard(
-        max_connections=cap,
-        header_timeout_s=10,
-        body_timeout_s=10,
-        body_min_rate=1000,
-        clock=clock,
-    )
-    g._arm = lambda: None  # no event loop here: the test sweeps by hand
-    return g
-
-
-def test_headers_past_their_deadline_get_408_and_are_closed():
-    clock = Clock()
-    g = guard(clock)
-    slow, t_slow = object(), FakeTransport()
-    quick, t_quick = object(), FakeTransport()
-    silent, t_silent = object(), FakeTransport()
-    assert g.opened(slow, t_slow) and g.opened(quick, t_quick) and g.opened(silent, t_silent)
-    g.heard(slow)  # a few bytes of headers, never finished
-    clock.t += 5
-    g.phase(quick, BODY)
-    g.phase(quick, BUSY)  # its request is in: no deadline while the app works
-    clock.t += 5.5
-    assert g.sweep() == 2
-    assert t_slow.closed and t_slow.written.startswith(b"HTTP/1.1 408 ")
-    assert t_silent.closed and t_silent.written == b""  # nothing asked, nothing answered
-    assert not t_quick.closed and g.stats()["open"] == 1
-
-
-def test_a_body_must_keep_the_minimum_rate_after_its_grace():
-    clock = Clock()
-    g = guard(clock)
-    p, t = object(), FakeTransport()
-    g.opened(p, t)
-    g.phase(p, BODY)
-    for _ in range(30):  # 500 bytes a second against a minimum of 1,000
-        clock.t += 1
-        g.body(p, 500)
-        g.sweep()
-        if t.closed:
-            break
-    # 10 s of grace + received/1000: caught up when 500*t > 1000*(t-10), t = 20 s
-    assert t.closed and 19 <= clock.t - 1000 <= 21
-    fast, tf = object(), FakeTransport()
-    g.opened(fast, tf)
-    g.phase(fast, BODY)
-    for _ in range(60):  # at the minimum rate it is never cut
-        clock.t += 1
-        g.body(fast, 1000)
-        assert g.sweep() == 0
-
-
-def test_at_the_cap_the_oldest_header_sender_makes_room_and_busy_ones_stay():
-    clock = Clock()
-    g = guard(clock, cap=3)
-    conns = [(object(), FakeTransport()) for _ in range(5)]
-    for p, t in conns[:3]:
-        assert g.opened(p, t)
-        g.heard(p)
-        clock.t += 1
-    g.phase(conns[0][0], BUSY)
-    assert g.opened(*conns[3])  # evicts conns[1], the oldest still sending headers
-    assert conns[1][1].closed and not conns[0][1].closed
-    for p, _ in conns[2:4]:
-        g.phase(p, BUSY)
-    # every connection busy: the new one is refused with 503
-    assert not g.opened(*conns[4])
-    assert conns[4][1].written.startswith(b"HTTP/1.1 503 ") and conns[4][1].closed
-    g.phase(conns[2][0], IDLE)  # an idle keep-alive is evicted when nothing else is
-    assert g.opened(object(), FakeTransport()) and conns[2][1].closed
-    assert g.stats()["evicted"] == 2 and g.stats()["refused"] == 1
-
-
-def test_the_cap_leaves_file_handles_for_the_server():
-    assert connection_cap(1000, nofile=1024) == 1024 - FD_RESERVE
-    assert connection_cap(1000, nofile=1024, in_use=100) == 1024 - 100 - FD_RESERVE
-    assert connection_cap(1000, nofile=1 << 20) == 1000
 
 
 # ---- origins ------------------------------------------------------------------

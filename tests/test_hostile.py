@@ -240,6 +240,95 @@ def test_a_body_trickled_byte_by_byte_is_cut(srv):
     assert 9 <= took < 15, took  # body_timeout_s is 10 s; 10 bytes buy 10 ms more
 
 
+def read_until_closed(s: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes (or limit_s); and when it closed."""
+    t0 = time.monotonic()
+    got = b""
+    s.settimeout(0.5)
+    while time.monotonic() - t0 < limit_s:
+        try:
+            part = s.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not part:
+            break
+        got += part
+    return got, time.monotonic() - t0
+
+
+def test_a_megabyte_of_headers_gets_431(srv):
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        try:
+            s.sendall(b"a" * MB + b"\r\n\r\n")
+        except OSError:
+            pass  # refused before it was all sent
+        answer, _ = read_until_closed(s, 10)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b'"code": "headers_too_large"' in answer
+    # 10,000 short headers: 431 too; 60 KB of them is served
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
+    smaller = b"X-Pad: " + b"p" * 60_000 + b"\r\n"
+    for headers, status in ((many, b"431"), (smaller, b"200")):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n")
+            s.shutdown(socket.SHUT_WR)
+            answer, _ = read_until_closed(s, 10)
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    # small headers and a large body in one write: the body does not count as headers
+    body = b'{"script": "Speaker 1: hi"' + b" " * 300_000 + b"}"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/synthesize HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        answer, _ = read_until_closed(s, 30)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"RIFF" in answer, answer[:300]
+
+
+def test_two_host_headers_get_400(srv):
+    for hosts in (b"Host: evil.example\r\nHost: 127.0.0.1\r\n", b"Host: 127.0.0.1\r\n" * 2):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"GET /v1/pool HTTP/1.1\r\n" + hosts + b"\r\n")
+            answer, _ = read_until_closed(s, 10)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert b'"code": "bad_host"' in answer and b"more than one Host" in answer
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer, _ = read_until_closed(s, 10)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"code": "bad_input"' in answer
+    assert "Invalid HTTP request" not in srv.log()  # counted, not a log line each
+
+
+@pytest.mark.parametrize(
+    "host,status", [("attacker.example", b"400"), ("127.0.0.1", b"413")], ids=["bad_host", "413"]
+)
+def test_an_answered_body_that_keeps_trickling_is_closed(srv, host, status):
+    """Answered before its body came (a foreign Host; a body over the limit): the
+    connection is closed within seconds, however the client keeps sending."""
+    length = 10**6 if status == b"400" else 10**9
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(
+            f"POST /v1/synthesize HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{".encode()
+        )
+        answer = s.recv(4096)
+        t0 = time.monotonic()
+        closed = False
+        while time.monotonic() - t0 < 15:
+            try:
+                s.sendall(b" ")  # a byte every 0.2 s, for as long as the server takes it
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.2)
+        took = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+    assert closed and took < 6, took
+
+
 # ---- browser origins ------------------------------------------------------------
 
 

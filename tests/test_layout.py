@@ -7,6 +7,7 @@ import cannot hide a circle or an arrow that runs back up.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +86,31 @@ def test_no_import_circles():
 
 
 def test_no_module_over_500_lines():
-    long = {n: len(p.read_text().splitlines()) for n, p in modules().items()}
+    files = {n: p for n, p in modules().items()}
+    files |= {p.relative_to(ROOT).as_posix(): p for p in (ROOT / "bench").rglob("*.py")}
+    long = {n: len(p.read_text().splitlines()) for n, p in files.items()}
     assert {n: k for n, k in long.items() if k > 500} == {}
+
+
+# standalone scripts for a GPU machine, run as `python bench/<name>.py` (gpu_all.py runs
+# the others); everything else in bench/ is the package
+GPU_SCRIPTS = ("bench_gpu_1p5b.py", "gpu_respawn.py", "gpu_pool.py", "gpu_all.py")
+
+
+def test_the_benchmarks_are_a_package_that_edits_no_import_path():
+    bench = ROOT / "bench"
+    for folder in [bench, *(p for p in bench.iterdir() if p.is_dir() and p.name != "__pycache__")]:
+        assert (folder / "__init__.py").exists(), folder
+    sections = sorted(p.parent.name for p in bench.glob("*/run.py"))
+    assert sections == sorted(p.parent.name for p in bench.glob("*/record.py"))
+    assert len(sections) >= 5, sections
+    edits = [
+        p.relative_to(ROOT).as_posix()
+        for p in bench.rglob("*.py")
+        if p.name not in GPU_SCRIPTS
+        and re.search(r"sys\.path\s*(\[|\.insert|\.append|=)", p.read_text())
+    ]
+    assert edits == []
 
 
 def test_at_most_a_dozen_modules_at_the_top():

@@ -67,8 +67,8 @@ def test_replica_batches_concurrent_requests():
 
     results = asyncio.run(many())
     assert all(isinstance(r[-1], m.Done) for r in results)
-    sizes = [r[0].batch_size for r in results]
-    assert max(sizes) > 1, sizes  # they shared a batch
+    starts = [r[0].at for r in results]  # rows that join at one step boundary share its time
+    assert len(set(starts)) < len(starts), starts  # they shared a batch
 
 
 def test_replica_fails_a_row_with_its_typed_kind():

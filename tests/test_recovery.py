@@ -102,6 +102,26 @@ def test_a_stuck_engine_is_killed_by_the_stall_timeout(sim_pool):
         assert e.value.kind == m.ErrorKind.WORKER_LOST
 
 
+def test_a_stalled_worker_leaves_its_python_stack_in_the_log(sim_pool, caplog):
+    caplog.set_level("WARNING", logger="vibevoice_pool")
+    with sim_pool(gpus="cpu:1", stall_timeout_s=1.0) as pool:
+        victim = worker(pool, 0)
+        stuck = submit(pool, text="Speaker 1: this one hangs [[hang]]")
+        with pytest.raises(m.PoolError) as e:
+            stuck.result(timeout=60)
+        assert e.value.kind == m.ErrorKind.WORKER_LOST
+        assert "Traceback" not in e.value.message  # the stack is for the log, not the client
+    # one stack per worker it stalled (it is replayed once, then quarantined)
+    stacks = [r.getMessage() for r in caplog.records if "stack when it ended" in r.getMessage()]
+    assert stacks and f"pid {victim['pid']}" in stacks[0], caplog.text
+    stack = stacks[0]
+    # where it was stuck: the sim's step, waiting on an event that never comes, called
+    # by the worker loop; and every other thread (heartbeat, death pipe) too
+    assert "engines/sim.py" in stack and "in step" in stack and "in wait" in stack
+    assert "host/worker.py" in stack and "in _loop" in stack and "in _beat" in stack
+    assert "killed by SIGKILL" in caplog.text  # asked first, then killed
+
+
 def test_a_poisoned_request_is_quarantined_after_two_lost_workers(sim_pool):
     with sim_pool(gpus="cpu:2", sim_rtf=0.1) as pool:
         poison = submit(pool, text="Speaker 1: this one crashes [[crash]]")
@@ -133,6 +153,27 @@ def test_engine_errors_fail_the_request_and_the_worker_lives_on(sim_pool):
             assert e.value.kind == kind
         assert len(submit(pool).result(timeout=30)) == expected_samples(TEXT)
         assert worker(pool, 0)["pid"] == pid and worker(pool, 0)["restarts"] == 0
+
+
+def test_an_engine_bug_leaves_its_traceback_in_the_log_and_its_message_to_the_client(
+    sim_pool, caplog
+):
+    caplog.set_level("ERROR", logger="vibevoice_pool")
+    with sim_pool(gpus="cpu:1") as pool:
+        pid = worker(pool, 0)["pid"]
+        # poisoned: a turn whose text is not text, built past the API's checks
+        poisoned = m.Request(id=pool.dispatcher.new_id(), turns=(m.Turn(0, None),))
+        with pytest.raises(m.PoolError) as e:
+            pool.submit(poisoned).result(timeout=30)
+        assert e.value.kind == m.ErrorKind.ENGINE_ERROR
+        assert e.value.message.startswith("TypeError:") and "Traceback" not in e.value.message
+        assert len(submit(pool).result(timeout=30)) == expected_samples(TEXT)
+        assert worker(pool, 0)["pid"] == pid  # the worker lived on
+    logged = [r.getMessage() for r in caplog.records if "failed in worker 0" in r.getMessage()]
+    assert len(logged) == 1, caplog.text
+    # the worker's own traceback, carried home: where in the engine it broke
+    assert "Traceback (most recent call last)" in logged[0]
+    assert "engines/sim.py" in logged[0] and "in prepare" in logged[0]
 
 
 def test_cancel_mid_generation_frees_the_slot(sim_pool):

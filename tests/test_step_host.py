@@ -11,6 +11,7 @@ from workers.wire.messages import ErrorKind, PoolError, Request, Turn
 class Sink:
     def __init__(self):
         self.events: list[tuple] = []
+        self.errors: dict[str, PoolError] = {}
 
     def chunk(self, rid, pcm):
         self.events.append(("chunk", rid))
@@ -21,6 +22,7 @@ class Sink:
     def fail(self, rid, error):
         assert isinstance(error, PoolError)
         self.events.append(("fail", rid, error.kind))
+        self.errors[rid] = error
 
     def step(self):
         self.events.append(("step",))
@@ -31,12 +33,12 @@ def req(rid: str, seconds: float, attempt: int = 1) -> Request:
     return Request(id=rid, turns=(Turn(0, text),), attempt=attempt)
 
 
-def host(rows: int = 4, idle_only: bool = False) -> tuple[StepHost, Sink]:
+def host(rows: int = 4) -> tuple[StepHost, Sink]:
     spec = EngineSpec(engine="sim", max_batch_size=rows, sim_rtf=0.0, sim_chunk_s=0.5)
     engine = SimEngine(spec)
     engine.load()
     sink = Sink()
-    return StepHost(engine, sink, admit_only_when_idle=idle_only), sink
+    return StepHost(engine, sink), sink
 
 
 def run(h: StepHost, joins: dict[int, list[Request]]) -> list[list[str]]:
@@ -61,13 +63,6 @@ def test_the_live_row_limit_holds_and_a_freed_row_is_taken_at_once():
     h, _ = host(rows=2)
     joined = run(h, {0: [req("a", 1.0), req("b", 3.0), req("c", 1.0)]})
     assert joined[0] == ["a", "b"] and joined[2] == ["c"]  # a ends after 2 steps
-
-
-def test_static_mode_admits_only_into_an_empty_engine():
-    h, _ = host(rows=4, idle_only=True)
-    joined = run(h, {0: [req("a", 1.0), req("b", 3.0)], 1: [req("c", 0.5)]})
-    assert joined[0] == ["a", "b"] and joined[6] == ["c"]  # after b's 6 steps
-    assert all(not j for k, j in enumerate(joined) if k not in (0, 6))
 
 
 def test_a_replay_runs_alone():
@@ -102,6 +97,10 @@ def test_an_engine_error_fails_every_open_row_and_the_host_goes_on(monkeypatch):
     h.step()
     fails = {e[1]: e[2] for e in sink.events if e[0] == "fail"}
     assert fails == {"a": ErrorKind.ENGINE_ERROR, "b": ErrorKind.ENGINE_ERROR}
+    err = sink.errors["a"]  # the message is for clients; the traceback is for the log
+    assert err.message == "RuntimeError: device lost"
+    assert "Traceback" in err.traceback and "in broken" in err.traceback
+    assert repr(err) == "PoolError(engine_error: RuntimeError: device lost)"
     monkeypatch.undo()
     assert run(h, {0: [req("c", 0.5)]})[0] == ["c"]
     assert ("finish", "c") in sink.events

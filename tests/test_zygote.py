@@ -215,3 +215,26 @@ def test_a_stopped_zygote_does_not_block_a_respawn(sim_pool):
             os.kill(zygote.pid, signal.SIGCONT)
         _, pid = kill_and_wait(pool, 0, timeout=30)
         assert ppid(pid) == zygote.pid  # running again: forked
+
+
+def test_a_zygote_whose_imports_loaded_the_cuda_driver_is_not_used_and_workers_spawn(
+    monkeypatch,
+):
+    # The preload maps a file named like the CUDA driver (tests/zygote_maps_driver.py),
+    # as a library that asked the CUDA runtime for the device count at import would.
+    # The forkserver imports its preload with the environment's path: add tests/ to it.
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    zygote = Zygote("sim")
+    zygote.preload = [*zygote.preload, "zygote_maps_driver"]
+    zygote.start(wait_s=60)
+    try:
+        assert zygote.pid is not None  # it did start and import its preload
+        with open(f"/proc/{zygote.pid}/maps") as f:
+            assert any("libcuda.so" in line for line in cuda_mappings(f.read()))
+        assert not zygote.warm
+        assert "CUDA driver" in zygote.off_reason
+        ctx, forked = zygote.context()
+        assert not forked and ctx is zygote.spawn_ctx
+    finally:
+        zygote.close()

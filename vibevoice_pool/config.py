@@ -157,10 +157,6 @@ class PoolConfig(BaseModel):
     max_queue: int = SCHEDULING(
         50, "admission queue; when full, requests are refused at once (HTTP 429)", gt=0
     )
-    bind_at_arrival: bool = SCHEDULING(
-        False,
-        "send each request to a worker's own queue on arrival (for comparison: late binding wins)",
-    )
     mem_reserve_mb: float = SCHEDULING(
         1024.0, "GPU memory in MiB a request needs beyond its length", ge=0
     )
@@ -221,11 +217,17 @@ class PoolConfig(BaseModel):
         metavar="HOSTS",
     )
     max_connections: int = FRONT(1000, "open connections at most (fit to the file limit)", gt=0)
+    client_max_connections: int = FRONT(64, "connections one client address may hold", gt=0)
+    client_max_streams: int = FRONT(32, "requests one client address may have open; else 429", gt=0)
     header_timeout_s: float = FRONT(
         10.0, "a client must send its request headers within this", gt=0
     )
-    body_timeout_s: float = FRONT(10.0, "grace before a request body must keep body_min_rate", gt=0)
+    max_header_kb: int = FRONT(64, "request line and headers at most, in KiB; else 431", ge=1)
+    body_timeout_s: float = FRONT(10.0, "a request body keeps body_min_rate over this", gt=0)
     body_min_rate: float = FRONT(1024.0, "slowest request body accepted, bytes/s", gt=0)
+    body_deadline_s: float = FRONT(120.0, "a request body must be whole within this", gt=0)
+    body_spool_kb: int = FRONT(64, "a larger request body waits on disk ($TMPDIR)", ge=1)
+    spool_limit_mb: float = FRONT(4096.0, "disk all bodies on disk at once may take, MiB", gt=0)
     max_decodes: int = FRONT(2, "voice uploads decoded at once", gt=0)
     decode_wait_s: float = FRONT(
         30.0, "longest an upload waits for a decode turn before HTTP 429", gt=0
@@ -277,6 +279,11 @@ class PoolConfig(BaseModel):
             raise ValueError(
                 f"heartbeat_s ({self.heartbeat_s}) must be at most half of hang_timeout_s "
                 f"({self.hang_timeout_s}), or a live worker looks hung"
+            )
+        if self.client_max_streams > self.client_max_connections:
+            raise ValueError(
+                f"client_max_streams ({self.client_max_streams}) must be at most "
+                f"client_max_connections ({self.client_max_connections})"
             )
         return self
 

@@ -136,7 +136,7 @@ def _uvicorn_server(app, cfg: PoolConfig):
 
     import uvicorn
 
-    from vibevoice_pool.api.connections import guarded_protocol
+    from vibevoice_pool.api.protocol import guarded_protocol
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -168,14 +168,15 @@ def _uvicorn_server(app, cfg: PoolConfig):
             port=cfg.port,
             log_level="warning",
             timeout_graceful_shutdown=max(1, int(cfg.grace_s)),
-            http=guarded_protocol(guard),  # header/body deadlines, the connection cap
+            # deadlines, caps per client and in all, the header size limit
+            http=guarded_protocol(guard, max_header_bytes=cfg.max_header_kb * 1024),
             proxy_headers=False,  # the peer is the client (login throttling counts per address)
         )
     )
 
 
 def connection_guard(cfg: PoolConfig):
-    """The deadlines and the cap of connections.py, from the settings and the file limit."""
+    """The deadlines and the caps of connections.py, from the settings and the file limit."""
     from vibevoice_pool.api.connections import ConnectionGuard, connection_cap, open_fds
 
     cap = connection_cap(cfg.max_connections, in_use=open_fds())  # workers started by now
@@ -190,6 +191,9 @@ def connection_guard(cfg: PoolConfig):
         header_timeout_s=cfg.header_timeout_s,
         body_timeout_s=cfg.body_timeout_s,
         body_min_rate=cfg.body_min_rate,
+        body_deadline_s=cfg.body_deadline_s,
+        client_max_connections=cfg.client_max_connections,
+        client_max_streams=cfg.client_max_streams,
     )
 
 

@@ -37,6 +37,7 @@ from vibevoice_pool.api.speech import (
     run_to_response,
     stream_response,
 )
+from vibevoice_pool.api.spool import BodySpool
 from workers.wire import messages as m
 
 log = logging.getLogger("vibevoice_pool")
@@ -131,7 +132,14 @@ def native_router(front: Front) -> APIRouter:
 
 
 def _middlewares(app: FastAPI, front: Front) -> None:
-    """Outermost last: CORS (only when configured), then the key, then the body limit."""
+    """Outermost last: CORS (only when configured), then the key, then the body limit,
+    then the spool that holds large bodies on disk until they are whole (spool.py)."""
+    app.add_middleware(
+        BodySpool,
+        spool_bytes=front.cfg.body_spool_kb * 1024,
+        max_bytes=front.max_body_bytes,
+        total_bytes=int(front.cfg.spool_limit_mb * (1 << 20)),
+    )
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=front.max_body_bytes, on_refused=front.activity.refused
     )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 from typing import Literal
@@ -48,6 +49,7 @@ from vibevoice_pool.api.speech import (
     STREAM_HEADERS,
     Speaker,
     SynthesizeBody,
+    encoded,
     headers_for,
     run_to_response,
     stream_response,
@@ -96,7 +98,7 @@ class SpeechBody(BaseModel):
         None, description="stream while it is made (default: yes, but flac whole)"
     )
     seed: int | None = Field(None, ge=0, lt=2**31)
-    cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
+    cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE)
     inference_steps: int | None = Field(None, ge=1, le=100)
 
 
@@ -141,10 +143,10 @@ def streams(body: SpeechBody, fmt: str) -> bool:
 
 async def _sse(handle, fmt: str, extra_headers: dict):
     """OpenAI's speech events: speech.audio.delta (base64) ..., speech.audio.done."""
-    events = handle.events()
-    first = await anext(events)
-    if isinstance(first, m.Failed):
-        return error_response(m.PoolError(first.error, first.message))
+    try:
+        await handle.started()
+    except m.PoolError as e:
+        return error_response(e)
     enc = encoders.StreamEncoder(fmt)
 
     def event(obj: dict) -> bytes:
@@ -152,39 +154,21 @@ async def _sse(handle, fmt: str, extra_headers: dict):
 
     async def body():
         try:
-            head = await encoders.run(enc, enc.start)
-            event_ = first
-            while True:
-                if isinstance(event_, m.Chunk):
-                    data = head + await encoders.run(enc, enc.push, event_.pcm)
-                    head = b""
+            async with contextlib.aclosing(encoded(handle, enc)) as pieces:
+                async for data in pieces:
                     if data:
                         yield event({"type": "speech.audio.delta", "audio": _b64(data)})
-                elif isinstance(event_, m.Failed):
-                    yield event(
-                        {
-                            "type": "error",
-                            "error": {"message": event_.message, "code": event_.error.value},
-                        }
-                    )
-                    return
-                elif isinstance(event_, m.Done):
-                    tail = head + await encoders.run(enc, enc.end)
-                    if tail:
-                        yield event({"type": "speech.audio.delta", "audio": _b64(tail)})
-                    yield event(
-                        {
-                            "type": "speech.audio.done",
-                            "usage": {"audio_seconds": round(event_.audio_s, 3)},
-                            "stop_reason": event_.stop_reason,
-                        }
-                    )
-                    return
-                event_ = await anext(events)
-        finally:
-            enc.close()
-            if not handle.done:
-                handle.cancel()
+        except m.PoolError as e:
+            yield event({"type": "error", "error": {"message": e.message, "code": e.kind.value}})
+            return
+        done = handle.outcome
+        yield event(
+            {
+                "type": "speech.audio.done",
+                "usage": {"audio_seconds": round(done.audio_s, 3)},
+                "stop_reason": done.stop_reason,
+            }
+        )
 
     headers = headers_for(handle) | extra_headers | STREAM_HEADERS
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)

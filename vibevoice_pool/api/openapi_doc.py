@@ -50,7 +50,9 @@ WHY = {
     "409": "Not in a state for this (the job is not done, or already ended)",
     "413": "The body is over the server's limit",
     "416": "The Range is past the end of the file",
-    "429": "The queue (or the voice decoder) is full: retry after Retry-After seconds",
+    "429": "The queue (or the voice decoder) is full, or this address has as many requests "
+    "in progress as it may: retry after Retry-After seconds",
+    "431": "The request line and headers are over the server's limit",
     "500": "The engine failed on this request",
     "502": "The request took down workers twice and was given up",
     "503": "No worker is ready (or the server is stopping): retry after Retry-After",
@@ -107,6 +109,8 @@ GUARD_CODES = {  # the error codes the guards answer with, per status (origin.py
     "400": ("bad_host",),  # a Host this server does not serve (every route)
     "403": ("cross_site",),  # a write a browser marks as from another site
     "408": ("timeout",),  # connections.py: headers or body sent too slowly
+    "429": ("too_many_streams",),  # connections.py: the address's requests in progress
+    "431": ("headers_too_large",),  # protocol.py: past max_header_kb
 }
 OWNER_TOKEN = {
     "description": "Only to a caller without a key or owner token: the token that owns "
@@ -136,14 +140,14 @@ def _guard_codes(path: str, method: str, status: str) -> tuple[str, ...]:
     if status == "403" and path.startswith(ADMIN_PREFIX):
         codes += ("admin_needs_json",)
     if status == "429" and path in LOGIN_PATHS:
-        codes = ("login_throttled",)
+        codes = ("login_throttled", *codes)
     return codes
 
 
 def _document_operation(path: str, method: str, op: dict) -> None:
     responses = op.setdefault("responses", {})
     responses.pop("422", None)
-    wanted = ["400", "408"]
+    wanted = ["400", "408", "429", "431"]  # the connection guard's, on every route
     if path not in OPEN:
         wanted.append("401")
     if method in WRITES:
@@ -153,8 +157,6 @@ def _document_operation(path: str, method: str, op: dict) -> None:
     if "requestBody" in op:
         wanted.append("413")
     wanted += ROUTE_ERRORS.get((path, method), ())
-    if path in LOGIN_PATHS and method == "post":
-        wanted.append("429")
     for status in wanted:
         codes = _guard_codes(path, method, status)
         if status in responses and not codes:

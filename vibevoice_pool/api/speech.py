@@ -18,17 +18,20 @@ front end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import audio, encoders
+from vibevoice_pool.api.auth import KeyRing
 from vibevoice_pool.api.errors import error_response, status_for
+from vibevoice_pool.api.metrics import Activity
 from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.pool.handle import RequestHandle
@@ -53,7 +56,7 @@ class SynthesizeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     script: str = Field(..., description="'Speaker 1: ...' lines; speakers 1-4 (or 0-3)")
     speakers: list[Speaker] = Field(default_factory=list, max_length=MAX_SPEAKERS)
-    cfg_scale: float = Field(1.3, ge=1.0, le=2.0)
+    cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE)
     inference_steps: int | None = Field(None, ge=1, le=100)
     seed: int | None = Field(None, ge=0, lt=2**31)
     format: str = Field("wav", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)})
@@ -61,18 +64,27 @@ class SynthesizeBody(BaseModel):
     max_audio_s: float | None = Field(None, gt=0)
 
 
+class StreamTokens(Protocol):
+    """The page's live audio streams (ui/live.LiveStreams), as the API's key check
+    sees them: a path it lets through without a key."""
+
+    def allows(self, path: str) -> bool: ...
+
+
 @dataclass
 class Front:
-    """What every route needs: the pool, the voices, the settings."""
+    """What every route needs: the pool, the voices, the settings, and the services
+    launch adds (each None until then)."""
 
     pool: Pool
     voices: VoiceLibrary
     cfg: PoolConfig  # cfg.api_key is the resolved key (auth.resolve_api_key)
-    activity: Any = None  # api.metrics.Activity; made by create_app when not given
+    activity: Activity | None = None  # made by create_app when not given
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
-    stream_tokens: object = field(default=None, repr=False)  # the page's live streams
-    jobs: Any = None  # the JobRunner (vibevoice_pool/jobs/runner.py), set at launch
-    keys: Any = None  # auth.KeyRing (--api-key and --api-keys), set at launch
+    stream_tokens: StreamTokens | None = field(default=None, repr=False)
+    # the JobRunner (jobs/runner.py, which imports this module: so not named here)
+    jobs: object | None = None
+    keys: KeyRing | None = None  # --api-key and --api-keys, set at launch
 
     def refused(self, err: m.PoolError) -> None:
         """Count an error answered before admission (for /metrics)."""
@@ -150,9 +162,10 @@ async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> 
     """Wait for the whole result, then answer it encoded as `fmt`."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
     try:
-        async for event in handle.events():
-            if isinstance(event, m.Failed):
-                return error_response(m.PoolError(event.error, event.message))
+        async for _ in handle.stream():
+            pass
+    except m.PoolError as e:
+        return error_response(e)
     finally:
         watcher.cancel()
     pcm = handle.audio()
@@ -163,34 +176,39 @@ async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> 
     return Response(data, media_type=ctype, headers=headers_for(handle, len(pcm) / m.SAMPLE_RATE))
 
 
+async def encoded(handle: RequestHandle, enc: encoders.StreamEncoder):
+    """The handle's audio through `enc` as it is made: the header, each chunk's bytes,
+    the tail. Raises the PoolError the request failed with; the encoder is closed, and
+    a request still running when its reader stops (the client went away) is cancelled."""
+    try:
+        yield await encoders.run(enc, enc.start)
+        async for pcm in handle.stream():
+            data = await encoders.run(enc, enc.push, pcm)
+            if data:
+                yield data
+        yield await encoders.run(enc, enc.end)
+    finally:
+        enc.close()
+        if not handle.done:
+            handle.cancel()
+
+
 async def stream_response(handle: RequestHandle, fmt: str) -> Response:
     """Stream audio as the worker makes it. Waits for Started so X-Worker is known."""
-    events = handle.events()
-    first = await anext(events)
-    if isinstance(first, m.Failed):
-        return error_response(m.PoolError(first.error, first.message))
+    try:
+        await handle.started()
+    except m.PoolError as e:
+        return error_response(e)
     enc = encoders.StreamEncoder(fmt)
 
     async def body():
         try:
-            yield await encoders.run(enc, enc.start)
-            event = first
-            while True:
-                if isinstance(event, m.Chunk):
-                    data = await encoders.run(enc, enc.push, event.pcm)
-                    if data:
-                        yield data
-                elif isinstance(event, m.Failed):
-                    log.warning("stream %s ended early: %s", handle.id, event.message)
-                    return  # headers are sent; the short body is the signal
-                elif isinstance(event, m.Done):
-                    yield await encoders.run(enc, enc.end)
-                    return
-                event = await anext(events)
-        finally:
-            enc.close()
-            if not handle.done:
-                handle.cancel()  # the client went away mid-stream
+            async with contextlib.aclosing(encoded(handle, enc)) as pieces:
+                async for data in pieces:
+                    yield data
+        except m.PoolError as e:
+            log.warning("stream %s ended early: %s", handle.id, e.message)
+            # headers are sent; the short body is the signal
 
     headers = headers_for(handle) | STREAM_HEADERS
     return StreamingResponse(body(), media_type=enc.content_type, headers=headers)

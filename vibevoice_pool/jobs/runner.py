@@ -375,12 +375,14 @@ class JobRunner:
     async def _follow(self, live: _Live) -> None:
         handle = live.handle
         try:
-            async for event in handle.events():
-                if isinstance(event, m.Started):
-                    live.worker = handle.worker
-                    self.store.note_worker(live.job_id, handle.worker)
-                elif isinstance(event, m.Chunk):
-                    live.samples += len(event.pcm)
+            try:
+                await handle.started()
+                live.worker = handle.worker
+                self.store.note_worker(live.job_id, handle.worker)
+                async for pcm in handle.stream():
+                    live.samples += len(pcm)
+            except m.PoolError:
+                pass  # the handle's outcome says how it ended
             await self._conclude(live)
         except Exception as e:
             log.exception("job %s: following it failed", live.job_id)

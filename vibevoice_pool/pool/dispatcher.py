@@ -15,12 +15,16 @@ requests go back to the head of the queue; one that has taken down
 request runs with the same seed; audio the client already has is skipped.
 
 Thread safety: one lock. submit() and cancel() come from the API's threads,
-on_message() and the worker events from the supervisor's loop thread.
+on_message() and the worker events from the supervisor's loop thread. Events
+for the listeners are queued under the lock and delivered after it is
+released, in order, by one thread at a time: a slow listener (the log, say)
+delays no submit, and a listener may call back into the dispatcher.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import random
@@ -60,6 +64,7 @@ class _Job:
     request: m.Request
     handle: RequestHandle
     work_s: float  # estimated audio seconds, corrected by measurement
+    seq: int  # the order of arrival
     lost: int = 0  # workers this request was on when they died
     slot: int | None = None
     left_s: float = 0.0  # estimated work still to do on its slot
@@ -81,7 +86,6 @@ class Dispatcher:
         max_attempts: int = 2,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
-        bind_at_arrival: bool = False,
         mem_reserve_bytes: float = 0.0,
         mem_per_audio_s_bytes: float = 0.0,
         quarantined: Callable[[int], bool] | None = None,
@@ -93,14 +97,12 @@ class Dispatcher:
         # the recovery policy's rule (RecoveryPolicy.quarantined) when Pool gives it
         self.quarantined = quarantined or (lambda lost: lost >= self.max_attempts)
         self.clock = clock
-        # True: every request goes to a worker's own queue at once, as systems
-        # without late binding do (kept to measure what late binding buys).
-        self.bind_at_arrival = bind_at_arrival
         # A GPU worker is chosen only when its free memory covers the request's
         # estimated need: reserve + work_s * per-audio-second.
         self.mem_reserve_bytes = mem_reserve_bytes
         self.mem_per_audio_s_bytes = mem_per_audio_s_bytes
         self._lock = threading.RLock()
+        self._depth = 0  # how deep the lock is held (it is re-entrant)
         self._queue: collections.deque[_Job] = collections.deque()
         self._jobs: dict[str, _Job] = {}
         self._links: dict[int, Callable[[object], None]] = {}  # slot -> send
@@ -110,16 +112,23 @@ class Dispatcher:
         self._admitting = True
         self.work_ratio = 1.0  # measured audio / estimated audio (EMA)
         self.counters: collections.Counter[str] = collections.Counter()
-        self.listeners: list[ev.Listener] = []
+        self.listeners = ev.Listeners()  # hear the events after the lock is released
 
     # ---- the API side --------------------------------------------------
+
+    def subscribe(self, listener: ev.Listener) -> None:
+        """Call `listener(event)` for each event, after the lock is released."""
+        self.listeners.add(listener)
+
+    def unsubscribe(self, listener: ev.Listener) -> None:
+        self.listeners.remove(listener)
 
     def new_id(self) -> str:
         return uuid.uuid4().hex[:16]
 
     def submit(self, request: m.Request) -> RequestHandle:
         """Accept a request or refuse it at once (OVERLOADED, UNAVAILABLE)."""
-        with self._lock:
+        with self._locked():
             if not self._admitting:
                 self.counters["refused_shutdown"] += 1
                 raise m.PoolError(m.ErrorKind.UNAVAILABLE, "the server is shutting down")
@@ -130,9 +139,8 @@ class Dispatcher:
                     f"the queue is full ({self.max_queue} waiting); retry in a few seconds",
                     retryable=True,
                 )
-            request = replace(request, seq=next(self._seq))
-            handle = RequestHandle(request, self.cancel)
-            job = _Job(request, handle, request.est_audio_s * self.work_ratio)
+            handle = RequestHandle(request, self.cancel, self.clock)
+            job = _Job(request, handle, request.est_audio_s * self.work_ratio, next(self._seq))
             self._jobs[request.id] = job
             self._queue.append(job)
             self.counters["accepted"] += 1
@@ -140,7 +148,7 @@ class Dispatcher:
             return handle
 
     def cancel(self, request_id: str) -> None:
-        with self._lock:
+        with self._locked():
             job = self._jobs.get(request_id)
             if job is None:
                 return
@@ -162,14 +170,14 @@ class Dispatcher:
         return len(self._jobs)
 
     def stop_admitting(self) -> None:
-        with self._lock:
+        with self._locked():
             self._admitting = False
 
     def wind_down(self, grace_s: float) -> int:
         """Stop admitting, let what was accepted finish within grace_s, then answer
         the rest UNAVAILABLE (never dropped); how many were failed so."""
         self.stop_admitting()
-        deadline = time.monotonic() + grace_s
+        deadline = time.monotonic() + grace_s  # real time: it sleeps
         while self.pending() and time.monotonic() < deadline:
             time.sleep(0.05)
         left = self.fail_all(
@@ -183,7 +191,7 @@ class Dispatcher:
 
     def attach(self, slot: int, send: Callable[[object], None]) -> None:
         """A worker in `slot` is ready; `send` puts a message on its queue."""
-        with self._lock:
+        with self._locked():
             self._links[slot] = send
             self._draining.discard(slot)
             self.board.set(slot, Col.INFLIGHT, 0)
@@ -197,11 +205,11 @@ class Dispatcher:
         `blame=False` (a lost device, a removal) does not count toward quarantine.
         `blame_unstarted=True` counts requests whose Started never arrived too, for a
         backend that can lose the Started of a request that killed its worker (Ray)."""
-        with self._lock:
+        with self._locked():
             self._links.pop(slot, None)
             self._draining.discard(slot)
             held = [j for j in self._jobs.values() if j.slot == slot]
-            held.sort(key=lambda j: j.request.seq, reverse=True)
+            held.sort(key=lambda j: j.seq, reverse=True)
             for job in held:
                 # Only a request that was running can have taken its worker down; one
                 # still waiting in the worker's queue is not counted toward quarantine.
@@ -235,21 +243,21 @@ class Dispatcher:
 
     def drain(self, slot: int) -> None:
         """Send no new work to `slot`; what it holds may finish."""
-        with self._lock:
+        with self._locked():
             self._draining.add(slot)
 
     def undrain(self, slot: int) -> None:
         """Let a drained worker take new work again."""
-        with self._lock:
+        with self._locked():
             self._draining.discard(slot)
             self._pump_locked()
 
     def held_by(self, slot: int) -> int:
-        with self._lock:
+        with self._locked():
             return sum(1 for j in self._jobs.values() if j.slot == slot)
 
     def on_message(self, slot: int, msg) -> None:
-        with self._lock:
+        with self._locked():
             job = self._jobs.get(getattr(msg, "id", ""))
             if job is None or job.slot != slot:
                 return  # an answer for a request that moved on (cancelled, requeued)
@@ -267,13 +275,22 @@ class Dispatcher:
                 self._release(job)
                 self._finish(job, msg)
             elif isinstance(msg, m.Failed):
+                if msg.traceback:  # for the log; a client gets the message only
+                    log.error(
+                        "request %s failed in worker %d: %s\n%s",
+                        msg.id,
+                        slot,
+                        msg.message,
+                        msg.traceback.rstrip(),
+                    )
+                    msg = replace(msg, traceback="")
                 self._release(job)
                 self._finish(job, msg)
             self._pump_locked()
 
     def fail_all(self, error: m.ErrorKind, message: str) -> int:
         """Answer every request still pending (shutdown past its grace)."""
-        with self._lock:
+        with self._locked():
             jobs = list(self._jobs.values())
             self._queue.clear()
             for job in jobs:
@@ -285,7 +302,7 @@ class Dispatcher:
     def expire(self, timeout_s: float) -> None:
         """Fail requests older than timeout_s with TIMEOUT (called on each tick)."""
         now = self.clock()
-        with self._lock:
+        with self._locked():
             for job in [j for j in self._jobs.values() if now - j.handle.submitted_at > timeout_s]:
                 if job.slot is not None:
                     self._send(job.slot, m.Cancel(job.request.id))
@@ -340,9 +357,24 @@ class Dispatcher:
         job.handle.push(outcome)
         self._emit(ev.Finished(job.request, job.handle, outcome))
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the lock; when the outermost hold ends, deliver what was emitted."""
+        outer = False
+        try:
+            with self._lock:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                    outer = self._depth == 0
+        finally:
+            if outer:
+                self.listeners.deliver()
+
     def _emit(self, event: ev.PoolEvent) -> None:
-        for listener in self.listeners:
-            listener(event)
+        self.listeners.queue(event)  # under the lock: the queue keeps the lock's order
 
     def _eligible(self) -> list[View]:
         """Views of the workers that can take a request now. Each row is read from
@@ -359,7 +391,7 @@ class Dispatcher:
             if row[_BATCH_LIMIT] >= 1:
                 capacity = min(capacity, int(row[_BATCH_LIMIT]))
             inflight = int(row[_INFLIGHT])
-            if inflight >= capacity and not self.bind_at_arrival:
+            if not self.has_room(inflight, capacity):
                 continue
             mem_total = row[_MEM_TOTAL]
             if row[_DEVICE] < 0 or mem_total <= 0:
@@ -381,11 +413,22 @@ class Dispatcher:
             )
         return views
 
+    def has_room(self, inflight: int, capacity: int) -> bool:
+        """Late binding: a slot takes a request only while it holds fewer than its
+        capacity (a benchmark overrides this to measure binding at arrival)."""
+        return inflight < capacity
+
+    def current(self, slot: int) -> int | None:
+        """The arrival number of the oldest request the slot is running, if any."""
+        with self._lock:
+            running = [j.seq for j in self._jobs.values() if j.slot == slot and j.running]
+        return min(running, default=None)
+
     def mem_need(self, work_s: float) -> float:
         return self.mem_reserve_bytes + work_s * self.mem_per_audio_s_bytes
 
     def pump(self) -> None:
-        with self._lock:
+        with self._locked():
             self._pump_locked()
 
     def _pump_locked(self) -> None:
@@ -408,7 +451,6 @@ class Dispatcher:
             job.handle.worker = slot
             self.board.add(slot, Col.INFLIGHT, 1)
             self.board.add(slot, Col.QUEUED_WORK_S, job.work_s)
-            self.board.add(slot, Col.ASSIGNED, 1)
             sends.append((slot, job, score, views[i]))
         if not sends:
             return

@@ -107,7 +107,6 @@ class Pool:
             max_queue=cfg.max_queue,
             max_attempts=cfg.max_attempts,
             quarantined=recovery.quarantined,
-            bind_at_arrival=cfg.bind_at_arrival,
             mem_reserve_bytes=cfg.mem_reserve_mb * 2**20,
             mem_per_audio_s_bytes=cfg.mem_per_audio_s_mb * 2**20,
         )
@@ -186,10 +185,10 @@ class Pool:
 
     def subscribe(self, listener: ev.Listener) -> None:
         """Call `listener(event)` for each dispatcher event (pool/events.py)."""
-        self.dispatcher.listeners.append(listener)
+        self.dispatcher.subscribe(listener)
 
     def unsubscribe(self, listener: ev.Listener) -> None:
-        self.dispatcher.listeners.remove(listener)
+        self.dispatcher.unsubscribe(listener)
 
     def where(self, slot: int | None) -> str:
         """A slot as people name it: "GPU 1", or "worker 2 (cpu:2)"; "?" if unknown."""
@@ -228,7 +227,7 @@ class Pool:
                     "audio_s": round(float(row[Col.AUDIO_S]), 3),
                     "busy_s": round(float(row[Col.COMPUTE_S]), 3),
                     "speed": round(float(row[Col.SPEED]), 4),
-                    "current_request": int(row[Col.CURRENT]) or None,
+                    "current_request": self.dispatcher.current(i),
                     "batch_rows": int(row[Col.BATCH_ROWS]),
                     "mem_used_bytes": int(row[Col.MEM_USED]),
                     "mem_total_bytes": int(row[Col.MEM_TOTAL]),

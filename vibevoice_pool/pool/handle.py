@@ -1,14 +1,20 @@
 """RequestHandle: what a caller of `Dispatcher.submit` holds.
 
-The dispatcher pushes events into it from the pool's threads; callers read
-them from asyncio (`async for ev in handle.events()`) or from a plain thread
-(`handle.result(timeout)`). Events are the worker's own message types:
-Started, Chunk (already trimmed of audio a replay repeats), then exactly one
-of Done or Failed.
+The dispatcher pushes events into it from the pool's threads (the worker's
+own message types: Started, Chunk, already trimmed of audio a replay repeats,
+then exactly one of Done or Failed). Callers read it one way:
 
-It takes several readers: each `events()` reads every event from the first,
-at its own pace, and waits (no polling) when it has caught up. The page reads
-one for its progress while its <audio> player's stream reads another.
+    await handle.started()        a worker has begun it (handle.worker is set);
+                                  raises the PoolError it failed with before that
+    async for pcm in handle.stream():
+                                  its audio, float32 at 24 kHz, from the first sample;
+                                  ends when it is done (handle.outcome is the Done),
+                                  raises the typed PoolError when it failed
+    handle.result(timeout)        the same from a plain thread: all the audio, or raises
+
+It takes several readers: each stream reads from the first sample at its own
+pace, and waits (no polling) when it has caught up. The page reads one for its
+progress while its <audio> player's stream reads another.
 """
 
 from __future__ import annotations
@@ -26,11 +32,17 @@ TERMINAL = (m.Done, m.Failed)
 
 
 class RequestHandle:
-    def __init__(self, request: m.Request, cancel: Callable[[str], None]):
+    def __init__(
+        self,
+        request: m.Request,
+        cancel: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.request = request
         self.id = request.id
         self.seed = request.seed
-        self.submitted_at = time.monotonic()
+        self._clock = clock  # the dispatcher's
+        self.submitted_at = clock()
         self.worker: int | None = None  # the slot that finished (or last ran) it
         self.outcome: m.Done | m.Failed | None = None
         self._cancel = cancel
@@ -52,7 +64,7 @@ class RequestHandle:
                 self.samples += len(event.pcm)
             if isinstance(event, TERMINAL):
                 self.outcome = event
-                self.finished_at = time.monotonic()
+                self.finished_at = self._clock()
             self._events.append(event)
             self._cond.notify_all()
             # A waker is armed only by a reader that has caught up, and fires
@@ -84,10 +96,27 @@ class RequestHandle:
             if not self._cond.wait_for(lambda: self.outcome is not None, timeout):
                 raise TimeoutError(f"request {self.id} still running after {timeout} s")
         if isinstance(self.outcome, m.Failed):
-            raise m.PoolError(self.outcome.error, self.outcome.message)
+            raise _error(self.outcome)
         return self.audio()
 
-    async def events(self):
+    async def started(self) -> None:
+        """Return once a worker has begun this request, or it has finished; raise the
+        PoolError it failed with when it failed before any worker began it."""
+        async for event in self._read():
+            if isinstance(event, m.Failed):
+                raise _error(event)
+            return
+
+    async def stream(self):
+        """Its audio as it is made, from the first sample; raises the typed PoolError
+        when it failed (after the audio that came before the failure)."""
+        async for event in self._read():
+            if isinstance(event, m.Chunk):
+                yield event.pcm
+            elif isinstance(event, m.Failed):
+                raise _error(event)
+
+    async def _read(self):
         """Every event in order from the first, ending with the terminal one."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
@@ -114,3 +143,7 @@ class RequestHandle:
         finally:
             with self._cond:
                 self._wakers.discard(waker)
+
+
+def _error(failed: m.Failed) -> m.PoolError:
+    return m.PoolError(failed.error, failed.message, failed.retryable)

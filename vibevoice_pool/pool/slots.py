@@ -101,6 +101,7 @@ class SlotLifecycle:
         self.cfg = cfg
         self.board = board
         self.dispatcher = dispatcher
+        self.clock = dispatcher.clock  # one clock for the pool: policies, ticks, handles
         self.policy = policy or RecoveryPolicy.from_config(cfg)
         pairs = zip(placements, engines, strict=True)
         self.slots = [self._new_slot(i, p, e) for i, (p, e) in enumerate(pairs)]
@@ -180,7 +181,7 @@ class SlotLifecycle:
     def _starting(self, slot: SlotBase) -> None:
         """A slot's worker is being (re)started: its board row starts over."""
         b, i = self.board, slot.index
-        slot.record = self.policy.on_start(slot.record, time.monotonic())
+        slot.record = self.policy.on_start(slot.record, self.clock())
         slot.info = None
         for col in (Col.WORKER_STATE, Col.PID, Col.HEARTBEAT, Col.PROGRESS, Col.SPEED):
             b.set(i, col, 0)
@@ -190,7 +191,7 @@ class SlotLifecycle:
 
     def _became_ready(self, slot: SlotBase, info: m.DeviceInfo | None, send) -> None:
         """A slot's worker loaded its engine: the dispatcher may send to it."""
-        b, i, now = self.board, slot.index, time.monotonic()
+        b, i, now = self.board, slot.index, self.clock()
         slot.record = self.policy.on_ready(slot.record, now)
         slot.info, slot.boot_error = info, ""
         b.set(i, Col.CAPACITY, max(1, info.max_batch_size if info else 1))
@@ -209,14 +210,14 @@ class SlotLifecycle:
         if not slot.ready and cause is Cause.CRASH:
             why = slot.boot_error or f"the {self.noun} died while loading its engine ({how})"
             return self._after_boot_failure(slot, why)
-        action = self.policy.on_death(slot.record, time.monotonic(), cause)
+        action = self.policy.on_death(slot.record, self.clock(), cause)
         self._apply(slot, action)
         return action
 
     def _after_boot_failure(self, slot: SlotBase, message: str) -> Action:
         """The slot's worker could not load its engine."""
         self._boot_error(slot, message)
-        action = self.policy.on_boot_failure(slot.record, time.monotonic())
+        action = self.policy.on_boot_failure(slot.record, self.clock())
         self._apply(slot, action)
         return action
 
@@ -253,5 +254,5 @@ class SlotLifecycle:
         self.board.set(slot.index, Col.RESTARTS, slot.restarts)
 
     def _note(self, slot: int, what: str) -> None:
-        self.events.append((time.monotonic(), slot, what))
+        self.events.append((self.clock(), slot, what))
         del self.events[:-1000]

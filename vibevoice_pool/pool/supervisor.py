@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from multiprocessing import connection
 
@@ -39,7 +40,7 @@ from vibevoice_pool.pool.warm_weights import WeightsHolder
 from vibevoice_pool.pool.worker_process import WorkerProcess
 from vibevoice_pool.pool.zygote import Zygote
 from workers.engines.contract import EngineSpec
-from workers.host.worker import WorkerSpec
+from workers.host.worker import STACK_SIGNAL, WorkerSpec
 from workers.host.worker import run as run_worker
 from workers.wire import messages as m
 from workers.wire.board import Col, SlotState, WorkerState
@@ -47,6 +48,8 @@ from workers.wire.board import Col, SlotState, WorkerState
 log = logging.getLogger("vibevoice_pool")
 
 TICK_S = 0.05
+STACK_WAIT_S = 1.0  # longest wait for a hung worker's stack before SIGKILL
+ASK_STACK = (KillKind.HANG, KillKind.STALL, KillKind.BOOT_TIMEOUT)  # stuck: ask what on
 RESTART_REQUESTED = Cause.RESTART.value
 ZYGOTE_WAIT_S = 120.0  # at launch, longest wait for the zygote before workers spawn
 
@@ -61,6 +64,10 @@ class _Slot(SlotBase):
     shutdown_sent: bool = False
     device_lost: bool = False
     unhealthy_since: float = 0.0
+    stack_file: str = ""  # where its faulthandler writes (workers.host.worker)
+    kill_at: float = 0.0  # asked for its stack: SIGKILL once written, or at this time
+    asked_stack: bool = False
+    stack_size: int = -1  # the stack file's size at the last tick
 
 
 class Supervisor(SlotLifecycle):
@@ -71,6 +78,7 @@ class Supervisor(SlotLifecycle):
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
         self.weights = WeightsHolder(cfg.warm_weights)  # model weights held in memory
+        self._stacks = tempfile.mkdtemp(prefix="vibevoice-pool-stacks-")
 
     def _new_slot(self, index: int, placement: Placement, engine: EngineSpec) -> _Slot:
         return _Slot(index, placement, engine)
@@ -121,11 +129,12 @@ class Supervisor(SlotLifecycle):
             self._thread.join(timeout=5)
         with self._lock:
             for slot in self.slots:
-                self._send(slot, m.Shutdown(0.0))
+                self._send(slot, m.Shutdown())
             for slot in self.slots:
                 self._stop_process(slot)
         self.zygote.close()
         self.weights.close()
+        shutil.rmtree(self._stacks, ignore_errors=True)
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -139,6 +148,8 @@ class Supervisor(SlotLifecycle):
         slot.requests = RequestChannel(self.ctx)
         read_end, write_end = self.ctx.Pipe(duplex=False)
         death_r, death_w = self.ctx.Pipe(duplex=False)
+        slot.stack_file = os.path.join(self._stacks, f"worker-{i}-{slot.generation}.txt")
+        slot.kill_at, slot.stack_size, slot.asked_stack = 0.0, -1, False
         spec = WorkerSpec(
             slot=i,
             generation=slot.generation,
@@ -148,6 +159,7 @@ class Supervisor(SlotLifecycle):
             cuda_device=slot.placement.cuda_index,
             log_level=self.cfg.log_level,
             heartbeat_s=self.cfg.heartbeat_s,
+            stack_file=slot.stack_file,
         )
         ctx, forked = self.zygote.context()
         proc = WorkerProcess(
@@ -217,13 +229,15 @@ class Supervisor(SlotLifecycle):
         elif isinstance(msg, m.BootFailed):
             self._boot_error(slot, f"{msg.error.value}: {msg.message}")
             log.error("❌ %s failed to initialise: %s", self._label(slot), msg.message)
+            if msg.traceback:
+                log.error("worker %d's traceback:\n%s", slot.index, msg.traceback.rstrip())
         else:
             self.dispatcher.on_message(slot.index, msg)
 
     def _ready(self, slot: _Slot, msg: m.Ready) -> None:
         if slot.removed:  # removed while it was booting: it never takes work
             slot.shutdown_sent = True
-            self._send(slot, m.Shutdown(0.0))
+            self._send(slot, m.Shutdown())
             return
         slot.boot_s = msg.boot_s
         mem = f" ({msg.info.mem_total_bytes / 1e9:.1f}GB)" if msg.info.mem_total_bytes else ""
@@ -253,6 +267,7 @@ class Supervisor(SlotLifecycle):
         if slot.responses is not None:
             self._read(slot, drain=True)
         pid, how = slot.process.pid, slot.process.exit_description()
+        self._log_stack(slot, pid)
         if slot.kill_reason:
             how = f"{slot.kill_reason}; {how}"
         self._note(slot.index, "dead")
@@ -272,7 +287,7 @@ class Supervisor(SlotLifecycle):
                 self.policy.failed_retry_s,
             )
         elif action.verdict is Verdict.RESPAWN:
-            delay = action.at - time.monotonic()
+            delay = action.at - self.clock()
             log.warning(
                 "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; %s",
                 label,
@@ -283,10 +298,10 @@ class Supervisor(SlotLifecycle):
                 f"respawning in {delay:.0f} s" if delay > 0 else "respawning now",
             )
             if delay <= 0:
-                self._check_down(slot, time.monotonic())
+                self._check_down(slot, self.clock())
 
     def _tick(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for slot in self.slots:
             if slot.process is not None:
                 self._check_live(slot, now)
@@ -311,7 +326,10 @@ class Supervisor(SlotLifecycle):
     def _check_live(self, slot: _Slot, now: float) -> None:
         """The hang rule, and a removed worker that finished draining."""
         if slot.kill_reason:
-            return  # already killed; its sentinel will fire
+            if slot.kill_at and self._stack_written(slot, now):
+                slot.kill_at = 0.0
+                slot.process.kill()
+            return  # killed (or about to be); its sentinel will fire
         kill = self.policy.on_tick(slot.record, now, self._vitals(slot, now))
         if kill is not None:
             if kill.kind is KillKind.BOOT_TIMEOUT:
@@ -319,10 +337,10 @@ class Supervisor(SlotLifecycle):
             elif kill.kind is KillKind.DEVICE_LOST:
                 slot.device_lost = True
                 self.dispatcher.drain(slot.index)
-            self._kill(slot, kill.reason)
+            self._kill(slot, kill.reason, ask_stack=kill.kind in ASK_STACK)
         elif slot.removed and not slot.shutdown_sent and self.dispatcher.held_by(slot.index) == 0:
             slot.shutdown_sent = True
-            self._send(slot, m.Shutdown(0.0))
+            self._send(slot, m.Shutdown())
 
     def _check_down(self, slot: _Slot, now: float) -> None:
         """Respawn a slot whose backoff is over, retry a failed or unavailable one."""
@@ -348,11 +366,41 @@ class Supervisor(SlotLifecycle):
 
     # ---- helpers -------------------------------------------------------
 
-    def _kill(self, slot: _Slot, reason: str) -> None:
+    def _kill(self, slot: _Slot, reason: str, ask_stack: bool = False) -> None:
+        """SIGKILL; a stuck worker is first asked for its stack (STACK_SIGNAL: its
+        faulthandler writes every thread's), and killed once it is written."""
         slot.kill_reason = reason
         log.warning("⚠️ %s (worker %d): %s; killing it", self._label(slot), slot.index, reason)
         self._note(slot.index, "kill")
-        slot.process.kill()
+        if ask_stack and slot.stack_file:
+            slot.kill_at, slot.asked_stack = self.clock() + STACK_WAIT_S, True
+            slot.process.signal(STACK_SIGNAL)
+        else:
+            slot.process.kill()
+
+    def _stack_written(self, slot: _Slot, now: float) -> bool:
+        """The stack file stopped growing since the last tick, or the wait is over."""
+        try:
+            size = os.path.getsize(slot.stack_file)
+        except OSError:
+            size = 0
+        done = size > 0 and size == slot.stack_size
+        slot.stack_size = size
+        return done or now >= slot.kill_at
+
+    def _log_stack(self, slot: _Slot, pid: int) -> None:
+        """Put what the worker's faulthandler wrote (asked before a kill, or on a
+        fatal error) in the log, and remove the file."""
+        try:
+            with open(slot.stack_file, encoding="utf-8", errors="replace") as f:
+                text = f.read().strip()
+            os.unlink(slot.stack_file)
+        except OSError:
+            text = ""
+        if text:
+            log.warning("worker %d (pid %d) stack when it ended:\n%s", slot.index, pid, text)
+        elif slot.asked_stack:
+            log.warning("worker %d (pid %d) wrote no stack before SIGKILL", slot.index, pid)
 
     def _send(self, slot: _Slot, msg) -> None:
         if slot.requests is not None:

@@ -44,8 +44,11 @@ class WorkerProcess:
         return not self.ended(0)
 
     def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def signal(self, signum: int) -> None:
         try:
-            os.kill(self.proc.pid, signal.SIGKILL)
+            os.kill(self.proc.pid, signum)
         except ProcessLookupError:
             pass
 

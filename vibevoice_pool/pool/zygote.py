@@ -19,6 +19,12 @@ gives spawn: a worker never waits for the zygote to come back. Spawn is also
 what `worker_start = "spawn"` asks for, and what a platform without a safe
 fork (not Linux, no pidfd) gets.
 
+A zygote whose imports loaded the CUDA driver (a library that asked the CUDA
+runtime how many GPUs there are, say) would hand every worker a CUDA it cannot
+use: after the warm-up the parent reads the zygote's memory map, and if the
+driver or a GPU device file is there, the zygote is not used (`off_reason` says
+why) and workers spawn.
+
 A forkserver preloads modules, not a model: the weights are kept warm by the
 parent instead (vibevoice_pool/pool/warm_weights.py), and a forked tiny worker is
 ready again in about half a second (docs/PERFORMANCE.md, section 3b), so a
@@ -105,6 +111,18 @@ def _use_preload(preload: list[str]) -> None:
         _started_with = list(preload)
 
 
+def _cuda_in(pid: int) -> list[str]:
+    """The CUDA driver and GPU device files mapped in a process ([] when none, or
+    when its map cannot be read)."""
+    from workers.zygote.probe import cuda_mappings
+
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return cuda_mappings(f.read())
+    except OSError:
+        return []
+
+
 class Zygote:
     """One pool's view of the zygote: which context a new worker starts with."""
 
@@ -136,7 +154,7 @@ class Zygote:
         _use_preload(self.preload)
         self._warm_up_async()
         self._warming.join(timeout=wait_s)
-        if not self.warm:
+        if not self.warm and self._warming.is_alive():  # else the warm-up said why
             log.warning("The zygote is not warm after %.0f s: workers spawn meanwhile", wait_s)
 
     def context(self):
@@ -211,6 +229,7 @@ class Zygote:
         except Exception as e:  # the zygote could not start: spawn stays
             log.warning("The zygote could not start (%s: %s); workers spawn", type(e).__name__, e)
             return
+        driver = _cuda_in(pid)
         with self._lock:
             if self._closed:
                 os.close(pidfd)
@@ -218,5 +237,13 @@ class Zygote:
             self._close_pidfd()
             self._pidfd, self.pid = pidfd, pid
             self.warm_up_s = time.monotonic() - t0
-            self.warm = True
+            if driver:
+                self.off_reason = (
+                    f"the zygote (pid {pid}) has the CUDA driver loaded after its imports "
+                    f"({', '.join(driver)}): a worker forked from it could not use CUDA"
+                )
+            self.warm = not driver
+        if driver:
+            log.warning("⚠️ %s; workers spawn instead", self.off_reason)
+            return
         log.info("🧬 zygote (pid %d) warm in %.1f s: workers fork from it", pid, self.warm_up_s)

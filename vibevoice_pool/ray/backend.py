@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 
 from ray.exceptions import RayError
@@ -281,11 +280,11 @@ class RaySupervisor(SlotLifecycle):
             return
         if by_serve:
             # Serve starts the new replica by itself, now: its boot is timed from here
-            slot.record = self.policy.on_start(slot.record, time.monotonic())
+            slot.record = self.policy.on_start(slot.record, self.clock())
             then = "waiting for Ray Serve to replace it"
         else:
             self._undeploy(slot)  # _check deploys a new one at action.at
-            delay = action.at - time.monotonic()
+            delay = action.at - self.clock()
             then = f"replacing it in {delay:.0f} s" if delay > 0 else "replacing it now"
         log.warning(
             "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; %s",
@@ -317,7 +316,7 @@ class RaySupervisor(SlotLifecycle):
     def _loop(self) -> None:
         tracked = asked = 0.0
         while not self._stop.wait(TICK_S):
-            now = time.monotonic()
+            now = self.clock()
             self.dispatcher.expire(self.cfg.request_timeout_s)
             failed = {}
             if now - asked >= FAILED_APPS_EVERY_S and any(self._booting()):

@@ -15,6 +15,7 @@ from vibevoice_pool.script import MAX_SPEAKERS
 from vibevoice_pool.ui.charts import CHARTS_CSS
 from vibevoice_pool.ui.i18n import gradio_i18n
 from vibevoice_pool.ui.panel import PANEL_CSS
+from workers.wire import messages as m
 
 PANEL_EVERY_S = 1.0
 CHARTS_EVERY_S = 3.0
@@ -118,7 +119,9 @@ def _generate_tab(page, i18n) -> list:
             for i in range(MAX_SPEAKERS)
         ]
     with gr.Accordion(i18n("settings"), open=False):
-        cfg_scale = gr.Slider(1.0, 2.0, value=1.3, step=0.05, label=i18n("cfg_scale"))
+        cfg_scale = gr.Slider(
+            m.MIN_CFG_SCALE, m.MAX_CFG_SCALE, value=1.3, step=0.05, label=i18n("cfg_scale")
+        )
         steps = gr.Slider(1, 50, value=cfg.inference_steps, step=1, label=i18n("steps"))
         seed = gr.Number(-1, precision=0, label=i18n("seed"))
     with gr.Row():

@@ -82,9 +82,11 @@ class LiveStreams:
 
             async def body():
                 yield audio.wav_header_for_stream()
-                async for event in handle.events():
-                    if isinstance(event, m.Chunk):
-                        yield audio.to_int16(event.pcm).astype("<i2").tobytes()
+                try:
+                    async for pcm in handle.stream():
+                        yield audio.to_int16(pcm).astype("<i2").tobytes()
+                except m.PoolError:
+                    pass  # the page's Generate handler says why; the player just ends
 
             return StreamingResponse(
                 body(), media_type="audio/wav", headers={"Cache-Control": "no-store"}

@@ -155,56 +155,51 @@ class Page:
                 progress_html("waiting", waiting, 0, handle.id),
                 None,
             )
-            async for ev in handle.events():
-                if isinstance(ev, m.Chunk):
-                    got += len(ev.pcm)
-                    if time.monotonic() - last < PROGRESS_EVERY_S:
-                        continue
-                if isinstance(ev, (m.Started, m.Chunk)):
-                    last = time.monotonic()
-                    secs = got / m.SAMPLE_RATE
-                    pct = min(99.0, 100 * secs / est)
-                    text = t(
-                        lang,
-                        "running",
-                        got=secs,
-                        est=max(est, secs),
-                        pct=pct,
-                        where=self.where(handle.worker),
-                    )
-                    yield gr.skip(), progress_html("running", text, pct, handle.id), gr.skip()
-                elif isinstance(ev, m.Done):
-                    pcm = await asyncio.to_thread(lambda: audio.to_int16(handle.audio()))
-                    text = t(
-                        lang,
-                        "done",
-                        secs=len(pcm) / m.SAMPLE_RATE,
-                        seed=handle.seed,
-                        wall=time.monotonic() - t0,
-                        where=self.where(handle.worker),
-                    )
-                    if ev.stop_reason in CUT_REASONS:  # say when a cap, not the model, ended it
-                        factor = self.front.cfg.runaway_factor
-                        text += t(lang, f"cut.{ev.stop_reason}", factor=factor)
-                    yield (
-                        gr.skip(),
-                        progress_html("done", text, 100, handle.id),
-                        (m.SAMPLE_RATE, pcm),
-                    )
-                elif isinstance(ev, m.Failed):
-                    if ev.error == m.ErrorKind.CANCELLED:
-                        pcm = audio.to_int16(handle.audio())
-                        text = t(lang, "stopped", secs=len(pcm) / m.SAMPLE_RATE)
-                        partial = (m.SAMPLE_RATE, pcm) if len(pcm) else None
-                        yield gr.skip(), progress_html("stopped", text, 0, handle.id), partial
-                    else:
-                        text = t(lang, "failed", message=ev.message)
-                        yield gr.skip(), progress_html("failed", text, 0, handle.id), None
-                        raise gr.Error(ev.message)
+            try:
+                await handle.started()
+                yield gr.skip(), self._running(lang, handle, 0, est), gr.skip()
+                async for pcm in handle.stream():
+                    got += len(pcm)
+                    if time.monotonic() - last >= PROGRESS_EVERY_S:
+                        last = time.monotonic()
+                        yield gr.skip(), self._running(lang, handle, got, est), gr.skip()
+            except m.PoolError as e:
+                if e.kind != m.ErrorKind.CANCELLED:
+                    text = t(lang, "failed", message=e.message)
+                    yield gr.skip(), progress_html("failed", text, 0, handle.id), None
+                    raise gr.Error(e.message) from None
+                pcm = audio.to_int16(handle.audio())
+                text = t(lang, "stopped", secs=len(pcm) / m.SAMPLE_RATE)
+                partial = (m.SAMPLE_RATE, pcm) if len(pcm) else None
+                yield gr.skip(), progress_html("stopped", text, 0, handle.id), partial
+                return
+            done = handle.outcome
+            pcm = await asyncio.to_thread(lambda: audio.to_int16(handle.audio()))
+            text = t(
+                lang,
+                "done",
+                secs=len(pcm) / m.SAMPLE_RATE,
+                seed=handle.seed,
+                wall=time.monotonic() - t0,
+                where=self.where(handle.worker),
+            )
+            if done.stop_reason in CUT_REASONS:  # say when a cap, not the model, ended it
+                factor = self.front.cfg.runaway_factor
+                text += t(lang, f"cut.{done.stop_reason}", factor=factor)
+            yield gr.skip(), progress_html("done", text, 100, handle.id), (m.SAMPLE_RATE, pcm)
         finally:
             self.tabs.remove(tab, handle)
             if not handle.done:
                 handle.cancel()  # the tab went away, or Gradio ended the event
+
+    def _running(self, lang: str, handle, got: int, est: float) -> str:
+        """The progress bar while a worker makes the audio (`got` samples so far)."""
+        secs = got / m.SAMPLE_RATE
+        pct = min(99.0, 100 * secs / est)
+        text = t(
+            lang, "running", got=secs, est=max(est, secs), pct=pct, where=self.where(handle.worker)
+        )
+        return progress_html("running", text, pct, handle.id)
 
     def stop(self, request: gr.Request = None) -> None:
         """Cancel what this tab (and only this tab) is generating."""

@@ -155,6 +155,10 @@ def tiny_config_dict(vocab_size: int, token_ids: dict[str, int]) -> dict:
             "hidden_size": 32,
         },
         "diffusion_head_config": {
+            # transformers 5.17 checks these against the text width and the latent
+            # size instead of copying them (5.23+ copies them): give them explicitly.
+            "hidden_size": 64,
+            "latent_size": tower["hidden_size"],
             "num_hidden_layers": 2,
             "intermediate_size": 128,
             "frequency_embedding_size": 256,  # fixed at 256 in the original layout

@@ -55,7 +55,6 @@ class EngineSpec:
     # (0: on CUDA, free memory minus the headroom; on CPU, no limit)
     mem_budget_mb: float = 0.0
     mem_headroom_mb: float = 1024.0
-    admit_only_when_idle: bool = False  # the old static batches (benchmarks only)
     # opt-in, unmeasured: torch.compile mode of the diffusion head ("reduce-overhead":
     # CUDA graphs per row count); "" = off (workers/engines/vibevoice/audio.py)
     head_compile: str = ""

@@ -217,7 +217,7 @@ class SlotReplica:
 
     def _loop(self) -> None:
         sink = _ReplicaSink(self)
-        host = self._host = StepHost(self._engine, sink, self.spec.admit_only_when_idle)
+        host = self._host = StepHost(self._engine, sink)
         while True:
             with self._cond:
                 while not (self._pending or self._cancels or host.live or host.pending):
@@ -233,7 +233,7 @@ class SlotReplica:
             now = time.monotonic()
             for req in host.admit():
                 sink.started(req.id, now)
-                self._post(m.Started(req.id, host.live, now))
+                self._post(m.Started(req.id, now))
             self._rows = host.live
             if not host.live:
                 continue

@@ -10,7 +10,7 @@ process (host/worker.py) and the Ray replica (host/ray_replica.py) use this one 
     sink.fail(id, error)        closes the books              Failed(id, kind, message, retryable)
     sink.step()                 the host's progress mark
 
-A host adds what only it keeps by overriding the hooks (`counted`, `done`,
+A host adds what only it keeps by overriding the hooks (`done`,
 `failed`, `step`): the worker writes its StatusBoard row, the replica its
 progress time. A row not tracked (or already closed) is ignored, so a late
 chunk of a cancelled row never goes out.
@@ -50,7 +50,6 @@ class HostSink:
         if books is None:
             return
         books.samples += len(pcm)
-        self.counted(len(pcm))
         self.send(m.Chunk(request_id, books.seq, pcm))
         books.seq += 1
 
@@ -67,15 +66,12 @@ class HostSink:
         if self.open.pop(request_id, None) is None:
             return
         self.failed()
-        self.send(m.Failed(request_id, error.kind, error.message, error.retryable))
+        self.send(m.Failed(request_id, error.kind, error.message, error.retryable, error.traceback))
 
     # ---- hooks for what one host keeps --------------------------------
 
     def step(self) -> None:
         """The engine made a step."""
-
-    def counted(self, samples: int) -> None:
-        """A chunk of `samples` is on its way out."""
 
     def done(self, audio_s: float, compute_s: float) -> None:
         """A row finished."""

@@ -13,9 +13,10 @@ Admission, in arrival order, stops at the first request that cannot join:
   - the engine's memory budget has no room for the row (it waits for a row to
     leave; one that can never fit was failed by prepare);
   - a replay (attempt > 1) runs alone: if it is what killed a worker, it must
-    not take innocent rows down again; nothing joins while it runs;
-  - in the benchmarks' static mode (admit_only_when_idle), rows join only an
-    empty engine, as the old whole-batch `generate` did.
+    not take innocent rows down again; nothing joins while it runs.
+
+An engine's unexpected exception fails its rows as ENGINE_ERROR with the
+traceback attached (messages.unexpected), so it reaches the parent's log.
 """
 
 from __future__ import annotations
@@ -33,12 +34,9 @@ SPEED_WINDOW_S = 1.0  # busy seconds per speed sample (or less, when the engine 
 
 
 class StepHost:
-    def __init__(self, engine, sink, admit_only_when_idle: bool = False):
+    def __init__(self, engine, sink):
         self.engine = engine
-        self.sink = (
-            sink  # the host's own: chunk / finish / fail / step (workers.engines.contract.StepSink)
-        )
-        self.idle_only = admit_only_when_idle
+        self.sink = sink  # the host's own: chunk / finish / fail / step (contract.StepSink)
         self.pending: collections.deque[m.Request] = collections.deque()
         self.running: dict[str, m.Request] = {}
         self._ready: dict[str, Row] = {}  # prepared, waiting for memory
@@ -79,8 +77,6 @@ class StepHost:
                 break
             if self.running and (req.attempt > 1 or self._replay_running()):
                 break
-            if self.idle_only and self.running and not joined:
-                break
             row = self._ready.pop(req.id, None)
             if row is None:
                 try:
@@ -90,9 +86,9 @@ class StepHost:
                     self.sink.fail(req.id, err)
                     continue
                 except Exception as err:  # a bug in prepare: this row fails, the rest go on
-                    log.exception("preparing %s failed", req.id)
+                    log.error("preparing %s failed: %s: %s", req.id, type(err).__name__, err)
                     self.pending.popleft()
-                    self.sink.fail(req.id, _engine_error(err))
+                    self.sink.fail(req.id, m.unexpected(err))
                     continue
             if self.running and not e.fits(row):
                 self._ready[req.id] = row  # waits for a row to leave
@@ -117,8 +113,9 @@ class StepHost:
         except m.PoolError as err:
             self._fail_all(err)
         except Exception as err:  # a bug or a runtime error in the engine
-            log.exception("engine error in a step of %d rows", len(self.running))
-            self._fail_all(_engine_error(err))
+            n = len(self.running)
+            log.error("engine error in a step of %d rows: %s: %s", n, type(err).__name__, err)
+            self._fail_all(m.unexpected(err))
         self._win_wall += time.monotonic() - t0
         if self._win_wall >= SPEED_WINDOW_S or not self.running:
             self.speed = speed_ema(self.speed, self._win_audio, self._win_wall)
@@ -152,10 +149,6 @@ class _EngineSink:
 
     def step(self) -> None:
         self.h.sink.step()
-
-
-def _engine_error(err: Exception) -> m.PoolError:
-    return m.PoolError(m.ErrorKind.ENGINE_ERROR, f"{type(err).__name__}: {err}")
 
 
 def speed_ema(old: float, audio_s: float, wall_s: float) -> float:

@@ -14,10 +14,16 @@ engine imports torch (spawned), or before any CUDA call (forked from the zygote,
 which has imported torch but never initialised CUDA), so the worker sees its
 GPU as cuda:0. SIGINT and SIGTERM are ignored: they reach
 the whole process group, and the parent decides how the pool drains.
+
+Its Python stack is one signal away: faulthandler writes every thread's stack
+to the spec's stack file on STACK_SIGNAL (the parent sends it to a hung or
+stalled worker before SIGKILL) and on a fatal error (SIGSEGV, SIGABRT, ...);
+the parent puts the file in its log when the worker has died.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -33,7 +39,7 @@ from workers.host.voice_cache import VoiceCache
 from workers.wire import messages as m
 from workers.wire.board import Col, StatusBoard, WorkerState
 
-BOOT_FAILED_EXIT = 3
+STACK_SIGNAL = signal.SIGUSR1  # "write your stack": faulthandler answers it, the worker lives on
 BURST_WAIT_S = 0.05  # longest wait for the rest of a burst before a batch starts
 log = logging.getLogger("vibevoice_pool.worker")
 
@@ -49,6 +55,7 @@ class WorkerSpec:
     heartbeat_s: float = 0.25
     log_level: str = "INFO"
     env: dict = field(default_factory=dict)
+    stack_file: str = ""  # where faulthandler writes its stacks ("" = nowhere)
 
 
 def run(spec: WorkerSpec, requests, responses, death) -> None:
@@ -68,6 +75,7 @@ def run(spec: WorkerSpec, requests, responses, death) -> None:
     # by Shutdown, by SIGKILL, or when its death pipe says the parent is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _dump_stacks_to(spec.stack_file)
     logging.basicConfig(
         level=spec.log_level,
         stream=sys.stderr,
@@ -76,6 +84,14 @@ def run(spec: WorkerSpec, requests, responses, death) -> None:
     _watch_parent(death)
     board = StatusBoard.attach(spec.board_name, spec.board_rows)
     Worker(spec, board, requests, responses).main()
+
+
+def _dump_stacks_to(path: str) -> None:
+    if not path:
+        return
+    stacks = open(path, "w")  # open for the whole life of the process
+    faulthandler.enable(file=stacks, all_threads=True)
+    faulthandler.register(STACK_SIGNAL, file=stacks, all_threads=True)
 
 
 def _watch_parent(death) -> None:
@@ -163,22 +179,22 @@ class Worker:
             engine = build_engine(self.spec.engine)
             info = engine.load()
         except m.PoolError as e:
-            self._boot_failed(e.kind, e.message)
+            self._boot_failed(e)
         except Exception as e:  # any load failure is reported, typed by its class
-            self._boot_failed(m.ErrorKind.ENGINE_ERROR, f"{type(e).__name__}: {e}")
-        self.host = StepHost(engine, self.sink, self.spec.engine.admit_only_when_idle)
+            self._boot_failed(m.unexpected(e))
+        self.host = StepHost(engine, self.sink)
         b.set(row, Col.BATCH_LIMIT, engine.max_rows)
         b.set(row, Col.PROGRESS, time.monotonic())
         b.set(row, Col.WORKER_STATE, WorkerState.IDLE)
         self.send(m.Ready(self.row, os.getpid(), info, time.monotonic() - t0))
         self._loop()
 
-    def _boot_failed(self, kind: m.ErrorKind, message: str) -> None:
-        log.error("engine failed to load: %s", message)
+    def _boot_failed(self, e: m.PoolError) -> None:
+        log.error("engine failed to load: %s", e.message)
         self.board.set(self.row, Col.WORKER_STATE, WorkerState.STOPPING)
-        self.send(m.BootFailed(kind, message))
+        self.send(m.BootFailed(e.kind, e.message, e.traceback))
         self.responses.close()
-        os._exit(BOOT_FAILED_EXIT)
+        os._exit(1)
 
     def _loop(self) -> None:
         host, b, row = self.host, self.board, self.row
@@ -201,12 +217,11 @@ class Worker:
             now = time.monotonic()
             for req in host.admit():
                 self.sink.started(req.id, now)
-                self.send(m.Started(req.id, host.live, now))
+                self.send(m.Started(req.id, now))
             if not host.live:
                 continue
             b.set(row, Col.WORKER_STATE, WorkerState.BUSY)
             b.set(row, Col.BATCH_ROWS, host.live)
-            b.set(row, Col.CURRENT, min(r.seq for r in host.running.values()))
             host.step()
             b.set(row, Col.BATCH_LIMIT, host.engine.max_rows)
             b.set(row, Col.SPEED, host.speed)
@@ -216,9 +231,7 @@ class Worker:
 
     def _idle(self) -> None:
         b, row = self.board, self.row
-        b.set(row, Col.CURRENT, 0)
         b.set(row, Col.BATCH_ROWS, 0)
-        b.set(row, Col.BATCH_AUDIO_S, 0.0)
         b.set(row, Col.WORKER_STATE, WorkerState.IDLE)
         reusable = getattr(self.host.engine, "reusable_bytes", None)
         if reusable is not None:
@@ -232,11 +245,6 @@ class _BoardSink(HostSink):
     def __init__(self, worker: Worker):
         super().__init__(worker.send)
         self.w = worker
-        self.busy_audio_s = 0.0
-
-    def counted(self, samples: int) -> None:
-        self.busy_audio_s += samples / m.SAMPLE_RATE
-        self.w.board.set(self.w.row, Col.BATCH_AUDIO_S, self.busy_audio_s)
 
     def done(self, audio_s: float, compute_s: float) -> None:
         b, row = self.w.board, self.w.row

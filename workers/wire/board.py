@@ -29,9 +29,7 @@ class Col(enum.IntEnum):
     GENERATION = 2  # which spawn of this slot wrote the row
     HEARTBEAT = 3  # last beat of the heartbeat thread
     PROGRESS = 4  # last generation step of the engine (stall detection)
-    CURRENT = 5  # board number of a request in the running batch (0 = none)
     BATCH_ROWS = 6  # rows in the running batch
-    BATCH_AUDIO_S = 7  # audio seconds made so far in the running batch
     AUDIO_S = 8  # totals since this spawn
     COMPUTE_S = 9
     COMPLETED = 10
@@ -49,7 +47,6 @@ class Col(enum.IntEnum):
     # dispatcher-owned
     INFLIGHT = 24
     QUEUED_WORK_S = 25  # estimated audio seconds still to make on this worker
-    ASSIGNED = 26  # requests ever assigned to this slot
     # monitor-owned
     MEM_USED = 32  # bytes
     MEM_TOTAL = 33

@@ -3,30 +3,36 @@
 Parent -> worker (on the worker's request queue):
     Synthesize(request)   run this request (the worker may batch it)
     Cancel(request_id)    stop this request at the next step, free its slot
-    Shutdown(grace_s)     finish what you hold (within grace_s), then exit
+    Shutdown()            finish what you hold, then exit
     (inside a Request's voices: KeptVoice(key, samples) to use and keep,
      VoiceRef(key) for one kept before; see VoiceSender and VoiceCache)
 
 Worker -> parent (on the worker's response pipe):
     Ready(...)            the engine is loaded; the slot may take work
-    BootFailed(...)       the engine could not load; the worker exits
+    BootFailed(...)       the engine could not load; the worker exits (its traceback
+                          comes along, for the parent's log)
     Started(id)           the request entered a generation batch
     Chunk(id, seq, pcm)   a piece of audio (float32 mono numpy array)
     Done(id, ...)         the request finished; its audio is the chunks sent, and
                           stop_reason says why it stopped (StopReason)
-    Failed(id, ...)       the request failed with a typed ErrorKind
+    Failed(id, ...)       the request failed with a typed ErrorKind; an unexpected
+                          exception's traceback comes along for the parent's log
+                          (never for a client)
 
-All messages are frozen dataclasses with a `kind`; nothing else crosses.
+All messages are frozen dataclasses, told apart by their type; nothing else crosses.
 Errors are typed by ErrorKind, never classified by matching strings.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 SAMPLE_RATE = 24_000
+# Guidance scales a request may ask for: the API validates against these, and an
+# engine refuses anything else (a request built in-process skips the API).
+MIN_CFG_SCALE, MAX_CFG_SCALE = 1.0, 2.0
 
 
 class ErrorKind(str, enum.Enum):
@@ -60,9 +66,20 @@ class PoolError(Exception):
         self.kind = ErrorKind(kind)
         self.message = message
         self.retryable = retryable
+        self.traceback = ""  # where an unexpected exception became this error (for the log)
 
     def __repr__(self) -> str:
         return f"PoolError({self.kind.value}: {self.message})"
+
+
+def unexpected(err: BaseException) -> PoolError:
+    """An engine's unexpected exception as ENGINE_ERROR, its traceback kept for the
+    parent's log (CPython's _ExceptionWithTraceback does the same for its pools)."""
+    import traceback
+
+    e = PoolError(ErrorKind.ENGINE_ERROR, f"{type(err).__name__}: {err}")
+    e.traceback = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return e
 
 
 @dataclass(frozen=True)
@@ -83,7 +100,6 @@ class Request:
 
     id: str
     turns: tuple[Turn, ...]
-    seq: int = 0  # the parent's running number, shown on the status board
     voices: tuple[Any, ...] = ()
     cfg_scale: float = 1.3
     inference_steps: int = 10
@@ -141,19 +157,16 @@ class VoiceRef:
 class Synthesize:
     request: Request
     following: int = 0  # more Synthesize messages sent right behind this one (batch them)
-    kind: str = field(default="synthesize", init=False)
 
 
 @dataclass(frozen=True)
 class Cancel:
     request_id: str
-    kind: str = field(default="cancel", init=False)
 
 
 @dataclass(frozen=True)
 class Shutdown:
-    grace_s: float = 0.0
-    kind: str = field(default="shutdown", init=False)
+    pass
 
 
 # ---- worker -> parent ------------------------------------------------------
@@ -165,22 +178,19 @@ class Ready:
     pid: int
     info: DeviceInfo
     boot_s: float = 0.0
-    kind: str = field(default="ready", init=False)
 
 
 @dataclass(frozen=True)
 class BootFailed:
     error: ErrorKind
     message: str
-    kind: str = field(default="boot_failed", init=False)
+    traceback: str = ""  # the worker's, when an unexpected exception stopped the load
 
 
 @dataclass(frozen=True)
 class Started:
     id: str
-    batch_size: int = 1
     at: float = 0.0  # time.monotonic() in the worker when the batch began
-    kind: str = field(default="started", init=False)
 
 
 @dataclass(frozen=True)
@@ -188,7 +198,6 @@ class Chunk:
     id: str
     seq: int
     pcm: Any  # float32 numpy array, mono, SAMPLE_RATE
-    kind: str = field(default="chunk", init=False)
 
 
 @dataclass(frozen=True)
@@ -197,7 +206,6 @@ class Done:
     audio_s: float
     compute_s: float
     stop_reason: str = StopReason.EOS.value  # why the row stopped (a StopReason value)
-    kind: str = field(default="done", init=False)
 
 
 @dataclass(frozen=True)
@@ -206,7 +214,7 @@ class Failed:
     error: ErrorKind
     message: str
     retryable: bool = False
-    kind: str = field(default="failed", init=False)
+    traceback: str = ""  # the worker's, when an unexpected exception failed it: log only
 
 
 ToWorker = Synthesize | Cancel | Shutdown

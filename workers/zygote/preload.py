@@ -14,6 +14,14 @@ once, so it gets one thread whatever the environment says (numpy's own BLAS
 calls are small here; torch has its own pool). A worker sets torch's thread
 count after the fork (workers.host.worker.run).
 
+PYTORCH_NVML_BASED_CUDA_CHECK=1 makes torch.cuda.is_available() and device_count()
+ask NVML instead of the CUDA runtime: asking the runtime loads the driver and
+marks every later fork as unable to use CUDA ("Cannot re-initialize CUDA in forked
+subprocess"). On an H200 (2026-12-04) the zygote was found with the driver mapped
+after its imports and every forked GPU worker failed to boot; the parent also
+checks the zygote's memory map after its warm-up and spawns workers instead when
+the driver is there (vibevoice_pool/pool/zygote.py).
+
 What a child forked from it inherited is checked by workers/zygote/probe.py.
 """
 
@@ -26,6 +34,7 @@ _T0 = time.monotonic()
 os.environ["OPENBLAS_NUM_THREADS"] = "1"  # OpenBLAS starts its pool when it loads
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # these size pools started later
     os.environ.setdefault(_var, "1")
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # a device query must not load CUDA
 
 import workers.host.worker  # noqa: E402,F401
 import workers.wire.board  # noqa: E402,F401

@@ -24,6 +24,8 @@ from workers.engines.contract import EngineSpec, StepSink
 from workers.engines.row import Row
 from workers.engines.vibevoice.prompt import check_script_text
 from workers.wire.messages import (
+    MAX_CFG_SCALE,
+    MIN_CFG_SCALE,
     SAMPLE_RATE,
     DeviceInfo,
     ErrorKind,
@@ -38,7 +40,6 @@ HOP_SAMPLES = 3200  # one audio token = 3200 samples = 0.133 s at 24 kHz
 MAX_SPEAKERS = 4
 MAX_VOICE_S = 120.0
 MAX_STEPS = 100
-MAX_CFG = 10.0
 DEFAULT_RUNAWAY_FACTOR = 2.0  # microsoft's max_length_times
 
 
@@ -154,8 +155,10 @@ def check_request(req: Request) -> None:
             raise bad(f"voice of speaker {i + 1} holds NaN or infinite samples")
     if not 1 <= req.inference_steps <= MAX_STEPS:
         raise bad(f"inference_steps must be 1-{MAX_STEPS}, got {req.inference_steps}")
-    if not (math.isfinite(req.cfg_scale) and 0 < req.cfg_scale <= MAX_CFG):
-        raise bad(f"cfg_scale must be in (0, {MAX_CFG:g}], got {req.cfg_scale}")
+    if not (math.isfinite(req.cfg_scale) and MIN_CFG_SCALE <= req.cfg_scale <= MAX_CFG_SCALE):
+        raise bad(
+            f"cfg_scale must be in [{MIN_CFG_SCALE:g}, {MAX_CFG_SCALE:g}], got {req.cfg_scale}"
+        )
     if not (math.isfinite(req.max_audio_s) and req.max_audio_s > 0):
         raise bad(f"max_audio_s must be positive, got {req.max_audio_s}")
 

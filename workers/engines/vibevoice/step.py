@@ -62,6 +62,16 @@ class _RowModel:
     prompt_len: int
 
 
+def cache_keyword(lm: Any) -> str:
+    """The name the LM's forward takes its KV cache by: `cache` since transformers 5.23,
+    `past_key_values` before (5.17 swallows an unknown `cache=` silently and runs with
+    no cache at all)."""
+    import inspect
+
+    params = inspect.signature(lm.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class ProcessorPrompts:
     """Prompts as microsoft's processor builds them (workers/engines/vibevoice/prompt.py)."""
 
@@ -110,6 +120,7 @@ class StepEngine:
         self.eos_ids.add(cfg.eos_token_id)
         self.dtype = model.dtype
         self.lm = model.model.language_model
+        self.cache_arg = cache_keyword(self.lm)
         self.embed = model.get_input_embeddings()
         self.text_cfg = cfg.text_config
         self.hop = cfg.audio_config.hop_length
@@ -403,7 +414,7 @@ class StepEngine:
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            cache=cache,
+            **{self.cache_arg: cache},
             use_cache=True,
         )
         n = len(rows)
@@ -428,7 +439,7 @@ class StepEngine:
             inputs_embeds=embeds,
             attention_mask=self._decode_mask(torch.cat([kv.mask, ones], dim=1)),
             position_ids=kv.pos[:, None],
-            cache=cache,
+            **{self.cache_arg: cache},
             use_cache=True,
         )
         kv.absorb(cache)

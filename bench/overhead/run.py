@@ -17,7 +17,7 @@ Zero-work requests (sim_rtf 0: the SimEngine sleeps not at all and returns
                  bytes (the floor), driven by one httpx client with a few
                  concurrent connections, in turns, in the same run
 
-    python bench/dispatch_overhead.py --out overhead.json
+    python -m bench.overhead.run --out overhead.json
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-import common
+from bench import common
 
 from workers.wire.estimate import audio_seconds_for
 
@@ -143,8 +143,7 @@ def asgi(pool, tmp: str) -> dict:
     """The pool's API app (without the page) and the bare app, in process, on the same pool."""
     import asyncio
 
-    import bare_server
-
+    from bench.overhead import bare_server
     from vibevoice_pool.api.app import create_app
     from vibevoice_pool.server import build_front
 
@@ -268,7 +267,7 @@ def http(tmp: str) -> dict:
         "--cache-dir",
         tmp,
     ]
-    bare_cmd = [sys.executable, str(common.ROOT / "bench" / "bare_server.py"), str(p_bare)]
+    bare_cmd = [sys.executable, "-m", "bench.overhead.bare_server", str(p_bare)]
     servers = {}
     with (
         open(os.path.join(tmp, "pool.log"), "w") as log_pool,
@@ -362,160 +361,6 @@ def main(argv=None) -> int:
     result["seconds"] = time.monotonic() - t_start
     common.save_json(args.out, result)
     return 0
-
-
-# ---- the record ------------------------------------------------------------
-
-
-def targets(res: dict) -> dict:
-    lat = res["latency"]["total"]
-    return {
-        "p50": lat["p50"],
-        "p99": lat["p99"],
-        "ok_p50": lat["p50"] < 0.3e-3,
-        "ok_p99": lat["p99"] < 1e-3,
-        "http_ratio": res["http"]["ratio"],
-        "ok_http": res["http"]["ratio"] <= 1.5,
-    }
-
-
-def render(res: dict) -> str:
-    lat = res["latency"]
-    rows = []
-    for key, label in (
-        ("decide", "submit() -> dispatched (parent: admission, policy, write to the pipe)"),
-        ("transport", "dispatched -> Started.at (the worker wakes, reads, starts)"),
-        ("total", "**submit() -> Started.at**"),
-    ):
-        s = lat[key]
-        rows.append(
-            [
-                label,
-                common.ms(s["p50"], 3),
-                common.ms(s["p90"], 3),
-                common.ms(s["p99"], 3),
-                common.ms(s["max"], 3),
-            ]
-        )
-    out = [
-        f"Enqueue-to-worker latency, zero-work requests, one at a time on an idle pool of 4 "
-        f"workers ({lat['total']['n']} requests, milliseconds):",
-        "",
-        common.table(["segment", "p50", "p90", "p99", "max"], rows),
-        "",
-    ]
-    d, p = res["dispatcher_alone"], res["pool_throughput"]
-    out += [
-        common.table(
-            ["throughput", "figure"],
-            [
-                [
-                    "Dispatcher alone: decisions/s (submit + least_work + hand-off, fake workers)",
-                    f"{d['per_s']:,.0f} ({d['us_each']:.0f} us each)",
-                ],
-                [
-                    "Zero-work requests/s through 4 real workers (burst of "
-                    f"{p['n']}, late binding)",
-                    f"{p['per_s']:,.0f}",
-                ],
-                [
-                    "submit() calls/s during that burst (admission only)",
-                    f"{p['submit_per_s']:,.0f}",
-                ],
-            ],
-        ),
-        "",
-    ]
-    h = res["http"]
-    seq, asg = h["sequential"], res.get("asgi", {})
-
-    def p50(d: dict, name: str) -> str:
-        return common.ms(d[name]["p50"], 2) if name in d else "n/a"
-
-    out += [
-        "Where the time goes: one zero-work request at a time, p50 in milliseconds "
-        "(0.73 s of tone back, a 35 KB WAV):",
-        "",
-        common.table(
-            ["layer", "bare FastAPI handler", "vibevoice-pool"],
-            [
-                [
-                    "the pool in process: submit() -> Done",
-                    "-",
-                    common.ms(lat["roundtrip"]["p50"], 2),
-                ],
-                [
-                    "the ASGI app in process (no socket, no uvicorn; the pool's API without "
-                    "the page)",
-                    p50(asg, "bare"),
-                    p50(asg, "pool"),
-                ],
-                [
-                    "HTTP on 127.0.0.1, one kept-alive connection",
-                    p50(seq, "bare"),
-                    p50(seq, "pool"),
-                ],
-            ],
-        ),
-        "",
-    ]
-    if "error" in asg:
-        out += [f"(The in-process ASGI layer could not be measured: {asg['error']}.)", ""]
-    rows = []
-    for name, label in (
-        ("bare", "bare FastAPI handler (the floor)"),
-        ("pool", "vibevoice-pool launch --engine sim --sim-rtf 0"),
-    ):
-        r = h[name]
-        rows.append(
-            [
-                label,
-                f"{r['rps_median']:.0f}",
-                " / ".join(f"{x:.0f}" for x in r["rps_all"]),
-                common.ms(r["p50"], 2),
-                common.ms(r["p99"], 2),
-                r["errors"],
-            ]
-        )
-    out += [
-        f"Throughput: POST /v1/synthesize from {h['clients']} concurrent httpx connections, "
-        f"rounds of {h['round_s']:g} s taken in turns (bare, pool, bare, pool); the client "
-        "runs on the same 2 cores:",
-        "",
-        common.table(
-            ["server", "req/s (median)", "req/s per round", "p50 ms", "p99 ms", "errors"], rows
-        ),
-        "",
-        f"Ratio bare / pool: **{h['ratio']:.2f}x** (target: at most 1.5x).",
-    ]
-    return "\n".join(out)
-
-
-def plot(res: dict, img_dir) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    x = np.sort(np.asarray(res["latency"]["samples"]) * 1e3)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(x, np.arange(1, len(x) + 1) / len(x))
-    ax.axvline(0.3, color="green", linestyle=":", label="p50 target 0.3 ms")
-    ax.axvline(1.0, color="red", linestyle=":", label="p99 target 1 ms")
-    ax.axhline(0.5, color="grey", linewidth=0.6)
-    ax.axhline(0.99, color="grey", linewidth=0.6)
-    ax.set_xscale("log")
-    ax.set_xlabel("submit() -> worker start (ms, log)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title("Enqueue-to-worker latency, zero-work requests")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = img_dir / "dispatch_latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
 
 
 if __name__ == "__main__":

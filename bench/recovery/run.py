@@ -27,7 +27,7 @@ over once a worker has been ready 10 s. Each worker dies two or three times
 here, mostly far enough apart to come back at once; the time a slot is down is
 part of the p99 during the kills.
 
-    python bench/recovery.py --out recovery.json [--quick]
+    python -m bench.recovery.run --out recovery.json [--quick]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 
-import common
+from bench import common
 
 SPEEDS = (1.0, 1.0, 0.5, 0.5, 1.0, 1.0, 0.5, 0.5)
 SIM_RTF = 0.05  # the engine's default: 1 s of audio in 50 ms on a speed-1 worker
@@ -295,7 +295,17 @@ def conductor(args) -> int:
         meet = common.Rendezvous(tmp)
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, "--out", "-", "--child", name, "--dir", tmp],
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.recovery.run",
+                    "--out",
+                    "-",
+                    "--child",
+                    name,
+                    "--dir",
+                    tmp,
+                ],
                 cwd=common.ROOT,
             )
             for name in PHASES
@@ -366,160 +376,6 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     return child(args) if args.child else conductor(args)
-
-
-# ---- the record ------------------------------------------------------------
-
-
-def targets(res: dict) -> dict:
-    k = res["phases"]["kills"]
-    return {
-        "lost": k["lost"] + k["bad_audio_count"],
-        "duplicated": k["duplicated"],
-        "kills": len(k["kills"]),
-        "detect_p50": k["detect"]["p50"],
-        "redispatch_p50": k["redispatch"]["p50"],
-        "ok_lost": k["lost"] == 0 and k["bad_audio_count"] == 0,
-        "ok_dup": k["duplicated"] == 0,
-        "ok_count": len(k["kills"]) >= 20,
-        "ok_detect": k["detect"]["p50"] < 0.1,
-        "ok_redispatch": k["redispatch"]["p50"] < 0.25,
-    }
-
-
-def render(res: dict) -> str:
-    b, k = res["phases"]["baseline"], res["phases"]["kills"]
-    speeds = ", ".join(f"{s:g}" for s in res["speeds"])
-    out = [
-        f"Two pools side by side, each of {len(res['speeds'])} SimEngine workers (speeds "
-        f"{speeds}) in its own process, on one schedule started at the same instant: sim_rtf "
-        f"{res['sim_rtf']:g}, sizes lognormal mean {res['mean_s']:g} s CV {res['cv']:g}, "
-        f"Poisson arrivals for {res.get('run_s', 0):.0f} s at {res['load']:.0%} of the "
-        f"calibrated capacity ({res['rate']:.1f} requests/s). In one of them a random running "
-        f"worker in the middle of a request (one of those killed least so far) gets SIGKILL "
-        f"every {res['kill_every_s']:g} s; the other is the run without kills. Every answer is checked: exactly one outcome per "
-        "request, its audio of the exact length, and a replayed request's audio bit-identical "
-        "to a clean run of its seed.",
-        "",
-        common.table(
-            ["", "no kills", "with kills"],
-            [
-                ["requests", b["submitted"], k["submitted"]],
-                ["kills", len(b["kills"]), len(k["kills"])],
-                ["requests replayed on another worker", b["replayed"], k["replayed"]],
-                [
-                    "**lost** (no answer, or not its audio)",
-                    b["lost"] + b["bad_audio_count"],
-                    k["lost"] + k["bad_audio_count"],
-                ],
-                ["**duplicated** (answered twice)", b["duplicated"], k["duplicated"]],
-                [
-                    "replays checked bit-exact against a clean run",
-                    "-",
-                    k["replays_checked_bit_exact"],
-                ],
-                [
-                    "latency p50 (ms)",
-                    common.ms(b["latency"]["p50"]),
-                    common.ms(k["latency"]["p50"]),
-                ],
-                [
-                    "latency p99 (ms)",
-                    common.ms(b["latency"]["p99"]),
-                    common.ms(k["latency"]["p99"]),
-                ],
-                [
-                    "p99 ratio with / without kills",
-                    "1.00",
-                    f"{k['latency']['p99'] / b['latency']['p99']:.2f}",
-                ],
-                [
-                    "latency p99 of the replayed requests (ms)",
-                    "-",
-                    common.ms(k["latency_replayed"]["p99"]),
-                ],
-            ],
-        ),
-        "",
-        f"Over {len(k['kills'])} kills ({k['redispatch']['n']} requests re-dispatched"
-        + (
-            "; a worker can finish its request in the instant before the kill"
-            if k["redispatch"]["n"] < len(k["kills"])
-            else ""
-        )
-        + "), milliseconds:",
-        "",
-        common.table(
-            ["from the SIGKILL to", "p50", "p99", "max"],
-            [
-                [label, common.ms(s["p50"], 1), common.ms(s["p99"], 1), common.ms(s["max"], 1)]
-                for label, s in (
-                    ("the supervisor's `dead` event (detection)", k["detect"]),
-                    ("the request's `requeued` event", k["requeue"]),
-                    ("the request's next `dispatched` event (**re-dispatch**)", k["redispatch"]),
-                    ("the slot's `ready` event (backoff + spawn)", k["respawn"]),
-                )
-            ],
-        ),
-    ]
-    return "\n".join(out)
-
-
-def plot(res: dict, img_dir) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    k = res["phases"]["kills"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
-    ax = axes[0]
-    t_kill = [x["t"] - k["t0"] for x in k["kills"]]
-    b = res["phases"]["baseline"]
-    ax.plot(
-        b["arrivals"],
-        np.asarray(b["latencies"]) * 1e3,
-        ".",
-        color="grey",
-        markersize=2,
-        alpha=0.35,
-        label="the same requests, pool without kills",
-    )
-    ax.plot(
-        k["arrivals"],
-        np.asarray(k["latencies"]) * 1e3,
-        ".",
-        markersize=2,
-        alpha=0.5,
-        label="pool with kills (by arrival)",
-    )
-    for i, t in enumerate(t_kill):
-        ax.axvline(t, color="red", linewidth=0.6, alpha=0.6, label="SIGKILL" if i == 0 else None)
-    ax.set_yscale("log")
-    ax.set_xlabel("arrival time (s)")
-    ax.set_ylabel("latency (ms, log)")
-    ax.set_title("Latency under kills")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    for label, key in (("detection", "detect"), ("re-dispatch", "redispatch")):
-        if key == "detect":
-            xs = [x["detect"] for x in k["kills"] if x["detect"] is not None]
-        else:
-            xs = [t for x in k["kills"] for t in x["redispatch"]]
-        x = np.sort(np.asarray(xs) * 1e3)
-        ax.plot(x, np.arange(1, len(x) + 1) / max(1, len(x)), marker=".", label=label)
-    ax.axvline(100, color="green", linestyle=":", label="detection target 100 ms")
-    ax.axvline(250, color="red", linestyle=":", label="re-dispatch target 250 ms")
-    ax.set_xlabel("ms after SIGKILL")
-    ax.set_ylabel("fraction of kills")
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = img_dir / "recovery.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
 
 
 if __name__ == "__main__":

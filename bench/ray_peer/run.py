@@ -12,7 +12,7 @@ same replica code (workers.host.ray_replica.SlotReplica for both Ray ones):
                   default 5 (requests queue inside the replicas)
 
 Two workloads, driven the same way through each system's in-process client
-(Pool.submit + RequestHandle.events; DeploymentHandle.remote, stream=True):
+(Pool.submit + RequestHandle.stream; DeploymentHandle.remote, stream=True):
 
     zero   zero-work requests (sim_rtf 0: 0.5 s of tone, no sleep), 8 clients in
            a closed loop: requests/s and latency
@@ -22,9 +22,9 @@ Two workloads, driven the same way through each system's in-process client
 Latency is submit to the last message (Done). Ray runs inside a private
 network namespace with only loopback (the script re-runs itself under
 `unshare --net` when it is not in one). Prints a Markdown table; --out writes
-JSON. bench/run_all.py may call it like the other sections.
+JSON. bench/run_all.py runs it like the other sections.
 
-    python bench/ray_peer.py --out ray_peer.json [--quick]
+    python -m bench.ray_peer.run --out ray_peer.json [--quick]
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from bench import common
 
-import common  # noqa: E402
+ROOT = common.ROOT
 
 CLIENTS = 8
 LOAD = 0.8
@@ -77,7 +76,7 @@ def sizes_for(n: int) -> dict:
 
 
 class PoolSystem:
-    """The pool (local or on Ray), driven through submit + handle.events()."""
+    """The pool (local or on Ray), driven through submit + handle.stream()."""
 
     def __init__(self, backend: str, sim_rtf: float):
         settings = {"gpus": "cpu:2", "sim_rtf": sim_rtf, "backend": backend}
@@ -90,9 +89,12 @@ class PoolSystem:
         from workers.wire import messages as m
 
         handle = self.pool.submit(req)
-        async for _ in handle.events():
-            pass
-        return isinstance(handle.outcome, m.Done)
+        try:
+            async for _ in handle.stream():
+                pass
+        except m.PoolError:
+            return False
+        return True
 
     def close(self) -> None:
         self.pool.shutdown(grace_s=0)
@@ -320,7 +322,7 @@ def main(argv=None) -> int:
             Path(args.out).write_text(json.dumps({"skipped": note}))
         return 0
     if not only_loopback():  # Ray listens on every interface: keep it private
-        again = [sys.executable, os.path.abspath(__file__)]
+        again = [sys.executable, "-m", "bench.ray_peer.run"]
         again += ["--out", os.path.abspath(args.out)] if args.out else []
         again += ["--quick"] if args.quick else []
         cmd = netns_command(again)

@@ -2,7 +2,7 @@
 validates the same JSON body as POST /v1/synthesize and returns the same WAV
 bytes the pool returns for it, doing nothing else.
 
-    python bench/bare_server.py PORT     (started and stopped by dispatch_overhead.py)
+    python -m bench.overhead.bare_server PORT   (started and stopped by overhead/run.py)
 """
 
 from __future__ import annotations

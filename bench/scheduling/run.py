@@ -26,7 +26,7 @@ scripted length. The bound knows the true sizes.
 of scaled time, as the old demo polled nvidia-smi; the queue is live, as the
 old demo counted its own requests.
 
-    python bench/scheduling.py --out sched.json [--quick]
+    python -m bench.scheduling.run --out sched.json [--quick]
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
-import math
 import sys
 import threading
 import time
 from collections import deque
 
-import common
+from bench import common
+from bench.scheduling.record import BOUND, _cv
 
 SPEEDS = (1.0, 1.0, 0.5, 0.5)
 SIM_RTF = 0.06  # bench wall seconds per audio second on a speed-1 worker
@@ -64,7 +64,6 @@ RUNS = (
     ("round_robin, bound", "round_robin", True),
     ("power_of_two, bound", "power_of_two", True),
 )
-BOUND = "bound (central queue, fastest idle)"
 
 
 # ---- the old demo's score with stale statistics ----------------------------
@@ -179,7 +178,8 @@ def run_policy(
     """One policy on the workload; its latencies, and its own bound: the DES
     with the compute times the workers delivered in this very run."""
     d = pool.dispatcher
-    d.policy, d.bind_at_arrival = policy, bind
+    d.policy = policy
+    common.bind_at_arrival(d, bind)
     ctx = getattr(d, "_ctx", None)  # the policy's random generator: same draws per run
     if ctx is not None:
         ctx.rng.seed(seed)
@@ -193,7 +193,8 @@ def run_policy(
         start_at=start_at,
     )
     common.drain(pool)
-    d.policy, d.bind_at_arrival = "least_work", False
+    d.policy = "least_work"
+    common.bind_at_arrival(d, False)
     per = rec.by_request()
     lat, transit, per_slot = [], [], [0] * len(SPEEDS)
     points: dict[int, list[tuple[float, float]]] = {s: [] for s in range(len(SPEEDS))}
@@ -314,7 +315,18 @@ def conductor(args) -> int:
         extra += [f"--load={load:g}" for load in dict.fromkeys(ld for _, ld in pairs)]
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, "--out", "-", "--child", label, "--dir", tmp, *extra],
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.scheduling.run",
+                    "--out",
+                    "-",
+                    "--child",
+                    label,
+                    "--dir",
+                    tmp,
+                    *extra,
+                ],
                 cwd=common.ROOT,
             )
             for label, _, _ in runs
@@ -408,226 +420,6 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     return child(args) if args.child else conductor(args)
-
-
-def _load_range(config: dict) -> str:
-    loads = [r["realised_load"] for r in config["runs"].values() if "realised_load" in r]
-    return f"{min(loads):.2f}-{max(loads):.2f}" if loads else "n/a"
-
-
-def _cv(xs: list[float]) -> float:
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) / m
-
-
-# ---- the record ------------------------------------------------------------
-
-
-def targets(res: dict) -> list[dict]:
-    """The issue's targets at load 0.9, for each CV."""
-    out = []
-    for c in res["configs"]:
-        if abs(c["load"] - 0.9) > 1e-9:
-            continue
-        r = c["runs"]
-        lw = r["least_work"]["stats"]["p99"]
-        b = r["least_work"]["bound"]["p99"]
-        seed = r["seed (stale), bound"]["stats"]["p99"]
-        lq = r["least_queue, bound"]["stats"]["p99"]
-        out.append(
-            {
-                "cv": c["cv"],
-                "vs_bound": lw / b,
-                "vs_seed": lw / seed,
-                "vs_least_queue": lw / lq,
-                "ok_bound": lw <= 1.10 * b,
-                "ok_seed": lw <= 0.85 * seed,
-                "ok_least_queue": lw <= 0.85 * lq,
-            }
-        )
-    return out
-
-
-def render(res: dict) -> str:
-    speeds = ", ".join(f"{s:g}" for s in res["speeds"])
-    lines = [
-        f"Each policy has its own pool of four SimEngine workers in real processes (speeds "
-        f"{speeds}), in its own process, and **all six run side by side on one schedule**: the "
-        "same arrivals and sizes, started at the same instant, so that whatever else the shared "
-        "machine does hits every policy alike. sim_rtf "
-        f"{res['sim_rtf']:g} (a speed-1 worker sleeps {res['sim_rtf'] * 1e3:g} ms per second of "
-        f"audio), steps of {res['sim_chunk_s']:g} s of audio, mean request {res['mean_s']:g} s "
-        f"of audio; the dispatcher's estimate of each size is off by a random factor (mean 1, "
-        f"CV {res.get('estimate_cv', 0):g}), as a script-length estimate is for the real model, "
-        "while the engine makes the scripted length and the bound knows it. "
-        f"Time runs {1 / res['time_scale']:.1f}x faster than on a GPU at RTF "
-        f"{res['real_rtf']:g}: the old demo's 5 s nvidia-smi poll is {res['poll_s'] * 1e3:.0f} ms "
-        "here, and every latency below is in these scaled milliseconds. Each pool is warmed up "
-        "first, so every worker's speed column is measured before a figure is taken (learned "
-        f"in the least_work pool: {', '.join(f'{x:.1f}' for x in res['speed_column'])} audio s "
-        "per s).",
-        "",
-        "**The bound and the load.** Just before each CV/load pair every pool calibrates its "
-        "workers (rounds of one request per worker at once; compute time = a x steps + b per "
-        "worker); the arrival rate is the load times the capacity of the mean calibration "
-        "(tone synthesis, messaging and the machine's other tenants make a real step longer "
-        "than its sleep). The reference bound is the central-queue simulation with that mean "
-        "calibration. Each run also gets **its own bound**: the same simulation with the "
-        "compute times fitted to that run's own requests. *realised load* is the offered rate "
-        "over that run's fitted capacity; *p99 / bound* compares a policy with the bound of its "
-        "own run; *hand-off gap* is the mean time a worker sat idle between two requests while "
-        "work was waiting.",
-        "",
-    ]
-    rows = [
-        ["sleep alone (nominal)"]
-        + [f"{res['sim_chunk_s'] * res['sim_rtf'] / s * 1e3:.2f}" for s in res["speeds"]]
-    ]
-    for c in res["configs"]:
-        m = c["model"]
-        rows.append(
-            [f"calibrated before CV {c['cv']:g}, load {c['load']:g} (mean of the pools)"]
-            + [f"{m[str(i)]['a'] * 1e3:.2f}" for i in range(len(res["speeds"]))]
-        )
-    lines.append(
-        common.table(
-            ["ms per step"] + [f"worker {i} (speed {s:g})" for i, s in enumerate(res["speeds"])],
-            rows,
-        )
-    )
-    for c in res["configs"]:
-        lines += [
-            "",
-            f"### CV {c['cv']:g}, load {c['load']:g}",
-            "",
-            f"{c['n']} requests at {c['rate']:.1f} per second; sizes: mean {c['mean_s']:.2f} s "
-            f"of audio, realised CV {c['cv_realised']:.2f} (after the 0.5 s floor), largest "
-            f"{c['max_s']:.1f} s; mean compute on a speed-1 worker "
-            f"{c['mean_service_speed1'] * 1e3:.1f} ms; realised load of the six runs "
-            f"{_load_range(c)}.",
-            "",
-        ]
-        rows = []
-        for label, run in c["runs"].items():
-            st = run["stats"]
-            if label == BOUND:
-                rows.append(
-                    [
-                        f"{label}, calibrated before the runs",
-                        common.ms(st["mean"]),
-                        common.ms(st["p50"]),
-                        common.ms(st["p99"]),
-                        "-",
-                        "-",
-                        f"{c['load']:.2f}",
-                        "0",
-                        "-",
-                        "-",
-                    ]
-                )
-                continue
-            rows.append(
-                [
-                    label,
-                    common.ms(st["mean"]),
-                    common.ms(st["p50"]),
-                    common.ms(st["p99"]),
-                    common.ms(run["bound"]["p99"]),
-                    f"{st['p99'] / run['bound']['p99']:.2f}",
-                    f"{run['realised_load']:.2f}",
-                    f"{run['gap']['mean'] * 1e3:.2f}",
-                    f"{run['throughput_rps']:.1f}",
-                    "/".join(str(x) for x in run["per_worker"]),
-                ]
-            )
-        lines.append(
-            common.table(
-                [
-                    "policy",
-                    "mean",
-                    "p50",
-                    "p99",
-                    "bound p99 (own run)",
-                    "p99 / bound",
-                    "realised load",
-                    "hand-off gap (ms)",
-                    "throughput (req/s)",
-                    "requests per worker",
-                ],
-                rows,
-            )
-        )
-    return "\n".join(lines)
-
-
-def plot(res: dict, img_dir) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    cfgs = res["configs"]
-    cols = sorted({c["load"] for c in cfgs})
-    rows_ = sorted({c["cv"] for c in cfgs})
-    fig, axes = plt.subplots(
-        len(rows_), len(cols), figsize=(6 * len(cols), 4.2 * len(rows_)), squeeze=False
-    )
-    for c in cfgs:
-        ax = axes[rows_.index(c["cv"])][cols.index(c["load"])]
-        curves = [(lb, r["latencies"]) for lb, r in c["runs"].items() if lb != BOUND]
-        if "least_work" in c["runs"]:
-            curves.append(("bound (least_work's run)", c["runs"]["least_work"]["bound_latencies"]))
-        for label, lat in curves:
-            x = np.sort(np.asarray(lat) * 1e3)
-            y = np.arange(1, len(x) + 1) / len(x)
-            style = {}
-            if label.startswith("bound"):
-                style = {"color": "black", "linestyle": "--", "linewidth": 2}
-            elif label == "least_work":
-                style = {"linewidth": 2.2}
-            ax.plot(x, y, label=label, **style)
-        ax.set_xscale("log")
-        ax.set_title(f"CV {c['cv']:g}, load {c['load']:g}")
-        ax.set_xlabel("latency (scaled ms, log)")
-        ax.set_ylabel("fraction of requests")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.axhline(0.99, color="grey", linewidth=0.8)
-    axes[0][0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Latency CDF by policy, speeds 1,1,0.5,0.5 (grey line: p99)")
-    fig.tight_layout()
-    path = img_dir / "scheduling_cdf.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(10, 4.2))
-    labels = [lb for lb in cfgs[0]["runs"] if lb != BOUND]
-    width = 0.8 / len(cfgs)
-    for k, c in enumerate(cfgs):
-        vals = [c["runs"][lb]["stats"]["p99"] / c["runs"][lb]["bound"]["p99"] for lb in labels]
-        ax.bar(
-            np.arange(len(labels)) + k * width,
-            vals,
-            width,
-            label=f"CV {c['cv']:g}, load {c['load']:g}",
-        )
-    ax.axhline(1.1, color="red", linewidth=1, linestyle=":", label="target for least_work: 1.1")
-    ax.set_xticks(np.arange(len(labels)) + width * (len(cfgs) - 1) / 2)
-    ax.set_xticklabels(
-        [lb.replace(" (central queue, fastest idle)", "") for lb in labels],
-        rotation=20,
-        ha="right",
-        fontsize=8,
-    )
-    ax.set_ylabel("p99 / bound p99")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    path2 = img_dir / "scheduling_p99.png"
-    fig.savefig(path2, dpi=110)
-    plt.close(fig)
-    return [path.name, path2.name]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,251 @@
+"""Every GPU measurement in one call, ordered by value, inside one time budget.
+
+A lent GPU comes for minutes: this runs the GPU benchmarks one after the other as
+subprocesses, each with its own time limit cut from what is left of `--budget-s`,
+writes each one's JSON into `--out` as it goes and the whole output into
+`--out`/log, so a run stopped at its limit still returns what was measured:
+
+    env          nvidia-smi, Python and the package versions
+    a_eager      bench_gpu_1p5b.py: 1, 4, 8, 16, 32 rows, fixed and mixed lengths, eager
+    b_respawn    gpu_respawn.py: builds the full-size random folder, CUDA init and the
+                 weight copy in a worker forked from the zygote, who holds GPU memory
+    c_pool       gpu_pool.py: the Pool on the one GPU, 1 worker against 2, a SIGKILL
+                 mid-batch, nvidia-smi during the burst (uses b's folder)
+    a_compiled   bench_gpu_1p5b.py with the diffusion head compiled (CUDA graphs), with
+                 what time is left
+
+    python bench/gpu_all.py --out results/ --budget-s 400      # on the GPU
+    python bench/gpu_all.py --out /tmp/dry --tiny               # the same path on CPU
+
+It ends with a short summary of every part (what a reply that keeps only the end of
+the output needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.f = path.open("a", buffering=1)
+
+    def __call__(self, line: str) -> None:
+        sys.stdout.write(line if line.endswith("\n") else line + "\n")
+        sys.stdout.flush()
+        self.f.write(line if line.endswith("\n") else line + "\n")
+
+
+def run_part(name: str, cmd: list[str], limit_s: float, log: Log) -> dict:
+    """Run one part in its own process group, its output into the log; kill the group
+    at `limit_s`."""
+    log(f"=== {name}: {' '.join(cmd)} (limit {limit_s:.0f} s)")
+    t0 = time.monotonic()
+    if limit_s < 5:
+        log(f"=== {name}: skipped, {limit_s:.0f} s left")
+        return {"name": name, "skipped": True}
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    timed_out = False
+    deadline = t0 + limit_s
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        if sel.select(timeout=min(1.0, left)):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "it/s]" in line or "s/it]" in line:  # progress bars
+                continue
+            log(f"[{name} {time.monotonic() - t0:5.0f}s] {line.rstrip()}")
+    rc = proc.wait()
+    sel.close()
+    wall = time.monotonic() - t0
+    log(f"=== {name}: rc {rc}{' (time limit)' if timed_out else ''} in {wall:.0f} s")
+    return {"name": name, "rc": rc, "timed_out": timed_out, "wall_s": round(wall, 1)}
+
+
+def env_info(out: Path, log: Log) -> None:
+    info: dict = {"python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("torch", "transformers", "diffusers", "pydantic", "numpy", "huggingface_hub"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # a missing package is a finding here
+            info[mod] = f"missing: {type(e).__name__}"
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        q = "name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit"
+        r = subprocess.run(
+            [smi, f"--query-gpu={q}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        info["gpu"] = r.stdout.strip() or r.stderr.strip()
+    info["cpus"] = os.cpu_count()
+    (out / "env.json").write_text(json.dumps(info, indent=1) + "\n")
+    log(f"env: {json.dumps(info)}")
+
+
+def best_rows(a_json: Path, cap: int) -> int:
+    """The row count (<= cap) with the most audio per second, fixed lengths, eager."""
+    try:
+        rows = json.loads(a_json.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return cap
+    fixed = [r for r in rows if r["lengths"] == "fixed" and r["rows"] <= cap]
+    if not fixed:
+        return cap
+    return max(fixed, key=lambda r: r["decode_audio_s_per_s"])["rows"]
+
+
+def summary(out: Path, parts: list[dict], log: Log) -> None:
+    def load(name):
+        try:
+            return json.loads((out / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    log("\n=== SUMMARY")
+    for p in parts:
+        log(f"part {p['name']}: {json.dumps(p)}")
+    for name in ("a_eager", "a_compiled"):
+        a = load(name)
+        if not a:
+            continue
+        log(
+            f"{name}: {a.get('device')} torch {a.get('torch')} transformers {a.get('transformers')}"
+        )
+        log(
+            "rows len compile ms/step dec_aud_s/s whole_aud_s/s first_audio_ms ops syncs h2d MiB/row"
+        )
+        for r in a["rows"]:
+            log(
+                f"{r['rows']:>3} {r['lengths']:<5} {r['compile']:<15} {r['ms_per_step']:7.1f} "
+                f"{r['decode_audio_s_per_s']:8.2f} {r['audio_s_per_s']:8.2f} "
+                f"{1000 * (r['first_audio_s'] or 0):6.0f} {r.get('ops_per_step', '-')} "
+                f"{r.get('host_syncs_per_step', '-')} {r.get('h2d_copies_per_step', '-')} "
+                f"{r.get('peak_mem_per_row_mib', '-')}"
+            )
+        if a.get("skipped"):
+            log(f"{name} skipped: {a['skipped']}")
+    b = load("b_respawn")
+    if b:
+        w = b.get("worker", {})
+        keys = ("cuda_init_s", "map_s", "copy_s", "copy_gb_per_s", "engine_load_s")
+        log(
+            f"b_respawn: zygote warm {b.get('zygote_warm_s')}, zygote CUDA maps "
+            f"{b.get('zygote_cuda_mappings')} / after {b.get('zygote_cuda_mappings_after')}, "
+            f"hold {b.get('hold_s')} s; worker { ({k: w.get(k) for k in keys}) }; holders "
+            f"{b.get('gpu_memory_holders')} only workers: {b.get('only_workers_hold_gpu_memory')}"
+            f"{' ERROR ' + b['error'] if 'error' in b else ''}"
+        )
+    c = load("c_pool")
+    if c:
+        for run in c.get("runs", []):
+            bu = run.get("burst", {})
+            mem = run.get("memory", {})
+            brief = {k: v for k, v in bu.items() if k != "requests_detail"}
+            log(
+                f"c_pool {run.get('workers')} worker(s): start {run.get('start_to_ready_s')} s; {brief}"
+            )
+            log(
+                f"  memory: holders {mem.get('holders_mib')} workers {mem.get('worker_pids')} "
+                f"parent {mem.get('parent_pid')} zygote {mem.get('zygote_pid')} only workers "
+                f"{mem.get('only_workers')}; parent maps {mem.get('parent_cuda_mappings')} "
+                f"zygote maps {mem.get('zygote_cuda_mappings')}"
+            )
+            if "kill" in run:
+                k = {x: v for x, v in run["kill"].items() if x != "requests"}
+                log(f"  kill: {k}")
+            if "error" in run:
+                log(f"  ERROR {run['error']}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for the JSON files and the log")
+    ap.add_argument("--budget-s", type=float, default=400.0, help="for every part together")
+    ap.add_argument("--tiny", action="store_true", help="the dry run: tiny model, CPU")
+    ap.add_argument("--tokens", type=int, default=48, help="audio tokens per row in part a")
+    ap.add_argument("--work", default=None, help="where the full-size folder goes")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "log")
+    t0 = time.monotonic()
+    work = Path(args.work or tempfile.mkdtemp(prefix="vvp-gpu-"))
+    model = work / ("tiny" if args.tiny else "vv15")
+
+    def left(reserve: float = 0.0) -> float:
+        return args.budget_s - (time.monotonic() - t0) - reserve
+
+    env_info(out, log)
+    parts = []
+    a = [PY, str(BENCH / "bench_gpu_1p5b.py"), "--new-tokens", str(args.tokens)]
+    if args.tiny:
+        a += ["--tiny", "--cache-dir", str(work), "--rows", "1,4"]
+    else:
+        a += ["--rows", "1,4,8,16,32"]
+    eager = a + ["--compile-modes", "", "--lengths", "fixed,mixed"]
+    # a: eager, fixed and mixed lengths; stops starting runs at 110 s
+    parts.append(
+        run_part(
+            "a_eager",
+            eager + ["--budget-s", "110", "--out", str(out / "a_eager.json")],
+            min(170, left(60)),
+            log,
+        )
+    )
+    # b: the full-size folder, CUDA init, the weight copy, who holds GPU memory
+    b = [PY, str(BENCH / "gpu_respawn.py"), "--out", str(out / "b_respawn.json")]
+    b += ["--tiny", str(work), "--gpu", "-1"] if args.tiny else ["--build-full-size", str(model)]
+    parts.append(run_part("b_respawn", b, min(170, left(30)), log))
+    if args.tiny:  # gpu_respawn made the tiny model under work/
+        model = next(work.glob("vibevoice-tiny-*"))
+    # c: the pool on the one GPU, 1 worker against 2, SIGKILL mid-batch
+    rows = best_rows(out / "a_eager.json", 4 if args.tiny else 16)
+    c = [PY, str(BENCH / "gpu_pool.py"), "--model", str(model), "--rows", str(rows), "--kill"]
+    c += ["--out", str(out / "c_pool.json"), "--timeout", "90"]
+    c += ["--tiny", "--requests", "4", "--lengths", "1,2"] if args.tiny else ["--requests", "16"]
+    parts.append(run_part("c_pool", c, min(200, left(10)), log))
+    # a, compiled head (CUDA graphs per row count), with what is left
+    comp = a + ["--compile-modes", "reduce-overhead", "--lengths", "fixed"]
+    comp += ["--compiled-rows", "1,4" if args.tiny else "1,4,16"]
+    budget = max(0.0, left(0) - 60)
+    comp += ["--budget-s", f"{budget:.0f}", "--out", str(out / "a_compiled.json")]
+    parts.append(run_part("a_compiled", comp, left(0), log))
+    summary(out, parts, log)
+    log(f"=== all parts in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

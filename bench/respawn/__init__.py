@@ -1,0 +1,1 @@
+"""Respawn: a killed tiny-model worker serving again. run.py measures, record.py writes the record."""

@@ -1,0 +1,158 @@
+"""The benchmarks' record code against saved figures (tests/data/bench/*.json, written
+by `python -m bench.<section>.run --quick --out ...` on this kind of machine): each
+section's targets, tables and reading, and the whole record assembled from them. No
+benchmark runs here; the figures are fixed, so every number the record shows is checked
+against the one computed here from the same file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import common, gpu_record, report
+from bench.overhead import record as overhead
+from bench.recovery import record as recovery
+from bench.scheduling import record as scheduling
+
+DATA = Path(__file__).parent / "data" / "bench"
+
+
+def figures(name: str) -> dict:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def section(name: str) -> dict:
+    return {"name": name, "seconds": 60.0, "rc": 0, "stdout": "", "data": figures(name)}
+
+
+def test_scheduling_targets_are_the_ratios_of_the_saved_p99s():
+    res = figures("scheduling")
+    config = next(c for c in res["configs"] if c["load"] == 0.9)
+    runs = config["runs"]
+    lw = runs["least_work"]["stats"]["p99"]
+    bound = runs["least_work"]["bound"]["p99"]
+    seed = runs["seed (stale), bound"]["stats"]["p99"]
+    (t,) = scheduling.targets(res)
+    assert t["vs_bound"] == pytest.approx(lw / bound)
+    assert t["vs_seed"] == pytest.approx(lw / seed)
+    assert t["ok_bound"] == (lw <= 1.10 * bound)
+    rows = scheduling.target_rows(res)
+    assert rows[0] == [
+        f"least_work p99 within 10% of the bound (CV {config['cv']:g}, load 0.9)",
+        f"{lw / bound:.2f}x the bound",
+        common.verdict(lw <= 1.10 * bound),
+    ]
+    assert rows[1][1] == common.pct(lw / seed)
+
+
+def test_scheduling_tables_show_every_run_and_say_why():
+    res = figures("scheduling")
+    text = scheduling.render(res)
+    config = next(c for c in res["configs"] if c["load"] == 0.9)
+    for label in config["runs"]:
+        if label != scheduling.BOUND:
+            assert label in text
+    lw = config["runs"]["least_work"]["stats"]["p99"]
+    assert f"{lw * 1e3:.0f}" in text or f"{lw * 1e3:,.0f}" in text  # its p99 in ms
+    why = "\n".join(scheduling._scheduling_why(res))
+    assert why.startswith("### Reading the figures") and "CV 1" in why
+
+
+def test_pct_says_below_or_above():
+    assert common.pct(0.8) == "20% below" and common.pct(1.25) == "25% above"
+
+
+def test_a_failed_or_missing_section_is_said_so():
+    failed = {"rc": 3, "error": "Traceback: boom"}
+    assert common.failed("x", failed)[0] == "**This section failed** (exit code 3):"
+    assert "Traceback: boom" in common.failed("x", failed)
+    assert common.failed("x", None) == ["Not run in this run (`--only`).", ""]
+
+
+def test_the_record_assembles_every_section_from_the_saved_figures(tmp_path):
+    sections = {
+        n: section(n)
+        for n in ("scheduling", "overhead", "recovery")
+        if (DATA / f"{n}.json").exists()
+    }
+    sections["respawn"] = {"name": "respawn", "seconds": 1.0, "rc": 1, "error": "no model"}
+    info = {
+        "machine": {
+            "cpu": "test CPU",
+            "cores": 2,
+            "mem_gib": 24,
+            "os": "Linux",
+            "python": "3.11",
+            "torch": "2.13.0",
+            "numpy": "2",
+            "fastapi": "0",
+            "uvicorn": "0",
+        },
+        "date": "2026-12-04 18:00 UTC",
+        "revision": "abc1234",
+        "load_before": [1.0, 1.0, 1.0],
+        "load_after": [2.0, 2.0, 2.0],
+        "quick": True,
+        "only": list(sections),
+        "seconds": 300.0,
+    }
+    doc = report.render(info, sections, tmp_path / "img", tmp_path / "PERFORMANCE.md")
+    assert doc.startswith("# Performance record")
+    assert "commit abc1234" in doc and "within the 15 min budget" in doc
+    assert "## 1. Scheduling quality" in doc
+    for row in scheduling.target_rows(sections["scheduling"]["data"]):
+        assert f"| {row[0]} | {row[1]} | {row[2]} |" in doc
+    assert "| section `respawn` | failed | **not measured** |" in doc
+    assert "**This section failed** (exit code 1):" in doc
+    assert "Not run in this run (`--only`)." in doc  # tiny and ray were not asked for
+
+
+def test_overhead_targets_and_tables_come_from_the_saved_latencies():
+    res = figures("overhead")
+    t = overhead.targets(res)
+    total = res["latency"]["total"]
+    assert (t["p50"], t["p99"]) == (total["p50"], total["p99"])
+    assert t["ok_p50"] == (total["p50"] < 0.3e-3) and t["ok_http"] == (res["http"]["ratio"] <= 1.5)
+    rows = overhead.target_rows(res)
+    assert rows[0] == [
+        "enqueue-to-worker p50 under 0.3 ms",
+        f"{total['p50'] * 1e3:.3f} ms",
+        common.verdict(total["p50"] < 0.3e-3),
+    ]
+    assert rows[2][1] == f"bare / pool = {res['http']['ratio']:.2f}x"
+    assert "submit() -> dispatched" in overhead.render(res)
+
+
+def test_recovery_targets_count_the_saved_kills_and_losses(tmp_path):
+    res = figures("recovery")
+    k = res["phases"]["kills"]
+    t = recovery.targets(res)
+    assert t["kills"] == len(k["kills"]) and t["ok_count"] == (len(k["kills"]) >= 20)
+    assert t["lost"] == k["lost"] + k["bad_audio_count"] and t["ok_lost"] == (t["lost"] == 0)
+    rows = {row[0]: row[1:] for row in recovery.target_rows(res)}
+    assert rows["at least 20 kills"] == [str(len(k["kills"])), common.verdict(t["ok_count"])]
+    detect = rows["detection (kill -> dead) median under 100 ms"]
+    assert detect == [
+        f"{k['detect']['p50'] * 1e3:.1f} ms",
+        common.verdict(k["detect"]["p50"] < 0.1),
+    ]
+    text = "\n".join(recovery.section({"data": res, "rc": 0}, tmp_path, "img"))
+    assert text.startswith("## 3. Recovery under fire")
+    assert f"-> dispatched p50 {k['redispatch']['p50'] * 1e3:.1f} ms" in text
+    most = max(
+        sum(1 for x in k["kills"] if x["slot"] == s) for s in {x["slot"] for x in k["kills"]}
+    )
+    assert f"dies up to {most} times" in text
+
+
+def test_the_gpu_section_is_written_from_the_newest_saved_gpu_run():
+    path = gpu_record.newest()
+    assert path is not None and path.parent.name == "gpu"
+    run = json.loads(path.read_text())
+    text = "\n".join(gpu_record.section(path))
+    assert text.startswith("## 6. On a GPU")
+    assert f"| date | {run['date']} |" in text and f"({run['run_wall_s']:.0f} s)" in text
+    doc = report._not_run(peer_ran=True)
+    assert doc[: len(gpu_record.section(path))] == gpu_record.section(path)
