@@ -10,7 +10,7 @@ each decode step after the first (views are not counted: they launch nothing).
 `_local_scalar_dense` (.item()) and `nonzero` are host syncs; `.tolist()` and `.cpu()`
 on a CPU tensor dispatch nothing, so those are read from the code.
 
-    python bench/step_dispatches.py            # a minute or two on one CPU core
+    python -m bench.step_dispatches            # a minute or two on one CPU core
 """
 
 from __future__ import annotations
@@ -21,15 +21,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "item"}
 
 
 def depths_config():
     """VibeVoice-1.5B's depths at tiny widths (FACTS: the operator count of the 1.5B)."""
-    from bench_gpu_1p5b import full_size_config
+    from bench.bench_gpu_1p5b import full_size_config
 
     cfg = full_size_config()
     text = cfg.text_config
@@ -58,9 +55,9 @@ def build(torch):
 
 
 def count_steps(model, rows: int, measured: int, torch) -> dict:
-    from bench_gpu_1p5b import SyntheticPrompts, _Sink
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from bench.bench_gpu_1p5b import SyntheticPrompts, _Sink
     from workers.engines.vibevoice.step import StepEngine
     from workers.wire.messages import Request, Turn
 

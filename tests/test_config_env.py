@@ -7,6 +7,7 @@ import pytest
 from vibevoice_pool import config
 from vibevoice_pool.cli import launch_config, parser
 from vibevoice_pool.config import ConfigError, PoolConfig
+from vibevoice_pool.environment import stray_variables
 
 
 def cfg_from(*argv):
@@ -104,6 +105,6 @@ def test_a_variable_that_names_no_setting_is_pointed_out():
         "VIBEVOICE_POOL_OWNER_FILE": "/x",  # the jobs client's own variable
         "PATH": "/bin",
     }
-    assert config.stray_variables(environ) == [
+    assert stray_variables(environ) == [
         "$VIBEVOICE_POOL_PROT is not a setting; did you mean $VIBEVOICE_POOL_PORT?"
     ]

@@ -153,12 +153,20 @@ def test_openapi_declares_what_the_guards_answer(srv):
         assert codes_of(responses["431"]) == {"headers_too_large"}, (path, method)
         if method in ("post", "put", "patch", "delete"):
             assert "cross_site" in codes_of(responses["403"]), (path, method)
+        elif path == "/metrics":
+            assert codes_of(responses["403"]) == {"admin_only"}  # a user key
         else:
             assert "403" not in responses, (path, method)
+        if path not in ("/health", "/ready"):
+            assert "key_throttled" in codes_of(responses["429"]), (path, method)
     admin = [k for k in ops if k[0].startswith("/v1/pool/workers")]
     assert admin  # the worker routes are in the schema
     for key in admin:
-        assert codes_of(ops[key]["403"]) == {"cross_site", "admin_needs_json"}, key
+        want = {"cross_site", "admin_needs_json", "admin_only"}
+        assert codes_of(ops[key]["403"]) == want, key
+    assert "forbidden" in codes_of(ops[("/v1/voices", "post")]["403"])
+    assert {"owner_limit", "key_throttled"} <= codes_of(ops[("/v1/jobs", "post")]["429"])
+    assert codes_of(ops[("/v1/jobs", "post")]["507"]) == {"disk_limit", "disk_full"}
     assert "admin_needs_json" not in codes_of(ops[("/v1/jobs", "post")]["403"])
     for key in [k for k in ops if k[0] in ("/login", "/login/") and k[1] == "post"]:
         assert codes_of(ops[key]["429"]) == {"login_throttled", "too_many_streams"}, key

@@ -13,7 +13,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from vibevoice_pool.api.auth import KeyFileError, key_ring, load_keys, single_key_owner
+from vibevoice_pool.api.auth import (
+    Caller,
+    KeyFileError,
+    key_ring,
+    load_keys,
+    short_key_warning,
+    single_key_owner,
+)
 from vibevoice_pool.api.login_throttle import LoginThrottle, client_key
 from vibevoice_pool.api.origin import BrowserGuard, allowed_hosts, host_allowed, is_cross_site
 
@@ -101,16 +108,27 @@ def test_with_a_key_sent_a_cross_site_write_passes():
 
 def test_keys_file(tmp_path):
     f = tmp_path / "keys"
-    f.write_text("# team keys\nalice: " + "a" * 20 + "\n\nbob:" + "b" * 24 + "  \n")
-    assert load_keys(f) == [("alice", "a" * 20), ("bob", "b" * 24)]
+    f.write_text(
+        "# team keys\nalice: " + "a" * 20 + "\n\nbob:" + "b" * 24 + "  \n"
+        "ops: admin: " + "c" * 20 + "\ncarol: User:" + "d" * 20 + "\n"
+    )
+    assert load_keys(f) == [
+        ("alice", "a" * 20, "user"),  # an entry without a role is a user
+        ("bob", "b" * 24, "user"),
+        ("ops", "c" * 20, "admin"),
+        ("carol", "d" * 20, "user"),
+    ]
     ring = key_ring("single-key-for-all", str(f))
-    assert ring.named and ring.match("a" * 20) == ("alice", "key:alice")
-    assert ring.match("b" * 24) == ("bob", "key:bob")
-    assert ring.match("single-key-for-all")[1] == single_key_owner("single-key-for-all")
+    assert ring.named and ring.match("a" * 20) == Caller("alice", "key:alice", "user")
+    assert ring.match("b" * 24).owner == "key:bob" and not ring.match("b" * 24).admin
+    assert ring.match("c" * 20).admin
+    single = ring.match("single-key-for-all")
+    assert single.owner == single_key_owner("single-key-for-all") and single.admin
     assert ring.match("a" * 19) is None and ring.match("") is None
     assert not key_ring("") and not key_ring("").named
     for text, words in (
         ("alice " + "a" * 20, "name: key"),
+        ("ops: admin: short", "shorter than 16"),
         ("alice: short", "shorter than 16"),
         ("a: " + "x" * 20 + "\na: " + "y" * 20, "given twice"),
         ("a: " + "x" * 20 + "\nb: " + "x" * 20, "another name's key"),
@@ -183,7 +201,12 @@ def test_login_slows_down_then_locks_then_lets_the_key_in_after_the_window():
     assert status == 429 and int(headers[b"retry-after"]) == 150
     login.clock.t += 151  # the window has passed
     assert login.attempt(GOOD)[0] == 200
-    assert "10.0.0.1" not in login.throttle.failures  # a success clears the address
+    fresh = Login()
+    for _ in range(3):
+        fresh.attempt("guess")
+    assert fresh.attempt(GOOD)[0] == 200
+    # a success wipes nothing: a user key must not buy more guesses at the admin key
+    assert len(fresh.throttle.failures["10.0.0.1"]) == 3
 
 
 def test_parallel_guesses_count_before_they_answer():
@@ -237,13 +260,22 @@ def test_addresses_that_one_client_can_change_at_will_count_as_one():
     assert login.attempt("guess", address="127.1.2.3")[0] == 429
 
 
-def test_many_addresses_together_are_capped_too():
+def test_many_addresses_together_are_capped_but_a_clean_address_is_never_locked_out():
     login = Login()
     login.throttle.global_lock_after = 20
     for i in range(20):  # two failures each from ten addresses: none locked alone
         assert login.attempt("guess", address=f"10.0.1.{i % 10}")[0] == 400
-    status, headers = login.attempt(GOOD, address="10.0.2.1")
+    status, headers = login.attempt(GOOD, address="10.0.1.3")  # one that failed: locked
     assert status == 429 and int(headers[b"retry-after"]) == 300
+    # the operator's address has no failure of its own: the others do not lock it out
+    assert login.attempt(GOOD, address="10.0.2.1")[0] == 200
+    assert login.attempt("guess", address="10.0.2.2")[0] == 400  # a fresh one gets one try
+    assert login.attempt("guess", address="10.0.2.2")[0] == 429  # then the global lock
+
+
+def test_a_short_single_key_gets_a_warning():
+    assert "can be guessed" in short_key_warning("q") and "16" in short_key_warning("q")
+    assert short_key_warning("k" * 16) == "" and short_key_warning("") == ""
 
 
 def test_the_page_upload_and_presets_on_disk_meet_the_same_header_checks(tmp_path):

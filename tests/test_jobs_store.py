@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import uuid
@@ -135,15 +136,21 @@ def test_finished_jobs_expire_and_hand_back_their_results(store):
     assert store.get(new).state is JobState.DONE and store.get(running) is not None
 
 
-def test_the_disk_limit_counts_results_and_reserves_what_queued_jobs_will_write(store):
+BODY = len(json.dumps({"script": "Speaker 1: hi"}))  # what new_job's body weighs
+
+
+def test_the_disk_limit_counts_results_bodies_and_what_queued_jobs_will_write(store):
     mb = 1024 * 1024
     a = new_job(store, est_bytes=mb // 2)
-    with pytest.raises(JobError) as e:
-        new_job(store, est_bytes=mb // 2 + 1)
+    assert store.reserved_bytes() == mb // 2 + BODY  # a queued job's body counts too
+    with pytest.raises(JobError) as e:  # the body counts twice while it is written
+        new_job(store, est_bytes=mb // 2 - 3 * BODY + 1)
     assert e.value.kind is JobErrorKind.DISK_LIMIT and "jobs_disk_limit_mb=1" in e.value.message
-    store.cancel(a, T0)  # a cancelled job holds nothing
-    assert store.reserved_bytes() == 0
-    new_job(store, est_bytes=mb - 1)
+    new_job(store, est_bytes=mb // 2 - 3 * BODY)  # exactly at the limit
+    store.cancel(a, T0)  # a cancelled job holds nothing: its body is dropped
+    assert store.reserved_bytes() == mb // 2 - 2 * BODY
+    assert store.reserved_bytes(owner="me") == store.reserved_bytes()
+    assert store.reserved_bytes(owner="someone else") == 0
 
 
 def test_one_data_folder_serves_one_server(tmp_path):
@@ -197,7 +204,8 @@ def test_a_database_from_version_1_opens_keeps_its_jobs_and_records_stop_reasons
     finally:
         store.close()
     conn = sqlite3.connect(data / "jobs.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # converted: space returns
     conn.close()
     JobStore.open(data).close()  # a second open finds the column there and adds nothing
 

@@ -131,8 +131,9 @@ def parser() -> argparse.ArgumentParser:
 def launch_config(ns: argparse.Namespace):
     """Default < VIBEVOICE_POOL_<NAME> variable < --config file < flag."""
     from vibevoice_pool import config
+    from vibevoice_pool.environment import from_environment
 
-    environment = config.from_environment()
+    environment = from_environment()
     given = config.load_file(ns.config) if getattr(ns, "config", None) else {}
     given.update({k: v for k, v in vars(ns).items() if k not in ("command", "config", "_device")})
     overridden = {str(k).replace("-", "_") for k in given}
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         import os
 
-        from vibevoice_pool.config import stray_variables
+        from vibevoice_pool.environment import stray_variables
 
         for line in stray_variables(dict(os.environ)):  # a typo'd variable is not silent
             log.warning("%s", line)

@@ -12,8 +12,7 @@ Precedence: built-in default < environment variable < config file (`--config`)
     build(values) -> PoolConfig     raw values (YAML, flags) -> validated, frozen
     cfg.replace(**changes)          a validated copy
     load_file(path) -> dict         a YAML file's raw settings
-    from_environment() -> dict      the VIBEVOICE_POOL_<NAME> variables' raw settings
-    stray_variables(environ)        VIBEVOICE_POOL_* names that are no setting (typos)
+    environment.py: from_environment(), stray_variables(environ)  (the variables)
     sections()                      [(title, [(name, FieldInfo)])], declaration order
 
 To add a setting: declare a field below (type, default, help, bounds) with its
@@ -198,11 +197,14 @@ class PoolConfig(BaseModel):
     port: int = FRONT(7860, "port to bind", ge=0, lt=65536)
     share: bool = FRONT(False, "ask Gradio for a public share link")
     api_key: Text = FRONT(
-        "", "require this Bearer key on the API and a login on the page", metavar="KEY"
+        "",
+        "require this Bearer key on the API and a login on the page (an admin key)",
+        metavar="KEY",
     )
     api_keys: Text = FRONT(
         "",
-        "a file of named keys ('name: key' a line); each name owns its own jobs",
+        "a file of named keys ('name: [admin|user:] key' a line; no role: a user); each "
+        "name owns its own jobs and voices",
         metavar="FILE",
     )
     cors_origins: Text = FRONT(
@@ -215,6 +217,13 @@ class PoolConfig(BaseModel):
         "Host names served besides the loopback ones, comma-separated (*.example.org, "
         "or * for any)",
         metavar="HOSTS",
+    )
+    openai_voices: Text = FRONT(
+        "",
+        "presets the OpenAI voice names play, e.g. alloy=en-Alice_woman,echo=en-Carter_man; "
+        "a name not given plays the preset of that name, else the presets in a fixed order "
+        "(never an upload)",
+        metavar="MAP",
     )
     max_connections: int = FRONT(1000, "open connections at most (fit to the file limit)", gt=0)
     client_max_connections: int = FRONT(64, "connections one client address may hold", gt=0)
@@ -248,7 +257,19 @@ class PoolConfig(BaseModel):
         "", "folder for durable jobs and results (default: <cache>/data)", metavar="DIR"
     )
     job_ttl_s: float = FILES(7 * 86400.0, "finished jobs and results expire after this", gt=0)
-    jobs_disk_limit_mb: float = FILES(10240.0, "disk in MiB the job results may use", gt=0)
+    jobs_disk_limit_mb: float = FILES(
+        10240.0, "disk in MiB the jobs may use: results, expected results and bodies", gt=0
+    )
+    jobs_owner_disk_mb: float = FILES(
+        2560.0, "of that, what one owner's jobs may hold, in MiB", gt=0
+    )
+    jobs_owner_max_active: int = FILES(200, "jobs one owner may have queued or running", gt=0)
+    jobs_owner_running: int = FILES(
+        0,
+        "jobs of one owner handed to the pool at once (0: the pool's rows but one, so "
+        "another owner's job starts at once)",
+        ge=0,
+    )
     log_format: Literal["text", "json"] = FILES("text", "log lines as text or json")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = FILES("INFO", "log level")
 
@@ -383,41 +404,6 @@ ENV_PREFIX = "VIBEVOICE_POOL_"
 def env_name(name: str) -> str:
     """The environment variable of a setting: VIBEVOICE_POOL_<NAME>."""
     return ENV_PREFIX + name.upper()
-
-
-def from_environment() -> dict[str, str]:
-    """The settings given as environment variables, as raw text for build() to
-    validate. pydantic-settings matches the names (the prefix, any case); an empty
-    variable counts as unset (compose writes ${UNSET} as empty)."""
-    from pydantic import create_model
-    from pydantic_settings import BaseSettings, SettingsConfigDict
-
-    class Reader(BaseSettings):
-        model_config = SettingsConfigDict(
-            env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore"
-        )
-
-    # Every field as plain text: the types, bounds and messages stay PoolConfig's.
-    fields: dict[str, Any] = {name: (str | None, None) for name in PoolConfig.model_fields}
-    reader = create_model("PoolEnvironment", __base__=Reader, **fields)
-    return reader().model_dump(exclude_none=True)
-
-
-NOT_SETTINGS = ("OWNER_FILE",)  # VIBEVOICE_POOL_OWNER_FILE: the jobs client's, not launch's
-
-
-def stray_variables(environ: dict[str, str]) -> list[str]:
-    """VIBEVOICE_POOL_* variables that name no setting (a typo is otherwise silent)."""
-    names = [env_name(n) for n in PoolConfig.model_fields]
-    out = []
-    for var in sorted(environ):
-        upper = var.upper()
-        rest = upper.removeprefix(ENV_PREFIX)
-        if rest == upper or upper in names or rest in NOT_SETTINGS:
-            continue
-        near = difflib.get_close_matches(upper, names, n=1)
-        out.append(f"${var} is not a setting" + (f"; did you mean ${near[0]}?" if near else ""))
-    return out
 
 
 def default_cache_dir(cfg: PoolConfig) -> Path:

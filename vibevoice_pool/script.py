@@ -19,11 +19,19 @@ import re
 from workers.wire.messages import ErrorKind, PoolError, Turn
 
 MAX_SPEAKERS = 4
+MAX_NUMBER_DIGITS = 6  # a longer speaker number is out of range without being read
 _PREFIX = re.compile(r"^\s*speaker\s*(\d+)\s*[:：]\s*(.*)$", re.IGNORECASE)
 
 
 def _bad(message: str) -> PoolError:
     return PoolError(ErrorKind.BAD_INPUT, message)
+
+
+def _speaker_number(digits: str) -> int:
+    """The number of a "Speaker N:" prefix; any digits (ASCII, Arabic-Indic...).
+    A number too long to be a speaker is -1 (out of range), never converted:
+    int() refuses strings of more than 4,300 digits."""
+    return int(digits) if len(digits) <= MAX_NUMBER_DIGITS else -1
 
 
 def check_encodable(text: str, what: str = "the script") -> None:
@@ -50,17 +58,18 @@ def parse_script(
     check_encodable(text)
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     numbered = [(n, _PREFIX.match(line)) for n, line in lines]
-    numbers = [int(mt.group(1)) for _, mt in numbered if mt]
+    numbers = [_speaker_number(mt.group(1)) for _, mt in numbered if mt]
     zero_based = 0 in numbers
     turns: list[Turn] = []
     for (n, line), (_, mt) in zip(lines, numbered, strict=False):
         if mt:
-            number, said = int(mt.group(1)), mt.group(2).strip()
-            speaker = number if zero_based else number - 1
+            number, said = _speaker_number(mt.group(1)), mt.group(2).strip()
+            speaker = number if zero_based or number < 0 else number - 1
             if not 0 <= speaker < MAX_SPEAKERS:
                 allowed = "0-3" if zero_based else "1-4"
+                shown = mt.group(1) if len(mt.group(1)) <= 12 else mt.group(1)[:12] + "..."
                 raise _bad(
-                    f"line {n}: 'Speaker {number}' is out of range; speakers are numbered "
+                    f"line {n}: 'Speaker {shown}' is out of range; speakers are numbered "
                     f"{allowed} (at most {MAX_SPEAKERS} speakers)"
                 )
             if not said:

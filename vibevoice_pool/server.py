@@ -53,7 +53,12 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     """The Front every route uses. The API key and CORS origins are read here, at
     launch: --api-key, else $VIBEVOICE_POOL_API_KEY; --cors-origins, else
     $VIBEVOICE_POOL_CORS_ORIGINS."""
-    from vibevoice_pool.api.auth import KeyFileError, key_ring, resolve_api_key
+    from vibevoice_pool.api.auth import (
+        KeyFileError,
+        key_ring,
+        resolve_api_key,
+        short_key_warning,
+    )
     from vibevoice_pool.api.speech import Front
     from vibevoice_pool.voices import VoiceLibrary, prepare_voices
     from workers.checkpoints.tiny import is_tiny_model
@@ -66,8 +71,13 @@ def build_front(cfg: PoolConfig, pool, environ=None):
         keys = key_ring(key, cfg.api_keys)
     except KeyFileError as e:
         raise ConfigError(f"api_keys: {e}") from None
+    if short_key_warning(key):
+        log.warning("%s", short_key_warning(key))
     if keys.named:
-        log.info("API keys: %s (each name owns its jobs)", ", ".join(n for n, _, _ in keys.entries))
+        log.info(
+            "API keys: %s (each name owns its jobs and voices)",
+            ", ".join(f"{c.name} ({c.role})" for _, c in keys.entries),
+        )
     if not keys and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "Serving on %s with no API key: anyone who reaches this address can use the "
@@ -104,6 +114,16 @@ def build_app(front):
     return app
 
 
+def carries_key(headers) -> bool:
+    """Whether a request carries an API key, right or wrong. A browser cannot send
+    one from another site (no CORS), so the cross-site check lets it through, and
+    the key middleware judges it: a wrong key there is a 401 counted against its
+    address (auth.py), never a cross-site 403 that would tell it apart unthrottled."""
+    from vibevoice_pool.api.auth import bearer_of
+
+    return bool(bearer_of(headers))
+
+
 def install_guards(app, front) -> None:
     """Outermost: the Host allow-list and cross-site refusal (origin.py), and the
     page login's throttle (login_throttle.py) when there is a login."""
@@ -119,7 +139,7 @@ def install_guards(app, front) -> None:
     app.add_middleware(
         BrowserGuard,
         allowed=hosts,
-        key_ok=(keys.allows if keys else (lambda _headers: False)),
+        key_ok=(carries_key if keys else (lambda _headers: False)),
         cors_origins=front.cors_origins,
         on_refused=front.activity.refused,
         keyed=bool(keys),
@@ -209,7 +229,7 @@ def serve(cfg: PoolConfig) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from vibevoice_pool import audio
     from vibevoice_pool.api.connections import raise_nofile
-    from vibevoice_pool.jobs.runner import open_store, start_jobs
+    from vibevoice_pool.jobs.launch import open_store, start_jobs
     from vibevoice_pool.pool.facade import Pool
     from vibevoice_pool.pool.slots import BootError
     from workers.wire.messages import PoolError
@@ -227,7 +247,9 @@ def serve(cfg: PoolConfig) -> int:
                 load_keys(cfg.api_keys)
             except KeyFileError as e:
                 raise ConfigError(f"api_keys: {e}") from None
-        store = open_store(cfg)  # the jobs data folder: refused before any worker boots
+        check_openai_voices(cfg)
+        # the jobs data folder: refused before any worker boots (a full disk: no jobs)
+        store, no_jobs = open_store(cfg)
         pool = Pool.start(cfg, model_path=model_path)
     except ConfigError as e:
         log.error("%s", e)
@@ -241,7 +263,9 @@ def serve(cfg: PoolConfig) -> int:
     jobs = None
     try:
         front = build_front(cfg, pool)
-        jobs = front.jobs = start_jobs(cfg, pool, front, store)  # durable jobs; the Jobs tab
+        if store is not None:
+            jobs = front.jobs = start_jobs(cfg, pool, front, store)  # durable jobs; the Jobs tab
+        front.jobs_unavailable = no_jobs
         app = build_app(front)
         server = _uvicorn_server(app, cfg)
         log.info("Serving on http://%s:%d (API at /v1, page at /)", cfg.host, cfg.port)
@@ -253,6 +277,16 @@ def serve(cfg: PoolConfig) -> int:
         pool.shutdown()
         log.info("Stopped.")
     return 0
+
+
+def check_openai_voices(cfg: PoolConfig) -> None:
+    """ConfigError for an openai_voices setting that cannot be read."""
+    from vibevoice_pool.voices import parse_openai_map
+
+    try:
+        parse_openai_map(cfg.openai_voices)
+    except ValueError as e:
+        raise ConfigError(f"openai_voices: {e}") from None
 
 
 def cache_path(cfg: PoolConfig, *parts: str) -> Path:

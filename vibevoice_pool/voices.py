@@ -10,10 +10,18 @@ model speaks in its own voice (MODEL_VOICE_NOTE). Crossing its border: voice nam
 numpy arrays out (what a Request carries), upload bytes in via add(). Every
 user mistake is PoolError(BAD_INPUT) (TooLarge for oversized uploads); no
 path outside the folder is ever read, written or removed.
+
+Ownership: a voice added through add() records its uploader (an owner id, see
+api/auth.py) in the folder's hidden OWNERS_FILE; a file put in the folder by
+the operator has no owner and is a preset. Only an admin overwrites or deletes
+a preset or another owner's voice (VoiceForbidden otherwise). The OpenAI voice
+names (OPENAI_VOICES) map to presets only (openai_voice), never to an upload,
+and no upload may take one of those names.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -36,6 +44,22 @@ VOICE_EXTENSIONS: tuple[str, ...] = (
 MAX_NAME_LENGTH = 64
 LISTING_MAX_AGE_S = 2.0  # a change the folder's mtime misses is seen within this
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+OWNERS_FILE = ".owners.json"  # {voice name: owner id} of the voices added by upload
+OPENAI_VOICES = (
+    "alloy",
+    "ash",
+    "ballad",
+    "coral",
+    "echo",
+    "fable",
+    "nova",
+    "onyx",
+    "sage",
+    "shimmer",
+    "verse",
+    "marin",
+    "cedar",
+)
 MODEL_VOICE = "none (the model's own voice)"  # what X-Voice says when no preset was used
 MODEL_VOICE_NOTE = (
     "A speaker without a voice sample gets no voice prompt and speaks in the model's own "
@@ -46,6 +70,31 @@ MODEL_VOICE_NOTE = (
 
 def _bad(message: str) -> PoolError:
     return PoolError(ErrorKind.BAD_INPUT, message)
+
+
+class VoiceForbidden(Exception):
+    """A caller changing a voice that is not its own (HTTP 403)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def parse_openai_map(text: str) -> dict[str, str]:
+    """The openai_voices setting ("alloy=NAME,echo=NAME") as {openai name: preset}.
+    ValueError naming the mistake."""
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, preset = part.partition("=")
+        name, preset = name.strip().lower(), preset.strip()
+        if not sep or not preset:
+            raise ValueError(f"write NAME=PRESET pairs separated by commas, not {part.strip()!r}")
+        if name not in OPENAI_VOICES:
+            raise ValueError(f"{name!r} is not an OpenAI voice name ({', '.join(OPENAI_VOICES)})")
+        out[name] = preset
+    return out
 
 
 def _list_voices(folder: Path) -> dict[str, Path]:
@@ -135,6 +184,62 @@ class VoiceLibrary:
         self._cache: dict[str, tuple[Path, tuple[int, int], np.ndarray]] = {}
         self._listed: tuple[int, float, dict[str, Path]] | None = None  # mtime_ns, when, names
 
+    # ---- owners ----------------------------------------------------------
+
+    def _owners(self) -> dict[str, str]:
+        try:
+            data = json.loads((self.folder / OWNERS_FILE).read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return {}
+        return (
+            {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+        )
+
+    def _save_owners(self, owners: dict[str, str]) -> None:
+        _write_atomic(self.folder, OWNERS_FILE, json.dumps(owners, sort_keys=True).encode())
+
+    def owner(self, name: str) -> str | None:
+        """Who uploaded `name`; None for a preset (a file the operator put there)."""
+        return self._owners().get(name)
+
+    def presets(self) -> list[str]:
+        """The voices nobody uploaded: the operator's files and the demo voices."""
+        owners = self._owners()
+        return [n for n in self.names() if n not in owners]
+
+    def openai_voice(self, voice: str, declared: dict[str, str] | None = None) -> str | None:
+        """The preset an OpenAI voice name plays: the declared one (openai_voices
+        setting), else a preset of that very name, else the presets in a fixed
+        order; None when there is no preset. Uploads never take part."""
+        low = voice.strip().lower()
+        chosen = (declared or {}).get(low)
+        if chosen is not None:
+            if chosen not in self._listing():
+                raise _bad(
+                    f"the voice {voice!r} is set to the preset {chosen!r} (openai_voices), "
+                    "which is not in the voices folder; ask the operator"
+                )
+            return chosen
+        presets = self.presets()
+        same = [n for n in presets if n.lower() == low]
+        if same:
+            return same[0]
+        if not presets:
+            return None
+        return presets[OPENAI_VOICES.index(low) % len(presets)]
+
+    def _check_may_change(self, name: str, owner: str | None, admin: bool) -> None:
+        if admin:
+            return
+        holder = self._owners().get(name)
+        if holder is None:
+            raise VoiceForbidden(f"{name!r} is a preset; only an admin key may change or delete it")
+        if holder != owner:
+            raise VoiceForbidden(
+                f"the voice {name!r} was uploaded by another key; only that key or an "
+                "admin may change or delete it"
+            )
+
     def _listing(self) -> dict[str, Path]:
         """The folder's voices, listed again only when the folder changed (its
         mtime), or LISTING_MAX_AGE_S passed, or we changed it ourselves."""
@@ -214,9 +319,24 @@ class VoiceLibrary:
             self._cache[preset] = (path, stamp, samples)
         return samples
 
-    def add(self, name: str, data: bytes, *, overwrite: bool = False) -> str:
-        """Validate an uploaded sample and store it as `<safe name>.wav`; returns the name."""
+    def add(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        overwrite: bool = False,
+        owner: str = "upload",
+        admin: bool = True,
+    ) -> str:
+        """Validate an uploaded sample and store it as `<safe name>.wav`, owned by
+        `owner`; returns the name. VoiceForbidden when a voice of that name is not
+        the caller's to overwrite (see the module doc)."""
         safe = safe_voice_name(name)
+        if safe.lower() in OPENAI_VOICES:
+            raise _bad(
+                f"the name {safe!r} is an OpenAI voice name, kept for the presets it maps to; "
+                "choose another name"
+            )
         samples = decode_upload(
             data,
             max_bytes=self.max_bytes,
@@ -230,20 +350,27 @@ class VoiceLibrary:
                     f"a voice named {taken[0]!r} already exists; choose another name "
                     "or delete that voice first"
                 )
+            for old in taken:
+                self._check_may_change(old, owner, admin)
             for old in taken:  # same name, other extension or case: replaced
                 if old != safe or self._listing()[old].suffix.lower() != ".wav":
                     self._remove(old)
+            owners = self._owners()
+            owners[safe] = owner
+            self._save_owners(owners)  # first: a crash leaves an owner, never a free preset
             wav, _ = encode(samples, "wav")
             _write_atomic(self.folder, safe + ".wav", wav)
             self._cache.pop(safe, None)
             self._listed = None
         return safe
 
-    def delete(self, name: str) -> None:
-        """Remove the stored voice with exactly this name (no partial matching)."""
+    def delete(self, name: str, *, owner: str | None = None, admin: bool = True) -> None:
+        """Remove the stored voice with exactly this name (no partial matching).
+        VoiceForbidden when it is not the caller's (see the module doc)."""
         with self._lock:
             if not isinstance(name, str) or name not in self._listing():
                 raise _bad(f"no voice named {name!r} to delete; voices: {self.names()}")
+            self._check_may_change(name, owner, admin)
             self._remove(name)
 
     def _remove(self, name: str) -> None:
@@ -257,6 +384,9 @@ class VoiceLibrary:
         path.unlink(missing_ok=True)
         self._cache.pop(name, None)
         self._listed = None
+        owners = self._owners()
+        if owners.pop(name, None) is not None:
+            self._save_owners(owners)
 
 
 def _short_name(name: str) -> str:

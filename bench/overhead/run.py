@@ -31,7 +31,6 @@ import tempfile
 import time
 
 from bench import common
-
 from workers.wire.estimate import audio_seconds_for
 
 N_LATENCY = 1500

@@ -69,6 +69,10 @@ def create_app(front: Front) -> FastAPI:
         from vibevoice_pool.api.jobs import jobs_router
 
         routers.append(jobs_router(front, front.jobs))
+    elif front.jobs_unavailable:
+        from vibevoice_pool.api.jobs import unavailable_router
+
+        routers.append(unavailable_router(front.jobs_unavailable))
     for router in routers:
         # The routes themselves, not include_router's lazy wrapper: the 405 and 404
         # answers (errors.UnknownRoutes) and /openapi.json read app.router.routes.

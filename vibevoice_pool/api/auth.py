@@ -1,11 +1,19 @@
-"""Who may call the server: the API key, the page's login, and the body-size limit.
+"""Who may call the server: API keys with roles, the page's login, the body-size limit.
 
     resolve_api_key(cfg)   --api-key, else $VIBEVOICE_POOL_API_KEY (read at launch)
-    KeyRing / load_keys    the keys accepted: that one key (owner "key:<hash>"),
-                           and the named keys of `--api-keys FILE` ("name: key"
-                           lines; owner "key:<name>"); jobs belong to the owner
+    KeyRing / load_keys    the keys accepted, each a Caller (name, owner, role):
+                           the one --api-key is an admin (owner "key:<hash>");
+                           `--api-keys FILE` holds "name: [role:] key" lines
+                           (owner "key:<name>"; an entry without a role is a user)
+    roles                  admin: everything, worker actions (ADMIN_ROUTES),
+                           /metrics, the presets; user: synthesis, its own jobs
+                           and its own uploaded voices (api/voices.py checks those)
     ApiKeyMiddleware       every API route but /health and /ready needs
-                           `Authorization: Bearer <key>`; 401 otherwise
+                           `Authorization: Bearer <key>`: 401 without one, 403
+                           `admin_only` for a user on an admin route, and wrong
+                           keys throttled per address (login_throttle.FailureLog:
+                           429 `key_throttled`); the Caller goes to
+                           scope["state"]["caller"] for the routes
     page_login(keys)       the Gradio page's login check (any user name, a key
                            as password); Gradio guards its own routes with it
     BodyLimitMiddleware    a request body over the limit is answered 413 before
@@ -26,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from vibevoice_pool.api.errors import error_body, send_json
+from vibevoice_pool.api.errors import error_body, send_error, send_json
+from vibevoice_pool.api.login_throttle import FailureLog, client_key
 
 API_KEY_ENV = "VIBEVOICE_POOL_API_KEY"
 OPEN_PATHS = ("/health", "/ready")
@@ -42,7 +51,17 @@ def resolve_api_key(configured: str, environ=None) -> str:
 
 
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-MIN_KEY_CHARS = 16  # a key in the file shorter than this is refused at launch
+MIN_KEY_CHARS = 16  # a key in the file shorter than this is refused; --api-key: a warning
+ADMIN, USER = "admin", "user"
+ROLES = (ADMIN, USER)
+DEFAULT_ROLE = USER  # a keys-file entry without a role: least privilege
+# Routes only an admin key may call: (method, path pattern).
+ADMIN_ROUTES = (
+    ("GET", re.compile(r"^/metrics/?$")),
+    ("POST", re.compile(r"^/v1/pool/workers/?$")),
+    ("POST", re.compile(r"^/v1/pool/workers/[^/]+/restart/?$")),
+    ("DELETE", re.compile(r"^/v1/pool/workers/[^/]+/?$")),
+)
 
 
 class KeyFileError(ValueError):
@@ -55,10 +74,31 @@ def single_key_owner(key: str) -> str:
 
 
 @dataclass(frozen=True)
-class KeyRing:
-    """The keys the server accepts, each with the owner its jobs belong to."""
+class Caller:
+    """Whom a request's key speaks for."""
 
-    entries: tuple[tuple[str, str, str], ...] = ()  # (name, key, owner)
+    name: str
+    owner: str  # what its jobs and uploaded voices belong to
+    role: str = ADMIN
+
+    @property
+    def admin(self) -> bool:
+        return self.role == ADMIN
+
+
+KEYLESS = Caller("anyone", "", ADMIN)  # a server without keys: no roles
+
+
+def caller_of(scope) -> Caller:
+    """The Caller the key middleware found for this request (KEYLESS without keys)."""
+    return (scope.get("state") or {}).get("caller") or KEYLESS
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The keys the server accepts, each with its Caller."""
+
+    entries: tuple[tuple[str, Caller], ...] = ()  # (key, caller)
     named: bool = False  # from --api-keys: each name owns its own jobs, even by id
 
     def __bool__(self) -> bool:
@@ -66,32 +106,36 @@ class KeyRing:
 
     @property
     def first(self) -> str:
-        return self.entries[0][1] if self.entries else ""
+        return self.entries[0][0] if self.entries else ""
 
-    def match(self, given: str) -> tuple[str, str] | None:
-        """(name, owner) of the key `given`, or None. Every key is compared."""
+    def match(self, given: str) -> Caller | None:
+        """The Caller of the key `given`, or None. Every key is compared."""
         found = None
-        for name, key, owner in self.entries:
+        for key, caller in self.entries:
             if key_matches(key, given) and found is None:
-                found = (name, owner)
+                found = caller
         return found
 
+    def caller(self, headers: list[tuple[bytes, bytes]]) -> Caller | None:
+        return self.match(bearer_of(headers))
+
     def owner_of(self, headers: list[tuple[bytes, bytes]]) -> str | None:
-        hit = self.match(bearer_of(headers))
-        return hit[1] if hit else None
+        hit = self.caller(headers)
+        return hit.owner if hit else None
 
     def allows(self, headers: list[tuple[bytes, bytes]]) -> bool:
         return bool(self.entries) and self.owner_of(headers) is not None
 
 
-def load_keys(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(name, key) pairs of a keys file: 'name: key' a line, '#' comments, blank lines."""
+def load_keys(path: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """(name, key, role) of a keys file: 'name: [role:] key' a line, '#' comments,
+    blank lines. role is admin or user; an entry without one is a user."""
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise KeyFileError(f"cannot read the keys file {p}: {e}") from None
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, str]] = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -99,27 +143,53 @@ def load_keys(path: str | os.PathLike) -> list[tuple[str, str]]:
         name, sep, key = line.partition(":")
         name, key = name.strip(), key.strip()
         if not sep or not KEY_NAME.match(name):
-            raise KeyFileError(f"{p} line {n}: write 'name: key' (name of letters, digits, _.@-)")
+            raise KeyFileError(
+                f"{p} line {n}: write 'name: key' or 'name: role: key' "
+                "(name of letters, digits, _.@-; role admin or user)"
+            )
+        role, sep, rest = key.partition(":")
+        if sep and role.strip().lower() in ROLES:
+            role, key = role.strip().lower(), rest.strip()
+        else:
+            role = DEFAULT_ROLE
         if len(key) < MIN_KEY_CHARS:
             raise KeyFileError(f"{p} line {n}: the key of {name!r} is shorter than {MIN_KEY_CHARS}")
-        if any(name == k for k, _ in out):
+        if any(name == k for k, _, _ in out):
             raise KeyFileError(f"{p} line {n}: the name {name!r} is given twice")
-        if any(key == v for _, v in out):
+        if any(key == v for _, v, _ in out):
             raise KeyFileError(f"{p} line {n}: the key of {name!r} is another name's key too")
-        out.append((name, key))
+        out.append((name, key, role))
     if not out:
         raise KeyFileError(f"the keys file {p} holds no keys")
     return out
 
 
 def key_ring(api_key: str, keys_file: str = "") -> KeyRing:
-    """The ring for --api-key and --api-keys FILE (either, both or neither)."""
+    """The ring for --api-key (an admin) and --api-keys FILE (either, both or neither)."""
     entries = []
     if api_key:
-        entries.append(("default", api_key, single_key_owner(api_key)))
+        entries.append((api_key, Caller("default", single_key_owner(api_key), ADMIN)))
     if keys_file:
-        entries += [(name, key, f"key:{name}") for name, key in load_keys(keys_file)]
+        entries += [
+            (key, Caller(name, f"key:{name}", role)) for name, key, role in load_keys(keys_file)
+        ]
     return KeyRing(tuple(entries), named=bool(keys_file))
+
+
+def short_key_warning(api_key: str) -> str:
+    """A line for the log when --api-key is shorter than MIN_KEY_CHARS ('' otherwise)."""
+    if not api_key or len(api_key) >= MIN_KEY_CHARS:
+        return ""
+    return (
+        f"The API key is {len(api_key)} characters long: it can be guessed. Use at least "
+        f"{MIN_KEY_CHARS} random characters (python -c 'import secrets; "
+        "print(secrets.token_urlsafe(24))')"
+    )
+
+
+def admin_only(method: str, path: str) -> bool:
+    """Whether only an admin key may call this route (ADMIN_ROUTES)."""
+    return any(method == m and rx.match(path) for m, rx in ADMIN_ROUTES)
 
 
 def is_api_path(path: str) -> bool:
@@ -140,7 +210,8 @@ def bearer_of(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class ApiKeyMiddleware:
-    """401 for API paths without the right Bearer key.
+    """401 for API paths without a right Bearer key, 403 for a user key on an admin
+    route, 429 for an address past its failed-key budget (`failures`).
 
     `allow(path)` may let a path through on other grounds (the page's live audio
     streams carry an unguessable per-request token).
@@ -152,11 +223,17 @@ class ApiKeyMiddleware:
         key: str | KeyRing,
         on_refused: Callable[[str], None] | None = None,
         allow: Callable[[str], bool] | None = None,
+        failures: FailureLog | None = None,
     ):
         self.app = app
         self.keys = key if isinstance(key, KeyRing) else key_ring(key)
         self.on_refused = on_refused
         self.allow = allow
+        self.failures = failures if failures is not None else FailureLog()
+
+    def _refuse(self, why: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(why)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.keys:
@@ -164,12 +241,38 @@ class ApiKeyMiddleware:
         path = scope.get("path", "")
         if path in OPEN_PATHS or not is_api_path(path):
             return await self.app(scope, receive, send)
-        if self.keys.allows(scope.get("headers", [])):
+        headers = scope.get("headers", [])
+        given = bearer_of(headers)
+        address = client_key((scope.get("client") or ("?", 0))[0])
+        if given:
+            wait = self.failures.retry_after(address, self.failures.clock())
+            if wait is not None:
+                self._refuse("key_throttled")
+                return await send_error(
+                    send,
+                    429,
+                    "key_throttled",
+                    f"too many wrong API keys from this address; try again in {wait} s",
+                    [(b"retry-after", str(wait).encode())],
+                )
+        caller = self.keys.match(given)
+        if caller is not None:
+            if not caller.admin and admin_only(scope.get("method", ""), path):
+                self._refuse("admin_only")
+                return await send_error(
+                    send,
+                    403,
+                    "admin_only",
+                    f"the key {caller.name!r} is a user key; this route needs an admin key "
+                    "(role admin in the --api-keys file, or the --api-key)",
+                )
+            scope.setdefault("state", {})["caller"] = caller
             return await self.app(scope, receive, send)
+        if given:
+            self.failures.record_failure(address)
         if self.allow is not None and self.allow(path):
             return await self.app(scope, receive, send)
-        if self.on_refused is not None:
-            self.on_refused("unauthorized")
+        self._refuse("unauthorized")
         await send_json(
             send,
             401,

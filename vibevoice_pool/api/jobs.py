@@ -4,25 +4,38 @@
     GET    /v1/jobs             the caller's jobs, newest first (?limit=&offset=&state=)
     GET    /v1/jobs/{id}        state, progress, worker, timings, error
     GET    /v1/jobs/{id}/audio  the result, with HTTP Range (206 Partial Content)
-    DELETE /v1/jobs/{id}        cancel a queued or running job
+    DELETE /v1/jobs/{id}        cancel it if it is queued or running, then forget it
+                                (its result too): answers its last view; 404 after
 
-Owner of a job (owner_of): the `X-Browser-Id` header or `vvp_browser` cookie
-("browser:<id>", the page's Jobs tab); else the API key sent ("key:<hash>"
-for --api-key, "key:<name>" for a named key of --api-keys); else the owner
-token of `X-Owner-Token` or the `vvp_owner` cookie ("token:<hash>"). A keyless
-caller that has none gets one from POST /v1/jobs, in the X-Owner-Token header
-and the cookie: keep it to list those jobs later. The list shows only the
-caller's jobs (none without an owner). A job's id (a UUID4: 122 random bits)
-is a capability: it reads and cancels that job, except with named keys,
-where a job answers only its own name (404 to the others). The API key, when set, is
-checked by the app's middleware (auth.py), as for every /v1 route.
+Owner of a job (owner_of): the API key sent ("key:<hash>" for --api-key,
+"key:<name>" for a named key of --api-keys); else the owner token of
+`X-Owner-Token` or the `vvp_owner` cookie ("token:<hash>"), and only a token
+this server minted (OwnerTokens: a random part and its HMAC under a secret
+kept in the data folder). A keyless caller without a valid token gets a new one
+from POST /v1/jobs, in the X-Owner-Token header and the cookie (HttpOnly,
+SameSite=Strict, Secure when served over https): keep it to list those jobs
+later. A token the server did not mint owns nothing: it is replaced on POST
+and lists no jobs. The list shows only the caller's jobs (none without an
+owner). A job's id (a UUID4: 122 random bits) is a capability: it reads and
+cancels that job, except with named keys, where a job answers only its own
+name (404 to the others). The API key, when set, is checked by the app's
+middleware (auth.py), as for every /v1 route. The page's Jobs tab has owners
+of its own ("browser:<id>", ui/jobs.py) that no header reaches.
 Errors are OpenAI-shaped (errors.py): PoolError by its kind, JobError by
-JOB_STATUS. Handlers are plain functions: FastAPI runs them off the loop.
+JOB_STATUS (507 for a full data disk or the data limit, 429 past an owner's
+limits). Handlers are plain functions: FastAPI runs them off the loop.
+unavailable_router: every /v1/jobs route answers 503 jobs_unavailable (the
+data disk was full at start).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
+import hmac
+import logging
+import os
 import re
 import secrets
 
@@ -30,19 +43,19 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from vibevoice_pool import encoders
-from vibevoice_pool.api.auth import KeyRing
+from vibevoice_pool.api.auth import KeyRing, caller_of
 from vibevoice_pool.api.errors import FileAnswer, error_response, plain_error
 from vibevoice_pool.api.speech import SynthesizeBody
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import Job, JobError, JobErrorKind, JobState
-from workers.wire.messages import ErrorKind, PoolError
+from workers.wire.messages import PoolError
 
-BROWSER_HEADER = "x-browser-id"
-BROWSER_COOKIE = "vvp_browser"
 OWNER_HEADER = "x-owner-token"
 OWNER_COOKIE = "vvp_owner"
-OWNER_TOKEN = re.compile(r"^[A-Za-z0-9_-]{22,128}$")  # at least 128 bits of base64url
+OWNER_TOKEN = re.compile(r"^[A-Za-z0-9_-]{54}$")  # 32 random characters + 22 of HMAC
+TOKEN_SECRET_FILE = "owner.secret"
 MAX_PAGE = 100
+log = logging.getLogger("vibevoice_pool")
 MAX_OFFSET = 2**63 - 1
 
 JOB_STATUS = {
@@ -50,41 +63,64 @@ JOB_STATUS = {
     JobErrorKind.NOT_READY: 409,
     JobErrorKind.CONFLICT: 409,
     JobErrorKind.DISK_LIMIT: 507,
+    JobErrorKind.DISK_FULL: 507,
+    JobErrorKind.OWNER_LIMIT: 429,
     JobErrorKind.STORAGE: 500,
     JobErrorKind.DATA_DIR: 503,
 }
 
 
-def new_owner_token() -> str:
-    return secrets.token_urlsafe(24)
+class OwnerTokens:
+    """Mints owner tokens and tells them from tokens a client made up."""
+
+    def __init__(self, secret: bytes):
+        self._secret = secret
+
+    @classmethod
+    def in_folder(cls, folder) -> OwnerTokens:
+        """With the secret kept in `folder` (made once), so tokens outlive a restart;
+        a folder that cannot keep it (a full disk) gives a secret for this run only."""
+        path = folder / TOKEN_SECRET_FILE
+        try:
+            secret = path.read_bytes().strip()
+        except FileNotFoundError:
+            secret = secrets.token_hex(32).encode()
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secret)
+            except OSError as e:
+                log.warning("Jobs: owner tokens last only until a restart (%s)", e)
+        return cls(secret)
+
+    def _sign(self, part: str) -> str:
+        mac = hmac.new(self._secret, part.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).decode()[:22]
+
+    def mint(self) -> str:
+        part = secrets.token_urlsafe(24)  # 32 characters, 192 bits
+        return part + self._sign(part)
+
+    def valid(self, token: str) -> bool:
+        if not OWNER_TOKEN.match(token):
+            return False
+        return hmac.compare_digest(token[32:], self._sign(token[:32]))
 
 
 def token_owner(token: str) -> str:
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
-def owner_of(request: Request, keys: KeyRing | None = None) -> str | None:
+def owner_of(request: Request, tokens: OwnerTokens) -> str | None:
     """Who a request speaks for (see the module doc); None for a keyless caller
-    without an owner token. A malformed token is BAD_INPUT."""
-    browser = (request.headers.get(BROWSER_HEADER) or request.cookies.get(BROWSER_COOKIE) or "")[
-        :128
-    ].strip()
-    if browser:
-        return f"browser:{browser}"
-    if keys:
-        owner = keys.owner_of(request.headers.raw)
-        if owner is not None:
-            return owner
+    without a token this server minted."""
+    caller = caller_of(request.scope)
+    if caller.owner:
+        return caller.owner
     token = (request.headers.get(OWNER_HEADER) or request.cookies.get(OWNER_COOKIE) or "").strip()
-    if not token:
-        return None
-    if not OWNER_TOKEN.match(token):
-        raise PoolError(
-            ErrorKind.BAD_INPUT,
-            "X-Owner-Token must be the token a POST /v1/jobs answer gave (22-128 characters "
-            "of A-Z a-z 0-9 _ -); leave it out to get a new one",
-        )
-    return token_owner(token)
+    if token and tokens.valid(token):
+        return token_owner(token)
+    return None
 
 
 def job_error(err: JobError) -> JSONResponse:
@@ -103,11 +139,12 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
     keys: KeyRing | None = getattr(front, "keys", None)
+    tokens = OwnerTokens.in_folder(runner.store.folder)
 
     def own(job_id: str, request: Request) -> Job:
         """The job, if this caller may see it (named keys: only its own)."""
         job = runner.get(job_id)
-        if keys is not None and keys.named and job.owner != owner_of(request, keys):
+        if keys is not None and keys.named and job.owner != owner_of(request, tokens):
             raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id} (it may have expired)")
         return job
 
@@ -115,9 +152,9 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
     def create_job(body: SynthesizeBody, request: Request):
         minted = None
         try:
-            owner = owner_of(request, keys)
-            if owner is None:
-                minted = new_owner_token()
+            owner = owner_of(request, tokens)
+            if owner is None:  # none, or one this server did not mint: a new one
+                minted = tokens.mint()
                 owner = token_owner(minted)
             job = runner.submit(owner, body.model_dump())
         except PoolError as e:
@@ -130,7 +167,12 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
         resp = JSONResponse(view(runner, job), 202, headers=headers)
         if minted:
             resp.set_cookie(
-                OWNER_COOKIE, minted, max_age=int(runner.ttl_s), httponly=True, samesite="strict"
+                OWNER_COOKIE,
+                minted,
+                max_age=int(runner.ttl_s),
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
             )
         return resp
 
@@ -141,10 +183,7 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
         offset: int = Query(0, ge=0, le=MAX_OFFSET),  # SQLite's integers are 64-bit
         state: JobState | None = None,
     ):
-        try:
-            owner = owner_of(request, keys)
-        except PoolError as e:
-            return error_response(e)
+        owner = owner_of(request, tokens)
         if owner is None:  # no owner token yet: no jobs of its own
             jobs, more = [], False
         else:
@@ -193,12 +232,31 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
         )
 
     @router.delete("/{job_id}")
-    def cancel_job(job_id: str, request: Request):
+    def delete_job(job_id: str, request: Request):
         try:
-            return view(runner, runner.cancel(own(job_id, request).id))
+            job = own(job_id, request)
+            if not job.finished:
+                with contextlib.suppress(JobError):  # it may finish meanwhile: forget it anyway
+                    runner.cancel(job.id)
+            last = view(runner, runner.get(job.id))
+            runner.store.delete(job.id)
         except JobError as e:
             return job_error(e)
         except PoolError as e:
             return error_response(e)
+        return {**last, "deleted": True}
+
+    return router
+
+
+def unavailable_router(why: str) -> APIRouter:
+    """/v1/jobs when the server started without jobs: 503 on every route, saying why."""
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+    message = f"jobs are unavailable on this server: {why}; restart it once there is space"
+
+    @router.api_route("", methods=["GET", "POST"], include_in_schema=False)
+    @router.api_route("/{rest:path}", methods=["GET", "HEAD", "DELETE"], include_in_schema=False)
+    def unavailable(rest: str = ""):
+        return plain_error(503, "jobs_unavailable", message)
 
     return router

@@ -1,6 +1,8 @@
-"""Throttling of the page's login (Gradio's POST /login), per client address.
+"""Throttling of key guesses per client address: the page's login (Gradio's POST
+/login) here, the API's Bearer keys in auth.ApiKeyMiddleware. FailureLog counts;
+LoginThrottle is the login's middleware over it.
 
-Each address has a sliding window of its failed logins (window_s):
+Each address has a sliding window of its failures (window_s):
     fewer than slow_after (3)  answered at once
     slow_after or more         answered after a delay: 0.25 s, doubling with
                                each failure, up to max_delay_s (2 s)
@@ -8,15 +10,18 @@ Each address has a sliding window of its failed logins (window_s):
                                failures leave the window), without asking
                                Gradio; a correct key is refused too until then
 With the defaults (window_s 300) an address tries at most 8 passwords in 5
-minutes. A successful login clears the address.
+minutes. A success does not wipe the count (failures only age out of the
+window): with roles, a user key must not buy more guesses at the admin key.
 
 The address is the socket's peer (the server does not trust X-Forwarded-For:
 behind a proxy every client shares the proxy's address, and the proxy should
 throttle logins itself), grouped so that it cannot be changed at will: all of
 127.0.0.0/8 is one address (any local process may bind any of them), an IPv6
 address counts as its /64. Across all addresses, global_lock_after (100)
-failures in the window lock the login for everyone, so many addresses at once
-still guess at most that many keys per window.
+failures in the window lock every address that has failed itself in the
+window; an address without a failure of its own is never locked by the
+others (the operator is not locked out by an attacker), so many addresses at
+once guess at most global_lock_after keys, plus one per fresh address, per window.
 """
 
 from __future__ import annotations
@@ -50,10 +55,11 @@ def client_key(host: str) -> str:
     return str(ip)
 
 
-class LoginThrottle:
+class FailureLog:
+    """Failed key guesses per address (see the module doc); the clock is injected."""
+
     def __init__(
         self,
-        app,
         *,
         window_s: float = 300.0,
         slow_after: int = 3,
@@ -61,18 +67,13 @@ class LoginThrottle:
         global_lock_after: int = 100,
         max_delay_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], object] = asyncio.sleep,
-        on_refused: Callable[[str], None] | None = None,
     ):
-        self.app = app
         self.window_s = window_s
         self.slow_after = slow_after
         self.lock_after = lock_after
         self.global_lock_after = global_lock_after
         self.max_delay_s = max_delay_s
         self.clock = clock
-        self.sleep = sleep
-        self.on_refused = on_refused
         self.failures: OrderedDict[str, deque[float]] = OrderedDict()
         # attempts being checked now count as failures until they answer, so a
         # burst of parallel guesses cannot slip past the lock together
@@ -106,14 +107,12 @@ class LoginThrottle:
     def retry_after(self, address: str, now: float) -> int | None:
         """Seconds until `address` may try again, or None when it may now."""
         mine = self._wait(address, self.lock_after, now)
-        everyone = self._wait(ALL, self.global_lock_after, now)
+        failed_here = len(self._recent(address, now)) + self.pending.get(address, 0)
+        everyone = self._wait(ALL, self.global_lock_after, now) if failed_here else None
         waits = [w for w in (mine, everyone) if w is not None]
         return max(waits) if waits else None
 
-    def _record(self, address: str, ok: bool) -> None:
-        if ok:
-            self.failures.pop(address, None)
-            return
+    def record_failure(self, address: str) -> None:
         for key in (address, ALL):
             seen = self.failures.setdefault(key, deque())
             seen.append(self.clock())
@@ -127,6 +126,23 @@ class LoginThrottle:
             self.pending[key] = left
         else:
             self.pending.pop(key, None)
+
+
+class LoginThrottle(FailureLog):
+    """The page login's middleware: POST /login answered after delay_for, or 429."""
+
+    def __init__(
+        self,
+        app,
+        *,
+        sleep: Callable[[float], object] = asyncio.sleep,
+        on_refused: Callable[[str], None] | None = None,
+        **counting,
+    ):
+        super().__init__(**counting)
+        self.app = app
+        self.sleep = sleep
+        self.on_refused = on_refused
 
     async def __call__(self, scope, receive, send):
         if (
@@ -166,7 +182,5 @@ class LoginThrottle:
         finally:
             self._count(address, -1)
             self._count(ALL, -1)
-            if status == 200:
-                self._record(address, True)
-            elif status >= 400:
-                self._record(address, False)  # 400 from Gradio: wrong key
+            if status >= 400:
+                self.record_failure(address)  # 400 from Gradio: wrong key

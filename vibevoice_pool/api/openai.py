@@ -4,9 +4,11 @@
      "mp3|opus|aac|flac|wav|pcm", "speed": 1.0, "stream_format": "audio|sse"}
 
 - `model` is any non-empty name (this server has one model); echoed in X-Model.
-- `voice` is a preset of /v1/voices. OpenAI's own voice names (alloy, echo,
-  ...) that are not presets map to the presets in a fixed order, so programs
-  written for OpenAI run unchanged; X-Voice says which preset was used.
+- `voice` is a voice of /v1/voices. OpenAI's own voice names (alloy, echo,
+  ...) map to presets only, never to an upload: as the `openai_voices`
+  setting declares (alloy=NAME,...), else a preset of that name, else the
+  presets in a fixed order (VoiceLibrary.openai_voice), so programs written
+  for OpenAI run unchanged; X-Voice says which preset was used.
 - `input` is one speaker's text; "Speaker N:" lines still work as in
   /v1/synthesize, with the other speakers on the default presets.
 - The audio is streamed as it is made, as OpenAI's API does: every format
@@ -36,7 +38,7 @@ import base64
 import contextlib
 import json
 import time
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
@@ -46,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vibevoice_pool import encoders
 from vibevoice_pool.api.errors import error_response, plain_error
 from vibevoice_pool.api.speech import (
+    NOT_BLANK,
     STREAM_HEADERS,
     Speaker,
     SynthesizeBody,
@@ -54,31 +57,16 @@ from vibevoice_pool.api.speech import (
     run_to_response,
     stream_response,
 )
-from vibevoice_pool.voices import MODEL_VOICE
+from vibevoice_pool.voices import MODEL_VOICE, OPENAI_VOICES, parse_openai_map
 from workers.wire import messages as m
 
-OPENAI_VOICES = (
-    "alloy",
-    "ash",
-    "ballad",
-    "coral",
-    "echo",
-    "fable",
-    "nova",
-    "onyx",
-    "sage",
-    "shimmer",
-    "verse",
-    "marin",
-    "cedar",
-)
 # Names clients send as `model`; every one is this server's single model.
 MODEL_IDS = ("vibevoice", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 OWNER = "vibevoice-pool"
 
 
 class VoiceId(BaseModel):
-    id: str
+    id: str = Field(..., min_length=1, pattern=NOT_BLANK)
 
 
 class SpeechBody(BaseModel):
@@ -86,38 +74,34 @@ class SpeechBody(BaseModel):
     model: str = Field(
         ..., min_length=1, max_length=256, description="any name; this server has one model"
     )
-    input: str = Field(..., description="the text to speak")
-    voice: str | VoiceId = Field(..., description="a preset of /v1/voices (or an OpenAI name)")
+    input: str = Field(..., pattern=NOT_BLANK, description="the text to speak")
+    voice: Annotated[str, Field(min_length=1, pattern=NOT_BLANK)] | VoiceId = Field(
+        ..., description="a voice of /v1/voices (or an OpenAI name)"
+    )
     instructions: str | None = Field(None, description="accepted; VibeVoice takes no style prompt")
     response_format: str = Field(
         "mp3", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)}
     )
-    speed: float = Field(1.0, ge=0.25, le=4.0)
+    speed: float = Field(1.0, ge=0.25, le=4.0, strict=True)
     stream_format: Literal["audio", "sse"] = "audio"
     stream: bool | None = Field(
-        None, description="stream while it is made (default: yes, but flac whole)"
+        None, strict=True, description="stream while it is made (default: yes, but flac whole)"
     )
-    seed: int | None = Field(None, ge=0, lt=2**31)
-    cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE)
-    inference_steps: int | None = Field(None, ge=1, le=100)
+    seed: int | None = Field(None, ge=0, lt=2**31, strict=True)
+    cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE, strict=True)
+    inference_steps: int | None = Field(None, ge=1, le=100, strict=True)
 
 
 def _bad(message: str) -> m.PoolError:
     return m.PoolError(m.ErrorKind.BAD_INPUT, message)
 
 
-def resolve_voice(library, voice: str) -> str | None:
+def resolve_voice(library, voice: str, declared: dict[str, str] | None = None) -> str | None:
     """The preset a requested voice means (see the module docstring); None for an OpenAI
     voice name when there are no presets: the model speaks in its own voice."""
-    try:
-        return library.match(voice)
-    except m.PoolError:
-        names = library.names()
-        if voice.strip().lower() in OPENAI_VOICES:
-            if not names:
-                return None
-            return names[OPENAI_VOICES.index(voice.strip().lower()) % len(names)]
-        raise
+    if voice.strip().lower() in OPENAI_VOICES:
+        return library.openai_voice(voice, declared)
+    return library.match(voice)
 
 
 def check(body: SpeechBody, max_chars: int) -> str:
@@ -183,6 +167,7 @@ def router(front) -> APIRouter:
     router = APIRouter()
     pool = front.pool
     created = int(time.time())
+    declared = parse_openai_map(front.cfg.openai_voices)  # checked at launch (server.py)
 
     def model(model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": OWNER}
@@ -214,7 +199,7 @@ def router(front) -> APIRouter:
     async def speech(body: SpeechBody, request: Request):
         fmt = check(body, front.cfg.max_text_chars)
         voice = body.voice if isinstance(body.voice, str) else body.voice.id
-        preset = resolve_voice(front.voices, voice)
+        preset = resolve_voice(front.voices, voice, declared)
         stream = streams(body, fmt)
         # SpeechBody has validated every field this body takes: not again.
         synth = SynthesizeBody.model_construct(

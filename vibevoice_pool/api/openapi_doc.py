@@ -10,7 +10,10 @@ limit, 429/503/504 when the pool cannot take or finish a request, and audio
   - 403 on the state-changing methods (cross_site; admin_needs_json on the
     worker routes too); 404 where the path names a thing;
     413 where there is a body; 408 everywhere (the connection guard);
-  - 429 login_throttled on the page login, if it is in the schema;
+  - 429 login_throttled on the page login, if it is in the schema; 429
+    key_throttled wherever a key is asked for (wrong keys from one address);
+  - 403 admin_only on the admin routes (auth.ADMIN_ROUTES), forbidden on the
+    voice writes (another key's voice, a preset);
   - the X-Owner-Token and Location headers of POST /v1/jobs;
   - the per-route statuses of ROUTE_ERRORS;
   - audio media types on the synthesis routes and job audio (206 too);
@@ -22,6 +25,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from vibevoice_pool.api.auth import admin_only  # 403 admin_only for a user key
 from vibevoice_pool.api.login_throttle import LOGIN_PATHS  # 429 login_throttled
 from vibevoice_pool.api.origin import ADMIN_PREFIX  # 403 admin_needs_json without a key
 from vibevoice_pool.encoders import CONTENT_TYPES
@@ -44,7 +48,7 @@ ERROR_SCHEMA = {
 WHY = {
     "400": "Bad input: the message says what to fix",
     "401": "An API key is set and was not sent (Authorization: Bearer <key>)",
-    "403": "A cross-site request refused",
+    "403": "Refused: a cross-site write, a user key on an admin route, another key's voice",
     "408": "The request was sent too slowly (the connection guard closed it)",
     "404": "No such thing",
     "409": "Not in a state for this (the job is not done, or already ended)",
@@ -57,16 +61,17 @@ WHY = {
     "502": "The request took down workers twice and was given up",
     "503": "No worker is ready (or the server is stopping): retry after Retry-After",
     "504": "The request ran past its time limit",
-    "507": "Out of memory (GPU) or the jobs disk limit",
+    "507": "Out of memory (GPU), the jobs disk limit, or a full data disk",
 }
 SYNTH_FAILURES = ("429", "500", "502", "503", "504", "507")
 ROUTE_ERRORS = {
     ("/ready", "get"): ("503",),
     ("/v1/synthesize", "post"): SYNTH_FAILURES,
     ("/v1/audio/speech", "post"): SYNTH_FAILURES,
-    ("/v1/jobs", "post"): ("429", "503", "507"),  # 429: voice samples waiting to decode
+    ("/v1/jobs", "post"): ("429", "503", "507"),  # 429: decodes waiting, an owner's limits
     ("/v1/voices", "post"): ("429",),
-    ("/v1/jobs/{job_id}", "delete"): ("409",),
+    ("/metrics", "get"): ("403",),
+    ("/v1/jobs/{job_id}", "delete"): ("409", "507"),
     ("/v1/jobs/{job_id}/audio", "get"): ("409", "416"),
     ("/v1/jobs/{job_id}/audio", "head"): ("409", "416"),
 }
@@ -135,12 +140,28 @@ def _error(status: str, codes: tuple[str, ...] = ()) -> dict:
     return {"description": description, "content": {"application/json": json_}}
 
 
+ROUTE_CODES = {  # error codes of a route's own statuses, where a client may act on them
+    ("/v1/jobs", "post", "429"): ("overloaded", "owner_limit"),
+    ("/v1/jobs", "post", "507"): ("disk_limit", "disk_full"),
+    ("/v1/jobs/{job_id}", "delete", "507"): ("disk_full",),
+}
+
+
 def _guard_codes(path: str, method: str, status: str) -> tuple[str, ...]:
     codes = GUARD_CODES.get(status, ())
+    if status == "403" and method not in WRITES:
+        codes = ()  # cross_site is for writes only
+    codes += ROUTE_CODES.get((path, method, status), ())
     if status == "403" and path.startswith(ADMIN_PREFIX):
         codes += ("admin_needs_json",)
+    if status == "403" and admin_only(method.upper(), path.replace("{worker_id}", "0")):
+        codes += ("admin_only",)
+    if status == "403" and path.startswith("/v1/voices") and method in WRITES:
+        codes += ("forbidden",)
     if status == "429" and path in LOGIN_PATHS:
         codes = ("login_throttled", *codes)
+    elif status == "429" and path not in OPEN:
+        codes += ("key_throttled",)
     return codes
 
 

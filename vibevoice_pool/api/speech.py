@@ -46,22 +46,33 @@ INLINE_ENCODE_SAMPLES = 60 * 24_000  # up to a minute of audio is encoded on the
 STREAM_HEADERS = {"X-Accel-Buffering": "no"}  # a proxy (nginx) passes each piece on at once
 
 
+NOT_BLANK = r"\S"  # a text field must hold something besides spaces (as the server checks)
+
+
 class Speaker(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    voice: str | None = Field(None, description="name of a voice preset (see /v1/voices)")
-    audio: str | None = Field(None, description="base64 of a wav/mp3/flac/ogg voice sample")
+    voice: str | None = Field(
+        None, min_length=1, pattern=NOT_BLANK, description="name of a voice (see /v1/voices)"
+    )
+    audio: str | None = Field(
+        None, min_length=1, description="base64 of a wav/mp3/flac/ogg voice sample"
+    )
 
 
 class SynthesizeBody(BaseModel):
+    """Numbers and flags are strict: `true` is not 1, "1" is not a number."""
+
     model_config = ConfigDict(extra="forbid")
-    script: str = Field(..., description="'Speaker 1: ...' lines; speakers 1-4 (or 0-3)")
+    script: str = Field(
+        ..., pattern=NOT_BLANK, description="'Speaker 1: ...' lines; speakers 1-4 (or 0-3)"
+    )
     speakers: list[Speaker] = Field(default_factory=list, max_length=MAX_SPEAKERS)
-    cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE)
-    inference_steps: int | None = Field(None, ge=1, le=100)
-    seed: int | None = Field(None, ge=0, lt=2**31)
+    cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE, strict=True)
+    inference_steps: int | None = Field(None, ge=1, le=100, strict=True)
+    seed: int | None = Field(None, ge=0, lt=2**31, strict=True)
     format: str = Field("wav", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)})
-    stream: bool = False
-    max_audio_s: float | None = Field(None, gt=0)
+    stream: bool = Field(False, strict=True)
+    max_audio_s: float | None = Field(None, gt=0, strict=True)
 
 
 class StreamTokens(Protocol):
@@ -85,6 +96,7 @@ class Front:
     # the JobRunner (jobs/runner.py, which imports this module: so not named here)
     jobs: object | None = None
     keys: KeyRing | None = None  # --api-key and --api-keys, set at launch
+    jobs_unavailable: str = ""  # why there are no jobs (a full data disk at start)
 
     def refused(self, err: m.PoolError) -> None:
         """Count an error answered before admission (for /metrics)."""
@@ -219,11 +231,21 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _where(loc) -> str:
+    """pydantic's location as a reader writes it: speakers[0].audio."""
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
 def describe_invalid(errors) -> str:
     """One message for pydantic's validation errors, saying what to fix."""
     parts = []
     for e in errors:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        where = _where(e.get("loc", ()))
         kind = e.get("type", "")
         if kind == "json_invalid":
             why = (e.get("ctx") or {}).get("error", "")
@@ -235,6 +257,10 @@ def describe_invalid(errors) -> str:
             parts.append(f"{where}: required, but missing")
         elif kind == "extra_forbidden":
             parts.append(f"{where}: unknown field; remove it (see /docs for the fields)")
+        elif kind == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == NOT_BLANK:
+            parts.append(f"{where} is empty: write some text")
+        elif kind == "string_too_short" and not e.get("input"):
+            parts.append(f"{where} is empty: leave it out or give a value")
         elif kind == "model_attributes_type" and where == "body":
             parts.append('the body must be a JSON object such as {"script": "Speaker 1: Hello"}')
         else:

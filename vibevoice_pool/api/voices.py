@@ -1,6 +1,7 @@
 """The voice presets over HTTP: /v1/voices.
 
     GET    /v1/voices          {"voices": [{"name": ...}, ...]}
+    GET    /v1/voices/{name}   {"name", "preset": true for the operator's files}; 404
     POST   /v1/voices          add one: multipart (file, name, overwrite) or JSON
                                {"name", "audio": base64, "overwrite"}; answers 201
                                {"name": <the stored, sanitised name>}
@@ -9,6 +10,9 @@
 The VoiceLibrary does the checking: the sample must decode as audio within the
 size and duration limits (TooLarge -> 413), and the name becomes a safe file
 stem inside the voices folder ('..' and '/' are refused with 400).
+Ownership (with API keys): an upload belongs to the key that sent it; a user
+key that overwrites or deletes a preset or another key's voice gets 403
+`forbidden` (VoiceLibrary's VoiceForbidden). Admin keys may change any voice.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import base64
 import binascii
 import json
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vibevoice_pool.api.auth import caller_of
 from vibevoice_pool.api.errors import body_parse_message, plain_error
-from vibevoice_pool.voices import MODEL_VOICE_NOTE, safe_voice_name
+from vibevoice_pool.voices import MODEL_VOICE_NOTE, VoiceForbidden, safe_voice_name
 from workers.wire.messages import ErrorKind, PoolError
 
 FORM_HINT = (
@@ -33,11 +38,18 @@ FORM_HINT = (
 )
 
 
+NAME_PATTERN = r"^(?![.])(?!.*[.][.])[^/\\\x00]*[A-Za-z0-9][^/\\\x00]*$"
 _UPLOAD_SCHEMA = {
     "type": "object",
     "required": ["name"],
     "properties": {
-        "name": {"type": "string", "description": "the preset's name"},
+        "name": {
+            "type": "string",
+            "minLength": 1,
+            # what safe_voice_name keeps: a letter or digit, no '/', '\\', '..', leading '.'
+            "pattern": NAME_PATTERN,
+            "description": "the voice's name (letters, digits, '-', '_', '.')",
+        },
         "overwrite": {"type": "boolean", "default": False},
     },
 }
@@ -61,13 +73,23 @@ UPLOAD_DOC = {  # the body is read by hand (two content types): declared here
                     "required": ["name", "audio"],
                     "properties": {
                         **_UPLOAD_SCHEMA["properties"],
-                        "audio": {"type": "string", "description": "base64 of the file"},
+                        "audio": {
+                            "type": "string",
+                            "minLength": 1,
+                            "contentEncoding": "base64",
+                            "description": "base64 of the file",
+                        },
                     },
                 }
             },
         },
     }
 }
+
+
+# A voice's name in a path: declared with the pattern names are made to (documented,
+# not enforced: a file the operator named otherwise is still found by its name).
+NAME = Path(..., json_schema_extra={"pattern": NAME_PATTERN})
 
 
 def _bad(message: str) -> PoolError:
@@ -114,7 +136,10 @@ async def _read_upload(request: Request) -> tuple[str, bytes, bool]:
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError):
             raise _bad("'audio' is not valid base64; encode the whole file (base64 -w0)") from None
-        return name, data, _flag(body.get("overwrite", False))
+        overwrite = body.get("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise _bad("'overwrite' must be true or false")
+        return name, data, overwrite
     raise _bad(f"unsupported content type {ctype or 'none'!r}; {FORM_HINT}")
 
 
@@ -132,17 +157,38 @@ def router(front) -> APIRouter:
 
     @router.post("/v1/voices", status_code=201, openapi_extra=UPLOAD_DOC)
     async def add_voice(request: Request):
+        caller = caller_of(request.scope)
         name, data, overwrite = await _read_upload(request)
-        stored = await asyncio.to_thread(library.add, name, data, overwrite=overwrite)
+        try:
+            stored = await asyncio.to_thread(
+                library.add,
+                name,
+                data,
+                overwrite=overwrite,
+                owner=caller.owner or "upload",
+                admin=caller.admin,
+            )
+        except VoiceForbidden as e:
+            return plain_error(403, "forbidden", e.message)
         return JSONResponse({"name": stored, "renamed": stored != name.strip()}, 201)
 
+    @router.get("/v1/voices/{name:path}")
+    async def get_voice(name: str = NAME):
+        if name not in library.names():  # exact: a deleted voice reads as gone
+            return plain_error(404, "not_found", f"no voice named {name!r}; GET /v1/voices")
+        return {"name": name, "preset": library.owner(name) is None}
+
     @router.delete("/v1/voices/{name:path}")
-    async def delete_voice(name: str):
-        safe = safe_voice_name(name)  # '../x', 'a/b': 400 saying why
+    async def delete_voice(request: Request, name: str = NAME):
+        caller = caller_of(request.scope)
         if name not in library.names():
+            safe = safe_voice_name(name)  # '../x', 'a/b': 400 saying why
             hint = f" (did you mean {safe!r}?)" if safe in library.names() else ""
             return plain_error(404, "not_found", f"no voice named {name!r}{hint}; GET /v1/voices")
-        library.delete(name)
+        try:
+            library.delete(name, owner=caller.owner, admin=caller.admin)
+        except VoiceForbidden as e:
+            return plain_error(403, "forbidden", e.message)
         return {"deleted": name}
 
     return router

@@ -12,16 +12,16 @@ jobs ID -o FILE` picks it up again. A server that restarts meanwhile is waited
 for (up to UNREACHABLE_GIVE_UP_S); the job finishes there after its restart.
 Exit codes: 0 written, 1 failed / cancelled / refused, 130 interrupted.
 
-Jobs belong to their creator. Every call sends this user's owner token
-(X-Owner-Token), made once and kept in owner_token_path() (mode 0600), so a
-server without a key lists the jobs this user made; with a key, the key is the
-owner and the token is ignored.
+Jobs belong to their creator. Only a server mints owner tokens: the first
+POST /v1/jobs answers one (X-Owner-Token), kept in owner_token_path() (mode
+0600) and sent with every call after, so a server without a key lists the
+jobs this user made; a server that does not know the token sent mints a new
+one, which replaces it. With a key, the key is the owner and the token is ignored.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -46,25 +46,30 @@ def owner_token_path() -> Path:
 
 
 def owner_token() -> str:
-    """This user's owner token for keyless servers, made on first use."""
-    path = owner_token_path()
+    """This user's owner token, as a server minted it ('' before the first job)."""
     try:
-        return path.read_text().strip()
+        return owner_token_path().read_text().strip()
     except FileNotFoundError:
-        pass
+        return ""
+
+
+def keep_owner_token(resp: httpx.Response) -> None:
+    """Keep the token a POST /v1/jobs answer minted (mode 0600), replacing the old."""
+    token = resp.headers.get("x-owner-token", "")
+    if not token or token == owner_token():
+        return
+    path = owner_token_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another command made it meanwhile
-        return path.read_text().strip()
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token)
-    return token
+    os.replace(tmp, path)
 
 
 def _headers(api_key: str | None) -> dict:
-    headers = {"X-Owner-Token": owner_token()}
+    token = owner_token()
+    headers = {"X-Owner-Token": token} if token else {}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     return headers
@@ -123,6 +128,7 @@ def submit_and_follow(url: str, body: dict, output: str, api_key: str | None = N
         return 1
     if r.status_code != 202:
         return _fail(r)
+    keep_owner_token(r)
     job_id = r.json()["id"]
     _say(f"job {job_id} submitted; it runs on even if this command stops")
     return follow(url, job_id, output, api_key)

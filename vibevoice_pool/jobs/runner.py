@@ -4,7 +4,10 @@
         validate it as /v1/synthesize would, fix its seed, write it down: queued
     the runner thread (its own asyncio loop), while the pool's admission queue
     holds fewer than `queue_depth` requests:
-        oldest queued job -> Request from the stored body -> pool.submit
+        next queued job, fair between owners (store.next_queued), an owner
+        holding at most `owner_running` jobs in the pool (0: its rows but one,
+        so another owner's job starts at once)
+        -> Request from the stored body -> pool.submit
             OVERLOADED / UNAVAILABLE: it stays queued; try again in a moment
         -> claim (queued -> running) -> follow the handle: audio made = progress
         Done:   encode, write results/<id>.<fmt> (temp file, fsync, rename), then
@@ -14,6 +17,12 @@
     start(): jobs a previous server left queued or running are queued again
     stop(grace): take nothing new, let running jobs finish within grace, queue
         the rest again for the next start
+
+A full data disk (JobError DISK_FULL from the store): new jobs are refused
+(507 on the API), nothing new is handed to the pool for DISK_RETRY_S, a
+finish that cannot be written is kept and written when space returns, and
+every tick a job the store says is `running` that no run of this process
+holds is queued again: nothing stays `running` without a worker.
 
 Exactly once: a job reaches a terminal state through one compare-and-set in
 the store (finished_count <= 1 is a CHECK), so a racing cancel and finish
@@ -29,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 import uuid
@@ -38,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from vibevoice_pool import encoders
+from vibevoice_pool.jobs.disk import is_disk_full, sweep_bodies, write_atomic
 from vibevoice_pool.jobs.store import (
     RESULTS_DIR,
     Job,
@@ -46,10 +55,10 @@ from vibevoice_pool.jobs.store import (
     JobState,
     JobStore,
 )
+from vibevoice_pool.jobs.view import job_view
 from workers.wire import messages as m
 
 if TYPE_CHECKING:
-    from vibevoice_pool.config import PoolConfig
     from vibevoice_pool.pool.facade import Pool
 
 log = logging.getLogger("vibevoice_pool")
@@ -57,37 +66,13 @@ log = logging.getLogger("vibevoice_pool")
 # Kinds that mean "not now": the job stays queued and is tried again.
 RETRY_LATER = (m.ErrorKind.OVERLOADED, m.ErrorKind.UNAVAILABLE)
 RETRY_S = 1.0  # pause after the pool said "not now"
+DISK_RETRY_S = 5.0  # pause after the store said the disk is full
 POLL_S = 0.5  # the loop wakes at least this often (events wake it sooner)
 STOP_CANCEL_WAIT_S = 10.0  # at stop, how long cancelled runs get to answer
 # Upper bounds of result sizes, to reserve disk before a job runs.
 BYTES_PER_AUDIO_S = {"wav": 48_000, "pcm": 48_000, "flac": 48_000}
 BYTES_PER_AUDIO_S |= {"mp3": 16_000, "opus": 8_000, "aac": 16_000}
 INTERNAL = "internal_error"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees all of it or none of it:
-    a temporary file beside it, fsync, rename over, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 @dataclass
@@ -113,10 +98,14 @@ class JobRunner:
         queue_depth: int = 1,
         ttl_s: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
+        owner_running: int = 0,
+        capacity: Callable[[], int] | None = None,
     ):
         """`build` turns a stored body into a validated Request (PoolError
         BAD_INPUT otherwise), as /v1/synthesize does; `queue_depth` is how many
-        job requests may wait in the pool's admission queue at once."""
+        job requests may wait in the pool's admission queue at once;
+        `owner_running` caps one owner's jobs in the pool (0: `capacity()`, the
+        rows the pool runs at once, minus one)."""
         self.store = store
         self.pool = pool
         self.queue_depth = max(1, queue_depth)
@@ -135,13 +124,21 @@ class JobRunner:
         self._retry_at = 0.0
         self._said_later = False
         self._sweep_s = max(1.0, min(60.0, ttl_s / 4))
+        self.owner_running = owner_running
+        self._capacity = capacity or (lambda: len(pool.placements))
+        self._unsettled: dict[str, Callable[[], object]] = {}  # writes the disk refused
+        self._said_full = False
 
     # ---- life ----------------------------------------------------------
 
     def start(self) -> JobRunner:
-        queued = self.store.requeue_unfinished(self.clock())
-        self._sweep_orphans()
-        self.expire()
+        try:
+            queued = self.store.requeue_unfinished(self.clock())
+            self._sweep_orphans()
+            self.expire()
+        except JobError as e:  # a full disk: the loop queues them again once it can
+            log.error("Jobs: %s", e.message)
+            queued = []
         if queued:
             log.info("Jobs: %d job(s) from before are queued to run", len(queued))
         self.pool.subscribe(self._on_pool_event)
@@ -227,45 +224,7 @@ class JobRunner:
             made, worker = (live.samples / m.SAMPLE_RATE, live.worker) if live else (0.0, None)
         if live is None or job.state is not JobState.RUNNING:
             made, worker = job.audio_s, job.worker
-        est = job.est_audio_s
-        frac = 1.0 if job.state is JobState.DONE else min(1.0, made / est) if est > 0 else 0.0
-        now = self.clock()
-        end = job.finished_at or now
-        return {
-            "id": job.id,
-            "object": "job",
-            "state": job.state.value,
-            "progress": {
-                "audio_s": round(made, 3),
-                "estimate_s": round(est, 3),
-                "fraction": round(frac, 4),
-            },
-            "worker": worker,
-            "request_id": job.request_id,
-            "runs": job.runs,
-            "seed": job.seed,
-            "format": job.format,
-            "timings": {
-                "created_at": job.created_at,
-                "started_at": job.started_at,
-                "finished_at": job.finished_at,
-                "waited_s": round((job.started_at or end) - job.created_at, 3),
-                "ran_s": round(end - job.started_at, 3) if job.started_at else None,
-                "compute_s": job.compute_s,
-            },
-            "error": {"code": job.error_code, "message": job.error} if job.error_code else None,
-            "stop_reason": job.stop_reason,  # a StopReason value (eos, runaway_cap...) once done
-            "result": (
-                {
-                    "bytes": job.result_bytes,
-                    "audio_s": round(job.audio_s, 3),
-                    "content_type": encoders.content_type(job.format),
-                    "expires_at": (job.finished_at or now) + self.ttl_s,
-                }
-                if job.state is JobState.DONE
-                else None
-            ),
-        }
+        return job_view(job, made, worker, now=self.clock(), ttl_s=self.ttl_s)
 
     def expire(self) -> int:
         """Forget jobs finished more than ttl_s ago and delete their results."""
@@ -275,7 +234,43 @@ class JobRunner:
                 (self.store.folder / rel).unlink()
         if paths:
             log.info("Jobs: %d expired result(s) deleted", len(paths))
+            self.store.reclaim(force=True)
         return len(paths)
+
+    def owner_cap(self) -> int:
+        """How many jobs of one owner may be in the pool at once."""
+        if self.owner_running > 0:
+            return self.owner_running
+        return max(1, self._capacity() - 1)
+
+    def _upkeep(self) -> None:
+        """Each tick, off the loop: writes the disk refused before, orphans, space."""
+        for job_id, write in list(self._unsettled.items()):
+            try:
+                write()
+            except JobError:
+                return  # still full: try again next tick
+            self._unsettled.pop(job_id, None)
+            log.info("job %s: its outcome is written down now", job_id)
+        running = self.store.running_ids()
+        with self._lock:
+            held = set(self._live) | set(self._unsettled)
+        for job_id in running - held:  # no run of this process holds it
+            with contextlib.suppress(JobError):
+                if self.store.requeue(job_id, "no worker held it", self.clock()):
+                    log.warning("job %s was running without a worker: queued again", job_id)
+        self.store.reclaim()
+
+    def _write_later(self, job_id: str, write: Callable[[], object], err: JobError) -> None:
+        """A store write the disk refused: kept, and tried again each tick."""
+        self._unsettled[job_id] = write
+        self._disk_full(err)
+
+    def _disk_full(self, err: JobError) -> None:
+        self._retry_at = time.monotonic() + DISK_RETRY_S
+        if not self._said_full:
+            log.error("Jobs: %s", err.message)
+            self._said_full = True
 
     # ---- the loop --------------------------------------------------------
 
@@ -299,10 +294,13 @@ class JobRunner:
         next_sweep = time.monotonic() + self._sweep_s
         while not self._stopping:
             try:
+                await asyncio.to_thread(self._upkeep)
                 await self._fill()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self._sweep_s
                     await asyncio.to_thread(self.expire)
+            except JobError as e:
+                self._disk_full(e)
             except Exception:
                 log.exception("Jobs: the runner hit an error; it carries on")
             with contextlib.suppress(asyncio.TimeoutError):
@@ -331,7 +329,7 @@ class JobRunner:
         while not self._stopping and time.monotonic() >= self._retry_at:
             if self.pool.queue_length() >= self.queue_depth:
                 return
-            job = self.store.next_queued()
+            job = self.store.next_queued(self.owner_cap())
             if job is None:
                 return
             try:
@@ -362,11 +360,19 @@ class JobRunner:
             live = _Live(job.id, job.format, handle)
             with self._lock:
                 self._live[job.id] = live
-            if not self.store.claim(job.id, handle.id, self.clock()):
-                with self._lock:  # its owner cancelled it while it was being built
+            try:
+                claimed = self.store.claim(job.id, handle.id, self.clock())
+            except JobError as e:  # the disk is full: it stays queued, the run stops
+                claimed = False
+                self._disk_full(e)
+            if not claimed:
+                with self._lock:  # cancelled while it was being built, or not written
                     self._live.pop(job.id, None)
                 handle.cancel()
+                if time.monotonic() < self._retry_at:
+                    return
                 continue
+            self._said_full = False
             log.info("job %s running as request %s", job.id, handle.id)
             task = asyncio.create_task(self._follow(live))
             self._tasks.add(task)
@@ -378,7 +384,8 @@ class JobRunner:
             try:
                 await handle.started()
                 live.worker = handle.worker
-                self.store.note_worker(live.job_id, handle.worker)
+                with contextlib.suppress(JobError):  # a note only: a full disk skips it
+                    self.store.note_worker(live.job_id, handle.worker)
                 async for pcm in handle.stream():
                     live.samples += len(pcm)
             except m.PoolError:
@@ -397,7 +404,10 @@ class JobRunner:
         if isinstance(outcome, m.Done):
             await self._deliver(live, outcome)
         elif outcome.error is m.ErrorKind.CANCELLED and live.stopping:
-            self.store.requeue(live.job_id, "the server stopped before it finished", self.clock())
+            with contextlib.suppress(JobError):  # still running: the next start requeues it
+                self.store.requeue(
+                    live.job_id, "the server stopped before it finished", self.clock()
+                )
         elif outcome.error is m.ErrorKind.CANCELLED and live.cancelled:
             pass  # the store already says cancelled
         else:
@@ -413,7 +423,7 @@ class JobRunner:
         except OSError as e:
             self._fail(
                 live.job_id,
-                JobErrorKind.STORAGE.value,
+                (JobErrorKind.DISK_FULL if is_disk_full(e) else JobErrorKind.STORAGE).value,
                 f"the audio was made but could not be written to {path.parent}: "
                 f"{e.strerror or e}. Free disk space or repair the data folder, "
                 "then submit the job again",
@@ -423,16 +433,26 @@ class JobRunner:
         except JobError as e:
             self._fail(live.job_id, e.kind.value, e.message, handle.worker)
             return
-        if self.store.finish_done(
-            live.job_id,
-            result_path=rel,
-            result_bytes=size,
-            audio_s=len(pcm) / m.SAMPLE_RATE,
-            compute_s=done.compute_s,
-            worker=handle.worker,
-            at=self.clock(),
-            stop_reason=done.stop_reason,
-        ):
+        at = self.clock()
+
+        def finish() -> bool:
+            return self.store.finish_done(
+                live.job_id,
+                result_path=rel,
+                result_bytes=size,
+                audio_s=len(pcm) / m.SAMPLE_RATE,
+                compute_s=done.compute_s,
+                worker=handle.worker,
+                at=at,
+                stop_reason=done.stop_reason,
+            )
+
+        try:
+            finished = finish()
+        except JobError as e:
+            self._write_later(live.job_id, finish, e)
+            return
+        if finished:
             log.info(
                 "job %s done: %.1f s of audio, %d bytes",
                 live.job_id,
@@ -456,44 +476,23 @@ class JobRunner:
         return len(data)
 
     def _fail(self, job_id: str, code: str, message: str, worker: int | None = None) -> None:
-        if self.store.fail(job_id, code, message, self.clock(), worker):
-            log.warning("job %s failed: %s: %s", job_id, code, message)
+        at = self.clock()
+
+        def fail() -> None:
+            if self.store.fail(job_id, code, message, at, worker):
+                log.warning("job %s failed: %s: %s", job_id, code, message)
+
+        try:
+            fail()
+        except JobError as e:
+            self._write_later(job_id, fail, e)
 
     def _sweep_orphans(self) -> None:
-        """At start: delete temporary files and results no finished job points at."""
+        """At start: delete temporary files, results no finished job points at, and
+        the body files of jobs no longer active."""
+        sweep_bodies(self.store.folder, self.store.running_ids(also_queued=True))
         kept = self.store.kept_results()
         for path in self.store.results.iterdir():
             if f"{RESULTS_DIR}/{path.name}" not in kept and path.is_file():
                 with contextlib.suppress(OSError):
                     path.unlink()
-
-
-def open_store(cfg: PoolConfig) -> JobStore:
-    """The server's JobStore in config.data_dir(cfg). ConfigError when the folder
-    cannot be used (another server holds it, it cannot be written)."""
-    from vibevoice_pool import config
-
-    try:
-        return JobStore.open(config.data_dir(cfg), disk_limit_mb=cfg.jobs_disk_limit_mb)
-    except JobError as e:
-        raise config.ConfigError(e.message) from e
-
-
-def start_jobs(cfg: PoolConfig, pool: Pool, front, store: JobStore) -> JobRunner:
-    """The server's JobRunner over `store`, started: its requests are built by
-    front.build_request, as /v1/synthesize builds them."""
-    from pydantic import ValidationError
-
-    from vibevoice_pool.api.speech import SynthesizeBody, describe_invalid
-
-    def build(body: dict) -> m.Request:
-        try:
-            parsed = SynthesizeBody.model_validate(body)
-        except ValidationError as e:
-            raise m.PoolError(m.ErrorKind.BAD_INPUT, describe_invalid(e.errors())) from None
-        return front.build_request(parsed)
-
-    depth = max(1, min(len(pool.placements), cfg.max_queue // 2))
-    runner = JobRunner(store, pool, build, queue_depth=depth, ttl_s=cfg.job_ttl_s)
-    log.info("Jobs: data in %s", store.folder)
-    return runner.start()

@@ -3,14 +3,19 @@
 A data folder written by an older server opens as it is: `migrate` creates
 what is missing and adds the columns later versions brought (ALTER TABLE ADD
 COLUMN, nullable, so old rows read as NULL). PRAGMA user_version records the
-version the file now has.
+version the file now has. A file that is already current is not written at
+all, so a server starts on a full disk.
+
+Space: the file is made with auto_vacuum=INCREMENTAL (a file from before is
+converted by one VACUUM when it is upgraded), so the pages that expired jobs
+and dropped bodies free can be given back to the disk (JobStore.reclaim).
 """
 
 from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -36,10 +41,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_code     TEXT,
     error          TEXT,
     finished_count INTEGER NOT NULL DEFAULT 0 CHECK (finished_count <= 1),
-    stop_reason    TEXT                       -- version 2: why the model stopped
+    stop_reason    TEXT,                      -- version 2: why the model stopped
+    body_bytes     INTEGER                    -- version 3: the body's size while it is kept
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_owner_state ON jobs (owner, state);
 CREATE TABLE IF NOT EXISTS events (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id     TEXT NOT NULL,
@@ -52,11 +59,20 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 """
 
 # Columns added after version 1: (name, SQL type). Each must be nullable.
-ADDED_COLUMNS = (("stop_reason", "TEXT"),)
+ADDED_COLUMNS = (("stop_reason", "TEXT"), ("body_bytes", "INTEGER"))
+
+
+INCREMENTAL = 2  # PRAGMA auto_vacuum's value
 
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Bring the database on `conn` to SCHEMA_VERSION (a new file or an older one)."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return  # current: nothing to write
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
+        conn.execute(f"PRAGMA auto_vacuum={INCREMENTAL}")  # a new file takes it at once
+        if conn.execute("PRAGMA page_count").fetchone()[0] > 0:
+            conn.execute("VACUUM")  # an older file: rebuilt once to take it
     conn.executescript(_SCHEMA)
     have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     for name, sql_type in ADDED_COLUMNS:

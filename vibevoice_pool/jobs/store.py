@@ -5,6 +5,7 @@ Owns the data folder (`--data-dir`):
     <data>/jobs.db        SQLite in WAL mode: the jobs table and the events table
     <data>/jobs.lock      held (flock) by the one server that uses this folder
     <data>/results/       one finished result per job, written by jobs/runner.py
+    <data>/bodies/        the bodies over 256 KB of active jobs (disk.py)
 
 Every state change is one compare-and-set UPDATE (`... WHERE id=? AND state IN
 (...)`) in the same transaction as its row in `events`, so two racing callers
@@ -16,21 +17,51 @@ Every state change is one compare-and-set UPDATE (`... WHERE id=? AND state IN
 
 `finished_count` counts the transitions into a terminal state; a CHECK keeps
 it at most 1, so the database itself refuses a second finish. Finished jobs
-expire after job_ttl_s; disk use (finished results plus what queued and running
-jobs will write) stays under jobs_disk_limit_mb. No pool, no HTTP; times passed in.
+expire after job_ttl_s. No pool, no HTTP; times passed in.
+
+Disk (Limits, disk.py): results, expected results and the bodies of active
+jobs count against jobs_disk_limit_mb (a body goes when its job ends); one
+owner holds at most owner_max_active active jobs and owner_disk_mb (OWNER_LIMIT).
+Freed pages go back to the disk (reclaim). A full disk is DISK_FULL, never a 500.
+Fairness (next_queued): the owner with the fewest running jobs goes first,
+then the one served least recently, oldest first within; owners at the cap wait.
 """
 
 from __future__ import annotations
 
-import enum
-import fcntl
+import contextlib
 import json
 import os
 import sqlite3
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
+from .disk import (
+    BIG_BODY,
+    DROPPED_BODY,
+    HELD_SQL,
+    JOURNAL_LIMIT,
+    Limits,
+    drop_body,
+    folder_bytes,
+    is_disk_full,
+    lock_folder,
+    out_of_space,
+    read_body,
+    reclaim_space,
+    storage_error,
+    write_body,
+)
+from .records import (  # noqa: F401 (re-exported: the store's users import them from here)
+    ACTIVE,
+    COLUMNS,
+    TERMINAL,
+    Job,
+    JobError,
+    JobErrorKind,
+    JobState,
+    job_from_row,
+)
 from .schema import migrate
 
 DB_NAME = "jobs.db"
@@ -38,124 +69,50 @@ LOCK_NAME = "jobs.lock"
 RESULTS_DIR = "results"
 
 
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ACTIVE = (JobState.QUEUED, JobState.RUNNING)
-TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
-
-
-class JobErrorKind(str, enum.Enum):
-    """What went wrong with a job request; the values are the API's error codes."""
-
-    NOT_FOUND = "not_found"  # no such job (or it expired)
-    NOT_READY = "not_ready"  # the audio of a job that has not finished
-    CONFLICT = "conflict"  # cancelling a job that already finished
-    DISK_LIMIT = "disk_limit"  # the results would pass jobs_disk_limit_mb
-    STORAGE = "storage_error"  # the result could not be written (disk full, I/O error)
-    DATA_DIR = "data_dir"  # the data folder cannot be used (in use, not writable)
-
-
-class JobError(Exception):
-    def __init__(self, kind: JobErrorKind, message: str):
-        super().__init__(message)
-        self.kind = JobErrorKind(kind)
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"JobError({self.kind.value}: {self.message})"
-
-
-@dataclass(frozen=True)
-class Job:
-    """One row of the jobs table (without the body, which can be large)."""
-
-    id: str
-    owner: str
-    state: JobState
-    format: str
-    seed: int
-    est_audio_s: float
-    est_bytes: int
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    runs: int
-    request_id: str | None
-    worker: int | None
-    audio_s: float
-    compute_s: float | None
-    result_path: str | None
-    result_bytes: int
-    error_code: str | None
-    error: str | None
-    finished_count: int
-    stop_reason: str | None  # a StopReason value, once done
-
-    @property
-    def finished(self) -> bool:
-        return self.state in TERMINAL
-
-
-_COLUMNS = ", ".join(f.name for f in Job.__dataclass_fields__.values())
-
-
-def _job(row: tuple) -> Job:
-    return Job(row[0], row[1], JobState(row[2]), *row[3:])
-
-
 class JobStore:
     """The jobs table. Thread-safe: one connection behind one lock."""
 
-    def __init__(self, folder: Path, conn: sqlite3.Connection, lock_fd: int, limit_bytes: int):
+    def __init__(
+        self, folder: Path, conn: sqlite3.Connection, lock_fd: int, limits: Limits = Limits()
+    ):
         self.folder = folder
         self.results = folder / RESULTS_DIR
-        self.limit_bytes = limit_bytes
+        self.limits = limits
+        self.limit_bytes = limits.disk_bytes
         self._conn = conn
         self._lock_fd = lock_fd
         self._mutex = threading.Lock()
 
     @classmethod
-    def open(cls, folder: str | Path, *, disk_limit_mb: float = 10240.0) -> JobStore:
-        """Open (or create) the store in `folder`, taking its lock.
-        JobError(DATA_DIR) if another server holds it or it cannot be written."""
+    def open(
+        cls,
+        folder: str | Path,
+        *,
+        disk_limit_mb: float = 10240.0,
+        owner_disk_mb: float = 2560.0,
+        owner_max_active: int = 200,
+    ) -> JobStore:
+        """Open (or create) the store in `folder`, taking its lock. JobError
+        DATA_DIR if another server holds it or it cannot be written, DISK_FULL
+        when its disk is too full to open it."""
         folder = Path(folder).expanduser()
-        try:
-            (folder / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise JobError(
-                JobErrorKind.DATA_DIR,
-                f"cannot use {folder} for jobs ({e.strerror}); pass a writable --data-dir",
-            ) from e
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(lock_fd)
-            raise JobError(
-                JobErrorKind.DATA_DIR,
-                f"the data folder {folder} is in use by another vibevoice-pool server "
-                f"(pid {holder}); give this one its own --data-dir",
-            ) from None
-        os.ftruncate(lock_fd, 0)
-        os.pwrite(lock_fd, str(os.getpid()).encode(), 0)
+        limits = Limits(int(disk_limit_mb * 2**20), int(owner_disk_mb * 2**20), owner_max_active)
+        lock_fd = lock_folder(folder, RESULTS_DIR, LOCK_NAME)
         try:
             conn = sqlite3.connect(
                 folder / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a finished transition survives power loss
+            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT}")
             migrate(conn)
         except sqlite3.Error as e:
             os.close(lock_fd)
+            if is_disk_full(e) or out_of_space(folder):
+                raise storage_error(e, folder) from e
             raise JobError(JobErrorKind.DATA_DIR, f"cannot open {folder / DB_NAME}: {e}") from e
-        return cls(folder, conn, lock_fd, int(disk_limit_mb * 1024 * 1024))
+        return cls(folder, conn, lock_fd, limits)
 
     def close(self) -> None:
         with self._mutex:
@@ -169,23 +126,24 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         with self._mutex:
-            row = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)
-            ).fetchone()
-        return _job(row) if row else None
+            row = self._conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return job_from_row(row) if row else None
 
     def body(self, job_id: str) -> dict:
         with self._mutex:
             row = self._conn.execute("SELECT body FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id}")
-        return json.loads(row[0])
+        try:
+            return read_body(self.folder, row[0])
+        except FileNotFoundError:
+            raise JobError(JobErrorKind.NOT_FOUND, f"the body of job {job_id} is gone") from None
 
     def list(
         self, owner: str, *, limit: int = 20, offset: int = 0, state: JobState | None = None
     ) -> tuple[list[Job], bool]:
         """An owner's jobs, newest first; and whether more follow."""
-        sql = f"SELECT {_COLUMNS} FROM jobs WHERE owner=?"
+        sql = f"SELECT {COLUMNS} FROM jobs WHERE owner=?"
         args: list = [owner]
         if state is not None:
             sql += " AND state=?"
@@ -194,22 +152,36 @@ class JobStore:
         args += [limit + 1, offset]
         with self._mutex:
             rows = self._conn.execute(sql, args).fetchall()
-        return [_job(r) for r in rows[:limit]], len(rows) > limit
+        return [job_from_row(r) for r in rows[:limit]], len(rows) > limit
 
-    def next_queued(self) -> Job | None:
-        """The oldest queued job."""
+    def next_queued(self, max_running: int | None = None) -> Job | None:
+        """The next job to run (see Fairness in the module doc); owners with
+        `max_running` jobs running already are passed over."""
+        cap = max_running if max_running is not None else 2**62
         with self._mutex:
             row = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE state='queued' "
-                "ORDER BY created_at, rowid LIMIT 1"
+                "SELECT q.owner,"
+                " (SELECT COUNT(*) FROM jobs r WHERE r.owner=q.owner AND r.state='running') AS n,"
+                " (SELECT MAX(started_at) FROM jobs s WHERE s.owner=q.owner) AS served"
+                " FROM jobs q WHERE q.state='queued' GROUP BY q.owner HAVING n < ?"
+                " ORDER BY n, COALESCE(served, 0), MIN(q.created_at) LIMIT 1",
+                (cap,),
             ).fetchone()
-        return _job(row) if row else None
+            if row is None:
+                return None
+            job = self._conn.execute(
+                f"SELECT {COLUMNS} FROM jobs WHERE owner=? AND state='queued'"
+                " ORDER BY created_at, rowid LIMIT 1",
+                (row[0],),
+            ).fetchone()
+        return job_from_row(job) if job else None
 
-    def count(self, state: JobState) -> int:
+    def running_ids(self, also_queued: bool = False) -> set[str]:
+        states = "('running', 'queued')" if also_queued else "('running')"
         with self._mutex:
-            return self._conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state=?", (JobState(state).value,)
-            ).fetchone()[0]
+            return {
+                r[0] for r in self._conn.execute(f"SELECT id FROM jobs WHERE state IN {states}")
+            }
 
     def events(self, job_id: str) -> list[tuple[str | None, str, str]]:
         """(from, to, detail) of every transition of a job, in order."""
@@ -228,16 +200,46 @@ class JobStore:
                 "SELECT COALESCE(SUM(result_bytes), 0) FROM jobs WHERE state='done'"
             ).fetchone()[0]
 
-    def reserved_bytes(self) -> int:
-        """Finished results plus what the queued and running jobs are expected to write."""
+    def reserved_bytes(self, owner: str | None = None) -> int:
+        """What the jobs hold or will write (see Disk in the module doc), of one owner or all."""
         with self._mutex:
+            if owner is None:
+                return self._conn.execute(f"SELECT {HELD_SQL} FROM jobs").fetchone()[0]
             return self._conn.execute(
-                "SELECT COALESCE(SUM(CASE WHEN state='done' THEN result_bytes ELSE est_bytes END), 0)"
-                " FROM jobs WHERE state IN ('done', 'queued', 'running')"
+                f"SELECT {HELD_SQL} FROM jobs WHERE owner=?", (owner,)
             ).fetchone()[0]
+
+    def disk_bytes(self) -> int:
+        """What the data folder's files take now (disk.folder_bytes)."""
+        return folder_bytes(self.folder, DB_NAME, self.results)
+
+    def reclaim(self, force: bool = False) -> bool:
+        """Give freed pages back to the disk and cut the journal back, when there is
+        enough to give (or `force`). False when the disk refused even that."""
+        with self._mutex:
+            return reclaim_space(self._conn, self.folder / (DB_NAME + "-wal"), force)
 
     def _mb(self, n: int) -> str:
         return f"{n / (1024 * 1024):.1f} MB"
+
+    @contextlib.contextmanager
+    def _tx(self):
+        """One write transaction under the mutex; SQLite's errors become JobError
+        (DISK_FULL when the disk is full, STORAGE otherwise)."""
+        with self._mutex:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise storage_error(e, self.folder) from e
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException as e:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise storage_error(e, self.folder) from e
+                raise
 
     # ---- transitions ---------------------------------------------------
 
@@ -254,31 +256,28 @@ class JobStore:
         """Compare-and-set: move a job in one of `allowed` to `to`, with the
         extra SET clauses; returns the state it left, or None if it was in none."""
         marks = ",".join("?" * len(allowed))
-        finish = ", finished_count = finished_count + 1" if to in TERMINAL else ""
-        with self._mutex:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._conn.execute(
-                    f"SELECT state FROM jobs WHERE id=? AND state IN ({marks})",
-                    (job_id, *[s.value for s in allowed]),
-                ).fetchone()
-                if row is None:
-                    self._conn.execute("ROLLBACK")
-                    return None
-                cur = self._conn.execute(
-                    f"UPDATE jobs SET state=?{finish}{sets} WHERE id=? AND state=?",
-                    (to.value, *args, job_id, row[0]),
-                )
-                assert cur.rowcount == 1  # the transaction holds the write lock
-                self._conn.execute(
-                    "INSERT INTO events (job_id, at, from_state, to_state, detail)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (job_id, at, row[0], to.value, detail),
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        finish = ""
+        if to in TERMINAL:  # counted once; the body is no longer needed
+            finish = f", finished_count = finished_count + 1, body='{DROPPED_BODY}', body_bytes=0"
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT state FROM jobs WHERE id=? AND state IN ({marks})",
+                (job_id, *[s.value for s in allowed]),
+            ).fetchone()
+            if row is None:
+                return None
+            cur = conn.execute(
+                f"UPDATE jobs SET state=?{finish}{sets} WHERE id=? AND state=?",
+                (to.value, *args, job_id, row[0]),
+            )
+            assert cur.rowcount == 1  # the transaction holds the write lock
+            conn.execute(
+                "INSERT INTO events (job_id, at, from_state, to_state, detail)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (job_id, at, row[0], to.value, detail),
+            )
+        if to in TERMINAL:
+            drop_body(self.folder, job_id)
         return JobState(row[0])
 
     def create(
@@ -293,36 +292,57 @@ class JobStore:
         est_bytes: int,
         at: float,
     ) -> Job:
-        """Write a new queued job down. JobError(DISK_LIMIT) when its estimated
-        result would not fit under the limit with what is already held."""
-        with self._mutex:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                held = self._conn.execute(
-                    "SELECT COALESCE(SUM(CASE WHEN state='done' THEN result_bytes"
-                    " ELSE est_bytes END), 0) FROM jobs WHERE state IN ('done','queued','running')"
-                ).fetchone()[0]
-                if held + est_bytes > self.limit_bytes:
-                    raise JobError(
-                        JobErrorKind.DISK_LIMIT,
-                        f"job results hold {self._mb(held)} and this one needs about "
-                        f"{self._mb(est_bytes)}; the limit is jobs_disk_limit_mb="
-                        f"{self.limit_bytes / (1024 * 1024):g}. Fetch and let old jobs expire, "
-                        "or raise the limit",
-                    )
-                self._conn.execute(
-                    "INSERT INTO jobs (id, owner, state, body, format, seed, est_audio_s,"
-                    " est_bytes, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                    (job_id, owner, json.dumps(body), fmt, seed, est_audio_s, est_bytes, at),
+        """Write a new queued job down. JobError DISK_LIMIT when it would not fit
+        under the limit with what is already held, OWNER_LIMIT past its owner's
+        share, DISK_FULL when the disk refuses it."""
+        text = json.dumps(body)
+        size = len(text.encode())
+        lim = self.limits
+        # a small body is written twice for a moment (the journal, then the database);
+        # a big one goes to a file of its own, once
+        need = est_bytes + size + (size if size <= BIG_BODY else 0)
+        with self._tx() as conn:
+            held = conn.execute(f"SELECT {HELD_SQL} FROM jobs").fetchone()[0]
+            if held + need > lim.disk_bytes:
+                raise JobError(
+                    JobErrorKind.DISK_LIMIT,
+                    f"jobs hold {self._mb(held)} and this one needs about "
+                    f"{self._mb(need)} (its result and its body); the limit is "
+                    f"jobs_disk_limit_mb={lim.disk_bytes / 2**20:g}. Fetch and let old jobs "
+                    "expire, or raise the limit",
                 )
-                self._conn.execute(
+            active, mine = conn.execute(
+                "SELECT COALESCE(SUM(state IN ('queued','running')), 0),"
+                f" {HELD_SQL} FROM jobs WHERE owner=?",
+                (owner,),
+            ).fetchone()
+            if active >= lim.owner_max_active:
+                raise JobError(
+                    JobErrorKind.OWNER_LIMIT,
+                    f"you have {active} jobs queued or running; the limit is "
+                    f"jobs_owner_max_active={lim.owner_max_active}. Wait for some to finish",
+                )
+            if mine + est_bytes + size > lim.owner_disk_bytes:
+                raise JobError(
+                    JobErrorKind.OWNER_LIMIT,
+                    f"your jobs hold {self._mb(mine)} and this one needs about "
+                    f"{self._mb(est_bytes + size)}; one owner may hold jobs_owner_disk_mb="
+                    f"{lim.owner_disk_bytes / 2**20:g}. Fetch or cancel some jobs first",
+                )
+            stored = write_body(self.folder, job_id, text) if size > BIG_BODY else text
+            try:
+                conn.execute(
+                    "INSERT INTO jobs (id, owner, state, body, body_bytes, format, seed,"
+                    " est_audio_s, est_bytes, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, owner, stored, size, fmt, seed, est_audio_s, est_bytes, at),
+                )
+                conn.execute(
                     "INSERT INTO events (job_id, at, from_state, to_state, detail)"
                     " VALUES (?, ?, NULL, 'queued', 'submitted')",
                     (job_id, at),
                 )
-                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                drop_body(self.folder, job_id)
                 raise
         job = self.get(job_id)
         assert job is not None
@@ -345,8 +365,8 @@ class JobStore:
 
     def note_worker(self, job_id: str, worker: int | None) -> None:
         """The worker that runs it (no state change)."""
-        with self._mutex:
-            self._conn.execute(
+        with self._tx() as conn:
+            conn.execute(
                 "UPDATE jobs SET worker=? WHERE id=? AND state='running'", (worker, job_id)
             )
 
@@ -434,24 +454,37 @@ class JobStore:
             raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id} (it may have expired)")
         raise JobError(JobErrorKind.CONFLICT, f"job {job_id} already {job.state.value}")
 
+    def delete(self, job_id: str) -> Job:
+        """Forget a finished job (its row, its events, its result file); the job as
+        it was. JobError NOT_FOUND, or CONFLICT while it is queued or running."""
+        job = self.get(job_id)
+        if job is None:
+            raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id} (it may have expired)")
+        with self._tx() as conn:
+            gone = conn.execute(
+                "DELETE FROM jobs WHERE id=? AND state IN ('done','failed','cancelled')", (job_id,)
+            ).rowcount
+            if not gone:
+                raise JobError(JobErrorKind.CONFLICT, f"job {job_id} is {job.state.value}")
+            conn.execute("DELETE FROM events WHERE job_id=?", (job_id,))
+        drop_body(self.folder, job_id)
+        if job.result_path:
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / job.result_path).unlink()
+        return job
+
     def expire(self, before: float) -> list[str]:
         """Forget jobs that finished before `before`; returns their result paths
         (relative to the folder) for the caller to delete."""
-        with self._mutex:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._conn.execute(
-                    "SELECT id, result_path FROM jobs WHERE state IN ('done','failed','cancelled')"
-                    " AND finished_at < ?",
-                    (before,),
-                ).fetchall()
-                for job_id, _ in rows:
-                    self._conn.execute("DELETE FROM events WHERE job_id=?", (job_id,))
-                    self._conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT id, result_path FROM jobs WHERE state IN ('done','failed','cancelled')"
+                " AND finished_at < ?",
+                (before,),
+            ).fetchall()
+            for job_id, _ in rows:
+                conn.execute("DELETE FROM events WHERE job_id=?", (job_id,))
+                conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
         return [path for _, path in rows if path]
 
     def kept_results(self) -> set[str]:

@@ -8,8 +8,9 @@
 
 The browser id is kept in the browser's localStorage (gr.BrowserState, with a
 secret kept in the data folder so it still reads after a restart): closing
-the tab or restarting the server loses nothing. It is the same owner as the
-`X-Browser-Id` header of /v1/jobs. Call `add_jobs_tab` inside a gr.Blocks().
+the tab or restarting the server loses nothing. The id is made on the server
+(never taken from a request header), so no API caller can act as a browser.
+Call `add_jobs_tab` inside a gr.Blocks().
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class Page:
         data = await asyncio.to_thread(Path(path).read_bytes)
         try:
             stored = await asyncio.to_thread(
-                self.front.voices.add, (name or "").strip() or Path(path).stem, data
+                self.front.voices.add, (name or "").strip() or Path(path).stem, data, owner="page"
             )
         except m.PoolError as e:
             self.front.refused(e)

@@ -1,0 +1,199 @@
+"""The job store's disk rules: what a job holds, the limits, a full disk told apart.
+
+Limits          jobs_disk_limit_mb, jobs_owner_disk_mb, jobs_owner_max_active
+HELD_SQL        what rows hold: a done job its result, a queued or running
+                one its expected result, and every kept body its size
+is_disk_full    SQLITE_FULL or ENOSPC/EDQUOT (by code, never by message)
+storage_error   the JobError for a failed write: DISK_FULL or STORAGE
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from .records import JobError, JobErrorKind
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The disk and per-owner limits (settings jobs_disk_limit_mb, jobs_owner_disk_mb,
+    jobs_owner_max_active)."""
+
+    disk_bytes: int = 10240 * 2**20
+    owner_disk_bytes: int = 2560 * 2**20
+    owner_max_active: int = 200
+
+
+# What a row holds on disk: its result once done, its expected result while it
+# waits or runs, and its body while it is kept (old rows: the body's length).
+HELD_SQL = (
+    "COALESCE(SUM(CASE WHEN state='done' THEN result_bytes"
+    " WHEN state IN ('queued','running') THEN est_bytes ELSE 0 END"
+    " + COALESCE(body_bytes, LENGTH(body))), 0)"
+)
+RECLAIM_PAGES = 256  # free pages (1 MB) worth giving back to the disk
+JOURNAL_LIMIT = 4 * 2**20  # the write-ahead log is cut back to this after a checkpoint
+DROPPED_BODY = "{}"
+LOW_SPACE = 2**20  # less free space than this under the data folder counts as full
+BIG_BODY = 256 * 1024  # a body past this is kept in a file of its own
+BODIES_DIR = "bodies"
+BODY_FILE_KEY = "$file"  # the database's body of a job whose body is a file
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """SQLite's SQLITE_FULL, or ENOSPC/EDQUOT from the file system."""
+    if isinstance(e, sqlite3.Error):
+        return (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def out_of_space(folder: Path) -> bool:
+    """Whether the disk under `folder` has (almost) nothing left: what SQLite's
+    "disk I/O error" means when it cannot even make its shared-memory file."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE
+
+
+def storage_error(e: BaseException, folder: Path) -> JobError:
+    if is_disk_full(e) or out_of_space(folder):
+        return JobError(
+            JobErrorKind.DISK_FULL,
+            f"the disk of the data folder {folder} is full; new jobs wait until space is "
+            "freed (live synthesis still works)",
+        )
+    return JobError(JobErrorKind.STORAGE, f"the job store in {folder} failed: {e}")
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def lock_folder(folder: Path, results: str, lock_name: str) -> int:
+    """Make the folder (and its results folder) and take its lock; the lock's fd.
+    JobError DATA_DIR when another server holds it or it cannot be made,
+    DISK_FULL when the disk is full."""
+    try:
+        (folder / results).mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(folder / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if is_disk_full(e):
+            raise storage_error(e, folder) from e
+        raise JobError(
+            JobErrorKind.DATA_DIR,
+            f"cannot use {folder} for jobs ({e.strerror}); pass a writable --data-dir",
+        ) from e
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(lock_fd)
+        raise JobError(
+            JobErrorKind.DATA_DIR,
+            f"the data folder {folder} is in use by another vibevoice-pool server "
+            f"(pid {holder}); give this one its own --data-dir",
+        ) from None
+    with contextlib.suppress(OSError):  # the pid is a courtesy: a full disk may refuse it
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, str(os.getpid()).encode(), 0)
+    return lock_fd
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees all of it or none of it:
+    a temporary file beside it, fsync, rename over, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def folder_bytes(folder: Path, db_name: str, results: Path) -> int:
+    """What the data folder's files take: the database, its journal, the results
+    and the body files."""
+    total = file_size(folder / db_name) + file_size(folder / (db_name + "-wal"))
+    for sub in (results, folder / BODIES_DIR):
+        with contextlib.suppress(FileNotFoundError):
+            total += sum(file_size(p) for p in sub.iterdir() if p.is_file())
+    return total
+
+
+def reclaim_space(conn: sqlite3.Connection, wal: Path, force: bool) -> bool:
+    """Incremental vacuum when RECLAIM_PAGES are free (or any, with `force`), and a
+    checkpoint that truncates the journal; False when SQLite refused."""
+    try:
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if free >= RECLAIM_PAGES or (force and free):
+            conn.executescript("PRAGMA incremental_vacuum;")  # steps it to the end
+        if force or free >= RECLAIM_PAGES or file_size(wal) > JOURNAL_LIMIT:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def _body_path(folder: Path, job_id: str) -> Path:
+    return folder / BODIES_DIR / f"{job_id}.json"
+
+
+def write_body(folder: Path, job_id: str, text: str) -> str:
+    """Write a big body to its file; what the database keeps in its place.
+    JobError DISK_FULL (or STORAGE) when it cannot be written (nothing is left)."""
+    path = _body_path(folder, job_id)
+    try:
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, text.encode())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise storage_error(e, folder) from e
+    return json.dumps({BODY_FILE_KEY: f"{BODIES_DIR}/{path.name}"})
+
+
+def read_body(folder: Path, stored: str) -> dict:
+    body = json.loads(stored)
+    if isinstance(body, dict) and BODY_FILE_KEY in body:
+        body = json.loads((folder / body[BODY_FILE_KEY]).read_text(encoding="utf-8"))
+    return body
+
+
+def drop_body(folder: Path, job_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _body_path(folder, job_id).unlink()
+
+
+def sweep_bodies(folder: Path, active: set[str]) -> None:
+    """At start: body files (and their temporary files) of jobs no longer active."""
+    with contextlib.suppress(FileNotFoundError):
+        for path in (folder / BODIES_DIR).iterdir():
+            if path.name.removesuffix(".json") not in active:
+                with contextlib.suppress(OSError):
+                    path.unlink()

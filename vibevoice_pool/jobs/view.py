@@ -1,0 +1,48 @@
+"""The JSON view of a job (GET /v1/jobs/{id}, the list, the page's Jobs tab)."""
+
+from __future__ import annotations
+
+from vibevoice_pool import encoders
+from vibevoice_pool.jobs.records import Job, JobState
+
+
+def job_view(job: Job, made: float, worker: int | None, *, now: float, ttl_s: float) -> dict:
+    """`made`: seconds of audio made so far; `worker`: who runs it now."""
+    est = job.est_audio_s
+    frac = 1.0 if job.state is JobState.DONE else min(1.0, made / est) if est > 0 else 0.0
+    end = job.finished_at or now
+    return {
+        "id": job.id,
+        "object": "job",
+        "state": job.state.value,
+        "progress": {
+            "audio_s": round(made, 3),
+            "estimate_s": round(est, 3),
+            "fraction": round(frac, 4),
+        },
+        "worker": worker,
+        "request_id": job.request_id,
+        "runs": job.runs,
+        "seed": job.seed,
+        "format": job.format,
+        "timings": {
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            "waited_s": round((job.started_at or end) - job.created_at, 3),
+            "ran_s": round(end - job.started_at, 3) if job.started_at else None,
+            "compute_s": job.compute_s,
+        },
+        "error": {"code": job.error_code, "message": job.error} if job.error_code else None,
+        "stop_reason": job.stop_reason,  # a StopReason value (eos, runaway_cap...) once done
+        "result": (
+            {
+                "bytes": job.result_bytes,
+                "audio_s": round(job.audio_s, 3),
+                "content_type": encoders.content_type(job.format),
+                "expires_at": (job.finished_at or now) + ttl_s,
+            }
+            if job.state is JobState.DONE
+            else None
+        ),
+    }
