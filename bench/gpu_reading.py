@@ -180,8 +180,13 @@ def respawn(d: dict) -> list[str]:
             "the driver loaded, so every worker spawned (zygote usable: "
             f"{b.get('zygote_usable')}). The parent maps {', '.join(f'`{x}`' for x in parent or [])} "
             "(NVML, which the pool asks for the GPUs, opens /dev/nvidiactl; what loaded "
-            "libcuda.so there was not traced) and holds no GPU memory. Next: a check for the "
-            "device files rather than the library, and a forked respawn measured."
+            "libcuda.so there was not traced) and holds no GPU memory. Since: a probe on the "
+            "same card (`bench/gpu_zygote_probe.py`, 28 s, 18:50 UTC) imported the zygote's "
+            "preload without diffusers: libcuda.so mapped, no /dev/nvidia* file, CUDA not "
+            "initialised, and a child forked from it ran CUDA work (first call 0.53 s). So "
+            "the parent now counts only the device files, and with a CUDA build of torch the "
+            "zygote leaves diffusers to the worker. A forked respawn of the 1.5B worker is "
+            "not yet measured."
         )
     return out
 
