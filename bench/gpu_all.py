@@ -16,6 +16,10 @@ writes each one's JSON into `--out` as it goes and the whole output into
 
     python bench/gpu_all.py --out results/ --budget-s 400      # on the GPU
     python bench/gpu_all.py --out /tmp/dry --tiny               # the same path on CPU
+    python bench/gpu_all.py --out results/ --budget-s 250 --parts respawn,pool,engine \
+        --engine-rows 1,4,16,32 --engine-lengths fixed --pool-rows 16 --pool-lengths 1,2,3,4
+
+`--parts` picks the parts and their order (a part's limit keeps time for those after it).
 
 It ends with a short summary of every part (what a reply that keeps only the end of
 the output needs).
@@ -189,6 +193,12 @@ def summary(out: Path, parts: list[dict], log: Log) -> None:
                 log(f"  ERROR {run['error']}")
 
 
+PARTS = ("engine", "respawn", "pool", "compiled")
+# each part: the most it may take, and the least kept for it while earlier parts run
+CAP_S = {"engine": 170, "respawn": 120, "pool": 150, "compiled": 600}
+KEEP_S = {"engine": 60, "respawn": 60, "pool": 60, "compiled": 0}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the JSON files and the log")
@@ -196,52 +206,76 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the dry run: tiny model, CPU")
     ap.add_argument("--tokens", type=int, default=48, help="audio tokens per row in part a")
     ap.add_argument("--work", default=None, help="where the full-size folder goes")
+    ap.add_argument(
+        "--parts", default=",".join(PARTS), help=f"which parts, in this order ({', '.join(PARTS)})"
+    )
+    ap.add_argument("--engine-rows", default=None, help="default 1,4,8,16,32 (tiny: 1,4)")
+    ap.add_argument("--engine-lengths", default="fixed,mixed", help="fixed, mixed or both")
+    ap.add_argument("--pool-rows", type=int, default=0, help="0: the engine's best (<= 16)")
+    ap.add_argument("--pool-lengths", default=None, help="audio s per request, in turn")
     args = ap.parse_args(argv)
+    order = [x for x in args.parts.split(",") if x]
+    unknown = set(order) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "log")
     t0 = time.monotonic()
     work = Path(args.work or tempfile.mkdtemp(prefix="vvp-gpu-"))
-    model = work / ("tiny" if args.tiny else "vv15")
+    state = {"model": work / ("tiny" if args.tiny else "vv15")}
 
     def left(reserve: float = 0.0) -> float:
         return args.budget_s - (time.monotonic() - t0) - reserve
 
+    a = [PY, str(BENCH / "bench_gpu_1p5b.py"), "--new-tokens", str(args.tokens)]
+    a += ["--tiny", "--cache-dir", str(work)] if args.tiny else []
+    rows = args.engine_rows or ("1,4" if args.tiny else "1,4,8,16,32")
+
+    def engine(limit: float) -> list[str]:  # eager; stops starting runs well inside its limit
+        inner = max(5.0, limit - (20 if args.tiny else 30))
+        return (
+            a
+            + ["--rows", rows, "--compile-modes", "", "--lengths", args.engine_lengths]
+            + [
+                "--budget-s",
+                f"{inner:.0f}",
+                "--out",
+                str(out / "a_eager.json"),
+            ]
+        )
+
+    def respawn(limit: float) -> list[str]:  # the folder, CUDA init, weight copy, holders
+        b = [PY, str(BENCH / "gpu_respawn.py"), "--out", str(out / "b_respawn.json")]
+        if args.tiny:
+            return b + ["--tiny", str(work), "--gpu", "-1"]
+        return b + ["--build-full-size", str(state["model"])]
+
+    def pool(limit: float) -> list[str]:  # 1 worker against 2, SIGKILL mid-batch, holders
+        if args.tiny:  # gpu_respawn made the tiny model under work/
+            state["model"] = next(work.glob("vibevoice-tiny-*"), state["model"])
+        n = args.pool_rows or best_rows(out / "a_eager.json", 4 if args.tiny else 16)
+        c = [PY, str(BENCH / "gpu_pool.py"), "--model", str(state["model"]), "--rows", str(n)]
+        c += ["--kill", "--out", str(out / "c_pool.json"), "--timeout", "90"]
+        c += ["--requests", "4" if args.tiny else "16"]
+        lengths = args.pool_lengths or ("1,2" if args.tiny else None)
+        return c + (["--lengths", lengths] if lengths else []) + (["--tiny"] if args.tiny else [])
+
+    def compiled(limit: float) -> list[str]:  # the head compiled (CUDA graphs per row count)
+        comp = a + ["--rows", rows, "--compile-modes", "reduce-overhead", "--lengths", "fixed"]
+        comp += ["--compiled-rows", "1,4" if args.tiny else "1,4,16"]
+        comp += ["--budget-s", f"{max(0.0, limit - 60):.0f}"]
+        return comp + ["--out", str(out / "a_compiled.json")]
+
+    build = {"engine": engine, "respawn": respawn, "pool": pool, "compiled": compiled}
+    names = {"engine": "a_eager", "respawn": "b_respawn", "pool": "c_pool"}
+    names["compiled"] = "a_compiled"
     env_info(out, log)
     parts = []
-    a = [PY, str(BENCH / "bench_gpu_1p5b.py"), "--new-tokens", str(args.tokens)]
-    if args.tiny:
-        a += ["--tiny", "--cache-dir", str(work), "--rows", "1,4"]
-    else:
-        a += ["--rows", "1,4,8,16,32"]
-    eager = a + ["--compile-modes", "", "--lengths", "fixed,mixed"]
-    # a: eager, fixed and mixed lengths; stops starting runs at 110 s
-    parts.append(
-        run_part(
-            "a_eager",
-            eager + ["--budget-s", "110", "--out", str(out / "a_eager.json")],
-            min(170, left(60)),
-            log,
-        )
-    )
-    # b: the full-size folder, CUDA init, the weight copy, who holds GPU memory
-    b = [PY, str(BENCH / "gpu_respawn.py"), "--out", str(out / "b_respawn.json")]
-    b += ["--tiny", str(work), "--gpu", "-1"] if args.tiny else ["--build-full-size", str(model)]
-    parts.append(run_part("b_respawn", b, min(170, left(30)), log))
-    if args.tiny:  # gpu_respawn made the tiny model under work/
-        model = next(work.glob("vibevoice-tiny-*"))
-    # c: the pool on the one GPU, 1 worker against 2, SIGKILL mid-batch
-    rows = best_rows(out / "a_eager.json", 4 if args.tiny else 16)
-    c = [PY, str(BENCH / "gpu_pool.py"), "--model", str(model), "--rows", str(rows), "--kill"]
-    c += ["--out", str(out / "c_pool.json"), "--timeout", "90"]
-    c += ["--tiny", "--requests", "4", "--lengths", "1,2"] if args.tiny else ["--requests", "16"]
-    parts.append(run_part("c_pool", c, min(200, left(10)), log))
-    # a, compiled head (CUDA graphs per row count), with what is left
-    comp = a + ["--compile-modes", "reduce-overhead", "--lengths", "fixed"]
-    comp += ["--compiled-rows", "1,4" if args.tiny else "1,4,16"]
-    budget = max(0.0, left(0) - 60)
-    comp += ["--budget-s", f"{budget:.0f}", "--out", str(out / "a_compiled.json")]
-    parts.append(run_part("a_compiled", comp, left(0), log))
+    for i, part in enumerate(order):
+        keep = sum(KEEP_S[p] for p in order[i + 1 :])
+        limit = min(CAP_S[part], left(keep))
+        parts.append(run_part(names[part], build[part](limit), limit, log))
     summary(out, parts, log)
     log(f"=== all parts in {time.monotonic() - t0:.0f} s")
     return 0

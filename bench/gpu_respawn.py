@@ -95,21 +95,34 @@ print("TOUCH " + json.dumps(out))
 """
 
 
-def cuda_touch_probe(preload: list[str]) -> dict:
+def start_touch_probe(preload: list[str]) -> subprocess.Popen:
     """In a fresh interpreter (as the zygote starts), import the zygote's preload one
     module at a time: which one leaves the CUDA driver mapped, and the first call into
-    torch.cuda's device queries with its stack (wrapped after torch is imported)."""
+    torch.cuda's device queries with its stack (wrapped after torch is imported).
+    Started apart from its reading (finish_touch_probe) so it can overlap other work."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-c", _TOUCH_PROBE, *preload]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root
+    )
+
+
+def finish_touch_probe(proc: subprocess.Popen, timeout: float = 120) -> dict:
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=root)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return {"error": "timed out"}
-    for line in r.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("TOUCH "):
             return json.loads(line[6:])
-    return {"error": f"rc {r.returncode}: {r.stderr[-2000:]}"}
+    return {"error": f"rc {proc.returncode}: {stderr[-2000:]}"}
+
+
+def cuda_touch_probe(preload: list[str]) -> dict:
+    return finish_touch_probe(start_touch_probe(preload))
 
 
 def worker_measure(model_dir: str, device: int, results, release) -> None:
@@ -160,15 +173,17 @@ def worker_measure(model_dir: str, device: int, results, release) -> None:
     release.recv()  # hold the context while the parent asks nvidia-smi
 
 
-def respawn_on_gpu(model_dir: str, device: int = 0) -> dict:
-    """The whole check; a dict of figures and verdicts (see the module doc)."""
+def respawn_on_gpu(model_dir: str, device: int = 0, probe: subprocess.Popen | None = None) -> dict:
+    """The whole check; a dict of figures and verdicts (see the module doc). `probe`: a
+    start_touch_probe already running (else one is run here)."""
     from vibevoice_pool.pool.warm_weights import WarmWeights
     from vibevoice_pool.pool.zygote import Zygote
     from workers.zygote.probe import cuda_mappings, thread_count
 
     res: dict = {"model": model_dir, "gpu": device}
     zygote = Zygote("vibevoice")
-    res["cuda_touch_probe"] = cuda_touch_probe(zygote.preload)
+    probe = probe or start_touch_probe(zygote.preload)
+    res["cuda_touch_probe"] = finish_touch_probe(probe)
     print(json.dumps(res["cuda_touch_probe"], indent=1), flush=True)
     t0 = time.monotonic()
     zygote.start(wait_s=300)
@@ -279,7 +294,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     model = args.model
-    if args.build_full_size:
+    probe = None
+    if args.build_full_size:  # the import probe runs beside the build (its own process)
+        from vibevoice_pool.pool.zygote import Zygote
+
+        probe = start_touch_probe(Zygote("vibevoice").preload)
         t0 = time.monotonic()
         model = build_full_size(args.build_full_size)
         print(f"built {model} in {time.monotonic() - t0:.0f} s", flush=True)
@@ -289,7 +308,7 @@ def main(argv=None) -> int:
         model = ensure_tiny_model(args.tiny)
     if not model:
         ap.error("give --model DIR, --build-full-size DIR or --tiny DIR")
-    res = respawn_on_gpu(model, args.gpu)
+    res = respawn_on_gpu(model, args.gpu, probe)
     print(json.dumps(res, indent=1, default=str))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1, default=str))

@@ -112,10 +112,7 @@ def _not_run(peer_ran: bool) -> list[str]:
     if not record:
         out.append(f"- `bench/{GPU_SCRIPT}` and `bench/gpu_all.py`: on a GPU only.")
     else:
-        out.append(
-            "- On a GPU: kill-to-ready, nvidia-smi's list of holders and the pool (1 worker "
-            "against 2) did not run (section 6); `bench/gpu_all.py` runs them on the next GPU."
-        )
+        out += gpu_record.not_measured(record)
     if not peer_ran:
         out.append("- Ray Serve side by side (issue 7, item 5): not part of this run.")
     return out + [""]

@@ -55,9 +55,9 @@ def build(torch):
 
 
 def count_steps(model, rows: int, measured: int, torch) -> dict:
-    from bench_gpu_1p5b import SyntheticPrompts, _Sink
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from bench.bench_gpu_1p5b import SyntheticPrompts, _Sink
     from workers.engines.vibevoice.step import StepEngine
     from workers.wire.messages import Request, Turn
 

@@ -192,7 +192,7 @@ class Scenario:
     def kill(self) -> None:
         """Six requests on two replicas; SIGKILL the first busy replica."""
         if self.engine == "sim":
-            text = "a" * 60  # 4 s of audio, 1.2 s of work at sim_rtf 0.3
+            text = "a" * 60  # 3.4 s of audio, 1 s of work at sim_rtf 0.3
         else:
             text = "This request runs on the tiny model while its replica is killed."
         with ThreadPoolExecutor(6) as ex:

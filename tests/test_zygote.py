@@ -76,7 +76,7 @@ def test_cuda_mappings_finds_the_driver_and_device_files():
         [
             "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libcuda.so.550.54",
             "7f02-7f03 rw-s 00000000 00:05 2 /dev/nvidiactl",
-            "7f04-7f05 r-xp 00000000 08:01 3 /opt/torch/lib/libcudart.so.12",
+            "7f04-7f05 r-xp 00000000 08:01 3 /venv/lib/torch/lib/libcudart.so.12",
             "7f06-7f07 r-xp 00000000 08:01 4 /usr/lib/libc.so.6",
             "7f08-7f09 rw-p 00000000 00:00 0",
         ]
@@ -217,24 +217,47 @@ def test_a_stopped_zygote_does_not_block_a_respawn(sim_pool):
         assert ppid(pid) == zygote.pid  # running again: forked
 
 
-def test_a_zygote_whose_imports_loaded_the_cuda_driver_is_not_used_and_workers_spawn(
-    monkeypatch,
-):
-    # The preload maps a file named like the CUDA driver (tests/zygote_maps_driver.py),
-    # as a library that asked the CUDA runtime for the device count at import would.
-    # The forkserver imports its preload with the environment's path: add tests/ to it.
+def _zygote_mapping(monkeypatch, name: str) -> Zygote:
+    """A sim zygote whose preload maps a file named `name` (tests/zygote_maps_driver.py).
+    The forkserver imports its preload with the environment's path: add tests/ to it."""
     here = os.path.dirname(os.path.abspath(__file__))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_DRIVER_FILE", name)
     zygote = Zygote("sim")
-    zygote.preload = [*zygote.preload, "zygote_maps_driver"]
+    # The process has one forkserver, kept while its preload list is the same: a list
+    # of its own per file name makes this zygote a new one, with this environment.
+    zygote.preload = [*zygote.preload, "zygote_maps_driver", *(["zygote_maps_driver"] * len(name))]
     zygote.start(wait_s=60)
+    return zygote
+
+
+def test_a_zygote_whose_imports_initialised_the_cuda_driver_is_not_used_and_workers_spawn(
+    monkeypatch,
+):
+    # A GPU device file open in the zygote, as after a library asked the CUDA runtime
+    # for the device count at import.
+    zygote = _zygote_mapping(monkeypatch, "dev/nvidiactl")
     try:
         assert zygote.pid is not None  # it did start and import its preload
         with open(f"/proc/{zygote.pid}/maps") as f:
-            assert any("libcuda.so" in line for line in cuda_mappings(f.read()))
+            assert any("/dev/nvidiactl" in line for line in cuda_mappings(f.read()))
         assert not zygote.warm
-        assert "CUDA driver" in zygote.off_reason
+        assert "CUDA driver initialised" in zygote.off_reason
         ctx, forked = zygote.context()
         assert not forked and ctx is zygote.spawn_ctx
+    finally:
+        zygote.close()
+
+
+def test_a_zygote_with_the_driver_library_loaded_but_not_initialised_is_used(monkeypatch):
+    # libcuda.so mapped with no device file open: a CUDA build of torch on a GPU host
+    # after the zygote's imports (seen on an H200, where a forked child ran CUDA work).
+    zygote = _zygote_mapping(monkeypatch, "libcuda.so.1")
+    try:
+        with open(f"/proc/{zygote.pid}/maps") as f:
+            assert any("libcuda.so" in line for line in cuda_mappings(f.read()))
+        assert zygote.warm and not zygote.off_reason
+        ctx, forked = zygote.context()
+        assert forked and ctx is not zygote.spawn_ctx
     finally:
         zygote.close()

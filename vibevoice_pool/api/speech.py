@@ -36,7 +36,7 @@ from vibevoice_pool.audio import BASE64_PATTERN as BASE64
 from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.pool.handle import RequestHandle
-from vibevoice_pool.script import MAX_SPEAKERS, parse_script
+from vibevoice_pool.script import MAX_SPEAKERS, check_encodable, parse_script
 from vibevoice_pool.voices import VoiceLibrary
 from workers.wire import messages as m
 
@@ -287,6 +287,13 @@ def describe_invalid(errors) -> str:
             parts.append(f"{where}: unknown field; remove it (see /docs for the fields)")
         elif kind == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == NOT_BLANK:
             parts.append(f"{where} is empty: write some text")
+        elif kind == "string_unicode" and isinstance(e.get("input"), str):
+            try:  # the pattern check met a lone surrogate: say so as the script check does
+                check_encodable(e["input"], where)
+            except m.PoolError as err:
+                parts.append(err.message)
+            else:
+                parts.append(f"{where}: {e.get('msg')}")
         elif kind == "string_too_short" and not e.get("input"):
             parts.append(f"{where} is empty: leave it out or give a value")
         elif kind == "model_attributes_type" and where == "body":

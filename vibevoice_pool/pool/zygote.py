@@ -19,11 +19,12 @@ gives spawn: a worker never waits for the zygote to come back. Spawn is also
 what `worker_start = "spawn"` asks for, and what a platform without a safe
 fork (not Linux, no pidfd) gets.
 
-A zygote whose imports loaded the CUDA driver (a library that asked the CUDA
+A zygote whose imports initialised the CUDA driver (a library that asked the CUDA
 runtime how many GPUs there are, say) would hand every worker a CUDA it cannot
-use: after the warm-up the parent reads the zygote's memory map, and if the
-driver or a GPU device file is there, the zygote is not used (`off_reason` says
-why) and workers spawn.
+use: after the warm-up the parent reads the zygote's memory map, and if a GPU
+device file (/dev/nvidia*) is open there, the zygote is not used (`off_reason`
+says why) and workers spawn. The driver library mapped without a device file is
+harmless (a forked child ran CUDA work on an H200): workers fork.
 
 A forkserver preloads modules, not a model: the weights are kept warm by the
 parent instead (vibevoice_pool/pool/warm_weights.py), and a forked tiny worker is
@@ -229,7 +230,9 @@ class Zygote:
         except Exception as e:  # the zygote could not start: spawn stays
             log.warning("The zygote could not start (%s: %s); workers spawn", type(e).__name__, e)
             return
-        driver = _cuda_in(pid)
+        from workers.zygote.probe import driver_initialised
+
+        driver = driver_initialised(_cuda_in(pid))
         with self._lock:
             if self._closed:
                 os.close(pidfd)
@@ -239,8 +242,8 @@ class Zygote:
             self.warm_up_s = time.monotonic() - t0
             if driver:
                 self.off_reason = (
-                    f"the zygote (pid {pid}) has the CUDA driver loaded after its imports "
-                    f"({', '.join(driver)}): a worker forked from it could not use CUDA"
+                    f"the zygote (pid {pid}) has the CUDA driver initialised after its imports "
+                    f"({', '.join(driver)} open): a worker forked from it could not use CUDA"
                 )
             self.warm = not driver
         if driver:

@@ -34,8 +34,6 @@ MODULES = (
     "transformers.generation.stopping_criteria",
     "safetensors.torch",
     "transformers.models.audioflamingo3",  # the processor's auto classes look it up
-    # the first generate: the diffusion scheduler
-    "diffusers.schedulers.scheduling_dpmsolver_multistep",
     # this project's engine
     "workers.engines.vibevoice.engine",
     "workers.engines.vibevoice.step",
@@ -47,6 +45,13 @@ MODULES = (
     "workers.checkpoints.tiny",
     "workers.engines.row",
 )
+# The diffusion scheduler (diffusers) asks torch which accelerator there is when
+# it is imported (diffusers.utils.torch_utils: torch.accelerator.is_available()),
+# and with a CUDA build of torch that loads the CUDA driver: seen on an H200
+# (2026-12-04), where it left the zygote unfit to fork GPU workers, so every worker
+# was spawned. With a CUDA build the worker imports it after the fork, in load().
+if torch.version.cuda is None:
+    MODULES += ("diffusers.schedulers.scheduling_dpmsolver_multistep",)
 NAMES = ("VibeVoiceForConditionalGeneration", "VibeVoiceProcessor", "Qwen2TokenizerFast")
 
 missing: list[str] = []

@@ -31,6 +31,18 @@ def cuda_mappings(maps_text: str) -> list[str]:
     return sorted(set(hits))
 
 
+DEVICE_FILES = "/dev/nvidia"
+
+
+def driver_initialised(mappings: list[str]) -> list[str]:
+    """The GPU device files among a process's CUDA mappings: what initialising the
+    driver opens, and what makes a fork unable to use CUDA. The driver library alone
+    is harmless: on an H200 (2026-12-04) the zygote's imports left libcuda.so mapped
+    with no device file open and torch's CUDA not initialised, and a child forked
+    from it ran CUDA work (its first CUDA call took 0.53 s)."""
+    return [p for p in mappings if DEVICE_FILES in p]
+
+
 def thread_count(pid: int | str = "self") -> int:
     """Threads of a process, from /proc (a fork copies only the calling one)."""
     return len(os.listdir(f"/proc/{pid}/task"))
