@@ -8,8 +8,10 @@
     DELETE /v1/voices/{name}   remove one (exact name); 404 when there is none
 
 The VoiceLibrary does the checking: the sample must decode as audio within the
-size and duration limits (TooLarge -> 413), and the name becomes a safe file
-stem inside the voices folder ('..' and '/' are refused with 400).
+size and duration limits (TooLarge -> 413; bytes that are no sound file, NotAudio
+-> 415 unsupported_audio), and the name becomes a safe file stem inside the
+voices folder ('..' and '/' are refused with 400). A field an upload does not
+take is refused with 400, as the schema says (additionalProperties: false).
 Ownership (with API keys): an upload belongs to the key that sent it; a user
 key that overwrites or deletes a preset or another key's voice gets 403
 `forbidden` (VoiceLibrary's VoiceForbidden). Admin keys may change any voice.
