@@ -238,7 +238,7 @@ def test_real_weights_get_no_synthetic_voices_and_say_whose_voice_speaks(tiny_mo
             json={"script": "Speaker 1: Hi.", "speakers": [{"voice": "demo-Alice_woman"}]},
             timeout=30,
         )
-        assert r.status_code == 400 and "unknown voice" in r.json()["error"]["message"]
+        assert r.status_code == 404 and "unknown voice" in r.json()["error"]["message"]
     finally:
         s.stop()
 
