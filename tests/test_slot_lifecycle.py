@@ -45,9 +45,13 @@ class Spy:
 class FakeCall:
     def __init__(self, answer):
         self.answer = answer
+        self.cancelled = False
 
     def result(self, timeout_s=None):
         return self.answer()
+
+    def cancel(self):  # what the backend does to a ping that got no answer
+        self.cancelled = True
 
 
 def hung():
