@@ -193,7 +193,7 @@ def test_the_server_serves_the_tiny_model_over_http(server, tmp_path, tiny_model
         "speakers": [{"voice": preset}, {"audio": base64.b64encode(b"RIFF garbage").decode()}],
     }
     r = s.post("/v1/synthesize", json=body, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_input"
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_audio"
     assert "speakers[1]" in r.json()["error"]["message"]
     assert sorted(s.worker_pids()) == pids  # no worker died for it
     assert s.get("/ready").status_code == 200
