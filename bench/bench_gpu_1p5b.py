@@ -165,7 +165,7 @@ class _Sink:
         self.failed: list[str] = []
         self.first_chunk_at: float | None = None
 
-    def chunk(self, rid, pcm):
+    def chunk(self, rid, pcm, history=None):
         if self.first_chunk_at is None:
             self.first_chunk_at = time.perf_counter()
         self.samples += len(pcm)

@@ -28,7 +28,7 @@ class Sink:
         self.first_chunk_step: dict[str, int] = {}  # 0-based index of the step
         self.end_step: dict[str, int] = {}
 
-    def chunk(self, rid, pcm):
+    def chunk(self, rid, pcm, history=None):
         self.audio.setdefault(rid, []).append(pcm)
         self.first_chunk_step.setdefault(rid, self.steps)
 

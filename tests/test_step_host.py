@@ -13,7 +13,7 @@ class Sink:
         self.events: list[tuple] = []
         self.errors: dict[str, PoolError] = {}
 
-    def chunk(self, rid, pcm):
+    def chunk(self, rid, pcm, history=None):
         self.events.append(("chunk", rid))
 
     def finish(self, rid, stop_reason="eos"):

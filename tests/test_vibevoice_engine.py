@@ -39,7 +39,7 @@ class RecordingSink:
         self.cancel_after = cancel_after or {}
         self.cancel_all = cancel_all
 
-    def chunk(self, request_id, pcm):
+    def chunk(self, request_id, pcm, history=None):
         assert isinstance(pcm, np.ndarray) and pcm.dtype == np.float32 and pcm.ndim == 1
         self.calls.append(("chunk", request_id, pcm))
 

@@ -127,7 +127,7 @@ class Times:
         self.samples: dict[str, int] = {}
         self.failed: list[str] = []
 
-    def chunk(self, rid, pcm):
+    def chunk(self, rid, pcm, history=None):
         self.first.setdefault(rid, self.clock.now())
         self.first_step.setdefault(rid, self.step_index)
         self.samples[rid] = self.samples.get(rid, 0) + len(pcm)

@@ -39,6 +39,7 @@ from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.policies import Ctx, View, choose
 from workers.wire import messages as m
 from workers.wire.board import Col, SlotState, StatusBoard, WorkerState
+from workers.wire.history import HistoryLog
 
 log = logging.getLogger("vibevoice_pool")
 
@@ -74,6 +75,7 @@ class _Job:
     started_at: float = 0.0  # worker clock, from Started
     running: bool = False  # the worker said Started for the current attempt
     attempts_at: list[float] = field(default_factory=list)
+    history: HistoryLog = field(default_factory=HistoryLog)  # what a resume starts from
 
 
 class Dispatcher:
@@ -232,7 +234,9 @@ class Dispatcher:
                         ),
                     )
                     continue
-                job.request = replace(job.request, attempt=job.request.attempt + 1)
+                job.request = replace(
+                    job.request, attempt=job.request.attempt + 1, resume=job.history.snapshot()
+                )
                 self._queue.appendleft(job)
                 self.counters["requeued"] += 1
                 self._emit(ev.Requeued(job.request, job.handle, slot))
@@ -263,6 +267,9 @@ class Dispatcher:
                 return  # an answer for a request that moved on (cancelled, requeued)
             if isinstance(msg, m.Started):
                 job.started_at, job.running = msg.at, True
+                job.seen = msg.from_samples  # a resumed row sends what follows its history
+                if job.request.resume is not None:
+                    self._resumed(job, slot, msg.from_samples)
                 job.handle.push(msg)
                 self._emit(ev.Started(job.request, job.handle, slot, msg.at))
             elif isinstance(msg, m.Chunk):
@@ -327,6 +334,8 @@ class Dispatcher:
             send(msg)
 
     def _chunk(self, job: _Job, msg: m.Chunk) -> None:
+        if msg.history is not None and not job.history.extend(msg.history):
+            log.warning("request %s: a history piece does not follow the last", job.request.id)
         n = len(msg.pcm)
         start, job.seen = job.seen, job.seen + n
         done_s = n / m.SAMPLE_RATE
@@ -338,6 +347,30 @@ class Dispatcher:
         pcm = msg.pcm[job.delivered - start :] if start < job.delivered else msg.pcm
         job.delivered = job.seen
         job.handle.push(m.Chunk(msg.id, msg.seq, pcm))
+
+    def _resumed(self, job: _Job, slot: int, from_samples: int) -> None:
+        """A request sent with its history began: resumed at from_samples, or (0)
+        replayed from its start because the worker could not resume it."""
+        hist = job.request.resume
+        if from_samples:
+            self.counters["resumed"] += 1
+            self.counters["resumed_steps"] += hist.steps
+            log.info(
+                "request %s resumed on worker %d at step %d (%.1f s of audio kept)",
+                job.request.id,
+                slot,
+                hist.steps,
+                from_samples / m.SAMPLE_RATE,
+            )
+        else:
+            self.counters["resume_refused"] += 1
+            self.counters["recomputed_steps"] += hist.steps
+            log.warning(
+                "request %s could not resume at step %d on worker %d: replayed from its start",
+                job.request.id,
+                hist.steps,
+                slot,
+            )
 
     def _release(self, job: _Job) -> None:
         slot = job.slot

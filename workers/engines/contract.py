@@ -18,8 +18,11 @@ StepHost) calls:
 
 `step` reports through the sink:
 
-    sink.chunk(request_id, pcm)   a piece of float32 mono audio at 24 kHz;
-                                  a request's audio is its chunks in order
+    sink.chunk(request_id, pcm, history=None)
+                                  a piece of float32 mono audio at 24 kHz;
+                                  a request's audio is its chunks in order; with
+                                  the row's history since its last chunk (a
+                                  request.resume row goes on from its history)
     sink.finish(request_id, stop_reason="eos")
                                   this row is complete (rows end on their own);
                                   stop_reason is a messages.StopReason value
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from workers.engines.row import Row
+from workers.wire.history import HistoryDelta
 from workers.wire.messages import DeviceInfo, PoolError, Request
 
 
@@ -71,7 +75,7 @@ class EngineSpec:
 
 
 class StepSink(Protocol):
-    def chunk(self, request_id: str, pcm) -> None: ...
+    def chunk(self, request_id: str, pcm, history: HistoryDelta | None = None) -> None: ...
     def finish(self, request_id: str, stop_reason: str = "eos") -> None: ...
     def fail(self, request_id: str, error: PoolError) -> None: ...
     def step(self) -> None: ...

@@ -7,7 +7,9 @@ and how it ended. Model state (KV, stream caches) lives in vibevoice/caches.py,
 indexed by the row's place in the running set.
 
 What crosses out is only through the sink:
-    sink.chunk(request_id, pcm)   float32 mono audio at 24 kHz, in order
+    sink.chunk(request_id, pcm[, history])
+                                  float32 mono audio at 24 kHz, in order, with the
+                                  row's history since the last chunk (a HistoryDelta)
     sink.finish(request_id, why)  the row ended on its own (EOS or its cap)
     sink.fail(request_id, err)    the row ended with a typed PoolError
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from workers.engines.trail import Trail
 from workers.wire.messages import PoolError, Request
 
 HELD_TOKENS = 8  # a non-streamed row sends its audio every 8 tokens (~1.07 s)
@@ -40,6 +43,7 @@ class Row:
     closed: bool = False
     held: list[np.ndarray] = field(default_factory=list)
     state: Any = None  # engine-owned per-row state (generator, pending embeds, ...)
+    trail: Trail | None = None  # its history as it is made (engines/trail.py)
 
     @property
     def id(self) -> str:
@@ -66,7 +70,7 @@ class Row:
         if self.held:
             pcm = np.concatenate(self.held)
             self.held = []
-            sink.chunk(self.id, pcm)
+            send(sink, self.id, pcm, self.trail, self.made_samples)
             self.sent_samples += len(pcm)
 
     @property
@@ -95,7 +99,17 @@ class Row:
             self.cap_reason,
             self.step_reason,
             skip=covered,
+            trail=Trail(self.trail.width, self.trail.speaks) if self.trail else None,
         )
+
+
+def send(sink: Any, request_id: str, pcm, trail: Trail | None, made: int) -> None:
+    """One chunk, with the row's history since its last chunk when it keeps one."""
+    delta = trail.take(made) if trail is not None else None
+    if delta is None:
+        sink.chunk(request_id, pcm)
+    else:
+        sink.chunk(request_id, pcm, delta)
 
 
 def ran_in_step(rows: list[Row], waiting: list[Row]) -> list[Row]:

@@ -28,7 +28,8 @@ import threading
 import time
 
 from workers.engines.contract import EngineSpec, StepSink
-from workers.engines.row import Row, ran_in_step
+from workers.engines.row import Row, ran_in_step, send
+from workers.engines.trail import Trail
 from workers.wire.estimate import audio_seconds_for
 from workers.wire.messages import SAMPLE_RATE, DeviceInfo, ErrorKind, PoolError, Request
 
@@ -79,7 +80,13 @@ class SimEngine:
             raise PoolError(ErrorKind.ENGINE_ERROR, "simulated engine error")
         total = int(round(audio_seconds_for(text, req.max_audio_s) * SAMPLE_RATE))
         steps = -(-total // self.step_samples)
-        return Row(req, steps, steps, state=total)
+        row = Row(req, steps, steps, state=total, trail=Trail(0))
+        if req.resume is not None and 0 < req.resume.samples <= total:
+            # resume: its tone goes on from the sample its history covers
+            row.made_samples = row.sent_samples = req.resume.samples
+            row.steps = row.audio_tokens = req.resume.steps
+            row.trail = Trail.after(req.resume, None)
+        return row
 
     def fits(self, row: Row) -> bool:
         return True
@@ -140,10 +147,11 @@ class SimEngine:
             n = min(self.step_samples, row.state - row.made_samples)
             pcm = tone(row.request.seed, row.made_samples, n)
             row.made_samples += n
+            row.trail.token(0)
             drop = min(row.skip, n)  # a restarted row skips what the listener has
             row.skip -= drop
             if drop < n:
-                sink.chunk(row.id, pcm[drop:])
+                send(sink, row.id, pcm[drop:], row.trail, row.made_samples)
             if row.made_samples >= row.state:
                 self.rows.remove(row)
                 sink.finish(row.id, "eos")

@@ -233,7 +233,7 @@ class SlotReplica:
             now = time.monotonic()
             for req in host.admit():
                 sink.started(req.id, now)
-                self._post(m.Started(req.id, now))
+                self._post(m.Started(req.id, now, host.from_samples.pop(req.id, 0)))
             self._rows = host.live
             if not host.live:
                 continue

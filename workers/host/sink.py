@@ -5,7 +5,7 @@ process (host/worker.py) and the Ray replica (host/ray_replica.py) use this one 
     -----------------           --------                      -----------------------
     sink.track(request)         opens the row's books
     sink.started(id, at)        its compute time starts
-    sink.chunk(id, pcm)         counts samples, numbers it    Chunk(id, seq, pcm)
+    sink.chunk(id, pcm, hist)   counts samples, numbers it    Chunk(id, seq, pcm, hist)
     sink.finish(id, reason)     closes the books              Done(id, audio_s, compute_s, reason)
     sink.fail(id, error)        closes the books              Failed(id, kind, message, retryable)
     sink.step()                 the host's progress mark
@@ -45,12 +45,12 @@ class HostSink:
         if books is not None:
             books.t0 = at
 
-    def chunk(self, request_id: str, pcm) -> None:
+    def chunk(self, request_id: str, pcm, history=None) -> None:
         books = self.open.get(request_id)
         if books is None:
             return
         books.samples += len(pcm)
-        self.send(m.Chunk(request_id, books.seq, pcm))
+        self.send(m.Chunk(request_id, books.seq, pcm, history))
         books.seq += 1
 
     def finish(self, request_id: str, stop_reason: str = m.StopReason.EOS.value) -> None:

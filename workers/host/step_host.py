@@ -6,6 +6,7 @@ scheduler reads.
     host.submit(request)     it waits for room (pending)
     host.cancel(request_id)  waiting: answered at once; running: its place is freed
     host.admit() -> [req]    at a step boundary: the waiting requests that joined
+                             (a resumed one's audio so far in from_samples[id])
     host.step()              one engine step for every live row
 
 Admission, in arrival order, stops at the first request that cannot join:
@@ -44,6 +45,8 @@ class StepHost:
         self._win_audio = 0.0
         self._win_wall = 0.0
         self._engine_sink = _EngineSink(self)
+        # a resumed row's audio so far, for its Started (from_samples); taken by the host
+        self.from_samples: dict[str, int] = {}
 
     @property
     def live(self) -> int:
@@ -95,6 +98,8 @@ class StepHost:
                 break
             self.pending.popleft()
             e.admit(row)
+            if row.made_samples:
+                self.from_samples[req.id] = row.made_samples
             self.running[req.id] = req
             joined.append(req)
             if req.attempt > 1:
@@ -135,9 +140,12 @@ class _EngineSink:
     def __init__(self, host: StepHost):
         self.h = host
 
-    def chunk(self, request_id: str, pcm) -> None:
+    def chunk(self, request_id: str, pcm, history=None) -> None:
         self.h._win_audio += len(pcm) / m.SAMPLE_RATE
-        self.h.sink.chunk(request_id, pcm)
+        if history is None:
+            self.h.sink.chunk(request_id, pcm)
+        else:
+            self.h.sink.chunk(request_id, pcm, history)
 
     def finish(self, request_id: str, stop_reason: str = "eos") -> None:
         if self.h.running.pop(request_id, None) is not None:

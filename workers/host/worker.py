@@ -217,7 +217,7 @@ class Worker:
             now = time.monotonic()
             for req in host.admit():
                 self.sink.started(req.id, now)
-                self.send(m.Started(req.id, now))
+                self.send(m.Started(req.id, now, host.from_samples.pop(req.id, 0)))
             if not host.live:
                 continue
             b.set(row, Col.WORKER_STATE, WorkerState.BUSY)

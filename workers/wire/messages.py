@@ -11,8 +11,10 @@ Worker -> parent (on the worker's response pipe):
     Ready(...)            the engine is loaded; the slot may take work
     BootFailed(...)       the engine could not load; the worker exits (its traceback
                           comes along, for the parent's log)
-    Started(id)           the request entered a generation batch
-    Chunk(id, seq, pcm)   a piece of audio (float32 mono numpy array)
+    Started(id)           the request entered a generation batch (a resumed row: at
+                          from_samples, the audio its history covers)
+    Chunk(id, seq, pcm)   a piece of audio (float32 mono numpy array), with the row's
+                          history since the last chunk (HistoryDelta)
     Done(id, ...)         the request finished; its audio is the chunks sent, and
                           stop_reason says why it stopped (StopReason)
     Failed(id, ...)       the request failed with a typed ErrorKind; an unexpected
@@ -28,6 +30,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import Any
+
+from workers.wire.history import History, HistoryDelta
 
 SAMPLE_RATE = 24_000
 # Guidance scales a request may ask for: the API validates against these, and an
@@ -108,6 +112,9 @@ class Request:
     stream: bool = False
     attempt: int = 1
     est_audio_s: float = 1.0
+    # a request sent again (its worker died, it was preempted or moved) carries the
+    # row's history: the engine resumes it at its last step (workers/wire/history.py)
+    resume: History | None = None
 
     @property
     def text(self) -> str:
@@ -191,6 +198,7 @@ class BootFailed:
 class Started:
     id: str
     at: float = 0.0  # time.monotonic() in the worker when the batch began
+    from_samples: int = 0  # a resumed row: the audio its history covers (it sends what follows)
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,7 @@ class Chunk:
     id: str
     seq: int
     pcm: Any  # float32 numpy array, mono, SAMPLE_RATE
+    history: HistoryDelta | None = None  # the row's steps since the last chunk
 
 
 @dataclass(frozen=True)

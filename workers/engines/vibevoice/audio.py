@@ -4,7 +4,7 @@
         free guidance, batched over the speaking rows and grouped by step count (one
         DPM-Solver schedule per group); each row its own cfg scale and its own noise,
         drawn from its own generator, so a row's latents never depend on its mates
-    decode(slots, latents) -> audio, next embeds   the streaming acoustic decode and
+    decode(slots, latents) -> audio, next embeds, feedback   the streaming acoustic decode and
         semantic re-encode of those rows alone, each on its own conv caches
         (caches.StreamSlots), then the connectors that make the next LM input
     HandOff: each step's audio on its way to the host (asynchronous on CUDA)
@@ -48,6 +48,8 @@ class Speech:
             zero = torch.zeros(1, 1, self.width, device=self.device, dtype=dtype)
             out = m.audio_tower.decode(zero, padding_cache=None, use_cache=True)
             sem = m.semantic_tokenizer_encoder(out.audio, padding_cache=None, use_cache=True)
+        # what a speech step feeds back, kept in its history: latent + semantic features
+        self.feedback_width = self.width + int(sem.latents.shape[-1])
         return (
             StreamSlots(learn_shapes(out.padding_cache), slots, self.device, dtype),
             StreamSlots(learn_shapes(sem.padding_cache), slots, self.device, dtype),
@@ -100,7 +102,8 @@ class Speech:
         return out[:, None]
 
     def decode(self, slots: list[int], latents: torch.Tensor):
-        """(audio (n, 1, hop), next embeddings (n, 1, H)) of the speaking rows."""
+        """(audio (n, 1, hop), next embeddings (n, 1, H), feedback (n, width + semantic))
+        of the speaking rows: the feedback is what their history keeps."""
         m = self.model.model
         idx = to_device(slots, self.device)
         scaled = latents / m.latent_scaling_factor - m.latent_bias_factor
@@ -110,7 +113,8 @@ class Speech:
         cache = self.semantic.gather(idx)
         sem = m.semantic_tokenizer_encoder(audio, padding_cache=cache, use_cache=True).latents
         self.semantic.scatter(idx, cache)
-        return audio, m.multi_modal_projector(latents) + m.semantic_connector(sem)
+        embeds = m.multi_modal_projector(latents) + m.semantic_connector(sem)
+        return audio, embeds, torch.cat([latents[:, 0], sem[:, 0]], dim=-1)
 
 
 class HandOff:
@@ -124,32 +128,47 @@ class HandOff:
 
     def __init__(self, device: str):
         self.async_copy = device.startswith("cuda")
-        self.held: list[tuple[list, torch.Tensor, Any]] = []  # (rows, pcm, copy event)
+        # (rows, pcm and feedback side by side, copy event, (step, noise) per row,
+        # feedback width)
+        self.held: list[tuple[list, torch.Tensor, Any, list, int]] = []
 
-    def hold(self, rows: list, audio: torch.Tensor, sink: Any) -> None:
+    def hold(self, rows: list, audio: torch.Tensor, sink: Any, fed: Any = None) -> None:
+        """`fed`: the rows' feedback (rows, width), for their history (engines/trail.py),
+        with the generator's state at the speech steps resume.NOISE_EVERY chooses."""
+        from workers.engines.vibevoice.resume import noise_state
+
+        marks = []
         for row in rows:
             row.audio_tokens += 1  # counted now (a row's budget), its samples follow
+            marks.append((row.steps - 1, noise_state(row)))
         pcm = audio.float()
+        both = pcm if fed is None else torch.cat([pcm, fed.float()], dim=1)
+        width = 0 if fed is None else int(fed.shape[1])
         if not self.async_copy:
-            self.held.append((rows, pcm, None))
+            self.held.append((rows, both, None, marks, width))
             self.hand_over(sink)
             return
-        host = torch.empty(pcm.shape, dtype=pcm.dtype, pin_memory=True)
-        host.copy_(pcm, non_blocking=True)
+        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        host.copy_(both, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self.held.append((rows, host, event))
+        self.held.append((rows, host, event, marks, width))
 
     def hand_over(self, sink: Any, wait: bool = False) -> None:
         """A row closed since (cancelled) gets none. Without `wait`, nothing moves until
         every copy is done (after the step's sync it is)."""
-        if not wait and not all(e is None or e.query() for _, _, e in self.held):
+        if not wait and not all(e is None or e.query() for _, _, e, _, _ in self.held):
             return
-        for rows, pcm, event in self.held:
+        for rows, both, event, marks, width in self.held:
             if event is not None:
                 event.synchronize()
-            arr = pcm.numpy()
+            arr = both.numpy()
+            hop = arr.shape[1] - width
             for k, row in enumerate(rows):
-                if not row.closed:
-                    row.add_audio(arr[k], sink, counted=True)
+                if row.closed:
+                    continue
+                if row.trail is not None and width:
+                    step, noise = marks[k]
+                    row.trail.feedback(step, arr[k, hop:], noise)
+                row.add_audio(arr[k, :hop], sink, counted=True)
         self.held = []

@@ -27,6 +27,11 @@ compare each row with. The engine owns the running set of rows. Each call to
   6. streams each row's new audio and drops the rows that ended, freeing
      their state.
 
+Each row keeps its history as it goes (engines/trail.py: the token of every step,
+the feedback of every speech step), and it leaves with the row's audio. A row
+that comes back with its history (request.resume) is rebuilt by resume.py at
+admit, in one prefill, and goes on from its last step.
+
 Memory-aware admission: `fits(rows)` predicts the peak KV of a running set
 (both branches, each prompt plus the row's step cap, padded to the longest) and
 compares it with the budget (a setting, or on CUDA free memory minus headroom).
@@ -43,6 +48,8 @@ from typing import Any
 import torch
 
 from workers.engines.row import Row, ran_in_step
+from workers.engines.trail import Trail
+from workers.engines.vibevoice import resume
 from workers.engines.vibevoice.audio import HandOff, Speech
 from workers.engines.vibevoice.caches import BranchKV, to_device
 from workers.wire.messages import ErrorKind, PoolError, Request
@@ -225,6 +232,9 @@ class StepEngine:
         when the row alone can never fit the budget."""
         state = self._row_state(req, prompt_len)
         row = Row(req, budget_tokens, max_steps, cap_reason, step_reason, state=state)
+        row.trail = Trail(self.speech.feedback_width, self.audio_id)
+        if req.resume is not None:
+            resume.from_history(self, row)
         budget = self.budget_bytes()
         need = self.peak_bytes([self._shape(row)])
         if budget and need > budget:
@@ -242,8 +252,11 @@ class StepEngine:
         return _RowModel(gen, self.prompts.length(req) if prompt_len is None else prompt_len)
 
     def admit(self, row: Row) -> None:
-        """The row joins the running set at the next step."""
-        self.joining.append(row)
+        """The row joins the running set at the next step (a resumed one: now)."""
+        if row.steps:
+            resume.bring_in(self, row)
+        else:
+            self.joining.append(row)
 
     def cancel(self, request_id: str) -> Row | None:
         """Free a row's place at once; the caller reports it."""
@@ -343,6 +356,7 @@ class StepEngine:
         diffuse, restart = [], []
         for i, (row, tok) in enumerate(zip(self.rows, toks, strict=True)):
             row.steps += 1
+            row.trail.token(tok)
             if tok in self.eos_ids:
                 row.finish(sink, "eos")
             elif i in capped:
@@ -359,9 +373,9 @@ class StepEngine:
             idx = to_device(diffuse, self.device)
             speaking = [self.rows[i] for i in diffuse]
             latents = self.speech.diffuse(speaking, pos_hidden[idx], neg_hidden[idx])
-            audio, embeds = self.speech.decode([r.slot for r in speaking], latents)
+            audio, embeds, fed = self.speech.decode([r.slot for r in speaking], latents)
             next_embeds[idx] = embeds.to(next_embeds.dtype)
-            self.audio_out.hold(speaking, audio[:, 0, :], sink)
+            self.audio_out.hold(speaking, audio[:, 0, :], sink, fed)
         ending = [r for r in self.rows if not r.closed and r.out_of_budget]
         if ending:
             self.audio_out.hand_over(sink, wait=True)
