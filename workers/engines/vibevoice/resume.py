@@ -69,7 +69,9 @@ def _unusable(eng: Any, row: Row, hist: Any) -> str:
     if hist is None or not hist.steps:
         return "no history"
     if hist.width != eng.speech.feedback_width:
-        return f"its feedback has {hist.width} values a step, this model {eng.speech.feedback_width}"
+        return (
+            f"its feedback has {hist.width} values a step, this model {eng.speech.feedback_width}"
+        )
     toks = hist.token_array()
     allowed = set(eng.allowed.tolist())
     if not set(np.unique(toks).tolist()) <= allowed:
