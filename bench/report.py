@@ -18,6 +18,7 @@ from bench.overhead import record as overhead
 from bench.ray_peer import record as ray_peer
 from bench.recovery import record as recovery
 from bench.respawn import record as respawn
+from bench.resume import record as resume
 from bench.scheduling import record as scheduling
 from bench.tiny import record as tiny
 
@@ -27,6 +28,7 @@ SECTIONS = (
     ("overhead", overhead),
     ("recovery", recovery),
     ("respawn", respawn),
+    ("resume", resume),
     ("tiny", tiny),
     ("ray", ray_peer),
 )

@@ -14,6 +14,7 @@ FILE`), `record.py` writes its part of the record from the figures.
     overhead/     zero-work latency, decisions/s, HTTP against a bare handler
     recovery/     SIGKILLs at 80% load: lost, duplicated, detection, re-dispatch
     respawn/      SIGKILL a tiny-model worker: kill to ready, zygote against spawn
+    resume/       SIGKILL at 80% of a long row: resumed from its history against replayed
     tiny/         the real tiny model on CPU
     ray_peer/     Ray Serve beside the pool
 
@@ -38,6 +39,7 @@ SECTIONS = (  # name, the module that measures it, its time limit in seconds
     ("overhead", "bench.overhead.run", 600),
     ("recovery", "bench.recovery.run", 900),
     ("respawn", "bench.respawn.run", 600),
+    ("resume", "bench.resume.run", 600),
     ("tiny", "bench.tiny.run", 900),
     ("ray", "bench.ray_peer.run", 900),
 )

@@ -208,3 +208,19 @@ def test_not_measured_names_what_the_newest_gpu_run_skipped():
         assert label in lines
     forked = run["b_respawn"].get("worker_forked")
     assert ("a respawn forked from the zygote" in lines) == (forked is False)
+
+
+def test_resume_record_reads_the_saved_figures():
+    from bench.resume import record as resume
+
+    res = figures("resume")
+    longest = max(res["summary"].values(), key=lambda r: r["audio_s"])
+    (stall, splice) = resume.target_rows(res)
+    assert stall[1].startswith(f"{longest['resume_stall_max_s']:.2f} s")
+    assert stall[2] == common.verdict(longest["resume_stall_max_s"] < resume.STALL_TARGET_S)
+    assert splice[2] == common.verdict(
+        longest["equal_length"] and longest["splice_err_max"] < resume.SPLICE_TARGET
+    )
+    text = "\n".join(resume.section({"data": res, "rc": 0}))
+    assert f"{longest['replay_stall_s']:.2f} s" in text
+    assert "failed" in "\n".join(resume.section({"rc": 2, "error": "boom"}))
