@@ -111,3 +111,38 @@ def test_a_crash_shows_as_a_requeue_a_lost_request_and_a_restart(api):
         value(m["vibevoice_pool_requests"], "vibevoice_pool_requests_total", outcome="worker_lost")
         == 1
     )
+
+
+def test_a_row_resumed_after_a_sigkill_is_counted_with_the_steps_it_kept(sim_pool, tmp_path):
+    """A streamed sim row whose worker is SIGKILLed mid-row resumes from its history
+    on the other worker: its audio is whole, and /metrics counts the resume and the
+    steps it did not run again."""
+    import os
+    import signal
+
+    import numpy as np
+
+    from vibevoice_pool.script import parse_script
+    from workers.engines.sim import tone
+    from workers.wire.board import Col
+
+    ensure_demo_voices(tmp_path / "voices")
+    with sim_pool(gpus="cpu:2", sim_rtf=0.2) as pool:  # 0.1 s a step of 0.5 s
+        voices = VoiceLibrary(tmp_path / "voices", max_bytes=1 << 20, max_seconds=60)
+        with TestClient(create_app(Front(pool, voices, pool.cfg))) as client:
+            text = "Speaker 1: " + "a line of words " * 12
+            h = pool.submit(pool.make_request(parse_script(text), seed=5, stream=True))
+            wait_until(lambda: h.samples >= 3 * 24_000, 30, 0.005, "3 s of audio")
+            os.kill(int(pool.board.get(h.worker, Col.PID)), signal.SIGKILL)
+            got = h.result(timeout=60)
+            assert np.array_equal(got, tone(5, 0, len(got)))
+            assert len(got) / 24_000 == pytest.approx(h.request.est_audio_s, abs=0.01)
+            m = scrape(client)
+            resumed = value(
+                m["vibevoice_pool_resumes"], "vibevoice_pool_resumes_total", outcome="resumed"
+            )
+            assert resumed == 1
+            kept = value(
+                m["vibevoice_pool_resume_steps"], "vibevoice_pool_resume_steps_total", kind="kept"
+            )
+            assert kept >= 6  # 0.5 s a step, at least 3 s sent before the kill

@@ -163,6 +163,21 @@ class PoolCollector:
         c = CounterMetricFamily(p + "requeued", "Requests sent back to the queue by a death")
         c.add_metric([], self.pool.requeued())
         yield c
+        r = self.pool.resumes()
+        c = CounterMetricFamily(
+            p + "resumes", "Rows sent again with their history, by outcome", labels=["outcome"]
+        )
+        c.add_metric(["resumed"], r["resumed"])
+        c.add_metric(["replayed"], r["resume_refused"])
+        yield c
+        c = CounterMetricFamily(
+            p + "resume_steps",
+            "Decode steps of rows sent again: kept from the history or run again",
+            labels=["kind"],
+        )
+        c.add_metric(["kept"], r["resumed_steps"])
+        c.add_metric(["recomputed"], r["recomputed_steps"])
+        yield c
         c = CounterMetricFamily(p + "audio_delivered_seconds", "Audio seconds sent to clients")
         c.add_metric([], self.activity.delivered_seconds())
         yield c

@@ -183,6 +183,14 @@ class Pool:
         """Requests sent back to the queue because their worker was lost, so far."""
         return self.dispatcher.counters.get("requeued", 0)
 
+    def resumes(self) -> dict[str, int]:
+        """Rows sent again with their history: resumed, or replayed from their start
+        because the worker could not resume them; and the decode steps each kept or
+        ran again."""
+        c = self.dispatcher.counters
+        keys = ("resumed", "resume_refused", "resumed_steps", "recomputed_steps")
+        return {k: c.get(k, 0) for k in keys}
+
     def subscribe(self, listener: ev.Listener) -> None:
         """Call `listener(event)` for each dispatcher event (pool/events.py)."""
         self.dispatcher.subscribe(listener)
