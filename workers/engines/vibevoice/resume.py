@@ -5,7 +5,8 @@ row's history: each step's token and, for a speech step, what it fed back (the
 acoustic latent and the semantic features), and the row's noise generator state
 now and then. The step engine (step.py) calls two hooks:
 
-    from_history(engine, row)   at prepare: the row takes its history's counts
+    keep_history(engine, row)   at prepare: the row gets its trail; one sent again
+                                takes its history's counts
                                 (steps, audio tokens, samples), or, when the history
                                 does not fit this engine and request, starts over
                                 (the reason is logged; the listener still hears no
@@ -50,10 +51,13 @@ STREAM_FRAMES = 48  # latents re-run to rebuild the streaming conv caches (6.4 s
 NOISE_EVERY = 32  # a speech step count at which the trail keeps the generator's state
 
 
-def from_history(eng: Any, row: Row) -> None:
-    """Give `row` its history's counts, or leave it at its start when the history does
-    not fit (logged)."""
+def keep_history(eng: Any, row: Row) -> None:
+    """Give a new row its trail; one sent with a history (request.resume) takes that
+    history's counts, or stays at its start when the history does not fit (logged)."""
+    row.trail = Trail(eng.speech.feedback_width, eng.audio_id)
     hist = row.request.resume
+    if hist is None:
+        return
     why = _unusable(eng, row, hist)
     if why:
         log.warning("request %s cannot resume (%s): replayed from its start", row.id, why)

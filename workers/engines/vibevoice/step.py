@@ -26,11 +26,8 @@ compare each row with. The engine owns the running set of rows. Each call to
      those rows alone (audio.Speech, on caches.StreamSlots);
   6. streams each row's new audio and drops the rows that ended, freeing
      their state.
-
-Each row keeps its history as it goes (engines/trail.py: the token of every step,
-the feedback of every speech step), and it leaves with the row's audio. A row
-that comes back with its history (request.resume) is rebuilt by resume.py at
-admit, in one prefill, and goes on from its last step.
+Each row's history (engines/trail.py) leaves with its audio; a row sent again with
+it (request.resume) is rebuilt by resume.py at admit and goes on from its last step.
 
 Memory-aware admission: `fits(rows)` predicts the peak KV of a running set
 (both branches, each prompt plus the row's step cap, padded to the longest) and
@@ -48,7 +45,6 @@ from typing import Any
 import torch
 
 from workers.engines.row import Row, ran_in_step
-from workers.engines.trail import Trail
 from workers.engines.vibevoice import resume
 from workers.engines.vibevoice.audio import HandOff, Speech
 from workers.engines.vibevoice.caches import BranchKV, to_device
@@ -232,9 +228,7 @@ class StepEngine:
         when the row alone can never fit the budget."""
         state = self._row_state(req, prompt_len)
         row = Row(req, budget_tokens, max_steps, cap_reason, step_reason, state=state)
-        row.trail = Trail(self.speech.feedback_width, self.audio_id)
-        if req.resume is not None:
-            resume.from_history(self, row)
+        resume.keep_history(self, row)  # its trail; a row sent again takes its history
         budget = self.budget_bytes()
         need = self.peak_bytes([self._shape(row)])
         if budget and need > budget:
