@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -346,7 +346,7 @@ class JobRunner:
             if self._stopping:
                 return  # it stays queued for the next start
             try:
-                handle = self.pool.submit(req)
+                handle = self.pool.submit(replace(req, priority=m.Priority.BATCH.value))
             except m.PoolError as e:
                 if e.kind in RETRY_LATER:
                     if not self._said_later:

@@ -9,10 +9,10 @@
               worker request queue --> worker --> on_message() --> handle
 
 A request leaves the admission queue only when a worker can start it (late
-binding), so a slow worker never hoards a queue. When a worker is lost, its
-requests go back to the head of the queue; one that has taken down
-`max_attempts` workers is answered WORKER_LOST and never retried. A replayed
-request runs with the same seed; audio the client already has is skipped.
+binding); an interactive request that finds no room goes over capacity to a
+worker running a job row, which gives it its place (survival.py). A lost
+worker's requests go back to the head of the queue with their history, to
+resume (one that took down `max_attempts` workers is answered WORKER_LOST).
 
 Thread safety: one lock. submit() and cancel() come from the API's threads,
 on_message() and the worker events from the supervisor's loop thread. Events
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from vibevoice_pool.pool import events as ev
+from vibevoice_pool.pool import survival
 from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.policies import Ctx, View, choose
 from workers.wire import messages as m
@@ -109,6 +110,7 @@ class Dispatcher:
         self._jobs: dict[str, _Job] = {}
         self._links: dict[int, Callable[[object], None]] = {}  # slot -> send
         self._draining: set[int] = set()  # live, but takes no new work
+        self._asked: dict[int, str] = {}  # slot -> an interactive request sent over capacity
         self._ctx = Ctx(rng=rng or random.Random())
         self._seq = itertools.count(1)
         self._admitting = True
@@ -210,6 +212,7 @@ class Dispatcher:
         with self._locked():
             self._links.pop(slot, None)
             self._draining.discard(slot)
+            self._asked.pop(slot, None)
             held = [j for j in self._jobs.values() if j.slot == slot]
             held.sort(key=lambda j: j.seq, reverse=True)
             for job in held:
@@ -268,8 +271,7 @@ class Dispatcher:
             if isinstance(msg, m.Started):
                 job.started_at, job.running = msg.at, True
                 job.seen = msg.from_samples  # a resumed row sends what follows its history
-                if job.request.resume is not None:
-                    self._resumed(job, slot, msg.from_samples)
+                survival.started(self.counters, self._asked, job.request, slot, msg.from_samples)
                 job.handle.push(msg)
                 self._emit(ev.Started(job.request, job.handle, slot, msg.at))
             elif isinstance(msg, m.Chunk):
@@ -281,6 +283,11 @@ class Dispatcher:
                     self.work_ratio = 0.9 * self.work_ratio + 0.1 * ratio
                 self._release(job)
                 self._finish(job, msg)
+            elif isinstance(msg, m.Preempted):  # it resumes later, with its history
+                self._release(job)
+                job.request = survival.preempted(self.counters, job, slot, msg.steps)
+                job.slot, job.running = None, False
+                self._queue.appendleft(job)
             elif isinstance(msg, m.Failed):
                 if msg.traceback:  # for the log; a client gets the message only
                     log.error(
@@ -335,7 +342,7 @@ class Dispatcher:
 
     def _chunk(self, job: _Job, msg: m.Chunk) -> None:
         if msg.history is not None and not job.history.extend(msg.history):
-            log.warning("request %s: a history piece does not follow the last", job.request.id)
+            log.warning("request %s: a history piece that does not follow", job.request.id)
         n = len(msg.pcm)
         start, job.seen = job.seen, job.seen + n
         done_s = n / m.SAMPLE_RATE
@@ -347,30 +354,6 @@ class Dispatcher:
         pcm = msg.pcm[job.delivered - start :] if start < job.delivered else msg.pcm
         job.delivered = job.seen
         job.handle.push(m.Chunk(msg.id, msg.seq, pcm))
-
-    def _resumed(self, job: _Job, slot: int, from_samples: int) -> None:
-        """A request sent with its history began: resumed at from_samples, or (0)
-        replayed from its start because the worker could not resume it."""
-        hist = job.request.resume
-        if from_samples:
-            self.counters["resumed"] += 1
-            self.counters["resumed_steps"] += hist.steps
-            log.info(
-                "request %s resumed on worker %d at step %d (%.1f s of audio kept)",
-                job.request.id,
-                slot,
-                hist.steps,
-                from_samples / m.SAMPLE_RATE,
-            )
-        else:
-            self.counters["resume_refused"] += 1
-            self.counters["recomputed_steps"] += hist.steps
-            log.warning(
-                "request %s could not resume at step %d on worker %d: replayed from its start",
-                job.request.id,
-                hist.steps,
-                slot,
-            )
 
     def _release(self, job: _Job) -> None:
         slot = job.slot
@@ -384,6 +367,7 @@ class Dispatcher:
 
     def _finish(self, job: _Job, outcome) -> None:
         self._jobs.pop(job.request.id, None)
+        survival.forget(self._asked, job.slot, job.request.id)
         job.handle.worker = job.slot if job.slot is not None else job.handle.worker
         job.slot = None
         self.counters["completed" if isinstance(outcome, m.Done) else outcome.error.value] += 1
@@ -460,6 +444,30 @@ class Dispatcher:
     def mem_need(self, work_s: float) -> float:
         return self.mem_reserve_bytes + work_s * self.mem_per_audio_s_bytes
 
+    def _bind(self, job: _Job, slot: int) -> None:
+        job.slot, job.left_s, job.seen = slot, job.work_s, 0
+        job.dispatched_at = self.clock()
+        job.handle.worker = slot
+        self.board.add(slot, Col.INFLIGHT, 1)
+        self.board.add(slot, Col.QUEUED_WORK_S, job.work_s)
+
+    def _preempt_locked(self, sends: list) -> bool:
+        """Send the first waiting interactive request to a worker that runs a batch row,
+        over its capacity: its step host gives it that row's place (preemption)."""
+        job = next((j for j in self._queue if j.request.priority != "batch"), None)
+        if job is None:
+            return False
+        up = survival.serving(self.board, set(self._links) - self._draining)
+        running = [(j.slot, j.request) for j in self._jobs.values() if j.running]
+        slot = survival.preemption_slot(running, up, self._asked)
+        if slot is None:
+            return False
+        self._queue.remove(job)
+        self._asked[slot] = job.request.id
+        self._bind(job, slot)
+        sends.append((slot, job, 0.0, View(slot, int(self.board.get(slot, Col.INFLIGHT)))))
+        return True
+
     def pump(self) -> None:
         with self._locked():
             self._pump_locked()
@@ -467,24 +475,18 @@ class Dispatcher:
     def _pump_locked(self) -> None:
         sends: list[tuple[int, _Job, float, View]] = []
         while self._queue:
-            views = self._eligible()
-            if not views:
-                break
             job = self._queue[0]
             need = self.mem_need(job.work_s)
-            views = [v for v in views if v.mem_free >= need]
-            if not views:
-                break  # no free slot has the memory: wait for one that does
+            views = [v for v in self._eligible() if v.mem_free >= need]
+            if not views:  # no free slot (with the memory): wait, or preempt a batch row
+                if self._preempt_locked(sends):
+                    continue
+                break
             self._queue.popleft()
             i, score = choose(self.policy, views, job.work_s, self._ctx)
             self._ctx.turn += 1
-            slot = views[i].slot
-            job.slot, job.left_s, job.seen = slot, job.work_s, 0
-            job.dispatched_at = self.clock()
-            job.handle.worker = slot
-            self.board.add(slot, Col.INFLIGHT, 1)
-            self.board.add(slot, Col.QUEUED_WORK_S, job.work_s)
-            sends.append((slot, job, score, views[i]))
+            self._bind(job, views[i].slot)
+            sends.append((views[i].slot, job, score, views[i]))
         if not sends:
             return
         # Send after choosing, telling each worker how many more are right behind,

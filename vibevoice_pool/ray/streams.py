@@ -198,7 +198,7 @@ class Streams:
                 if stream.stale:
                     self.cancel(response)
                     return
-                ended = ended or isinstance(item, (m.Done, m.Failed))
+                ended = ended or isinstance(item, m.ROW_ENDS)
                 self._deliver(slot, stream, item)
             if not ended and not stream.stale:
                 msg = "the replica closed the stream without an answer"
@@ -244,7 +244,7 @@ class Streams:
                 b.add(i, Col.COMPUTE_S, msg.compute_s)
             elif isinstance(msg, m.Failed):
                 b.add(i, Col.FAILED, 1)
-        if isinstance(msg, (m.Done, m.Failed)) and stream.started:
+        if isinstance(msg, m.ROW_ENDS) and stream.started:
             stream.started = False
             self._row_done(slot, stream)
         self.dispatcher.on_message(i, msg)

@@ -73,6 +73,11 @@ class Row:
             send(sink, self.id, pcm, self.trail, self.made_samples)
             self.sent_samples += len(pcm)
 
+    def hand_back(self, sink: Any) -> None:
+        """It leaves before its end (preempted): what it holds goes out with its history."""
+        self._flush(sink)
+        self.closed = True
+
     @property
     def out_of_budget(self) -> bool:
         """It made all the audio it may (its max_audio_s, or the tiny model's scripted end)."""

@@ -147,6 +147,8 @@ class SimEngine:
             n = min(self.step_samples, row.state - row.made_samples)
             pcm = tone(row.request.seed, row.made_samples, n)
             row.made_samples += n
+            row.steps += 1
+            row.audio_tokens += 1
             row.trail.token(0)
             drop = min(row.skip, n)  # a restarted row skips what the listener has
             row.skip -= drop

@@ -135,7 +135,7 @@ class SlotReplica:
         try:
             while True:
                 msg = await queue.get()
-                finished = isinstance(msg, (m.Done, m.Failed))
+                finished = isinstance(msg, m.ROW_ENDS)
                 yield msg
                 if finished:
                     return

@@ -8,6 +8,7 @@ process (host/worker.py) and the Ray replica (host/ray_replica.py) use this one 
     sink.chunk(id, pcm, hist)   counts samples, numbers it    Chunk(id, seq, pcm, hist)
     sink.finish(id, reason)     closes the books              Done(id, audio_s, compute_s, reason)
     sink.fail(id, error)        closes the books              Failed(id, kind, message, retryable)
+    sink.preempted(id, steps)   closes the books              Preempted(id, steps)
     sink.step()                 the host's progress mark
 
 A host adds what only it keeps by overriding the hooks (`done`,
@@ -61,6 +62,11 @@ class HostSink:
         compute_s = time.monotonic() - books.t0
         self.done(audio_s, compute_s)
         self.send(m.Done(request_id, audio_s, compute_s, stop_reason))
+
+    def preempted(self, request_id: str, steps: int) -> None:
+        """The row gave its place up (host/preemption.py); the parent resumes it later."""
+        if self.open.pop(request_id, None) is not None:
+            self.send(m.Preempted(request_id, steps))
 
     def fail(self, request_id: str, error: m.PoolError) -> None:
         if self.open.pop(request_id, None) is None:

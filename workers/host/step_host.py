@@ -10,7 +10,8 @@ scheduler reads.
     host.step()              one engine step for every live row
 
 Admission, in arrival order, stops at the first request that cannot join:
-  - the engine holds its live row limit;
+  - the engine holds its live row limit (unless the preemption policy,
+    host/preemption.py, frees a batch row's place for an interactive request);
   - the engine's memory budget has no room for the row (it waits for a row to
     leave; one that can never fit was failed by prepare);
   - a replay (attempt > 1) runs alone: if it is what killed a worker, it must
@@ -27,6 +28,7 @@ import logging
 import time
 
 from workers.engines.row import Row
+from workers.host import preemption
 from workers.wire import messages as m
 
 log = logging.getLogger("vibevoice_pool.worker")
@@ -47,6 +49,8 @@ class StepHost:
         self._engine_sink = _EngineSink(self)
         # a resumed row's audio so far, for its Started (from_samples); taken by the host
         self.from_samples: dict[str, int] = {}
+        self._rows: dict[str, Row] = {}  # the running rows, for the preemption policy
+        self._since: dict[str, int] = {}  # a row's step count when it joined
 
     @property
     def live(self) -> int:
@@ -76,7 +80,7 @@ class StepHost:
         joined: list[m.Request] = []
         while self.pending:
             req = self.pending[0]
-            if len(self.running) >= e.max_rows:
+            if len(self.running) >= e.max_rows and not self._preempt_for(req):
                 break
             if self.running and (req.attempt > 1 or self._replay_running()):
                 break
@@ -98,6 +102,7 @@ class StepHost:
                 break
             self.pending.popleft()
             e.admit(row)
+            self._rows[req.id], self._since[req.id] = row, row.steps
             if row.made_samples:
                 self.from_samples[req.id] = row.made_samples
             self.running[req.id] = req
@@ -105,6 +110,25 @@ class StepHost:
             if req.attempt > 1:
                 break
         return joined
+
+    def _preempt_for(self, req: m.Request) -> bool:
+        """Free a batch row's place for `req` if the policy (host/preemption.py) picks
+        one: its held audio and history go out, then Preempted; the parent sends it
+        again later, to resume."""
+        for rid in [k for k in self._rows if k not in self.running]:
+            self._rows.pop(rid)
+            self._since.pop(rid, None)
+        rows = [self._rows[rid] for rid in self.running if rid in self._rows]
+        row = preemption.victim(req, rows, self._since)
+        if row is None or self.engine.cancel(row.id) is None:
+            return False
+        row.hand_back(self._engine_sink)
+        self.running.pop(row.id, None)
+        self._rows.pop(row.id)
+        self._since.pop(row.id, None)
+        log.info("request %s preempted at step %d for %s", row.id, row.steps, req.id)
+        self.sink.preempted(row.id, row.steps)
+        return True
 
     def _replay_running(self) -> bool:
         return any(r.attempt > 1 for r in self.running.values())

@@ -20,6 +20,8 @@ Worker -> parent (on the worker's response pipe):
     Failed(id, ...)       the request failed with a typed ErrorKind; an unexpected
                           exception's traceback comes along for the parent's log
                           (never for a client)
+    Preempted(id, steps)  a batch row gave its place to an interactive request; the
+                          parent sends it again with its history, to resume
 
 All messages are frozen dataclasses, told apart by their type; nothing else crosses.
 Errors are typed by ErrorKind, never classified by matching strings.
@@ -60,6 +62,13 @@ class StopReason(str, enum.Enum):
     MAX_AUDIO = "max_audio"  # cut at the request's max_audio_s
     CONTEXT = "context"  # cut where the model's context was full
     ESTIMATE = "estimate"  # the tiny model (random weights) ends at the estimated length
+
+
+class Priority(str, enum.Enum):
+    """A request's class: an interactive one that waits takes a batch row's place."""
+
+    INTERACTIVE = "interactive"  # the page, /v1/synthesize, /v1/audio/speech
+    BATCH = "batch"  # jobs
 
 
 class PoolError(Exception):
@@ -115,6 +124,7 @@ class Request:
     # a request sent again (its worker died, it was preempted or moved) carries the
     # row's history: the engine resumes it at its last step (workers/wire/history.py)
     resume: History | None = None
+    priority: str = Priority.INTERACTIVE.value  # a Priority value
 
     @property
     def text(self) -> str:
@@ -226,5 +236,15 @@ class Failed:
     traceback: str = ""  # the worker's, when an unexpected exception failed it: log only
 
 
+@dataclass(frozen=True)
+class Preempted:
+    """The row gave its place to an interactive request: its KV is freed, its history
+    (sent with its chunks) is with the parent, and it waits to resume on any worker."""
+
+    id: str
+    steps: int = 0  # the decode steps it had made
+
+
 ToWorker = Synthesize | Cancel | Shutdown
-FromWorker = Ready | BootFailed | Started | Chunk | Done | Failed
+FromWorker = Ready | BootFailed | Started | Chunk | Done | Failed | Preempted
+ROW_ENDS = (Done, Failed, Preempted)  # a row's last message from a worker

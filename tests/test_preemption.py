@@ -1,0 +1,130 @@
+"""Preemption: an interactive request that waits while every place is held by
+batch rows (jobs) takes one's place; the batch row resumes later from its history.
+
+The policy (workers/host/preemption.py) alone, StepHost with the simulator in
+process, and the dispatcher's side (an interactive request sent over capacity
+to a worker running a batch row; the preempted row back in the queue with its
+history) through a sim pool of real worker processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import wait_until
+
+from vibevoice_pool.script import parse_script
+from workers.engines.contract import EngineSpec
+from workers.engines.row import Row
+from workers.engines.sim import SimEngine, tone
+from workers.engines.trail import Trail
+from workers.host import preemption
+from workers.host.step_host import StepHost
+from workers.wire.estimate import audio_seconds_for
+from workers.wire.history import HistoryLog
+from workers.wire.messages import Priority, Request, Turn
+
+BATCH, INTERACTIVE = Priority.BATCH.value, Priority.INTERACTIVE.value
+
+
+def req(rid: str, seconds: float, priority: str, **kw) -> Request:
+    text = "x" * int(seconds * 15)  # workers.wire.estimate: 15 characters a second
+    return Request(id=rid, turns=(Turn(0, text),), priority=priority, stream=True, **kw)
+
+
+def row(rid: str, priority: str, steps: int, left: int) -> Row:
+    r = Row(req(rid, 10, priority), budget_tokens=steps + left, max_steps=10_000, trail=Trail(0))
+    r.steps = r.audio_tokens = steps
+    return r
+
+
+def test_the_policy_takes_the_batch_row_with_most_left_that_has_moved_on():
+    rows = [
+        row("job-a", BATCH, 20, 5),
+        row("job-b", BATCH, 20, 50),
+        row("chat", INTERACTIVE, 20, 99),
+    ]
+    since = {"job-a": 0, "job-b": 0, "chat": 0}
+    chosen = preemption.victim(req("new", 1, INTERACTIVE), rows, since)
+    assert chosen.id == "job-b"  # the most audio left; never the interactive row
+    assert preemption.victim(req("job-c", 1, BATCH), rows, since) is None  # batch never preempts
+    since["job-b"] = 20 - preemption.MIN_PROGRESS_STEPS + 1  # it just resumed: not yet again
+    assert preemption.victim(req("new", 1, INTERACTIVE), rows, since).id == "job-a"
+    since["job-a"] = 19
+    assert preemption.victim(req("new", 1, INTERACTIVE), rows, since) is None
+
+
+class Sink:
+    def __init__(self):
+        self.audio: dict[str, list] = {}
+        self.logs: dict[str, HistoryLog] = {}
+        self.ends: dict[str, str] = {}
+        self.gave_up: list[tuple[str, int]] = []
+
+    def chunk(self, rid, pcm, history=None):
+        self.audio.setdefault(rid, []).append(pcm)
+        if history is not None:
+            assert self.logs.setdefault(rid, HistoryLog()).extend(history)
+
+    def finish(self, rid, stop_reason="eos"):
+        self.ends[rid] = stop_reason
+
+    def fail(self, rid, error):
+        self.ends[rid] = error.kind.value
+
+    def preempted(self, rid, steps):
+        self.gave_up.append((rid, steps))
+
+    def step(self):
+        pass
+
+
+def test_a_waiting_interactive_request_takes_a_job_rows_place_and_the_job_resumes():
+    spec = EngineSpec(engine="sim", max_batch_size=2, sim_rtf=0.0, sim_chunk_s=0.5)
+    eng = SimEngine(spec)
+    eng.load()
+    sink = Sink()
+    h = StepHost(eng, sink)
+    jobs = [req("job-a", 12, BATCH, seed=1), req("job-b", 20, BATCH, seed=2)]
+    for j in jobs:
+        h.submit(j)
+    h.admit()
+    for _ in range(preemption.MIN_PROGRESS_STEPS):
+        h.step()
+    h.submit(req("chat", 2, INTERACTIVE, seed=3))
+    assert [r.id for r in h.admit()] == ["chat"]  # at once, at this boundary
+    assert sink.gave_up == [("job-b", preemption.MIN_PROGRESS_STEPS)]  # the most left
+    back = Request(**{**jobs[1].__dict__, "resume": sink.logs["job-b"].snapshot()})
+    h.submit(back)
+    while h.live or h.pending:
+        h.admit()
+        h.step()
+    assert set(sink.ends) == {"job-a", "job-b", "chat"}
+    got = np.concatenate(sink.audio["job-b"])
+    assert np.array_equal(got, tone(2, 0, len(got)))  # nothing repeated, nothing missing
+    assert len(got) == round(audio_seconds_for(back.text, back.max_audio_s) * 24_000)
+
+
+def test_through_the_pool_a_chat_preempts_a_job_and_both_jobs_finish_whole(sim_pool):
+    with sim_pool(gpus="cpu:1", max_batch_size=2, sim_rtf=0.4) as pool:  # 0.2 s a step
+        text = "Speaker 1: " + "a long job of words to read " * 8
+        jobs = [
+            pool.submit(
+                Request(
+                    **{
+                        **pool.make_request(parse_script(text), seed=s, stream=True).__dict__,
+                        "priority": BATCH,
+                    }
+                )
+            )
+            for s in (11, 12)
+        ]
+        wait_until(lambda: all(j.samples >= 5 * 24_000 for j in jobs), 60, 0.01, "both jobs")
+        chat = pool.submit(pool.make_request(parse_script("Speaker 1: Hi there."), seed=13))
+        chat.result(timeout=30)
+        assert not any(j.done for j in jobs)  # it did not wait for a job to end
+        for j in jobs:
+            got = j.result(timeout=120)
+            assert np.array_equal(got, tone(j.seed, 0, len(got)))
+            assert len(got) == round(j.request.est_audio_s * 24_000)
+        c = pool.dispatcher.counters
+        assert c["preempted"] == 1 and c["resumed"] == 1

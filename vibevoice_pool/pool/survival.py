@@ -1,0 +1,104 @@
+"""The parent's side of rows that survive: resumes and preemption (dispatcher.py
+calls these under its lock; nothing here holds state of its own).
+
+    resumed(counters, request, slot, from_samples)
+        a request sent again with its history began: count and log whether the
+        worker resumed it (from_samples > 0) or replayed it from its start
+    preemption_slot(jobs, slots, asked) -> slot | None
+        where an interactive request that finds no free place may go anyway: a
+        worker running a batch row (a job), which its step host then preempts
+        (workers/host/preemption.py); one such request per worker at a time
+    preempted(counters, job, slot, steps) -> request
+        count and log a batch row that gave its place up; it goes back with its history
+    started(...), forget(...)
+        the bookkeeping of interactive requests sent over capacity
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import replace
+from typing import Iterable
+
+from workers.wire import messages as m
+from workers.wire.board import Col, SlotState, WorkerState
+
+log = logging.getLogger("vibevoice_pool")
+
+
+def started(counters, asked: dict, req: m.Request, slot: int, from_samples: int) -> None:
+    """A request began on `slot`: an interactive one sent over capacity is in (the
+    slot may be asked again); one sent with its history resumed or was replayed."""
+    if asked.get(slot) == req.id:
+        del asked[slot]
+    if req.resume is not None:
+        resumed(counters, req, slot, from_samples)
+
+
+def forget(asked: dict, slot: int | None, request_id: str) -> None:
+    """A request ended: it no longer holds a place asked over capacity."""
+    if slot is not None and asked.get(slot) == request_id:
+        del asked[slot]
+
+
+def resumed(counters: collections.Counter, req: m.Request, slot: int, from_samples: int) -> None:
+    hist = req.resume
+    if from_samples:
+        counters["resumed"] += 1
+        counters["resumed_steps"] += hist.steps
+        log.info(
+            "request %s resumed on worker %d at step %d (%.1f s of audio kept)",
+            req.id,
+            slot,
+            hist.steps,
+            from_samples / m.SAMPLE_RATE,
+        )
+    else:
+        counters["resume_refused"] += 1
+        counters["recomputed_steps"] += hist.steps
+        log.warning(
+            "request %s could not resume at step %d on worker %d: replayed from its start",
+            req.id,
+            hist.steps,
+            slot,
+        )
+
+
+def preemption_slot(running: Iterable[tuple[int, m.Request]], slots: Iterable[int], asked: dict):
+    """The worker (among `slots`, those up and taking work) with the most batch rows
+    running, that has no interactive request sent over its capacity yet (`asked`:
+    slot -> that request's id); None if no worker runs a batch row."""
+    open_slots = set(slots) - set(asked)
+    batch = collections.Counter(
+        slot
+        for slot, req in running
+        if slot in open_slots and req.priority == m.Priority.BATCH.value
+    )
+    if not batch:
+        return None
+    return max(sorted(batch), key=lambda s: batch[s])
+
+
+def serving(board, slots: Iterable[int]) -> list[int]:
+    """The slots whose worker is up (ready or busy) on the board."""
+    up = (float(WorkerState.IDLE), float(WorkerState.BUSY))
+    return [
+        s
+        for s in slots
+        if board.get(s, Col.SLOT_STATE) == float(SlotState.RUNNING)
+        and board.get(s, Col.WORKER_STATE) in up
+    ]
+
+
+def preempted(counters: collections.Counter, job, slot: int, steps: int) -> m.Request:
+    """A batch row gave its place up: the request it goes back to the queue as (with
+    the history the parent kept, to resume)."""
+    counters["preempted"] += 1
+    log.info(
+        "request %s preempted on worker %d at step %d: it waits to resume with its history",
+        job.request.id,
+        slot,
+        steps,
+    )
+    return replace(job.request, resume=job.history.snapshot())

@@ -1,0 +1,43 @@
+"""Preemption: which running row gives its place to an interactive request.
+
+An interactive request (the page, /v1/synthesize, /v1/audio/speech) that waits
+while every place of the engine is held may take the place of a batch row (a
+job). The batch row's KV is freed at once; its history already went to the
+parent with its audio, so it resumes later, on any worker, from its last step
+(workers/engines/vibevoice/resume.py). StepHost.admit asks `victim` at each step
+boundary; this module decides nothing else.
+
+    victim(waiting, running, since) -> Row | None
+
+The policy, over a snapshot of the running rows:
+  - only batch rows are taken, and only for an interactive request;
+  - a row is not taken again before it has made MIN_PROGRESS_STEPS steps since it
+    (re)joined, so a job always moves on and always finishes;
+  - among those, the row with the most audio left to make (it would hold its
+    place longest); ties go to the row that joined last.
+"""
+
+from __future__ import annotations
+
+from workers.engines.row import Row
+from workers.wire.messages import Priority, Request
+
+MIN_PROGRESS_STEPS = 8  # steps a row makes between two preemptions (~1 s of audio)
+
+
+def victim(waiting: Request, running: list[Row], since: dict[str, int]) -> Row | None:
+    """The row that gives its place to `waiting`, or None. `since[id]`: the row's step
+    count when it joined this engine."""
+    if waiting.priority != Priority.INTERACTIVE.value:
+        return None
+    candidates = [
+        (row.budget_tokens - row.audio_tokens, k, row)
+        for k, row in enumerate(running)
+        if row.request.priority == Priority.BATCH.value
+        and not row.closed
+        and row.trail is not None
+        and row.steps - since.get(row.id, 0) >= MIN_PROGRESS_STEPS
+    ]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: (c[0], c[1]))[2]
