@@ -1,7 +1,10 @@
-"""A long streamed row whose worker is SIGKILLed at 80% of its audio resumes on
-the other worker from its history: a short stall, nothing repeated or missing,
-and the audio after the splice equal to the uninterrupted row's (issue 23,
-acceptance 1). The tiny model, two CPU worker processes, a real SIGKILL.
+"""Long rows that survive, through real worker processes running the tiny model:
+- a long streamed row whose worker is SIGKILLed at 80% of its audio resumes on
+  the other worker from its history: a short stall, nothing repeated or missing,
+  the audio after the splice equal to the uninterrupted row's (issue 23,
+  acceptance 1);
+- an interactive request that finds both places of the one worker held by job
+  rows takes one's place at once, and the job resumes (acceptance 2).
 """
 
 from __future__ import annotations
@@ -65,9 +68,12 @@ class Arrivals:
         with self.lock:
             return sum(n for _, n in self.times)
 
-    def longest_gap_after(self, t0: float) -> float:
+    def after(self, t0: float) -> list[float]:
         with self.lock:
-            stamps = [t0] + [t for t, _ in self.times if t >= t0]
+            return [t for t, _ in self.times if t >= t0]
+
+    def longest_gap_after(self, t0: float) -> float:
+        stamps = [t0, *self.after(t0)]
         return max(b - a for a, b in zip(stamps, stamps[1:], strict=False))
 
 
@@ -100,3 +106,54 @@ def test_a_killed_workers_long_row_resumes_elsewhere_within_seconds(pool):
     assert counters["resumed"] == 1 and counters["resume_refused"] == 0
     assert again.worker != slot or pool.ready_workers() == 2
     wait_until(lambda: pool.ready_workers() == 2, 120, what="the respawned worker")
+
+
+@pytest.fixture(scope="module")
+def one_worker(tiny_model_dir, tmp_path_factory):
+    cfg = build(
+        {
+            "engine": "vibevoice",
+            "model_path": tiny_model_dir,
+            "gpus": "cpu:1",
+            "max_batch_size": 2,
+            "cache_dir": str(tmp_path_factory.mktemp("cache1")),
+        }
+    )
+    pool = Pool.start(cfg, model_path=tiny_model_dir)
+    wait_until(lambda: pool.ready_workers() == 1, 180, what="one tiny worker")
+    yield pool
+    pool.shutdown(grace_s=0)
+
+
+def test_an_interactive_request_preempts_a_job_row_and_both_jobs_finish_whole(one_worker):
+    """Issue 23, acceptance 2: one worker with room for 2 rows, both held by long jobs;
+    an interactive request gets its first audio within 2.5 s (10.0 s before, the time
+    for a job row to end), and both jobs finish once, as long as uninterrupted runs
+    and within 2e-2 of their peak."""
+    from dataclasses import replace
+
+    pool = one_worker
+    text = "Speaker 1: " + "a job of many words to read aloud " * 6  # ~25 s each
+
+    def jobs():
+        reqs = [pool.make_request(parse_script(text), seed=s, stream=True) for s in (21, 22)]
+        return [pool.submit(replace(r, priority=m.Priority.BATCH.value)) for r in reqs]
+
+    want = [h.result(timeout=300) for h in jobs()]
+    held = jobs()
+    wait_until(lambda: all(h.samples >= 5 * m.SAMPLE_RATE for h in held), 120, 0.005, "jobs")
+    chat = pool.submit(pool.make_request(parse_script("Speaker 1: Hello there."), stream=True))
+    first = Arrivals(chat)
+    asked = time.monotonic()
+    wait_until(lambda: first.samples() > 0, 30, 0.002, "the chat's first audio")
+    waited = first.after(asked)[0] - asked
+    assert waited < 2.5, f"the interactive request waited {waited:.2f} s"
+    assert not any(h.done for h in held)
+    chat.result(timeout=60)
+    for h, w in zip(held, want, strict=True):
+        got = h.result(timeout=300)
+        assert len(got) == len(w)
+        assert np.abs(got - w).max() / np.abs(w).max() < SPLICE_TOL
+        assert isinstance(h.outcome, m.Done)
+    counters = pool.dispatcher.counters
+    assert counters["preempted"] == 1 and counters["resumed"] == 1
