@@ -215,7 +215,13 @@ def test_resume_record_reads_the_saved_figures():
 
     res = figures("resume")
     longest = max(res["summary"].values(), key=lambda r: r["audio_s"])
-    (stall, splice) = resume.target_rows(res)
+    (stall, splice, first, jobs) = resume.target_rows(res)
+    p = res["preemption_summary"]
+    assert first[1].startswith(f"{p['with']['first_audio_max_s']:.2f} s")
+    assert first[2] == common.verdict(p["with"]["first_audio_max_s"] < 2.5)
+    assert jobs[2] == common.verdict(
+        p["with"]["jobs_equal_length"] and p["with"]["jobs_err"] < 2e-2
+    )
     assert stall[1].startswith(f"{longest['resume_stall_max_s']:.2f} s")
     assert stall[2] == common.verdict(longest["resume_stall_max_s"] < resume.STALL_TARGET_S)
     assert splice[2] == common.verdict(

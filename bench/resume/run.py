@@ -18,6 +18,12 @@ Measured from the parent, as a listener hears it:
     length      the row's samples against the clean row's (must be equal)
     recomputed  decode steps run again: the history's steps (resume: 0)
 
+Then preemption: one worker with room for two rows, both held by long jobs (batch
+rows), and an interactive request arriving once the jobs have made 5 s of audio
+each, with preemption and without (the parent never sends it over capacity, in this
+process only): its first audio, and each job's length and splice error against the
+same job run without the interruption.
+
     python -m bench.resume.run --out resume.json [--quick]
 """
 
@@ -38,6 +44,7 @@ LENGTHS_S = (25.0, 50.0)  # rows of about this much audio
 ROUNDS = 2
 KILL_AT = 0.8
 SEED = 7
+JOB_S = 40.0  # the two jobs of the preemption part
 
 
 class Arrivals:
@@ -146,6 +153,57 @@ def measure(pool, length_s: float, rounds: int) -> dict:
     return res
 
 
+def preemption_round(pool, text: str, preempt: bool, want: list) -> dict:
+    from dataclasses import replace
+
+    from vibevoice_pool.pool import dispatcher
+    from vibevoice_pool.script import parse_script
+    from workers.wire import messages as m
+
+    saved = dispatcher.Dispatcher._preempt_locked
+    if not preempt:
+        dispatcher.Dispatcher._preempt_locked = lambda self, sends: False
+    try:
+        reqs = [pool.make_request(parse_script(text), seed=s, stream=True) for s in (31, 32)]
+        held = [pool.submit(replace(r, priority=m.Priority.BATCH.value)) for r in reqs]
+        common.wait_for(lambda: all(h.samples >= 5 * m.SAMPLE_RATE for h in held), 300, "jobs")
+        chat = pool.submit(pool.make_request(parse_script("Speaker 1: Hello there."), stream=True))
+        first = Arrivals(chat)
+        asked = time.monotonic()
+        common.wait_for(lambda: first.samples() > 0, 300, "the first audio", 0.002)
+        out = {"first_audio_s": first.after(asked)[0] - asked}
+        chat.result(timeout=300)
+        errs, equal = [], True
+        for h, w in zip(held, want, strict=True):
+            got = h.result(timeout=600)
+            equal = equal and len(got) == len(w)
+            errs.append(float(np.abs(got[: len(w)] - w[: len(got)]).max() / np.abs(w).max()))
+        out["jobs_equal_length"] = equal
+        out["jobs_err"] = max(errs)
+        return out
+    finally:
+        dispatcher.Dispatcher._preempt_locked = saved
+
+
+def preemption(pool, length_s: float, rounds: int) -> dict:
+    from dataclasses import replace
+
+    from vibevoice_pool.script import parse_script
+    from workers.wire import messages as m
+
+    text = script(length_s)
+    reqs = [pool.make_request(parse_script(text), seed=s, stream=True) for s in (31, 32)]
+    handles = [pool.submit(replace(r, priority=m.Priority.BATCH.value)) for r in reqs]
+    want = [h.result(timeout=600) for h in handles]
+    res: dict = {"job_s": len(want[0]) / m.SAMPLE_RATE, "with": [], "without": []}
+    for k in range(rounds):
+        for arm in ("with", "without") if k % 2 == 0 else ("without", "with"):
+            r = preemption_round(pool, text, arm == "with", want)
+            res[arm].append(r)
+            print(f"preemption {arm}: first audio {r['first_audio_s']:.2f} s", flush=True)
+    return res
+
+
 def summary(runs: list[dict]) -> dict:
     out = {}
     for res in runs:
@@ -189,6 +247,17 @@ def main(argv=None) -> int:
         runs = [measure(pool, length, rounds) for length in lengths]
     finally:
         pool.shutdown(grace_s=0)
+    pool = common.start_pool(
+        engine="vibevoice",
+        model_path=str(model),
+        gpus="cpu:1",
+        max_batch_size=2,
+        cache_dir=str(cache),
+    )
+    try:
+        pre = preemption(pool, JOB_S, rounds)
+    finally:
+        pool.shutdown(grace_s=0)
     common.save_json(
         args.out,
         {
@@ -196,6 +265,17 @@ def main(argv=None) -> int:
             "kill_at": KILL_AT,
             "runs": runs,
             "summary": summary(runs),
+            "preemption": pre,
+            "preemption_summary": {
+                arm: {
+                    "first_audio_s": common.stats([r["first_audio_s"] for r in pre[arm]])["p50"],
+                    "first_audio_max_s": max(r["first_audio_s"] for r in pre[arm]),
+                    "jobs_err": max(r["jobs_err"] for r in pre[arm]),
+                    "jobs_equal_length": all(r["jobs_equal_length"] for r in pre[arm]),
+                    "rounds": len(pre[arm]),
+                }
+                for arm in ("with", "without")
+            },
         },
     )
     return 0
