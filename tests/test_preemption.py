@@ -126,5 +126,41 @@ def test_through_the_pool_a_chat_preempts_a_job_and_both_jobs_finish_whole(sim_p
             got = j.result(timeout=120)
             assert np.array_equal(got, tone(j.seed, 0, len(got)))
             assert len(got) == round(j.request.est_audio_s * 24_000)
-        c = pool.dispatcher.counters
+        c = pool.resumes()
         assert c["preempted"] == 1 and c["resumed"] == 1
+        from prometheus_client import generate_latest
+
+        from vibevoice_pool.api.metrics import Activity, registry_for
+
+        text = generate_latest(registry_for(pool, Activity())).decode()
+        assert "vibevoice_pool_preemptions_total 1.0" in text
+        assert 'vibevoice_pool_resumes_total{outcome="resumed"} 1.0' in text
+
+
+def test_removing_a_worker_moves_its_long_row_to_another_within_seconds(sim_pool):
+    """Issue 23, acceptance 3 on the simulator: the removal completes within 5 s,
+    whatever the row's length, and the row goes on elsewhere with nothing repeated
+    or missing."""
+    import time
+
+    from conftest import pid_alive
+
+    from workers.wire.board import Col
+
+    with sim_pool(gpus="cpu:2", sim_rtf=0.4) as pool:  # 0.2 s a step of 0.5 s
+        text = "Speaker 1: " + "a long row of words to read " * 12
+        h = pool.submit(pool.make_request(parse_script(text), seed=17, stream=True))
+        wait_until(lambda: h.samples >= 3 * 24_000, 30, 0.005, "3 s of audio")
+        slot = h.worker
+        pid = int(pool.board.get(slot, Col.PID))
+        t0 = time.monotonic()
+        pool.remove_worker(slot)
+        wait_until(lambda: not pid_alive(pid), 5, 0.01, "the removed worker to exit")
+        assert time.monotonic() - t0 < 5.0
+        assert not h.done  # the row was far from its end: it moved, it did not finish
+        got = h.result(timeout=60)
+        assert h.worker != slot
+        assert np.array_equal(got, tone(17, 0, len(got)))  # nothing repeated or missing
+        assert len(got) == round(h.request.est_audio_s * 24_000)
+        c = pool.dispatcher.counters
+        assert c["moved"] == 1 and c["resumed"] == 1 and c["requeued"] == 0

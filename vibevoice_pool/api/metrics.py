@@ -178,6 +178,11 @@ class PoolCollector:
         c.add_metric(["kept"], r["resumed_steps"])
         c.add_metric(["recomputed"], r["recomputed_steps"])
         yield c
+        c = CounterMetricFamily(
+            p + "preemptions", "Job rows that gave their place to an interactive request"
+        )
+        c.add_metric([], r["preempted"])
+        yield c
         c = CounterMetricFamily(p + "audio_delivered_seconds", "Audio seconds sent to clients")
         c.add_metric([], self.activity.delivered_seconds())
         yield c

@@ -259,6 +259,15 @@ class Dispatcher:
             self._draining.discard(slot)
             self._pump_locked()
 
+    def move_off(self, slot: int) -> int:
+        """A removed worker hands its rows to the others, by resume (HandBack)."""
+        with self._locked():
+            up = set(self._links) - self._draining
+            ids = survival.movable(self._jobs.values(), slot, self.board, up)
+            for rid in ids:
+                self._send(slot, m.HandBack(rid))
+            return len(ids)
+
     def held_by(self, slot: int) -> int:
         with self._locked():
             return sum(1 for j in self._jobs.values() if j.slot == slot)
@@ -270,8 +279,7 @@ class Dispatcher:
                 return  # an answer for a request that moved on (cancelled, requeued)
             if isinstance(msg, m.Started):
                 job.started_at, job.running = msg.at, True
-                job.seen = msg.from_samples  # a resumed row sends what follows its history
-                survival.started(self.counters, self._asked, job.request, slot, msg.from_samples)
+                survival.started(self.counters, self._asked, job, slot, msg.from_samples)
                 job.handle.push(msg)
                 self._emit(ev.Started(job.request, job.handle, slot, msg.at))
             elif isinstance(msg, m.Chunk):
@@ -285,8 +293,7 @@ class Dispatcher:
                 self._finish(job, msg)
             elif isinstance(msg, m.Preempted):  # it resumes later, with its history
                 self._release(job)
-                job.request = survival.preempted(self.counters, job, slot, msg.steps)
-                job.slot, job.running = None, False
+                survival.preempted(self.counters, job, slot, msg.steps, slot in self._draining)
                 self._queue.appendleft(job)
             elif isinstance(msg, m.Failed):
                 if msg.traceback:  # for the log; a client gets the message only
@@ -341,8 +348,7 @@ class Dispatcher:
             send(msg)
 
     def _chunk(self, job: _Job, msg: m.Chunk) -> None:
-        if msg.history is not None and not job.history.extend(msg.history):
-            log.warning("request %s: a history piece that does not follow", job.request.id)
+        survival.keep_history(job, msg.history)
         n = len(msg.pcm)
         start, job.seen = job.seen, job.seen + n
         done_s = n / m.SAMPLE_RATE
@@ -452,18 +458,12 @@ class Dispatcher:
         self.board.add(slot, Col.QUEUED_WORK_S, job.work_s)
 
     def _preempt_locked(self, sends: list) -> bool:
-        """Send the first waiting interactive request to a worker that runs a batch row,
-        over its capacity: its step host gives it that row's place (preemption)."""
-        job = next((j for j in self._queue if j.request.priority != "batch"), None)
-        if job is None:
+        """An interactive request over capacity to a worker running a batch row."""
+        up = set(self._links) - self._draining
+        pick = survival.preemption(self._queue, self._jobs.values(), self.board, up, self._asked)
+        if pick is None:
             return False
-        up = survival.serving(self.board, set(self._links) - self._draining)
-        running = [(j.slot, j.request) for j in self._jobs.values() if j.running]
-        slot = survival.preemption_slot(running, up, self._asked)
-        if slot is None:
-            return False
-        self._queue.remove(job)
-        self._asked[slot] = job.request.id
+        job, slot = pick
         self._bind(job, slot)
         sends.append((slot, job, 0.0, View(slot, int(self.board.get(slot, Col.INFLIGHT)))))
         return True

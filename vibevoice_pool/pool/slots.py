@@ -165,7 +165,8 @@ class SlotLifecycle:
         return slot.index
 
     def remove_slot(self, index: int) -> None:
-        """Drain a worker (it finishes what it holds), then stop it for good."""
+        """Drain a worker, then stop it for good: its rows move to the other workers by
+        resume (Dispatcher.move_off), or finish there when no other worker is up."""
         with self._lock:
             slot = self.slots[index]
             if slot.removed:
@@ -173,7 +174,13 @@ class SlotLifecycle:
             slot.removed = True
             self.dispatcher.drain(index)
             self.board.set(index, Col.SLOT_STATE, SlotState.DRAINING)
-            log.info("➖ draining %s (worker %d) for removal", self._label(slot), index)
+            moved = self.dispatcher.move_off(index)  # its rows resume on the others
+            log.info(
+                "➖ draining %s (worker %d) for removal: %d row(s) move to other workers",
+                self._label(slot),
+                index,
+                moved,
+            )
         self._wake()
 
     # ---- what both backends do the same way -------------------------------

@@ -8,8 +8,12 @@ calls these under its lock; nothing here holds state of its own).
         where an interactive request that finds no free place may go anyway: a
         worker running a batch row (a job), which its step host then preempts
         (workers/host/preemption.py); one such request per worker at a time
-    preempted(counters, job, slot, steps) -> request
-        count and log a batch row that gave its place up; it goes back with its history
+    preemption(queue, jobs, board, slots, asked) -> (job, slot) | None
+        the interactive request and the worker running a batch row it goes to
+    movable(jobs, slot, board, slots) -> [request id]
+        what a removed worker hands to the others (HandBack), if any other is up
+    preempted(counters, job, slot, steps, moved)
+        a row gave its place up (preempted or moved): it goes back with its history
     started(...), forget(...)
         the bookkeeping of interactive requests sent over capacity
 """
@@ -27,9 +31,12 @@ from workers.wire.board import Col, SlotState, WorkerState
 log = logging.getLogger("vibevoice_pool")
 
 
-def started(counters, asked: dict, req: m.Request, slot: int, from_samples: int) -> None:
-    """A request began on `slot`: an interactive one sent over capacity is in (the
-    slot may be asked again); one sent with its history resumed or was replayed."""
+def started(counters, asked: dict, job, slot: int, from_samples: int) -> None:
+    """A request began on `slot`: a resumed row sends what follows its history; an
+    interactive one sent over capacity is in (the slot may be asked again); one sent
+    with its history resumed or was replayed."""
+    job.seen = from_samples
+    req = job.request
     if asked.get(slot) == req.id:
         del asked[slot]
     if req.resume is not None:
@@ -65,6 +72,34 @@ def resumed(counters: collections.Counter, req: m.Request, slot: int, from_sampl
         )
 
 
+def keep_history(job, delta) -> None:
+    """A chunk's history piece joins the request's (dispatcher._Job.history)."""
+    if delta is not None and not job.history.extend(delta):
+        log.warning("request %s: a history piece that does not follow", job.request.id)
+
+
+def preemption(queue, jobs, board, slots: set[int], asked: dict):
+    """(the first waiting interactive request, the worker it may go to over capacity),
+    taken off the queue and noted in `asked`; or None."""
+    job = next((j for j in queue if j.request.priority != m.Priority.BATCH.value), None)
+    if job is None:
+        return None
+    running = [(j.slot, j.request) for j in jobs if j.running]
+    slot = preemption_slot(running, serving(board, slots), asked)
+    if slot is None:
+        return None
+    queue.remove(job)
+    asked[slot] = job.request.id
+    return job, slot
+
+
+def movable(jobs, slot: int, board, slots: set[int]) -> list[str]:
+    """The requests a removed worker holds, when another worker is up to take them."""
+    if not serving(board, slots - {slot}):
+        return []
+    return [j.request.id for j in jobs if j.slot == slot]
+
+
 def preemption_slot(running: Iterable[tuple[int, m.Request]], slots: Iterable[int], asked: dict):
     """The worker (among `slots`, those up and taking work) with the most batch rows
     running, that has no interactive request sent over its capacity yet (`asked`:
@@ -91,14 +126,16 @@ def serving(board, slots: Iterable[int]) -> list[int]:
     ]
 
 
-def preempted(counters: collections.Counter, job, slot: int, steps: int) -> m.Request:
-    """A batch row gave its place up: the request it goes back to the queue as (with
-    the history the parent kept, to resume)."""
-    counters["preempted"] += 1
+def preempted(counters: collections.Counter, job, slot: int, steps: int, moved: bool) -> None:
+    """A row gave its place up (preempted, or moved off a removed worker): it goes back
+    to the queue with the history the parent kept, to resume."""
+    counters["moved" if moved else "preempted"] += 1
     log.info(
-        "request %s preempted on worker %d at step %d: it waits to resume with its history",
+        "request %s %s worker %d at step %d: it waits to resume with its history",
         job.request.id,
+        "moves off" if moved else "preempted on",
         slot,
         steps,
     )
-    return replace(job.request, resume=job.history.snapshot())
+    job.request = replace(job.request, resume=job.history.snapshot())
+    job.slot, job.running = None, False

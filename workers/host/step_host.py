@@ -5,6 +5,7 @@ scheduler reads.
 
     host.submit(request)     it waits for room (pending)
     host.cancel(request_id)  waiting: answered at once; running: its place is freed
+    host.hand_back(id)       the row goes back to the parent (Preempted), to resume
     host.admit() -> [req]    at a step boundary: the waiting requests that joined
                              (a resumed one's audio so far in from_samples[id])
     host.step()              one engine step for every live row
@@ -120,14 +121,29 @@ class StepHost:
             self._since.pop(rid, None)
         rows = [self._rows[rid] for rid in self.running if rid in self._rows]
         row = preemption.victim(req, rows, self._since)
-        if row is None or self.engine.cancel(row.id) is None:
+        if row is None or not self.hand_back(row.id):
+            return False
+        log.info("request %s preempted at step %d for %s", row.id, row.steps, req.id)
+        return True
+
+    def hand_back(self, request_id: str) -> bool:
+        """Give a row back (preempted, or its worker is being removed): a waiting one
+        at once; a running one's KV is freed, its held audio and history go out, then
+        Preempted. The parent sends it again with its history, to resume."""
+        for req in self.pending:
+            if req.id == request_id:
+                self.pending.remove(req)
+                self._ready.pop(request_id, None)
+                self.sink.preempted(request_id, 0)
+                return True
+        row = self._rows.get(request_id)
+        if request_id not in self.running or row is None or self.engine.cancel(request_id) is None:
             return False
         row.hand_back(self._engine_sink)
-        self.running.pop(row.id, None)
-        self._rows.pop(row.id)
-        self._since.pop(row.id, None)
-        log.info("request %s preempted at step %d for %s", row.id, row.steps, req.id)
-        self.sink.preempted(row.id, row.steps)
+        self.running.pop(request_id, None)
+        self._rows.pop(request_id)
+        self._since.pop(request_id, None)
+        self.sink.preempted(request_id, row.steps)
         return True
 
     def _replay_running(self) -> bool:

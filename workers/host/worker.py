@@ -155,6 +155,8 @@ class Worker:
                         self.host.submit(req)
                 elif isinstance(msg, m.Cancel):
                     self.host.cancel(msg.request_id)
+                elif isinstance(msg, m.HandBack):
+                    self.host.hand_back(msg.request_id)
                 elif isinstance(msg, m.Shutdown):
                     self._shutdown = True
                 if not self.requests.poll(0):

@@ -3,6 +3,7 @@
 Parent -> worker (on the worker's request queue):
     Synthesize(request)   run this request (the worker may batch it)
     Cancel(request_id)    stop this request at the next step, free its slot
+    HandBack(request_id)  give this row back at the next step (Preempted): it moves
     Shutdown()            finish what you hold, then exit
     (inside a Request's voices: KeptVoice(key, samples) to use and keep,
      VoiceRef(key) for one kept before; see VoiceSender and VoiceCache)
@@ -20,8 +21,9 @@ Worker -> parent (on the worker's response pipe):
     Failed(id, ...)       the request failed with a typed ErrorKind; an unexpected
                           exception's traceback comes along for the parent's log
                           (never for a client)
-    Preempted(id, steps)  a batch row gave its place to an interactive request; the
-                          parent sends it again with its history, to resume
+    Preempted(id, steps)  a batch row gave its place to an interactive request, or
+                          a row was handed back (HandBack); the parent sends it again
+                          with its history, to resume
 
 All messages are frozen dataclasses, told apart by their type; nothing else crosses.
 Errors are typed by ErrorKind, never classified by matching strings.
@@ -182,6 +184,14 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class HandBack:
+    """Send this row back (answered Preempted; its history is with the parent): its
+    worker is being removed, and the row moves to another by resume."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
@@ -245,6 +255,6 @@ class Preempted:
     steps: int = 0  # the decode steps it had made
 
 
-ToWorker = Synthesize | Cancel | Shutdown
+ToWorker = Synthesize | Cancel | HandBack | Shutdown
 FromWorker = Ready | BootFailed | Started | Chunk | Done | Failed | Preempted
 ROW_ENDS = (Done, Failed, Preempted)  # a row's last message from a worker
