@@ -164,3 +164,4 @@ def test_removing_a_worker_moves_its_long_row_to_another_within_seconds(sim_pool
         assert len(got) == round(h.request.est_audio_s * 24_000)
         c = pool.dispatcher.counters
         assert c["moved"] == 1 and c["resumed"] == 1 and c["requeued"] == 0
+        assert pool.resumes()["moved"] == 1

@@ -157,3 +157,28 @@ def test_an_interactive_request_preempts_a_job_row_and_both_jobs_finish_whole(on
         assert isinstance(h.outcome, m.Done)
     counters = pool.dispatcher.counters
     assert counters["preempted"] == 1 and counters["resumed"] == 1
+
+
+def test_removing_the_worker_of_a_long_row_moves_it_within_seconds(pool):
+    """Issue 23, acceptance 3: removing a worker that holds a long row completes within
+    5 s, and the row goes on on the other worker, nothing repeated or missing. (Last in
+    this module: it takes a worker of the shared pool away.)"""
+    from conftest import pid_alive
+
+    req = pool.make_request(parse_script(TEXT), seed=9, stream=True)
+    want = pool.submit(req).result(timeout=300)
+    h = pool.submit(pool.make_request(parse_script(TEXT), seed=9, stream=True))
+    arrivals = Arrivals(h)
+    wait_until(lambda: arrivals.samples() >= 0.3 * len(want), 300, 0.002, "30% of the row")
+    slot = h.worker
+    pid = int(pool.board.get(slot, Col.PID))
+    t0 = time.monotonic()
+    pool.remove_worker(slot)
+    wait_until(lambda: not pid_alive(pid), 5, 0.01, "the removed worker to exit")
+    removal_s = time.monotonic() - t0
+    got = h.result(timeout=300)
+    assert removal_s < 5.0
+    assert h.worker != slot
+    assert len(got) == len(want)
+    assert np.abs(got - want).max() / np.abs(want).max() < SPLICE_TOL
+    assert pool.resumes()["moved"] == 1

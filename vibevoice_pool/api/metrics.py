@@ -183,6 +183,9 @@ class PoolCollector:
         )
         c.add_metric([], r["preempted"])
         yield c
+        c = CounterMetricFamily(p + "moves", "Rows moved off a removed worker, to resume")
+        c.add_metric([], r["moved"])
+        yield c
         c = CounterMetricFamily(p + "audio_delivered_seconds", "Audio seconds sent to clients")
         c.add_metric([], self.activity.delivered_seconds())
         yield c

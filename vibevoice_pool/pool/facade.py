@@ -186,9 +186,11 @@ class Pool:
     def resumes(self) -> dict[str, int]:
         """Rows sent again with their history: resumed, or replayed from their start
         because the worker could not resume them; the decode steps each kept or ran
-        again; the batch rows preempted for interactive requests."""
+        again; the batch rows preempted for interactive requests; the rows moved off
+        removed workers."""
         c = self.dispatcher.counters
-        keys = ("resumed", "resume_refused", "resumed_steps", "recomputed_steps", "preempted")
+        keys = ("resumed", "resume_refused", "resumed_steps", "recomputed_steps")
+        keys += ("preempted", "moved")
         return {k: c.get(k, 0) for k in keys}
 
     def subscribe(self, listener: ev.Listener) -> None:
