@@ -1,7 +1,7 @@
 """Live scaling over HTTP: add a worker on a device, drain and remove one.
 
 POST   /v1/pool/workers          {"device": "cpu" | "cuda:1" | "1"} -> 201 {"id": n}
-DELETE /v1/pool/workers/{id}     drain (it finishes what it holds), then stop -> 202;
+DELETE /v1/pool/workers/{id}     drain (its rows move to the others), then stop -> 202;
                                  404 for a worker that is not in the pool
 """
 
