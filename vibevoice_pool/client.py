@@ -116,7 +116,7 @@ def scale(ns) -> int:
         )
         if r.status_code != 202:
             return _fail(r)
-        print(f"worker {worker_id} is draining; it stops once it has finished what it holds")
+        print(f"worker {worker_id} is draining: its rows move to the other workers, then it stops")
     return 0
 
 
