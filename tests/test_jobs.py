@@ -112,6 +112,44 @@ def test_ten_jobs_survive_a_sigkilled_server_and_each_finishes_exactly_once(serv
     db.close()
 
 
+def test_a_long_job_resumes_from_its_saved_step_after_a_sigkilled_server(server, tmp_path):
+    """Issue 23, acceptance 4: the server SIGKILLed at 80% of a long job; after the
+    restart the job goes on from the audio and history it saved (jobs/progress.py),
+    recomputing at most 10% of its steps, and its audio is whole."""
+    import re
+
+    import numpy as np
+
+    from workers.engines.sim import tone
+
+    data = tmp_path / "data"
+    args = (*SIM, "--sim-rtf", "0.4", "--data-dir", str(data))  # 0.2 s a step of 0.5 s
+    s = server(*args)
+    text = "Speaker 1: " + "a long job that reads on and on. " * 16
+    job_id = submit(s.url, text)
+    wait_until(lambda: job(s.url, job_id)["progress"]["fraction"] >= 0.8, 120, 0.02, "80%")
+    made = job(s.url, job_id)["progress"]["audio_s"]
+    workers = s.worker_pids()
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait(10)
+    for pid in workers:
+        wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
+    assert (data / "progress" / f"{job_id}.hist").is_file()
+
+    again = server(*args)
+    view = wait_finished(again.url, [job_id])[job_id]
+    assert view["state"] == "done" and view["progress"]["fraction"] == 1.0
+    kept = re.search(rf"job {job_id} resumes from its saved step \d+ \(([\d.]+) s\)", again.log())
+    assert kept, again.log()[-2000:]
+    total = samples_for(text) / SAMPLE_RATE
+    assert made - float(kept.group(1)) <= 0.1 * total  # recomputed at most 10% of its steps
+    got = audio_of(again.url, job_id)
+    assert len(got) == samples_for(text)
+    want = tone(view["seed"], 0, len(got))
+    assert np.abs(got - want).max() < 2 / 32768  # 16-bit WAV: nothing repeated or missing
+    assert not (data / "progress" / f"{job_id}.pcm").exists()  # dropped once done
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """One server for the tests below: a small admission queue, a fast sim."""

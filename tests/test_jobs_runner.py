@@ -17,7 +17,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from vibevoice_pool.api.jobs import jobs_router
-from vibevoice_pool.jobs import runner as jobs_mod
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import JobState, JobStore
 from vibevoice_pool.pool.handle import RequestHandle
@@ -164,7 +163,9 @@ def test_a_job_reports_why_its_row_stopped_in_its_view(runner):
 
 
 def test_a_result_that_cannot_be_written_fails_its_job_and_the_next_one_runs(runner, monkeypatch):
-    real = jobs_mod.write_atomic
+    from vibevoice_pool.jobs import disk
+
+    real = disk.write_atomic
     calls = []
 
     def disk_full_once(path, data):
@@ -173,7 +174,7 @@ def test_a_result_that_cannot_be_written_fails_its_job_and_the_next_one_runs(run
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data)
 
-    monkeypatch.setattr(jobs_mod, "write_atomic", disk_full_once)
+    monkeypatch.setattr(disk, "write_atomic", disk_full_once)  # the result's write
     r = runner()
     first = r.submit("me", {"script": SCRIPT})
     job = wait_state(r, first.id, JobState.FAILED)

@@ -197,3 +197,20 @@ def sweep_bodies(folder: Path, active: set[str]) -> None:
             if path.name.removesuffix(".json") not in active:
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+
+def write_result(store, path: Path, pcm, fmt: str) -> int:
+    """Encode a job's audio and write it atomically, within the store's disk limit;
+    its size in bytes."""
+    from vibevoice_pool import encoders
+
+    data, _ = encoders.encode(pcm, fmt)
+    held = store.result_bytes()
+    if held + len(data) > store.limit_bytes:
+        raise JobError(
+            JobErrorKind.DISK_LIMIT,
+            f"the result ({len(data)} bytes) would pass jobs_disk_limit_mb="
+            f"{store.limit_bytes / (1024 * 1024):g} ({held} bytes held)",
+        )
+    write_atomic(path, data)
+    return len(data)

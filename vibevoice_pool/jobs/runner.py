@@ -14,7 +14,8 @@
                 running -> done; a write error (disk full, I/O) -> failed
         Failed: running -> failed (the pool has already retried a lost worker)
     cancel(id): cancelled in the store first, then the pool request is stopped
-    start(): jobs a previous server left queued or running are queued again
+    start(): jobs a previous server left queued or running are queued again; a
+        running one goes on from the audio and history it saved (progress.py)
     stop(grace): take nothing new, let running jobs finish within grace, queue
         the rest again for the next start
 
@@ -45,8 +46,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from vibevoice_pool import encoders
-from vibevoice_pool.jobs.disk import is_disk_full, sweep_bodies, write_atomic
+import numpy as np
+
+from vibevoice_pool.jobs.disk import is_disk_full, sweep_bodies, write_result
+from vibevoice_pool.jobs.progress import Progress
 from vibevoice_pool.jobs.store import (
     RESULTS_DIR,
     Job,
@@ -86,6 +89,7 @@ class _Live:
     worker: int | None = None
     cancelled: bool = False  # its owner cancelled it
     stopping: bool = False  # the server is stopping: queue it again
+    prior: Any = None  # the audio a previous server saved (progress.py): its result's start
 
 
 class JobRunner:
@@ -128,6 +132,7 @@ class JobRunner:
         self._capacity = capacity or (lambda: len(pool.placements))
         self._unsettled: dict[str, Callable[[], object]] = {}  # writes the disk refused
         self._said_full = False
+        self.progress = Progress(store.folder)  # a running job's audio and history on disk
 
     # ---- life ----------------------------------------------------------
 
@@ -334,6 +339,7 @@ class JobRunner:
                 return
             try:
                 req = await asyncio.to_thread(self._build, self.store.body(job.id))
+                req, prior = self.progress.resume(job.id, req)  # a restart goes on
             except JobError:
                 continue  # it expired or went away meanwhile
             except m.PoolError as e:
@@ -357,7 +363,7 @@ class JobRunner:
                 self._fail(job.id, e.kind.value, e.message)
                 continue
             self._said_later = False
-            live = _Live(job.id, job.format, handle)
+            live = _Live(job.id, job.format, handle, len(prior), prior=prior)
             with self._lock:
                 self._live[job.id] = live
             try:
@@ -388,6 +394,7 @@ class JobRunner:
                     self.store.note_worker(live.job_id, handle.worker)
                 async for pcm in handle.stream():
                     live.samples += len(pcm)
+                    self.progress.tick(live.job_id, handle, live.prior)
             except m.PoolError:
                 pass  # the handle's outcome says how it ended
             await self._conclude(live)
@@ -401,6 +408,8 @@ class JobRunner:
 
     async def _conclude(self, live: _Live) -> None:
         outcome = live.handle.outcome
+        if not live.stopping:  # a job the server stops keeps its progress for the next start
+            self.progress.drop(live.job_id)
         if isinstance(outcome, m.Done):
             await self._deliver(live, outcome)
         elif outcome.error is m.ErrorKind.CANCELLED and live.stopping:
@@ -415,11 +424,11 @@ class JobRunner:
 
     async def _deliver(self, live: _Live, done: m.Done) -> None:
         handle = live.handle
-        pcm = handle.audio()
+        pcm = np.concatenate([live.prior, handle.audio()])
         rel = f"{RESULTS_DIR}/{live.job_id}.{live.fmt}"
         path = self.store.folder / rel
         try:
-            size = await asyncio.to_thread(self._write_result, path, pcm, live.fmt)
+            size = await asyncio.to_thread(write_result, self.store, path, pcm, live.fmt)
         except OSError as e:
             self._fail(
                 live.job_id,
@@ -462,18 +471,6 @@ class JobRunner:
         else:  # cancelled while it was being written
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-
-    def _write_result(self, path: Path, pcm, fmt: str) -> int:
-        data, _ = encoders.encode(pcm, fmt)
-        held = self.store.result_bytes()
-        if held + len(data) > self.store.limit_bytes:
-            raise JobError(
-                JobErrorKind.DISK_LIMIT,
-                f"the result ({len(data)} bytes) would pass jobs_disk_limit_mb="
-                f"{self.store.limit_bytes / (1024 * 1024):g} ({held} bytes held)",
-            )
-        write_atomic(path, data)
-        return len(data)
 
     def _fail(self, job_id: str, code: str, message: str, worker: int | None = None) -> None:
         at = self.clock()

@@ -40,7 +40,6 @@ from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.policies import Ctx, View, choose
 from workers.wire import messages as m
 from workers.wire.board import Col, SlotState, StatusBoard, WorkerState
-from workers.wire.history import HistoryLog
 
 log = logging.getLogger("vibevoice_pool")
 
@@ -76,7 +75,6 @@ class _Job:
     started_at: float = 0.0  # worker clock, from Started
     running: bool = False  # the worker said Started for the current attempt
     attempts_at: list[float] = field(default_factory=list)
-    history: HistoryLog = field(default_factory=HistoryLog)  # what a resume starts from
 
 
 class Dispatcher:
@@ -145,6 +143,7 @@ class Dispatcher:
                 )
             handle = RequestHandle(request, self.cancel, self.clock)
             job = _Job(request, handle, request.est_audio_s * self.work_ratio, next(self._seq))
+            job.delivered = request.resume.samples if request.resume else 0  # a job restarted
             self._jobs[request.id] = job
             self._queue.append(job)
             self.counters["accepted"] += 1
@@ -238,7 +237,9 @@ class Dispatcher:
                     )
                     continue
                 job.request = replace(
-                    job.request, attempt=job.request.attempt + 1, resume=job.history.snapshot()
+                    job.request,
+                    attempt=job.request.attempt + 1,
+                    resume=job.handle.history.snapshot(),
                 )
                 self._queue.appendleft(job)
                 self.counters["requeued"] += 1

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from workers.wire import messages as m
+from workers.wire.history import HistoryLog
 
 TERMINAL = (m.Done, m.Failed)
 
@@ -52,6 +53,9 @@ class RequestHandle:
         self._cond = threading.Condition()
         self._wakers: set[Callable[[], None]] = set()  # readers waiting for the next event
         self._chunks: list[np.ndarray] = []
+        # the row's history (workers/wire/history.py): what it resumes from when it is
+        # sent again; the dispatcher grows it, a job's runner saves it beside its audio
+        self.history = HistoryLog(request.resume)
 
     # ---- producer side (dispatcher threads) ----------------------------
 

@@ -73,8 +73,8 @@ def resumed(counters: collections.Counter, req: m.Request, slot: int, from_sampl
 
 
 def keep_history(job, delta) -> None:
-    """A chunk's history piece joins the request's (dispatcher._Job.history)."""
-    if delta is not None and not job.history.extend(delta):
+    """A chunk's history piece joins the request's (RequestHandle.history)."""
+    if delta is not None and not job.handle.history.extend(delta):
         log.warning("request %s: a history piece that does not follow", job.request.id)
 
 
@@ -137,5 +137,5 @@ def preempted(counters: collections.Counter, job, slot: int, steps: int, moved: 
         slot,
         steps,
     )
-    job.request = replace(job.request, resume=job.history.snapshot())
+    job.request = replace(job.request, resume=job.handle.history.snapshot())
     job.slot, job.running = None, False

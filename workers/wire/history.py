@@ -21,6 +21,7 @@ about 0.8 KB a step for VibeVoice-1.5B, against 12.8 KB of audio.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,7 @@ class HistoryLog:
     replayed from its start makes the same steps again) adds only what is new."""
 
     def __init__(self, base: History | None = None):
+        self._lock = threading.Lock()  # extended by the dispatcher, read by a job's saver
         self.tokens = bytearray(base.tokens if base else b"")
         self.feedback = bytearray(base.feedback if base else b"")
         self.width = base.width if base else -1
@@ -89,6 +91,10 @@ class HistoryLog:
 
     def extend(self, delta: HistoryDelta) -> bool:
         """Add what `delta` has past this log's end; False when it cannot join."""
+        with self._lock:
+            return self._extend(delta)
+
+    def _extend(self, delta: HistoryDelta) -> bool:
         have = self.steps
         if delta.start > have or (self.width >= 0 and delta.width != self.width):
             return False
@@ -104,11 +110,13 @@ class HistoryLog:
         return True
 
     def snapshot(self) -> History | None:
-        if not self.steps:
-            return None
-        return History(
-            bytes(self.tokens), bytes(self.feedback), max(0, self.width), self.samples, self.noise
-        )
-
-    def clear(self) -> None:
-        self.__init__()
+        with self._lock:
+            if not self.steps:
+                return None
+            return History(
+                bytes(self.tokens),
+                bytes(self.feedback),
+                max(0, self.width),
+                self.samples,
+                self.noise,
+            )
