@@ -77,6 +77,7 @@ class Schedule:
     joined: list[Row] = field(default_factory=list)  # requests that started this step
     rejoined: list[Row] = field(default_factory=list)  # restarted or preempted rows back
     preempted: list[Row] = field(default_factory=list)  # rows that gave up their place
+    rows: int = 0  # rows in the engine for the step
 
     @property
     def joined_ids(self) -> list[str]:
@@ -158,6 +159,7 @@ class StepHost:
         while self.preempted and self.live < self.max_rows and self._fits(self.preempted[0]):
             self._join(self.preempted.popleft(), sched.rejoined)
         if self.restarting or self.preempted:
+            sched.rows = len(self.running)
             return sched  # rows that started earlier come first
         now = self.clock()
         while self.pending:
@@ -175,6 +177,7 @@ class StepHost:
             self.sink.started(req.id, now)
             if req.attempt > 1:
                 break
+        sched.rows = len(self.running)
         return sched
 
     def _room_for(self, row: Row, sched: Schedule) -> bool:
