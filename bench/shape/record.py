@@ -84,7 +84,8 @@ def render(d: dict) -> str:
             f"{'-' if step is None else f'{step:.0f}'} | {'-' if rows is None else rows} |"
         )
     out.append("")
-    out.append(f"generate 1: {gen:.2f} audio s/s. The section took {d['seconds']:.0f} s.")
+    cpu = f", {d['cpu_seconds']:.0f} s of CPU" if "cpu_seconds" in d else ""
+    out.append(f"generate 1: {gen:.2f} audio s/s. The section took {d['seconds']:.0f} s{cpu}.")
     return "\n".join(out)
 
 
@@ -149,11 +150,24 @@ def reading(d: dict) -> list[str]:
     for what, got, ok in targets(d):
         if not ok:
             out.append(f"- Missed: {what}; measured {got}.")
+    rows, med = d["rows_mean"], d["median_audio_s_per_s"]
+    cb = [m for m in d["modes"] if m != "generate 1"]
+    if len(cb) > 1:
+        top = cb[-1]
+        out.append(
+            f"- On this burst a row limit of {top.split()[1]} holds {rows[top]} rows in flight on "
+            f"average ({rows[cb[-2]]} at {cb[-2]}): the mixed lengths end with their "
+            "longest requests running alone, so a higher limit buys little "
+            f"({med[top]:.2f} audio s/s against {med[cb[-2]]:.2f}). The step's cost also grows "
+            "with its rows on CPU (the step column), unlike on a GPU, where a step is "
+            "launch-bound."
+        )
     out += [
         "- The dispatch counts are the host's share of a step on a GPU (each operator a "
         "launch, unless captured in a graph); on CPU they cost little beside the compute, "
-        "so they are counted, not timed. Host syncs on CUDA are read from the code, not "
-        "seen here (docs/ARCHITECTURE.md lists them).",
+        "so they are counted, not timed. Host syncs that only CUDA has (`.tolist()`, "
+        "`.cpu()`, a host list copied to the device) are not seen on CPU: they are read "
+        "from the code.",
         "- The burst times are CPU time of one thread: the machine's other tenants slow the "
         "run but do not move the figures much; the ratios are taken within each repeat.",
         "- On a GPU these figures are unmeasured here: `bench/bench_gpu_1p5b.py` measures "

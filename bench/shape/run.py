@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     import transformers
 
     torch.set_num_threads(1)
-    t_start = time.monotonic()
+    t_start, cpu_start = time.monotonic(), time.process_time()
     dispatch_rows = [int(r) for r in args.dispatch_rows.split(",")]
     counts = dispatch_counts(dispatch_rows, args.dispatch_steps)
 
@@ -205,6 +205,7 @@ def main(argv=None) -> int:
             **{f"CB {r} / CB 1": round(ratio(f"CB {r}", "CB 1"), 2) for r in cb_rows if r != 1},
         },
         "seconds": round(time.monotonic() - t_start, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
     }
     print(render(result))
     if args.out:
