@@ -174,3 +174,24 @@ def test_a_preemption_policy_gives_a_waiting_request_a_running_row_s_place():
     assert heard_whole(sink, job1) and heard_whole(sink, job2)
     assert heard_whole(sink, chat)
     assert [e[1] for e in sink.events if e[0] == "started"] == ["job1", "job2", "chat"]
+
+
+def test_audio_a_step_handed_out_before_it_ran_out_of_memory_is_sent_not_repeated(monkeypatch):
+    """On CUDA a step hands out the previous step's audio before it can run out of
+    memory; that audio reaches the listener, and the rows' reruns skip it."""
+    h, sink = host(rows=4)
+    a, b = req("a", 3.0, seed=1), req("b", 2.0, seed=2)
+    real = h.engine.execute
+    calls = []
+
+    def late_oom():
+        out = real()
+        calls.append(1)
+        if len(calls) == 3:  # the third step made its audio, then ran out of memory
+            out.out_of_memory = "simulated out of memory"
+        return out
+
+    monkeypatch.setattr(h.engine, "execute", late_oom)
+    run(h, {0: [a, b]})
+    assert h.max_rows == 1  # the policy ran
+    assert heard_whole(sink, a) and heard_whole(sink, b)

@@ -153,6 +153,7 @@ class StepHost:
         return sched
 
     def schedule(self) -> Schedule:
+        """Which rows run this step (the module's docstring gives the order)."""
         sched = Schedule()
         while self.restarting and len(self.running) < self.max_rows:
             self._join(self.restarting.popleft(), sched.rejoined)
