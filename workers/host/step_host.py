@@ -189,11 +189,16 @@ class StepHost:
                 return False
             self.engine.cancel(victim.id)
             self.running.pop(victim.id)
-            again = self._rerun(victim)
-            if again is not None:
-                self.preempted.append(again)
-                sched.preempted.append(again)
+            self._evict(victim, sched)
         return True
+
+    def _evict(self, victim: Row, sched: Schedule) -> None:
+        """A preempted row, out of the engine: it reruns here later from its start,
+        skipping what was sent, before any waiting request."""
+        again = self._rerun(victim)
+        if again is not None:
+            self.preempted.append(again)
+            sched.preempted.append(again)
 
     def _fits(self, row: Row) -> bool:
         return not self.running or self.engine.fits(row)
