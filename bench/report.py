@@ -20,6 +20,7 @@ from bench.recovery import record as recovery
 from bench.respawn import record as respawn
 from bench.resume import record as resume
 from bench.scheduling import record as scheduling
+from bench.shape import record as shape
 from bench.tiny import record as tiny
 
 # the sections in the order of the record: (name in run_all, its record module)
@@ -30,6 +31,7 @@ SECTIONS = (
     ("respawn", respawn),
     ("resume", resume),
     ("tiny", tiny),
+    ("shape", shape),
     ("ray", ray_peer),
 )
 

@@ -16,6 +16,7 @@ FILE`), `record.py` writes its part of the record from the figures.
     respawn/      SIGKILL a tiny-model worker: kill to ready, zygote against spawn
     resume/       SIGKILL at 80% of a long row: resumed from its history against replayed
     tiny/         the real tiny model on CPU
+    shape/        the step engine's shape (issue 22): dispatches, host syncs, CB against generate
     ray_peer/     Ray Serve beside the pool
 
 bench_gpu_1p5b.py needs a GPU and is listed, not run. A failed section is
@@ -41,6 +42,7 @@ SECTIONS = (  # name, the module that measures it, its time limit in seconds
     ("respawn", "bench.respawn.run", 600),
     ("resume", "bench.resume.run", 600),
     ("tiny", "bench.tiny.run", 900),
+    ("shape", "bench.shape.run", 600),
     ("ray", "bench.ray_peer.run", 900),
 )
 BUDGET_S = 15 * 60

@@ -31,9 +31,10 @@ def req(rid: str, seconds: float, priority: str, **kw) -> Request:
     return Request(id=rid, turns=(Turn(0, text),), priority=priority, stream=True, **kw)
 
 
-def row(rid: str, priority: str, steps: int, left: int) -> Row:
+def row(rid: str, priority: str, steps: int, left: int, joined_at: int = 0) -> Row:
     r = Row(req(rid, 10, priority), budget_tokens=steps + left, max_steps=10_000, trail=Trail(0))
     r.steps = r.audio_tokens = steps
+    r.joined_at = joined_at
     return r
 
 
@@ -43,14 +44,13 @@ def test_the_policy_takes_the_batch_row_with_most_left_that_has_moved_on():
         row("job-b", BATCH, 20, 50),
         row("chat", INTERACTIVE, 20, 99),
     ]
-    since = {"job-a": 0, "job-b": 0, "chat": 0}
-    chosen = preemption.victim(req("new", 1, INTERACTIVE), rows, since)
+    chosen = preemption.victim(req("new", 1, INTERACTIVE), rows)
     assert chosen.id == "job-b"  # the most audio left; never the interactive row
-    assert preemption.victim(req("job-c", 1, BATCH), rows, since) is None  # batch never preempts
-    since["job-b"] = 20 - preemption.MIN_PROGRESS_STEPS + 1  # it just resumed: not yet again
-    assert preemption.victim(req("new", 1, INTERACTIVE), rows, since).id == "job-a"
-    since["job-a"] = 19
-    assert preemption.victim(req("new", 1, INTERACTIVE), rows, since) is None
+    assert preemption.victim(req("job-c", 1, BATCH), rows) is None  # batch never preempts
+    rows[1].joined_at = 20 - preemption.MIN_PROGRESS_STEPS + 1  # it just resumed: not yet
+    assert preemption.victim(req("new", 1, INTERACTIVE), rows).id == "job-a"
+    rows[0].joined_at = 19
+    assert preemption.victim(req("new", 1, INTERACTIVE), rows) is None
 
 
 class Sink:
@@ -77,27 +77,30 @@ class Sink:
     def step(self):
         pass
 
+    def started(self, rid, at, from_samples=0):
+        pass
+
 
 def test_a_waiting_interactive_request_takes_a_job_rows_place_and_the_job_resumes():
     spec = EngineSpec(engine="sim", max_batch_size=2, sim_rtf=0.0, sim_chunk_s=0.5)
     eng = SimEngine(spec)
     eng.load()
     sink = Sink()
-    h = StepHost(eng, sink)
+    h = StepHost(eng, sink, preempt=preemption.victim, give_back=True)
     jobs = [req("job-a", 12, BATCH, seed=1), req("job-b", 20, BATCH, seed=2)]
     for j in jobs:
         h.submit(j)
-    h.admit()
     for _ in range(preemption.MIN_PROGRESS_STEPS):
-        h.step()
+        h.run_step()
     h.submit(req("chat", 2, INTERACTIVE, seed=3))
-    assert [r.id for r in h.admit()] == ["chat"]  # at once, at this boundary
-    assert sink.gave_up == [("job-b", preemption.MIN_PROGRESS_STEPS)]  # the most left
+    sched = h.run_step()
+    assert sched.joined_ids == ["chat"]  # at once, at this boundary
+    # the row with the most audio left, after the progress guard's steps
+    assert sink.gave_up == [("job-b", preemption.MIN_PROGRESS_STEPS)]
     back = Request(**{**jobs[1].__dict__, "resume": sink.logs["job-b"].snapshot()})
     h.submit(back)
-    while h.live or h.pending:
-        h.admit()
-        h.step()
+    while not h.idle:
+        h.run_step()
     assert set(sink.ends) == {"job-a", "job-b", "chat"}
     got = np.concatenate(sink.audio["job-b"])
     assert np.array_equal(got, tone(2, 0, len(got)))  # nothing repeated, nothing missing

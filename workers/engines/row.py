@@ -6,7 +6,7 @@ audio held back for a non-streamed row, the samples a resumed row must skip,
 and how it ended. Model state (KV, stream caches) lives in vibevoice/caches.py,
 indexed by the row's place in the running set.
 
-What crosses out is only through the sink:
+What crosses out is only through the sink (the step's contract.StepOutput):
     sink.chunk(request_id, pcm[, history])
                                   float32 mono audio at 24 kHz, in order, with the
                                   row's history since the last chunk (a HistoryDelta)
@@ -44,6 +44,7 @@ class Row:
     held: list[np.ndarray] = field(default_factory=list)
     state: Any = None  # engine-owned per-row state (generator, pending embeds, ...)
     trail: Trail | None = None  # its history as it is made (engines/trail.py)
+    joined_at: int = 0  # its step count when it last joined an engine (preemption policy)
 
     @property
     def id(self) -> str:
@@ -74,7 +75,8 @@ class Row:
             self.sent_samples += len(pcm)
 
     def hand_back(self, sink: Any) -> None:
-        """It leaves before its end (preempted): what it holds goes out with its history."""
+        """It leaves before its end (preempted, moved): what it holds goes out with its
+        history."""
         self._flush(sink)
         self.closed = True
 
@@ -93,19 +95,12 @@ class Row:
         self.closed = True
         sink.fail(self.id, error)
 
-    def restarted(self) -> Row:
-        """The same request from its start (after the engine lost its state, e.g. to
-        out-of-memory): per-row noise makes the same audio, so what was sent is skipped."""
-        covered = self.made_samples - sum(len(p) for p in self.held) + self.skip
-        return Row(
-            self.request,
-            self.budget_tokens,
-            self.max_steps,
-            self.cap_reason,
-            self.step_reason,
-            skip=covered,
-            trail=Trail(self.trail.width, self.trail.speaks) if self.trail else None,
-        )
+    @property
+    def covered(self) -> int:
+        """Samples of its audio the listener has or will have: what a rerun from the start
+        (the same seed makes the same audio) must skip. Held audio is not covered: it
+        was never sent."""
+        return self.made_samples - sum(len(p) for p in self.held) + self.skip
 
 
 def send(sink: Any, request_id: str, pcm, trail: Trail | None, made: int) -> None:
@@ -115,11 +110,3 @@ def send(sink: Any, request_id: str, pcm, trail: Trail | None, made: int) -> Non
         sink.chunk(request_id, pcm)
     else:
         sink.chunk(request_id, pcm, delta)
-
-
-def ran_in_step(rows: list[Row], waiting: list[Row]) -> list[Row]:
-    """The open rows of `rows` that took part in the step, not those `waiting` to
-    rejoin after an earlier restart (an out-of-memory step is charged to the rows
-    that ran it; counting the waiting ones would restart a lone row forever)."""
-    held = {id(r) for r in waiting}
-    return [r for r in rows if not r.closed and id(r) not in held]

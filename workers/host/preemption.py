@@ -4,10 +4,10 @@ An interactive request (the page, /v1/synthesize, /v1/audio/speech) that waits
 while every place of the engine is held may take the place of a batch row (a
 job). The batch row's KV is freed at once; its history already went to the
 parent with its audio, so it resumes later, on any worker, from its last step
-(workers/engines/vibevoice/resume.py). StepHost.admit asks `victim` at each step
-boundary; this module decides nothing else.
+(workers/engines/vibevoice/resume.py). StepHost.schedule asks `victim` (its
+`preempt` policy) when a request cannot join; this module decides nothing else.
 
-    victim(waiting, running, since) -> Row | None
+    victim(waiting, running) -> Row | None
 
 The policy, over a snapshot of the running rows:
   - only batch rows are taken, and only for an interactive request;
@@ -19,15 +19,17 @@ The policy, over a snapshot of the running rows:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from workers.engines.row import Row
 from workers.wire.messages import Priority, Request
 
 MIN_PROGRESS_STEPS = 8  # steps a row makes between two preemptions (~1 s of audio)
 
 
-def victim(waiting: Request, running: list[Row], since: dict[str, int]) -> Row | None:
-    """The row that gives its place to `waiting`, or None. `since[id]`: the row's step
-    count when it joined this engine."""
+def victim(waiting: Request, running: Sequence[Row]) -> Row | None:
+    """The row that gives its place to `waiting`, or None (a row's `joined_at`: its
+    step count when it joined this engine)."""
     if waiting.priority != Priority.INTERACTIVE.value:
         return None
     candidates = [
@@ -36,7 +38,7 @@ def victim(waiting: Request, running: list[Row], since: dict[str, int]) -> Row |
         if row.request.priority == Priority.BATCH.value
         and not row.closed
         and row.trail is not None
-        and row.steps - since.get(row.id, 0) >= MIN_PROGRESS_STEPS
+        and row.steps - row.joined_at >= MIN_PROGRESS_STEPS
     ]
     if not candidates:
         return None

@@ -1,11 +1,11 @@
 """Where a step engine's rows report, for every engine host: the local worker
 process (host/worker.py) and the Ray replica (host/ray_replica.py) use this one sink.
 
-    StepHost / engine           HostSink                      out (the host's `send`)
-    -----------------           --------                      -----------------------
+    StepHost                    HostSink                      out (the host's `send`)
+    --------                    --------                      -----------------------
     sink.track(request)         opens the row's books
-    sink.started(id, at)        its compute time starts
-    sink.chunk(id, pcm, hist)   counts samples, numbers it    Chunk(id, seq, pcm, hist)
+    sink.started(id, at, from)  its compute time starts       Started(id, at, from_samples)
+    sink.chunk(id, pcm, hist)   counts samples, numbers it    Chunk(id, seq, pcm, history)
     sink.finish(id, reason)     closes the books              Done(id, audio_s, compute_s, reason)
     sink.fail(id, error)        closes the books              Failed(id, kind, message, retryable)
     sink.preempted(id, steps)   closes the books              Preempted(id, steps)
@@ -41,10 +41,11 @@ class HostSink:
     def track(self, req: m.Request) -> None:
         self.open[req.id] = _Books(time.monotonic())
 
-    def started(self, request_id: str, at: float) -> None:
+    def started(self, request_id: str, at: float, from_samples: int = 0) -> None:
         books = self.open.get(request_id)
         if books is not None:
             books.t0 = at
+            self.send(m.Started(request_id, at, from_samples))
 
     def chunk(self, request_id: str, pcm, history=None) -> None:
         books = self.open.get(request_id)
@@ -64,7 +65,7 @@ class HostSink:
         self.send(m.Done(request_id, audio_s, compute_s, stop_reason))
 
     def preempted(self, request_id: str, steps: int) -> None:
-        """The row gave its place up (host/preemption.py); the parent resumes it later."""
+        """The row gave its place up (preempted, moved); the parent resumes it later."""
         if self.open.pop(request_id, None) is not None:
             self.send(m.Preempted(request_id, steps))
 
