@@ -228,6 +228,7 @@ class VibeVoiceEngine:
             mem_budget_bytes=int(spec.mem_budget_mb * MIB),
             mem_headroom_bytes=int(spec.mem_headroom_mb * MIB),
             head_compile=spec.head_compile,
+            engine_mode=spec.engine_mode,
         )
         self.is_tiny = os.path.isdir(spec.model_path) and is_tiny_model(spec.model_path)
         if self.device.startswith("cuda"):
