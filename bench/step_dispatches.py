@@ -9,6 +9,13 @@ rows admitted together, and counts with a TorchDispatchMode the aten operators o
 each decode step after the first (views are not counted: they launch nothing).
 `_local_scalar_dense` (.item()) and `nonzero` are host syncs; `.tolist()` and `.cpu()`
 on a CPU tensor dispatch nothing, so those are read from the code.
+Per phase: the diffusion loop (Speech.diffuse), the acoustic decode (the acoustic
+tokenizer's decoder), the semantic encode (the semantic encoder), the rest of
+Speech.decode (the stream caches' gather/scatter where outside the modules, the
+connectors), the rest of the step.
+`--engine-mode graphs` runs the bucketed static-buffer path (on CPU a plain call per
+bucket, so the counts are what a captured graph would hold; on a GPU its replay is
+one launch).
 
     python -m bench.step_dispatches            # a minute or two on one CPU core
 """
@@ -54,7 +61,21 @@ def build(torch):
     return model
 
 
-def count_steps(model, rows: int, measured: int, torch) -> dict:
+PHASES = ("diffusion", "acoustic decode", "semantic encode", "decode rest", "other")
+
+
+def _phase(counter, name: str, fn):
+    def run(*args, **kwargs):
+        outer, counter.phase = counter.phase, name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            counter.phase = outer
+
+    return run
+
+
+def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from bench.bench_gpu_1p5b import SyntheticPrompts, _Sink
@@ -65,14 +86,18 @@ def count_steps(model, rows: int, measured: int, torch) -> dict:
         def __init__(self):
             super().__init__()
             self.ops: collections.Counter = collections.Counter()
+            self.phases: collections.Counter = collections.Counter()
+            self.phase = "other"
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if not func.is_view:
                 self.ops[func.__name__.split(".")[0]] += 1
+                self.phases[self.phase] += 1
             return func(*args, **(kwargs or {}))
 
     prompts = SyntheticPrompts(model, prompt_tokens=64, voice_s=0.8)
-    engine = StepEngine(model, "cpu", rows, prompts)
+    mode = {"engine_mode": engine_mode} if engine_mode else {}
+    engine = StepEngine(model, "cpu", rows, prompts, **mode)
     tokens = measured + 4
     for i in range(rows):
         req = Request(id=f"r{i}", turns=(Turn(0, "x"),), seed=i, stream=True)
@@ -81,6 +106,13 @@ def count_steps(model, rows: int, measured: int, torch) -> dict:
     engine.step(sink)  # prefill and the first decode step
     engine.step(sink)  # warm
     counter = Counter()
+    m = model.model
+    speech = engine.speech
+    speech.diffuse = _phase(counter, "diffusion", speech.diffuse)
+    speech.decode = _phase(counter, "decode rest", speech.decode)
+    decoder, encoder = m.audio_tower.decoder, m.semantic_tokenizer_encoder
+    decoder.forward = _phase(counter, "acoustic decode", decoder.forward)
+    encoder.forward = _phase(counter, "semantic encode", encoder.forward)
     with counter:
         for _ in range(measured):
             engine.step(sink)
@@ -90,6 +122,7 @@ def count_steps(model, rows: int, measured: int, torch) -> dict:
         "rows": rows,
         "dispatches_per_step": total / measured,
         "syncs_per_step_seen": syncs / measured,
+        "phases": {p: counter.phases[p] / measured for p in PHASES},
         "top": counter.ops.most_common(8),
     }
 
@@ -100,15 +133,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="1,4,16")
     p.add_argument("--steps", type=int, default=3, help="decode steps counted per row count")
+    p.add_argument("--engine-mode", default="", help="eager or graphs (default: the engine's)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = build(torch)
-    results = [count_steps(model, int(r), args.steps, torch) for r in args.rows.split(",")]
-    print("| rows | dispatches per decode step | host syncs seen |")
-    print("|---|---|---|")
+    rows = [int(r) for r in args.rows.split(",")]
+    results = [count_steps(model, r, args.steps, torch, args.engine_mode) for r in rows]
+    print("| rows | dispatches per decode step | host syncs seen | " + " | ".join(PHASES) + " |")
+    print("|---" * (3 + len(PHASES)) + "|")
     for r in results:
-        print(f"| {r['rows']} | {r['dispatches_per_step']:.0f} | {r['syncs_per_step_seen']:.0f} |")
+        phases = " | ".join(f"{r['phases'][p]:.0f}" for p in PHASES)
+        line = f"| {r['rows']} | {r['dispatches_per_step']:.0f} | {r['syncs_per_step_seen']:.0f} |"
+        print(f"{line} {phases} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
