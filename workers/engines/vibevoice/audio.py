@@ -35,7 +35,13 @@ import torch
 
 from workers.engines.vibevoice.caches import StreamSlots, learn_shapes, to_device
 from workers.engines.vibevoice.diffusion import Schedule, diffusion_loop
-from workers.engines.vibevoice.graphs import Graph, Mismatch, bucket_for, tolerance
+from workers.engines.vibevoice.graphs import (
+    Graph,
+    Mismatch,
+    bucket_for,
+    buckets_upto,
+    tolerance,
+)
 
 log = logging.getLogger("vibevoice_pool.worker")
 
@@ -203,6 +209,22 @@ class Speech:
         return {"fn": self.decode_rows, "inputs": inputs, "state": state, "prepare": prepare}
 
     # ---- graphs -----------------------------------------------------------------------
+    def capture(self, steps: int, rows: int) -> int:
+        """Graphs mode: make the graphs of every bucket up to `rows` rows now (the loop at
+        `steps` sub-steps, the decode) rather than in the step that first needs one.
+        Their first runs are still checked against eager. Returns how many were made."""
+        if self.mode != "graphs":
+            return 0
+        made = 0
+        for b in buckets_upto(rows):
+            if ("diffuse", steps, b) not in self.graphs:
+                self._capture(("diffuse", steps, b), self._diffusion_graph(self.schedule(steps), b))
+                made += 1
+            if ("decode", b) not in self.graphs:
+                self._capture(("decode", b), self._decode_graph(b))
+                made += 1
+        return made
+
     def _capture(self, key: tuple, parts: dict) -> Graph:
         graph = Graph(
             parts["fn"],

@@ -1,6 +1,7 @@
 """Row buckets and captured graphs: one function over static buffers, replayed.
 
     bucket_for(n) -> b        the smallest of 1/2/4/8/16/32 (then multiples of 32) >= n
+    buckets_upto(n)           every bucket a batch of at most n rows can run in
     Graph(fn, inputs, state)  fn(**inputs) -> tuple of tensors, over static input
         buffers; `state`: tensors fn updates in place (the stream slots)
         .run() -> outputs     on CUDA a replay of the captured torch.cuda.CUDAGraph;
@@ -30,6 +31,12 @@ def bucket_for(n: int) -> int:
         if n <= b:
             return b
     return -(-n // BUCKETS[-1]) * BUCKETS[-1]
+
+
+def buckets_upto(n: int) -> list[int]:
+    """Every bucket a batch of at most n rows can run in."""
+    top = bucket_for(n)
+    return [b for b in BUCKETS if b <= top] + list(range(2 * BUCKETS[-1], top + 1, BUCKETS[-1]))
 
 
 def tolerance(dtype: Any) -> float:
