@@ -31,6 +31,7 @@ default noise scheduler). No weights or tokenizer are downloaded: prompts are to
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -430,28 +431,9 @@ def main(argv=None) -> int:
                     continue
                 with torch.no_grad():
                     # warm-up (captures, compiles); uncompiled: one step is counted
-                    warm = run_rows(
-                        model,
-                        prompts,
-                        r,
-                        6,
-                        args,
-                        torch,
-                        mode,
-                        count=not mode,
-                        engine_mode=engine_mode,
-                    )
-                    res = run_rows(
-                        model,
-                        prompts,
-                        r,
-                        args.new_tokens,
-                        args,
-                        torch,
-                        mode,
-                        lengths,
-                        engine_mode=engine_mode,
-                    )
+                    run = functools.partial(run_rows, model, prompts, r, engine_mode=engine_mode)
+                    warm = run(6, args, torch, mode, count=not mode)
+                    res = run(args.new_tokens, args, torch, mode, lengths)
                 for key in (
                     "ops_per_step",
                     "host_syncs_per_step",
