@@ -232,6 +232,7 @@ class Speech:
             parts.get("state"),
             pool=self.pool,
             prepare=parts.get("prepare"),
+            scratch_last="state" in parts,
         )
         self.graphs[key] = graph
         self.checks_left[key] = CHECKED_RUNS
