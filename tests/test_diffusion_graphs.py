@@ -20,7 +20,7 @@ from workers.engines.contract import EngineSpec
 from workers.engines.vibevoice.audio import Speech
 from workers.engines.vibevoice.diffusion import diffusion_loop, sub_steps
 from workers.engines.vibevoice.engine import VibeVoiceEngine
-from workers.engines.vibevoice.graphs import Graph, bucket_for
+from workers.engines.vibevoice.graphs import Graph, Mismatch, bucket_for
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +226,37 @@ def test_the_loop_and_the_conv_stacks_compile_with_fullgraph(engines):
         for t, a in zip(stores, after, strict=True):  # the slots moved in place, the same
             assert torch.equal(t, a)
     torch._dynamo.reset()
+
+
+def test_a_checked_run_compares_from_the_same_state_and_skips_the_scratch_row():
+    """Graph.checked_run: the eager call starts from the state the run started from
+    (a function that accumulates into its state gives the same answer twice), and a
+    difference in the scratch row alone is no mismatch."""
+    state = torch.zeros(3, 2)
+    x = torch.ones(3, 2)
+    calls = []
+
+    def accumulate(x):
+        calls.append(1)
+        state.add_(x)
+        if len(calls) == 1:  # the run writes something else into the scratch row
+            state[-1] += 5
+        return (state.sum(dim=1),)
+
+    graph = Graph(accumulate, {"x": x}, [state], scratch_last=True)
+    with pytest.raises(Mismatch):  # its output read the scratch row
+        graph.checked_run(1e-6)
+    state.zero_()
+    calls.clear()
+
+    def rows_only(x):
+        calls.append(1)
+        state.add_(x)
+        if len(calls) == 1:
+            state[-1] += 5
+        return (state[:-1].sum(dim=1),)
+
+    graph = Graph(rows_only, {"x": x}, [state], scratch_last=True)
+    (out,) = graph.checked_run(1e-6)
+    assert torch.equal(out, torch.full((2,), 2.0)) and len(calls) == 2
+    assert torch.equal(state[:-1], torch.ones(2, 2))  # once, not twice
