@@ -9,13 +9,6 @@ rows admitted together, and counts with a TorchDispatchMode the aten operators o
 each decode step after the first (views are not counted: they launch nothing).
 `_local_scalar_dense` (.item()) and `nonzero` are host syncs; `.tolist()` and `.cpu()`
 on a CPU tensor dispatch nothing, so those are read from the code.
-Per phase: the diffusion loop (Speech.diffuse), the acoustic decode (the acoustic
-tokenizer's decoder), the semantic encode (the semantic encoder), the rest of
-Speech.decode (the stream caches' gather/scatter where outside the modules, the
-connectors), the rest of the step.
-`--engine-mode graphs` runs the bucketed static-buffer path (on CPU a plain call per
-bucket, so the counts are what a captured graph would hold; on a GPU its replay is
-one launch).
 
     python -m bench.step_dispatches            # a minute or two on one CPU core
 """
@@ -61,21 +54,9 @@ def build(torch):
     return model
 
 
-PHASES = ("diffusion", "acoustic decode", "semantic encode", "decode rest", "other")
-
-
-def _phase(counter, name: str, fn):
-    def run(*args, **kwargs):
-        outer, counter.phase = counter.phase, name
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            counter.phase = outer
-
-    return run
-
-
 def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -> dict:
+    """`engine_mode` graphs: the bucketed static-buffer path (on CPU a plain call per
+    bucket: the operators a captured graph holds; on a GPU its replay is one launch)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from bench.bench_gpu_1p5b import SyntheticPrompts, _Sink
@@ -86,18 +67,16 @@ def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -
         def __init__(self):
             super().__init__()
             self.ops: collections.Counter = collections.Counter()
-            self.phases: collections.Counter = collections.Counter()
-            self.phase = "other"
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if not func.is_view:
                 self.ops[func.__name__.split(".")[0]] += 1
-                self.phases[self.phase] += 1
             return func(*args, **(kwargs or {}))
 
     prompts = SyntheticPrompts(model, prompt_tokens=64, voice_s=0.8)
-    mode = {"engine_mode": engine_mode} if engine_mode else {}
-    engine = StepEngine(model, "cpu", rows, prompts, **mode)
+    engine = StepEngine(
+        model, "cpu", rows, prompts, **({"engine_mode": engine_mode} if engine_mode else {})
+    )
     tokens = measured + 4
     for i in range(rows):
         req = Request(id=f"r{i}", turns=(Turn(0, "x"),), seed=i, stream=True)
@@ -106,13 +85,6 @@ def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -
     engine.step(sink)  # prefill and the first decode step
     engine.step(sink)  # warm
     counter = Counter()
-    m = model.model
-    speech = engine.speech
-    speech.diffuse = _phase(counter, "diffusion", speech.diffuse)
-    speech.decode = _phase(counter, "decode rest", speech.decode)
-    decoder, encoder = m.audio_tower.decoder, m.semantic_tokenizer_encoder
-    decoder.forward = _phase(counter, "acoustic decode", decoder.forward)
-    encoder.forward = _phase(counter, "semantic encode", encoder.forward)
     with counter:
         for _ in range(measured):
             engine.step(sink)
@@ -122,7 +94,6 @@ def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -
         "rows": rows,
         "dispatches_per_step": total / measured,
         "syncs_per_step_seen": syncs / measured,
-        "phases": {p: counter.phases[p] / measured for p in PHASES},
         "top": counter.ops.most_common(8),
     }
 
@@ -140,12 +111,10 @@ def main() -> int:
     model = build(torch)
     rows = [int(r) for r in args.rows.split(",")]
     results = [count_steps(model, r, args.steps, torch, args.engine_mode) for r in rows]
-    print("| rows | dispatches per decode step | host syncs seen | " + " | ".join(PHASES) + " |")
-    print("|---" * (3 + len(PHASES)) + "|")
+    print("| rows | dispatches per decode step | host syncs seen |")
+    print("|---|---|---|")
     for r in results:
-        phases = " | ".join(f"{r['phases'][p]:.0f}" for p in PHASES)
-        line = f"| {r['rows']} | {r['dispatches_per_step']:.0f} | {r['syncs_per_step_seen']:.0f} |"
-        print(f"{line} {phases} |")
+        print(f"| {r['rows']} | {r['dispatches_per_step']:.0f} | {r['syncs_per_step_seen']:.0f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
