@@ -6,9 +6,9 @@
         scale and its own starting noise, drawn from its own generator, so a row's
         latents never depend on its mates
     decode(slots, latents) -> audio, next embeds   the streaming acoustic decode and
-        semantic re-encode of those rows alone, each conv reading and writing its
-        rows' stream slots in place (caches.StreamSlots), then the connectors that
-        make the next LM input
+        semantic re-encode of those rows alone (conv_stacks.run_stack), each conv
+        reading and writing its rows' stream slots in place (caches.StreamSlots),
+        then the connectors that make the next LM input
     HandOff: each step's audio on its way to the host (asynchronous on CUDA)
 
 engine_mode (a setting): "eager" calls those functions on the k speaking rows;
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from workers.engines.vibevoice.caches import StreamSlots, learn_shapes, to_device
+from workers.engines.vibevoice.conv_stacks import run_stack
 from workers.engines.vibevoice.diffusion import Schedule, diffusion_loop
 from workers.engines.vibevoice.graphs import (
     Graph,
@@ -190,9 +191,9 @@ class Speech:
         m = self.model.model
         scaled = latents / m.latent_scaling_factor - m.latent_bias_factor
         decoder = m.audio_tower.decoder
-        audio = decoder(scaled.permute(0, 2, 1), padding_cache=self.acoustic.at(slots)).audio
+        audio = run_stack(decoder, scaled.permute(0, 2, 1), self.acoustic.at(slots))
         encoder = m.semantic_tokenizer_encoder
-        sem = encoder(audio, padding_cache=self.semantic.at(slots)).latents
+        sem = run_stack(encoder, audio, self.semantic.at(slots)).permute(0, 2, 1)
         return audio, m.multi_modal_projector(latents) + m.semantic_connector(sem)
 
     def _decode_graph(self, b: int) -> dict:
