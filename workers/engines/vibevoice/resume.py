@@ -237,15 +237,13 @@ def _stream_window(eng: Any, toks: np.ndarray, fed: torch.Tensor) -> torch.Tenso
 def _rebuild_streams(eng: Any, slot: torch.Tensor, latents: torch.Tensor) -> None:
     """Run the decoder and the semantic encoder over `latents` in one call each,
     starting from the slot's zero caches, and keep the caches they leave."""
+    from workers.engines.vibevoice.conv_stacks import run_stack
+
     m = eng.model.model
     sp = eng.speech
     scaled = latents[None].to(eng.dtype) / m.latent_scaling_factor - m.latent_bias_factor
-    cache = sp.acoustic.gather(slot)
-    audio = m.audio_tower.decode(scaled, padding_cache=cache, use_cache=True).audio
-    sp.acoustic.scatter(slot, cache)
-    cache = sp.semantic.gather(slot)
-    m.semantic_tokenizer_encoder(audio, padding_cache=cache, use_cache=True)
-    sp.semantic.scatter(slot, cache)
+    audio = run_stack(m.audio_tower.decoder, scaled.permute(0, 2, 1), sp.acoustic.at(slot))
+    run_stack(m.semantic_tokenizer_encoder, audio, sp.semantic.at(slot))
 
 
 def noise_state(row: Row) -> bytes | None:
