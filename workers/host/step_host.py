@@ -41,9 +41,10 @@ preempted row that keeps its history goes back to the parent (Preempted), which
 resumes it from its last step on any worker; otherwise it reruns here from its
 start later, skipping the audio already sent. `hand_back(id)` gives a row back the same way (its worker is being removed).
 
-Out of memory in a step: the engine is reset; the rows that ran restart from their
-start (the same seed makes the same audio, what was sent is skipped) with the live
-row limit halved; a row that ran alone fails with out_of_memory. An engine's
+Out of memory in a step: the engine is reset and the live row limit halved; the
+rows that ran go back to the parent to resume from their history (`give_back`), or
+restart here from their start (the same seed makes the same audio, what was sent is
+skipped); a row that ran alone fails with out_of_memory. An engine's
 unexpected exception fails its rows as ENGINE_ERROR with the traceback attached
 (messages.unexpected), so it reaches the parent's log.
 """
@@ -317,6 +318,9 @@ class StepHost:
             "out of memory in a step of %d rows: the row limit is now %d", len(ran), self.max_rows
         )
         for row in ran:
+            if self.give_back and row.trail is not None:
+                self._give_back(row)  # the parent resumes it from its history, not its start
+                continue
             again = self._rerun(row)
             if again is not None:
                 self.restarting.append(again)
