@@ -168,3 +168,4 @@ def test_removing_a_worker_moves_its_long_row_to_another_within_seconds(sim_pool
         c = pool.dispatcher.counters
         assert c["moved"] == 1 and c["resumed"] == 1 and c["requeued"] == 0
         assert pool.resumes()["moved"] == 1
+        assert pool.status()["rows"]["moved"] == 1  # GET /v1/pool shows it

@@ -254,6 +254,7 @@ class Pool:
             "policy": self.cfg.policy,
             "engine": self.cfg.engine,
             "workers": workers,
+            "rows": self.resumes(),  # resumes, preemptions, moves; steps kept and recomputed
         }
 
     # ---- scaling -------------------------------------------------------
