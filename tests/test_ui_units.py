@@ -205,3 +205,16 @@ def test_live_streams_and_tabs():
     assert tabs.cancel("tab-a") == 1 and cancelled == ["mine"]
     tabs.remove("tab-a", mine)
     assert tabs.cancel("tab-a") == 0 and cancelled == ["mine"]
+
+
+def test_the_progress_line_marks_a_resumed_row():
+    from types import SimpleNamespace
+
+    from vibevoice_pool.ui.page import Page
+
+    page = SimpleNamespace(where=lambda slot: f"worker {slot}")
+    fresh = SimpleNamespace(id="a", worker=1, resumed=0)
+    again = SimpleNamespace(id="b", worker=0, resumed=1)
+    assert "resumed" not in Page._running(page, "en", fresh, 24_000, 10.0)
+    assert "resumed from its last step" in Page._running(page, "en", again, 24_000, 10.0)
+    assert "继续" in Page._running(page, "zh", again, 24_000, 10.0)

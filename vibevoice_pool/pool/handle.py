@@ -56,6 +56,7 @@ class RequestHandle:
         # the row's history (workers/wire/history.py): what it resumes from when it is
         # sent again; the dispatcher grows it, a job's runner saves it beside its audio
         self.history = HistoryLog(request.resume)
+        self.resumed = 0  # times it went on from its history (a lost worker, preempted, moved)
 
     # ---- producer side (dispatcher threads) ----------------------------
 

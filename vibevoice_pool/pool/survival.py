@@ -41,6 +41,8 @@ def started(counters, asked: dict, job, slot: int, from_samples: int) -> None:
         del asked[slot]
     if req.resume is not None:
         resumed(counters, req, slot, from_samples)
+        if from_samples:
+            job.handle.resumed += 1  # the page says so
 
 
 def forget(asked: dict, slot: int | None, request_id: str) -> None:

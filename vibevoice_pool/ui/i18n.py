@@ -74,6 +74,7 @@ EN: dict[str, str] = {
     # progress and outcomes
     "waiting": "⏳ Waiting for a free GPU ({n} in the queue)",
     "running": "🎙️ {got:.1f} s of about {est:.0f} s of audio ({pct:.0f}%) on {where}",
+    "resumed": " ↪️ resumed from its last step",
     "done": "✅ Done: {secs:.1f} s of audio in {wall:.1f} s on {where} (seed {seed})",
     "stopped": "⏹ Stopped after {secs:.1f} s of audio",
     "cut.runaway_cap": " ✂️ Cut at the runaway cap ({factor:g}x the script's estimated "
@@ -143,6 +144,7 @@ ZH: dict[str, str] = {
     "chart.empty": "正在采集数据...",
     "waiting": "⏳ 等待空闲的GPU（队列中 {n} 个）",
     "running": "🎙️ 已生成 {got:.1f} 秒，预计约 {est:.0f} 秒（{pct:.0f}%），在 {where}",
+    "resumed": " ↪️ 已从上一步继续",
     "done": "✅ 完成：{secs:.1f} 秒音频，用时 {wall:.1f} 秒，在 {where}（种子 {seed}）",
     "stopped": "⏹ 已停止，生成了 {secs:.1f} 秒音频",
     "cut.runaway_cap": " ✂️ 已在失控上限处截断（脚本预计长度或提示长度的 {factor:g} 倍，取较长者）：模型未自行结束",

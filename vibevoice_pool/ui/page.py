@@ -199,6 +199,8 @@ class Page:
         text = t(
             lang, "running", got=secs, est=max(est, secs), pct=pct, where=self.where(handle.worker)
         )
+        if handle.resumed:  # it lost its worker, was preempted or moved, and went on
+            text += t(lang, "resumed")
         return progress_html("running", text, pct, handle.id)
 
     def stop(self, request: gr.Request = None) -> None:
