@@ -136,6 +136,7 @@ def test_a_row_resumed_after_a_sigkill_is_counted_with_the_steps_it_kept(sim_poo
             os.kill(int(pool.board.get(h.worker, Col.PID)), signal.SIGKILL)
             got = h.result(timeout=60)
             assert np.array_equal(got, tone(5, 0, len(got)))
+            assert h.resumed == 1  # what the page shows
             assert len(got) / 24_000 == pytest.approx(h.request.est_audio_s, abs=0.01)
             m = scrape(client)
             resumed = value(
