@@ -2,7 +2,8 @@
 branch-row (vLLM's PagedAttention layout).
 
 What it owns: one pool, all layers' keys and values in one tensor of shape
-(layers, 2, blocks, block_size, kv_heads, head_dim), grown by whole chunks of blocks
+(layers, blocks, block_size, 2, kv_heads, head_dim) (a token's key beside its value, so
+that one operator writes both and one gathers both), grown by whole chunks of blocks
 when the free list runs out (never rows x a maximum length). Block 0 is never handed
 out: padded reads point at it and it stays zero. A `Seq` is one branch of one row (the
 positive or the negative): its block list and its length (tokens it holds, which is
@@ -81,7 +82,9 @@ class PagedKV:
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.block_tokens, self.chunk_blocks = block_tokens, chunk_blocks
-        self.mask_kind = mask_kind  # "sdpa" (bool mask) or "eager" (additive) for the gather path
+        self.mask_kind = (
+            mask_kind  # the gather path's attention: "sdpa" (-inf) or "eager" (finfo.min)
+        )
         self.flash = flash  # flash_attn_with_kvcache (or a stand-in with its contract), or None
         self.pool = torch.zeros(self._shape(1), dtype=dtype, device=device)  # block 0: padding
         self.free: list[int] = []
@@ -91,7 +94,11 @@ class PagedKV:
         self._cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _shape(self, blocks: int) -> tuple[int, ...]:
-        return (self.layers, 2, blocks, self.block_tokens, self.kv_heads, self.head_dim)
+        return (self.layers, blocks, self.block_tokens, 2, self.kv_heads, self.head_dim)
+
+    def flat(self) -> torch.Tensor:
+        """The pool as (layers, slots, 2, kv_heads, head_dim): slot = block * size + offset."""
+        return self.pool.view(self.layers, -1, 2, self.kv_heads, self.head_dim)
 
     # ---- memory -------------------------------------------------------------------------
     @property
@@ -101,10 +108,10 @@ class PagedKV:
     @property
     def capacity(self) -> int:
         """Blocks the pool holds, the padding block included."""
-        return int(self.pool.shape[2])
+        return int(self.pool.shape[1])
 
     def bytes_per_block(self) -> int:
-        return self.pool[:, :, 0].numel() * self.pool.element_size()
+        return self.pool[:, 0].numel() * self.pool.element_size()
 
     def held_blocks(self) -> int:
         return self.capacity - 1 - len(self.free)
@@ -128,7 +135,7 @@ class PagedKV:
         """A pool `blocks` larger; the held blocks keep their numbers (one copy, rare)."""
         old = self.capacity
         pool = torch.zeros(self._shape(old + blocks), dtype=self.dtype, device=self.device)
-        pool[:, :, :old] = self.pool
+        pool[:, :old] = self.pool
         self.pool = pool
         self.free.extend(range(old + blocks - 1, old - 1, -1))
 
@@ -170,11 +177,11 @@ class PagedKV:
             return
         index = to_device(src + dst, self.device)
         src_t, dst_t = index[: len(src)], index[len(src) :]
-        flat = self.pool.view(self.layers, 2, -1, self.kv_heads, self.head_dim)
+        flat = self.flat()
         for layer, (keys, values) in enumerate(layers):
-            for half, t in enumerate((keys, values)):
-                cols = t.transpose(1, 2).reshape(n * width, self.kv_heads, self.head_dim)
-                flat[layer, half].index_copy_(0, dst_t, cols.index_select(0, src_t).to(self.dtype))
+            both = torch.stack((keys, values), dim=1).permute(0, 3, 1, 2, 4)  # n, L, 2, h, d
+            both = both.reshape(n * width, 2, self.kv_heads, self.head_dim)
+            flat[layer].index_copy_(0, dst_t, both.index_select(0, src_t).to(self.dtype))
 
     def advance(self, seqs: list[Seq], keep: list[bool]) -> None:
         """After a step: the seqs where `keep` is set hold their new column from now on."""
@@ -183,11 +190,9 @@ class PagedKV:
 
     def seq_values(self, seq: Seq, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A seq's keys and values (kv_heads, length, dim) of one layer, for checks."""
-        flat = self.pool.view(self.layers, 2, -1, self.kv_heads, self.head_dim)
         slots = torch.tensor([self._slot(seq, p) for p in range(seq.length)], dtype=torch.long)
-        slots = slots.to(self.device)
-        keys, values = (flat[layer, h].index_select(0, slots).transpose(0, 1) for h in (0, 1))
-        return keys, values
+        both = self.flat()[layer].index_select(0, slots.to(self.device))
+        return both[:, 0].transpose(0, 1), both[:, 1].transpose(0, 1)
 
     # ---- one decode step ---------------------------------------------------------------
     def begin(self, seqs: list[Seq]) -> StepCache:
@@ -251,7 +256,7 @@ class StepCache:
         self.positions = pos[:, None]  # (rows, 1): the new token's position
         self.table = table  # (rows, blocks) block numbers
         self.flash = kv.flash is not None
-        self.flat = kv.pool.view(kv.layers, 2, -1, kv.kv_heads, kv.head_dim)
+        self.flat = kv.flat()
         if self.flash:
             self.cache_seqlens = pos.to(torch.int32)
             self.block_table = table.to(torch.int32)
@@ -259,12 +264,12 @@ class StepCache:
             return
         block, offset = kv.columns(width)
         self.read = table.index_select(1, block) * kv.block_tokens + offset  # (rows, width)
-        allowed = (torch.arange(width, device=kv.device) <= self.positions)[:, None, None, :]
-        if kv.mask_kind == "eager":
-            blocked = torch.zeros(allowed.shape, dtype=kv.dtype, device=kv.device)
-            self.mask = blocked.masked_fill(~allowed, torch.finfo(kv.dtype).min)
-        else:
-            self.mask = allowed
+        # additive, made once per step: sdpa would turn a bool mask into this in every layer
+        blocked = (torch.arange(width, device=kv.device) > self.positions)[:, None, None, :]
+        low = torch.finfo(kv.dtype).min if kv.mask_kind == "eager" else float("-inf")
+        self.mask = torch.zeros(blocked.shape, dtype=kv.dtype, device=kv.device).masked_fill_(
+            blocked, low
+        )
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """keys/values (rows, kv_heads, 1, dim) of the new column. Gather path: written
@@ -272,12 +277,12 @@ class StepCache:
         Flash path: returned as they are; the attention function writes and reads."""
         if self.flash:
             return key_states, value_states
-        out = []
-        for half, t in enumerate((key_states, value_states)):
-            flat = self.flat[layer_idx, half]
-            flat.index_copy_(0, self.write, t[:, :, 0])
-            out.append(flat[self.read].transpose(1, 2))
-        return out[0], out[1]
+        flat = self.flat[layer_idx]
+        flat.index_copy_(
+            0, self.write, torch.stack((key_states[:, :, 0], value_states[:, :, 0]), 1)
+        )
+        both = flat[self.read]  # (rows, width, 2, kv_heads, dim)
+        return both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
 
     # transformers asks a cache these, though this one is never read by the mask builder
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -294,12 +299,11 @@ def paged_flash_attention(module, query, key, value, attention_mask, scaling=Non
     seq's position and attends its blocks through the block table. query/key/value:
     (rows, heads, 1, dim). Written for CUDA with flash_attn; unmeasured here."""
     step: StepCache = kwargs["paged_step"]
-    kv = step.kv
-    pages = step.flat.view(kv.layers, 2, -1, kv.block_tokens, kv.kv_heads, kv.head_dim)
-    out = kv.flash(
+    pages = step.kv.pool[module.layer_idx]  # (blocks, size, 2, kv_heads, dim)
+    out = step.kv.flash(
         query.transpose(1, 2),
-        pages[module.layer_idx, 0],
-        pages[module.layer_idx, 1],
+        pages[:, :, 0],  # strided: the last dimension contiguous, as flash_attn requires
+        pages[:, :, 1],
         k=key.transpose(1, 2),
         v=value.transpose(1, 2),
         cache_seqlens=step.cache_seqlens,
