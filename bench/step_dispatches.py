@@ -47,7 +47,7 @@ PHASES = [
     (
         "workers.engines.vibevoice.paged_kv",
         "PagedKV",
-        ("begin", "advance", "join", "leave", "restart", "store_prompt"),
+        ("begin", "advance", "release", "store_prompt"),
         "cache",
     ),
     ("workers.engines.vibevoice.paged_kv", "StepCache", ("update",), "cache"),
