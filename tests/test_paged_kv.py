@@ -8,6 +8,7 @@ contract gives each row the audio it has alone."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -198,3 +199,26 @@ def test_the_flash_path_gives_each_row_its_audio_alone(engine, reference, monkey
     for r in rows.values():
         assert_alone(reference, sink, r)
     assert steps.kv.held_blocks() == 0
+
+
+def test_the_eager_attention_path_gives_each_row_its_audio_alone(engine, reference, monkeypatch):
+    """A model configured for eager attention: the decode step runs transformers' eager
+    attention over the gathered blocks with an additive finfo.min mask."""
+    steps = engine.steps
+    monkeypatch.setattr(steps, "decode_attn", "eager")
+    monkeypatch.setattr(steps, "kv", steps._new_kv())
+    assert steps.kv.mask_kind == "eager"
+    module = sys.modules[type(steps.lm.layers[0].self_attn).__module__]
+    real, masks = module.eager_attention_forward, []
+
+    def spied(mod, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return real(mod, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(module, "eager_attention_forward", spied)
+    rows = {"a": req("a", seed=53, est_audio_s=0.8), "b": req("b", seed=54, est_audio_s=0.5)}
+    sink = drive(engine, {0: [rows["a"]], 1: [rows["b"]]})
+    for r in rows.values():
+        assert_alone(reference, sink, r)
+    decode = [m for m in masks if m.shape[2] == 1]  # one query token: the decode steps
+    assert decode and all(m.min() == torch.finfo(m.dtype).min for m in decode)
