@@ -110,6 +110,26 @@ def test_the_memory_held_follows_the_tokens_held():
     assert kv.bytes() == 3 * one  # 12 tokens
 
 
+def test_the_pool_grows_by_half_its_size_and_the_held_blocks_keep_their_values():
+    kv = pool(chunk=2)
+    seq = kv.seq()
+    layers = prompt(1, 4, seed=11)
+    kv.store_prompt([seq], layers, [4])
+    capacities = [kv.capacity]
+    for _ in range(40):
+        step = kv.begin([seq])
+        for layer, (keys, values) in enumerate(prompt(1, 1, seed=12)):
+            step.update(keys, values, layer)
+        kv.advance([seq], [True])
+        capacities.append(kv.capacity)
+    sizes = sorted(set(capacities))
+    assert len(sizes) > 3
+    assert all(b - a >= max(2, a // 2) for a, b in zip(sizes, sizes[1:], strict=False))
+    assert seq.length == 44 and kv.held_blocks() == 11
+    keys, values = kv.seq_values(seq, 1)
+    assert torch.equal(keys[:, :4], layers[1][0][0]) and torch.equal(values[:, :4], layers[1][1][0])
+
+
 def test_a_decode_step_attends_each_rows_own_tokens():
     """What update() hands the attention, read through the mask, is each row's tokens in
     order, its new column last: the same as a dense per-row cache."""

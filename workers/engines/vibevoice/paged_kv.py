@@ -3,8 +3,10 @@ branch-row (vLLM's PagedAttention layout).
 
 What it owns: one pool, all layers' keys and values in one tensor of shape
 (layers, blocks, block_size, 2, kv_heads, head_dim) (a token's key beside its value, so
-that one operator writes both and one gathers both), grown by whole chunks of blocks
-when the free list runs out (never rows x a maximum length). Block 0 is never handed
+that one operator writes both and one gathers both), grown when the free list runs out
+by half its size (at least a chunk of blocks), never to rows x a maximum length. A
+growth copies the pool once (the held blocks keep their numbers); while it copies, the
+old and the new pool are both held. Block 0 is never handed
 out: padded reads point at it and it stays zero. A `Seq` is one branch of one row (the
 positive or the negative): its block list and its length (tokens it holds, which is
 also the position of its next token). Block tables live on the host; the device sees
@@ -37,7 +39,7 @@ import torch
 from workers.engines.vibevoice.caches import to_device
 
 BLOCK_TOKENS = 16  # tokens per block
-CHUNK_BLOCKS = 32  # blocks the pool grows by, at least
+CHUNK_BLOCKS = 32  # blocks the pool grows by, at least (else by half its size)
 PAGED_FLASH = "vibevoice_paged_flash"  # the attention function registered for the flash path
 
 
@@ -82,9 +84,8 @@ class PagedKV:
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.block_tokens, self.chunk_blocks = block_tokens, chunk_blocks
-        self.mask_kind = (
-            mask_kind  # the gather path's attention: "sdpa" (-inf) or "eager" (finfo.min)
-        )
+        # the gather path's attention: "sdpa" (a -inf mask) or "eager" (finfo.min)
+        self.mask_kind = mask_kind
         self.flash = flash  # flash_attn_with_kvcache (or a stand-in with its contract), or None
         self.pool = torch.zeros(self._shape(1), dtype=dtype, device=device)  # block 0: padding
         self.free: list[int] = []
@@ -126,7 +127,8 @@ class PagedKV:
 
     def _take(self, count: int) -> list[int]:
         if len(self.free) < count:
-            self._grow(max(self.chunk_blocks, count - len(self.free)))
+            # by half its size at least: n tokens cost O(n) copying in all, not O(n^2)
+            self._grow(max(self.chunk_blocks, count - len(self.free), self.capacity // 2))
         taken = self.free[-count:] if count else []
         del self.free[len(self.free) - count :]
         return taken[::-1]
