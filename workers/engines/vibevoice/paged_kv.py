@@ -92,7 +92,7 @@ class PagedKV:
         self.live = 0  # seqs handed out and not released for good
         self._table: torch.Tensor | None = None  # (rows, table width) on the device
         self._table_seqs: list[Seq] = []
-        self._cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gather = torch.zeros(0, dtype=dtype, device=device)  # the gather path's buffer
 
     def _shape(self, blocks: int) -> tuple[int, ...]:
         return (self.layers, blocks, self.block_tokens, 2, self.kv_heads, self.head_dim)
@@ -122,8 +122,19 @@ class PagedKV:
         return self.held_blocks() * self.bytes_per_block()
 
     def pool_bytes(self) -> int:
-        """Bytes the pool has reserved on the device, free blocks included."""
-        return self.pool.numel() * self.pool.element_size()
+        """Bytes reserved on the device: the pool, free blocks included, and the gather
+        buffer (one layer's worth of the running rows' blocks)."""
+        return (self.pool.numel() + self._gather.numel()) * self.pool.element_size()
+
+    def gather_buffer(self, blocks: int) -> torch.Tensor:
+        """A (blocks, size, 2, kv_heads, dim) buffer for one layer's gathered blocks, kept
+        and reused (a fresh tensor of that size each layer costs more than the copy: on
+        CPU, its pages are faulted in anew every time)."""
+        shape = (blocks, *self.pool.shape[2:])
+        need = blocks * self.pool[0, 0].numel()
+        if self._gather.numel() < need:
+            self._gather = torch.empty(need + need // 2, dtype=self.dtype, device=self.device)
+        return self._gather[:need].view(shape)
 
     def _take(self, count: int) -> list[int]:
         if len(self.free) < count:
@@ -238,13 +249,6 @@ class PagedKV:
         used = max(len(s.blocks) for s in seqs)
         return StepCache(self, meta[:n], meta[n : 2 * n], self._table[:, :used], used * bt)
 
-    def columns(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For `count` gathered columns: each one's block in the table, and its offset."""
-        if count not in self._cols:
-            cols = torch.arange(count, device=self.device)
-            self._cols[count] = (cols // self.block_tokens, cols % self.block_tokens)
-        return self._cols[count]
-
 
 class StepCache:
     """One decode step's view of the pool, in transformers' Cache shape: the layers call
@@ -264,8 +268,11 @@ class StepCache:
             self.block_table = table.to(torch.int32)
             self.mask = None
             return
-        block, offset = kv.columns(width)
-        self.read = table.index_select(1, block) * kv.block_tokens + offset  # (rows, width)
+        # whole blocks are gathered (a block's tokens lie together in the pool), every
+        # layer into the same buffer: a layer's attention is done before the next gathers
+        self.read = table.reshape(-1)
+        self.shape = (table.shape[0], width, 2, kv.kv_heads, kv.head_dim)
+        self.gathered = kv.gather_buffer(self.read.numel())
         # additive, made once per step: sdpa would turn a bool mask into this in every layer
         blocked = (torch.arange(width, device=kv.device) > self.positions)[:, None, None, :]
         low = torch.finfo(kv.dtype).min if kv.mask_kind == "eager" else float("-inf")
@@ -279,11 +286,11 @@ class StepCache:
         Flash path: returned as they are; the attention function writes and reads."""
         if self.flash:
             return key_states, value_states
-        flat = self.flat[layer_idx]
-        flat.index_copy_(
-            0, self.write, torch.stack((key_states[:, :, 0], value_states[:, :, 0]), 1)
-        )
-        both = flat[self.read]  # (rows, width, 2, kv_heads, dim)
+        new = torch.stack((key_states[:, :, 0], value_states[:, :, 0]), 1)
+        self.flat[layer_idx].index_copy_(0, self.write, new)
+        # (rows, width, 2, kv_heads, dim): each row's blocks, in order, one copy per block
+        torch.index_select(self.kv.pool[layer_idx], 0, self.read, out=self.gathered)
+        both = self.gathered.view(self.shape)
         return both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
 
     # transformers asks a cache these, though this one is never read by the mask builder
