@@ -47,16 +47,10 @@ from typing import Any
 import torch
 
 from workers.engines.row import Row, ran_in_step
+from workers.engines.vibevoice import paged_kv
 from workers.engines.vibevoice.audio import HandOff, Speech
 from workers.engines.vibevoice.caches import to_device
-from workers.engines.vibevoice.paged_kv import (
-    PAGED_FLASH,
-    PagedKV,
-    Seq,
-    blocks_for,
-    flash_kvcache,
-    register_paged_flash,
-)
+from workers.engines.vibevoice.paged_kv import PAGED_FLASH, PagedKV, Seq, blocks_for
 from workers.wire.messages import ErrorKind, PoolError, Request
 
 MIB = 1 << 20
@@ -84,28 +78,6 @@ def cache_keyword(lm: Any) -> str:
 
     params = inspect.signature(lm.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-class ProcessorPrompts:
-    """Prompts as microsoft's processor builds them (workers/engines/vibevoice/prompt.py)."""
-
-    def __init__(self, processor: Any):
-        from workers.engines.vibevoice.prompt import PromptTokens
-
-        self.processor = processor
-        self.tokens = PromptTokens.from_processor(processor)
-
-    def length(self, req: Request) -> int:
-        from workers.engines.vibevoice.prompt import prompt_ids
-
-        return len(prompt_ids(self.tokens, req))
-
-    def batch(self, requests: list[Request], device: Any, dtype: Any):
-        from workers.engines.vibevoice.prompt import build_inputs
-
-        return build_inputs(
-            self.processor, requests, tokens=self.tokens, device=device, dtype=dtype
-        )
 
 
 class StepEngine:
@@ -143,10 +115,10 @@ class StepEngine:
         attn = getattr(self.text_cfg, "_attn_implementation", None) or "sdpa"
         # the decode forward's attention: flash_attn over the blocks where it can run, else
         # eager or sdpa over each row's blocks gathered (the reference)
-        self.flash = flash_kvcache() if str(device).startswith("cuda") else None
+        self.flash = paged_kv.flash_kvcache() if str(device).startswith("cuda") else None
         self.decode_attn = PAGED_FLASH if self.flash else "eager" if attn == "eager" else "sdpa"
         if self.flash:
-            register_paged_flash()
+            paged_kv.register_paged_flash()
         # Both LM branches of every row in one pool, run by one forward per step: rows
         # [0, n) are the positive (prompt) branches, rows [n, 2n) the negative (CFG) ones.
         self.kv = self._new_kv()
@@ -499,13 +471,10 @@ class StepEngine:
         return out.last_hidden_state[:, -1]
 
     def _reset_negative(self, i: int) -> None:
-        """speech_start: the row's unconditional context starts again. microsoft masks
-        every negative column but the last, and between its steps the mask is one column
-        longer than the KV (the column of the token about to run): so its copy of KV slot
-        0 into the last slot lands on a masked column, and the next negative token attends
-        only itself, at position 0. Here: the negative branch's blocks are freed and it
-        starts empty; the next negative token is its first, at position 0. Context:
-        [speech_start@0, d@1, ...]."""
+        """speech_start: the row's unconditional context starts again (microsoft's copy of
+        KV slot 0 lands on a masked column, so its next negative token attends only itself,
+        at position 0: docs/MODEL.md). Here the negative branch's blocks are freed and its
+        next token is its first: context [speech_start@0, d@1, ...]."""
         self.kv.release(self.rows[i].state.neg, drop=False)
 
     def _drop_closed(self) -> None:
