@@ -58,6 +58,7 @@ def test_a_prompt_takes_whole_blocks_and_leaving_gives_them_back():
     assert kv.held_blocks() == 1 and len(kv.free) == free + 2 and kv.rows == 1
     kv.release(b)
     assert kv.held_blocks() == 0 and kv.rows == 0 and kv.bytes() == 0
+    assert kv.capacity == 1  # the last seq gone, the pool is let go: the padding block alone
 
 
 def test_a_join_or_a_leave_leaves_the_other_rows_kv_in_place():

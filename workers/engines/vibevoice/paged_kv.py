@@ -87,12 +87,16 @@ class PagedKV:
         # the gather path's attention: "sdpa" (a -inf mask) or "eager" (finfo.min)
         self.mask_kind = mask_kind
         self.flash = flash  # flash_attn_with_kvcache (or a stand-in with its contract), or None
-        self.pool = torch.zeros(self._shape(1), dtype=dtype, device=device)  # block 0: padding
-        self.free: list[int] = []
         self.live = 0  # seqs handed out and not released for good
+        self._empty()
+
+    def _empty(self) -> None:
+        """Storage for no seq: the padding block alone (block 0)."""
+        self.pool = torch.zeros(self._shape(1), dtype=self.dtype, device=self.device)
+        self.free: list[int] = []
         self._table: torch.Tensor | None = None  # (rows, table width) on the device
         self._table_seqs: list[Seq] = []
-        self._gather = torch.zeros(0, dtype=dtype, device=device)  # the gather path's buffer
+        self._gather = torch.zeros(0, dtype=self.dtype, device=self.device)  # gather buffer
 
     def _shape(self, blocks: int) -> tuple[int, ...]:
         return (self.layers, blocks, self.block_tokens, 2, self.kv_heads, self.head_dim)
@@ -159,12 +163,15 @@ class PagedKV:
 
     def release(self, seq: Seq, drop: bool = True) -> None:
         """Free the seq's blocks; `drop`: the seq is gone (a row leaves), else it starts
-        again empty (the negative branch at speech_start)."""
+        again empty (the negative branch at speech_start). When the last seq is gone the
+        pool and the gather buffer are let go (a worker between bursts holds no KV)."""
         self.free.extend(reversed(seq.blocks))
         seq.blocks, seq.length = [], 0
         seq.synced = min(seq.synced, 0)
         if drop:
             self.live -= 1
+            if not self.live:
+                self._empty()
 
     def _room(self, seq: Seq, tokens: int) -> None:
         need = blocks_for(tokens, self.block_tokens) - len(seq.blocks)
