@@ -19,6 +19,7 @@ from bench.ray_peer import record as ray_peer
 from bench.recovery import record as recovery
 from bench.respawn import record as respawn
 from bench.scheduling import record as scheduling
+from bench.shape import record as shape
 from bench.tiny import record as tiny
 
 # the sections in the order of the record: (name in run_all, its record module)
@@ -28,6 +29,7 @@ SECTIONS = (
     ("recovery", recovery),
     ("respawn", respawn),
     ("tiny", tiny),
+    ("shape", shape),
     ("ray", ray_peer),
 )
 

@@ -15,6 +15,7 @@ FILE`), `record.py` writes its part of the record from the figures.
     recovery/     SIGKILLs at 80% load: lost, duplicated, detection, re-dispatch
     respawn/      SIGKILL a tiny-model worker: kill to ready, zygote against spawn
     tiny/         the real tiny model on CPU
+    shape/        the step engine's shape (issue 22): dispatches, host syncs, CB against generate
     ray_peer/     Ray Serve beside the pool
 
 bench_gpu_1p5b.py needs a GPU and is listed, not run. A failed section is
@@ -39,6 +40,7 @@ SECTIONS = (  # name, the module that measures it, its time limit in seconds
     ("recovery", "bench.recovery.run", 900),
     ("respawn", "bench.respawn.run", 600),
     ("tiny", "bench.tiny.run", 900),
+    ("shape", "bench.shape.run", 600),
     ("ray", "bench.ray_peer.run", 900),
 )
 BUDGET_S = 15 * 60

@@ -208,3 +208,34 @@ def test_not_measured_names_what_the_newest_gpu_run_skipped():
         assert label in lines
     forked = run["b_respawn"].get("worker_forked")
     assert ("a respawn forked from the zygote" in lines) == (forked is False)
+
+
+def test_shape_targets_and_tables_come_from_the_saved_figures():
+    from bench.shape import record as shape
+
+    d = figures("shape")
+    by_rows = {c["rows"]: c["dispatches_per_step"] for c in d["dispatches"]}
+    got = {what: (measured, ok) for what, measured, ok in shape.targets(d)}
+    n16 = [v for k, v in got.items() if "dispatches per step at 16 rows" in k][0]
+    assert n16 == (f"{by_rows[16]:,.0f}", by_rows[16] <= 3000)
+    gen = [v for k, v in got.items() if "generate at batch 1" in k][0]
+    ratio = d["ratios"]["CB 1 / generate 1"]
+    assert gen[0].startswith(f"{ratio:.2f}x") and gen[1] == (ratio >= 1.3)
+    text = shape.render(d)
+    for mode in d["modes"]:  # each mode's row shows its median and every repeat
+        each = ", ".join(f"{x:.2f}" for x in d["audio_s_per_s"][mode])
+        assert f"| {mode} | {d['median_audio_s_per_s'][mode]:.2f} | {each} |" in text
+
+
+def test_the_shape_record_rewrites_only_its_own_section():
+    from bench.shape import record as shape
+
+    d = figures("shape")
+    doc = "# Performance record\n\n## 4. Tiny\n\ntiny text\n\n## 5. Ray\n\nray text\n"
+    once = shape.rewrite(doc, d, "test CPU", "2026-12-05 08:00 UTC", "python -m bench.shape.run")
+    assert once.index("## 4. Tiny") < once.index(shape.TITLE) < once.index("## 5. Ray")
+    assert "tiny text" in once and "ray text" in once and "Measured on test CPU" in once
+    d2 = {**d, "median_audio_s_per_s": {**d["median_audio_s_per_s"], "CB 1": 123.45}}
+    twice = shape.rewrite(once, d2, "test CPU", "later", "python -m bench.shape.run")
+    assert twice.count(shape.TITLE) == 1 and "| CB 1 | 123.45 |" in twice
+    assert "| CB 1 | 123.45 |" not in once and twice.endswith("ray text\n")

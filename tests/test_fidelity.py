@@ -22,6 +22,7 @@ from test_vibevoice_engine import RecordingSink, req, run
 
 from workers.engines.contract import EngineSpec
 from workers.engines.vibevoice.engine import VibeVoiceEngine
+from workers.host.step_host import StepHost
 from workers.wire.messages import SAMPLE_RATE
 
 SYSTEM = (
@@ -201,12 +202,13 @@ def test_same_audio_alone_batched_and_joining_whatever_side_the_checkpoint_pads(
         assert np.abs(batched - alone).max() < 1e-3 * np.abs(alone).max()
     # joining a running batch: the longer row is 3 steps in when this one arrives
     sink = RecordingSink()
-    eng.admit(eng.prepare(longer))
+    host = StepHost(eng, sink)
+    host.submit(longer)
     for _ in range(3):
-        eng.step(sink)
-    eng.admit(eng.prepare(mine))
-    while eng.live:
-        eng.step(sink)
+        host.run_step()
+    host.submit(mine)
+    while not host.idle:
+        host.run_step()
     joined = sink.audio("me")
     assert len(joined) == len(alone)
     assert np.abs(joined - alone).max() < 1e-3 * np.abs(alone).max()

@@ -117,7 +117,7 @@ def test_a_stalled_worker_leaves_its_python_stack_in_the_log(sim_pool, caplog):
     stack = stacks[0]
     # where it was stuck: the sim's step, waiting on an event that never comes, called
     # by the worker loop; and every other thread (heartbeat, death pipe) too
-    assert "engines/sim.py" in stack and "in step" in stack and "in wait" in stack
+    assert "engines/sim.py" in stack and "in execute" in stack and "in wait" in stack
     assert "host/worker.py" in stack and "in _loop" in stack and "in _beat" in stack
     assert "killed by SIGKILL" in caplog.text  # asked first, then killed
 

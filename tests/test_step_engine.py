@@ -28,6 +28,9 @@ class Sink:
         self.first_chunk_step: dict[str, int] = {}  # 0-based index of the step
         self.end_step: dict[str, int] = {}
 
+    def started(self, rid, at):
+        assert rid not in self.audio and rid not in self.ends
+
     def chunk(self, rid, pcm):
         self.audio.setdefault(rid, []).append(pcm)
         self.first_chunk_step.setdefault(rid, self.steps)
@@ -67,17 +70,16 @@ def drive(engine, joins: dict[int, list[Request]], cancels: dict[int, list[str]]
     """Run until every row ended; requests in joins[k] are submitted at step boundary k,
     cancels[k] are cancelled there."""
     sink = Sink()
-    host = StepHost(engine, sink)
+    host = sink.host = StepHost(engine, sink)
     boundary = 0
     while True:
         for r in joins.get(boundary, []):
             host.submit(r)
         for rid in (cancels or {}).get(boundary, []):
             host.cancel(rid)
-        host.admit()
-        if not host.live and not host.pending and boundary >= max(joins):
+        if host.idle and boundary >= max(joins):
             return sink
-        host.step()
+        host.run_step()
         boundary += 1
         assert boundary < 500, "the rows never ended"
 
@@ -294,7 +296,7 @@ def test_out_of_memory_mid_batch_restarts_the_rows_without_repeating_audio(
     b = req("b", seed=52, est_audio_s=1.2, stream=False)
     steps.steps = 0
     sink = drive(engine, {0: [a, b]})
-    assert fired == [2] and steps.max_rows == 1
+    assert fired == [2] and sink.host.max_rows == 1
     for r in (a, b):
         assert sink.ends[r.id] == "estimate"
         assert_alone(reference, sink, r)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class RecordingSink:
-    """A StepSink that records every call in order; it can cancel rows on a rule."""
+    """A host sink that records every call in order; it can cancel rows on a rule."""
 
     def __init__(self, cancel_after: dict[str, int] | None = None, cancel_all: bool = False):
         self.calls: list[tuple] = []
@@ -38,6 +38,9 @@ class RecordingSink:
         self.steps = 0
         self.cancel_after = cancel_after or {}
         self.cancel_all = cancel_all
+
+    def started(self, request_id, at):
+        self.calls.append(("started", request_id))
 
     def chunk(self, request_id, pcm):
         assert isinstance(pcm, np.ndarray) and pcm.dtype == np.float32 and pcm.ndim == 1
@@ -81,12 +84,11 @@ def run(engine, batch, **sink_kw):
     """Drive the engine as a worker does (workers/host/step_host.StepHost): every request
     submitted at once, a cancel rule applied between steps, until all rows ended."""
     sink = RecordingSink(**sink_kw)
-    host = StepHost(engine, sink)
+    host = sink.host = StepHost(engine, sink)
     for r in batch:
         host.submit(r)
-    while host.pending or host.live:
-        host.admit()
-        host.step()
+    while not host.idle:
+        host.run_step()
         for rid in list(host.running):
             if sink.cancelled(rid):
                 host.cancel(rid)
@@ -259,7 +261,7 @@ def test_out_of_memory_halves_the_rows_then_fails_the_row_alone(engine, monkeypa
         assert sink.outcome(rid)[0] == "finish" and len(sink.audio(rid)) == 3 * HOP_SAMPLES
     kind, _, err = sink.outcome("big")
     assert kind == "fail" and err.kind is ErrorKind.OUT_OF_MEMORY
-    assert steps.max_rows == 1 and steps.live == 0
+    assert sink.host.max_rows == 1 and steps.live == 0
 
 
 def test_original_layout_is_refused_then_converted(engine, tiny_dir, tmp_path):

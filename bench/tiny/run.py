@@ -127,6 +127,9 @@ class Times:
         self.samples: dict[str, int] = {}
         self.failed: list[str] = []
 
+    def started(self, rid, at):
+        pass
+
     def chunk(self, rid, pcm):
         self.first.setdefault(rid, self.clock.now())
         self.first_step.setdefault(rid, self.step_index)
@@ -148,18 +151,21 @@ def drive(engine, rows: int, idle_only: bool, requests: list, offsets: list[floa
     from workers.host.step_host import StepHost
     from workers.wire.messages import SAMPLE_RATE
 
-    engine.steps.max_rows = rows
+    if rows > engine.max_rows:
+        raise ValueError(f"{rows} rows: the engine was built for {engine.max_rows}")
     clock = Clock()
     sink = Times(clock)
-    host = StepHost(engine, sink)
+    host = StepHost(engine, sink, clock=clock.now)
+    host.max_rows = rows
+    held: list = []  # static batches: arrivals wait here until the engine is empty
     t0 = 0.0
     i, n = 0, len(requests)
     step_walls: list[float] = []
     step_ends: list[float] = []
     joinable: set[str] = set()  # arrived while rows ran, with room beside them and no queue
     occupancy: list[int] = []
-    while i < n or host.live or host.pending:
-        if not host.live and not host.pending and offsets[i] > clock.now():
+    while i < n or not host.idle or held:
+        if host.idle and not held and offsets[i] > clock.now():
             clock.wait_until(offsets[i])
         now = clock.now()
         while i < n and offsets[i] <= now:
@@ -167,16 +173,21 @@ def drive(engine, rows: int, idle_only: bool, requests: list, offsets: list[floa
             sink.arrived[req.id] = offsets[i]
             if host.live and host.live + len(host.pending) < rows and not idle_only:
                 joinable.add(req.id)
-            host.submit(req)
+            if idle_only:
+                held.append(req)
+            else:
+                host.submit(req)
             i += 1
-        if not idle_only or not host.live:  # static batches: rows join an empty engine only
-            host.admit()
-        if host.live:
-            occupancy.append(host.live)
+        if host.idle:  # static batches: rows join an empty engine only
+            for _ in range(min(rows, len(held))):
+                host.submit(held.pop(0))
+        if not host.idle:
             s = clock.now()
-            host.step()
-            step_ends.append(clock.now())
-            step_walls.append(step_ends[-1] - s)
+            ran = host.run_step().rows
+            if ran:
+                occupancy.append(ran)
+                step_ends.append(clock.now())
+                step_walls.append(step_ends[-1] - s)
     if sink.failed:
         raise SystemExit(f"requests failed: {sink.failed}")
     ids = [r.id for r in requests]

@@ -1,44 +1,71 @@
-"""The contract between an engine host (the worker loop, a Ray replica) and a model.
+"""The contract between an engine host (workers/host/step_host.py StepHost, which the
+worker process and the Ray replica both run) and a model.
 
-An Engine is a plain class: it knows nothing of processes, queues or the
-board, so a test can run it in-process. It runs a set of rows that join and
-leave at every step (continuous batching). The host (workers/host/step_host.py
-StepHost) calls:
+An Engine is a plain class: it knows nothing of processes, queues or the board,
+so a test can run it in-process. It runs the rows the host gives it (continuous
+batching: they join and leave at every step). It decides nothing about who runs:
+the host owns every queue (waiting, running, restarting) and every policy (the
+live row limit, out-of-memory, replays, preemption). The host calls:
 
     info = engine.load()              once, in the worker process
-    row = engine.prepare(request)     a Row (workers/engines/row.py) for a request;
-                                      raises PoolError: BAD_INPUT, or
+    row = engine.prepare(request)     a Row (workers/engines/row.py) for a request, its
+                                      model state fresh; raises PoolError: BAD_INPUT, or
                                       OUT_OF_MEMORY when it could never fit
-    engine.fits(row) -> bool          memory-aware admission: room for it now?
+    engine.fits(row) -> bool          memory-aware admission: room beside the rows it holds?
     engine.admit(row)                 it joins the running set at the next step
-    engine.step(sink)                 one decode step for every live row
+    engine.execute() -> StepOutput    one decode step for every row it holds: what it made
     engine.cancel(request_id)         free a row's place at once (-> Row | None)
-    engine.reset() -> [Row]           forget every row (after an engine error)
-    engine.live, engine.max_rows      rows held now; the live row limit
+    engine.reset() -> [Row]           forget every row (after an error, out-of-memory)
+    engine.live, engine.max_rows      rows held now; the most rows it can hold (its slots)
 
-`step` reports through the sink:
+`execute` returns what the step made (StepOutput): each row's new audio, in order
+(float32 mono at 24 kHz; a request's audio is its chunks in order), the rows that
+ended on their own with their messages.StopReason value, and the rows that failed
+alone with a PoolError (the others go on). The engine has already let go of every
+row that ended or failed.
 
-    sink.chunk(request_id, pcm)   a piece of float32 mono audio at 24 kHz;
-                                  a request's audio is its chunks in order
-    sink.finish(request_id, stop_reason="eos")
-                                  this row is complete (rows end on their own);
-                                  stop_reason is a messages.StopReason value
-    sink.fail(request_id, err)    this row failed with a PoolError; others go on
-    sink.step()                   once per step; it proves progress to the hang
-                                  detector
-
-An exception escaping `step` fails every open row (a PoolError with its own
-kind, anything else ENGINE_ERROR) and the engine is reset. The worker lives on
+When the device runs out of memory during the step, `execute` still returns what
+the step handed out before (its audio must reach the listener) with
+`out_of_memory` set to what a row alone is told; the step's state is lost, and the
+host applies its policy (workers/host/step_host.py: reset, halve the live row limit,
+restart the rows skipping what was sent; a row alone fails). An exception escaping
+`execute` fails every open row (a PoolError with its own kind, anything else
+ENGINE_ERROR) and the engine is reset. The worker lives on
 after either; only a process death loses it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from workers.engines.row import Row
 from workers.wire.messages import DeviceInfo, PoolError, Request
+
+
+@dataclass
+class StepOutput:
+    """What one step made. An engine fills it through the row sink methods (Row.add_audio,
+    Row.finish and Row.fail write here), so `chunk`/`finish`/`fail` keep the names of the
+    sink a row reports to; the host reads the fields."""
+
+    audio: dict[str, list] = field(default_factory=dict)  # request id -> pcm pieces, in order
+    ended: list[tuple[str, str]] = field(default_factory=list)  # (request id, stop reason)
+    failed: list[tuple[str, PoolError]] = field(default_factory=list)
+    stepped: bool = False  # a decode step ran (progress, for the hang detector)
+    out_of_memory: str = ""  # set: the device ran out of memory; what a row alone is told
+
+    def chunk(self, request_id: str, pcm) -> None:
+        self.audio.setdefault(request_id, []).append(pcm)
+
+    def finish(self, request_id: str, stop_reason: str = "eos") -> None:
+        self.ended.append((request_id, stop_reason))
+
+    def fail(self, request_id: str, error: PoolError) -> None:
+        self.failed.append((request_id, error))
+
+    def step(self) -> None:
+        self.stepped = True
 
 
 @dataclass(frozen=True)
@@ -70,7 +97,11 @@ class EngineSpec:
     sim_boot_error: str = ""  # when set, load() fails with this message
 
 
-class StepSink(Protocol):
+class HostSink(Protocol):
+    """Where the host reports each row (workers/host/sink.py HostSink): its start, its
+    audio, its end, and each step as progress for the hang detector."""
+
+    def started(self, request_id: str, at: float) -> None: ...
     def chunk(self, request_id: str, pcm) -> None: ...
     def finish(self, request_id: str, stop_reason: str = "eos") -> None: ...
     def fail(self, request_id: str, error: PoolError) -> None: ...
@@ -85,6 +116,6 @@ class Engine(Protocol):
     def prepare(self, request: Request) -> Row: ...
     def fits(self, row: Row) -> bool: ...
     def admit(self, row: Row) -> None: ...
-    def step(self, sink: StepSink) -> None: ...
+    def execute(self) -> StepOutput: ...
     def cancel(self, request_id: str) -> Row | None: ...
     def reset(self) -> list[Row]: ...

@@ -1,7 +1,7 @@
 """The engines by name: `build_engine(spec)` constructs the one a spec names.
 
 The one place that knows every engine. workers/engines/contract.py holds the contract
-(EngineSpec, StepSink, Engine) the engines implement; this module sits above
+(EngineSpec, Engine, StepOutput) the engines implement; this module sits above
 both, so no engine imports its own factory. To add an engine, write a class
 that keeps the contract and add a branch here (and its name to the config's
 choices).

@@ -7,7 +7,7 @@ and how it ended. Model state lives with the engine: its KV blocks in
 vibevoice/paged_kv.py (the row's state names them), its stream caches in
 vibevoice/caches.py, at the row's slot.
 
-What crosses out is only through the sink:
+What crosses out is only through the sink (the step's contract.StepOutput):
     sink.chunk(request_id, pcm)   float32 mono audio at 24 kHz, in order
     sink.finish(request_id, why)  the row ended on its own (EOS or its cap)
     sink.fail(request_id, err)    the row ended with a typed PoolError
@@ -85,23 +85,9 @@ class Row:
         self.closed = True
         sink.fail(self.id, error)
 
-    def restarted(self) -> Row:
-        """The same request from its start (after the engine lost its state, e.g. to
-        out-of-memory): per-row noise makes the same audio, so what was sent is skipped."""
-        covered = self.made_samples - sum(len(p) for p in self.held) + self.skip
-        return Row(
-            self.request,
-            self.budget_tokens,
-            self.max_steps,
-            self.cap_reason,
-            self.step_reason,
-            skip=covered,
-        )
-
-
-def ran_in_step(rows: list[Row], waiting: list[Row]) -> list[Row]:
-    """The open rows of `rows` that took part in the step, not those `waiting` to
-    rejoin after an earlier restart (an out-of-memory step is charged to the rows
-    that ran it; counting the waiting ones would restart a lone row forever)."""
-    held = {id(r) for r in waiting}
-    return [r for r in rows if not r.closed and id(r) not in held]
+    @property
+    def covered(self) -> int:
+        """Samples of its audio the listener has or will have: what a rerun from the start
+        (the same seed makes the same audio) must skip. Held audio is not covered: it
+        was never sent."""
+        return self.made_samples - sum(len(p) for p in self.held) + self.skip

@@ -1,7 +1,7 @@
 """SimEngine: a stand-in for a GPU running VibeVoice, for tests and benchmarks.
 
-It loads nothing and keeps the step contract of workers/engine.py, so the
-worker has one loop: rows join and leave a running set at every step. A step
+It loads nothing and keeps the step contract of workers/engines/contract.py, so
+the host has one loop: rows join and leave a running set at every step. A step
 makes `sim_chunk_s` audio seconds for every live row and takes
 `sim_chunk_s * sim_rtf / sim_speed` wall seconds, times
 `1 + sim_batch_cost * (rows - 1)`, so batching pays as on a GPU. Each row
@@ -11,24 +11,24 @@ seed and the sample index, so a replay with the same seed is bit-identical.
 Fault markers in the script text, honoured by this engine only:
     [[crash]]  the process dies with SIGKILL at the step the row joins
     [[hang]]   that step never returns (a stuck kernel)
-    [[oom]]    the step the row joins runs out of memory, as a CUDA step would:
-               with other rows, the live row limit halves and every row
-               restarts from its start (what was sent is skipped); alone, the
-               row fails with out_of_memory. The worker lives on.
+    [[oom]]    the step the row joins runs out of memory, as a CUDA step would
+               (StepOutput.out_of_memory); the host's policy follows: with
+               other rows, the live row limit halves and every row restarts
+               from its start (what was sent is skipped); alone, the row fails
+               with out_of_memory. The worker lives on.
     [[error]]  the row fails with engine_error; the worker lives on
 The sim engine is never the default; it must be asked for by name.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import threading
 import time
 
-from workers.engines.contract import EngineSpec, StepSink
-from workers.engines.row import Row, ran_in_step
+from workers.engines.contract import EngineSpec, StepOutput
+from workers.engines.row import Row
 from workers.wire.estimate import audio_seconds_for
 from workers.wire.messages import SAMPLE_RATE, DeviceInfo, ErrorKind, PoolError, Request
 
@@ -52,12 +52,11 @@ class SimEngine:
         self.max_rows = max(1, spec.max_batch_size)
         self.rows: list[Row] = []
         self.joining: list[Row] = []
-        self.restarting: collections.deque[Row] = collections.deque()
         self.step_samples = int(spec.sim_chunk_s * SAMPLE_RATE)
 
     @property
     def live(self) -> int:
-        return len(self.rows) + len(self.joining) + len(self.restarting)
+        return len(self.rows) + len(self.joining)
 
     def load(self) -> DeviceInfo:
         if self.spec.sim_boot_s:
@@ -88,7 +87,7 @@ class SimEngine:
         self.joining.append(row)
 
     def cancel(self, request_id: str) -> Row | None:
-        for rows in (self.rows, self.joining, self.restarting):
+        for rows in (self.rows, self.joining):
             for row in rows:
                 if row.id == request_id:
                     rows.remove(row)
@@ -96,40 +95,23 @@ class SimEngine:
         return None
 
     def reset(self) -> list[Row]:
-        rows = self.rows + self.joining + list(self.restarting)
+        rows = self.rows + self.joining
         self.rows, self.joining = [], []
-        self.restarting.clear()
         return rows
 
-    def _out_of_memory(self, sink: StepSink) -> None:
-        """What the step engine does on CUDA out-of-memory (workers/engines/vibevoice/step.py)."""
-        waiting = list(self.restarting)
-        ran = ran_in_step(self.reset(), waiting)
-        self.restarting.extend(waiting)
-        if len(ran) <= 1:
-            for r in ran:
-                r.fail(sink, PoolError(ErrorKind.OUT_OF_MEMORY, "simulated out of memory"))
-            return
-        self.max_rows = max(1, min(self.max_rows, len(ran)) // 2)
-        for r in ran:
-            again = r.restarted()
-            again.state = r.state
-            self.restarting.append(again)
-
-    def step(self, sink: StepSink) -> None:
-        while self.restarting and len(self.rows) + len(self.joining) < self.max_rows:
-            self.joining.append(self.restarting.popleft())
+    def execute(self) -> StepOutput:
+        out = StepOutput()
         faults = " ".join(r.request.text for r in self.joining)
         if OOM in faults:
-            self._out_of_memory(sink)
-            return
+            out.out_of_memory = "simulated out of memory"
+            return out
         if CRASH in faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if HANG in faults:
             threading.Event().wait()  # never returns: the stall detector ends us
         self.rows.extend(self.joining)
         self.joining = []
-        sink.step()
+        out.step()
         s = self.spec
         wall = (
             s.sim_chunk_s * s.sim_rtf / s.sim_speed * (1 + s.sim_batch_cost * (len(self.rows) - 1))
@@ -143,7 +125,8 @@ class SimEngine:
             drop = min(row.skip, n)  # a restarted row skips what the listener has
             row.skip -= drop
             if drop < n:
-                sink.chunk(row.id, pcm[drop:])
+                out.chunk(row.id, pcm[drop:])
             if row.made_samples >= row.state:
                 self.rows.remove(row)
-                sink.finish(row.id, "eos")
+                out.finish(row.id, "eos")
+        return out

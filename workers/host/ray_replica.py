@@ -12,8 +12,8 @@
 
 One engine thread per replica loads the engine, then runs it step by step
 through the same StepHost (workers/host/step_host.py) as a local worker: between two
-steps it takes what arrived, lets waiting requests join the running set and
-frees cancelled rows. The replica's event loop only moves messages between
+steps it hands the host what arrived and the cancels, then calls run_step() (the
+host lets waiting requests join, runs the step, sends what it made). The replica's event loop only moves messages between
 that thread and each request's stream. What crosses back is the
 workers.wire.messages dataclasses, nothing else.
 
@@ -85,6 +85,7 @@ class SlotReplica:
         self._host: StepHost | None = None
         self._outboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._rows = 0
+        self._stepping = False  # the engine thread is in run_step
         self._progress = 0.0
         self.speed = 0.0
         self.batch_limit = max(1, spec.max_batch_size)
@@ -171,7 +172,7 @@ class SlotReplica:
     # ---- status --------------------------------------------------------
 
     def _progress_age(self) -> float:
-        return time.monotonic() - self._progress if self._rows else 0.0
+        return time.monotonic() - self._progress if self._rows or self._stepping else 0.0
 
     def stats(self) -> ReplicaStats:
         used, total, util = _memory(self.info)
@@ -220,7 +221,7 @@ class SlotReplica:
         host = self._host = StepHost(self._engine, sink)
         while True:
             with self._cond:
-                while not (self._pending or self._cancels or host.live or host.pending):
+                while not (self._pending or self._cancels or not host.idle):
                     self._cond.wait()
                 arrived, cancels = list(self._pending), set(self._cancels)
                 self._pending.clear()
@@ -230,18 +231,15 @@ class SlotReplica:
                 host.submit(req)
             for rid in cancels:
                 host.cancel(rid)
-            now = time.monotonic()
-            for req in host.admit():
-                sink.started(req.id, now)
-                self._post(m.Started(req.id, now))
-            self._rows = host.live
-            if not host.live:
+            if host.idle:
                 continue
-            self._progress = now
-            host.step()
+            self._progress = time.monotonic()
+            self._stepping = True
+            host.run_step()
+            self._stepping = False
             self._rows = host.live
             self.speed = host.speed
-            self.batch_limit = host.engine.max_rows
+            self.batch_limit = host.max_rows
 
 
 class _ReplicaSink(HostSink):

@@ -1,10 +1,10 @@
 """Where a step engine's rows report, for every engine host: the local worker
 process (host/worker.py) and the Ray replica (host/ray_replica.py) use this one sink.
 
-    StepHost / engine           HostSink                      out (the host's `send`)
-    -----------------           --------                      -----------------------
+    StepHost                    HostSink                      out (the host's `send`)
+    --------                    --------                      -----------------------
     sink.track(request)         opens the row's books
-    sink.started(id, at)        its compute time starts
+    sink.started(id, at)        its compute time starts       Started(id, at)
     sink.chunk(id, pcm)         counts samples, numbers it    Chunk(id, seq, pcm)
     sink.finish(id, reason)     closes the books              Done(id, audio_s, compute_s, reason)
     sink.fail(id, error)        closes the books              Failed(id, kind, message, retryable)
@@ -44,6 +44,7 @@ class HostSink:
         books = self.open.get(request_id)
         if books is not None:
             books.t0 = at
+            self.send(m.Started(request_id, at))
 
     def chunk(self, request_id: str, pcm) -> None:
         books = self.open.get(request_id)

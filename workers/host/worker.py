@@ -4,7 +4,8 @@
     ------                          ---------------------------
     request queue  --Synthesize-->  main thread, when idle and between two steps:
                    --Cancel------>  a request joins the running rows at the next
-                   --Shutdown---->  step, a cancel frees its row (step_host.StepHost)
+                   --Shutdown---->  step, a cancel frees its row; each step is
+                                    step_host.StepHost.run_step()
     response pipe  <--Ready/...---  main thread: engine.load(), then engine steps
     death pipe     (EOF = parent gone)  watcher thread: os._exit
     StatusBoard row                 heartbeat thread + main thread write it
@@ -199,7 +200,7 @@ class Worker:
     def _loop(self) -> None:
         host, b, row = self.host, self.board, self.row
         while True:
-            if not host.live and not host.pending:
+            if host.idle:
                 if self._shutdown:
                     break
                 self._idle()
@@ -209,21 +210,17 @@ class Worker:
             if not host.live and self._following:
                 # A burst the parent sent together starts together (one batched prefill).
                 deadline = time.monotonic() + BURST_WAIT_S
-                while self._following and len(host.pending) < host.engine.max_rows:
+                while self._following and len(host.pending) < host.max_rows:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._poll(left)
-            now = time.monotonic()
-            for req in host.admit():
-                self.sink.started(req.id, now)
-                self.send(m.Started(req.id, now))
-            if not host.live:
-                continue
             b.set(row, Col.WORKER_STATE, WorkerState.BUSY)
+            # the rows this step holds at most (the schedule inside run_step decides)
+            b.set(row, Col.BATCH_ROWS, min(host.max_rows, host.live + len(host.pending)))
+            host.run_step()
             b.set(row, Col.BATCH_ROWS, host.live)
-            host.step()
-            b.set(row, Col.BATCH_LIMIT, host.engine.max_rows)
+            b.set(row, Col.BATCH_LIMIT, host.max_rows)
             b.set(row, Col.SPEED, host.speed)
         self.board.set(self.row, Col.WORKER_STATE, WorkerState.STOPPING)
         self.responses.close()

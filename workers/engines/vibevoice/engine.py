@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.engines.contract import EngineSpec, StepSink
+from workers.engines.contract import EngineSpec, StepOutput
 from workers.engines.row import Row
 from workers.engines.vibevoice.prompt import check_script_text
 from workers.wire.messages import (
@@ -164,7 +164,7 @@ def check_request(req: Request) -> None:
 
 
 class VibeVoiceEngine:
-    """The Engine protocol over transformers' VibeVoice (see workers/engine.py)."""
+    """The Engine protocol over transformers' VibeVoice (workers/engines/contract.py)."""
 
     def __init__(self, spec: EngineSpec):
         self.spec = spec
@@ -250,7 +250,7 @@ class VibeVoiceEngine:
             )
         return getattr(torch, wanted)
 
-    # ---- the step contract (workers/engine.py) -----------------------------------
+    # ---- the step contract (workers/engines/contract.py) -------------------------
     @property
     def live(self) -> int:
         return self.steps.live if self.steps is not None else 0
@@ -275,8 +275,17 @@ class VibeVoiceEngine:
     def admit(self, row: Row) -> None:
         self.steps.admit(row)
 
-    def step(self, sink: StepSink) -> None:
-        self.steps.step(sink)
+    def execute(self) -> StepOutput:
+        import torch
+
+        from workers.engines.vibevoice.step import OOM_ALONE
+
+        out = StepOutput()
+        try:
+            self.steps.step(out)
+        except torch.cuda.OutOfMemoryError:
+            out.out_of_memory = OOM_ALONE  # what the step handed out before still counts
+        return out
 
     def cancel(self, request_id: str) -> Row | None:
         return self.steps.cancel(request_id)

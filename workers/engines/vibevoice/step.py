@@ -34,19 +34,18 @@ Memory-aware admission: `fits(rows)` predicts the peak KV of a running set in
 blocks (per row, its positive branch's prompt plus step cap and its negative
 branch's step cap, each rounded up to whole blocks) and compares it with the budget
 (a setting, or on CUDA free memory plus the pool minus headroom).
-On CUDA out-of-memory anyway, every row restarts from its start with the row
-limit halved, skipping the audio it already sent; a row alone fails.
+CUDA out-of-memory escapes `step`; what follows is the host's policy
+(workers/host/step_host.py), which decides who runs.
 """
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from workers.engines.row import Row, ran_in_step
+from workers.engines.row import Row
 from workers.engines.vibevoice import paged_kv
 from workers.engines.vibevoice.audio import HandOff, Speech
 from workers.engines.vibevoice.caches import to_device
@@ -125,7 +124,6 @@ class StepEngine:
         self.rows: list[Row] = []
         self.embeds: torch.Tensor | None = None  # (rows, 1, H): what each row feeds next step
         self.joining: list[Row] = []
-        self.restarting: collections.deque[Row] = collections.deque()
         self.speech = Speech(model, device, self.max_rows, head_compile)
         self.slot_count = self.max_rows
         self.free_slots = list(range(self.slot_count))
@@ -186,7 +184,7 @@ class StepEngine:
     # ---- admission --------------------------------------------------------------------
     @property
     def live(self) -> int:
-        return len(self.rows) + len(self.joining) + len(self.restarting)
+        return len(self.rows) + len(self.joining)
 
     def peak_bytes(self, rows: list[tuple[int, int]]) -> int:
         """Predicted peak memory of a running set, given (prompt tokens, step cap) per
@@ -222,7 +220,7 @@ class StepEngine:
         budget = self.budget_bytes()
         if not budget:
             return True
-        shapes = [self._shape(r) for r in (*self.rows, *self.joining, *self.restarting)]
+        shapes = [self._shape(r) for r in (*self.rows, *self.joining)]
         return self.peak_bytes([*shapes, self._shape(row)]) <= budget
 
     def prepare(
@@ -260,12 +258,11 @@ class StepEngine:
 
     def cancel(self, request_id: str) -> Row | None:
         """Free a row's place at once; the caller reports it."""
-        for queue in (self.joining, self.restarting):
-            for row in list(queue):
-                if row.id == request_id:
-                    queue.remove(row)
-                    row.closed = True
-                    return row
+        for row in self.joining:
+            if row.id == request_id:
+                self.joining.remove(row)
+                row.closed = True
+                return row
         for row in self.rows:
             if row.id == request_id:
                 row.closed = True
@@ -275,45 +272,28 @@ class StepEngine:
         return None
 
     def open_rows(self) -> list[Row]:
-        return [*self.rows, *self.joining, *self.restarting]
+        return [*self.rows, *self.joining]
 
     def reset(self) -> list[Row]:
-        """Forget every row (after an error the state cannot be trusted); return them."""
+        """Forget every row (after an error or out-of-memory the state cannot be trusted);
+        return them."""
         rows = self.open_rows()
         self.rows, self.joining, self.embeds = [], [], None
-        self.restarting.clear()
         self.kv = self._new_kv()
         self.audio_out = HandOff(self.device)
         self.free_slots = list(range(self.slot_count))
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # after out-of-memory: give the cached blocks back
         return rows
 
     # ---- one step ---------------------------------------------------------------------
     def step(self, sink: Any) -> None:
-        while self.restarting and len(self.rows) + len(self.joining) < self.max_rows:
-            self.joining.append(self.restarting.popleft())
+        """One decode step of every row held, reported through `sink` (the host's
+        contract.StepOutput). torch.cuda.OutOfMemoryError escapes: the host decides."""
         if not self.rows and not self.joining:
             return
-        try:
-            with torch.no_grad():
-                self._step(sink)
-        except torch.cuda.OutOfMemoryError:
-            self._out_of_memory(sink)
-
-    def _out_of_memory(self, sink: Any) -> None:
-        waiting = list(self.restarting)  # restarted earlier, not in this step: they keep waiting
-        ran = ran_in_step(self.reset(), waiting)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.restarting.extend(waiting)
-        if len(ran) <= 1:
-            for r in ran:
-                r.fail(sink, PoolError(ErrorKind.OUT_OF_MEMORY, OOM_ALONE))
-            return
-        self.max_rows = max(1, min(self.max_rows, len(ran)) // 2)
-        for r in ran:
-            again = r.restarted()
-            again.state = self._row_state(r.request)
-            self.restarting.append(again)
+        with torch.no_grad():
+            self._step(sink)
 
     def _step(self, sink: Any) -> None:
         joined = self.joining

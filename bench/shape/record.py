@@ -1,0 +1,239 @@
+"""The record of the shape section (issue 22's CPU figures): its targets, tables and
+reading, from the JSON `python -m bench.shape.run --out FILE` writes.
+
+    python -m bench.shape.record FILE [--doc docs/PERFORMANCE.md]
+
+rewrites this section of the record in place from FILE (the rest of the record is
+left as it is), so a rerun of this section alone, after an engine change, updates
+its tables without running every benchmark again. `make bench` writes it with the
+others (bench/report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench import common
+
+TITLE = "## 4b. The step engine's shape, on CPU (issue 22)"
+MAX_DISPATCHES_16 = 3000  # per decode step at 16 rows
+FLAT_16_OVER_1 = 1.1  # dispatches at 16 rows within this factor of 1 row
+MAX_SYNCS = 1  # host syncs per step
+ONE_ROW_OVER_GENERATE = 1.3
+CB4_OVER_CB1 = 2.0
+
+
+def _by_rows(d: dict) -> dict[int, dict]:
+    return {c["rows"]: c for c in d["dispatches"]}
+
+
+def render(d: dict) -> str:
+    """The figures as the run prints them: the dispatch table, then the burst table."""
+    ln = d["lengths_s"]
+    by_rows = _by_rows(d)
+    one = by_rows.get(1, {}).get("dispatches_per_step")
+    out = [
+        "",
+        f"Host work per decode step: VibeVoice-1.5B's depths at tiny widths (28 LM layers, 4 "
+        f"head layers, tokenizer stages 3-3-3-3-3-3-8), eager, float32, the rows admitted "
+        f"together, the mean of {d['dispatch_steps']} decode steps after the first two. "
+        "A dispatch is an aten operator (views excluded): a kernel launch on a GPU. Host "
+        "syncs seen on CPU are `.item()` and `nonzero`; `.tolist()` and `.cpu()` dispatch "
+        "nothing on a CPU tensor and are not seen here.",
+        "",
+        "| rows | dispatches per step | vs 1 row | host syncs seen |",
+        "|---:|---:|---:|---:|",
+    ]
+    for rows, c in sorted(by_rows.items()):
+        rel = f"{c['dispatches_per_step'] / one:.2f}x" if one else "-"
+        out.append(
+            f"| {rows} | {c['dispatches_per_step']:,.0f} | {rel} | {c['syncs_per_step_seen']:g} |"
+        )
+    phases = [c for c in d["dispatches"] if c.get("phases")]
+    if phases:
+        names = sorted({p for c in phases for p in c["phases"]})
+        out += ["", "| rows | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        for c in phases:
+            cells = [f"{c['phases'].get(p, 0):,.0f}" for p in names]
+            out.append(f"| {c['rows']} | " + " | ".join(cells) + " |")
+    med = d["median_audio_s_per_s"]
+    gen = med["generate 1"]
+    out += [
+        "",
+        f"Tiny model, audio seconds per CPU second, {d['requests']} requests of "
+        f"{ln['min']:.1f}-{ln['max']:.1f} s (mean {ln['mean']:.1f} s, CV {ln['cv']:.2f}) all at "
+        f"once, streamed, {d['diffusion_steps']} diffusion steps; the median of "
+        f"{d['repeats']} repeats, the modes in turn within each. `generate 1` is "
+        "transformers' `generate` at batch 1 on the same requests, one after another.",
+        "",
+        "| mode | audio s/s (median) | each repeat | vs generate 1 | vs CB 1 | step (ms) | "
+        "rows in flight |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    ratios = d["ratios"]
+    for mode in d["modes"]:
+        each = ", ".join(f"{x:.2f}" for x in d["audio_s_per_s"][mode])
+        vs_gen = "1.00x" if mode == "generate 1" else f"{ratios[f'{mode} / generate 1']:.2f}x"
+        vs_cb1 = f"{ratios[f'{mode} / CB 1']:.2f}x" if f"{mode} / CB 1" in ratios else "-"
+        step = d["step_ms_median"].get(mode)
+        rows = d["rows_mean"].get(mode)
+        out.append(
+            f"| {mode} | {med[mode]:.2f} | {each} | {vs_gen} | {vs_cb1} | "
+            f"{'-' if step is None else f'{step:.0f}'} | {'-' if rows is None else rows} |"
+        )
+    out.append("")
+    cpu = f", {d['cpu_seconds']:.0f} s of CPU" if "cpu_seconds" in d else ""
+    out.append(f"generate 1: {gen:.2f} audio s/s. The section took {d['seconds']:.0f} s{cpu}.")
+    return "\n".join(out)
+
+
+def targets(d: dict) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for issue 22's CPU targets."""
+    by_rows = _by_rows(d)
+    out = []
+    if 16 in by_rows:
+        n16 = by_rows[16]["dispatches_per_step"]
+        out.append(
+            (
+                f"1.5B depths, eager, CPU: at most {MAX_DISPATCHES_16:,} dispatches per step "
+                "at 16 rows",
+                f"{n16:,.0f}",
+                n16 <= MAX_DISPATCHES_16,
+            )
+        )
+        if 1 in by_rows:
+            flat = n16 / by_rows[1]["dispatches_per_step"]
+            out.append(
+                (
+                    f"same: 16 rows within {FLAT_16_OVER_1}x the dispatches of 1 row",
+                    f"{flat:.2f}x",
+                    flat <= FLAT_16_OVER_1,
+                )
+            )
+    worst = max(c["syncs_per_step_seen"] for c in d["dispatches"])
+    out.append(
+        (
+            f"same: at most {MAX_SYNCS} host sync per step (seen on CPU: .item() and nonzero)",
+            f"{worst:g} at most",
+            worst <= MAX_SYNCS,
+        )
+    )
+    r = d["ratios"]
+    med = d["median_audio_s_per_s"]
+    if "CB 1 / generate 1" in r:
+        out.append(
+            (
+                f"tiny model, one engine row at least {ONE_ROW_OVER_GENERATE}x the audio-s/s of "
+                "transformers' generate at batch 1",
+                f"{r['CB 1 / generate 1']:.2f}x ({med['CB 1']:.2f} against "
+                f"{med['generate 1']:.2f} audio s/s)",
+                r["CB 1 / generate 1"] >= ONE_ROW_OVER_GENERATE,
+            )
+        )
+    if "CB 4 / CB 1" in r:
+        out.append(
+            (
+                f"tiny model, mixed-length burst: continuous batching at 4 rows at least "
+                f"{CB4_OVER_CB1}x 1 row",
+                f"{r['CB 4 / CB 1']:.2f}x ({med['CB 4']:.2f} against {med['CB 1']:.2f} audio s/s)",
+                r["CB 4 / CB 1"] >= CB4_OVER_CB1,
+            )
+        )
+    return out
+
+
+def reading(d: dict) -> list[str]:
+    """What the figures say; a missed target says by how much."""
+    out = ["### Reading the figures", ""]
+    for what, got, ok in targets(d):
+        if not ok:
+            out.append(f"- Missed: {what}; measured {got}.")
+    rows, med = d["rows_mean"], d["median_audio_s_per_s"]
+    cb = [m for m in d["modes"] if m != "generate 1"]
+    if len(cb) > 1:
+        top = cb[-1]
+        out.append(
+            f"- On this burst a row limit of {top.split()[1]} holds {rows[top]} rows in flight on "
+            f"average ({rows[cb[-2]]} at {cb[-2]}): the mixed lengths end with their "
+            "longest requests running alone, so a higher limit buys little "
+            f"({med[top]:.2f} audio s/s against {med[cb[-2]]:.2f}). The step's cost also grows "
+            "with its rows on CPU (the step column), unlike on a GPU, where a step is "
+            "launch-bound."
+        )
+    out += [
+        "- The dispatch counts are the host's share of a step on a GPU (each operator a "
+        "launch, unless captured in a graph); on CPU they cost little beside the compute, "
+        "so they are counted, not timed. Host syncs that only CUDA has (`.tolist()`, "
+        "`.cpu()`, a host list copied to the device) are not seen on CPU: they are read "
+        "from the code.",
+        "- The burst times are CPU time of one thread: the machine's other tenants slow the "
+        "run but do not move the figures much; the ratios are taken within each repeat.",
+        "- On a GPU these figures are unmeasured here: `bench/bench_gpu_1p5b.py` measures "
+        "the 1.5B shape where a GPU is lent.",
+    ]
+    return out
+
+
+# ---- in the record (bench/report.py assembles the sections) ---------------
+
+
+def target_rows(d: dict) -> list[list[str]]:
+    return common.rows(*targets(d))
+
+
+def section(sec, img_dir=None, rel="") -> list[str]:
+    out = [TITLE, ""]
+    if not sec or "data" not in sec:
+        return out + common.failed("shape", sec)
+    return out + body(sec["data"])
+
+
+def body(d: dict) -> list[str]:
+    out = ["`python -m bench.shape.run` (its tables, as it prints them):", ""]
+    out += render(d).strip().splitlines() + [""]
+    out += [
+        "Targets of this section:",
+        "",
+        common.table(["target", "measured", ""], target_rows(d)),
+    ]
+    return out + [""] + reading(d) + [""]
+
+
+def rewrite(doc: str, d: dict, machine: str, when: str, command: str) -> str:
+    """The record with this section replaced (or added before section 5) from `d`."""
+    lines = [TITLE, "", f"Measured on {machine}, {when}, with `{command}`.", ""] + body(d)
+    new = "\n".join(lines)
+    start = doc.find(TITLE)
+    if start < 0:
+        at = doc.find("\n## 5.")
+        at = len(doc) if at < 0 else at + 1
+        return doc[:at] + new + "\n" + doc[at:]
+    end = doc.find("\n## ", start + len(TITLE))
+    end = len(doc) if end < 0 else end + 1
+    return doc[:start] + new + "\n" + doc[end:]
+
+
+def main(argv=None) -> int:
+    import datetime as dt
+
+    p = argparse.ArgumentParser(description="Rewrite the shape section of the record")
+    p.add_argument("json", help="the file `python -m bench.shape.run --out` wrote")
+    p.add_argument("--doc", default=str(common.ROOT / "docs" / "PERFORMANCE.md"))
+    p.add_argument("--command", default="python -m bench.shape.run --out shape.json")
+    args = p.parse_args(argv)
+    d = common.load_json(args.json)
+    m = common.machine()
+    machine = f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}"
+    when = dt.datetime.fromtimestamp(Path(args.json).stat().st_mtime, dt.timezone.utc)
+    doc = Path(args.doc)
+    doc.write_text(
+        rewrite(doc.read_text(), d, machine, when.strftime("%Y-%m-%d %H:%M UTC"), args.command)
+    )
+    print(f"rewrote {TITLE!r} in {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
