@@ -9,15 +9,17 @@ of audio tokens; "mixed": rows of 0.5, 0.83, 1.17 and 1.5 times it in turn (the 
 so rows leave the running set one by one.
 Random weights never pick the audio token, so a sequence_bias on it makes every new
 token an audio token: the compute per token is the real model's. Each row count runs
-with the diffusion head eager, then compiled (--compile-modes, "reduce-overhead" = CUDA
-graphs per row count). Reports audio s per wall s per GPU (decode phase and whole run),
+in engine_mode eager, then graphs (--engine-modes: the diffusion loop and the audio
+decode/encode as captured CUDA graphs per row bucket; on CPU the same bucket code as
+plain calls). --compile-modes adds eager runs with the diffusion loop compiled
+("reduce-overhead" = torch.compile's own CUDA graphs), off by default. Reports audio s per wall s per GPU (decode phase and whole run),
 ms per step, RTF per row, first audio (admission to the first chunk), peak memory per
 row, and (eager) the operators one decode step dispatches and the host syncs among them,
 counted with a TorchDispatchMode. Prints a Markdown table; --out JSON, rewritten after
 every run so that a run stopped at a time limit keeps what it measured; --budget-s skips
 the runs that would start after that many seconds.
 
-    python bench/bench_gpu_1p5b.py --out results.json          # one GPU, a few minutes
+    python bench/bench_gpu_1p5b.py --out results.json          # one GPU, under 8 minutes
     python bench/bench_gpu_1p5b.py --tiny --out tiny.json      # the tiny model on CPU
 
 For comparison (their author's figures, one H100, VibeVoice-1.5B): vLLM-Omni's port
@@ -29,6 +31,7 @@ default noise scheduler). No weights or tokenizer are downloaded: prompts are to
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -253,16 +256,21 @@ def run_rows(
     compile_mode: str,
     lengths="fixed",
     count=False,
+    engine_mode="eager",
 ) -> dict:
     """`rows` rows admitted together (`tokens` audio tokens each, or mixed around it), to
     the end. With `count`, the second step runs under the operator counter (count_step)
-    and is left out of the timings."""
+    and is left out of the timings (in graphs mode the step after the captured graphs'
+    checks against eager: audio.CHECKED_RUNS)."""
+    from workers.engines.vibevoice.audio import CHECKED_RUNS
     from workers.engines.vibevoice.step import StepEngine
     from workers.wire.messages import Request, Turn
 
     cuda = args.device.startswith("cuda")
     per_row = row_tokens(rows, tokens, lengths)
-    engine = StepEngine(model, args.device, rows, prompts, head_compile=compile_mode)
+    engine = StepEngine(
+        model, args.device, rows, prompts, head_compile=compile_mode, engine_mode=engine_mode
+    )
     for i, n in enumerate(per_row):
         req = Request(
             id=f"r{i}",
@@ -274,6 +282,8 @@ def run_rows(
         )
         engine.admit(engine.prepare(req, n, n + 8, "estimate"))
     sink = _Sink()
+    with torch.no_grad():  # graphs mode: every bucket captured before the clock starts
+        captured = engine.speech.capture(args.steps, rows)
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -284,6 +294,10 @@ def run_rows(
         torch.cuda.synchronize()
     t1 = t_first = time.perf_counter()
     steps, counted = 1, None
+    if count and engine_mode == "graphs":
+        for _ in range(CHECKED_RUNS):  # the checked runs, out of the count
+            engine.step(sink)
+            steps += 1
     if count and engine.live:
         counted = count_step(engine, sink, torch)
         steps += 1
@@ -304,6 +318,8 @@ def run_rows(
     out = {
         "rows": rows,
         "lengths": lengths,
+        "engine_mode": engine_mode,
+        "graphs_captured": captured,
         "compile": compile_mode or "off",
         "tokens": per_row if lengths != "fixed" else tokens,
         "steps": steps,
@@ -334,7 +350,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
     p.add_argument("--rows", default="1,4,8,16,32")
     p.add_argument("--lengths", default="fixed,mixed", help="fixed, mixed or both")
-    p.add_argument("--compile-modes", default=None, help='e.g. ",reduce-overhead" (""=off)')
+    p.add_argument("--engine-modes", default="eager,graphs", help="eager, graphs or both")
+    p.add_argument("--compile-modes", default="", help='eager runs: e.g. ",reduce-overhead"')
     p.add_argument("--compiled-rows", default=None, help="row counts to compile (default all)")
     p.add_argument("--new-tokens", type=int, default=None, help="audio tokens per row")
     p.add_argument("--prompt-tokens", type=int, default=160)
@@ -343,13 +360,15 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=1.3)
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--cache-dir", default=None, help="where --tiny builds the tiny model")
-    p.add_argument("--budget-s", type=float, default=0, help="start no run after this (0: none)")
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="start no run after this (0: none; GPU: 420)"
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     args.new_tokens = args.new_tokens or (16 if args.tiny else 96)
-    if args.compile_modes is None:
-        args.compile_modes = "" if args.tiny else ",reduce-overhead"
+    if args.budget_s is None:
+        args.budget_s = 0 if args.tiny else 420  # the whole run under 8 minutes
 
     import torch
     import transformers
@@ -392,7 +411,11 @@ def main(argv=None) -> int:
 
     save()
     row_counts = [int(x) for x in args.rows.split(",")]
-    for mode in args.compile_modes.split(","):
+    plan = [
+        ("graphs", "") if e == "graphs" else ("eager", "") for e in args.engine_modes.split(",")
+    ]
+    plan += [("eager", c) for c in args.compile_modes.split(",") if c]
+    for engine_mode, mode in plan:
         counts = row_counts
         if mode and args.compiled_rows:
             counts = [int(x) for x in args.compiled_rows.split(",")]
@@ -402,14 +425,15 @@ def main(argv=None) -> int:
             for r in counts:
                 if lengths == "mixed" and r == 1:
                     continue  # one row: the same as fixed
-                label = f"{mode or 'off'}/{lengths}/{r}"
+                label = f"{engine_mode}/{mode or 'off'}/{lengths}/{r}"
                 if args.budget_s and time.perf_counter() - t_start > args.budget_s:
                     result["skipped"].append(label)
                     continue
                 with torch.no_grad():
-                    # warm-up (and compile); eager: its second step is counted
-                    warm = run_rows(model, prompts, r, 3, args, torch, mode, count=not mode)
-                    res = run_rows(model, prompts, r, args.new_tokens, args, torch, mode, lengths)
+                    # warm-up (captures, compiles); uncompiled: one step is counted
+                    run = functools.partial(run_rows, model, prompts, r, engine_mode=engine_mode)
+                    warm = run(6, args, torch, mode, count=not mode)
+                    res = run(args.new_tokens, args, torch, mode, lengths)
                 for key in (
                     "ops_per_step",
                     "host_syncs_per_step",
@@ -437,14 +461,15 @@ def print_table(result: dict, args) -> None:
         f"(mixed: 0.5-1.5x), {args.steps} diffusion steps, cfg {args.cfg}\n"
     )
     head = (
-        "| rows | lengths | head compile | ms/step | RTF (per row) | audio s/s, decode | "
+        "| rows | lengths | engine mode | head compile | ms/step | RTF (per row) | audio s/s, decode | "
         "audio s/s, whole | first audio ms | ops/step | syncs/step |"
     )
     print(head + (" peak MiB per row |" if mem else ""))
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if mem else ""))
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if mem else ""))
     for r in result["rows"]:
         line = (
-            f"| {r['rows']} | {r['lengths']} | {r['compile']} | {r['ms_per_step']:.1f} | "
+            f"| {r['rows']} | {r['lengths']} | {r.get('engine_mode', 'eager')} | {r['compile']} | "
+            f"{r['ms_per_step']:.1f} | "
             f"{r['rtf']:.3f} | {r['decode_audio_s_per_s']:.2f} | {r['audio_s_per_s']:.2f} | "
             f"{1000 * (r['first_audio_s'] or 0):.0f} | {r.get('ops_per_step', '-')} | "
             f"{r.get('host_syncs_per_step', '-')} |"

@@ -123,7 +123,9 @@ def build(torch):
     return model
 
 
-def count_steps(model, rows: int, measured: int, torch) -> dict:
+def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -> dict:
+    """`engine_mode` graphs: the bucketed static-buffer path (on CPU a plain call per
+    bucket: the operators a captured graph holds; on a GPU its replay is one launch)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from bench.bench_gpu_1p5b import SyntheticPrompts, _Sink
@@ -145,7 +147,9 @@ def count_steps(model, rows: int, measured: int, torch) -> dict:
             return func(*args, **(kwargs or {}))
 
     prompts = SyntheticPrompts(model, prompt_tokens=64, voice_s=0.8)
-    engine = StepEngine(model, "cpu", rows, prompts)
+    engine = StepEngine(
+        model, "cpu", rows, prompts, **({"engine_mode": engine_mode} if engine_mode else {})
+    )
     tokens = measured + 4
     for i in range(rows):
         req = Request(id=f"r{i}", turns=(Turn(0, "x"),), seed=i, stream=True)
@@ -174,11 +178,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="1,4,16")
     p.add_argument("--steps", type=int, default=3, help="decode steps counted per row count")
+    p.add_argument("--engine-mode", default="", help="eager or graphs (default: the engine's)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = build(torch)
-    results = [count_steps(model, int(r), args.steps, torch) for r in args.rows.split(",")]
+    rows = [int(r) for r in args.rows.split(",")]
+    results = [count_steps(model, r, args.steps, torch, args.engine_mode) for r in rows]
     print("| rows | dispatches per decode step | host syncs seen |")
     print("|---|---|---|")
     for r in results:

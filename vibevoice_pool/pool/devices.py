@@ -125,6 +125,7 @@ def engine_specs(cfg: PoolConfig, placements: list[Placement], model_path: str) 
         mem_budget_mb=cfg.mem_budget_mb,
         mem_headroom_mb=cfg.mem_headroom_mb,
         head_compile=cfg.head_compile,
+        engine_mode=cfg.engine_mode,
         torch_threads=cfg.torch_threads,
         inference_steps=cfg.inference_steps,
         runaway_factor=cfg.runaway_factor,

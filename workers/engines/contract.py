@@ -85,6 +85,9 @@ class EngineSpec:
     # opt-in, unmeasured: torch.compile mode of the diffusion head ("reduce-overhead":
     # CUDA graphs per row count); "" = off (workers/engines/vibevoice/audio.py)
     head_compile: str = ""
+    # "eager", "graphs" (captured CUDA graphs per row bucket for the diffusion loop and
+    # the audio decode/encode), "auto": graphs on CUDA, eager on CPU (vibevoice/audio.py)
+    engine_mode: str = "auto"
     torch_threads: int = 1
     inference_steps: int = 10
     runaway_factor: float = 2.0  # a row stops at this x its estimated length (VibeVoice)

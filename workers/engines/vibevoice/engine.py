@@ -229,7 +229,10 @@ class VibeVoiceEngine:
             mem_budget_bytes=int(spec.mem_budget_mb * MIB),
             mem_headroom_bytes=int(spec.mem_headroom_mb * MIB),
             head_compile=spec.head_compile,
+            engine_mode=spec.engine_mode,
         )
+        with torch.no_grad():  # graphs mode: every bucket's graphs made before serving
+            self.steps.speech.capture(spec.inference_steps, spec.max_batch_size)
         self.is_tiny = os.path.isdir(spec.model_path) and is_tiny_model(spec.model_path)
         if self.device.startswith("cuda"):
             props = torch.cuda.get_device_properties(0)

@@ -89,6 +89,7 @@ class StepEngine:
         mem_budget_bytes: int = 0,
         mem_headroom_bytes: int = 0,
         head_compile: str = "",
+        engine_mode: str = "auto",
     ):
         self.model = model
         self.device = device
@@ -124,7 +125,7 @@ class StepEngine:
         self.rows: list[Row] = []
         self.embeds: torch.Tensor | None = None  # (rows, 1, H): what each row feeds next step
         self.joining: list[Row] = []
-        self.speech = Speech(model, device, self.max_rows, head_compile)
+        self.speech = Speech(model, device, self.max_rows, head_compile, engine_mode)
         self.slot_count = self.max_rows
         self.free_slots = list(range(self.slot_count))
         self.steps = 0
