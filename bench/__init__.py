@@ -7,6 +7,6 @@ bench_gpu_1p5b.py, gpu_respawn.py, gpu_pool.py and gpu_all.py (which runs the ot
 three) are standalone scripts for a GPU machine; gpu_record.py writes the record's GPU
 section from the newest saved GPU run (docs/gpu/); cuda_image_size.py sizes the image;
 step_dispatches.py counts the step engine's operators and host syncs per decode step on
-CPU (the 1.5B depths at tiny widths); the shape section runs it beside the tiny model's
-audio-s/s.
+CPU (the 1.5B depths at tiny widths), per phase; the shape section runs it beside the tiny
+model's audio-s/s; kv_cache_cost.py times the LM's KV bookkeeping, dense against paged.
 """

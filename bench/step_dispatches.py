@@ -10,6 +10,11 @@ each decode step after the first (views are not counted: they launch nothing).
 `_local_scalar_dense` (.item()) and `nonzero` are host syncs; `.tolist()` and `.cpu()`
 on a CPU tensor dispatch nothing, so those are read from the code.
 
+Each operator is also charged to a phase: the innermost of the methods in PHASES that
+is running when it is dispatched (the LM forward, the KV cache's bookkeeping, the
+diffusion head, the acoustic decode and semantic re-encode), else "other" (the token
+choice, embeddings, the step's own bookkeeping).
+
     python -m bench.step_dispatches            # a minute or two on one CPU core
 """
 
@@ -22,6 +27,70 @@ import sys
 from pathlib import Path
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "item"}
+
+# (module, class, methods, phase): the methods whose operators count for the phase. A
+# class or method missing from the code under test is skipped, so the same table
+# measures the engine before and after a change.
+PHASES = [
+    ("workers.engines.vibevoice.step", "StepEngine", ("_forward",), "lm"),
+    ("workers.engines.vibevoice.step", "StepEngine", ("_prefill",), "prefill"),
+    ("workers.engines.vibevoice.audio", "Speech", ("diffuse",), "diffusion"),
+    ("workers.engines.vibevoice.audio", "Speech", ("decode", "zero"), "audio"),
+    (
+        "workers.engines.vibevoice.step",
+        "StepEngine",
+        ("_advance", "_decode_mask", "_reset_negative", "_drop_closed"),
+        "cache",
+    ),
+    ("workers.engines.vibevoice.caches", "BranchKV", ("cache", "absorb", "add", "keep"), "cache"),
+    ("transformers.cache_utils", "DynamicLayer", ("update",), "cache"),
+    (
+        "workers.engines.vibevoice.paged_kv",
+        "PagedKV",
+        ("begin", "advance", "release", "store_prompt"),
+        "cache",
+    ),
+    ("workers.engines.vibevoice.paged_kv", "StepCache", ("update",), "cache"),
+]
+
+
+class _Phases:
+    """Charges each dispatched operator to the innermost running method of PHASES."""
+
+    def __init__(self):
+        self.stack = ["other"]
+        self.saved: list[tuple[type, str, object]] = []
+
+    def __enter__(self):
+        import importlib
+
+        for module, cls_name, methods, phase in PHASES:
+            try:
+                cls = getattr(importlib.import_module(module), cls_name)
+            except (ImportError, AttributeError):
+                continue
+            for name in methods:
+                if name in vars(cls):
+                    self.saved.append((cls, name, vars(cls)[name]))
+                    setattr(cls, name, self._wrap(vars(cls)[name], phase))
+        return self
+
+    def __exit__(self, *exc):
+        for cls, name, fn in reversed(self.saved):
+            setattr(cls, name, fn)
+        self.saved.clear()
+
+    def _wrap(self, fn, phase):
+        stack = self.stack
+
+        def charged(*args, **kwargs):
+            stack.append(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stack.pop()
+
+        return charged
 
 
 def depths_config():
@@ -63,14 +132,18 @@ def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -
     from workers.engines.vibevoice.step import StepEngine
     from workers.wire.messages import Request, Turn
 
+    phases = _Phases()
+
     class Counter(TorchDispatchMode):
         def __init__(self):
             super().__init__()
             self.ops: collections.Counter = collections.Counter()
+            self.by_phase: collections.Counter = collections.Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if not func.is_view:
                 self.ops[func.__name__.split(".")[0]] += 1
+                self.by_phase[phases.stack[-1]] += 1
             return func(*args, **(kwargs or {}))
 
     prompts = SyntheticPrompts(model, prompt_tokens=64, voice_s=0.8)
@@ -85,7 +158,7 @@ def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -
     engine.step(sink)  # prefill and the first decode step
     engine.step(sink)  # warm
     counter = Counter()
-    with counter:
+    with phases, counter:
         for _ in range(measured):
             engine.step(sink)
     total = sum(counter.ops.values())
@@ -94,6 +167,7 @@ def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -
         "rows": rows,
         "dispatches_per_step": total / measured,
         "syncs_per_step_seen": syncs / measured,
+        "phases": {k: n / measured for k, n in counter.by_phase.most_common()},
         "top": counter.ops.most_common(8),
     }
 
@@ -115,6 +189,12 @@ def main() -> int:
     print("|---|---|---|")
     for r in results:
         print(f"| {r['rows']} | {r['dispatches_per_step']:.0f} | {r['syncs_per_step_seen']:.0f} |")
+    names = list(dict.fromkeys(k for r in results for k in r["phases"]))
+    print("\n| phase | " + " | ".join(f"{r['rows']} rows" for r in results) + " |")
+    print("|---|" + "---|" * len(results))
+    for name in names:
+        cells = " | ".join(f"{r['phases'].get(name, 0):.0f}" for r in results)
+        print(f"| {name} | {cells} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -3,8 +3,9 @@
 A Row is engine-neutral bookkeeping (the VibeVoice step engine and the
 simulator both use it): the request, its audio-token budget and step cap, the
 audio held back for a non-streamed row, the samples a resumed row must skip,
-and how it ended. Model state (KV, stream caches) lives in vibevoice/caches.py,
-indexed by the row's place in the running set.
+and how it ended. Model state lives with the engine: its KV blocks in
+vibevoice/paged_kv.py (the row's state names them), its stream caches in
+vibevoice/caches.py, at the row's slot.
 
 What crosses out is only through the sink (the step's contract.StepOutput):
     sink.chunk(request_id, pcm[, history])

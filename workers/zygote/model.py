@@ -39,6 +39,7 @@ MODULES = (
     "workers.engines.vibevoice.step",
     "workers.engines.vibevoice.audio",
     "workers.engines.vibevoice.caches",
+    "workers.engines.vibevoice.paged_kv",
     "workers.engines.vibevoice.prompt",
     "workers.engines.vibevoice.noise",
     "workers.checkpoints.convert",

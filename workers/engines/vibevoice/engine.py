@@ -218,7 +218,8 @@ class VibeVoiceEngine:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
             raise PoolError(ErrorKind.BAD_INPUT, msg) from exc
         self.model = model.to(self.device).eval()
-        from workers.engines.vibevoice.step import MIB, ProcessorPrompts, StepEngine
+        from workers.engines.vibevoice.prompt import ProcessorPrompts
+        from workers.engines.vibevoice.step import MIB, StepEngine
 
         self.steps = StepEngine(
             self.model,

@@ -6,6 +6,7 @@ This module owns turning requests into the model's prefill inputs:
     build_inputs(processor, requests) -> PromptBatch: left-padded input_ids and
                                          attention_mask, the voice samples (input_values,
                                          padding_mask) and which row owns each sample
+    ProcessorPrompts(processor)      -> the step engine's prompt seam over the two
 
 The format (microsoft's `VibeVoiceProcessor._process_single` and `_create_voice_prompt`;
 each piece is encoded on its own and the ids are concatenated, as microsoft does):
@@ -195,3 +196,20 @@ __all__ = [
     "voice_tokens",
     "voiced_speakers",
 ]
+
+
+class ProcessorPrompts:
+    """The step engine's prompt seam (.length(request), .batch(requests, device, dtype))
+    over a checkpoint's processor, as microsoft's processor builds the prompts."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.tokens = PromptTokens.from_processor(processor)
+
+    def length(self, req: Request) -> int:
+        return len(prompt_ids(self.tokens, req))
+
+    def batch(self, requests: list[Request], device: Any, dtype: Any) -> PromptBatch:
+        return build_inputs(
+            self.processor, requests, tokens=self.tokens, device=device, dtype=dtype
+        )

@@ -97,7 +97,7 @@ def bring_in(eng: Any, row: Row) -> None:
     fed = torch.from_numpy(hist.feedback_array().copy()).to(eng.device)
     with torch.no_grad():
         gen = row.state.generator  # fresh: the prompt's voice noise comes first
-        prompt = _prompt_embeds(eng, row, gen)
+        prompt = _prompt_embeds(eng, row)
         made = _step_embeds(eng, toks, fed)  # (k, H): what step j fed to step j + 1
         pos_layers, pos_len = _prefill(eng, torch.cat([prompt, made[:-1]])[None])
         neg_cols = _negative_columns(eng, toks, made)
@@ -105,7 +105,7 @@ def bring_in(eng: Any, row: Row) -> None:
         _restore_noise(eng, gen, toks, hist.noise)
         latents = _stream_window(eng, toks, fed)
         # every piece is built: now the row joins (nothing above touched the engine)
-        _join_kv(eng, pos_layers, pos_len, *neg)
+        _join_kv(eng, row, pos_layers, pos_len, *neg)
         row.slot = eng.free_slots.pop(0)
         slot = to_device([row.slot], eng.device)
         eng.speech.zero(slot)
@@ -126,25 +126,11 @@ def bring_in(eng: Any, row: Row) -> None:
     )
 
 
-def _prompt_embeds(eng: Any, row: Row, gen: torch.Generator) -> torch.Tensor:
-    """The row's prompt as embeddings (P, H), its voice latents noised from `gen`, as
-    the step engine's prefill makes them."""
-    from workers.engines.vibevoice.noise import add_voice_noise
-
-    batch = eng.prompts.batch([row.request], eng.device, eng.dtype)
-    inputs = batch.inputs
-    ids = inputs["input_ids"]
-    embeds = eng.embed(ids)
-    if "input_values" in inputs:
-        m = eng.model.model
-        latents = m.audio_tower.encode(inputs["input_values"], sample=False).latents
-        latents = add_voice_noise(latents, batch.voice_rows, batch.voice_tokens, [gen], eng.vae_std)
-        feats = (latents + m.latent_bias_factor) * m.latent_scaling_factor
-        count = torch.ceil(inputs["padding_mask"].sum(dim=-1) / eng.hop).long()
-        valid = torch.arange(feats.shape[1], device=count.device) < count[:, None]
-        voice = m.multi_modal_projector(feats)[valid.to(feats.device)]
-        embeds[ids == eng.audio_id] = voice.to(embeds.dtype)
-    return embeds[0][inputs["attention_mask"][0].bool()]
+def _prompt_embeds(eng: Any, row: Row) -> torch.Tensor:
+    """The row's prompt as embeddings (P, H), its voice latents noised from its (fresh)
+    generator, as the step engine's prefill makes them."""
+    embeds, mask = eng._prompt_embeds([row])
+    return embeds[0][mask[0].bool()]
 
 
 def _step_embeds(eng: Any, toks: np.ndarray, fed: torch.Tensor) -> torch.Tensor:
@@ -194,22 +180,16 @@ def _prefill(eng: Any, embeds: torch.Tensor) -> tuple[list, int]:
         **{eng.cache_arg: cache},
         use_cache=True,
     )
-    return [[layer.keys, layer.values] for layer in cache.layers], length
+    return [(layer.keys, layer.values) for layer in cache.layers], length
 
 
-def _join_kv(eng: Any, pos_layers: list, pos_len: int, neg_layers: Any, neg_len: int) -> None:
-    """The row's two branches join the store: [pos old, pos new, neg old, neg new]."""
-    kv, dev = eng.kv, eng.device
-    old = len(eng.rows)
-    kv.add(pos_layers, torch.ones(1, pos_len, dtype=torch.long, device=dev), _n(pos_len, dev))
-    kv.add(neg_layers, torch.ones(1, neg_len, dtype=torch.long, device=dev), _n(neg_len, dev))
-    if old:
-        ar = torch.arange(2 * old + 2, device=dev)
-        kv.keep(torch.cat([ar[:old], ar[2 * old : 2 * old + 1], ar[old : 2 * old], ar[-1:]]))
-
-
-def _n(value: int, device: Any) -> torch.Tensor:
-    return torch.tensor([value], dtype=torch.long, device=device)
+def _join_kv(eng: Any, row: Row, pos_layers: list, pos_len: int, neg_layers, neg_len) -> None:
+    """The row's two branches take fresh blocks of the paged store (paged_kv.PagedKV):
+    the positive one holds its prompt and history, the negative one its kept columns."""
+    row.state.pos, row.state.neg = eng.kv.seq(), eng.kv.seq()
+    eng.kv.store_prompt([row.state.pos], pos_layers, [pos_len])
+    if neg_len:
+        eng.kv.store_prompt([row.state.neg], neg_layers, [neg_len])
 
 
 def _restore_noise(eng: Any, gen: torch.Generator, toks: np.ndarray, noise: Any) -> None:

@@ -6,18 +6,21 @@ compare each row with. The engine owns the running set of rows. Each call to
 
   1. prefills the rows that join (batched among themselves; each voice's latent
      noise from its own row's generator, so it never depends on the neighbours);
-     their KV joins the store (caches.BranchKV, left-padded, per-row positions);
+     their KV goes into fresh blocks of the paged cache (paged_kv.PagedKV), each
+     branch of each row its own block list and length;
   2. runs ONE LM forward for both branches of every row: rows [0, n) are the
      positive branches, rows [n, 2n) the negative (CFG) ones, each with its own
-     KV, positions and mask, all fed the embedding the row made last step;
+     blocks and position, all fed the embedding the row made last step; each layer
+     writes the new column in place and reads the rows' blocks;
   3. picks each row's token among the four VibeVoice allows (argmax over their
      logits alone, computed in float32 from the four lm_head rows sliced at load);
   4. per row, as microsoft's loop does: EOS ends it; a row at its step cap ends
      before it acts (its capping step); speech_end zeroes its stream caches;
-     speech_start restarts its negative branch (its next negative token attends
-     only itself, at position 0); a negative row keeps this step's column only
-     when the row diffuses (the others mask it and keep their position, so their
-     unconditional context does not grow: microsoft's `correct_cnt`). Running the
+     speech_start restarts its negative branch (its blocks are freed; its next
+     negative token attends only itself, at position 0); a negative row keeps this
+     step's column only when the row diffuses (the others do not move on, so the
+     column is overwritten next step and their unconditional context does not grow:
+     microsoft's `correct_cnt`). Running the
      negative pass before the token is known changes nothing: a row that does
      not diffuse drops what it computed;
   5. for the rows that drew the audio token: the diffusion head batched over
@@ -29,9 +32,10 @@ compare each row with. The engine owns the running set of rows. Each call to
 Each row's history (engines/trail.py) leaves with its audio; a row sent again with
 it (request.resume) is rebuilt by resume.py at admit and goes on from its last step.
 
-Memory-aware admission: `fits(rows)` predicts the peak KV of a running set
-(both branches, each prompt plus the row's step cap, padded to the longest) and
-compares it with the budget (a setting, or on CUDA free memory minus headroom).
+Memory-aware admission: `fits(rows)` predicts the peak KV of a running set in
+blocks (per row, its positive branch's prompt plus step cap and its negative
+branch's step cap, each rounded up to whole blocks) and compares it with the budget
+(a setting, or on CUDA free memory plus the pool minus headroom).
 CUDA out-of-memory escapes `step`; what follows is the host's policy
 (workers/host/step_host.py), which decides who runs.
 """
@@ -44,9 +48,10 @@ from typing import Any
 import torch
 
 from workers.engines.row import Row
-from workers.engines.vibevoice import resume
+from workers.engines.vibevoice import paged_kv, resume
 from workers.engines.vibevoice.audio import HandOff, Speech
-from workers.engines.vibevoice.caches import BranchKV, to_device
+from workers.engines.vibevoice.caches import to_device
+from workers.engines.vibevoice.paged_kv import PAGED_FLASH, PagedKV, Seq, blocks_for
 from workers.wire.messages import ErrorKind, PoolError, Request
 
 MIB = 1 << 20
@@ -62,6 +67,8 @@ class _RowModel:
 
     generator: torch.Generator  # every random draw of the row: voice noise, then diffusion
     prompt_len: int
+    pos: Seq | None = None  # its positive branch's KV blocks (from its prefill on)
+    neg: Seq | None = None  # its negative (CFG) branch's
 
 
 def cache_keyword(lm: Any) -> str:
@@ -72,28 +79,6 @@ def cache_keyword(lm: Any) -> str:
 
     params = inspect.signature(lm.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-class ProcessorPrompts:
-    """Prompts as microsoft's processor builds them (workers/engines/vibevoice/prompt.py)."""
-
-    def __init__(self, processor: Any):
-        from workers.engines.vibevoice.prompt import PromptTokens
-
-        self.processor = processor
-        self.tokens = PromptTokens.from_processor(processor)
-
-    def length(self, req: Request) -> int:
-        from workers.engines.vibevoice.prompt import prompt_ids
-
-        return len(prompt_ids(self.tokens, req))
-
-    def batch(self, requests: list[Request], device: Any, dtype: Any):
-        from workers.engines.vibevoice.prompt import build_inputs
-
-        return build_inputs(
-            self.processor, requests, tokens=self.tokens, device=device, dtype=dtype
-        )
 
 
 class StepEngine:
@@ -129,9 +114,16 @@ class StepEngine:
         self.hop = cfg.audio_config.hop_length
         self.vae_std = float(getattr(model.model.audio_tower.config, "vae_std", 0.625))
         self.allowed, self.head_weight, self.head_bias = self._allowed_head(model)
-        # Both LM branches of every row in one store, run by one forward per step: rows
+        attn = getattr(self.text_cfg, "_attn_implementation", None) or "sdpa"
+        # the decode forward's attention: flash_attn over the blocks where it can run, else
+        # eager or sdpa over each row's blocks gathered (the reference)
+        self.flash = paged_kv.flash_kvcache() if str(device).startswith("cuda") else None
+        self.decode_attn = PAGED_FLASH if self.flash else "eager" if attn == "eager" else "sdpa"
+        if self.flash:
+            paged_kv.register_paged_flash()
+        # Both LM branches of every row in one pool, run by one forward per step: rows
         # [0, n) are the positive (prompt) branches, rows [n, 2n) the negative (CFG) ones.
-        self.kv = BranchKV(device)
+        self.kv = self._new_kv()
         self.rows: list[Row] = []
         self.embeds: torch.Tensor | None = None  # (rows, 1, H): what each row feeds next step
         self.joining: list[Row] = []
@@ -141,8 +133,6 @@ class StepEngine:
         self.steps = 0
         self.kv_bytes_per_token = self._kv_bytes_per_token()
         self.audio_out = HandOff(device)  # each step's audio, on its way to the host
-        attn = getattr(self.text_cfg, "_attn_implementation", None) or "sdpa"
-        self.mask_kind = attn if attn in ("sdpa", "eager") else "2d"
 
     # ---- setup ----------------------------------------------------------------------
     def _allowed_head(self, model: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,11 +158,31 @@ class StepEngine:
         dev = self.device
         return torch.tensor(ids, device=dev), weight.to(dev), bias.to(dev)
 
-    def _kv_bytes_per_token(self) -> int:
+    def _kv_dims(self) -> tuple[int, int, int]:
         c = self.text_cfg
         heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return 2 * c.num_hidden_layers * heads * head_dim * torch.finfo(self.dtype).bits // 8
+        return c.num_hidden_layers, heads, head_dim
+
+    def _kv_bytes_per_token(self) -> int:
+        layers, heads, head_dim = self._kv_dims()
+        return 2 * layers * heads * head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _new_kv(self) -> PagedKV:
+        layers, heads, head_dim = self._kv_dims()
+        # flash_attn's paged kernel takes blocks of a multiple of 256 tokens
+        extra = {"block_tokens": 256, "chunk_blocks": 8} if self.flash else {}
+        kind = "eager" if self.decode_attn == "eager" else "sdpa"
+        return PagedKV(
+            layers,
+            heads,
+            head_dim,
+            self.dtype,
+            self.device,
+            mask_kind=kind,
+            flash=self.flash,
+            **extra,
+        )
 
     # ---- admission --------------------------------------------------------------------
     @property
@@ -180,14 +190,16 @@ class StepEngine:
         return len(self.rows) + len(self.joining)
 
     def peak_bytes(self, rows: list[tuple[int, int]]) -> int:
-        """Predicted peak KV of a running set, given (prompt tokens, step cap) per row:
-        both branches padded to the longest row, plus the stream slots."""
+        """Predicted peak memory of a running set, given (prompt tokens, step cap) per
+        row: the KV blocks each row's branches can come to hold (the positive: prompt +
+        steps, the negative: steps; each + 1 for the column a step writes, + 1 for the
+        capping step; rounded up to whole blocks), plus the stream slots. A short row
+        counts its own blocks only, whatever the longest row holds."""
         if not rows:
             return 0
-        length = max(p + s for p, s in rows) + 2  # + the capping step, + the join column
-        slots = self.speech.bytes_per_slot()
-        # the negative rows share the positive rows' length (one store, one forward)
-        return len(rows) * (2 * length * self.kv_bytes_per_token + slots)
+        bt = self.kv.block_tokens
+        blocks = sum(blocks_for(p + s + 2, bt) + blocks_for(s + 2, bt) for p, s in rows)
+        return blocks * self.kv.bytes_per_block() + len(rows) * self.speech.bytes_per_slot()
 
     def budget_bytes(self) -> int:
         """What the running set may hold: the configured budget, else on CUDA free
@@ -196,7 +208,7 @@ class StepEngine:
             return self.mem_budget_bytes
         if self.device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info()
-            held = self.kv.bytes()
+            held = self.kv.pool_bytes()  # the pool's free blocks count as room
             return max(1, free + held - self.mem_headroom_bytes)
         return 0
 
@@ -274,7 +286,7 @@ class StepEngine:
         return them."""
         rows = self.open_rows()
         self.rows, self.joining, self.embeds = [], [], None
-        self.kv = BranchKV(self.device)
+        self.kv = self._new_kv()
         self.audio_out = HandOff(self.device)
         self.free_slots = list(range(self.slot_count))
         if self.device.startswith("cuda"):
@@ -296,7 +308,7 @@ class StepEngine:
         old = len(self.rows)
         fresh = None
         if joined:
-            fresh = self._prefill(joined, old)
+            fresh = self._prefill(joined)
             for row in joined:
                 row.slot = self.free_slots.pop(0)
             self.speech.zero(to_device([r.slot for r in joined], self.device))
@@ -310,23 +322,20 @@ class StepEngine:
         if joined:
             parts.append(bos.expand(len(joined), -1))
         consumed = torch.cat(parts)
-        hidden = self._forward(torch.cat([consumed, consumed])[:, None])
+        seqs = self._seqs()
+        hidden = self._forward(seqs, torch.cat([consumed, consumed])[:, None])
         pos_hidden = hidden[:n] if fresh is None else torch.cat([hidden[:old], fresh])
         neg_hidden = hidden[n:]
         tokens = self._choose(pos_hidden)
         capped = [i for i, row in enumerate(self.rows) if row.steps >= row.max_steps]
-        # Every positive row that ran keeps its column; a negative row only when it
-        # diffuses (microsoft's loop: a row's unconditional context grows only then).
-        # Built on the device from the tokens, before the one host sync of the step.
-        speaks = tokens == self.audio_id
-        if capped:  # its capping step: it ends before it acts
-            speaks[to_device(capped, self.device)] = False
-        keep = torch.cat([self._flags(old, True), self._flags(n - old, False), speaks])
-        self._advance(keep)
         next_embeds = self.embed(tokens)[:, None]
         toks = tokens.tolist()  # the step's one host sync
         self.audio_out.hand_over(sink)  # the last step's audio: its copy is done by now
         self.steps += 1
+        # Every positive row that ran keeps its column; a negative row only when it
+        # diffuses (microsoft's loop: a row's unconditional context grows only then).
+        speaks = [t == self.audio_id and i not in capped for i, t in enumerate(toks)]
+        self.kv.advance(seqs, [i < old for i in range(n)] + speaks)
 
         diffuse, restart = [], []
         for i, (row, tok) in enumerate(zip(self.rows, toks, strict=True)):
@@ -360,8 +369,9 @@ class StepEngine:
         self._drop_closed()
         sink.step()
 
-    def _flags(self, count: int, value: bool) -> torch.Tensor:
-        return torch.full((count,), value, dtype=torch.bool, device=self.device)
+    def _seqs(self) -> list[Seq]:
+        """The branch-rows of one forward: every row's positive branch, then every negative."""
+        return [r.state.pos for r in self.rows] + [r.state.neg for r in self.rows]
 
     def _choose(self, hidden: torch.Tensor) -> torch.Tensor:
         """Each row's next token, in self.rows order: the argmax over the four tokens
@@ -373,13 +383,15 @@ class StepEngine:
         """(rows, 4) float32 scores of the allowed tokens (self.allowed's order)."""
         return hidden.float() @ self.head_weight.T + self.head_bias
 
-    def _prefill(self, rows: list[Row], old: int) -> torch.Tensor:
-        """Run the joining rows' prompts, batched (left-padded, per-row positions, each
-        voice's latent noise from its own row's generator); their KV joins the store
-        after the `old` running rows' positive branches, their negative branches start
-        empty after the running rows' negative ones. Returns last hidden states (n, H)."""
-        from transformers import DynamicCache
+    def _prefill(self, rows: list[Row]) -> torch.Tensor:
+        """The joining rows' prompts run and their KV stored: their last hidden states
+        (n, H)."""
+        embeds, mask = self._prompt_embeds(rows)
+        return self._run_prefill(rows, embeds, mask)
 
+    def _prompt_embeds(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The joining rows' prompts as LM input, batched (left-padded; each voice's
+        latent noise from its own row's generator): embeddings (n, L, H), mask (n, L)."""
         from workers.engines.vibevoice.noise import add_voice_noise
 
         batch = self.prompts.batch([r.request for r in rows], self.device, self.dtype)
@@ -398,6 +410,15 @@ class StepEngine:
             valid = torch.arange(feats.shape[1], device=count.device) < count[:, None]
             voice = m.multi_modal_projector(feats)[valid.to(feats.device)]
             embeds[ids == self.audio_id] = voice.to(embeds.dtype)
+        return embeds, mask
+
+    def _run_prefill(self, rows: list[Row], embeds: torch.Tensor, mask: torch.Tensor):
+        """Run the prefill of `rows` over their input embeddings (n, L, H), left-padded as
+        `mask` (n, L) says, each row's real length its state's prompt_len; their KV goes
+        into fresh blocks of their positive branches, and each gets an empty negative
+        branch. Returns the last hidden states (n, H)."""
+        from transformers import DynamicCache
+
         cache = DynamicCache(config=self.text_cfg)
         out = self.lm(
             inputs_embeds=embeds,
@@ -406,75 +427,58 @@ class StepEngine:
             **{self.cache_arg: cache},
             use_cache=True,
         )
-        n = len(rows)
-        layers = [[layer.keys, layer.values] for layer in cache.layers]
-        kv = self.kv  # [pos old, neg old] -> [pos old, neg old, pos new, neg new]
-        kv.add(layers, mask, mask.sum(dim=-1))
-        kv.add(None, mask[:, :0], torch.zeros(n, dtype=torch.long, device=self.device))
-        if old:  # -> [pos old, pos new, neg old, neg new]
-            ar = torch.arange(2 * (old + n), device=self.device)
-            kv.keep(torch.cat([ar[:old], ar[2 * old : 2 * old + n], ar[old : 2 * old], ar[-n:]]))
-        return out.last_hidden_state[:, -1]
-
-    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        """One LM forward of both branches of every row (2n rows, each its own KV,
-        positions and mask). Every row attends its own new column during the pass, so no
-        row's attention is empty; `_advance` then says which rows keep it. Returns the
-        last hidden states (2n, H)."""
-        kv = self.kv
-        ones = torch.ones(kv.rows, 1, dtype=torch.long, device=self.device)
-        cache = kv.cache()
-        out = self.lm(
-            inputs_embeds=embeds,
-            attention_mask=self._decode_mask(torch.cat([kv.mask, ones], dim=1)),
-            position_ids=kv.pos[:, None],
-            **{self.cache_arg: cache},
-            use_cache=True,
+        for row in rows:
+            row.state.pos, row.state.neg = self.kv.seq(), self.kv.seq()
+        self.kv.store_prompt(
+            [r.state.pos for r in rows],
+            [(layer.keys, layer.values) for layer in cache.layers],
+            [r.state.prompt_len for r in rows],
         )
-        kv.absorb(cache)
         return out.last_hidden_state[:, -1]
 
-    def _decode_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """The (rows, columns) mask of a one-token step, made 4D for sdpa (bool) and eager
-        (additive) so that transformers takes it as it is: its 2D path checks whether
-        every column is attended (a host sync) to skip the mask. flash_attention_2 takes
-        the 2D mask."""
-        if self.mask_kind == "2d":
-            return mask
-        allowed = mask.bool()[:, None, None, :]
-        if self.mask_kind == "sdpa":
-            return allowed
-        blocked = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        return blocked.masked_fill(~allowed, torch.finfo(self.dtype).min)
-
-    def _advance(self, keep: torch.Tensor) -> None:
-        """After a forward: the rows where `keep` (2n bools) is set attend their new
-        column from now on and move one position on; the others mask it."""
-        kv = self.kv
-        kv.mask = torch.cat([kv.mask, keep.long()[:, None]], dim=1)
-        kv.pos = kv.pos + keep.long()
+    def _forward(self, seqs: list[Seq], embeds: torch.Tensor) -> torch.Tensor:
+        """One LM forward of both branches of every row (2n seqs, each its own blocks and
+        position). Each layer writes the new column in place; every row attends it during
+        the pass, so no row's attention is empty; `PagedKV.advance` then says which rows
+        keep it. Returns the last hidden states (2n, H)."""
+        step = self.kv.begin(seqs)
+        cfg = self.lm.config
+        configured = cfg._attn_implementation
+        cfg._attn_implementation_internal = self.decode_attn  # this forward only
+        try:
+            out = self.lm(
+                inputs_embeds=embeds,
+                attention_mask={"full_attention": step.mask},  # no mask building
+                position_ids=step.positions,
+                **{self.cache_arg: step},
+                use_cache=True,
+                **({"paged_step": step} if self.flash else {}),
+            )
+        finally:
+            cfg._attn_implementation_internal = configured
+        return out.last_hidden_state[:, -1]
 
     def _reset_negative(self, i: int) -> None:
-        """speech_start: the row's unconditional context starts again. microsoft masks
-        every negative column but the last, and between its steps the mask is one column
-        longer than the KV (the column of the token about to run): so its copy of KV slot
-        0 into the last slot lands on a masked column, and the next negative token attends
-        only itself, at position 0. Here: every column masked, position 0; the next
-        negative forward attends its own new column. Context: [speech_start@0, d@1, ...]."""
-        n = len(self.rows)
-        self.kv.mask[n + i] = 0
-        self.kv.pos[n + i] = 0
+        """speech_start: the row's unconditional context starts again (microsoft's copy of
+        KV slot 0 lands on a masked column, so its next negative token attends only itself,
+        at position 0: docs/MODEL.md). Here the negative branch's blocks are freed and its
+        next token is its first: context [speech_start@0, d@1, ...]."""
+        self.kv.release(self.rows[i].state.neg, drop=False)
 
     def _drop_closed(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.closed]
         if len(keep) == len(self.rows):
             return
         for r in self.rows:
-            if r.closed and r.slot >= 0:
-                self.free_slots.append(r.slot)
-                r.slot = -1
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.kv.keep(torch.cat([idx, idx + len(self.rows)]))
+            if r.closed:
+                if r.slot >= 0:
+                    self.free_slots.append(r.slot)
+                    r.slot = -1
+                for seq in (r.state.pos, r.state.neg):
+                    if seq is not None:
+                        self.kv.release(seq)
+                r.state.pos = r.state.neg = None
         if self.embeds is not None:
+            idx = to_device(keep, self.device)
             self.embeds = self.embeds.index_select(0, idx) if keep else None
         self.rows = [self.rows[i] for i in keep]
