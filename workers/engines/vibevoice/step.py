@@ -51,6 +51,7 @@ from workers.engines.row import Row
 from workers.engines.vibevoice import paged_kv, resume
 from workers.engines.vibevoice.audio import HandOff, Speech
 from workers.engines.vibevoice.caches import to_device
+from workers.engines.vibevoice.fused_lm import fuse_projections
 from workers.engines.vibevoice.paged_kv import PAGED_FLASH, PagedKV, Seq, blocks_for
 from workers.wire.messages import ErrorKind, PoolError, Request
 
@@ -108,6 +109,7 @@ class StepEngine:
         self.eos_ids.add(cfg.eos_token_id)
         self.dtype = model.dtype
         self.lm = model.model.language_model
+        fuse_projections(self.lm)  # q/k/v and gate/up: one matmul each (fused_lm.py)
         self.cache_arg = cache_keyword(self.lm)
         self.embed = model.get_input_embeddings()
         self.text_cfg = cfg.text_config
