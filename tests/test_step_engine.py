@@ -61,6 +61,27 @@ def voice(seconds=0.7, f=180.0) -> np.ndarray:
     return (0.2 * np.sin(2 * np.pi * f * t)).astype(np.float32)
 
 
+@pytest.fixture(scope="module", params=["eager", "graphs"])
+def engine(request, tiny_model_dir):
+    """The tiny model's engine of up to 4 rows, in each engine mode: "graphs" runs the
+    diffusion loop and the audio decode/encode through their static per-bucket buffers
+    (on CPU the plain calls a CUDA graph would capture), so everything here holds in
+    both modes."""
+    from workers.engines.contract import EngineSpec
+    from workers.engines.vibevoice.engine import VibeVoiceEngine
+
+    spec = EngineSpec(
+        engine="vibevoice",
+        model_path=tiny_model_dir,
+        max_batch_size=4,
+        engine_mode=request.param,
+    )
+    eng = VibeVoiceEngine(spec)
+    eng.load()
+    assert eng.steps.speech.mode == request.param
+    return eng
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     return Reference(tiny_model_dir)
