@@ -151,7 +151,7 @@ def test_a_row_cut_mid_speech_resumes_in_a_batch_and_continues_its_audio(engine,
 def test_a_long_row_resumes_with_its_stream_caches_rebuilt_from_a_window(engine, plans):
     """More speech steps than STREAM_FRAMES before the cut: the caches come from the
     last STREAM_FRAMES latents only, and the audio still continues."""
-    r = req("long", seed=43, est_audio_s=10.0)  # 75 audio tokens
+    r = req("long", seed=43, est_audio_s=16.0)  # 120 audio tokens
     cut = resume.STREAM_FRAMES + 14
     want, got, hist, _ = cut_and_resume(engine, r, cut=cut)
     assert hist.noise is not None and hist.noise[0] <= cut  # the generator state travelled

@@ -47,7 +47,9 @@ from workers.wire.messages import SAMPLE_RATE
 
 log = logging.getLogger("vibevoice_pool.worker")
 
-STREAM_FRAMES = 48  # latents re-run to rebuild the streaming conv caches (6.4 s of audio)
+# latents re-run to rebuild the streaming conv caches (12.8 s of audio): more than the
+# tiny model's receptive field (tested); unverified for 1.5B (docs/MODEL.md)
+STREAM_FRAMES = 96
 NOISE_EVERY = 32  # a speech step count at which the trail keeps the generator's state
 
 
