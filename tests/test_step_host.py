@@ -6,7 +6,7 @@ import numpy as np
 
 from workers.engines.contract import EngineSpec
 from workers.engines.sim import OOM, SimEngine, tone
-from workers.host.step_host import StepHost
+from workers.host.step_host import SUSPECT_STEPS, StepHost
 from workers.wire.estimate import audio_seconds_for
 from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError, Request, Turn
 
@@ -84,6 +84,19 @@ def test_a_replay_runs_alone():
     joins = {0: [req("a", 1.0)], 1: [req("replay", 1.0, attempt=2), req("b", 0.5)]}
     joined = run(h, joins)
     assert joined[0] == ["a"] and joined[2] == ["replay"] and joined[4] == ["b"]
+
+
+def test_a_long_replay_runs_alone_only_for_its_first_steps():
+    """A resumed row may be minutes long: it is a suspect for SUSPECT_STEPS steps, then
+    others join beside it (a 20 s row makes 40 steps of 0.5 s)."""
+    h, sink = host(rows=4)
+    replay, b = req("replay", 20.0, attempt=2), req("b", 0.5)
+    joined = run(h, {0: [replay], 1: [b]})
+    assert joined[0] == ["replay"]
+    at = joined.index(["b"])
+    assert at == SUSPECT_STEPS  # after the replay's first SUSPECT_STEPS steps, not its end
+    assert sink.events.index(("finish", "b")) < sink.events.index(("finish", "replay"))
+    assert heard_whole(sink, replay) and heard_whole(sink, b)
 
 
 def test_cancel_waiting_and_running_rows():

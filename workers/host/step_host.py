@@ -32,8 +32,11 @@ Admission, in arrival order, stops at the first request that cannot join:
   - the live row limit (`max_rows`: the engine's, halved by each out-of-memory) is held;
   - the engine's memory budget has no room for the row (it waits for a row to leave;
     one that can never fit was failed by prepare);
-  - a replay (attempt > 1) runs alone: if it is what killed a worker, it must not take
-    innocent rows down again; nothing joins while it runs.
+  - a row sent again after its worker died (attempt > 1) is a suspect: if it is what
+    killed that worker, it must not take innocent rows down again. It joins alone and
+    nothing joins beside it for its first SUSPECT_STEPS steps here (the steps around
+    the point where its last worker died, for a resumed row); after those it is one
+    row among others, so a long resumed row does not hold a worker for itself.
 A request that cannot join is shown to the preemption policy (`preempt`: the waiting
 request and the running rows -> a row to give up its place, or None; never by
 default; the workers use host/preemption.py). With `give_back` (the workers), a
@@ -64,6 +67,7 @@ from workers.wire import messages as m
 log = logging.getLogger("vibevoice_pool.worker")
 
 SPEED_WINDOW_S = 1.0  # busy seconds per speed sample (or less, when the engine empties)
+SUSPECT_STEPS = 16  # steps a row sent again after its worker died runs alone (docstring)
 
 # The preemption policy: the request at the head of the queue, which cannot join, and
 # the rows running now -> the row that gives up its place, or None.
@@ -179,7 +183,7 @@ class StepHost:
         now = self.clock()
         while self.pending:
             req = self.pending[0]
-            if self.running and (req.attempt > 1 or self._replay_running()):
+            if self.running and (req.attempt > 1 or self._replay_running()):  # suspects
                 break
             row = self._ready.pop(req.id, None) or self._prepare(req)
             if row is None:
@@ -268,8 +272,10 @@ class StepHost:
         return None
 
     def _replay_running(self) -> bool:
+        """A suspect is running: a row sent again after its worker died, within its
+        first SUSPECT_STEPS steps here."""
         rows = (*self.running.values(), *self.restarting, *self.preempted)
-        return any(r.request.attempt > 1 for r in rows)
+        return any(r.request.attempt > 1 and r.steps - r.joined_at < SUSPECT_STEPS for r in rows)
 
     def _execute(self) -> StepOutput | None:
         try:
