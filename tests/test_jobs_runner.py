@@ -367,3 +367,22 @@ def test_the_jobs_tab_builds_and_lists_this_browsers_jobs(runner):
     assert rows[0][:2] == [job.id, "done"] and files == [str(r.result_file(job))]
     assert ui_jobs.job_rows(r, "browser:b2") == ([], [])
     assert ui_jobs.cancel_job(r, "b2", job.id).startswith("❌ No job")
+
+
+def test_saved_progress_counts_on_disk_and_goes_when_its_queued_job_is_cancelled(runner):
+    """A job queued to go on after a restart has its audio and history on disk
+    (jobs/progress.py): they count against the data limit, and cancelling the job
+    while it waits removes them."""
+    pool = FakePool()
+    pool.refuse = m.ErrorKind.OVERLOADED  # the job stays queued
+    r = runner(pool)
+    job = r.submit("me", {"script": SCRIPT})
+    before = r.store.disk_bytes()
+    pcm, hist = r.progress._paths(job.id)
+    pcm.parent.mkdir(parents=True, exist_ok=True)
+    pcm.write_bytes(b"\0" * 40_000)
+    hist.write_bytes(b"\0" * 1_000)
+    assert r.store.disk_bytes() - before == 41_000
+    r.cancel(job.id)
+    assert not pcm.exists() and not hist.exists()
+    assert r.store.get(job.id).state is JobState.CANCELLED

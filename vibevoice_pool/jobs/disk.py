@@ -44,6 +44,7 @@ DROPPED_BODY = "{}"
 LOW_SPACE = 2**20  # less free space than this under the data folder counts as full
 BIG_BODY = 256 * 1024  # a body past this is kept in a file of its own
 BODIES_DIR = "bodies"
+PROGRESS_DIR = "progress"  # running jobs' saved audio and history (progress.py)
 BODY_FILE_KEY = "$file"  # the database's body of a job whose body is a file
 
 
@@ -137,10 +138,10 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def folder_bytes(folder: Path, db_name: str, results: Path) -> int:
-    """What the data folder's files take: the database, its journal, the results
-    and the body files."""
+    """What the data folder's files take: the database, its journal, the results,
+    the body files and the running jobs' saved progress."""
     total = file_size(folder / db_name) + file_size(folder / (db_name + "-wal"))
-    for sub in (results, folder / BODIES_DIR):
+    for sub in (results, folder / BODIES_DIR, folder / PROGRESS_DIR):
         with contextlib.suppress(FileNotFoundError):
             total += sum(file_size(p) for p in sub.iterdir() if p.is_file())
     return total

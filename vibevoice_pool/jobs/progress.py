@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vibevoice_pool.jobs.disk import write_atomic
+from vibevoice_pool.jobs.disk import PROGRESS_DIR, write_atomic
 from workers.wire import messages as m
 from workers.wire.history import History
 
 log = logging.getLogger("vibevoice_pool")
 
-PROGRESS_DIR = "progress"
 CHECKPOINT_S = 1.0
 
 

@@ -204,7 +204,9 @@ class JobRunner:
             live = self._live.get(job_id)
             if live is not None:
                 live.cancelled = True
-        if live is not None and live.handle is not None:
+        if live is None:  # queued (maybe to go on after a restart): its progress is moot
+            self.progress.drop(job_id)
+        elif live.handle is not None:
             live.handle.cancel()
         log.info("job %s cancelled", job_id)
         return self.get(job_id)
