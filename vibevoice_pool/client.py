@@ -116,7 +116,10 @@ def scale(ns) -> int:
         )
         if r.status_code != 202:
             return _fail(r)
-        print(f"worker {worker_id} is draining: its rows move to the other workers, then it stops")
+        print(
+            f"worker {worker_id} is draining: its rows move to the other workers"
+            " (a Ray replica finishes its own), then it stops"
+        )
     return 0
 
 
