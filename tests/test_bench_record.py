@@ -261,3 +261,19 @@ def test_the_shape_record_rewrites_only_its_own_section():
     twice = shape.rewrite(once, d2, "test CPU", "later", "python -m bench.shape.run")
     assert twice.count(shape.TITLE) == 1 and "| CB 1 | 123.45 |" in twice
     assert "| CB 1 | 123.45 |" not in once and twice.endswith("ray text\n")
+
+
+def test_the_shape_reading_takes_cb4_apart_from_the_saved_figures():
+    from bench.shape import record as shape
+    from bench.shape.run import arrival_order_rows
+
+    d = figures("shape")
+    one, four = d["step_ms_by_rows"]["CB 1"]["1"], d["step_ms_by_rows"]["CB 4"]["4"]
+    text = "\n".join(shape.reading(d))
+    assert f"a step with 4 rows costs {four} ms against {one} ms with 1" in text
+    assert f"makes {4 * one / four:.2f}x the audio" in text
+    assert f"({d['arrival_order_rows']['CB 4']} by `arrival_order_rows`" in text
+    # arrival order on four places: the long one last runs alone; longest first fills them
+    assert arrival_order_rows([1.0, 1.0, 1.0, 1.0, 8.0], 4) == 12.0 / 9.0
+    assert arrival_order_rows([8.0, 1.0, 1.0, 1.0, 1.0], 4) == 12.0 / 8.0
+    assert arrival_order_rows([2.0, 2.0], 1) == 1.0

@@ -49,6 +49,21 @@ def dispatch_counts(rows: list[int], steps: int) -> list[dict]:
     return [count_steps(model, r, steps, torch) for r in rows]
 
 
+def arrival_order_rows(lengths: list[float], limit: int) -> float:
+    """The mean rows in flight that serving `lengths` in arrival order permits with
+    `limit` places: a row takes the first place that frees and holds it for its length
+    (decode steps are proportional to audio seconds). Total length over the makespan."""
+    import heapq
+
+    free = [0.0] * limit
+    end = 0.0
+    for length in lengths:
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + length)
+        end = max(end, start + length)
+    return sum(lengths) / end
+
+
 def requests(lengths: list[float], tag: str, diffusion_steps: int) -> list:
     from workers.wire.messages import Request, Turn
 
@@ -200,6 +215,19 @@ def main(argv=None) -> int:
             for m in modes
             if m != "generate 1"
         },
+        "arrival_order_rows": {
+            f"CB {r}": round(arrival_order_rows(lengths, r), 2) for r in cb_rows
+        },
+        "step_ms_by_rows": {
+            m: {
+                k: round(statistics.median(r["step_ms_by_rows"][k] for r in runs[m]), 1)
+                for k in runs[m][0]["step_ms_by_rows"]
+                if all(k in r["step_ms_by_rows"] for r in runs[m])
+            }
+            for m in modes
+            if m != "generate 1"
+        },
+        "longest_position": max(range(len(lengths)), key=lambda i: lengths[i]) + 1,
         "ratios": {
             **{f"CB {r} / generate 1": round(ratio(f"CB {r}", "generate 1"), 2) for r in cb_rows},
             **{f"CB {r} / CB 1": round(ratio(f"CB {r}", "CB 1"), 2) for r in cb_rows if r != 1},

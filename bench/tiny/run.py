@@ -213,6 +213,16 @@ def drive(engine, rows: int, idle_only: bool, requests: list, offsets: list[floa
         "ttfa_p99_s": round(_pct(ttfa, 99), 3),
         "step_ms_median": round(1000 * step, 1),
         "rows_mean": round(statistics.mean(occupancy), 2),
+        "step_ms_by_rows": {
+            str(k): round(
+                1000
+                * statistics.median(
+                    w for w, o in zip(step_walls, occupancy, strict=True) if o == k
+                ),
+                1,
+            )
+            for k in sorted(set(occupancy))
+        },
         "joined_busy": len(waits),
         "join_wait_steps_max": max(waits) if waits else None,
     }
