@@ -19,7 +19,6 @@ import pytest
 
 from workers.engines.contract import EngineSpec
 from workers.engines.sim import SimEngine
-from workers.engines.vibevoice import resume
 from workers.engines.vibevoice.engine import HOP_SAMPLES
 from workers.wire.history import TOKEN, HistoryDelta, HistoryLog
 from workers.wire.messages import Request, Turn
@@ -149,10 +148,10 @@ def test_a_row_cut_mid_speech_resumes_in_a_batch_and_continues_its_audio(engine,
 
 
 def test_a_long_row_resumes_with_its_stream_caches_rebuilt_from_a_window(engine, plans):
-    """More speech steps than STREAM_FRAMES before the cut: the caches come from the
-    last STREAM_FRAMES latents only, and the audio still continues."""
+    """More speech steps than the stream window before the cut: the caches come from
+    the last stream_frames latents only, and the audio still continues."""
     r = req("long", seed=43, est_audio_s=16.0)  # 120 audio tokens
-    cut = resume.STREAM_FRAMES + 14
+    cut = engine.steps.speech.stream_frames + 14
     want, got, hist, _ = cut_and_resume(engine, r, cut=cut)
     assert hist.noise is not None and hist.noise[0] <= cut  # the generator state travelled
     assert_continues(want, got, hist.samples)

@@ -134,7 +134,7 @@ def section(sec, img_dir: Path | None = None, rel: str = "") -> list[str]:
         "",
         "- The stall after a kill is detection, then one prefill of the prompt and the "
         "history, and the rebuild of the stream caches from a window of frames "
-        "(resume.STREAM_FRAMES): the prefill "
+        "(the model's own stream window, receptive.py): the prefill "
         "is one parallel pass, so the stall does not follow the audio already made ("
         + ", ".join(
             f"{x['resume_stall_s']:.2f} s at {x['audio_s']:.0f} s" for x in res["summary"].values()

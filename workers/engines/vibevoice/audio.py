@@ -43,6 +43,7 @@ from workers.engines.vibevoice.graphs import (
     buckets_upto,
     tolerance,
 )
+from workers.engines.vibevoice.receptive import lookback_frames
 
 log = logging.getLogger("vibevoice_pool.worker")
 
@@ -83,6 +84,10 @@ class Speech:
             torch.compile(diffusion_loop, mode=head_compile) if compile_loop else diffusion_loop
         )
         self.acoustic, self.semantic = self._stream_slots(slots)
+        # the latents a resumed row runs through both stacks to rebuild their caches
+        self.stream_frames = lookback_frames(
+            model.model.audio_tower.decoder, model.model.semantic_tokenizer_encoder
+        )
         self.graphs: dict[tuple, Graph] = {}
         self.checks_left: dict[tuple, int] = {}
         cuda = str(device).startswith("cuda") and self.mode == "graphs"

@@ -23,11 +23,11 @@ bring_in rebuilds, without running a single decode step:
     speech_start (a step's column is kept only when that step spoke; microsoft's
     loop);
   - the acoustic decoder's and semantic encoder's streaming caches: the decoder
-    and the encoder run over the last STREAM_FRAMES latents since the caches were
-    last zeroed (the row's start, or its last speech_end), from zero caches, in one
-    call each: a causal conv stack's state depends only on a window of its past, and
-    STREAM_FRAMES covers it (the tests compare with the caches of the uninterrupted
-    row);
+    and the encoder run over the last `speech.stream_frames` latents since the
+    caches were last zeroed (the row's start, or its last speech_end), from zero
+    caches, in one call each: a causal conv stack's state depends only on a window of
+    its past, and that window is the loaded model's own (receptive.py: 116 frames for
+    VibeVoice-1.5B's towers, 29 for the tiny model's);
   - the noise generator: its last saved state, then one draw per speech step since.
 Its next step feeds the embedding of its last step, and it sends only new audio.
 """
@@ -47,9 +47,6 @@ from workers.wire.messages import SAMPLE_RATE
 
 log = logging.getLogger("vibevoice_pool.worker")
 
-# latents re-run to rebuild the streaming conv caches (12.8 s of audio): more than the
-# tiny model's receptive field (tested); unverified for 1.5B (docs/MODEL.md)
-STREAM_FRAMES = 96
 NOISE_EVERY = 32  # a speech step count at which the trail keeps the generator's state
 
 
@@ -206,12 +203,12 @@ def _restore_noise(eng: Any, gen: torch.Generator, toks: np.ndarray, noise: Any)
 
 
 def _stream_window(eng: Any, toks: np.ndarray, fed: torch.Tensor) -> torch.Tensor:
-    """The latents (w, width) of the last STREAM_FRAMES speech steps since the stream
+    """The latents (w, width) of the last stream_frames speech steps since the stream
     caches were last zeroed (the row's start or its last speech_end)."""
     ends = np.nonzero(toks == eng.end_id)[0]
     first = int(ends[-1]) + 1 if len(ends) else 0
     spoke = first + np.nonzero(toks[first:] == eng.audio_id)[0]
-    spoke = spoke[-STREAM_FRAMES:]
+    spoke = spoke[-eng.speech.stream_frames :]
     index = torch.as_tensor(spoke.astype(np.int64), device=fed.device)
     return fed.index_select(0, index)[:, : eng.speech.width]
 
