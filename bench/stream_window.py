@@ -24,8 +24,8 @@ import time
 
 
 def towers(num_filters: int | None) -> dict:
-    """name -> (decoder config, semantic encoder config): VibeVoice-1.5B's tower (also
-    VibeVoice-7B's: the same tokenizers) and the tiny model's."""
+    """name -> (decoder config, semantic encoder config): VibeVoice-1.5B's tower and the
+    tiny model's. Any other checkpoint's window is read from its own modules."""
     from transformers import VibeVoiceConfig
 
     from bench.bench_gpu_1p5b import full_size_config
