@@ -157,6 +157,17 @@ def test_a_long_row_resumes_with_its_stream_caches_rebuilt_from_a_window(engine,
     assert_continues(want, got, hist.samples)
 
 
+def test_a_model_whose_window_is_unknown_reruns_every_frame_and_continues(
+    engine, plans, monkeypatch
+):
+    """No window read from the model (receptive.lookback_frames gave None): the caches
+    come from every latent since they were zeroed, and the audio still continues."""
+    monkeypatch.setattr(engine.steps.speech, "stream_frames", None)
+    r = req("all", seed=45, est_audio_s=8.0)
+    want, got, hist, _ = cut_and_resume(engine, r, cut=40)
+    assert_continues(want, got, hist.samples)
+
+
 @pytest.mark.parametrize("cut", [7, 8, 10])
 def test_cuts_around_speech_end_and_speech_start_resume_exactly(engine, plans, cut):
     """speech_end at step 4 zeroes the stream caches, speech_start at step 5 restarts

@@ -31,3 +31,12 @@ def test_the_engine_reruns_its_own_models_window(engine):
     m = engine.model.model
     want = lookback_frames(m.audio_tower.decoder, m.semantic_tokenizer_encoder)
     assert engine.steps.speech.stream_frames == want == 29  # the tiny model's tower
+
+
+def test_a_stack_without_the_convs_it_reads_gives_no_window():
+    import torch
+
+    plain = torch.nn.Sequential(torch.nn.Conv1d(1, 1, 3))
+    decoder, _ = build(*towers(num_filters=1)["tiny"])
+    assert lookback_frames(plain) is None
+    assert lookback_frames(decoder, plain) is None  # then a resume reruns every frame

@@ -88,6 +88,8 @@ class Speech:
         self.stream_frames = lookback_frames(
             model.model.audio_tower.decoder, model.model.semantic_tokenizer_encoder
         )
+        if self.stream_frames is None:
+            log.warning("stream window unknown for this model: a resume reruns all its frames")
         self.graphs: dict[tuple, Graph] = {}
         self.checks_left: dict[tuple, int] = {}
         cuda = str(device).startswith("cuda") and self.mode == "graphs"

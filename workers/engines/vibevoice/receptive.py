@@ -37,11 +37,16 @@ def _back(conv: Any, e: int) -> int:
     return e * c.stride[0] - padding
 
 
-def lookback_frames(*stacks: Any) -> int:
+def lookback_frames(*stacks: Any) -> int | None:
     """Past latent frames that reach the last stack's output for the current frame,
-    through `stacks` in the order they run (the decoder, then the semantic encoder)."""
+    through `stacks` in the order they run (the decoder, then the semantic encoder);
+    None when a stack shows none of the causal convs this reads (another layout: the
+    caller then reruns every frame since the caches were zeroed, exact but slower)."""
     e = 0
     for stack in reversed(stacks):
-        for conv in reversed(_causal_convs(stack)):
+        convs = _causal_convs(stack)
+        if not convs:
+            return None
+        for conv in reversed(convs):
             e = _back(conv, e)
     return max(0, -e)

@@ -208,7 +208,8 @@ def _stream_window(eng: Any, toks: np.ndarray, fed: torch.Tensor) -> torch.Tenso
     ends = np.nonzero(toks == eng.end_id)[0]
     first = int(ends[-1]) + 1 if len(ends) else 0
     spoke = first + np.nonzero(toks[first:] == eng.audio_id)[0]
-    spoke = spoke[-eng.speech.stream_frames :]
+    window = eng.speech.stream_frames
+    spoke = spoke if window is None else spoke[-window:]
     index = torch.as_tensor(spoke.astype(np.int64), device=fed.device)
     return fed.index_select(0, index)[:, : eng.speech.width]
 
