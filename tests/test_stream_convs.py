@@ -1,0 +1,93 @@
+"""conv_stacks' streaming convs against transformers' own modules on their own padding
+caches, chunk after chunk (the cache carried):
+
+- upsample, a causal transposed conv fed only the input frames that reach its new
+  output, on both of its paths: fewer new frames than the kernel (one matmul and an
+  overlap-add) and as many or more (the module's conv);
+- causal_conv, on both of its paths: an input with context one kernel long (one linear
+  map) and any other (the module's conv)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.vibevoice_acoustic_tokenizer import (
+    modeling_vibevoice_acoustic_tokenizer as mod,
+)
+
+from workers.engines.vibevoice.conv_stacks import causal_conv, upsample
+
+SHAPES = [  # in, out, kernel, stride, new frames per chunk
+    (256, 128, 16, 8, 1),  # the decoder's first stage at the tiny model's widths
+    (128, 64, 10, 5, 8),
+    (64, 32, 10, 5, 40),  # as many frames as the kernel or more: the module's conv
+    (12, 6, 7, 3, 2),  # a kernel that is not a multiple of its stride
+    (8, 4, 4, 4, 1),  # kernel == stride: no context frame reaches the output
+]
+
+
+@pytest.mark.parametrize("c_in,c_out,kernel,stride,frames", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_upsample_equals_transformers_chunk_after_chunk(c_in, c_out, kernel, stride, frames, rows):
+    g = torch.Generator().manual_seed(c_in + kernel + rows)
+    module = mod.VibeVoiceAcousticTokenizerCausalConvTranspose1d(
+        c_in, c_out, kernel, cache_key="up", stride=stride
+    )
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    theirs, ours = (mod.VibeVoiceAcousticTokenizerConv1dPaddingCache() for _ in range(2))
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(rows, c_in, frames, generator=g)
+            want = module(x, padding_cache=theirs)
+            got = upsample(module, x, ours)
+            assert got.shape == want.shape == (rows, c_out, frames * stride)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+
+def test_the_frames_that_do_not_reach_the_output_change_nothing():
+    """The claim the short path rests on, shown on transformers' module alone: with
+    kernel 16 and stride 8, only the last (16 - 1) // 8 = 1 of the 15 context frames
+    reaches the new output; changing the other 14 changes nothing."""
+    module = mod.VibeVoiceAcousticTokenizerCausalConvTranspose1d(16, 8, 16, "up", stride=8)
+    x, last = torch.randn(2, 16, 1), torch.randn(2, 16, 1)
+    outs = []
+    with torch.no_grad():
+        for old in (torch.zeros(2, 16, 14), torch.randn(2, 16, 14)):
+            cache = mod.VibeVoiceAcousticTokenizerConv1dPaddingCache()
+            module(torch.cat([old, last], dim=-1), padding_cache=cache)  # fills the context
+            outs.append(module(x, padding_cache=cache))
+    assert torch.equal(outs[0], outs[1])
+    assert outs[0].abs().max() > 0
+
+
+CONV_SHAPES = [  # in, out, kernel, stride, groups, new frames per chunk
+    (16, 256, 7, 1, 1, 1),  # the decoder's stem in a decode step: one linear map
+    (128, 256, 16, 8, 1, 8),  # the encoder's last downsampling stage: one linear map
+    (256, 32, 7, 1, 1, 1),  # the encoder's head
+    (32, 64, 10, 5, 1, 200),  # an earlier downsampling stage: the module's conv
+    (64, 64, 7, 1, 64, 1),  # a depthwise mixer: the module's conv
+]
+
+
+@pytest.mark.parametrize("c_in,c_out,kernel,stride,groups,frames", CONV_SHAPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_causal_conv_equals_transformers_chunk_after_chunk(
+    c_in, c_out, kernel, stride, groups, frames, rows
+):
+    g = torch.Generator().manual_seed(c_in + kernel + rows)
+    module = mod.VibeVoiceAcousticTokenizerCausalConv1d(
+        c_in, c_out, kernel, cache_key="c", stride=stride, groups=groups
+    )
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    theirs, ours = (mod.VibeVoiceAcousticTokenizerConv1dPaddingCache() for _ in range(2))
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(rows, c_in, frames, generator=g)
+            want = module(x, padding_cache=theirs)
+            got = causal_conv(module, x, ours)
+            assert got.shape == want.shape == (rows, c_out, frames // stride)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
