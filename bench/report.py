@@ -22,6 +22,7 @@ from bench.resume import record as resume
 from bench.scheduling import record as scheduling
 from bench.shape import record as shape
 from bench.tiny import record as tiny
+from bench.upsample import record as upsample
 
 # the sections in the order of the record: (name in run_all, its record module)
 SECTIONS = (
@@ -32,6 +33,7 @@ SECTIONS = (
     ("resume", resume),
     ("tiny", tiny),
     ("shape", shape),
+    ("upsample", upsample),
     ("ray", ray_peer),
 )
 

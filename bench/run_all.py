@@ -17,6 +17,7 @@ FILE`), `record.py` writes its part of the record from the figures.
     resume/       SIGKILL at 80% of a long row: resumed from its history against replayed
     tiny/         the real tiny model on CPU
     shape/        the step engine's shape (issue 22): dispatches, host syncs, CB against generate
+    upsample/     the decoder's upsampling at 1.5B widths: transformers' conv against conv_stacks
     ray_peer/     Ray Serve beside the pool
 
 bench_gpu_1p5b.py needs a GPU and is listed, not run. A failed section is
@@ -43,6 +44,7 @@ SECTIONS = (  # name, the module that measures it, its time limit in seconds
     ("resume", "bench.resume.run", 600),
     ("tiny", "bench.tiny.run", 900),
     ("shape", "bench.shape.run", 600),
+    ("upsample", "bench.upsample.run", 300),
     ("ray", "bench.ray_peer.run", 900),
 )
 BUDGET_S = 15 * 60

@@ -277,3 +277,22 @@ def test_the_shape_reading_takes_cb4_apart_from_the_saved_figures():
     assert arrival_order_rows([1.0, 1.0, 1.0, 1.0, 8.0], 4) == 12.0 / 9.0
     assert arrival_order_rows([8.0, 1.0, 1.0, 1.0, 1.0], 4) == 12.0 / 8.0
     assert arrival_order_rows([2.0, 2.0], 1) == 1.0
+
+
+def test_the_upsample_record_comes_from_the_saved_figures():
+    from bench.rewrite import rewrite_section
+    from bench.upsample import record as upsample
+
+    d = figures("upsample")
+    text = "\n".join(upsample.body(d))
+    for s in d["stages"]:  # every stage at every row count, with its ratio
+        t, u = s["transformers_ms"], s["upsample_ms"]
+        assert f"| {s['rows']} | {s['stage']} | {t:.2f} | {u:.2f} | {t / u:.2f}x |" in text
+    first = [s for s in d["stages"] if s["rows"] == 1]
+    t, u = sum(s["transformers_ms"] for s in first), sum(s["upsample_ms"] for s in first)
+    assert f"{t / u:.1f}x at 1 row," in text
+    doc = "# r\n\n## 4b. x\n\nold\n\n## 5. Ray\n"
+    once = rewrite_section(doc, upsample.TITLE, [upsample.TITLE, "", "new"])
+    assert once.index("## 4b") < once.index(upsample.TITLE) < once.index("## 5. Ray")
+    again = rewrite_section(once, upsample.TITLE, [upsample.TITLE, "", "newer"])
+    assert "newer" in again and "\nnew\n" not in again and again.count(upsample.TITLE) == 1

@@ -11,11 +11,10 @@ others (bench/report.py).
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from bench import common
+from bench.rewrite import rewrite_main, rewrite_section
 
 TITLE = "## 4b. The step engine's shape, on CPU (issue 22)"
 MAX_DISPATCHES_16 = 3000  # per decode step at 16 rows
@@ -163,6 +162,13 @@ def reading(d: dict) -> list[str]:
             "launch-bound."
         )
     out += full_steps(d)
+    runs = d.get("audio_s_per_s", {})
+    if "CB 4" in runs and "CB 1" in runs:
+        each = [a / b for a, b in zip(runs["CB 4"], runs["CB 1"], strict=True)]
+        out.append(
+            f"- CB 4 / CB 1 in each repeat: {', '.join(f'{r:.2f}' for r in each)} (the target "
+            f"reads their median, {d['ratios']['CB 4 / CB 1']:.2f}x)."
+        )
     out += [
         "- The dispatch counts are the host's share of a step on a GPU (each operator a "
         "launch, unless captured in a graph); on CPU they cost little beside the compute, "
@@ -234,35 +240,11 @@ def body(d: dict) -> list[str]:
 def rewrite(doc: str, d: dict, machine: str, when: str, command: str) -> str:
     """The record with this section replaced (or added before section 5) from `d`."""
     lines = [TITLE, "", f"Measured on {machine}, {when}, with `{command}`.", ""] + body(d)
-    new = "\n".join(lines)
-    start = doc.find(TITLE)
-    if start < 0:
-        at = doc.find("\n## 5.")
-        at = len(doc) if at < 0 else at + 1
-        return doc[:at] + new + "\n" + doc[at:]
-    end = doc.find("\n## ", start + len(TITLE))
-    end = len(doc) if end < 0 else end + 1
-    return doc[:start] + new + "\n" + doc[end:]
+    return rewrite_section(doc, TITLE, lines)
 
 
 def main(argv=None) -> int:
-    import datetime as dt
-
-    p = argparse.ArgumentParser(description="Rewrite the shape section of the record")
-    p.add_argument("json", help="the file `python -m bench.shape.run --out` wrote")
-    p.add_argument("--doc", default=str(common.ROOT / "docs" / "PERFORMANCE.md"))
-    p.add_argument("--command", default="python -m bench.shape.run --out shape.json")
-    args = p.parse_args(argv)
-    d = common.load_json(args.json)
-    m = common.machine()
-    machine = f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}"
-    when = dt.datetime.fromtimestamp(Path(args.json).stat().st_mtime, dt.timezone.utc)
-    doc = Path(args.doc)
-    doc.write_text(
-        rewrite(doc.read_text(), d, machine, when.strftime("%Y-%m-%d %H:%M UTC"), args.command)
-    )
-    print(f"rewrote {TITLE!r} in {doc}")
-    return 0
+    return rewrite_main(argv, TITLE, "shape", body, "python -m bench.shape.run --out shape.json")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ dimension and its feed-forward runs as two 1x1 convolutions, so no transpose mak
 copy and no linear reshapes; each scaled residual is one addcmul. 21 operators a block
 against transformers' 23 to 27; the values agree to float rounding
 (tests/test_diffusion_graphs.py, tests/test_upsample.py). At 1.5B's widths the
-upsampling stages of one step cost 5.7x less on CPU at 1 row, 3.1x at 16
-(bench/upsample.py, docs/PERFORMANCE.md).
+upsampling stages of one step cost about 5x less on CPU at 1 row, 3x at 16
+(`python -m bench.upsample.run`, docs/PERFORMANCE.md 4c).
 """
 
 from __future__ import annotations

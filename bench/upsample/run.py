@@ -8,16 +8,19 @@ random (timing does not depend on them); float32, one torch thread. Medians of
 --repeats runs, milliseconds per call, and the largest difference of the outputs
 relative to their peak.
 
-    python -m bench.upsample [--rows 1,4,16] [--repeats 5]
+    python -m bench.upsample.run [--rows 1,4,16] [--repeats 5] [--out upsample.json]
+    python -m bench.upsample.record upsample.json   # rewrite its part of docs/PERFORMANCE.md
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
+
+from bench import common
+from bench.upsample.record import render
 
 FILTERS = 32  # the 1.5B acoustic tokenizer's n_filters
 RATIOS = (8, 5, 5, 4, 2, 2)  # its upsampling ratios, in the decoder's order; kernel 2 x ratio
@@ -78,41 +81,31 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="1,4,16")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="1 and 4 rows, 3 repeats")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rows, args.repeats = "1,4", 3
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     results = []
-    print(
-        "| rows | stage (in→out, kernel/stride, new frames) | transformers ms | upsample ms | ratio | max diff / peak |"
-    )
-    print("|---|---|---|---|---|---|")
     for rows in (int(r) for r in args.rows.split(",")):
-        totals = [0.0, 0.0]
         for shape in stages():
             theirs, ours, diff = one_stage(rows, shape, g, args.repeats)
             c_in, c_out, kernel, stride, frames = shape
-            totals[0] += theirs
-            totals[1] += ours
-            stage = f"{c_in}→{c_out}, {kernel}/{stride}, {frames}"
             results.append(
                 {
                     "rows": rows,
-                    "stage": stage,
+                    "stage": f"{c_in}→{c_out}, {kernel}/{stride}, {frames}",
                     "transformers_ms": round(theirs, 3),
                     "upsample_ms": round(ours, 3),
                     "max_diff_of_peak": diff,
                 }
             )
-            print(
-                f"| {rows} | {stage} | {theirs:.2f} | {ours:.2f} | {theirs / ours:.2f}x | {diff:.1e} |"
-            )
-        print(
-            f"| {rows} | all six | {totals[0]:.2f} | {totals[1]:.2f} | {totals[0] / totals[1]:.2f}x | |"
-        )
+    d = {"torch": torch.__version__, "threads": 1, "repeats": args.repeats, "stages": results}
+    print(render(d))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"torch": torch.__version__, "stages": results}, f, indent=1)
+        common.save_json(args.out, d)
     return 0
 
 

@@ -1,0 +1,1 @@
+"""The acoustic decoder's upsampling stages in one decode step at VibeVoice-1.5B's widths, on CPU: transformers' streaming transposed conv against conv_stacks.upsample. run.py measures, record.py writes the record."""
