@@ -15,21 +15,11 @@ the cache's own work. Medians of repeated runs, milliseconds.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+
+from bench.timing import median_ms
 
 LAYERS, KV_HEADS, HEAD_DIM = 28, 2, 128
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> int:

@@ -17,6 +17,25 @@ from transformers.models.vibevoice_acoustic_tokenizer import (
 
 from workers.engines.vibevoice.conv_stacks import causal_conv, upsample
 
+
+def chunk_after_chunk(module, ours, shape_in: tuple, shape_out: tuple) -> None:
+    """`ours(module, x, cache)` against `module(x, padding_cache=...)` over four chunks of
+    `shape_in`, each on its own padding cache carried from chunk to chunk; the module's
+    weights random (its layer scales and biases far from their small initial values)."""
+    g = torch.Generator().manual_seed(sum(shape_in) + sum(shape_out))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    theirs, mine = (mod.VibeVoiceAcousticTokenizerConv1dPaddingCache() for _ in range(2))
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(shape_in, generator=g)
+            want = module(x, padding_cache=theirs)
+            got = ours(module, x, mine)
+            assert got.shape == want.shape == shape_out
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+
 SHAPES = [  # in, out, kernel, stride, new frames per chunk
     (256, 128, 16, 8, 1),  # the decoder's first stage at the tiny model's widths
     (128, 64, 10, 5, 8),
@@ -29,21 +48,10 @@ SHAPES = [  # in, out, kernel, stride, new frames per chunk
 @pytest.mark.parametrize("c_in,c_out,kernel,stride,frames", SHAPES)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_upsample_equals_transformers_chunk_after_chunk(c_in, c_out, kernel, stride, frames, rows):
-    g = torch.Generator().manual_seed(c_in + kernel + rows)
     module = mod.VibeVoiceAcousticTokenizerCausalConvTranspose1d(
         c_in, c_out, kernel, cache_key="up", stride=stride
     )
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    theirs, ours = (mod.VibeVoiceAcousticTokenizerConv1dPaddingCache() for _ in range(2))
-    with torch.no_grad():
-        for _ in range(4):
-            x = torch.randn(rows, c_in, frames, generator=g)
-            want = module(x, padding_cache=theirs)
-            got = upsample(module, x, ours)
-            assert got.shape == want.shape == (rows, c_out, frames * stride)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+    chunk_after_chunk(module, upsample, (rows, c_in, frames), (rows, c_out, frames * stride))
 
 
 def test_the_frames_that_do_not_reach_the_output_change_nothing():
@@ -76,18 +84,7 @@ CONV_SHAPES = [  # in, out, kernel, stride, groups, new frames per chunk
 def test_causal_conv_equals_transformers_chunk_after_chunk(
     c_in, c_out, kernel, stride, groups, frames, rows
 ):
-    g = torch.Generator().manual_seed(c_in + kernel + rows)
     module = mod.VibeVoiceAcousticTokenizerCausalConv1d(
         c_in, c_out, kernel, cache_key="c", stride=stride, groups=groups
     )
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    theirs, ours = (mod.VibeVoiceAcousticTokenizerConv1dPaddingCache() for _ in range(2))
-    with torch.no_grad():
-        for _ in range(4):
-            x = torch.randn(rows, c_in, frames, generator=g)
-            want = module(x, padding_cache=theirs)
-            got = causal_conv(module, x, ours)
-            assert got.shape == want.shape == (rows, c_out, frames // stride)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+    chunk_after_chunk(module, causal_conv, (rows, c_in, frames), (rows, c_out, frames // stride))

@@ -15,11 +15,10 @@ relative to their peak.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 from bench import common
+from bench.timing import median_ms
 from bench.upsample.record import render
 
 FILTERS = 32  # the 1.5B acoustic tokenizer's n_filters
@@ -33,16 +32,6 @@ def stages() -> list[tuple[int, int, int, int, int]]:
         out.append((channels, channels // 2, 2 * ratio, ratio, frames))
         channels, frames = channels // 2, frames * ratio
     return out
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def one_stage(rows: int, shape: tuple, g, repeats: int) -> tuple[float, float, float]:

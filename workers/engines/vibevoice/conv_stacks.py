@@ -14,7 +14,7 @@ scaled residual) stays channels-first throughout: its norms reduce over the chan
 dimension and its feed-forward runs as two 1x1 convolutions, so no transpose makes a
 copy and no linear reshapes; each scaled residual is one addcmul. 21 operators a block
 against transformers' 23 to 27; the values agree to float rounding
-(tests/test_diffusion_graphs.py, tests/test_upsample.py). At 1.5B's widths the
+(tests/test_diffusion_graphs.py, tests/test_stream_convs.py). At 1.5B's widths the
 upsampling stages of one step cost about 5x less on CPU at 1 row, 3x at 16
 (`python -m bench.upsample.run`, docs/PERFORMANCE.md 4c).
 """
@@ -72,10 +72,9 @@ def upsample(module: Any, x: torch.Tensor, cache: Any) -> torch.Tensor:
     conv = module.convtr
     kernel, stride = conv.kernel_size[0], conv.stride[0]
     frames = x.shape[-1]
-    padded = cache.update(x, module.cache_key, module)
     if frames >= kernel:
-        y = conv(padded)[..., : padded.shape[-1] * stride]  # trimmed by K - s on the right
-        return y[..., -frames * stride :]
+        return module(x, padding_cache=cache)
+    padded = cache.update(x, module.cache_key, module)
     context = (kernel - 1) // stride
     fed = padded[..., padded.shape[-1] - context - frames :]  # (rows, C_in, n)
     c_in, c_out = conv.weight.shape[0], conv.weight.shape[1]
