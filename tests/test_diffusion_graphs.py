@@ -265,7 +265,8 @@ def test_a_checked_run_compares_from_the_same_state_and_skips_the_scratch_row():
 def test_the_conv_stacks_equal_transformers_forwards_chunk_after_chunk(engines):
     """conv_stacks.run_stack on stream slots against transformers' decoder and encoder
     forwards on their own padding cache, over successive chunks (the streaming state
-    carried in place): equal to float32 rounding."""
+    carried in place): equal to float32 rounding, 1e-5 of the peak (the BLAS and conv
+    kernels a CPU picks round apart through the stacks' depth)."""
     from transformers.models.vibevoice_acoustic_tokenizer import (
         modeling_vibevoice_acoustic_tokenizer as mod,
     )
@@ -283,9 +284,9 @@ def test_the_conv_stacks_equal_transformers_forwards_chunk_after_chunk(engines):
             x = torch.randn(2, speech.width, 1, generator=g)
             want = m.audio_tower.decoder(x, padding_cache=theirs[0], use_cache=True).audio
             got = run_stack(m.audio_tower.decoder, x, speech.acoustic.at(slots))
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max())
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
             enc = m.semantic_tokenizer_encoder
             want = enc(want, padding_cache=theirs[1], use_cache=True).latents
             got = run_stack(enc, got, speech.semantic.at(slots)).permute(0, 2, 1)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max())
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
     speech.zero(slots)

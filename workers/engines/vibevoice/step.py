@@ -51,6 +51,7 @@ from workers.engines.row import Row
 from workers.engines.vibevoice import paged_kv, resume
 from workers.engines.vibevoice.audio import HandOff, Speech
 from workers.engines.vibevoice.caches import to_device
+from workers.engines.vibevoice.decode_lm import DecodeLM
 from workers.engines.vibevoice.fused_lm import fuse_projections
 from workers.engines.vibevoice.paged_kv import PAGED_FLASH, PagedKV, Seq, blocks_for
 from workers.wire.messages import ErrorKind, PoolError, Request
@@ -123,6 +124,9 @@ class StepEngine:
         self.decode_attn = PAGED_FLASH if self.flash else "eager" if attn == "eager" else "sdpa"
         if self.flash:
             paged_kv.register_paged_flash()
+        # the decode forward without transformers' module machinery (decode_lm.py), where
+        # the LM has the plain Qwen2 shape; else transformers' forward
+        self.decode_lm = DecodeLM.build(self.lm)
         # Both LM branches of every row in one pool, run by one forward per step: rows
         # [0, n) are the positive (prompt) branches, rows [n, 2n) the negative (CFG) ones.
         self.kv = self._new_kv()
@@ -444,6 +448,9 @@ class StepEngine:
         the pass, so no row's attention is empty; `PagedKV.advance` then says which rows
         keep it. Returns the last hidden states (2n, H)."""
         step = self.kv.begin(seqs)
+        if self.decode_lm is not None:
+            extra = {"paged_step": step} if self.flash else {}
+            return self.decode_lm.decode(embeds, step, self.decode_attn, **extra)
         cfg = self.lm.config
         configured = cfg._attn_implementation
         cfg._attn_implementation_internal = self.decode_attn  # this forward only

@@ -1,0 +1,123 @@
+"""The LM's decode step without transformers' module machinery
+(workers/engines/vibevoice/decode_lm.py): bit for bit transformers' forward in every
+step of rows that join and leave, through each attention path (sdpa, eager, the flash
+path's code with a stand-in kernel), with fewer operators; an LM of another shape
+keeps transformers' forward."""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+from test_fused_lm import small_lm
+from test_paged_kv import kvcache_stand_in
+from test_step_engine import drive, req
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from workers.engines.contract import EngineSpec
+from workers.engines.vibevoice.decode_lm import DecodeLM
+from workers.engines.vibevoice.engine import VibeVoiceEngine
+from workers.engines.vibevoice.fused_lm import fuse_projections
+from workers.engines.vibevoice.paged_kv import PAGED_FLASH, register_paged_flash
+from workers.engines.vibevoice.step import StepEngine
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    eng = VibeVoiceEngine(
+        EngineSpec(engine="vibevoice", model_path=tiny_model_dir, max_batch_size=4)
+    )
+    eng.load()
+    return eng
+
+
+class Ops(TorchDispatchMode):
+    """Operators dispatched, views left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def both_ways(monkeypatch) -> list[dict]:
+    """Every decode forward of the engine run twice on the same step: the lean decode,
+    then transformers' forward (the one the engine goes on with); what each gave and
+    dispatched, per step."""
+    real = StepEngine._forward
+    seen: list[dict] = []
+
+    def forward(self, seqs, embeds):
+        lean = self.decode_lm
+        assert lean is not None
+        with Ops() as ops_lean:
+            got = real(self, seqs, embeds)
+        self.decode_lm = None
+        try:
+            with Ops() as ops_hf:
+                want = real(self, seqs, embeds)
+        finally:
+            self.decode_lm = lean
+        seen.append({"rows": len(seqs), "got": got, "want": want, "ops": (ops_lean, ops_hf)})
+        return want
+
+    monkeypatch.setattr(StepEngine, "_forward", forward)
+    return seen
+
+
+ROWS = {
+    0: [req("a", seed=61, est_audio_s=2.0)],
+    2: [req("b", "Short.", seed=62, est_audio_s=0.5), req("c", seed=63, est_audio_s=1.2)],
+}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flash"])
+def test_the_lean_decode_is_transformers_forward_bit_for_bit(engine, monkeypatch, attention):
+    steps = engine.steps
+    if attention == "flash":
+        register_paged_flash()
+        monkeypatch.setattr(steps, "flash", kvcache_stand_in)
+        attention = PAGED_FLASH
+    monkeypatch.setattr(steps, "decode_attn", attention)
+    monkeypatch.setattr(steps, "kv", steps._new_kv())
+    seen = both_ways(monkeypatch)
+    sink = drive(engine, ROWS)
+    assert set(sink.ends) == {"a", "b", "c"}
+    assert len(seen) >= 12 and {s["rows"] for s in seen} >= {2, 6}  # 1 row, then 3 (x2 branches)
+    for k, s in enumerate(seen):
+        assert s["got"].shape == s["want"].shape
+        assert torch.equal(s["got"], s["want"]), f"step {k}: differs from transformers'"
+
+
+def test_the_lean_decode_dispatches_fewer_operators(engine, monkeypatch):
+    """q and k rotated together, the half rotation one flip: 6 operators fewer a layer,
+    against 2 more a step (the sine's sign); the attention and the matmuls as they were."""
+    seen = both_ways(monkeypatch)
+    drive(engine, {0: [req("a", seed=64, est_audio_s=0.4)]})
+    layers = engine.steps.lm.config.num_hidden_layers
+    lean, hf = seen[-1]["ops"]
+    assert sum(lean.count.values()) == sum(hf.count.values()) - 6 * layers + 2
+    # new names: the flip, and F.rms_norm's in-place add of the epsilon
+    assert set(lean.count) - set(hf.count) == {"flip", "add_"}
+    for op in [op for op in hf.count if "attention" in op] + ["mm", "addmm"]:
+        assert lean.count[op] == hf.count[op], op
+
+
+def test_an_lm_of_another_shape_keeps_transformers_forward():
+    plain = small_lm()
+    assert DecodeLM.build(plain) is None  # projections not fused
+    fused = copy.deepcopy(plain)
+    fuse_projections(fused)
+    assert isinstance(DecodeLM.build(fused), DecodeLM)
+    sliding = copy.deepcopy(fused)
+    sliding.config.layer_types = ["sliding_attention", "full_attention"]
+    assert DecodeLM.build(sliding) is None
+    gelu = copy.deepcopy(fused)
+    gelu.config.hidden_act = "gelu"
+    assert DecodeLM.build(gelu) is None

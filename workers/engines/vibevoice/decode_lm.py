@@ -1,0 +1,144 @@
+"""The language model's decode step, run over transformers' Qwen2 weights without its
+module machinery.
+
+    DecodeLM.build(lm) -> DecodeLM | None   None where the LM is not the plain Qwen2
+        shape below (the engine then runs transformers' forward)
+    decode(embeds, step) -> hidden     one token for each of 2n seqs (rows, 1, H) through
+        every layer, each layer's KV written and read through `step` (paged_kv's
+        StepCache); the last hidden states after the final norm (rows, H)
+
+In a decode step the host, not the device, sets the pace (docs/PERFORMANCE.md 6: about
+30 us of host time per operator on an H200). transformers' forward spends about half of
+its host time above the operators: a module call per projection, norm and activation,
+keyword plumbing and deprecation wrappers in every layer. Here each layer is a few
+lines of tensor calls on the same weights, in transformers' order, so the result is
+the same bit for bit (tests/test_decode_lm.py), with fewer operators besides:
+  - q and k are rotated together, and the half rotation is one flip against a sine
+    whose first half is negated (-x2 * s is -(x2 * s) exactly), 4 operators a layer
+    against transformers' 10;
+  - each norm is F.rms_norm: on CPU it is transformers' six operators; on CUDA one
+    fused kernel (there it rounds once where transformers rounds twice in bfloat16).
+The prefill (many tokens, once per row) stays on transformers' forward.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class _Layer:
+    """One decoder layer's weights, as the decode reads them."""
+
+    def __init__(self, layer: Any):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.attn = attn
+        self.in_norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        post = layer.post_attention_layernorm
+        self.post_norm = (post.weight, post.variance_epsilon)
+        qkv = attn.q_proj.group  # fused_lm's fused q/k/v
+        self.qkv = (qkv.weight, qkv.bias)
+        self.o = (attn.o_proj.weight, attn.o_proj.bias)
+        self.gate_up = (mlp.gate_proj.group.weight, mlp.gate_proj.group.bias)
+        self.down = (mlp.down_proj.weight, mlp.down_proj.bias)
+        self.intermediate = mlp.down_proj.in_features
+
+
+class DecodeLM:
+    def __init__(self, lm: Any):
+        cfg = lm.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.groups = self.heads // self.kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.rotary = lm.rotary_emb
+        self.norm = (lm.norm.weight, lm.norm.variance_epsilon)
+        self.layers = [_Layer(layer) for layer in lm.layers[: cfg.num_hidden_layers]]
+        # where transformers' attention functions live for this LM (its eager default)
+        self.module = sys.modules[type(lm.layers[0].self_attn).__module__]
+
+    @classmethod
+    def build(cls, lm: Any) -> DecodeLM | None:
+        """The lean decode of `lm` (after fused_lm.fuse_projections), or None where its
+        layers are not plain Qwen2 ones: fused q/k/v and gate/up, a SiLU MLP, full
+        attention in every layer, default RoPE."""
+        from workers.engines.vibevoice.fused_lm import FusedProjection
+
+        cfg = getattr(lm, "config", None)
+        layers = list(getattr(lm, "layers", []))
+        if cfg is None or not layers or not hasattr(lm, "rotary_emb"):
+            return None
+        if getattr(cfg, "hidden_act", None) != "silu":
+            return None
+        if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+            return None
+        rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope != "default":
+            return None
+        for layer in layers:
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            if not (
+                isinstance(getattr(attn, "q_proj", None), FusedProjection)
+                and isinstance(getattr(mlp, "gate_proj", None), FusedProjection)
+                and type(getattr(attn, "o_proj", None)) is torch.nn.Linear
+                and type(getattr(mlp, "down_proj", None)) is torch.nn.Linear
+            ):
+                return None
+        return cls(lm)
+
+    def decode(
+        self, embeds: torch.Tensor, step: Any, attn_implementation: str, **attn_kwargs: Any
+    ) -> torch.Tensor:
+        """`attn_implementation`: "sdpa" runs inline; any other name is looked up as
+        transformers' layers look it up (its registered attention functions, else the
+        model's eager attention). `attn_kwargs` go to that function."""
+        attend = self._sdpa
+        if attn_implementation != "sdpa":
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            default = self.module.eager_attention_forward
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, default)
+
+            def attend(module, q, k, v, mask):
+                out, _ = attention(
+                    module, q, k, v, mask, dropout=0.0, scaling=self.scaling, **attn_kwargs
+                )
+                return out
+
+        rows = embeds.shape[0]
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        qk_width = (heads + kv_heads) * dim
+        cos, sin = self.rotary(embeds, step.positions)  # (rows, 1, dim)
+        half = dim // 2
+        cos = cos[:, :, None]  # over the heads of (rows, 1, heads, dim)
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
+        h = embeds
+        for i, layer in enumerate(self.layers):
+            x = F.rms_norm(h, h.shape[-1:], *layer.in_norm)
+            qkv = F.linear(x, *layer.qkv)
+            qk = qkv[..., :qk_width].view(rows, 1, heads + kv_heads, dim)
+            flipped = qk.view(rows, 1, heads + kv_heads, 2, half).flip(-2).view(qk.shape)
+            qk = qk * cos + flipped * sin
+            q = qk[:, :, :heads].transpose(1, 2)
+            k = qk[:, :, heads:].transpose(1, 2)
+            v = qkv[..., qk_width:].view(rows, 1, kv_heads, dim).transpose(1, 2)
+            k, v = step.update(k, v, i)
+            out = attend(layer.attn, q, k, v, step.mask)
+            h = h + F.linear(out.reshape(rows, 1, heads * dim), *layer.o)
+            x = F.rms_norm(h, h.shape[-1:], *layer.post_norm)
+            gate, up = F.linear(x, *layer.gate_up).split(layer.intermediate, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, *layer.down)
+        return F.rms_norm(h, h.shape[-1:], *self.norm)[:, -1]
+
+    def _sdpa(self, module, q, k, v, mask) -> torch.Tensor:
+        """(rows, 1, heads, dim): sdpa as transformers runs it for one query token with an
+        additive mask, the query's heads packed beside their key/value head."""
+        rows = q.shape[0]
+        if self.groups > 1:
+            q = q.reshape(rows, self.kv_heads, self.groups, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        return out.reshape(rows, self.heads, 1, self.head_dim).transpose(1, 2)
