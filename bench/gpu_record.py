@@ -102,6 +102,7 @@ def _engine_table(labelled: list[tuple[str, dict]]) -> list[str]:
                         label,
                         r["rows"],
                         r["lengths"],
+                        r.get("engine_mode", "eager"),
                         r["compile"],
                         f"{r['ms_per_step']:.0f}",
                         f"{r['rtf']:.2f}",
@@ -114,10 +115,31 @@ def _engine_table(labelled: list[tuple[str, dict]]) -> list[str]:
                         f"{r.get('peak_mem_per_row_mib', 0):.0f}",
                     ]
                 )
-    head = ["run", "rows", "lengths", "head compile", "ms/step", "RTF per row"]
+    head = ["run", "rows", "lengths", "engine mode", "head compile", "ms/step", "RTF per row"]
     head += ["audio s/s (decode)", "audio s/s (whole run)", "first audio ms", "ops/step"]
     head += ["host syncs/step", "host-to-GPU copies/step", "peak MiB/row"]
     return _table(head, rows)
+
+
+def _lm_table(labelled: list[tuple[str, dict]]) -> list[str]:
+    rows = [
+        [label, c["rows"], f"{c['transformers_ms']:.1f}", f"{c['decode_lm_ms']:.1f}"]
+        + [f"{c['ratio']:.2f}x"]
+        for label, d in labelled
+        for c in (d.get("a_eager") or {}).get("lm_host", [])
+    ]
+    if not rows:
+        return []
+    head = ["run", "rows", "transformers' forward (ms)", "decode_lm (ms)", "ratio"]
+    return [
+        "### The LM's decode forward, both ways (`bench/lm_host.py`)",
+        "",
+        "The same decode steps, each forward timed between two CUDA synchronizes, the "
+        "order alternating; the median of 12 steps.",
+        "",
+        *_table(head, rows),
+        "",
+    ]
 
 
 def _pool_table(d: dict) -> list[str]:
@@ -241,6 +263,7 @@ def section(path: Path) -> list[str]:
         "",
         *_engine_table(labelled),
         "",
+        *_lm_table(labelled),
     ]
     for label, d in labelled:
         skipped = [*(d.get("a_eager") or {}).get("skipped", [])]
@@ -278,6 +301,16 @@ def not_measured(path: Path) -> list[str]:
         out.append(f"- On a GPU, the engine at {', '.join(a['skipped'])} (time budget).")
     if not any(r["lengths"] == "mixed" for r in a.get("rows", [])) or not d.get("a_compiled"):
         out.append("- On a GPU, mixed lengths and the compiled head on the newest engine.")
+    if not any(r.get("engine_mode") == "graphs" for r in a.get("rows", [])):
+        out.append(
+            "- On a GPU: `engine_mode: graphs` (the diffusion loop and the audio decode "
+            "captured as CUDA graphs) against eager."
+        )
+    if not a.get("lm_host"):
+        out.append(
+            "- On a GPU: the LM's decode forward, transformers' against `decode_lm` "
+            "(`bench/lm_host.py`, part of the engine run since)."
+        )
     if not kill_of(d):
         out.append("- On a GPU: kill-to-ready and the pool (1 worker against 2).")
     elif b.get("worker_forked") is False:

@@ -16,7 +16,7 @@ FILE`), `record.py` writes its part of the record from the figures.
     respawn/      SIGKILL a tiny-model worker: kill to ready, zygote against spawn
     resume/       SIGKILL at 80% of a long row: resumed from its history against replayed
     tiny/         the real tiny model on CPU
-    shape/        the step engine's shape (issue 22): dispatches, host syncs, CB against generate
+    shape/        the step engine's shape (issue 22): dispatches, host syncs, the LM's host time, CB against generate
     upsample/     the decoder's upsampling at 1.5B widths: transformers' conv against conv_stacks
     ray_peer/     Ray Serve beside the pool
 

@@ -57,6 +57,23 @@ def render(d: dict) -> str:
         for c in phases:
             cells = [f"{c['phases'].get(p, 0):,.0f}" for p in names]
             out.append(f"| {c['rows']} | " + " | ".join(cells) + " |")
+    lm = d.get("lm_host")
+    if lm:
+        out += [
+            "",
+            f"The LM's decode forward, host time per step (same model, wall time of one thread: "
+            f"at these widths its compute is negligible), transformers' forward against "
+            f"`decode_lm` on the same steps, the order alternating, the median of "
+            f"{lm[0]['steps']} steps:",
+            "",
+            "| rows | transformers' forward (ms) | decode_lm (ms) | ratio |",
+            "|---:|---:|---:|---:|",
+        ]
+        for c in lm:
+            out.append(
+                f"| {c['rows']} | {c['transformers_ms']:.1f} | {c['decode_lm_ms']:.1f} | "
+                f"{c['ratio']:.2f}x |"
+            )
     med = d["median_audio_s_per_s"]
     gen = med["generate 1"]
     out += [
@@ -162,6 +179,19 @@ def reading(d: dict) -> list[str]:
             "launch-bound."
         )
     out += full_steps(d)
+    lm = d.get("lm_host")
+    if lm:
+        cells = ", ".join(
+            f"{c['decode_lm_ms']:.1f} against {c['transformers_ms']:.1f} ms at {c['rows']} "
+            f"row{'s' if c['rows'] > 1 else ''} ({c['ratio']:.2f}x)"
+            for c in lm
+        )
+        out.append(
+            "- The LM's decode forward without transformers' module machinery "
+            f"(`decode_lm`, the same values bit for bit): {cells} of host time per step. On a "
+            "GPU that host time is what a step waits on before its kernels run; there each "
+            "norm is also one fused kernel, which CPU figures do not show."
+        )
     runs = d.get("audio_s_per_s", {})
     if "CB 4" in runs and "CB 1" in runs:
         each = [a / b for a, b in zip(runs["CB 4"], runs["CB 1"], strict=True)]

@@ -2,7 +2,8 @@
 
 - the host's work per decode step: aten operators dispatched and host syncs seen, at
   1, 4 and 16 rows, eager, on VibeVoice-1.5B's depths at tiny widths
-  (bench/step_dispatches.py counts them);
+  (bench/step_dispatches.py counts them), and the LM forward's host time there,
+  transformers' forward against decode_lm's on the same steps (bench/lm_host.py);
 - the tiny model's audio seconds per second on a mixed-length burst (every request
   at once, bench/tiny/run.py's workload and StepHost driver): the step engine with
   continuous batching at 1, 4, 8 and 16 rows, and transformers' `generate` at batch
@@ -40,13 +41,17 @@ TEXTS = (
 )
 
 
-def dispatch_counts(rows: list[int], steps: int) -> list[dict]:
+def host_shape(rows: list[int], steps: int, lm_steps: int) -> tuple[list[dict], list[dict]]:
+    """Dispatches per step (bench/step_dispatches.py) and the LM forward's host time,
+    transformers' against decode_lm (bench/lm_host.py), at each row count."""
     import torch
 
+    from bench.lm_host import lm_host_ms
     from bench.step_dispatches import build, count_steps
 
     model = build(torch)
-    return [count_steps(model, r, steps, torch) for r in rows]
+    counts = [count_steps(model, r, steps, torch) for r in rows]
+    return counts, [lm_host_ms(model, r, lm_steps, torch) for r in rows]
 
 
 def arrival_order_rows(lengths: list[float], limit: int) -> float:
@@ -127,6 +132,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dispatch-rows", default="1,4,16")
     p.add_argument("--dispatch-steps", type=int, default=3, help="decode steps counted")
+    p.add_argument("--lm-steps", type=int, default=20, help="decode steps the LM is timed on")
     p.add_argument("--rows", default="1,4,8,16", help="continuous batching row limits")
     p.add_argument("--requests", type=int, default=16, help="requests in the burst")
     p.add_argument("--repeats", type=int, default=3)
@@ -145,7 +151,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t_start, cpu_start = time.monotonic(), time.process_time()
     dispatch_rows = [int(r) for r in args.dispatch_rows.split(",")]
-    counts = dispatch_counts(dispatch_rows, args.dispatch_steps)
+    counts, lm_host = host_shape(dispatch_rows, args.dispatch_steps, args.lm_steps)
 
     from bench.tiny.run import drive, workload
     from workers.checkpoints.tiny import ensure_tiny_model
@@ -193,6 +199,7 @@ def main(argv=None) -> int:
         "torch_threads": 1,
         "dispatch_steps": args.dispatch_steps,
         "dispatches": counts,
+        "lm_host": lm_host,
         "requests": len(lengths),
         "lengths_s": {
             "mean": round(statistics.mean(lengths), 2),
