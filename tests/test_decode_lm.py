@@ -24,13 +24,17 @@ from workers.engines.vibevoice.paged_kv import PAGED_FLASH, register_paged_flash
 from workers.engines.vibevoice.step import StepEngine
 
 
-@pytest.fixture
-def engine(tiny_model_dir):
+def load(model_dir, dtype: str = "float32") -> VibeVoiceEngine:
     eng = VibeVoiceEngine(
-        EngineSpec(engine="vibevoice", model_path=tiny_model_dir, max_batch_size=4)
+        EngineSpec(engine="vibevoice", model_path=model_dir, max_batch_size=4, dtype=dtype)
     )
     eng.load()
     return eng
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    return load(tiny_model_dir)
 
 
 class Ops(TorchDispatchMode):
@@ -92,6 +96,20 @@ def test_the_lean_decode_is_transformers_forward_bit_for_bit(engine, monkeypatch
     assert len(seen) >= 12 and {s["rows"] for s in seen} >= {2, 6}  # 1 row, then 3 (x2 branches)
     for k, s in enumerate(seen):
         assert s["got"].shape == s["want"].shape
+        assert torch.equal(s["got"], s["want"]), f"step {k}: differs from transformers'"
+
+
+def test_in_bfloat16_too_the_lean_decode_is_transformers_forward(tiny_model_dir, monkeypatch):
+    """bfloat16 rounds at every operator, so the order of operations shows: on CPU each
+    is transformers' own. (On CUDA F.rms_norm is a fused kernel, which this cannot
+    check; decode_lm keeps the weight's multiply apart so that it rounds where
+    transformers rounds.)"""
+    engine = load(tiny_model_dir, "bfloat16")
+    assert engine.steps.dtype == torch.bfloat16
+    seen = both_ways(monkeypatch)
+    drive(engine, ROWS)
+    assert len(seen) >= 12
+    for k, s in enumerate(seen):
         assert torch.equal(s["got"], s["want"]), f"step {k}: differs from transformers'"
 
 

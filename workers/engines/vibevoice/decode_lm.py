@@ -16,8 +16,9 @@ the same bit for bit (tests/test_decode_lm.py), with fewer operators besides:
   - q and k are rotated together, and the half rotation is one flip against a sine
     whose first half is negated (-x2 * s is -(x2 * s) exactly), 4 operators a layer
     against transformers' 10;
-  - each norm is F.rms_norm: on CPU it is transformers' six operators; on CUDA one
-    fused kernel (there it rounds once where transformers rounds twice in bfloat16).
+  - each norm is F.rms_norm and the weight's multiply: on CPU transformers' six
+    operators; on CUDA two kernels (the fused norm, unchecked here, then the multiply,
+    rounding where transformers rounds).
 The prefill (many tokens, once per row) stays on transformers' forward.
 """
 
@@ -28,6 +29,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+
+def _norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen2RMSNorm: normalized in float32, rounded to h's dtype, then
+    scaled by the weight in that dtype (two roundings in bfloat16, as transformers
+    does). F.rms_norm is one fused kernel on CUDA; on CPU, the same operators."""
+    return weight * F.rms_norm(h, h.shape[-1:], eps=eps)
 
 
 class _Layer:
@@ -118,7 +126,7 @@ class DecodeLM:
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
         h = embeds
         for i, layer in enumerate(self.layers):
-            x = F.rms_norm(h, h.shape[-1:], *layer.in_norm)
+            x = _norm(h, *layer.in_norm)
             qkv = F.linear(x, *layer.qkv)
             qk = qkv[..., :qk_width].view(rows, 1, heads + kv_heads, dim)
             flipped = qk.view(rows, 1, heads + kv_heads, 2, half).flip(-2).view(qk.shape)
@@ -129,10 +137,10 @@ class DecodeLM:
             k, v = step.update(k, v, i)
             out = attend(layer.attn, q, k, v, step.mask)
             h = h + F.linear(out.reshape(rows, 1, heads * dim), *layer.o)
-            x = F.rms_norm(h, h.shape[-1:], *layer.post_norm)
+            x = _norm(h, *layer.post_norm)
             gate, up = F.linear(x, *layer.gate_up).split(layer.intermediate, dim=-1)
             h = h + F.linear(F.silu(gate) * up, *layer.down)
-        return F.rms_norm(h, h.shape[-1:], *self.norm)[:, -1]
+        return _norm(h, *self.norm)[:, -1]
 
     def _sdpa(self, module, q, k, v, mask) -> torch.Tensor:
         """(rows, 1, heads, dim): sdpa as transformers runs it for one query token with an
