@@ -363,11 +363,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--budget-s", type=float, default=None, help="start no run after this (0: none; GPU: 420)"
     )
-    p.add_argument(
-        "--lm-rows",
-        default="1,16",
-        help="row counts at which the LM forward is timed both ways (bench/lm_host.py)",
-    )
+    p.add_argument("--lm-rows", default="1,16", help="the LM forward both ways (lm_host.py)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
@@ -417,11 +413,9 @@ def main(argv=None) -> int:
     save()
     from bench.lm_host import lm_host_ms
 
-    result["lm_host"] = []
+    result["lm_host"] = []  # the LM decode forward, transformers' against decode_lm's
     for r in [int(x) for x in args.lm_rows.split(",") if x]:
-        # the LM decode forward, transformers' against decode_lm's, on the same steps
         result["lm_host"].append(lm_host_ms(model, r, 12, torch, args.device, prompts))
-        print(json.dumps(result["lm_host"][-1]), file=sys.stderr, flush=True)
         save()
     row_counts = [int(x) for x in args.rows.split(",")]
     plan = [
@@ -489,10 +483,9 @@ def print_table(result: dict, args) -> None:
         )
         print(line + (f" {r['peak_mem_per_row_mib']:.0f} |" if mem else ""))
     if result.get("lm_host"):
-        print("\n| rows | LM forward, transformers' (ms) | decode_lm (ms) | ratio |")
-        print("|---:|---:|---:|---:|")
-        for c in result["lm_host"]:
-            print(f"| {c['rows']} | {c['transformers_ms']} | {c['decode_lm_ms']} | {c['ratio']}x |")
+        from bench.lm_host import table
+
+        print("\nThe LM's decode forward, both ways:\n" + "\n".join(table(result["lm_host"])))
     if result["skipped"]:
         print(f"\nskipped (time budget): {', '.join(result['skipped'])}")
     print(

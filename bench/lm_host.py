@@ -83,6 +83,18 @@ def lm_host_ms(model, rows: int, steps: int, torch, device: str = "cpu", prompts
     }
 
 
+def table(results: list[dict]) -> list[str]:
+    out = [
+        "| rows | transformers' forward (ms) | decode_lm (ms) | ratio |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        out.append(
+            f"| {r['rows']} | {r['transformers_ms']} | {r['decode_lm_ms']} | {r['ratio']}x |"
+        )
+    return out
+
+
 def main() -> int:
     import torch
 
@@ -96,10 +108,7 @@ def main() -> int:
     torch.set_num_threads(1)
     model = build(torch)
     results = [lm_host_ms(model, int(r), args.steps, torch) for r in args.rows.split(",")]
-    print("| rows | transformers' forward (ms) | decode_lm (ms) | ratio |")
-    print("|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['rows']} | {r['transformers_ms']} | {r['decode_lm_ms']} | {r['ratio']}x |")
+    print("\n".join(table(results)))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -166,7 +166,8 @@ def test_the_gpu_section_keeps_every_saved_run_beside_the_newest():
         run = json.loads(path.read_text())
         assert f"### Run {i + 1}: {run['date']}" in text and f"`docs/gpu/{path.name}`" in text
         for r in run["a_eager"]["rows"]:  # each run's engine rows stay, under its label
-            cells = f"| Run {i + 1} | {r['rows']} | {r['lengths']} | {r['compile']} | "
+            mode = r.get("engine_mode", "eager")
+            cells = f"| Run {i + 1} | {r['rows']} | {r['lengths']} | {mode} | {r['compile']} | "
             assert f"{cells}{r['ms_per_step']:.0f} |" in text
     head = next(ln for ln in text.splitlines() if ln.startswith("| target (issue 26)"))
     assert head.count(": measured") == len(paths)
@@ -247,6 +248,16 @@ def test_shape_targets_and_tables_come_from_the_saved_figures():
     for mode in d["modes"]:  # each mode's row shows its median and every repeat
         each = ", ".join(f"{x:.2f}" for x in d["audio_s_per_s"][mode])
         assert f"| {mode} | {d['median_audio_s_per_s'][mode]:.2f} | {each} |" in text
+    assert d["lm_host"] and {c["rows"] for c in d["lm_host"]} == set(by_rows)
+    for c in d["lm_host"]:  # the LM forward both ways, and their ratio
+        t, ours = c["transformers_ms"], c["decode_lm_ms"]
+        assert f"| {c['rows']} | {t:.1f} | {ours:.1f} | {c['ratio']:.2f}x |" in text
+        assert abs(c["ratio"] - t / ours) < 0.02  # from the unrounded times
+    reading = "\n".join(shape.reading(d))
+    runs = d["audio_s_per_s"]
+    each = [a / b for a, b in zip(runs["CB 4"], runs["CB 1"], strict=True)]
+    under = sum(1 for r in each if round(r, 2) < 2.0)
+    assert (f"{under} of {len(each)} repeats fall below 2.0x" in reading) == (under > 0)
 
 
 def test_the_shape_record_rewrites_only_its_own_section():
