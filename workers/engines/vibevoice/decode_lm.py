@@ -3,14 +3,16 @@ module machinery.
 
     DecodeLM.build(lm) -> DecodeLM | None   None where the LM is not the plain Qwen2
         shape below (the engine then runs transformers' forward)
-    decode(embeds, step) -> hidden     one token for each of 2n seqs (rows, 1, H) through
-        every layer, each layer's KV written and read through `step` (paged_kv's
-        StepCache); the last hidden states after the final norm (rows, H)
+    decode(embeds, step, attn_implementation, **kw) -> hidden   one token for each of
+        the 2n seqs (rows, 1, H) through every layer, each layer's KV written and read
+        through `step` (paged_kv's StepCache), the attention the engine's decode_attn;
+        the last hidden states after the final norm (rows, H)
 
 In a decode step the host, not the device, sets the pace (docs/PERFORMANCE.md 6: about
-30 us of host time per operator on an H200). transformers' forward spends about half of
-its host time above the operators: a module call per projection, norm and activation,
-keyword plumbing and deprecation wrappers in every layer. Here each layer is a few
+30 us of host time per operator on an H200). transformers' forward spends much of its
+host time above the operators: a module call per projection, norm and activation,
+keyword plumbing and deprecation wrappers in every layer (here the forward takes 1.4x
+to 1.7x less host time at 16 and 1 rows: docs/PERFORMANCE.md 4b). Here each layer is a few
 lines of tensor calls on the same weights, in transformers' order, so the result is
 the same bit for bit (tests/test_decode_lm.py), with fewer operators besides:
   - q and k are rotated together, and the half rotation is one flip against a sine
