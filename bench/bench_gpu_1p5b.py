@@ -259,9 +259,10 @@ def run_rows(
     engine_mode="eager",
 ) -> dict:
     """`rows` rows admitted together (`tokens` audio tokens each, or mixed around it), to
-    the end. With `count`, the second step runs under the operator counter (count_step)
-    and is left out of the timings (in graphs mode the step after the captured graphs'
-    checks against eager: audio.CHECKED_RUNS)."""
+    the end. The steps checked against eager (the captured graphs' in graphs mode,
+    audio.CHECKED_RUNS; the lean LM forward's, decode_lm.CHECKED_STEPS) are left out of
+    the timings; with `count`, the step after them runs under the operator counter
+    (count_step), also out of the timings."""
     from workers.engines.vibevoice.audio import CHECKED_RUNS
     from workers.engines.vibevoice.step import StepEngine
     from workers.wire.messages import Request, Turn
@@ -272,14 +273,8 @@ def run_rows(
         model, args.device, rows, prompts, head_compile=compile_mode, engine_mode=engine_mode
     )
     for i, n in enumerate(per_row):
-        req = Request(
-            id=f"r{i}",
-            turns=(Turn(0, "x"),),
-            seed=i,
-            inference_steps=args.steps,
-            cfg_scale=args.cfg,
-            stream=True,
-        )
+        kw = {"inference_steps": args.steps, "cfg_scale": args.cfg, "stream": True}
+        req = Request(id=f"r{i}", turns=(Turn(0, "x"),), seed=i, **kw)
         engine.admit(engine.prepare(req, n, n + 8, "estimate"))
     sink = _Sink()
     with torch.no_grad():  # graphs mode: every bucket captured before the clock starts
@@ -294,10 +289,15 @@ def run_rows(
         torch.cuda.synchronize()
     t1 = t_first = time.perf_counter()
     steps, counted = 1, None
-    if count and engine_mode == "graphs":
-        for _ in range(CHECKED_RUNS):  # the checked runs, out of the count
-            engine.step(sink)
-            steps += 1
+    # the graphs' and the LM's checked steps (each also run eagerly): out of count and timing
+    lm_checks = engine.decode_lm.checks_left if engine.decode_lm else 0
+    checks = max(CHECKED_RUNS if engine_mode == "graphs" else 0, lm_checks)
+    for _ in range(checks if engine.live else 0):
+        engine.step(sink)
+        steps += 1
+    if cuda:
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
     if count and engine.live:
         counted = count_step(engine, sink, torch)
         steps += 1

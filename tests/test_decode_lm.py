@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import logging
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from test_step_engine import drive, req
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from workers.engines.contract import EngineSpec
-from workers.engines.vibevoice.decode_lm import DecodeLM
+from workers.engines.vibevoice.decode_lm import CHECKED_STEPS, DecodeLM
 from workers.engines.vibevoice.engine import VibeVoiceEngine
 from workers.engines.vibevoice.fused_lm import fuse_projections
 from workers.engines.vibevoice.paged_kv import PAGED_FLASH, register_paged_flash
@@ -60,6 +61,7 @@ def both_ways(monkeypatch) -> list[dict]:
     def forward(self, seqs, embeds):
         lean = self.decode_lm
         assert lean is not None
+        lean.checks_left = 0  # the lean forward's own output, every step
         with Ops() as ops_lean:
             got = real(self, seqs, embeds)
         self.decode_lm = None
@@ -125,6 +127,49 @@ def test_the_lean_decode_dispatches_fewer_operators(engine, monkeypatch):
     assert set(lean.count) - set(hf.count) == {"flip", "add_"}
     for op in [op for op in hf.count if "attention" in op] + ["mm", "addmm"]:
         assert lean.count[op] == hf.count[op], op
+
+
+def test_its_first_steps_are_checked_against_transformers_forward(engine, caplog):
+    lean = engine.steps.decode_lm
+    calls = []
+    real = lean.decode
+    lean.decode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    with caplog.at_level(logging.WARNING, logger="vibevoice_pool.worker"):
+        drive(engine, {0: [req("a", seed=65, est_audio_s=0.8)]})
+    assert "decode_lm" not in caplog.text
+    assert engine.steps.decode_lm is lean and lean.checks_left == 0 and len(calls) > CHECKED_STEPS
+
+
+@pytest.mark.parametrize("fault", ["differs", "raises"])
+def test_a_lean_decode_that_disagrees_gives_way_to_transformers_forward(
+    tiny_model_dir, monkeypatch, caplog, fault
+):
+    """A transformers release whose modules moved: the lean decode differs (or raises) in
+    the first step; the worker warns, goes on with transformers' forward, and the rows
+    sound exactly as they do with transformers' forward from the start."""
+    rows = {0: [req("a", seed=66, est_audio_s=1.0)], 1: [req("b", seed=67, est_audio_s=0.6)]}
+    plain = load(tiny_model_dir)
+    plain.steps.decode_lm = None
+    want = drive(plain, rows)
+    engine = load(tiny_model_dir)
+    lean = engine.steps.decode_lm
+    real = lean.decode
+
+    def wrong(*args, **kwargs):
+        if fault == "raises":
+            raise AttributeError("'Qwen2Attention' object has no attribute 'q_proj'")
+        out = real(*args, **kwargs)
+        return out + 0.01 * out.abs().max()
+
+    monkeypatch.setattr(lean, "decode", wrong)
+    with caplog.at_level(logging.WARNING, logger="vibevoice_pool.worker"):
+        got = drive(engine, rows)
+    assert "runs transformers' LM forward" in caplog.text
+    assert ("AttributeError" in caplog.text) == (fault == "raises")
+    assert engine.steps.decode_lm is None
+    for rid in ("a", "b"):
+        assert got.ends[rid] == want.ends[rid]
+        assert torch.equal(torch.from_numpy(got.pcm(rid)), torch.from_numpy(want.pcm(rid))), rid
 
 
 def test_an_lm_of_another_shape_keeps_transformers_forward():

@@ -21,16 +21,27 @@ the same bit for bit (tests/test_decode_lm.py), with fewer operators besides:
   - each norm is F.rms_norm and the weight's multiply: on CPU transformers' six
     operators; on CUDA two kernels (the fused norm, unchecked here, then the multiply,
     rounding where transformers rounds).
-The prefill (many tokens, once per row) stays on transformers' forward.
+The prefill (many tokens, once per row) stays on transformers' forward. The first
+CHECKED_STEPS decode steps of an engine run both forwards and compare them (the
+tolerance of graphs.py): where they differ, or the lean one raises (a transformers
+release whose modules moved), the worker logs a warning and goes on with transformers'
+forward for good.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from workers.engines.vibevoice.graphs import max_relative, tolerance
+
+log = logging.getLogger("vibevoice_pool.worker")
+CHECKED_STEPS = 2  # an engine's first decode steps, run both ways and compared
 
 
 def _norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -70,6 +81,7 @@ class DecodeLM:
         self.layers = [_Layer(layer) for layer in lm.layers[: cfg.num_hidden_layers]]
         # where transformers' attention functions live for this LM (its eager default)
         self.module = sys.modules[type(lm.layers[0].self_attn).__module__]
+        self.checks_left = CHECKED_STEPS
 
     @classmethod
     def build(cls, lm: Any) -> DecodeLM | None:
@@ -99,6 +111,37 @@ class DecodeLM:
             ):
                 return None
         return cls(lm)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        step: Any,
+        attn_implementation: str,
+        reference: Callable[[], torch.Tensor],
+        **attn_kwargs: Any,
+    ) -> tuple[torch.Tensor, bool]:
+        """(hidden states, trusted). While checks are left, `reference()` (transformers'
+        forward of the same step, which writes the same KV column again) runs too and
+        its hidden states are returned; trusted is False where the two differ beyond the
+        dtype's tolerance or decode raised, and the caller drops this object."""
+        if not self.checks_left:
+            return self.decode(embeds, step, attn_implementation, **attn_kwargs), True
+        self.checks_left -= 1
+        why = ""
+        try:
+            got = self.decode(embeds, step, attn_implementation, **attn_kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: transformers' forward instead
+            got, why = None, f"{type(exc).__name__}: {exc}"
+        want = reference()
+        if got is not None:
+            worst, tol = max_relative(got, want), tolerance(want.dtype)
+            if worst > tol:
+                why = f"differs from transformers' forward by {worst:.3g} (> {tol:.3g})"
+        if why:
+            log.warning("decode_lm: %s; this worker runs transformers' LM forward", why)
+        return want, not why
 
     def decode(
         self, embeds: torch.Tensor, step: Any, attn_implementation: str, **attn_kwargs: Any

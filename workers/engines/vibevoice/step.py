@@ -124,9 +124,7 @@ class StepEngine:
         self.decode_attn = PAGED_FLASH if self.flash else "eager" if attn == "eager" else "sdpa"
         if self.flash:
             paged_kv.register_paged_flash()
-        # the decode forward without transformers' module machinery (decode_lm.py), where
-        # the LM has the plain Qwen2 shape; else transformers' forward
-        self.decode_lm = DecodeLM.build(self.lm)
+        self.decode_lm = DecodeLM.build(self.lm)  # None: transformers' decode forward
         # Both LM branches of every row in one pool, run by one forward per step: rows
         # [0, n) are the positive (prompt) branches, rows [n, 2n) the negative (CFG) ones.
         self.kv = self._new_kv()
@@ -448,9 +446,18 @@ class StepEngine:
         the pass, so no row's attention is empty; `PagedKV.advance` then says which rows
         keep it. Returns the last hidden states (2n, H)."""
         step = self.kv.begin(seqs)
-        if self.decode_lm is not None:
-            extra = {"paged_step": step} if self.flash else {}
-            return self.decode_lm.decode(embeds, step, self.decode_attn, **extra)
+        extra = {"paged_step": step} if self.flash else {}
+        if self.decode_lm is None:
+            return self._lm_forward(step, embeds, extra)
+        hidden, trusted = self.decode_lm.forward(
+            embeds, step, self.decode_attn, lambda: self._lm_forward(step, embeds, extra), **extra
+        )
+        if not trusted:
+            self.decode_lm = None
+        return hidden
+
+    def _lm_forward(self, step: Any, embeds: torch.Tensor, extra: dict) -> torch.Tensor:
+        """transformers' forward of one decode step (the lean one's reference)."""
         cfg = self.lm.config
         configured = cfg._attn_implementation
         cfg._attn_implementation_internal = self.decode_attn  # this forward only
@@ -461,7 +468,7 @@ class StepEngine:
                 position_ids=step.positions,
                 **{self.cache_arg: step},
                 use_cache=True,
-                **({"paged_step": step} if self.flash else {}),
+                **extra,
             )
         finally:
             cfg._attn_implementation_internal = configured
