@@ -102,6 +102,18 @@ def test_a_stuck_engine_is_killed_by_the_stall_timeout(sim_pool):
         assert e.value.kind == m.ErrorKind.WORKER_LOST
 
 
+def test_a_worker_idle_longer_than_the_stall_timeout_takes_its_next_request(sim_pool):
+    """Idle time is not a stall: the stall clock starts when the worker takes work,
+    not at the last step it ran before going idle."""
+    with sim_pool(gpus="cpu:1", stall_timeout_s=1.0, sim_rtf=1.0, sim_chunk_s=0.4) as pool:
+        before = worker(pool, 0)
+        time.sleep(2.0)  # idle twice the stall timeout
+        text = "Speaker 1: a short line"
+        assert len(submit(pool, text=text).result(timeout=60)) == expected_samples(text)
+        after = worker(pool, 0)
+        assert after["pid"] == before["pid"] and after["restarts"] == 0, after
+
+
 def test_a_stalled_worker_leaves_its_python_stack_in_the_log(sim_pool, caplog):
     caplog.set_level("WARNING", logger="vibevoice_pool")
     with sim_pool(gpus="cpu:1", stall_timeout_s=1.0) as pool:

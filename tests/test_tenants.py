@@ -230,11 +230,11 @@ def small_disk(path, size_mb: int):
 
 
 def fill(folder) -> None:
-    with open(folder / "filler", "wb") as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+    """Write until the disk refuses. Unbuffered: a buffered file would keep the part of
+    the last block that did not fit and raise ENOSPC again when it closes."""
+    with contextlib.suppress(OSError), open(folder / "filler", "wb", buffering=0) as f:
+        while f.write(b"\0" * 65536):
+            pass
 
 
 def test_on_a_full_data_disk_jobs_get_507_synthesis_serves_and_the_server_restarts(tmp_path):

@@ -218,7 +218,10 @@ class Worker:
                     if left <= 0:
                         break
                     self._poll(left)
-            b.set(row, Col.WORKER_STATE, WorkerState.BUSY)
+            if b.get(row, Col.WORKER_STATE) != WorkerState.BUSY:
+                # the stall clock starts with the work, not at the last step before idling
+                b.set(row, Col.PROGRESS, time.monotonic())
+                b.set(row, Col.WORKER_STATE, WorkerState.BUSY)
             # the rows this step holds at most (the schedule inside run_step decides)
             b.set(row, Col.BATCH_ROWS, min(host.max_rows, host.live + len(host.pending)))
             host.run_step()
