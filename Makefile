@@ -40,8 +40,12 @@ chromium:
 	  else echo "The tests need Debian's chromium, iproute2 and util-linux: sudo apt-get install chromium iproute2 util-linux"; exit 1; fi; \
 	fi
 
+# The suite runs in TEST_JOBS processes (whole files to each: a module's shared server
+# stays one), then the tests marked serial alone. TEST_JOBS=1 runs one file at a time.
+TEST_JOBS ?= 2
 test: setup chromium
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(TEST_JOBS) --dist loadfile -m "not serial"
+	$(PY) -m pytest -q -ra -m serial
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not browser and not slow"

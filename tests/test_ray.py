@@ -216,6 +216,7 @@ def check_common(result: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.timeout(660)
 def test_ray_backend_serves_survives_a_kill_and_stops_clean(tmp_path):
     result = run_scenario("sim", tmp_path, timeout=600)
@@ -229,6 +230,7 @@ def test_ray_backend_serves_survives_a_kill_and_stops_clean(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.timeout(900)
 def test_ray_backend_with_the_tiny_model(tmp_path):
     result = run_scenario("tiny", tmp_path, timeout=840)
