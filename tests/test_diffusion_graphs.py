@@ -290,3 +290,63 @@ def test_the_conv_stacks_equal_transformers_forwards_chunk_after_chunk(engines):
             got = run_stack(enc, got, speech.semantic.at(slots)).permute(0, 2, 1)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
     speech.zero(slots)
+
+
+def test_a_capture_that_raises_at_load_leaves_the_worker_on_eager(
+    engines, monkeypatch, caplog, tiny_model_dir
+):
+    """A CUDA capture can raise (an operator that syncs, out of memory). On CPU the
+    capture step is not reached, so it is made to raise as CUDA's would: the engine
+    still loads, logs why, and its rows are exactly eager's."""
+    want = drive(engines["eager"], rows_of_three())
+    calls = []
+
+    def capture_fails(self, *args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(Graph, "__init__", capture_fails)
+    spec = EngineSpec(
+        engine="vibevoice", model_path=tiny_model_dir, max_batch_size=4, engine_mode="graphs"
+    )
+    eng = VibeVoiceEngine(spec)
+    with caplog.at_level(logging.WARNING, logger="vibevoice_pool.worker"):
+        eng.load()
+        got = drive(eng, rows_of_three())
+    assert len(calls) == 1, "the first failed capture turns graphs off; none is tried again"
+    assert "capturing failed (RuntimeError: operation not permitted" in caplog.text
+    assert "this worker goes on eager" in caplog.text
+    assert eng.steps.speech.mode == "eager" and not eng.steps.speech.graphs
+    for rid in ("a", "b", "c"):
+        assert np.array_equal(got.pcm(rid), want.pcm(rid)), rid
+
+
+def test_a_capture_that_raises_in_a_step_serves_that_step_eagerly(
+    engines, monkeypatch, caplog, tiny_model_dir
+):
+    """A bucket first needed mid-run (not made at load) whose capture raises: that very
+    step runs eagerly and every row still equals eager's."""
+    want = drive(engines["eager"], rows_of_three())
+    spec = EngineSpec(
+        engine="vibevoice", model_path=tiny_model_dir, max_batch_size=4, engine_mode="graphs"
+    )
+    eng = VibeVoiceEngine(spec)
+    eng.load()
+    speech = eng.steps.speech
+    made = set(speech.graphs)
+    assert ("decode", 2) in made
+    del speech.graphs[("decode", 2)]  # as if bucket 2 had not been made at load
+    real = Graph.__init__
+
+    def fails_for_two(self, fn, inputs, *args, **kwargs):
+        if next(iter(inputs.values())).shape[0] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (capture of bucket 2)")
+        real(self, fn, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Graph, "__init__", fails_for_two)
+    with caplog.at_level(logging.WARNING, logger="vibevoice_pool.worker"):
+        got = drive(eng, rows_of_three())
+    assert "capturing failed (OutOfMemoryError" in caplog.text
+    assert speech.mode == "eager" and not speech.graphs
+    for rid in ("a", "b", "c"):
+        assert np.array_equal(got.pcm(rid), want.pcm(rid)), rid

@@ -16,7 +16,8 @@ engine_mode (a setting): "eager" calls those functions on the k speaking rows;
 on CUDA as captured CUDA graphs (one per bucket, and per step count for the loop),
 elsewhere as plain calls on the same buffers; "auto": graphs on CUDA, eager
 elsewhere. Each graph's first CHECKED_RUNS runs are compared with an eager call; beyond
-the dtype's tolerance the worker logs a warning and goes on in eager mode for good.
+the dtype's tolerance the worker logs a warning and goes on in eager mode for good. So
+does a capture that raises (an operator CUDA cannot capture, memory), at load or later.
 
 The starting noise is drawn on the host from the row's own CPU generator (the stream of
 numbers a row was promised: transformers' generate, replays, rows recorded before),
@@ -158,6 +159,8 @@ class Speech:
         b = bucket_for(n)
         key = ("diffuse", steps, b)
         graph = self.graphs.get(key) or self._capture(key, self._diffusion_graph(schedule, b))
+        if graph is None:
+            return self.loop(self.head, schedule, packed, torch.cat([pos, neg]))
         graph.inputs["packed"][:n].copy_(packed)
         cond = graph.inputs["cond"]
         cond[:n].copy_(pos)
@@ -190,6 +193,8 @@ class Speech:
         b = bucket_for(n)
         key = ("decode", b)
         graph = self.graphs.get(key) or self._capture(key, self._decode_graph(b))
+        if graph is None:
+            return self.decode_rows(to_device(slots, self.device), latents)
         padded = slots + [self.acoustic.scratch] * (b - n)  # padded rows: the scratch slot
         graph.inputs["slots"].copy_(to_device(padded, self.device))
         graph.inputs["latents"][:n].copy_(latents)
@@ -229,26 +234,44 @@ class Speech:
             return 0
         made = 0
         for b in buckets_upto(rows):
+            if self.mode != "graphs":  # a capture failed: the worker went on eager
+                return made
             if ("diffuse", steps, b) not in self.graphs:
-                self._capture(("diffuse", steps, b), self._diffusion_graph(self.schedule(steps), b))
-                made += 1
-            if ("decode", b) not in self.graphs:
-                self._capture(("decode", b), self._decode_graph(b))
-                made += 1
+                made += (
+                    self._capture(
+                        ("diffuse", steps, b), self._diffusion_graph(self.schedule(steps), b)
+                    )
+                    is not None
+                )
+            if ("decode", b) not in self.graphs and self.mode == "graphs":
+                made += self._capture(("decode", b), self._decode_graph(b)) is not None
         return made
 
-    def _capture(self, key: tuple, parts: dict) -> Graph:
-        graph = Graph(
-            parts["fn"],
-            parts["inputs"],
-            parts.get("state"),
-            pool=self.pool,
-            prepare=parts.get("prepare"),
-            scratch_last="state" in parts,
-        )
+    def _capture(self, key: tuple, parts: dict) -> Graph | None:
+        """The graph for `key`, made now; None when making it raised (an operator that
+        cannot be captured, memory): that logs a warning and turns graphs off for good,
+        and the caller runs the eager path."""
+        try:
+            graph = Graph(
+                parts["fn"],
+                parts["inputs"],
+                parts.get("state"),
+                pool=self.pool,
+                prepare=parts.get("prepare"),
+                scratch_last="state" in parts,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure to capture means eager
+            self._go_eager(f"capturing failed ({type(exc).__name__}: {exc})", key)
+            return None
         self.graphs[key] = graph
         self.checks_left[key] = CHECKED_RUNS
         return graph
+
+    def _go_eager(self, why: str, key: tuple) -> None:
+        log.warning("engine_mode graphs: %s for %s; this worker goes on eager", why, key)
+        self.mode = "eager"
+        self.graphs.clear()
+        self.checks_left.clear()
 
     def _run(self, key: tuple, graph: Graph) -> tuple:
         """The graph's outputs; its first runs checked against eager. A mismatch logs a
@@ -259,10 +282,7 @@ class Speech:
         try:
             return graph.checked_run(tolerance(self.dtype))
         except Mismatch as exc:
-            log.warning("engine_mode graphs: %s for %s; this worker goes on eager", exc, key)
-            self.mode = "eager"
-            self.graphs.clear()
-            self.checks_left.clear()
+            self._go_eager(str(exc), key)
             return exc.eager
 
 
