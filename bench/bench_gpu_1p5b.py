@@ -1,23 +1,23 @@
 """The step engine on the full-size VibeVoice-1.5B architecture, one GPU, by live rows.
 
-Builds VibeVoice-1.5B's architecture (Qwen2.5-1.5B text model, the real acoustic and
-semantic tokenizers and diffusion head) with random weights, in bf16 with SDPA, and runs
-the step engine (workers/engines/vibevoice/step.py) with 1, 4, 8, 16 and 32 rows admitted together: a
-fixed prompt per row (script tokens and one voice sample), 10 diffusion steps, cfg 1.3,
-diffusion-only guidance as microsoft's loop. Lengths "fixed": every row the same number
-of audio tokens; "mixed": rows of 0.5, 0.83, 1.17 and 1.5 times it in turn (the same mean),
-so rows leave the running set one by one.
-Random weights never pick the audio token, so a sequence_bias on it makes every new
-token an audio token: the compute per token is the real model's. Each row count runs
-in engine_mode eager, then graphs (--engine-modes: the diffusion loop and the audio
-decode/encode as captured CUDA graphs per row bucket; on CPU the same bucket code as
-plain calls). --compile-modes adds eager runs with the diffusion loop compiled
-("reduce-overhead" = torch.compile's own CUDA graphs), off by default. Reports audio s per wall s per GPU (decode phase and whole run),
-ms per step, RTF per row, first audio (admission to the first chunk), peak memory per
-row, and (eager) the operators one decode step dispatches and the host syncs among them,
-counted with a TorchDispatchMode. Prints a Markdown table; --out JSON, rewritten after
-every run so that a run stopped at a time limit keeps what it measured; --budget-s skips
-the runs that would start after that many seconds.
+Builds VibeVoice-1.5B's architecture (the Qwen2.5-1.5B text model, the real acoustic and
+semantic tokenizers and diffusion head) with random weights, bf16, SDPA, and runs the step
+engine (workers/engines/vibevoice/step.py) with 1, 4, 8, 16 and 32 rows admitted together:
+a fixed prompt per row (script tokens and one voice sample), 10 diffusion steps, cfg 1.3,
+diffusion-only guidance as microsoft's loop. Lengths "fixed": every row the same number of
+audio tokens; "mixed": 0.5, 0.83, 1.17 and 1.5 times it in turn, so rows leave one by one.
+A sequence_bias on the audio token makes every new token an audio token (random weights
+never pick it): the compute per token is the real model's. At each row count the engine
+modes run in turn (--engine-modes): eager; graphs (the diffusion loop and the audio
+decode/encode captured per row bucket); graphs-lm (the LM's decode step captured too: the
+measurement that decides whether the LM is captured); on CPU the same bucket code runs as
+plain calls. --compile-modes adds eager runs with the diffusion loop compiled
+("reduce-overhead" = torch.compile's CUDA graphs), off by default. Reports audio s per
+wall s per GPU (decode phase and whole run), ms per step, RTF per row, first audio
+(admission to the first chunk), peak memory per row, and the operators one decode step
+dispatches and the host syncs among them (a TorchDispatchMode). Prints a Markdown table;
+--out JSON, rewritten after every run (a run stopped at a time limit keeps what it
+measured); --budget-s skips the runs that would start after that many seconds.
 
     python bench/bench_gpu_1p5b.py --out results.json          # one GPU, under 8 minutes
     python bench/bench_gpu_1p5b.py --tiny --out tiny.json      # the tiny model on CPU
@@ -264,6 +264,7 @@ def run_rows(
     the timings; with `count`, the step after them runs under the operator counter
     (count_step), also out of the timings."""
     from workers.engines.vibevoice.audio import CHECKED_RUNS
+    from workers.engines.vibevoice.lm_graph import CHECKED_RUNS as LM_CHECKED_RUNS
     from workers.engines.vibevoice.step import StepEngine
     from workers.wire.messages import Request, Turn
 
@@ -291,7 +292,9 @@ def run_rows(
     steps, counted = 1, None
     # the graphs' and the LM's checked steps (each also run eagerly): out of count and timing
     lm_checks = engine.decode_lm.checks_left if engine.decode_lm else 0
-    checks = max(CHECKED_RUNS if engine_mode == "graphs" else 0, lm_checks)
+    if engine.lm_graphs is not None:  # then each LM graph's first replays, checked
+        lm_checks += LM_CHECKED_RUNS
+    checks = max(CHECKED_RUNS if engine_mode != "eager" else 0, lm_checks)
     for _ in range(checks if engine.live else 0):
         engine.step(sink)
         steps += 1
@@ -320,6 +323,9 @@ def run_rows(
         "lengths": lengths,
         "engine_mode": engine_mode,
         "graphs_captured": captured,
+        # what the run ended on: a graph that failed its check or its capture turns off
+        "graphs_kept": engine.speech.mode == "graphs" if engine_mode != "eager" else None,
+        "lm_graphs_kept": engine.lm_graphs is not None if engine_mode == "graphs-lm" else None,
         "compile": compile_mode or "off",
         "tokens": per_row if lengths != "fixed" else tokens,
         "steps": steps,
@@ -350,7 +356,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
     p.add_argument("--rows", default="1,4,8,16,32")
     p.add_argument("--lengths", default="fixed,mixed", help="fixed, mixed or both")
-    p.add_argument("--engine-modes", default="eager,graphs", help="eager, graphs or both")
+    p.add_argument("--engine-modes", default="eager,graphs,graphs-lm", help="run in turn")
     p.add_argument("--compile-modes", default="", help='eager runs: e.g. ",reduce-overhead"')
     p.add_argument("--compiled-rows", default=None, help="row counts to compile (default all)")
     p.add_argument("--new-tokens", type=int, default=None, help="audio tokens per row")
@@ -366,6 +372,9 @@ def main(argv=None) -> int:
     p.add_argument("--lm-rows", default="1,16", help="the LM forward both ways (lm_host.py)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    from bench.engine_runs import print_table, run_plan
+
+    plan = run_plan(args)  # a bad --engine-modes stops here, before the model is built
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     args.new_tokens = args.new_tokens or (16 if args.tiny else 96)
     if args.budget_s is None:
@@ -417,81 +426,27 @@ def main(argv=None) -> int:
     for r in [int(x) for x in args.lm_rows.split(",") if x]:
         result["lm_host"].append(lm_host_ms(model, r, 12, torch, args.device, prompts))
         save()
-    row_counts = [int(x) for x in args.rows.split(",")]
-    plan = [
-        ("graphs", "") if e == "graphs" else ("eager", "") for e in args.engine_modes.split(",")
-    ]
-    plan += [("eager", c) for c in args.compile_modes.split(",") if c]
-    for engine_mode, mode in plan:
-        counts = row_counts
-        if mode and args.compiled_rows:
-            counts = [int(x) for x in args.compiled_rows.split(",")]
-        # Compiled: fixed lengths only (mixed lengths change the head's batch as rows
-        # leave, and each new batch size is a new capture, inside the timing).
-        for lengths in ["fixed"] if mode else args.lengths.split(","):
-            for r in counts:
-                if lengths == "mixed" and r == 1:
-                    continue  # one row: the same as fixed
-                label = f"{engine_mode}/{mode or 'off'}/{lengths}/{r}"
-                if args.budget_s and time.perf_counter() - t_start > args.budget_s:
-                    result["skipped"].append(label)
-                    continue
-                with torch.no_grad():
-                    # warm-up (captures, compiles); uncompiled: one step is counted
-                    run = functools.partial(run_rows, model, prompts, r, engine_mode=engine_mode)
-                    warm = run(6, args, torch, mode, count=not mode)
-                    res = run(args.new_tokens, args, torch, mode, lengths)
-                for key in (
-                    "ops_per_step",
-                    "host_syncs_per_step",
-                    "h2d_copies_per_step",
-                    "sync_kinds",
-                ):
-                    if key in warm:
-                        res[key] = warm[key]
-                res["first_audio_s_warmup_run"] = warm["first_audio_s"]
-                rows.append(res)
-                save()
-                print(json.dumps(res), file=sys.stderr, flush=True)
+    for engine_mode, mode, lengths, r in plan:
+        label = f"{engine_mode}/{mode or 'off'}/{lengths}/{r}"
+        if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+            result["skipped"].append(label)
+            continue
+        with torch.no_grad():
+            # warm-up (captures, compiles); uncompiled: one step is counted
+            run = functools.partial(run_rows, model, prompts, r, engine_mode=engine_mode)
+            warm = run(6, args, torch, mode, count=not mode)
+            res = run(args.new_tokens, args, torch, mode, lengths)
+        for key in ("ops_per_step", "host_syncs_per_step", "h2d_copies_per_step", "sync_kinds"):
+            if key in warm:
+                res[key] = warm[key]
+        res["first_audio_s_warmup_run"] = warm["first_audio_s"]
+        rows.append(res)
+        save()
+        print(json.dumps(res), file=sys.stderr, flush=True)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     save()
     print_table(result, args)
     return 0
-
-
-def print_table(result: dict, args) -> None:
-    mem = args.device.startswith("cuda")
-    new = args.new_tokens
-    print(
-        f"\n{result['model']} ({result['params'] / 1e6:.1f} M params, {result['dtype']}) on "
-        f"{result['device']}; {new} audio tokens ({new * HOP / SAMPLE_RATE:.2f} s) per row "
-        f"(mixed: 0.5-1.5x), {args.steps} diffusion steps, cfg {args.cfg}\n"
-    )
-    head = (
-        "| rows | lengths | engine mode | head compile | ms/step | RTF (per row) | audio s/s, decode | "
-        "audio s/s, whole | first audio ms | ops/step | syncs/step |"
-    )
-    print(head + (" peak MiB per row |" if mem else ""))
-    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if mem else ""))
-    for r in result["rows"]:
-        line = (
-            f"| {r['rows']} | {r['lengths']} | {r.get('engine_mode', 'eager')} | {r['compile']} | "
-            f"{r['ms_per_step']:.1f} | "
-            f"{r['rtf']:.3f} | {r['decode_audio_s_per_s']:.2f} | {r['audio_s_per_s']:.2f} | "
-            f"{1000 * (r['first_audio_s'] or 0):.0f} | {r.get('ops_per_step', '-')} | "
-            f"{r.get('host_syncs_per_step', '-')} |"
-        )
-        print(line + (f" {r['peak_mem_per_row_mib']:.0f} |" if mem else ""))
-    if result.get("lm_host"):
-        from bench.lm_host import table
-
-        print("\nThe LM's decode forward, both ways:\n" + "\n".join(table(result["lm_host"])))
-    if result["skipped"]:
-        print(f"\nskipped (time budget): {', '.join(result['skipped'])}")
-    print(
-        "\nvLLM-Omni's VibeVoice-1.5B port, its author's figures on one H100: RTF 0.30 at batch "
-        "1 eager, 0.19 with CUDA graphs, about 7 audio s/s at 4 concurrent."
-    )
 
 
 if __name__ == "__main__":

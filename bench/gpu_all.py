@@ -148,12 +148,12 @@ def summary(out: Path, parts: list[dict], log: Log) -> None:
             f"{name}: {a.get('device')} torch {a.get('torch')} transformers {a.get('transformers')}"
         )
         log(
-            "rows len mode compile ms/step dec_aud_s/s whole_aud_s/s first_audio_ms ops syncs "
+            "rows len   mode      compile ms/step dec_aud_s/s whole_aud_s/s first_audio_ms ops syncs "
             "h2d MiB/row"
         )
         for r in a["rows"]:
             log(
-                f"{r['rows']:>3} {r['lengths']:<5} {r.get('engine_mode', 'eager'):<6} "
+                f"{r['rows']:>3} {r['lengths']:<5} {r.get('engine_mode', 'eager'):<9} "
                 f"{r['compile']:<15} {r['ms_per_step']:7.1f} "
                 f"{r['decode_audio_s_per_s']:8.2f} {r['audio_s_per_s']:8.2f} "
                 f"{1000 * (r['first_audio_s'] or 0):6.0f} {r.get('ops_per_step', '-')} "

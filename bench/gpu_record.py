@@ -306,6 +306,11 @@ def not_measured(path: Path) -> list[str]:
             "- On a GPU: `engine_mode: graphs` (the diffusion loop and the audio decode "
             "captured as CUDA graphs) against eager."
         )
+    if not any(r.get("engine_mode") == "graphs-lm" for r in a.get("rows", [])):
+        out.append(
+            "- On a GPU: `engine_mode: graphs-lm` (the LM's decode step captured too) "
+            "against graphs: the measurement that decides whether the LM is captured."
+        )
     if not a.get("lm_host"):
         out.append(
             "- On a GPU: the LM's decode forward, transformers' against `decode_lm` "

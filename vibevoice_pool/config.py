@@ -127,11 +127,12 @@ class PoolConfig(BaseModel):
         "opt-in, not yet measured on a GPU: torch.compile mode of the diffusion head "
         "(reduce-overhead = CUDA graphs per row count); empty = off",
     )
-    engine_mode: Literal["auto", "eager", "graphs"] = WORKERS(
+    engine_mode: Literal["auto", "eager", "graphs", "graphs-lm"] = WORKERS(
         "auto",
         "how a VibeVoice worker runs the diffusion loop and the audio decode/encode: "
         "graphs (captured CUDA graphs per row bucket, checked against eager at first, "
-        "eager again on a mismatch), eager, or auto (graphs on a GPU, eager on CPU)",
+        "eager again on a mismatch), eager, or auto (graphs on a GPU, eager on CPU); "
+        "graphs-lm: graphs, and the LM's decode step captured too (opt-in, unmeasured)",
     )
     torch_threads: int = WORKERS(1, "torch threads per CPU worker", gt=0)
     inference_steps: int = WORKERS(10, "default diffusion steps per request", gt=0)

@@ -49,7 +49,7 @@ from workers.engines.vibevoice.receptive import lookback_frames
 log = logging.getLogger("vibevoice_pool.worker")
 
 HEAD_COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
-ENGINE_MODES = ("auto", "eager", "graphs")
+ENGINE_MODES = ("auto", "eager", "graphs", "graphs-lm")
 CHECKED_RUNS = 2  # runs of each graph compared with eager before it is trusted
 
 
@@ -58,6 +58,8 @@ def resolve_mode(engine_mode: str, device: str) -> str:
         raise ValueError(f"engine_mode must be one of {ENGINE_MODES}")
     if engine_mode == "auto":
         return "graphs" if str(device).startswith("cuda") else "eager"
+    if engine_mode == "graphs-lm":  # the LM's decode captured too: step.py, lm_graph.py
+        return "graphs"
     return engine_mode
 
 

@@ -44,6 +44,16 @@ log = logging.getLogger("vibevoice_pool.worker")
 CHECKED_STEPS = 2  # an engine's first decode steps, run both ways and compared
 
 
+def cache_keyword(lm: Any) -> str:
+    """The name transformers' LM forward takes its KV cache by: `cache` since 5.23,
+    `past_key_values` before (5.17 swallows an unknown `cache=` silently and runs with
+    no cache at all)."""
+    import inspect
+
+    params = inspect.signature(lm.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Qwen2RMSNorm: normalized in float32, rounded to h's dtype, then
     scaled by the weight in that dtype (two roundings in bfloat16, as transformers

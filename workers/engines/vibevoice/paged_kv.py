@@ -262,30 +262,48 @@ class StepCache:
     update(keys, values, layer_idx) with the new column of every seq."""
 
     def __init__(
-        self, kv: PagedKV, write: torch.Tensor, pos: torch.Tensor, table: torch.Tensor, width: int
+        self,
+        kv: PagedKV,
+        write: torch.Tensor,
+        pos: torch.Tensor,
+        table: torch.Tensor,
+        width: int,
+        gathered: torch.Tensor | None = None,
     ):
+        """`gathered`: the gather path's buffer (else the pool's, made on first use);
+        the mask too is made where a forward first reads it (a captured LM step
+        (lm_graph.py) reads neither from this object)."""
         self.kv = kv
         self.write = write  # (rows,) flat slot of each seq's new column
         self.positions = pos[:, None]  # (rows, 1): the new token's position
         self.table = table  # (rows, blocks) block numbers
+        self.width = width
         self.flash = kv.flash is not None
         self.flat = kv.flat()
+        self._mask: torch.Tensor | None = None
         if self.flash:
             self.cache_seqlens = pos.to(torch.int32)
             self.block_table = table.to(torch.int32)
-            self.mask = None
             return
         # whole blocks are gathered (a block's tokens lie together in the pool), every
         # layer into the same buffer: a layer's attention is done before the next gathers
         self.read = table.reshape(-1)
         self.shape = (table.shape[0], width, 2, kv.kv_heads, kv.head_dim)
-        self.gathered = kv.gather_buffer(self.read.numel())
-        # additive, made once per step: sdpa would turn a bool mask into this in every layer
-        blocked = (torch.arange(width, device=kv.device) > self.positions)[:, None, None, :]
+        self.gathered = gathered
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The gather path's additive mask (rows, 1, 1, width), made once per step (sdpa
+        would turn a bool mask into this in every layer); None on the flash path."""
+        if self.flash or self._mask is not None:
+            return self._mask
+        kv = self.kv
+        blocked = (torch.arange(self.width, device=kv.device) > self.positions)[:, None, None, :]
         low = torch.finfo(kv.dtype).min if kv.mask_kind == "eager" else float("-inf")
-        self.mask = torch.zeros(blocked.shape, dtype=kv.dtype, device=kv.device).masked_fill_(
+        self._mask = torch.zeros(blocked.shape, dtype=kv.dtype, device=kv.device).masked_fill_(
             blocked, low
         )
+        return self._mask
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """keys/values (rows, kv_heads, 1, dim) of the new column. Gather path: written
@@ -295,6 +313,8 @@ class StepCache:
             return key_states, value_states
         new = torch.stack((key_states[:, :, 0], value_states[:, :, 0]), 1)
         self.flat[layer_idx].index_copy_(0, self.write, new)
+        if self.gathered is None:
+            self.gathered = self.kv.gather_buffer(self.read.numel())
         # (rows, width, 2, kv_heads, dim): each row's blocks, in order, one copy per block
         torch.index_select(self.kv.pool[layer_idx], 0, self.read, out=self.gathered)
         both = self.gathered.view(self.shape)

@@ -51,8 +51,9 @@ from workers.engines.row import Row
 from workers.engines.vibevoice import paged_kv, resume
 from workers.engines.vibevoice.audio import HandOff, Speech
 from workers.engines.vibevoice.caches import to_device
-from workers.engines.vibevoice.decode_lm import DecodeLM
+from workers.engines.vibevoice.decode_lm import DecodeLM, cache_keyword
 from workers.engines.vibevoice.fused_lm import fuse_projections
+from workers.engines.vibevoice.lm_graph import LMGraphs
 from workers.engines.vibevoice.paged_kv import PAGED_FLASH, PagedKV, Seq, blocks_for
 from workers.wire.messages import ErrorKind, PoolError, Request
 
@@ -71,16 +72,6 @@ class _RowModel:
     prompt_len: int
     pos: Seq | None = None  # its positive branch's KV blocks (from its prefill on)
     neg: Seq | None = None  # its negative (CFG) branch's
-
-
-def cache_keyword(lm: Any) -> str:
-    """The name the LM's forward takes its KV cache by: `cache` since transformers 5.23,
-    `past_key_values` before (5.17 swallows an unknown `cache=` silently and runs with
-    no cache at all)."""
-    import inspect
-
-    params = inspect.signature(lm.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class StepEngine:
@@ -125,6 +116,9 @@ class StepEngine:
         if self.flash:
             paged_kv.register_paged_flash()
         self.decode_lm = DecodeLM.build(self.lm)  # None: transformers' decode forward
+        self.lm_graphs = None  # engine_mode graphs-lm: decode_lm's step captured too
+        if engine_mode == "graphs-lm" and self.decode_lm is not None:
+            self.lm_graphs = LMGraphs(self.decode_lm, self.decode_attn, device, self.dtype)
         # Both LM branches of every row in one pool, run by one forward per step: rows
         # [0, n) are the positive (prompt) branches, rows [n, 2n) the negative (CFG) ones.
         self.kv = self._new_kv()
@@ -449,6 +443,11 @@ class StepEngine:
         extra = {"paged_step": step} if self.flash else {}
         if self.decode_lm is None:
             return self._lm_forward(step, embeds, extra)
+        if self.lm_graphs is not None and not self.decode_lm.checks_left:
+            hidden = self.lm_graphs.run(step, embeds)
+            if hidden is not None:
+                return hidden
+            self.lm_graphs = None  # off for good: decode_lm's eager forward from now on
         hidden, trusted = self.decode_lm.forward(
             embeds, step, self.decode_attn, lambda: self._lm_forward(step, embeds, extra), **extra
         )
