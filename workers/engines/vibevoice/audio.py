@@ -42,6 +42,7 @@ from workers.engines.vibevoice.graphs import (
     Mismatch,
     bucket_for,
     buckets_upto,
+    make_graph,
     tolerance,
 )
 from workers.engines.vibevoice.receptive import lookback_frames
@@ -253,17 +254,17 @@ class Speech:
         """The graph for `key`, made now; None when making it raised (an operator that
         cannot be captured, memory): that logs a warning and turns graphs off for good,
         and the caller runs the eager path."""
-        try:
-            graph = Graph(
-                parts["fn"],
-                parts["inputs"],
-                parts.get("state"),
-                pool=self.pool,
-                prepare=parts.get("prepare"),
-                scratch_last="state" in parts,
-            )
-        except Exception as exc:  # noqa: BLE001 - any failure to capture means eager
-            self._go_eager(f"capturing failed ({type(exc).__name__}: {exc})", key)
+        graph = make_graph(
+            key,
+            self._go_eager,
+            parts["fn"],
+            parts["inputs"],
+            parts.get("state"),
+            pool=self.pool,
+            prepare=parts.get("prepare"),
+            scratch_last="state" in parts,
+        )
+        if graph is None:
             return None
         self.graphs[key] = graph
         self.checks_left[key] = CHECKED_RUNS

@@ -9,6 +9,7 @@
                               the bucket and buffer code runs (and is tested) on CPU
         .checked_run(tol)     the same, then fn again eagerly on the same inputs and the
                               same state before it; raises Mismatch beyond `tol`
+    make_graph(key, off, ...) a Graph, or None where its capture raised (off is told)
 
 Capture (CUDA): warm-up calls on a side stream, then one capture into a memory pool
 that every graph of the worker shares (they replay one at a time, in one stream).
@@ -52,6 +53,16 @@ class Mismatch(RuntimeError):
 def max_relative(got: torch.Tensor, want: torch.Tensor) -> float:
     peak = want.abs().max().float().clamp(min=1e-6)
     return float((got.float() - want.float()).abs().max() / peak)
+
+
+def make_graph(key: tuple, off: Callable[[str, tuple], None], *args, **kwargs) -> Graph | None:
+    """Graph(*args, **kwargs), or None where making it raised (on CUDA: an operator that
+    cannot be captured, out of memory): `off(why, key)` is told why."""
+    try:
+        return Graph(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure to capture means eager
+        off(f"capturing failed ({type(exc).__name__}: {exc})", key)
+        return None
 
 
 class Graph:

@@ -35,7 +35,13 @@ from typing import Any
 
 import torch
 
-from workers.engines.vibevoice.graphs import Graph, bucket_for, max_relative, tolerance
+from workers.engines.vibevoice.graphs import (
+    Graph,
+    bucket_for,
+    make_graph,
+    max_relative,
+    tolerance,
+)
 from workers.engines.vibevoice.paged_kv import PagedKV, StepCache
 
 log = logging.getLogger("vibevoice_pool.worker")
@@ -121,10 +127,8 @@ class LMGraphs:
             for name in ("write", "positions", "table"):
                 inputs[name].zero_()
 
-        try:
-            graph = Graph(fn, inputs, pool=self.mem_pool, prepare=prepare)
-        except Exception as exc:  # noqa: BLE001 - any failure to capture means eager
-            self._off(f"capturing failed ({type(exc).__name__}: {exc})", key)
+        graph = make_graph(key, self._off, fn, inputs, pool=self.mem_pool, prepare=prepare)
+        if graph is None:
             return None
         self.graphs[key] = graph
         self.checks_left[key] = CHECKED_RUNS
