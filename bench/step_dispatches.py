@@ -31,6 +31,7 @@ from pathlib import Path
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "item"}
 METADATA_OPS = {"_unsafe_view"}  # views in all but name: no kernel, no copy
+HOST_PHASE = "noise (host)"
 
 # (module, class, methods, phase): the methods whose operators count for the phase. A
 # class or method missing from the code under test is skipped, so the same table
@@ -39,6 +40,9 @@ PHASES = [
     ("workers.engines.vibevoice.step", "StepEngine", ("_forward",), "lm"),
     ("workers.engines.vibevoice.step", "StepEngine", ("_prefill",), "prefill"),
     ("workers.engines.vibevoice.audio", "Speech", ("diffuse",), "diffusion"),
+    # each speaking row's starting noise, from its own CPU generator: on a GPU too these
+    # run on the host's tensors (one copy to the device follows), no kernel launched
+    ("workers.engines.vibevoice.audio", "Speech", ("_packed",), HOST_PHASE),
     ("workers.engines.vibevoice.audio", "Speech", ("decode", "zero"), "audio"),
     (
         "workers.engines.vibevoice.step",
@@ -127,12 +131,26 @@ def build(torch):
     return model
 
 
+def checking(engine) -> bool:
+    """Whether the engine's next step would still run something twice (decode_lm's
+    checked steps; each graph's first replays, compared with eager)."""
+    lm = engine.decode_lm is not None and engine.decode_lm.checks_left > 0
+    graphs = any(engine.speech.checks_left.values())
+    lmg = getattr(engine, "lm_graphs", None)
+    lm_graphs = lmg is not None and (not lmg.graphs or any(lmg.checks_left.values()))
+    return lm or graphs or lm_graphs
+
+
 def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -> dict:
-    """`engine_mode` graphs: the bucketed static-buffer path (on CPU a plain call per
-    bucket: the operators a captured graph holds; on a GPU its replay is one launch)."""
+    """`engine_mode` graphs or graphs-lm: the bucketed static-buffer paths (on CPU a
+    plain call per bucket: the operators a captured graph holds). `launches_per_step`
+    counts what a GPU would launch: each graph replay one, the operators in it none,
+    nor those of the host phase (the rows' noise, drawn on the host on a GPU too). The
+    steps that still check a graph against eager run before the count."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from bench.bench_gpu_1p5b import SyntheticPrompts, _Sink
+    from workers.engines.vibevoice.graphs import Graph
     from workers.engines.vibevoice.step import StepEngine
     from workers.wire.messages import Request, Turn
 
@@ -144,6 +162,8 @@ def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -
             self.ops: collections.Counter = collections.Counter()
             self.by_phase: collections.Counter = collections.Counter()
             self.metadata = 0
+            self.launches = 0
+            self.in_graph = 0  # inside a graph's run: its operators are one replay
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.is_view:
@@ -153,28 +173,49 @@ def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -
             else:
                 self.ops[func.__name__.split(".")[0]] += 1
                 self.by_phase[phases.stack[-1]] += 1
+                self.launches += not self.in_graph and phases.stack[-1] != HOST_PHASE
             return func(*args, **(kwargs or {}))
 
     prompts = SyntheticPrompts(model, prompt_tokens=64, voice_s=0.8)
     engine = StepEngine(
         model, "cpu", rows, prompts, **({"engine_mode": engine_mode} if engine_mode else {})
     )
-    tokens = measured + 4
+    tokens = measured + 12
     for i in range(rows):
         req = Request(id=f"r{i}", turns=(Turn(0, "x"),), seed=i, stream=True)
         engine.admit(engine.prepare(req, tokens, tokens + 8, "estimate"))
     sink = _Sink()
     engine.step(sink)  # prefill and the first decode step
     engine.step(sink)  # warm
+    for _ in range(8):
+        if not checking(engine):
+            break
+        engine.step(sink)
     counter = Counter()
-    with phases, counter:
-        for _ in range(measured):
-            engine.step(sink)
+    real_run = Graph.run
+
+    def replay(self):
+        counter.launches += 1
+        counter.in_graph += 1
+        try:
+            return real_run(self)
+        finally:
+            counter.in_graph -= 1
+
+    Graph.run = replay
+    try:
+        with phases, counter:
+            for _ in range(measured):
+                engine.step(sink)
+    finally:
+        Graph.run = real_run
     total = sum(counter.ops.values())
     syncs = sum(n for op, n in counter.ops.items() if op in SYNC_OPS)
     return {
         "rows": rows,
+        "engine_mode": engine_mode or "eager",
         "dispatches_per_step": total / measured,
+        "launches_per_step": counter.launches / measured,
         "syncs_per_step_seen": syncs / measured,
         "metadata_ops_per_step": counter.metadata / measured,
         "phases": {k: n / measured for k, n in counter.by_phase.most_common()},

@@ -260,6 +260,30 @@ def test_shape_targets_and_tables_come_from_the_saved_figures():
     assert (f"{under} of {len(each)} repeats fall below 2.0x" in reading) == (under > 0)
 
 
+def test_the_launch_table_and_its_reading_come_from_the_saved_figures():
+    from bench.shape import record as shape
+
+    d = figures("shape")
+    by: dict[str, dict[int, float]] = {}
+    for c in d["launches"]:
+        by.setdefault(c["engine_mode"], {})[c["rows"]] = c["launches_per_step"]
+    assert list(by) == ["eager", "graphs", "graphs-lm"]
+    text = shape.render(d)
+    for r, lean in by["graphs-lm"].items():
+        cells = " | ".join(f"{by[m][r]:,.0f}" for m in by)
+        assert f"| {r} | {cells} | {by['eager'][r] / lean:.0f}x |" in text
+    top = max(by["graphs-lm"])
+    reading = "\n".join(shape.reading(d))
+    e, g, lean = by["eager"][top], by["graphs"][top], by["graphs-lm"][top]
+    assert f"at {top} rows: {e:,.0f} eager, {g:,.0f} with the diffusion loop" in reading
+    assert f"{lean:,.0f} with the LM's decode step captured too" in reading
+    assert f"{e / lean:.0f}x fewer than eager" in reading
+    # a record without the launch table (an older run) renders without it
+    older = {k: v for k, v in d.items() if k != "launches"}
+    assert "| rows | eager | graphs |" not in shape.render(older)
+    assert "Launches per step on a GPU" not in "\n".join(shape.reading(older))
+
+
 def test_the_shape_record_rewrites_only_its_own_section():
     from bench.shape import record as shape
 

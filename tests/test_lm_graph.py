@@ -229,3 +229,19 @@ def test_the_setting_takes_graphs_lm():
     assert PoolConfig(engine_mode="graphs-lm").engine_mode == "graphs-lm"
     with pytest.raises(ValueError):
         PoolConfig(engine_mode="graph-lm")
+
+
+def test_a_step_with_every_graph_launches_a_few_dozen_kernels_flat_in_rows():
+    """bench/step_dispatches.py's count of what a GPU would launch per step (a replay one
+    launch, the host's noise draws none), on the 1.5B model's depths at tiny widths:
+    eager launches every operator; graphs-lm, a few dozen, the same at 1 and 2 rows."""
+    from bench.step_dispatches import build, count_steps
+
+    model = build(torch)
+    eager = count_steps(model, 1, 2, torch, "eager")
+    host = eager["phases"]["noise (host)"]
+    assert eager["launches_per_step"] == eager["dispatches_per_step"] - host > 2000
+    lean = [count_steps(model, r, 2, torch, "graphs-lm") for r in (1, 2)]
+    assert lean[0]["launches_per_step"] == lean[1]["launches_per_step"] < 40
+    for c in lean:  # the graphs' operators still run (plain calls on CPU), uncounted
+        assert c["dispatches_per_step"] > 2000

@@ -57,6 +57,7 @@ def render(d: dict) -> str:
         for c in phases:
             cells = [f"{c['phases'].get(p, 0):,.0f}" for p in names]
             out.append(f"| {c['rows']} | " + " | ".join(cells) + " |")
+    out += launch_table(d)
     lm = d.get("lm_host")
     if lm:
         out += [
@@ -103,6 +104,40 @@ def render(d: dict) -> str:
     cpu = f", {d['cpu_seconds']:.0f} s of CPU" if "cpu_seconds" in d else ""
     out.append(f"generate 1: {gen:.2f} audio s/s. The section took {d['seconds']:.0f} s{cpu}.")
     return "\n".join(out)
+
+
+def _launches(d: dict) -> dict[str, dict[int, float]]:
+    """launches per step by engine mode, then rows."""
+    out: dict[str, dict[int, float]] = {}
+    for c in d.get("launches", []):
+        out.setdefault(c["engine_mode"], {})[c["rows"]] = c["launches_per_step"]
+    return out
+
+
+def launch_table(d: dict) -> list[str]:
+    by_mode = _launches(d)
+    if not by_mode:
+        return []
+    modes = list(by_mode)
+    rows = sorted({r for m in modes for r in by_mode[m]})
+    eager = by_mode.get("eager", {})
+    out = [
+        "",
+        "What a GPU would launch per decode step in each `engine_mode`, on the same model "
+        "and steps: a captured graph's replay is one launch and the operators in it none; "
+        "the rows' starting noise, drawn on the host on a GPU too, is left out (on CPU the "
+        "graphs are plain calls over the same buffers, counted here as their replays). "
+        "Counted after each graph's checked runs.",
+        "",
+        "| rows | " + " | ".join(modes) + " | eager / graphs-lm |",
+        "|---:|" + "---:|" * (len(modes) + 1),
+    ]
+    for r in rows:
+        cells = [f"{by_mode[m][r]:,.0f}" if r in by_mode[m] else "-" for m in modes]
+        lean = by_mode.get("graphs-lm", {}).get(r)
+        ratio = f"{eager[r] / lean:.0f}x" if lean and r in eager else "-"
+        out.append(f"| {r} | " + " | ".join(cells) + f" | {ratio} |")
+    return out
 
 
 def targets(d: dict) -> list[tuple[str, str, bool]]:
@@ -192,6 +227,20 @@ def reading(d: dict) -> list[str]:
             "GPU that host time is what a step waits on before its kernels run; there each "
             "norm is also two kernels (F.rms_norm's fused one, then the weight) where CPU "
             "counts six."
+        )
+    by_mode = _launches(d)
+    if {"eager", "graphs", "graphs-lm"} <= set(by_mode):
+        top = max(by_mode["graphs-lm"])
+        e, g, lean = (by_mode[m][top] for m in ("eager", "graphs", "graphs-lm"))
+        out.append(
+            f"- Launches per step on a GPU, at {top} rows: {e:,.0f} eager, {g:,.0f} with the "
+            f"diffusion loop and the audio decode captured (`graphs`, the default there), "
+            f"{lean:,.0f} with the LM's decode step captured too (`graphs-lm`, opt-in): "
+            f"{e / lean:.0f}x fewer than eager, flat in rows. What is left is the step's "
+            "bookkeeping (the block tables' update, the token choice, the inputs copied "
+            "into the graphs' buffers) and three replays. Whether the LM's replay beats its "
+            "launches (vLLM-Omni measured their captured LM slower) is for a GPU to say: "
+            "`bench/bench_gpu_1p5b.py` runs the three modes side by side."
         )
     runs = d.get("audio_s_per_s", {})
     if "CB 4" in runs and "CB 1" in runs:

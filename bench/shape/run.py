@@ -2,7 +2,9 @@
 
 - the host's work per decode step: aten operators dispatched and host syncs seen, at
   1, 4 and 16 rows, eager, on VibeVoice-1.5B's depths at tiny widths
-  (bench/step_dispatches.py counts them), and the LM forward's host time there,
+  (bench/step_dispatches.py counts them); the launches a GPU would make per step in
+  each engine_mode (eager, graphs, graphs-lm: a graph's replay one launch, the
+  operators in it none); and the LM forward's host time there,
   transformers' forward against decode_lm's on the same steps (bench/lm_host.py);
 - the tiny model's audio seconds per second on a mixed-length burst (every request
   at once, bench/tiny/run.py's workload and StepHost driver): the step engine with
@@ -41,17 +43,30 @@ TEXTS = (
 )
 
 
-def host_shape(rows: list[int], steps: int, lm_steps: int) -> tuple[list[dict], list[dict]]:
-    """Dispatches per step (bench/step_dispatches.py) and the LM forward's host time,
-    transformers' against decode_lm (bench/lm_host.py), at each row count."""
+GRAPH_MODES = ("graphs", "graphs-lm")
+
+
+def host_shape(rows: list[int], steps: int, lm_steps: int) -> tuple[list, list, list]:
+    """Dispatches per step, eager (bench/step_dispatches.py); the launches a GPU would
+    make per step in each engine mode (a graph's replay one launch); and the LM
+    forward's host time, transformers' against decode_lm (bench/lm_host.py), at each
+    row count."""
     import torch
 
     from bench.lm_host import lm_host_ms
     from bench.step_dispatches import build, count_steps
 
     model = build(torch)
-    counts = [count_steps(model, r, steps, torch) for r in rows]
-    return counts, [lm_host_ms(model, r, lm_steps, torch) for r in rows]
+    counts = [count_steps(model, r, steps, torch, "eager") for r in rows]
+    launches = [
+        {"rows": c["rows"], "engine_mode": "eager", "launches_per_step": c["launches_per_step"]}
+        for c in counts
+    ]
+    for mode in GRAPH_MODES:
+        for r in rows:
+            c = count_steps(model, r, steps, torch, mode)
+            launches.append({k: c[k] for k in ("rows", "engine_mode", "launches_per_step")})
+    return counts, launches, [lm_host_ms(model, r, lm_steps, torch) for r in rows]
 
 
 def arrival_order_rows(lengths: list[float], limit: int) -> float:
@@ -151,7 +166,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t_start, cpu_start = time.monotonic(), time.process_time()
     dispatch_rows = [int(r) for r in args.dispatch_rows.split(",")]
-    counts, lm_host = host_shape(dispatch_rows, args.dispatch_steps, args.lm_steps)
+    counts, launches, lm_host = host_shape(dispatch_rows, args.dispatch_steps, args.lm_steps)
 
     from bench.tiny.run import drive, workload
     from workers.checkpoints.tiny import ensure_tiny_model
@@ -199,6 +214,7 @@ def main(argv=None) -> int:
         "torch_threads": 1,
         "dispatch_steps": args.dispatch_steps,
         "dispatches": counts,
+        "launches": launches,
         "lm_host": lm_host,
         "requests": len(lengths),
         "lengths_s": {
