@@ -237,17 +237,16 @@ class Speech:
             return 0
         made = 0
         for b in buckets_upto(rows):
-            if self.mode != "graphs":  # a capture failed: the worker went on eager
-                return made
-            if ("diffuse", steps, b) not in self.graphs:
-                made += (
-                    self._capture(
-                        ("diffuse", steps, b), self._diffusion_graph(self.schedule(steps), b)
-                    )
-                    is not None
-                )
-            if ("decode", b) not in self.graphs and self.mode == "graphs":
-                made += self._capture(("decode", b), self._decode_graph(b)) is not None
+            for key in (("diffuse", steps, b), ("decode", b)):
+                if self.mode != "graphs":  # a capture failed: the worker went on eager
+                    return made
+                if key in self.graphs:
+                    continue
+                if key[0] == "diffuse":
+                    parts = self._diffusion_graph(self.schedule(steps), b)
+                else:
+                    parts = self._decode_graph(b)
+                made += self._capture(key, parts) is not None
         return made
 
     def _capture(self, key: tuple, parts: dict) -> Graph | None:

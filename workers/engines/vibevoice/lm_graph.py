@@ -8,7 +8,8 @@ over the step's 2n seqs) and of block-table width (a power of two of blocks).
 
 Whether the LM pays for capture is a measurement (vLLM-Omni found its captured LM
 12-18% slower and left it eager): so this mode is opt-in, beside "graphs" (the
-diffusion loop and the audio decode alone), and bench/bench_gpu_1p5b.py runs both.
+diffusion loop and the audio decode alone), and bench/bench_gpu_1p5b.py runs eager,
+graphs and graphs-lm side by side.
 
 A step of m seqs runs in its bucket R >= m: the real seqs' input embeddings, write
 slots, positions and block tables go into the first m rows of the static buffers. The
@@ -20,10 +21,11 @@ same graph: they are masked (gather path) or past the seq's length (flash), and 
 out of the pool (it only grows while the graphs live).
 
 A graph holds the pool's address and layout: when the pool is grown or let go
-(paged_kv), every graph is dropped and made again on first need. Each graph's first CHECKED_RUNS replays
-are compared with decode_lm's eager forward of the same step (it writes the same
-column again); beyond the dtype's tolerance, or where a capture raises, the worker
-logs a warning and runs the LM eagerly from then on (its outputs are the eager ones).
+(paged_kv), every graph is dropped and made again on first need. Each graph's first
+CHECKED_RUNS replays are compared with decode_lm's eager forward of the same step (it
+writes the same column again); beyond the dtype's tolerance, or where a capture
+raises, the worker logs a warning and runs the LM eagerly from then on (its outputs
+are the eager ones).
 On CPU the graphs are plain calls over the same buffers (graphs.Graph), so the
 bucket and padding code runs in the tests.
 """
