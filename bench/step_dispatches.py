@@ -146,7 +146,18 @@ def count_steps(model, rows: int, measured: int, torch, engine_mode: str = "") -
     plain call per bucket: the operators a captured graph holds). `launches_per_step`
     counts what a GPU would launch: each graph replay one, the operators in it none,
     nor those of the host phase (the rows' noise, drawn on the host on a GPU too). The
-    steps that still check a graph against eager run before the count."""
+    steps that still check a graph against eager run before the count. The conv
+    stacks run the operators a GPU runs, not the CPU's own (conv_stacks.CPU_KERNELS)."""
+    from workers.engines.vibevoice import conv_stacks
+
+    cpu_kernels, conv_stacks.CPU_KERNELS = conv_stacks.CPU_KERNELS, False
+    try:
+        return _count_steps(model, rows, measured, torch, engine_mode)
+    finally:
+        conv_stacks.CPU_KERNELS = cpu_kernels
+
+
+def _count_steps(model, rows: int, measured: int, torch, engine_mode: str) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from bench.bench_gpu_1p5b import SyntheticPrompts, _Sink

@@ -1,11 +1,16 @@
 """conv_stacks' streaming convs against transformers' own modules on their own padding
-caches, chunk after chunk (the cache carried):
+caches, chunk after chunk (the cache carried), with the CPU's own operators
+(conv_stacks.CPU_KERNELS, the default on CPU) and with those a GPU runs:
 
 - upsample, a causal transposed conv fed only the input frames that reach its new
-  output, on both of its paths: fewer new frames than the kernel (one matmul and an
-  overlap-add) and as many or more (the module's conv);
-- causal_conv, on both of its paths: an input with context one kernel long (one linear
-  map) and any other (the module's conv)."""
+  output, on each of its paths: fewer new frames than the kernel (one matmul and an
+  overlap-add), and as many or more (the module's conv; on CPU one batched matmul per
+  kernel tap);
+- causal_conv, on each of its paths: an input with context one kernel long (one
+  linear map) and any other (the module's conv; on CPU a batched matmul over the
+  unfolded windows, up to 8 rows);
+- block, the ConvNeXt-like layer, at the frame counts and widths that pick each of
+  its depthwise-conv and feed-forward paths."""
 
 from __future__ import annotations
 
@@ -15,7 +20,15 @@ from transformers.models.vibevoice_acoustic_tokenizer import (
     modeling_vibevoice_acoustic_tokenizer as mod,
 )
 
-from workers.engines.vibevoice.conv_stacks import causal_conv, upsample
+from workers.engines.vibevoice import conv_stacks
+from workers.engines.vibevoice.conv_stacks import block, causal_conv, upsample
+
+
+@pytest.fixture(params=[True, False], ids=["cpu-kernels", "gpu-kernels"], autouse=True)
+def kernels(request, monkeypatch):
+    """Every test here twice: the CPU's own operators, and the conv kernels a GPU runs."""
+    monkeypatch.setattr(conv_stacks, "CPU_KERNELS", request.param)
+    return request.param
 
 
 def chunk_after_chunk(module, ours, shape_in: tuple, shape_out: tuple) -> None:
@@ -40,6 +53,7 @@ SHAPES = [  # in, out, kernel, stride, new frames per chunk
     (256, 128, 16, 8, 1),  # the decoder's first stage at the tiny model's widths
     (128, 64, 10, 5, 8),
     (64, 32, 10, 5, 40),  # as many frames as the kernel or more: the module's conv
+    (8, 4, 4, 2, 1600),  # the decoder's last stage: thousands of samples, few channels
     (12, 6, 7, 3, 2),  # a kernel that is not a multiple of its stride
     (8, 4, 4, 4, 1),  # kernel == stride: no context frame reaches the output
 ]
@@ -75,12 +89,14 @@ CONV_SHAPES = [  # in, out, kernel, stride, groups, new frames per chunk
     (128, 256, 16, 8, 1, 8),  # the encoder's last downsampling stage: one linear map
     (256, 32, 7, 1, 1, 1),  # the encoder's head
     (32, 64, 10, 5, 1, 200),  # an earlier downsampling stage: the module's conv
+    (1, 4, 7, 1, 1, 3200),  # the encoder's stem over a step's samples
+    (4, 1, 7, 1, 1, 3200),  # the decoder's head
     (64, 64, 7, 1, 64, 1),  # a depthwise mixer: the module's conv
 ]
 
 
 @pytest.mark.parametrize("c_in,c_out,kernel,stride,groups,frames", CONV_SHAPES)
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 9])
 def test_causal_conv_equals_transformers_chunk_after_chunk(
     c_in, c_out, kernel, stride, groups, frames, rows
 ):
@@ -88,3 +104,22 @@ def test_causal_conv_equals_transformers_chunk_after_chunk(
         c_in, c_out, kernel, cache_key="c", stride=stride, groups=groups
     )
     chunk_after_chunk(module, causal_conv, (rows, c_in, frames), (rows, c_out, frames // stride))
+
+
+BLOCK_SHAPES = [  # channels, new frames per chunk
+    (256, 1),  # the frame rate: the depthwise conv unfolded, the rows as GEMM rows
+    (128, 8),  # a few frames: every row's columns in one GEMM
+    (64, 40),  # the conv, one batched GEMM per linear
+    (4, 3200),  # few channels over thousands of samples: a multiply-add per kernel tap
+]
+
+
+@pytest.mark.parametrize("channels,frames", BLOCK_SHAPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_block_equals_transformers_chunk_after_chunk(channels, frames, rows):
+    from transformers import VibeVoiceAcousticTokenizerConfig
+
+    layer = mod.VibeVoiceAcousticTokenizerConvNext1dLayer(
+        VibeVoiceAcousticTokenizerConfig(), channels, layer_idx=0
+    )
+    chunk_after_chunk(layer, block, (rows, channels, frames), (rows, channels, frames))
