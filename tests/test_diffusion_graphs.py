@@ -17,6 +17,7 @@ import torch
 from test_step_engine import drive, req, voice
 
 from workers.engines.contract import EngineSpec
+from workers.engines.vibevoice import conv_stacks
 from workers.engines.vibevoice.audio import Speech
 from workers.engines.vibevoice.diffusion import diffusion_loop, sub_steps
 from workers.engines.vibevoice.engine import VibeVoiceEngine
@@ -190,12 +191,15 @@ def test_engine_mode_auto_is_eager_on_cpu(engine):
     assert engine.steps.speech.mode == "eager"
 
 
-def test_the_loop_and_the_conv_stacks_compile_with_fullgraph(engines):
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["gpu-kernels", "cpu-kernels"])
+def test_the_loop_and_the_conv_stacks_compile_with_fullgraph(engines, cpu_kernels, monkeypatch):
     """torch.compile(fullgraph=True) raises at the first graph break. The backend is
     aot_eager: it traces the whole function through dynamo and AOTAutograd (what
     fullgraph proves: one graph, no break, no data-dependent shape) without inductor's
     code generation, which takes minutes on one CPU core. Static shapes (dynamic=False),
-    as a captured bucket has."""
+    as a captured bucket has. The conv stacks both ways: the conv kernels a GPU's
+    captured graph holds, and the CPU's own operators (conv_stacks.CPU_KERNELS)."""
+    monkeypatch.setattr(conv_stacks, "CPU_KERNELS", cpu_kernels)
     speech: Speech = engines["eager"].steps.speech
     torch._dynamo.reset()
     hidden = speech.head.cond_proj.in_features

@@ -54,8 +54,9 @@ def reading(d: dict) -> list[str]:
         "",
         f"- The six stages of one step: {spans}. The first stage (1 new frame against 15 of "
         f"context) is where transformers' conv wastes most ({firsts} rows). The later "
-        "stages have many new frames per step and little context to skip, so they keep the "
-        "module's conv (their ratios are the machine's spread about 1.0x).",
+        "stages have many new frames per step and little context to skip: on CPU they run "
+        "one batched matmul per kernel tap (the conv's own CPU kernel scales badly with "
+        "rows), on a GPU the module's conv.",
         f"- The outputs differ by float rounding only (at most {worst:.1e} of the peak; "
         "`tests/test_stream_convs.py` checks both paths against transformers' module chunk "
         "after chunk).",
@@ -74,8 +75,9 @@ def body(d: dict) -> list[str]:
         "transposed conv runs over its whole left context (K - 1 frames) and keeps the "
         "last (new frames x stride) samples; `conv_stacks.upsample` feeds only the "
         "(K - 1) // stride context frames that reach them, as one matmul and an "
-        "overlap-add where the new frames are fewer than the kernel, and the module's conv "
-        "elsewhere.",
+        "overlap-add where the new frames are fewer than the kernel, and elsewhere one "
+        "batched matmul per kernel tap on CPU (`conv_stacks.CPU_KERNELS`; the module's conv "
+        "on a GPU).",
         "",
         render(d),
         "",

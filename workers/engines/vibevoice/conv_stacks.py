@@ -20,8 +20,8 @@ upsampling stages of one step cost about 5x less on CPU at 1 row, 3x at 16
 
 On CPU (CPU_KERNELS), where PyTorch's conv kernels are slow for a decode step's
 shapes, the convs run as matmuls or multiply-adds over views instead: the same
-arithmetic, the step's conv stacks about 1.5x cheaper at 4 rows on the tiny model
-(docs/PERFORMANCE.md 4b). A GPU runs the conv kernels.
+arithmetic, the tiny model's decode and re-encode about 1.2x cheaper a step at 1 to 4
+rows (docs/PERFORMANCE.md 4b). A GPU runs the conv kernels.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def _on_cpu(x: torch.Tensor) -> bool:
 
 def _norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     """The block's RMSNorm over the channels of (rows, channels, time)."""
+    if _on_cpu(x) and x.dtype == torch.float32:  # the weight applied in place
+        mean_square = x.pow(2).mean(1, keepdim=True)
+        return (x * torch.rsqrt(mean_square + norm.variance_epsilon)).mul_(norm.weight[:, None])
     dtype = x.dtype
     x32 = x.to(torch.float32)
     y = x32 * torch.rsqrt(x32.pow(2).mean(1, keepdim=True) + norm.variance_epsilon)
@@ -97,15 +100,23 @@ def _feed_forward(ffn: Any, x: torch.Tensor) -> torch.Tensor:
         return F.conv1d(ffn.activation(h), two.weight[:, :, None], two.bias)
     rows, channels, frames = x.shape
     if frames == 1:  # the rows are the GEMM's rows: a view
-        h = ffn.activation(F.linear(x[:, :, 0], one.weight, one.bias))
+        h = _activate(ffn, F.linear(x[:, :, 0], one.weight, one.bias))
         return F.linear(h, two.weight, two.bias)[:, :, None]
     if rows > 1 and frames <= 64:
         cols = x.transpose(0, 1).reshape(channels, rows * frames)
-        h = torch.addmm(one.bias[:, None], one.weight, cols)
-        h = torch.addmm(two.bias[:, None], two.weight, ffn.activation(h))
+        h = _activate(ffn, torch.addmm(one.bias[:, None], one.weight, cols))
+        h = torch.addmm(two.bias[:, None], two.weight, h)
         return h.reshape(channels, rows, frames).transpose(0, 1)
-    h = torch.baddbmm(one.bias[:, None], one.weight.expand(rows, -1, -1), x)
-    return torch.baddbmm(two.bias[:, None], two.weight.expand(rows, -1, -1), ffn.activation(h))
+    h = _activate(ffn, torch.baddbmm(one.bias[:, None], one.weight.expand(rows, -1, -1), x))
+    return torch.baddbmm(two.bias[:, None], two.weight.expand(rows, -1, -1), h)
+
+
+def _activate(ffn: Any, h: torch.Tensor) -> torch.Tensor:
+    """The feed-forward's activation of its hidden `h` (the block's largest tensor, made
+    for this call): exact GELU, transformers' default, in place."""
+    if getattr(ffn.activation, "act", None) is F.gelu:
+        return torch.ops.aten.gelu_(h)
+    return ffn.activation(h)
 
 
 def causal_conv(module: Any, x: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -140,7 +151,8 @@ def upsample(module: Any, x: torch.Tensor, cache: Any) -> torch.Tensor:
     decode step: 1 new frame against 15 of context in the first stage), the rest is
     waste, so those stages run on the frames that count, as one matmul and an overlap-add
     (the conv's own kernels pick a slow path for so few frames); longer stages waste
-    little and run the module's conv."""
+    little and run the module's conv (on CPU, one batched matmul per kernel tap:
+    `_by_phase`)."""
     conv = module.convtr
     kernel, stride = conv.kernel_size[0], conv.stride[0]
     frames = x.shape[-1]
