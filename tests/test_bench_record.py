@@ -314,6 +314,27 @@ def test_the_shape_reading_takes_cb4_apart_from_the_saved_figures():
     assert arrival_order_rows([2.0, 2.0], 1) == 1.0
 
 
+def test_the_shape_reading_sets_the_cpu_operators_against_the_conv_kernels():
+    """CB 1 and CB 4 on the conv kernels a GPU runs, in the same repeats: each mode's
+    medians both ways and their ratio taken within each repeat, and CB 4 / CB 1 on the
+    conv kernels; a record without them (an older run) reads without the bullet."""
+    import statistics
+
+    from bench.shape import record as shape
+
+    d = figures("shape")
+    runs, conv = d["audio_s_per_s"], d["conv_kernels_audio_s_per_s"]
+    text = "\n".join(shape.reading(d))
+    for m in ("CB 1", "CB 4"):
+        ratio = statistics.median(a / b for a, b in zip(runs[m], conv[m], strict=True))
+        mine, theirs = statistics.median(runs[m]), statistics.median(conv[m])
+        assert f"{m} {mine:.2f} against {theirs:.2f} audio s/s ({ratio:.2f}x)" in text
+    theirs = statistics.median(a / b for a, b in zip(conv["CB 4"], conv["CB 1"], strict=True))
+    assert f"On the conv kernels CB 4 / CB 1 is {theirs:.2f}x" in text
+    older = {k: v for k, v in d.items() if k != "conv_kernels_audio_s_per_s"}
+    assert "CPU_KERNELS" not in "\n".join(shape.reading(older))
+
+
 def test_the_upsample_record_comes_from_the_saved_figures():
     from bench.rewrite import rewrite_section
     from bench.upsample import record as upsample

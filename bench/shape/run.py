@@ -10,7 +10,9 @@
   at once, bench/tiny/run.py's workload and StepHost driver): the step engine with
   continuous batching at 1, 4, 8 and 16 rows, and transformers' `generate` at batch
   1 (adjusted to microsoft's loop as the tests' reference is) on the same requests,
-  one after another, as the reference.
+  one after another, as the reference; and CB 1 and CB 4 again with the conv stacks
+  on the conv kernels a GPU runs (conv_stacks.CPU_KERNELS off), so what the CPU's
+  own operators buy is read within the same repeats.
 
 Each burst is run --repeats times, the modes in turn within each repeat, so drift
 on the shared machine hits every mode alike; the record gives medians, and ratios
@@ -171,6 +173,7 @@ def main(argv=None) -> int:
     from bench.tiny.run import drive, workload
     from workers.checkpoints.tiny import ensure_tiny_model
     from workers.engines.contract import EngineSpec
+    from workers.engines.vibevoice import conv_stacks
     from workers.engines.vibevoice.engine import VibeVoiceEngine
 
     cache = args.cache_dir or str(Path(tempfile.gettempdir()) / "vv-bench")
@@ -186,19 +189,32 @@ def main(argv=None) -> int:
     lengths = workload(args.requests, args.seed)
     modes = ["generate 1"] + [f"CB {r}" for r in cb_rows]
 
-    def once(mode: str, reqs: list) -> dict:
+    def once(mode: str, reqs: list, cpu_kernels: bool = True) -> dict:
         if mode == "generate 1":
             return reference.burst(reqs)
-        return drive(engine, int(mode.split()[1]), False, reqs, [0.0] * len(reqs))
+        conv_stacks.CPU_KERNELS = cpu_kernels
+        try:
+            return drive(engine, int(mode.split()[1]), False, reqs, [0.0] * len(reqs))
+        finally:
+            conv_stacks.CPU_KERNELS = True
 
+    # the conv stacks' CPU operators against the conv kernels a GPU runs, same repeats
+    both = [m for m in ("CB 1", "CB 4") if m in modes]
     warm = requests(lengths[:2], "warm", args.steps)
     for mode in modes:  # first calls (allocations, lazy imports) out of the figures
         once(mode, [r for r in warm])
+    for mode in both:
+        once(mode, [r for r in warm], cpu_kernels=False)
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    gpu_kernels: dict[str, list[dict]] = {mode: [] for mode in both}
     for k in range(args.repeats):
         for mode in modes:
             tag = f"{mode.replace(' ', '')}-{k}-"
             runs[mode].append(once(mode, requests(lengths, tag, args.steps)))
+        for mode in both:
+            tag = f"{mode.replace(' ', '')}-conv-{k}-"
+            reqs = requests(lengths, tag, args.steps)
+            gpu_kernels[mode].append(once(mode, reqs, cpu_kernels=False))
 
     def rates(mode: str) -> list[float]:
         return [r["audio_s_per_s"] for r in runs[mode]]
@@ -251,6 +267,9 @@ def main(argv=None) -> int:
             if m != "generate 1"
         },
         "longest_position": max(range(len(lengths)), key=lambda i: lengths[i]) + 1,
+        "conv_kernels_audio_s_per_s": {
+            m: [round(r["audio_s_per_s"], 3) for r in gpu_kernels[m]] for m in both
+        },
         "ratios": {
             **{f"CB {r} / generate 1": round(ratio(f"CB {r}", "generate 1"), 2) for r in cb_rows},
             **{f"CB {r} / CB 1": round(ratio(f"CB {r}", "CB 1"), 2) for r in cb_rows if r != 1},

@@ -54,11 +54,12 @@ def reading(d: dict) -> list[str]:
         "",
         f"- The six stages of one step: {spans}. The first stage (1 new frame against 15 of "
         f"context) is where transformers' conv wastes most ({firsts} rows). The later "
-        "stages have many new frames per step and little context to skip: on CPU they run "
-        "one batched matmul per kernel tap (the conv's own CPU kernel scales badly with "
-        "rows), on a GPU the module's conv.",
+        "stages have many new frames per step and little context to skip; on CPU they "
+        "gain from running one batched matmul per kernel tap instead of the conv's own "
+        "CPU kernel, which scales badly with rows.",
         f"- The outputs differ by float rounding only (at most {worst:.1e} of the peak; "
-        "`tests/test_stream_convs.py` checks both paths against transformers' module chunk "
+        "`tests/test_stream_convs.py` checks every path, with the CPU's operators and a GPU's, "
+        "against transformers' module chunk "
         "after chunk).",
         "- The tiny model's whole step is in section 4b. On a GPU this is unmeasured: the "
         "first stage is 8x fewer multiply-adds there too, but a GPU step at these sizes is "
@@ -74,10 +75,11 @@ def body(d: dict) -> list[str]:
         f"{d.get('repeats', 5)} calls, milliseconds per call. transformers' streaming "
         "transposed conv runs over its whole left context (K - 1 frames) and keeps the "
         "last (new frames x stride) samples; `conv_stacks.upsample` feeds only the "
-        "(K - 1) // stride context frames that reach them, as one matmul and an "
-        "overlap-add where the new frames are fewer than the kernel, and elsewhere one "
-        "batched matmul per kernel tap on CPU (`conv_stacks.CPU_KERNELS`; the module's conv "
-        "on a GPU).",
+        "(K - 1) // stride context frames that reach them. On CPU "
+        "(`conv_stacks.CPU_KERNELS`) one new frame, and as many as the kernel or more, "
+        "run one matmul per kernel tap; between those, one matmul and an overlap-add (on a "
+        "GPU: that wherever the new frames are fewer than the kernel, the module's conv "
+        "elsewhere).",
         "",
         render(d),
         "",

@@ -15,13 +15,13 @@ dimension and its feed-forward runs as two 1x1 convolutions, so no transpose mak
 copy and no linear reshapes; each scaled residual is one addcmul. 21 operators a block
 against transformers' 23 to 27; the values agree to float rounding
 (tests/test_diffusion_graphs.py, tests/test_stream_convs.py). At 1.5B's widths the
-upsampling stages of one step cost about 5x less on CPU at 1 row, 3x at 16
+upsampling stages of one step cost about 7.6x less on CPU at 1 row, 5.5x at 16
 (`python -m bench.upsample.run`, docs/PERFORMANCE.md 4c).
 
 On CPU (CPU_KERNELS), where PyTorch's conv kernels are slow for a decode step's
 shapes, the convs run as matmuls or multiply-adds over views instead: the same
-arithmetic, the tiny model's decode and re-encode about 1.2x cheaper a step at 1 to 4
-rows (docs/PERFORMANCE.md 4b). A GPU runs the conv kernels.
+arithmetic, the tiny model's audio-s/s 1.13x at 1 row and 1.18x at 4 rows
+(docs/PERFORMANCE.md 4b). A GPU runs the conv kernels.
 """
 
 from __future__ import annotations
@@ -100,23 +100,15 @@ def _feed_forward(ffn: Any, x: torch.Tensor) -> torch.Tensor:
         return F.conv1d(ffn.activation(h), two.weight[:, :, None], two.bias)
     rows, channels, frames = x.shape
     if frames == 1:  # the rows are the GEMM's rows: a view
-        h = _activate(ffn, F.linear(x[:, :, 0], one.weight, one.bias))
+        h = ffn.activation(F.linear(x[:, :, 0], one.weight, one.bias))
         return F.linear(h, two.weight, two.bias)[:, :, None]
     if rows > 1 and frames <= 64:
         cols = x.transpose(0, 1).reshape(channels, rows * frames)
-        h = _activate(ffn, torch.addmm(one.bias[:, None], one.weight, cols))
+        h = ffn.activation(torch.addmm(one.bias[:, None], one.weight, cols))
         h = torch.addmm(two.bias[:, None], two.weight, h)
         return h.reshape(channels, rows, frames).transpose(0, 1)
-    h = _activate(ffn, torch.baddbmm(one.bias[:, None], one.weight.expand(rows, -1, -1), x))
+    h = ffn.activation(torch.baddbmm(one.bias[:, None], one.weight.expand(rows, -1, -1), x))
     return torch.baddbmm(two.bias[:, None], two.weight.expand(rows, -1, -1), h)
-
-
-def _activate(ffn: Any, h: torch.Tensor) -> torch.Tensor:
-    """The feed-forward's activation of its hidden `h` (the block's largest tensor, made
-    for this call): exact GELU, transformers' default, in place."""
-    if getattr(ffn.activation, "act", None) is F.gelu:
-        return torch.ops.aten.gelu_(h)
-    return ffn.activation(h)
 
 
 def causal_conv(module: Any, x: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -151,12 +143,13 @@ def upsample(module: Any, x: torch.Tensor, cache: Any) -> torch.Tensor:
     decode step: 1 new frame against 15 of context in the first stage), the rest is
     waste, so those stages run on the frames that count, as one matmul and an overlap-add
     (the conv's own kernels pick a slow path for so few frames); longer stages waste
-    little and run the module's conv (on CPU, one batched matmul per kernel tap:
-    `_by_phase`)."""
+    little and run the module's conv. On CPU one new frame and the longer stages run
+    one matmul per kernel tap instead (`_by_phase`)."""
     conv = module.convtr
     kernel, stride = conv.kernel_size[0], conv.stride[0]
     frames = x.shape[-1]
-    by_phase = frames >= kernel and _on_cpu(x) and conv.bias is not None and conv.groups == 1
+    by_phase = (frames >= kernel or frames == 1) and _on_cpu(x)
+    by_phase = by_phase and conv.bias is not None and conv.groups == 1
     if frames >= kernel and not by_phase:
         return module(x, padding_cache=cache)
     padded = cache.update(x, module.cache_key, module)
@@ -207,11 +200,18 @@ def _split_by_phase(conv: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _by_phase(conv: Any, fed: torch.Tensor, frames: int) -> torch.Tensor:
-    """The transposed conv's new output on CPU, one batched matmul per tap (two where
-    the kernel is twice the stride, as in every VibeVoice stage), accumulated in place,
-    then the phases interleaved: about half the conv's cost at 2-4 rows."""
+    """The transposed conv's new output on CPU, one matmul per tap (two where the kernel
+    is twice the stride, as in every VibeVoice stage), accumulated in place, then the
+    phases interleaved: about half the conv's cost at 2-4 rows. One new frame (the
+    first stage of a step): the rows are the GEMMs' rows, and (rows, C_out s) is the
+    output's layout already (against the overlap-add: 1.8x less at 4 rows)."""
     mats, bias = _phase_weights(conv)
     rows, context = fed.shape[0], fed.shape[-1] - frames
+    if frames == 1:
+        y = F.linear(fed[:, :, context], mats[0], bias[:, 0])
+        for j in range(1, mats.shape[0]):
+            y.addmm_(fed[:, :, context - j], mats[j].T)
+        return y.view(rows, -1, conv.stride[0])
     y = torch.baddbmm(bias, mats[0].expand(rows, -1, -1), fed[..., context:])
     for j in range(1, mats.shape[0]):
         y.baddbmm_(mats[j].expand(rows, -1, -1), fed[..., context - j : context - j + frames])
