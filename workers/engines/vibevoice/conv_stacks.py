@@ -20,7 +20,7 @@ upsampling stages of one step cost about 7.6x less on CPU at 1 row, 5.5x at 16
 
 On CPU (CPU_KERNELS), where PyTorch's conv kernels are slow for a decode step's
 shapes, the convs run as matmuls or multiply-adds over views instead: the same
-arithmetic, the tiny model's audio-s/s 1.13x at 1 row and 1.18x at 4 rows
+arithmetic, the tiny model's audio-s/s 1.13x at 1 row and 1.22x at 4 rows
 (docs/PERFORMANCE.md 4b). A GPU runs the conv kernels.
 """
 
@@ -48,9 +48,6 @@ def _on_cpu(x: torch.Tensor) -> bool:
 
 def _norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     """The block's RMSNorm over the channels of (rows, channels, time)."""
-    if _on_cpu(x) and x.dtype == torch.float32:  # the weight applied in place
-        mean_square = x.pow(2).mean(1, keepdim=True)
-        return (x * torch.rsqrt(mean_square + norm.variance_epsilon)).mul_(norm.weight[:, None])
     dtype = x.dtype
     x32 = x.to(torch.float32)
     y = x32 * torch.rsqrt(x32.pow(2).mean(1, keepdim=True) + norm.variance_epsilon)
