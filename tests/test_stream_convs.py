@@ -10,7 +10,8 @@ caches, chunk after chunk (the cache carried), with the CPU's own operators
   linear map) and any other (the module's conv; on CPU a batched matmul over the
   unfolded windows, up to 8 rows);
 - block, the ConvNeXt-like layer, at the frame counts and widths that pick each of
-  its depthwise-conv and feed-forward paths."""
+  its depthwise-conv and feed-forward paths; on CPU its weights folded once, and
+  folded again when one changes."""
 
 from __future__ import annotations
 
@@ -108,8 +109,8 @@ def test_causal_conv_equals_transformers_chunk_after_chunk(
 
 BLOCK_SHAPES = [  # channels, new frames per chunk
     (256, 1),  # the frame rate: the depthwise conv unfolded, the rows as GEMM rows
-    (128, 8),  # a few frames: every row's columns in one GEMM
-    (64, 40),  # the conv, one batched GEMM per linear
+    (128, 8),  # a few frames: the depthwise conv unfolded, the rows' columns in one GEMM
+    (64, 40),  # the depthwise conv's own kernel
     (4, 3200),  # few channels over thousands of samples: a multiply-add per kernel tap
 ]
 
@@ -123,3 +124,37 @@ def test_block_equals_transformers_chunk_after_chunk(channels, frames, rows):
         VibeVoiceAcousticTokenizerConfig(), channels, layer_idx=0
     )
     chunk_after_chunk(layer, block, (rows, channels, frames), (rows, channels, frames))
+
+
+def test_a_block_follows_its_weights_changed_after_its_first_call():
+    """On CPU a block runs on weights folded once (its scales into the weights they
+    multiply): a weight changed in place, or a parameter replaced, after the first call
+    is seen by the next call, which still equals transformers' layer."""
+    from transformers import VibeVoiceAcousticTokenizerConfig
+
+    layer = mod.VibeVoiceAcousticTokenizerConvNext1dLayer(
+        VibeVoiceAcousticTokenizerConfig(), 8, layer_idx=0
+    )
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the layer scales far from their small initial values
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 8, 40, generator=g)
+
+    def agree() -> None:
+        with torch.no_grad():
+            want = layer(x, padding_cache=mod.VibeVoiceAcousticTokenizerConv1dPaddingCache())
+            got = block(layer, x, mod.VibeVoiceAcousticTokenizerConv1dPaddingCache())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+    agree()
+    with torch.no_grad():
+        layer.ffn_norm.weight.mul_(3.0)  # in place
+        layer.mixer.conv.weight.add_(0.5)
+    agree()
+    replacement = torch.nn.Parameter(torch.randn(layer.gamma.shape, generator=g))
+    with torch.no_grad():  # its version counter as far along as the one it replaces
+        replacement.mul_(2.0)
+    assert replacement._version == layer.gamma._version
+    layer.gamma = replacement
+    agree()

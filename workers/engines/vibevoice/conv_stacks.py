@@ -21,13 +21,16 @@ upsampling stages of one step cost about 7.6x less on CPU at 1 row, 5.5x at 16
 On CPU (CPU_KERNELS), where PyTorch's conv kernels are slow for a decode step's
 shapes, the convs run as matmuls or multiply-adds over views instead: the same
 arithmetic, the tiny model's audio-s/s 1.13x at 1 row and 1.22x at 4 rows
-(docs/PERFORMANCE.md 4b). A GPU runs the conv kernels.
+(docs/PERFORMANCE.md 4b). A GPU runs the conv kernels. On CPU in float32 a block also
+runs with its scales folded into the weights they multiply (`_folded`: the layer
+scales, the feed-forward norm's weight, the first bias as a column), which saves
+passes over its largest tensors: about 10% of a block's cost per row.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +53,144 @@ def _norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     """The block's RMSNorm over the channels of (rows, channels, time)."""
     dtype = x.dtype
     x32 = x.to(torch.float32)
-    y = x32 * torch.rsqrt(x32.pow(2).mean(1, keepdim=True) + norm.variance_epsilon)
+    y = x32 * torch.rsqrt((x32 * x32).mean(1, keepdim=True) + norm.variance_epsilon)
     return norm.weight[:, None] * y.to(dtype)
 
 
 def block(layer: Any, x: torch.Tensor, cache: Any) -> torch.Tensor:
+    if _on_cpu(x) and x.dtype == torch.float32:
+        folded = _folded(layer)
+        if folded is not None:
+            return _block_folded(layer, folded, x, cache)
     h = _depthwise(layer.mixer, _norm(layer.norm, x), cache)
     x = torch.addcmul(x, h, layer.gamma[:, None])
     h = _feed_forward(layer.ffn, _norm(layer.ffn_norm, x))
     return torch.addcmul(x, h, layer.ffn_gamma[:, None])
+
+
+class _Folded(NamedTuple):
+    """A block's scales folded into the weights they multiply (float32, CPU): the layer
+    scales into the depthwise conv and the second linear, the feed-forward norm's weight
+    into the first linear's columns, whose bias rides as one more column (against a row
+    of ones in its input)."""
+
+    dw_weight: torch.Tensor  # (C, K): gamma * the depthwise kernel
+    dw_bias: torch.Tensor  # (C, 1): gamma * its bias
+    w1: torch.Tensor  # (4C, C): the first linear, the norm's weight in its columns
+    b1: torch.Tensor  # (4C,): its bias
+    w1_bias: torch.Tensor  # (4C, C + 1): the two side by side
+    w2: torch.Tensor  # (C, 4C): ffn_gamma * the second linear
+    b2: torch.Tensor  # (C, 1): ffn_gamma * its bias
+    exact_gelu: bool  # the activation is GELU itself (so it may run in place)
+
+
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _folded(layer: Any) -> _Folded | None:
+    """The block's folded weights, made once per set of weights (remade if one is
+    replaced or changed in place, or the module moved; made each call under
+    torch.compile); None where the block is not of that shape (its conv not a plain
+    depthwise one, a bias missing). A hit costs about 2 us a block: the parameters are
+    read from the modules' own tables (an attribute of a module costs about 1 us)."""
+    params = _block_params(layer)
+    if params is None:
+        return None
+    if torch.compiler.is_compiling():
+        return _fold(layer, params)
+    # the tensors are held with their fold, so their ids stay theirs; one data pointer
+    # tells a module moved or cast (that replaces every parameter's data, not its id)
+    key = (params[0].data_ptr(), *[(id(p), p._version) for p in params])
+    hit = _FOLDED.get(layer)
+    if hit is None or hit[0] != key:
+        hit = _FOLDED[layer] = (key, params, _fold(layer, params))
+    return hit[2]
+
+
+def _block_params(layer: Any) -> tuple | None:
+    """What `_fold` reads: the depthwise conv's weight and bias, gamma, the feed-forward
+    norm's weight, both linears' weights and biases, ffn_gamma; None where one is
+    missing."""
+    try:
+        mods, ffn = layer._modules, layer._modules["ffn"]._modules
+        conv = mods["mixer"]._modules["conv"]._parameters
+        one, two = ffn["linear1"]._parameters, ffn["linear2"]._parameters
+        params = (conv["weight"], conv["bias"], layer._parameters["gamma"],
+                  mods["ffn_norm"]._parameters["weight"], one["weight"], one["bias"],
+                  two["weight"], two["bias"], layer._parameters["ffn_gamma"])  # fmt: skip
+    except (AttributeError, KeyError):
+        return None
+    return None if any(p is None for p in params) else params
+
+
+def _fold(layer: Any, params: tuple) -> _Folded | None:
+    if not _plain_depthwise(layer.mixer.conv):
+        return None
+    dw_w, dw_b, gamma, norm_w, w1, b1, w2, b2, ffn_gamma = params
+    with torch.no_grad():
+        w1 = w1 * norm_w[None, :]
+        return _Folded(
+            dw_weight=dw_w[:, 0] * gamma[:, None],
+            dw_bias=(dw_b * gamma)[:, None],
+            w1=w1,
+            b1=b1,
+            w1_bias=torch.cat([w1, b1[:, None]], 1),
+            w2=w2 * ffn_gamma[:, None],
+            b2=(b2 * ffn_gamma)[:, None],
+            exact_gelu=getattr(layer.ffn.activation, "act", None) is F.gelu,
+        )
+
+
+def _plain_depthwise(conv: Any) -> bool:
+    depthwise = conv.groups == conv.in_channels == conv.out_channels
+    return depthwise and conv.stride[0] == conv.dilation[0] == 1 and conv.bias is not None
+
+
+def _block_folded(layer: Any, f: _Folded, x: torch.Tensor, cache: Any) -> torch.Tensor:
+    """The block on CPU with its scales folded (`_folded`): the same arithmetic, the
+    products taken in another order, with fewer passes over its largest tensors: no
+    layer scale or norm weight applied on its own, the first linear's bias out of a
+    copy, the GELU in place, and each residual the start of the sum it adds to. The
+    depthwise conv is still fed the weighted norm, which is what its padding cache
+    keeps (as transformers' conv keeps it)."""
+    x = _depthwise_residual(layer, f, _norm(layer.norm, x), x, cache)
+    scale = (x * x).mean(1, keepdim=True).add_(layer.ffn_norm.variance_epsilon).rsqrt_()
+    rows, channels, frames = x.shape
+    act = torch.ops.aten.gelu_ if f.exact_gelu else layer.ffn.activation
+    if frames == 1:  # the rows are the GEMMs' rows (against 1.6x at 2-4 rows)
+        h = act(F.linear((x * scale)[:, :, 0], f.w1, f.b1))
+        return F.linear(h, f.w2, f.b2[:, 0]).add_(x[:, :, 0])[:, :, None]
+    # the feed-forward on every row's columns at once: the normed input channels-major
+    # (channels, rows, time), beside a row of ones that carries the first bias
+    normed = torch.empty(channels + 1, rows, frames, dtype=x.dtype, device=x.device)
+    normed[channels].fill_(1.0)
+    torch.mul(x.transpose(0, 1), scale.transpose(0, 1), out=normed[:channels])
+    h = act(torch.mm(f.w1_bias, normed.view(channels + 1, rows * frames)))
+    h = torch.addmm(f.b2, f.w2, h).view(channels, rows, frames)
+    return x + h.transpose(0, 1)
+
+
+def _depthwise_residual(
+    layer: Any, f: _Folded, normed: torch.Tensor, x: torch.Tensor, cache: Any
+) -> torch.Tensor:
+    """x + gamma * depthwise(normed), gamma folded into the kernel: the paths of
+    `_depthwise`, the residual the sum's start where the taps are summed."""
+    mixer = layer.mixer
+    padded = cache.update(normed, mixer.cache_key, mixer)
+    frames = x.shape[-1]
+    if padded.shape[-1] == frames:  # no left context: not the streaming conv
+        return torch.addcmul(x, mixer.conv(padded), layer.gamma[:, None])
+    kernel = f.dw_weight.shape[1]
+    if frames <= 8:
+        y = torch.matmul(padded.unfold(2, kernel, 1), f.dw_weight[:, :, None])[..., 0]
+        return y.add_(x).add_(f.dw_bias)
+    if x.shape[1] > 16:
+        y = F.conv1d(padded, f.dw_weight[:, None], f.dw_bias[:, 0], groups=x.shape[1])
+        return y.add_(x)
+    y = torch.addcmul(x, padded[..., :frames], f.dw_weight[:, :1])
+    for k in range(1, kernel):
+        y.addcmul_(padded[..., k : k + frames], f.dw_weight[:, k : k + 1])
+    return y.add_(f.dw_bias)
 
 
 def _depthwise(mixer: Any, x: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -67,9 +199,7 @@ def _depthwise(mixer: Any, x: torch.Tensor, cache: Any) -> torch.Tensor:
     few channels over many samples, one multiply-add per kernel tap over shifted views;
     elsewhere the conv."""
     conv = mixer.conv
-    plain = conv.stride[0] == conv.dilation[0] == 1 and conv.bias is not None
-    depthwise = conv.groups == conv.in_channels == conv.out_channels
-    if not (_on_cpu(x) and plain and depthwise):
+    if not (_on_cpu(x) and _plain_depthwise(conv)):
         return mixer(x, padding_cache=cache)
     padded = cache.update(x, mixer.cache_key, mixer)
     if padded.shape[-1] == x.shape[-1]:  # no left context: not the streaming conv
