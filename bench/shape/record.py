@@ -269,8 +269,10 @@ def reading(d: dict) -> list[str]:
         "so they are counted, not timed. Host syncs that only CUDA has (`.tolist()`, "
         "`.cpu()`, a host list copied to the device) are not seen on CPU: they are read "
         "from the code.",
-        "- The burst times are CPU time of one thread: the machine's other tenants slow the "
-        "run but do not move the figures much; the ratios are taken within each repeat.",
+        "- The burst times are CPU time of one thread, so the time the machine's other "
+        "tenants take is not counted; they still share its caches and memory bandwidth, "
+        "which a step's cost per row leans on, so the ratios are taken within each repeat "
+        "and their spread is shown.",
         "- On a GPU these figures are unmeasured here: `bench/bench_gpu_1p5b.py` measures "
         "the 1.5B shape where a GPU is lent.",
     ]
@@ -296,7 +298,8 @@ def cpu_kernels(d: dict) -> list[str]:
     out = (
         "- The conv stacks on the CPU's own operators (`conv_stacks.CPU_KERNELS`: matmuls "
         "and multiply-adds over views where PyTorch's CPU conv kernels are slow for a "
-        f"step's shapes) against the conv kernels a GPU runs, in the same repeats: {cells}."
+        "step's shapes, each block's scales folded into its weights) against the conv "
+        f"kernels a GPU runs, in the same repeats: {cells}."
     )
     if len(modes) == 2:
         theirs = median_ratio(conv["CB 4"], conv["CB 1"])

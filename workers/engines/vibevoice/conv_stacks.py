@@ -20,7 +20,7 @@ upsampling stages of one step cost about 7.6x less on CPU at 1 row, 5.5x at 16
 
 On CPU (CPU_KERNELS), where PyTorch's conv kernels are slow for a decode step's
 shapes, the convs run as matmuls or multiply-adds over views instead: the same
-arithmetic, the tiny model's audio-s/s 1.13x at 1 row and 1.22x at 4 rows
+arithmetic, the tiny model's audio-s/s 1.17x at 1 row and 1.22x at 4 rows
 (docs/PERFORMANCE.md 4b). A GPU runs the conv kernels. On CPU in float32 a block also
 runs with its scales folded into the weights they multiply (`_folded`: the layer
 scales, the feed-forward norm's weight, the first bias as a column), which saves
