@@ -150,14 +150,14 @@ def _block_folded(layer: Any, f: _Folded, x: torch.Tensor, cache: Any) -> torch.
     """The block on CPU with its scales folded (`_folded`): the same arithmetic, the
     products taken in another order, with fewer passes over its largest tensors: no
     layer scale or norm weight applied on its own, the first linear's bias out of a
-    copy, the GELU in place, and each residual the start of the sum it adds to. The
+    copy, the GELU in place, and the first residual the start of the taps' sum. The
     depthwise conv is still fed the weighted norm, which is what its padding cache
     keeps (as transformers' conv keeps it)."""
     x = _depthwise_residual(layer, f, _norm(layer.norm, x), x, cache)
     scale = (x * x).mean(1, keepdim=True).add_(layer.ffn_norm.variance_epsilon).rsqrt_()
     rows, channels, frames = x.shape
     act = torch.ops.aten.gelu_ if f.exact_gelu else layer.ffn.activation
-    if frames == 1:  # the rows are the GEMMs' rows (against 1.6x at 2-4 rows)
+    if frames == 1:  # the rows as the GEMMs' rows (the columns' way costs 1.6x at 2-4)
         h = act(F.linear((x * scale)[:, :, 0], f.w1, f.b1))
         return F.linear(h, f.w2, f.b2[:, 0]).add_(x[:, :, 0])[:, :, None]
     # the feed-forward on every row's columns at once: the normed input channels-major
