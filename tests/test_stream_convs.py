@@ -158,3 +158,20 @@ def test_a_block_follows_its_weights_changed_after_its_first_call():
     assert replacement._version == layer.gamma._version
     layer.gamma = replacement
     agree()
+
+
+def test_a_block_wider_than_the_fold_limit_runs_unfolded(monkeypatch):
+    """The fold keeps copies of a block's linears (12 C^2 values): blocks wider than
+    FOLD_MAX_CHANNELS (1.5B's frame-rate stages) run unfolded, and equal transformers'
+    layer either way."""
+    from transformers import VibeVoiceAcousticTokenizerConfig
+
+    def layer():
+        config = VibeVoiceAcousticTokenizerConfig()
+        return mod.VibeVoiceAcousticTokenizerConvNext1dLayer(config, 8, layer_idx=0)
+
+    assert conv_stacks._folded(layer()) is not None
+    monkeypatch.setattr(conv_stacks, "FOLD_MAX_CHANNELS", 4)
+    wide = layer()
+    assert conv_stacks._folded(wide) is None
+    chunk_after_chunk(wide, block, (2, 8, 40), (2, 8, 40))

@@ -21,10 +21,11 @@ upsampling stages of one step cost about 7.6x less on CPU at 1 row, 5.5x at 16
 On CPU (CPU_KERNELS), where PyTorch's conv kernels are slow for a decode step's
 shapes, the convs run as matmuls or multiply-adds over views instead: the same
 arithmetic, the tiny model's audio-s/s 1.17x at 1 row and 1.22x at 4 rows
-(docs/PERFORMANCE.md 4b). A GPU runs the conv kernels. On CPU in float32 a block also
-runs with its scales folded into the weights they multiply (`_folded`: the layer
-scales, the feed-forward norm's weight, the first bias as a column), which saves
-passes over its largest tensors: about 10% of a block's cost per row.
+(docs/PERFORMANCE.md 4b). A GPU runs the conv kernels. On CPU in float32 a block of
+up to 512 channels also runs with its scales folded into the weights they multiply
+(`_folded`: the layer scales, the feed-forward norm's weight, the first bias as a
+column), which saves passes over its largest tensors: about 10% of a block's cost
+per row.
 """
 
 from __future__ import annotations
@@ -123,8 +124,17 @@ def _block_params(layer: Any) -> tuple | None:
     return None if any(p is None for p in params) else params
 
 
+# The widest block folded: the fold keeps its own copies of the linears' weights (12 C^2
+# values) to save passes over activations of C x frames. In a decode step the wide
+# blocks run at the frame rate (1.5B's 1,024 and 2,048 channels, at 1 to 8 frames),
+# where the copies would cost memory (3.3 GB in float32 at 1.5B's widths) to save
+# passes over a few frames; the blocks up to 512 channels cost 96 MB.
+FOLD_MAX_CHANNELS = 512
+
+
 def _fold(layer: Any, params: tuple) -> _Folded | None:
-    if not _plain_depthwise(layer.mixer.conv):
+    conv = layer.mixer.conv
+    if not _plain_depthwise(conv) or conv.in_channels > FOLD_MAX_CHANNELS:
         return None
     dw_w, dw_b, gamma, norm_w, w1, b1, w2, b2, ffn_gamma = params
     with torch.no_grad():
