@@ -92,20 +92,32 @@ def _folded(layer: Any) -> _Folded | None:
     """The block's folded weights, made once per set of weights (remade if one is
     replaced or changed in place, or the module moved; made each call under
     torch.compile); None where the block is not of that shape (its conv not a plain
-    depthwise one, a bias missing). A hit costs about 2 us a block: the parameters are
+    depthwise one, a bias missing). A hit costs about 3 us a block: the parameters are
     read from the modules' own tables (an attribute of a module costs about 1 us)."""
     params = _block_params(layer)
     if params is None:
         return None
-    if torch.compiler.is_compiling():
-        return _fold(layer, params)
-    # the tensors are held with their fold, so their ids stay theirs; one data pointer
+    # the parameters are held with their fold, so their ids stay theirs; one data pointer
     # tells a module moved or cast (that replaces every parameter's data, not its id)
-    key = (params[0].data_ptr(), *[(id(p), p._version) for p in params])
-    hit = _FOLDED.get(layer)
-    if hit is None or hit[0] != key:
-        hit = _FOLDED[layer] = (key, params, _fold(layer, params))
-    return hit[2]
+    held = _memo(
+        _FOLDED,
+        layer,
+        lambda: (params[0].data_ptr(), *[(id(p), p._version) for p in params]),
+        lambda: (params, _fold(layer, params)),
+    )
+    return held[1]
+
+
+def _memo(table: weakref.WeakKeyDictionary, owner: Any, key: Any, make: Any) -> Any:
+    """make() memoised per `owner` while key() stays the same; made each call under
+    torch.compile, which does not trace the tensors' data pointers and versions."""
+    if torch.compiler.is_compiling():
+        return make()
+    k = key()
+    hit = table.get(owner)
+    if hit is None or hit[0] != k:
+        hit = table[owner] = (k, make())
+    return hit[1]
 
 
 def _block_params(layer: Any) -> tuple | None:
@@ -183,48 +195,48 @@ def _block_folded(layer: Any, f: _Folded, x: torch.Tensor, cache: Any) -> torch.
 def _depthwise_residual(
     layer: Any, f: _Folded, normed: torch.Tensor, x: torch.Tensor, cache: Any
 ) -> torch.Tensor:
-    """x + gamma * depthwise(normed), gamma folded into the kernel: the paths of
-    `_depthwise`, the residual the sum's start where the taps are summed."""
+    """x + gamma * depthwise(normed), gamma folded into the kernel."""
     mixer = layer.mixer
     padded = cache.update(normed, mixer.cache_key, mixer)
-    frames = x.shape[-1]
-    if padded.shape[-1] == frames:  # no left context: not the streaming conv
+    if padded.shape[-1] == x.shape[-1]:  # no left context: not the streaming conv
         return torch.addcmul(x, mixer.conv(padded), layer.gamma[:, None])
-    kernel = f.dw_weight.shape[1]
-    if frames <= 8:
-        y = torch.matmul(padded.unfold(2, kernel, 1), f.dw_weight[:, :, None])[..., 0]
-        return y.add_(x).add_(f.dw_bias)
-    if x.shape[1] > 16:
-        y = F.conv1d(padded, f.dw_weight[:, None], f.dw_bias[:, 0], groups=x.shape[1])
-        return y.add_(x)
-    y = torch.addcmul(x, padded[..., :frames], f.dw_weight[:, :1])
-    for k in range(1, kernel):
-        y.addcmul_(padded[..., k : k + frames], f.dw_weight[:, k : k + 1])
-    return y.add_(f.dw_bias)
+    return _depthwise_taps(padded, f.dw_weight, f.dw_bias, start=x)
 
 
 def _depthwise(mixer: Any, x: torch.Tensor, cache: Any) -> torch.Tensor:
-    """The block's causal depthwise conv. On CPU: at a few frames (the frame-rate
-    stages), each channel's kernel as one batched matmul over the unfolded input; at a
-    few channels over many samples, one multiply-add per kernel tap over shifted views;
-    elsewhere the conv."""
+    """The block's causal depthwise conv: on CPU `_depthwise_taps`, elsewhere the
+    module."""
     conv = mixer.conv
     if not (_on_cpu(x) and _plain_depthwise(conv)):
         return mixer(x, padding_cache=cache)
     padded = cache.update(x, mixer.cache_key, mixer)
     if padded.shape[-1] == x.shape[-1]:  # no left context: not the streaming conv
         return mixer.conv(padded)
-    frames, kernel = x.shape[-1], conv.kernel_size[0]
-    weight = conv.weight[:, 0]  # (C, K)
+    return _depthwise_taps(padded, conv.weight[:, 0], conv.bias[:, None])
+
+
+def _depthwise_taps(
+    padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, start: Any = None
+) -> torch.Tensor:
+    """A causal depthwise conv on CPU over `padded` (its input with the kernel's left
+    context), kernel `weight` (C, K) and `bias` (C, 1), added to `start` if given (a
+    residual). At a few frames (the frame-rate stages) each channel's kernel is one
+    batched matmul over the unfolded input; at a few channels over many samples, one
+    multiply-add per kernel tap over shifted views, the sum starting from `start`;
+    elsewhere the conv."""
+    channels, kernel = weight.shape
+    frames = padded.shape[-1] - kernel + 1
     if frames <= 8:
         y = torch.matmul(padded.unfold(2, kernel, 1), weight[:, :, None])[..., 0]
-        return y + conv.bias[:, None]
-    if x.shape[1] > 16:
-        return conv(padded)
-    y = torch.addcmul(conv.bias[:, None], padded[..., :frames], weight[:, :1])
-    for k in range(1, kernel):
-        y.addcmul_(padded[..., k : k + frames], weight[:, k : k + 1])
-    return y
+        y = y.add_(bias)
+    elif channels > 16:
+        y = F.conv1d(padded, weight[:, None], bias[:, 0], groups=channels)
+    else:
+        y = torch.addcmul(bias if start is None else start, padded[..., :frames], weight[:, :1])
+        for k in range(1, kernel):
+            y.addcmul_(padded[..., k : k + frames], weight[:, k : k + 1])
+        return y if start is None else y.add_(bias)
+    return y if start is None else y.add_(start)
 
 
 def _feed_forward(ffn: Any, x: torch.Tensor) -> torch.Tensor:
@@ -337,13 +349,12 @@ def _phase_weights(conv: Any) -> tuple[torch.Tensor, torch.Tensor]:
     once per weight (remade if the weight is replaced or changed in place); made each
     call under torch.compile, which does not trace the memo's data pointers."""
     w = conv.weight
-    if torch.compiler.is_compiling():
-        return _split_by_phase(conv)
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
-    hit = _PHASES.get(conv)
-    if hit is None or hit[0] != key:
-        hit = _PHASES[conv] = (key, _split_by_phase(conv))
-    return hit[1]
+    return _memo(
+        _PHASES,
+        conv,
+        lambda: (w.data_ptr(), w._version, w.dtype, w.device),
+        lambda: _split_by_phase(conv),
+    )
 
 
 def _split_by_phase(conv: Any) -> tuple[torch.Tensor, torch.Tensor]:
