@@ -185,7 +185,7 @@ class _Sink:
 
 MIXED = (0.5, 5 / 6, 7 / 6, 1.5)  # row i makes MIXED[i % 4] x the tokens: the same mean
 
-# Operators that only make a view: no kernel, no work (FACTS.md, counting the host's work).
+# Operators that only make a view: no kernel, no work (left out of the count).
 VIEW_OPS = {
     "view", "_unsafe_view", "_reshape_alias", "reshape", "view_as", "transpose", "t",
     "slice", "select", "expand", "expand_as", "unsqueeze", "squeeze", "permute",

@@ -102,7 +102,7 @@ class _Phases:
 
 
 def depths_config():
-    """VibeVoice-1.5B's depths at tiny widths (FACTS: the operator count of the 1.5B)."""
+    """VibeVoice-1.5B's depths at tiny widths: the 1.5B's operator count, cheaply."""
     from bench.bench_gpu_1p5b import full_size_config
 
     cfg = full_size_config()

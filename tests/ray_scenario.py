@@ -1,5 +1,5 @@
 """The Ray backend end to end, run by tests/test_ray.py INSIDE a private network
-namespace (only loopback: Ray listens on every interface, see FACTS.md).
+namespace (only loopback: most of Ray's processes listen on every interface).
 
     python tests/ray_scenario.py --engine sim|tiny --workdir DIR
 

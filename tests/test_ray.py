@@ -5,7 +5,7 @@ the sim engine (no Ray cluster): streams, batching, cancel, boot failure,
 the stall health check.
 
 Slow: tests/ray_scenario.py, run inside a private network namespace that has
-only loopback (Ray listens on every interface; FACTS.md), against a real
+only loopback (most of Ray's processes listen on every interface), against a real
 `vibevoice-pool launch --backend ray --gpus cpu:2` server: requests through the
 HTTP API, SIGKILL of a replica's process while requests run, the replacement,
 the quarantine of a request that kills every replica, and a SIGTERM after

@@ -1,7 +1,7 @@
 """transformers' own `generate`, adjusted to microsoft's loop: the reference each
 row of the step engine must match (tests only; the product never calls generate).
 
-Adjustments, each where transformers' loop and microsoft's differ (FACTS.md):
+Adjustments, each where transformers' loop and microsoft's differ:
 - the text-level CFG pass transformers adds when guidance != 1 is dropped
   (microsoft guides the diffusion head only): `drop_text_cfg`;
 - every random draw comes from the row's own generator, in microsoft's order

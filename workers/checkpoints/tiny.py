@@ -123,7 +123,7 @@ def _build_tokenizer():
 
 
 def tiny_config_dict(vocab_size: int, token_ids: dict[str, int]) -> dict:
-    """The VibeVoiceConfig kwargs of the tiny model (sizes from FACTS.md)."""
+    """The VibeVoiceConfig kwargs of the tiny model: the smallest sizes that run."""
     ratios = [2, 2, 4, 5, 5, 8]  # hop 3200, the feature extractor's pad_to_multiple_of
     tower = {
         "hidden_size": 16,
