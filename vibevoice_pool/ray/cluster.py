@@ -80,7 +80,7 @@ class RayCluster:
             log.info("Using this process's Ray connection")
         else:
             # ray.init sets SIGTERM to sys.exit in the main thread; the server's own
-            # handlers only set a flag (DESIGN.md), so the previous one is put back.
+            # handlers only set a flag (a drain starts from it), so the previous one is put back.
             previous = signal.getsignal(signal.SIGTERM)
             try:
                 self._init(cpus_needed, kw)
