@@ -74,3 +74,28 @@ def test_flac_is_one_whole_file_unless_streaming_is_asked_for(client):
     first, total, streamed, _ = _timed(client, "flac", extra_body={"stream": True})
     assert first < 0.3 * total
     assert len(_decode(streamed, "flac")[0]) == len(pcm)  # the same samples, sent early
+
+
+def test_a_stream_whose_request_fails_after_its_headers_ends_incomplete(tmp_path):
+    """A streamed answer has no length, so a request that fails once its 200 and
+    headers are out must not end like a whole one: the connection closes without
+    the body's last chunk, and the client's HTTP library says so."""
+    import httpx
+    from conftest import wait_until
+
+    body = {"script": "Speaker 1: this one kills its workers [[crash]]", "stream": True}
+    with running_server(tmp_path, "--sim-rtf", "0.05") as s:
+        for fmt in ("pcm", "mp3"):
+            with httpx.stream(
+                "POST", s.url + "/v1/synthesize", json=body | {"format": fmt}, timeout=60
+            ) as r:
+                assert r.status_code == 200  # started on a worker, then that worker died
+                with pytest.raises(httpx.RemoteProtocolError, match="incomplete"):
+                    for _ in r.iter_bytes():
+                        pass
+            wait_until(lambda: s.get("/ready").json()["ready_workers"] == 2, 30, 0.2, "respawns")
+        whole = s.post("/v1/synthesize", json={"script": "Speaker 1: still serving"})
+        assert whole.status_code == 200 and len(whole.content) > 1000
+        log = s.log()
+        assert log.count("failed after its headers (worker_lost") == 2
+        assert "without completing response" not in log  # the cut is meant: no error line

@@ -229,3 +229,16 @@ def test_demo_voices_are_written_and_offered_only_for_synthetic_engines(tmp_path
         lib.resolve(made[0])
     assert prepare_voices(tiny_dir, synthetic=False)[1]  # still says: no presets
     assert VoiceLibrary(tiny_dir, max_bytes=10**7, max_seconds=60).names() == sorted(made)
+
+
+def test_an_upload_never_answers_a_name_that_finds_a_preset(lib):
+    with pytest.raises(PoolError) as e:  # "Carter" is how requests name en-Carter_man
+        lib.add("carter", wav_bytes(tone()), owner="mallory")
+    assert "en-Carter_man" in bad_input(e)
+    lib.add("Bob_m-mine", wav_bytes(tone(0.7)), owner="mallory")  # short name "m": no preset's
+    lib.add("0-Alice", wav_bytes(tone(0.9)), owner="mallory")  # short "Alice", sorts first
+    assert lib.match("Alice") == "en-Alice_woman"  # the preset's short name
+    assert lib.match("Bob_m") == "en-Bob_man"  # a part of both: the preset
+    assert lib.match("bob_m-MINE") == "Bob_m-mine"  # its own name, any case
+    assert lib.match("m-mine") == "Bob_m-mine"  # a part that finds no preset
+    assert lib.presets() == ["en-Alice_woman", "en-Bob_man", "en-Carter_man", "zh-Xinran_woman"]

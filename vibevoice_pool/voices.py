@@ -17,7 +17,11 @@ api/auth.py) in the folder's hidden OWNERS_FILE; a file put in the folder by
 the operator has no owner and is a preset. Only an admin overwrites or deletes
 a preset or another owner's voice (VoiceForbidden otherwise). The OpenAI voice
 names (OPENAI_VOICES) map to presets only (openai_voice), never to an upload,
-and no upload may take one of those names.
+and no upload may take one of those names. Nor may an upload take a name that
+requests use for a preset (its short name: "Alice" of "en-Alice_woman"), and the
+forgiving forms of a name (the short name, a part of it) try every preset before
+any upload: no caller's upload captures what another asked for by a preset's
+name, nor a speaker the request left to the defaults (presets only).
 """
 
 from __future__ import annotations
@@ -275,8 +279,10 @@ class VoiceLibrary:
         """The preset name `name` refers to, or BAD_INPUT listing some that exist.
 
         Exact name first, then the same name in any case, then the short name
-        ("Alice" of "en-Alice_woman"), then a case-insensitive partial match
-        either way round (as the old VibeVoice demo did); the shortest wins.
+        ("Alice" of "en-Alice_woman"), then a case-insensitive partial match either
+        way round (as the old VibeVoice demo did); the shortest wins. The forgiving
+        forms try every preset before any upload, so an upload never answers a
+        name that finds a preset.
         """
         voices = self._listing()
         query = name.strip() if isinstance(name, str) else ""
@@ -286,14 +292,20 @@ class VoiceLibrary:
             raise _bad(f"a voice name is needed; available voices: {self._some(voices)}")
         low = query.lower()
         ranked = sorted(voices, key=lambda n: (len(n), n))
-        for test in (
-            lambda n: n.lower() == low,
-            lambda n: _short_name(n).lower() == low,
-            lambda n: low in n.lower() or n.lower() in low,
-        ):
-            for candidate in ranked:
-                if test(candidate):
-                    return candidate
+        for candidate in ranked:
+            if candidate.lower() == low:
+                return candidate
+        owners = self._owners()
+        presets = [n for n in ranked if n not in owners]
+        uploads = [n for n in ranked if n in owners]
+        for group in (presets, uploads):
+            for test in (
+                lambda n: _short_name(n).lower() == low,
+                lambda n: low in n.lower() or n.lower() in low,
+            ):
+                for candidate in group:
+                    if test(candidate):
+                        return candidate
         raise VoiceNotFound(f"unknown voice {name!r}; available voices: {self._some(voices)}")
 
     @staticmethod
@@ -355,6 +367,13 @@ class VoiceLibrary:
             what="voice sample",
         )
         with self._lock:
+            named = [p for p in self.presets() if p.lower() != safe.lower()]
+            shadowed = [p for p in named if _short_name(p).lower() == safe.lower()]
+            if shadowed:
+                raise _bad(
+                    f"the name {safe!r} is how requests name the preset {shadowed[0]!r}; "
+                    "choose another name"
+                )
             taken = [n for n in self._listing() if n.lower() == safe.lower()]
             if taken and not overwrite:
                 raise _bad(

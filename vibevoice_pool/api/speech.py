@@ -146,9 +146,10 @@ class Front:
             num_speakers=len(body.speakers) or None,
         )
         n = max(t.speaker for t in turns) + 1
-        presets = self.voices.names()
+        # a speaker the body leaves out speaks with a preset, never another caller's upload
+        presets = self.voices.presets()
         voices = []
-        for i in range(n):
+        for i in range(max(n, len(body.speakers))):
             sp = body.speakers[i] if i < len(body.speakers) else Speaker()
             if sp.voice is not None and sp.audio is not None:
                 raise m.PoolError(
@@ -164,9 +165,13 @@ class Front:
                     )
                 )
             elif sp.voice is not None:
-                voices.append(self.voices.resolve(sp.voice))
+                # a speaker the script does not use is still checked, not ignored
+                voices.append(
+                    self.voices.resolve(sp.voice) if i < n else self.voices.match(sp.voice)
+                )
             else:
                 voices.append(self.voices.resolve(presets[i % len(presets)]) if presets else None)
+        voices = voices[:n]
         return self.pool.make_request(
             turns,
             voices,
@@ -247,11 +252,59 @@ async def stream_response(handle: RequestHandle, fmt: str) -> Response:
                 async for data in pieces:
                     yield data
         except m.PoolError as e:
-            log.warning("stream %s ended early: %s", handle.id, e.message)
-            # headers are sent; the short body is the signal
+            log.warning(
+                "stream %s failed after its headers (%s: %s): the connection closes "
+                "without the body's end",
+                handle.id,
+                e.kind.value,
+                e.message,
+            )
+            raise CutShort from e
 
     headers = headers_for(handle) | STREAM_HEADERS
-    return StreamingResponse(body(), media_type=enc.content_type, headers=headers)
+    return CutStream(body(), media_type=enc.content_type, headers=headers)
+
+
+class CutShort(Exception):
+    """A streamed answer's request failed after its status and headers were sent."""
+
+
+class CutStream(StreamingResponse):
+    """A stream that, when its request fails after the headers (CutShort), ends
+    without the body's last chunk: the connection closes, and an HTTP client sees an
+    incomplete body (curl exits 18, httpx raises RemoteProtocolError). A clean end
+    would hand the client a cut file as if it were whole: a chunked body has no
+    length to compare against."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        except CutShort:
+            _CUTS.expect()  # uvicorn says the answer did not complete: that is the point
+
+
+class _ExpectedCuts(logging.Filter):
+    """Drops uvicorn's error line for an answer CutStream left open on purpose (its
+    own warning has said why); any other unfinished answer is still logged."""
+
+    MESSAGE = "ASGI callable returned without completing response."
+
+    def __init__(self):
+        super().__init__()
+        self.pending = 0
+
+    def expect(self) -> None:
+        self.pending += 1
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.pending and record.getMessage() == self.MESSAGE:
+            self.pending -= 1
+            return False
+        return True
+
+
+_CUTS = _ExpectedCuts()
+logging.getLogger("uvicorn.error").addFilter(_CUTS)
 
 
 def _short(value, limit: int = 60) -> str:
