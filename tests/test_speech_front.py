@@ -69,3 +69,18 @@ def test_a_speaker_the_script_does_not_use_is_still_checked(front):
         front.build_request(SynthesizeBody(script=one, speakers=[{}, both]))
     ok = front.build_request(SynthesizeBody(script=one, speakers=[{}, {"voice": "Bob"}]))
     assert len(ok) == 1  # checked, and left out of the request
+
+
+def test_the_pages_voice_dropdowns_start_on_presets_too(front):
+    from types import SimpleNamespace
+
+    from vibevoice_pool.ui.page import Page
+
+    lib = front.voices
+    lib.add("0-first", wav(440.0), owner="mallory")
+    page = SimpleNamespace(front=front, voice_names=lib.names)
+    assert [Page.default_voice(page, i) for i in range(3)] == [
+        "en-Alice_woman",
+        "en-Bob_man",
+        "en-Alice_woman",
+    ]

@@ -110,7 +110,7 @@ def _generate_tab(page, i18n) -> list:
         voices = [
             gr.Dropdown(
                 names,
-                value=names[i % len(names)] if names else None,
+                value=page.default_voice(i),
                 label=i18n(f"speaker_voice_{i + 1}"),
                 info=None if names else i18n("no_voices"),  # the model's own voice
                 visible=i < 2,

@@ -91,12 +91,18 @@ class Page:
     def voice_names(self) -> list[str]:
         return self.front.voices.names()
 
+    def default_voice(self, speaker: int) -> str | None:
+        """A speaker's voice until one is chosen: a preset, as the API's defaults
+        (never someone's upload that sorts first); any voice when none is a preset."""
+        names = self.front.voices.presets() or self.voice_names()
+        return names[speaker % len(names)] if names else None
+
     def refresh_voices(self, *current):
         names = self.voice_names()
         out = []
         for i in range(MAX_SPEAKERS):
             keep = current[i] if i < len(current) and current[i] in names else None
-            default = names[i % len(names)] if names else None
+            default = self.default_voice(i)
             out.append(gr.update(choices=names, value=keep or default))
         return out
 
