@@ -227,6 +227,19 @@ def test_cors_only_for_the_configured_origins(tmp_path):
                 headers={"Origin": origin, "Access-Control-Request-Method": "GET"},
             )
             assert (pre.headers.get("access-control-allow-origin") == origin) == allowed
+        # a keyless page on the allowed origin keeps its jobs by the owner token
+        jobs = client.options(
+            "/v1/jobs",
+            headers={
+                "Origin": "https://ok.example",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "x-owner-token",
+            },
+        )
+        assert jobs.status_code == 200
+        listed = client.get("/v1/voices", headers={"Origin": "https://ok.example"})
+        exposed = listed.headers["access-control-expose-headers"].lower()
+        assert {"x-owner-token", "retry-after", "location"} <= set(exposed.split(", "))
 
 
 def test_body_limit_answers_413_before_or_while_reading():

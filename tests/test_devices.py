@@ -113,6 +113,13 @@ def test_a_lost_device_is_drained_its_requests_move_and_it_recovers(gpu_pool):
 def test_add_and_remove_workers_while_20_requests_run(sim_pool):
     with sim_pool(gpus="cpu:2", sim_rtf=0.2, max_batch_size=2) as pool:
         handles = [submit(pool, seed=i) for i in range(20)]
+        for device in ("", "cuda:", "all", "0,1", "cpu:5", "gpu0"):  # one device, or nothing
+            with pytest.raises(m.PoolError, match="name one device") as e:
+                pool.add_worker(device)
+            assert e.value.kind is m.ErrorKind.BAD_INPUT
+        with pytest.raises(m.PoolError, match="device '7'"):  # a GPU this host has not
+            pool.add_worker("7")
+        assert len(pool.status()["workers"]) == 2
         new = pool.add_worker("cpu")
         wait_until(lambda: state(pool, new) in ("ready", "busy"), 20, what="the new worker")
         wait_until(lambda: pool.board.get(0, Col.INFLIGHT) > 0, 20, what="worker 0 busy")

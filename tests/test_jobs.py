@@ -209,7 +209,8 @@ def test_a_result_that_cannot_be_written_fails_its_job_and_the_server_serves_on(
     assert "could not be written" in view["error"]["message"]
     assert "Not a directory" in view["error"]["message"]
     r = httpx.get(f"{shared.url}/v1/jobs/{failed}/audio", timeout=10)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready"
+    assert r.status_code == 410 and r.json()["error"]["code"] == "no_audio"
+    assert "failed" in r.json()["error"]["message"]
 
     ok = submit(shared.url, "Speaker 1: and this one lands fine")
     assert wait_finished(shared.url, [ok])[ok]["state"] == "done"

@@ -386,3 +386,20 @@ def test_saved_progress_counts_on_disk_and_goes_when_its_queued_job_is_cancelled
     r.cancel(job.id)
     assert not pcm.exists() and not hist.exists()
     assert r.store.get(job.id).state is JobState.CANCELLED
+
+
+def test_an_owner_at_its_limit_gets_429_with_retry_after(runner, tmp_path):
+    pool = FakePool()
+    pool.hold()
+    r = runner(pool, JobStore.open(tmp_path / "limited", owner_max_active=1))
+    app = FastAPI()
+    app.include_router(jobs_router(FakeFront(), r))
+    c = TestClient(app)
+    first = c.post("/v1/jobs", json={"script": SCRIPT})
+    assert first.status_code == 202
+    mine = {"X-Owner-Token": first.headers["x-owner-token"]}
+    c.cookies.clear()
+    over = c.post("/v1/jobs", json={"script": SCRIPT}, headers=mine)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "owner_limit"
+    assert int(over.headers["retry-after"]) > 0
+    pool.release()

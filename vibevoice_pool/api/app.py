@@ -84,9 +84,12 @@ def create_app(front: Front) -> FastAPI:
         return error_response(err)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError):
+    async def _invalid(request: Request, err: RequestValidationError):
         activity.refused(m.ErrorKind.BAD_INPUT.value)
-        return plain_error(400, "bad_input", describe_invalid(err.errors()))
+        message = describe_invalid(
+            err.errors(), request.url.path, request.headers.get("content-type")
+        )
+        return plain_error(400, "bad_input", message)
 
     errors.install(app, activity.refused)  # the framework's own errors, 404 and 405 too
     openapi_doc.install(app)  # /openapi.json declares the real statuses and media types
@@ -166,7 +169,9 @@ def _middlewares(app: FastAPI, front: Front) -> None:
             CORSMiddleware,
             allow_origins=list(front.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
+            # X-Owner-Token: a keyless page on another origin keeps its jobs by it
+            # (the cookie is SameSite=strict, so it does not cross origins)
+            allow_headers=["Authorization", "Content-Type", "X-Owner-Token", "Range"],
             expose_headers=[
                 "X-Request-Id",
                 "X-Seed",
@@ -174,5 +179,11 @@ def _middlewares(app: FastAPI, front: Front) -> None:
                 "X-Audio-Seconds",
                 "X-Stop-Reason",
                 "X-Voice",
+                "X-Model",
+                "X-Owner-Token",
+                "X-Job-Id",
+                "Location",
+                "Retry-After",
+                "Content-Range",
             ],
         )

@@ -61,6 +61,7 @@ MAX_OFFSET = 2**63 - 1
 JOB_STATUS = {
     JobErrorKind.NOT_FOUND: 404,
     JobErrorKind.NOT_READY: 409,
+    JobErrorKind.NO_AUDIO: 410,
     JobErrorKind.CONFLICT: 409,
     JobErrorKind.DISK_LIMIT: 507,
     JobErrorKind.DISK_FULL: 507,
@@ -123,8 +124,14 @@ def owner_of(request: Request, tokens: OwnerTokens) -> str | None:
     return None
 
 
+# an owner at its limit waits for one of its jobs to end: minutes, not seconds
+OWNER_RETRY_AFTER_S = 30
+
+
 def job_error(err: JobError) -> JSONResponse:
-    return plain_error(JOB_STATUS.get(err.kind, 500), err.kind.value, err.message)
+    status = JOB_STATUS.get(err.kind, 500)
+    headers = {"Retry-After": str(OWNER_RETRY_AFTER_S)} if status == 429 else None
+    return plain_error(status, err.kind.value, err.message, headers)
 
 
 def view(runner: JobRunner, job: Job) -> dict:

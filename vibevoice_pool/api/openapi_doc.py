@@ -53,6 +53,7 @@ WHY = {
     "408": "The request was sent too slowly (the connection guard closed it)",
     "404": "No such thing (a job, a worker, a voice the request names)",
     "409": "Not in a state for this (the job is not done, or already ended)",
+    "410": "The job failed or was cancelled: it has no audio, and never will",
     "413": "The body is over the server's limit",
     "415": "A voice sample that is no wav, mp3, flac or ogg file",
     "416": "The Range is past the end of the file",
@@ -76,8 +77,8 @@ ROUTE_ERRORS = {
     ("/v1/voices", "post"): ("415", "429"),
     ("/metrics", "get"): ("403",),
     ("/v1/jobs/{job_id}", "delete"): ("409", "507"),
-    ("/v1/jobs/{job_id}/audio", "get"): ("409", "416"),
-    ("/v1/jobs/{job_id}/audio", "head"): ("409", "416"),
+    ("/v1/jobs/{job_id}/audio", "get"): ("409", "410", "416"),
+    ("/v1/jobs/{job_id}/audio", "head"): ("409", "410", "416"),
 }
 AUDIO = {
     ctype: {"schema": {"type": "string", "format": "binary"}} for ctype in CONTENT_TYPES.values()

@@ -42,6 +42,7 @@ from workers.wire import messages as m
 
 log = logging.getLogger("vibevoice_pool")
 
+JSON = "application/json"
 INLINE_FORMATS = ("wav", "pcm")
 INLINE_ENCODE_SAMPLES = 60 * 24_000  # up to a minute of audio is encoded on the loop
 STREAM_HEADERS = {"X-Accel-Buffering": "no"}  # a proxy (nginx) passes each piece on at once
@@ -322,8 +323,19 @@ def _where(loc) -> str:
     return out or "body"
 
 
-def describe_invalid(errors) -> str:
-    """One message for pydantic's validation errors, saying what to fix."""
+# a body each JSON route takes, for the message that says what to send instead
+EXAMPLE_BODIES = {
+    "/v1/audio/speech": '{"model": "tts-1", "input": "Hello", "voice": "alloy"}',
+    "/v1/pool/workers": '{"device": "cuda:0"}',
+}
+EXAMPLE_BODY = '{"script": "Speaker 1: Hello"}'
+
+
+def describe_invalid(errors, path: str = "", content_type: str | None = None) -> str:
+    """One message for pydantic's validation errors, saying what to fix; `path` picks
+    the example body it shows, and a body sent as another content type is told so."""
+    example = EXAMPLE_BODIES.get(path, EXAMPLE_BODY)
+    ctype = (content_type or "").split(";")[0].strip().lower()
     parts = []
     for e in errors:
         where = _where(e.get("loc", ()))
@@ -331,8 +343,7 @@ def describe_invalid(errors) -> str:
         if kind == "json_invalid":
             why = (e.get("ctx") or {}).get("error", "")
             parts.append(
-                f"the body is not valid JSON ({why}); send a JSON object such as "
-                '{"script": "Speaker 1: Hello"}'
+                f"the body is not valid JSON ({why}); send a JSON object such as {example}"
             )
         elif kind == "missing":
             parts.append(f"{where}: required, but missing")
@@ -349,8 +360,13 @@ def describe_invalid(errors) -> str:
                 parts.append(f"{where}: {e.get('msg')}")
         elif kind == "string_too_short" and not e.get("input"):
             parts.append(f"{where} is empty: leave it out or give a value")
+        elif kind == "model_attributes_type" and where == "body" and ctype not in ("", JSON):
+            parts.append(
+                f"the body was sent as {ctype!r}: send it as JSON, with Content-Type: "
+                f"{JSON} (a JSON object such as {example})"
+            )
         elif kind == "model_attributes_type" and where == "body":
-            parts.append('the body must be a JSON object such as {"script": "Speaker 1: Hello"}')
+            parts.append(f"the body must be a JSON object such as {example}")
         else:
             parts.append(f"{where}: {e.get('msg')} (got {_short(e.get('input'))})")
     return "; ".join(parts) or "invalid request"

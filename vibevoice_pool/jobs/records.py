@@ -26,6 +26,7 @@ class JobErrorKind(str, enum.Enum):
 
     NOT_FOUND = "not_found"  # no such job (or it expired)
     NOT_READY = "not_ready"  # the audio of a job that has not finished
+    NO_AUDIO = "no_audio"  # the audio of a job that failed or was cancelled: never coming
     CONFLICT = "conflict"  # cancelling a job that already finished
     DISK_LIMIT = "disk_limit"  # the results would pass jobs_disk_limit_mb
     OWNER_LIMIT = "owner_limit"  # one owner's jobs or space would pass its share

@@ -212,12 +212,18 @@ class JobRunner:
         return self.get(job_id)
 
     def result_file(self, job: Job) -> Path:
-        """The result of a done job. JobError NOT_READY / NOT_FOUND."""
+        """The result of a done job. JobError NOT_READY (still to come), NO_AUDIO
+        (failed or cancelled: it never will), NOT_FOUND."""
+        if job.state in (JobState.FAILED, JobState.CANCELLED):
+            why = f" ({job.error})" if job.error else ""
+            raise JobError(
+                JobErrorKind.NO_AUDIO,
+                f"job {job.id} {job.state.value}{why}: it has no audio; submit it again",
+            )
         if job.state is not JobState.DONE or not job.result_path:
-            why = f": {job.error}" if job.error else ""
             raise JobError(
                 JobErrorKind.NOT_READY,
-                f"job {job.id} is {job.state.value}{why}; its audio exists once it is done",
+                f"job {job.id} is {job.state.value}; its audio exists once it is done",
             )
         path = self.store.folder / job.result_path
         if not path.is_file():

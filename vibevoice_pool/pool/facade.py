@@ -266,13 +266,19 @@ class Pool:
         from vibevoice_pool.config import ConfigError
 
         dev = str(device).strip().lower()
+        gpu = dev.removeprefix("cuda:")
+        if dev != "cpu" and not gpu.isdigit():  # one device: not "", "all", "0,1", "cpu:5"
+            raise m.PoolError(
+                m.ErrorKind.BAD_INPUT,
+                f'device {device!r}: name one device, "cpu", "cuda:N" or "N"',
+            )
         try:
-            if dev.startswith("cpu"):
+            if dev == "cpu":
                 placement = Placement(f"cpu:{len(self.supervisor.slots)}", None)
             else:
-                placement = plan(dev.removeprefix("cuda:"), 1, self.gpus)[0]
-        except ConfigError as e:
-            raise m.PoolError(m.ErrorKind.BAD_INPUT, str(e)) from None
+                placement = plan(gpu, 1, self.gpus)[0]
+        except ConfigError as e:  # a GPU this host does not have: the GPUs it has
+            raise m.PoolError(m.ErrorKind.BAD_INPUT, f"device {device!r}: {e}") from None
         spec = engine_specs(self.cfg, [placement], self.model_path or self.cfg.model_path)[0]
         speeds = self.cfg.sim_speeds
         if speeds:
