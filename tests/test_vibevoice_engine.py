@@ -336,6 +336,8 @@ def test_row_cap_is_the_smallest_limit_and_names_it():
     assert row_cap(r, prompt_tokens=100, runaway_factor=1.5).steps == 150
     scripted = row_cap(r, prompt_tokens=40, scripted_end=True)
     assert (scripted.tokens, scripted.reason) == (22, "estimate")  # the tiny model's EOS
+    capped = req("c", est_audio_s=2.0, max_audio_s=2.0)  # the pool caps the estimate
+    assert row_cap(capped, prompt_tokens=40, scripted_end=True).reason == "max_audio"
     short = req("s", est_audio_s=3.0, max_audio_s=2.0)
     assert (row_cap(short, prompt_tokens=40).tokens, row_cap(short, prompt_tokens=40).reason) == (
         15,

@@ -99,8 +99,8 @@ def row_cap(
         (context_limit - prompt_tokens, StopReason.CONTEXT.value),
     ]
     audio = [(audio_tokens_for(req.max_audio_s), StopReason.MAX_AUDIO.value)]
-    if scripted_end:
-        audio.insert(0, (audio_tokens_for(est), StopReason.ESTIMATE.value))
+    if scripted_end:  # after the cap: an estimate the cap cut (the pool caps it) is the cap's
+        audio.append((audio_tokens_for(est), StopReason.ESTIMATE.value))
     tokens, reason = min(audio, key=lambda c: c[0])  # the first wins a tie
     step_cap, step_reason = min(steps, key=lambda c: c[0])
     return RowCap(max(1, tokens), reason, max(1, step_cap), step_reason)
