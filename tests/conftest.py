@@ -107,7 +107,11 @@ def engine(tiny_model_dir):
 class Server:
     """A `vibevoice-pool launch` child process on a free port."""
 
-    def __init__(self, args: list[str], tmp_path: Path, env: dict | None = None):
+    def __init__(
+        self, args: list[str], tmp_path: Path, env: dict | None = None, group: bool = False
+    ):
+        """`group`: in a process group of its own, as a terminal starts it (a signal to
+        the group reaches every process the launch started, and not pytest)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"server-{self.port}.log"
@@ -116,7 +120,12 @@ class Server:
         cmd += ["--cache-dir", str(tmp_path / "cache"), *args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=full_env
+            cmd,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=group,
         )
 
     def log(self) -> str:
@@ -161,8 +170,8 @@ def server(tmp_path):
     """`server(args...)` starts a real server process; all are stopped at the end."""
     started: list[Server] = []
 
-    def start(*args: str, env: dict | None = None, wait: bool = True) -> Server:
-        s = Server(list(args), tmp_path, env)
+    def start(*args: str, env: dict | None = None, wait: bool = True, group=False) -> Server:
+        s = Server(list(args), tmp_path, env, group)
         started.append(s)
         if wait:
             s.wait_ready()

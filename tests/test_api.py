@@ -269,3 +269,35 @@ def test_body_limit_answers_413_before_or_while_reading():
         assert streamed.status_code == 413
         assert streamed.json()["error"]["code"] == "too_large"
     assert refused == ["too_large", "too_large"]
+
+
+def test_synth_cli_writes_the_format_asked_and_refuses_bad_paths_in_one_line(srv, tmp_path):
+    script = tmp_path / "s.txt"
+    script.write_text("Speaker 1: Hello from the terminal.")
+
+    def synth(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "vibevoice_pool", "synth", "--url", srv.url, *args]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    for fmt, magic in (("opus", b"OggS"), ("wav", b"RIFF"), ("aac", b"\xff")):
+        out = tmp_path / f"a.{fmt}"
+        p = synth("--script", str(script), "--format", fmt, "-o", str(out), "--seed", "3")
+        assert p.returncode == 0, p.stderr
+        assert out.read_bytes().startswith(magic), fmt
+    raw = tmp_path / "a.pcm"
+    assert (
+        synth("--script", str(script), "--format", "pcm", "-o", str(raw), "--seed", "3").returncode
+        == 0
+    )
+    wav, _ = sf.read(tmp_path / "a.wav", dtype="int16")
+    assert raw.read_bytes() == wav.astype("<i2").tobytes()  # the same samples, headerless
+    bad = [
+        (("--script", str(tmp_path / "missing.txt"), "-o", str(raw)), "No such file"),
+        (("--script", str(script), "-o", str(tmp_path / "no" / "a.wav")), "no folder"),
+        (("--script", str(script), "--format", "xyz", "-o", str(raw)), "--format xyz"),
+    ]
+    for args, words in bad:
+        p = synth(*args)
+        assert p.returncode == 1 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
+        p = synth("--async", *args)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr

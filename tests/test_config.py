@@ -154,8 +154,9 @@ def test_duplicate_gpu_ids_are_refused():
 def test_gpu_ids_on_a_machine_without_gpus_say_none_were_found():
     with pytest.raises(ConfigError, match="GPUs found: none"):
         plan("0", 1, [])
-    with pytest.raises(ConfigError, match="cpu:N"):
-        plan("cpu:x", 1, [])
+    for spec in ("cpu:x", "cpu4", "cpus:2"):
+        with pytest.raises(ConfigError, match="cpu:N"):
+            plan(spec, 1, [])
 
 
 # ---- one declaration: validation ----------------------------------------------------

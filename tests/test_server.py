@@ -124,3 +124,88 @@ def test_unknown_gpu_ids_are_a_clear_error():
     cmd = [sys.executable, "-m", "vibevoice_pool", "launch", *SIM, "--gpus", "0,1,3", "--port", "0"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "GPUs found" in p.stderr
+
+
+def _group_left(pgid: int) -> list[str]:
+    """The processes still in the launch's process group (it led its own)."""
+    out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout
+    return out.split()
+
+
+def _long_synth(url: str, results: list) -> threading.Thread:
+    def call():
+        try:
+            r = synth(url, "Speaker 1: " + "a sentence that takes a while to say " * 20)
+            results.append((r.status_code, r.headers.get("content-type"), r.text[:200]))
+        except httpx.HTTPError as e:
+            results.append(("error", repr(e), ""))
+
+    t = threading.Thread(target=call)
+    t.start()
+    return t
+
+
+def test_ctrl_c_three_times_to_the_group_stops_at_once_and_answers_the_request(server):
+    s = server(*SIM, "--gpus", "cpu:1", "--sim-rtf", "0.5", group=True)
+    results: list = []
+    t = _long_synth(s.url, results)
+    wait_until(lambda: s.get("/v1/pool").json()["workers"][0]["inflight"] == 1, 20, what="busy")
+    t0 = time.monotonic()
+    for _ in range(3):  # a terminal's Ctrl+C reaches the whole group; the third broke the stop
+        os.killpg(s.proc.pid, signal.SIGINT)
+        time.sleep(0.7)
+    assert s.proc.wait(20) == 0
+    assert time.monotonic() - t0 < 15  # not the 30 s grace: the second Ctrl+C stops now
+    t.join(10)
+    assert results == [(503, "application/json", results[0][2])], results
+    assert '"code":"unavailable"' in results[0][2]
+    wait_until(lambda: not _group_left(s.proc.pid), 10, what="the group to be gone")
+    log = s.log()
+    assert "SIGINT again: stopping now" in log and "Stopped." in log
+    assert "Traceback" not in log and "zygote" not in log.split("SIGINT: stopping")[1]
+
+
+def test_one_grace_for_the_whole_stop_and_the_request_gets_a_json_answer(server):
+    s = server(*SIM, "--gpus", "cpu:1", "--sim-rtf", "0.5", "--grace-s", "2", group=True)
+    results: list = []
+    t = _long_synth(s.url, results)
+    wait_until(lambda: s.get("/v1/pool").json()["workers"][0]["inflight"] == 1, 20, what="busy")
+    t0 = time.monotonic()
+    os.killpg(s.proc.pid, signal.SIGTERM)  # systemd's stop: the whole group
+    assert s.proc.wait(30) == 0
+    took = time.monotonic() - t0
+    assert 2 <= took < 2 + 3 + 6  # grace, then the pool's answer; not grace twice over
+    t.join(10)
+    assert results[0][:2] == (503, "application/json"), results  # not uvicorn's plain 500
+    log = s.log()
+    assert "Exception in ASGI application" not in log and "Traceback" not in log
+    assert "zygote" not in log.split("SIGTERM: stopping")[1]  # the group's SIGTERM spares it
+
+
+def test_a_signal_while_the_workers_start_stops_them_without_a_traceback(server):
+    s = server(*SIM, "--gpus", "cpu:2", "--sim-boot-s", "30", wait=False, group=True)
+    wait_until(lambda: "Initialising" in s.log(), 60, what="a worker to start booting")
+    os.killpg(s.proc.pid, signal.SIGTERM)
+    assert s.proc.wait(30) == 128 + signal.SIGTERM
+    wait_until(lambda: not _group_left(s.proc.pid), 10, what="the group to be gone")
+    log = s.log()
+    assert "SIGTERM while starting" in log and "Traceback" not in log
+
+
+def test_a_port_in_use_is_refused_before_any_worker_starts(server, tmp_path):
+    first = server(*SIM, "--gpus", "cpu:1")
+    cmd = [sys.executable, "-m", "vibevoice_pool", "launch", *SIM, "--gpus", "cpu:1"]
+    cmd += ["--port", str(first.port), "--cache-dir", str(tmp_path / "second")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{first.port}: the port is in use" in p.stderr
+    assert "Initialising" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_closed_terminal_sighup_stops_it_cleanly(server):
+    s = server(*SIM, "--gpus", "cpu:1", group=True)
+    os.killpg(s.proc.pid, signal.SIGHUP)  # the terminal's whole group, its resource tracker too
+    assert s.proc.wait(30) == 0
+    wait_until(lambda: not _group_left(s.proc.pid), 10, what="the group to be gone")
+    log = s.log()
+    assert "SIGHUP: stopping" in log and "Stopped." in log and "Traceback" not in log

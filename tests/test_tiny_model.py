@@ -247,8 +247,8 @@ def test_an_original_layout_checkpoint_is_refused_with_the_command_that_converts
         str(tmp_path / "cache"),
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert p.returncode == 3
-    assert "vibevoice-pool convert" in p.stderr
+    assert p.returncode == 2  # refused before any worker boots
+    assert "vibevoice-pool convert" in p.stderr and "Initialising" not in p.stderr
     dst = tmp_path / "converted"
     c = subprocess.run(
         [sys.executable, "-m", "vibevoice_pool", "convert", str(src), str(dst)],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 log = logging.getLogger("vibevoice_pool")
@@ -155,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(
                 "--device is deprecated and ignored: choose devices with --gpus (e.g. --gpus 0,1)"
             )
-        import os
 
         from vibevoice_pool.environment import stray_variables
 
@@ -176,18 +176,35 @@ def main(argv: list[str] | None = None) -> int:
         from vibevoice_pool import client
 
         return client.run(ns)
-    if ns.command == "make-tiny-model":
-        from workers.checkpoints.tiny import make_tiny_model
-
-        print(make_tiny_model(ns.dir))
-        return 0
-    if ns.command == "convert":
-        from workers.checkpoints.convert import convert_checkpoint
-
-        convert_checkpoint(ns.src, ns.dst)
-        print(f"converted {ns.src} -> {ns.dst}")
-        return 0
+    if ns.command in ("make-tiny-model", "convert"):
+        return _checkpoint_tool(ns)
     return 2
+
+
+def _checkpoint_tool(ns) -> int:
+    """make-tiny-model and convert: what went wrong in one line (exit 1), no traceback."""
+    from workers.wire.messages import PoolError
+
+    try:
+        if ns.command == "make-tiny-model":
+            from workers.checkpoints.tiny import make_tiny_model
+
+            print(make_tiny_model(ns.dir))
+        else:
+            from vibevoice_pool.server import HUB_ID
+            from workers.checkpoints.convert import convert_checkpoint
+
+            if not os.path.exists(ns.src) and not HUB_ID.match(ns.src):
+                raise ValueError(f"{ns.src}: no such folder, and no hub id (namespace/name)")
+            convert_checkpoint(ns.src, ns.dst)
+            print(f"converted {ns.src} -> {ns.dst}")
+    except PoolError as e:
+        print(f"vibevoice-pool {ns.command}: {e.message}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:  # a folder it cannot write, a source that is no model
+        print(f"vibevoice-pool {ns.command}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def entry() -> None:

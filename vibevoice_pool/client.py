@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,19 +30,57 @@ def _fail(resp: httpx.Response) -> int:
     return 1
 
 
-def synth(ns) -> int:
-    text = sys.stdin.read() if ns.script == "-" else open(ns.script, encoding="utf-8").read()
+class ClientError(Exception):
+    """What the terminal says in one line (exit 1) before any request is sent."""
+
+
+LOCAL_FORMATS = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}  # encoded here from the PCM
+SERVER_FORMATS = ("pcm", "opus", "aac")  # streamed as the server encodes them
+
+
+def read_script(path: str) -> str:
+    """The script of `synth --script` (- for stdin); ClientError when it cannot be read."""
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ClientError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ClientError(f"{path}: {e.strerror}") from None
+
+
+def check_output(path: str) -> None:
+    """ClientError when `path` cannot be written: found before the GPU does the work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ClientError(f"{path}: no folder {folder}")
+    if not os.access(folder, os.W_OK) or os.path.isdir(path):
+        raise ClientError(f"{path}: cannot be written")
+
+
+def synth_body(ns, text: str, fmt: str) -> dict:
+    """The body `synth`'s flags make (--steps 0 is sent, for the server to refuse)."""
     body = {
         "script": text,
         "speakers": [{"voice": v} for v in ns.voice],
         "cfg_scale": ns.cfg_scale,
-        "format": "pcm",
-        "stream": True,
+        "format": fmt,
     }
-    if ns.steps:
+    if ns.steps is not None:
         body["inference_steps"] = ns.steps
     if ns.seed is not None:
         body["seed"] = ns.seed
+    return body
+
+
+def synth(ns) -> int:
+    fmt = ns.format.strip().lower()
+    if fmt not in LOCAL_FORMATS and fmt not in SERVER_FORMATS:
+        raise ClientError(
+            f"--format {ns.format}: one of {', '.join([*LOCAL_FORMATS, *SERVER_FORMATS])}"
+        )
+    text = read_script(ns.script)
+    check_output(ns.output)
+    body = synth_body(ns, text, "pcm" if fmt in LOCAL_FORMATS else fmt) | {"stream": True}
     est = audio_seconds_for(text)
     got = bytearray()
     t0 = time.monotonic()
@@ -55,25 +94,28 @@ def synth(ns) -> int:
         worker, seed = r.headers.get("x-worker", "?"), r.headers.get("x-seed", "?")
         for data in r.iter_bytes():
             got.extend(data)
-            secs = len(got) / 2 / SAMPLE_RATE
+            made = (
+                f"{len(got) / 2 / SAMPLE_RATE:6.1f} s of audio"
+                if body["format"] == "pcm"
+                else f"{len(got) / 1024:7.0f} KiB of {fmt}"
+            )
+            secs = len(got) / 2 / SAMPLE_RATE if body["format"] == "pcm" else 0.0
             bar = "#" * int(20 * min(1.0, secs / est)) if est else ""
             print(
-                f"\r[{bar:<20}] {secs:6.1f} s of audio (about {est:.0f} s expected) "
+                f"\r[{bar:<20}] {made} (about {est:.0f} s expected) "
                 f"on worker {worker}, {time.monotonic() - t0:5.1f} s",
                 end="",
                 file=sys.stderr,
             )
     print(file=sys.stderr)
+    if fmt not in LOCAL_FORMATS:  # the server's own bytes: pcm, opus, aac
+        Path(ns.output).write_bytes(bytes(got))
+        print(f"wrote {ns.output}: {len(got)} bytes of {fmt}, seed {seed}")
+        return 0
     pcm = np.frombuffer(bytes(got[: len(got) // 2 * 2]), dtype="<i2")
     import soundfile as sf
 
-    fmt = ns.format.lower()
-    sf.write(
-        ns.output,
-        pcm,
-        SAMPLE_RATE,
-        format={"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}.get(fmt, "WAV"),
-    )
+    sf.write(ns.output, pcm, SAMPLE_RATE, format=LOCAL_FORMATS[fmt])
     print(f"wrote {ns.output}: {len(pcm) / SAMPLE_RATE:.2f} s, seed {seed}")
     return 0
 
@@ -127,6 +169,9 @@ def run(ns) -> int:
     commands = {"synth": synth, "status": status, "scale": scale}
     try:
         return commands[ns.command](ns)
+    except ClientError as e:
+        print(f"vibevoice-pool {ns.command}: {e}", file=sys.stderr)
+        return 1
     except httpx.HTTPError as e:
         print(f"cannot reach {ns.url}: {e}", file=sys.stderr)
         return 1

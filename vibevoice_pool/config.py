@@ -182,7 +182,7 @@ class PoolConfig(BaseModel):
         30.0, "a worker whose heartbeat is older is killed and replaced", gt=0
     )
     stall_timeout_s: float = RECOVERY(300.0, "a busy worker with no step this long is killed", gt=0)
-    grace_s: float = RECOVERY(30.0, "on SIGINT/SIGTERM, time to finish accepted requests", ge=0)
+    grace_s: float = RECOVERY(30.0, "on SIGINT/SIGTERM/SIGHUP, time from the signal to finish accepted requests", ge=0)
     max_attempts: int = RECOVERY(
         2, "workers a request may take down before it is answered worker_lost", gt=0
     )
@@ -397,9 +397,13 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must be a mapping of setting: value")
     return data

@@ -1,27 +1,34 @@
 """`vibevoice-pool launch`: resolve the model, start the pool, serve HTTP.
 
-resolve model (tiny model built once into the cache when asked for)
-Pool.start(cfg)            -> BootError: exit non-zero with the first cause
+resolve model (tiny model built once into the cache when asked for), check the
+keys, the voices folder, bind the port           -> ConfigError: exit 2, one line
+Pool.start(cfg)            -> BootError: exit 3 with the first cause
 FastAPI app (+ Gradio page at / when the UI is present)
-uvicorn until SIGINT/SIGTERM (its handlers only set a flag), then:
-  stop accepting, let open requests finish (grace_s), drain the pool,
-  stop the workers, exit 0
+uvicorn until SIGINT/SIGTERM/SIGHUP (stopping.py), then: stop accepting, let open
+  requests finish within grace_s of the signal (one deadline for every phase; a
+  second signal: now), drain the pool, stop the workers, exit 0
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import re
+import socket
 import threading
 from pathlib import Path
 
 from vibevoice_pool import config as config_mod
 from vibevoice_pool.config import ConfigError, PoolConfig
+from vibevoice_pool.pool.stopping import Interrupted, Stopping, StopWork
 
 log = logging.getLogger("vibevoice_pool")
 
 EXIT_BOOT_FAILED = 3
 EXIT_CONFIG = 2
+STOP_MARGIN_S = 3  # past grace_s, what uvicorn waits for answers the pool is closing
 
 
 def resolve_model(cfg: PoolConfig) -> str:
@@ -31,7 +38,11 @@ def resolve_model(cfg: PoolConfig) -> str:
     if cfg.tiny_model:
         from workers.checkpoints.tiny import ensure_tiny_model
 
-        path = ensure_tiny_model(config_mod.default_cache_dir(cfg) / "tiny-model")
+        folder = config_mod.default_cache_dir(cfg) / "tiny-model"
+        try:
+            path = ensure_tiny_model(folder)
+        except OSError as e:
+            raise ConfigError(f"cannot build the tiny model in {str(folder)!r}: {e}") from None
         log.warning(
             "Serving the built-in TINY RANDOM model: it makes noise, not speech. "
             "To serve the real one: vibevoice-pool launch --model_path vibevoice/VibeVoice-1.5B-hf"
@@ -43,7 +54,38 @@ def resolve_model(cfg: PoolConfig) -> str:
             "vibevoice/VibeVoice-1.5B-hf), or --tiny-model for the built-in demo model, "
             "or --engine sim for the simulator"
         )
+    check_model_path(cfg.model_path)
     return cfg.model_path
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # namespace/name, as the hub spells it
+
+
+def check_model_path(path: str) -> None:
+    """ConfigError, before any worker boots, for a model path no worker could load: no
+    such folder and no hub id, a folder without a config, or an original-layout
+    checkpoint (which `vibevoice-pool convert` turns into one). A hub id is left to
+    the workers (this machine may be offline, or the hub slow)."""
+    from workers.checkpoints.convert import refusal_for
+
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        refusal = refusal_for(str(folder))
+        if refusal:
+            raise ConfigError(refusal)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"model_path {path!r}: the folder has no config.json, so it is no model in "
+                "Hugging Face's format (an original microsoft/VibeVoice checkpoint is "
+                "converted with `vibevoice-pool convert SRC DST`)"
+            )
+    elif folder.exists():
+        raise ConfigError(f"model_path {path!r} is a file: give the model's folder")
+    elif not HUB_ID.match(path):
+        raise ConfigError(
+            f"model_path {path!r}: no such folder, and no Hugging Face hub id "
+            "(namespace/name, such as vibevoice/VibeVoice-1.5B-hf)"
+        )
 
 
 CORS_ENV = "VIBEVOICE_POOL_CORS_ORIGINS"  # comma-separated origins; unset: no CORS
@@ -147,30 +189,16 @@ def install_guards(app, front) -> None:
 
 
 def _uvicorn_server(app, cfg: PoolConfig):
-    """uvicorn, with signal handlers that only set its exit flag. (Stock uvicorn
-    re-raises the signal after its shutdown, which would kill this process
-    before the pool drains and turn a clean stop into exit code -15.)"""
-    import contextlib
-    import signal
-    import threading
-
+    """uvicorn, without signal handlers of its own: the launch's (stopping.py) tell
+    it to stop. It waits for open requests a little past grace_s, by when the pool
+    has answered every one (serve's stop timer), so none is cut by a cancellation."""
     import uvicorn
 
     from vibevoice_pool.api.protocol import guarded_protocol
 
     class Server(uvicorn.Server):
-        @contextlib.contextmanager
         def capture_signals(self):
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            sigs = (signal.SIGINT, signal.SIGTERM)
-            previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
+            return contextlib.nullcontext()
 
         async def shutdown(self, sockets=None):
             # Before waiting for open connections: streams that never end on their own
@@ -187,12 +215,33 @@ def _uvicorn_server(app, cfg: PoolConfig):
             host=cfg.host,
             port=cfg.port,
             log_level="warning",
-            timeout_graceful_shutdown=max(1, int(cfg.grace_s)),
+            timeout_graceful_shutdown=max(1, int(cfg.grace_s)) + STOP_MARGIN_S,
             # deadlines, caps per client and in all, the header size limit
             http=guarded_protocol(guard, max_header_bytes=cfg.max_header_kb * 1024),
             proxy_headers=False,  # the peer is the client (login throttling counts per address)
         )
     )
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before any worker starts: a port in use or a host
+    this machine does not have is a ConfigError at once, not after minutes of
+    loading. (It listens once uvicorn serves: until then a client is refused.)"""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        msg = f"host {host!r}: not an address this machine can listen on ({e})"
+        raise ConfigError(msg) from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
 
 
 def connection_guard(cfg: PoolConfig):
@@ -227,6 +276,15 @@ def _preload_front() -> None:
 def serve(cfg: PoolConfig) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    stopping = Stopping(cfg.grace_s)
+    stopping.install()  # Ctrl+C, SIGTERM, SIGHUP: from here to the exit
+    try:
+        return _serve(cfg, stopping)
+    finally:
+        stopping.uninstall()
+
+
+def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
     from vibevoice_pool import audio
     from vibevoice_pool.api.connections import raise_nofile
     from vibevoice_pool.jobs.launch import open_store, start_jobs
@@ -239,8 +297,9 @@ def serve(cfg: PoolConfig) -> int:
     # The page's imports (Gradio) take seconds: do them while the workers boot.
     threading.Thread(target=_preload_front, name="preload-ui", daemon=True).start()
     try:
+        # everything a user can get wrong is refused before any worker boots
         model_path = resolve_model(cfg)
-        if cfg.api_keys:  # a bad keys file is refused before any worker boots
+        if cfg.api_keys:
             from vibevoice_pool.api.auth import KeyFileError, load_keys
 
             try:
@@ -248,9 +307,14 @@ def serve(cfg: PoolConfig) -> int:
             except KeyFileError as e:
                 raise ConfigError(f"api_keys: {e}") from None
         check_openai_voices(cfg)
-        # the jobs data folder: refused before any worker boots (a full disk: no jobs)
-        store, no_jobs = open_store(cfg)
-        pool = Pool.start(cfg, model_path=model_path)
+        check_voices_dir(cfg)
+        sock = listen_socket(cfg.host, cfg.port)
+        try:
+            store, no_jobs = open_store(cfg)  # the jobs data folder (a full disk: no jobs)
+            pool = Pool.start(cfg, model_path=model_path)
+        except BaseException:
+            sock.close()
+            raise
     except ConfigError as e:
         log.error("%s", e)
         return EXIT_CONFIG
@@ -260,23 +324,51 @@ def serve(cfg: PoolConfig) -> int:
     except BootError as e:
         log.error("❌ No worker could start: %s", e)
         return EXIT_BOOT_FAILED
+    except Interrupted as e:
+        log.info("Stopped before serving.")
+        return e.exit_code
     jobs = None
+    stop_work = StopWork(pool, STOP_MARGIN_S)
+    code = 0
     try:
         front = build_front(cfg, pool)
         if store is not None:
             jobs = front.jobs = start_jobs(cfg, pool, front, store)  # durable jobs; the Jobs tab
+            stop_work.jobs = jobs
         front.jobs_unavailable = no_jobs
         app = build_app(front)
         server = _uvicorn_server(app, cfg)
-        log.info("Serving on http://%s:%d (API at /v1, page at /)", cfg.host, cfg.port)
-        server.run()
+
+        def stop_serving(signum: int) -> None:
+            server.handle_exit(signum, None)
+            stop_work.start(stopping)
+
+        stopping.serve(stop_serving, lambda: stop_work.now(server))
+        port = sock.getsockname()[1]  # the one bound: --port 0 picks a free one
+        log.info("Serving on http://%s:%d (API at /v1, page at /)", cfg.host, port)
+        server.run(sockets=[sock])
+    except Interrupted as e:  # a signal before the server was up
+        code = e.exit_code
+    except ConfigError as e:  # the voices folder, the keys: found only now
+        log.error("%s", e)
+        code = EXIT_CONFIG
     finally:
-        log.info("Shutting down: finishing accepted requests (up to %.0f s)", cfg.grace_s)
-        if jobs is not None:
-            jobs.stop(cfg.grace_s)  # unfinished jobs run again at the next start
-        pool.shutdown()
+        left = stopping.left()
+        log.info("Shutting down: finishing accepted requests (up to %.0f s)", left)
+        stop_work.close(left)  # unfinished jobs run again at the next start
+        pool.shutdown(stopping.left())
+        sock.close()
         log.info("Stopped.")
-    return 0
+    return code
+
+
+def check_voices_dir(cfg: PoolConfig) -> None:
+    """ConfigError for a voices folder that cannot be made (before any worker boots)."""
+    folder = config_mod.voices_dir(cfg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"voices_dir {str(folder)!r}: {e.strerror}") from None
 
 
 def check_openai_voices(cfg: PoolConfig) -> None:

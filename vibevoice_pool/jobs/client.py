@@ -91,19 +91,13 @@ def bar(frac: float, width: int = 20) -> str:
 
 
 def body_from_args(ns) -> dict:
-    """The /v1/jobs body from `synth`'s flags."""
-    text = sys.stdin.read() if ns.script == "-" else open(ns.script, encoding="utf-8").read()
-    body: dict = {
-        "script": text,
-        "speakers": [{"voice": v} for v in ns.voice],
-        "cfg_scale": ns.cfg_scale,
-        "format": ns.format,
-    }
-    if ns.steps:
-        body["inference_steps"] = ns.steps
-    if ns.seed is not None:
-        body["seed"] = ns.seed
-    return body
+    """The /v1/jobs body from `synth`'s flags (the same as synth's own)."""
+    from vibevoice_pool.client import check_output, read_script, synth_body
+
+    text = read_script(ns.script)
+    if ns.output:
+        check_output(ns.output)
+    return synth_body(ns, text, ns.format)
 
 
 def _say(line: str) -> None:
@@ -260,7 +254,14 @@ def list_jobs(url: str, api_key: str | None = None, limit: int = 20) -> int:
 def run(ns) -> int:
     """The CLI's entry: `synth --async` or `jobs [ID -o FILE]`."""
     if ns.command == "synth":
-        return submit_and_follow(ns.url, body_from_args(ns), ns.output, ns.api_key)
+        from vibevoice_pool.client import ClientError
+
+        try:
+            body = body_from_args(ns)
+        except ClientError as e:
+            print(f"vibevoice-pool synth: {e}", file=sys.stderr)
+            return 1
+        return submit_and_follow(ns.url, body, ns.output, ns.api_key)
     if ns.job_id and ns.output:
         return follow(ns.url, ns.job_id, ns.output, ns.api_key)
     if ns.job_id:

@@ -66,8 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vibevoice_pool")
 
-# Kinds that mean "not now": the job stays queued and is tried again.
-RETRY_LATER = (m.ErrorKind.OVERLOADED, m.ErrorKind.UNAVAILABLE)
+RETRY_LATER = (m.ErrorKind.OVERLOADED, m.ErrorKind.UNAVAILABLE)  # "not now": stays queued
 RETRY_S = 1.0  # pause after the pool said "not now"
 DISK_RETRY_S = 5.0  # pause after the store said the disk is full
 POLL_S = 0.5  # the loop wakes at least this often (events wake it sooner)
@@ -165,6 +164,10 @@ class JobRunner:
             self.pool.unsubscribe(self._on_pool_event)
         self.store.close()
 
+    def hurry(self) -> None:
+        """A forced stop: running jobs are cancelled now (they run at the next start)."""
+        self._stop_at = 0.0
+
     # ---- the API side --------------------------------------------------
 
     def submit(self, owner: str, body: dict) -> Job:
@@ -212,19 +215,14 @@ class JobRunner:
         return self.get(job_id)
 
     def result_file(self, job: Job) -> Path:
-        """The result of a done job. JobError NOT_READY (still to come), NO_AUDIO
-        (failed or cancelled: it never will), NOT_FOUND."""
+        """The result of a done job. JobError NOT_READY, NO_AUDIO (it never comes), NOT_FOUND."""
         if job.state in (JobState.FAILED, JobState.CANCELLED):
             why = f" ({job.error})" if job.error else ""
-            raise JobError(
-                JobErrorKind.NO_AUDIO,
-                f"job {job.id} {job.state.value}{why}: it has no audio; submit it again",
-            )
+            msg = f"job {job.id} {job.state.value}{why}: it has no audio; submit it again"
+            raise JobError(JobErrorKind.NO_AUDIO, msg)
         if job.state is not JobState.DONE or not job.result_path:
-            raise JobError(
-                JobErrorKind.NOT_READY,
-                f"job {job.id} is {job.state.value}; its audio exists once it is done",
-            )
+            msg = f"job {job.id} is {job.state.value}; its audio exists once it is done"
+            raise JobError(JobErrorKind.NOT_READY, msg)
         path = self.store.folder / job.result_path
         if not path.is_file():
             raise JobError(JobErrorKind.NOT_FOUND, f"the result of job {job.id} is gone from disk")
@@ -323,9 +321,8 @@ class JobRunner:
 
     async def _wind_down(self) -> None:
         pending = set(self._tasks)
-        left = self._stop_at - time.monotonic()
-        if pending and left > 0:
-            _, pending = await asyncio.wait(pending, timeout=left)
+        while pending and (left := self._stop_at - time.monotonic()) > 0:  # hurry() ends it
+            _, pending = await asyncio.wait(pending, timeout=min(left, 0.1))
         if not pending:
             return
         with self._lock:

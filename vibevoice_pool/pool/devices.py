@@ -70,8 +70,10 @@ def plan(gpus_setting: str, workers_per_gpu: int, found: list[Gpu]) -> list[Plac
     spec = (gpus_setting or "all").strip().lower()
     listing = ", ".join(f"{g.index} ({g.name})" for g in found) or "none"
     if spec.startswith("cpu"):
-        _, _, n = spec.partition(":")
+        head, _, n = spec.partition(":")
         try:
+            if head != "cpu":  # cpu4: the colon left out
+                raise ValueError(head)
             count = int(n) if n else default_cpu_workers()
         except ValueError:
             raise ConfigError(f"--gpus {gpus_setting!r}: write cpu:N, e.g. cpu:2") from None

@@ -95,11 +95,9 @@ class Dispatcher:
         self.policy = policy
         self.max_queue = max_queue
         self.max_attempts = max_attempts
-        # the recovery policy's rule (RecoveryPolicy.quarantined) when Pool gives it
-        self.quarantined = quarantined or (lambda lost: lost >= self.max_attempts)
+        self.quarantined = quarantined or (lambda lost: lost >= self.max_attempts)  # (Pool's)
         self.clock = clock
-        # A GPU worker is chosen only when its free memory covers the request's
-        # estimated need: reserve + work_s * per-audio-second.
+        # a GPU worker is chosen only when its free memory covers reserve + work_s * per_audio_s
         self.mem_reserve_bytes = mem_reserve_bytes
         self.mem_per_audio_s_bytes = mem_per_audio_s_bytes
         self._lock = threading.RLock()
@@ -112,6 +110,7 @@ class Dispatcher:
         self._ctx = Ctx(rng=rng or random.Random())
         self._seq = itertools.count(1)
         self._admitting = True
+        self.hurried = threading.Event()  # set: a stop's wind_down waits no longer
         self.work_ratio = 1.0  # measured audio / estimated audio (EMA)
         self.counters: collections.Counter[str] = collections.Counter()
         self.listeners = ev.Listeners()  # hear the events after the lock is released
@@ -181,7 +180,7 @@ class Dispatcher:
         the rest UNAVAILABLE (never dropped); how many were failed so."""
         self.stop_admitting()
         deadline = time.monotonic() + grace_s  # real time: it sleeps
-        while self.pending() and time.monotonic() < deadline:
+        while self.pending() and time.monotonic() < deadline and not self.hurried.is_set():
             time.sleep(0.05)
         left = self.fail_all(
             m.ErrorKind.UNAVAILABLE, "the server shut down before this request finished"

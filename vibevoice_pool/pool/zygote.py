@@ -47,9 +47,9 @@ import time
 log = logging.getLogger("vibevoice_pool")
 
 START_METHODS = ("zygote", "spawn")
-PRELOAD = {
-    "sim": ["workers.zygote.preload"],
-    "vibevoice": ["workers.zygote.preload", "workers.zygote.model"],
+PRELOAD = {  # workers.zygote.signals first: a stop signal to the group spares the zygote
+    "sim": ["workers.zygote.signals", "workers.zygote.preload"],
+    "vibevoice": ["workers.zygote.signals", "workers.zygote.preload", "workers.zygote.model"],
 }
 _started_with: list[str] | None = None  # the preload of the forkserver this process runs
 _module_lock = threading.Lock()

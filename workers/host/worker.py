@@ -75,8 +75,8 @@ def run(spec: WorkerSpec, requests, responses, death) -> None:
     # Ctrl+C and `kill -TERM <group>` (systemd, timeout) reach every process of
     # the group; only the parent decides how the pool drains, so a worker ends
     # by Shutdown, by SIGKILL, or when its death pipe says the parent is gone.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal
+        signal.signal(stop, signal.SIG_IGN)
     _dump_stacks_to(spec.stack_file)
     logging.basicConfig(
         level=spec.log_level,

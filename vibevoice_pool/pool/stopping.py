@@ -1,0 +1,175 @@
+"""How `vibevoice-pool launch` stops: SIGINT (Ctrl+C), SIGTERM and SIGHUP, from the
+first line of the launch to its exit.
+
+    while the workers start   the signal interrupts the start (Interrupted): the
+                              workers already started are stopped, exit 128 + signal
+    while serving             the first signal stops taking requests; what was
+                              accepted has grace_s from that signal to finish, one
+                              deadline for every phase of the stop (HTTP, jobs, the
+                              pool); a second signal stops now: what is unfinished is
+                              answered `unavailable`, jobs wait for the next start
+
+A handler never raises once the server is up, so a third Ctrl+C cannot break the
+stop half way (a process that stops half way leaves its workers behind).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing import resource_tracker
+
+log = logging.getLogger("vibevoice_pool")
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal while the workers were still starting."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class Stopping:
+    """The launch's stop signals (install() to uninstall())."""
+
+    def __init__(self, grace_s: float, clock: Callable[[], float] = time.monotonic):
+        self.grace_s = grace_s
+        self.clock = clock
+        self.deadline: float | None = None  # set by the first signal once serving
+        self.forced = threading.Event()
+        self.serving = False
+        self._asked = False  # a signal came
+        self._exit: Callable[[int], None] | None = None  # uvicorn's: stop serving
+        self._force: list[Callable[[], None]] = []
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only (a launch in a test's thread)
+        # multiprocessing's resource tracker ignores SIGINT and SIGTERM but not SIGHUP:
+        # started now with SIGHUP ignored (kept across its exec), a closed terminal
+        # leaves it to unlink the status board's shared memory when the pool is gone
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            resource_tracker.ensure_running()
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+        for s in SIGNALS:
+            self._previous[s] = signal.signal(s, self.handle)
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def serve(self, stop_serving: Callable[[int], None], force: Callable[[], None]) -> None:
+        """From now on a signal stops the server (`stop_serving(signum)`), and a
+        second one calls `force` too."""
+        self._exit = stop_serving
+        self._force.append(force)
+        self.serving = True
+
+    def on_force(self, action: Callable[[], None]) -> None:
+        """Run `action` if a second signal comes (at once if it came already)."""
+        self._force.append(action)
+        if self.forced.is_set():
+            action()
+
+    def begin(self) -> None:
+        """The stop starts now (a signal, or the server ended by itself): its deadline."""
+        if self.deadline is None:
+            self.deadline = self.clock() + self.grace_s
+
+    def left(self) -> float:
+        """Seconds the stop's phases may still wait for accepted requests."""
+        if self.forced.is_set():
+            return 0.0
+        self.begin()
+        return max(0.0, self.deadline - self.clock())
+
+    def handle(self, signum: int, frame=None) -> None:
+        name = signal.Signals(signum).name
+        if not self._asked:
+            self._asked = True
+            if not self.serving:
+                self.deadline = self.clock()  # nothing accepted yet: nothing to wait for
+                log.warning("%s while starting: stopping the workers started so far", name)
+                raise Interrupted(signum)
+            self.begin()
+            log.warning(
+                "%s: stopping. No new requests; accepted ones have up to %.0f s to finish "
+                "(send it again to stop now)",
+                name,
+                self.grace_s,
+            )
+            if self._exit is not None:
+                self._exit(signum)
+            return
+        if not self.forced.is_set():
+            log.warning(
+                "%s again: stopping now; unfinished requests are answered unavailable", name
+            )
+            self.forced.set()
+            for action in list(self._force):
+                action()
+
+
+class StopWork:
+    """What the pool and the jobs still run when a stop begins. At the stop's
+    deadline (grace_s after the signal), or at once on a second signal, the jobs
+    stop (their rows run again at the next start) and the pool answers every
+    request still open `unavailable`, so each HTTP answer ends as an answer (JSON,
+    or a stream cut short) before uvicorn stops waiting for it (margin_s later)."""
+
+    def __init__(self, pool, margin_s: float):
+        self.pool = pool
+        self.margin_s = margin_s
+        self.jobs = None
+        self._lock = threading.Lock()  # the timer acts, or the launch closes: one at a time
+        self._closed = False
+        self._jobs_stopped = False
+        self._timer: threading.Thread | None = None
+
+    def start(self, stopping: Stopping) -> None:
+        if self._timer is None:
+            self._timer = threading.Thread(
+                target=self._at_deadline, args=(stopping,), name="stop-timer", daemon=True
+            )
+            self._timer.start()
+
+    def _at_deadline(self, stopping: Stopping) -> None:
+        stopping.forced.wait(stopping.left())
+        with self._lock:
+            if self._closed:  # the launch is stopping the pool itself
+                return
+            self._stop_jobs(0.0)
+            self.pool.dispatcher.wind_down(0.0)
+
+    def now(self, server) -> None:
+        """A second signal: nothing waits any longer."""
+        if self.jobs is not None:
+            self.jobs.hurry()
+        self.pool.dispatcher.hurried.set()
+        threading.Timer(self.margin_s / 2, lambda: setattr(server, "force_exit", True)).start()
+
+    def close(self, wait_s: float) -> None:
+        """After serving: the jobs get what is left of the grace, then the pool
+        stops (Pool.shutdown, by the launch)."""
+        with self._lock:
+            self._closed = True
+        self._stop_jobs(wait_s)
+
+    def _stop_jobs(self, wait_s: float) -> None:
+        if self.jobs is not None and not self._jobs_stopped:
+            self._jobs_stopped = True
+            self.jobs.stop(wait_s)
