@@ -182,7 +182,9 @@ class PoolConfig(BaseModel):
         30.0, "a worker whose heartbeat is older is killed and replaced", gt=0
     )
     stall_timeout_s: float = RECOVERY(300.0, "a busy worker with no step this long is killed", gt=0)
-    grace_s: float = RECOVERY(30.0, "on SIGINT/SIGTERM/SIGHUP, time from the signal to finish accepted requests", ge=0)
+    grace_s: float = RECOVERY(
+        30.0, "on SIGINT/SIGTERM/SIGHUP, time from the signal to finish accepted requests", ge=0
+    )
     max_attempts: int = RECOVERY(
         2, "workers a request may take down before it is answered worker_lost", gt=0
     )
