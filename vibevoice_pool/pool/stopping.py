@@ -79,12 +79,6 @@ class Stopping:
         self._force.append(force)
         self.serving = True
 
-    def on_force(self, action: Callable[[], None]) -> None:
-        """Run `action` if a second signal comes (at once if it came already)."""
-        self._force.append(action)
-        if self.forced.is_set():
-            action()
-
     def begin(self) -> None:
         """The stop starts now (a signal, or the server ended by itself): its deadline."""
         if self.deadline is None:
