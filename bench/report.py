@@ -41,6 +41,7 @@ GPU_SCRIPT = "bench_gpu_1p5b.py"
 
 
 def render(info: dict, sections: dict, img_dir: Path, doc_path: Path) -> str:
+    Path(img_dir).mkdir(parents=True, exist_ok=True)  # the plots' folder (with matplotlib)
     rel = os.path.relpath(img_dir, doc_path.parent)
     m = info["machine"]
     out = [
