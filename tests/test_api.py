@@ -237,6 +237,16 @@ def test_cors_only_for_the_configured_origins(tmp_path):
             },
         )
         assert jobs.status_code == 200
+        refused = client.options(  # a header it does not allow: the API's error shape
+            "/v1/jobs",
+            headers={
+                "Origin": "https://ok.example",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "x-secret",
+            },
+        )
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "cors_refused"
+        assert "Disallowed CORS headers" in refused.json()["error"]["message"]
         listed = client.get("/v1/voices", headers={"Origin": "https://ok.example"})
         exposed = listed.headers["access-control-expose-headers"].lower()
         assert {"x-owner-token", "retry-after", "location"} <= set(exposed.split(", "))

@@ -13,7 +13,7 @@ import pytest
 
 from vibevoice_pool import config
 from vibevoice_pool.cli import launch_config, parser
-from vibevoice_pool.config import ConfigError, PoolConfig, build
+from vibevoice_pool.config import ConfigError, PoolConfig, build, load_file
 from vibevoice_pool.pool.devices import Gpu, plan
 from vibevoice_pool.pool.policies import POLICIES
 
@@ -345,3 +345,10 @@ def test_the_heartbeat_setting_reaches_the_worker(sim_pool):
     with sim_pool(gpus="cpu:1", heartbeat_s=0.1) as pool:
         fast = beats_in(pool, 2.0)
     assert slow <= 3 and fast >= 10, (slow, fast)
+
+
+def test_a_yaml_list_is_taken_for_a_comma_separated_setting(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gpus: [0, 1]\nallowed_hosts:\n  - tts.example.org\n  - tts2.example.org\n")
+    c = build(load_file(f))
+    assert (c.gpus, c.allowed_hosts) == ("0,1", "tts.example.org,tts2.example.org")

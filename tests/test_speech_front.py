@@ -84,3 +84,17 @@ def test_the_pages_voice_dropdowns_start_on_presets_too(front):
         "en-Bob_man",
         "en-Alice_woman",
     ]
+
+
+def test_a_broken_voice_file_on_the_server_is_the_servers_error_not_the_clients(front, caplog):
+    from vibevoice_pool.api.errors import error_code, status_for
+    from vibevoice_pool.voices import VoiceUnreadable
+
+    (front.voices.folder / "en-Zed_man.wav").write_bytes(b"RIFF junk that is no wav at all")
+    body = SynthesizeBody(script="Speaker 1: Hi.", speakers=[{"voice": "en-Zed_man"}])
+    with pytest.raises(VoiceUnreadable) as e:
+        front.build_request(body)
+    assert (status_for(e.value), error_code(e.value)) == (500, "voice_unreadable")
+    assert "choose another voice" in e.value.message
+    assert "en-Zed_man.wav" in caplog.text  # the operator is told which file
+    assert len(front.build_request(SynthesizeBody(script="Speaker 1: Hi."))) == 1  # others serve

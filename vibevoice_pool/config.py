@@ -371,6 +371,8 @@ def build(values: dict[str, Any], origins: dict[str, str] | None = None) -> Pool
             near = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(known)}"
             raise ConfigError(f"unknown setting {key!r}{hint}")
+        if isinstance(raw, (list, tuple)) and known[name].annotation is str:
+            raw = ",".join(str(v) for v in raw)  # a YAML list for a comma-separated setting
         out[name] = raw
     try:
         return PoolConfig(**out)

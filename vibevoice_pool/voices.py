@@ -17,16 +17,15 @@ api/auth.py) in the folder's hidden OWNERS_FILE; a file put in the folder by
 the operator has no owner and is a preset. Only an admin overwrites or deletes
 a preset or another owner's voice (VoiceForbidden otherwise). The OpenAI voice
 names (OPENAI_VOICES) map to presets only (openai_voice), never to an upload,
-and no upload may take one of those names. Nor may an upload take a name that
-requests use for a preset (its short name: "Alice" of "en-Alice_woman"), and the
-forgiving forms of a name (the short name, a part of it) try every preset before
-any upload: no caller's upload captures what another asked for by a preset's
-name, nor a speaker the request left to the defaults (presets only).
+and no upload may take one of those names, or a preset's short name ("Alice");
+the forgiving forms of a name try every preset before any upload: no upload
+captures what another caller asked for by a preset's name.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -49,6 +48,7 @@ VOICE_EXTENSIONS: tuple[str, ...] = (
 MAX_NAME_LENGTH = 64
 LISTING_MAX_AGE_S = 2.0  # a change the folder's mtime misses is seen within this
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+log = logging.getLogger("vibevoice_pool")
 OWNERS_FILE = ".owners.json"  # {voice name: owner id} of the voices added by upload
 OPENAI_VOICES = (
     "alloy",
@@ -85,6 +85,15 @@ class VoiceNotFound(PoolError):
 
     def __init__(self, message: str):
         super().__init__(ErrorKind.BAD_INPUT, message)
+
+
+class VoiceUnreadable(PoolError):
+    """A stored voice file that does not decode: the server's fault (HTTP 500)."""
+
+    code = "voice_unreadable"
+
+    def __init__(self, message: str):
+        super().__init__(ErrorKind.ENGINE_ERROR, message)
 
 
 class VoiceForbidden(Exception):
@@ -331,12 +340,21 @@ class VoiceLibrary:
             hit = self._cache.get(preset)
             if hit is not None and hit[0] == path and hit[1] == stamp:
                 return hit[2]
-        samples = decode_upload(
-            path.read_bytes(),
-            max_bytes=max(self.max_bytes, st.st_size),  # presets are trusted to be big
-            max_seconds=self.max_seconds,
-            what=f"voice preset {preset!r}",
-        )
+        try:
+            samples = decode_upload(
+                path.read_bytes(),
+                max_bytes=max(self.max_bytes, st.st_size),  # presets are trusted to be big
+                max_seconds=self.max_seconds,
+                what=f"voice preset {preset!r}",
+            )
+        except PoolError as e:  # a file on the server, not the request's doing
+            log.warning(
+                "voice %r (%s) cannot be used: %s; replace or remove it", preset, path, e.message
+            )
+            raise VoiceUnreadable(
+                f"the server's voice {preset!r} cannot be read ({e.message}); choose another "
+                "voice (the server's log names the file)"
+            ) from None
         samples.setflags(write=False)  # shared between requests: nobody may edit it
         with self._lock:
             self._cache[preset] = (path, stamp, samples)

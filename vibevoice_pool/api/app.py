@@ -25,6 +25,7 @@ import logging
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from vibevoice_pool.api.auth import ApiKeyMiddleware, BodyLimitMiddleware
@@ -138,6 +139,19 @@ def native_router(front: Front) -> APIRouter:
     return router
 
 
+class _JsonCors(CORSMiddleware):
+    """Starlette's CORS, its refused preflight in the API's error shape (its own is a
+    line of plain text)."""
+
+    def preflight_response(self, request_headers):
+        answer = super().preflight_response(request_headers)
+        if answer.status_code != 400:
+            return answer
+        message = answer.body.decode()  # "Disallowed CORS origin, headers": what it refused
+        headers = {k: v for k, v in answer.headers.items() if k.lower().startswith("access-")}
+        return plain_error(400, "cors_refused", message, headers)
+
+
 def _middlewares(app: FastAPI, front: Front) -> None:
     """Outermost last: CORS (only when configured), then the key, then the body limit,
     then the spool that holds large bodies on disk until they are whole (spool.py)."""
@@ -163,10 +177,8 @@ def _middlewares(app: FastAPI, front: Front) -> None:
             allow=live_stream,
         )
     if front.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(
-            CORSMiddleware,
+            _JsonCors,
             allow_origins=list(front.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
             # X-Owner-Token: a keyless page on another origin keeps its jobs by it

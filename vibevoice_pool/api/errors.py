@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
 from vibevoice_pool.audio import NotAudio, TooLarge
-from vibevoice_pool.voices import VoiceNotFound
+from vibevoice_pool.voices import VoiceNotFound, VoiceUnreadable
 from workers.wire.messages import ErrorKind, PoolError
 
 STATUS = {
@@ -73,6 +73,8 @@ def status_for(err: PoolError) -> int:
         return 413
     if isinstance(err, VoiceNotFound):  # a named voice that is not there: a missing thing
         return 404
+    if isinstance(err, VoiceUnreadable):  # a broken file on the server: not the client's
+        return 500
     if isinstance(err, NotAudio):  # bytes in no format the route takes
         return 415
     return STATUS.get(err.kind, 500)
