@@ -209,3 +209,20 @@ def test_a_closed_terminal_sighup_stops_it_cleanly(server):
     wait_until(lambda: not _group_left(s.proc.pid), 10, what="the group to be gone")
     log = s.log()
     assert "SIGHUP: stopping" in log and "Stopped." in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize(
+    "env,words",
+    [
+        ({"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}, "cannot be reached"),
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ],
+)
+def test_a_hub_model_that_cannot_be_downloaded_is_refused_before_any_worker(tmp_path, env, words):
+    cmd = [sys.executable, "-m", "vibevoice_pool", "launch", "--gpus", "cpu:1", "--port", "0"]
+    cmd += ["--model_path", "nosuch-org/nosuch-model", "--cache-dir", str(tmp_path / "c")]
+    full = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), **env)
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=full)
+    assert p.returncode == 2 and words in p.stderr, p.stderr
+    assert "Initialising" not in p.stderr and time.monotonic() - t0 < 30

@@ -86,6 +86,42 @@ def check_model_path(path: str) -> None:
             f"model_path {path!r}: no such folder, and no Hugging Face hub id "
             "(namespace/name, such as vibevoice/VibeVoice-1.5B-hf)"
         )
+    else:
+        check_hub_model(path)
+
+
+def check_hub_model(repo_id: str) -> None:
+    """ConfigError for a hub id no worker could download: not in the cache and the hub
+    unreachable (offline, HF_HUB_OFFLINE), no such repository, or a gated one without
+    a token. Each worker would otherwise retry it for minutes. Any other answer of
+    the hub is left to the workers."""
+    import huggingface_hub as hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # downloaded before: the workers load it from the cache
+    where = f"model_path {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"{where} and HF_HUB_OFFLINE is set: download it first, or pass its folder"
+        )
+    try:
+        hub.model_info(repo_id, timeout=15)
+    except GatedRepoError:
+        raise ConfigError(
+            f"{repo_id!r} is gated: accept its terms on the hub and set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ConfigError(
+            f"{where}, and the hub has no model {repo_id!r} (or it is private: set HF_TOKEN)"
+        ) from None
+    except HfHubHTTPError as e:
+        log.warning("the hub answered %s about %s; the workers will try to download it", e, repo_id)
+    except Exception as e:  # noqa: BLE001 - no connection: DNS, refused, timed out, a proxy
+        raise ConfigError(
+            f"{where}, and the hub ({constants.ENDPOINT}) cannot be reached: {e}"
+        ) from None
 
 
 CORS_ENV = "VIBEVOICE_POOL_CORS_ORIGINS"  # comma-separated origins; unset: no CORS
