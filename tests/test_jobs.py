@@ -148,6 +148,13 @@ def test_a_long_job_resumes_from_its_saved_step_after_a_sigkilled_server(server,
     want = tone(view["seed"], 0, len(got))
     assert np.abs(got - want).max() < 2 / 32768  # 16-bit WAV: nothing repeated or missing
     assert not (data / "progress" / f"{job_id}.pcm").exists()  # dropped once done
+    # the job was resumed before the HTTP app was built: /metrics still counts its run
+    busy = [
+        float(line.split()[-1])
+        for line in again.get("/metrics").text.splitlines()
+        if line.startswith("vibevoice_pool_worker_busy_seconds_total{")
+    ]
+    assert sum(busy) > 0.5, busy
 
 
 @pytest.fixture(scope="module")

@@ -403,3 +403,50 @@ def test_an_owner_at_its_limit_gets_429_with_retry_after(runner, tmp_path):
     assert over.status_code == 429 and over.json()["error"]["code"] == "owner_limit"
     assert int(over.headers["retry-after"]) > 0
     pool.release()
+
+
+def test_saved_progress_stays_until_the_result_is_on_disk(runner, monkeypatch):
+    """A server killed while it writes a finished job's result must find its progress
+    at the next start (it resumes from there), not run the whole job again: the
+    progress goes only once the result is written."""
+    import vibevoice_pool.jobs.runner as runner_mod
+
+    writing, release = threading.Event(), threading.Event()
+    real_write = runner_mod.write_result
+
+    def slow_write(*args):
+        writing.set()
+        assert release.wait(10)
+        return real_write(*args)
+
+    monkeypatch.setattr(runner_mod, "write_result", slow_write)
+    pool = FakePool()
+    pool.hold()
+    r = runner(pool)
+    job = r.submit("me", {"script": SCRIPT})
+    wait_until(lambda: r.store.get(job.id).state is JobState.RUNNING, 10, what="running")
+    pcm, hist = r.progress._paths(job.id)  # what a checkpoint saved while it ran
+    pcm.parent.mkdir(parents=True, exist_ok=True)
+    pcm.write_bytes(b"\0" * 4_000)
+    hist.write_bytes(b"\0" * 100)
+    pool.release()
+    assert writing.wait(10)
+    assert pcm.exists() and hist.exists()  # the row is done; its result is not on disk yet
+    release.set()
+    wait_state(r, job.id, JobState.DONE)
+    wait_until(lambda: not pcm.exists() and not hist.exists(), 10, what="the progress to go")
+
+
+def test_a_running_jobs_view_names_the_worker_that_runs_it_now(runner):
+    pool = FakePool()
+    pool.hold(after_chunks=1)
+    r = runner(pool)
+    job = r.submit("me", {"script": SCRIPT})
+    wait_until(lambda: r.describe(r.store.get(job.id))["worker"] is not None, 10, what="started")
+    first = r.describe(r.store.get(job.id))["worker"]
+    with r._lock:
+        live = r._live[job.id]
+    live.handle.worker = first + 1  # its worker died: the dispatcher sent the row to another
+    assert r.describe(r.store.get(job.id))["worker"] == first + 1
+    pool.release()
+    wait_state(r, job.id, JobState.DONE)

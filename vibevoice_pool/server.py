@@ -323,6 +323,7 @@ def serve(cfg: PoolConfig) -> int:
 def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
     from vibevoice_pool import audio
     from vibevoice_pool.api.connections import raise_nofile
+    from vibevoice_pool.api.metrics import Activity
     from vibevoice_pool.jobs.launch import open_store, start_jobs
     from vibevoice_pool.pool.facade import Pool
     from vibevoice_pool.pool.slots import BootError
@@ -368,6 +369,7 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
     code = 0
     try:
         front = build_front(cfg, pool)
+        front.activity = Activity.attach(pool)  # before the jobs: one resumed now is counted
         if store is not None:
             jobs = front.jobs = start_jobs(cfg, pool, front, store)  # durable jobs; the Jobs tab
             stop_work.jobs = jobs

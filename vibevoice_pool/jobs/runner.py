@@ -85,7 +85,6 @@ class _Live:
     fmt: str
     handle: Any = None  # RequestHandle
     samples: int = 0  # audio made so far
-    worker: int | None = None
     cancelled: bool = False  # its owner cancelled it
     stopping: bool = False  # the server is stopping: queue it again
     prior: Any = None  # the audio a previous server saved (progress.py): its result's start
@@ -232,7 +231,7 @@ class JobRunner:
         """The JSON view of a job, with live progress while it runs."""
         with self._lock:
             live = self._live.get(job.id)
-            made, worker = (live.samples / m.SAMPLE_RATE, live.worker) if live else (0.0, None)
+            made, worker = (live.samples / m.SAMPLE_RATE, live.handle.worker) if live else (0, None)
         if live is None or job.state is not JobState.RUNNING:
             made, worker = job.audio_s, job.worker
         return job_view(job, made, worker, now=self.clock(), ttl_s=self.ttl_s)
@@ -394,7 +393,6 @@ class JobRunner:
         try:
             try:
                 await handle.started()
-                live.worker = handle.worker
                 with contextlib.suppress(JobError):  # a note only: a full disk skips it
                     self.store.note_worker(live.job_id, handle.worker)
                 async for pcm in handle.stream():
@@ -413,19 +411,21 @@ class JobRunner:
 
     async def _conclude(self, live: _Live) -> None:
         outcome = live.handle.outcome
-        if not live.stopping:  # a job the server stops keeps its progress for the next start
-            self.progress.drop(live.job_id)
-        if isinstance(outcome, m.Done):
-            await self._deliver(live, outcome)
-        elif outcome.error is m.ErrorKind.CANCELLED and live.stopping:
-            with contextlib.suppress(JobError):  # still running: the next start requeues it
-                self.store.requeue(
-                    live.job_id, "the server stopped before it finished", self.clock()
-                )
-        elif outcome.error is m.ErrorKind.CANCELLED and live.cancelled:
-            pass  # the store already says cancelled
-        else:
-            self._fail(live.job_id, outcome.error.value, outcome.message, live.handle.worker)
+        try:
+            if isinstance(outcome, m.Done):
+                await self._deliver(live, outcome)
+            elif outcome.error is m.ErrorKind.CANCELLED and live.stopping:
+                with contextlib.suppress(JobError):  # still running: the next start requeues it
+                    self.store.requeue(
+                        live.job_id, "the server stopped before it finished", self.clock()
+                    )
+            elif outcome.error is m.ErrorKind.CANCELLED and live.cancelled:
+                pass  # the store already says cancelled
+            else:
+                self._fail(live.job_id, outcome.error.value, outcome.message, live.handle.worker)
+        finally:  # kept until the result is on disk: a server killed while it writes resumes
+            if not live.stopping:  # a job the server stops keeps it for the next start too
+                self.progress.drop(live.job_id)
 
     async def _deliver(self, live: _Live, done: m.Done) -> None:
         handle = live.handle
