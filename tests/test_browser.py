@@ -180,3 +180,28 @@ def cancelled_count(srv) -> float:
         if family.name == "vibevoice_pool_requests":
             return sum(s.value for s in family.samples if s.labels.get("outcome") == "cancelled")
     return 0.0
+
+
+def test_a_refused_voice_leaves_the_speakers_voices_as_they_were(browser, srv):
+    page = open_page(browser, srv)
+    try:
+        pick_voice(page, 1, "demo-Carol_woman")
+        page.get_by_text("Add a voice", exact=True).click()  # open its accordion
+        page.click("#vv-add-voice")  # no file chosen: refused
+        page.wait_for_selector("#vv-voice-msg:has-text('Choose an audio file first')")
+        page.wait_for_timeout(500)
+        assert page.input_value("#vv-voice-1 input") == "demo-Carol_woman"
+        pick_voice(page, 1, "demo-Dave_man")  # still usable, not covered by an error badge
+        page.screenshot(path=str(SHOTS / "voice-refused.png"), full_page=True)
+    finally:
+        page.context.close()
+
+
+def test_the_jobs_tab_speaks_chinese_on_a_chinese_browser(browser, srv):
+    page = open_page(browser, srv, "zh-CN")
+    try:
+        page.get_by_role("tab", name="任务").click()
+        page.wait_for_selector("text=提交任务")
+        assert page.get_by_role("tab", name="Jobs").count() == 0
+    finally:
+        page.context.close()

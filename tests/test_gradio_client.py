@@ -120,6 +120,12 @@ def test_a_voice_added_on_the_page_is_checked_and_offered_to_every_speaker(tmp_p
     *updates, message = asyncio.run(page.add_voice(str(good), "", None, None, None, None))
     assert "take_1" in message
     assert all("take_1" in u["choices"] for u in updates) and len(updates) == 4
-    with pytest.raises(gr.Error) as err:
-        asyncio.run(page.add_voice(str(bad), "notes", None, None, None, None))
-    assert "could not be read as audio" in str(err.value)
+    # refused: a line under the form, and the speakers' dropdowns left as they are (an
+    # error event would mark every one of them failed and hide the chosen voices)
+    *updates, message = asyncio.run(page.add_voice(str(bad), "notes", "take_1", None, None, None))
+    assert "could not be read as audio" in message
+    assert updates == [gr.skip()] * 4
+    *updates, message = asyncio.run(page.add_voice(None, "", None, None, None, None))
+    assert "Choose an audio file" in message and updates == [gr.skip()] * 4
+    listed = page.job_voices(["take_1", "gone"])  # the Jobs tab's list follows the uploads
+    assert "take_1" in listed["choices"] and listed["value"] == ["take_1"]

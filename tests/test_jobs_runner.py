@@ -358,13 +358,17 @@ def test_the_jobs_tab_builds_and_lists_this_browsers_jobs(runner):
     class Front:
         voices = Voices()
 
+    from vibevoice_pool.ui.i18n import gradio_i18n
+
     with gr.Blocks():
-        ui_jobs.add_jobs_tab(Front(), r)
+        listed = ui_jobs.add_jobs_tab(Front(), r, gradio_i18n())
+    assert listed.choices == [("alice", "alice"), ("bob", "bob")]
     assert ui_jobs.submit_job(r, "b1", SCRIPT, [], "wav").startswith("✅")
+    assert "已排队" in ui_jobs.submit_job(r, "b1", SCRIPT, [], "wav", "zh")
     assert ui_jobs.submit_job(r, "b1", "", [], "wav").startswith("❌")
     job = wait_state(r, r.store.list("browser:b1")[0][0].id, JobState.DONE)
     rows, files = ui_jobs.job_rows(r, "browser:b1")
-    assert rows[0][:2] == [job.id, "done"] and files == [str(r.result_file(job))]
+    assert [job.id, "done"] in [row[:2] for row in rows] and str(r.result_file(job)) in files
     assert ui_jobs.job_rows(r, "browser:b2") == ([], [])
     assert ui_jobs.cancel_job(r, "b2", job.id).startswith("❌ No job")
 

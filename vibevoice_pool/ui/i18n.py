@@ -86,6 +86,22 @@ EN: dict[str, str] = {
     "failed": "❌ Failed: {message}",
     "voice_added": "✅ Added voice {name!r}",
     "no_voice_file": "Choose an audio file first.",
+    "voice_refused": "❌ {message}",
+    # the Jobs tab
+    "tab_jobs": "Jobs",
+    "jobs_intro": "Long scripts run best as **jobs**: they are written down before they run, "
+    "keep running when you close this tab, and finish after a server restart. Results stay "
+    "here for download until they expire.",
+    "jobs_voices": "Voices, in speaker order",
+    "jobs_format": "Format",
+    "jobs_submit": "Submit job",
+    "jobs_table": "Jobs of this browser",
+    "jobs_cancel_id": "Job to cancel",
+    "jobs_cancel": "Cancel job",
+    "jobs_files": "Finished results",
+    "job_queued": "✅ Job `{id}` queued (about {secs:.0f} s of audio).",
+    "job_not_yours": "❌ No job `{id}` of this browser.",
+    "job_cancelled": "⏹️ Job `{id}` cancelled.",
 }
 
 ZH: dict[str, str] = {
@@ -155,6 +171,20 @@ ZH: dict[str, str] = {
     "failed": "❌ 失败：{message}",
     "voice_added": "✅ 已添加声音 {name!r}",
     "no_voice_file": "请先选择一个音频文件。",
+    "voice_refused": "❌ {message}",
+    "tab_jobs": "任务",
+    "jobs_intro": "长脚本最好作为**任务**运行：任务在运行前先记录下来，关闭此标签页后仍继续运行，"
+    "服务器重启后也会完成。结果在过期前都可在此下载。",
+    "jobs_voices": "声音（按说话人顺序）",
+    "jobs_format": "格式",
+    "jobs_submit": "提交任务",
+    "jobs_table": "此浏览器的任务",
+    "jobs_cancel_id": "要取消的任务",
+    "jobs_cancel": "取消任务",
+    "jobs_files": "已完成的结果",
+    "job_queued": "✅ 任务 `{id}` 已排队（约 {secs:.0f} 秒音频）。",
+    "job_not_yours": "❌ 此浏览器没有任务 `{id}`。",
+    "job_cancelled": "⏹️ 任务 `{id}` 已取消。",
 }
 
 TEXTS: dict[str, dict[str, str]] = {"en": EN, "zh": ZH}

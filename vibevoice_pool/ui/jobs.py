@@ -25,6 +25,7 @@ import gradio as gr
 
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import JobError, JobState
+from vibevoice_pool.ui.i18n import language_of, t
 from workers.wire.messages import PoolError
 
 REFRESH_S = 2.0
@@ -77,9 +78,14 @@ def job_rows(runner: JobRunner, owner: str) -> tuple[list[list[str]], list[str]]
 
 
 def submit_job(
-    runner: JobRunner, browser_id: str, script: str, voices: list[str] | None, fmt: str
+    runner: JobRunner,
+    browser_id: str,
+    script: str,
+    voices: list[str] | None,
+    fmt: str,
+    lang: str = "en",
 ) -> str:
-    """Submit from the page; a line for the page either way."""
+    """Submit from the page; a line for the page (in `lang`) either way."""
     body = {
         "script": script or "",
         "speakers": [{"voice": v} for v in voices or []],
@@ -89,53 +95,48 @@ def submit_job(
         job = runner.submit(owner_for(browser_id), body)
     except (PoolError, JobError) as e:
         return f"❌ {e.message}"
-    return f"✅ Job `{job.id}` queued (about {job.est_audio_s:.0f} s of audio)."
+    return t(lang, "job_queued", id=job.id, secs=job.est_audio_s)
 
 
-def cancel_job(runner: JobRunner, browser_id: str, job_id: str) -> str:
+def cancel_job(runner: JobRunner, browser_id: str, job_id: str, lang: str = "en") -> str:
     job_id = (job_id or "").strip()
     job = runner.store.get(job_id) if job_id else None
     if job is None or job.owner != owner_for(browser_id):
-        return f"❌ No job `{job_id}` of this browser."
+        return t(lang, "job_not_yours", id=job_id)
     try:
         runner.cancel(job_id)
     except JobError as e:
         return f"❌ {e.message}"
-    return f"⏹️ Job `{job_id}` cancelled."
+    return t(lang, "job_cancelled", id=job_id)
 
 
-def add_jobs_tab(front, runner: JobRunner) -> None:
+def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
+    """The tab; returns its voices list, which the page refreshes with its own."""
     """Build the Jobs tab (call inside a gr.Blocks() context)."""
     gr.set_static_paths([runner.store.results])  # the download list serves results from there
-    with gr.Tab("Jobs"):
-        gr.Markdown(
-            "Long scripts run best as **jobs**: they are written down before they run, keep "
-            "running when you close this tab, and finish after a server restart. Results stay "
-            "here for download until they expire."
-        )
+    with gr.Tab(i18n("tab_jobs")):
+        gr.Markdown(i18n("jobs_intro"))
         browser = gr.BrowserState(
             "", storage_key="vibevoice-pool-browser", secret=_secret(runner.store.folder)
         )
         with gr.Row():
             script = gr.Textbox(
-                label="Script", lines=6, placeholder="Speaker 1: ...\nSpeaker 2: ...", scale=3
+                label=i18n("script"), lines=6, placeholder="Speaker 1: ...\nSpeaker 2: ...", scale=3
             )
             with gr.Column(scale=1):
-                voices = gr.Dropdown(
-                    choices=front.voices.names(),
-                    multiselect=True,
-                    label="Voices, in speaker order",
+                voices = gr.Dropdown(  # its choices: the page's, on load and on each refresh
+                    choices=front.voices.names(), multiselect=True, label=i18n("jobs_voices")
                 )
-                fmt = gr.Dropdown(FORMATS, value="wav", label="Format")
-                submit = gr.Button("Submit job", variant="primary")
+                fmt = gr.Dropdown(FORMATS, value="wav", label=i18n("jobs_format"))
+                submit = gr.Button(i18n("jobs_submit"), variant="primary")
         message = gr.Markdown()
         table = gr.Dataframe(
-            headers=COLUMNS, value=[], interactive=False, wrap=True, label="Jobs of this browser"
+            headers=COLUMNS, value=[], interactive=False, wrap=True, label=i18n("jobs_table")
         )
         with gr.Row():
-            cancel_id = gr.Textbox(label="Job to cancel", placeholder="job id", scale=3)
-            cancel = gr.Button("Cancel job", scale=1)
-        files = gr.File(label="Finished results", file_count="multiple", interactive=False)
+            cancel_id = gr.Textbox(label=i18n("jobs_cancel_id"), placeholder="job id", scale=3)
+            cancel = gr.Button(i18n("jobs_cancel"), scale=1)
+        files = gr.File(label=i18n("jobs_files"), file_count="multiple", interactive=False)
         shown = gr.State(())  # the files on show: the list is replaced only when they change
         timer = gr.Timer(REFRESH_S)
 
@@ -149,12 +150,12 @@ def add_jobs_tab(front, runner: JobRunner) -> None:
                 return browser_id, rows, gr.skip(), on_show
             return browser_id, rows, done, tuple(done)
 
-        def on_submit(browser_id, text, chosen, chosen_fmt):
-            browser_id = ensure(browser_id)
-            return browser_id, submit_job(runner, browser_id, text, chosen, chosen_fmt)
+        def on_submit(browser_id, text, chosen, chosen_fmt, request: gr.Request = None):
+            browser_id, lang = ensure(browser_id), language_of(request)
+            return browser_id, submit_job(runner, browser_id, text, chosen, chosen_fmt, lang)
 
-        def on_cancel(browser_id, job_id):
-            return cancel_job(runner, ensure(browser_id), job_id)
+        def on_cancel(browser_id, job_id, request: gr.Request = None):
+            return cancel_job(runner, ensure(browser_id), job_id, language_of(request))
 
         timer.tick(
             refresh,
@@ -181,3 +182,4 @@ def add_jobs_tab(front, runner: JobRunner) -> None:
             queue=False,
             api_visibility="private",
         )
+    return voices

@@ -75,12 +75,13 @@ def build(page) -> gr.Blocks:
                 panel = gr.HTML("", elem_id="vv-panel")  # filled on load, in the tab's language
             with gr.Column(scale=3), gr.Tabs():
                 with gr.Tab(i18n("tab_generate"), elem_id="vv-tab-generate"):
-                    voices = _generate_tab(page, i18n)
+                    voices, voice_events = _generate_tab(page, i18n)
                 jobs = getattr(page.front, "jobs", None)
+                job_voices = None
                 if jobs is not None:  # durable jobs (jobs/runner.py), when the server runs them
                     from vibevoice_pool.ui.jobs import add_jobs_tab
 
-                    add_jobs_tab(page.front, jobs)
+                    job_voices = add_jobs_tab(page.front, jobs, i18n)
         with gr.Accordion(i18n("charts"), open=True):
             charts = gr.HTML("", elem_id="vv-charts")
         gr.Timer(PANEL_EVERY_S).tick(page.panel, None, panel, **QUIET)
@@ -88,11 +89,16 @@ def build(page) -> gr.Blocks:
         demo.load(page.panel, None, panel, **QUIET)
         demo.load(page.charts, None, charts, **QUIET)
         demo.load(page.refresh_voices, voices, voices, **QUIET)
+        if job_voices is not None:  # the Jobs tab's list follows uploads as the dropdowns do
+            demo.load(page.job_voices, job_voices, job_voices, **QUIET)
+            for event in voice_events:  # after a voice was added, or the list refreshed
+                event.then(page.job_voices, job_voices, job_voices, **QUIET)
     return demo
 
 
-def _generate_tab(page, i18n) -> list:
-    """The Generate tab; returns the voice dropdowns (refreshed on every page load)."""
+def _generate_tab(page, i18n) -> tuple[list, tuple]:
+    """The Generate tab; returns the voice dropdowns (refreshed on every page load) and
+    the events that change the voices (add, refresh)."""
     names = page.voice_names()
     cfg = page.front.cfg
     gr.Markdown(i18n("intro"))
@@ -101,7 +107,6 @@ def _generate_tab(page, i18n) -> list:
         lines=8,
         elem_id="vv-script",
         placeholder=i18n("script_placeholder"),
-        max_length=cfg.max_text_chars,
     )
     speakers = gr.Slider(
         1, MAX_SPEAKERS, value=2, step=1, label=i18n("speakers"), elem_id="vv-speakers"
@@ -171,8 +176,8 @@ def _generate_tab(page, i18n) -> list:
         show_progress="minimal",
     )
     stop.click(page.stop, None, None, **QUIET)
-    add.click(
+    added = add.click(
         page.add_voice, [sample, vname, *voices], [*voices, voice_msg], api_visibility="private"
     )
-    refresh.click(page.refresh_voices, voices, voices, **QUIET)
-    return voices
+    refreshed = refresh.click(page.refresh_voices, voices, voices, **QUIET)
+    return voices, (added, refreshed)

@@ -106,10 +106,17 @@ class Page:
             out.append(gr.update(choices=names, value=keep or default))
         return out
 
+    def job_voices(self, chosen):
+        """The Jobs tab's voice list: every voice now, what was chosen kept."""
+        names = self.voice_names()
+        return gr.update(choices=names, value=[v for v in chosen or () if v in names])
+
     async def add_voice(self, path, name, *current, request: gr.Request = None):
+        """A refused sample is a toast and a line under the form; the speakers' voices
+        stay as they are (an error event would mark every dropdown failed)."""
         lang = language_of(request)
         if not path:
-            raise gr.Error(t(lang, "no_voice_file"))
+            return self._voice_refused(lang, t(lang, "no_voice_file"))
         data = await asyncio.to_thread(Path(path).read_bytes)
         try:
             stored = await asyncio.to_thread(
@@ -117,8 +124,13 @@ class Page:
             )
         except m.PoolError as e:
             self.front.refused(e)
-            raise gr.Error(e.message) from None
+            return self._voice_refused(lang, e.message)
         return [*self.refresh_voices(*current), t(lang, "voice_added", name=stored)]
+
+    @staticmethod
+    def _voice_refused(lang: str, message: str) -> list:
+        gr.Warning(message)
+        return [gr.skip()] * MAX_SPEAKERS + [t(lang, "voice_refused", message=message)]
 
     # ---- generate / stop ---------------------------------------------------
 
@@ -139,16 +151,20 @@ class Page:
     ):
         lang = language_of(request)
         tab = getattr(request, "session_hash", None) or ""
+        refused = None
         try:
             body = self._body(script, speakers, (v1, v2, v3, v4), cfg_scale, steps, seed)
             req = await asyncio.to_thread(self.front.build_request, body)
             handle = self.pool.submit(req)
         except ValidationError as e:
             self.front.activity.refused(m.ErrorKind.BAD_INPUT.value)
-            raise gr.Error(describe_invalid(e.errors())) from None
+            refused = describe_invalid(e.errors())
         except m.PoolError as e:
             self.front.refused(e)
-            raise gr.Error(e.message) from None
+            refused = e.message
+        if refused is not None:  # the last run's result goes: it is not this input's
+            yield "", progress_html("failed", t(lang, "failed", message=refused), 0, ""), None
+            raise gr.Error(refused)
         live = self.streams.add(handle)  # its <audio> reads the handle too
         self.tabs.add(tab, handle)
         est = max(0.5, req.est_audio_s * self.pool.work_ratio())
@@ -210,10 +226,11 @@ class Page:
         return progress_html("running", text, pct, handle.id)
 
     def stop(self, request: gr.Request = None) -> None:
-        """Cancel what this tab (and only this tab) is generating."""
+        """Cancel what this tab (and only this tab) is generating, and say so."""
         tab = getattr(request, "session_hash", None) or ""
         n = self.tabs.cancel(tab)
         log.info("Stop from a tab: %d request(s) cancelled", n)
+        gr.Info(t(language_of(request), "stopping" if n else "nothing_to_stop"))
 
 
 def _open_share_link(host: str, port: int) -> None:
