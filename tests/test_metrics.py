@@ -147,3 +147,10 @@ def test_a_row_resumed_after_a_sigkill_is_counted_with_the_steps_it_kept(sim_poo
                 m["vibevoice_pool_resume_steps"], "vibevoice_pool_resume_steps_total", kind="kept"
             )
             assert kept >= 6  # 0.5 s a step, at least 3 s sent before the kill
+            made = m["vibevoice_pool_worker_audio_seconds"]
+            per_worker = [
+                value(made, "vibevoice_pool_worker_audio_seconds_total", worker=str(w))
+                for w in (0, 1)
+            ]  # each worker its own share: the killed one made at least the first 3 s
+            assert sum(per_worker) == pytest.approx(len(got) / 24_000, abs=1e-3)
+            assert min(per_worker) >= 3.0

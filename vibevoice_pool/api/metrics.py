@@ -47,7 +47,10 @@ class Activity:
         self._lock = threading.Lock()
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (worker or "", outcome)
         self.refusals: Counter[str] = Counter()
-        self.audio_s: defaultdict[int, float] = defaultdict(float)  # per worker, from Done
+        self.audio_s: defaultdict[int, float] = defaultdict(float)  # per worker, once Done
+        # samples of a running request each worker made before it was lost: credited to
+        # them when the request is done (the last worker gets only its own share)
+        self._made_on: dict[str, Counter[int]] = {}
         self._busy_s: defaultdict[int, float] = defaultdict(float)
         self._busy_since: dict[int, float] = {}
         self._running: defaultdict[int, set[str]] = defaultdict(set)
@@ -79,6 +82,8 @@ class Activity:
                 self._start(e.slot, rid, now)
             elif isinstance(e, ev.Requeued):
                 self._stop(e.slot, rid, now)
+                made = self._made_on.setdefault(rid, Counter())
+                made[e.slot] += e.handle.samples - sum(made.values())
             elif isinstance(e, ev.Finished):
                 self._active.pop(rid, None)
                 self._delivered_done += e.handle.samples
@@ -88,8 +93,11 @@ class Activity:
                 done = isinstance(e.outcome, m.Done)
                 outcome = "completed" if done else e.outcome.error.value
                 self.outcomes[("" if worker is None else str(worker), outcome)] += 1
+                made = self._made_on.pop(rid, Counter())
                 if done and worker is not None:
-                    self.audio_s[worker] += e.outcome.audio_s
+                    made[worker] += e.handle.samples - sum(made.values())
+                    for slot, samples in made.items():
+                        self.audio_s[slot] += samples / m.SAMPLE_RATE
                 self.latency.labels(outcome).observe(max(0.0, now - e.handle.submitted_at))
 
     def _start(self, slot: int, rid: str, now: float) -> None:
@@ -207,7 +215,9 @@ class PoolCollector:
             "inflight": fam("g", "inflight", "Requests the worker holds"),
             "capacity": fam("g", "capacity", "Requests the worker can hold (batch size)"),
             "queued": fam("g", "queued_work_seconds", "Estimated audio seconds still to make"),
-            "audio": fam("c", "audio_seconds", "Audio seconds produced by finished requests"),
+            "audio": fam(
+                "c", "audio_seconds", "Audio seconds each worker made of finished requests"
+            ),
             "busy": fam("c", "busy_seconds", "Seconds the worker spent generating"),
             "restarts": fam("c", "restarts", "Times the worker was respawned"),
             "mem_used": fam("g", "memory_used_bytes", "Device memory used (RSS for CPU workers)"),
