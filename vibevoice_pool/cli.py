@@ -191,8 +191,7 @@ def _checkpoint_tool(ns) -> int:
 
             print(make_tiny_model(ns.dir))
         else:
-            from vibevoice_pool.server import HUB_ID
-            from workers.checkpoints.convert import convert_checkpoint
+            from workers.checkpoints.convert import HUB_ID, convert_checkpoint
 
             if not os.path.exists(ns.src) and not HUB_ID.match(ns.src):
                 raise ValueError(f"{ns.src}: no such folder, and no hub id (namespace/name)")

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import socket
 import threading
 from pathlib import Path
@@ -58,15 +57,12 @@ def resolve_model(cfg: PoolConfig) -> str:
     return cfg.model_path
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # namespace/name, as the hub spells it
-
-
 def check_model_path(path: str) -> None:
     """ConfigError, before any worker boots, for a model path no worker could load: no
     such folder and no hub id, a folder without a config, or an original-layout
     checkpoint (which `vibevoice-pool convert` turns into one). A hub id is left to
     the workers (this machine may be offline, or the hub slow)."""
-    from workers.checkpoints.convert import refusal_for
+    from workers.checkpoints.convert import HUB_ID, refusal_for
 
     folder = Path(path).expanduser()
     if folder.is_dir():

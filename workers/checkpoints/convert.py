@@ -153,12 +153,15 @@ def looks_like_original_layout(path: str | os.PathLike) -> bool:
     return any(n.startswith(("model.acoustic_tokenizer.", "model.prediction_head.")) for n in names)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # namespace/name, as the hub spells it
+
+
 def refusal_for(model_path: str) -> str | None:
     """The message a worker boots with when `model_path` is in the original layout, else None."""
     folder = Path(model_path)
     if folder.is_dir():
         original = looks_like_original_layout(folder)
-    elif folder.exists() or model_path.count("/") != 1:
+    elif folder.exists() or not HUB_ID.match(model_path):
         return None  # not a folder and not a hub id: from_pretrained reports it
     else:
         original = _hub_config_is_original(model_path)
