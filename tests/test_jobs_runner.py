@@ -44,6 +44,8 @@ class FakePool:
         self.dispatcher = FakeDispatcher()
         self.gate = threading.Event()
         self.gate.set()
+        self.begin = threading.Event()  # cleared: requests wait in the admission queue
+        self.begin.set()
         self.free_chunks = 10**9
         self.refuse: m.ErrorKind | None = None
         self.submitted: list[str] = []
@@ -78,6 +80,7 @@ class FakePool:
 
     def _play(self, handle: RequestHandle) -> None:
         req = handle.request
+        self.begin.wait()
         handle.push(m.Started(req.id))
         total = int(round(req.est_audio_s * m.SAMPLE_RATE))
         step, done, seq = m.SAMPLE_RATE // 2, 0, 0
@@ -452,5 +455,27 @@ def test_a_running_jobs_view_names_the_worker_that_runs_it_now(runner):
         live = r._live[job.id]
     live.handle.worker = first + 1  # its worker died: the dispatcher sent the row to another
     assert r.describe(r.store.get(job.id))["worker"] == first + 1
+    pool.release()
+    wait_state(r, job.id, JobState.DONE)
+
+
+def test_a_job_waiting_in_the_pools_queue_shows_queued_until_a_worker_begins_it(runner):
+    pool = FakePool()
+    pool.begin.clear()  # handed to the pool, no worker has begun it
+    r = runner(pool)
+    job = r.submit("me", {"script": SCRIPT})
+    wait_state(r, job.id, JobState.RUNNING)  # the store's own state: in the pool
+    view = r.describe(r.store.get(job.id))
+    assert view["state"] == "queued" and view["worker"] is None
+    assert view["timings"]["started_at"] is None and view["timings"]["ran_s"] is None
+    shown = {st: [j.id for j in r.store.list("me", state=st)[0]] for st in JobState}
+    assert shown[JobState.QUEUED] == [job.id] and shown[JobState.RUNNING] == []
+    pool.hold(after_chunks=1)
+    pool.begin.set()
+    wait_until(lambda: r.describe(r.store.get(job.id))["state"] == "running", 10)
+    view = r.describe(r.store.get(job.id))
+    assert view["worker"] in (0, 1) and view["timings"]["started_at"] is not None
+    shown = {st: [j.id for j in r.store.list("me", state=st)[0]] for st in JobState}
+    assert shown[JobState.RUNNING] == [job.id] and shown[JobState.QUEUED] == []
     pool.release()
     wait_state(r, job.id, JobState.DONE)

@@ -394,7 +394,7 @@ class JobRunner:
             try:
                 await handle.started()
                 with contextlib.suppress(JobError):  # a note only: a full disk skips it
-                    self.store.note_worker(live.job_id, handle.worker)
+                    self.store.note_worker(live.job_id, handle.worker, self.clock())
                 async for pcm in handle.stream():
                     live.samples += len(pcm)
                     self.progress.tick(live.job_id, handle, live.prior)

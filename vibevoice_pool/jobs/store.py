@@ -64,6 +64,13 @@ from .records import (  # noqa: F401 (re-exported: the store's users import them
 )
 from .schema import migrate
 
+# The states as shown (jobs/view.py): a running job waits in the pool's admission
+# queue until a worker begins it (note_worker sets started_at), and shows as queued.
+SHOWN_STATE_SQL = {
+    JobState.QUEUED: " AND (state='queued' OR (state='running' AND started_at IS NULL))",
+    JobState.RUNNING: " AND state='running' AND started_at IS NOT NULL",
+}
+
 DB_NAME = "jobs.db"
 LOCK_NAME = "jobs.lock"
 RESULTS_DIR = "results"
@@ -145,9 +152,9 @@ class JobStore:
         """An owner's jobs, newest first; and whether more follow."""
         sql = f"SELECT {COLUMNS} FROM jobs WHERE owner=?"
         args: list = [owner]
-        if state is not None:
-            sql += " AND state=?"
-            args.append(JobState(state).value)
+        if state is not None:  # as shown: running once a worker has begun it
+            sql += SHOWN_STATE_SQL.get(JobState(state), " AND state=?")
+            args += [] if JobState(state) in SHOWN_STATE_SQL else [JobState(state).value]
         sql += " ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
         args += [limit + 1, offset]
         with self._mutex:
@@ -357,17 +364,19 @@ class JobStore:
                 (JobState.QUEUED,),
                 f"request {request_id}",
                 at,
-                ", started_at=?, runs=runs+1, request_id=?, worker=NULL, audio_s=0",
-                (at, request_id),
+                ", started_at=NULL, runs=runs+1, request_id=?, worker=NULL, audio_s=0",
+                (request_id,),
             )
             is not None
         )
 
-    def note_worker(self, job_id: str, worker: int | None) -> None:
-        """The worker that runs it (no state change)."""
+    def note_worker(self, job_id: str, worker: int | None, at: float) -> None:
+        """A worker has begun it (no state change): until then a running job waits
+        in the pool's admission queue, and is shown as queued (jobs/view.py)."""
         with self._tx() as conn:
             conn.execute(
-                "UPDATE jobs SET worker=? WHERE id=? AND state='running'", (worker, job_id)
+                "UPDATE jobs SET worker=?, started_at=? WHERE id=? AND state='running'",
+                (worker, at, job_id),
             )
 
     def requeue(self, job_id: str, why: str, at: float) -> bool:

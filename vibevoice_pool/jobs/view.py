@@ -6,21 +6,30 @@ from vibevoice_pool import encoders
 from vibevoice_pool.jobs.records import Job, JobState
 
 
+def shown_state(job: Job) -> JobState:
+    """Its state as its owner sees it: handed to the pool but not yet begun by a
+    worker (waiting in the pool's admission queue), a running job is still queued."""
+    if job.state is JobState.RUNNING and job.started_at is None:
+        return JobState.QUEUED
+    return job.state
+
+
 def job_view(job: Job, made: float, worker: int | None, *, now: float, ttl_s: float) -> dict:
     """`made`: seconds of audio made so far; `worker`: who runs it now."""
+    state = shown_state(job)
     est = job.est_audio_s
     frac = 1.0 if job.state is JobState.DONE else min(1.0, made / est) if est > 0 else 0.0
     end = job.finished_at or now
     return {
         "id": job.id,
         "object": "job",
-        "state": job.state.value,
+        "state": state.value,
         "progress": {
             "audio_s": round(made, 3),
             "estimate_s": round(est, 3),
             "fraction": round(frac, 4),
         },
-        "worker": worker,
+        "worker": None if state is JobState.QUEUED else worker,
         "request_id": job.request_id,
         "runs": job.runs,
         "seed": job.seed,

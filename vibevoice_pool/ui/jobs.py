@@ -62,7 +62,7 @@ def job_rows(runner: JobRunner, owner: str) -> tuple[list[list[str]], list[str]]
         rows.append(
             [
                 job.id,
-                job.state.value,
+                d["state"],
                 f"{100 * p['fraction']:.0f}% ({p['audio_s']:.1f} of ~{p['estimate_s']:.0f} s)",
                 f"{job.audio_s:.1f} s" if job.state is JobState.DONE else "",
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
