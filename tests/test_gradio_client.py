@@ -3,6 +3,8 @@ status refreshes stay out of the public API."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import soundfile as sf
 from gradio_client import Client
@@ -127,5 +129,10 @@ def test_a_voice_added_on_the_page_is_checked_and_offered_to_every_speaker(tmp_p
     assert updates == [gr.skip()] * 4
     *updates, message = asyncio.run(page.add_voice(None, "", None, None, None, None))
     assert "Choose an audio file" in message and updates == [gr.skip()] * 4
+    zh = SimpleNamespace(headers={"accept-language": "zh-CN,zh;q=0.9"})  # a Chinese browser
+    *updates, message = asyncio.run(
+        page.add_voice(str(bad), "notes", None, None, None, None, request=zh)
+    )
+    assert message.startswith("❌ 输入有误：") and "could not be read as audio" in message
     listed = page.job_voices(["take_1", "gone"])  # the Jobs tab's list follows the uploads
     assert "take_1" in listed["choices"] and listed["value"] == ["take_1"]

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from vibevoice_pool.api.metrics import Activity
+from vibevoice_pool.jobs.records import JobErrorKind
 from vibevoice_pool.pool import events as ev
 from vibevoice_pool.pool.states import shown_state
 from vibevoice_pool.ui.charts import History, render
-from vibevoice_pool.ui.i18n import EN, ZH, pick_language
+from vibevoice_pool.ui.i18n import EN, ZH, ZH_ERRORS, explain, pick_language
 from vibevoice_pool.ui.live import LiveStreams, TabRequests
 from vibevoice_pool.ui.panel import render_html, render_table, views
 from workers.wire import messages as m
@@ -218,3 +219,11 @@ def test_the_progress_line_marks_a_resumed_row():
     assert "resumed" not in Page._running(page, "en", fresh, 24_000, 10.0)
     assert "resumed from its last step" in Page._running(page, "en", again, 24_000, 10.0)
     assert "继续" in Page._running(page, "zh", again, 24_000, 10.0)
+
+
+def test_every_error_code_reads_in_chinese_with_the_servers_own_detail():
+    codes = {k.value for k in m.ErrorKind} | {k.value for k in JobErrorKind}
+    assert codes <= ZH_ERRORS.keys()
+    said = explain("zh", "overloaded", "the queue is full (64 waiting)")
+    assert said == "服务器繁忙，请稍后再试：the queue is full (64 waiting)"
+    assert explain("en", "overloaded", "the queue is full") == "the queue is full"

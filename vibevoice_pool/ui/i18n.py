@@ -187,8 +187,37 @@ ZH: dict[str, str] = {
     "job_cancelled": "⏹️ 任务 `{id}` 已取消。",
 }
 
+# A refusal or failure from the server: its code in the page's words, then the
+# server's own (English) message, which names the exact field or limit.
+ZH_ERRORS: dict[str, str] = {
+    "bad_input": "输入有误",
+    "out_of_memory": "显存不足",
+    "engine_error": "模型出错",
+    "worker_lost": "工作进程丢失",
+    "cancelled": "已取消",
+    "timeout": "超时",
+    "overloaded": "服务器繁忙，请稍后再试",
+    "unavailable": "服务暂不可用",
+    "not_found": "找不到",
+    "not_ready": "尚未完成",
+    "no_audio": "没有音频",
+    "conflict": "状态冲突",
+    "disk_limit": "超出任务磁盘上限",
+    "owner_limit": "超出每个用户的上限",
+    "disk_full": "磁盘已满",
+    "storage_error": "存储出错",
+    "data_dir": "数据目录不可用",
+}
+
 TEXTS: dict[str, dict[str, str]] = {"en": EN, "zh": ZH}
 assert EN.keys() == ZH.keys(), "every string needs both languages"
+
+
+def explain(lang: str, code: str, message: str) -> str:
+    """A server error for the page: as it is in English; in Chinese, what its code
+    means first (the message names the field or limit, and stays as the API says it)."""
+    said = ZH_ERRORS.get(code) if lang == "zh" else None
+    return f"{said}：{message}" if said else message
 
 
 def t(lang: str, key: str, **values) -> str:

@@ -25,7 +25,7 @@ import gradio as gr
 
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import JobError, JobState
-from vibevoice_pool.ui.i18n import language_of, t
+from vibevoice_pool.ui.i18n import explain, language_of, t
 from workers.wire.messages import PoolError
 
 REFRESH_S = 2.0
@@ -94,7 +94,7 @@ def submit_job(
     try:
         job = runner.submit(owner_for(browser_id), body)
     except (PoolError, JobError) as e:
-        return f"❌ {e.message}"
+        return f"❌ {explain(lang, e.kind.value, e.message)}"
     return t(lang, "job_queued", id=job.id, secs=job.est_audio_s)
 
 
@@ -106,7 +106,7 @@ def cancel_job(runner: JobRunner, browser_id: str, job_id: str, lang: str = "en"
     try:
         runner.cancel(job_id)
     except JobError as e:
-        return f"❌ {e.message}"
+        return f"❌ {explain(lang, e.kind.value, e.message)}"
     return t(lang, "job_cancelled", id=job_id)
 
 

@@ -38,7 +38,7 @@ from vibevoice_pool.api.auth import page_login
 from vibevoice_pool.api.speech import Speaker, SynthesizeBody, describe_invalid
 from vibevoice_pool.script import MAX_SPEAKERS
 from vibevoice_pool.ui.charts import History, render
-from vibevoice_pool.ui.i18n import gradio_i18n, language_of, t
+from vibevoice_pool.ui.i18n import explain, gradio_i18n, language_of, t
 from vibevoice_pool.ui.layout import PAGE_CSS, build
 from vibevoice_pool.ui.live import LiveStreams, TabRequests, player_html, progress_html
 from vibevoice_pool.ui.panel import render_html, views
@@ -124,7 +124,7 @@ class Page:
             )
         except m.PoolError as e:
             self.front.refused(e)
-            return self._voice_refused(lang, e.message)
+            return self._voice_refused(lang, explain(lang, e.kind.value, e.message))
         return [*self.refresh_voices(*current), t(lang, "voice_added", name=stored)]
 
     @staticmethod
@@ -158,10 +158,10 @@ class Page:
             handle = self.pool.submit(req)
         except ValidationError as e:
             self.front.activity.refused(m.ErrorKind.BAD_INPUT.value)
-            refused = describe_invalid(e.errors())
+            refused = explain(lang, m.ErrorKind.BAD_INPUT.value, describe_invalid(e.errors()))
         except m.PoolError as e:
             self.front.refused(e)
-            refused = e.message
+            refused = explain(lang, e.kind.value, e.message)
         if refused is not None:  # the last run's result goes: it is not this input's
             yield "", progress_html("failed", t(lang, "failed", message=refused), 0, ""), None
             raise gr.Error(refused)
@@ -187,9 +187,10 @@ class Page:
                         yield gr.skip(), self._running(lang, handle, got, est), gr.skip()
             except m.PoolError as e:
                 if e.kind != m.ErrorKind.CANCELLED:
-                    text = t(lang, "failed", message=e.message)
+                    said = explain(lang, e.kind.value, e.message)
+                    text = t(lang, "failed", message=said)
                     yield gr.skip(), progress_html("failed", text, 0, handle.id), None
-                    raise gr.Error(e.message) from None
+                    raise gr.Error(said) from None
                 pcm = audio.to_int16(handle.audio())
                 text = t(lang, "stopped", secs=len(pcm) / m.SAMPLE_RATE)
                 partial = (m.SAMPLE_RATE, pcm) if len(pcm) else None
