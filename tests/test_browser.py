@@ -205,3 +205,23 @@ def test_the_jobs_tab_speaks_chinese_on_a_chinese_browser(browser, srv):
         assert page.get_by_role("tab", name="Jobs").count() == 0
     finally:
         page.context.close()
+
+
+def test_the_number_of_speakers_is_a_choice_of_one_to_four_and_shows_that_many_voices(browser, srv):
+    page = open_page(browser, srv)
+    try:  # no box to type 0 or 9 into, which a slider's number box took and ignored
+        assert page.locator("#vv-speakers input[type=number]").count() == 0
+        assert page.locator("#vv-speakers input[type=radio]").count() == 4
+        for n in (3, 1, 4):
+            page.locator("#vv-speakers label", has_text=str(n)).click()
+            wait_until(
+                lambda n=n: (
+                    [page.locator(f"#vv-voice-{i}").is_visible() for i in range(1, 5)]
+                    == [i <= n for i in range(1, 5)]
+                ),
+                10,
+                0.1,
+                f"{n} voices shown",
+            )
+    finally:
+        page.context.close()

@@ -108,8 +108,9 @@ def _generate_tab(page, i18n) -> tuple[list, tuple]:
         elem_id="vv-script",
         placeholder=i18n("script_placeholder"),
     )
-    speakers = gr.Slider(
-        1, MAX_SPEAKERS, value=2, step=1, label=i18n("speakers"), elem_id="vv-speakers"
+    # choices, not a slider: a slider's number box takes 0 or 9 and says nothing
+    speakers = gr.Radio(
+        list(range(1, MAX_SPEAKERS + 1)), value=2, label=i18n("speakers"), elem_id="vv-speakers"
     )
     with gr.Row():
         voices = [
