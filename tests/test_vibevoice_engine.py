@@ -243,6 +243,35 @@ def test_a_bad_row_fails_alone(engine):
         assert not sink.chunks(rid)
 
 
+SPECIAL_NAMES = ("<|vision_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")
+
+
+def test_a_script_that_writes_special_tokens_is_read_as_text(engine):
+    """A turn holding a special token's name is encoded as those characters: the special
+    ids appear only where the prompt format puts them, and the row runs beside another
+    (a stray speech_diffusion placeholder failed the prefill of every row joining it)."""
+    from workers.engines.vibevoice.prompt import PromptTokens, prompt_ids, voice_tokens
+
+    voice = (0.2 * np.sin(2 * np.pi * 200 * np.arange(SAMPLE_RATE) / SAMPLE_RATE)).astype(
+        np.float32
+    )
+    text = "Hello " + " and ".join(SPECIAL_NAMES) + " there."
+    tokens = PromptTokens.from_processor(engine.processor)
+    ids = prompt_ids(tokens, req("p", (0, text), voices=(voice,)))
+    assert ids.count(tokens.speech_diffusion) == voice_tokens(len(voice))
+    assert ids.count(tokens.speech_start) == 2 and ids.count(tokens.speech_end) == 1
+    eos = engine.processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert eos not in ids
+    batch = [
+        req("odd", (0, text), voices=(voice,), est_audio_s=0.4),
+        req("ok", voices=(voice,), est_audio_s=0.4),
+    ]
+    sink = run(engine, batch)
+    for rid in ("odd", "ok"):
+        assert sink.outcome(rid)[0] == "finish", sink.outcome(rid)
+        assert len(sink.audio(rid)) == 3 * HOP_SAMPLES
+
+
 def test_out_of_memory_halves_the_rows_then_fails_the_row_alone(engine, monkeypatch):
     steps = engine.steps
     monkeypatch.setattr(steps, "max_rows", steps.max_rows)  # restored after the test

@@ -22,6 +22,9 @@ each piece is encoded on its own and the ids are concatenated, as microsoft does
     " Speech output:\\n" <speech_start>
 
 A speaker without a sample is simply left out of the voice section (no made-up voice).
+Text is encoded as text: a special token's name written in a script ("<|vision_pad|>",
+"<|endoftext|>") stays those characters, so the special ids appear only where the
+format puts them.
 Rows are padded on the LEFT whatever the checkpoint's tokenizer says (microsoft always
 pads left; a right-padded row corrupts the shorter rows of a batch). The voice samples
 are normalised to -25 dBFS by the checkpoint's feature extractor, as microsoft's
@@ -66,8 +69,13 @@ class PromptTokens:
     def from_processor(cls, processor: Any) -> PromptTokens:
         tok = processor.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # split_special_tokens: a script that writes a special token's text
+        # ("<|vision_pad|>") is read as that text, never as the token (a stray
+        # speech_diffusion placeholder failed the prefill of every row joining it).
         return cls(
-            encode=lambda text: tok.encode(text, add_special_tokens=False),
+            encode=lambda text: tok.encode(
+                text, add_special_tokens=False, split_special_tokens=True
+            ),
             speech_start=int(processor.audio_bos_token_id),
             speech_end=int(processor.audio_eos_token_id),
             speech_diffusion=int(processor.audio_token_id),
