@@ -44,3 +44,15 @@ def test_length_limit():
 def test_five_speakers_for_rotation_is_refused():
     with pytest.raises(PoolError, match="at most 4"):
         parse_script("a\nb", num_speakers=5)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line():
+    """A script file saved as "UTF-8 with BOM" (read by `synth --script`, pasted, or
+    sent as JSON) keeps its first line's speaker, and the mark is not spoken."""
+    script = "\ufeffSpeaker 2: Hi\r\nSpeaker 1: Yo\r\n"
+    assert parse_script(script) == (Turn(1, "Hi"), Turn(0, "Yo"))
+    assert parse_script("\ufeffHello") == (Turn(0, "Hello"),)
+    with pytest.raises(PoolError, match="empty"):
+        parse_script("\ufeff \n\ufeff")
+    with pytest.raises(PoolError, match="says nothing"):
+        parse_script("Speaker 1: \ufeff")

@@ -21,6 +21,14 @@ from workers.wire.messages import ErrorKind, PoolError, Turn
 MAX_SPEAKERS = 4
 MAX_NUMBER_DIGITS = 6  # a longer speaker number is out of range without being read
 _PREFIX = re.compile(r"^\s*speaker\s*(\d+)\s*[:：]\s*(.*)$", re.IGNORECASE)
+# A line's ends: whitespace and the byte-order mark, which a file saved as "UTF-8 with
+# BOM" starts with (blank to the API's pattern too); kept, it hid the first line's
+# "Speaker N:" and was spoken, label and all, by the wrong speaker.
+_ENDS = re.compile(r"^[\s\ufeff]+|[\s\ufeff]+$")
+
+
+def _trim(line: str) -> str:
+    return _ENDS.sub("", line)
 
 
 def _bad(message: str) -> PoolError:
@@ -56,14 +64,16 @@ def parse_script(
     if len(text) > max_chars:
         raise _bad(f"the script has {len(text)} characters; the limit is {max_chars}")
     check_encodable(text)
-    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = [(n, _trim(line)) for n, line in enumerate(text.splitlines(), 1) if _trim(line)]
+    if not lines:
+        raise _bad("the script is empty: write at least one line, e.g. 'Speaker 1: Hello'")
     numbered = [(n, _PREFIX.match(line)) for n, line in lines]
     numbers = [_speaker_number(mt.group(1)) for _, mt in numbered if mt]
     zero_based = 0 in numbers
     turns: list[Turn] = []
     for (n, line), (_, mt) in zip(lines, numbered, strict=False):
         if mt:
-            number, said = _speaker_number(mt.group(1)), mt.group(2).strip()
+            number, said = _speaker_number(mt.group(1)), _trim(mt.group(2))
             speaker = number if zero_based or number < 0 else number - 1
             if not 0 <= speaker < MAX_SPEAKERS:
                 allowed = "0-3" if zero_based else "1-4"
