@@ -235,6 +235,16 @@ def test_limits_that_were_constants_are_settings():
         build({"max_upload_mb": 0})
 
 
+def test_max_voice_s_stops_at_the_engines_own_limit():
+    """A longer limit was taken, and every sample past 120 s that it let in (uploads
+    stored with 201 included) was then refused by the worker at synthesis."""
+    from workers.wire.messages import MAX_VOICE_S
+
+    assert build({"max_voice_s": MAX_VOICE_S}).max_voice_s == MAX_VOICE_S
+    with pytest.raises(ConfigError, match="max_voice_s"):
+        cfg_from("--max-voice-s", str(MAX_VOICE_S + 1))
+
+
 def test_a_heartbeat_slower_than_half_the_hang_timeout_is_refused():
     with pytest.raises(ConfigError, match="heartbeat_s .* hang_timeout_s"):
         build({"heartbeat_s": 2, "hang_timeout_s": 3})

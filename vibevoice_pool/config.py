@@ -31,6 +31,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 
 from vibevoice_pool.pool.policies import POLICIES
+from workers.wire.messages import MAX_VOICE_S
 
 ENGINES = ("sim", "vibevoice")
 
@@ -253,7 +254,12 @@ class PoolConfig(BaseModel):
     max_text_chars: int = FRONT(20000, "longest script accepted, in characters", gt=0)
     max_audio_s: float = FRONT(1800.0, "cap on the audio one request makes, in seconds", gt=0)
     max_upload_mb: float = FRONT(10.0, "largest voice upload accepted, in MiB", gt=0)
-    max_voice_s: float = FRONT(60.0, "longest voice sample accepted, in seconds", gt=0)
+    max_voice_s: float = FRONT(
+        60.0,
+        f"longest voice sample accepted, in seconds (at most {MAX_VOICE_S:g}, the engine's limit)",
+        gt=0,
+        le=MAX_VOICE_S,
+    )
 
     # ---- files, jobs, logs -------------------------------------------------
     voices_dir: Text = FILES("", "folder of voice presets (default: <cache>/voices)", metavar="DIR")
