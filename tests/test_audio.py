@@ -114,10 +114,16 @@ def test_decode_stereo_44k1_becomes_mono_24k(fmt, subtype):
     assert np.sqrt(np.mean(mid**2)) == pytest.approx(0.4 / np.sqrt(2), rel=0.1)
 
 
-def test_decode_float_wav_over_full_scale_is_clipped():
+def test_decode_float_wav_over_full_scale_is_scaled_not_clipped():
+    """A float file above 0 dBFS keeps its waveform (the engine normalises the level to
+    -25 dBFS anyway); clipped, a tone of amplitude 4 came out a square wave."""
     data = file_bytes(np.array([0.0, 1.5, -2.0, 0.5] * 100, np.float32), 24000, "WAV", "FLOAT")
     out = decode_upload(data, **LIMITS)
-    assert out.max() == 1.0 and out.min() == -1.0
+    np.testing.assert_allclose(out[:4], [0.0, 0.75, -1.0, 0.25], atol=1e-6)
+    loud = decode_upload(file_bytes(tone(1.0, amp=4.0), 24000, "WAV", "FLOAT"), **LIMITS)
+    assert np.max(np.abs(loud)) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(loud, tone(1.0, amp=4.0) / 4.0, atol=1e-5)
+    assert np.mean(np.abs(loud) > 0.99) < 0.1  # not a square wave
 
 
 @pytest.mark.parametrize(

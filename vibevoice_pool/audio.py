@@ -143,7 +143,9 @@ def _decode_bounded(f: sf.SoundFile, what: str, max_seconds: float) -> np.ndarra
 def decode_upload(
     data: bytes, *, max_bytes: int, max_seconds: float, what: str = "voice sample"
 ) -> np.ndarray:
-    """Decode an audio file's bytes to float32 mono SAMPLE_RATE samples in [-1, 1].
+    """Decode an audio file's bytes to float32 mono SAMPLE_RATE samples in [-1, 1]: a
+    (float) file that goes over full scale is scaled down by its peak, keeping its
+    shape, as microsoft's AudioNormalizer.avoid_clipping does, not clipped.
 
     The header is checked first (container, at most MAX_CHANNELS channels,
     MIN_RATE-MAX_RATE Hz, at most max_seconds); decoding then holds about one
@@ -181,6 +183,9 @@ def decode_upload(
         ) from None
     finally:
         slots.release()
+    peak = float(np.max(np.abs(pcm)))
+    if peak > 1.0:  # a float file over full scale: scaled down whole, never clipped
+        pcm = pcm / np.float32(peak)
     return np.ascontiguousarray(np.clip(pcm, -1.0, 1.0), dtype=np.float32)
 
 
