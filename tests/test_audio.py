@@ -126,6 +126,16 @@ def test_decode_float_wav_over_full_scale_is_scaled_not_clipped():
     assert np.mean(np.abs(loud) > 0.99) < 0.1  # not a square wave
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_decode_a_few_samples_at_a_high_rate_is_bad_input_not_a_crash(n):
+    """Too few samples to leave one after resampling to 24 kHz: a ValueError from
+    np.concatenate escaped as 500 internal_error."""
+    data = file_bytes(np.full(n, 0.3, np.float32), 192_000, "WAV", "FLOAT")
+    with pytest.raises(PoolError) as e:
+        decode_upload(data, **LIMITS)
+    assert "no audio samples" in bad_input(e)
+
+
 @pytest.mark.parametrize(
     "data",
     [b"hello, this is plainly text and not audio at all\n" * 20, bytes(range(256)) * 8],

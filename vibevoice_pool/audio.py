@@ -135,7 +135,7 @@ def _decode_bounded(f: sf.SoundFile, what: str, max_seconds: float) -> np.ndarra
             pieces.append(out)
         if last:
             break
-    if total == 0:
+    if total == 0 or not pieces:  # none, or too few to leave one at SAMPLE_RATE
         raise _bad(f"{what} contains no audio samples; send a recording of a few seconds")
     return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
 
