@@ -82,7 +82,9 @@ def _client_parsers(sub) -> None:
     p.add_argument("--cfg-scale", type=float, default=1.3)
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--format", default="wav")
+    p.add_argument(
+        "--format", default=None, help="wav, flac, mp3, opus, aac or pcm (default: -o's extension)"
+    )
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--api-key", default=None)
     p.add_argument(

@@ -36,6 +36,25 @@ class ClientError(Exception):
 
 LOCAL_FORMATS = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3"}  # encoded here from the PCM
 SERVER_FORMATS = ("pcm", "opus", "aac")  # streamed as the server encodes them
+# -o's extension -> the format written when --format is not given
+EXTENSION_FORMATS = {
+    ".wav": "wav",
+    ".flac": "flac",
+    ".mp3": "mp3",
+    ".opus": "opus",
+    ".ogg": "opus",
+    ".aac": "aac",
+    ".pcm": "pcm",
+    ".raw": "pcm",
+}
+
+
+def output_format(fmt: str | None, output: str | None) -> str:
+    """--format as given; without it, the format -o's extension names (out.mp3: mp3),
+    else wav. (A WAV was written into out.mp3 and out.flac.)"""
+    if fmt:
+        return fmt.strip().lower()
+    return EXTENSION_FORMATS.get(Path(output or "").suffix.lower(), "wav")
 
 
 def read_script(path: str) -> str:
@@ -73,7 +92,7 @@ def synth_body(ns, text: str, fmt: str) -> dict:
 
 
 def synth(ns) -> int:
-    fmt = ns.format.strip().lower()
+    fmt = output_format(ns.format, ns.output)
     if fmt not in LOCAL_FORMATS and fmt not in SERVER_FORMATS:
         raise ClientError(
             f"--format {ns.format}: one of {', '.join([*LOCAL_FORMATS, *SERVER_FORMATS])}"

@@ -92,12 +92,12 @@ def bar(frac: float, width: int = 20) -> str:
 
 def body_from_args(ns) -> dict:
     """The /v1/jobs body from `synth`'s flags (the same as synth's own)."""
-    from vibevoice_pool.client import check_output, read_script, synth_body
+    from vibevoice_pool.client import check_output, output_format, read_script, synth_body
 
     text = read_script(ns.script)
     if ns.output:
         check_output(ns.output)
-    return synth_body(ns, text, ns.format)
+    return synth_body(ns, text, output_format(ns.format, ns.output))
 
 
 def _say(line: str) -> None:
