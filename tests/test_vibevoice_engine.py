@@ -272,6 +272,42 @@ def test_a_script_that_writes_special_tokens_is_read_as_text(engine):
         assert len(sink.audio(rid)) == 3 * HOP_SAMPLES
 
 
+def test_a_row_whose_prefill_raises_fails_alone_and_the_others_go_on(engine, monkeypatch):
+    """A newcomer whose prompt cannot be built (any bug) fails by itself: the row already
+    running and the newcomer that joined beside it make the audio they make alone."""
+    steps = engine.steps
+    real = steps.prompts.batch
+
+    def batch(requests, *args, **kw):
+        if any(r.id == "poison" for r in requests):
+            raise RuntimeError("simulated: a prompt that cannot be built")
+        return real(requests, *args, **kw)
+
+    alone = {
+        rid: run(engine, [req(rid, seed=seed, est_audio_s=1.2)]).audio(rid)
+        for rid, seed in (("long", 3), ("mate", 4))
+    }
+    monkeypatch.setattr(steps.prompts, "batch", batch)
+    sink = RecordingSink()
+    host = sink.host = StepHost(engine, sink)
+    host.submit(req("long", seed=3, est_audio_s=1.2))
+    host.run_step()
+    host.run_step()  # long runs; then two newcomers join together
+    host.submit(req("poison", seed=5, est_audio_s=0.4))
+    host.submit(req("mate", seed=4, est_audio_s=1.2))
+    while not host.idle:
+        host.run_step()
+    kind, _, err = sink.outcome("poison")
+    assert kind == "fail" and err.kind is ErrorKind.ENGINE_ERROR and "simulated" in err.message
+    assert not sink.chunks("poison")
+    for rid in ("long", "mate"):
+        assert sink.outcome(rid)[0] == "finish", sink.outcome(rid)
+        got = sink.audio(rid)
+        assert len(got) == len(alone[rid])
+        assert np.abs(got - alone[rid]).max() < 1e-4 * np.abs(alone[rid]).max()
+    assert steps.live == 0 and steps.kv.held_blocks() == 0  # nothing left held
+
+
 def test_out_of_memory_halves_the_rows_then_fails_the_row_alone(engine, monkeypatch):
     steps = engine.steps
     monkeypatch.setattr(steps, "max_rows", steps.max_rows)  # restored after the test

@@ -18,6 +18,13 @@ class JobState(str, enum.Enum):
 
 
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+# The states as shown (jobs/view.py) in SQL: a running job waits in the pool's
+# admission queue until a worker begins it (the store's note_worker sets started_at),
+# and shows as queued until then.
+SHOWN_STATE_SQL = {
+    JobState.QUEUED: " AND (state='queued' OR (state='running' AND started_at IS NULL))",
+    JobState.RUNNING: " AND state='running' AND started_at IS NOT NULL",
+}
 TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 

@@ -55,6 +55,7 @@ from .disk import (
 from .records import (  # noqa: F401 (re-exported: the store's users import them from here)
     ACTIVE,
     COLUMNS,
+    SHOWN_STATE_SQL,
     TERMINAL,
     Job,
     JobError,
@@ -63,13 +64,6 @@ from .records import (  # noqa: F401 (re-exported: the store's users import them
     job_from_row,
 )
 from .schema import migrate
-
-# The states as shown (jobs/view.py): a running job waits in the pool's admission
-# queue until a worker begins it (note_worker sets started_at), and shows as queued.
-SHOWN_STATE_SQL = {
-    JobState.QUEUED: " AND (state='queued' OR (state='running' AND started_at IS NULL))",
-    JobState.RUNNING: " AND state='running' AND started_at IS NOT NULL",
-}
 
 DB_NAME = "jobs.db"
 LOCK_NAME = "jobs.lock"
@@ -371,8 +365,7 @@ class JobStore:
         )
 
     def note_worker(self, job_id: str, worker: int | None, at: float) -> None:
-        """A worker has begun it (no state change): until then a running job waits
-        in the pool's admission queue, and is shown as queued (jobs/view.py)."""
+        """A worker has begun it (no state change; until then it shows as queued)."""
         with self._tx() as conn:
             conn.execute(
                 "UPDATE jobs SET worker=?, started_at=? WHERE id=? AND state='running'",

@@ -53,6 +53,7 @@ from workers.engines.vibevoice.audio import HandOff, Speech
 from workers.engines.vibevoice.caches import to_device
 from workers.engines.vibevoice.decode_lm import DecodeLM, cache_keyword
 from workers.engines.vibevoice.fused_lm import fuse_projections
+from workers.engines.vibevoice.joining import prefill_joining
 from workers.engines.vibevoice.lm_graph import LMGraphs
 from workers.engines.vibevoice.paged_kv import PAGED_FLASH, PagedKV, Seq, blocks_for
 from workers.wire.messages import ErrorKind, PoolError, Request
@@ -301,12 +302,12 @@ class StepEngine:
             self._step(sink)
 
     def _step(self, sink: Any) -> None:
-        joined = self.joining
+        joined, fresh = prefill_joining(self, self.joining, sink) if self.joining else ([], None)
         self.joining = []
         old = len(self.rows)
-        fresh = None
+        if not old and not joined:
+            return  # the only newcomers failed in their prefill
         if joined:
-            fresh = self._prefill(joined)
             for row in joined:
                 row.slot = self.free_slots.pop(0)
             self.speech.zero(to_device([r.slot for r in joined], self.device))
