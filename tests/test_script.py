@@ -28,6 +28,8 @@ def test_unprefixed_lines_rotate_through_the_speakers():
         ("Speaker 5: too many", "line 1.*1-4"),
         ("Speaker 1: ok\nSpeaker 0: a\nSpeaker 4: five", "line 3.*0-3"),
         ("Speaker 1: ok\nSpeaker 2:", "line 2.*says nothing"),
+        ("Speaker 1: \u200b\u2060", "line 1.*says nothing"),  # invisible characters only
+        ("\u200b\n\u2060 \u00ad", "empty"),
     ],
 )
 def test_bad_scripts_say_what_and_where(text, words):
@@ -56,3 +58,10 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line():
         parse_script("\ufeff \n\ufeff")
     with pytest.raises(PoolError, match="says nothing"):
         parse_script("Speaker 1: \ufeff")
+
+
+def test_invisible_characters_at_a_lines_ends_are_not_part_of_it():
+    script = "\u200bSpeaker 2: Hi\u2060\n\u200b\nSpeaker 1: Yo"
+    assert parse_script(script) == (Turn(1, "Hi"), Turn(0, "Yo"))
+    # inside a turn they stay (a zero-width joiner binds an emoji sequence)
+    assert parse_script("Speaker 1: a\u200db") == (Turn(0, "a\u200db"),)

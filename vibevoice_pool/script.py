@@ -15,20 +15,35 @@ script is refused with 400 before it is admitted.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from workers.wire.messages import ErrorKind, PoolError, Turn
 
 MAX_SPEAKERS = 4
 MAX_NUMBER_DIGITS = 6  # a longer speaker number is out of range without being read
 _PREFIX = re.compile(r"^\s*speaker\s*(\d+)\s*[:：]\s*(.*)$", re.IGNORECASE)
-# A line's ends: whitespace and the byte-order mark, which a file saved as "UTF-8 with
-# BOM" starts with (blank to the API's pattern too); kept, it hid the first line's
-# "Speaker N:" and was spoken, label and all, by the wrong speaker.
-_ENDS = re.compile(r"^[\s\ufeff]+|[\s\ufeff]+$")
+
+
+def _invisible(ch: str) -> bool:
+    """Whitespace, a control character or an invisible format character: the byte-order
+    mark a file saved as "UTF-8 with BOM" starts with, a zero-width space, a word joiner."""
+    return ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf")
 
 
 def _trim(line: str) -> str:
-    return _ENDS.sub("", line)
+    """The line without invisible ends (left on, a BOM hid the first line's "Speaker N:",
+    which was then spoken, label and all, by the wrong speaker)."""
+    start, end = 0, len(line)
+    while start < end and _invisible(line[start]):
+        start += 1
+    while end > start and _invisible(line[end - 1]):
+        end -= 1
+    return line[start:end]
+
+
+def _blank(text: str) -> bool:
+    """Nothing to say (a turn the model would be left to babble over)."""
+    return not _trim(text)
 
 
 def _bad(message: str) -> PoolError:
@@ -64,7 +79,7 @@ def parse_script(
     if len(text) > max_chars:
         raise _bad(f"the script has {len(text)} characters; the limit is {max_chars}")
     check_encodable(text)
-    lines = [(n, _trim(line)) for n, line in enumerate(text.splitlines(), 1) if _trim(line)]
+    lines = [(n, _trim(line)) for n, line in enumerate(text.splitlines(), 1) if not _blank(line)]
     if not lines:
         raise _bad("the script is empty: write at least one line, e.g. 'Speaker 1: Hello'")
     numbered = [(n, _PREFIX.match(line)) for n, line in lines]
@@ -82,7 +97,7 @@ def parse_script(
                     f"line {n}: 'Speaker {shown}' is out of range; speakers are numbered "
                     f"{allowed} (at most {MAX_SPEAKERS} speakers)"
                 )
-            if not said:
+            if _blank(said):
                 raise _bad(f"line {n}: Speaker {number} says nothing")
             turns.append(Turn(speaker, said))
         else:
