@@ -208,3 +208,14 @@ def test_decode_base64_too_large_before_decoding():
     text = base64.b64encode(b"\0" * 50_000).decode()
     with pytest.raises(TooLarge):
         decode_base64_upload(text, max_bytes=1000, max_seconds=10)
+
+
+@pytest.mark.parametrize("fill", [0.0, np.nan, 1e-6])
+def test_a_silent_voice_sample_is_refused(fill):
+    """Nothing to clone: all zeros, all NaN (decoded as silence), or quieter than one step
+    of 16-bit audio (stored as a 16-bit WAV, an upload became all zeros)."""
+    buf = io.BytesIO()
+    sf.write(buf, np.full(24000, fill, np.float32), 24000, format="WAV", subtype="FLOAT")
+    with pytest.raises(PoolError, match="is silent") as e:
+        decode_upload(buf.getvalue(), **LIMITS)
+    assert e.value.kind is ErrorKind.BAD_INPUT

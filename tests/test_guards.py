@@ -234,7 +234,7 @@ def test_decodes_beyond_the_slots_wait_then_get_overloaded():
     from workers.wire.messages import ErrorKind, PoolError
 
     buf = io.BytesIO()
-    sf.write(buf, np.zeros(2400, np.float32), 24000, format="WAV")
+    sf.write(buf, np.full(2400, 0.1, np.float32), 24000, format="WAV")
     wav = buf.getvalue()
     audio.set_decode_slots(1, wait_s=0.2)
     try:

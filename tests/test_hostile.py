@@ -34,11 +34,14 @@ BOMB_PEAK_MB = 300
 MB = 1024 * 1024
 
 
-def audio_file(fmt: str, subtype: str | None, channels: int, rate: int, seconds: int) -> bytes:
-    """Silence, written a second at a time: tiny on disk, huge when decoded."""
+def audio_file(
+    fmt: str, subtype: str | None, channels: int, rate: int, seconds: int, level: float = 0.01
+) -> bytes:
+    """A constant level (silence is refused), written a second at a time: tiny on disk,
+    huge when decoded."""
     buf = io.BytesIO()
     with sf.SoundFile(buf, "w", rate, channels, format=fmt, subtype=subtype) as f:
-        block = np.zeros((rate, channels), np.float32)
+        block = np.full((rate, channels), level, np.float32)
         for _ in range(seconds):
             f.write(block)
     return buf.getvalue()
@@ -49,7 +52,7 @@ def bombs() -> dict[str, bytes]:
     return {
         # the issue's two: 8 channels at 655,350 Hz (FLAC's highest rate), 64 channels
         "flac_8ch_655khz": audio_file("FLAC", "PCM_16", 8, 655_350, 59),
-        "ogg_64ch_96khz": audio_file("OGG", "VORBIS", 64, 96_000, 10),
+        "ogg_64ch_96khz": audio_file("OGG", "VORBIS", 64, 96_000, 10, level=0.0),  # small
         "flac_mono_655khz": audio_file("FLAC", "PCM_16", 1, 655_350, 20),
         "flac_stereo_48k_10min": audio_file("FLAC", "PCM_16", 2, 48_000, 600),
         # within every header limit, but 90 MB of float32 if decoded whole

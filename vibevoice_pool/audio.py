@@ -140,6 +140,9 @@ def _decode_bounded(f: sf.SoundFile, what: str, max_seconds: float) -> np.ndarra
     return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
 
 
+SILENT_PEAK = 1 / 32768  # quieter than one step of 16-bit audio: a silent sample
+
+
 def decode_upload(
     data: bytes, *, max_bytes: int, max_seconds: float, what: str = "voice sample"
 ) -> np.ndarray:
@@ -184,6 +187,11 @@ def decode_upload(
     finally:
         slots.release()
     peak = float(np.max(np.abs(pcm)))
+    if peak < SILENT_PEAK:  # nothing to clone (NaN samples decode to silence)
+        raise _bad(
+            f"{what} is silent: its loudest sample is below -90 dBFS; "
+            "send a recording of the voice speaking"
+        )
     if peak > 1.0:  # a float file over full scale: scaled down whole, never clipped
         pcm = pcm / np.float32(peak)
     return np.ascontiguousarray(np.clip(pcm, -1.0, 1.0), dtype=np.float32)
