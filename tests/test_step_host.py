@@ -131,6 +131,25 @@ def test_an_engine_error_fails_every_open_row_and_the_host_goes_on(monkeypatch):
     assert ("finish", "c") in sink.events
 
 
+def test_a_row_the_engine_cannot_take_in_fails_alone_and_the_rest_go_on(monkeypatch):
+    h, sink = host(rows=4)
+    real = h.engine.admit
+
+    def admit(row):
+        if row.id == "bad":
+            raise RuntimeError("simulated: its history cannot be rebuilt")
+        real(row)
+
+    monkeypatch.setattr(h.engine, "admit", admit)
+    reqs = [req("a", 1.0, seed=1), req("bad", 1.0), req("c", 1.0, seed=3)]
+    run(h, {0: reqs[:2], 1: reqs[2:]})
+    assert sink.errors["bad"].kind is ErrorKind.ENGINE_ERROR
+    assert "cannot be rebuilt" in sink.errors["bad"].message
+    assert ("started", "bad") not in sink.events and "bad" not in sink.audio
+    assert heard_whole(sink, reqs[0]) and heard_whole(sink, reqs[2])
+    assert h.idle and h.engine.live == 0
+
+
 def test_out_of_memory_halves_the_limit_restarts_the_rows_and_fails_a_row_alone():
     h, sink = host(rows=4)
     a, b = req("a", 3.0, seed=1), req("b", 2.0, seed=2)

@@ -49,7 +49,8 @@ rows that ran go back to the parent to resume from their history (`give_back`), 
 restart here from their start (the same seed makes the same audio, what was sent is
 skipped); a row that ran alone fails with out_of_memory. An engine's
 unexpected exception fails its rows as ENGINE_ERROR with the traceback attached
-(messages.unexpected), so it reaches the parent's log.
+(messages.unexpected), so it reaches the parent's log. A failure that is one row's
+own (in prepare, in admit, in its prefill: joining.py) fails that row alone.
 """
 
 from __future__ import annotations
@@ -192,8 +193,8 @@ class StepHost:
                 self._ready[req.id] = row  # waits for a row to leave
                 break
             self.pending.popleft()
-            self._join(row, sched.joined)
-            self.sink.started(req.id, now, row.made_samples)  # a resumed row: its history's
+            if self._join(row, sched.joined):
+                self.sink.started(req.id, now, row.made_samples)  # a resumed one: its history's
             if req.attempt > 1:
                 break
         sched.rows = len(self.running)
@@ -227,11 +228,19 @@ class StepHost:
     def _fits(self, row: Row) -> bool:
         return not self.running or self.engine.fits(row)
 
-    def _join(self, row: Row, into: list[Row]) -> None:
+    def _join(self, row: Row, into: list[Row]) -> bool:
+        """The row joins the engine; one the engine cannot take in (a resumed row whose
+        history it cannot rebuild, any bug) fails alone, and the rest go on."""
         row.joined_at = row.steps  # the preemption policy counts its progress from here
-        self.engine.admit(row)
+        try:
+            self.engine.admit(row)
+        except Exception as err:
+            log.error("request %s could not join: %s: %s", row.id, type(err).__name__, err)
+            self.sink.fail(row.id, err if isinstance(err, m.PoolError) else m.unexpected(err))
+            return False
         self.running[row.id] = row
         into.append(row)
+        return True
 
     def hand_back(self, request_id: str) -> bool:
         """Give a row back to the parent (its worker is being removed: HandBack): a
