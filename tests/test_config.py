@@ -111,6 +111,7 @@ def test_deprecated_device_flag_is_accepted(caplog):
         ({"max_queue": 0}, "max_queue"),
         ({"port": "http"}, "port"),
         ({"no_such_thing": 1}, "unknown setting"),
+        ({"sim_speeds": "1,abc,0"}, r"'abc' \(item 2 of the list\).*'0' \(item 3 of the list\)"),
     ],
 )
 def test_bad_settings_name_the_setting(values, words):

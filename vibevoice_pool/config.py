@@ -393,7 +393,9 @@ def _complaints(e: ValidationError, origins: dict[str, str]) -> str:
         if err["loc"]:
             name = str(err["loc"][0])
             source = f" (from {origins[name]})" if name in origins else ""
-            lines.append(f"{name} = {err['input']!r}{source}: {msg}")
+            index = [i for i in err["loc"][1:] if isinstance(i, int)]  # in a list setting
+            where = f" (item {index[0] + 1} of the list)" if index else ""
+            lines.append(f"{name} = {err['input']!r}{where}{source}: {msg}")
         else:
             lines.append(msg)
     return "; ".join(lines)
