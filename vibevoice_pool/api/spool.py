@@ -9,8 +9,12 @@ calls the app only once the body is whole, replaying it from the file a chunk
 at a time. A body over `max_bytes` gets 413 (at once when its Content-Length
 says so); a client that leaves while sending costs nothing more, and the file
 is gone as soon as it closes (unnamed: a crash leaves nothing behind either).
-All the bodies being spooled at once may hold `total_bytes` (by their declared
-lengths, or what came of those of unknown length); past it a new one gets 503.
+All the bodies being spooled at once may hold `total_bytes` of what has
+arrived; the body whose bytes pass it gets 503. What counts is what came, not
+what a Content-Length declares: a declared length costs the client nothing to
+send, so counting it let a few clients without a key (on the page's paths,
+which the key middleware does not guard) hold the whole budget with a trickle
+and refuse every large body, voice uploads with the key included.
 How long a body may take is the connection guard's business (connections.py).
 
 What crosses: ASGI messages only; the file lives in the system's temporary
@@ -32,7 +36,7 @@ class BodySpool:
         self.spool_bytes = spool_bytes
         self.max_bytes = max_bytes
         self.total_bytes = total_bytes  # all the bodies being spooled at once
-        self.held = 0  # bytes reserved now: declared lengths, or what came of the others
+        self.held = 0  # bytes the bodies being spooled hold now (what came of each)
 
     async def _full(self, send) -> None:
         await send_error(
@@ -66,17 +70,10 @@ class BodySpool:
             return await self.app(scope, receive, send)
         if length is not None and length > self.max_bytes:
             return await self._too_large(send)
-        reserved = length or 0
-        if self.held + reserved > self.total_bytes:
-            return await self._full(send)
-        self.held += reserved
-        try:
-            await self._spooled(scope, receive, send, length)
-        finally:
-            self.held -= reserved
+        await self._spooled(scope, receive, send)
 
-    async def _spooled(self, scope, receive, send, length: int | None) -> None:
-        counted = 0  # what a body of unknown length holds of self.held
+    async def _spooled(self, scope, receive, send) -> None:
+        counted = 0  # what this body holds of self.held: the bytes that came
         try:
             with tempfile.SpooledTemporaryFile(max_size=self.spool_bytes) as spool:
                 size = 0
@@ -88,11 +85,10 @@ class BodySpool:
                     size += len(data)
                     if size > self.max_bytes:
                         return await self._too_large(send)
-                    if length is None:
-                        if self.held + len(data) > self.total_bytes:
-                            return await self._full(send)
-                        self.held += len(data)
-                        counted += len(data)
+                    if self.held + len(data) > self.total_bytes:
+                        return await self._full(send)
+                    self.held += len(data)
+                    counted += len(data)
                     spool.write(data)
                     if not message.get("more_body", False):
                         break
