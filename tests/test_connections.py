@@ -34,13 +34,16 @@ class Clock:
 class FakeTransport:
     def __init__(self):
         self.written = b""
-        self.closed = False
+        self.closed = self.aborted = False
 
     def write(self, data: bytes) -> None:
         self.written += data
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:  # closes at once, whatever is still buffered
+        self.closed = self.aborted = True
 
     def is_closing(self) -> bool:
         return self.closed
@@ -139,6 +142,32 @@ def test_idle_and_lingering_connections_end():
     clock.t += 10
     g.sweep()
     assert t_idle.closed and t_idle.written == b""
+
+
+def test_an_answer_the_client_does_not_read_is_cut_after_the_send_timeout():
+    """A never-read stream held its connection and its request's audio for ever (busy
+    has no deadline): once the transport pauses writing, it must drain in time."""
+    clock = Clock()
+    g = guard(clock)
+    stuck, t_stuck = object(), FakeTransport()
+    slow, t_slow = object(), FakeTransport()
+    for p, t in ((stuck, t_stuck), (slow, t_slow)):
+        g.opened(p, t)
+        g.heard(p)
+        g.phase(p, BODY)
+        g.phase(p, BUSY)  # its answer is being streamed
+        g.writing(p, paused=True)  # the socket's buffers are full
+    for _ in range(59):
+        clock.t += 1
+        g.writing(slow, paused=False)  # it reads a little, then falls behind again
+        g.writing(slow, paused=True)
+        g.writing(stuck, paused=True)  # paused again says nothing new
+        assert g.sweep() == 0
+    clock.t += 2
+    assert g.sweep() == 1
+    # aborted: close() would wait for its buffers to drain, for ever
+    assert t_stuck.aborted and t_stuck.written == b""  # its status line went long ago
+    assert not t_slow.closed and g.stats()["timed_out"] == 1
 
 
 def test_at_the_cap_the_oldest_header_sender_makes_room_and_busy_ones_stay():

@@ -245,6 +245,9 @@ class PoolConfig(BaseModel):
     body_timeout_s: float = FRONT(10.0, "a request body keeps body_min_rate over this", gt=0)
     body_min_rate: float = FRONT(1024.0, "slowest request body accepted, bytes/s", gt=0)
     body_deadline_s: float = FRONT(120.0, "a request body must be whole within this", gt=0)
+    send_timeout_s: float = FRONT(
+        60.0, "a client that reads none of an answer for this long (its buffers full) is cut", gt=0
+    )
     body_spool_kb: int = FRONT(64, "a larger request body waits on disk ($TMPDIR)", ge=1)
     spool_limit_mb: float = FRONT(4096.0, "disk all bodies on disk at once may take, MiB", gt=0)
     max_decodes: int = FRONT(2, "voice uploads decoded at once", gt=0)

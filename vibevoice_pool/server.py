@@ -293,6 +293,7 @@ def connection_guard(cfg: PoolConfig):
         body_timeout_s=cfg.body_timeout_s,
         body_min_rate=cfg.body_min_rate,
         body_deadline_s=cfg.body_deadline_s,
+        send_timeout_s=cfg.send_timeout_s,
         client_max_connections=cfg.client_max_connections,
         client_max_streams=cfg.client_max_streams,
     )

@@ -17,6 +17,10 @@ connection's phase to the one ConnectionGuard of the server, here:
                size, and at least body_min_rate bytes/s over every window of
                body_timeout_s (a stalled body is cut however much it sent)
       busy     the app holds the request: no deadline here (request_timeout_s)
+      stalled  in any phase, an answer the client does not read: once the socket's
+               buffers are full (the transport paused writing), it must drain within
+               send_timeout_s, else the connection is closed (a never-read stream
+               held its request's audio, and its place, for ever)
       idle     keep-alive between requests: uvicorn's timeout_keep_alive, and
                header_timeout_s here (bytes that start no request do not reset it)
       linger   answered before its body arrived (400, 401, 403, 413...): the rest
@@ -159,6 +163,7 @@ class _Conn:
     mark: tuple[float, int] = (0.0, 0)  # start of the body's rate window: (time, got)
     spoke: bool = False  # any byte received (a silent one is closed without a 408)
     health: bool = False  # the request in progress is /health or /ready
+    stalled: float | None = None  # since when its answer waits for the client to read
 
     @property
     def in_app(self) -> bool:
@@ -176,6 +181,7 @@ class ConnectionGuard:
         body_timeout_s: float,
         body_min_rate: float,
         body_deadline_s: float = 120.0,
+        send_timeout_s: float = 60.0,
         client_max_connections: int = 64,
         client_max_streams: int = 32,
         clock: Callable[[], float] = time.monotonic,
@@ -185,6 +191,7 @@ class ConnectionGuard:
         self.body_timeout_s = body_timeout_s
         self.body_min_rate = body_min_rate
         self.body_deadline_s = body_deadline_s
+        self.send_timeout_s = send_timeout_s
         self.client_cap = client_max_connections
         self.client_streams = client_max_streams
         self.clock = clock
@@ -286,6 +293,17 @@ class ConnectionGuard:
         if c is not None and c.phase == BODY:
             c.got += n
 
+    def writing(self, proto, paused: bool) -> None:
+        """The transport paused writing (the client reads slower than the answer
+        comes, its buffers are full) or resumed (it read)."""
+        c = self.conns.get(proto)
+        if c is None:
+            return
+        if not paused:
+            c.stalled = None
+        elif c.stalled is None:
+            c.stalled = self.clock()
+
     def lingering(self, proto) -> bool:
         c = self.conns.get(proto)
         return c is not None and c.phase == LINGER
@@ -293,6 +311,8 @@ class ConnectionGuard:
     # ---- deadlines -------------------------------------------------------------
 
     def late(self, c: _Conn, now: float) -> bool:
+        if c.stalled is not None and now - c.stalled > self.send_timeout_s:
+            return True
         if c.phase == HEADERS or c.phase == IDLE:
             return now - c.since > self.header_timeout_s
         if c.phase == LINGER:
@@ -358,9 +378,14 @@ class ConnectionGuard:
 
     def _close(self, proto, c: _Conn, answer: bytes) -> None:
         """Forget it and close it; `answer` goes to a connection that asked and has no
-        answer yet (its headers begun, or its body arriving)."""
+        answer yet (its headers begun, or its body arriving). One whose client stopped
+        reading is aborted: close() would wait for its full buffers to drain, for ever,
+        keeping the socket, and the app blocked in its send holding the request."""
         self.conns.pop(proto, None)
         self._forget(proto, c)
+        if c.stalled is not None:
+            c.transport.abort()
+            return
         if (c.phase == HEADERS and c.spoke) or c.phase == BODY:
             c.transport.write(answer)
         c.transport.close()

@@ -10,6 +10,8 @@ reach the app.
     on_headers_complete two Host headers: 400 bad_host; a client over its streams:
                         429 (guard.request); else the app gets the request (body phase)
     on_message_complete the request is whole: busy
+    pause_writing /     the client stopped reading an answer / read again: the guard's
+    resume_writing      send_timeout_s runs while it is paused
     on_response_complete idle, or linger when the body had not all arrived (answered
                         early: 400 bad_host, 401, 403, 413...): the rest is read and
                         dropped, and the connection closed unless it is whole in LINGER_S
@@ -166,6 +168,14 @@ def guarded_protocol(guard: ConnectionGuard, max_header_bytes: int = 64 * 1024) 
                 return
             busy = self.cycle is not None and not self.cycle.response_complete
             guard.phase(self, BUSY if busy else IDLE)
+
+        def pause_writing(self) -> None:
+            guard.writing(self, paused=True)  # the client is not reading: a deadline
+            super().pause_writing()
+
+        def resume_writing(self) -> None:
+            guard.writing(self, paused=False)
+            super().resume_writing()
 
         def handle_websocket_upgrade(self) -> None:
             guard.phase(self, BUSY)  # the WebSocket protocol owns it from here
