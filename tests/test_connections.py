@@ -246,6 +246,31 @@ def test_at_the_global_cap_the_heaviest_client_makes_room_even_when_busy():
     assert not g2.opened(object(), t3, "10.0.0.3") and status(t3) == 503
 
 
+def test_at_the_global_cap_a_crowd_of_one_connection_clients_of_one_network_makes_room():
+    """Each IPv6 /64 is a client of its own, so one site's /48 holds 65,536 of them: at the
+    cap, when no client holds more than another, their network is weighed instead."""
+    clock = Clock()
+    g = guard(clock, cap=6, per_client=10)
+    crowd = []
+    for i in range(5):  # five /64s of one /48, one busy connection each
+        p, t = object(), FakeTransport()
+        assert g.opened(p, t, f"2001:db8:1:{i:x}::1")
+        g.phase(p, BUSY)
+        crowd.append(t)
+        clock.t += 1
+    other, t_other = object(), FakeTransport()
+    assert g.opened(other, t_other, "192.0.2.7")
+    g.phase(other, BUSY)
+    health, t_health = object(), FakeTransport()  # a health check from elsewhere gets in
+    assert g.opened(health, t_health, "198.51.100.9")
+    assert crowd[0].closed and status(crowd[0]) == 0 and not t_other.closed
+    assert not any(t.closed for t in crowd[1:])
+    g.phase(health, BUSY)
+    # the crowd's own newcomer does not: its network already holds the most
+    t_more = FakeTransport()
+    assert not g.opened(object(), t_more, "2001:db8:1:ff::1") and status(t_more) == 503
+
+
 def test_a_client_over_its_streams_is_refused_but_health_checks_and_others_pass():
     clock = Clock()
     g = guard(clock, per_client=10, streams=3, cap=100)

@@ -44,6 +44,7 @@ time, and a client under its share always gets in.
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import ipaddress
 import json
@@ -111,6 +112,17 @@ def client_of(address: str | None) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def network_of(client: str) -> str:
+    """The network a client (client_of) belongs to, weighed when the table is full and
+    no one client holds more than another: an IPv4 /24, an IPv6 /48 (one site's
+    allocation: its 65,536 /64s, each a client of its own, are one network here)."""
+    if client == "local":
+        return client
+    net = ipaddress.ip_network(client, strict=False)
+    return str(net.supernet(new_prefix=24 if net.version == 4 else 48))
 
 
 def raw_error(status: int, code: str, message: str) -> bytes:
@@ -354,7 +366,8 @@ class ConnectionGuard:
 
     def _make_room(self, client: str) -> bool:
         """At the global cap: the heaviest client loses its oldest connection when it
-        holds more than the newcomer's client; else the oldest connection waiting
+        holds more than the newcomer's client; else the heaviest network (network_of),
+        when it holds more than the newcomer's network; else the oldest connection waiting
         for its headers, or idle, goes. False when none can go."""
         heaviest = max(self.by_client, key=lambda k: len(self.by_client[k]), default=None)
         if heaviest is not None:
@@ -362,6 +375,14 @@ class ConnectionGuard:
             if theirs > len(self.by_client.get(client, {})) + 1:
                 self._evict(self._victim(heaviest), CLIENT_FULL)
                 return True
+        # many clients of one connection each: weigh their networks the same way
+        nets: dict[str, list] = {}
+        for k, mine in self.by_client.items():
+            nets.setdefault(network_of(k), []).extend(mine)
+        crowd = max(nets.values(), key=len, default=[])
+        if len(crowd) > len(nets.get(network_of(client), ())) + 1:
+            self._evict(min(crowd, key=lambda p: self._rank(self.conns[p])), CLIENT_FULL)
+            return True
         for wanted in (HEADERS, IDLE, LINGER):
             oldest = None
             for proto, c in self.conns.items():
