@@ -225,3 +225,20 @@ def test_the_number_of_speakers_is_a_choice_of_one_to_four_and_shows_that_many_v
             )
     finally:
         page.context.close()
+
+
+def test_the_jobs_table_scrolls_on_a_phone_rather_than_break_its_words(browser, srv):
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
+    page = context.new_page()
+    try:
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(srv.url + "/")
+        page.get_by_role("tab", name="Jobs").click()
+        table = page.wait_for_selector("#vv-jobs-table table")
+        # squeezed into the phone's width, each column was a letter or two wide
+        assert table.bounding_box()["width"] >= 700
+        page.screenshot(path=str(SHOTS / "jobs-phone.png"), full_page=True)
+    finally:
+        context.close()

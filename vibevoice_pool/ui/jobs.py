@@ -31,6 +31,11 @@ from workers.wire.messages import PoolError
 REFRESH_S = 2.0
 MAX_ROWS = 50
 COLUMNS = ["job", "state", "progress", "audio", "submitted", "error"]
+# The table keeps its width on a phone and scrolls sideways: squeezed, its headers
+# and ids broke a letter a line.
+JOBS_CSS = """
+#vv-jobs-table table { min-width: 760px; }
+"""
 FORMATS = ["wav", "mp3", "flac", "opus", "aac"]
 SECRET_FILE = "page.secret"
 
@@ -131,7 +136,13 @@ def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
                 submit = gr.Button(i18n("jobs_submit"), variant="primary")
         message = gr.Markdown()
         table = gr.Dataframe(
-            headers=COLUMNS, value=[], interactive=False, wrap=True, label=i18n("jobs_table")
+            headers=COLUMNS,
+            value=[],
+            interactive=False,
+            wrap=True,
+            label=i18n("jobs_table"),
+            pinned_columns=1,  # the job id stays in view when a phone scrolls it
+            elem_id="vv-jobs-table",  # JOBS_CSS: a narrow screen scrolls it, never squeezes it
         )
         with gr.Row():
             cancel_id = gr.Textbox(label=i18n("jobs_cancel_id"), placeholder="job id", scale=3)

@@ -14,6 +14,7 @@ import gradio as gr
 from vibevoice_pool.script import MAX_SPEAKERS
 from vibevoice_pool.ui.charts import CHARTS_CSS
 from vibevoice_pool.ui.i18n import gradio_i18n
+from vibevoice_pool.ui.jobs import JOBS_CSS
 from vibevoice_pool.ui.panel import PANEL_CSS
 from workers.wire import messages as m
 
@@ -54,6 +55,7 @@ EXAMPLES = [
 PAGE_CSS = (
     PANEL_CSS
     + CHARTS_CSS
+    + JOBS_CSS
     + """
 .vv-progress { font-size: 0.95em; }
 .vv-progress-bar { height: 6px; border-radius: 3px; background: var(--border-color-primary);
