@@ -237,16 +237,40 @@ def test_cors_only_for_the_configured_origins(tmp_path):
             },
         )
         assert jobs.status_code == 200
-        refused = client.options(  # a header it does not allow: the API's error shape
-            "/v1/jobs",
+        # the openai package in a browser (dangerouslyAllowBrowser) sends its own
+        # headers on every call: its preflight passes, each header allowed by name
+        sdk = [
+            "authorization",
+            "content-type",
+            "openai-organization",
+            "openai-project",
+            "x-stainless-arch",
+            "x-stainless-lang",
+            "x-stainless-os",
+            "x-stainless-package-version",
+            "x-stainless-retry-count",
+            "x-stainless-runtime",
+            "x-stainless-runtime-version",
+            "x-stainless-timeout",
+        ]
+        speech = client.options(
+            "/v1/audio/speech",
             headers={
                 "Origin": "https://ok.example",
-                "Access-Control-Request-Method": "GET",
-                "Access-Control-Request-Headers": "x-secret",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": ",".join(sdk),
             },
         )
+        assert speech.status_code == 200, speech.text
+        allowed = speech.headers["access-control-allow-headers"].lower()
+        assert set(sdk) <= {h.strip() for h in allowed.split(",")}
+        assert speech.headers["access-control-allow-origin"] == "https://ok.example"
+        refused = client.options(  # a method it does not allow: the API's error shape
+            "/v1/jobs",
+            headers={"Origin": "https://ok.example", "Access-Control-Request-Method": "PUT"},
+        )
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "cors_refused"
-        assert "Disallowed CORS headers" in refused.json()["error"]["message"]
+        assert "Disallowed CORS method" in refused.json()["error"]["message"]
         listed = client.get("/v1/voices", headers={"Origin": "https://ok.example"})
         exposed = listed.headers["access-control-expose-headers"].lower()
         assert {"x-owner-token", "retry-after", "location"} <= set(exposed.split(", "))

@@ -181,9 +181,11 @@ def _middlewares(app: FastAPI, front: Front) -> None:
             _JsonCors,
             allow_origins=list(front.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            # X-Owner-Token: a keyless page on another origin keeps its jobs by it
-            # (the cookie is SameSite=strict, so it does not cross origins)
-            allow_headers=["Authorization", "Content-Type", "X-Owner-Token", "Range"],
+            # Any request header, echoed back: the origins are the boundary, not the
+            # headers. The openai package in a browser sends its X-Stainless-* headers
+            # (and OpenAI-Organization, OpenAI-Project) on every call, and a keyless page
+            # keeps its jobs by X-Owner-Token (the cookie is SameSite=strict).
+            allow_headers=["*"],
             expose_headers=[
                 "X-Request-Id",
                 "X-Seed",
