@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 
 import av
 import httpx
@@ -97,6 +98,14 @@ def test_sse_stream_format_sends_openai_events(srv):
     deltas = [e for e in events if e["type"] == "speech.audio.delta"]
     audio = b"".join(base64.b64decode(e["audio"]) for e in deltas)
     assert len(deltas) > 1 and len(audio) > 24000
+    # OpenAI's usage: clients typed from its spec require the three token counts
+    usage = events[-1]["usage"]
+    counts = [usage[k] for k in ("input_tokens", "output_tokens", "total_tokens")]
+    assert all(isinstance(n, int) and n >= 0 for n in counts)
+    assert counts[2] == counts[0] + counts[1]
+    seconds = len(audio) / 2 / 24000
+    assert usage["audio_seconds"] == pytest.approx(seconds, abs=1e-3)
+    assert usage["output_tokens"] == math.ceil(round(seconds * 7.5, 6))  # 7.5 audio tokens/s
 
 
 def test_unsupported_format_is_a_clear_400(client):

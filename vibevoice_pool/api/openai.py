@@ -16,7 +16,8 @@
   file instead, with X-Audio-Seconds; flac is whole unless `"stream": true`
   (a streamed FLAC cannot say its length, and libsndfile will not read it).
   `"stream_format": "sse"` sends OpenAI's events: speech.audio.delta with
-  base64 audio, then speech.audio.done.
+  base64 audio, then speech.audio.done with OpenAI's usage (input_tokens,
+  output_tokens, total_tokens; and audio_seconds) and stop_reason.
 - Extensions: seed, cfg_scale, inference_steps, stream.
 
 What clients list before they speak (Open WebUI, SillyTavern, Kokoro-FastAPI's
@@ -37,6 +38,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import time
 from typing import Annotated, Literal
 from urllib.parse import quote
@@ -65,6 +67,7 @@ from workers.wire import messages as m
 # Names clients send as `model`; every one is this server's single model.
 MODEL_IDS = ("vibevoice", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 OWNER = "vibevoice-pool"
+AUDIO_TOKENS_PER_S = 7.5  # VibeVoice's acoustic tokenizer: one token per 3200 samples
 
 
 class VoiceId(BaseModel):
@@ -153,13 +156,26 @@ async def _sse(handle, fmt: str, extra_headers: dict):
         yield event(
             {
                 "type": "speech.audio.done",
-                "usage": {"audio_seconds": round(done.audio_s, 3)},
+                "usage": usage(done.audio_s),
                 "stop_reason": done.stop_reason,
             }
         )
 
     headers = headers_for(handle) | extra_headers | STREAM_HEADERS
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def usage(audio_s: float) -> dict:
+    """speech.audio.done's usage: OpenAI's three token counts (clients typed from its
+    spec require them) and the audio's seconds. The output tokens are the model's
+    audio tokens (7.5 a second); the text's are not counted here (0)."""
+    out = math.ceil(round(audio_s * AUDIO_TOKENS_PER_S, 6))
+    return {
+        "input_tokens": 0,
+        "output_tokens": out,
+        "total_tokens": out,
+        "audio_seconds": round(audio_s, 3),
+    }
 
 
 def _b64(data: bytes) -> str:

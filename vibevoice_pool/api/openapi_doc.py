@@ -95,7 +95,16 @@ SPEECH_EVENT = {  # the JSON of one event of stream_format "sse" (openai_api._ss
     "properties": {
         "type": {"enum": ["speech.audio.delta", "speech.audio.done", "error"]},
         "audio": {"type": "string", "description": "base64 of the next bytes of the file"},
-        "usage": {"type": "object"},
+        "usage": {
+            "type": "object",
+            "required": ["input_tokens", "output_tokens", "total_tokens"],
+            "properties": {
+                "input_tokens": {"type": "integer"},
+                "output_tokens": {"type": "integer", "description": "audio tokens, 7.5 a second"},
+                "total_tokens": {"type": "integer"},
+                "audio_seconds": {"type": "number"},
+            },
+        },
         "error": {"type": "object"},
     },
 }
