@@ -32,6 +32,13 @@ POLL_S = 1.0
 UNREACHABLE_GIVE_UP_S = 300.0  # a restarting server gets this long to come back
 DOWNLOAD_TRIES = 5
 EXIT_INTERRUPTED = 130
+# a done job's stop_reason that means its audio was cut (docs/OPERATIONS.md, "When a
+# request stops"): said after the file is written, which it still is
+CUT_SHORT = {
+    "max_audio": "it reached its max_audio_s, or the server's --max-audio-s",
+    "runaway_cap": "the model did not end the speech, and the runaway cap cut it",
+    "context": "the model's context was full",
+}
 
 
 OWNER_FILE_ENV = "VIBEVOICE_POOL_OWNER_FILE"
@@ -202,6 +209,9 @@ def _download(url: str, job: dict, output: str, api_key: str | None) -> int:
         return 1
     os.replace(tmp, output)
     _say(f"wrote {output}: {job['result']['audio_s']:.2f} s, seed {job['seed']}, job {job['id']}")
+    reason = job.get("stop_reason")
+    if reason in CUT_SHORT:
+        _say(f"note: the audio stops before the script's end ({reason}): {CUT_SHORT[reason]}")
     return 0
 
 
