@@ -335,3 +335,12 @@ def test_synth_cli_writes_the_format_asked_and_refuses_bad_paths_in_one_line(srv
         assert p.returncode == 1 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
         p = synth("--async", *args)
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    # a request that fails after its stream began (the sim's [[oom]]): the server was
+    # reached, and the terminal says the stream was cut, not "cannot reach"
+    cut = tmp_path / "cut.txt"
+    cut.write_text("Speaker 1: Hello [[oom]] from the terminal.")
+    out = tmp_path / "cut.wav"
+    p = synth("--script", str(cut), "-o", str(out))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "stream ended before the audio's end" in p.stderr, p.stderr
+    assert "cannot reach" not in p.stderr and not out.exists()

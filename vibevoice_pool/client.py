@@ -111,21 +111,16 @@ def synth(ns) -> int:
             r.read()
             return _fail(r)
         worker, seed = r.headers.get("x-worker", "?"), r.headers.get("x-seed", "?")
-        for data in r.iter_bytes():
-            got.extend(data)
-            made = (
-                f"{len(got) / 2 / SAMPLE_RATE:6.1f} s of audio"
-                if body["format"] == "pcm"
-                else f"{len(got) / 1024:7.0f} KiB of {fmt}"
-            )
-            secs = len(got) / 2 / SAMPLE_RATE if body["format"] == "pcm" else 0.0
-            bar = "#" * int(20 * min(1.0, secs / est)) if est else ""
-            print(
-                f"\r[{bar:<20}] {made} (about {est:.0f} s expected) "
-                f"on worker {worker}, {time.monotonic() - t0:5.1f} s",
-                end="",
-                file=sys.stderr,
-            )
+        try:
+            _receive(r, body["format"], fmt, got, est, worker, t0)
+        except httpx.RemoteProtocolError:  # a stream cut after its headers (speech.CutStream)
+            print(file=sys.stderr)
+            raise ClientError(
+                f"the stream ended before the audio's end ({len(got)} bytes in): the request "
+                "failed on the server after it began (the server's log says why), or the "
+                "connection dropped; nothing was written (--async runs it as a job, which "
+                "says why it failed)"
+            ) from None
     print(file=sys.stderr)
     if fmt not in LOCAL_FORMATS:  # the server's own bytes: pcm, opus, aac
         Path(ns.output).write_bytes(bytes(got))
@@ -137,6 +132,25 @@ def synth(ns) -> int:
     sf.write(ns.output, pcm, SAMPLE_RATE, format=LOCAL_FORMATS[fmt])
     print(f"wrote {ns.output}: {len(pcm) / SAMPLE_RATE:.2f} s, seed {seed}")
     return 0
+
+
+def _receive(r, sent: str, fmt: str, got: bytearray, est: float, worker: str, t0: float) -> None:
+    """Read the streamed audio into `got`, with a progress line on stderr."""
+    for data in r.iter_bytes():
+        got.extend(data)
+        made = (
+            f"{len(got) / 2 / SAMPLE_RATE:6.1f} s of audio"
+            if sent == "pcm"
+            else f"{len(got) / 1024:7.0f} KiB of {fmt}"
+        )
+        secs = len(got) / 2 / SAMPLE_RATE if sent == "pcm" else 0.0
+        bar = "#" * int(20 * min(1.0, secs / est)) if est else ""
+        print(
+            f"\r[{bar:<20}] {made} (about {est:.0f} s expected) "
+            f"on worker {worker}, {time.monotonic() - t0:5.1f} s",
+            end="",
+            file=sys.stderr,
+        )
 
 
 def status_table(pool: dict, lang: str | None = None) -> str:
