@@ -126,6 +126,7 @@ def test_unsupported_format_is_a_clear_400(client):
         ({"input": "   "}, 400, "input is empty"),
         ({"speed": 2.0}, 400, "speed"),
         ({"model": ""}, 400, "model"),
+        ({"voice": ""}, 400, "voice is empty"),  # one line, not a line per union branch
     ],
 )
 def test_bad_speech_requests_say_what_to_fix(srv, change, status, needle):
@@ -133,6 +134,8 @@ def test_bad_speech_requests_say_what_to_fix(srv, change, status, needle):
     r = srv.post("/v1/audio/speech", json=body)
     assert r.status_code == status
     assert needle in r.json()["error"]["message"]
+    assert "VoiceId" not in r.json()["error"]["message"]
+    assert "constrained" not in r.json()["error"]["message"]
     assert r.json()["error"]["code"] == ("voice_not_found" if status == 404 else "bad_input")
     assert r.json()["error"]["type"] == "invalid_request_error"
 
@@ -155,3 +158,27 @@ def test_models_and_voices_in_the_shapes_clients_read(srv, client):
         model=ids[0], voice=voices[0]["id"], input=TEXT, response_format="wav"
     )
     assert raw.headers["x-voice"] == voices[0]["id"]
+
+
+def test_null_is_unset_for_every_optional_field(srv):
+    """OpenAI's API reads null as unset; clients that send every option send nulls."""
+    nulls = {"speed": None, "response_format": None, "stream_format": None, "cfg_scale": None}
+    nulls |= {"instructions": None, "seed": None, "stream": None, "inference_steps": None}
+    body = {"model": "tts-1", "input": TEXT, "voice": "alloy"} | nulls
+    r = srv.post("/v1/audio/speech", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "audio/mpeg"  # the default format
+    assert len(r.content) > 1000
+
+
+def test_sse_flac_is_one_whole_file_libsndfile_reads(srv):
+    body = {"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "flac"}
+    body["stream_format"] = "sse"
+    with httpx.stream("POST", srv.url + "/v1/audio/speech", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: ")]
+    assert events[-1]["type"] == "speech.audio.done"
+    data = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    pcm, rate = sf.read(io.BytesIO(data), dtype="float32")
+    assert rate == 24000
+    assert len(pcm) / rate == pytest.approx(events[-1]["usage"]["audio_seconds"], abs=1e-3)

@@ -16,7 +16,8 @@
   file instead, with X-Audio-Seconds; flac is whole unless `"stream": true`
   (a streamed FLAC cannot say its length, and libsndfile will not read it).
   `"stream_format": "sse"` sends OpenAI's events: speech.audio.delta with
-  base64 audio, then speech.audio.done with OpenAI's usage (input_tokens,
+  base64 audio (flac: one whole file's pieces once it is made, unless
+  `"stream": true`), then speech.audio.done with OpenAI's usage (input_tokens,
   output_tokens, total_tokens; and audio_seconds) and stop_reason.
 - Extensions: seed, cfg_scale, inference_steps, stream.
 
@@ -67,6 +68,7 @@ from workers.wire import messages as m
 # Names clients send as `model`; every one is this server's single model.
 MODEL_IDS = ("vibevoice", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 OWNER = "vibevoice-pool"
+SSE_PIECE = 48 * 1024  # bytes of a whole file's audio in one speech.audio.delta
 AUDIO_TOKENS_PER_S = 7.5  # VibeVoice's acoustic tokenizer: one token per 3200 samples
 
 
@@ -84,18 +86,19 @@ class SpeechBody(BaseModel):
         ..., description="a voice of /v1/voices (or an OpenAI name)"
     )
     instructions: str | None = Field(None, description="accepted; VibeVoice takes no style prompt")
-    response_format: str = Field(
-        "mp3", json_schema_extra={"enum": list(encoders.SUPPORTED_FORMATS)}
+    # null is unset for every optional field, as OpenAI's API reads it
+    response_format: str | None = Field(
+        "mp3", json_schema_extra={"enum": [*encoders.SUPPORTED_FORMATS, None]}
     )
-    speed: float = Field(  # OpenAI's range is 0.25-4.0; this server speaks at 1.0 only
-        1.0, ge=0.25, le=4.0, strict=True, json_schema_extra={"enum": [1.0]}
+    speed: float | None = Field(  # OpenAI's range is 0.25-4.0; this server speaks at 1.0 only
+        1.0, ge=0.25, le=4.0, strict=True, json_schema_extra={"enum": [1.0, None]}
     )
-    stream_format: Literal["audio", "sse"] = "audio"
+    stream_format: Literal["audio", "sse"] | None = "audio"
     stream: bool | None = Field(
         None, strict=True, description="stream while it is made (default: yes, but flac whole)"
     )
     seed: Seed | None = None
-    cfg_scale: float = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE, strict=True)
+    cfg_scale: float | None = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE, strict=True)
     inference_steps: Steps | None = None
 
 
@@ -120,9 +123,9 @@ def check(body: SpeechBody, max_chars: int) -> str:
             f"input has {len(body.input)} characters; the limit is {max_chars}. "
             "Split the text into several requests"
         )
-    if body.speed != 1.0:
+    if body.speed not in (None, 1.0):
         raise _bad("speed other than 1.0 is not supported by this server; leave it out")
-    return encoders.check_format(body.response_format)
+    return encoders.check_format(body.response_format or "mp3")
 
 
 def streams(body: SpeechBody, fmt: str) -> bool:
@@ -132,8 +135,23 @@ def streams(body: SpeechBody, fmt: str) -> bool:
     return body.stream if body.stream is not None else fmt != "flac"
 
 
-async def _sse(handle, fmt: str, extra_headers: dict):
-    """OpenAI's speech events: speech.audio.delta (base64) ..., speech.audio.done."""
+async def _whole(handle, fmt: str):
+    """The audio as one file once it is all made, in pieces of SSE_PIECE bytes (a
+    streamed FLAC cannot say its length, and libsndfile will not read it)."""
+    try:
+        async for _ in handle.stream():
+            pass
+    finally:
+        if not handle.done:
+            handle.cancel()  # the client went away
+    data, _ = await asyncio.to_thread(encoders.encode, handle.audio(), fmt)
+    for i in range(0, len(data), SSE_PIECE):
+        yield data[i : i + SSE_PIECE]
+
+
+async def _sse(handle, fmt: str, extra_headers: dict, whole: bool = False):
+    """OpenAI's speech events: speech.audio.delta (base64) ..., speech.audio.done;
+    `whole`: the deltas are one file's pieces, sent once it is all made."""
     try:
         await handle.started()
     except m.PoolError as e:
@@ -145,7 +163,8 @@ async def _sse(handle, fmt: str, extra_headers: dict):
 
     async def body():
         try:
-            async with contextlib.aclosing(encoded(handle, enc)) as pieces:
+            made = _whole(handle, fmt) if whole else encoded(handle, enc)
+            async with contextlib.aclosing(made) as pieces:
                 async for data in pieces:
                     if data:
                         yield event({"type": "speech.audio.delta", "audio": _b64(data)})
@@ -225,7 +244,7 @@ def router(front) -> APIRouter:
         synth = SynthesizeBody.model_construct(
             script=body.input,
             speakers=[Speaker.model_construct(voice=preset, audio=None)] if preset else [],
-            cfg_scale=body.cfg_scale,
+            cfg_scale=1.3 if body.cfg_scale is None else body.cfg_scale,
             inference_steps=body.inference_steps,
             seed=body.seed,
             format=fmt,
@@ -234,8 +253,8 @@ def router(front) -> APIRouter:
         req = await asyncio.to_thread(front.build_request, synth)
         handle = pool.submit(req)
         extra = {"X-Voice": quote(preset or MODEL_VOICE), "X-Model": quote(body.model)}
-        if body.stream_format == "sse":
-            return await _sse(handle, fmt, extra)
+        if body.stream_format == "sse":  # flac in whole pieces, unless "stream": true
+            return await _sse(handle, fmt, extra, whole=fmt == "flac" and body.stream is not True)
         if stream:
             resp = await stream_response(handle, fmt)
         else:

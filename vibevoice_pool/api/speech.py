@@ -313,14 +313,39 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _union_tag(part) -> bool:
+    """A part of a location that names a branch of a union (constrained-str, VoiceId,
+    function-after[...]), not a field: the bodies' fields are lower-case names."""
+    return isinstance(part, str) and (part[:1].isupper() or "-" in part or "[" in part)
+
+
 def _where(loc) -> str:
     """pydantic's location as a reader writes it: speakers[0].audio."""
     out = ""
     for part in loc:
-        if part == "body":
+        if part == "body" or _union_tag(part):
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
+
+
+def _one_branch(errors) -> list:
+    """A value that fits no branch of a union gets an error from each: keep those of
+    the branch of its own kind (a string's from the string branch), one field once."""
+    by_field: dict[str, list] = {}
+    for e in errors:
+        by_field.setdefault(_where(e.get("loc", ())), []).append(e)
+    out = []
+    for group in by_field.values():
+        if len(group) > 1 and any(any(map(_union_tag, e.get("loc", ()))) for e in group):
+            mine = [
+                e
+                for e in group
+                if isinstance(e.get("input"), str) == e.get("type", "").startswith("string_")
+            ]
+            group = mine or group
+        out += group
+    return out
 
 
 # a body each JSON route takes, for the message that says what to send instead
@@ -337,7 +362,7 @@ def describe_invalid(errors, path: str = "", content_type: str | None = None) ->
     example = EXAMPLE_BODIES.get(path, EXAMPLE_BODY)
     ctype = (content_type or "").split(";")[0].strip().lower()
     parts = []
-    for e in errors:
+    for e in _one_branch(errors):
         where = _where(e.get("loc", ()))
         kind = e.get("type", "")
         if kind == "json_invalid":
