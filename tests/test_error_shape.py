@@ -95,7 +95,7 @@ def test_every_error_is_in_openai_shape_with_the_right_status(
     assert r.status_code == status, f"{what}: {r.status_code} {r.text[:300]}"
     assert r.headers["content-type"].startswith("application/json"), what
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code"}
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     err = body["error"]
     assert err["code"] == code, what
     assert err["type"] == "invalid_request_error", what
@@ -230,6 +230,7 @@ def test_an_unforeseen_failure_is_a_500_in_the_same_shape(tmp_path):
             "error": {
                 "message": "the server failed on this request (KeyError)",
                 "type": "server_error",
+                "param": None,
                 "code": "internal_error",
             }
         }

@@ -273,14 +273,19 @@ class ApiKeyMiddleware:
         if self.allow is not None and self.allow(path):
             return await self.app(scope, receive, send)
         self._refuse("unauthorized")
+        said = (
+            "the API key sent is not one of this server's keys"
+            if given
+            else "this server needs an API key"
+        )
         await send_json(
             send,
             401,
             error_body(
                 401,
                 "unauthorized",
-                "this server needs an API key: send the header 'Authorization: Bearer <key>' "
-                "(the key given to the server with --api-key or $" + API_KEY_ENV + ")",
+                f"{said}: send the header 'Authorization: Bearer <key>' (the key given to "
+                f"the server with --api-key or ${API_KEY_ENV})",
             ),
             [(b"www-authenticate", b"Bearer")],
         )

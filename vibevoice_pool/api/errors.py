@@ -1,6 +1,6 @@
 """Every error the HTTP API answers, in OpenAI's error shape:
 
-    {"error": {"message": "...", "type": "...", "code": "..."}}
+    {"error": {"message": "...", "type": "...", "param": null, "code": "..."}}
 
 400 bad input, 401 no key, 403 refused, 404 no such route or thing (a voice a
 request names: voice_not_found), 405 wrong method (with Allow), 413 too large,
@@ -90,7 +90,9 @@ def error_type(status: int) -> str:
 
 
 def error_body(status: int, code: str, message: str) -> dict:
-    return {"error": {"message": message, "type": error_type(status), "code": code}}
+    """OpenAI's error shape, `param` included (OpenAI's SDK reads it; always null here:
+    the message names the field)."""
+    return {"error": {"message": message, "type": error_type(status), "param": None, "code": code}}
 
 
 def error_response(err: PoolError) -> JSONResponse:

@@ -41,6 +41,7 @@ ERROR_SCHEMA = {
             "properties": {
                 "message": {"type": "string"},
                 "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
                 "code": {"type": "string"},
             },
         }
@@ -148,7 +149,9 @@ def _error(status: str, codes: tuple[str, ...] = ()) -> dict:
     if codes:
         description += " (error.code: " + ", ".join(codes) + ")"
         json_["examples"] = {
-            code: {"value": {"error": {"message": "...", "type": "error", "code": code}}}
+            code: {
+                "value": {"error": {"message": "...", "type": "error", "param": None, "code": code}}
+            }
             for code in codes
         }
     return {"description": description, "content": {"application/json": json_}}
