@@ -158,6 +158,11 @@ def test_models_and_voices_in_the_shapes_clients_read(srv, client):
         model=ids[0], voice=voices[0]["id"], input=TEXT, response_format="wav"
     )
     assert raw.headers["x-voice"] == voices[0]["id"]
+    # /openapi.json types the lists, for clients generated from it
+    spec = srv.get("/openapi.json").json()
+    for path in ("/v1/models", "/v1/models/{model_id}", "/v1/audio/models", "/v1/audio/voices"):
+        schema = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]
+        assert schema["schema"].get("$ref", "").startswith("#/components/schemas/"), path
 
 
 def test_null_is_unset_for_every_optional_field(srv):

@@ -102,6 +102,31 @@ class SpeechBody(BaseModel):
     inference_steps: Steps | None = None
 
 
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Named(BaseModel):
+    id: str
+    name: str
+
+
+class AudioModels(BaseModel):
+    models: list[Named]
+
+
+class AudioVoices(BaseModel):
+    voices: list[Named] | list[str]
+
+
 def _bad(message: str) -> m.PoolError:
     return m.PoolError(m.ErrorKind.BAD_INPUT, message)
 
@@ -211,11 +236,11 @@ def router(front) -> APIRouter:
     def model(model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": OWNER}
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", response_model=ModelList)
     async def list_models():
         return {"object": "list", "data": [model(i) for i in MODEL_IDS]}
 
-    @router.get("/v1/models/{model_id}")
+    @router.get("/v1/models/{model_id}", response_model=ModelCard)
     async def get_model(model_id: str):
         if model_id not in MODEL_IDS:
             return plain_error(
@@ -223,11 +248,11 @@ def router(front) -> APIRouter:
             )
         return model(model_id)
 
-    @router.get("/v1/audio/models")
+    @router.get("/v1/audio/models", response_model=AudioModels)
     async def audio_models():
         return {"models": [{"id": i, "name": i} for i in MODEL_IDS]}
 
-    @router.get("/v1/audio/voices")
+    @router.get("/v1/audio/voices", response_model=AudioVoices)
     async def audio_voices(names: bool = False):
         presets = front.voices.names()
         if names:
