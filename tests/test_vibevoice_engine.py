@@ -435,3 +435,28 @@ def test_the_runaway_cap_cuts_a_model_that_never_ends_and_says_so(engine, monkey
     whole = run(engine, [req("cut", est_audio_s=2.0, seed=3)])
     assert whole.reasons["cut"] == "estimate" and len(whole.audio("cut")) == 15 * HOP_SAMPLES
     np.testing.assert_allclose(sink.audio("cut")[: 15 * HOP_SAMPLES], whole.audio("cut"), atol=1e-5)
+
+
+def test_a_voiced_row_beside_a_prefill_that_raises_keeps_its_own_voice_noise(engine, monkeypatch):
+    """The joining rows' batched prefill draws each voice's latent noise from its row's
+    generator before it raises; the rows prefilled again one by one must draw it again
+    from the same state, so that a voiced row beside a bad one sounds as it does alone."""
+    steps = engine.steps
+    sr = SAMPLE_RATE
+    voice = (0.2 * np.sin(2 * np.pi * 180 * np.arange(sr * 7 // 10) / sr)).astype(np.float32)
+    mate = req("voiced", (0, "Short one."), seed=4, est_audio_s=1.0, voices=(voice,))
+    alone = run(engine, [mate]).audio("voiced")
+    real = steps._run_prefill
+
+    def prefill(rows, *args, **kw):  # raises after the prompt embeds (and the noise)
+        if any(r.id == "poison" for r in rows):
+            raise RuntimeError("simulated: a prefill that raises")
+        return real(rows, *args, **kw)
+
+    monkeypatch.setattr(steps, "_run_prefill", prefill)
+    sink = run(engine, [req("poison", seed=5, est_audio_s=0.4), mate])
+    assert sink.outcome("poison")[0] == "fail"
+    got = sink.audio("voiced")
+    assert len(got) == len(alone)
+    assert np.abs(got - alone).max() < 1e-4 * np.abs(alone).max()
+    assert steps.live == 0 and steps.kv.held_blocks() == 0

@@ -6,7 +6,9 @@ halves the rows), each joining row is prefilled alone, and a row whose own
 prefill raises fails by itself with engine_error. The rows already running and
 the newcomers that prefill cleanly go on: one request's bad prompt never fails
 another caller's request. A row alone is prefilled exactly as in a batch of
-one, so its audio is what it would have been had it joined alone.
+one, so its audio is what it would have been had it joined alone: the batch drew
+its voices' latent noise from each row's generator before it raised, so each
+generator goes back to its state before the batch first.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ log = logging.getLogger("vibevoice_pool.worker")
 
 def prefill_joining(engine: Any, rows: list[Row], sink: Any) -> tuple[list[Row], Any]:
     """(the rows that joined, their last hidden states (n, H) or None when none did)."""
+    states = [row.state.generator.get_state() for row in rows]
     try:
         return rows, engine._prefill(rows)
     except torch.cuda.OutOfMemoryError:
@@ -34,7 +37,8 @@ def prefill_joining(engine: Any, rows: list[Row], sink: Any) -> tuple[list[Row],
             _fail(rows[0], err, sink)
             return [], None
     kept, hidden = [], []
-    for row in rows:
+    for row, state in zip(rows, states, strict=True):
+        row.state.generator.set_state(state)  # the noise the batch drew is drawn again
         try:
             hidden.append(engine._prefill([row]))
         except torch.cuda.OutOfMemoryError:
