@@ -239,3 +239,39 @@ def test_history_rides_with_the_audio_hop_for_hop(engine):
             counts.append((sink.logs[r.id].samples, len(sink.pcm(r.id))))
     assert counts and all(a == b for a, b in counts)
     assert sink.logs[r.id].samples == 15 * HOP_SAMPLES
+
+
+def test_a_resume_that_fails_as_it_joins_gives_back_its_blocks_and_its_slot(engine, monkeypatch):
+    """bring_in raising once it has taken the row's KV blocks and its stream slot (on a
+    GPU: out of memory while it rebuilds the stream caches, or grows the pool) leaves
+    nothing held: the engine is as it was, and the next rows still find a slot."""
+    import torch
+
+    from workers.engines.vibevoice import resume
+
+    r = req("leak", seed=61, est_audio_s=2.0)
+    sink = Sink()
+    first = engine.prepare(r)
+    engine.admit(first)
+    run(engine, sink, until=lambda: first.steps >= 6)
+    engine.cancel(r.id)
+    history = sink.logs[r.id].snapshot()
+    steps = engine.steps
+    assert steps.live == 0 and steps.kv.live == 0
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(resume, "_rebuild_streams", oom)
+    for k in range(steps.slot_count + 1):  # more failures than there are slots
+        again = Request(**{**r.__dict__, "id": f"leak-{k}", "attempt": 2, "resume": history})
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            engine.admit(engine.prepare(again))
+        assert steps.live == 0
+        assert steps.kv.live == 0 and steps.kv.held_blocks() == 0
+        assert sorted(steps.free_slots) == list(range(steps.slot_count))
+    monkeypatch.undo()
+    after = Sink()
+    engine.admit(engine.prepare(req("after", seed=62, est_audio_s=0.4)))
+    run(engine, after)
+    assert after.ends == {"after": "estimate"} and len(after.pcm("after")) == 3 * HOP_SAMPLES

@@ -12,7 +12,8 @@ now and then. The step engine (step.py) calls two hooks:
                                 (the reason is logged; the listener still hears no
                                 repeat: the parent skips what it has)
     bring_in(engine, row)       at admit, between two steps: the row joins the
-                                running set as if it had never left
+                                running set as if it had never left (one that
+                                raises gives back the blocks and slot it took)
 
 bring_in rebuilds, without running a single decode step:
   - the next input embedding of every step, from its token or its feedback
@@ -104,14 +105,19 @@ def bring_in(eng: Any, row: Row) -> None:
         _restore_noise(eng, gen, toks, hist.noise)
         latents = _stream_window(eng, toks, fed)
         # every piece is built: now the row joins (nothing above touched the engine)
-        _join_kv(eng, row, pos_layers, pos_len, *neg)
-        row.slot = eng.free_slots.pop(0)
-        slot = to_device([row.slot], eng.device)
-        eng.speech.zero(slot)
-        if len(latents):
-            _rebuild_streams(eng, slot, latents)
-        nxt = made[-1:][:, None].to(eng.dtype)
-        eng.embeds = nxt if eng.embeds is None else torch.cat([eng.embeds, nxt])
+        try:
+            _join_kv(eng, row, pos_layers, pos_len, *neg)
+            row.slot = eng.free_slots.pop(0)
+            slot = to_device([row.slot], eng.device)
+            eng.speech.zero(slot)
+            if len(latents):
+                _rebuild_streams(eng, slot, latents)
+            nxt = made[-1:][:, None].to(eng.dtype)
+            embeds = nxt if eng.embeds is None else torch.cat([eng.embeds, nxt])
+        except BaseException:  # out of memory on a GPU, any bug: the engine as it was
+            _leave(eng, row)
+            raise
+        eng.embeds = embeds
         eng.rows.append(row)
     log.info(
         "request %s resumed at step %d (%.1f s of audio): 1 prefill of %d positions, "
@@ -123,6 +129,18 @@ def bring_in(eng: Any, row: Row) -> None:
         len(neg_cols),
         len(latents),
     )
+
+
+def _leave(eng: Any, row: Row) -> None:
+    """A row that failed as it joined gives back the KV blocks and the stream slot it
+    took, so that nothing stays held for a row the engine does not run."""
+    for seq in (row.state.pos, row.state.neg):
+        if seq is not None:
+            eng.kv.release(seq)
+    row.state.pos = row.state.neg = None
+    if row.slot >= 0:
+        eng.free_slots.append(row.slot)
+        row.slot = -1
 
 
 def _prompt_embeds(eng: Any, row: Row) -> torch.Tensor:
