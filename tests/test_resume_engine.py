@@ -275,3 +275,48 @@ def test_a_resume_that_fails_as_it_joins_gives_back_its_blocks_and_its_slot(engi
     engine.admit(engine.prepare(req("after", seed=62, est_audio_s=0.4)))
     run(engine, after)
     assert after.ends == {"after": "estimate"} and len(after.pcm("after")) == 3 * HOP_SAMPLES
+
+
+def test_a_resumed_row_rerun_after_out_of_memory_skips_only_what_it_sent(engine, monkeypatch):
+    """A host without give_back reruns the rows of a step that ran out of memory. A row
+    that came with a history reruns from that history, not from its start, so it must
+    skip only the audio it sent since: the cut, resumed and rerun audio together is the
+    uninterrupted row's, nothing missing."""
+    import torch
+
+    from workers.host.step_host import StepHost
+
+    class HostSink(Sink):
+        def started(self, rid, at, from_samples=0):
+            pass
+
+    r = req("rerun", seed=63, est_audio_s=2.0)
+    whole = Sink()
+    engine.admit(engine.prepare(r))
+    run(engine, whole)
+    cut = Sink()
+    first = engine.prepare(r)
+    engine.admit(first)
+    run(engine, cut, until=lambda: first.steps >= 6)
+    engine.cancel(r.id)
+    history = cut.logs[r.id].snapshot()
+
+    steps, real, fired = engine.steps, engine.steps._step, []
+
+    def once(sink):  # out of memory once, in a step of both rows, a few steps on
+        if len(steps.rows) == 2 and not fired and steps.rows[0].steps >= history.steps + 3:
+            fired.append(True)
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(sink)
+
+    monkeypatch.setattr(steps, "_step", once)
+    again = Request(**{**r.__dict__, "id": "rerun-again", "resume": history})
+    sink = HostSink({again.id: HistoryLog(history)})
+    host = StepHost(engine, sink)
+    host.submit(again)
+    host.submit(req("rerun-mate", seed=64, est_audio_s=2.0))
+    while not host.idle:
+        host.run_step()
+    assert fired and sink.ends["rerun-again"] == "estimate"
+    got = np.concatenate([cut.pcm(r.id), sink.pcm("rerun-again")])
+    assert_continues(whole.pcm(r.id), got, history.samples)

@@ -341,14 +341,15 @@ class StepHost:
                 self.restarting.append(again)
 
     def _rerun(self, row: Row) -> Row | None:
-        """The row again from its start, its model state fresh, skipping what was sent
-        (held audio was not sent: it is made again)."""
+        """The row again from its start (or from the history it came with), its model
+        state fresh, skipping what was sent since (held audio was not sent: it is made
+        again)."""
         try:
             again = self.engine.prepare(row.request)
         except Exception as err:  # it was prepared once: a bug; it fails alone
             self.sink.fail(row.id, err if isinstance(err, m.PoolError) else m.unexpected(err))
             return None
-        again.skip = row.covered
+        again.skip = max(0, row.covered - again.made_samples)  # a resumed one starts there
         return again
 
     def _fail_all(self, err: m.PoolError) -> None:
