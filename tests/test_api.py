@@ -191,7 +191,12 @@ def test_errors_have_openai_shape_and_status(kind, status, retry):
     assert r.status_code == status
     body = json.loads(r.body)
     assert body == {
-        "error": {"message": "what to do", "type": body["error"]["type"], "code": kind.value}
+        "error": {
+            "message": "what to do",
+            "type": body["error"]["type"],
+            "param": None,
+            "code": kind.value,
+        }
     }
     assert ("retry-after" in r.headers) == retry
 
