@@ -220,3 +220,26 @@ def test_a_first_death_respawns_at_once_and_deaths_in_a_row_back_off(sim_pool):
         assert kill_and_wait(pool) < 0.2  # the first death: no backoff
         assert kill_and_wait(pool) >= pool.supervisor.policy.backoff(1)  # again, too soon
         assert worker(pool, 0)["restarts"] == 2
+
+
+def test_a_request_cancelled_while_its_worker_hangs_is_not_run_again(sim_pool):
+    """A Cancel cannot reach a SIGSTOPped worker. Once that worker is killed as hung,
+    the request ends cancelled: it is not sent back to the queue to run to its end on
+    another worker (it was, holding a place for a client that had left)."""
+    with sim_pool(gpus="cpu:2", sim_rtf=0.3, hang_timeout_s=1.5) as pool:
+        h = submit(pool, text="Speaker 1: " + "words " * 200, seed=1)  # about 80 s
+        victim = busy_worker(pool)
+        wait_until(lambda: len(h.audio()) > 0, 20, what="the first chunk")
+        os.kill(victim["pid"], signal.SIGSTOP)
+        try:
+            h.cancel()  # the client leaves: the Cancel waits in the stopped worker's pipe
+            wait_until(lambda: not pid_alive(victim["pid"]), 15, what="the hung worker's end")
+        finally:
+            if pid_alive(victim["pid"]):
+                os.kill(victim["pid"], signal.SIGCONT)
+        with pytest.raises(m.PoolError) as e:
+            h.result(timeout=10)
+        assert e.value.kind == m.ErrorKind.CANCELLED
+        assert pool.dispatcher.counters["requeued"] == 0
+        assert pool.dispatcher.pending() == 0
+        assert all(w["inflight"] == 0 for w in pool.status()["workers"])

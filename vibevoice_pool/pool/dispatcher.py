@@ -74,6 +74,7 @@ class _Job:
     dispatched_at: float = 0.0
     started_at: float = 0.0  # worker clock, from Started
     running: bool = False  # the worker said Started for the current attempt
+    cancelled: bool = False  # a Cancel was sent: it ends when its worker lets it go
     attempts_at: list[float] = field(default_factory=list)
 
 
@@ -158,6 +159,7 @@ class Dispatcher:
                 self._queue.remove(job)
                 self._finish(job, m.Failed(job.request.id, m.ErrorKind.CANCELLED, "cancelled"))
             else:
+                job.cancelled = True
                 self._send(job.slot, m.Cancel(request_id))
 
     def has_workers(self) -> bool:
@@ -219,21 +221,8 @@ class Dispatcher:
                 job.lost += 1 if blame and (job.running or blame_unstarted) else 0
                 job.running = False
                 job.slot, job.seen, job.left_s = None, 0, 0.0
-                if self.quarantined(job.lost):
-                    log.error(
-                        "request %s quarantined: it was running on %d workers that died",
-                        job.request.id,
-                        job.lost,
-                    )
-                    self._finish(
-                        job,
-                        m.Failed(
-                            job.request.id,
-                            m.ErrorKind.WORKER_LOST,
-                            f"this request was running on {job.lost} workers that died ({why}); "
-                            "it will not be retried",
-                        ),
-                    )
+                if job.cancelled or self.quarantined(job.lost):  # never sent again
+                    self._finish(job, survival.ended(job, why))
                     continue
                 job.request = replace(
                     job.request,
@@ -293,8 +282,11 @@ class Dispatcher:
                 self._finish(job, msg)
             elif isinstance(msg, m.Preempted):  # it resumes later, with its history
                 self._release(job)
-                survival.preempted(self.counters, job, slot, msg.steps, slot in self._draining)
-                self._queue.appendleft(job)
+                if job.cancelled:  # preempted or moved before the Cancel reached it
+                    self._finish(job, survival.ended(job, ""))
+                else:
+                    survival.preempted(self.counters, job, slot, msg.steps, slot in self._draining)
+                    self._queue.appendleft(job)
             elif isinstance(msg, m.Failed):
                 if msg.traceback:  # for the log; a client gets the message only
                     log.error(

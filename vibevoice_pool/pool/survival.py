@@ -14,6 +14,9 @@ calls these under its lock; nothing here holds state of its own).
         what a removed worker hands to the others (HandBack), if any other is up
     preempted(counters, job, slot, steps, moved)
         a row gave its place up (preempted or moved): it goes back with its history
+    ended(job, why) -> Failed
+        how a request its worker let go ends instead of going back: cancelled (a
+        Cancel was sent: its client left), or quarantined (it took workers down)
     started(...), forget(...)
         the bookkeeping of interactive requests sent over capacity
 """
@@ -141,3 +144,21 @@ def preempted(counters: collections.Counter, job, slot: int, steps: int, moved: 
     )
     job.request = replace(job.request, resume=job.handle.history.snapshot())
     job.slot, job.running = None, False
+
+
+def ended(job, why: str) -> m.Failed:
+    """The answer of a request that is not sent again once its worker lets it go (dies,
+    preempts or moves it): it was cancelled (the Cancel may never have reached a hung
+    worker), or it was running on `job.lost` workers that died (quarantine)."""
+    if job.cancelled:
+        return m.Failed(job.request.id, m.ErrorKind.CANCELLED, "cancelled by the client")
+    log.error(
+        "request %s quarantined: it was running on %d workers that died",
+        job.request.id,
+        job.lost,
+    )
+    return m.Failed(
+        job.request.id,
+        m.ErrorKind.WORKER_LOST,
+        f"this request was running on {job.lost} workers that died ({why}); it will not be retried",
+    )
