@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from conftest import wait_until
 from serving import running_server, wav_bytes
 
 from vibevoice_pool.api.auth import ApiKeyMiddleware, key_ring
@@ -259,3 +260,36 @@ def test_on_a_full_data_disk_jobs_get_507_synthesis_serves_and_the_server_restar
             jobs = s.post("/v1/jobs", json={"script": "Speaker 1: still full"})
             assert jobs.status_code in (503, 507), jobs.text
             assert jobs.json()["error"]["code"] in ("jobs_unavailable", "disk_full", "disk_limit")
+
+
+def test_a_disk_that_fills_while_a_job_runs_gives_its_progress_back_and_the_job_finishes(
+    tmp_path,
+):
+    """The running job's checkpoint meets a full disk: the job goes on (its audio is in
+    memory), its progress files go, and once there is room its result is whole. It used
+    to lose the job: the write's OSError ended the runner's follow ('the server lost
+    track of this job'), left the request running in the pool unread, and left the
+    progress files filling the disk, the job 'running' until space came back."""
+    with small_disk(tmp_path / "disk", 16) as disk:
+        data = disk / "data"
+        body = {"script": "Speaker 1: " + "a long line of speech " * 40, "format": "pcm"}
+        with running_server(tmp_path, "--data-dir", str(data), "--sim-rtf", "0.1") as s:
+            made = s.post("/v1/jobs", json={**body, "seed": 5})
+            job, owner = made.json()["id"], {"X-Owner-Token": made.headers["x-owner-token"]}
+            progress = data / "progress" / f"{job}.pcm"
+            wait_until(lambda: progress.exists() and progress.stat().st_size, 20, 0.05)
+            fill(disk)
+            wait_until(lambda: not progress.exists(), 10, 0.05, "the progress to be dropped")
+            (disk / "filler").unlink()
+
+            def ended():
+                view = s.get(f"/v1/jobs/{job}", headers=owner).json()
+                return view if view["state"] in ("done", "failed", "cancelled") else None
+
+            view = wait_until(ended, 60, 0.2, "the job to end")
+            assert view["state"] == "done", view
+            audio = s.get(f"/v1/jobs/{job}/audio", headers=owner).content
+            clean = s.post("/v1/synthesize", json={**body, "seed": 5}).content
+            assert audio == clean  # whole, nothing lost or repeated
+            assert list((data / "progress").iterdir()) == []
+            assert "lost track" not in s.log()

@@ -11,7 +11,9 @@ The runner (runner.py) calls:
                               on from its last saved step (request.resume), and its
                               saved audio is the beginning of its result
     tick(job_id, handle, prior)
-                              while it runs: save when CHECKPOINT_S has passed
+                              while it runs: save when CHECKPOINT_S has passed; a
+                              save the disk refuses drops the files (the space goes
+                              back; the job goes on) and is tried again in RETRY_S
     drop(job_id)              once it is done, failed or cancelled
 
 The history is saved only up to audio already on disk, so a restart never misses
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +38,7 @@ from workers.wire.history import History
 log = logging.getLogger("vibevoice_pool")
 
 CHECKPOINT_S = 1.0
+RETRY_S = 30.0  # after a save the disk refused
 
 
 class Progress:
@@ -90,17 +94,31 @@ class Progress:
         made = np.concatenate([prior, audio]) if len(prior) else audio
         if len(made) < hist.samples:
             return  # its audio is on its way: next time
+        try:
+            self._save(job_id, made, on_disk, hist)
+        except OSError as e:  # a full disk, say: the job goes on, its audio is in memory
+            log.warning(
+                "job %s: its progress could not be saved (%s): dropped, so that the disk "
+                "gets the space back (a restart would run it from its start); tried again "
+                "in %.0f s",
+                job_id,
+                e.strerror or e,
+                RETRY_S,
+            )
+            self.drop(job_id)
+            self._saved[job_id] = (now + RETRY_S, 0)
+            return
+        self._saved[job_id] = (now, hist.samples)
+
+    def _save(self, job_id: str, made: np.ndarray, on_disk: int, hist: History) -> None:
         pcm_path, hist_path = self._paths(job_id)
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(pcm_path, "ab") as f:
             f.truncate(on_disk * 4)
             f.write(np.ascontiguousarray(made[on_disk : hist.samples], dtype=np.float32).tobytes())
             f.flush()
-            import os
-
             os.fsync(f.fileno())
         write_atomic(hist_path, _history_bytes(hist))
-        self._saved[job_id] = (now, hist.samples)
 
     def drop(self, job_id: str) -> None:
         self._saved.pop(job_id, None)
