@@ -154,3 +154,67 @@ def test_a_row_resumed_after_a_sigkill_is_counted_with_the_steps_it_kept(sim_poo
             ]  # each worker its own share: the killed one made at least the first 3 s
             assert sum(per_worker) == pytest.approx(len(got) / 24_000, abs=1e-3)
             assert min(per_worker) >= 3.0
+
+
+def test_a_row_preempted_on_one_worker_and_finished_on_another_leaves_the_first_idle(
+    sim_pool, tmp_path
+):
+    """Every place held by job rows: an interactive request preempts one, which resumes
+    on the other worker. The first worker's busy seconds stop once it is idle, and each
+    worker is credited the audio it made (the preempting worker's row was never taken
+    off it: its busy seconds grew for ever, and its audio went to the other worker)."""
+    import time
+    from dataclasses import replace
+
+    from vibevoice_pool.pool import events as ev
+    from vibevoice_pool.script import parse_script
+    from workers.wire import messages as m
+
+    ensure_demo_voices(tmp_path / "voices")
+    with sim_pool(gpus="cpu:2", sim_rtf=0.1, max_batch_size=1) as pool:
+        voices = VoiceLibrary(tmp_path / "voices", max_bytes=1 << 20, max_seconds=60)
+        with TestClient(create_app(Front(pool, voices, pool.cfg))) as client:
+
+            def job(seed):
+                req = pool.make_request(parse_script("Speaker 1: " + "words " * 40), seed=seed)
+                return pool.submit(replace(req, priority=m.Priority.BATCH.value))
+
+            before_resume = {}  # request id -> samples it had when it began again elsewhere
+            pool.subscribe(
+                lambda e: (
+                    isinstance(e, ev.Started)
+                    and e.request.resume is not None
+                    and before_resume.setdefault(e.request.id, e.handle.samples)
+                )
+            )
+            jobs = [job(1), job(2)]
+            wait_until(lambda: all(h.samples > 0 for h in jobs), 30, 0.02, "both jobs")
+            first = [h.worker for h in jobs]
+            long = pool.make_request(parse_script("Speaker 1: " + "words " * 150), seed=3)
+            interactive = pool.submit(long)
+            for h in [*jobs, interactive]:
+                h.result(timeout=120)
+            moved = [h for h, w in zip(jobs, first, strict=True) if h.worker != w]
+            assert len(moved) == 1 and pool.dispatcher.counters["preempted"] == 1
+            lost = first[jobs.index(moved[0])]  # the worker the job row was preempted on
+
+            def busy():
+                return value(
+                    scrape(client)["vibevoice_pool_worker_busy_seconds"],
+                    "vibevoice_pool_worker_busy_seconds_total",
+                    worker=str(lost),
+                )
+
+            idle = busy()
+            time.sleep(1.0)
+            assert busy() == idle  # idle: it no longer counts busy time
+            made = scrape(client)["vibevoice_pool_worker_audio_seconds"]
+            audio = {
+                w: value(made, "vibevoice_pool_worker_audio_seconds_total", worker=str(w))
+                for w in (0, 1)
+            }
+            total = sum(len(h.audio()) for h in [*jobs, interactive]) / m.SAMPLE_RATE
+            assert sum(audio.values()) == pytest.approx(total, abs=1e-3)
+            # the worker that kept the interactive row made it and the preempted row's start
+            expected = (len(interactive.audio()) + before_resume[moved[0].id]) / m.SAMPLE_RATE
+            assert audio[lost] == pytest.approx(expected, abs=1e-3)

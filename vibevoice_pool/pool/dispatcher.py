@@ -287,6 +287,7 @@ class Dispatcher:
                 else:
                     survival.preempted(self.counters, job, slot, msg.steps, slot in self._draining)
                     self._queue.appendleft(job)
+                    self._emit(ev.Requeued(job.request, job.handle, slot, lost=False))
             elif isinstance(msg, m.Failed):
                 if msg.traceback:  # for the log; a client gets the message only
                     log.error(

@@ -2,7 +2,8 @@
 
     Dispatched   a request was sent to a slot (its score, and how many that slot held)
     Started      the worker began it (`at` is the worker's clock)
-    Requeued     the slot was lost; the request waits in the queue again
+    Requeued     the slot was lost, or gave the row up (preempted, moved off a removed
+                 worker: lost=False); the request waits in the queue again
     Finished     the request ended: outcome is Done or Failed
 
 `Pool.subscribe(listener)` calls `listener(event)` for each, in order, after
@@ -50,7 +51,8 @@ class Requeued:
     kind: ClassVar[str] = "requeued"
     request: m.Request
     handle: RequestHandle
-    slot: int  # the slot that was lost
+    slot: int  # the slot that was lost, or that gave the row up
+    lost: bool = True  # False: preempted or moved; the worker lives on
 
 
 @dataclass(frozen=True)

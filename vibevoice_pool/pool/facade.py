@@ -317,7 +317,7 @@ class Pool:
                 e.request.attempt,
                 extra={"request_id": rid, "worker": e.slot},
             )
-        elif isinstance(e, ev.Requeued):
+        elif isinstance(e, ev.Requeued) and e.lost:  # survival.py logs a preemption
             log.warning(
                 "request %s sent back to the queue (attempt %d) after worker %s was lost",
                 rid,
