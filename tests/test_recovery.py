@@ -243,3 +243,17 @@ def test_a_request_cancelled_while_its_worker_hangs_is_not_run_again(sim_pool):
         assert pool.dispatcher.counters["requeued"] == 0
         assert pool.dispatcher.pending() == 0
         assert all(w["inflight"] == 0 for w in pool.status()["workers"])
+
+
+def test_a_resumed_request_reports_all_of_its_audio(sim_pool):
+    """The Done of a row that resumed on another worker counts the audio made before
+    the death too: the OpenAI stream's usage.audio_seconds and the log read it (they
+    gave only what the last worker made: 38.1 s of a 43.1 s answer)."""
+    with sim_pool(gpus="cpu:2", sim_rtf=0.3) as pool:
+        h = submit(pool, seed=7)
+        victim = busy_worker(pool)
+        wait_until(lambda: h.samples >= 2 * m.SAMPLE_RATE, 20, 0.01, "2 s of audio")
+        os.kill(victim["pid"], signal.SIGKILL)
+        audio = h.result(timeout=60)
+        assert h.resumed == 1
+        assert h.outcome.audio_s == pytest.approx(len(audio) / m.SAMPLE_RATE, abs=1e-3)

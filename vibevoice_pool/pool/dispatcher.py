@@ -279,7 +279,7 @@ class Dispatcher:
                     ratio = actual / job.request.est_audio_s
                     self.work_ratio = 0.9 * self.work_ratio + 0.1 * ratio
                 self._release(job)
-                self._finish(job, msg)
+                self._finish(job, replace(msg, audio_s=max(actual, msg.audio_s)))  # resumed: all
             elif isinstance(msg, m.Preempted):  # it resumes later, with its history
                 self._release(job)
                 if job.cancelled:  # preempted or moved before the Cancel reached it
