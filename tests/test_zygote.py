@@ -261,3 +261,25 @@ def test_a_zygote_with_the_driver_library_loaded_but_not_initialised_is_used(mon
         assert forked and ctx is not zygote.spawn_ctx
     finally:
         zygote.close()
+
+
+def test_a_stopped_worker_does_not_outlive_a_sigkilled_parent(server):
+    """A worker that cannot run (SIGSTOP here; a C call holding the GIL on a GPU) never
+    reads its death pipe: the watchdog ends it, and the zygote with it."""
+    import psutil
+
+    s = server("--engine", "sim", "--gpus", "cpu:2")
+    workers = s.worker_pids()
+    zygotes = [
+        p.pid
+        for p in psutil.Process(s.proc.pid).children()
+        if "multiprocessing.forkserver" in " ".join(p.cmdline())
+    ]
+    os.kill(workers[0], signal.SIGSTOP)
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait(10)
+    wait_until(
+        lambda: not any(pid_alive(p) for p in workers + zygotes),
+        10,
+        what="the stopped worker, the other and the zygote to be gone",
+    )

@@ -40,6 +40,7 @@ from vibevoice_pool.pool.warm_weights import WeightsHolder
 from vibevoice_pool.pool.worker_process import WorkerProcess
 from vibevoice_pool.pool.zygote import Zygote
 from workers.engines.contract import EngineSpec
+from workers.host.watchdog import Watchdog
 from workers.host.worker import STACK_SIGNAL, WorkerSpec
 from workers.host.worker import run as run_worker
 from workers.wire import messages as m
@@ -79,6 +80,7 @@ class Supervisor(SlotLifecycle):
         self._thread: threading.Thread | None = None
         self.weights = WeightsHolder(cfg.warm_weights)  # model weights held in memory
         self._stacks = tempfile.mkdtemp(prefix="vibevoice-pool-stacks-")
+        self.watchdog = Watchdog()  # ends the workers this process leaves if it dies
 
     def _new_slot(self, index: int, placement: Placement, engine: EngineSpec) -> _Slot:
         return _Slot(index, placement, engine)
@@ -133,6 +135,7 @@ class Supervisor(SlotLifecycle):
             for slot in self.slots:
                 self._stop_process(slot)
         self.zygote.close()
+        self.watchdog.stand_down()
         self.weights.close()
         shutil.rmtree(self._stacks, ignore_errors=True)
         os.close(self._wake_r)
@@ -176,6 +179,9 @@ class Supervisor(SlotLifecycle):
         write_end.close()
         death_r.close()
         slot.process, slot.responses, slot.death = proc, read_end, death_w
+        self.watchdog.watch(proc.pid)
+        if forked:
+            self.watchdog.watch(self.zygote.pid)
         self._note(i, "forked" if forked else "spawned")
         how = "forked from the zygote" if forked else "spawned"
         log.info("Initialising %s (worker %d, pid %d, %s)", self._label(slot), i, proc.pid, how)
@@ -423,6 +429,7 @@ class Supervisor(SlotLifecycle):
             if conn is not None:
                 conn.close()
         if slot.process is not None:
+            self.watchdog.forget(slot.process.pid)
             slot.process.close()
         slot.process, slot.requests, slot.responses, slot.death = None, None, None, None
 
