@@ -176,3 +176,21 @@ def test_out_of_memory_in_a_step_lowers_the_live_row_limit(sim_pool):
         for got, want in zip(heard, alone, strict=True):
             assert len(got) == len(want) > 0
             assert np.array_equal(got, want)  # no repeated and no missing audio
+
+
+def test_removing_the_last_worker_answers_what_waits_at_once(sim_pool):
+    """With no worker left, a waiting request gets what a new one gets (unavailable) at
+    once; it waited for request_timeout_s (30 min by default). An added worker serves."""
+    with sim_pool(gpus="cpu:1", sim_rtf=0.2, max_batch_size=1) as pool:
+        running = submit(pool, seed=1)
+        wait_until(lambda: pool.board.get(0, Col.INFLIGHT) > 0, 20, what="worker 0 busy")
+        waiting = submit(pool, seed=2)
+        pool.remove_worker(0)
+        assert len(running.result(timeout=60)) > 0  # no other worker: it finishes there
+        with pytest.raises(m.PoolError) as e:
+            waiting.result(timeout=20)
+        assert e.value.kind is m.ErrorKind.UNAVAILABLE and "removed" in e.value.message
+        new = pool.add_worker("cpu")
+        shown = lambda: {w["id"]: w["state"] for w in pool.status()["workers"]}  # noqa: E731
+        wait_until(lambda: shown() == {new: "ready"}, 30, what="the added worker alone")
+        assert len(submit(pool, seed=3).result(timeout=60)) > 0

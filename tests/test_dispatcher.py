@@ -108,10 +108,10 @@ def test_a_request_that_took_down_two_workers_is_quarantined(board):
     up(board, d, 0)
     h = d.submit(req(1, text="[[crash]]"))
     d.on_message(0, m.Started("r1", at=1.0))
-    d.worker_lost(0, "killed by SIGKILL")
+    assert d.worker_lost(0, "killed by SIGKILL") == ["r1"]  # sent back to the queue
     up(board, d, 1)
     d.on_message(1, m.Started("r1", at=2.0))
-    d.worker_lost(1, "killed by SIGKILL")
+    assert d.worker_lost(1, "killed by SIGKILL") == []  # quarantined: not sent back
     assert isinstance(h.outcome, m.Failed) and h.outcome.error == m.ErrorKind.WORKER_LOST
     with pytest.raises(m.PoolError, match="2 workers"):
         h.result(0)

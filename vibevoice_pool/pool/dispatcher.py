@@ -188,7 +188,8 @@ class Dispatcher:
             m.ErrorKind.UNAVAILABLE, "the server shut down before this request finished"
         )
         if left:
-            log.warning("shutdown: %d request(s) did not finish within %.0f s", left, grace_s)
+            when = f"within {grace_s:.0f} s" if grace_s > 0 else "by the stop's deadline"
+            log.warning("shutdown: %d request(s) did not finish %s", left, when)
         return left
 
     # ---- the supervisor side -------------------------------------------
@@ -205,7 +206,8 @@ class Dispatcher:
     def worker_lost(
         self, slot: int, why: str, blame: bool = True, blame_unstarted: bool = False
     ) -> list[str]:
-        """The worker in `slot` is gone: requeue (or quarantine) what it held.
+        """The worker in `slot` is gone: requeue (or quarantine) what it held; the ids
+        sent back to the queue.
         `blame=False` (a lost device, a removal) does not count toward quarantine.
         `blame_unstarted=True` counts requests whose Started never arrived too, for a
         backend that can lose the Started of a request that killed its worker (Ray)."""
@@ -215,6 +217,7 @@ class Dispatcher:
             self._asked.pop(slot, None)
             held = [j for j in self._jobs.values() if j.slot == slot]
             held.sort(key=lambda j: j.seq, reverse=True)
+            requeued = []  # what goes back to the queue: not a cancelled or quarantined one
             for job in held:
                 # Only a request that was running can have taken its worker down; one
                 # still waiting in the worker's queue is not counted toward quarantine.
@@ -230,12 +233,13 @@ class Dispatcher:
                     resume=job.handle.history.snapshot(),
                 )
                 self._queue.appendleft(job)
+                requeued.append(job.request.id)
                 self.counters["requeued"] += 1
                 self._emit(ev.Requeued(job.request, job.handle, slot))
             self.board.set(slot, Col.INFLIGHT, 0)
             self.board.set(slot, Col.QUEUED_WORK_S, 0)
             self._pump_locked()
-            return [j.request.id for j in held]
+            return requeued[::-1]  # oldest first
 
     def drain(self, slot: int) -> None:
         """Send no new work to `slot`; what it holds may finish."""

@@ -228,6 +228,22 @@ class SlotLifecycle:
         self._apply(slot, action)
         return action
 
+    def _after_last_removed(self) -> None:
+        """Every worker removed and stopped: what waits in the queue is answered now, as
+        a new request is (no worker can come back but by an add)."""
+        stopped = SlotState.STOPPED
+        if all(
+            s.removed and int(self.board.get(s.index, Col.SLOT_STATE)) == stopped
+            for s in self.slots
+        ):
+            n = self.dispatcher.fail_all(
+                m.ErrorKind.UNAVAILABLE, "every worker was removed; add one (POST /v1/pool/workers)"
+            )
+            if n:
+                log.warning(
+                    "➖ every worker removed: %d waiting request(s) answered unavailable", n
+                )
+
     def _apply(self, slot: SlotBase, action: Action) -> None:
         """The policy's answer onto the slot and its board row."""
         b, i = self.board, slot.index
@@ -236,6 +252,7 @@ class SlotLifecycle:
             b.set(i, Col.SLOT_STATE, SlotState.STOPPED)
             if slot.removed:
                 log.info("➖ %s (worker %d) removed", self._label(slot), i)
+                self._after_last_removed()
         elif action.verdict is Verdict.UNAVAILABLE:
             b.set(i, Col.SLOT_STATE, SlotState.UNAVAILABLE)
         elif action.verdict is Verdict.FAIL:

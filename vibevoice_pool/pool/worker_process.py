@@ -56,7 +56,9 @@ class WorkerProcess:
         """'killed by SIGKILL' or 'exit code N', once the process has ended."""
         self.proc.join(timeout=1)  # a spawned child is reaped; the zygote reports a forked one
         code = self.proc.exitcode
-        if code and code < 0:
+        if code is None:  # forked: the zygote (stopped, or gone) never reported it
+            return "ended, its exit status not known"
+        if code < 0:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit code {code}"
 
