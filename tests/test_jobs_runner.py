@@ -479,3 +479,24 @@ def test_a_job_waiting_in_the_pools_queue_shows_queued_until_a_worker_begins_it(
     assert shown[JobState.RUNNING] == [job.id] and shown[JobState.QUEUED] == []
     pool.release()
     wait_state(r, job.id, JobState.DONE)
+
+
+def test_a_job_whose_following_breaks_stops_its_pool_row_and_drops_its_progress(
+    runner, monkeypatch
+):
+    """An unexpected error while following a job fails it; its row in the pool, which no
+    one reads any more, is cancelled, and its saved progress goes."""
+    pool = FakePool()
+    pool.hold(after_chunks=2)
+    r = runner(pool)
+    dropped = []
+    monkeypatch.setattr(r.progress, "drop", dropped.append)
+
+    def broken(*args):
+        raise RuntimeError("simulated: a bug while saving progress")
+
+    monkeypatch.setattr(r.progress, "tick", broken)
+    job = r.submit("me", {"script": SCRIPT})
+    done = wait_state(r, job.id, JobState.FAILED)
+    assert "lost track" in done.error
+    assert pool.cancelled == {done.request_id} and dropped == [job.id]

@@ -50,14 +50,7 @@ import numpy as np
 
 from vibevoice_pool.jobs.disk import is_disk_full, sweep_bodies, write_result
 from vibevoice_pool.jobs.progress import Progress
-from vibevoice_pool.jobs.store import (
-    RESULTS_DIR,
-    Job,
-    JobError,
-    JobErrorKind,
-    JobState,
-    JobStore,
-)
+from vibevoice_pool.jobs.store import RESULTS_DIR, Job, JobError, JobErrorKind, JobState, JobStore
 from vibevoice_pool.jobs.view import job_view
 from workers.wire import messages as m
 
@@ -403,6 +396,8 @@ class JobRunner:
             await self._conclude(live)
         except Exception as e:
             log.exception("job %s: following it failed", live.job_id)
+            handle.cancel()  # no one reads it now: its row must not run on
+            self.progress.drop(live.job_id)
             self._fail(live.job_id, INTERNAL, f"the server lost track of this job: {e!r}")
         finally:
             with self._lock:
