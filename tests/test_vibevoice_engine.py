@@ -308,6 +308,25 @@ def test_a_row_whose_prefill_raises_fails_alone_and_the_others_go_on(engine, mon
     assert steps.live == 0 and steps.kv.held_blocks() == 0  # nothing left held
 
 
+def test_a_row_that_runs_out_of_memory_joining_fails_as_out_of_memory_alone(engine, monkeypatch):
+    """A resumed row's rebuild happens when it joins (admit): out of device memory there
+    fails that row with out_of_memory, not engine_error, and the others go on."""
+    steps = engine.steps
+    real = steps.admit
+
+    def admit(row):
+        if row.id == "big":
+            raise torch.cuda.OutOfMemoryError("simulated")
+        real(row)
+
+    monkeypatch.setattr(steps, "admit", admit)
+    sink = run(engine, [req("big", est_audio_s=0.4), req("ok", est_audio_s=0.4)])
+    kind, _, err = sink.outcome("big")
+    assert kind == "fail" and err.kind is ErrorKind.OUT_OF_MEMORY
+    assert sink.outcome("ok")[0] == "finish" and len(sink.audio("ok")) == 3 * HOP_SAMPLES
+    assert steps.live == 0
+
+
 def test_out_of_memory_halves_the_rows_then_fails_the_row_alone(engine, monkeypatch):
     steps = engine.steps
     monkeypatch.setattr(steps, "max_rows", steps.max_rows)  # restored after the test

@@ -276,7 +276,17 @@ class VibeVoiceEngine:
         return self.steps.fits(row)
 
     def admit(self, row: Row) -> None:
-        self.steps.admit(row)
+        """Raises PoolError(OUT_OF_MEMORY) when a resumed row's rebuild does not fit:
+        that row fails as out of memory (StepHost._join), the others go on."""
+        import torch
+
+        try:
+            self.steps.admit(row)
+        except torch.cuda.OutOfMemoryError:
+            raise PoolError(
+                ErrorKind.OUT_OF_MEMORY,
+                "out of device memory while resuming this request; send it again",
+            ) from None
 
     def execute(self) -> StepOutput:
         import torch
