@@ -183,16 +183,19 @@ def test_without_its_zygote_a_worker_spawns_with_identical_audio_and_the_zygote_
         pool.shutdown(grace_s=0)
 
 
-def test_neither_the_zygote_nor_its_workers_outlive_a_sigkilled_parent(server):
+def zygotes_of(pid: int) -> list[int]:
     import psutil
 
-    s = server("--engine", "sim", "--gpus", "cpu:2")
-    workers = s.worker_pids()
-    zygotes = [
+    return [
         p.pid
-        for p in psutil.Process(s.proc.pid).children()
+        for p in psutil.Process(pid).children()
         if "multiprocessing.forkserver" in " ".join(p.cmdline())
     ]
+
+
+def test_neither_the_zygote_nor_its_workers_outlive_a_sigkilled_parent(server):
+    s = server("--engine", "sim", "--gpus", "cpu:2")
+    workers, zygotes = s.worker_pids(), zygotes_of(s.proc.pid)
     assert len(zygotes) == 1 and all(ppid(w) == zygotes[0] for w in workers)
     os.kill(s.proc.pid, signal.SIGKILL)
     s.proc.wait(10)
@@ -266,15 +269,8 @@ def test_a_zygote_with_the_driver_library_loaded_but_not_initialised_is_used(mon
 def test_a_stopped_worker_does_not_outlive_a_sigkilled_parent(server):
     """A worker that cannot run (SIGSTOP here; a C call holding the GIL on a GPU) never
     reads its death pipe: the watchdog ends it, and the zygote with it."""
-    import psutil
-
     s = server("--engine", "sim", "--gpus", "cpu:2")
-    workers = s.worker_pids()
-    zygotes = [
-        p.pid
-        for p in psutil.Process(s.proc.pid).children()
-        if "multiprocessing.forkserver" in " ".join(p.cmdline())
-    ]
+    workers, zygotes = s.worker_pids(), zygotes_of(s.proc.pid)
     os.kill(workers[0], signal.SIGSTOP)
     os.kill(s.proc.pid, signal.SIGKILL)
     s.proc.wait(10)
