@@ -203,6 +203,13 @@ def test_the_jobs_tab_speaks_chinese_on_a_chinese_browser(browser, srv):
         page.get_by_role("tab", name="任务").click()
         page.wait_for_selector("text=提交任务")
         assert page.get_by_role("tab", name="Jobs").count() == 0
+        page.wait_for_selector("#vv-jobs-table th:has-text('状态')")  # its table too
+        page.get_by_role("tab", name="生成").click()
+        page.click("#vv-stop")  # nothing running: the tab is told so, in Chinese
+        page.wait_for_selector("text=此标签页没有正在进行的请求")
+        page.get_by_text("添加声音", exact=True).click()
+        page.click("#vv-add-voice")  # no file chosen: refused in Chinese
+        page.wait_for_selector("#vv-voice-msg:has-text('请先选择一个音频文件')")
     finally:
         page.context.close()
 

@@ -373,6 +373,10 @@ def test_the_jobs_tab_builds_and_lists_this_browsers_jobs(runner):
     rows, files = ui_jobs.job_rows(r, "browser:b1")
     assert [job.id, "done"] in [row[:2] for row in rows] and str(r.result_file(job)) in files
     assert ui_jobs.job_rows(r, "browser:b2") == ([], [])
+    table, _ = ui_jobs.job_table(r, "browser:b1", "zh")  # a Chinese browser's table
+    assert table["headers"][:3] == ["任务", "状态", "进度"]
+    row = next(row for row in table["data"] if row[0] == job.id)
+    assert row[1] == "已完成" and "秒" in row[2]
     assert ui_jobs.cancel_job(r, "b2", job.id).startswith("❌ No job")
 
 

@@ -102,6 +102,13 @@ EN: dict[str, str] = {
     "job_queued": "✅ Job `{id}` queued (about {secs:.0f} s of audio).",
     "job_not_yours": "❌ No job `{id}` of this browser.",
     "job_cancelled": "⏹️ Job `{id}` cancelled.",
+    "jobs_columns": "job|state|progress|audio|submitted|error",
+    "job.queued": "queued",
+    "job.running": "running",
+    "job.done": "done",
+    "job.failed": "failed",
+    "job.cancelled": "cancelled",
+    "job_progress": "{pct:.0f}% ({made:.1f} of ~{est:.0f} s)",
 }
 
 ZH: dict[str, str] = {
@@ -185,6 +192,13 @@ ZH: dict[str, str] = {
     "job_queued": "✅ 任务 `{id}` 已排队（约 {secs:.0f} 秒音频）。",
     "job_not_yours": "❌ 此浏览器没有任务 `{id}`。",
     "job_cancelled": "⏹️ 任务 `{id}` 已取消。",
+    "jobs_columns": "任务|状态|进度|音频|提交时间|错误",
+    "job.queued": "排队中",
+    "job.running": "运行中",
+    "job.done": "已完成",
+    "job.failed": "失败",
+    "job.cancelled": "已取消",
+    "job_progress": "{pct:.0f}%（{made:.1f} / 约 {est:.0f} 秒）",
 }
 
 # A refusal or failure from the server: its code in the page's words, then the

@@ -30,7 +30,6 @@ from workers.wire.messages import PoolError
 
 REFRESH_S = 2.0
 MAX_ROWS = 50
-COLUMNS = ["job", "state", "progress", "audio", "submitted", "error"]
 # The table keeps its width on a phone and scrolls sideways: squeezed, its headers
 # and ids broke a letter a line.
 JOBS_CSS = """
@@ -57,7 +56,13 @@ def _secret(folder: Path) -> str:
         return value
 
 
-def job_rows(runner: JobRunner, owner: str) -> tuple[list[list[str]], list[str]]:
+def job_table(runner: JobRunner, owner: str, lang: str = "en") -> tuple[dict, list[str]]:
+    """The table (its headers and rows, in `lang`) and the files of the done jobs."""
+    rows, files = job_rows(runner, owner, lang)
+    return {"headers": t(lang, "jobs_columns").split("|"), "data": rows}, files
+
+
+def job_rows(runner: JobRunner, owner: str, lang: str = "en") -> tuple[list[list[str]], list[str]]:
     """The table rows of an owner's jobs (newest first) and the files of the done ones."""
     jobs, _ = runner.store.list(owner, limit=MAX_ROWS)
     rows, files = [], []
@@ -67,11 +72,17 @@ def job_rows(runner: JobRunner, owner: str) -> tuple[list[list[str]], list[str]]
         rows.append(
             [
                 job.id,
-                d["state"],
-                f"{100 * p['fraction']:.0f}% ({p['audio_s']:.1f} of ~{p['estimate_s']:.0f} s)",
+                t(lang, f"job.{d['state']}"),
+                t(
+                    lang,
+                    "job_progress",
+                    pct=100 * p["fraction"],
+                    made=p["audio_s"],
+                    est=p["estimate_s"],
+                ),
                 f"{job.audio_s:.1f} s" if job.state is JobState.DONE else "",
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
-                job.error or "",
+                explain(lang, job.error_code or "", job.error or ""),
             ]
         )
         if job.state is JobState.DONE:
@@ -136,7 +147,7 @@ def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
                 submit = gr.Button(i18n("jobs_submit"), variant="primary")
         message = gr.Markdown()
         table = gr.Dataframe(
-            headers=COLUMNS,
+            headers=t("en", "jobs_columns").split("|"),  # each browser's language at refresh
             value=[],
             interactive=False,
             wrap=True,
@@ -154,9 +165,9 @@ def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
         def ensure(browser_id: str) -> str:
             return browser_id or uuid.uuid4().hex
 
-        def refresh(browser_id, on_show):
+        def refresh(browser_id, on_show, request: gr.Request = None):
             browser_id = ensure(browser_id)
-            rows, done = job_rows(runner, owner_for(browser_id))
+            rows, done = job_table(runner, owner_for(browser_id), language_of(request))
             if tuple(done) == tuple(on_show):
                 return browser_id, rows, gr.skip(), on_show
             return browser_id, rows, done, tuple(done)

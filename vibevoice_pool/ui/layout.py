@@ -178,7 +178,8 @@ def _generate_tab(page, i18n) -> tuple[list, tuple]:
         concurrency_limit=page.generate_limit,
         show_progress="minimal",
     )
-    stop.click(page.stop, None, None, **QUIET)
+    # queued, so its gr.Info reaches the tab; no limit, so it never waits behind a Generate
+    stop.click(page.stop, None, None, **(QUIET | {"queue": True}))
     added = add.click(
         page.add_voice, [sample, vname, *voices], [*voices, voice_msg], api_visibility="private"
     )

@@ -111,10 +111,11 @@ class Page:
         names = self.voice_names()
         return gr.update(choices=names, value=[v for v in chosen or () if v in names])
 
-    async def add_voice(self, path, name, *current, request: gr.Request = None):
+    async def add_voice(self, path, name, v1, v2, v3, v4, request: gr.Request = None):
         """A refused sample is a toast and a line under the form; the speakers' voices
         stay as they are (an error event would mark every dropdown failed)."""
-        lang = language_of(request)
+        lang = language_of(request)  # named voices: Gradio passes no request after *args
+        current = (v1, v2, v3, v4)
         if not path:
             return self._voice_refused(lang, t(lang, "no_voice_file"))
         data = await asyncio.to_thread(Path(path).read_bytes)
