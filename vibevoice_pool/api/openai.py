@@ -68,6 +68,7 @@ from workers.wire import messages as m
 # Names clients send as `model`; every one is this server's single model.
 MODEL_IDS = ("vibevoice", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 OWNER = "vibevoice-pool"
+DEFAULT_FORMAT, DEFAULT_CFG = "mp3", 1.3  # what null or an absent field means
 SSE_PIECE = 48 * 1024  # bytes of a whole file's audio in one speech.audio.delta
 AUDIO_TOKENS_PER_S = 7.5  # VibeVoice's acoustic tokenizer: one token per 3200 samples
 
@@ -88,7 +89,7 @@ class SpeechBody(BaseModel):
     instructions: str | None = Field(None, description="accepted; VibeVoice takes no style prompt")
     # null is unset for every optional field, as OpenAI's API reads it
     response_format: str | None = Field(
-        "mp3", json_schema_extra={"enum": [*encoders.SUPPORTED_FORMATS, None]}
+        DEFAULT_FORMAT, json_schema_extra={"enum": [*encoders.SUPPORTED_FORMATS, None]}
     )
     speed: float | None = Field(  # OpenAI's range is 0.25-4.0; this server speaks at 1.0 only
         1.0, ge=0.25, le=4.0, strict=True, json_schema_extra={"enum": [1.0, None]}
@@ -98,7 +99,9 @@ class SpeechBody(BaseModel):
         None, strict=True, description="stream while it is made (default: yes, but flac whole)"
     )
     seed: Seed | None = None
-    cfg_scale: float | None = Field(1.3, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE, strict=True)
+    cfg_scale: float | None = Field(
+        DEFAULT_CFG, ge=m.MIN_CFG_SCALE, le=m.MAX_CFG_SCALE, strict=True
+    )
     inference_steps: Steps | None = None
 
 
@@ -150,7 +153,7 @@ def check(body: SpeechBody, max_chars: int) -> str:
         )
     if body.speed not in (None, 1.0):
         raise _bad("speed other than 1.0 is not supported by this server; leave it out")
-    return encoders.check_format(body.response_format or "mp3")
+    return encoders.check_format(body.response_format or DEFAULT_FORMAT)
 
 
 def streams(body: SpeechBody, fmt: str) -> bool:
@@ -269,7 +272,7 @@ def router(front) -> APIRouter:
         synth = SynthesizeBody.model_construct(
             script=body.input,
             speakers=[Speaker.model_construct(voice=preset, audio=None)] if preset else [],
-            cfg_scale=1.3 if body.cfg_scale is None else body.cfg_scale,
+            cfg_scale=DEFAULT_CFG if body.cfg_scale is None else body.cfg_scale,
             inference_steps=body.inference_steps,
             seed=body.seed,
             format=fmt,

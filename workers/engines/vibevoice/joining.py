@@ -55,10 +55,7 @@ def prefill_joining(engine: Any, rows: list[Row], sink: Any) -> tuple[list[Row],
 def _release(engine: Any, rows: list[Row]) -> None:
     """Blocks a failed prefill took (it may have stored some rows' prompts)."""
     for row in rows:
-        for seq in (row.state.pos, row.state.neg):
-            if seq is not None:
-                engine.kv.release(seq)
-        row.state.pos = row.state.neg = None
+        engine.kv.release_row(row.state)
 
 
 def _fail(row: Row, err: Exception, sink: Any) -> None:

@@ -173,6 +173,14 @@ class PagedKV:
             if not self.live:
                 self._empty()
 
+    def release_row(self, state: Any) -> None:
+        """A row's two branches (state.pos, state.neg) leave: a row that ends, or one
+        that failed as it joined, holds no block after this."""
+        for seq in (state.pos, state.neg):
+            if seq is not None:
+                self.release(seq)
+        state.pos = state.neg = None
+
     def _room(self, seq: Seq, tokens: int) -> None:
         need = blocks_for(tokens, self.block_tokens) - len(seq.blocks)
         if need > 0:

@@ -134,10 +134,7 @@ def bring_in(eng: Any, row: Row) -> None:
 def _leave(eng: Any, row: Row) -> None:
     """A row that failed as it joined gives back the KV blocks and the stream slot it
     took, so that nothing stays held for a row the engine does not run."""
-    for seq in (row.state.pos, row.state.neg):
-        if seq is not None:
-            eng.kv.release(seq)
-    row.state.pos = row.state.neg = None
+    eng.kv.release_row(row.state)
     if row.slot >= 0:
         eng.free_slots.append(row.slot)
         row.slot = -1

@@ -490,10 +490,7 @@ class StepEngine:
                 if r.slot >= 0:
                     self.free_slots.append(r.slot)
                     r.slot = -1
-                for seq in (r.state.pos, r.state.neg):
-                    if seq is not None:
-                        self.kv.release(seq)
-                r.state.pos = r.state.neg = None
+                self.kv.release_row(r.state)
         if self.embeds is not None:
             idx = to_device(keep, self.device)
             self.embeds = self.embeds.index_select(0, idx) if keep else None
