@@ -7,130 +7,24 @@ import errno
 import io
 import threading
 import time
-import uuid
 
-import numpy as np
 import pytest
 import soundfile as sf
 from conftest import wait_until
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from jobs_fakes import SCRIPT, FakePool, build, runners, wait_state
 
 from vibevoice_pool.api.jobs import jobs_router
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import JobState, JobStore
-from vibevoice_pool.pool.handle import RequestHandle
 from workers.wire import messages as m
 from workers.wire.estimate import audio_seconds_for
 
 
-class FakeDispatcher:
-    def __init__(self):
-        self.listeners = []
-        self.waiting = 0  # what queue_length() answers
-
-    def queue_length(self) -> int:
-        return self.waiting
-
-
-class FakePool:
-    """Plays Started, 0.5 s chunks and Done into each handle from a thread.
-    hold(n): every request pauses after n chunks until release(); `refuse`
-    makes submit raise that kind."""
-
-    placements = (0, 1)
-
-    def __init__(self):
-        self.dispatcher = FakeDispatcher()
-        self.gate = threading.Event()
-        self.gate.set()
-        self.begin = threading.Event()  # cleared: requests wait in the admission queue
-        self.begin.set()
-        self.free_chunks = 10**9
-        self.refuse: m.ErrorKind | None = None
-        self.submitted: list[str] = []
-        self.cancelled: set[str] = set()
-        self.stop_reason = m.StopReason.EOS.value  # what Done says ended each row
-
-    def subscribe(self, listener) -> None:
-        self.dispatcher.listeners.append(listener)
-
-    def unsubscribe(self, listener) -> None:
-        self.dispatcher.listeners.remove(listener)
-
-    def queue_length(self) -> int:
-        return self.dispatcher.queue_length()
-
-    def hold(self, after_chunks: int = 0) -> None:
-        self.free_chunks = after_chunks
-        self.gate.clear()
-
-    def release(self) -> None:
-        self.free_chunks = 10**9
-        self.gate.set()
-
-    def submit(self, req: m.Request) -> RequestHandle:
-        if self.refuse is not None:
-            raise m.PoolError(self.refuse, "not now", True)
-        handle = RequestHandle(req, self.cancelled.add)
-        handle.worker = len(self.submitted) % 2
-        self.submitted.append(req.id)
-        threading.Thread(target=self._play, args=(handle,), daemon=True).start()
-        return handle
-
-    def _play(self, handle: RequestHandle) -> None:
-        req = handle.request
-        self.begin.wait()
-        handle.push(m.Started(req.id))
-        total = int(round(req.est_audio_s * m.SAMPLE_RATE))
-        step, done, seq = m.SAMPLE_RATE // 2, 0, 0
-        while done < total:
-            while seq >= self.free_chunks and not self.gate.wait(0.01):
-                if req.id in self.cancelled:
-                    break
-            if req.id in self.cancelled:
-                handle.push(m.Failed(req.id, m.ErrorKind.CANCELLED, "cancelled"))
-                return
-            n = min(step, total - done)
-            handle.push(m.Chunk(req.id, seq, np.full(n, 0.1, np.float32)))
-            done, seq = done + n, seq + 1
-            time.sleep(0.002)
-        handle.push(m.Done(req.id, total / m.SAMPLE_RATE, 0.01, stop_reason=self.stop_reason))
-
-
-def build(body: dict) -> m.Request:
-    script = body.get("script", "")
-    if not script.strip():
-        raise m.PoolError(m.ErrorKind.BAD_INPUT, "the script is empty")
-    return m.Request(
-        id=uuid.uuid4().hex[:16],
-        turns=(m.Turn(0, script),),
-        seed=body.get("seed") or 1234,
-        est_audio_s=audio_seconds_for(script),
-    )
-
-
 @pytest.fixture
 def runner(tmp_path):
-    runners = []
-
-    def make(pool=None, store_=None, **kw) -> JobRunner:
-        st = store_ or JobStore.open(tmp_path / "data")
-        r = JobRunner(st, pool or FakePool(), build, queue_depth=2, **kw).start()
-        runners.append(r)
-        return r
-
-    yield make
-    for r in runners:
-        r.stop()
-
-
-def wait_state(r: JobRunner, job_id: str, state: JobState, timeout: float = 10):
-    wait_until(lambda: r.store.get(job_id).state is state, timeout, what=f"{job_id} {state}")
-    return r.store.get(job_id)
-
-
-SCRIPT = "Speaker 1: " + "a" * 49  # 4.0 s of audio (the fake estimates the whole text)
+    yield from runners(tmp_path)
 
 
 def test_a_job_runs_to_a_result_that_decodes_to_its_length(runner):
@@ -461,46 +355,3 @@ def test_a_running_jobs_view_names_the_worker_that_runs_it_now(runner):
     assert r.describe(r.store.get(job.id))["worker"] == first + 1
     pool.release()
     wait_state(r, job.id, JobState.DONE)
-
-
-def test_a_job_waiting_in_the_pools_queue_shows_queued_until_a_worker_begins_it(runner):
-    pool = FakePool()
-    pool.begin.clear()  # handed to the pool, no worker has begun it
-    r = runner(pool)
-    job = r.submit("me", {"script": SCRIPT})
-    wait_state(r, job.id, JobState.RUNNING)  # the store's own state: in the pool
-    view = r.describe(r.store.get(job.id))
-    assert view["state"] == "queued" and view["worker"] is None
-    assert view["timings"]["started_at"] is None and view["timings"]["ran_s"] is None
-    shown = {st: [j.id for j in r.store.list("me", state=st)[0]] for st in JobState}
-    assert shown[JobState.QUEUED] == [job.id] and shown[JobState.RUNNING] == []
-    pool.hold(after_chunks=1)
-    pool.begin.set()
-    wait_until(lambda: r.describe(r.store.get(job.id))["state"] == "running", 10)
-    view = r.describe(r.store.get(job.id))
-    assert view["worker"] in (0, 1) and view["timings"]["started_at"] is not None
-    shown = {st: [j.id for j in r.store.list("me", state=st)[0]] for st in JobState}
-    assert shown[JobState.RUNNING] == [job.id] and shown[JobState.QUEUED] == []
-    pool.release()
-    wait_state(r, job.id, JobState.DONE)
-
-
-def test_a_job_whose_following_breaks_stops_its_pool_row_and_drops_its_progress(
-    runner, monkeypatch
-):
-    """An unexpected error while following a job fails it; its row in the pool, which no
-    one reads any more, is cancelled, and its saved progress goes."""
-    pool = FakePool()
-    pool.hold(after_chunks=2)
-    r = runner(pool)
-    dropped = []
-    monkeypatch.setattr(r.progress, "drop", dropped.append)
-
-    def broken(*args):
-        raise RuntimeError("simulated: a bug while saving progress")
-
-    monkeypatch.setattr(r.progress, "tick", broken)
-    job = r.submit("me", {"script": SCRIPT})
-    done = wait_state(r, job.id, JobState.FAILED)
-    assert "lost track" in done.error
-    assert pool.cancelled == {done.request_id} and dropped == [job.id]

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 from conftest import wait_until
-from test_jobs_runner import SCRIPT, FakePool, build, wait_state
+from jobs_fakes import SCRIPT, FakePool, build, wait_state
 
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import DB_NAME, JobError, JobErrorKind, JobState, JobStore

@@ -167,10 +167,10 @@ def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
 
         def refresh(browser_id, on_show, request: gr.Request = None):
             browser_id = ensure(browser_id)
-            rows, done = job_table(runner, owner_for(browser_id), language_of(request))
+            shown_now, done = job_table(runner, owner_for(browser_id), language_of(request))
             if tuple(done) == tuple(on_show):
-                return browser_id, rows, gr.skip(), on_show
-            return browser_id, rows, done, tuple(done)
+                return browser_id, shown_now, gr.skip(), on_show
+            return browser_id, shown_now, done, tuple(done)
 
         def on_submit(browser_id, text, chosen, chosen_fmt, request: gr.Request = None):
             browser_id, lang = ensure(browser_id), language_of(request)
