@@ -76,6 +76,17 @@ def run(engine, sink, until=None) -> None:
             return
 
 
+def cut_at(engine, r: Request, steps: int) -> tuple[Sink, object]:
+    """Run `r` alone for `steps` steps, then forget it (its worker is gone): the sink
+    that heard it, and its history."""
+    sink = Sink()
+    row = engine.prepare(r)
+    engine.admit(row)
+    run(engine, sink, until=lambda: row.steps >= steps)
+    engine.cancel(r.id)
+    return sink, sink.logs[r.id].snapshot()
+
+
 @pytest.fixture
 def plans(engine, monkeypatch):
     """plans[row id][step] = the token that row draws at that (0-based) step."""
@@ -250,12 +261,7 @@ def test_a_resume_that_fails_as_it_joins_gives_back_its_blocks_and_its_slot(engi
     from workers.engines.vibevoice import resume
 
     r = req("leak", seed=61, est_audio_s=2.0)
-    sink = Sink()
-    first = engine.prepare(r)
-    engine.admit(first)
-    run(engine, sink, until=lambda: first.steps >= 6)
-    engine.cancel(r.id)
-    history = sink.logs[r.id].snapshot()
+    _, history = cut_at(engine, r, 6)
     steps = engine.steps
     assert steps.live == 0 and steps.kv.live == 0
 
@@ -295,12 +301,7 @@ def test_a_resumed_row_rerun_after_out_of_memory_skips_only_what_it_sent(engine,
     whole = Sink()
     engine.admit(engine.prepare(r))
     run(engine, whole)
-    cut = Sink()
-    first = engine.prepare(r)
-    engine.admit(first)
-    run(engine, cut, until=lambda: first.steps >= 6)
-    engine.cancel(r.id)
-    history = cut.logs[r.id].snapshot()
+    cut, history = cut_at(engine, r, 6)
 
     steps, real, fired = engine.steps, engine.steps._step, []
 
