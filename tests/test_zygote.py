@@ -193,16 +193,22 @@ def zygotes_of(pid: int) -> list[int]:
     ]
 
 
-def test_neither_the_zygote_nor_its_workers_outlive_a_sigkilled_parent(server):
+@pytest.mark.parametrize("stopped", [False, True], ids=["running", "one-stopped"])
+def test_neither_the_zygote_nor_its_workers_outlive_a_sigkilled_parent(server, stopped):
+    """Workers that run read their death pipe and leave; one that cannot run (SIGSTOP
+    here; a C call holding the GIL on a GPU) never reads it: the watchdog ends it, and
+    the zygote with it."""
     s = server("--engine", "sim", "--gpus", "cpu:2")
     workers, zygotes = s.worker_pids(), zygotes_of(s.proc.pid)
     assert len(zygotes) == 1 and all(ppid(w) == zygotes[0] for w in workers)
+    if stopped:
+        os.kill(workers[0], signal.SIGSTOP)
     os.kill(s.proc.pid, signal.SIGKILL)
     s.proc.wait(10)
     wait_until(
         lambda: not any(pid_alive(p) for p in workers + zygotes),
         10,
-        what="the zygote and the workers to exit after their parent",
+        what="the zygote and the workers to be gone after their parent",
     )
 
 
@@ -264,18 +270,3 @@ def test_a_zygote_with_the_driver_library_loaded_but_not_initialised_is_used(mon
         assert forked and ctx is not zygote.spawn_ctx
     finally:
         zygote.close()
-
-
-def test_a_stopped_worker_does_not_outlive_a_sigkilled_parent(server):
-    """A worker that cannot run (SIGSTOP here; a C call holding the GIL on a GPU) never
-    reads its death pipe: the watchdog ends it, and the zygote with it."""
-    s = server("--engine", "sim", "--gpus", "cpu:2")
-    workers, zygotes = s.worker_pids(), zygotes_of(s.proc.pid)
-    os.kill(workers[0], signal.SIGSTOP)
-    os.kill(s.proc.pid, signal.SIGKILL)
-    s.proc.wait(10)
-    wait_until(
-        lambda: not any(pid_alive(p) for p in workers + zygotes),
-        10,
-        what="the stopped worker, the other and the zygote to be gone",
-    )
