@@ -161,6 +161,26 @@ def test_every_named_key_logs_in_to_the_page(named):
         assert browser.get("/gradio_api/info").status_code == 200
 
 
+def test_a_keys_name_as_the_user_name_takes_that_key_only():
+    from vibevoice_pool.api.auth import Caller, KeyRing, page_login
+    from vibevoice_pool.ui.jobs import page_owner
+
+    ring = KeyRing(
+        (
+            ("k-alice", Caller("alice", "key:alice", "user")),
+            ("k-bob", Caller("bob", "key:bob", "user")),
+        ),
+        named=True,
+    )
+    check = page_login(ring)
+    assert check("alice", "k-alice") and check("someone", "k-bob")
+    assert not check("alice", "k-bob")  # bob may not act as alice on the page
+    assert not check("alice", "wrong")
+    assert page_owner(ring, "alice", "b1") == "key:alice"
+    assert page_owner(ring, "someone", "b1") == "browser:b1"
+    assert page_owner(KeyRing(), None, "b1") == "browser:b1"
+
+
 def test_failed_logins_slow_down_then_get_429(named):
     import time
 

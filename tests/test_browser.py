@@ -14,7 +14,7 @@ import signal
 
 import httpx
 import pytest
-from conftest import ROOT, wait_until
+from conftest import ROOT, Server, pid_alive, wait_until
 from serving import running_server
 
 pytestmark = pytest.mark.browser
@@ -247,5 +247,66 @@ def test_the_jobs_table_scrolls_on_a_phone_rather_than_break_its_words(browser, 
         # squeezed into the phone's width, each column was a letter or two wide
         assert table.bounding_box()["width"] >= 700
         page.screenshot(path=str(SHOTS / "jobs-phone.png"), full_page=True)
+    finally:
+        context.close()
+
+
+# ---- a login under a key's name is that key on the page -------------------------
+
+ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
+
+
+@pytest.fixture(scope="module")
+def named(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser-named")
+    keys = tmp / "keys"
+    keys.write_text(f"alice: {ALICE}\nbob: {BOB}\n")
+    s = Server(["--engine", "sim", "--gpus", "cpu:1", "--api-keys", str(keys)], tmp)
+    pids = []
+    try:
+        s.wait_ready()
+        pids = [w["pid"] for w in s.get("/v1/pool", headers=_bearer(BOB)).json()["workers"]]
+        yield s
+    finally:
+        s.stop()
+        for pid in pids:
+            wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
+
+
+def _bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _jobs_of(srv, key: str) -> list[str]:
+    r = srv.get("/v1/jobs", headers=_bearer(key))
+    return [j["id"] for j in r.json()["data"]]
+
+
+def test_a_login_under_a_keys_name_lists_and_submits_that_keys_jobs(browser, named):
+    r = named.post("/v1/jobs", json={"script": "Speaker 1: from the API"}, headers=_bearer(ALICE))
+    api_job = r.json()["id"]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        # another key may not take alice's name; her own key may
+        assert (
+            context.request.post(
+                named.url + "/login", form={"username": "alice", "password": BOB}
+            ).status
+            >= 400
+        )
+        ok = context.request.post(
+            named.url + "/login", form={"username": "alice", "password": ALICE}
+        )
+        assert ok.status == 200
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(named.url + "/")
+        page.get_by_role("tab", name="Jobs").click()
+        page.wait_for_selector(f"#vv-jobs-table td:has-text('{api_job}')", state="attached")
+        page.fill("#vv-job-script textarea", "Speaker 1: from the page")
+        page.click("#vv-job-submit")
+        page.wait_for_selector("#vv-job-msg:has-text('queued')")
+        wait_until(lambda: len(_jobs_of(named, ALICE)) == 2, 30, 0.2, "the page's job listed")
+        assert _jobs_of(named, BOB) == []
     finally:
         context.close()

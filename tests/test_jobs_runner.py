@@ -260,9 +260,10 @@ def test_the_jobs_tab_builds_and_lists_this_browsers_jobs(runner):
     with gr.Blocks():
         listed = ui_jobs.add_jobs_tab(Front(), r, gradio_i18n())
     assert listed.choices == [("alice", "alice"), ("bob", "bob")]
-    assert ui_jobs.submit_job(r, "b1", SCRIPT, [], "wav").startswith("✅")
-    assert "已排队" in ui_jobs.submit_job(r, "b1", SCRIPT, [], "wav", "zh")
-    assert ui_jobs.submit_job(r, "b1", "", [], "wav").startswith("❌")
+    b1 = ui_jobs.owner_for("b1")
+    assert ui_jobs.submit_job(r, b1, SCRIPT, [], "wav").startswith("✅")
+    assert "已排队" in ui_jobs.submit_job(r, b1, SCRIPT, [], "wav", "zh")
+    assert ui_jobs.submit_job(r, b1, "", [], "wav").startswith("❌")
     job = wait_state(r, r.store.list("browser:b1")[0][0].id, JobState.DONE)
     rows, files = ui_jobs.job_rows(r, "browser:b1")
     assert [job.id, "done"] in [row[:2] for row in rows] and str(r.result_file(job)) in files
@@ -271,7 +272,7 @@ def test_the_jobs_tab_builds_and_lists_this_browsers_jobs(runner):
     assert table["headers"][:3] == ["任务", "状态", "进度"]
     row = next(row for row in table["data"] if row[0] == job.id)
     assert row[1] == "已完成" and "秒" in row[2]
-    assert ui_jobs.cancel_job(r, "b2", job.id).startswith("❌ No job")
+    assert ui_jobs.cancel_job(r, ui_jobs.owner_for("b2"), job.id).startswith("❌ You have no job")
 
 
 def test_saved_progress_counts_on_disk_and_goes_when_its_queued_job_is_cancelled(runner):

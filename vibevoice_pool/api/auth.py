@@ -119,6 +119,10 @@ class KeyRing:
     def caller(self, headers: list[tuple[bytes, bytes]]) -> Caller | None:
         return self.match(bearer_of(headers))
 
+    def by_name(self, name: str | None) -> Caller | None:
+        """The Caller of the key named `name` (a page login's user name), or None."""
+        return next((c for _, c in self.entries if name and c.name == name), None)
+
     def owner_of(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         hit = self.caller(headers)
         return hit.owner if hit else None
@@ -292,11 +296,15 @@ class ApiKeyMiddleware:
 
 
 def page_login(key: str | KeyRing) -> Callable[[str, str], bool]:
-    """Gradio's auth callable: any user name, an API key as the password."""
+    """Gradio's auth callable: an API key as the password, and any user name but
+    another key's name. A user name that is a key's name is that key's own: the
+    page then acts as that key's owner (its jobs are the ones the API lists)."""
     keys = key if isinstance(key, KeyRing) else key_ring(key)
 
-    def check(_user: str, password: str) -> bool:
-        return keys.match(password or "") is not None
+    def check(user: str, password: str) -> bool:
+        caller = keys.match(password or "")
+        named = keys.by_name(user)
+        return caller is not None and (named is None or named == caller)
 
     return check
 

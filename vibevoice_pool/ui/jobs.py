@@ -1,12 +1,15 @@
 """The page's Jobs tab: long scripts as durable jobs, listed per browser.
 
-    Submit job -> JobRunner.submit(owner "browser:<id>", body)  (what POST /v1/jobs does)
-    every 2 s (gr.Timer, queue=False): this browser's jobs -> the table (state,
+    Submit job -> JobRunner.submit(owner, body)  (what POST /v1/jobs does)
+    every 2 s (gr.Timer, queue=False): the owner's jobs -> the table (state,
         progress as audio made against the estimate), finished results -> the
         download list (gr.File, served from the results folder)
-    Cancel -> JobRunner.cancel(id), for a job of this browser only
+    Cancel -> JobRunner.cancel(id), for a job of that owner only
 
-The browser id is kept in the browser's localStorage (gr.BrowserState, with a
+The owner (`page_owner`): a login whose user name is a key's name (auth.page_login
+lets only that key in under it) acts as that key, so its jobs are the ones the
+API lists for the key, on every browser; otherwise the jobs are this browser's
+("browser:<id>"). The browser id is kept in the browser's localStorage (gr.BrowserState, with a
 secret kept in the data folder so it still reads after a restart): closing
 the tab or restarting the server loses nothing. The id is made on the server
 (never taken from a request header), so no API caller can act as a browser.
@@ -41,6 +44,12 @@ SECRET_FILE = "page.secret"
 
 def owner_for(browser_id: str) -> str:
     return f"browser:{browser_id}"
+
+
+def page_owner(keys, user: str | None, browser_id: str) -> str:
+    """Whose jobs the tab shows: the key named by the login's user name, else the browser's."""
+    caller = keys.by_name(user) if keys else None
+    return caller.owner if caller is not None else owner_for(browser_id)
 
 
 def _secret(folder: Path) -> str:
@@ -95,7 +104,7 @@ def job_rows(runner: JobRunner, owner: str, lang: str = "en") -> tuple[list[list
 
 def submit_job(
     runner: JobRunner,
-    browser_id: str,
+    owner: str,
     script: str,
     voices: list[str] | None,
     fmt: str,
@@ -108,16 +117,16 @@ def submit_job(
         "format": fmt or "wav",
     }
     try:
-        job = runner.submit(owner_for(browser_id), body)
+        job = runner.submit(owner, body)
     except (PoolError, JobError) as e:
         return f"❌ {explain(lang, e.kind.value, e.message)}"
     return t(lang, "job_queued", id=job.id, secs=job.est_audio_s)
 
 
-def cancel_job(runner: JobRunner, browser_id: str, job_id: str, lang: str = "en") -> str:
+def cancel_job(runner: JobRunner, owner: str, job_id: str, lang: str = "en") -> str:
     job_id = (job_id or "").strip()
     job = runner.store.get(job_id) if job_id else None
-    if job is None or job.owner != owner_for(browser_id):
+    if job is None or job.owner != owner:
         return t(lang, "job_not_yours", id=job_id)
     try:
         runner.cancel(job_id)
@@ -137,15 +146,19 @@ def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
         )
         with gr.Row():
             script = gr.Textbox(
-                label=i18n("script"), lines=6, placeholder="Speaker 1: ...\nSpeaker 2: ...", scale=3
+                label=i18n("script"),
+                lines=6,
+                placeholder="Speaker 1: ...\nSpeaker 2: ...",
+                scale=3,
+                elem_id="vv-job-script",
             )
             with gr.Column(scale=1):
                 voices = gr.Dropdown(  # its choices: the page's, on load and on each refresh
                     choices=front.voices.names(), multiselect=True, label=i18n("jobs_voices")
                 )
                 fmt = gr.Dropdown(FORMATS, value="wav", label=i18n("jobs_format"))
-                submit = gr.Button(i18n("jobs_submit"), variant="primary")
-        message = gr.Markdown()
+                submit = gr.Button(i18n("jobs_submit"), variant="primary", elem_id="vv-job-submit")
+        message = gr.Markdown(elem_id="vv-job-msg")
         table = gr.Dataframe(
             headers=t("en", "jobs_columns").split("|"),  # each browser's language at refresh
             value=[],
@@ -165,19 +178,26 @@ def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
         def ensure(browser_id: str) -> str:
             return browser_id or uuid.uuid4().hex
 
+        def owner(browser_id: str, request: gr.Request | None) -> str:
+            return page_owner(
+                getattr(front, "keys", None), getattr(request, "username", None), browser_id
+            )
+
         def refresh(browser_id, on_show, request: gr.Request = None):
             browser_id = ensure(browser_id)
-            shown_now, done = job_table(runner, owner_for(browser_id), language_of(request))
+            shown_now, done = job_table(runner, owner(browser_id, request), language_of(request))
             if tuple(done) == tuple(on_show):
                 return browser_id, shown_now, gr.skip(), on_show
             return browser_id, shown_now, done, tuple(done)
 
         def on_submit(browser_id, text, chosen, chosen_fmt, request: gr.Request = None):
             browser_id, lang = ensure(browser_id), language_of(request)
-            return browser_id, submit_job(runner, browser_id, text, chosen, chosen_fmt, lang)
+            mine = owner(browser_id, request)
+            return browser_id, submit_job(runner, mine, text, chosen, chosen_fmt, lang)
 
         def on_cancel(browser_id, job_id, request: gr.Request = None):
-            return cancel_job(runner, ensure(browser_id), job_id, language_of(request))
+            mine = owner(ensure(browser_id), request)
+            return cancel_job(runner, mine, job_id, language_of(request))
 
         timer.tick(
             refresh,

@@ -121,12 +121,21 @@ class Page:
         data = await asyncio.to_thread(Path(path).read_bytes)
         try:
             stored = await asyncio.to_thread(
-                self.front.voices.add, (name or "").strip() or Path(path).stem, data, owner="page"
+                self.front.voices.add,
+                (name or "").strip() or Path(path).stem,
+                data,
+                owner=self._uploader(request),
             )
         except m.PoolError as e:
             self.front.refused(e)
             return self._voice_refused(lang, explain(lang, e.kind.value, e.message))
         return [*self.refresh_voices(*current), t(lang, "voice_added", name=stored)]
+
+    def _uploader(self, request) -> str:
+        """A login under a key's name uploads as that key (its voices, as by the API)."""
+        keys = getattr(self.front, "keys", None)
+        caller = keys.by_name(getattr(request, "username", None)) if keys else None
+        return caller.owner if caller is not None else "page"
 
     @staticmethod
     def _voice_refused(lang: str, message: str) -> list:
@@ -267,8 +276,9 @@ def mount(app: FastAPI, front) -> FastAPI:
         server_port=cfg.port,
         auth=page_login(key) if key else None,
         auth_message=(
-            "Log in with any user name and the server's API key as the password. / "
-            "用户名任意，密码为服务器的 API 密钥。"
+            "Password: an API key of this server. User name: your key's name to share "
+            "its jobs with the API, or any other name. / 密码：本服务器的 API 密钥。"
+            "用户名：填密钥的名称可与 API 共用其任务，或填任意其他名称。"
         )
         if key
         else None,
