@@ -207,11 +207,20 @@ def test_the_jobs_tab_speaks_chinese_on_a_chinese_browser(browser, srv):
         page.get_by_role("tab", name="生成").click()
         page.click("#vv-stop")  # nothing running: the tab is told so, in Chinese
         page.wait_for_selector("text=此标签页没有正在进行的请求")
+        assert _toast_title(page, "info") == "提示"  # the toast's title too
         page.get_by_text("添加声音", exact=True).click()
         page.click("#vv-add-voice")  # no file chosen: refused in Chinese
         page.wait_for_selector("#vv-voice-msg:has-text('请先选择一个音频文件')")
+        assert _toast_title(page, "warning") == "警告"
     finally:
         page.context.close()
+
+
+def _toast_title(page, kind: str) -> str:
+    """The title a toast shows (Gradio writes its kind; the page's CSS draws its own)."""
+    title = page.wait_for_selector(f".toast-title.{kind}")
+    shown = title.evaluate("e => getComputedStyle(e, '::after').content")
+    return shown.strip('"') if shown != "none" else title.inner_text()
 
 
 def test_the_number_of_speakers_is_a_choice_of_one_to_four_and_shows_that_many_voices(browser, srv):

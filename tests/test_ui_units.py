@@ -70,6 +70,13 @@ def test_panel_html_has_the_old_demos_content_per_worker():
     assert "等待队列: 3/50" in html
 
 
+def test_a_cpu_workers_label_is_in_the_pages_language():
+    cpu = worker(0, device="cpu:0", name="SimEngine x1")
+    assert "工作进程 0 (cpu:0): SimEngine x1" in render_html(status(cpu), "zh")
+    assert "Worker 0 (cpu:0)" in render_html(status(cpu), "en")
+    assert [v.short for v in views(status(cpu), "zh")] == ["工作进程 0"]
+
+
 def test_panel_html_escapes_what_it_shows():
     html = render_html(status(worker(0, name="<script>x</script>")))
     assert "<script>" not in html and "&lt;script&gt;" in html

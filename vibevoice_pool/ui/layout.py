@@ -13,7 +13,7 @@ import gradio as gr
 
 from vibevoice_pool.script import MAX_SPEAKERS
 from vibevoice_pool.ui.charts import CHARTS_CSS
-from vibevoice_pool.ui.i18n import gradio_i18n
+from vibevoice_pool.ui.i18n import gradio_i18n, t
 from vibevoice_pool.ui.jobs import JOBS_CSS
 from vibevoice_pool.ui.panel import PANEL_CSS
 from workers.wire import messages as m
@@ -52,8 +52,19 @@ EXAMPLES = [
     ],
 ]
 
+# Gradio titles its toasts from their kind, in English, whatever their `title`: on a
+# Chinese browser (PAGE_HEAD marks <html lang> from the browser) the title is ours.
+TOAST_CSS = "".join(
+    f"html:lang(zh) .toast-title.{kind} {{ font-size: 0; }}\n"
+    f'html:lang(zh) .toast-title.{kind}::after {{ content: "{t("zh", "toast." + kind)}"; '
+    "font-size: var(--text-md); }\n"
+    for kind in ("info", "warning", "error")
+)
+PAGE_HEAD = "<script>document.documentElement.lang = navigator.language || 'en';</script>"
+
 PAGE_CSS = (
     PANEL_CSS
+    + TOAST_CSS
     + CHARTS_CSS
     + JOBS_CSS
     + """

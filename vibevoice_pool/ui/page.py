@@ -39,7 +39,7 @@ from vibevoice_pool.api.speech import Speaker, SynthesizeBody, describe_invalid
 from vibevoice_pool.script import MAX_SPEAKERS
 from vibevoice_pool.ui.charts import History, render
 from vibevoice_pool.ui.i18n import explain, gradio_i18n, language_of, t
-from vibevoice_pool.ui.layout import PAGE_CSS, build
+from vibevoice_pool.ui.layout import PAGE_CSS, PAGE_HEAD, build
 from vibevoice_pool.ui.live import LiveStreams, TabRequests, player_html, progress_html
 from vibevoice_pool.ui.panel import render_html, views
 from workers.wire import messages as m
@@ -79,9 +79,9 @@ class Page:
         return render_html(self.pool.status(), language_of(request))
 
     def charts(self, request: gr.Request = None) -> str:
-        status = self.pool.status()
-        labels = {v.id: v.short for v in views(status)}
-        return render(self.history.samples(), labels, language_of(request))
+        status, lang = self.pool.status(), language_of(request)
+        labels = {v.id: v.short for v in views(status, lang)}
+        return render(self.history.samples(), labels, lang)
 
     def where(self, slot: int | None) -> str:
         return self.pool.where(slot)
@@ -139,7 +139,7 @@ class Page:
 
     @staticmethod
     def _voice_refused(lang: str, message: str) -> list:
-        gr.Warning(message)
+        gr.Warning(message, title=t(lang, "toast.warning"))
         return [gr.skip()] * MAX_SPEAKERS + [t(lang, "voice_refused", message=message)]
 
     # ---- generate / stop ---------------------------------------------------
@@ -174,7 +174,7 @@ class Page:
             refused = explain(lang, e.kind.value, e.message)
         if refused is not None:  # the last run's result goes: it is not this input's
             yield "", progress_html("failed", t(lang, "failed", message=refused), 0, ""), None
-            raise gr.Error(refused)
+            raise gr.Error(refused, title=t(lang, "toast.error"))
         live = self.streams.add(handle)  # its <audio> reads the handle too
         self.tabs.add(tab, handle)
         est = max(0.5, req.est_audio_s * self.pool.work_ratio())
@@ -200,7 +200,7 @@ class Page:
                     said = explain(lang, e.kind.value, e.message)
                     text = t(lang, "failed", message=said)
                     yield gr.skip(), progress_html("failed", text, 0, handle.id), None
-                    raise gr.Error(said) from None
+                    raise gr.Error(said, title=t(lang, "toast.error")) from None
                 pcm = audio.to_int16(handle.audio())
                 text = t(lang, "stopped", secs=len(pcm) / m.SAMPLE_RATE)
                 partial = (m.SAMPLE_RATE, pcm) if len(pcm) else None
@@ -241,7 +241,8 @@ class Page:
         tab = getattr(request, "session_hash", None) or ""
         n = self.tabs.cancel(tab)
         log.info("Stop from a tab: %d request(s) cancelled", n)
-        gr.Info(t(language_of(request), "stopping" if n else "nothing_to_stop"))
+        lang = language_of(request)
+        gr.Info(t(lang, "stopping" if n else "nothing_to_stop"), title=t(lang, "toast.info"))
 
 
 def _open_share_link(host: str, port: int) -> None:
@@ -285,6 +286,7 @@ def mount(app: FastAPI, front) -> FastAPI:
         max_file_size=cfg.max_upload_bytes,
         i18n=gradio_i18n(),
         css=PAGE_CSS,
+        head=PAGE_HEAD,
         footer_links=["api", "settings"],
         run_history=False,
         ssr_mode=False,

@@ -60,8 +60,8 @@ class WorkerView:
         return MARK.get(self.state, "❔")
 
 
-def _labels(worker: dict, gpu_workers: dict[str, int]) -> tuple[str, str]:
-    """(title, short label) of a worker."""
+def _labels(worker: dict, gpu_workers: dict[str, int], lang: str = "en") -> tuple[str, str]:
+    """(title, short label) of a worker, in `lang` ("GPU" stays as it is)."""
     device = str(worker.get("device", ""))
     name = worker.get("name") or ""
     if device.startswith("cuda:"):
@@ -70,12 +70,12 @@ def _labels(worker: dict, gpu_workers: dict[str, int]) -> tuple[str, str]:
             short += f" #{worker['id']}"
         label = short
     else:
-        short = f"Worker {worker['id']}"
+        short = f"{t(lang, 'worker')} {worker['id']}"
         label = f"{short} ({device})"
     return (f"{label}: {name}" if name else label), short
 
 
-def views(status: dict) -> list[WorkerView]:
+def views(status: dict, lang: str = "en") -> list[WorkerView]:
     workers = status.get("workers", [])
     per_device: dict[str, int] = {}
     for w in workers:
@@ -84,7 +84,7 @@ def views(status: dict) -> list[WorkerView]:
     for w in workers:
         total = w.get("mem_total_bytes") or 0
         used = w.get("mem_used_bytes") or 0
-        title, short = _labels(w, per_device)
+        title, short = _labels(w, per_device, lang)
         out.append(
             WorkerView(
                 id=int(w["id"]),
@@ -161,7 +161,7 @@ def render_table(status: dict, lang: str = "en") -> str:
         "",
         "   " + " ".join(_cell(name, width) for name, width in head).rstrip(),
     ]
-    blocks = views(status)
+    blocks = views(status, lang)
     for v in blocks:
         mem = (
             f"[{bar(v.mem_frac, TABLE_BAR)}] {100 * v.mem_frac:5.1f}% "
@@ -200,7 +200,7 @@ def render_html(status: dict, lang: str = "en") -> str:
         f'<div class="vv-admission" data-queue="{int(q.get("length", 0))}">'
         f"{e(t(lang, 'admission', n=q.get('length', 0), max=q.get('max', 0)))}</div>",
     ]
-    blocks = views(status)
+    blocks = views(status, lang)
     if not blocks:
         parts.append(f"<div>{e(t(lang, 'no_workers'))}</div>")
     for v in blocks:
