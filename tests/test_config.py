@@ -363,3 +363,16 @@ def test_a_yaml_list_is_taken_for_a_comma_separated_setting(tmp_path):
     f.write_text("gpus: [0, 1]\nallowed_hosts:\n  - tts.example.org\n  - tts2.example.org\n")
     c = build(load_file(f))
     assert (c.gpus, c.allowed_hosts) == ("0,1", "tts.example.org,tts2.example.org")
+
+
+def test_version_is_printed_and_is_the_packages():
+    import tomllib
+
+    from vibevoice_pool import __version__
+
+    out = subprocess.run(
+        [sys.executable, "-m", "vibevoice_pool", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"vibevoice-pool {__version__}"
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["version"] == __version__

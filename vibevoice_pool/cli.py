@@ -122,9 +122,12 @@ def _client_parsers(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from vibevoice_pool import __version__
+
     ap = argparse.ArgumentParser(
         prog="vibevoice-pool", description="Serve VibeVoice on every GPU of a machine."
     )
+    ap.add_argument("--version", action="version", version=f"vibevoice-pool {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     _launch_parser(sub)
     _client_parsers(sub)

@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from vibevoice_pool import __version__
 from vibevoice_pool.api.auth import ApiKeyMiddleware, BodyLimitMiddleware
 from vibevoice_pool.api.errors import error_response, plain_error
 from vibevoice_pool.api.metrics import Activity
@@ -52,7 +53,7 @@ def create_app(front: Front) -> FastAPI:
     from vibevoice_pool.api import openai as openai_api
     from vibevoice_pool.api import voices as voices_api
 
-    app = FastAPI(title="vibevoice-pool", version="0.1.0")
+    app = FastAPI(title="vibevoice-pool", version=__version__)
     app.state.front = front
     app.state.on_stopping = []  # called as the server starts to stop (server.py)
     if front.activity is None:
