@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -200,6 +201,25 @@ def test_a_port_in_use_is_refused_before_any_worker_starts(server, tmp_path):
     assert p.returncode == 2
     assert f"cannot listen on 127.0.0.1:{first.port}: the port is in use" in p.stderr
     assert "Initialising" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_port_taken_while_the_workers_start_is_refused_not_served(server):
+    """The port is bound before the workers start but listened on only once they are up:
+    another server (SO_REUSEADDR, as uvicorn binds) may take it meanwhile. That launch
+    used to log `Serving on` and hang, answering nothing; it must exit 2 and say why."""
+    s = server(*SIM, "--gpus", "cpu:1", "--sim-boot-s", "3", wait=False)
+    wait_until(lambda: "Initialising" in s.log(), 60, what="a worker to start booting")
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        other.bind(("127.0.0.1", s.port))
+        other.listen()
+        assert s.proc.wait(60) == 2
+    finally:
+        other.close()
+    log = s.log()
+    assert f"cannot listen on 127.0.0.1:{s.port}: the port is in use" in log
+    assert "Serving on" not in log and "Traceback" not in log
 
 
 def test_a_closed_terminal_sighup_stops_it_cleanly(server):

@@ -3,6 +3,7 @@
 resolve model (tiny model built once into the cache when asked for), check the
 keys, the voices folder, bind the port           -> ConfigError: exit 2, one line
 Pool.start(cfg)            -> BootError: exit 3 with the first cause
+listen on the bound port   -> ConfigError: exit 2 (another server took it meanwhile)
 FastAPI app (+ Gradio page at / when the UI is present)
 uvicorn until SIGINT/SIGTERM/SIGHUP (stopping.py), then: stop accepting, let open
   requests finish within grace_s of the signal (one deadline for every phase; a
@@ -27,6 +28,7 @@ log = logging.getLogger("vibevoice_pool")
 
 EXIT_BOOT_FAILED = 3
 EXIT_CONFIG = 2
+LISTEN_BACKLOG = 2048  # uvicorn's own default, which it sets again
 STOP_MARGIN_S = 3  # past grace_s, what uvicorn waits for answers the pool is closing
 
 
@@ -258,7 +260,8 @@ def _uvicorn_server(app, cfg: PoolConfig):
 def listen_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound before any worker starts: a port in use or a host
     this machine does not have is a ConfigError at once, not after minutes of
-    loading. (It listens once uvicorn serves: until then a client is refused.)"""
+    loading. (It listens once the pool is up, start_listening: until then a client is
+    refused.)"""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
@@ -274,6 +277,18 @@ def listen_socket(host: str, port: int) -> socket.socket:
         why = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror
         raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
     return sock
+
+
+def start_listening(sock: socket.socket, host: str, port: int) -> None:
+    """Listen on the socket listen_socket bound. Another server that bound the same port
+    (with SO_REUSEADDR, as uvicorn does) while the workers started takes it by listening
+    first; this launch's listen then fails: a ConfigError, not a server that logs
+    `Serving on` and answers nothing."""
+    try:
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
 
 
 def connection_guard(cfg: PoolConfig):
@@ -380,6 +395,7 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
 
         stopping.serve(stop_serving, lambda: stop_work.now(server))
         port = sock.getsockname()[1]  # the one bound: --port 0 picks a free one
+        start_listening(sock, cfg.host, port)
         log.info("Serving on http://%s:%d (API at /v1, page at /)", cfg.host, port)
         server.run(sockets=[sock])
     except Interrupted as e:  # a signal before the server was up
