@@ -191,6 +191,15 @@ def test_switches_take_yes_and_no_from_files_and_flags(tmp_path):
     assert (c.share, c.warm_weights) == (False, True)
 
 
+def test_a_switch_turns_off_in_both_spellings():
+    """Every flag takes the underscore spelling (the README), `--no_...` of a switch too:
+    `--no_warm_weights` was refused as an unrecognized argument."""
+    for argv in (["--no-warm-weights"], ["--no_warm_weights"], ["--no_tiny_model"]):
+        c = cfg_from("--warm-weights", "--tiny-model", *argv)
+        assert not (c.warm_weights if "warm" in argv[0] else c.tiny_model), argv
+    assert cfg_from("--no_warm_weights", "--warm_weights").warm_weights  # the last one wins
+
+
 def test_every_registered_policy_is_a_choice_and_nothing_else():
     for name in POLICIES:
         assert build({"policy": name}).policy == name

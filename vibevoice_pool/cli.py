@@ -61,6 +61,8 @@ def _add_setting(group, p, name: str, info) -> None:
     group.add_argument(config.flag(name), dest=name, help=words, **kind)
     if "_" in name:  # the old demo's spelling, accepted, not listed twice
         p.add_argument(f"--{name}", dest=name, help=argparse.SUPPRESS, **kind)
+        if config.is_switch(info):  # and its off: --no_warm_weights as --no-warm-weights
+            p.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
 
 
 def _metavar(name: str, info) -> str:
