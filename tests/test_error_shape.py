@@ -138,6 +138,17 @@ def test_openapi_declares_the_real_statuses_and_media_types(srv):
         assert "400" in op["responses"], (path, method)
 
 
+def test_every_operation_of_the_openapi_document_has_its_own_id(srv):
+    """OpenAPI: an operationId is unique in the document (client generators name their
+    methods by it). GET and HEAD of a job's audio shared one, and FastAPI warned in the
+    server's log each time the document was made."""
+    spec = srv.http.get("/openapi.json").json()
+    ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    audio = spec["paths"]["/v1/jobs/{job_id}/audio"]
+    assert {"get", "head"} <= set(audio)
+
+
 def codes_of(response: dict) -> set[str]:
     examples = response["content"]["application/json"].get("examples", {})
     return {e["value"]["error"]["code"] for e in examples.values()}

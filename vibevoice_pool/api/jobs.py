@@ -211,7 +211,9 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
         except PoolError as e:
             return error_response(e)
 
-    @router.api_route("/{job_id}/audio", methods=["GET", "HEAD"])
+    # One route a method: api_route(methods=[GET, HEAD]) gave both one operationId
+    @router.head("/{job_id}/audio", operation_id="job_audio_head")
+    @router.get("/{job_id}/audio", operation_id="job_audio")
     def job_audio(job_id: str, request: Request):
         try:
             job = own(job_id, request)
