@@ -222,6 +222,23 @@ def test_a_port_taken_while_the_workers_start_is_refused_not_served(server):
     assert "Serving on" not in log and "Traceback" not in log
 
 
+def test_the_ray_backend_without_ray_says_how_to_install_it_and_leaks_nothing(tmp_path):
+    """RAY.md: without Ray, `--backend ray` stops at once and prints the install command.
+    It did, after making the status board's shared memory, which it left behind (the
+    resource tracker's "leaked shared_memory objects" warning at exit)."""
+    shim = tmp_path / "shim" / "ray"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ModuleNotFoundError('no ray here', name='ray')\n")
+    cmd = [sys.executable, "-m", "vibevoice_pool", "launch", *SIM, "--backend", "ray"]
+    cmd += ["--gpus", "cpu:1", "--port", "0", "--cache-dir", str(tmp_path / "c")]
+    path = os.pathsep.join([str(shim.parent), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2, p.stderr
+    assert "pip install 'vibevoice-pool[ray]'" in p.stderr
+    assert "leaked" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 def test_a_closed_terminal_sighup_stops_it_cleanly(server):
     s = server(*SIM, "--gpus", "cpu:1", group=True)
     os.killpg(s.proc.pid, signal.SIGHUP)  # the terminal's whole group, its resource tracker too

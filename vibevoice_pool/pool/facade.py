@@ -88,6 +88,7 @@ class Pool:
     ) -> Pool:
         """Spawn the workers and wait for the first ready one. `gpus` and `nvml`
         replace the machine's own (tests use fakes)."""
+        backend = supervisor_class(cfg)  # Ray missing: said before anything is made
         found = find_gpus() if gpus is None else gpus
         if found:
             log.info(
@@ -111,7 +112,6 @@ class Pool:
             mem_per_audio_s_bytes=cfg.mem_per_audio_s_mb * 2**20,
         )
         specs = engine_specs(cfg, placements, model_path or cfg.model_path)
-        backend = supervisor_class(cfg)
         supervisor = backend(cfg, placements, specs, board, dispatcher, recovery)
         if nvml is None and gpu_ids:
             nvml = RealNvml.open()
