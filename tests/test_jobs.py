@@ -257,8 +257,8 @@ def test_the_cli_follows_a_job_to_a_file_and_lists_it(shared, tmp_path, capsys, 
     assert job_id in capsys.readouterr().out
     assert jobs_client.follow(shared.url, "no-such-job", str(out)) == 1
     capsys.readouterr()
-    # a job cut before its script's end (the sim always says eos: its view says
-    # max_audio here, as the real engine's does): written, and the terminal says so
+    # a job cut before its script's end (its view says max_audio, as a cut job's
+    # does): written, and the terminal says so
     view = job(shared.url, job_id) | {"stop_reason": "max_audio"}
     assert jobs_client._download(shared.url, view, str(out), None) == 0
     assert "stops before the script's end (max_audio)" in capsys.readouterr().err

@@ -227,3 +227,18 @@ def test_audio_a_step_handed_out_before_it_ran_out_of_memory_is_sent_not_repeate
     run(h, {0: [a, b]})
     assert h.max_rows == 1  # the policy ran
     assert heard_whole(sink, a) and heard_whole(sink, b)
+
+
+def test_the_simulator_says_max_audio_when_the_requests_cap_cut_it():
+    """X-Stop-Reason is max_audio for a row the request's max_audio_s cut (the README);
+    the simulator said eos, as if its script had ended there."""
+    engine = SimEngine(EngineSpec(engine="sim", sim_rtf=0.0, sim_chunk_s=0.5))
+    engine.load()
+    cut = Request(id="cut", turns=req("cut", 4.0).turns, max_audio_s=1.0)
+    roomy = Request(id="roomy", turns=req("roomy", 1.0).turns, max_audio_s=30.0)
+    for r in (cut, roomy, req("plain", 1.0)):
+        engine.admit(engine.prepare(r))
+    ended = {}
+    while engine.live:
+        ended.update(engine.execute().ended)
+    assert ended == {"cut": "max_audio", "roomy": "eos", "plain": "eos"}

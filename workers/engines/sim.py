@@ -33,7 +33,14 @@ from workers.engines.contract import EngineSpec, StepOutput
 from workers.engines.row import Row, send
 from workers.engines.trail import Trail
 from workers.wire.estimate import audio_seconds_for
-from workers.wire.messages import SAMPLE_RATE, DeviceInfo, ErrorKind, PoolError, Request
+from workers.wire.messages import (
+    SAMPLE_RATE,
+    DeviceInfo,
+    ErrorKind,
+    PoolError,
+    Request,
+    StopReason,
+)
 
 CRASH, HANG, OOM, ERROR = "[[crash]]", "[[hang]]", "[[oom]]", "[[error]]"
 
@@ -79,9 +86,12 @@ class SimEngine:
         text = req.text
         if ERROR in text:
             raise PoolError(ErrorKind.ENGINE_ERROR, "simulated engine error")
-        total = int(round(audio_seconds_for(text, req.max_audio_s) * SAMPLE_RATE))
+        seconds = audio_seconds_for(text, req.max_audio_s)
+        total = int(round(seconds * SAMPLE_RATE))
         steps = -(-total // self.step_samples)
         row = Row(req, steps, steps, state=total, trail=Trail(0))
+        if seconds < audio_seconds_for(text):  # the request's cap cuts its script
+            row.cap_reason = StopReason.MAX_AUDIO.value
         if req.resume is not None and 0 < req.resume.samples <= total:
             # resume: its tone goes on from the sample its history covers
             row.made_samples = row.sent_samples = req.resume.samples
@@ -140,5 +150,5 @@ class SimEngine:
                 send(out, row.id, pcm[drop:], row.trail, row.made_samples)
             if row.made_samples >= row.state:
                 self.rows.remove(row)
-                out.finish(row.id, "eos")
+                out.finish(row.id, row.cap_reason)
         return out
