@@ -300,6 +300,30 @@ def test_readme_and_launch_help_list_the_same_settings():
     assert readme == shown == {config.flag(n) for n in PoolConfig.model_fields}
 
 
+# Flags the docs show for other programs: docker, ray start, buildah, debootstrap,
+# schemathesis, unshare, and the benchmarks' scripts
+OTHER_PROGRAMS_FLAGS = {
+    "--block", "--build-arg", "--checks", "--disable-usage-stats", "--entrypoint",
+    "--exclude-path-regex", "--head", "--include-dashboard", "--isolation", "--max-time",
+    "--name", "--net", "--network", "--pull", "--shm-size", "--stop-timeout", "--variant",
+    "--cpu-image-bytes", "--cpu-torch-wheel", "--out", "--quick", "--readme",
+}  # fmt: skip
+
+
+def test_every_flag_the_docs_show_is_a_flag_of_a_command():
+    """A flag the README or an operator's doc writes is one `vibevoice-pool` takes (in
+    either spelling), or one of another program's: a renamed flag fails here."""
+    docs = ["README.md", *(f"docs/{d}.md" for d in ("OPERATIONS", "DEPLOY", "RAY", "MODEL"))]
+    shown = set()
+    for doc in docs:
+        shown |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", (ROOT / doc).read_text()))
+    commands = parser()._subparsers._group_actions[0].choices.values()
+    taken = {o for p in commands for a in p._actions for o in a.option_strings}
+    unknown = sorted(f for f in shown - OTHER_PROGRAMS_FLAGS if f not in taken)
+    assert not unknown, unknown
+    assert {"--model_path", "--gpus", "--no-warm-weights", "--async"} <= shown
+
+
 def test_readme_table_is_the_generated_one():
     assert _readme_block((ROOT / "README.md").read_text()) == "\n" + config.markdown()
 

@@ -218,3 +218,32 @@ def test_a_row_preempted_on_one_worker_and_finished_on_another_leaves_the_first_
             # the worker that kept the interactive row made it and the preempted row's start
             expected = (len(interactive.audio()) + before_resume[moved[0].id]) / m.SAMPLE_RATE
             assert audio[lost] == pytest.approx(expected, abs=1e-3)
+
+
+DOCS = ("README.md", "docs/OPERATIONS.md", "docs/DEPLOY.md", "docs/RAY.md", "docs/MODEL.md")
+
+
+def test_every_metric_and_label_the_docs_name_is_exported(api):
+    """What an operator alerts on is what the docs name: each series they write
+    (`vibevoice_pool_resumes_total{outcome="resumed"|"replayed"}`) is in /metrics,
+    each label value too, and `state="recovering"` of the worker state."""
+    import re
+
+    from conftest import ROOT
+
+    text = "\n".join((ROOT / d).read_text() for d in DOCS)
+    name = r"(vibevoice_pool_[a-z_]*[a-z])(?![a-z_]*\*)"  # not a prefix: vibevoice_pool_worker_*
+    named = re.findall(name + r'(?:\{(\w+)="([^}]*)"\})?', text)
+    assert len({n for n, _, _ in named}) >= 6  # the docs do name them
+    assert api.post("/v1/synthesize", json={"script": "Speaker 1: hello"}).status_code == 200
+    r = api.get("/metrics")
+    series: dict[str, list[dict]] = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            series.setdefault(s.name, []).append(s.labels)
+    for name, label, values in named:
+        assert name in series, name
+        for v in values.replace('"', "").split("|") if label else ():
+            assert any(labels.get(label) == v for labels in series[name]), (name, label, v)
+    states = {labels["state"] for labels in series["vibevoice_pool_worker_state"]}
+    assert "recovering" in states and "backoff" not in states
