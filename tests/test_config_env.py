@@ -108,3 +108,23 @@ def test_a_variable_that_names_no_setting_is_pointed_out():
     assert stray_variables(environ) == [
         "$VIBEVOICE_POOL_PROT is not a setting; did you mean $VIBEVOICE_POOL_PORT?"
     ]
+
+
+def test_a_variable_a_config_file_overrides_is_said_without_its_value(
+    monkeypatch, tmp_path, caplog
+):
+    """DEPLOY.md runs the image with VIBEVOICE_POOL_MODEL_PATH and the shipped
+    configs/vibevoice-1.5b.yaml, which sets model_path too: the file wins, and the
+    variable was dropped without a word (the launch went for the hub's model)."""
+    monkeypatch.setenv("VIBEVOICE_POOL_MODEL_PATH", "/models/mine")
+    monkeypatch.setenv("VIBEVOICE_POOL_API_KEY", "a-secret-from-the-environment")
+    monkeypatch.setenv("VIBEVOICE_POOL_MAX_QUEUE", "11")
+    f = tmp_path / "pool.yaml"
+    f.write_text("model_path: vibevoice/VibeVoice-1.5B-hf\napi_key: a-secret-of-the-file\n")
+    with caplog.at_level("WARNING", logger="vibevoice_pool"):
+        cfg = cfg_from("--config", str(f), "--api-key", "the-flag-wins-over-both")
+    assert cfg.model_path == "vibevoice/VibeVoice-1.5B-hf" and cfg.max_queue == 11
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and "$VIBEVOICE_POOL_MODEL_PATH" in said[0], said
+    assert str(f) in said[0] and "/models/mine" not in said[0]
+    assert not [m for m in said if "secret" in m or "API_KEY" in m]  # a flag set it: no word

@@ -142,8 +142,19 @@ def launch_config(ns: argparse.Namespace):
     from vibevoice_pool.environment import from_environment
 
     environment = from_environment()
-    given = config.load_file(ns.config) if getattr(ns, "config", None) else {}
-    given.update({k: v for k, v in vars(ns).items() if k not in ("command", "config", "_device")})
+    path = getattr(ns, "config", None)
+    given = config.load_file(path) if path else {}
+    flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "_device")}
+    for name in sorted(
+        environment.keys() & {str(k).replace("-", "_") for k in given} - flags.keys()
+    ):
+        log.warning(  # the value is not said: it may be a key
+            "%s: the value in %s wins over $%s (a flag would win over both)",
+            name,
+            path,
+            config.env_name(name),
+        )
+    given.update(flags)
     overridden = {str(k).replace("-", "_") for k in given}
     origins = {n: "$" + config.env_name(n) for n in environment if n not in overridden}
     values = {n: v for n, v in environment.items() if n not in overridden} | given
