@@ -194,3 +194,18 @@ def test_removing_the_last_worker_answers_what_waits_at_once(sim_pool):
         shown = lambda: {w["id"]: w["state"] for w in pool.status()["workers"]}  # noqa: E731
         wait_until(lambda: shown() == {new: "ready"}, 30, what="the added worker alone")
         assert len(submit(pool, seed=3).result(timeout=60)) > 0
+
+
+def test_the_log_names_which_worker_of_a_shared_gpu_was_chosen(gpu_pool, caplog):
+    """With two workers on one GPU (workers_per_gpu, as configs/vibevoice-1.5b.yaml
+    runs), "🎯 Chose GPU 0 for request ..." could be either; it names the worker now."""
+    nvml = FakeNvml({0: FakeGpu(), 1: FakeGpu()})
+    pool = gpu_pool(nvml, gpus="0", workers_per_gpu=2)
+    assert [pool.where(i) for i in range(2)] == ["GPU 0 (worker 0)", "GPU 0 (worker 1)"]
+    with caplog.at_level("INFO", logger="vibevoice_pool"):
+        h = submit(pool)
+        wait_until(lambda: h.done, 30, what="the request to finish")
+    chose = [r.getMessage() for r in caplog.records if "Chose" in r.getMessage()]
+    assert chose and f"Chose GPU 0 (worker {h.worker}) for request" in chose[0], chose
+    single = gpu_pool(FakeNvml({0: FakeGpu(), 1: FakeGpu()}))  # one worker a GPU: as before
+    assert [single.where(i) for i in range(2)] == ["GPU 0", "GPU 1"]

@@ -201,11 +201,16 @@ class Pool:
         self.dispatcher.unsubscribe(listener)
 
     def where(self, slot: int | None) -> str:
-        """A slot as people name it: "GPU 1", or "worker 2 (cpu:2)"; "?" if unknown."""
-        if slot is None or not 0 <= slot < len(self.supervisor.slots):
+        """A slot as people name it: "GPU 1"; "GPU 1 (worker 3)" where the GPU has several
+        workers (workers_per_gpu); "worker 2 (cpu:2)"; "?" if unknown."""
+        slots = self.supervisor.slots
+        if slot is None or not 0 <= slot < len(slots):
             return "?"
-        p = self.supervisor.slots[slot].placement
-        return f"GPU {p.cuda_index}" if p.is_gpu else f"worker {slot} ({p.device})"
+        p = slots[slot].placement
+        if not p.is_gpu:
+            return f"worker {slot} ({p.device})"
+        shared = sum(s.placement.cuda_index == p.cuda_index for s in slots) > 1
+        return f"GPU {p.cuda_index} (worker {slot})" if shared else f"GPU {p.cuda_index}"
 
     # ---- status --------------------------------------------------------
 
