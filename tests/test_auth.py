@@ -85,6 +85,28 @@ def test_the_key_comes_from_the_flag_or_else_the_environment():
     assert resolve_api_key("", {}) == ""
 
 
+def test_the_terminal_commands_take_the_key_from_the_environment(
+    srv, monkeypatch, capsys, tmp_path
+):
+    """`vibevoice-pool status` (synth, jobs, scale) against a keyed server: the 401 said
+    to send an Authorization header, and $VIBEVOICE_POOL_API_KEY, which it names and
+    the container sets, was not read. It is the default of --api-key now, and a 401
+    says how to give the key."""
+    from vibevoice_pool.cli import main
+
+    monkeypatch.setenv("VIBEVOICE_POOL_OWNER_FILE", str(tmp_path / "owner-token"))
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert main(["status", "--url", srv.url]) == 1
+    assert "--api-key KEY" in capsys.readouterr().err
+    assert main(["jobs", "--url", srv.url]) == 1
+    assert "--api-key KEY" in capsys.readouterr().err
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    assert main(["status", "--url", srv.url, "--json"]) == 0
+    assert '"workers"' in capsys.readouterr().out
+    assert main(["jobs", "--url", srv.url]) == 0
+    assert main(["status", "--url", srv.url, "--api-key", "a-flag-wins-over-it"]) == 1
+
+
 def test_a_logged_in_client_generates_and_its_live_stream_needs_no_bearer(srv, tmp_path):
     import re
 

@@ -76,6 +76,9 @@ def _metavar(name: str, info) -> str:
     return {int: "N", float: "X"}.get(info.annotation, "NAME")
 
 
+KEY_HELP = "the server's API key (default: $VIBEVOICE_POOL_API_KEY)"
+
+
 def _client_parsers(sub) -> None:
     p = sub.add_parser("synth", help="synthesize a script on a running server")
     p.add_argument("--url", default="http://127.0.0.1:7860")
@@ -88,7 +91,7 @@ def _client_parsers(sub) -> None:
         "--format", default=None, help="wav, flac, mp3, opus, aac or pcm (default: -o's extension)"
     )
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help=KEY_HELP)
     p.add_argument(
         "--async",
         dest="as_job",
@@ -101,17 +104,17 @@ def _client_parsers(sub) -> None:
     p.add_argument("job_id", nargs="?", help="a job to follow to its end (with -o)")
     p.add_argument("-o", "--output", help="where to write the job's audio")
     p.add_argument("--url", default="http://127.0.0.1:7860")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help=KEY_HELP)
     p.add_argument("--limit", type=int, default=20, help="how many jobs to list")
 
     p = sub.add_parser("status", help="print the pool's status")
     p.add_argument("--url", default="http://127.0.0.1:7860")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help=KEY_HELP)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("scale", help="add or remove workers of a running server")
     p.add_argument("--url", default="http://127.0.0.1:7860")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help=KEY_HELP)
     p.add_argument("--add", action="append", default=[], metavar="DEVICE", help="cpu, cuda:N or N")
     p.add_argument("--remove", action="append", default=[], type=int, metavar="ID")
 
@@ -186,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         logs.setup(cfg.log_level, cfg.log_format)
         return serve(cfg)
+    if getattr(ns, "api_key", "") is None:  # the terminal commands: the server's variable
+        from vibevoice_pool.client import API_KEY_ENV
+
+        ns.api_key = os.environ.get(API_KEY_ENV) or None
     if ns.command == "jobs" or (ns.command == "synth" and ns.as_job):
         from vibevoice_pool.jobs import client as jobs_client
 

@@ -19,6 +19,10 @@ def _headers(api_key: str | None) -> dict:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+API_KEY_ENV = "VIBEVOICE_POOL_API_KEY"  # --api-key's default, as the server reads it
+KEY_HINT = f"give the server's key with --api-key KEY (or in ${API_KEY_ENV})"
+
+
 def _fail(resp: httpx.Response) -> int:
     try:
         err = resp.json()["error"]
@@ -27,6 +31,8 @@ def _fail(resp: httpx.Response) -> int:
         )
     except (ValueError, KeyError, TypeError):
         print(f"error {resp.status_code}: {resp.text[:500]}", file=sys.stderr)
+    if resp.status_code == 401:
+        print(KEY_HINT, file=sys.stderr)
     return 1
 
 

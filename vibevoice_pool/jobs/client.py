@@ -89,6 +89,10 @@ def _fail(resp: httpx.Response) -> int:
         _say(f"error {resp.status_code} ({err.get('code')}): {err.get('message')}")
     except (ValueError, KeyError, TypeError):
         _say(f"error {resp.status_code}: {resp.text[:500]}")
+    if resp.status_code == 401:
+        from vibevoice_pool.client import KEY_HINT
+
+        _say(KEY_HINT)
     return 1
 
 
