@@ -46,13 +46,12 @@ MODULES = (
     "workers.checkpoints.tiny",
     "workers.engines.row",
 )
-# The diffusion scheduler (diffusers) asks torch which accelerator there is when
-# it is imported (diffusers.utils.torch_utils: torch.accelerator.is_available()),
-# and with a CUDA build of torch that loads the CUDA driver: seen on an H200
-# (2026-12-04), where it left the zygote unfit to fork GPU workers, so every worker
-# was spawned. With a CUDA build the worker imports it after the fork, in load().
-if torch.version.cuda is None:
-    MODULES += ("diffusers.schedulers.scheduling_dpmsolver_multistep",)
+# diffusers is not preloaded: the step engine computes the schedule of the scheduler
+# VibeVoice checkpoints ship with itself (workers/engines/vibevoice/noise_schedule.py),
+# and a worker imports diffusers after the fork only for another one. On a CUDA build
+# its import asks torch which accelerator there is (diffusers.utils.torch_utils:
+# torch.accelerator.is_available()), which loads the CUDA driver: seen on an H200
+# (2026-12-04), where it left the zygote unfit to fork GPU workers.
 NAMES = ("VibeVoiceForConditionalGeneration", "VibeVoiceProcessor", "Qwen2TokenizerFast")
 
 missing: list[str] = []

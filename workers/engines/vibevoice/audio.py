@@ -45,6 +45,7 @@ from workers.engines.vibevoice.graphs import (
     make_graph,
     tolerance,
 )
+from workers.engines.vibevoice.noise_schedule import noise_scheduler
 from workers.engines.vibevoice.receptive import lookback_frames
 
 log = logging.getLogger("vibevoice_pool.worker")
@@ -79,7 +80,7 @@ class Speech:
         self.device = device
         self.dtype = model.dtype
         self.width = model.config.audio_config.hidden_size
-        self.base_scheduler = model._build_default_noise_scheduler(model.generation_config)
+        self.base_scheduler = noise_scheduler(model)  # diffusers only where needed
         self.schedules: dict[int, Schedule] = {}
         self.head = model.model.diffusion_head
         self.mode = resolve_mode(engine_mode, device)

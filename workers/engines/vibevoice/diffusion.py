@@ -59,7 +59,8 @@ def _supported(cfg: Any) -> None:
 
 def sub_steps(scheduler: Any, steps: int) -> tuple[list[SubStep], torch.Tensor]:
     """The coefficients of each sub-step and the timesteps, from a diffusers
-    DPMSolverMultistepScheduler (a copy of it is set to `steps`)."""
+    DPMSolverMultistepScheduler or noise_schedule.CosineDPMSolver (a copy of it is set
+    to `steps`)."""
     import copy
 
     sched = copy.deepcopy(scheduler)
