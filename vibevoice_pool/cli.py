@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 log = logging.getLogger("vibevoice_pool")
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
     if ns.command == "launch":
         from vibevoice_pool.config import ConfigError
+        from vibevoice_pool.pool.stopping import SIGNALS
         from vibevoice_pool.server import EXIT_CONFIG, serve
 
         logs.setup("INFO")
@@ -188,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", e)
             return EXIT_CONFIG
         logs.setup(cfg.log_level, cfg.log_format)
-        return serve(cfg)
+        code = serve(cfg)
+        # Stopped: a late Ctrl+C (a third to the group) changes nothing, and must not
+        # raise KeyboardInterrupt while the interpreter exits (a traceback in the log).
+        for stop in SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
+        return code
     if getattr(ns, "api_key", "") is None:  # the terminal commands: the server's variable
         from vibevoice_pool.client import API_KEY_ENV
 

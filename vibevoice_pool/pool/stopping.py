@@ -154,7 +154,9 @@ class StopWork:
         if self.jobs is not None:
             self.jobs.hurry()
         self.pool.dispatcher.hurried.set()
-        threading.Timer(self.margin_s / 2, lambda: setattr(server, "force_exit", True)).start()
+        force = threading.Timer(self.margin_s / 2, lambda: setattr(server, "force_exit", True))
+        force.daemon = True  # a stop that ends sooner does not wait for it to exit
+        force.start()
 
     def close(self, wait_s: float) -> None:
         """After serving: the jobs get what is left of the grace, then the pool

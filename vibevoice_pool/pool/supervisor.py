@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing import connection
 
@@ -50,6 +51,7 @@ log = logging.getLogger("vibevoice_pool")
 
 TICK_S = 0.05
 STACK_WAIT_S = 1.0  # longest wait for a hung worker's stack before SIGKILL
+STOP_WAIT_S = 2.0  # at shutdown, longest wait for the workers to exit before SIGKILL
 ASK_STACK = (KillKind.HANG, KillKind.STALL, KillKind.BOOT_TIMEOUT)  # stuck: ask what on
 RESTART_REQUESTED = Cause.RESTART.value
 ZYGOTE_WAIT_S = 120.0  # at launch, longest wait for the zygote before workers spawn
@@ -132,8 +134,7 @@ class Supervisor(SlotLifecycle):
         with self._lock:
             for slot in self.slots:
                 self._send(slot, m.Shutdown())
-            for slot in self.slots:
-                self._stop_process(slot)
+            self._stop_processes([s for s in self.slots if s.process is not None])
         self.zygote.close()
         self.watchdog.stand_down()
         self.weights.close()
@@ -415,12 +416,31 @@ class Supervisor(SlotLifecycle):
             except (ValueError, OSError):
                 pass
 
-    def _stop_process(self, slot: _Slot) -> None:
-        if slot.process is None:
-            return
-        slot.process.stop(timeout=2)
-        self._close(slot)
-        self.board.set(slot.index, Col.SLOT_STATE, SlotState.STOPPED)
+    def _stop_processes(self, slots: list[_Slot], timeout: float = STOP_WAIT_S) -> None:
+        """One wait for every worker to end on its Shutdown, then SIGKILL for the rest
+        (a worker still booting, stopped or stuck): a stop of N workers waits
+        `timeout` once, not N times. Meanwhile what they still send is read and
+        dropped: a worker blocked on a full response pipe never reads its Shutdown."""
+        deadline = time.monotonic() + timeout
+        running = {slot.process.handle for slot in slots}
+        talking = {slot.responses for slot in slots if slot.responses is not None}
+        while running and (left := deadline - time.monotonic()) > 0:
+            for ready in connection.wait([*running, *talking], left):
+                if ready in running:
+                    running.discard(ready)
+                    continue
+                try:
+                    ready.recv_bytes()
+                except (EOFError, OSError):
+                    talking.discard(ready)
+        stuck = [slot.process for slot in slots if slot.process.alive()]
+        for proc in stuck:
+            proc.kill()
+        _wait_all(stuck, timeout)
+        for slot in slots:
+            slot.process.proc.join(timeout=0.5)  # a spawned child is reaped
+            self._close(slot)
+            self.board.set(slot.index, Col.SLOT_STATE, SlotState.STOPPED)
 
     def _close(self, slot: _Slot) -> None:
         if slot.requests is not None:
@@ -438,3 +458,10 @@ class Supervisor(SlotLifecycle):
             os.write(self._wake_w, b"x")
         except OSError:
             pass
+
+
+def _wait_all(procs: list[WorkerProcess], timeout: float) -> None:
+    """Wait until every process has ended, or `timeout` has passed (one deadline)."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.ended(max(0.0, deadline - time.monotonic()))

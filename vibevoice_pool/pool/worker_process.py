@@ -62,14 +62,6 @@ class WorkerProcess:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit code {code}"
 
-    def stop(self, timeout: float) -> None:
-        """Wait for the process to end on its own, then SIGKILL it (a worker ignores
-        SIGTERM: only the parent decides how the pool drains)."""
-        if not self.ended(timeout):
-            self.kill()
-            self.ended(timeout)
-        self.proc.join(timeout=0.5)
-
     def close(self) -> None:
         if self.pidfd is not None:
             os.close(self.pidfd)

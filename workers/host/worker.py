@@ -203,9 +203,11 @@ class Worker:
     def _loop(self) -> None:
         host, b, row = self.host, self.board, self.row
         while True:
+            if self._shutdown:
+                # Sent only once the parent holds none of this worker's requests (each
+                # was answered, or moved): rows still running here are no one's work.
+                break
             if host.idle:
-                if self._shutdown:
-                    break
                 self._idle()
                 self._poll(None)
                 continue

@@ -4,7 +4,7 @@ Parent -> worker (on the worker's request queue):
     Synthesize(request)   run this request (the worker may batch it)
     Cancel(request_id)    stop this request at the next step, free its slot
     HandBack(request_id)  give this row back at the next step (Preempted): it moves
-    Shutdown()            finish what you hold, then exit
+    Shutdown()            exit at the next step: the parent holds none of your requests
     (inside a Request's voices: KeptVoice(key, samples) to use and keep,
      VoiceRef(key) for one kept before; see VoiceSender and VoiceCache)
 
