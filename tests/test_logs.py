@@ -68,3 +68,16 @@ def test_a_log_reader_that_stops_reading_does_not_block_the_logger():
     assert lines[0].endswith("INFO line 0 of the log")
     assert sum(1 for x in lines if " INFO line " in x) == 100_000
     assert "ValueError: boom" in err
+
+
+def test_with_json_logs_the_workers_lines_are_json_too():
+    """Workers write to the same stderr as the parent: their lines were plain text
+    among the JSON (`2026-... worker 0 ERROR engine failed to load: ...`), which
+    a log shipper reading JSON lines cannot parse."""
+    cmd = [sys.executable, "-m", "vibevoice_pool", "launch", "--engine", "sim", "--port", "0"]
+    cmd += ["--gpus", "cpu:1", "--log-format", "json", "--sim-boot-error", "bad weights"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3, p.stderr
+    lines = [json.loads(x) for x in p.stderr.splitlines()]  # every line is JSON
+    own = [x for x in lines if x["msg"] == "engine failed to load: bad weights"]
+    assert own and all(x["worker"] == 0 and x["level"] == "ERROR" for x in own)

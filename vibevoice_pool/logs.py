@@ -13,33 +13,14 @@ from __future__ import annotations
 
 import atexit
 import copy
-import json
 import logging
 import logging.handlers
 import queue
 import sys
-import time
+
+from workers.host.log_lines import JsonFormatter
 
 _listener: logging.handlers.QueueListener | None = None
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key in ("request_id", "worker"):
-            if hasattr(record, key):
-                out[key] = getattr(record, key)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        elif record.exc_text:  # formatted already, where it was logged
-            out["exc"] = record.exc_text
-        return json.dumps(out, ensure_ascii=False)
 
 
 class _Enqueue(logging.handlers.QueueHandler):

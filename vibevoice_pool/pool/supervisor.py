@@ -162,6 +162,7 @@ class Supervisor(SlotLifecycle):
             board_rows=b.rows,
             cuda_device=slot.placement.cuda_index,
             log_level=self.cfg.log_level,
+            log_format=self.cfg.log_format,
             heartbeat_s=self.cfg.heartbeat_s,
             stack_file=slot.stack_file,
         )

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from workers.engines.contract import EngineSpec
-from workers.host import preemption
+from workers.host import log_lines, preemption
 from workers.host.sink import HostSink
 from workers.host.step_host import StepHost
 from workers.host.voice_cache import VoiceCache
@@ -56,6 +56,7 @@ class WorkerSpec:
     cuda_device: int | None = None  # the physical CUDA ordinal, None for CPU / sim
     heartbeat_s: float = 0.25
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": the parent's --log-format
     env: dict = field(default_factory=dict)
     stack_file: str = ""  # where faulthandler writes its stacks ("" = nowhere)
 
@@ -78,11 +79,7 @@ def run(spec: WorkerSpec, requests, responses, death) -> None:
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal
         signal.signal(stop, signal.SIG_IGN)
     _dump_stacks_to(spec.stack_file)
-    logging.basicConfig(
-        level=spec.log_level,
-        stream=sys.stderr,
-        format=f"%(asctime)s worker {spec.slot} %(levelname)s %(message)s",
-    )
+    log_lines.setup_worker(spec.log_level, spec.log_format, spec.slot)
     _watch_parent(death)
     board = StatusBoard.attach(spec.board_name, spec.board_rows)
     Worker(spec, board, requests, responses).main()
