@@ -263,3 +263,21 @@ def test_a_hub_model_that_cannot_be_downloaded_is_refused_before_any_worker(tmp_
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=full)
     assert p.returncode == 2 and words in p.stderr, p.stderr
     assert "Initialising" not in p.stderr and time.monotonic() - t0 < 30
+
+
+def test_the_same_signal_twice_at_once_drains_rather_than_stops_now(server):
+    """coreutils' `timeout` sends its SIGTERM to the command and then to the command's
+    group: the server got it twice, a few milliseconds apart, and took the second as
+    "stop now", so `timeout ... vibevoice-pool launch` answered every accepted request
+    503 instead of letting it finish."""
+    s = server(*SIM, "--gpus", "cpu:1", "--sim-rtf", "0.1")
+    results: list = []
+    t = _long_synth(s.url, results)
+    wait_until(lambda: s.get("/v1/pool").json()["workers"][0]["inflight"] == 1, 20, what="busy")
+    s.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "SIGTERM: stopping" in s.log(), 10, 0.01, "the first SIGTERM")
+    s.proc.send_signal(signal.SIGTERM)  # the group's copy, as timeout sends it
+    assert s.proc.wait(60) == 0
+    t.join(10)
+    assert results and results[0][:2] == (200, "audio/wav"), results
+    assert "stopping now" not in s.log()

@@ -8,6 +8,8 @@ first line of the launch to its exit.
                               deadline for every phase of the stop (HTTP, jobs, the
                               pool); a second signal stops now: what is unfinished is
                               answered `unavailable`, jobs wait for the next start
+                              (the same signal again within REPEAT_S is the first one
+                              sent twice, as `timeout` does: not a second)
 
 A handler never raises once the server is up, so a third Ctrl+C cannot break the
 stop half way (a process that stops half way leaves its workers behind).
@@ -25,6 +27,10 @@ from multiprocessing import resource_tracker
 log = logging.getLogger("vibevoice_pool")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# The same signal again this soon is the same stop, not "stop now": coreutils'
+# `timeout` (and a launcher that signals the process and then its group) delivers
+# its SIGTERM twice, milliseconds apart; a person's second Ctrl+C comes later.
+REPEAT_S = 0.5
 
 
 class Interrupted(KeyboardInterrupt):
@@ -49,6 +55,7 @@ class Stopping:
         self.forced = threading.Event()
         self.serving = False
         self._asked = False  # a signal came
+        self._first: tuple[int, float] | None = None  # the first signal and when
         self._exit: Callable[[int], None] | None = None  # uvicorn's: stop serving
         self._force: list[Callable[[], None]] = []
         self._previous: dict[int, object] = {}
@@ -95,6 +102,7 @@ class Stopping:
         name = signal.Signals(signum).name
         if not self._asked:
             self._asked = True
+            self._first = (signum, self.clock())
             if not self.serving:
                 self.deadline = self.clock()  # nothing accepted yet: nothing to wait for
                 log.warning("%s while starting: stopping the workers started so far", name)
@@ -108,6 +116,10 @@ class Stopping:
             )
             if self._exit is not None:
                 self._exit(signum)
+            return
+        first, at = self._first or (0, 0.0)
+        if self.serving and signum == first and self.clock() - at < REPEAT_S:
+            log.info("%s again at once: the same stop (sent twice by its sender)", name)
             return
         if not self.forced.is_set():
             log.warning(
