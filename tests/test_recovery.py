@@ -257,3 +257,21 @@ def test_a_resumed_request_reports_all_of_its_audio(sim_pool):
         audio = h.result(timeout=60)
         assert h.resumed == 1
         assert h.outcome.audio_s == pytest.approx(len(audio) / m.SAMPLE_RATE, abs=1e-3)
+
+
+def test_a_frozen_worker_is_passed_over_while_it_waits_to_be_found_hung(sim_pool):
+    """A worker stopped while idle kept looking ready until hang_timeout_s (30 s by
+    default): a request sent meanwhile could go to it and wait there the whole
+    time while the other worker sat idle. Its stale heartbeat now passes it over."""
+    with sim_pool(gpus="cpu:2", hang_timeout_s=60.0) as pool:
+        frozen = worker(pool, 0)
+        os.kill(frozen["pid"], signal.SIGSTOP)
+        try:
+            stale = lambda: (worker(pool, 0)["heartbeat_age_s"] or 0) > 2.0  # noqa: E731
+            wait_until(stale, 10, what="the frozen worker's heartbeat to age")
+            for seed in range(4):  # ties between idle workers rotate: two went to worker 0
+                h = submit(pool, text="Speaker 1: a short line", seed=seed)
+                h.result(timeout=20)  # not 60 s, waiting for the hang rule
+                assert h.worker == 1
+        finally:
+            os.kill(frozen["pid"], signal.SIGCONT)

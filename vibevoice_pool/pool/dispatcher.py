@@ -91,13 +91,14 @@ class Dispatcher:
         mem_reserve_bytes: float = 0.0,
         mem_per_audio_s_bytes: float = 0.0,
         quarantined: Callable[[int], bool] | None = None,
+        stale_s: float = 1.0,  # a worker whose heartbeat is older is passed over
     ):
         self.board = board
         self.policy = policy
         self.max_queue = max_queue
         self.max_attempts = max_attempts
         self.quarantined = quarantined or (lambda lost: lost >= self.max_attempts)  # (Pool's)
-        self.clock = clock
+        self.clock, self.stale_s = clock, stale_s
         # a GPU worker is chosen only when its free memory covers reserve + work_s * per_audio_s
         self.mem_reserve_bytes = mem_reserve_bytes
         self.mem_per_audio_s_bytes = mem_per_audio_s_bytes
@@ -475,6 +476,7 @@ class Dispatcher:
             job = self._queue[0]
             need = self.mem_need(job.work_s)
             views = [v for v in self._eligible() if v.mem_free >= need]
+            views = survival.beating(views, self.board, self.stale_s)
             if not views:  # no free slot (with the memory): wait, or preempt a batch row
                 if self._preempt_locked(sends):
                     continue

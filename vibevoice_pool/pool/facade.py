@@ -110,6 +110,7 @@ class Pool:
             quarantined=recovery.quarantined,
             mem_reserve_bytes=cfg.mem_reserve_mb * 2**20,
             mem_per_audio_s_bytes=cfg.mem_per_audio_s_mb * 2**20,
+            stale_s=max(1.0, 4 * cfg.heartbeat_s),
         )
         specs = engine_specs(cfg, placements, model_path or cfg.model_path)
         supervisor = backend(cfg, placements, specs, board, dispatcher, recovery)

@@ -19,12 +19,16 @@ calls these under its lock; nothing here holds state of its own).
         Cancel was sent: its client left), or quarantined (it took workers down)
     started(...), forget(...)
         the bookkeeping of interactive requests sent over capacity
+    beating(views, board, stale_s) -> views
+        the workers that beat lately, when any did: a frozen one (SIGSTOP, a stuck
+        process) is not chosen while it waits for hang_timeout_s to be replaced
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import replace
 from typing import Iterable
 
@@ -162,3 +166,12 @@ def ended(job, why: str) -> m.Failed:
         m.ErrorKind.WORKER_LOST,
         f"this request was running on {job.lost} workers that died ({why}); it will not be retried",
     )
+
+
+def beating(views: list, board, stale_s: float) -> list:
+    """The views whose worker's heartbeat is at most stale_s old (one never seen
+    counts as beating); all of them when none is, so a beat late under load never
+    leaves a request without a worker."""
+    oldest = time.monotonic() - stale_s
+    fresh = [v for v in views if not 0 < board.get(v.slot, Col.HEARTBEAT) < oldest]
+    return fresh or views
