@@ -99,3 +99,37 @@ def test_a_stream_whose_request_fails_after_its_headers_ends_incomplete(tmp_path
         log = s.log()
         assert log.count("failed after its headers (worker_lost") == 2
         assert "without completing response" not in log  # the cut is meant: no error line
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/synthesize", {"script": "Speaker 1: " + TEXT, "stream": True}),
+        (
+            "/v1/audio/speech",
+            {"model": "tts-1", "input": TEXT, "voice": "alloy", "stream_format": "sse"},
+        ),
+    ],
+)
+def test_a_stream_whose_client_leaves_while_it_waits_gives_its_place_up(tmp_path, path, body):
+    """A streaming client that gives up while its request waits in the queue (a read
+    timeout, then a retry, as OpenAI's client does) cancels it there: it must not hold
+    its place in the queue, then run on a worker for nobody."""
+    import httpx
+    from conftest import wait_until
+
+    hold = {"script": "Speaker 1: " + TEXT * 20, "stream": True}  # ~200 s of audio: ~40 s
+    args = ("--sim-rtf", "0.2", "--gpus", "cpu:1", "--max-batch-size", "1")
+    with running_server(tmp_path, *args) as s:
+        with httpx.stream("POST", s.url + "/v1/synthesize", json=hold, timeout=60) as r:
+            assert r.status_code == 200  # its worker runs it: the next one waits
+            with pytest.raises(httpx.ReadTimeout):  # it waits behind the holder: gives up
+                httpx.post(s.url + path, json=body, timeout=httpx.Timeout(1.0, connect=10))
+
+            def gone() -> bool:
+                return s.get("/v1/pool").json()["queue"]["length"] == 0
+
+            wait_until(gone, 10, 0.2, "the abandoned request to leave the queue")
+            worker = s.get("/v1/pool").json()["workers"][0]
+            assert worker["inflight"] == 1 and worker["completed"] == 0  # the holder, alone
+        assert "the client went away; cancelling" in s.log()

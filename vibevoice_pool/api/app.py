@@ -134,7 +134,7 @@ def native_router(front: Front) -> APIRouter:
             req = front.build_request(body)
         handle = pool.submit(req)
         if body.stream:
-            return await stream_response(handle, body.format)
+            return await stream_response(request, handle, body.format)
         return await run_to_response(request, handle, body.format)
 
     return router

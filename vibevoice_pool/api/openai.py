@@ -60,6 +60,7 @@ from vibevoice_pool.api.speech import (
     encoded,
     headers_for,
     run_to_response,
+    started,
     stream_response,
 )
 from vibevoice_pool.voices import MODEL_VOICE, OPENAI_VOICES, parse_openai_map
@@ -177,11 +178,11 @@ async def _whole(handle, fmt: str):
         yield data[i : i + SSE_PIECE]
 
 
-async def _sse(handle, fmt: str, extra_headers: dict, whole: bool = False):
+async def _sse(request, handle, fmt: str, extra_headers: dict, whole: bool = False):
     """OpenAI's speech events: speech.audio.delta (base64) ..., speech.audio.done;
     `whole`: the deltas are one file's pieces, sent once it is all made."""
     try:
-        await handle.started()
+        await started(request, handle)
     except m.PoolError as e:
         return error_response(e)
     enc = encoders.StreamEncoder(fmt)
@@ -282,9 +283,11 @@ def router(front) -> APIRouter:
         handle = pool.submit(req)
         extra = {"X-Voice": quote(preset or MODEL_VOICE), "X-Model": quote(body.model)}
         if body.stream_format == "sse":  # flac in whole pieces, unless "stream": true
-            return await _sse(handle, fmt, extra, whole=fmt == "flac" and body.stream is not True)
+            return await _sse(
+                request, handle, fmt, extra, whole=fmt == "flac" and body.stream is not True
+            )
         if stream:
-            resp = await stream_response(handle, fmt)
+            resp = await stream_response(request, handle, fmt)
         else:
             resp = await run_to_response(request, handle, fmt)
         if resp.status_code == 200:

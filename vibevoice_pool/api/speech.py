@@ -204,6 +204,18 @@ async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None
         await asyncio.sleep(0.5)
 
 
+async def started(request: Request, handle: RequestHandle) -> None:
+    """Wait until a worker begins the request (raises the PoolError it failed with
+    before that), cancelling it if its client leaves meanwhile: a streamed answer's
+    body watches its client only once it runs, and a request that waits in the queue
+    for a client that is gone would hold its place there, then run for nobody."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+    try:
+        await handle.started()
+    finally:
+        watcher.cancel()
+
+
 async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> Response:
     """Wait for the whole result, then answer it encoded as `fmt`."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
@@ -239,10 +251,10 @@ async def encoded(handle: RequestHandle, enc: encoders.StreamEncoder):
             handle.cancel()
 
 
-async def stream_response(handle: RequestHandle, fmt: str) -> Response:
+async def stream_response(request: Request, handle: RequestHandle, fmt: str) -> Response:
     """Stream audio as the worker makes it. Waits for Started so X-Worker is known."""
     try:
-        await handle.started()
+        await started(request, handle)
     except m.PoolError as e:
         return error_response(e)
     enc = encoders.StreamEncoder(fmt)
