@@ -45,7 +45,6 @@ from typing import Annotated, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import encoders
@@ -57,6 +56,7 @@ from vibevoice_pool.api.speech import (
     Speaker,
     Steps,
     SynthesizeBody,
+    WatchedStream,
     encoded,
     headers_for,
     run_to_response,
@@ -210,7 +210,7 @@ async def _sse(request, handle, fmt: str, extra_headers: dict, whole: bool = Fal
         )
 
     headers = headers_for(handle) | extra_headers | STREAM_HEADERS
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return WatchedStream(body(), media_type="text/event-stream", headers=headers)
 
 
 def usage(audio_s: float) -> dict:

@@ -278,11 +278,40 @@ async def stream_response(request: Request, handle: RequestHandle, fmt: str) -> 
     return CutStream(body(), media_type=enc.content_type, headers=headers)
 
 
+class WatchedStream(StreamingResponse):
+    """A StreamingResponse that watches its client with plain asyncio tasks instead of
+    starlette's anyio task group. When the client leaves, the stream is cancelled, and
+    its CancelledError carries the frames of every reader of the request: its handle,
+    and all the audio that holds. anyio's task group keeps that error in a reference
+    cycle (its task_done callback's frame holds it, and is on its traceback), so the
+    audio of every stream whose client left stayed in memory until the next full
+    garbage collection: on an idle server, never."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        spec = tuple(map(int, scope.get("asgi", {}).get("spec_version", "2.0").split(".")))
+        if spec >= (2, 4):  # the server tells a gone client by failing send: no watcher
+            return await super().__call__(scope, receive, send)
+        stream = asyncio.ensure_future(self.stream_response(send))
+        gone = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait((stream, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stream.cancel()
+            gone.cancel()
+            await asyncio.wait((stream, gone))
+        if not gone.cancelled():
+            gone.result()  # (an error of `receive`, if any)
+        if not stream.cancelled():
+            stream.result()  # the stream's own error, if any
+        if self.background is not None:
+            await self.background()
+
+
 class CutShort(Exception):
     """A streamed answer's request failed after its status and headers were sent."""
 
 
-class CutStream(StreamingResponse):
+class CutStream(WatchedStream):
     """A stream that, when its request fails after the headers (CutShort), ends
     without the body's last chunk: the connection closes, and an HTTP client sees an
     incomplete body (curl exits 18, httpx raises RemoteProtocolError). A clean end

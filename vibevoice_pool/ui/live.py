@@ -20,10 +20,10 @@ import threading
 import time
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
 
 from vibevoice_pool import audio
 from vibevoice_pool.api.errors import plain_error
+from vibevoice_pool.api.speech import WatchedStream
 from vibevoice_pool.pool.handle import RequestHandle
 from workers.wire import messages as m
 
@@ -88,7 +88,7 @@ class LiveStreams:
                 except m.PoolError:
                     pass  # the page's Generate handler says why; the player just ends
 
-            return StreamingResponse(
+            return WatchedStream(
                 body(), media_type="audio/wav", headers={"Cache-Control": "no-store"}
             )
 
