@@ -234,3 +234,35 @@ def test_every_error_code_reads_in_chinese_with_the_servers_own_detail():
     said = explain("zh", "overloaded", "the queue is full (64 waiting)")
     assert said == "服务器繁忙，请稍后再试：the queue is full (64 waiting)"
     assert explain("en", "overloaded", "the queue is full") == "the queue is full"
+
+
+def test_a_page_request_lets_its_audio_go_once_its_replay_time_is_over(sim_pool, tmp_path):
+    """The live player may replay a request's audio for keep_s after it ends; then the
+    handle (all its audio) must go, also when no later Generate comes to prune it."""
+    import asyncio
+    import re
+
+    from vibevoice_pool.api.app import create_app
+    from vibevoice_pool.api.speech import Front
+    from vibevoice_pool.ui.page import Page
+    from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
+
+    ensure_demo_voices(tmp_path / "voices")
+    with sim_pool(gpus="cpu:1", sim_rtf=0.01) as pool:
+        voices = VoiceLibrary(tmp_path / "voices", max_bytes=1 << 20, max_seconds=60)
+        front = Front(pool, voices, pool.cfg)
+        create_app(front)  # (its activity)
+        page = Page(front)
+        page.streams.keep_s = 0.5
+
+        async def generate_then_idle():
+            script = "Speaker 1: a few words for the page"
+            outs = [o async for o in page.generate(script, 1, None, None, None, None, 1.3, 5, 7)]
+            url = "/" + re.search(r'src="([^"]+)"', outs[0][0]).group(1)
+            assert page.streams.allows(url)  # replayable for a while
+            await asyncio.sleep(2.0)  # the page stays idle: no other Generate
+            return url, outs[-1][2]
+
+        url, (rate, pcm) = asyncio.run(generate_then_idle())
+        assert rate == m.SAMPLE_RATE and len(pcm) > 0  # it made its audio
+        assert not page.streams.allows(url)  # and let it go

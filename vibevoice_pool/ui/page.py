@@ -224,6 +224,9 @@ class Page:
             self.tabs.remove(tab, handle)
             if not handle.done:
                 handle.cancel()  # the tab went away, or Gradio ended the event
+            # Its player may replay it for keep_s; after that its audio goes, even when
+            # no other Generate comes to prune it (an idle page held it for ever).
+            asyncio.get_running_loop().call_later(self.streams.keep_s + 1, self.streams.prune)
 
     def _running(self, lang: str, handle, got: int, est: float) -> str:
         """The progress bar while a worker makes the audio (`got` samples so far)."""
