@@ -133,10 +133,10 @@ def _group_left(pgid: int) -> list[str]:
     return out.split()
 
 
-def _long_synth(url: str, results: list) -> threading.Thread:
+def _long_synth(url: str, results: list, sentences: int = 20) -> threading.Thread:
     def call():
         try:
-            r = synth(url, "Speaker 1: " + "a sentence that takes a while to say " * 20)
+            r = synth(url, "Speaker 1: " + "a sentence that takes a while to say " * sentences)
             results.append((r.status_code, r.headers.get("content-type"), r.text[:200]))
         except httpx.HTTPError as e:
             results.append(("error", repr(e), ""))
@@ -293,3 +293,25 @@ def test_the_process_ends_soon_after_it_says_stopped(server):
     t0 = time.monotonic()
     assert s.proc.wait(30) == 0
     assert time.monotonic() - t0 < 1.5  # 2-3 s before, on an idle machine
+
+
+def test_no_queued_job_starts_once_the_server_is_stopping(server):
+    """A job waiting its turn when the stop came was started during the drain, only
+    to be cut at the deadline: wasted work that held the stop. It waits for the next
+    start instead; what was accepted finishes."""
+    s = server(*SIM, "--gpus", "cpu:1", "--sim-rtf", "0.1", "--max-batch-size", "2")
+    results: list = []
+    threads = [_long_synth(s.url, results, n) for n in (40, 4)]  # both rows: the drain's
+    wait_until(lambda: s.get("/v1/pool").json()["workers"][0]["inflight"] == 2, 20, what="busy")
+    first = s.post("/v1/jobs", json={"script": "Speaker 1: the job in the pool's queue."})
+    second = s.post("/v1/jobs", json={"script": "Speaker 1: the job that waits its turn."})
+    first, second = first.json()["id"], second.json()["id"]
+    wait_until(lambda: f"job {first} running" in s.log(), 20, what="the first job handed over")
+    assert f"job {second} running" not in s.log()  # the pool's queue is at its depth
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(60) == 0
+    for t in threads:
+        t.join(10)
+    log = s.log()
+    assert [r[0] for r in results] == [200, 200], results
+    assert f"job {first} done" in log and f"job {second} running" not in log, log

@@ -114,7 +114,7 @@ class JobRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._started = threading.Event()
-        self._stopping = False
+        self._stopping = self._held = False  # held: the server stops; no new job starts
         self._stop_at = 0.0
         self._retry_at = 0.0
         self._said_later = False
@@ -156,6 +156,10 @@ class JobRunner:
             self.pool.unsubscribe(self._on_pool_event)
         self.store.close()
 
+    def hold(self) -> None:
+        """The server is stopping: no queued job starts (running ones go on to `stop`)."""
+        self._held = True
+
     def hurry(self) -> None:
         """A forced stop: running jobs are cancelled now (they run at the next start)."""
         self._stop_at = 0.0
@@ -165,7 +169,7 @@ class JobRunner:
     def submit(self, owner: str, body: dict) -> Job:
         """Validate and write down a job; it runs when the pool has room.
         PoolError (BAD_INPUT, UNAVAILABLE), JobError(DISK_LIMIT)."""
-        if self._stopping:
+        if self._stopping or self._held:
             raise m.PoolError(m.ErrorKind.UNAVAILABLE, "the server is shutting down", True)
         body = {**body, "stream": False}
         req = self._build(body)  # validates; picks a seed when none is given
@@ -328,7 +332,7 @@ class JobRunner:
 
     async def _fill(self) -> None:
         """Hand queued jobs to the pool, oldest first, while its queue has room."""
-        while not self._stopping and time.monotonic() >= self._retry_at:
+        while not (self._stopping or self._held) and time.monotonic() >= self._retry_at:
             if self.pool.queue_length() >= self.queue_depth:
                 return
             job = self.store.next_queued(self.owner_cap())
@@ -346,7 +350,7 @@ class JobRunner:
                 log.exception("job %s: building its request failed", job.id)
                 self._fail(job.id, INTERNAL, f"building the request failed: {e!r}")
                 continue
-            if self._stopping:
+            if self._stopping or self._held:
                 return  # it stays queued for the next start
             try:
                 handle = self.pool.submit(replace(req, priority=m.Priority.BATCH.value))

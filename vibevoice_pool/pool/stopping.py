@@ -147,6 +147,8 @@ class StopWork:
         self._timer: threading.Thread | None = None
 
     def start(self, stopping: Stopping) -> None:
+        if self.jobs is not None:  # a queued job started now would only be cut at the deadline
+            self.jobs.hold()
         if self._timer is None:
             self._timer = threading.Thread(
                 target=self._at_deadline, args=(stopping,), name="stop-timer", daemon=True
