@@ -118,6 +118,7 @@ class JobRunner:
         self._stop_at = 0.0
         self._retry_at = 0.0
         self._said_later = False
+        self._want_room = False  # queued jobs wait for room in the pool's queue
         self._sweep_s = max(1.0, min(60.0, ttl_s / 4))
         self.owner_running = owner_running
         self._capacity = capacity or (lambda: len(pool.placements))
@@ -288,7 +289,9 @@ class JobRunner:
                 loop.call_soon_threadsafe(wake.set)
 
     def _on_pool_event(self, event) -> None:
-        if event.kind in ("finished", "dispatched"):  # room in the admission queue
+        # room in the admission queue: news only while a queued job waits for it (a wake
+        # for every API request cost a store query and a thread hop each)
+        if self._want_room and event.kind in ("finished", "dispatched"):
             self._poke()
 
     def _run(self) -> None:
@@ -333,10 +336,12 @@ class JobRunner:
     async def _fill(self) -> None:
         """Hand queued jobs to the pool, oldest first, while its queue has room."""
         while not (self._stopping or self._held) and time.monotonic() >= self._retry_at:
+            self._want_room = True  # before the look: an event after it wakes the loop
             if self.pool.queue_length() >= self.queue_depth:
                 return
             job = self.store.next_queued(self.owner_cap())
             if job is None:
+                self._want_room = False  # a new job pokes the loop itself (submit)
                 return
             try:
                 req = await asyncio.to_thread(self._build, self.store.body(job.id))
