@@ -39,31 +39,14 @@ import numpy as np
 from vibevoice_pool.audio import decode_upload, encode
 from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError
 
-VOICE_EXTENSIONS: tuple[str, ...] = (
-    ".wav",
-    ".flac",
-    ".mp3",
-    ".ogg",
-)  # preference order
+VOICE_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".mp3", ".ogg")  # preference order
 MAX_NAME_LENGTH = 64
 LISTING_MAX_AGE_S = 2.0  # a change the folder's mtime misses is seen within this
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 log = logging.getLogger("vibevoice_pool")
 OWNERS_FILE = ".owners.json"  # {voice name: owner id} of the voices added by upload
-OPENAI_VOICES = (
-    "alloy",
-    "ash",
-    "ballad",
-    "coral",
-    "echo",
-    "fable",
-    "nova",
-    "onyx",
-    "sage",
-    "shimmer",
-    "verse",
-    "marin",
-    "cedar",
+OPENAI_VOICES = tuple(
+    "alloy ash ballad coral echo fable nova onyx sage shimmer verse marin cedar".split()
 )
 MODEL_VOICE = "none (the model's own voice)"  # what X-Voice says when no preset was used
 MODEL_VOICE_NOTE = (
@@ -207,17 +190,28 @@ class VoiceLibrary:
         # name -> (path, (mtime_ns, size), samples)
         self._cache: dict[str, tuple[Path, tuple[int, int], np.ndarray]] = {}
         self._listed: tuple[int, float, dict[str, Path]] | None = None  # mtime_ns, when, names
+        self._owned: tuple[tuple, dict[str, str]] | None = None  # (ino, size, mtime_ns), owners
 
     # ---- owners ----------------------------------------------------------
 
     def _owners(self) -> dict[str, str]:
+        """The owners file (a copy), read again only when its inode, size or mtime
+        changed: every request's default voice asks, and it is replaced, never edited."""
+        path = self.folder / OWNERS_FILE
         try:
-            data = json.loads((self.folder / OWNERS_FILE).read_text(encoding="utf-8"))
+            st = os.stat(path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            kept = self._owned
+            if kept is not None and kept[0] == stamp:
+                return dict(kept[1])
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, ValueError, UnicodeDecodeError):
             return {}
-        return (
+        owners = (
             {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
         )
+        self._owned = (stamp, owners)
+        return dict(owners)
 
     def _save_owners(self, owners: dict[str, str]) -> None:
         _write_atomic(self.folder, OWNERS_FILE, json.dumps(owners, sort_keys=True).encode())
