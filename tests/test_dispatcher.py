@@ -339,3 +339,19 @@ def test_a_remote_traceback_goes_to_the_log_and_never_to_the_client(board, caplo
     with pytest.raises(m.PoolError) as e:
         h.result(0)
     assert "Traceback" not in str(e.value) and e.value.traceback == ""
+
+
+def test_a_reader_whose_event_loop_closed_does_not_break_the_dispatcher(board):
+    import asyncio
+
+    d = Dispatcher(board)
+    link = up(board, d, 0)
+    gone, nxt = d.submit(req(1)), d.submit(req(2))
+    loop = asyncio.new_event_loop()
+    reading = gone.stream()
+    loop.run_until_complete(asyncio.wait([loop.create_task(anext(reading))], timeout=0.05))
+    loop.close()  # closed under a waiting reader, its generator never finished
+    d.on_message(0, m.Started("r1", at=1.0))  # the old code raised "Event loop is closed"
+    d.on_message(0, m.Done("r1", 0.0, 0.01))
+    assert gone.done and [r.id for r in link.synth()] == ["r1", "r2"]
+    assert not nxt.done

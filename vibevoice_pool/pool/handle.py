@@ -20,6 +20,7 @@ progress while its <audio> player's stream reads another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from typing import Callable
@@ -75,8 +76,7 @@ class RequestHandle:
             # A waker is armed only by a reader that has caught up, and fires
             # once: one loop wake-up per reader for a burst of events.
             wakers, self._wakers = self._wakers, set()
-        for waker in wakers:
-            waker()
+        wake_now(wakers)
 
     # ---- consumer side -------------------------------------------------
 
@@ -148,6 +148,12 @@ class RequestHandle:
         finally:
             with self._cond:
                 self._wakers.discard(waker)
+
+
+def wake_now(wakers) -> None:
+    for waker in wakers:
+        with contextlib.suppress(RuntimeError):  # its event loop has closed: no one to wake
+            waker()
 
 
 def _error(failed: m.Failed) -> m.PoolError:
