@@ -341,6 +341,48 @@ def test_a_remote_traceback_goes_to_the_log_and_never_to_the_client(board, caplo
     assert "Traceback" not in str(e.value) and e.value.traceback == ""
 
 
+def test_a_burst_of_events_wakes_the_reader_once_and_keeps_their_order(board):
+    import asyncio
+
+    d = Dispatcher(board)
+    up(board, d, 0)
+    handle = d.submit(req(1))
+    parts = [np.full(100, k, np.float32) for k in range(3)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        real = loop.call_soon_threadsafe
+
+        def counted(callback, *args):
+            nonlocal wakes
+            wakes += isinstance(getattr(callback, "__self__", None), asyncio.Event)  # a reader's
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counted
+        got = []
+
+        async def read():
+            async for pcm in handle.stream():
+                got.append(pcm[0])
+
+        reader = asyncio.create_task(read())
+        for _ in range(500):  # until it has caught up and waits for the first event
+            if handle._wakers:
+                break
+            await asyncio.sleep(0.01)
+        burst = [m.Started("r1", at=1.0)]
+        burst += [m.Chunk("r1", k, pcm) for k, pcm in enumerate(parts)]
+        burst.append(m.Done("r1", 0.0125, 0.01))
+        await asyncio.to_thread(d.on_message, 0, *burst)  # as the supervisor's thread does
+        await asyncio.wait_for(reader, 5)
+        return wakes, got
+
+    wakes, got = asyncio.run(main())
+    assert got == [0.0, 1.0, 2.0] and handle.done
+    assert wakes == 1
+
+
 def test_a_reader_whose_event_loop_closed_does_not_break_the_dispatcher(board):
     import asyncio
 

@@ -36,7 +36,7 @@ from typing import Callable
 
 from vibevoice_pool.pool import events as ev
 from vibevoice_pool.pool import survival
-from vibevoice_pool.pool.handle import RequestHandle
+from vibevoice_pool.pool.handle import RequestHandle, Wakeups, wake_now
 from vibevoice_pool.pool.policies import Ctx, View, choose
 from workers.wire import messages as m
 from workers.wire.board import Col, SlotState, StatusBoard, WorkerState
@@ -44,16 +44,8 @@ from workers.wire.board import Col, SlotState, StatusBoard, WorkerState
 log = logging.getLogger("vibevoice_pool")
 
 # Board columns as plain ints, for the hot path.
-_SLOT_STATE, _WORKER_STATE, _CAPACITY = (
-    int(Col.SLOT_STATE),
-    int(Col.WORKER_STATE),
-    int(Col.CAPACITY),
-)
-_BATCH_LIMIT, _INFLIGHT, _QUEUED_WORK_S = (
-    int(Col.BATCH_LIMIT),
-    int(Col.INFLIGHT),
-    int(Col.QUEUED_WORK_S),
-)
+_SLOT_STATE, _WORKER_STATE, _CAPACITY = map(int, (Col.SLOT_STATE, Col.WORKER_STATE, Col.CAPACITY))
+_BATCH_LIMIT, _INFLIGHT, _QUEUED = map(int, (Col.BATCH_LIMIT, Col.INFLIGHT, Col.QUEUED_WORK_S))
 _SPEED, _UTIL, _DEVICE = int(Col.SPEED), int(Col.UTIL), int(Col.DEVICE)
 _MEM_USED, _MEM_TOTAL, _MEM_REUSABLE = int(Col.MEM_USED), int(Col.MEM_TOTAL), int(Col.MEM_REUSABLE)
 _RUNNING = float(SlotState.RUNNING)
@@ -116,6 +108,7 @@ class Dispatcher:
         self.work_ratio = 1.0  # measured audio / estimated audio (EMA)
         self.counters: collections.Counter[str] = collections.Counter()
         self.listeners = ev.Listeners()  # hear the events after the lock is released
+        self._wakeups = Wakeups()  # the handles' readers to wake after it too
 
     # ---- the API side --------------------------------------------------
 
@@ -142,7 +135,7 @@ class Dispatcher:
                     f"the queue is full ({self.max_queue} waiting); retry in a few seconds",
                     retryable=True,
                 )
-            handle = RequestHandle(request, self.cancel, self.clock)
+            handle = RequestHandle(request, self.cancel, self.clock, wake=self._wakeups)
             job = _Job(request, handle, request.est_audio_s * self.work_ratio, next(self._seq))
             job.delivered = request.resume.samples if request.resume else 0  # a job restarted
             self._jobs[request.id] = job
@@ -266,46 +259,52 @@ class Dispatcher:
         with self._locked():
             return sum(1 for j in self._jobs.values() if j.slot == slot)
 
-    def on_message(self, slot: int, msg) -> None:
+    def on_message(self, slot: int, *msgs) -> None:
+        """A worker's messages, in the order it sent them, under one hold of the lock:
+        a reader of a handle is woken once for all of them (a burst of events)."""
         with self._locked():
-            job = self._jobs.get(getattr(msg, "id", ""))
-            if job is None or job.slot != slot:
-                return  # an answer for a request that moved on (cancelled, requeued)
-            if isinstance(msg, m.Started):
-                job.started_at, job.running = msg.at, True
-                survival.started(self.counters, self._asked, job, slot, msg.from_samples)
-                job.handle.push(msg)
-                self._emit(ev.Started(job.request, job.handle, slot, msg.at))
-            elif isinstance(msg, m.Chunk):
-                self._chunk(job, msg)
-            elif isinstance(msg, m.Done):
-                actual = job.seen / m.SAMPLE_RATE
-                if job.request.est_audio_s > 0 and actual > 0:
-                    ratio = actual / job.request.est_audio_s
-                    self.work_ratio = 0.9 * self.work_ratio + 0.1 * ratio
-                self._release(job)
-                self._finish(job, replace(msg, audio_s=max(actual, msg.audio_s)))  # resumed: all
-            elif isinstance(msg, m.Preempted):  # it resumes later, with its history
-                self._release(job)
-                if job.cancelled:  # preempted or moved before the Cancel reached it
-                    self._finish(job, survival.ended(job, ""))
-                else:
-                    survival.preempted(self.counters, job, slot, msg.steps, slot in self._draining)
-                    self._queue.appendleft(job)
-                    self._emit(ev.Requeued(job.request, job.handle, slot, lost=False))
-            elif isinstance(msg, m.Failed):
-                if msg.traceback:  # for the log; a client gets the message only
-                    log.error(
-                        "request %s failed in worker %d: %s\n%s",
-                        msg.id,
-                        slot,
-                        msg.message,
-                        msg.traceback.rstrip(),
-                    )
-                    msg = replace(msg, traceback="")
-                self._release(job)
-                self._finish(job, msg)
+            for msg in msgs:
+                self._on_message(slot, msg)
             self._pump_locked()
+
+    def _on_message(self, slot: int, msg) -> None:
+        job = self._jobs.get(getattr(msg, "id", ""))
+        if job is None or job.slot != slot:
+            return  # an answer for a request that moved on (cancelled, requeued)
+        if isinstance(msg, m.Started):
+            job.started_at, job.running = msg.at, True
+            survival.started(self.counters, self._asked, job, slot, msg.from_samples)
+            job.handle.push(msg)
+            self._emit(ev.Started(job.request, job.handle, slot, msg.at))
+        elif isinstance(msg, m.Chunk):
+            self._chunk(job, msg)
+        elif isinstance(msg, m.Done):
+            actual = job.seen / m.SAMPLE_RATE
+            if job.request.est_audio_s > 0 and actual > 0:
+                ratio = actual / job.request.est_audio_s
+                self.work_ratio = 0.9 * self.work_ratio + 0.1 * ratio
+            self._release(job)
+            self._finish(job, replace(msg, audio_s=max(actual, msg.audio_s)))  # resumed: all
+        elif isinstance(msg, m.Preempted):  # it resumes later, with its history
+            self._release(job)
+            if job.cancelled:  # preempted or moved before the Cancel reached it
+                self._finish(job, survival.ended(job, ""))
+            else:
+                survival.preempted(self.counters, job, slot, msg.steps, slot in self._draining)
+                self._queue.appendleft(job)
+                self._emit(ev.Requeued(job.request, job.handle, slot, lost=False))
+        elif isinstance(msg, m.Failed):
+            if msg.traceback:  # for the log; a client gets the message only
+                log.error(
+                    "request %s failed in worker %d: %s\n%s",
+                    msg.id,
+                    slot,
+                    msg.message,
+                    msg.traceback.rstrip(),
+                )
+                msg = replace(msg, traceback="")
+            self._release(job)
+            self._finish(job, msg)
 
     def fail_all(self, error: m.ErrorKind, message: str) -> int:
         """Answer every request still pending (shutdown past its grace)."""
@@ -380,18 +379,23 @@ class Dispatcher:
 
     @contextlib.contextmanager
     def _locked(self):
-        """Hold the lock; when the outermost hold ends, deliver what was emitted."""
-        outer = False
+        """Hold the lock; when the outermost hold ends, wake the readers of the handles
+        it pushed events to (once each) and deliver what was emitted."""
+        due = None
         try:
             with self._lock:
                 self._depth += 1
+                if self._depth == 1:
+                    self._wakeups.hold()
                 try:
                     yield
                 finally:
                     self._depth -= 1
-                    outer = self._depth == 0
+                    if self._depth == 0:
+                        due = self._wakeups.take()
         finally:
-            if outer:
+            if due is not None:
+                wake_now(due)
                 self.listeners.deliver()
 
     def _emit(self, event: ev.PoolEvent) -> None:
@@ -424,7 +428,7 @@ class Dispatcher:
                     slot,
                     inflight,
                     capacity,
-                    row[_QUEUED_WORK_S],
+                    row[_QUEUED],
                     row[_SPEED],
                     row[_MEM_USED],
                     mem_total,

@@ -39,6 +39,7 @@ class RequestHandle:
         request: m.Request,
         cancel: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        wake: Callable[[set], None] | None = None,
     ):
         self.request = request
         self.id = request.id
@@ -48,6 +49,7 @@ class RequestHandle:
         self.worker: int | None = None  # the slot that finished (or last ran) it
         self.outcome: m.Done | m.Failed | None = None
         self._cancel = cancel
+        self._wake = wake or wake_now  # the readers a push found waiting (the dispatcher's Wakeups)
         self.finished_at: float | None = None  # monotonic time of the terminal event
         self.samples = 0  # audio samples received so far
         self._events: list = []  # every event, in order: each reader keeps its own place
@@ -76,7 +78,8 @@ class RequestHandle:
             # A waker is armed only by a reader that has caught up, and fires
             # once: one loop wake-up per reader for a burst of events.
             wakers, self._wakers = self._wakers, set()
-        wake_now(wakers)
+        if wakers:
+            self._wake(wakers)
 
     # ---- consumer side -------------------------------------------------
 
@@ -154,6 +157,30 @@ def wake_now(wakers) -> None:
     for waker in wakers:
         with contextlib.suppress(RuntimeError):  # its event loop has closed: no one to wake
             waker()
+
+
+class Wakeups:
+    """The dispatcher's handles' readers to wake: while one thread holds them (the
+    dispatcher, under its lock), those its pushes find waiting are kept, to be woken
+    after the lock is released (`take`, then `wake_now`): once each for a burst of
+    events. Pushes from any other thread wake their readers at once."""
+
+    def __init__(self):
+        self._holder = 0  # the thread that holds them, 0: none
+        self._held: list = []
+
+    def hold(self) -> None:
+        self._holder = threading.get_ident()
+
+    def take(self) -> list:
+        held, self._held, self._holder = self._held, [], 0
+        return held
+
+    def __call__(self, wakers) -> None:
+        if self._holder == threading.get_ident():
+            self._held.extend(wakers)
+        else:
+            wake_now(wakers)
 
 
 def _error(failed: m.Failed) -> m.PoolError:

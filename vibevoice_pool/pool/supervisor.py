@@ -11,7 +11,8 @@ process's end (worker_process.py) and a wake-up pipe at once:
     response pipe readable -> Ready / BootFailed here, the rest to the dispatcher
     process ended          -> the process died: drain its pipe, hand its
                               requests back to the dispatcher, ask the policy
-    tick (every 50 ms)     -> the policy's hang rule over the board's vitals
+    tick (every 50 ms, and after messages at most every 10 ms)
+                           -> the policy's hang rule over the board's vitals
                               (heartbeat, progress, device health, boot time):
                               a kill; due respawns start, old requests time
                               out, a dead zygote is restarted
@@ -23,8 +24,11 @@ Slot life: starting -> running (ready <-> busy) -> dead -> backoff -> starting;
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import select
 import shutil
 import tempfile
 import threading
@@ -32,7 +36,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing import connection
 
-from vibevoice_pool.pool.channel import RequestChannel
+from vibevoice_pool.pool.channel import F_SETPIPE_SZ, PIPE_BYTES, RequestChannel
 from vibevoice_pool.pool.devices import Placement
 from vibevoice_pool.pool.recovery import Cause, KillKind, Verdict, Vitals
 from vibevoice_pool.pool.slots import SlotBase, SlotLifecycle
@@ -50,6 +54,8 @@ from workers.wire.board import Col, SlotState, WorkerState
 log = logging.getLogger("vibevoice_pool")
 
 TICK_S = 0.05
+BUSY_TICK_S = 0.01  # the shortest time between two ticks while messages keep coming
+READ_BURST = 64  # messages read from one worker per wake-up at most (the others' turn next)
 STACK_WAIT_S = 1.0  # longest wait for a hung worker's stack before SIGKILL
 STOP_WAIT_S = 2.0  # at shutdown, longest wait for the workers to exit before SIGKILL
 ASK_STACK = (KillKind.HANG, KillKind.STALL, KillKind.BOOT_TIMEOUT)  # stuck: ask what on
@@ -79,6 +85,7 @@ class Supervisor(SlotLifecycle):
         self.zygote = Zygote(cfg.engine, cfg.worker_start)
         self.ctx = self.zygote.spawn_ctx  # pipes; a worker's process comes from zygote.context()
         self._wake_r, self._wake_w = os.pipe()
+        self._ticked = 0.0  # when the loop last ticked (time.monotonic)
         self._thread: threading.Thread | None = None
         self.weights = WeightsHolder(cfg.warm_weights)  # model weights held in memory
         self._stacks = tempfile.mkdtemp(prefix="vibevoice-pool-stacks-")
@@ -151,6 +158,10 @@ class Supervisor(SlotLifecycle):
         self._starting(slot)
         slot.requests = RequestChannel(self.ctx)
         read_end, write_end = self.ctx.Pipe(duplex=False)
+        # room for a burst of chunks: the worker goes on while the parent reads them all at
+        # once (64 KB held less than one chunk of 0.5 s; a smaller pipe only waits sooner)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(read_end.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
         death_r, death_w = self.ctx.Pipe(duplex=False)
         slot.stack_file = os.path.join(self._stacks, f"worker-{i}-{slot.generation}.txt")
         slot.kill_at, slot.stack_size, slot.asked_stack = 0.0, -1, False
@@ -213,16 +224,33 @@ class Supervisor(SlotLifecycle):
                     if tag is not None and tag[0] == "dead" and tag[1].process is not None:
                         if tag[1].process.handle == obj:
                             self._died(tag[1])
-                self._tick()
+                # a tick after anything but messages alone (a time-out, a wake-up, a death);
+                # after messages, BUSY_TICK_S apart (time.monotonic: a test's clock may stop)
+                now = time.monotonic()
+                only_messages = ready and all(
+                    waitables[o] and waitables[o][0] == "msg" for o in ready
+                )
+                if not only_messages or now - self._ticked >= BUSY_TICK_S:
+                    self._ticked = now
+                    self._tick()
 
     def _read(self, slot: _Slot, drain: bool = False) -> None:
-        """Read the messages waiting on a slot's pipe (all of them when drain)."""
+        """Read the messages waiting on a slot's pipe, READ_BURST at most (all of them when
+        drain); the dispatcher takes them together (a request's reader wakes once for
+        its burst of events), after any Ready or BootFailed among them is handled."""
         conn = slot.responses
+        burst: list = []
         try:
-            while conn.poll(0):
-                self._handle(slot, conn.recv())
-                if not drain:
-                    break
+            try:
+                while (drain or len(burst) < READ_BURST) and _waiting(conn):
+                    msg = conn.recv()
+                    if isinstance(msg, (m.Ready, m.BootFailed)):
+                        self._pass_on(slot, burst)  # what came before it, first
+                        self._handle(slot, msg)
+                    else:
+                        burst.append(msg)
+            finally:
+                self._pass_on(slot, burst)
         except (EOFError, OSError, ValueError):
             slot.responses = None  # the worker closed its end; its sentinel follows
             conn.close()
@@ -230,6 +258,12 @@ class Supervisor(SlotLifecycle):
             log.warning("worker %d sent a message that could not be read", slot.index)
             slot.responses = None
             conn.close()
+
+    def _pass_on(self, slot: _Slot, burst: list) -> None:
+        if burst:
+            msgs = tuple(burst)
+            burst.clear()
+            self.dispatcher.on_message(slot.index, *msgs)
 
     def _handle(self, slot: _Slot, msg) -> None:
         if isinstance(msg, m.Ready):
@@ -466,3 +500,11 @@ def _wait_all(procs: list[WorkerProcess], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for proc in procs:
         proc.ended(max(0.0, deadline - time.monotonic()))
+
+
+def _waiting(conn) -> bool:
+    """A message (or the end) waits on the pipe: Connection.poll(0) without the selector
+    it builds each time (a Connection reads no more than one message: no buffer)."""
+    p = select.poll()
+    p.register(conn.fileno(), select.POLLIN)
+    return bool(p.poll(0))
