@@ -45,6 +45,7 @@ log = logging.getLogger("vibevoice_pool")
 JSON = "application/json"
 INLINE_FORMATS = ("wav", "pcm")
 INLINE_ENCODE_SAMPLES = 60 * 24_000  # up to a minute of audio is encoded on the loop
+DISCONNECT_CHECK_S = 0.5  # how often a request answered whole looks for its client
 STREAM_HEADERS = {"X-Accel-Buffering": "no"}  # a proxy (nginx) passes each piece on at once
 
 
@@ -201,7 +202,7 @@ async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None
             log.info("request %s: the client went away; cancelling", handle.id)
             handle.cancel()
             return
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(DISCONNECT_CHECK_S)
 
 
 async def started(request: Request, handle: RequestHandle) -> None:
@@ -217,15 +218,24 @@ async def started(request: Request, handle: RequestHandle) -> None:
 
 
 async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> Response:
-    """Wait for the whole result, then answer it encoded as `fmt`."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+    """Wait for the whole result, then answer it encoded as `fmt`. The client is looked
+    for every DISCONNECT_CHECK_S from then on (by a task started after the first wait:
+    none for a request answered sooner), and a request whose client left is cancelled."""
+    watcher: list[asyncio.Task] = []
+
+    def watch() -> None:
+        watcher.append(asyncio.create_task(_cancel_on_disconnect(request, handle)))
+
+    timer = asyncio.get_running_loop().call_later(DISCONNECT_CHECK_S, watch)
     try:
         async for _ in handle.stream():
             pass
     except m.PoolError as e:
         return error_response(e)
     finally:
-        watcher.cancel()
+        timer.cancel()
+        for task in watcher:
+            task.cancel()
     pcm = handle.audio()
     if fmt in INLINE_FORMATS and len(pcm) <= INLINE_ENCODE_SAMPLES:
         data, ctype = encoders.encode(pcm, fmt)  # a copy and a header: cheaper than a thread hop
