@@ -27,6 +27,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -117,6 +118,12 @@ class Worker:
         self.voices = VoiceCache()  # the voice samples the parent sent to keep
         self.sink = _BoardSink(self)
         self.host: StepHost | None = None
+        self._poller = select.poll()  # the request pipe's: Connection.poll builds a selector
+        self._poller.register(requests.fileno(), select.POLLIN)  # at every call
+
+    def _waiting(self, timeout: float | None) -> bool:
+        """A message (or the parent's end) waits on the request pipe, within `timeout`."""
+        return bool(self._poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
 
     # ---- plumbing ------------------------------------------------------
 
@@ -138,7 +145,7 @@ class Worker:
         calls it when idle and between steps, never inside one: a request that
         arrives joins the running set at the next step, a Cancel frees its row there."""
         try:
-            if not self.requests.poll(timeout):
+            if not self._waiting(timeout):
                 return
             while True:
                 msg = self.requests.recv()
@@ -158,7 +165,7 @@ class Worker:
                     self.host.hand_back(msg.request_id)
                 elif isinstance(msg, m.Shutdown):
                     self._shutdown = True
-                if not self.requests.poll(0):
+                if not self._waiting(0):
                     return
         except (EOFError, OSError):
             os._exit(0)  # the parent is gone
