@@ -59,11 +59,13 @@ def test_sigterm_lets_requests_in_flight_finish_and_exits_0(server):
     threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    wait_until(
-        lambda: sum(w["inflight"] for w in s.get("/v1/pool").json()["workers"]) >= 2,
-        20,
-        what="requests in flight",
-    )
+
+    def all_in() -> bool:  # two running, and all four in the pool (a late one was refused)
+        status = s.get("/v1/pool").json()
+        running = sum(w["inflight"] for w in status["workers"])
+        return running >= 2 and running + status["queue"]["length"] == 4
+
+    wait_until(all_in, 20, what="requests in flight")
     pids = s.worker_pids()
     s.proc.send_signal(signal.SIGTERM)
     for t in threads:
