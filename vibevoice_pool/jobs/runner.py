@@ -16,22 +16,20 @@
     cancel(id): cancelled in the store first, then the pool request is stopped
     start(): jobs a previous server left queued or running are queued again; a
         running one goes on from the audio and history it saved (progress.py)
-    stop(grace): take nothing new, let running jobs finish within grace, queue
-        the rest again for the next start
+    hold() at the stop signal: start no queued job; stop(grace): let running
+        jobs finish within grace, queue the rest again for the next start
 
-A full data disk (JobError DISK_FULL from the store): new jobs are refused
-(507 on the API), nothing new is handed to the pool for DISK_RETRY_S, a
-finish that cannot be written is kept and written when space returns, and
-every tick a job the store says is `running` that no run of this process
-holds is queued again: nothing stays `running` without a worker.
+A full data disk (JobError DISK_FULL from the store): new jobs are refused (507 on the API),
+nothing new is handed to the pool for DISK_RETRY_S, a finish that cannot be written is kept and
+written when space returns, and every tick a job the store says is `running` that no run of this
+process holds is queued again: nothing stays `running` without a worker.
 
-Exactly once: a job reaches a terminal state through one compare-and-set in
-the store (finished_count <= 1 is a CHECK), so a racing cancel and finish
-cannot both win. A run killed at any point leaves the job `queued` or
-`running`, both run again at the next start; a result file renamed into
-place before the kill is replaced by the rerun's (same name, same seed), and
-only the transition to `done`, after the rename, makes it visible. The pool's
-workers die with the server (death pipe), so no run outlives its process.
+Exactly once: a job reaches a terminal state through one compare-and-set in the store
+(finished_count <= 1 is a CHECK), so a racing cancel and finish cannot both win. A run killed at
+any point leaves the job `queued` or `running`, both run again at the next start; a result file
+renamed into place before the kill is replaced by the rerun's (same name, same seed), and only the
+transition to `done`, after the rename, makes it visible. The pool's workers die with the server
+(death pipe), so no run outlives its process.
 """
 
 from __future__ import annotations
@@ -157,8 +155,7 @@ class JobRunner:
             self.pool.unsubscribe(self._on_pool_event)
         self.store.close()
 
-    def hold(self) -> None:
-        """The server is stopping: no queued job starts (running ones go on to `stop`)."""
+    def hold(self) -> None:  # the stop signal: no queued job starts; running ones go on
         self._held = True
 
     def hurry(self) -> None:
@@ -494,8 +491,7 @@ class JobRunner:
             self._write_later(job_id, fail, e)
 
     def _sweep_orphans(self) -> None:
-        """At start: delete temporary files, results no finished job points at, and
-        the body files of jobs no longer active."""
+        """At start: delete temporary files, results no done job names, ended jobs' bodies."""
         sweep_bodies(self.store.folder, self.store.running_ids(also_queued=True))
         kept = self.store.kept_results()
         for path in self.store.results.iterdir():

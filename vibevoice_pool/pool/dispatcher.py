@@ -8,17 +8,15 @@
                    v
               worker request queue --> worker --> on_message() --> handle
 
-A request leaves the admission queue only when a worker can start it (late
-binding); an interactive request that finds no room goes over capacity to a
-worker running a job row, which gives it its place (survival.py). A lost
-worker's requests go back to the head of the queue with their history, to
-resume (one that took down `max_attempts` workers is answered WORKER_LOST).
+A request leaves the admission queue only when a worker can start it (late binding); an
+interactive request that finds no room goes over capacity to a worker running a job row, which
+gives it its place (survival.py). A lost worker's requests go back to the head of the queue with
+their history, to resume (one that took down `max_attempts` workers is answered WORKER_LOST).
 
-Thread safety: one lock. submit() and cancel() come from the API's threads,
-on_message() and the worker events from the supervisor's loop thread. Events
-for the listeners are queued under the lock and delivered after it is
-released, in order, by one thread at a time: a slow listener (the log, say)
-delays no submit, and a listener may call back into the dispatcher.
+Thread safety: one lock. submit() and cancel() come from the API's threads, on_message() and the
+worker events from the supervisor's loop thread. Events for the listeners are queued under the
+lock and delivered after it is released, in order, by one thread at a time: a slow listener (the
+log, say) delays no submit, and a listener may call back into the dispatcher.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from vibevoice_pool.pool.channel import F_SETPIPE_SZ, PIPE_BYTES, RequestChannel
 from vibevoice_pool.pool.devices import Placement
 from vibevoice_pool.pool.recovery import Cause, KillKind, Verdict, Vitals
 from vibevoice_pool.pool.slots import SlotBase, SlotLifecycle
+from vibevoice_pool.pool.stacks import log_stack, stack_written
 from vibevoice_pool.pool.voice_sender import VoiceSender
 from vibevoice_pool.pool.warm_weights import WeightsHolder
 from vibevoice_pool.pool.worker_process import WorkerProcess
@@ -309,7 +310,7 @@ class Supervisor(SlotLifecycle):
         if slot.responses is not None:
             self._read(slot, drain=True)
         pid, how = slot.process.pid, slot.process.exit_description()
-        self._log_stack(slot, pid)
+        log_stack(slot, pid)
         if slot.kill_reason:
             how = f"{slot.kill_reason}; {how}"
         self._note(slot.index, "dead")
@@ -368,7 +369,7 @@ class Supervisor(SlotLifecycle):
     def _check_live(self, slot: _Slot, now: float) -> None:
         """The hang rule, and a removed worker that finished draining."""
         if slot.kill_reason:
-            if slot.kill_at and self._stack_written(slot, now):
+            if slot.kill_at and stack_written(slot, now):
                 slot.kill_at = 0.0
                 slot.process.kill()
             return  # killed (or about to be); its sentinel will fire
@@ -419,30 +420,6 @@ class Supervisor(SlotLifecycle):
             slot.process.signal(STACK_SIGNAL)
         else:
             slot.process.kill()
-
-    def _stack_written(self, slot: _Slot, now: float) -> bool:
-        """The stack file stopped growing since the last tick, or the wait is over."""
-        try:
-            size = os.path.getsize(slot.stack_file)
-        except OSError:
-            size = 0
-        done = size > 0 and size == slot.stack_size
-        slot.stack_size = size
-        return done or now >= slot.kill_at
-
-    def _log_stack(self, slot: _Slot, pid: int) -> None:
-        """Put what the worker's faulthandler wrote (asked before a kill, or on a
-        fatal error) in the log, and remove the file."""
-        try:
-            with open(slot.stack_file, encoding="utf-8", errors="replace") as f:
-                text = f.read().strip()
-            os.unlink(slot.stack_file)
-        except OSError:
-            text = ""
-        if text:
-            log.warning("worker %d (pid %d) stack when it ended:\n%s", slot.index, pid, text)
-        elif slot.asked_stack:
-            log.warning("worker %d (pid %d) wrote no stack before SIGKILL", slot.index, pid)
 
     def _send(self, slot: _Slot, msg) -> None:
         if slot.requests is not None:
