@@ -51,3 +51,40 @@ def test_the_image_user_is_numeric_so_kubernetes_can_check_it_is_not_root():
     uid, gid = map(int, user.split(":"))
     assert uid != 0 and gid != 0
     assert f"uid {uid}, gid {gid}" in DEPLOY
+
+
+def yaml_documents() -> list[dict]:
+    blocks = re.findall(r"^```yaml\n(.*?)^```", DEPLOY, re.M | re.S)
+    return [d for b in blocks for d in yaml.safe_load_all(b) if d]
+
+
+def compose() -> tuple[str, dict]:
+    """The compose example's one service: (its name, its settings)."""
+    (example,) = [d for d in yaml_documents() if "services" in d]
+    ((name, service),) = example["services"].items()
+    return name, service
+
+
+def seconds(text: str) -> float:
+    """compose's durations: 40s, 1m30s."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", str(text))
+    assert parts, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_the_compose_service_answers_to_its_own_name():
+    """Another service calls http://vibevoice:7860: the container's host name is its
+    id, so without the service's name in allowed_hosts every call is 400 bad_host."""
+    name, service = compose()
+    listed = service["environment"]["VIBEVOICE_POOL_ALLOWED_HOSTS"].split(",")
+    assert name in listed
+    assert set(service["environment"]) <= SETTINGS | {"HF_TOKEN"}
+
+
+def test_the_compose_service_keeps_the_images_contract():
+    _, service = compose()
+    assert image_volumes() <= {v.split(":")[1] for v in service["volumes"]}
+    assert seconds(service["stop_grace_period"]) >= GRACE_S + 5
+    if service.get("read_only"):  # the server writes /tmp besides the volumes
+        assert "/tmp" in service["tmpfs"]
