@@ -306,7 +306,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--block", "--build-arg", "--checks", "--disable-usage-stats", "--entrypoint",
     "--exclude-path-regex", "--head", "--include-dashboard", "--isolation", "--max-time",
     "--name", "--net", "--network", "--pull", "--shm-size", "--stop-timeout", "--variant",
-    "--cpu-image-bytes", "--cpu-torch-wheel", "--out", "--quick", "--readme",
+    "--cpu-image-bytes", "--cpu-torch-wheel", "--out", "--quick", "--readme", "--from-literal",
 }  # fmt: skip
 
 
