@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -186,6 +187,49 @@ class Store:
         for k, v in env.items():
             cmd += ["--env", f"{k}={v}"]
         return subprocess.Popen([*cmd, ctr, "--", *argv], **kw)
+
+    def run_read_only(
+        self,
+        image: str,
+        ctr: str,
+        argv: list[str],
+        env: dict[str, str],
+        user: str,
+        volumes: dict[str, Path],
+        tmpfs: dict[str, str],
+        **kw,
+    ) -> subprocess.Popen:
+        """argv in the container as `docker run --read-only --tmpfs ...` runs it: the
+        image's root read-only, the host folders `volumes` over its volume paths,
+        `tmpfs` ({path: size}) mounted fresh, the image's environment and `env`, as
+        `user`, in a PID namespace of its own where argv[0] is PID 1 (tini really is
+        PID 1 here, unlike under `buildah run`). The host's network. The returned
+        process is unshare's: PID 1 is its one child, and its exit status is PID 1's."""
+        merged = self.tool("buildah", "mount", ctr, check=True).stdout.strip()
+        root = self.root / f"read-only-{ctr[:12]}"
+        root.mkdir()
+        image_env = self.image_config(image).get("Env") or []
+
+        def q(path) -> str:
+            return shlex.quote(str(path))
+
+        steps = [
+            f"mount --bind {q(merged)} {q(root)}",
+            f"mount -o remount,bind,ro {q(root)}",
+            f"mount -t proc proc {q(root / 'proc')}",
+            f"mount --rbind /dev {q(root / 'dev')}",
+        ]
+        for path, size in tmpfs.items():
+            where = q(root / path.lstrip("/"))
+            steps.append(f"mount -t tmpfs -o size={size},mode=1777 tmpfs {where}")
+        for path, host in volumes.items():
+            steps.append(f"mount --bind {q(host)} {q(root / path.lstrip('/'))}")
+        words = [*image_env, *(f"{k}={v}" for k, v in env.items()), *argv]
+        steps.append(
+            f"exec chroot --userspec={q(user)} {q(root)} /usr/bin/env -i " + " ".join(map(q, words))
+        )
+        cmd = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private"]
+        return subprocess.Popen([*cmd, "sh", "-c", " && ".join(steps)], **kw)
 
     def remove(self) -> None:
         """Containers, images, layers, the folder: nothing of the test is left."""

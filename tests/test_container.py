@@ -11,6 +11,7 @@ image build) and needs root; tests/container_build.py does the building.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import threading
@@ -220,3 +221,89 @@ def test_sigterm_to_pid_1_drains_the_request_in_flight_and_exits_0(served):
     assert len(audio) / 24000 >= MAX_AUDIO_S - 0.5  # the whole answer, not a cut one
     wait_until(lambda: not any(pid_alive(p) for p in workers), 20, what="the workers to exit")
     assert "Stopped." in served.log()
+
+
+def test_a_read_only_root_with_tini_as_pid_1_serves_drains_and_reaps(store, image):
+    """As `docker run --read-only --tmpfs /tmp --shm-size 1m` (or a pod with
+    readOnlyRootFilesystem and /tmp as an emptyDir) runs the image, which DEPLOY.md
+    offers: the server writes only its volumes, /tmp and a little /dev/shm. tini is
+    PID 1 for real here: a worker whose zygote died is its child then, and it must
+    reap it (the server itself does not: without tini it stays a zombie)."""
+    config = store.image_config(image)
+    uid, _, gid = config["User"].partition(":")
+    ctr = store.container(image)
+    volumes = {}
+    for path in config["Volumes"]:
+        volumes[path] = store.root / ("volume" + path.replace("/", "-"))
+        volumes[path].mkdir()
+        os.chown(volumes[path], int(uid), int(gid))
+    port = free_port()
+    env = {
+        "HOME": "/home/vibevoice",
+        "VIBEVOICE_POOL_HOST": "127.0.0.1",
+        "VIBEVOICE_POOL_PORT": str(port),
+        "VIBEVOICE_POOL_TINY_MODEL": "true",
+        "VIBEVOICE_POOL_GPUS": "cpu:2",
+    }
+    url = f"http://127.0.0.1:{port}"
+    log_path = store.logs / "read-only.log"
+    log = open(log_path, "w")
+    argv = config["Entrypoint"] + (config.get("Cmd") or [])
+    tmpfs = {"/tmp": "512m", "/dev/shm": "1m"}
+    proc = store.run_read_only(
+        image, ctr, argv, env, config["User"], volumes, tmpfs, stdout=log, stderr=subprocess.STDOUT
+    )
+
+    def ready():
+        assert proc.poll() is None, f"exited {proc.returncode}:\n{log_path.read_text()}"
+        try:
+            return httpx.get(url + "/ready", timeout=2).json()["ready_workers"] == 2
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    try:
+        wait_until(ready, 300, 0.5, "the read-only container to be ready")
+        (pid1,) = psutil.Process(proc.pid).children()
+        assert pid1.cmdline()[0] == config["Entrypoint"][0]  # tini
+        (server,) = pid1.children()
+
+        r = httpx.post(url + "/v1/synthesize", json={"script": "Speaker 1: hi"}, timeout=120)
+        assert r.status_code == 200 and r.content[:4] == b"RIFF"
+        # An upload over the body spool's 64 KB waits in /tmp on its way to /voices.
+        up = httpx.post(url + "/v1/voices", files={"file": ("mine.wav", r.content)}, timeout=60)
+        assert up.status_code == 201, up.text
+        job = httpx.post(url + "/v1/jobs", json={"script": "Speaker 1: a job"}, timeout=30)
+        assert job.status_code in (200, 201, 202), job.text
+        done = volumes["/data"] / "results" / f"{job.json()['id']}.wav"
+        wait_until(done.is_file, 120, 0.5, "the job's audio in the /data volume")
+        assert (volumes["/voices"] / "mine.wav").is_file()
+        assert any(volumes["/models"].rglob("config.json"))  # the tiny model's cache
+
+        # The zygote dies: its workers go on as PID 1's children; then one of them dies.
+        (zygote,) = [p for p in server.children() if p.children()]
+        orphan = zygote.children()[0]
+        zygote.kill()
+        wait_until(lambda: orphan.ppid() == pid1.pid, 30, what="the worker to pass to PID 1")
+        orphan.kill()
+
+        def reaped():  # a zombie still has a status; a reaped process has none
+            try:
+                orphan.status()
+            except psutil.NoSuchProcess:
+                return True
+            return False
+
+        wait_until(reaped, 20, 0.2, "PID 1 to reap the dead worker")
+        wait_until(ready, 120, 0.5, "the pool to be whole again")
+
+        pid1.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, log_path.read_text()
+        assert "Stopped." in log_path.read_text()
+    finally:
+        if proc.poll() is None:  # the namespace's PID 1 takes every process there with it
+            for child in psutil.Process(proc.pid).children():
+                child.kill()
+            proc.wait(30)
+        log.close()
+        store.tool("buildah", "umount", ctr)
+        store.tool("buildah", "rm", ctr)
