@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vibevoice_pool import config as config_mod
 from vibevoice_pool.config import ConfigError, PoolConfig
-from vibevoice_pool.pool.stopping import Interrupted, Stopping, StopWork
+from vibevoice_pool.pool.stopping import Interrupted, Stopping, StopWork, no_init_warning
 
 log = logging.getLogger("vibevoice_pool")
 
@@ -326,6 +326,8 @@ def serve(cfg: PoolConfig) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     stopping = Stopping(cfg.grace_s)
     stopping.install()  # Ctrl+C, SIGTERM, SIGHUP: from here to the exit
+    if no_init_warning():
+        log.warning("%s", no_init_warning())
     try:
         return _serve(cfg, stopping)
     finally:

@@ -18,6 +18,7 @@ stop half way (a process that stops half way leaves its workers behind).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -31,6 +32,20 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # `timeout` (and a launcher that signals the process and then its group) delivers
 # its SIGTERM twice, milliseconds apart; a person's second Ctrl+C comes later.
 REPEAT_S = 0.5
+
+
+NO_INIT = (
+    "Running as PID 1 with no init: a worker whose zygote died passes to this process, "
+    "which does not reap it (a zombie until the container stops). Keep the image's entry "
+    "point (tini) or give the container an init (docker run --init); in Kubernetes set "
+    "args:, not command:"
+)
+
+
+def no_init_warning(pid: int | None = None) -> str:
+    """NO_INIT when this process is PID 1 (a container's command replaced the image's
+    tini): orphans come to PID 1, and only an init reaps them."""
+    return NO_INIT if (os.getpid() if pid is None else pid) == 1 else ""
 
 
 class Interrupted(KeyboardInterrupt):
