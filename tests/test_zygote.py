@@ -270,3 +270,41 @@ def test_a_zygote_with_the_driver_library_loaded_but_not_initialised_is_used(mon
         assert forked and ctx is not zygote.spawn_ctx
     finally:
         zygote.close()
+
+
+EXIT_SCRIPT = """
+import multiprocessing, os, signal, sys, time
+from multiprocessing import forkserver
+from vibevoice_pool.pool.worker_process import WorkerProcess
+
+ctx = multiprocessing.get_context("forkserver")
+for zygote_dies in (False, True):
+    w = WorkerProcess(ctx, True, target=time.sleep, args=(60,))
+    w.start()
+    if zygote_dies:
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+        time.sleep(0.5)
+    os.kill(w.pid, signal.SIGKILL)
+    assert w.ended(10)
+    print(w.exit_description(), flush=True)
+    w.close()
+"""
+
+
+def test_a_forked_worker_that_outlived_its_zygote_is_not_said_to_exit_255(tmp_path):
+    """multiprocessing reads a zygote gone without a report as exit code 255: the
+    log said `died: exit code 255` of a worker SIGKILLed (by the OOM killer, say)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = tmp_path / "exits.py"
+    script.write_text(EXIT_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    alive, gone = done.stdout.splitlines()
+    assert alive == "killed by SIGKILL"  # the zygote reaped it and said how
+    assert "255" not in gone and "not known" in gone and "zygote" in gone

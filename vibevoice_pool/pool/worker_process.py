@@ -10,8 +10,11 @@ spawned worker falls back to its sentinel where no pidfd can be had.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import struct
+import termios
 from multiprocessing import connection
 
 
@@ -54,6 +57,10 @@ class WorkerProcess:
 
     def exit_description(self) -> str:
         """'killed by SIGKILL' or 'exit code N', once the process has ended."""
+        if self.forked and self._zygote_gone_unreported():
+            # multiprocessing reads the zygote's end as exit code 255: not this worker's
+            self.proc.join(timeout=0)
+            return "ended, its exit status not known (the zygote that forked it is gone)"
         self.proc.join(timeout=1)  # a spawned child is reaped; the zygote reports a forked one
         code = self.proc.exitcode
         if code is None:  # forked: the zygote (stopped, or gone) never reported it
@@ -61,6 +68,19 @@ class WorkerProcess:
         if code < 0:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit code {code}"
+
+    def _zygote_gone_unreported(self) -> bool:
+        """The sentinel of a forked worker is a pipe that only the zygote writes (the
+        exit status, once it has reaped the worker): readable with nothing in it is its
+        end of file, the zygote gone without a word."""
+        fd = self.proc.sentinel
+        try:
+            if not connection.wait([fd], 1):
+                return False  # the zygote has not reported yet
+            waiting = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return False
+        return struct.unpack("i", waiting)[0] == 0
 
     def close(self) -> None:
         if self.pidfd is not None:
