@@ -47,6 +47,26 @@ def running_server(tmp_path, *args: str, env: dict | None = None, api_key: str =
             wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
 
 
+ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
+
+
+@contextlib.contextmanager
+def named_keys_server(tmp_path):
+    """A sim server with two named user keys (--api-keys): alice's and bob's."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"# who may call\nalice: {ALICE}\nbob: {BOB}\n")
+    s = Server(["--engine", "sim", "--gpus", "cpu:1", "--api-keys", str(keys)], tmp_path)
+    pids: list[int] = []
+    try:
+        s.wait_ready()
+        pids = worker_pids(s, BOB)
+        yield s
+    finally:
+        s.stop()
+        for pid in pids:
+            wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
+
+
 def wav_bytes(seconds: float = 1.0, rate: int = 24000, freq: float = 220.0) -> bytes:
     """A short mono 16-bit WAV: a valid voice sample."""
     t = np.arange(int(seconds * rate)) / rate

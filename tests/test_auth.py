@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from serving import running_server
+from serving import ALICE, BOB, named_keys_server, running_server
 
 from vibevoice_pool.api.auth import API_KEY_ENV, resolve_api_key
 
@@ -134,27 +134,11 @@ def test_a_logged_in_client_generates_and_its_live_stream_needs_no_bearer(srv, t
 
 # ---- named keys (--api-keys FILE) and the login throttle ------------------------
 
-ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
-
 
 @pytest.fixture(scope="module")
 def named(tmp_path_factory):
-    from conftest import Server, pid_alive, wait_until
-
-    tmp = tmp_path_factory.mktemp("named")
-    keys = tmp / "keys"
-    keys.write_text(f"# who may call\nalice: {ALICE}\nbob: {BOB}\n")
-    s = Server(["--engine", "sim", "--gpus", "cpu:1", "--api-keys", str(keys)], tmp)
-    pids = []
-    try:
-        s.wait_ready()
-        pool = s.get("/v1/pool", headers={"Authorization": f"Bearer {BOB}"}).json()
-        pids = [w["pid"] for w in pool["workers"]]
+    with named_keys_server(tmp_path_factory.mktemp("named")) as s:
         yield s
-    finally:
-        s.stop()
-        for pid in pids:
-            wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
 
 
 def test_each_named_key_owns_its_jobs(named):

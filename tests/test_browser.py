@@ -14,8 +14,8 @@ import signal
 
 import httpx
 import pytest
-from conftest import ROOT, Server, pid_alive, wait_until
-from serving import running_server
+from conftest import ROOT, wait_until
+from serving import ALICE, BOB, named_keys_server, running_server
 
 pytestmark = pytest.mark.browser
 
@@ -262,24 +262,11 @@ def test_the_jobs_table_scrolls_on_a_phone_rather_than_break_its_words(browser, 
 
 # ---- a login under a key's name is that key on the page -------------------------
 
-ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
-
 
 @pytest.fixture(scope="module")
 def named(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("browser-named")
-    keys = tmp / "keys"
-    keys.write_text(f"alice: {ALICE}\nbob: {BOB}\n")
-    s = Server(["--engine", "sim", "--gpus", "cpu:1", "--api-keys", str(keys)], tmp)
-    pids = []
-    try:
-        s.wait_ready()
-        pids = [w["pid"] for w in s.get("/v1/pool", headers=_bearer(BOB)).json()["workers"]]
+    with named_keys_server(tmp_path_factory.mktemp("browser-named")) as s:
         yield s
-    finally:
-        s.stop()
-        for pid in pids:
-            wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
 
 
 def _bearer(key: str) -> dict:
