@@ -140,6 +140,17 @@ def test_all_without_gpus_falls_back_to_cpu_workers_with_a_warning(caplog):
     assert "No GPU found" in caplog.text
 
 
+def test_workers_per_gpu_with_cpu_workers_says_it_does_not_apply(caplog):
+    assert len(plan("cpu:2", 3, [])) == 2
+    assert "--workers-per-gpu 3 applies to GPUs only" in caplog.text
+    caplog.clear()
+    assert len(plan("all", 2, [])) >= 1
+    assert "--gpus cpu:N" in caplog.text
+    caplog.clear()
+    plan("cpu:2", 1, [])
+    assert "workers-per-gpu" not in caplog.text
+
+
 def test_unknown_gpu_ids_list_the_gpus_found():
     with pytest.raises(ConfigError) as e:
         plan("0,2", 1, GPUS)

@@ -91,6 +91,27 @@ def test_sigstop_a_worker_is_found_hung_and_replaced(sim_pool):
         assert back["pid"] != victim["pid"] and back["restarts"] == 1
 
 
+def test_a_frozen_worker_leaves_ready_before_the_hang_timeout(sim_pool):
+    """/ready counts a worker only while it beats: a SIGSTOPped worker stops counting
+    within seconds, long before hang_timeout_s replaces it, and counts again once it
+    goes on."""
+    with sim_pool(gpus="cpu:1", hang_timeout_s=120.0) as pool:
+        (w,) = pool.status()["workers"]
+        assert pool.ready_workers() == 1
+        os.kill(w["pid"], signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            wait_until(lambda: pool.ready_workers() == 0, 20, what="the frozen worker to leave")
+            left_after = time.monotonic() - t0
+            assert worker(pool, 0)["state"] == "ready"  # not yet replaced: still the same pid
+            assert worker(pool, 0)["pid"] == w["pid"]
+        finally:
+            os.kill(w["pid"], signal.SIGCONT)
+        assert left_after >= pool.silent_after_s() - 1.0
+        wait_until(lambda: pool.ready_workers() == 1, 10, what="the worker to count again")
+        assert worker(pool, 0)["pid"] == w["pid"] and worker(pool, 0)["restarts"] == 0
+
+
 def test_a_stuck_engine_is_killed_by_the_stall_timeout(sim_pool):
     with sim_pool(gpus="cpu:2", stall_timeout_s=1.5) as pool:
         stuck = submit(pool, text="Speaker 1: this one hangs [[hang]]")

@@ -10,7 +10,7 @@ The Gradio page mounts on the same app, last.
     POST/DELETE /v1/pool/workers  live scaling (scaling.py)
     GET  /metrics              Prometheus (metrics.py)
     GET  /health               the process answers
-    GET  /ready                200 when at least one worker is ready, else 503
+    GET  /ready                200 when at least one worker is ready and beating, else 503
 
 The request model they share is speech.py.
 Every error is a typed PoolError rendered in OpenAI's shape (errors.py).

@@ -65,6 +65,16 @@ def default_cpu_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def _per_gpu_unused(workers_per_gpu: int, count: int) -> None:
+    if workers_per_gpu > 1:
+        log.warning(
+            "--workers-per-gpu %d applies to GPUs only; starting %d CPU worker(s). "
+            "Use --gpus cpu:N for N CPU workers.",
+            workers_per_gpu,
+            count,
+        )
+
+
 def plan(gpus_setting: str, workers_per_gpu: int, found: list[Gpu]) -> list[Placement]:
     """The worker slots for a `--gpus` value, or a ConfigError naming the GPUs found."""
     spec = (gpus_setting or "all").strip().lower()
@@ -79,6 +89,7 @@ def plan(gpus_setting: str, workers_per_gpu: int, found: list[Gpu]) -> list[Plac
             raise ConfigError(f"--gpus {gpus_setting!r}: write cpu:N, e.g. cpu:2") from None
         if count < 1:
             raise ConfigError(f"--gpus {gpus_setting!r}: need at least one CPU worker")
+        _per_gpu_unused(workers_per_gpu, count)
         return [Placement(f"cpu:{i}", None) for i in range(count)]
     if spec == "all":
         if not found:
@@ -88,6 +99,7 @@ def plan(gpus_setting: str, workers_per_gpu: int, found: list[Gpu]) -> list[Plac
                 "Use --gpus cpu:N to choose how many.",
                 count,
             )
+            _per_gpu_unused(workers_per_gpu, count)
             return [Placement(f"cpu:{i}", None) for i in range(count)]
         ids = [g.index for g in found]
     else:

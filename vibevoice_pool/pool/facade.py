@@ -170,7 +170,20 @@ class Pool:
         return self.dispatcher.submit(request)
 
     def ready_workers(self) -> int:
-        return sum(1 for w in self.status()["workers"] if w["state"] in SERVING)
+        """Workers that take requests and whose heartbeat is fresh: a frozen worker
+        (SIGSTOP, a deadlock) stops counting after `silent_after_s`, long before the
+        supervisor replaces it at hang_timeout_s, so /ready leaves a load balancer's
+        rotation when every worker is silent."""
+        fresh = self.silent_after_s()
+        return sum(
+            1
+            for w in self.status()["workers"]
+            if w["state"] in SERVING and (w["heartbeat_age_s"] or 0.0) <= fresh
+        )
+
+    def silent_after_s(self) -> float:
+        """The heartbeat age past which a serving worker is not counted ready."""
+        return max(5.0, 20 * self.cfg.heartbeat_s)
 
     def queue_length(self) -> int:
         """Requests waiting for a worker."""
