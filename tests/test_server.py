@@ -317,3 +317,11 @@ def test_no_queued_job_starts_once_the_server_is_stopping(server):
     log = s.log()
     assert [r[0] for r in results] == [200, 200], results
     assert f"job {first} done" in log and f"job {second} running" not in log, log
+
+
+def test_the_logged_url_of_an_ipv6_bind_has_its_address_in_brackets():
+    from vibevoice_pool.server import base_url
+
+    assert base_url("::", 7860) == "http://[::]:7860"
+    assert base_url("::1", 80) == "http://[::1]:80"
+    assert base_url("127.0.0.1", 7860) == "http://127.0.0.1:7860"

@@ -222,6 +222,11 @@ def install_guards(app, front) -> None:
     )
 
 
+def base_url(host: str, port: int) -> str:
+    """The URL a bound address serves at: an IPv6 address goes in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _uvicorn_server(app, cfg: PoolConfig):
     """uvicorn, without signal handlers of its own: the launch's (stopping.py) tell
     it to stop. It waits for open requests a little past grace_s, by when the pool
@@ -398,7 +403,7 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
         stopping.serve(stop_serving, lambda: stop_work.now(server))
         port = sock.getsockname()[1]  # the one bound: --port 0 picks a free one
         start_listening(sock, cfg.host, port)
-        log.info("Serving on http://%s:%d (API at /v1, page at /)", cfg.host, port)
+        log.info("Serving on %s (API at /v1, page at /)", base_url(cfg.host, port))
         server.run(sockets=[sock])
     except Interrupted as e:  # a signal before the server was up
         code = e.exit_code
