@@ -203,7 +203,7 @@ class PoolConfig(BaseModel):
     failed_retry_s: float = RECOVERY(30.0, "how often a failed slot is tried again", gt=0)
 
     # ---- the front ---------------------------------------------------------
-    host: str = FRONT("127.0.0.1", "address to bind", metavar="ADDRESS")
+    host: str = FRONT("127.0.0.1", "address to bind (:: for IPv6 and IPv4)", metavar="ADDRESS")
     port: int = FRONT(7860, "port to bind", ge=0, lt=65536)
     share: bool = FRONT(False, "ask Gradio for a public share link")
     api_key: Text = FRONT(
