@@ -63,8 +63,14 @@ class ReferenceProcessor:
         peak = np.max(np.abs(wav))
         return wav / (peak + eps) if peak > 1.0 else wav
 
+    @staticmethod
+    def demo(script):
+        """What both demos (gradio_demo.py, inference_from_file.py) do to a script before
+        the processor sees it."""
+        return script.replace("\u2019", "'")
+
     def __call__(self, script, voice_samples=None):
-        parsed = self.parse(script)
+        parsed = self.parse(self.demo(script))
         speakers = set(s for s, _ in parsed)
         ids = self.enc(SYSTEM)
         wavs = []
@@ -98,6 +104,11 @@ CASES = {  # name: (script, microsoft's voice_samples, the request's voices)
     "second speaker without a sample": (TWO, [V0], (V0, None)),
     "nobody with a sample": (TWO, None, ()),
     "double spaces inside a turn": ("Speaker 1: Hello  there,   friend.  Bye.", [V0], (V0,)),
+    "typographic apostrophes": (
+        "Speaker 1: Don\u2019t stop, it\u2019s fine.\nSpeaker 2: We\u2019ll see.",
+        [V0, V1],
+        (V0, V1),
+    ),
 }
 
 

@@ -18,7 +18,8 @@ each piece is encoded on its own and the ids are concatenated, as microsoft does
                                                        per speaker WITH a sample, by number
     " Text input:\\n"
     " Speaker N: <text>\\n"                             per turn; N 0-based; the text is
-                                                       stripped at its ends, inner spaces kept
+                                                       stripped at its ends, inner spaces kept,
+                                                       "’" written "'" as microsoft's demos do
     " Speech output:\\n" <speech_start>
 
 A speaker without a sample is simply left out of the voice section (no made-up voice).
@@ -95,9 +96,20 @@ def voice_tokens(samples: int) -> int:
     return math.ceil(samples / HOP_SAMPLES)
 
 
+# What both of microsoft's demos (demo/gradio_demo.py, demo/inference_from_file.py) do
+# to a script before its processor sees it ("defend against common mistake"): the
+# typographic apostrophe of word processors and smart keyboards becomes the ASCII one.
+# Left as it is, it reaches the model as other tokens (its three UTF-8 bytes in place
+# of the "'" of "'t", "'s", ...), a prompt the demos never make.
+DEMO_REPLACEMENTS = (("\u2019", "'"),)
+
+
 def turn_text(text: str) -> str:
-    """A turn's text as microsoft's `_parse_script` keeps it: ends stripped, one leading
-    space, inner whitespace as written."""
+    """A turn's text as microsoft's demos and `_parse_script` pass it on: the demos'
+    replacements made (DEMO_REPLACEMENTS), ends stripped, one leading space, inner
+    whitespace as written."""
+    for old, new in DEMO_REPLACEMENTS:
+        text = text.replace(old, new)
     return " " + text.strip()
 
 
