@@ -363,8 +363,8 @@ class VoiceLibrary:
         owner: str = "upload",
         admin: bool = True,
     ) -> str:
-        """Validate an uploaded sample and store it as `<safe name>.wav`, owned by
-        `owner`; returns the name. VoiceForbidden when a voice of that name is not
+        """Validate an uploaded sample and store it as `<safe name>.wav` (16-bit, scaled
+        to full scale), owned by `owner`; returns the name. VoiceForbidden when a voice of that name is not
         the caller's to overwrite (see the module doc)."""
         safe = safe_voice_name(name)
         if safe.lower() in OPENAI_VOICES:
@@ -400,7 +400,9 @@ class VoiceLibrary:
             owners = self._owners()
             owners[safe] = owner
             self._save_owners(owners)  # first: a crash leaves an owner, never a free preset
-            wav, _ = encode(samples, "wav")
+            # at its peak, so that 16 bits keep a quiet (float or 24-bit) recording whole:
+            # the model normalises every sample to -25 dBFS, so the level is not kept
+            wav, _ = encode(samples / np.max(np.abs(samples)), "wav")
             _write_atomic(self.folder, safe + ".wav", wav)
             self._cache.pop(safe, None)
             self._listed = None
