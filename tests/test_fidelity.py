@@ -336,6 +336,11 @@ def test_the_estimate_counts_each_script_at_its_own_rate():
     )
     assert e.speech_seconds("123456789") == pytest.approx(9 / e.DIGITS_PER_S)
     assert e.speech_seconds("ありがとうございま") == pytest.approx(9 / e.KANA_PER_S)
+    # half-width katakana is kana (it was read as the letters of words: 1.6-1.8x short), and a
+    # voicing mark, half-width or combining, belongs to the kana before it
+    for half, full in (("ｺﾝﾆﾁﾊ", "コンニチハ"), ("ｹﾞﾝｷﾃﾞｽｶ", "ゲンキデスカ")):
+        assert e.speech_seconds(half) == pytest.approx(e.speech_seconds(full))
+    assert e.speech_seconds("\u30ab\u3099") == pytest.approx(e.speech_seconds("\u30ac"))
     # a long word counts as several; punctuation adds its pause
     assert e.speech_seconds("Donaudampfschifffahrt") == pytest.approx(3 / e.WORDS_PER_S)
     assert e.speech_seconds("Yes. No, maybe") == pytest.approx(

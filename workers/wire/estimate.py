@@ -8,8 +8,8 @@ returns; the VibeVoice engine caps a row at a multiple of it
 
 The estimate knows the script: each kind of text is spoken at its own rate.
   - Han characters: one syllable each, spoken at CJK_CHARS_PER_S;
-  - kana: one mora each, at KANA_PER_S; Hangul: one syllable block each, at
-    HANGUL_PER_S;
+  - kana (half-width katakana too; a voicing mark is part of its kana): one
+    mora each, at KANA_PER_S; Hangul: one syllable block each, at HANGUL_PER_S;
   - words of spaced scripts (Latin, Cyrillic, Greek, ...; an apostrophe inside a
     word is part of it): WORDS_PER_S, a long word counting as one word per
     LETTERS_PER_WORD letters; a run of an unspaced
@@ -70,8 +70,10 @@ def _kind(ch: str) -> str:
         return "han"
     if 0x20000 <= o <= 0x3FFFF:
         return "han"
-    if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF:
-        return "kana"
+    if 0x3099 <= o <= 0x309C or 0xFF9E <= o <= 0xFF9F:
+        return "other"  # voicing marks (゛ ゜, half-width ﾞ ﾟ): part of the kana before
+    if 0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0xFF66 <= o <= 0xFF9D:
+        return "kana"  # hiragana, katakana, half-width katakana
     if 0xAC00 <= o <= 0xD7AF:
         return "hangul"
     if ch.isdigit():
