@@ -8,7 +8,9 @@ on the eager LM with its audio exactly eager's.
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import numpy as np
 import pytest
@@ -156,6 +158,27 @@ def test_a_grown_pool_remakes_the_graphs(tiny_model_dir, eager_rows, monkeypatch
     assert len(grown) >= 2
     assert len(made) > len(set(made)), "no graph was made again after the pool grew"
     assert_as_eager(got, eager_rows)
+
+
+def test_a_reset_lets_go_of_the_kv_pool_the_graphs_were_made_over(tiny_model_dir, eager_rows):
+    """After out of memory the host resets the engine (StepHost._out_of_memory) and the
+    rows retry: the pool of the rows it dropped must be free at once, or on a GPU the
+    retry's prefill grows a new pool beside it (and fails again). Each LM graph's
+    function holds the PagedKV it was made over, so the reset lets the graphs go too;
+    the engine then makes them again and sounds as in eager mode."""
+    eng = load(tiny_model_dir, "graphs-lm")
+    steps = eng.steps
+    for rid in ("a", "b"):
+        eng.admit(eng.prepare(req(rid, seed=3)))
+    for _ in range(8):
+        eng.execute()
+    assert steps.lm_graphs.graphs, "no LM graph was made before the reset"
+    pool = weakref.ref(steps.kv.pool)
+    eng.reset()
+    gc.collect()
+    assert pool() is None, "the dropped rows' KV pool is still held after the reset"
+    assert_as_eager(drive(eng, rows_of_three()), eager_rows)
+    assert steps.lm_graphs is not None and steps.lm_graphs.graphs
 
 
 def test_the_flash_path_runs_through_the_static_buffers(tiny_model_dir, monkeypatch):

@@ -21,7 +21,10 @@ same graph: they are masked (gather path) or past the seq's length (flash), and 
 out of the pool (it only grows while the graphs live).
 
 A graph holds the pool's address and layout: when the pool is grown or let go
-(paged_kv), every graph is dropped and made again on first need. Each graph's first
+(paged_kv), every graph is dropped and made again on first need; `drop()` does it at
+once (the engine's reset: each graph's function holds the PagedKV it was made over,
+and with it that pool, which a reset after out-of-memory must give back before the
+rows' retry grows a new one beside it). Each graph's first
 CHECKED_RUNS replays are compared with decode_lm's eager forward of the same step (it
 writes the same column again); beyond the dtype's tolerance, or where a capture
 raises, the worker logs a warning and runs the LM eagerly from then on (its outputs
@@ -102,6 +105,13 @@ class LMGraphs:
             self._off(f"captured graph differs from eager by {worst:.3g} (> {self.tol:.3g})", key)
             return want
         return got
+
+    def drop(self) -> None:
+        """Every graph let go now (with the KV pool and the memory they hold); they are
+        made again on first need."""
+        self.graphs.clear()
+        self.checks_left.clear()
+        self.made_over = ()
 
     def _capture(self, key: tuple[int, int], kv: PagedKV, like: torch.Tensor) -> Graph | None:
         rows, width = key

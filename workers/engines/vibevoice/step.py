@@ -285,6 +285,8 @@ class StepEngine:
         return them."""
         rows = self.open_rows()
         self.rows, self.joining, self.embeds = [], [], None
+        if self.lm_graphs is not None:  # they hold the old pool: let it go with them
+            self.lm_graphs.drop()
         self.kv = self._new_kv()
         self.audio_out = HandOff(self.device)
         self.free_slots = list(range(self.slot_count))
