@@ -246,6 +246,17 @@ def count_step(engine, sink, torch) -> dict:
     return counts
 
 
+def reserve_kv(engine) -> None:
+    """The engine's KV pool grown now to its rows' predicted peak (the blocks
+    StepEngine.peak_bytes counts), so that no growth falls inside the timing: a growth
+    drops graphs-lm's graphs, whose capture and checked replays would then be timed."""
+    from workers.engines.vibevoice.paged_kv import blocks_for
+
+    bt = engine.kv.block_tokens
+    shapes = [engine._shape(r) for r in engine.open_rows()]
+    engine.kv.reserve(sum(blocks_for(p + s + 2, bt) + blocks_for(s + 2, bt) for p, s in shapes))
+
+
 def run_rows(
     model,
     prompts,
@@ -284,6 +295,7 @@ def run_rows(
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    reserve_kv(engine)  # the KV pool counts in the peak per row, as its growth did
     t0 = time.perf_counter()
     engine.step(sink)  # prefill and the first decode step
     if cuda:
@@ -326,6 +338,9 @@ def run_rows(
         # what the run ended on: a graph that failed its check or its capture turns off
         "graphs_kept": engine.speech.mode == "graphs" if engine_mode != "eager" else None,
         "lm_graphs_kept": engine.lm_graphs is not None if engine_mode == "graphs-lm" else None,
+        # LM graphs made over the run (remade after a pool growth included; the run's
+        # own, checked and captured in the untimed steps, are one per bucket)
+        "lm_graphs_made": engine.lm_graphs.made if engine.lm_graphs is not None else None,
         "compile": compile_mode or "off",
         "tokens": per_row if lengths != "fixed" else tokens,
         "steps": steps,

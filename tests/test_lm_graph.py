@@ -23,7 +23,7 @@ from workers.engines.contract import EngineSpec
 from workers.engines.vibevoice.engine import VibeVoiceEngine
 from workers.engines.vibevoice.graphs import Graph
 from workers.engines.vibevoice.lm_graph import LMGraphs, width_bucket
-from workers.engines.vibevoice.paged_kv import PAGED_FLASH, register_paged_flash
+from workers.engines.vibevoice.paged_kv import PAGED_FLASH, PagedKV, register_paged_flash
 
 ROUNDING = 1e-5  # of the peak: padded buckets and wider tables sum in another order
 
@@ -179,6 +179,44 @@ def test_a_reset_lets_go_of_the_kv_pool_the_graphs_were_made_over(tiny_model_dir
     assert pool() is None, "the dropped rows' KV pool is still held after the reset"
     assert_as_eager(drive(eng, rows_of_three()), eager_rows)
     assert steps.lm_graphs is not None and steps.lm_graphs.graphs
+
+
+def test_the_benchmark_makes_each_lm_graph_once(tiny_model_dir, monkeypatch):
+    """bench_gpu_1p5b times a run after its checked steps. At 16 rows the KV pool grew
+    inside the timing (217 -> 325 blocks at 24 audio tokens a row), which drops every
+    LM graph: graphs-lm's timing then held a capture and two checked replays (each run
+    eagerly too) that eager's did not. The run's pool is now grown to its rows' peak
+    before the clock: no growth once the LM is captured, each graph made once."""
+    import argparse
+    from pathlib import Path
+
+    from bench.bench_gpu_1p5b import SyntheticPrompts, build_model, run_rows
+
+    made = counting(monkeypatch)
+    events: list[str] = []
+    real_grow = PagedKV._grow
+
+    def grow(self, blocks):
+        events.append("grow")
+        real_grow(self, blocks)
+
+    monkeypatch.setattr(PagedKV, "_grow", grow)
+    real_capture = LMGraphs._capture
+    monkeypatch.setattr(
+        LMGraphs,
+        "_capture",
+        lambda self, *a: events.append("capture") or real_capture(self, *a),
+    )
+    args = argparse.Namespace(
+        tiny=True, cache_dir=Path(tiny_model_dir).parent, device="cpu", steps=4, cfg=1.3
+    )
+    model = build_model(args, torch)
+    with torch.no_grad():
+        res = run_rows(model, SyntheticPrompts(model, 160, 3.0), 16, 24, args, torch, "",
+                       engine_mode="graphs-lm")  # fmt: skip
+    assert res["lm_graphs_kept"] and made
+    assert "grow" not in events[events.index("capture") :], events
+    assert len(made) == len(set(made)) == res["lm_graphs_made"], made
 
 
 def test_the_flash_path_runs_through_the_static_buffers(tiny_model_dir, monkeypatch):

@@ -66,6 +66,7 @@ class LMGraphs:
         self.graphs: dict[tuple[int, int], Graph] = {}
         self.checks_left: dict[tuple[int, int], int] = {}
         self.made_over: tuple = ()  # the KV pool the graphs were made over: address, shape
+        self.made = 0  # graphs made, remade ones included
         cuda = str(device).startswith("cuda")
         self.mem_pool = torch.cuda.graph_pool_handle() if cuda else None
         self.on = True
@@ -144,6 +145,7 @@ class LMGraphs:
             return None
         self.graphs[key] = graph
         self.checks_left[key] = CHECKED_RUNS
+        self.made += 1
         return graph
 
     def _off(self, why: str, key: tuple[int, int]) -> None:

@@ -140,6 +140,12 @@ class PagedKV:
             self._gather = torch.empty(need + need // 2, dtype=self.dtype, device=self.device)
         return self._gather[:need].view(shape)
 
+    def reserve(self, blocks: int) -> None:
+        """Free blocks for `blocks` more now (one growth at most), so that the seqs take
+        them later without a growth (which, in graphs-lm mode, drops the LM graphs)."""
+        if len(self.free) < blocks:
+            self._grow(blocks - len(self.free))
+
     def _take(self, count: int) -> list[int]:
         if len(self.free) < count:
             # by half its size at least: n tokens cost O(n) copying in all, not O(n^2)
