@@ -214,6 +214,7 @@ def run_pool(args, model: str, workers: int, tmp: str, kill: bool) -> dict:
         "attn_implementation": "sdpa",
         "inference_steps": 10,
         "head_compile": args.head_compile,
+        "engine_mode": args.engine_mode,
         "cache_dir": tmp,
         "log_level": "WARNING",
         "max_queue": 1000,
@@ -278,6 +279,9 @@ def main(argv=None) -> int:
         help="audio seconds of the requests, in turn",
     )
     ap.add_argument("--head-compile", default="", help="the engine's head_compile setting")
+    ap.add_argument(
+        "--engine-mode", default="auto", help="the engine's engine_mode (auto: graphs on a GPU)"
+    )
     ap.add_argument("--kill", action="store_true", help="SIGKILL test with the first count")
     ap.add_argument("--timeout", type=float, default=180.0, help="longest wait for any one step")
     ap.add_argument("--out")
