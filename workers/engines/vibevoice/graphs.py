@@ -97,10 +97,18 @@ class Graph:
         with torch.cuda.stream(side):
             for _ in range(2):
                 self.fn(**self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        current = torch.cuda.current_stream()
+        current.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = self.fn(**self.inputs)
+        try:
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.outputs = self.fn(**self.inputs)
+        except BaseException:
+            # an invalidated capture makes capture_end raise inside torch.cuda.graph's
+            # __exit__, before it restores the stream: the worker, going on eager,
+            # would run on the capture stream from then on
+            torch.cuda.set_stream(current)
+            raise
 
     def run(self) -> tuple:
         if self.graph is None:
