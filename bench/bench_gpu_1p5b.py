@@ -204,26 +204,30 @@ def row_tokens(rows: int, tokens: int, lengths: str) -> list[int]:
 def count_step(engine, sink, torch) -> dict:
     """One engine step under a TorchDispatchMode: the operators it dispatches (views
     left out; on a GPU each is a kernel launch), the host syncs among them (.item(),
-    nonzero, copies from the device to the host) and the copies from the host to the
-    device (torch.tensor(list, device=...): each waits for the host)."""
+    nonzero, copies from the device to pageable host memory) and the copies from the
+    host to the device (from pageable memory, torch.tensor(list, device=...): each
+    waits for the host). A non-blocking copy from or into pinned memory waits for
+    nothing (the audio's way to the host, caches.to_device): counted apart, as async."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    counts = {"ops": 0, "syncs": 0, "h2d": 0, "sync_kinds": {}}
+    counts = {"ops": 0, "syncs": 0, "h2d": 0, "async_copies": 0, "sync_kinds": {}}
 
-    def direction(func, args, out) -> str:
+    def direction(func, args, kwargs, out) -> str:
         name = func.overloadpacket.__name__
         if name == "copy_" and len(args) > 1:
             dst, src = args[0], args[1]
+            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
         elif name == "_to_copy" and args:
             dst, src = out, args[0]
+            non_blocking = kwargs.get("non_blocking", False)
         else:
             return ""
         if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)):
             return ""
         if src.device.type != "cpu" and dst.device.type == "cpu":
-            return "to_host"
+            return "async" if non_blocking and dst.is_pinned() else "to_host"
         if src.device.type == "cpu" and dst.device.type != "cpu":
-            return "to_device"
+            return "async" if non_blocking and src.is_pinned() else "to_device"
         return ""
 
     class Count(TorchDispatchMode):
@@ -232,13 +236,15 @@ def count_step(engine, sink, torch) -> dict:
             name = func.overloadpacket.__name__
             if name not in VIEW_OPS:
                 counts["ops"] += 1
-            way = direction(func, args, out)
+            way = direction(func, args, kwargs or {}, out)
             if name in SYNC_OPS or way == "to_host":
                 counts["syncs"] += 1
                 key = f"{name} (to host)" if way else name
                 counts["sync_kinds"][key] = counts["sync_kinds"].get(key, 0) + 1
             elif way == "to_device":
                 counts["h2d"] += 1
+            elif way == "async":
+                counts["async_copies"] += 1
             return out
 
     with Count():
@@ -357,6 +363,7 @@ def run_rows(
         out["ops_per_step"] = counted["ops"]
         out["host_syncs_per_step"] = counted["syncs"]
         out["h2d_copies_per_step"] = counted["h2d"]
+        out["async_copies_per_step"] = counted["async_copies"]
         out["sync_kinds"] = counted["sync_kinds"]
     if cuda:
         out["peak_mem_per_row_mib"] = round(
@@ -451,7 +458,8 @@ def main(argv=None) -> int:
             run = functools.partial(run_rows, model, prompts, r, engine_mode=engine_mode)
             warm = run(6, args, torch, mode, count=not mode)
             res = run(args.new_tokens, args, torch, mode, lengths)
-        for key in ("ops_per_step", "host_syncs_per_step", "h2d_copies_per_step", "sync_kinds"):
+        counted = ("ops_per_step", "host_syncs_per_step", "h2d_copies_per_step", "sync_kinds")
+        for key in (*counted, "async_copies_per_step"):
             if key in warm:
                 res[key] = warm[key]
         res["first_audio_s_warmup_run"] = warm["first_audio_s"]
