@@ -15,7 +15,11 @@ plain calls. --compile-modes adds eager runs with the diffusion loop compiled
 ("reduce-overhead" = torch.compile's CUDA graphs), off by default. Reports audio s per
 wall s per GPU (decode phase and whole run), ms per step, RTF per row, first audio
 (admission to the first chunk), peak memory per row, and the operators one decode step
-dispatches and the host syncs among them (a TorchDispatchMode). Prints a Markdown table;
+dispatches and the host syncs among them (a TorchDispatchMode); each captured run's audio
+of its first row against the eager run's (audio_vs_eager: 0 where the replays compute
+what eager computes; bf16 rounding that the autoregressive loop carries forward where a
+mode sums in another order, as graphs-lm's wider tables do; near 1 for a wrong graph).
+Each run's KV pool is grown to its rows' peak before the clock. Prints a Markdown table;
 --out JSON, rewritten after every run (a run stopped at a time limit keeps what it
 measured); --budget-s skips the runs that would start after that many seconds.
 
@@ -168,10 +172,16 @@ class _Sink:
         self.failed: list[str] = []
         self.first_chunk_at: float | None = None
 
+        self.first_row: list = []  # row r0's audio, to set the engine modes side by side
+
     def chunk(self, rid, pcm, history=None):
         if self.first_chunk_at is None:
             self.first_chunk_at = time.perf_counter()
         self.samples += len(pcm)
+        if rid == "r0":
+            import numpy as np
+
+            self.first_row.append(np.array(pcm, dtype=np.float32))
 
     def finish(self, rid, stop_reason="eos"):
         pass
@@ -357,6 +367,7 @@ def run_rows(
         "audio_s_per_s": round(audio_s / (t2 - t0), 3),  # all rows, whole run
         "rtf": round(decode_s / (HOP / SAMPLE_RATE), 4),  # wall s per audio s, each row
     }
+    out["_first_row_pcm"] = sink.first_row  # taken out by main (audio_vs_eager)
     # The decode phase (after the first step): the audio it made over its time.
     out["decode_audio_s_per_s"] = round((sink.samples - early) / SAMPLE_RATE / (t2 - t1), 3)
     if counted is not None:
@@ -394,7 +405,7 @@ def main(argv=None) -> int:
     p.add_argument("--lm-rows", default="1,16", help="the LM forward both ways (lm_host.py)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    from bench.engine_runs import print_table, run_plan
+    from bench.engine_runs import audio_difference, print_table, run_plan
 
     plan = run_plan(args)  # a bad --engine-modes stops here, before the model is built
     args.device = args.device or ("cpu" if args.tiny else "cuda")
@@ -448,6 +459,7 @@ def main(argv=None) -> int:
     for r in [int(x) for x in args.lm_rows.split(",") if x]:
         result["lm_host"].append(lm_host_ms(model, r, 12, torch, args.device, prompts))
         save()
+    eager_pcm: dict = {}
     for engine_mode, mode, lengths, r in plan:
         label = f"{engine_mode}/{mode or 'off'}/{lengths}/{r}"
         if args.budget_s and time.perf_counter() - t_start > args.budget_s:
@@ -463,6 +475,12 @@ def main(argv=None) -> int:
             if key in warm:
                 res[key] = warm[key]
         res["first_audio_s_warmup_run"] = warm["first_audio_s"]
+        warm.pop("_first_row_pcm")
+        pcm = res.pop("_first_row_pcm")
+        if engine_mode == "eager" and not mode:
+            eager_pcm[(lengths, r)] = pcm
+        elif (lengths, r) in eager_pcm:  # the same row's audio, captured against eager
+            res["audio_vs_eager"] = audio_difference(pcm, eager_pcm[(lengths, r)])
         rows.append(res)
         save()
         print(json.dumps(res), file=sys.stderr, flush=True)

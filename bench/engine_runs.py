@@ -26,6 +26,23 @@ def run_plan(args) -> list[tuple[str, str, str, int]]:
     return plan
 
 
+def audio_difference(got: list, want: list) -> float | None:
+    """The largest difference between two runs' audio of one row (lists of chunks),
+    relative to the peak of `want`: 0 where a mode computes what eager computes, float
+    rounding where it sums in another order (graphs: padded buckets), far more where a
+    captured graph computes something else after its checked replays. None without
+    audio; the shorter length is compared."""
+    import numpy as np
+
+    a = np.concatenate(got) if got else np.zeros(0)
+    b = np.concatenate(want) if want else np.zeros(0)
+    n = min(len(a), len(b))
+    if not n:
+        return None
+    peak = max(float(np.abs(b[:n]).max()), 1e-12)
+    return round(float(np.abs(a[:n] - b[:n]).max()) / peak, 6)
+
+
 def print_table(result: dict, args) -> None:
     mem = args.device.startswith("cuda")
     new = args.new_tokens

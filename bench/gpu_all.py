@@ -152,7 +152,7 @@ def summary(out: Path, parts: list[dict], log: Log) -> None:
         )
         log(
             "rows len   mode      compile ms/step dec_aud_s/s whole_aud_s/s first_audio_ms ops syncs "
-            "h2d MiB/row graphs_kept lm_graphs_kept/made"
+            "h2d MiB/row graphs_kept lm_graphs_kept/made audio_vs_eager"
         )
         for r in a["rows"]:
             log(
@@ -162,7 +162,8 @@ def summary(out: Path, parts: list[dict], log: Log) -> None:
                 f"{1000 * (r['first_audio_s'] or 0):6.0f} {r.get('ops_per_step', '-')} "
                 f"{r.get('host_syncs_per_step', '-')} {r.get('h2d_copies_per_step', '-')} "
                 f"{r.get('peak_mem_per_row_mib', '-')} {r.get('graphs_kept', '-')} "
-                f"{r.get('lm_graphs_kept', '-')}/{r.get('lm_graphs_made', '-')}"
+                f"{r.get('lm_graphs_kept', '-')}/{r.get('lm_graphs_made', '-')} "
+                f"{r.get('audio_vs_eager', '-')}"
             )
         for c in a.get("lm_host", []):
             log(f"{name} LM forward: {json.dumps(c)}")

@@ -3,6 +3,7 @@ budget (the parts themselves are stood in for; their CPU dry run is `--tiny`).""
 
 from __future__ import annotations
 
+import json
 import types
 
 from bench import gpu_all
@@ -41,3 +42,41 @@ def test_every_part_still_gets_a_share_of_the_default_budget(monkeypatch, tmp_pa
     assert list(given) == ["a_eager", "b_respawn", "c_pool", "a_compiled"]
     assert given["a_eager"] >= 170 and given["b_respawn"] >= 90 and given["c_pool"] >= 120
     assert sum(max(0, v) for v in given.values()) <= 400
+
+
+def engine_runs(tmp_path, tiny_model_dir) -> dict:
+    from pathlib import Path
+
+    from bench import bench_gpu_1p5b
+
+    out = tmp_path / "a.json"
+    argv = ["--tiny", "--cache-dir", str(Path(tiny_model_dir).parent), "--rows", "2"]
+    argv += ["--lengths", "fixed", "--new-tokens", "8", "--lm-rows", "", "--out", str(out)]
+    assert bench_gpu_1p5b.main(argv) == 0
+    return {r["engine_mode"]: r for r in json.loads(out.read_text())["rows"]}
+
+
+def test_each_captured_run_is_set_against_eager_audio(tmp_path, tiny_model_dir):
+    """The checked replays compare a graph with eager only at its first runs; the
+    benchmark also sets each captured run's audio against the eager run of the same
+    rows (on CPU: the same calls, so equal up to float rounding)."""
+    runs = engine_runs(tmp_path, tiny_model_dir)
+    assert "audio_vs_eager" not in runs["eager"]
+    assert runs["graphs"]["audio_vs_eager"] == 0
+    assert runs["graphs-lm"]["audio_vs_eager"] < 1e-4
+
+
+def test_a_graph_that_goes_wrong_after_its_checks_shows(tmp_path, tiny_model_dir, monkeypatch):
+    from workers.engines.vibevoice.audio import Speech
+
+    real = Speech._run
+
+    def drifting(self, key, graph):  # right while checked, then a little off
+        checked = bool(self.checks_left.get(key))
+        out = real(self, key, graph)
+        return out if checked or key[0] != "decode" else (1.01 * out[0], *out[1:])
+
+    monkeypatch.setattr(Speech, "_run", drifting)
+    runs = engine_runs(tmp_path, tiny_model_dir)
+    assert runs["graphs"]["graphs_kept"]  # its checks passed
+    assert runs["graphs"]["audio_vs_eager"] > 5e-3
