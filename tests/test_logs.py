@@ -4,12 +4,14 @@ stops the logging threads (records queue up; one listener writes them)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, wait_until
 
 SCRIPT = textwrap.dedent(
     """
@@ -81,3 +83,31 @@ def test_with_json_logs_the_workers_lines_are_json_too():
     lines = [json.loads(x) for x in p.stderr.splitlines()]  # every line is JSON
     own = [x for x in lines if x["msg"] == "engine failed to load: bad weights"]
     assert own and all(x["worker"] == 0 and x["level"] == "ERROR" for x in own)
+
+
+def test_json_lines_about_a_worker_carry_its_worker_and_device(server):
+    """An alert on a worker's death, or a count of requests per GPU, keys on fields of
+    the JSON line. The request lines carried `worker`, but the lines of a worker's life
+    (initialising, initialised, died, respawning) carried none: only the text said which
+    worker, and the choice line named the worker but not its device ("GPU 1")."""
+    s = server("--engine", "sim", "--gpus", "cpu:2", "--log-format", "json")
+    r = s.post("/v1/synthesize", json={"script": "Speaker 1: Hello.", "seed": 1})
+    assert r.status_code == 200
+    chosen = int(r.headers["X-Worker"])
+    victim = 1 - chosen
+    os.kill(s.worker_pids()[victim], signal.SIGKILL)
+    wait_until(lambda: s.log().count("initialised: SimEngine") >= 3, 60, what="a respawn")
+    lines = [json.loads(x) for x in s.log().splitlines() if x.startswith("{")]
+
+    def about(words: str) -> list[dict]:
+        return [x for x in lines if words in x["msg"]]
+
+    pick = about("🎯 Chose")[0]
+    assert (pick["worker"], pick["device"]) == (chosen, f"cpu:{chosen}")
+    died, respawning = about("died: killed by SIGKILL"), about("🔄 respawning")
+    assert len(died) == 1 and len(respawning) == 1
+    life = died + respawning + about("Initialising") + about("initialised:")
+    assert len(life) == 8  # two boots, a death, a respawn, its boot
+    for x in life:
+        assert "worker" in x and x["device"] == f"cpu:{x['worker']}", x
+    assert {x["worker"] for x in died + respawning} == {victim}

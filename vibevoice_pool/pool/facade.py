@@ -226,6 +226,13 @@ class Pool:
         shared = sum(s.placement.cuda_index == p.cuda_index for s in slots) > 1
         return f"GPU {p.cuda_index} (worker {slot})" if shared else f"GPU {p.cuda_index}"
 
+    def _fields(self, slot: int | None) -> dict:
+        """A request line's fields about its worker (JSON lines: worker, device)."""
+        slots = self.supervisor.slots
+        if slot is None or not 0 <= slot < len(slots):
+            return {"worker": slot}
+        return {"worker": slot, "device": slots[slot].placement.device}
+
     # ---- status --------------------------------------------------------
 
     def status(self) -> dict:
@@ -334,7 +341,7 @@ class Pool:
                 e.score,
                 self.cfg.policy,
                 e.request.attempt,
-                extra={"request_id": rid, "worker": e.slot},
+                extra={"request_id": rid, **self._fields(e.slot)},
             )
         elif isinstance(e, ev.Requeued) and e.lost:  # survival.py logs a preemption
             log.warning(
@@ -342,7 +349,7 @@ class Pool:
                 rid,
                 e.request.attempt,
                 e.slot,
-                extra={"request_id": rid},
+                extra={"request_id": rid, **self._fields(e.slot)},
             )
         elif isinstance(e, ev.Finished):
             if isinstance(e.outcome, m.Done):
@@ -352,7 +359,7 @@ class Pool:
                     e.handle.worker,
                     e.outcome.audio_s,
                     e.outcome.compute_s,
-                    extra={"request_id": rid, "worker": e.handle.worker},
+                    extra={"request_id": rid, **self._fields(e.handle.worker)},
                 )
             else:
                 log.info(

@@ -63,6 +63,12 @@ class SlotBase:
     def boot_failures(self) -> int:
         return self.record.boot_failures
 
+    @property
+    def log(self) -> logging.LoggerAdapter:
+        """The pool's log, its lines marked with this worker: JSON lines carry `worker`
+        and `device`, so an alert or a count keys on fields rather than on the text."""
+        return logging.LoggerAdapter(log, {"worker": self.index, "device": self.placement.device})
+
 
 class SlotBackend(Protocol):
     """Where the pool's slots run. Pool and the front ends use only this."""
@@ -161,7 +167,7 @@ class SlotLifecycle:
             self.slots.append(slot)
             self._start(slot)
         self._wake()
-        log.info("➕ added %s as worker %d", self._label(slot), slot.index)
+        slot.log.info("➕ added %s as worker %d", self._label(slot), slot.index)
         return slot.index
 
     def remove_slot(self, index: int) -> None:
@@ -175,7 +181,7 @@ class SlotLifecycle:
             self.dispatcher.drain(index)
             self.board.set(index, Col.SLOT_STATE, SlotState.DRAINING)
             moved = self.dispatcher.move_off(index)  # its rows resume on the others
-            log.info(
+            slot.log.info(
                 "➖ draining %s (worker %d) for removal: %d row(s) move to other workers",
                 self._label(slot),
                 index,
@@ -251,13 +257,13 @@ class SlotLifecycle:
         if action.verdict is Verdict.STOP:
             b.set(i, Col.SLOT_STATE, SlotState.STOPPED)
             if slot.removed:
-                log.info("➖ %s (worker %d) removed", self._label(slot), i)
+                slot.log.info("➖ %s (worker %d) removed", self._label(slot), i)
                 self._after_last_removed()
         elif action.verdict is Verdict.UNAVAILABLE:
             b.set(i, Col.SLOT_STATE, SlotState.UNAVAILABLE)
         elif action.verdict is Verdict.FAIL:
             b.set(i, Col.SLOT_STATE, SlotState.FAILED)
-            log.error(
+            slot.log.error(
                 "❌ %s failed to boot %d times; retrying every %.0f s: %s",
                 self._label(slot),
                 action.record.boot_failures,

@@ -34,6 +34,6 @@ def log_stack(slot, pid: int) -> None:
     except OSError:
         text = ""
     if text:
-        log.warning("worker %d (pid %d) stack when it ended:\n%s", slot.index, pid, text)
+        slot.log.warning("worker %d (pid %d) stack when it ended:\n%s", slot.index, pid, text)
     elif slot.asked_stack:
-        log.warning("worker %d (pid %d) wrote no stack before SIGKILL", slot.index, pid)
+        slot.log.warning("worker %d (pid %d) wrote no stack before SIGKILL", slot.index, pid)

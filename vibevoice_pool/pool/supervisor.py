@@ -198,7 +198,9 @@ class Supervisor(SlotLifecycle):
             self.watchdog.watch(self.zygote.pid)
         self._note(i, "forked" if forked else "spawned")
         how = "forked from the zygote" if forked else "spawned"
-        log.info("Initialising %s (worker %d, pid %d, %s)", self._label(slot), i, proc.pid, how)
+        slot.log.info(
+            "Initialising %s (worker %d, pid %d, %s)", self._label(slot), i, proc.pid, how
+        )
 
     # ---- watch ---------------------------------------------------------
 
@@ -256,7 +258,7 @@ class Supervisor(SlotLifecycle):
             slot.responses = None  # the worker closed its end; its sentinel follows
             conn.close()
         except Exception:  # a message cut short by a death does not unpickle
-            log.warning("worker %d sent a message that could not be read", slot.index)
+            slot.log.warning("worker %d sent a message that could not be read", slot.index)
             slot.responses = None
             conn.close()
 
@@ -271,9 +273,9 @@ class Supervisor(SlotLifecycle):
             self._ready(slot, msg)
         elif isinstance(msg, m.BootFailed):
             self._boot_error(slot, f"{msg.error.value}: {msg.message}")
-            log.error("❌ %s failed to initialise: %s", self._label(slot), msg.message)
+            slot.log.error("❌ %s failed to initialise: %s", self._label(slot), msg.message)
             if msg.traceback:
-                log.error("worker %d's traceback:\n%s", slot.index, msg.traceback.rstrip())
+                slot.log.error("worker %d's traceback:\n%s", slot.index, msg.traceback.rstrip())
         else:
             self.dispatcher.on_message(slot.index, msg)
 
@@ -284,7 +286,7 @@ class Supervisor(SlotLifecycle):
             return
         slot.boot_s = msg.boot_s
         mem = f" ({msg.info.mem_total_bytes / 1e9:.1f}GB)" if msg.info.mem_total_bytes else ""
-        log.info(
+        slot.log.info(
             "✅ %s initialised: %s%s in %.1f s (worker %d, pid %d)",
             self._label(slot),
             msg.info.name,
@@ -294,7 +296,7 @@ class Supervisor(SlotLifecycle):
             msg.pid,
         )
         if msg.info.note:
-            log.info("   worker %d: %s", slot.index, msg.info.note)
+            slot.log.info("   worker %d: %s", slot.index, msg.info.note)
         self._became_ready(slot, msg.info, VoiceSender(slot.requests.put))
 
     def _cause(self, slot: _Slot) -> Cause:
@@ -321,7 +323,7 @@ class Supervisor(SlotLifecycle):
         action = self._after_death(slot, cause, how)
         label, i = self._label(slot), slot.index
         if action.verdict is Verdict.UNAVAILABLE:
-            log.error(
+            slot.log.error(
                 "⛔ %s is unavailable (%s); %d request(s) sent to other workers; "
                 "checking it again every %.0f s",
                 label,
@@ -331,7 +333,7 @@ class Supervisor(SlotLifecycle):
             )
         elif action.verdict is Verdict.RESPAWN:
             delay = action.at - self.clock()
-            log.warning(
+            slot.log.warning(
                 "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; %s",
                 label,
                 i,
@@ -401,10 +403,10 @@ class Supervisor(SlotLifecycle):
             slot.due_at = now + self.policy.failed_retry_s  # the device still does not answer
             return
         if state == SlotState.UNAVAILABLE:
-            log.info("✅ %s answers again", self._label(slot))
+            slot.log.info("✅ %s answers again", self._label(slot))
             slot.device_lost = False
         self._counted_restart(slot)
-        log.info("🔄 respawning %s (restart %d)", self._label(slot), slot.restarts)
+        slot.log.info("🔄 respawning %s (restart %d)", self._label(slot), slot.restarts)
         self._start(slot)
 
     # ---- helpers -------------------------------------------------------
@@ -413,7 +415,7 @@ class Supervisor(SlotLifecycle):
         """SIGKILL; a stuck worker is first asked for its stack (STACK_SIGNAL: its
         faulthandler writes every thread's), and killed once it is written."""
         slot.kill_reason = reason
-        log.warning("⚠️ %s (worker %d): %s; killing it", self._label(slot), slot.index, reason)
+        slot.log.warning("⚠️ %s (worker %d): %s; killing it", self._label(slot), slot.index, reason)
         self._note(slot.index, "kill")
         if ask_stack and slot.stack_file:
             slot.kill_at, slot.asked_stack = self.clock() + STACK_WAIT_S, True

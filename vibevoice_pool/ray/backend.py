@@ -168,7 +168,7 @@ class RaySupervisor(SlotLifecycle):
         self._note(i, "spawned")
         token, app = slot.deploys, slot.app
         cpus, gpus = self._resources(slot)
-        log.info("Initialising %s (worker %d) as Serve application %s", slot.label, i, app)
+        slot.log.info("Initialising %s (worker %d) as Serve application %s", slot.label, i, app)
 
         def run():
             if old:
@@ -215,7 +215,7 @@ class RaySupervisor(SlotLifecycle):
         self._note(slot.index, "dead")
         self._undeploy(slot)
         if self._after_boot_failure(slot, message).verdict is Verdict.RESPAWN:
-            log.error("❌ %s failed to initialise: %s", slot.label, message)
+            slot.log.error("❌ %s failed to initialise: %s", slot.label, message)
 
     # ---- attach / detach -------------------------------------------------
 
@@ -250,7 +250,7 @@ class RaySupervisor(SlotLifecycle):
         how = f"in {stats.boot_s:.1f} s" if not replaced else f"again (restart {slot.restarts})"
         where = f"worker {i}, pid {stats.pid} on {stats.node}"
         name = stats.info.name if stats.info else "?"
-        log.info("✅ %s initialised: %s %s (%s)", slot.label, name, how, where)
+        slot.log.info("✅ %s initialised: %s %s (%s)", slot.label, name, how, where)
         self._became_ready(slot, stats.info, self.streams.sender(slot, slot.generation))
 
     def _lost(self, slot: Slot, generation: int, why: str) -> None:
@@ -286,7 +286,7 @@ class RaySupervisor(SlotLifecycle):
             self._undeploy(slot)  # _check deploys a new one at action.at
             delay = action.at - self.clock()
             then = f"replacing it in {delay:.0f} s" if delay > 0 else "replacing it now"
-        log.warning(
+        slot.log.warning(
             "💥 %s (worker %d, pid %s) died: %s; %d request(s) sent back to the queue; %s",
             slot.label,
             i,
@@ -357,7 +357,7 @@ class RaySupervisor(SlotLifecycle):
             # the engine's last step; Serve's health check (check_health) looks too.
             kill = self.policy.on_tick(slot.record, now, self._vitals(slot, now))
             if kill is not None:
-                log.warning("⚠️ %s (worker %d): %s", slot.label, i, kill.reason)
+                slot.log.warning("⚠️ %s (worker %d): %s", slot.label, i, kill.reason)
                 self._detach(slot, kill.reason, by_serve=False)
             return
         if slot.app in failed:
@@ -368,5 +368,5 @@ class RaySupervisor(SlotLifecycle):
                 self._boot_failed(slot, kill.reason)
         elif now >= slot.due_at:
             if int(self.board.get(i, Col.SLOT_STATE)) == SlotState.FAILED:
-                log.info("🔄 retrying %s", slot.label)
+                slot.log.info("🔄 retrying %s", slot.label)
             self._start(slot)

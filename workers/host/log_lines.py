@@ -2,9 +2,9 @@
 a line (`--log-format json`). Workers and the parent write to the same stderr, so
 both use this formatter: a log shipper reading JSON lines meets no plain text.
 
-    JsonFormatter(worker=None)        ts, level, logger, msg; request_id and worker
-                                      when the record carries them (or the worker's
-                                      own slot); exc with the traceback
+    JsonFormatter(worker=None)        ts, level, logger, msg; request_id, worker and
+                                      device when the record carries them (or the
+                                      worker's own slot); exc with the traceback
     setup_worker(level, fmt, slot)    a worker's root logging to stderr
 """
 
@@ -29,7 +29,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("request_id", "worker"):
+        for key in ("request_id", "worker", "device"):
             if hasattr(record, key):
                 out[key] = getattr(record, key)
         if self.worker is not None:
