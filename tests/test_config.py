@@ -211,6 +211,21 @@ def test_a_switch_turns_off_in_both_spellings():
     assert cfg_from("--no_warm_weights", "--warm_weights").warm_weights  # the last one wins
 
 
+def test_the_old_demos_abbreviations_mean_its_flags_not_ambiguous_spellings(capsys):
+    """The old demo's argparse took any unique prefix of its six flags (`--model /m`,
+    `--inference 5`, `--gpu 1`). Each setting has two spellings here, so `--model` matched
+    `--model-path` and `--model_path`, one setting, and was refused as ambiguous."""
+    c = cfg_from("--model", "/m", "--inference", "5", "--gpu", "1", "--sh")
+    assert (c.model_path, c.inference_steps, c.gpus, c.share) == ("/m", 5, "1", True)
+    c = cfg_from("--tiny", "--inference_s", "7", "--no_tiny")
+    assert (c.inference_steps, c.tiny_model) == (7, False)
+    with pytest.raises(SystemExit):  # two settings begin so: still refused, both named
+        cfg_from("--max", "3")
+    err = capsys.readouterr().err
+    assert "ambiguous option: --max could match" in err and "--max-queue" in err
+    assert "--max_queue" not in err  # one spelling a setting
+
+
 def test_every_registered_policy_is_a_choice_and_nothing_else():
     for name in POLICIES:
         assert build({"policy": name}).policy == name
@@ -331,7 +346,12 @@ def test_every_flag_the_docs_show_is_a_flag_of_a_command():
         shown |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", (ROOT / doc).read_text()))
     commands = parser()._subparsers._group_actions[0].choices.values()
     taken = {o for p in commands for a in p._actions for o in a.option_strings}
-    unknown = sorted(f for f in shown - OTHER_PROGRAMS_FLAGS if f not in taken)
+    launch = parser()._subparsers._group_actions[0].choices["launch"]
+    unknown = sorted(
+        f
+        for f in shown - OTHER_PROGRAMS_FLAGS
+        if f not in taken and len(launch._get_option_tuples(f)) != 1  # an abbreviation
+    )
     assert not unknown, unknown
     assert {"--model_path", "--gpus", "--no-warm-weights", "--async"} <= shown
 

@@ -21,6 +21,22 @@ import sys
 log = logging.getLogger("vibevoice_pool")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, where an abbreviation that matches both spellings of one setting means
+    that setting: the old demo's `--model /m` is --model_path (it matched --model-path
+    and --model_path, and argparse called it ambiguous). Two settings stay ambiguous."""
+
+    def _get_option_tuples(self, option_string):
+        seen: set = set()
+        out = []
+        for match in super()._get_option_tuples(option_string):
+            dest = match[0].dest if match[0] is not None else object()
+            if dest not in seen:  # the first is the listed spelling (--model-path)
+                seen.add(dest)
+                out.append(match)
+        return out
+
+
 def _launch_parser(sub) -> None:
     """Every field of config.PoolConfig is a flag, in its section, with its help."""
     from vibevoice_pool import config
@@ -131,7 +147,7 @@ def _client_parsers(sub) -> None:
 def parser() -> argparse.ArgumentParser:
     from vibevoice_pool import __version__
 
-    ap = argparse.ArgumentParser(
+    ap = _Parser(  # its subcommands' parsers are _Parser too
         prog="vibevoice-pool", description="Serve VibeVoice on every GPU of a machine."
     )
     ap.add_argument("--version", action="version", version=f"vibevoice-pool {__version__}")
