@@ -166,6 +166,20 @@ def test_duplicate_gpu_ids_are_refused():
 def test_gpu_ids_on_a_machine_without_gpus_say_none_were_found():
     with pytest.raises(ConfigError, match="GPUs found: none"):
         plan("0", 1, [])
+
+
+def test_gpu_ids_without_any_gpu_say_how_to_run_cpu_workers_instead():
+    """The old demo's `--gpus "0,2"` on a machine whose driver answers nothing: the
+    message said `GPUs found: none` and no way on; it names cpu:N (and the driver)."""
+    for spec in ("0,2", "1", "None", "0,0"):
+        with pytest.raises(ConfigError) as e:
+            plan(spec, 1, [])
+        msg = str(e.value)
+        assert "GPUs found: none" in msg and "--gpus cpu:N" in msg, msg
+        assert "NVIDIA driver" in msg, msg
+    with pytest.raises(ConfigError) as e:  # with GPUs, the list is the way on
+        plan("0,2", 1, GPUS)
+    assert "cpu:N" not in str(e.value)
     for spec in ("cpu:x", "cpu4", "cpus:2"):
         with pytest.raises(ConfigError, match="cpu:N"):
             plan(spec, 1, [])

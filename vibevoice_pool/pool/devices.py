@@ -78,7 +78,9 @@ def _per_gpu_unused(workers_per_gpu: int, count: int) -> None:
 def plan(gpus_setting: str, workers_per_gpu: int, found: list[Gpu]) -> list[Placement]:
     """The worker slots for a `--gpus` value, or a ConfigError naming the GPUs found."""
     spec = (gpus_setting or "all").strip().lower()
-    listing = ", ".join(f"{g.index} ({g.name})" for g in found) or "none"
+    listing = ", ".join(f"{g.index} ({g.name})" for g in found) or (
+        "none (no NVIDIA driver answered); --gpus cpu:N runs N CPU workers instead"
+    )
     if spec.startswith("cpu"):
         head, _, n = spec.partition(":")
         try:
