@@ -209,3 +209,19 @@ def test_the_log_names_which_worker_of_a_shared_gpu_was_chosen(gpu_pool, caplog)
     assert chose and f"Chose GPU 0 (worker {h.worker}) for request" in chose[0], chose
     single = gpu_pool(FakeNvml({0: FakeGpu(), 1: FakeGpu()}))  # one worker a GPU: as before
     assert [single.where(i) for i in range(2)] == ["GPU 0", "GPU 1"]
+
+
+def test_the_done_line_names_the_gpu_as_the_choice_line_does(gpu_pool, caplog):
+    """ "🎯 Chose GPU 1 for request R" was followed by "request R done on worker 1": a
+    grep for one GPU's requests found the choice and not the end (and with workers
+    on GPUs 0 and 3, worker 1 is GPU 3)."""
+    pool = gpu_pool(FakeNvml({0: FakeGpu(), 3: FakeGpu()}))
+    with caplog.at_level("INFO", logger="vibevoice_pool"):
+        handles = [submit(pool, seed=s) for s in range(4)]
+        wait_until(lambda: all(h.done for h in handles), 30, what="the requests to finish")
+    for h in handles:
+        gpu = pool.where(h.worker)
+        said = [r for r in caplog.records if f"request {h.request.id} " in r.getMessage()]
+        done = [r for r in said if " done on " in r.getMessage()]
+        assert len(done) == 1 and f"done on {gpu}: " in done[0].getMessage(), said
+        assert (done[0].worker, done[0].device) == (h.worker, f"cuda:{gpu[-1]}")

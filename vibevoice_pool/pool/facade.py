@@ -345,27 +345,29 @@ class Pool:
             )
         elif isinstance(e, ev.Requeued) and e.lost:  # survival.py logs a preemption
             log.warning(
-                "request %s sent back to the queue (attempt %d) after worker %s was lost",
+                "request %s sent back to the queue (attempt %d) after %s was lost",
                 rid,
                 e.request.attempt,
-                e.slot,
+                self.where(e.slot),
                 extra={"request_id": rid, **self._fields(e.slot)},
             )
         elif isinstance(e, ev.Finished):
             if isinstance(e.outcome, m.Done):
                 log.info(
-                    "request %s done on worker %s: %.1f s of audio in %.1f s",
+                    "request %s done on %s: %.1f s of audio in %.1f s",
                     rid,
-                    e.handle.worker,
+                    self.where(e.handle.worker),
                     e.outcome.audio_s,
                     e.outcome.compute_s,
                     extra={"request_id": rid, **self._fields(e.handle.worker)},
                 )
             else:
+                worker = e.handle.worker  # None: it failed before any worker took it
                 log.info(
-                    "request %s failed: %s: %s",
+                    "request %s failed%s: %s: %s",
                     rid,
+                    "" if worker is None else f" on {self.where(worker)}",
                     e.outcome.error.value,
                     e.outcome.message,
-                    extra={"request_id": rid},
+                    extra={"request_id": rid, **({} if worker is None else self._fields(worker))},
                 )
