@@ -110,6 +110,7 @@ def test_deprecated_device_flag_is_accepted(caplog):
         ({"policy": "fastest"}, "policy"),
         ({"max_queue": 0}, "max_queue"),
         ({"port": "http"}, "port"),
+        ({"inference_steps": 150}, "inference_steps.*less than or equal to 100"),
         ({"no_such_thing": 1}, "unknown setting"),
         ({"sim_speeds": "1,abc,0"}, r"'abc' \(item 2 of the list\).*'0' \(item 3 of the list\)"),
     ],

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import soundfile as sf
 from gradio_client import Client
-from serving import shared_server
+from serving import running_server, shared_server
 
 SCRIPT = "Speaker 1: Hello from the page.\nSpeaker 2: And hello back, from the second voice."
 
@@ -63,6 +63,24 @@ def test_bad_input_through_the_page_is_an_error_saying_what_to_fix(client):
     with pytest.raises(AppError) as err:
         client.predict("   ", 1, None, None, None, None, 1.3, 10, -1, api_name="/generate")
     assert "script is empty" in str(err.value)
+
+
+def test_the_pages_steps_take_the_launchs_default_steps(tmp_path, monkeypatch):
+    """`--inference_steps 60` (the old demo's flag): the page's steps slider started at
+    60 but ended at 50, so Generate, untouched, failed with "Value 60 is greater than
+    maximum value 50". It spans what a request may ask (1-100), as the API does."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with running_server(tmp_path, "--inference_steps", "60", "--sim-rtf", "0.01") as s:
+        c = Client(s.url, download_files=str(tmp_path), verbose=False, analytics_enabled=False)
+        steps = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        steps = steps["/generate"]["parameters"][7]
+        assert steps["parameter_default"] == 60
+        _, progress, audio = c.predict(
+            "Speaker 1: Hi.", 1, "demo-Alice_woman", None, None, None, 1.3, 60, 1,
+            api_name="/generate",
+        )  # fmt: skip
+        assert 'data-state="done"' in progress and sf.info(audio).duration > 0
+        c.close()
 
 
 class _FakePool:

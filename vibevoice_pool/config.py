@@ -31,7 +31,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 
 from vibevoice_pool.pool.policies import POLICIES
-from workers.wire.messages import MAX_VOICE_S
+from workers.wire.messages import MAX_INFERENCE_STEPS, MAX_VOICE_S
 
 ENGINES = ("sim", "vibevoice")
 
@@ -63,6 +63,7 @@ def _split_floats(v: Any) -> Any:
 Text = Annotated[str, BeforeValidator(_empty_if_none)]
 Policy = Literal[tuple(POLICIES)]  # the names the policy registry knows
 Positive = Annotated[float, Field(gt=0)]
+Steps = Annotated[int, Field(gt=0, le=MAX_INFERENCE_STEPS)]  # what a request may ask
 
 WORKERS = _section("Workers: where they run and what they serve")
 SCHEDULING = _section("Scheduling")
@@ -136,7 +137,7 @@ class PoolConfig(BaseModel):
         "graphs-lm: graphs, and the LM's decode step captured too (opt-in, unmeasured)",
     )
     torch_threads: int = WORKERS(1, "torch threads per CPU worker", gt=0)
-    inference_steps: int = WORKERS(10, "default diffusion steps per request", gt=0)
+    inference_steps: Steps = WORKERS(10, "default diffusion steps per request (1-100)")
     runaway_factor: float = WORKERS(
         2.0,
         "a request that never ends is cut at this times the longer of its estimated "

@@ -77,7 +77,7 @@ def _whole(value):
 
 
 # Integer fields: strict but for whole floats (5.0), then their limits
-Steps = Annotated[int, Field(strict=True, ge=1, le=100), BeforeValidator(_whole)]
+Steps = Annotated[int, Field(strict=True, ge=1, le=m.MAX_INFERENCE_STEPS), BeforeValidator(_whole)]
 Seed = Annotated[int, Field(strict=True, ge=0, lt=2**31), BeforeValidator(_whole)]
 
 

@@ -141,7 +141,9 @@ def _generate_tab(page, i18n) -> tuple[list, tuple]:
         cfg_scale = gr.Slider(
             m.MIN_CFG_SCALE, m.MAX_CFG_SCALE, value=1.3, step=0.05, label=i18n("cfg_scale")
         )
-        steps = gr.Slider(1, 50, value=cfg.inference_steps, step=1, label=i18n("steps"))
+        steps = gr.Slider(
+            1, m.MAX_INFERENCE_STEPS, value=cfg.inference_steps, step=1, label=i18n("steps")
+        )
         seed = gr.Number(-1, precision=0, label=i18n("seed"))
     with gr.Row():
         go = gr.Button(i18n("generate"), variant="primary", elem_id="vv-generate")

@@ -41,6 +41,7 @@ SAMPLE_RATE = 24_000
 # Guidance scales a request may ask for: the API validates against these, and an
 # engine refuses anything else (a request built in-process skips the API).
 MIN_CFG_SCALE, MAX_CFG_SCALE = 1.0, 2.0
+MAX_INFERENCE_STEPS = 100  # diffusion steps a request may ask for (and the default at most)
 MAX_VOICE_S = 120.0  # the longest voice sample an engine takes (bounds max_voice_s)
 
 

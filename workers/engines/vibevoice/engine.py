@@ -25,6 +25,7 @@ from workers.engines.row import Row
 from workers.engines.vibevoice.prompt import check_script_text
 from workers.wire.messages import (
     MAX_CFG_SCALE,
+    MAX_INFERENCE_STEPS,
     MAX_VOICE_S,
     MIN_CFG_SCALE,
     SAMPLE_RATE,
@@ -39,7 +40,7 @@ log = logging.getLogger("vibevoice_pool.worker")
 
 HOP_SAMPLES = 3200  # one audio token = 3200 samples = 0.133 s at 24 kHz
 MAX_SPEAKERS = 4
-MAX_STEPS = 100
+MAX_STEPS = MAX_INFERENCE_STEPS
 DEFAULT_RUNAWAY_FACTOR = 2.0  # microsoft's max_length_times
 
 
