@@ -21,7 +21,10 @@ TEXT = "Speaker 1: " + "a line of speech " * 4
 
 
 @pytest.fixture
-def gpu_pool(tmp_path):
+def gpu_pool(tmp_path, monkeypatch):
+    # The fake GPUs are the machine's: a CUDA_VISIBLE_DEVICES of the test run's own
+    # would hide some of them (Pool.start keeps to it).
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     pools = []
 
     def start(nvml: FakeNvml, **settings):
@@ -225,3 +228,28 @@ def test_the_done_line_names_the_gpu_as_the_choice_line_does(gpu_pool, caplog):
         done = [r for r in said if " done on " in r.getMessage()]
         assert len(done) == 1 and f"done on {gpu}: " in done[0].getMessage(), said
         assert (done[0].worker, done[0].device) == (h.worker, f"cuda:{gpu[-1]}")
+
+
+def test_cuda_visible_devices_keeps_the_pool_off_the_gpus_it_hides(gpu_pool, monkeypatch, caplog):
+    """`CUDA_VISIBLE_DEVICES=1,3 python gradio_demo.py` ran the old demo (torch) on those
+    two GPUs only, as a batch scheduler's allocation does. The pool counted GPUs through
+    NVML, which does not read the variable, and started a worker on every GPU, each
+    worker setting its own CUDA_VISIBLE_DEVICES: the GPUs it was to leave alone too."""
+    nvml = FakeNvml({i: FakeGpu() for i in range(4)})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    with caplog.at_level("INFO", logger="vibevoice_pool"):
+        pool = gpu_pool(nvml, gpus="all")
+    assert [w["device"] for w in pool.status()["workers"]] == ["cuda:1", "cuda:3"]
+    assert "CUDA_VISIBLE_DEVICES=1,3: the pool uses GPUs 1, 3 of 0, 1, 2, 3" in caplog.text
+    from vibevoice_pool.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:  # an id it hides: said, with what it leaves
+        gpu_pool(FakeNvml({i: FakeGpu() for i in range(4)}), gpus="0,1")
+    assert "no GPU 0" in str(e.value) and "CUDA_VISIBLE_DEVICES=1,3" in str(e.value)
+    for hidden in ("", "-1"):  # none: CPU workers, and the warning says why
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="vibevoice_pool"):
+            pool = gpu_pool(FakeNvml({0: FakeGpu()}), gpus="all")
+        assert all(w["device"].startswith("cpu:") for w in pool.status()["workers"])
+        assert f"CUDA_VISIBLE_DEVICES={hidden} hides every GPU" in caplog.text

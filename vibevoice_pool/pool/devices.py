@@ -22,6 +22,7 @@ class Gpu:
     index: int
     name: str
     mem_total_bytes: int
+    uuid: str = ""  # GPU-..., as CUDA_VISIBLE_DEVICES may name it
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,12 @@ def find_gpus() -> list[Gpu]:
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(h)
             name = name.decode() if isinstance(name, bytes) else name
-            gpus.append(Gpu(i, name, int(pynvml.nvmlDeviceGetMemoryInfo(h).total)))
+            try:  # only CUDA_VISIBLE_DEVICES reads it: no reason to lose the GPU
+                uuid = pynvml.nvmlDeviceGetUUID(h)
+            except pynvml.NVMLError:
+                uuid = ""
+            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+            gpus.append(Gpu(i, name, int(pynvml.nvmlDeviceGetMemoryInfo(h).total), uuid))
         return gpus
     except pynvml.NVMLError as e:
         log.warning("NVML answered but could not list GPUs: %s", e)
@@ -75,12 +81,41 @@ def _per_gpu_unused(workers_per_gpu: int, count: int) -> None:
         )
 
 
-def plan(gpus_setting: str, workers_per_gpu: int, found: list[Gpu]) -> list[Placement]:
-    """The worker slots for a `--gpus` value, or a ConfigError naming the GPUs found."""
+def visible(found: list[Gpu], hidden: str | None) -> tuple[list[Gpu], str]:
+    """The GPUs CUDA_VISIBLE_DEVICES (`hidden`, None: not set) leaves the pool, and a
+    note saying so ("" when it leaves them all). Read as CUDA reads it: ids as nvidia-smi
+    numbers them, or GPU UUIDs (a unique prefix); the list ends at an id that names no
+    GPU (-1, say), so an empty one or -1 hides them all."""
+    if hidden is None or not found:
+        return found, ""
+    kept: list[Gpu] = []
+    for token in (t.strip() for t in hidden.split(",")):
+        match = [g for g in found if token and token in (str(g.index), g.uuid)]
+        match = match or [g for g in found if token and g.uuid.startswith(token)]
+        if len(match) != 1:
+            break
+        if match[0] not in kept:
+            kept.append(match[0])
+    kept.sort(key=lambda g: g.index)
+    if not kept:
+        return [], f"CUDA_VISIBLE_DEVICES={hidden} hides every GPU"
+    if kept == found:
+        return found, ""
+    return kept, f"CUDA_VISIBLE_DEVICES={hidden} leaves the pool only these"
+
+
+def plan(
+    gpus_setting: str, workers_per_gpu: int, found: list[Gpu], note: str = ""
+) -> list[Placement]:
+    """The worker slots for a `--gpus` value, or a ConfigError naming the GPUs found
+    (`note`: why there are only these, see visible())."""
     spec = (gpus_setting or "all").strip().lower()
-    listing = ", ".join(f"{g.index} ({g.name})" for g in found) or (
-        "none (no NVIDIA driver answered); --gpus cpu:N runs N CPU workers instead"
-    )
+    listing = ", ".join(f"{g.index} ({g.name})" for g in found)
+    if found and note:
+        listing += f" ({note})"
+    elif not found:
+        why = note or "no NVIDIA driver answered"
+        listing = f"none ({why}); --gpus cpu:N runs N CPU workers instead"
     if spec.startswith("cpu"):
         head, _, n = spec.partition(":")
         try:
@@ -97,8 +132,9 @@ def plan(gpus_setting: str, workers_per_gpu: int, found: list[Gpu]) -> list[Plac
         if not found:
             count = default_cpu_workers()
             log.warning(
-                "No GPU found (no NVIDIA driver answered): starting %d CPU worker(s). "
+                "No GPU found (%s): starting %d CPU worker(s). "
                 "Use --gpus cpu:N to choose how many.",
+                note or "no NVIDIA driver answered",
                 count,
             )
             _per_gpu_unused(workers_per_gpu, count)

@@ -17,12 +17,13 @@ The dispatcher and the slot backend stay behind it: a front end never reaches th
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool import events as ev
-from vibevoice_pool.pool.devices import Gpu, Placement, engine_specs, find_gpus, plan
+from vibevoice_pool.pool.devices import Gpu, Placement, engine_specs, find_gpus, plan, visible
 from vibevoice_pool.pool.dispatcher import Dispatcher
 from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.monitor import Monitor, Nvml, RealNvml
@@ -94,7 +95,16 @@ class Pool:
             log.info(
                 "Found %d GPU(s): %s", len(found), ", ".join(f"{g.index} {g.name}" for g in found)
             )
-        placements = plan(cfg.gpus, cfg.workers_per_gpu, found)
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")  # what torch would have kept to
+        usable, note = visible(found, hidden)
+        if found and note:
+            log.info(
+                "CUDA_VISIBLE_DEVICES=%s: the pool uses GPUs %s of %s",
+                hidden,
+                ", ".join(str(g.index) for g in usable) or "none",
+                ", ".join(str(g.index) for g in found),
+            )
+        placements = plan(cfg.gpus, cfg.workers_per_gpu, usable, note)
         gpu_ids = sorted({p.cuda_index for p in placements if p.is_gpu})
         if gpu_ids:
             log.info("Using GPUs: %s (%d worker(s) each)", gpu_ids, cfg.workers_per_gpu)
