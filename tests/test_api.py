@@ -152,6 +152,22 @@ def test_status_cli_prints_a_row_per_worker(srv):
     assert len(json.loads(raw.stdout)["workers"]) == 2
 
 
+def test_status_cli_into_a_reader_that_left_ends_without_a_traceback(srv):
+    """`vibevoice-pool status | head -1`: head leaves after its line, and the command
+    printed a BrokenPipeError traceback (and another at the exit's flush)."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vibevoice_pool", "status", "--url", srv.url],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    p.stdout.close()  # before it prints: the reader is gone when it does
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 141, err  # as a command that SIGPIPE ended
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_metrics_of_the_real_server_parse_and_hold_both_workers(srv):
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -220,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         from vibevoice_pool.client import API_KEY_ENV
 
         ns.api_key = os.environ.get(API_KEY_ENV) or None
+    try:
+        return _terminal_command(ns)
+    except BrokenPipeError:  # `vibevoice-pool status | head -1`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush
+        return 128 + signal.SIGPIPE  # as a command that SIGPIPE ended (141)
+
+
+def _terminal_command(ns) -> int:
     if ns.command == "jobs" or (ns.command == "synth" and ns.as_job):
         from vibevoice_pool.jobs import client as jobs_client
 
