@@ -253,3 +253,15 @@ def test_cuda_visible_devices_keeps_the_pool_off_the_gpus_it_hides(gpu_pool, mon
             pool = gpu_pool(FakeNvml({0: FakeGpu()}), gpus="all")
         assert all(w["device"].startswith("cpu:") for w in pool.status()["workers"])
         assert f"CUDA_VISIBLE_DEVICES={hidden} hides every GPU" in caplog.text
+
+
+def test_a_worker_numbers_gpus_as_nvidia_smi_does():
+    """The pool's GPU ids are nvidia-smi's (NVML's, in PCI bus order); CUDA's own order is
+    fastest first, so the worker tells CUDA to follow the bus before it pins its GPU."""
+    from workers.host.worker import pin_device
+
+    env = {"CUDA_DEVICE_ORDER": "FASTEST_FIRST", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    pin_device(2, env)
+    assert env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "2"}
+    pin_device(None, env)
+    assert env["CUDA_VISIBLE_DEVICES"] == ""

@@ -10,7 +10,7 @@
     death pipe     (EOF = parent gone)  watcher thread: os._exit
     StatusBoard row                 heartbeat thread + main thread write it
 
-The device is pinned by CUDA_VISIBLE_DEVICES first thing in `run`: before the
+The device is pinned by CUDA_VISIBLE_DEVICES (in PCI bus order) first thing in `run`: before the
 engine imports torch (spawned), or before any CUDA call (forked from the zygote,
 which has imported torch but never initialised CUDA), so the worker sees its
 GPU as cuda:0. SIGINT and SIGTERM are ignored: they reach
@@ -62,9 +62,18 @@ class WorkerSpec:
     stack_file: str = ""  # where faulthandler writes its stacks ("" = nowhere)
 
 
+def pin_device(cuda_device: int | None, env) -> None:
+    """Leave the worker one GPU, `cuda_device` as nvidia-smi and NVML number it (None:
+    none). CUDA numbers GPUs fastest first unless told to follow the PCI bus, as
+    nvidia-smi does: on a machine of mixed GPUs a worker would otherwise run on
+    another card than the one the panel and the monitor show for it."""
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    env["CUDA_VISIBLE_DEVICES"] = "" if cuda_device is None else str(cuda_device)
+
+
 def run(spec: WorkerSpec, requests, responses, death) -> None:
     """Entry point of a worker process."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = "" if spec.cuda_device is None else str(spec.cuda_device)
+    pin_device(spec.cuda_device, os.environ)
     threads = str(spec.engine.torch_threads)
     os.environ.setdefault("OMP_NUM_THREADS", threads)
     os.environ.setdefault("MKL_NUM_THREADS", threads)
