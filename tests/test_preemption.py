@@ -169,3 +169,29 @@ def test_removing_a_worker_moves_its_long_row_to_another_within_seconds(sim_pool
         assert c["moved"] == 1 and c["resumed"] == 1 and c["requeued"] == 0
         assert pool.resumes()["moved"] == 1
         assert pool.status()["rows"]["moved"] == 1  # GET /v1/pool shows it
+
+
+def test_a_row_on_the_only_worker_moves_to_one_added_as_it_is_removed(sim_pool):
+    """`scale --add cpu --remove 0` on a one-worker server: the new worker is still
+    starting when worker 0 drains, so its long row cannot move then; it moves once the
+    new worker is up, instead of holding worker 0 to its end (a 10-minute row: ten
+    minutes), with nothing repeated or missing."""
+    from conftest import pid_alive
+
+    from workers.wire.board import Col
+
+    with sim_pool(gpus="cpu:1", sim_rtf=0.4, sim_boot_s=1.0) as pool:  # 0.2 s a step of 0.5 s
+        text = "Speaker 1: " + "a long row of words to read aloud for the listener " * 10
+        h = pool.submit(pool.make_request(parse_script(text), seed=19, stream=True))
+        wait_until(lambda: h.samples >= 2 * 24_000, 30, 0.005, "2 s of audio")
+        pid = int(pool.board.get(0, Col.PID))
+        new = pool.add_worker("cpu")
+        pool.remove_worker(0)
+        assert pool.resumes()["moved"] == 0  # nothing was up to take it yet
+        wait_until(lambda: not pid_alive(pid), 60, 0.01, "the removed worker to exit")
+        assert not h.done  # the row was far from its end: it moved, it did not finish
+        got = h.result(timeout=60)
+        assert h.worker == new
+        assert np.array_equal(got, tone(19, 0, len(got)))  # nothing repeated or missing
+        assert len(got) == round(h.request.est_audio_s * 24_000)
+        assert pool.resumes()["moved"] == 1 and pool.dispatcher.counters["resumed"] == 1

@@ -98,6 +98,7 @@ class Dispatcher:
         self._jobs: dict[str, _Job] = {}
         self._links: dict[int, Callable[[object], None]] = {}  # slot -> send
         self._draining: set[int] = set()  # live, but takes no new work
+        self._removed: set[int] = set()  # draining for good: its rows move when a worker is up
         self._asked: dict[int, str] = {}  # slot -> an interactive request sent over capacity
         self._ctx = Ctx(rng=rng or random.Random())
         self._seq = itertools.count(1)
@@ -193,6 +194,8 @@ class Dispatcher:
             self._draining.discard(slot)
             self.board.set(slot, Col.INFLIGHT, 0)
             self.board.set(slot, Col.QUEUED_WORK_S, 0)
+            for held_by, rid in survival.recall(self._jobs.values(), slot, self._removed):
+                self._send(held_by, m.HandBack(rid))  # it comes back (Preempted) to go here
             self._pump_locked()
 
     def worker_lost(
@@ -206,6 +209,7 @@ class Dispatcher:
         with self._locked():
             self._links.pop(slot, None)
             self._draining.discard(slot)
+            self._removed.discard(slot)
             self._asked.pop(slot, None)
             held = [j for j in self._jobs.values() if j.slot == slot]
             held.sort(key=lambda j: j.seq, reverse=True)
@@ -245,8 +249,10 @@ class Dispatcher:
             self._pump_locked()
 
     def move_off(self, slot: int) -> int:
-        """A removed worker hands its rows to the others, by resume (HandBack)."""
+        """A removed worker hands its rows to the others, by resume (HandBack): now if
+        another worker is up, else when one comes up (attach)."""
         with self._locked():
+            self._removed.add(slot)
             up = set(self._links) - self._draining
             ids = survival.movable(self._jobs.values(), slot, self.board, up)
             for rid in ids:
@@ -293,13 +299,8 @@ class Dispatcher:
                 self._emit(ev.Requeued(job.request, job.handle, slot, lost=False))
         elif isinstance(msg, m.Failed):
             if msg.traceback:  # for the log; a client gets the message only
-                log.error(
-                    "request %s failed in worker %d: %s\n%s",
-                    msg.id,
-                    slot,
-                    msg.message,
-                    msg.traceback.rstrip(),
-                )
+                why = (msg.id, slot, msg.message, msg.traceback.rstrip())
+                log.error("request %s failed in worker %d: %s\n%s", *why)
                 msg = replace(msg, traceback="")
             self._release(job)
             self._finish(job, msg)
@@ -325,14 +326,8 @@ class Dispatcher:
                     self._release(job)
                 else:
                     self._queue.remove(job)
-                self._finish(
-                    job,
-                    m.Failed(
-                        job.request.id,
-                        m.ErrorKind.TIMEOUT,
-                        f"the request took longer than request_timeout_s={timeout_s:g}",
-                    ),
-                )
+                why = f"the request took longer than request_timeout_s={timeout_s:g}"
+                self._finish(job, m.Failed(job.request.id, m.ErrorKind.TIMEOUT, why))
             self._pump_locked()
 
     # ---- internals -----------------------------------------------------

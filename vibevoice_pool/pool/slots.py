@@ -172,7 +172,7 @@ class SlotLifecycle:
 
     def remove_slot(self, index: int) -> None:
         """Drain a worker, then stop it for good: its rows move to the other workers by
-        resume (Dispatcher.move_off), or finish there when no other worker is up."""
+        resume (Dispatcher.move_off), now or once another comes up, or finish there."""
         with self._lock:
             slot = self.slots[index]
             if slot.removed:

@@ -12,6 +12,10 @@ calls these under its lock; nothing here holds state of its own).
         the interactive request and the worker running a batch row it goes to
     movable(jobs, slot, board, slots) -> [request id]
         what a removed worker hands to the others (HandBack), if any other is up
+    recall(jobs, slot, removed) -> [(slot, request id)]
+        what to hand back (HandBack) when a worker comes up: the rows of removed
+        workers that had no other worker to move to (scale --add X --remove 0 on a
+        one-worker server: the new one is still starting when the old one drains)
     preempted(counters, job, slot, steps, moved)
         a row gave its place up (preempted or moved): it goes back with its history
     ended(job, why) -> Failed
@@ -107,6 +111,15 @@ def movable(jobs, slot: int, board, slots: set[int]) -> list[str]:
     if not serving(board, slots - {slot}):
         return []
     return [j.request.id for j in jobs if j.slot == slot]
+
+
+def recall(jobs, slot: int, removed: set[int]) -> list[tuple[int, str]]:
+    """What to hand back now that the worker in `slot` is up (see the module doc)."""
+    return [
+        (j.slot, j.request.id)
+        for j in jobs
+        if j.slot is not None and j.slot != slot and j.slot in removed and not j.cancelled
+    ]
 
 
 def preemption_slot(running: Iterable[tuple[int, m.Request]], slots: Iterable[int], asked: dict):
