@@ -195,3 +195,38 @@ def test_a_row_on_the_only_worker_moves_to_one_added_as_it_is_removed(sim_pool):
         assert np.array_equal(got, tone(19, 0, len(got)))  # nothing repeated or missing
         assert len(got) == round(h.request.est_audio_s * 24_000)
         assert pool.resumes()["moved"] == 1 and pool.dispatcher.counters["resumed"] == 1
+
+
+def test_a_stream_whose_worker_died_resumes_on_its_respawn_not_behind_a_job(sim_pool):
+    """A stream's worker is SIGKILLed while the other worker runs a job row. Sent again
+    (attempt 2), the stream must run alone for its first steps; it went to the job's
+    worker, which had a free place, and waited there for the job row to end (17 s in a
+    sim run, 18 s when sent over capacity beside two job rows) though its own worker was
+    back within a second. It now leaves the busy worker for the respawned one as soon as
+    that is up, and ends long before the job, with nothing repeated or missing."""
+    import os
+    import signal
+    from dataclasses import replace
+
+    from workers.wire.board import Col
+
+    with sim_pool(gpus="cpu:1", sim_rtf=0.4, max_batch_size=2) as pool:  # 0.2 s a step
+        text = "Speaker 1: " + "a long row of words to read aloud for the listener " * 20
+        job_req = pool.make_request(parse_script(text), seed=31, stream=True)
+        job = pool.submit(replace(job_req, priority=BATCH))
+        wait_until(lambda: job.samples >= 24_000, 30, 0.005, "the job's first second")
+        new = pool.add_worker("cpu")
+        wait_until(lambda: pool.ready_workers() == 2, 60, what="the added worker")
+        chat_text = "Speaker 1: " + "a chat of some words " * 8
+        chat = pool.submit(pool.make_request(parse_script(chat_text), seed=32, stream=True))
+        wait_until(lambda: chat.samples >= 2 * 24_000, 30, 0.005, "2 s of the chat")
+        assert chat.worker == new  # the idle one
+        os.kill(int(pool.board.get(new, Col.PID)), signal.SIGKILL)
+        got = chat.result(timeout=60)
+        assert not job.done  # it did not wait for the job row to end
+        assert chat.worker == new  # its worker, respawned
+        assert np.array_equal(got, tone(32, 0, len(got)))  # nothing repeated or missing
+        assert len(got) == round(chat.request.est_audio_s * 24_000)
+        assert len(job.result(timeout=120)) == round(job.request.est_audio_s * 24_000)
+        c = pool.dispatcher.counters
+        assert c["resumed"] == 1 and c["requeued"] == 1

@@ -194,9 +194,11 @@ class Dispatcher:
             self._draining.discard(slot)
             self.board.set(slot, Col.INFLIGHT, 0)
             self.board.set(slot, Col.QUEUED_WORK_S, 0)
-            for held_by, rid in survival.recall(self._jobs.values(), slot, self._removed):
+            back = survival.recall(self._jobs.values(), slot, self._removed)
+            for held_by, rid in back:
                 self._send(held_by, m.HandBack(rid))  # it comes back (Preempted) to go here
-            self._pump_locked()
+            if not back:  # else once they are back: they go first
+                self._pump_locked()
 
     def worker_lost(
         self, slot: int, why: str, blame: bool = True, blame_unstarted: bool = False
@@ -294,7 +296,8 @@ class Dispatcher:
             if job.cancelled:  # preempted or moved before the Cancel reached it
                 self._finish(job, survival.ended(job, ""))
             else:
-                survival.preempted(self.counters, job, slot, msg.steps, slot in self._draining)
+                moved = slot in self._draining or not job.running  # removed, or recalled
+                survival.preempted(self.counters, self._asked, job, slot, msg.steps, moved)
                 self._queue.appendleft(job)
                 self._emit(ev.Requeued(job.request, job.handle, slot, lost=False))
         elif isinstance(msg, m.Failed):
@@ -473,7 +476,7 @@ class Dispatcher:
             job = self._queue[0]
             need = self.mem_need(job.work_s)
             views = [v for v in self._eligible() if v.mem_free >= need]
-            views = survival.beating(views, self.board, self.stale_s)
+            views = survival.for_suspect(job, survival.beating(views, self.board, self.stale_s))
             if not views:  # no free slot (with the memory): wait, or preempt a batch row
                 if self._preempt_locked(sends):
                     continue

@@ -15,7 +15,14 @@ calls these under its lock; nothing here holds state of its own).
     recall(jobs, slot, removed) -> [(slot, request id)]
         what to hand back (HandBack) when a worker comes up: the rows of removed
         workers that had no other worker to move to (scale --add X --remove 0 on a
-        one-worker server: the new one is still starting when the old one drains)
+        one-worker server: the new one is still starting when the old one drains),
+        and the suspects that wait on a busy worker (below)
+    for_suspect(job, views) -> views
+        a request sent again after its worker died (attempt > 1) joins only an engine
+        running no other row (workers/host/step_host.py), so on a busy worker it waits
+        for every row there to end, a job's too: it goes to an idle worker when there
+        is one, and one that waits on a busy worker is recalled when a worker comes up
+        (the one that died, respawned) to start there at once
     preempted(counters, job, slot, steps, moved)
         a row gave its place up (preempted or moved): it goes back with its history
     ended(job, why) -> Failed
@@ -115,11 +122,24 @@ def movable(jobs, slot: int, board, slots: set[int]) -> list[str]:
 
 def recall(jobs, slot: int, removed: set[int]) -> list[tuple[int, str]]:
     """What to hand back now that the worker in `slot` is up (see the module doc)."""
+    jobs = list(jobs)
+    busy = {j.slot for j in jobs if j.running}
     return [
         (j.slot, j.request.id)
         for j in jobs
-        if j.slot is not None and j.slot != slot and j.slot in removed and not j.cancelled
+        if j.slot is not None
+        and j.slot != slot
+        and not j.cancelled
+        and (j.slot in removed or (j.request.attempt > 1 and not j.running and j.slot in busy))
     ]
+
+
+def for_suspect(job, views: list) -> list:
+    """The views a request may go to: an idle worker's only, for a suspect, when there
+    is one (see the module doc)."""
+    if job.request.attempt <= 1:
+        return views
+    return [v for v in views if v.inflight == 0] or views
 
 
 def preemption_slot(running: Iterable[tuple[int, m.Request]], slots: Iterable[int], asked: dict):
@@ -148,9 +168,11 @@ def serving(board, slots: Iterable[int]) -> list[int]:
     ]
 
 
-def preempted(counters: collections.Counter, job, slot: int, steps: int, moved: bool) -> None:
-    """A row gave its place up (preempted, or moved off a removed worker): it goes back
-    to the queue with the history the parent kept, to resume."""
+def preempted(counters: collections.Counter, asked: dict, job, slot: int, steps: int, moved: bool):
+    """A row gave its place up (preempted, or moved: off a removed worker, or recalled
+    before it started): it goes back to the queue with the history the parent kept, to
+    resume; a place it was sent to over capacity is free for another."""
+    forget(asked, slot, job.request.id)
     counters["moved" if moved else "preempted"] += 1
     log.info(
         "request %s %s worker %d at step %d: it waits to resume with its history",
