@@ -268,3 +268,32 @@ def test_the_cli_follows_a_job_to_a_file_and_lists_it(shared, tmp_path, capsys, 
     monkeypatch.setenv(jobs_client.OWNER_FILE_ENV, str(tmp_path / "someone-else"))
     assert jobs_client.list_jobs(shared.url) == 0
     assert capsys.readouterr().out.strip() == "no jobs"
+
+
+def test_a_job_the_server_stops_keeps_all_the_audio_it_made_for_the_next_start(
+    sim_pool, tmp_path, monkeypatch
+):
+    """A stop (SIGTERM past its grace) cancels a running job and queues it for the next
+    start, which goes on from its saved progress. That progress was only the last
+    checkpoint (up to CHECKPOINT_S old: 20 s of audio at 20x real time, all made again);
+    the stop now saves everything the job made. One checkpoint a run here (CHECKPOINT_S
+    an hour): what was saved past the first chunk, the stop saved."""
+    from jobs_fakes import build
+
+    from vibevoice_pool.jobs import progress as progress_mod
+    from vibevoice_pool.jobs.runner import JobRunner
+    from vibevoice_pool.jobs.store import JobState, JobStore
+
+    monkeypatch.setattr(progress_mod, "CHECKPOINT_S", 3600.0)
+    with sim_pool(gpus="cpu:1", sim_rtf=0.2) as pool:
+        store = JobStore.open(tmp_path / "data")
+        r = JobRunner(store, pool, build, queue_depth=2).start()
+        job = r.submit("me", {"script": "Speaker 1: " + "words to read " * 40})  # 37 s
+        wait_until(lambda: r.describe(store.get(job.id))["progress"]["audio_s"] >= 5, 30, 0.01)
+        made = r.describe(store.get(job.id))["progress"]["audio_s"]
+        r.stop(grace_s=0)
+        store = JobStore.open(tmp_path / "data")  # the stop closed it
+        assert store.get(job.id).state is JobState.QUEUED
+        req, prior = progress_mod.Progress(store.folder).resume(job.id, build({"script": "x"}))
+        assert req.resume is not None and len(prior) == req.resume.samples
+        assert len(prior) >= made * SAMPLE_RATE  # all it had made when it was stopped

@@ -10,10 +10,11 @@ The runner (runner.py) calls:
                               at start: a job a previous server left running goes
                               on from its last saved step (request.resume), and its
                               saved audio is the beginning of its result
-    tick(job_id, handle, prior)
-                              while it runs: save when CHECKPOINT_S has passed; a
-                              save the disk refuses drops the files (the space goes
-                              back; the job goes on) and is tried again in RETRY_S
+    tick(job_id, handle, prior, force=False)
+                              while it runs: save when CHECKPOINT_S has passed (at
+                              once with force: the server stops it); a save the disk
+                              refuses drops the files (the space goes back; the job
+                              goes on) and is tried again in RETRY_S
     drop(job_id)              once it is done, failed or cancelled
 
 The history is saved only up to audio already on disk, so a restart never misses
@@ -81,11 +82,12 @@ class Progress:
             f.truncate(hist.samples * 4)
         return replace(req, resume=hist), pcm[: hist.samples].copy()
 
-    def tick(self, job_id: str, handle, prior: np.ndarray) -> None:
-        """Save the job's progress when CHECKPOINT_S has passed since the last save."""
+    def tick(self, job_id: str, handle, prior: np.ndarray, force: bool = False) -> None:
+        """Save the job's progress when CHECKPOINT_S has passed since the last save (or
+        now, `force`: the server stops the job, and the next start goes on from here)."""
         now = self.clock()
         when, on_disk = self._saved.get(job_id, (0.0, 0))
-        if now - when < CHECKPOINT_S:
+        if now - when < CHECKPOINT_S and not (force and now >= when):
             return
         hist = handle.history.snapshot()
         if hist is None or hist.samples <= on_disk:

@@ -16,8 +16,8 @@
     cancel(id): cancelled in the store first, then the pool request is stopped
     start(): jobs a previous server left queued or running are queued again; a
         running one goes on from the audio and history it saved (progress.py)
-    hold() at the stop signal: start no queued job; stop(grace): let running
-        jobs finish within grace, queue the rest again for the next start
+    hold() at the stop signal: start no queued job; stop(grace): let running jobs
+        finish within grace, queue the rest again (their progress saved) for the next start
 
 A full data disk (JobError DISK_FULL from the store): new jobs are refused (507 on the API),
 nothing new is handed to the pool for DISK_RETRY_S, a finish that cannot be written is kept and
@@ -416,10 +416,10 @@ class JobRunner:
             if isinstance(outcome, m.Done):
                 await self._deliver(live, outcome)
             elif outcome.error is m.ErrorKind.CANCELLED and live.stopping:
+                self.progress.tick(live.job_id, live.handle, live.prior, force=True)  # all of it
+                why = "the server stopped before it finished"
                 with contextlib.suppress(JobError):  # still running: the next start requeues it
-                    self.store.requeue(
-                        live.job_id, "the server stopped before it finished", self.clock()
-                    )
+                    self.store.requeue(live.job_id, why, self.clock())
             elif outcome.error is m.ErrorKind.CANCELLED and live.cancelled:
                 pass  # the store already says cancelled
             else:
