@@ -230,3 +230,31 @@ def test_a_stream_whose_worker_died_resumes_on_its_respawn_not_behind_a_job(sim_
         assert len(job.result(timeout=120)) == round(job.request.est_audio_s * 24_000)
         c = pool.dispatcher.counters
         assert c["resumed"] == 1 and c["requeued"] == 1
+
+
+def test_a_removed_workers_row_moves_only_when_another_worker_has_a_place(sim_pool):
+    """Removing a worker whose stream has nowhere to go (the other worker's one place
+    holds another stream) moved it anyway, into the queue: its listener heard nothing
+    until that other row ended (13 s in a sim run; a 10-minute row: ten minutes). It
+    now goes on where it is, and moves as soon as a place frees elsewhere."""
+    with sim_pool(gpus="cpu:2", sim_rtf=0.4, max_batch_size=1) as pool:  # 0.2 s a step
+        long = "Speaker 1: " + "a long row of words to read aloud for the listener " * 12
+        short = "Speaker 1: " + "a shorter row of words to read " * 6
+        h = pool.submit(pool.make_request(parse_script(long), seed=41, stream=True))
+        wait_until(lambda: h.samples > 0, 30, 0.005, "the long row's first audio")
+        other = pool.submit(pool.make_request(parse_script(short), seed=42, stream=True))
+        wait_until(lambda: other.samples >= 24_000, 30, 0.005, "the short row's first second")
+        slot = h.worker
+        assert other.worker != slot and not other.done
+        pool.remove_worker(slot)
+        at = h.samples
+        wait_until(lambda: h.samples >= at + 2 * 24_000, 30, 0.005, "2 s more of the long row")
+        assert not other.done  # no place anywhere: it went on where it is meanwhile
+        assert h.worker == slot and pool.resumes()["moved"] == 0
+        other.result(timeout=60)
+        assert not h.done  # far from its end when the place freed
+        got = h.result(timeout=60)
+        assert h.worker == other.worker  # it moved into the place that freed
+        assert np.array_equal(got, tone(41, 0, len(got)))  # nothing repeated or missing
+        assert len(got) == round(h.request.est_audio_s * 24_000)
+        assert pool.resumes()["moved"] == 1

@@ -198,8 +198,8 @@ def scale(ns) -> int:
         if r.status_code != 202:
             return _fail(r)
         print(
-            f"worker {worker_id} is draining: its rows move to the other workers"
-            " (a Ray replica finishes its own), then it stops"
+            f"worker {worker_id} is draining: its rows move to other workers as places"
+            " free there (the rest, and a Ray replica's, finish on it), then it stops"
         )
     return 0
 

@@ -65,6 +65,7 @@ class _Job:
     started_at: float = 0.0  # worker clock, from Started
     running: bool = False  # the worker said Started for the current attempt
     cancelled: bool = False  # a Cancel was sent: it ends when its worker lets it go
+    moving: bool = False  # a HandBack was sent: it leaves a removed worker
     attempts_at: list[float] = field(default_factory=list)
 
 
@@ -194,10 +195,10 @@ class Dispatcher:
             self._draining.discard(slot)
             self.board.set(slot, Col.INFLIGHT, 0)
             self.board.set(slot, Col.QUEUED_WORK_S, 0)
-            back = survival.recall(self._jobs.values(), slot, self._removed)
+            back = survival.recall(self._jobs.values(), slot)
             for held_by, rid in back:
                 self._send(held_by, m.HandBack(rid))  # it comes back (Preempted) to go here
-            if not back:  # else once they are back: they go first
+            if not back:  # else once they are back (it moves rows too): they go first
                 self._pump_locked()
 
     def worker_lost(
@@ -251,15 +252,18 @@ class Dispatcher:
             self._pump_locked()
 
     def move_off(self, slot: int) -> int:
-        """A removed worker hands its rows to the others, by resume (HandBack): now if
-        another worker is up, else when one comes up (attach)."""
+        """A removed worker hands its rows to the others, by resume (HandBack), as
+        places are free for them (survival.moves); how many go now."""
         with self._locked():
             self._removed.add(slot)
-            up = set(self._links) - self._draining
-            ids = survival.movable(self._jobs.values(), slot, self.board, up)
-            for rid in ids:
-                self._send(slot, m.HandBack(rid))
-            return len(ids)
+            return self._move_locked()
+
+    def _move_locked(self) -> int:
+        free = sum(v.capacity - v.inflight for v in self._eligible())
+        back = survival.moves(self._jobs.values(), self._removed, free)
+        for held_by, rid in back:
+            self._send(held_by, m.HandBack(rid))
+        return len(back)
 
     def held_by(self, slot: int) -> int:
         with self._locked():
@@ -419,19 +423,8 @@ class Dispatcher:
                 mem_free = float("inf")  # unknown (CPU, or no NVML sample yet)
             else:
                 mem_free = mem_total - row[_MEM_USED] + row[_MEM_REUSABLE]
-            views.append(
-                View(
-                    slot,
-                    inflight,
-                    capacity,
-                    row[_QUEUED],
-                    row[_SPEED],
-                    row[_MEM_USED],
-                    mem_total,
-                    row[_UTIL],
-                    mem_free,
-                )
-            )
+            stats = (row[_QUEUED], row[_SPEED], row[_MEM_USED], mem_total, row[_UTIL], mem_free)
+            views.append(View(slot, inflight, capacity, *stats))
         return views
 
     def has_room(self, inflight: int, capacity: int) -> bool:
@@ -449,7 +442,7 @@ class Dispatcher:
         return self.mem_reserve_bytes + work_s * self.mem_per_audio_s_bytes
 
     def _bind(self, job: _Job, slot: int) -> None:
-        job.slot, job.left_s, job.seen = slot, job.work_s, 0
+        job.slot, job.left_s, job.seen, job.moving = slot, job.work_s, 0, False
         job.dispatched_at = self.clock()
         job.handle.worker = slot
         self.board.add(slot, Col.INFLIGHT, 1)
@@ -472,11 +465,15 @@ class Dispatcher:
 
     def _pump_locked(self) -> None:
         sends: list[tuple[int, _Job, float, View]] = []
+        if self._removed:  # rows of removed workers move first, into the places free now
+            self._move_locked()
         while self._queue:
             job = self._queue[0]
             need = self.mem_need(job.work_s)
             views = [v for v in self._eligible() if v.mem_free >= need]
             views = survival.for_suspect(job, survival.beating(views, self.board, self.stale_s))
+            if self._removed and not job.moving and survival.reserved(self._jobs.values(), views):
+                break  # the places free wait for rows moving off removed workers
             if not views:  # no free slot (with the memory): wait, or preempt a batch row
                 if self._preempt_locked(sends):
                     continue

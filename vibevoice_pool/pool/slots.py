@@ -94,6 +94,7 @@ class SlotLifecycle:
 
     noun = "worker"
     boot_hint = ""
+    moves_rows = True  # a removed slot hands its rows back (HandBack) to resume elsewhere
 
     def __init__(
         self,
@@ -172,7 +173,7 @@ class SlotLifecycle:
 
     def remove_slot(self, index: int) -> None:
         """Drain a worker, then stop it for good: its rows move to the other workers by
-        resume (Dispatcher.move_off), now or once another comes up, or finish there."""
+        resume (Dispatcher.move_off) as places free there, or finish there."""
         with self._lock:
             slot = self.slots[index]
             if slot.removed:
@@ -180,12 +181,14 @@ class SlotLifecycle:
             slot.removed = True
             self.dispatcher.drain(index)
             self.board.set(index, Col.SLOT_STATE, SlotState.DRAINING)
-            moved = self.dispatcher.move_off(index)  # its rows resume on the others
+            moved = self.dispatcher.move_off(index) if self.moves_rows else 0  # resume elsewhere
             slot.log.info(
-                "➖ draining %s (worker %d) for removal: %d row(s) move to other workers",
+                "➖ draining %s (worker %d) for removal: %d of its %d request(s) move to "
+                "other workers now (the rest as places free there)",
                 self._label(slot),
                 index,
                 moved,
+                self.dispatcher.held_by(index),
             )
         self._wake()
 

@@ -10,13 +10,19 @@ calls these under its lock; nothing here holds state of its own).
         (workers/host/preemption.py); one such request per worker at a time
     preemption(queue, jobs, board, slots, asked) -> (job, slot) | None
         the interactive request and the worker running a batch row it goes to
-    movable(jobs, slot, board, slots) -> [request id]
-        what a removed worker hands to the others (HandBack), if any other is up
-    recall(jobs, slot, removed) -> [(slot, request id)]
-        what to hand back (HandBack) when a worker comes up: the rows of removed
-        workers that had no other worker to move to (scale --add X --remove 0 on a
-        one-worker server: the new one is still starting when the old one drains),
-        and the suspects that wait on a busy worker (below)
+    moves(jobs, removed, free) -> [(slot, request id)]
+        what removed workers hand to the others (HandBack) now: as many of their
+        requests as there are places free on the others, before any waiting request
+        takes them (`reserved`); a row moved with nowhere to go would stall its
+        stream until a place frees, so it goes on where it is instead, and moves
+        when one frees or a worker comes up (scale --add X --remove 0 on a
+        one-worker server)
+    reserved(jobs, views) -> bool
+        the places free in `views` are all promised to requests on their way off
+        removed workers: a waiting request may not take one
+    recall(jobs, slot) -> [(slot, request id)]
+        what to hand back (HandBack) when a worker comes up: the suspects that wait
+        on a busy worker (below)
     for_suspect(job, views) -> views
         a request sent again after its worker died (attempt > 1) joins only an engine
         running no other row (workers/host/step_host.py), so on a busy worker it waits
@@ -113,14 +119,27 @@ def preemption(queue, jobs, board, slots: set[int], asked: dict):
     return job, slot
 
 
-def movable(jobs, slot: int, board, slots: set[int]) -> list[str]:
-    """The requests a removed worker holds, when another worker is up to take them."""
-    if not serving(board, slots - {slot}):
-        return []
-    return [j.request.id for j in jobs if j.slot == slot]
+def moves(jobs, removed: set[int], free: int) -> list[tuple[int, str]]:
+    """What the removed workers hand back now (see the module doc), oldest first; each
+    is marked `moving` until it is sent again (a row on its way counts as a place)."""
+    jobs = sorted(jobs, key=lambda j: j.seq)
+    free -= sum(1 for j in jobs if j.moving)
+    back = []
+    for j in jobs:
+        if free > 0 and j.slot in removed and not (j.moving or j.cancelled):
+            free -= 1
+            j.moving = True
+            back.append((j.slot, j.request.id))
+    return back
 
 
-def recall(jobs, slot: int, removed: set[int]) -> list[tuple[int, str]]:
+def reserved(jobs, views: list) -> bool:
+    """(See the module doc.)"""
+    moving = sum(1 for j in jobs if j.moving)
+    return moving > 0 and bool(views) and sum(v.capacity - v.inflight for v in views) <= moving
+
+
+def recall(jobs, slot: int) -> list[tuple[int, str]]:
     """What to hand back now that the worker in `slot` is up (see the module doc)."""
     jobs = list(jobs)
     busy = {j.slot for j in jobs if j.running}
@@ -130,7 +149,7 @@ def recall(jobs, slot: int, removed: set[int]) -> list[tuple[int, str]]:
         if j.slot is not None
         and j.slot != slot
         and not j.cancelled
-        and (j.slot in removed or (j.request.attempt > 1 and not j.running and j.slot in busy))
+        and (j.request.attempt > 1 and not j.running and j.slot in busy)
     ]
 
 
