@@ -98,6 +98,30 @@ def test_a_cancelled_stream_frees_its_row():
     assert isinstance(msgs[-1], m.Done)
 
 
+def test_a_cancel_that_empties_the_batch_leaves_the_replica_idle_not_stalled():
+    """The row count used to be written only after a step: a cancel that emptied
+    the batch left it at 1 for good, so pings showed a busy replica, and once
+    stall_timeout_s had passed the stall check (ours and Serve's check_health)
+    called the idle replica stuck and it was killed and replaced."""
+    replica = SlotReplica(sim(sim_rtf=0.5, sim_chunk_s=0.1), stall_timeout_s=0.3)
+
+    async def cancel_after_steps():
+        gen = replica.synthesize(request("long", "a" * 600))
+        for _ in range(4):  # Started and three chunks: the row has run steps
+            await gen.__anext__()
+        await gen.aclose()
+
+    asyncio.run(cancel_after_steps())
+    deadline = time.monotonic() + 5
+    while replica.stats().rows and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert replica.stats().rows == 0
+    time.sleep(0.5)  # idle for longer than stall_timeout_s
+    stats = replica.stats()
+    assert stats.rows == 0 and stats.progress_age_s == 0.0
+    asyncio.run(replica.check_health())  # idle: healthy, not stalled
+
+
 def test_boot_failure_is_reported_not_raised():
     replica = SlotReplica(sim(sim_boot_error="no such model"))
     stats = replica.stats()

@@ -232,6 +232,10 @@ class SlotReplica:
                 host.submit(req)
             for rid in cancels:
                 host.cancel(rid)
+            # a cancel can empty the batch between two steps: the row count (what
+            # pings report and the stall check reads) follows it now, not at a
+            # step that may never come
+            self._rows = host.live
             if host.idle:
                 continue
             self._progress = time.monotonic()
