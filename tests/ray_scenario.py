@@ -11,6 +11,8 @@ two CPU replicas), and through the HTTP API on 127.0.0.1:
   recovered  Ray Serve replaces the replica; the slot is ready again
   quarantine (sim) a [[crash]] request takes down two replicas and is answered
              502 worker_lost, never retried a third time
+  remove     (sim) two requests run, one replica is removed: its row moves to the
+             other by resume (HandBack), and both come back whole
   shutdown   SIGTERM the server: it exits 0 and no process it started (Ray's
              gcs_server, raylet, replicas, ...) is alive, checked by pid
 and prints one JSON object on its last line for the test to assert on. It only
@@ -239,6 +241,34 @@ class Scenario:
             "seconds": round(time.monotonic() - t0, 1),
         }
 
+    def remove(self) -> None:
+        """Two requests on two replicas; remove one replica while both run."""
+
+        def both_ready():
+            return all(w["state"] == "ready" for w in self.pool()["workers"])
+
+        self.wait(both_ready, RECOVER_TIMEOUT_S, "two ready replicas")
+        text = "a" * 120  # 6.9 s of audio, 2 s of work at sim_rtf 0.3
+        with ThreadPoolExecutor(2) as ex:
+            futures = [ex.submit(self.synth, text, 30 + i) for i in range(2)]
+
+            def both_busy():
+                return all(w["batch_rows"] for w in self.pool()["workers"])
+
+            self.wait(both_busy, 60, "both replicas running a row")
+            r = self.client.request("DELETE", "/v1/pool/workers/1", json={})
+            answers = [f.result() for f in futures]
+
+        def removed():
+            return [w["id"] for w in self.pool()["workers"]] == [0]
+
+        self.wait(removed, 30, "the replica to be removed")
+        self.result["phases"]["remove"] = {
+            "status": r.status_code,
+            "answers": answers,
+            "rows": self.pool()["rows"],
+        }
+
     def shutdown(self) -> None:
         self.procs.sample()
         ray_pids = self.procs.ray_pids()
@@ -277,6 +307,7 @@ class Scenario:
             self.kill()
             if self.engine == "sim":
                 self.quarantine()
+                self.remove()
         except Exception as e:  # reported, not raised: the test asserts on the JSON
             self.result["error"] = f"{type(e).__name__}: {e}"
         finally:

@@ -122,6 +122,26 @@ def test_a_cancel_that_empties_the_batch_leaves_the_replica_idle_not_stalled():
     asyncio.run(replica.check_health())  # idle: healthy, not stalled
 
 
+def test_a_row_handed_back_ends_its_stream_with_preempted_and_its_history():
+    """A removed slot's rows move to the others (HandBack), as a local worker's do:
+    the replica gives the row back at the next step, its chunks carry the history
+    to resume from, and its stream ends with Preempted."""
+    replica = SlotReplica(sim(sim_rtf=0.5, sim_chunk_s=0.1))
+
+    async def hand_back_midway():
+        gen = replica.synthesize(request("moving", "a" * 600))
+        msgs = [await gen.__anext__() for _ in range(4)]  # Started and three chunks
+        await replica.hand_back("moving")
+        return msgs + [msg async for msg in gen]
+
+    msgs = asyncio.run(hand_back_midway())
+    assert isinstance(msgs[-1], m.Preempted) and msgs[-1].id == "moving"
+    chunks = [x for x in msgs if isinstance(x, m.Chunk)]
+    assert chunks and all(c.history is not None for c in chunks)
+    assert msgs[-1].steps == sum(c.history.steps for c in chunks)
+    assert replica.stats().rows == 0
+
+
 def test_boot_failure_is_reported_not_raised():
     replica = SlotReplica(sim(sim_boot_error="no such model"))
     stats = replica.stats()
@@ -251,6 +271,12 @@ def test_ray_backend_serves_survives_a_kill_and_stops_clean(tmp_path):
     # a request that kills every replica it runs on is quarantined after max_attempts (2)
     q = phases["quarantine"]["answer"]
     assert q["status"] == 502 and q["code"] == "worker_lost"
+    # a removed replica's row moves to the other by resume, as a local worker's does
+    rm = phases["remove"]
+    assert rm["status"] == 202 and rm["rows"]["moved"] >= 1, rm
+    assert all(a["status"] == 200 for a in rm["answers"]), rm
+    whole = audio_seconds_for("a" * 120)
+    assert all(a["audio_s"] == pytest.approx(whole, abs=1e-3) for a in rm["answers"]), rm
 
 
 @pytest.mark.slow

@@ -163,7 +163,7 @@ class RaySupervisor(SlotLifecycle):
         slot.deploys += 1
         slot.app = f"vibevoice-pool-{self.tag}-w{slot.index}-{slot.deploys}"
         slot.handle, slot.deploying = None, True
-        slot.synth = slot.pinger = None
+        slot.synth = slot.pinger = slot.mover = None
         slot.pid, i = None, slot.index
         self._starting(slot)
         self._note(i, "spawned")
@@ -200,12 +200,13 @@ class RaySupervisor(SlotLifecycle):
                 slot.handle = handle
                 slot.synth = handle.options(method_name="synthesize", stream=True)
                 slot.pinger = handle.options(method_name="ping")
+                slot.mover = handle.options(method_name="hand_back")
 
         threading.Thread(target=run, name=f"deploy-{i}", daemon=True).start()
 
     def _undeploy(self, slot: Slot) -> None:
         app, slot.app, slot.handle, slot.deploying = slot.app, "", None, False
-        slot.synth = slot.pinger = None
+        slot.synth = slot.pinger = slot.mover = None
         slot.deploys += 1
         if app:
             threading.Thread(target=self.cluster.delete, args=(app,), daemon=True).start()

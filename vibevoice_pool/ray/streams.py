@@ -5,6 +5,8 @@
         replica yields (Started, Chunk, Done / Failed) to on_message(slot)
     --send(Cancel)--> the stream's Serve call is cancelled; its thread answers
         Failed(cancelled), as a local worker does
+    --send(HandBack)--> the replica's hand_back (a removed slot's rows move): the
+        stream ends with Preempted, and the dispatcher resumes the row elsewhere
     a stream that raises RayActorError (the replica is gone) -> `lost(slot,
         generation, why)`, which the RaySupervisor turns into worker_lost
 
@@ -66,6 +68,7 @@ class Slot(SlotBase):
     handle: object = None  # its DeploymentHandle; None while not deployed
     synth: object = None  # the handle for synthesize, streaming
     pinger: object = None  # the handle for ping
+    mover: object = None  # the handle for hand_back
     deploys: int = 0  # token: a deploy thread acts only if it is still the latest
     deploying: bool = False
     attached: bool = False  # the dispatcher may send to it
@@ -96,11 +99,13 @@ class Streams:
         self.lost = lost
         self.stopping = stopping
         self._board_lock = threading.Lock()  # read-modify-write of worker columns
-        self._cancels: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run_cancels, name="ray-cancels", daemon=True).start()
+        # Serve calls that may wait, made off the callers' locks: a response to
+        # cancel, or (handle, request id) for a hand-back
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run_calls, name="ray-cancels", daemon=True).start()
 
     def close(self) -> None:
-        self._cancels.put(None)
+        self._calls.put(None)
 
     # ---- what the dispatcher holds ---------------------------------------
 
@@ -121,6 +126,10 @@ class Streams:
                 stream = slot.streams.get(msg.request_id)
                 if stream is not None and stream.response is not None:
                     self.cancel(stream.response)
+            elif isinstance(msg, m.HandBack):
+                mover = slot.mover
+                if slot.generation == generation and mover and msg.request_id in slot.streams:
+                    self._calls.put((mover, msg.request_id))
 
         return send
 
@@ -135,17 +144,23 @@ class Streams:
     def cancel(self, response) -> None:
         """Cancel a Serve call without blocking: Serve's cancel() waits for the
         call to be assigned to a replica, and our callers hold locks."""
-        self._cancels.put(response)
+        self._calls.put(response)
 
-    def _run_cancels(self) -> None:
+    def _run_calls(self) -> None:
         while True:
-            response = self._cancels.get()
-            if response is None:
+            call = self._calls.get()
+            if call is None:
                 return
             try:
-                response.cancel()
+                if isinstance(call, tuple):  # a hand-back: the row ends its stream itself
+                    mover, request_id = call
+                    mover.remote(request_id)
+                else:
+                    call.cancel()
             except (RayError, RequestCancelledError, CancelledError):
                 pass
+            except Exception:  # the row then finishes where it runs; never stop this thread
+                log.exception("a Serve call for a stream failed")
 
     def ping(self, targets: list[tuple], timeout_s: float) -> list[tuple]:
         """Ping (slot, token, generation, pinger) targets at once: for each, the

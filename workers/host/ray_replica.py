@@ -6,6 +6,9 @@
                                                  Chunk..., then Done or Failed as the
                                                  engine thread makes them
     generator.cancel() (Cancel, timeout)    -->  the stream's finally cancels the row
+    hand_back.remote(id) (HandBack)         -->  the row leaves at the next step: its
+                                                 stream ends with Preempted (its
+                                                 history went with its chunks)
     ping.remote()                           -->  ReplicaStats: boot id, pid, speed, ...
     Serve's health check                    -->  check_health(): raises when stalled,
                                                  and Serve replaces the replica
@@ -83,6 +86,7 @@ class SlotReplica:
         self._cond = threading.Condition()
         self._pending: collections.deque[m.Request] = collections.deque()  # not yet in the host
         self._cancels: set[str] = set()  # for the engine thread, at the next step boundary
+        self._hand_backs: set[str] = set()  # rows to give back (their slot is removed)
         self._host: StepHost | None = None
         self._outboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._rows = 0
@@ -157,6 +161,14 @@ class SlotReplica:
             self._cancels.add(request_id)
             self._cond.notify_all()
 
+    async def hand_back(self, request_id: str) -> None:
+        """Give this row back at the next step (its slot is being removed): its
+        stream ends with Preempted, and the parent resumes it on another replica
+        from the history its chunks carried."""
+        with self._cond:
+            self._hand_backs.add(request_id)
+            self._cond.notify_all()
+
     async def ping(self) -> ReplicaStats:
         return self.stats()
 
@@ -222,17 +234,21 @@ class SlotReplica:
         host = self._host = StepHost(self._engine, sink, preempt=preemption.victim, give_back=True)
         while True:
             with self._cond:
-                while not (self._pending or self._cancels or not host.idle):
+                while not (self._pending or self._cancels or self._hand_backs or not host.idle):
                     self._cond.wait()
                 arrived, cancels = list(self._pending), set(self._cancels)
+                hand_backs = set(self._hand_backs)
                 self._pending.clear()
                 self._cancels.clear()
+                self._hand_backs.clear()
             for req in arrived:
                 sink.track(req)
                 host.submit(req)
             for rid in cancels:
                 host.cancel(rid)
-            # a cancel can empty the batch between two steps: the row count (what
+            for rid in hand_backs:
+                host.hand_back(rid)
+            # a cancel or a hand-back can empty the batch between two steps: the row count (what
             # pings report and the stall check reads) follows it now, not at a
             # step that may never come
             self._rows = host.live
