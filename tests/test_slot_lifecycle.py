@@ -225,3 +225,30 @@ def test_a_worker_that_stops_answering_is_replaced_by_the_hang_rule(backends, ki
     assert (slot.process.pid if kind == "local" else slot.app) != victim
     kills = [what for _, i, what in sup.events if i == 0 and what in ("kill", "dead")]
     assert "dead" in kills
+
+
+def test_a_replica_stuck_in_the_step_its_first_row_joins_is_found_stalled(backends, caplog):
+    """A replica counts a row only once the step it joins returns: a step that never
+    returns (a stuck kernel) on an idle replica showed no rows in the pings, so the
+    policy's stall rule never saw it (only Serve's health check, which kills the
+    replica with no reason in our log). It is found stalled, as a local worker is."""
+    import asyncio
+    import threading
+
+    from workers.wire import messages as m
+
+    policy = Spy(RecoveryPolicy(stall_timeout_s=1.5, hang_timeout_s=30.0))
+    sup, board = backends("ray", policy)
+    sup.wait_ready(30)
+    slot = sup.slots[0]
+    replica = sup.cluster.replicas[slot.app]
+    req = m.Request(id="stuck", turns=(m.Turn(0, "[[hang]] a stuck step"),), seed=1)
+
+    async def run():
+        async for _ in replica.synthesize(req):
+            pass
+
+    threading.Thread(target=asyncio.run, args=(run(),), daemon=True).start()
+    wait_until(lambda: policy.asked.count("on_death") == 1, 20, what="the stall to be found")
+    assert "stalled: no generation step" in caplog.text
+    assert replica.stats().rows == 0  # what the pings said all along

@@ -233,7 +233,10 @@ class RaySupervisor(SlotLifecycle):
                 self._boot_failed(slot, f"{stats.boot_error.value}: {stats.boot_message}")
                 return
             self.streams.write_stats(slot, stats)
-            slot.progress_age = stats.progress_age_s if stats.rows else None
+            # busy: rows in the batch, or a step running (the step a first row
+            # joins counts no row until it returns, and a stuck one never does)
+            busy = stats.rows or stats.progress_age_s > 0
+            slot.progress_age = stats.progress_age_s if busy else None
             if not slot.attached:
                 self._attach(slot, stats)
 
