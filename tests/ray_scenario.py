@@ -17,6 +17,11 @@ two CPU replicas), and through the HTTP API on 127.0.0.1:
              gcs_server, raylet, replicas, ...) is alive, checked by pid
 and prints one JSON object on its last line for the test to assert on. It only
 ends processes it started, by pid.
+
+    python tests/ray_scenario.py --signal-while-starting --workdir DIR
+
+instead SIGTERMs the server while its local Ray is starting (ray.init): it
+reports the exit code, the log and what it started that is still alive.
 """
 
 from __future__ import annotations
@@ -299,6 +304,22 @@ class Scenario:
             "survivors": [{"pid": p.pid, "cmd": self.procs.cmds[p.pid][:120]} for p in survivors],
         }
 
+    def signal_while_starting(self) -> dict:
+        """SIGTERM while ray.init runs (it puts its own SIGTERM handler in)."""
+        self.launch()
+
+        def ray_starting():
+            return "Starting a local Ray" in self.log_path.read_text()
+
+        self.wait(ray_starting, BOOT_TIMEOUT_S, "Ray to start")
+        time.sleep(0.5)  # into ray.init, which takes seconds
+        self.procs.sample()
+        self.result["ray_still_starting"] = "Initialising" not in self.log_path.read_text()
+        self.shutdown()
+        self._log.close()
+        self.result["log_tail"] = self.log_path.read_text()[-3000:]
+        return self.result
+
     def run(self) -> dict:
         t0 = time.monotonic()
         try:
@@ -323,13 +344,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--engine", choices=("sim", "tiny"), default="sim")
     ap.add_argument("--workdir", required=True)
+    ap.add_argument("--signal-while-starting", action="store_true")
     ns = ap.parse_args()
     if not only_loopback():
         print(json.dumps({"error": "not inside a private network namespace"}))
         return 2
     workdir = Path(ns.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(Scenario(ns.engine, workdir).run()))
+    scenario = Scenario(ns.engine, workdir)
+    if ns.signal_while_starting:
+        print(json.dumps(scenario.signal_while_starting()))
+    else:
+        print(json.dumps(scenario.run()))
     return 0
 
 

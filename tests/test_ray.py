@@ -207,7 +207,7 @@ def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
 # ---- the whole server on Ray, in a private network namespace -----------------
 
 
-def run_scenario(engine: str, workdir: Path, timeout: float) -> dict:
+def run_scenario(engine: str, workdir: Path, timeout: float, *extra: str) -> dict:
     import ray  # noqa: F401  (`make test` installs the ray extra: its absence is a failure)
 
     from vibevoice_pool.ray.cluster import netns_command
@@ -216,7 +216,7 @@ def run_scenario(engine: str, workdir: Path, timeout: float) -> dict:
     probe = subprocess.run(netns_command(["true"]), capture_output=True, text=True)
     assert probe.returncode == 0, f"cannot make a private network namespace: {probe.stderr}"
     argv = [sys.executable, str(ROOT / "tests" / "ray_scenario.py")]
-    argv += ["--engine", engine, "--workdir", str(workdir)]
+    argv += ["--engine", engine, "--workdir", str(workdir), *extra]
     proc = subprocess.run(
         netns_command(argv), cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
@@ -285,3 +285,20 @@ def test_ray_backend_serves_survives_a_kill_and_stops_clean(tmp_path):
 def test_ray_backend_with_the_tiny_model(tmp_path):
     result = run_scenario("tiny", tmp_path, timeout=840)
     check_common(result)
+
+
+@pytest.mark.slow
+@pytest.mark.serial
+@pytest.mark.timeout(300)
+def test_a_sigterm_while_ray_starts_stops_as_while_workers_start(tmp_path):
+    """ray.init puts in its own SIGTERM handler (sys.exit(15)) while it starts Ray:
+    a SIGTERM then ended the server with exit 15 and no word in its log. It stops
+    as a signal while starting does (docs/OPERATIONS.md): logged, exit 143, and
+    nothing it started left alive."""
+    result = run_scenario("sim", tmp_path, 240, "--signal-while-starting")
+    assert result["only_loopback"] and "error" not in result, result
+    assert result["ray_still_starting"], result["log_tail"]  # the signal came in ray.init
+    down = result["phases"]["shutdown"]
+    assert down["exit_code"] == 128 + 15, result["log_tail"]
+    assert "SIGTERM while starting" in result["log_tail"]
+    assert down["survivors"] == [], down["survivors"]

@@ -84,6 +84,17 @@ class RayCluster:
             previous = signal.getsignal(signal.SIGTERM)
             try:
                 self._init(cpus_needed, kw)
+            except SystemExit as e:
+                # Ray's handler ran: a SIGTERM while Ray was starting. Stop what it
+                # started, then let the server's handler say what a signal while
+                # starting means (logged, exit 143), not Ray's bare exit 15.
+                if e.code != signal.SIGTERM or not callable(previous):
+                    raise
+                self.track()
+                ray.shutdown()
+                self._reap()
+                previous(signal.SIGTERM, None)
+                raise
             finally:
                 if threading.current_thread() is threading.main_thread() and previous is not None:
                     signal.signal(signal.SIGTERM, previous)
