@@ -22,6 +22,11 @@ ends processes it started, by pid.
 
 instead SIGTERMs the server while its local Ray is starting (ray.init): it
 reports the exit code, the log and what it started that is still alive.
+
+    python tests/ray_scenario.py --kill-raylet --workdir DIR
+
+SIGKILLs the raylet of the server's local Ray once both replicas are ready (the
+OOM killer's choice, say) and reports how the server ends, as above.
 """
 
 from __future__ import annotations
@@ -320,6 +325,27 @@ class Scenario:
         self.result["log_tail"] = self.log_path.read_text()[-3000:]
         return self.result
 
+    def kill_raylet(self) -> dict:
+        """Ray cannot come back from a dead raylet: the server must end, not serve nothing."""
+        try:
+            self.boot()
+            self.procs.sample()
+            cmds = self.procs.cmds.items()
+            (raylet,) = [pid for pid, cmd in cmds if cmd.split(" ", 1)[0].endswith("/raylet")]
+            os.kill(raylet, signal.SIGKILL)  # a process the server started
+            try:
+                self.result["exit_code"] = self.server.wait(RECOVER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.result["exit_code"] = None  # still up: shutdown() stops it
+        except Exception as e:
+            self.result["error"] = f"{type(e).__name__}: {e}"
+        self.shutdown()
+        self._log.close()
+        text = self.log_path.read_text()  # Ray prints its raylet's last lines too
+        self.result["errors"] = [line for line in text.splitlines() if " ERROR " in line]
+        self.result["log_tail"] = text[-3000:]
+        return self.result
+
     def run(self) -> dict:
         t0 = time.monotonic()
         try:
@@ -345,6 +371,7 @@ def main() -> int:
     ap.add_argument("--engine", choices=("sim", "tiny"), default="sim")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--signal-while-starting", action="store_true")
+    ap.add_argument("--kill-raylet", action="store_true")
     ns = ap.parse_args()
     if not only_loopback():
         print(json.dumps({"error": "not inside a private network namespace"}))
@@ -354,6 +381,8 @@ def main() -> int:
     scenario = Scenario(ns.engine, workdir)
     if ns.signal_while_starting:
         print(json.dumps(scenario.signal_while_starting()))
+    elif ns.kill_raylet:
+        print(json.dumps(scenario.kill_raylet()))
     else:
         print(json.dumps(scenario.run()))
     return 0

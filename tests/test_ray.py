@@ -302,3 +302,17 @@ def test_a_sigterm_while_ray_starts_stops_as_while_workers_start(tmp_path):
     assert down["exit_code"] == 128 + 15, result["log_tail"]
     assert "SIGTERM while starting" in result["log_tail"]
     assert down["survivors"] == [], down["survivors"]
+
+
+@pytest.mark.slow
+@pytest.mark.serial
+@pytest.mark.timeout(420)
+def test_a_dead_raylet_stops_the_server_with_its_own_exit_code(tmp_path):
+    """The server's local Ray cannot deploy a replica again once its raylet is gone.
+    The server used to stay up, /health ok, every request waiting, and a SIGTERM
+    then hung in Serve's shutdown. It now says so and exits 4, leaving nothing."""
+    result = run_scenario("sim", tmp_path, 360, "--kill-raylet")
+    assert result["only_loopback"] and "error" not in result, result
+    assert result["exit_code"] == 4, (result["exit_code"], result["errors"], result["log_tail"])
+    assert any("the local Ray's raylet (pid" in line for line in result["errors"]), result
+    assert result["phases"]["shutdown"]["survivors"] == [], result["phases"]["shutdown"]

@@ -106,6 +106,9 @@ class FakeCluster:
     def track(self):
         pass
 
+    def lost(self):
+        return ""
+
     def pids(self):
         return []
 

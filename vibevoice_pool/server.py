@@ -416,6 +416,8 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
         stop_work.close(left)  # unfinished jobs run again at the next start
         pool.shutdown(stopping.left())
         sock.close()
+        if pool.supervisor.fatal:  # the backend could not go on (its local Ray died)
+            code = pool.supervisor.fatal_exit
         log.info("Stopped.")
     return code
 

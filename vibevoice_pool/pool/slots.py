@@ -76,6 +76,8 @@ class SlotBackend(Protocol):
     slots: list[SlotBase]
     events: list[tuple[float, int, str]]  # (time, slot, what), for benchmarks and tests
     policy: RecoveryPolicy
+    fatal: str  # set when the backend cannot go on: the server stops, exit fatal_exit
+    fatal_exit: int
 
     def start(self) -> None: ...
     def wait_ready(self, timeout: float) -> None: ...
@@ -115,6 +117,8 @@ class SlotLifecycle:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self.first_boot_error = ""
+        self.fatal = ""  # why the backend cannot go on (the server then exits non-zero)
+        self.fatal_exit = 1
         self.events: list[tuple[float, int, str]] = []
         self._setup()
 

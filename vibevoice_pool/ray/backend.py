@@ -38,6 +38,8 @@ Serve's health check (check_health raises on a stalled engine) looks as well.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import uuid
 
@@ -56,6 +58,7 @@ from workers.wire.board import Col, SlotState, WorkerState
 log = logging.getLogger("vibevoice_pool")
 
 TICK_S = 0.1
+EXIT_RAY_LOST = 4  # the server's exit code when its local Ray died under it
 PING_EVERY_S = 0.5
 PING_TIMEOUT_S = 2.0
 TRACK_EVERY_S = 2.0
@@ -332,6 +335,23 @@ class RaySupervisor(SlotLifecycle):
             if now - tracked >= TRACK_EVERY_S:
                 tracked = now
                 self.cluster.track()
+                self._check_ray()
+
+    def _check_ray(self) -> None:
+        """A local Ray whose raylet or GCS died cannot deploy a replica again: the
+        server would stay up, healthy and serving nothing. Stop it (exit
+        EXIT_RAY_LOST) so that whatever runs it starts it again."""
+        gone = self.cluster.lost() if not self.fatal else ""
+        if not gone:
+            return
+        self.fatal, self.fatal_exit = f"the local Ray's {gone} died", EXIT_RAY_LOST
+        log.error(
+            "❌ %s: Ray cannot recover from that in this process, so the server stops "
+            "(exit code %d); start it again",
+            self.fatal,
+            EXIT_RAY_LOST,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)  # the server's own stop: jobs wait for the next start
 
     def _vitals(self, slot: Slot, now: float) -> Vitals:
         """What the pings show of an attached replica, for the policy's hang rule."""

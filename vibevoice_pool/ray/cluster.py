@@ -45,9 +45,11 @@ log = logging.getLogger("vibevoice_pool")
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # audio chunks and voices are small
 REAP_WAIT_S = 15.0  # how long Ray's own processes get to exit before SIGKILL
+LOST_REAP_WAIT_S = 2.0  # the same, once its raylet or GCS has died
 MAX_TEMP_DIR_CHARS = 30  # longer, and Ray's socket paths pass the 107-byte limit
 BUILD_TRIES = 5  # building a deployment, when it races Serve's own threads
 SHORT_TEMP_DIR = "/tmp/ray"
+CORE_PROCESSES = ("gcs_server", "raylet")  # executables; Ray dies with either
 
 
 class DeployError(RuntimeError):
@@ -61,6 +63,7 @@ class RayCluster:
         self.reused = False  # this process was connected to Ray before us
         self.apps: set[str] = set()
         self._procs: dict[int, psutil.Process] = {}  # the processes our Ray started
+        self._core: dict[int, str] = {}  # of those, the ones Ray cannot live without
         # Serve's client is not thread-safe: building a deployment registers and
         # unregisters a module for pickling by value, process-wide. Our calls
         # that build or read configs take this lock (delete builds none).
@@ -155,6 +158,24 @@ class RayCluster:
             if "multiprocessing.resource_tracker" in cmd:
                 continue  # ours, not Ray's
             self._procs[child.pid] = child
+            exe = cmd.split(" ", 1)[0]
+            for name in CORE_PROCESSES:
+                if exe.endswith("/" + name):
+                    self._core[child.pid] = name
+
+    def lost(self) -> str:
+        """For a Ray we started: which of its core processes (gcs_server, raylet) is
+        gone, e.g. 'raylet (pid 123)'; '' while they run. Without them Ray cannot
+        come back in this process: no replica can be deployed again."""
+        for pid, name in self._core.items():
+            proc = self._procs[pid]
+            try:
+                gone = not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone:
+                return f"{name} (pid {pid})"
+        return ""
 
     def pids(self) -> list[int]:
         return sorted(self._procs)
@@ -263,8 +284,11 @@ class RayCluster:
         if not self.started:
             return []
         self.track()
+        lost = self.owned and self.lost()
         try:
-            if self.owned:
+            if lost:
+                pass  # Serve's controller is gone with its node: only Ray's processes are left
+            elif self.owned:
                 serve.shutdown()
             else:
                 for app in list(self.apps):
@@ -275,11 +299,12 @@ class RayCluster:
         if self.reused:
             return []  # the connection is its owner's to close
         ray.shutdown()  # a Ray we started stops; a joined cluster is only left
-        return self._reap()
+        # what a dead Ray left (its agents linger up to a minute) is ended at once
+        return self._reap(LOST_REAP_WAIT_S if lost else REAP_WAIT_S)
 
-    def _reap(self) -> list[int]:
+    def _reap(self, wait_s: float = REAP_WAIT_S) -> list[int]:
         procs = list(self._procs.values())
-        _gone, alive = psutil.wait_procs(procs, timeout=REAP_WAIT_S)
+        _gone, alive = psutil.wait_procs(procs, timeout=wait_s)
         for p in alive:
             log.warning("Ray process %d (%s) did not exit: killing it", p.pid, p.name())
             try:
