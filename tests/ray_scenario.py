@@ -140,7 +140,8 @@ class Scenario:
             str(self.workdir / "data"),
         ]
         if self.engine == "sim":
-            args += ["--engine", "sim", "--sim-rtf", "0.3"]
+            # two rows a replica: a removed replica's row moves only into a free place
+            args += ["--engine", "sim", "--sim-rtf", "0.3", "--max-batch-size", "2"]
         else:
             args += ["--engine", "vibevoice", "--tiny-model", "--inference-steps", "4"]
         env = dict(os.environ, TMPDIR=str(self.workdir), HF_HUB_OFFLINE="1")

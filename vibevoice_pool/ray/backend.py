@@ -67,7 +67,6 @@ FAILED_APPS_EVERY_S = 1.0
 
 class RaySupervisor(SlotLifecycle):
     noun = "replica"
-    moves_rows = False  # a replica finishes the rows it holds (no HandBack yet)
     boot_hint = ", and check that the Ray cluster has the CPUs/GPUs asked for"
 
     def _setup(self) -> None:
