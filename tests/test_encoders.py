@@ -96,3 +96,20 @@ def test_streamed_wav_reads_back_exactly_with_unknown_length():
     with wave.open(io.BytesIO(body)) as w:  # the stdlib reader copes too
         assert w.getframerate() == SAMPLE_RATE and w.getsampwidth() == 2
         assert len(w.readframes(10**9)) == 2 * enc.samples
+
+
+def test_a_whole_opus_file_ends_with_the_audio_sent():
+    # libsndfile's Ogg Opus writer left the encoder's look-ahead unflushed: the last
+    # 4 ms of a whole file decoded as noise (errors of 0.3 on a 0.4 tone)
+    data, ctype = encode(tone(1.0, freq=440), "opus")
+    assert ctype == "audio/ogg"
+    with av.open(io.BytesIO(data), format="ogg") as c:
+        frames = list(c.decode(audio=0))
+    rate = frames[0].sample_rate  # 48 kHz, as every Opus decoder gives
+    out = np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
+    assert len(out) == rate  # one second, no more, no less
+    want = 0.4 * np.sin(2 * np.pi * 440 * np.arange(len(out)) / rate)
+    middle = slice(rate // 2, rate // 2 + rate // 20)
+    assert np.max(np.abs(out[middle] - want[middle])) < 0.05  # (the decoder is aligned)
+    tail = slice(len(out) - rate // 200, len(out))  # the last 5 ms
+    assert np.max(np.abs(out[tail] - want[tail])) < 0.05

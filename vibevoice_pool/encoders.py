@@ -14,14 +14,17 @@ ADTS frame, a FLAC frame. The codecs hold back a little (an mp3 or aac frame
 is 1,152 or 1,024 samples, an Ogg page at most PAGE_MS of audio); end()
 flushes the rest. Every encoder gets the same int16 samples as raw pcm.
 
-Whole files: wav, mp3, flac and opus as before (libsndfile through
-vibevoice_pool.audio); aac through the stream encoder, which is what an ADTS
-file is.
+Whole files: wav, mp3 and flac as before (libsndfile through
+vibevoice_pool.audio); aac and opus through the stream encoder: an ADTS file
+is a stream, and libsndfile's Ogg Opus writer never feeds the encoder its
+look-ahead at the end, so the last 4 ms of its files decoded as noise. (Pages
+of a second, FFmpeg's default, would not do for a whole file either: a file of
+one audio page decodes 6.5 ms too long, one of two pages not at all.)
 
 Cost, 30 s of audio in 0.5 s chunks on one core of the 2-core dev machine
 (others' tests running; best of 3): mp3 0.29 s (4 ms a chunk), opus 0.19 s,
 aac 0.31 s, flac 0.04 s; libsndfile's whole files take mp3 0.18 s, opus
-0.66 s, flac 0.03 s. Pushes of the codecs run in a thread (run()).
+0.66 s (no longer used), flac 0.03 s. Pushes of the codecs run in a thread (run()).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def encode(pcm: np.ndarray, fmt: str) -> tuple[bytes, str]:
     """One whole file of float32 mono SAMPLE_RATE audio as `fmt`: (bytes, content type).
     CPU-bound for the compressed formats: call it off the event loop."""
     name = check_format(fmt)
-    if name != "aac":
+    if name not in ("aac", "opus"):
         return audio.encode(pcm, name)
     enc = StreamEncoder(name)
     return enc.start() + enc.push(pcm) + enc.end(), enc.content_type
