@@ -64,7 +64,7 @@ CASES = [
     # Range errors on a job's audio (they were plain text)
     ("a Range past the end", "GET", JOB_RANGE, {"headers": {"Range": "bytes=99999999-"}}, 416,
      "range_not_satisfiable", "past the end; the file has"),
-    ("a Range in other units", "GET", JOB_RANGE, {"headers": {"Range": "items=0-1"}}, 400,
+    ("a Range that is no range", "GET", JOB_RANGE, {"headers": {"Range": "bytes=abc"}}, 400,
      "bad_input", "the Range header is malformed"),
 ]  # fmt: skip
 
@@ -246,3 +246,34 @@ def test_an_unforeseen_failure_is_a_500_in_the_same_shape(tmp_path):
             }
         }
         assert client.get("/v1/voices").status_code == 200  # and it goes on serving
+
+
+def test_a_file_answers_ranges_as_rfc_9110_says(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vibevoice_pool.api.errors import FileAnswer
+
+    data = bytes(range(100))
+    (tmp_path / "a.wav").write_bytes(data)
+    app = FastAPI()
+    app.get("/a.wav")(lambda: FileAnswer(tmp_path / "a.wav", media_type="audio/wav"))
+    c = TestClient(app)
+
+    # 14.2: an origin server MUST ignore a Range in a unit it does not know (it was 400)
+    r = c.get("/a.wav", headers={"Range": "items=0-9"})
+    assert r.status_code == 200 and r.content == data and "content-range" not in r.headers
+    # 14.1.1: a Range is satisfiable when one of its ranges is: 206 with those (it was 416)
+    r = c.get("/a.wav", headers={"Range": "bytes=0-9,200-300"})
+    assert r.status_code == 206 and r.content == data[:10]
+    assert r.headers["content-range"] == "bytes 0-9/100"
+    r = c.get("/a.wav", headers={"Range": "bytes=500-,0-9,20-29"})
+    assert r.status_code == 206 and r.headers["content-type"].startswith("multipart/byteranges")
+    assert b"bytes 0-9/100" in r.content and b"bytes 20-29/100" in r.content
+    assert b"/100\r\n\r\n" + data[20:30] in r.content
+    # none in the file: 416, and a malformed one is still 400
+    r = c.get("/a.wav", headers={"Range": "bytes=100-,200-300"})
+    assert r.status_code == 416 and r.headers["content-range"] == "bytes */100"
+    assert c.get("/a.wav", headers={"Range": "bytes=0-9,30-20"}).status_code == 400
+    r = c.get("/a.wav", headers={"Range": "bytes=-10"})
+    assert r.status_code == 206 and r.content == data[-10:]

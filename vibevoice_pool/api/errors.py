@@ -233,7 +233,22 @@ class UnknownRoutes:
 
 class FileAnswer(FileResponse):
     """A FileResponse whose Range errors (400 malformed, 416 past the end) are in
-    OpenAI's shape, with Content-Range kept."""
+    OpenAI's shape, with Content-Range kept. As RFC 9110 14.2 asks (starlette does
+    otherwise), a Range in a unit other than bytes is ignored (200, the whole file),
+    and ranges past the end beside ones that are not are dropped (206 with the rest);
+    416 is for a Range none of whose ranges is in the file."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        unit, equals, spec = http_range.partition("=")
+        if equals and unit.strip().lower() != "bytes":
+            return []  # a unit this server does not know: the whole file
+        if equals and spec.count(",") < cls.max_ranges:
+            ranges = cls._parse_ranges(spec, file_size)
+            kept = [(start, end) for start, end in ranges if 0 <= start < file_size]
+            if kept and len(kept) < len(ranges):
+                http_range = "bytes=" + ",".join(f"{start}-{end - 1}" for start, end in kept)
+        return super()._parse_range_header(http_range, file_size)
 
     async def __call__(self, scope, receive, send):
         held: dict | None = None
