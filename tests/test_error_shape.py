@@ -277,3 +277,38 @@ def test_a_file_answers_ranges_as_rfc_9110_says(tmp_path):
     assert c.get("/a.wav", headers={"Range": "bytes=0-9,30-20"}).status_code == 400
     r = c.get("/a.wav", headers={"Range": "bytes=-10"})
     assert r.status_code == 206 and r.content == data[-10:]
+
+
+def test_a_file_evaluates_preconditions_before_its_range(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vibevoice_pool.api.errors import FileAnswer
+
+    data = bytes(range(100))
+    (tmp_path / "a.wav").write_bytes(data)
+    app = FastAPI()
+    app.get("/a.wav")(lambda: FileAnswer(tmp_path / "a.wav", media_type="audio/wav"))
+    app.head("/a.wav")(lambda: FileAnswer(tmp_path / "a.wav", media_type="audio/wav"))
+    c = TestClient(app)
+    first = c.get("/a.wav")
+    etag, modified = first.headers["etag"], first.headers["last-modified"]
+
+    # RFC 9110 13.1.2: a cached copy whose ETag matches is 304, with no body (it was 200)
+    for method in ("GET", "HEAD"):
+        r = c.request(method, "/a.wav", headers={"If-None-Match": f'"x", W/{etag}'})
+        assert r.status_code == 304 and r.content == b"" and r.headers["etag"] == etag
+    r = c.get("/a.wav", headers={"If-None-Match": etag, "Range": "bytes=0-9"})
+    assert r.status_code == 304  # before the Range (13.2.2)
+    assert c.get("/a.wav", headers={"If-Modified-Since": modified}).status_code == 304
+    assert c.get("/a.wav", headers={"If-None-Match": '"x"'}).content == data
+    # 13.1.1: If-Match with no ETag of this file is 412 (it was 200)
+    r = c.get("/a.wav", headers={"If-Match": '"x"'})
+    assert r.status_code == 412 and r.json()["error"]["code"] == "precondition_failed"
+    assert c.get("/a.wav", headers={"If-Match": f"W/{etag}"}).status_code == 412  # strong only
+    r = c.get("/a.wav", headers={"If-Match": etag, "Range": "bytes=0-9"})
+    assert r.status_code == 206 and r.content == data[:10]
+    old = "Mon, 01 Jan 2001 00:00:00 GMT"
+    assert c.get("/a.wav", headers={"If-Unmodified-Since": old}).status_code == 412
+    assert c.get("/a.wav", headers={"If-Modified-Since": old}).content == data
+    assert c.get("/a.wav", headers={"If-Modified-Since": "not a date"}).content == data

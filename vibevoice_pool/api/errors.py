@@ -19,9 +19,13 @@ logged). FileAnswer does the same for Range errors of files.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from email.utils import parsedate_to_datetime
 
+import anyio
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
@@ -58,6 +62,7 @@ CODES = {  # the code of a framework error, by status
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",
+    412: "precondition_failed",
     416: "range_not_satisfiable",
     429: "overloaded",
     503: "unavailable",
@@ -236,7 +241,10 @@ class FileAnswer(FileResponse):
     OpenAI's shape, with Content-Range kept. As RFC 9110 14.2 asks (starlette does
     otherwise), a Range in a unit other than bytes is ignored (200, the whole file),
     and ranges past the end beside ones that are not are dropped (206 with the rest);
-    416 is for a Range none of whose ranges is in the file."""
+    416 is for a Range none of whose ranges is in the file. GET and HEAD evaluate the
+    preconditions (RFC 9110 13.2.2, which starlette leaves out): an If-Match no ETag
+    matches is 412, an If-None-Match that matches (or an If-Modified-Since the file
+    is not newer than) is 304 with no body, before any Range."""
 
     @classmethod
     def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
@@ -250,7 +258,46 @@ class FileAnswer(FileResponse):
                 http_range = "bytes=" + ",".join(f"{start}-{end - 1}" for start, end in kept)
         return super()._parse_range_header(http_range, file_size)
 
+    def _precondition(self, request: Headers) -> int | None:
+        """412 or 304 when a precondition of the request fails, else None."""
+        etag, modified = self.headers["etag"], parsedate_to_datetime(self.headers["last-modified"])
+
+        def listed(field: str, weak: bool) -> bool:
+            tags = [t.strip() for t in field.split(",")]
+            if weak:
+                return "*" in tags or etag in [t.removeprefix("W/") for t in tags]
+            return "*" in tags or etag in tags
+
+        def date(field: str | None):
+            try:
+                return parsedate_to_datetime(field) if field else None
+            except (TypeError, ValueError):
+                return None  # an invalid date is ignored (13.1.3, 13.1.4)
+
+        if "if-match" in request:
+            if not listed(request["if-match"], weak=False):
+                return 412
+        elif (since := date(request.get("if-unmodified-since"))) and modified > since:
+            return 412
+        if "if-none-match" in request:
+            return 304 if listed(request["if-none-match"], weak=True) else None
+        since = date(request.get("if-modified-since"))
+        return 304 if since and modified <= since else None
+
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"].upper() in ("GET", "HEAD"):
+            if self.stat_result is None:
+                self.stat_result = await anyio.to_thread.run_sync(os.stat, self.path)
+                self.set_stat_headers(self.stat_result)
+            failed = self._precondition(Headers(scope=scope))
+            if failed == 412:
+                message = "the file does not match the request's If-Match or If-Unmodified-Since"
+                return await send_json(send, 412, error_body(412, CODES[412], message))
+            if failed == 304:
+                dropped = (b"content-length", b"content-type", b"content-disposition")
+                headers = [(k, v) for k, v in self.raw_headers if k.lower() not in dropped]
+                await send({"type": "http.response.start", "status": 304, "headers": headers})
+                return await send({"type": "http.response.body", "body": b""})
         held: dict | None = None
 
         async def guarded(message):
