@@ -119,6 +119,10 @@ def _progress_line(job: dict, t0: float) -> str:
     p = job["progress"]
     worker = job.get("worker")
     where = f" on worker {worker}" if worker is not None else ""
+    if job.get("waiting"):  # preempted, moved, its worker lost: it waits to resume
+        where = f" ({job['waiting']['reason'].replace('_', ' ')}: waits to resume)"
+    if p.get("eta_s") is not None:
+        where += f", ~{p['eta_s']:.0f} s left"
     return (
         f"\r[{bar(p['fraction'])}] {job['state']:<9} {p['audio_s']:6.1f} of ~"
         f"{p['estimate_s']:.0f} s of audio{where}, {time.monotonic() - t0:5.0f} s "
@@ -231,6 +235,8 @@ def jobs_table(jobs: list[dict]) -> str:
         )
         if j.get("error"):
             lines.append(f"{'':<32}  {j['error']['code']}: {j['error']['message']}")
+        if j.get("waiting"):
+            lines.append(f"{'':<32}  {j['waiting']['reason']}: waits to resume")
     return "\n".join(lines)
 
 

@@ -200,6 +200,16 @@ def sweep_bodies(folder: Path, active: set[str]) -> None:
                     path.unlink()
 
 
+def sweep_orphans(store) -> None:
+    """At start: delete temporary files, results no done job names, ended jobs' bodies."""
+    sweep_bodies(store.folder, store.running_ids(also_queued=True))
+    kept = store.kept_results()
+    for path in store.results.iterdir():
+        if f"{store.results.name}/{path.name}" not in kept and path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def write_result(store, path: Path, pcm, fmt: str) -> int:
     """Encode a job's audio and write it atomically, within the store's disk limit;
     its size in bytes."""

@@ -19,11 +19,12 @@ class JobState(str, enum.Enum):
 
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 # The states as shown (jobs/view.py) in SQL: a running job waits in the pool's
-# admission queue until a worker begins it (the store's note_worker sets started_at),
-# and shows as queued until then.
+# admission queue until a worker begins it (the store's note_worker sets started_at and
+# worker), and shows as queued until then, and again while it waits to resume (worker NULL).
+_BEGUN = "started_at IS NOT NULL AND worker IS NOT NULL"
 SHOWN_STATE_SQL = {
-    JobState.QUEUED: " AND (state='queued' OR (state='running' AND started_at IS NULL))",
-    JobState.RUNNING: " AND state='running' AND started_at IS NOT NULL",
+    JobState.QUEUED: f" AND (state='queued' OR (state='running' AND NOT ({_BEGUN})))",
+    JobState.RUNNING: f" AND state='running' AND {_BEGUN}",
 }
 TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 

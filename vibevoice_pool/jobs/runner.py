@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from vibevoice_pool.jobs.disk import is_disk_full, sweep_bodies, write_result
+from vibevoice_pool.jobs.disk import is_disk_full, sweep_orphans, write_result
+from vibevoice_pool.jobs.places import Places
 from vibevoice_pool.jobs.progress import Progress
 from vibevoice_pool.jobs.store import RESULTS_DIR, Job, JobError, JobErrorKind, JobState, JobStore
 from vibevoice_pool.jobs.view import job_view
@@ -62,9 +63,8 @@ RETRY_S = 1.0  # pause after the pool said "not now"
 DISK_RETRY_S = 5.0  # pause after the store said the disk is full
 POLL_S = 0.5  # the loop wakes at least this often (events wake it sooner)
 STOP_CANCEL_WAIT_S = 10.0  # at stop, how long cancelled runs get to answer
-# Upper bounds of result sizes, to reserve disk before a job runs.
-BYTES_PER_AUDIO_S = {"wav": 48_000, "pcm": 48_000, "flac": 48_000}
-BYTES_PER_AUDIO_S |= {"mp3": 16_000, "opus": 8_000, "aac": 16_000}
+BYTES_PER_AUDIO_S = {"wav": 48_000, "pcm": 48_000, "flac": 48_000, "mp3": 16_000}  # upper bounds
+BYTES_PER_AUDIO_S |= {"opus": 8_000, "aac": 16_000}  # of result sizes: disk reserved for a job
 INTERNAL = "internal_error"
 
 
@@ -123,13 +123,14 @@ class JobRunner:
         self._unsettled: dict[str, Callable[[], object]] = {}  # writes the disk refused
         self._said_full = False
         self.progress = Progress(store.folder)  # a running job's audio and history on disk
+        self.places = Places(clock)  # where each run's row is now (preempted, moved...)
 
     # ---- life ----------------------------------------------------------
 
     def start(self) -> JobRunner:
         try:
             queued = self.store.requeue_unfinished(self.clock())
-            self._sweep_orphans()
+            sweep_orphans(self.store)
             self.expire()
         except JobError as e:  # a full disk: the loop queues them again once it can
             log.error("Jobs: %s", e.message)
@@ -158,8 +159,7 @@ class JobRunner:
     def hold(self) -> None:  # the stop signal: no queued job starts; running ones go on
         self._held = True
 
-    def hurry(self) -> None:
-        """A forced stop: running jobs are cancelled now (they run at the next start)."""
+    def hurry(self) -> None:  # a forced stop: running jobs are cancelled now (run next start)
         self._stop_at = 0.0
 
     # ---- the API side --------------------------------------------------
@@ -226,10 +226,11 @@ class JobRunner:
         """The JSON view of a job, with live progress while it runs."""
         with self._lock:
             live = self._live.get(job.id)
-            made, worker = (live.samples / m.SAMPLE_RATE, live.handle.worker) if live else (0, None)
-        if live is None or job.state is not JobState.RUNNING:
-            made, worker = job.audio_s, job.worker
-        return job_view(job, made, worker, now=self.clock(), ttl_s=self.ttl_s)
+            made, handle = (live.samples / m.SAMPLE_RATE, live.handle) if live else (0, None)
+        if handle is None or job.state is not JobState.RUNNING:
+            return job_view(job, job.audio_s, job.worker, now=self.clock(), ttl_s=self.ttl_s)
+        worker, note, eta = self.places.shown(handle.id, handle.worker, made, job.est_audio_s)
+        return job_view(job, made, worker, now=self.clock(), ttl_s=self.ttl_s, note=note, eta=eta)
 
     def expire(self) -> int:
         """Forget jobs finished more than ttl_s ago and delete their results."""
@@ -249,7 +250,10 @@ class JobRunner:
         return max(1, self._capacity() - 1)
 
     def _upkeep(self) -> None:
-        """Each tick, off the loop: writes the disk refused before, orphans, space."""
+        """Each tick, off the loop: places changed, writes the disk refused, orphans, space."""
+        for job_id, worker in self.places.changed():  # None: it waits for a place again
+            with contextlib.suppress(JobError):
+                self.store.note_worker(job_id, worker, self.clock())
         for job_id, write in list(self._unsettled.items()):
             try:
                 write()
@@ -286,9 +290,11 @@ class JobRunner:
                 loop.call_soon_threadsafe(wake.set)
 
     def _on_pool_event(self, event) -> None:
-        # room in the admission queue: news only while a queued job waits for it (a wake
-        # for every API request cost a store query and a thread hop each)
-        if self._want_room and event.kind in ("finished", "dispatched"):
+        # a row's place changed (preempted, moved...): the store hears it; room in the
+        # admission queue: news only while a queued job waits for it (a wake for every API
+        # request cost a store query and a thread hop each)
+        room = self._want_room and event.kind in ("finished", "dispatched")
+        if self.places.on_event(event) is not None or room:
             self._poke()
 
     def _run(self) -> None:
@@ -367,6 +373,7 @@ class JobRunner:
                 continue
             self._said_later = False
             live = _Live(job.id, job.format, handle, len(prior), prior=prior)
+            self.places.track(handle.id, job.id, len(prior) / m.SAMPLE_RATE)
             with self._lock:
                 self._live[job.id] = live
             try:
@@ -377,6 +384,7 @@ class JobRunner:
             if not claimed:
                 with self._lock:  # cancelled while it was being built, or not written
                     self._live.pop(job.id, None)
+                self.places.forget(handle.id)
                 handle.cancel()
                 if time.monotonic() < self._retry_at:
                     return
@@ -408,6 +416,7 @@ class JobRunner:
         finally:
             with self._lock:
                 self._live.pop(live.job_id, None)
+            self.places.forget(handle.id)
             self._poke()
 
     async def _conclude(self, live: _Live) -> None:
@@ -489,12 +498,3 @@ class JobRunner:
             fail()
         except JobError as e:
             self._write_later(job_id, fail, e)
-
-    def _sweep_orphans(self) -> None:
-        """At start: delete temporary files, results no done job names, ended jobs' bodies."""
-        sweep_bodies(self.store.folder, self.store.running_ids(also_queued=True))
-        kept = self.store.kept_results()
-        for path in self.store.results.iterdir():
-            if f"{RESULTS_DIR}/{path.name}" not in kept and path.is_file():
-                with contextlib.suppress(OSError):
-                    path.unlink()

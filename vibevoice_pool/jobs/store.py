@@ -365,12 +365,11 @@ class JobStore:
         )
 
     def note_worker(self, job_id: str, worker: int | None, at: float) -> None:
-        """A worker has begun it (no state change; until then it shows as queued)."""
+        """A worker has begun it (no state change; until then it shows as queued); no
+        worker: it gave its place up and waits for one (shows as queued; started_at stays)."""
+        sql = "UPDATE jobs SET worker=?, started_at=COALESCE(started_at, ?) WHERE id=?"
         with self._tx() as conn:
-            conn.execute(
-                "UPDATE jobs SET worker=?, started_at=? WHERE id=? AND state='running'",
-                (worker, at, job_id),
-            )
+            conn.execute(sql + " AND state='running'", (worker, at, job_id))
 
     def requeue(self, job_id: str, why: str, at: float) -> bool:
         """running -> queued: it will run again from the start."""

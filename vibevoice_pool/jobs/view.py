@@ -7,16 +7,29 @@ from vibevoice_pool.jobs.records import Job, JobState
 
 
 def shown_state(job: Job) -> JobState:
-    """Its state as its owner sees it: handed to the pool but not yet begun by a
-    worker (waiting in the pool's admission queue), a running job is still queued."""
-    if job.state is JobState.RUNNING and job.started_at is None:
+    """Its state as its owner sees it: a running job is still queued until a worker
+    begins it (it waits in the pool's admission queue), and again while it waits to
+    resume (preempted, moved, its worker lost: the store's worker is then cleared)."""
+    if job.state is JobState.RUNNING and (job.started_at is None or job.worker is None):
         return JobState.QUEUED
     return job.state
 
 
-def job_view(job: Job, made: float, worker: int | None, *, now: float, ttl_s: float) -> dict:
-    """`made`: seconds of audio made so far; `worker`: who runs it now."""
-    state = shown_state(job)
+def job_view(
+    job: Job,
+    made: float,
+    worker: int | None,
+    *,
+    now: float,
+    ttl_s: float,
+    note: dict | None = None,
+    eta: float | None = None,
+) -> dict:
+    """`made`: seconds of audio made so far; `worker`: who runs it now; `note`: why
+    a job a worker began waits again (places.py), `eta`: seconds left, when known."""
+    state = JobState.QUEUED if note is not None else shown_state(job)
+    if note is None and worker is not None and state is JobState.QUEUED and job.started_at:
+        state = JobState.RUNNING  # begun again: the store hears it at the runner's next tick
     est = job.est_audio_s
     frac = 1.0 if job.state is JobState.DONE else min(1.0, made / est) if est > 0 else 0.0
     end = job.finished_at or now
@@ -28,8 +41,10 @@ def job_view(job: Job, made: float, worker: int | None, *, now: float, ttl_s: fl
             "audio_s": round(made, 3),
             "estimate_s": round(est, 3),
             "fraction": round(frac, 4),
+            "eta_s": round(eta, 1) if eta is not None and state is JobState.RUNNING else None,
         },
         "worker": None if state is JobState.QUEUED else worker,
+        "waiting": note,  # while it waits again: {"reason", "since", "worker" it is sent to}
         "request_id": job.request_id,
         "runs": job.runs,
         "seed": job.seed,

@@ -303,7 +303,7 @@ class Dispatcher:
                 moved = slot in self._draining or not job.running  # removed, or recalled
                 survival.preempted(self.counters, self._asked, job, slot, msg.steps, moved)
                 self._queue.appendleft(job)
-                self._emit(ev.Requeued(job.request, job.handle, slot, lost=False))
+                self._emit(ev.Requeued(job.request, job.handle, slot, lost=False, moved=moved))
         elif isinstance(msg, m.Failed):
             if msg.traceback:  # for the log; a client gets the message only
                 why = (msg.id, slot, msg.message, msg.traceback.rstrip())

@@ -53,6 +53,7 @@ class Requeued:
     handle: RequestHandle
     slot: int  # the slot that was lost, or that gave the row up
     lost: bool = True  # False: preempted or moved; the worker lives on
+    moved: bool = False  # moved off a removed worker, or recalled before it started
 
 
 @dataclass(frozen=True)

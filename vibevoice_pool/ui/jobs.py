@@ -81,7 +81,8 @@ def job_rows(runner: JobRunner, owner: str, lang: str = "en") -> tuple[list[list
         rows.append(
             [
                 job.id,
-                t(lang, f"job.{d['state']}"),
+                t(lang, f"job.{d['state']}")
+                + (f" ({t(lang, 'job.' + d['waiting']['reason'])})" if d.get("waiting") else ""),
                 t(
                     lang,
                     "job_progress",
