@@ -200,6 +200,52 @@ def test_twenty_clients_submitting_at_once_all_get_an_id_and_finish(shared):
         assert [j["id"] for j in mine] == [job_id] and mine[0]["seed"] == i
 
 
+def test_a_retried_post_with_its_idempotency_key_gets_the_same_job_not_a_second(shared):
+    """A client whose first answer was lost (a timeout, a dropped connection) sends the
+    POST again: with the same Idempotency-Key it gets the job the first one made, even
+    without the owner token that answer carried; the same key with another body is 409."""
+    url, key = f"{shared.url}/v1/jobs", "retry-0123456789abcdef"
+    body = {"script": "Speaker 1: a chapter sent twice."}
+    first = httpx.post(url, json=body, headers={"Idempotency-Key": key}, timeout=60)
+    again = httpx.post(url, json=body, headers={"Idempotency-Key": key}, timeout=60)
+    assert first.status_code == again.status_code == 202, (first.text, again.text)
+    assert again.json()["id"] == first.json()["id"]
+    token = first.headers["x-owner-token"]
+    assert again.headers["x-owner-token"] == token  # the key's owner, the same both times
+    mine = httpx.get(url, headers={"X-Owner-Token": token}, timeout=10).json()["data"]
+    assert [j["id"] for j in mine] == [first.json()["id"]]  # one job, not two
+    other = {"script": "Speaker 1: another chapter."}
+    r = httpx.post(url, json=other, headers={"Idempotency-Key": key}, timeout=60)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_reused"
+    r = httpx.post(url, json=other, headers={"Idempotency-Key": "short"}, timeout=60)
+    assert r.status_code == 400 and "Idempotency-Key" in r.json()["error"]["message"]
+    wait_finished(shared.url, [first.json()["id"]])
+
+
+def test_the_cli_sends_a_submission_whose_answer_was_lost_again_as_the_same_job(
+    shared, tmp_path, capsys, monkeypatch
+):
+    """The job is written down but its answer never reaches `synth --async` (a read
+    timeout): the command sends it again with its Idempotency-Key and follows the one job."""
+    monkeypatch.setenv(jobs_client.OWNER_FILE_ENV, str(tmp_path / "owner-token"))
+    real_post, sent = httpx.post, []
+
+    def lost_once(*args, **kwargs):
+        r = real_post(*args, **kwargs)  # the server has it
+        sent.append(r.json()["id"])
+        if len(sent) == 1:
+            raise httpx.ReadTimeout("the answer was lost")
+        return r
+
+    monkeypatch.setattr(jobs_client.httpx, "post", lost_once)
+    text = "Speaker 1: a submission whose answer goes missing"
+    out = tmp_path / "out.wav"
+    assert jobs_client.submit_and_follow(shared.url, {"script": text}, str(out)) == 0
+    assert len(sent) == 2 and sent[0] == sent[1]  # the same job twice, not two jobs
+    assert "sending it again" in capsys.readouterr().err
+    assert len(sf.read(out)[0]) == samples_for(text)
+
+
 def test_a_result_that_cannot_be_written_fails_its_job_and_the_server_serves_on(shared):
     results = shared.data / "results"
     kept = shared.data / "results-kept"

@@ -204,7 +204,11 @@ def test_a_database_from_version_1_opens_keeps_its_jobs_and_records_stop_reasons
     finally:
         store.close()
     conn = sqlite3.connect(data / "jobs.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    cols = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    assert {"stop_reason", "body_bytes", "idem_key", "idem_fp"} <= cols
+    indexes = {row[1] for row in conn.execute("PRAGMA index_list(jobs)")}
+    assert "jobs_by_key" in indexes
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # converted: space returns
     conn.close()
     JobStore.open(data).close()  # a second open finds the column there and adds nothing
@@ -220,3 +224,31 @@ def test_paged_list_is_newest_first_and_per_owner(store):
 
 
 # ---- the runner over a fake pool --------------------------------------
+
+
+def test_an_idempotency_key_gives_back_its_job_per_owner_and_refuses_another_body(store):
+    def create(owner, body, idem):
+        return store.create(
+            uuid.uuid4().hex,
+            owner=owner,
+            body=body,
+            fmt="wav",
+            seed=1,
+            est_audio_s=1.0,
+            est_bytes=10,
+            at=T0,
+            idem=idem,
+        )
+
+    first = create("me", {"script": "Speaker 1: hi"}, ("k" * 16, "fp1"))
+    again = create("me", {"script": "Speaker 1: hi"}, ("k" * 16, "fp1"))
+    assert again.id == first.id
+    assert len(store.list("me", limit=10, offset=0)[0]) == 1
+    other = create("someone else", {"script": "Speaker 1: hi"}, ("k" * 16, "fp1"))
+    assert other.id != first.id  # a key is the owner's own
+    with pytest.raises(JobError) as e:
+        create("me", {"script": "Speaker 1: bye"}, ("k" * 16, "fp2"))
+    assert e.value.kind is JobErrorKind.KEY_REUSED and first.id in e.value.message
+    store.cancel(first.id, T0 + 1)
+    store.delete(first.id)  # once the job is gone, so is its key
+    assert create("me", {"script": "Speaker 1: bye"}, ("k" * 16, "fp2")).id != first.id

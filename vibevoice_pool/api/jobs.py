@@ -21,6 +21,12 @@ cancels that job, except with named keys, where a job answers only its own
 name (404 to the others). The API key, when set, is checked by the app's
 middleware (auth.py), as for every /v1 route. The page's Jobs tab has owners
 of its own ("browser:<id>", ui/jobs.py) that no header reaches.
+Retries (Idempotency-Key, 16-200 visible ASCII characters, a UUID say): a POST
+with a key its owner sent before answers the job that key made, whatever its
+state (202, its view now); with another body, 409 idempotency_key_reused. A
+keyless caller without a token is given the token the key derives
+(OwnerTokens.for_key), so a retry after a lost answer finds its job too. A key
+is free again once its job has expired or been deleted.
 Errors are OpenAI-shaped (errors.py): PoolError by its kind, JobError by
 JOB_STATUS (507 for a full data disk or the data limit, 429 past an owner's
 limits). Handlers are plain functions: FastAPI runs them off the loop.
@@ -34,6 +40,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -48,7 +55,7 @@ from vibevoice_pool.api.errors import FileAnswer, error_response, plain_error
 from vibevoice_pool.api.speech import SynthesizeBody
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import Job, JobError, JobErrorKind, JobState
-from workers.wire.messages import PoolError
+from workers.wire.messages import ErrorKind, PoolError
 
 OWNER_HEADER = "x-owner-token"
 OWNER_COOKIE = "vvp_owner"
@@ -63,6 +70,7 @@ JOB_STATUS = {
     JobErrorKind.NOT_READY: 409,
     JobErrorKind.NO_AUDIO: 410,
     JobErrorKind.CONFLICT: 409,
+    JobErrorKind.KEY_REUSED: 409,
     JobErrorKind.DISK_LIMIT: 507,
     JobErrorKind.DISK_FULL: 507,
     JobErrorKind.OWNER_LIMIT: 429,
@@ -102,10 +110,40 @@ class OwnerTokens:
         part = secrets.token_urlsafe(24)  # 32 characters, 192 bits
         return part + self._sign(part)
 
+    def for_key(self, key: str) -> str:
+        """The token an Idempotency-Key stands for, for a caller that has none: the
+        same key, the same owner (a retry whose first answer was lost)."""
+        mac = hmac.new(self._secret, b"idempotency-key:" + key.encode(), hashlib.sha256)
+        part = base64.urlsafe_b64encode(mac.digest()).decode()[:32]
+        return part + self._sign(part)
+
     def valid(self, token: str) -> bool:
         if not OWNER_TOKEN.match(token):
             return False
         return hmac.compare_digest(token[32:], self._sign(token[:32]))
+
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{16,200}$")
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key, or None; BAD_INPUT when it is not one."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not IDEMPOTENCY_KEY.match(key):
+        raise PoolError(
+            ErrorKind.BAD_INPUT,
+            "Idempotency-Key must be 16-200 visible ASCII characters (a UUID, say)",
+        )
+    return key
+
+
+def fingerprint(fields: dict) -> str:
+    """What makes two submissions the same job: the body as sent, every field."""
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def token_owner(token: str) -> str:
@@ -159,11 +197,14 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
     def create_job(body: SynthesizeBody, request: Request):
         minted = None
         try:
+            key = idempotency_key(request)
             owner = owner_of(request, tokens)
             if owner is None:  # none, or one this server did not mint: a new one
-                minted = tokens.mint()
+                minted = tokens.for_key(key) if key else tokens.mint()
                 owner = token_owner(minted)
-            job = runner.submit(owner, body.model_dump())
+            fields = body.model_dump()
+            idem = (key, fingerprint(fields)) if key else None
+            job = runner.submit(owner, fields, idem)
         except PoolError as e:
             return error_response(e)
         except JobError as e:

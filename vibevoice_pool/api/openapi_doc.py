@@ -53,7 +53,8 @@ WHY = {
     "403": "Refused: a cross-site write, a user key on an admin route, another key's voice",
     "408": "The request was sent too slowly (the connection guard closed it)",
     "404": "No such thing (a job, a worker, a voice the request names)",
-    "409": "Not in a state for this (the job is not done, or already ended)",
+    "409": "Not in a state for this (the job is not done, or already ended; an "
+    "Idempotency-Key sent before with another body)",
     "410": "The job failed or was cancelled: it has no audio, and never will",
     "413": "The body is over the server's limit",
     "415": "A voice sample that is no wav, mp3, flac or ogg file",
@@ -74,7 +75,7 @@ ROUTE_ERRORS = {
     ("/ready", "get"): ("503",),
     ("/v1/synthesize", "post"): ("404", "415", *SYNTH_FAILURES),
     ("/v1/audio/speech", "post"): ("404", *SYNTH_FAILURES),
-    ("/v1/jobs", "post"): ("404", "415", "429", "503", "507"),  # 429: decodes, owner limits
+    ("/v1/jobs", "post"): ("404", "409", "415", "429", "503", "507"),  # 429: decodes, owners
     ("/v1/voices", "post"): ("415", "429"),
     ("/metrics", "get"): ("403",),
     ("/v1/jobs/{job_id}", "delete"): ("409", "507"),
@@ -138,6 +139,14 @@ OWNER_TOKEN = {
     "schema": {"type": "string"},
 }
 LOCATION = {"description": "The job's URL", "schema": {"type": "string"}}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Send it again on a retry: the job this key made is answered, not a "
+    "second one (16-200 visible ASCII characters, a UUID say)",
+    "schema": {"type": "string", "pattern": "^[!-~]{16,200}$"},
+}
 OPEN = ("/health", "/ready")
 WRITES = ("post", "put", "patch", "delete")
 
@@ -166,6 +175,7 @@ ROUTE_CODES = {  # error codes of a route's own statuses, where a client may act
     ("/v1/voices", "post", "415"): ("unsupported_audio",),
     ("/v1/jobs", "post", "429"): ("overloaded", "owner_limit"),
     ("/v1/jobs", "post", "507"): ("disk_limit", "disk_full"),
+    ("/v1/jobs", "post", "409"): ("idempotency_key_reused",),
     ("/v1/jobs/{job_id}", "delete", "507"): ("disk_full",),
 }
 
@@ -207,6 +217,7 @@ def _document_operation(path: str, method: str, op: dict) -> None:
             continue
         responses[status] = _error(status, codes)
     if (path, method) == ("/v1/jobs", "post"):
+        op.setdefault("parameters", []).append(IDEMPOTENCY_KEY)
         accepted = responses.setdefault("202", {"description": "The job, queued"})
         accepted.setdefault("headers", {}).update(
             {"X-Owner-Token": OWNER_TOKEN, "Location": LOCATION}

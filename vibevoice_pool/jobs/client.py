@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -130,11 +131,17 @@ def _progress_line(job: dict, t0: float) -> str:
 
 
 def submit_and_follow(url: str, body: dict, output: str, api_key: str | None = None) -> int:
-    try:
-        r = httpx.post(f"{url}/v1/jobs", json=body, headers=_headers(api_key), timeout=60)
-    except httpx.HTTPError as e:
-        _say(f"cannot reach {url}: {e}")
-        return 1
+    # one Idempotency-Key for this submission: a retry after a lost answer is the same job
+    headers = {**_headers(api_key), "Idempotency-Key": f"vvp-cli-{uuid.uuid4()}"}
+    for attempt in (1, 2):
+        try:
+            r = httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=60)
+            break
+        except httpx.HTTPError as e:
+            if attempt == 2 or isinstance(e, httpx.ConnectError):  # nothing was sent
+                _say(f"cannot reach {url}: {e}")
+                return 1
+            _say(f"no answer from {url} ({type(e).__name__}); sending it again")
     if r.status_code != 202:
         return _fail(r)
     keep_owner_token(r)

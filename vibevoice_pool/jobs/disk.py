@@ -1,6 +1,7 @@
 """The job store's disk rules: what a job holds, the limits, a full disk told apart.
 
 Limits          jobs_disk_limit_mb, jobs_owner_disk_mb, jobs_owner_max_active
+check_room      DISK_LIMIT or OWNER_LIMIT for a new job that would pass them
 HELD_SQL        what rows hold: a done job its result, a queued or running
                 one its expected result, and every kept body its size
 is_disk_full    SQLITE_FULL or ENOSPC/EDQUOT (by code, never by message)
@@ -38,6 +39,46 @@ HELD_SQL = (
     " WHEN state IN ('queued','running') THEN est_bytes ELSE 0 END"
     " + COALESCE(body_bytes, LENGTH(body))), 0)"
 )
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB"
+
+
+def check_room(conn: sqlite3.Connection, lim: Limits, owner: str, est_bytes: int, size: int):
+    """Raise DISK_LIMIT or OWNER_LIMIT when a new job of `owner` (its expected result
+    est_bytes, its body `size` bytes) would pass the limits with what is held."""
+    # a small body is written twice for a moment (the journal, then the database);
+    # a big one goes to a file of its own, once
+    need = est_bytes + size + (size if size <= BIG_BODY else 0)
+    held = conn.execute(f"SELECT {HELD_SQL} FROM jobs").fetchone()[0]
+    if held + need > lim.disk_bytes:
+        raise JobError(
+            JobErrorKind.DISK_LIMIT,
+            f"jobs hold {_mb(held)} and this one needs about {_mb(need)} (its result and "
+            f"its body); the limit is jobs_disk_limit_mb={lim.disk_bytes / 2**20:g}. Fetch "
+            "and let old jobs expire, or raise the limit",
+        )
+    active, mine = conn.execute(
+        f"SELECT COALESCE(SUM(state IN ('queued','running')), 0), {HELD_SQL} FROM jobs"
+        " WHERE owner=?",
+        (owner,),
+    ).fetchone()
+    if active >= lim.owner_max_active:
+        raise JobError(
+            JobErrorKind.OWNER_LIMIT,
+            f"you have {active} jobs queued or running; the limit is "
+            f"jobs_owner_max_active={lim.owner_max_active}. Wait for some to finish",
+        )
+    if mine + est_bytes + size > lim.owner_disk_bytes:
+        raise JobError(
+            JobErrorKind.OWNER_LIMIT,
+            f"your jobs hold {_mb(mine)} and this one needs about {_mb(est_bytes + size)}; "
+            f"one owner may hold jobs_owner_disk_mb={lim.owner_disk_bytes / 2**20:g}. Fetch "
+            "or cancel some jobs first",
+        )
+
+
 RECLAIM_PAGES = 256  # free pages (1 MB) worth giving back to the disk
 JOURNAL_LIMIT = 4 * 2**20  # the write-ahead log is cut back to this after a checkpoint
 DROPPED_BODY = "{}"

@@ -36,6 +36,7 @@ class JobErrorKind(str, enum.Enum):
     NOT_READY = "not_ready"  # the audio of a job that has not finished
     NO_AUDIO = "no_audio"  # the audio of a job that failed or was cancelled: never coming
     CONFLICT = "conflict"  # cancelling a job that already finished
+    KEY_REUSED = "idempotency_key_reused"  # an Idempotency-Key sent again with another body
     DISK_LIMIT = "disk_limit"  # the results would pass jobs_disk_limit_mb
     OWNER_LIMIT = "owner_limit"  # one owner's jobs or space would pass its share
     DISK_FULL = "disk_full"  # the disk under the data folder is full

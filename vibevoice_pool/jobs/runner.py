@@ -1,35 +1,32 @@
 """JobRunner: runs the durable jobs of a JobStore on the Pool, one by one, to the end.
 
-    submit(owner, body)   (POST /v1/jobs, the Jobs tab)
-        validate it as /v1/synthesize would, fix its seed, write it down: queued
+    submit(owner, body)   (POST /v1/jobs, the Jobs tab): validate it as /v1/synthesize would,
+        fix its seed, write it down: queued (an Idempotency-Key seen before: that job)
     the runner thread (its own asyncio loop), while the pool's admission queue
     holds fewer than `queue_depth` requests:
         next queued job, fair between owners (store.next_queued), an owner
         holding at most `owner_running` jobs in the pool (0: its rows but one,
         so another owner's job starts at once)
-        -> Request from the stored body -> pool.submit
-            OVERLOADED / UNAVAILABLE: it stays queued; try again in a moment
+        -> Request from the stored body -> pool.submit (OVERLOADED / UNAVAILABLE: it
+           stays queued; try again in a moment)
         -> claim (queued -> running) -> follow the handle: audio made = progress
         Done:   encode, write results/<id>.<fmt> (temp file, fsync, rename), then
                 running -> done; a write error (disk full, I/O) -> failed
         Failed: running -> failed (the pool has already retried a lost worker)
     cancel(id): cancelled in the store first, then the pool request is stopped
-    start(): jobs a previous server left queued or running are queued again; a
-        running one goes on from the audio and history it saved (progress.py)
-    hold() at the stop signal: start no queued job; stop(grace): let running jobs
-        finish within grace, queue the rest again (their progress saved) for the next start
+    start(): jobs a previous server left queued or running are queued again (a running
+        one goes on from the audio and history it saved, progress.py)
+    hold() at the stop signal: start no queued job; stop(grace): running jobs finish
+        within grace, the rest are queued again (their progress saved) for the next start
 
-A full data disk (JobError DISK_FULL from the store): new jobs are refused (507 on the API),
-nothing new is handed to the pool for DISK_RETRY_S, a finish that cannot be written is kept and
-written when space returns, and every tick a job the store says is `running` that no run of this
-process holds is queued again: nothing stays `running` without a worker.
+A full data disk (JobError DISK_FULL): new jobs are refused (507), nothing new goes to the pool
+for DISK_RETRY_S, an unwritable finish is written when space returns, and each tick a `running`
+job no run of this process holds is queued again: nothing stays `running` without a worker.
 
-Exactly once: a job reaches a terminal state through one compare-and-set in the store
-(finished_count <= 1 is a CHECK), so a racing cancel and finish cannot both win. A run killed at
-any point leaves the job `queued` or `running`, both run again at the next start; a result file
-renamed into place before the kill is replaced by the rerun's (same name, same seed), and only the
-transition to `done`, after the rename, makes it visible. The pool's workers die with the server
-(death pipe), so no run outlives its process.
+Exactly once: a job ends through one compare-and-set in the store (finished_count <= 1 is a
+CHECK), so a racing cancel and finish cannot both win. A run killed at any point leaves the job
+`queued` or `running`, run again at the next start; a result renamed into place before the kill is
+replaced by the rerun's (same name, seed), visible only once `done`. Workers die with the server.
 """
 
 from __future__ import annotations
@@ -164,9 +161,9 @@ class JobRunner:
 
     # ---- the API side --------------------------------------------------
 
-    def submit(self, owner: str, body: dict) -> Job:
-        """Validate and write down a job; it runs when the pool has room.
-        PoolError (BAD_INPUT, UNAVAILABLE), JobError(DISK_LIMIT)."""
+    def submit(self, owner: str, body: dict, idem: tuple[str, str] | None = None) -> Job:
+        """Validate and write down a job; it runs when the pool has room (`idem`: see
+        JobStore.create). PoolError (BAD_INPUT, UNAVAILABLE), JobError(DISK_LIMIT)."""
         if self._stopping or self._held:
             raise m.PoolError(m.ErrorKind.UNAVAILABLE, "the server is shutting down", True)
         body = {**body, "stream": False}
@@ -174,8 +171,9 @@ class JobRunner:
         body["seed"] = req.seed  # a rerun after a restart makes the same audio
         fmt = str(body.get("format") or "wav").strip().lower()
         est_bytes = int(req.est_audio_s * BYTES_PER_AUDIO_S.get(fmt, 48_000)) + 4096
+        job_id = uuid.uuid4().hex
         job = self.store.create(
-            uuid.uuid4().hex,
+            job_id,
             owner=owner,
             body=body,
             fmt=fmt,
@@ -183,9 +181,11 @@ class JobRunner:
             est_audio_s=req.est_audio_s,
             est_bytes=est_bytes,
             at=self.clock(),
+            idem=idem,
         )
-        log.info("job %s queued (about %.0f s of audio)", job.id, job.est_audio_s)
-        self._poke()
+        if job.id == job_id:  # else the job an Idempotency-Key made before
+            log.info("job %s queued (about %.0f s of audio)", job.id, job.est_audio_s)
+            self._poke()
         return job
 
     def get(self, job_id: str) -> Job:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,7 +42,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error          TEXT,
     finished_count INTEGER NOT NULL DEFAULT 0 CHECK (finished_count <= 1),
     stop_reason    TEXT,                      -- version 2: why the model stopped
-    body_bytes     INTEGER                    -- version 3: the body's size while it is kept
+    body_bytes     INTEGER,                   -- version 3: the body's size while it is kept
+    idem_key       TEXT,                      -- version 4: the client's Idempotency-Key
+    idem_fp        TEXT                       -- version 4: its body's fingerprint
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
@@ -59,7 +61,14 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 """
 
 # Columns added after version 1: (name, SQL type). Each must be nullable.
-ADDED_COLUMNS = (("stop_reason", "TEXT"), ("body_bytes", "INTEGER"))
+ADDED_COLUMNS = (
+    ("stop_reason", "TEXT"),
+    ("body_bytes", "INTEGER"),
+    ("idem_key", "TEXT"),
+    ("idem_fp", "TEXT"),
+)
+# made once its columns are there (after ADD COLUMN in an older file)
+_KEYED = "CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (owner, idem_key)"
 
 
 INCREMENTAL = 2  # PRAGMA auto_vacuum's value
@@ -78,4 +87,5 @@ def migrate(conn: sqlite3.Connection) -> None:
     for name, sql_type in ADDED_COLUMNS:
         if name not in have:
             conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
+    conn.execute(_KEYED)  # NULL keys never collide
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

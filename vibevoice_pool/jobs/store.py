@@ -42,6 +42,7 @@ from .disk import (
     HELD_SQL,
     JOURNAL_LIMIT,
     Limits,
+    check_room,
     drop_body,
     folder_bytes,
     is_disk_full,
@@ -220,9 +221,6 @@ class JobStore:
         with self._mutex:
             return reclaim_space(self._conn, self.folder / (DB_NAME + "-wal"), force)
 
-    def _mb(self, n: int) -> str:
-        return f"{n / (1024 * 1024):.1f} MB"
-
     @contextlib.contextmanager
     def _tx(self):
         """One write transaction under the mutex; SQLite's errors become JobError
@@ -292,62 +290,56 @@ class JobStore:
         est_audio_s: float,
         est_bytes: int,
         at: float,
+        idem: tuple[str, str] | None = None,
     ) -> Job:
         """Write a new queued job down. JobError DISK_LIMIT when it would not fit
         under the limit with what is already held, OWNER_LIMIT past its owner's
-        share, DISK_FULL when the disk refuses it."""
+        share, DISK_FULL when the disk refuses it. `idem`: the client's Idempotency-Key
+        and its body's fingerprint; a key this owner sent before gives back the job it
+        made (another id than job_id), or KEY_REUSED with another body."""
         text = json.dumps(body)
         size = len(text.encode())
-        lim = self.limits
-        # a small body is written twice for a moment (the journal, then the database);
-        # a big one goes to a file of its own, once
-        need = est_bytes + size + (size if size <= BIG_BODY else 0)
         with self._tx() as conn:
-            held = conn.execute(f"SELECT {HELD_SQL} FROM jobs").fetchone()[0]
-            if held + need > lim.disk_bytes:
-                raise JobError(
-                    JobErrorKind.DISK_LIMIT,
-                    f"jobs hold {self._mb(held)} and this one needs about "
-                    f"{self._mb(need)} (its result and its body); the limit is "
-                    f"jobs_disk_limit_mb={lim.disk_bytes / 2**20:g}. Fetch and let old jobs "
-                    "expire, or raise the limit",
-                )
-            active, mine = conn.execute(
-                "SELECT COALESCE(SUM(state IN ('queued','running')), 0),"
-                f" {HELD_SQL} FROM jobs WHERE owner=?",
-                (owner,),
-            ).fetchone()
-            if active >= lim.owner_max_active:
-                raise JobError(
-                    JobErrorKind.OWNER_LIMIT,
-                    f"you have {active} jobs queued or running; the limit is "
-                    f"jobs_owner_max_active={lim.owner_max_active}. Wait for some to finish",
-                )
-            if mine + est_bytes + size > lim.owner_disk_bytes:
-                raise JobError(
-                    JobErrorKind.OWNER_LIMIT,
-                    f"your jobs hold {self._mb(mine)} and this one needs about "
-                    f"{self._mb(est_bytes + size)}; one owner may hold jobs_owner_disk_mb="
-                    f"{lim.owner_disk_bytes / 2**20:g}. Fetch or cancel some jobs first",
-                )
-            stored = write_body(self.folder, job_id, text) if size > BIG_BODY else text
-            try:
-                conn.execute(
-                    "INSERT INTO jobs (id, owner, state, body, body_bytes, format, seed,"
-                    " est_audio_s, est_bytes, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, owner, stored, size, fmt, seed, est_audio_s, est_bytes, at),
-                )
-                conn.execute(
-                    "INSERT INTO events (job_id, at, from_state, to_state, detail)"
-                    " VALUES (?, ?, NULL, 'queued', 'submitted')",
-                    (job_id, at),
-                )
-            except BaseException:
-                drop_body(self.folder, job_id)
-                raise
+            row = None
+            if idem is not None:  # the same key again: that job, if the body is the same
+                row = conn.execute(
+                    "SELECT id, idem_fp FROM jobs WHERE owner=? AND idem_key=?", (owner, idem[0])
+                ).fetchone()
+            if row is not None:
+                if row[1] != idem[1]:
+                    raise JobError(
+                        JobErrorKind.KEY_REUSED,
+                        f"Idempotency-Key {idem[0]!r} was sent with another body (job "
+                        f"{row[0]}); use a new key for a new job",
+                    )
+                job_id = row[0]  # answered below, out of the transaction
+            else:
+                check_room(conn, self.limits, owner, est_bytes, size)
+                row = (job_id, owner, text, size, fmt, seed, est_audio_s, est_bytes, at)
+                self._insert(conn, row, idem or (None, None))
         job = self.get(job_id)
         assert job is not None
         return job
+
+    def _insert(self, conn: sqlite3.Connection, row: tuple, idem: tuple) -> None:
+        """A new queued job's row, its body in a file of its own when big."""
+        job_id, text, size = row[0], row[2], row[3]
+        stored = write_body(self.folder, job_id, text) if size > BIG_BODY else text
+        try:
+            conn.execute(
+                "INSERT INTO jobs (id, owner, body, body_bytes, format, seed, est_audio_s,"
+                " est_bytes, created_at, idem_key, idem_fp, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+                (job_id, row[1], stored, *row[3:], *idem),
+            )
+            conn.execute(
+                "INSERT INTO events (job_id, at, from_state, to_state, detail)"
+                " VALUES (?, ?, NULL, 'queued', 'submitted')",
+                (job_id, row[8]),
+            )
+        except BaseException:
+            drop_body(self.folder, job_id)
+            raise
 
     def claim(self, job_id: str, request_id: str, at: float) -> bool:
         """queued -> running: this process has handed the job to the pool."""
