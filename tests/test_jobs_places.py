@@ -15,6 +15,9 @@ from vibevoice_pool.jobs.client import _progress_line
 pytestmark = pytest.mark.slow
 
 LONG = "Speaker 1: " + "a long audiobook chapter, read slowly. " * 24  # about 60 s of audio
+# an interactive answer long enough (about 8 s of audio, 4 s at this sim's speed) that a
+# busy machine's poll still sees the jobs it preempts waiting, and the list agreeing
+CHAT = "Speaker 1: " + "an answer that takes a few seconds. " * 3
 
 
 def test_a_preempted_job_shows_queued_waiting_until_a_worker_begins_it_again(server, tmp_path):
@@ -37,7 +40,7 @@ def test_a_preempted_job_shows_queued_waiting_until_a_worker_begins_it_again(ser
     assert all(v["progress"]["eta_s"] > 0 for v in before.values())  # it has run a while
     chats = [  # two interactive requests take two jobs' places
         threading.Thread(target=c.post, args=("/v1/synthesize",), kwargs={"json": {"script": s}})
-        for s in ("Speaker 1: a quick answer.", "Speaker 1: another one.")
+        for s in (CHAT, CHAT.replace("answer", "reply"))
     ]
     for t in chats:
         t.start()

@@ -228,6 +228,7 @@ ZH_ERRORS: dict[str, str] = {
     "not_ready": "尚未完成",
     "no_audio": "没有音频",
     "conflict": "状态冲突",
+    "idempotency_key_reused": "这个幂等键已用于另一份请求",
     "disk_limit": "超出任务磁盘上限",
     "owner_limit": "超出每个用户的上限",
     "disk_full": "磁盘已满",
