@@ -267,3 +267,27 @@ def test_a_worker_numbers_gpus_as_nvidia_smi_does():
     assert env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "2"}
     pin_device(None, env)
     assert env["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_numbered_gpus_on_a_mixed_machine_warn_of_cudas_other_order(gpu_pool, monkeypatch, caplog):
+    """On a machine of two kinds of GPU, `CUDA_VISIBLE_DEVICES=1` from a scheduler
+    that ran under CUDA's default order (fastest first) may mean another GPU than
+    nvidia-smi's 1, which the pool uses; it started there without a word."""
+    from vibevoice_pool.pool.devices import Gpu, order_warning
+
+    mixed = [Gpu(0, "NVIDIA A10", 1), Gpu(1, "NVIDIA H100", 1), Gpu(2, "NVIDIA A10", 1)]
+    same = [Gpu(i, "NVIDIA H100", 1, f"GPU-{i}aa") for i in range(3)]
+    assert "CUDA_DEVICE_ORDER=unset" in order_warning(mixed, "1,2", None)
+    assert "fastest first" in order_warning(mixed, "1", "FASTEST_FIRST")
+    assert order_warning(mixed, "1", "PCI_BUS_ID") == ""  # the ids are the bus's
+    assert order_warning(same, "1", None) == ""  # one kind: both orders agree
+    assert order_warning(mixed, "GPU-1aa", None) == ""  # a UUID is one GPU in any order
+    assert order_warning(mixed, None, None) == ""
+    nvml = FakeNvml({0: FakeGpu(name="NVIDIA A10"), 1: FakeGpu(name="NVIDIA H100")})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    with caplog.at_level("INFO", logger="vibevoice_pool"):
+        pool = gpu_pool(nvml, gpus="all")
+    assert [w["device"] for w in pool.status()["workers"]] == ["cuda:1"]
+    warned = [r for r in caplog.records if "nvidia-smi's order" in r.getMessage()]
+    assert warned and warned[0].levelname == "WARNING", caplog.text

@@ -104,6 +104,24 @@ def visible(found: list[Gpu], hidden: str | None) -> tuple[list[Gpu], str]:
     return kept, f"CUDA_VISIBLE_DEVICES={hidden} leaves the pool only these"
 
 
+def order_warning(found: list[Gpu], hidden: str | None, order: str | None) -> str:
+    """What to warn when CUDA_VISIBLE_DEVICES (`hidden`) names GPUs by number on a
+    machine of more than one kind of GPU and CUDA_DEVICE_ORDER (`order`) is not
+    PCI_BUS_ID: the pool reads the numbers as nvidia-smi does (bus order), but the
+    scheduler that set them, under CUDA's default order (fastest first), may have
+    meant other GPUs. "" when there is no doubt."""
+    if not hidden or (order or "").upper() == "PCI_BUS_ID" or len({g.name for g in found}) < 2:
+        return ""
+    if not any(t.strip().isdigit() for t in hidden.split(",")):
+        return ""  # UUIDs name one GPU in any order
+    return (
+        f"CUDA_VISIBLE_DEVICES={hidden} is read in nvidia-smi's order (PCI bus), but with "
+        f"GPUs of more than one kind and CUDA_DEVICE_ORDER={order or 'unset'} CUDA numbers "
+        "them fastest first: if these are not the GPUs meant, set CUDA_DEVICE_ORDER=PCI_BUS_ID "
+        "where the ids are chosen, or name the GPUs by UUID (nvidia-smi -L)"
+    )
+
+
 def plan(
     gpus_setting: str, workers_per_gpu: int, found: list[Gpu], note: str = ""
 ) -> list[Placement]:

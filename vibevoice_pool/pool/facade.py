@@ -23,7 +23,15 @@ from dataclasses import dataclass
 
 from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool import events as ev
-from vibevoice_pool.pool.devices import Gpu, Placement, engine_specs, find_gpus, plan, visible
+from vibevoice_pool.pool.devices import (
+    Gpu,
+    Placement,
+    engine_specs,
+    find_gpus,
+    order_warning,
+    plan,
+    visible,
+)
 from vibevoice_pool.pool.dispatcher import Dispatcher
 from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.monitor import Monitor, Nvml, RealNvml
@@ -97,6 +105,8 @@ class Pool:
             )
         hidden = os.environ.get("CUDA_VISIBLE_DEVICES")  # what torch would have kept to
         usable, note = visible(found, hidden)
+        if doubt := order_warning(found, hidden, os.environ.get("CUDA_DEVICE_ORDER")):
+            log.warning("%s", doubt)
         if found and note:
             log.info(
                 "CUDA_VISIBLE_DEVICES=%s: the pool uses GPUs %s of %s",
