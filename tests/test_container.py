@@ -150,7 +150,7 @@ def test_the_image_runs_as_a_user_with_volumes_and_a_health_check(store, image):
     assert uid.isdigit() and int(uid) != 0 and gid.isdigit() and int(gid) != 0, config["User"]
     assert set(config["Volumes"]) == {"/models", "/voices", "/data"}
     assert config["Entrypoint"][0].endswith("/tini")  # PID 1 passes SIGTERM on
-    assert "/ready" in " ".join(config["Healthcheck"]["Test"])
+    assert config["Healthcheck"]["Test"] == ["CMD", "vibevoice-pool", "health"]
 
 
 def test_ready_answers_and_a_synthesis_is_wav_audio(served):
@@ -166,10 +166,13 @@ def test_ready_answers_and_a_synthesis_is_wav_audio(served):
 def test_the_health_check_passes_inside_the_container(store, served):
     check = served.config["Healthcheck"]["Test"]
     assert check[0] == "CMD"
-    env = {"VIBEVOICE_POOL_PORT": str(served.port)}
-    ok = store.run(served.ctr, check[1:], env, stderr=subprocess.PIPE)
+    # The image's environment names 7860; the server listens elsewhere (its own
+    # VIBEVOICE_POOL_PORT, as `--port` would): the check finds it where it said it listens.
+    assert served.port != 7860
+    ok = store.run(served.ctr, check[1:], {}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert ok.wait(60) == 0, ok.stderr.read()
-    env = {"VIBEVOICE_POOL_PORT": str(free_port())}  # nothing listens there: unhealthy
+    assert f":{served.port}: ready" in ok.stdout.read().decode()
+    env = {"VIBEVOICE_POOL_URL": f"http://127.0.0.1:{free_port()}"}  # nothing there: unhealthy
     bad = store.run(served.ctr, check[1:], env, stderr=subprocess.DEVNULL)
     assert bad.wait(60) != 0
 

@@ -143,9 +143,9 @@ def test_the_probes_ask_the_open_paths_on_the_served_port():
     # allows minutes for it, and the liveness probe waits for the startup probe.
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
-    # The image's own check asks an open path too, on the port the server uses.
+    # The image's own check asks an open path too (/ready), on the port the server uses.
     (check,) = instructions("HEALTHCHECK")
-    assert any(f"{p}'" in check for p in OPEN_PATHS) and "VIBEVOICE_POOL_PORT" in check
+    assert '["vibevoice-pool", "health"]' in check and "/ready" in OPEN_PATHS
 
 
 def test_the_pod_keeps_tini_and_waits_out_the_servers_grace():

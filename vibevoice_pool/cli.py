@@ -5,6 +5,7 @@ worker re-imports the main script, and must not load the front ends.
     synth             send a script to a running server, write the audio (--async: as a job)
     jobs              list your jobs, or follow one and write its audio
     status            print the pool's status panel as a table
+    health            exit 0 if the server is ready to serve (the image's health check)
     make-tiny-model   build the tiny random VibeVoice used by the demo and tests
     convert           convert an original-layout VibeVoice checkpoint to HF
 """
@@ -95,11 +96,15 @@ def _metavar(name: str, info) -> str:
 
 
 KEY_HELP = "the server's API key (default: $VIBEVOICE_POOL_API_KEY)"
+URL_HELP = (
+    "the server (default: $VIBEVOICE_POOL_URL, else the one server you run on this machine, "
+    "else 127.0.0.1 at $VIBEVOICE_POOL_PORT or 7860)"
+)
 
 
 def _client_parsers(sub) -> None:
     p = sub.add_parser("synth", help="synthesize a script on a running server")
-    p.add_argument("--url", default="http://127.0.0.1:7860")
+    p.add_argument("--url", default=None, help=URL_HELP)
     p.add_argument("--script", required=True, help="a text file, or - for stdin")
     p.add_argument("--voice", action="append", default=[], help="a preset per speaker, in order")
     p.add_argument("--cfg-scale", type=float, default=1.3)
@@ -121,17 +126,23 @@ def _client_parsers(sub) -> None:
     p = sub.add_parser("jobs", help="list your jobs, or follow one and write its audio")
     p.add_argument("job_id", nargs="?", help="a job to follow to its end (with -o)")
     p.add_argument("-o", "--output", help="where to write the job's audio")
-    p.add_argument("--url", default="http://127.0.0.1:7860")
+    p.add_argument("--url", default=None, help=URL_HELP)
     p.add_argument("--api-key", default=None, help=KEY_HELP)
     p.add_argument("--limit", type=int, default=20, help="how many jobs to list")
 
     p = sub.add_parser("status", help="print the pool's status")
-    p.add_argument("--url", default="http://127.0.0.1:7860")
+    p.add_argument("--url", default=None, help=URL_HELP)
     p.add_argument("--api-key", default=None, help=KEY_HELP)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "health", help="exit 0 if the server is ready to serve, 1 if not (health checks)"
+    )
+    p.add_argument("--url", default=None, help=URL_HELP)
+    p.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for an answer")
+
     p = sub.add_parser("scale", help="add or remove workers of a running server")
-    p.add_argument("--url", default="http://127.0.0.1:7860")
+    p.add_argument("--url", default=None, help=URL_HELP)
     p.add_argument("--api-key", default=None, help=KEY_HELP)
     p.add_argument("--add", action="append", default=[], metavar="DEVICE", help="cpu, cuda:N or N")
     p.add_argument("--remove", action="append", default=[], type=int, metavar="ID")
@@ -220,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         from vibevoice_pool.client import API_KEY_ENV
 
         ns.api_key = os.environ.get(API_KEY_ENV) or None
+    if getattr(ns, "url", "") is None:
+        from vibevoice_pool.api.address import NoDefaultUrl, default_url
+
+        try:
+            ns.url = default_url()
+        except NoDefaultUrl as e:
+            print(f"vibevoice-pool {ns.command}: {e}", file=sys.stderr)
+            return 2
     try:
         return _terminal_command(ns)
     except BrokenPipeError:  # `vibevoice-pool status | head -1`: the reader left
@@ -232,7 +251,7 @@ def _terminal_command(ns) -> int:
         from vibevoice_pool.jobs import client as jobs_client
 
         return jobs_client.run(ns)
-    if ns.command in ("synth", "status", "scale"):
+    if ns.command in ("synth", "status", "scale", "health"):
         from vibevoice_pool import client
 
         return client.run(ns)

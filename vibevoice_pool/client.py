@@ -180,6 +180,22 @@ def status(ns) -> int:
     return 0
 
 
+def health(ns) -> int:
+    """GET /ready: 0 when a worker serves, 1 otherwise (one line saying which)."""
+    try:
+        r = httpx.get(f"{ns.url}/ready", timeout=ns.timeout)
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    except (httpx.HTTPError, ValueError) as e:
+        print(f"{ns.url}: not serving ({type(e).__name__})", file=sys.stderr)
+        return 1
+    workers = f"{body.get('ready_workers', '?')} of {body.get('workers', '?')} worker(s) ready"
+    if r.status_code == 200:
+        print(f"{ns.url}: ready, {workers}")
+        return 0
+    print(f"{ns.url}: not ready (HTTP {r.status_code}), {workers}", file=sys.stderr)
+    return 1
+
+
 def scale(ns) -> int:
     if not ns.add and not ns.remove:
         print("nothing to do: give --add DEVICE and/or --remove ID", file=sys.stderr)
@@ -205,7 +221,7 @@ def scale(ns) -> int:
 
 
 def run(ns) -> int:
-    commands = {"synth": synth, "status": status, "scale": scale}
+    commands = {"synth": synth, "status": status, "scale": scale, "health": health}
     try:
         return commands[ns.command](ns)
     except ClientError as e:

@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 
 from vibevoice_pool import config as config_mod
+from vibevoice_pool.api.address import publish as publish_address
+from vibevoice_pool.api.address import withdraw as withdraw_address
 from vibevoice_pool.config import ConfigError, PoolConfig
 from vibevoice_pool.pool.stopping import Interrupted, Stopping, StopWork, no_init_warning
 
@@ -383,7 +385,7 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
     except Interrupted as e:
         log.info("Stopped before serving.")
         return e.exit_code
-    jobs = None
+    jobs = published = None
     stop_work = StopWork(pool, STOP_MARGIN_S)
     code = 0
     try:
@@ -404,6 +406,7 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
         port = sock.getsockname()[1]  # the one bound: --port 0 picks a free one
         start_listening(sock, cfg.host, port)
         log.info("Serving on %s (API at /v1, page at /)", base_url(cfg.host, port))
+        published = publish_address(cfg.host, port)  # `vibevoice-pool status` finds it
         server.run(sockets=[sock])
     except Interrupted as e:  # a signal before the server was up
         code = e.exit_code
@@ -411,6 +414,7 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
         log.error("%s", e)
         code = EXIT_CONFIG
     finally:
+        withdraw_address(published)  # no command is sent to a server that is stopping
         left = stopping.left()
         log.info("Shutting down: finishing accepted requests (up to %.0f s)", left)
         stop_work.close(left)  # unfinished jobs run again at the next start
