@@ -13,6 +13,7 @@ gives the packets the encoder has finished: an mp3 frame, an Ogg page, an
 ADTS frame, a FLAC frame. The codecs hold back a little (an mp3 or aac frame
 is 1,152 or 1,024 samples, an Ogg page at most PAGE_MS of audio); end()
 flushes the rest. Every encoder gets the same int16 samples as raw pcm.
+Opus is coded at OPUS_BIT_RATE (32 kb/s, speech), whole files and streams alike.
 
 Whole files: wav, mp3 and flac as before (libsndfile through
 vibevoice_pool.audio); aac and opus through the stream encoder: an ADTS file
@@ -46,13 +47,17 @@ CONTENT_TYPES = {
     "aac": "audio/aac",
     "pcm": audio.PCM_CONTENT_TYPE,
 }
-# format -> (PyAV container format, codec, container options)
+# format -> (PyAV container format, codec, container options, bit rate or None)
 PAGE_MS = 60  # the longest Ogg page: what an opus stream may hold back
+# Opus: 32 kb/s, the top of the 28-40 kb/s that RFC 6716 (section 2.1.1, by
+# libopus's authors) gives for full-band speech; at 24 kHz libopus codes the
+# whole 12 kHz band at it. FFmpeg's default (64 kb/s a channel) doubled the files.
+OPUS_BIT_RATE = 32_000
 _FFMPEG = {
-    "mp3": ("mp3", "libmp3lame", {"id3v2_version": "0", "write_xing": "0"}),
-    "opus": ("ogg", "libopus", {"page_duration": str(PAGE_MS * 1000)}),
-    "aac": ("adts", "aac", {}),
-    "flac": ("flac", "flac", {}),
+    "mp3": ("mp3", "libmp3lame", {"id3v2_version": "0", "write_xing": "0"}, None),
+    "opus": ("ogg", "libopus", {"page_duration": str(PAGE_MS * 1000)}, OPUS_BIT_RATE),
+    "aac": ("adts", "aac", {}, None),
+    "flac": ("flac", "flac", {}, None),
 }
 INLINE = ("wav", "pcm")  # cheap enough to encode on the event loop
 
@@ -134,12 +139,14 @@ class StreamEncoder:
             return b""
         import av  # PyAV: imported on first use (it loads FFmpeg's libraries)
 
-        kind, codec, options = _FFMPEG[self.format]
+        kind, codec, options, bit_rate = _FFMPEG[self.format]
         self._sink = _Sink()
         self._container = av.open(self._sink, "w", format=kind, options=options, buffer_size=4096)
         self._container.flags |= 0x0020  # AVFMT_FLAG_FLUSH_PACKETS: no bytes wait in the IO buffer
         self._stream = self._container.add_stream(codec, rate=SAMPLE_RATE)
         self._stream.layout = "mono"
+        if bit_rate:
+            self._stream.bit_rate = bit_rate
         self._container.start_encoding()
         return self._sink.take()
 
