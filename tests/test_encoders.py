@@ -143,3 +143,33 @@ def test_opus_is_coded_at_a_bit_rate_for_speech_whole_and_streamed():
         back, rate = sf.read(io.BytesIO(data), dtype="float32")
         assert rate == SAMPLE_RATE and len(back) == len(pcm)  # the same length as made
         assert decoded_seconds(data, "opus") == 10.0  # PyAV: 48 kHz, the same length
+
+
+def _spectrum_top(pcm: np.ndarray) -> float:
+    """The highest frequency still within 10 dB of the 1-2 kHz level."""
+    power = np.convolve(np.abs(np.fft.rfft(pcm)) ** 2, np.ones(200) / 200, "same")
+    freq = np.fft.rfftfreq(len(pcm), 1 / SAMPLE_RATE)
+    ref = power[(freq > 1000) & (freq < 2000)].mean()
+    return float(freq[np.nonzero(power > 0.1 * ref)[0].max()])
+
+
+def test_mp3_whole_and_streamed_agree_and_the_whole_file_is_gapless():
+    # A stream was LAME's default (32 kb/s, low-passed at ~8 kHz), a whole file
+    # libsndfile's VBR; both are now 48 kb/s. The whole file's LAME tag says its
+    # frames, delay and padding: it decodes to the samples made, in time.
+    pcm = speechlike(6.0) + 0.05 * np.random.default_rng(3).standard_normal(6 * SAMPLE_RATE)
+    pcm = pcm.astype(np.float32)
+    whole, ctype = encode(pcm, "mp3")
+    stream = streamed(pcm, "mp3")
+    assert ctype == "audio/mpeg" and whole[13:17] == b"Info"
+    for data in (whole, stream):
+        assert 46 < len(data) * 8 / 6.0 / 1000 < 50  # kb/s, constant
+    assert abs(len(whole) - len(stream)) <= 144  # the tag's one frame
+    back, rate = sf.read(io.BytesIO(whole), dtype="float32")  # libsndfile: mpg123
+    assert rate == SAMPLE_RATE and len(back) == len(pcm)
+    with av.open(io.BytesIO(whole), format="mp3") as c:
+        out = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    assert len(out) == len(pcm)
+    assert np.corrcoef(out, pcm)[0, 1] > 0.9  # in time: not shifted by the priming
+    assert _spectrum_top(out) > 10_000  # the band above 8 kHz is kept
+    assert encode(np.zeros(0, np.float32), "mp3")[0][13:17] != b"Info"

@@ -15,8 +15,11 @@ is 1,152 or 1,024 samples, an Ogg page at most PAGE_MS of audio); end()
 flushes the rest. Every encoder gets the same int16 samples as raw pcm.
 Opus is coded at OPUS_BIT_RATE (32 kb/s, speech), whole files and streams alike.
 
-Whole files: wav, mp3 and flac as before (libsndfile through
-vibevoice_pool.audio); aac and opus through the stream encoder: an ADTS file
+Whole files: wav and flac as before (libsndfile through vibevoice_pool.audio);
+mp3, aac and opus through the stream encoder. A whole mp3 starts with a LAME
+"Info" frame (mp3_info_frame: frame count, encoder delay, end padding), so
+FFmpeg and mpg123 decode it to the samples made; libsndfile's own mp3 was VBR
+(a stream's rate differed) and lost that tag at some constant rates. An ADTS file
 is a stream, and libsndfile's Ogg Opus writer never feeds the encoder its
 look-ahead at the end, so the last 4 ms of its files decoded as noise. (Pages
 of a second, FFmpeg's default, would not do for a whole file either: a file of
@@ -31,6 +34,7 @@ aac 0.31 s, flac 0.04 s; libsndfile's whole files take mp3 0.18 s, opus
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
 
 import numpy as np
@@ -53,8 +57,13 @@ PAGE_MS = 60  # the longest Ogg page: what an opus stream may hold back
 # libopus's authors) gives for full-band speech; at 24 kHz libopus codes the
 # whole 12 kHz band at it. FFmpeg's default (64 kb/s a channel) doubled the files.
 OPUS_BIT_RATE = 32_000
+# mp3: constant 48 kb/s, whole files and streams alike (they were VBR from
+# libsndfile, about 46 kb/s, against LAME's default of 32 kb/s in a stream).
+# At 24 kHz LAME low-passes 32 kb/s at about 8 kHz, 48 kb/s at 11 kHz: the
+# speech band the model makes.
+MP3_BIT_RATE = 48_000
 _FFMPEG = {
-    "mp3": ("mp3", "libmp3lame", {"id3v2_version": "0", "write_xing": "0"}, None),
+    "mp3": ("mp3", "libmp3lame", {"id3v2_version": "0", "write_xing": "0"}, MP3_BIT_RATE),
     "opus": ("ogg", "libopus", {"page_duration": str(PAGE_MS * 1000)}, OPUS_BIT_RATE),
     "aac": ("adts", "aac", {}, None),
     "flac": ("flac", "flac", {}, None),
@@ -90,10 +99,55 @@ def encode(pcm: np.ndarray, fmt: str) -> tuple[bytes, str]:
     """One whole file of float32 mono SAMPLE_RATE audio as `fmt`: (bytes, content type).
     CPU-bound for the compressed formats: call it off the event loop."""
     name = check_format(fmt)
-    if name not in ("aac", "opus"):
+    if name not in ("aac", "opus", "mp3"):
         return audio.encode(pcm, name)
     enc = StreamEncoder(name)
-    return enc.start() + enc.push(pcm) + enc.end(), enc.content_type
+    data = enc.start() + enc.push(pcm) + enc.end()
+    if name == "mp3":
+        data = mp3_info_frame(data, enc.samples) + data
+    return data, enc.content_type
+
+
+# LAME's encoder delay at our rate, and the mp3 decoder's own (528 + 1, as
+# LAME's tag and FFmpeg count it): what a gapless decoder skips at the start.
+MP3_ENCODER_DELAY = 576
+MP3_FRAME = 576  # samples in an MPEG-2 layer III frame (24 kHz)
+
+
+def _crc16(data: bytes) -> int:
+    """CRC-16/ARC, the checksum of a LAME tag."""
+    crc = 0
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+def mp3_info_frame(frames_data: bytes, samples: int) -> bytes:
+    """A silent first frame holding the Xing "Info" tag and LAME's tag for a whole
+    constant-rate mp3 of `samples` samples: its frame count, encoder delay and end
+    padding, from which FFmpeg (browsers, PyAV) and mpg123 (libsndfile) skip the
+    codec's priming and padding, so the file decodes to exactly `samples`.
+    b"" where the frames do not allow one (no audio)."""
+    if len(frames_data) < 4 or frames_data[:2] != b"\xff\xf3":  # MPEG-2 layer III
+        return b""
+    size = 72 * MP3_BIT_RATE // SAMPLE_RATE  # bytes in a frame (none needs padding)
+    frames = len(frames_data) // size
+    padding = frames * MP3_FRAME - MP3_ENCODER_DELAY - samples
+    if samples <= 0 or len(frames_data) != frames * size or not 0 <= padding < 4096:
+        return b""
+    header = frames_data[:2] + bytes([frames_data[2] & ~0x02, frames_data[3]])
+    total = size + len(frames_data)
+    tag = b"Info" + struct.pack(">III", 0x3, frames, total)  # flags: frames, bytes
+    tag += b"LAME3.100".ljust(9, b"\0")  # the encoder (libmp3lame)
+    tag += bytes([0x01, 0]) + bytes(8)  # revision 0, CBR; lowpass, ReplayGain: unset
+    tag += bytes([0, MP3_BIT_RATE // 1000])  # flags and ATH; the bit rate
+    tag += (MP3_ENCODER_DELAY << 12 | padding).to_bytes(3, "big")
+    tag += bytes(4) + struct.pack(">IH", total, 0)  # misc, gain, preset; length, CRC
+    body = header + bytes(9) + tag  # 9 bytes of (empty) side information: mono
+    body += struct.pack(">H", _crc16(body))
+    return body.ljust(size, b"\0")
 
 
 class _Sink:
