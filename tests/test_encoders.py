@@ -173,3 +173,19 @@ def test_mp3_whole_and_streamed_agree_and_the_whole_file_is_gapless():
     assert np.corrcoef(out, pcm)[0, 1] > 0.9  # in time: not shifted by the priming
     assert _spectrum_top(out) > 10_000  # the band above 8 kHz is kept
     assert encode(np.zeros(0, np.float32), "mp3")[0][13:17] != b"Info"
+
+
+@pytest.mark.parametrize("fmt, lead, frame", [("mp3", 1105, 576), ("aac", 1024, 1024)])
+def test_a_streamed_mp3_or_aac_decodes_its_priming_first_as_documented(fmt, lead, frame):
+    """Neither stream can carry its length (encoders' docstring): what a client
+    decodes is the codec's priming, the audio, then less than a frame of padding."""
+    from vibevoice_pool.encoders import AAC_LEAD, MP3_STREAM_LEAD
+
+    assert {"mp3": MP3_STREAM_LEAD, "aac": AAC_LEAD}[fmt] == lead
+    for seconds in (3.0, 10.37):
+        pcm = speechlike(seconds)
+        with av.open(io.BytesIO(streamed(pcm, fmt)), format=AV_FORMAT[fmt]) as c:
+            out = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+        assert lead <= len(out) - len(pcm) <= lead + frame
+        shift = np.correlate(out[: 2 * SAMPLE_RATE], pcm[:SAMPLE_RATE], "valid")
+        assert int(np.argmax(shift)) == lead  # the audio starts after the priming

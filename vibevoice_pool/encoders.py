@@ -25,6 +25,17 @@ look-ahead at the end, so the last 4 ms of its files decoded as noise. (Pages
 of a second, FFmpeg's default, would not do for a whole file either: a file of
 one audio page decodes 6.5 ms too long, one of two pages not at all.)
 
+Streamed lengths. Opus in Ogg decodes to exactly the samples made, whole or
+streamed (its header's pre-skip and the last page's granule position). A
+streamed mp3 or aac cannot: its length is known only at its end, and neither
+format has a place for it at the start. LAME's tag would need its frame count
+or byte size, or FFmpeg decodes the tag frame itself as 576 samples of silence
+and mpg123 ignores the delay; ADTS has no field for priming or padding. So a
+streamed mp3 decodes MP3_STREAM_LEAD samples of priming (encoder 576 + decoder
+529: 46 ms) before the audio and up to a frame (576) after it (46-70 ms in all,
+measured); an aac stream, or whole file, AAC_LEAD (1,024: 43 ms) and up to 1,024
+after (43-85 ms). A client wanting exact lengths takes a whole mp3, or opus.
+
 Cost, 30 s of audio in 0.5 s chunks on one core of the 2-core dev machine
 (others' tests running; best of 3): mp3 0.29 s (4 ms a chunk), opus 0.19 s,
 aac 0.31 s, flac 0.04 s; libsndfile's whole files take mp3 0.18 s, opus
@@ -112,6 +123,8 @@ def encode(pcm: np.ndarray, fmt: str) -> tuple[bytes, str]:
 # LAME's tag and FFmpeg count it): what a gapless decoder skips at the start.
 MP3_ENCODER_DELAY = 576
 MP3_FRAME = 576  # samples in an MPEG-2 layer III frame (24 kHz)
+MP3_STREAM_LEAD = MP3_ENCODER_DELAY + 529  # a stream's priming, as decoded
+AAC_LEAD = 1024  # FFmpeg's aac encoder's priming: one frame
 
 
 def _crc16(data: bytes) -> int:
