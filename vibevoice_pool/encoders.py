@@ -38,8 +38,9 @@ after (43-85 ms). A client wanting exact lengths takes a whole mp3, or opus.
 
 Cost, 30 s of audio in 0.5 s chunks on one core of the 2-core dev machine
 (others' tests running; best of 3): mp3 0.29 s (4 ms a chunk), opus 0.19 s,
-aac 0.31 s, flac 0.04 s; libsndfile's whole files take mp3 0.18 s, opus
-0.66 s (no longer used), flac 0.03 s. Pushes of the codecs run in a thread (run()).
+aac 0.31 s, flac 0.04 s (before mp3 and opus moved to 48 and 32 kb/s; a whole mp3,
+opus or aac file costs what its stream does); libsndfile's whole flac takes 0.03 s.
+Pushes of the codecs run in a thread (run()).
 """
 
 from __future__ import annotations
