@@ -124,7 +124,8 @@ def test_unsupported_format_is_a_clear_400(client):
     [
         ({"voice": "nobody-like-this"}, 404, "unknown voice"),  # code voice_not_found
         ({"input": "   "}, 400, "input is empty"),
-        ({"speed": 2.0}, 400, "speed"),
+        ({"speed": 4.5}, 400, "speed: Input should be less than or equal to 4"),
+        ({"speed": 0.1}, 400, "speed: Input should be greater than or equal to 0.25"),
         ({"model": ""}, 400, "model"),
         ({"voice": ""}, 400, "voice is empty"),  # one line, not a line per union branch
     ],

@@ -19,6 +19,11 @@
   base64 audio (flac: one whole file's pieces once it is made, unless
   `"stream": true`), then speech.audio.done with OpenAI's usage (input_tokens,
   output_tokens, total_tokens; and audio_seconds) and stop_reason.
+- `speed` (0.25-4.0, OpenAI's range) plays the audio that many times faster, its
+  pitch kept (tempo.py): every format, whole or streamed (each chunk is stretched
+  as it comes), with X-Audio-Seconds and usage.audio_seconds telling the length
+  sent; the model makes the same audio at every speed (the same seed, the same
+  words), and usage's output tokens count what it made.
 - Extensions: seed, cfg_scale, inference_steps, stream.
 
 What clients list before they speak (Open WebUI, SillyTavern, Kokoro-FastAPI's
@@ -48,6 +53,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import encoders
+from vibevoice_pool.api import tempo
 from vibevoice_pool.api.errors import error_response, plain_error
 from vibevoice_pool.api.speech import (
     NOT_BLANK,
@@ -61,6 +67,7 @@ from vibevoice_pool.api.speech import (
     headers_for,
     run_to_response,
     started,
+    stream_encoder,
     stream_response,
 )
 from vibevoice_pool.voices import MODEL_VOICE, OPENAI_VOICES, parse_openai_map
@@ -92,8 +99,12 @@ class SpeechBody(BaseModel):
     response_format: str | None = Field(
         DEFAULT_FORMAT, json_schema_extra={"enum": [*encoders.SUPPORTED_FORMATS, None]}
     )
-    speed: float | None = Field(  # OpenAI's range is 0.25-4.0; this server speaks at 1.0 only
-        1.0, ge=0.25, le=4.0, strict=True, json_schema_extra={"enum": [1.0, None]}
+    speed: float | None = Field(
+        1.0,
+        ge=tempo.MIN_SPEED,
+        le=tempo.MAX_SPEED,
+        strict=True,
+        description="how fast the audio plays, pitch kept (1.0: as made)",
     )
     stream_format: Literal["audio", "sse"] | None = "audio"
     stream: bool | None = Field(
@@ -152,8 +163,6 @@ def check(body: SpeechBody, max_chars: int) -> str:
             f"input has {len(body.input)} characters; the limit is {max_chars}. "
             "Split the text into several requests"
         )
-    if body.speed not in (None, 1.0):
-        raise _bad("speed other than 1.0 is not supported by this server; leave it out")
     return encoders.check_format(body.response_format or DEFAULT_FORMAT)
 
 
@@ -164,35 +173,41 @@ def streams(body: SpeechBody, fmt: str) -> bool:
     return body.stream if body.stream is not None else fmt != "flac"
 
 
-async def _whole(handle, fmt: str):
-    """The audio as one file once it is all made, in pieces of SSE_PIECE bytes (a
-    streamed FLAC cannot say its length, and libsndfile will not read it)."""
+async def _whole(handle, fmt: str, speed: float):
+    """The audio as one file once it is all made, at `speed`, in pieces of SSE_PIECE
+    bytes (a streamed FLAC cannot say its length, and libsndfile will not read it)."""
     try:
         async for _ in handle.stream():
             pass
     finally:
         if not handle.done:
             handle.cancel()  # the client went away
-    data, _ = await asyncio.to_thread(encoders.encode, handle.audio(), fmt)
+
+    def encode() -> bytes:
+        return encoders.encode(tempo.stretch(handle.audio(), speed), fmt)[0]
+
+    data = await asyncio.to_thread(encode)
     for i in range(0, len(data), SSE_PIECE):
         yield data[i : i + SSE_PIECE]
 
 
-async def _sse(request, handle, fmt: str, extra_headers: dict, whole: bool = False):
+async def _sse(
+    request, handle, fmt: str, extra_headers: dict, speed: float = 1.0, whole: bool = False
+):
     """OpenAI's speech events: speech.audio.delta (base64) ..., speech.audio.done;
     `whole`: the deltas are one file's pieces, sent once it is all made."""
     try:
         await started(request, handle)
     except m.PoolError as e:
         return error_response(e)
-    enc = encoders.StreamEncoder(fmt)
+    enc = stream_encoder(fmt, speed)
 
     def event(obj: dict) -> bytes:
         return f"data: {json.dumps(obj)}\n\n".encode()
 
     async def body():
         try:
-            made = _whole(handle, fmt) if whole else encoded(handle, enc)
+            made = _whole(handle, fmt, speed) if whole else encoded(handle, enc)
             async with contextlib.aclosing(made) as pieces:
                 async for data in pieces:
                     if data:
@@ -204,7 +219,7 @@ async def _sse(request, handle, fmt: str, extra_headers: dict, whole: bool = Fal
         yield event(
             {
                 "type": "speech.audio.done",
-                "usage": usage(done.audio_s),
+                "usage": usage(done.audio_s, speed),
                 "stop_reason": done.stop_reason,
             }
         )
@@ -213,16 +228,17 @@ async def _sse(request, handle, fmt: str, extra_headers: dict, whole: bool = Fal
     return WatchedStream(body(), media_type="text/event-stream", headers=headers)
 
 
-def usage(audio_s: float) -> dict:
+def usage(audio_s: float, speed: float = 1.0) -> dict:
     """speech.audio.done's usage: OpenAI's three token counts (clients typed from its
-    spec require them) and the audio's seconds. The output tokens are the model's
-    audio tokens (7.5 a second); the text's are not counted here (0)."""
+    spec require them) and the seconds of audio sent (made at `speed`). The output
+    tokens are the model's audio tokens (7.5 a second of what it made); the text's
+    are not counted here (0)."""
     out = math.ceil(round(audio_s * AUDIO_TOKENS_PER_S, 6))
     return {
         "input_tokens": 0,
         "output_tokens": out,
         "total_tokens": out,
-        "audio_seconds": round(audio_s, 3),
+        "audio_seconds": round(tempo.seconds_at(audio_s, speed), 3),
     }
 
 
@@ -266,6 +282,7 @@ def router(front) -> APIRouter:
     @router.post("/v1/audio/speech")
     async def speech(body: SpeechBody, request: Request):
         fmt = check(body, front.cfg.max_text_chars)
+        speed = tempo.check_speed(body.speed)
         voice = body.voice if isinstance(body.voice, str) else body.voice.id
         preset = resolve_voice(front.voices, voice, declared)
         stream = streams(body, fmt)
@@ -283,13 +300,12 @@ def router(front) -> APIRouter:
         handle = pool.submit(req)
         extra = {"X-Voice": quote(preset or MODEL_VOICE), "X-Model": quote(body.model)}
         if body.stream_format == "sse":  # flac in whole pieces, unless "stream": true
-            return await _sse(
-                request, handle, fmt, extra, whole=fmt == "flac" and body.stream is not True
-            )
+            whole = fmt == "flac" and body.stream is not True
+            return await _sse(request, handle, fmt, extra, speed, whole=whole)
         if stream:
-            resp = await stream_response(request, handle, fmt)
+            resp = await stream_response(request, handle, fmt, speed)
         else:
-            resp = await run_to_response(request, handle, fmt)
+            resp = await run_to_response(request, handle, fmt, speed)
         if resp.status_code == 200:
             resp.headers.update(extra)
         return resp

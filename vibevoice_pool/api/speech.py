@@ -29,6 +29,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from vibevoice_pool import audio, encoders
+from vibevoice_pool.api import tempo
 from vibevoice_pool.api.auth import KeyRing
 from vibevoice_pool.api.errors import error_response, status_for
 from vibevoice_pool.api.metrics import Activity
@@ -217,8 +218,11 @@ async def started(request: Request, handle: RequestHandle) -> None:
         watcher.cancel()
 
 
-async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> Response:
-    """Wait for the whole result, then answer it encoded as `fmt`. The client is looked
+async def run_to_response(
+    request: Request, handle: RequestHandle, fmt: str, speed: float = 1.0
+) -> Response:
+    """Wait for the whole result, then answer it encoded as `fmt`, at `speed` times its
+    pace (tempo.py; X-Audio-Seconds tells the length sent). The client is looked
     for every DISCONNECT_CHECK_S from then on (by a task started after the first wait:
     none for a request answered sooner), and a request whose client left is cancelled."""
     watcher: list[asyncio.Task] = []
@@ -237,11 +241,19 @@ async def run_to_response(request: Request, handle: RequestHandle, fmt: str) -> 
         for task in watcher:
             task.cancel()
     pcm = handle.audio()
+    if speed != 1.0:
+        pcm = await asyncio.to_thread(tempo.stretch, pcm, speed)
     if fmt in INLINE_FORMATS and len(pcm) <= INLINE_ENCODE_SAMPLES:
         data, ctype = encoders.encode(pcm, fmt)  # a copy and a header: cheaper than a thread hop
     else:
         data, ctype = await asyncio.to_thread(encoders.encode, pcm, fmt)
     return Response(data, media_type=ctype, headers=headers_for(handle, len(pcm) / m.SAMPLE_RATE))
+
+
+def stream_encoder(fmt: str, speed: float = 1.0):
+    """The encoder of a streamed answer: `fmt`, its input stretched unless speed is 1."""
+    enc = encoders.StreamEncoder(fmt)
+    return enc if speed == 1.0 else tempo.StretchedEncoder(enc, speed)
 
 
 async def encoded(handle: RequestHandle, enc: encoders.StreamEncoder):
@@ -261,13 +273,16 @@ async def encoded(handle: RequestHandle, enc: encoders.StreamEncoder):
             handle.cancel()
 
 
-async def stream_response(request: Request, handle: RequestHandle, fmt: str) -> Response:
-    """Stream audio as the worker makes it. Waits for Started so X-Worker is known."""
+async def stream_response(
+    request: Request, handle: RequestHandle, fmt: str, speed: float = 1.0
+) -> Response:
+    """Stream audio as the worker makes it (at `speed` times its pace: each chunk is
+    stretched as it comes). Waits for Started so X-Worker is known."""
     try:
         await started(request, handle)
     except m.PoolError as e:
         return error_response(e)
-    enc = encoders.StreamEncoder(fmt)
+    enc = stream_encoder(fmt, speed)
 
     async def body():
         try:
