@@ -21,6 +21,7 @@ from bench.respawn import record as respawn
 from bench.resume import record as resume
 from bench.scheduling import record as scheduling
 from bench.shape import record as shape
+from bench.tempo import record as tempo
 from bench.tiny import record as tiny
 from bench.upsample import record as upsample
 
@@ -34,6 +35,7 @@ SECTIONS = (
     ("tiny", tiny),
     ("shape", shape),
     ("upsample", upsample),
+    ("tempo", tempo),
     ("ray", ray_peer),
 )
 

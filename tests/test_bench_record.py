@@ -352,3 +352,19 @@ def test_the_upsample_record_comes_from_the_saved_figures():
     assert once.index("## 4b") < once.index(upsample.TITLE) < once.index("## 5. Ray")
     again = rewrite_section(once, upsample.TITLE, [upsample.TITLE, "", "newer"])
     assert "newer" in again and "\nnew\n" not in again and again.count(upsample.TITLE) == 1
+
+
+def test_the_tempo_record_comes_from_the_saved_figures():
+    from bench.tempo import record as tempo
+
+    d = figures("tempo")
+    text = "\n".join(tempo.body(d))
+    for s in d["speeds"]:  # every speed, whole and streamed, and the cost of one push
+        push = s["stream_ms_per_s"] * d["hop"] / 24000
+        w, st = s["whole_ms_per_s"], s["stream_ms_per_s"]
+        assert f"| {s['speed']:g} | {w:.2f} | {st:.2f} | {push:.3f} |" in text
+    worst = max(max(s["whole_ms_per_s"], s["stream_ms_per_s"]) for s in d["speeds"])
+    assert f"At most {worst:.2f} ms per second of audio" in text
+    assert f"medians of {d['repeats']} runs" in text
+    section = tempo.section({"name": "tempo", "rc": 0, "data": d})
+    assert section[0] == tempo.TITLE and "\n".join(section[2:]) == text
