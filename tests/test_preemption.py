@@ -53,6 +53,34 @@ def test_the_policy_takes_the_batch_row_with_most_left_that_has_moved_on():
     assert preemption.victim(req("new", 1, INTERACTIVE), rows) is None
 
 
+def test_a_long_rows_resumes_cost_linear_not_quadratic_under_steady_preemption():
+    """A resume recomputes the row's whole history in one prefill. With 8 steps between
+    preemptions, a job preempted as often as it may (chats arriving without pause) made
+    prefills that grew with it: 10 min of audio (4,500 steps) prefilled 1.27 M tokens
+    in 562 resumes, 281 per step made. A row now makes 1/RESUME_SHARE of its steps
+    before it may be taken again: 141 k tokens in 124 resumes, under RESUME_SHARE per
+    step made."""
+    long = row("job-long", BATCH, 4500, 4500, joined_at=4500)
+    long.steps = 4500 + 144
+    assert not preemption.settled(long)  # 144 < 4644 // 32: not yet
+    long.steps += 1
+    assert preemption.settled(long)
+    assert preemption.victim(req("chat", 1, INTERACTIVE), [long]) is long
+    short = row("job-short", BATCH, 20, 100, joined_at=12)
+    assert preemption.settled(short)  # a short row: the 8 steps still rule
+
+    total = 4500
+    steady = row("job", BATCH, 0, total)
+    prefilled = 0
+    while steady.steps < total:
+        steady.steps += 1
+        if preemption.victim(req("chat", 1, INTERACTIVE), [steady]) is steady:
+            prefilled += steady.steps  # it resumes from its whole history
+            steady.joined_at = steady.steps
+    assert prefilled <= preemption.RESUME_SHARE * total
+    assert prefilled < 40 * total  # the old rule: 281 a step
+
+
 class Sink:
     def __init__(self):
         self.audio: dict[str, list] = {}

@@ -12,7 +12,11 @@ parent with its audio, so it resumes later, on any worker, from its last step
 The policy, over a snapshot of the running rows:
   - only batch rows are taken, and only for an interactive request;
   - a row is not taken again before it has made MIN_PROGRESS_STEPS steps since it
-    (re)joined, so a job always moves on and always finishes;
+    (re)joined, so a job always moves on and always finishes, nor before it has made
+    1/RESUME_SHARE of the steps it holds: a resume recomputes the row's whole history
+    in one prefill, so a long job preempted every few steps would spend the GPU on
+    prefills that grow with it (quadratic in its length); with the share, the
+    prefilled tokens stay under RESUME_SHARE per step the row makes (linear);
   - among those, the row with the most audio left to make (it would hold its
     place longest); ties go to the row that joined last.
 """
@@ -25,6 +29,13 @@ from workers.engines.row import Row
 from workers.wire.messages import Priority, Request
 
 MIN_PROGRESS_STEPS = 8  # steps a row makes between two preemptions (~1 s of audio)
+RESUME_SHARE = 32  # and at least 1/32 of its steps: 10 min of audio, 140 steps (19 s)
+
+
+def settled(row: Row) -> bool:
+    """Whether `row` has moved on enough since it (re)joined to be taken again."""
+    made = row.steps - row.joined_at
+    return made >= max(MIN_PROGRESS_STEPS, row.steps // RESUME_SHARE)
 
 
 def victim(waiting: Request, running: Sequence[Row]) -> Row | None:
@@ -38,7 +49,7 @@ def victim(waiting: Request, running: Sequence[Row]) -> Row | None:
         if row.request.priority == Priority.BATCH.value
         and not row.closed
         and row.trail is not None
-        and row.steps - row.joined_at >= MIN_PROGRESS_STEPS
+        and settled(row)
     ]
     if not candidates:
         return None
