@@ -153,6 +153,7 @@ def test_each_named_key_owns_its_jobs(named):
     for method, path in (
         ("GET", f"/v1/jobs/{job_id}"),
         ("GET", f"/v1/jobs/{job_id}/audio"),
+        ("POST", f"/v1/jobs/{job_id}/cancel"),
         ("DELETE", f"/v1/jobs/{job_id}"),
     ):
         r = httpx.request(method, named.url + path, headers=bob, timeout=10)

@@ -3,7 +3,7 @@ worker re-imports the main script, and must not load the front ends.
 
     launch            serve the pool (every field of config.PoolConfig is a flag)
     synth             send a script to a running server, write the audio (--async: as a job)
-    jobs              list your jobs, or follow one and write its audio
+    jobs              list your jobs, follow one and write its audio, or cancel one
     status            print the pool's status panel as a table
     health            exit 0 if the server is ready to serve (the image's health check)
     make-tiny-model   build the tiny random VibeVoice used by the demo and tests
@@ -123,8 +123,9 @@ def _client_parsers(sub) -> None:
         "restarted server; long scripts should use this",
     )
 
-    p = sub.add_parser("jobs", help="list your jobs, or follow one and write its audio")
-    p.add_argument("job_id", nargs="?", help="a job to follow to its end (with -o)")
+    p = sub.add_parser("jobs", help="list your jobs, follow one and write its audio, or cancel one")
+    p.add_argument("job_id", nargs="?", help="a job to follow to its end (with -o), or `cancel ID`")
+    p.add_argument("cancel_id", nargs="?", metavar="ID", help="after `cancel`: the job to stop")
     p.add_argument("-o", "--output", help="where to write the job's audio")
     p.add_argument("--url", default=None, help=URL_HELP)
     p.add_argument("--api-key", default=None, help=KEY_HELP)

@@ -4,6 +4,10 @@
     GET    /v1/jobs             the caller's jobs, newest first (?limit=&offset=&state=)
     GET    /v1/jobs/{id}        state, progress, worker, timings, error
     GET    /v1/jobs/{id}/audio  the result, with HTTP Range (206 Partial Content)
+    POST   /v1/jobs/{id}/cancel stop it and keep its record: 200 and its view once its
+                                row has left its worker (up to CANCEL_WAIT_S); a job that
+                                had ended answers 200 and its view as it ended (done,
+                                failed, or cancelled before): the state is the truth
     DELETE /v1/jobs/{id}        cancel it if it is queued or running, then forget it
                                 (its result too): answers its last view; 404 after
 
@@ -64,6 +68,7 @@ TOKEN_SECRET_FILE = "owner.secret"
 MAX_PAGE = 100
 log = logging.getLogger("vibevoice_pool")
 MAX_OFFSET = 2**63 - 1
+CANCEL_WAIT_S = 10.0  # how long POST .../cancel waits for the job's row to leave its worker
 
 JOB_STATUS = {
     JobErrorKind.NOT_FOUND: 404,
@@ -281,6 +286,25 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
             headers=headers,
         )
 
+    @router.post("/{job_id}/cancel")
+    def cancel_job(job_id: str, request: Request):
+        """Stop a queued or running job and keep its record (state `cancelled`); answers
+        its view once its row has left its worker. Idempotent: a job that had ended
+        (done, failed, cancelled) answers 200 and its view as it is."""
+        try:
+            job = own(job_id, request)
+            if not job.finished:
+                try:
+                    runner.cancel(job.id, wait_s=CANCEL_WAIT_S)
+                except JobError as e:  # CONFLICT: it ended meanwhile, and that end stands
+                    if e.kind is not JobErrorKind.CONFLICT:
+                        raise
+            return view(runner, runner.get(job.id))
+        except JobError as e:
+            return job_error(e)
+        except PoolError as e:
+            return error_response(e)
+
     @router.delete("/{job_id}")
     def delete_job(job_id: str, request: Request):
         try:
@@ -305,7 +329,9 @@ def unavailable_router(why: str) -> APIRouter:
     message = f"jobs are unavailable on this server: {why}; restart it once there is space"
 
     @router.api_route("", methods=["GET", "POST"], include_in_schema=False)
-    @router.api_route("/{rest:path}", methods=["GET", "HEAD", "DELETE"], include_in_schema=False)
+    @router.api_route(
+        "/{rest:path}", methods=["GET", "HEAD", "POST", "DELETE"], include_in_schema=False
+    )
     def unavailable(rest: str = ""):
         return plain_error(503, "jobs_unavailable", message)
 

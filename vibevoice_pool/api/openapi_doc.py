@@ -79,6 +79,7 @@ ROUTE_ERRORS = {
     ("/v1/voices", "post"): ("415", "429"),
     ("/metrics", "get"): ("403",),
     ("/v1/jobs/{job_id}", "delete"): ("409", "507"),
+    ("/v1/jobs/{job_id}/cancel", "post"): ("507",),
     ("/v1/jobs/{job_id}/audio", "get"): ("409", "410", "416"),
     ("/v1/jobs/{job_id}/audio", "head"): ("409", "410", "416"),
 }
@@ -177,6 +178,7 @@ ROUTE_CODES = {  # error codes of a route's own statuses, where a client may act
     ("/v1/jobs", "post", "507"): ("disk_limit", "disk_full"),
     ("/v1/jobs", "post", "409"): ("idempotency_key_reused",),
     ("/v1/jobs/{job_id}", "delete", "507"): ("disk_full",),
+    ("/v1/jobs/{job_id}/cancel", "post", "507"): ("disk_full",),
 }
 
 

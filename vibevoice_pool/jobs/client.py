@@ -6,11 +6,15 @@
         stderr -> GET /v1/jobs/{id}/audio (resumed with Range if cut) -> output
     follow(url, job_id, output, api_key)   the same for a job already submitted
     list_jobs(url, api_key)                GET /v1/jobs as a table (show_job: one job)
+    cancel_job(url, job_id, api_key)       POST /v1/jobs/{id}/cancel (`jobs cancel ID`):
+                                           stops it and keeps its record
 
 Ctrl-C stops the following, never the job: it runs on, and `vibevoice-pool
 jobs ID -o FILE` picks it up again. A server that restarts meanwhile is waited
 for (up to UNREACHABLE_GIVE_UP_S); the job finishes there after its restart.
-Exit codes: 0 written, 1 failed / cancelled / refused, 130 interrupted.
+Exit codes: 0 written, 1 failed / cancelled / refused, 130 interrupted; `jobs
+cancel ID`: 0 when the job is cancelled (now or before), 1 when it had ended
+otherwise (done, failed: nothing was cancelled) or was refused.
 
 Jobs belong to their creator. Only a server mints owner tokens: the first
 POST /v1/jobs answers one (X-Owner-Token), kept in owner_token_path() (mode
@@ -278,8 +282,26 @@ def list_jobs(url: str, api_key: str | None = None, limit: int = 20) -> int:
     return 0
 
 
+def cancel_job(url: str, job_id: str, api_key: str | None = None) -> int:
+    """Cancel a job and print its row; see the exit codes in the module doc."""
+    try:
+        r = httpx.post(f"{url}/v1/jobs/{job_id}/cancel", headers=_headers(api_key), timeout=30)
+    except httpx.HTTPError as e:
+        _say(f"cannot reach {url}: {e}")
+        return 1
+    if r.status_code != 200:
+        return _fail(r)
+    job = r.json()
+    print(jobs_table([job]))
+    if job["state"] != "cancelled":
+        _say(f"job {job_id} had already ended ({job['state']}): nothing to cancel")
+        return 1
+    _say(f"job {job_id} cancelled; its record stays until it expires")
+    return 0
+
+
 def run(ns) -> int:
-    """The CLI's entry: `synth --async` or `jobs [ID -o FILE]`."""
+    """The CLI's entry: `synth --async`, `jobs [ID -o FILE]` or `jobs cancel ID`."""
     if ns.command == "synth":
         from vibevoice_pool.client import ClientError
 
@@ -289,6 +311,11 @@ def run(ns) -> int:
             print(f"vibevoice-pool synth: {e}", file=sys.stderr)
             return 1
         return submit_and_follow(ns.url, body, ns.output, ns.api_key)
+    if ns.job_id == "cancel" or ns.cancel_id:
+        if ns.job_id != "cancel" or not ns.cancel_id:
+            _say("usage: vibevoice-pool jobs cancel ID")
+            return 2
+        return cancel_job(ns.url, ns.cancel_id, ns.api_key)
     if ns.job_id and ns.output:
         return follow(ns.url, ns.job_id, ns.output, ns.api_key)
     if ns.job_id:

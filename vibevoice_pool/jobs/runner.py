@@ -13,7 +13,8 @@
         Done:   encode, write results/<id>.<fmt> (temp file, fsync, rename), then
                 running -> done; a write error (disk full, I/O) -> failed
         Failed: running -> failed (the pool has already retried a lost worker)
-    cancel(id): cancelled in the store first, then the pool request is stopped
+    cancel(id, wait_s): cancelled in the store first, then the pool request is stopped;
+        waits up to wait_s for its row to leave its worker (POST /v1/jobs/{id}/cancel)
     start(): jobs a previous server left queued or running are queued again (a running
         one goes on from the audio and history it saved, progress.py)
     hold() at the stop signal: start no queued job; stop(grace): running jobs finish
@@ -46,6 +47,7 @@ import numpy as np
 from vibevoice_pool.jobs.disk import is_disk_full, sweep_orphans, write_result
 from vibevoice_pool.jobs.places import Places
 from vibevoice_pool.jobs.progress import Progress
+from vibevoice_pool.jobs.results import result_file
 from vibevoice_pool.jobs.store import RESULTS_DIR, Job, JobError, JobErrorKind, JobState, JobStore
 from vibevoice_pool.jobs.view import job_view
 from workers.wire import messages as m
@@ -104,6 +106,7 @@ class JobRunner:
         self._build = build
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}
+        self._let_go = threading.Condition(self._lock)  # a run left _live (cancel waits)
         self._tasks: set[asyncio.Task] = set()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,8 +197,9 @@ class JobRunner:
             raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id} (it may have expired)")
         return job
 
-    def cancel(self, job_id: str) -> Job:
-        """Cancel a queued or running job. JobError NOT_FOUND / CONFLICT."""
+    def cancel(self, job_id: str, wait_s: float = 0.0) -> Job:
+        """Cancel a queued or running job; with `wait_s`, wait that long for its run to
+        end (its row gone from its worker). JobError NOT_FOUND / CONFLICT (it had ended)."""
         self.store.cancel(job_id, self.clock())
         with self._lock:
             live = self._live.get(job_id)
@@ -206,21 +210,13 @@ class JobRunner:
         elif live.handle is not None:
             live.handle.cancel()
         log.info("job %s cancelled", job_id)
+        if live is not None and wait_s > 0:
+            with self._let_go:
+                self._let_go.wait_for(lambda: job_id not in self._live, wait_s)
         return self.get(job_id)
 
-    def result_file(self, job: Job) -> Path:
-        """The result of a done job. JobError NOT_READY, NO_AUDIO (it never comes), NOT_FOUND."""
-        if job.state in (JobState.FAILED, JobState.CANCELLED):
-            why = f" ({job.error})" if job.error else ""
-            msg = f"job {job.id} {job.state.value}{why}: it has no audio; submit it again"
-            raise JobError(JobErrorKind.NO_AUDIO, msg)
-        if job.state is not JobState.DONE or not job.result_path:
-            msg = f"job {job.id} is {job.state.value}; its audio exists once it is done"
-            raise JobError(JobErrorKind.NOT_READY, msg)
-        path = self.store.folder / job.result_path
-        if not path.is_file():
-            raise JobError(JobErrorKind.NOT_FOUND, f"the result of job {job.id} is gone from disk")
-        return path
+    def result_file(self, job: Job) -> Path:  # see results.py
+        return result_file(self.store, job)
 
     def describe(self, job: Job) -> dict:
         """The JSON view of a job, with live progress while it runs."""
@@ -382,8 +378,7 @@ class JobRunner:
                 claimed = False
                 self._disk_full(e)
             if not claimed:
-                with self._lock:  # cancelled while it was being built, or not written
-                    self._live.pop(job.id, None)
+                self._forget(job.id)  # cancelled while it was being built, or not written
                 self.places.forget(handle.id)
                 handle.cancel()
                 if time.monotonic() < self._retry_at:
@@ -414,10 +409,14 @@ class JobRunner:
             self.progress.drop(live.job_id)
             self._fail(live.job_id, INTERNAL, f"the server lost track of this job: {e!r}")
         finally:
-            with self._lock:
-                self._live.pop(live.job_id, None)
+            self._forget(live.job_id)
             self.places.forget(handle.id)
             self._poke()
+
+    def _forget(self, job_id: str) -> None:
+        with self._let_go:
+            self._live.pop(job_id, None)
+            self._let_go.notify_all()
 
     async def _conclude(self, live: _Live) -> None:
         outcome = live.handle.outcome

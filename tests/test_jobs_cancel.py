@@ -1,0 +1,142 @@
+"""Cancel without delete: POST /v1/jobs/{id}/cancel stops a job and keeps its record.
+
+On a real `vibevoice-pool launch` with sim workers: a running job's row leaves its
+worker (the pool's inflight counts), the record stays `cancelled`, a second cancel
+and a cancel of a done job answer the record as it is, the CLI's `jobs cancel ID`,
+and a SIGKILLed server started again on the same data folder never runs it again.
+Over a fake pool (jobs_fakes.py): cancels racing the jobs' ends."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import pid_alive, wait_until
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from jobs_fakes import SCRIPT, FakePool, runners
+from test_jobs import SIM, job, submit, wait_finished
+
+from vibevoice_pool.api.jobs import jobs_router
+from vibevoice_pool.cli import main as cli_main
+from vibevoice_pool.jobs import client as jobs_client
+from vibevoice_pool.jobs.store import JobState
+
+LONG = "Speaker 1: " + "a long story that takes some time to tell. " * 40  # ~115 s of audio
+
+
+def inflight(url: str) -> int:
+    return sum(w["inflight"] for w in httpx.get(f"{url}/v1/pool", timeout=10).json()["workers"])
+
+
+def cancel(url: str, job_id: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/jobs/{job_id}/cancel", timeout=60)
+
+
+@pytest.mark.slow
+def test_a_cancelled_job_leaves_its_worker_keeps_its_record_and_stays_cancelled_after_a_sigkill(
+    server, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv(jobs_client.OWNER_FILE_ENV, str(tmp_path / "owner-token"))
+    data = tmp_path / "data"
+    args = (*SIM, "--sim-rtf", "1.0", "--data-dir", str(data))  # LONG runs ~2 minutes
+    s = server(*args)
+    long_id = submit(s.url, LONG)
+    wait_until(lambda: job(s.url, long_id)["progress"]["audio_s"] >= 1.0, 60, 0.05, "audio")
+    assert job(s.url, long_id)["state"] == "running" and inflight(s.url) == 1
+
+    r = cancel(s.url, long_id)
+    assert r.status_code == 200, r.text
+    view = r.json()
+    assert view["state"] == "cancelled" and view["error"]["code"] == "cancelled"
+    assert view["timings"]["finished_at"] is not None
+    wait_until(lambda: inflight(s.url) == 0, 30, 0.05, "its row to leave its worker")
+    assert job(s.url, long_id)["state"] == "cancelled"  # the record stays
+
+    again = cancel(s.url, long_id)  # idempotent: the record as it is, no second cancel
+    assert again.status_code == 200 and again.json()["state"] == "cancelled"
+    assert cli_main(["jobs", "cancel", long_id, "--url", s.url]) == 0  # cancelled (before)
+    out = capsys.readouterr()
+    assert long_id in out.out and "cancelled" in out.out and "cancelled" in out.err
+
+    short = submit(s.url, "Speaker 1: this one ends before anyone cancels it.")
+    assert wait_finished(s.url, [short])[short]["state"] == "done"
+    late = cancel(s.url, short)  # a done job stays done: 200 and its record
+    assert late.status_code == 200 and late.json()["state"] == "done"
+    assert late.json()["result"]["url"] == f"/v1/jobs/{short}/audio"
+    assert jobs_client.cancel_job(s.url, short) == 1  # nothing was cancelled
+    assert "had already ended (done)" in capsys.readouterr().err
+    nobody = cancel(s.url, "no-such-job")
+    assert nobody.status_code == 404 and nobody.json()["error"]["code"] == "not_found"
+    doc = httpx.get(f"{s.url}/openapi.json", timeout=30).json()["paths"]
+    route = doc["/v1/jobs/{job_id}/cancel"]["post"]
+    assert "keep its record" in route["description"]
+    assert {"200", "404", "507"} <= set(route["responses"])
+
+    workers = s.worker_pids()
+    os.kill(s.proc.pid, signal.SIGKILL)
+    s.proc.wait(10)
+    for pid in workers:  # the death pipe ends them
+        wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
+    s = server(*args)
+    after = submit(s.url, "Speaker 1: the restarted server runs this one.")
+    assert wait_finished(s.url, [after])[after]["state"] == "done"  # its loop has run
+    view = job(s.url, long_id)
+    assert view["state"] == "cancelled" and view["runs"] == 1 and inflight(s.url) == 0
+    db = sqlite3.connect(data / "jobs.db")
+    moves = db.execute(
+        "SELECT from_state, to_state FROM events WHERE job_id=? ORDER BY seq", (long_id,)
+    ).fetchall()
+    db.close()
+    assert moves == [(None, "queued"), ("queued", "running"), ("running", "cancelled")]
+
+
+@pytest.fixture
+def runner(tmp_path):
+    yield from runners(tmp_path)
+
+
+def test_cancels_racing_the_jobs_ends_give_each_job_one_final_state(runner):
+    """Forty short jobs, each cancelled at a random moment around its end (queued,
+    running, writing its result, done): the cancel's answer is the job's final state,
+    it ends once, a done job has its whole result and a cancelled one none."""
+    pool = FakePool()
+    r = runner(pool)
+    app = FastAPI()
+    app.include_router(jobs_router(type("Front", (), {})(), r))
+    c = TestClient(app)
+    rng = random.Random(7)
+    ids = [c.post("/v1/jobs", json={"script": SCRIPT}).json()["id"] for _ in range(40)]
+    answers: dict[str, httpx.Response] = {}
+
+    def cancel_later(job_id: str, delay: float) -> None:
+        time.sleep(delay)
+        answers[job_id] = c.post(f"/v1/jobs/{job_id}/cancel")
+
+    threads = [threading.Thread(target=cancel_later, args=(i, rng.uniform(0, 0.4))) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    wait_until(lambda: not r._live, 10, what="the runner to let go of every run")
+    states = {}
+    for job_id in ids:
+        assert answers[job_id].status_code == 200, answers[job_id].text
+        final = r.store.get(job_id)
+        states[job_id] = final.state
+        assert answers[job_id].json()["state"] == final.state.value  # the answer holds
+        assert final.finished_count == 1
+        audio = c.get(f"/v1/jobs/{job_id}/audio")
+        if final.state is JobState.DONE:
+            assert audio.status_code == 200 and len(audio.content) == final.result_bytes
+        else:
+            assert final.state is JobState.CANCELLED and audio.status_code == 410
+    assert set(states.values()) == {JobState.DONE, JobState.CANCELLED}  # both ends were met
+    done = {f"{i}.wav" for i, st in states.items() if st is JobState.DONE}
+    assert {p.name for p in r.store.results.iterdir()} == done  # no file of a cancelled job
