@@ -4,10 +4,13 @@ On a real `vibevoice-pool launch` with sim workers: a running job's row leaves i
 worker (the pool's inflight counts), the record stays `cancelled`, a second cancel
 and a cancel of a done job answer the record as it is, the CLI's `jobs cancel ID`,
 and a SIGKILLed server started again on the same data folder never runs it again.
-Over a fake pool (jobs_fakes.py): cancels racing the jobs' ends."""
+The audio a cancelled job made is kept as its result. Over a fake pool
+(jobs_fakes.py): cancels racing the jobs' ends, and one landing while the result
+is written."""
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -16,18 +19,26 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
+import soundfile as sf
 from conftest import pid_alive, wait_until
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from jobs_fakes import SCRIPT, FakePool, runners
-from test_jobs import SIM, job, submit, wait_finished
+from test_jobs import SIM, audio_of, job, submit, wait_finished
 
 from vibevoice_pool.api.jobs import jobs_router
 from vibevoice_pool.cli import main as cli_main
 from vibevoice_pool.jobs import client as jobs_client
+from vibevoice_pool.jobs import results
 from vibevoice_pool.jobs.store import JobState
+from vibevoice_pool.ui import jobs as ui_jobs
+from workers.engines.sim import tone
+from workers.wire.estimate import audio_seconds_for
+from workers.wire.messages import SAMPLE_RATE
 
+WHOLE = round(audio_seconds_for(SCRIPT) * SAMPLE_RATE)  # the samples a fake job makes
 LONG = "Speaker 1: " + "a long story that takes some time to tell. " * 40  # ~115 s of audio
 
 
@@ -58,6 +69,15 @@ def test_a_cancelled_job_leaves_its_worker_keeps_its_record_and_stays_cancelled_
     assert view["timings"]["finished_at"] is not None
     wait_until(lambda: inflight(s.url) == 0, 30, 0.05, "its row to leave its worker")
     assert job(s.url, long_id)["state"] == "cancelled"  # the record stays
+    made = view["result"]["audio_s"]  # the audio it made before, kept as its result
+    assert made >= 1.0 and view["progress"]["audio_s"] == made
+    partial = audio_of(s.url, long_id)
+    assert len(partial) == round(made * SAMPLE_RATE)
+    assert np.abs(partial - tone(view["seed"], 0, len(partial))).max() < 2 / 32768
+    out = tmp_path / "partial.wav"  # the CLI writes it, and says what it is
+    assert jobs_client.follow(s.url, long_id, str(out)) == 0
+    assert len(sf.read(out)[0]) == len(partial)
+    assert "was cancelled; writing the audio it made before" in capsys.readouterr().err
 
     again = cancel(s.url, long_id)  # idempotent: the record as it is, no second cancel
     assert again.status_code == 200 and again.json()["state"] == "cancelled"
@@ -89,6 +109,7 @@ def test_a_cancelled_job_leaves_its_worker_keeps_its_record_and_stays_cancelled_
     assert wait_finished(s.url, [after])[after]["state"] == "done"  # its loop has run
     view = job(s.url, long_id)
     assert view["state"] == "cancelled" and view["runs"] == 1 and inflight(s.url) == 0
+    assert len(audio_of(s.url, long_id)) == len(partial)  # not swept as an orphan
     db = sqlite3.connect(data / "jobs.db")
     moves = db.execute(
         "SELECT from_state, to_state FROM events WHERE job_id=? ORDER BY seq", (long_id,)
@@ -105,7 +126,8 @@ def runner(tmp_path):
 def test_cancels_racing_the_jobs_ends_give_each_job_one_final_state(runner):
     """Forty short jobs, each cancelled at a random moment around its end (queued,
     running, writing its result, done): the cancel's answer is the job's final state,
-    it ends once, a done job has its whole result and a cancelled one none."""
+    it ends once, a done job has its whole result and a cancelled one the audio it
+    made (none when it never began), every file on disk named by its job."""
     pool = FakePool()
     r = runner(pool)
     app = FastAPI()
@@ -133,10 +155,39 @@ def test_cancels_racing_the_jobs_ends_give_each_job_one_final_state(runner):
         assert answers[job_id].json()["state"] == final.state.value  # the answer holds
         assert final.finished_count == 1
         audio = c.get(f"/v1/jobs/{job_id}/audio")
-        if final.state is JobState.DONE:
+        assert final.state in (JobState.DONE, JobState.CANCELLED)
+        if final.state is JobState.DONE or final.result_path:
             assert audio.status_code == 200 and len(audio.content) == final.result_bytes
+            pcm, _ = sf.read(io.BytesIO(audio.content))
+            assert len(pcm) == round(final.audio_s * SAMPLE_RATE) <= WHOLE
+            assert answers[job_id].json()["result"] is not None or final.state is JobState.DONE
         else:
-            assert final.state is JobState.CANCELLED and audio.status_code == 410
+            assert audio.status_code == 410 and final.audio_s == 0
     assert set(states.values()) == {JobState.DONE, JobState.CANCELLED}  # both ends were met
-    done = {f"{i}.wav" for i, st in states.items() if st is JobState.DONE}
-    assert {p.name for p in r.store.results.iterdir()} == done  # no file of a cancelled job
+    named = {f"{i}.wav" for i in ids if r.store.get(i).result_path}
+    assert {p.name for p in r.store.results.iterdir()} == named  # no orphan file
+
+
+def test_a_cancel_landing_while_the_result_is_written_keeps_the_whole_audio(runner, monkeypatch):
+    """The job's row has ended and its result is being written when the cancel comes:
+    the store says cancelled (it came first), and the audio, all of it, is its result."""
+    r = runner()
+    real = results.write_result
+    landed = []
+
+    def write_then_cancelled(store, path, pcm, fmt):
+        landed.append(r.cancel(path.stem).state)  # the owner's cancel, from another thread
+        return real(store, path, pcm, fmt)
+
+    monkeypatch.setattr(results, "write_result", write_then_cancelled)
+    job = r.submit("me", {"script": SCRIPT})
+    wait_until(lambda: landed and not r._live, 10, what="the cancelled job's run to end")
+    job = r.get(job.id)
+    assert landed == [JobState.CANCELLED] and job.state is JobState.CANCELLED
+    assert job.finished_count == 1 and round(job.audio_s * SAMPLE_RATE) == WHOLE
+    pcm, _ = sf.read(r.result_file(job))
+    assert len(pcm) == WHOLE
+    view = r.describe(job)
+    assert view["state"] == "cancelled" and view["result"]["audio_s"] == round(job.audio_s, 3)
+    rows, files = ui_jobs.job_rows(r, "me")  # the page's Jobs tab offers it for download
+    assert rows[0][3] == f"{job.audio_s:.1f} s" and files == [str(r.result_file(job))]

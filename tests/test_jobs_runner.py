@@ -119,7 +119,9 @@ def test_progress_is_readable_while_it_runs_and_cancel_stops_it(runner):
     wait_until(lambda: not r._live, 10, what="the runner to let go")
     job = r.get(job.id)
     assert job.state is JobState.CANCELLED and job.finished_count == 1
-    assert list(r.store.results.iterdir()) == []
+    pcm, _ = sf.read(r.result_file(job))  # the second it made is kept as its result
+    assert len(pcm) == m.SAMPLE_RATE and job.audio_s == 1.0
+    assert [p.name for p in r.store.results.iterdir()] == [f"{job.id}.wav"]
 
 
 def test_a_stopped_runner_queues_its_job_again_and_the_next_finishes_it_once(runner, tmp_path):
@@ -315,17 +317,17 @@ def test_saved_progress_stays_until_the_result_is_on_disk(runner, monkeypatch):
     """A server killed while it writes a finished job's result must find its progress
     at the next start (it resumes from there), not run the whole job again: the
     progress goes only once the result is written."""
-    import vibevoice_pool.jobs.runner as runner_mod
+    import vibevoice_pool.jobs.results as results_mod  # the runner writes through it
 
     writing, release = threading.Event(), threading.Event()
-    real_write = runner_mod.write_result
+    real_write = results_mod.write_result
 
     def slow_write(*args):
         writing.set()
         assert release.wait(10)
         return real_write(*args)
 
-    monkeypatch.setattr(runner_mod, "write_result", slow_write)
+    monkeypatch.setattr(results_mod, "write_result", slow_write)
     pool = FakePool()
     pool.hold()
     r = runner(pool)

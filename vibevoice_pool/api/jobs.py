@@ -5,9 +5,10 @@
     GET    /v1/jobs/{id}        state, progress, worker, timings, error
     GET    /v1/jobs/{id}/audio  the result, with HTTP Range (206 Partial Content)
     POST   /v1/jobs/{id}/cancel stop it and keep its record: 200 and its view once its
-                                row has left its worker (up to CANCEL_WAIT_S); a job that
-                                had ended answers 200 and its view as it ended (done,
-                                failed, or cancelled before): the state is the truth
+                                row has left its worker (up to CANCEL_WAIT_S), with the
+                                audio it made as its result; a job that had ended answers
+                                200 and its view as it ended (done, failed, or cancelled
+                                before): the state is the truth
     DELETE /v1/jobs/{id}        cancel it if it is queued or running, then forget it
                                 (its result too): answers its last view; 404 after
 
@@ -180,7 +181,7 @@ def job_error(err: JobError) -> JSONResponse:
 def view(runner: JobRunner, job: Job) -> dict:
     out = runner.describe(job)
     out["url"] = f"/v1/jobs/{job.id}"
-    if job.state is JobState.DONE:
+    if out["result"]:  # done, or cancelled with the audio it made
         out["result"]["url"] = f"/v1/jobs/{job.id}/audio"
     return out
 
@@ -288,9 +289,10 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
 
     @router.post("/{job_id}/cancel")
     def cancel_job(job_id: str, request: Request):
-        """Stop a queued or running job and keep its record (state `cancelled`); answers
-        its view once its row has left its worker. Idempotent: a job that had ended
-        (done, failed, cancelled) answers 200 and its view as it is."""
+        """Stop a queued or running job and keep its record (state `cancelled`) and the
+        audio it made (its `result`); answers its view once its row has left its worker.
+        Idempotent: a job that had ended (done, failed, cancelled) answers 200 and its
+        view as it is."""
         try:
             job = own(job_id, request)
             if not job.finished:

@@ -12,7 +12,8 @@
 Ctrl-C stops the following, never the job: it runs on, and `vibevoice-pool
 jobs ID -o FILE` picks it up again. A server that restarts meanwhile is waited
 for (up to UNREACHABLE_GIVE_UP_S); the job finishes there after its restart.
-Exit codes: 0 written, 1 failed / cancelled / refused, 130 interrupted; `jobs
+Exit codes: 0 written (a cancelled job's: the audio it made before, said so), 1
+failed / cancelled with no audio / refused, 130 interrupted; `jobs
 cancel ID`: 0 when the job is cancelled (now or before), 1 when it had ended
 otherwise (done, failed: nothing was cancelled) or was refused.
 
@@ -179,6 +180,9 @@ def follow(url: str, job_id: str, output: str, api_key: str | None = None) -> in
             if job["state"] == "done":
                 print(file=sys.stderr)
                 return _download(url, job, output, api_key)
+            if job["state"] == "cancelled" and job.get("result"):  # the audio it made
+                _say(f"\njob {job_id} was cancelled; writing the audio it made before")
+                return _download(url, job, output, api_key)
             if job["state"] in ("failed", "cancelled"):
                 err = job.get("error") or {}
                 _say(f"\njob {job_id} {job['state']}: {err.get('code')}: {err.get('message')}")
@@ -296,7 +300,9 @@ def cancel_job(url: str, job_id: str, api_key: str | None = None) -> int:
     if job["state"] != "cancelled":
         _say(f"job {job_id} had already ended ({job['state']}): nothing to cancel")
         return 1
-    _say(f"job {job_id} cancelled; its record stays until it expires")
+    kept = job.get("result")
+    made = f"; its {kept['audio_s']:.1f} s of audio: `vibevoice-pool jobs {job_id} -o FILE`"
+    _say(f"job {job_id} cancelled{made if kept else ''}; its record stays until it expires")
     return 0
 
 

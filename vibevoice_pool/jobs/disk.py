@@ -2,7 +2,7 @@
 
 Limits          jobs_disk_limit_mb, jobs_owner_disk_mb, jobs_owner_max_active
 check_room      DISK_LIMIT or OWNER_LIMIT for a new job that would pass them
-HELD_SQL        what rows hold: a done job its result, a queued or running
+HELD_SQL        what rows hold: a done (or cancelled) job its result, a queued or running
                 one its expected result, and every kept body its size
 is_disk_full    SQLITE_FULL or ENOSPC/EDQUOT (by code, never by message)
 storage_error   the JobError for a failed write: DISK_FULL or STORAGE
@@ -35,7 +35,7 @@ class Limits:
 # What a row holds on disk: its result once done, its expected result while it
 # waits or runs, and its body while it is kept (old rows: the body's length).
 HELD_SQL = (
-    "COALESCE(SUM(CASE WHEN state='done' THEN result_bytes"
+    "COALESCE(SUM(CASE WHEN state IN ('done','cancelled') THEN result_bytes"
     " WHEN state IN ('queued','running') THEN est_bytes ELSE 0 END"
     " + COALESCE(body_bytes, LENGTH(body))), 0)"
 )

@@ -1,26 +1,85 @@
-"""A job's result on disk: which file answers GET /v1/jobs/{id}/audio.
+"""A job's result on disk: written once its audio is made, and which file answers
+GET /v1/jobs/{id}/audio.
 
-    result_file(store, job)   the file of a done job, or the JobError that says why
-                              there is none (NOT_READY, NO_AUDIO, NOT_FOUND)
+    write(store, job_id, fmt, pcm)     results/<id>.<fmt>, encoded (disk.write_result):
+                                       its path in the folder and size; JobError
+                                       DISK_LIMIT, DISK_FULL or STORAGE, saying what to do
+    keep_partial(store, job, pcm, ..)  a cancelled job's audio, made before its cancel,
+                                       as its result (the store's keep_partial)
+    result_file(store, job)            the file of a done job, or of a cancelled one that
+                                       kept its audio; else the JobError that says why not
 
-The runner (runner.py) writes results/<id>.<fmt> (disk.write_result); the store
-names it in the job's row (result_path).
+The store names the file in the job's row (result_path); a file no row names is
+swept at the next start (disk.sweep_orphans).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from vibevoice_pool.jobs.disk import is_disk_full, write_result
 from vibevoice_pool.jobs.records import Job, JobError, JobErrorKind, JobState
+from vibevoice_pool.jobs.store import RESULTS_DIR
+from workers.wire.messages import SAMPLE_RATE
+
+log = logging.getLogger("vibevoice_pool")
+
+
+def write(store, job_id: str, fmt: str, pcm) -> tuple[str, int]:
+    """Encode a job's audio into its result file; (its path in the folder, its size)."""
+    rel = f"{RESULTS_DIR}/{job_id}.{fmt}"
+    path = store.folder / rel
+    try:
+        return rel, write_result(store, path, pcm, fmt)
+    except OSError as e:
+        kind = JobErrorKind.DISK_FULL if is_disk_full(e) else JobErrorKind.STORAGE
+        raise JobError(
+            kind,
+            f"the audio was made but could not be written to {path.parent}: "
+            f"{e.strerror or e}. Free disk space or repair the data folder, "
+            "then submit the job again",
+        ) from e
+
+
+def attach(store, job_id: str, rel: str, size: int, audio_s: float, worker) -> bool:
+    """Name a written file as a cancelled job's result; the file goes if it cannot be."""
+    try:
+        kept = store.keep_partial(job_id, rel, size, audio_s, worker)
+    except JobError as e:  # a full disk: the file would be an orphan
+        log.warning("job %s: its audio is not kept: %s", job_id, e.message)
+        kept = False
+    if not kept:  # deleted meanwhile, or not writable
+        (store.folder / rel).unlink(missing_ok=True)
+    return kept
+
+
+def keep_partial(store, job_id: str, fmt: str, pcm, worker: int | None) -> float:
+    """Keep the audio a cancelled job made as its result; the seconds kept (0: none
+    made, or it could not be written, which is logged: the job stays cancelled)."""
+    if not len(pcm):
+        return 0.0
+    try:
+        rel, size = write(store, job_id, fmt, pcm)
+    except JobError as e:
+        log.warning("job %s: the audio it made before its cancel is lost: %s", job_id, e.message)
+        return 0.0
+    audio_s = len(pcm) / SAMPLE_RATE
+    if not attach(store, job_id, rel, size, audio_s, worker):
+        return 0.0
+    log.info("job %s: the %.1f s of audio it made before its cancel are kept", job_id, audio_s)
+    return audio_s
 
 
 def result_file(store, job: Job) -> Path:
-    """The result of a done job. JobError NOT_READY, NO_AUDIO (it never comes), NOT_FOUND."""
-    if job.state in (JobState.FAILED, JobState.CANCELLED):
+    """The result of a done job (or a cancelled one's audio). JobError NOT_READY,
+    NO_AUDIO (it never comes), NOT_FOUND."""
+    if job.state is JobState.FAILED or (job.state is JobState.CANCELLED and not job.result_path):
         why = f" ({job.error})" if job.error else ""
-        msg = f"job {job.id} {job.state.value}{why}: it has no audio; submit it again"
+        made = " before it made any audio" if job.state is JobState.CANCELLED else ""
+        msg = f"job {job.id} {job.state.value}{made}{why}: it has no audio; submit it again"
         raise JobError(JobErrorKind.NO_AUDIO, msg)
-    if job.state is not JobState.DONE or not job.result_path:
+    if job.state not in (JobState.DONE, JobState.CANCELLED) or not job.result_path:
         msg = f"job {job.id} is {job.state.value}; its audio exists once it is done"
         raise JobError(JobErrorKind.NOT_READY, msg)
     path = store.folder / job.result_path

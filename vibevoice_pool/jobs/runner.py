@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from vibevoice_pool.jobs.disk import is_disk_full, sweep_orphans, write_result
+from vibevoice_pool.jobs import results
+from vibevoice_pool.jobs.disk import sweep_orphans
 from vibevoice_pool.jobs.places import Places
 from vibevoice_pool.jobs.progress import Progress
-from vibevoice_pool.jobs.results import result_file
-from vibevoice_pool.jobs.store import RESULTS_DIR, Job, JobError, JobErrorKind, JobState, JobStore
+from vibevoice_pool.jobs.store import Job, JobError, JobErrorKind, JobState, JobStore
 from vibevoice_pool.jobs.view import job_view
 from workers.wire import messages as m
 
@@ -216,7 +216,7 @@ class JobRunner:
         return self.get(job_id)
 
     def result_file(self, job: Job) -> Path:  # see results.py
-        return result_file(self.store, job)
+        return results.result_file(self.store, job)
 
     def describe(self, job: Job) -> dict:
         """The JSON view of a job, with live progress while it runs."""
@@ -428,8 +428,10 @@ class JobRunner:
                 why = "the server stopped before it finished"
                 with contextlib.suppress(JobError):  # still running: the next start requeues it
                     self.store.requeue(live.job_id, why, self.clock())
-            elif outcome.error is m.ErrorKind.CANCELLED and live.cancelled:
-                pass  # the store already says cancelled
+            elif outcome.error is m.ErrorKind.CANCELLED and live.cancelled:  # the store says so
+                made = np.concatenate([live.prior, live.handle.audio()])  # kept as its result
+                args = (self.store, live.job_id, live.fmt, made, live.handle.worker)
+                await asyncio.to_thread(results.keep_partial, *args)
             else:
                 self._fail(live.job_id, outcome.error.value, outcome.message, live.handle.worker)
         finally:  # kept until the result is on disk: a server killed while it writes resumes
@@ -439,20 +441,10 @@ class JobRunner:
     async def _deliver(self, live: _Live, done: m.Done) -> None:
         handle = live.handle
         pcm = np.concatenate([live.prior, handle.audio()])
-        rel = f"{RESULTS_DIR}/{live.job_id}.{live.fmt}"
-        path = self.store.folder / rel
         try:
-            size = await asyncio.to_thread(write_result, self.store, path, pcm, live.fmt)
-        except OSError as e:
-            self._fail(
-                live.job_id,
-                (JobErrorKind.DISK_FULL if is_disk_full(e) else JobErrorKind.STORAGE).value,
-                f"the audio was made but could not be written to {path.parent}: "
-                f"{e.strerror or e}. Free disk space or repair the data folder, "
-                "then submit the job again",
-                handle.worker,
+            rel, size = await asyncio.to_thread(
+                results.write, self.store, live.job_id, live.fmt, pcm
             )
-            return
         except JobError as e:
             self._fail(live.job_id, e.kind.value, e.message, handle.worker)
             return
@@ -482,9 +474,9 @@ class JobRunner:
                 len(pcm) / m.SAMPLE_RATE,
                 size,
             )
-        else:  # cancelled while it was being written
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        else:  # cancelled while it was being written: all of it is what it made
+            audio_s = len(pcm) / m.SAMPLE_RATE
+            results.attach(self.store, live.job_id, rel, size, audio_s, handle.worker)
 
     def _fail(self, job_id: str, code: str, message: str, worker: int | None = None) -> None:
         at = self.clock()

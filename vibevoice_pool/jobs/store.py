@@ -17,7 +17,7 @@ Every state change is one compare-and-set UPDATE (`... WHERE id=? AND state IN
 
 `finished_count` counts the transitions into a terminal state; a CHECK keeps
 it at most 1, so the database itself refuses a second finish. Finished jobs
-expire after job_ttl_s. No pool, no HTTP; times passed in.
+expire after job_ttl_s; a cancelled one may keep the audio it made (keep_partial). No pool, no HTTP; times passed in.
 
 Disk (Limits, disk.py): results, expected results and the bodies of active
 jobs count against jobs_disk_limit_mb (a body goes when its job ends); one
@@ -199,7 +199,7 @@ class JobStore:
         """Bytes of the results on disk (finished jobs)."""
         with self._mutex:
             return self._conn.execute(
-                "SELECT COALESCE(SUM(result_bytes), 0) FROM jobs WHERE state='done'"
+                "SELECT COALESCE(SUM(result_bytes), 0) FROM jobs WHERE state IN ('done','cancelled')"
             ).fetchone()[0]
 
     def reserved_bytes(self, owner: str | None = None) -> int:
@@ -343,18 +343,10 @@ class JobStore:
 
     def claim(self, job_id: str, request_id: str, at: float) -> bool:
         """queued -> running: this process has handed the job to the pool."""
-        return (
-            self._move(
-                job_id,
-                JobState.RUNNING,
-                (JobState.QUEUED,),
-                f"request {request_id}",
-                at,
-                ", started_at=NULL, runs=runs+1, request_id=?, worker=NULL, audio_s=0",
-                (request_id,),
-            )
-            is not None
-        )
+        sets = ", started_at=NULL, runs=runs+1, request_id=?, worker=NULL, audio_s=0"
+        why, queued = f"request {request_id}", (JobState.QUEUED,)
+        left = self._move(job_id, JobState.RUNNING, queued, why, at, sets, (request_id,))
+        return left is not None
 
     def note_worker(self, job_id: str, worker: int | None, at: float) -> None:
         """A worker has begun it (no state change; until then it shows as queued); no
@@ -447,6 +439,17 @@ class JobStore:
             raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id} (it may have expired)")
         raise JobError(JobErrorKind.CONFLICT, f"job {job_id} already {job.state.value}")
 
+    def keep_partial(
+        self, job_id: str, result_path: str, result_bytes: int, audio_s: float, worker: int | None
+    ) -> bool:
+        """A cancelled job's result: the audio it made before its cancel (no state change).
+        False when it is no longer a cancelled job without one (deleted, expired)."""
+        sql = "UPDATE jobs SET result_path=?, result_bytes=?, audio_s=?, worker=COALESCE(?, worker)"
+        sql += " WHERE id=? AND state='cancelled' AND result_path IS NULL"
+        with self._tx() as conn:
+            cur = conn.execute(sql, (result_path, result_bytes, audio_s, worker, job_id))
+        return cur.rowcount == 1
+
     def delete(self, job_id: str) -> Job:
         """Forget a finished job (its row, its events, its result file); the job as
         it was. JobError NOT_FOUND, or CONFLICT while it is queued or running."""
@@ -481,11 +484,12 @@ class JobStore:
         return [path for _, path in rows if path]
 
     def kept_results(self) -> set[str]:
-        """The result paths that finished jobs point at."""
+        """The result paths that finished jobs point at (a cancelled job's: what it made)."""
         with self._mutex:
             return {
                 r[0]
                 for r in self._conn.execute(
-                    "SELECT result_path FROM jobs WHERE state='done' AND result_path IS NOT NULL"
+                    "SELECT result_path FROM jobs WHERE result_path IS NOT NULL"
+                    " AND state IN ('done','cancelled')"
                 )
             }

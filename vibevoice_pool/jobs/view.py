@@ -66,7 +66,7 @@ def job_view(
                 "content_type": encoders.content_type(job.format),
                 "expires_at": (job.finished_at or now) + ttl_s,
             }
-            if job.state is JobState.DONE
-            else None
+            if job.result_path and job.state in (JobState.DONE, JobState.CANCELLED)
+            else None  # a cancelled job's result: the audio it made before its cancel
         ),
     }

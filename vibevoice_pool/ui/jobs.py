@@ -2,8 +2,8 @@
 
     Submit job -> JobRunner.submit(owner, body)  (what POST /v1/jobs does)
     every 2 s (gr.Timer, queue=False): the owner's jobs -> the table (state,
-        progress as audio made against the estimate), finished results -> the
-        download list (gr.File, served from the results folder)
+        progress as audio made against the estimate), results (done jobs', and the
+        audio cancelled ones made) -> the download list (gr.File, from the results folder)
     Cancel -> JobRunner.cancel(id), for a job of that owner only
 
 The owner (`page_owner`): a login whose user name is a key's name (auth.page_login
@@ -27,7 +27,7 @@ from pathlib import Path
 import gradio as gr
 
 from vibevoice_pool.jobs.runner import JobRunner
-from vibevoice_pool.jobs.store import JobError, JobState
+from vibevoice_pool.jobs.store import JobError
 from vibevoice_pool.ui.i18n import explain, language_of, t
 from workers.wire.messages import PoolError
 
@@ -90,12 +90,12 @@ def job_rows(runner: JobRunner, owner: str, lang: str = "en") -> tuple[list[list
                     made=p["audio_s"],
                     est=p["estimate_s"],
                 ),
-                f"{job.audio_s:.1f} s" if job.state is JobState.DONE else "",
+                f"{job.audio_s:.1f} s" if job.result_path else "",  # a cancelled one's too
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
                 explain(lang, job.error_code or "", job.error or ""),
             ]
         )
-        if job.state is JobState.DONE:
+        if job.result_path:  # done, or cancelled with the audio it made
             try:
                 files.append(str(runner.result_file(job)))
             except JobError:
