@@ -191,3 +191,48 @@ def test_a_cancel_landing_while_the_result_is_written_keeps_the_whole_audio(runn
     assert view["state"] == "cancelled" and view["result"]["audio_s"] == round(job.audio_s, 3)
     rows, files = ui_jobs.job_rows(r, "me")  # the page's Jobs tab offers it for download
     assert rows[0][3] == f"{job.audio_s:.1f} s" and files == [str(r.result_file(job))]
+
+
+@pytest.mark.slow
+def test_a_job_cancelled_as_its_server_dies_keeps_its_saved_audio_and_is_never_run_again(
+    server, tmp_path
+):
+    """The cancel is written down, but the job's row never leaves its worker (SIGSTOPped)
+    and the server is SIGKILLed: the next start finds the audio it saved (progress.py)
+    beside a cancelled job, keeps it as its result and removes the files; the job is
+    not run again."""
+    data = tmp_path / "data"
+    args = (*SIM, "--sim-rtf", "1.0", "--data-dir", str(data))
+    s = server(*args)
+    job_id = submit(s.url, LONG)
+    saved = data / "progress" / f"{job_id}.pcm"
+    wait_until(lambda: saved.is_file() and saved.stat().st_size >= 4 * SAMPLE_RATE, 60, 0.05)
+    on = job(s.url, job_id)["worker"]
+    stuck = next(w["pid"] for w in s.get("/v1/pool").json()["workers"] if w["id"] == on)
+    workers = s.worker_pids()
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the server waits for the row to leave
+            httpx.post(f"{s.url}/v1/jobs/{job_id}/cancel", timeout=httpx.Timeout(2, connect=10))
+        db = sqlite3.connect(data / "jobs.db")
+        row = db.execute("SELECT state, result_path FROM jobs WHERE id=?", (job_id,)).fetchone()
+        db.close()
+        assert row == ("cancelled", None)  # written down; its audio not yet kept
+        os.kill(s.proc.pid, signal.SIGKILL)
+        s.proc.wait(10)
+    finally:
+        os.kill(stuck, signal.SIGKILL)
+    for pid in workers:
+        wait_until(lambda p=pid: not pid_alive(p), 15, what=f"worker {pid} to exit")
+    had = len(np.fromfile(saved, dtype=np.float32))
+
+    s = server(*args)
+    view = job(s.url, job_id)
+    assert view["state"] == "cancelled" and view["runs"] == 1
+    assert round(view["result"]["audio_s"] * SAMPLE_RATE) == had
+    pcm = audio_of(s.url, job_id)
+    assert len(pcm) == had and np.abs(pcm - tone(view["seed"], 0, had)).max() < 2 / 32768
+    assert list((data / "progress").iterdir()) == []
+    after = submit(s.url, "Speaker 1: the restarted server runs this one.")
+    assert wait_finished(s.url, [after])[after]["state"] == "done"
+    assert job(s.url, job_id)["runs"] == 1 and inflight(s.url) == 0

@@ -16,6 +16,8 @@ The runner (runner.py) calls:
                               refuses drops the files (the space goes back; the job
                               goes on) and is tried again in RETRY_S
     drop(job_id)              once it is done, failed or cancelled
+    saved_audio(job_id), ids()  the audio saved of a job (a cancelled job keeps it as its
+                              result: results.keep_saved), the jobs with files here
 
 The history is saved only up to audio already on disk, so a restart never misses
 audio; the audio past the history is cut off at the restart and made again.
@@ -122,9 +124,24 @@ class Progress:
             os.fsync(f.fileno())
         write_atomic(hist_path, _history_bytes(hist))
 
+    def saved_audio(self, job_id: str) -> np.ndarray:
+        """All the audio saved of a job (none when there is no file, or it is unreadable)."""
+        try:
+            return np.fromfile(self._paths(job_id)[0], dtype=np.float32)
+        except (OSError, ValueError):
+            return np.zeros(0, dtype=np.float32)
+
+    def ids(self) -> set[str]:
+        """The jobs with saved progress here."""
+        try:
+            return {p.name.lstrip(".").split(".")[0] for p in self.dir.iterdir()}
+        except FileNotFoundError:
+            return set()
+
     def drop(self, job_id: str) -> None:
         self._saved.pop(job_id, None)
-        for path in self._paths(job_id):
+        pcm, hist = self._paths(job_id)
+        for path in (pcm, hist, hist.with_name(f".{hist.name}.tmp")):  # write_atomic's
             path.unlink(missing_ok=True)
 
 

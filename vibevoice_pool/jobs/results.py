@@ -6,6 +6,8 @@ GET /v1/jobs/{id}/audio.
                                        DISK_LIMIT, DISK_FULL or STORAGE, saying what to do
     keep_partial(store, job, pcm, ..)  a cancelled job's audio, made before its cancel,
                                        as its result (the store's keep_partial)
+    keep_saved(store, progress, job)   the same from its progress on disk (it was queued
+                                       to resume, or the server died before its run ended)
     result_file(store, job)            the file of a done job, or of a cancelled one that
                                        kept its audio; else the JobError that says why not
 
@@ -69,6 +71,17 @@ def keep_partial(store, job_id: str, fmt: str, pcm, worker: int | None) -> float
         return 0.0
     log.info("job %s: the %.1f s of audio it made before its cancel are kept", job_id, audio_s)
     return audio_s
+
+
+def keep_saved(store, progress, job_id: str) -> float:
+    """The progress saved of a job that no run holds (progress.py): a cancelled job's
+    audio is kept as its result, then the files go (any job's); the seconds kept."""
+    job = store.get(job_id)
+    kept = 0.0
+    if job is not None and job.state is JobState.CANCELLED and not job.result_path:
+        kept = keep_partial(store, job_id, job.format, progress.saved_audio(job_id), job.worker)
+    progress.drop(job_id)
+    return kept
 
 
 def result_file(store, job: Job) -> Path:

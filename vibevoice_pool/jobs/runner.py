@@ -16,7 +16,8 @@
     cancel(id, wait_s): cancelled in the store first, then the pool request is stopped;
         waits up to wait_s for its row to leave its worker (POST /v1/jobs/{id}/cancel)
     start(): jobs a previous server left queued or running are queued again (a running
-        one goes on from the audio and history it saved, progress.py)
+        one goes on from the audio and history it saved, progress.py); the saved audio of
+        a job that ended meanwhile goes (a cancelled one's: kept as its result)
     hold() at the stop signal: start no queued job; stop(grace): running jobs finish
         within grace, the rest are queued again (their progress saved) for the next start
 
@@ -130,6 +131,8 @@ class JobRunner:
     def start(self) -> JobRunner:
         try:
             queued = self.store.requeue_unfinished(self.clock())
+            for job_id in self.progress.ids() - set(queued):  # it ended, its run killed
+                results.keep_saved(self.store, self.progress, job_id)  # cancelled: kept
             sweep_orphans(self.store)
             self.expire()
         except JobError as e:  # a full disk: the loop queues them again once it can
@@ -205,8 +208,8 @@ class JobRunner:
             live = self._live.get(job_id)
             if live is not None:
                 live.cancelled = True
-        if live is None:  # queued (maybe to go on after a restart): its progress is moot
-            self.progress.drop(job_id)
+        if live is None:  # queued (maybe to go on after a restart): its saved audio is kept
+            results.keep_saved(self.store, self.progress, job_id)
         elif live.handle is not None:
             live.handle.cancel()
         log.info("job %s cancelled", job_id)
