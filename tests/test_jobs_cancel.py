@@ -236,3 +236,41 @@ def test_a_job_cancelled_as_its_server_dies_keeps_its_saved_audio_and_is_never_r
     after = submit(s.url, "Speaker 1: the restarted server runs this one.")
     assert wait_finished(s.url, [after])[after]["state"] == "done"
     assert job(s.url, job_id)["runs"] == 1 and inflight(s.url) == 0
+
+
+def test_the_jobs_tab_cancels_keeping_the_record_and_deletes_beside_it(runner):
+    import gradio as gr
+
+    from vibevoice_pool.ui.i18n import gradio_i18n
+
+    pool = FakePool()
+    pool.hold(after_chunks=2)  # each job makes 1 s of audio, then waits
+    r = runner(pool)
+    front = type("Front", (), {"voices": type("V", (), {"names": lambda self: []})()})()
+    with gr.Blocks() as page:
+        ui_jobs.add_jobs_tab(front, r, gradio_i18n())
+    by_id = {b.elem_id: b for b in page.blocks.values() if getattr(b, "elem_id", None)}
+    cancel_button, delete_button = by_id["vv-job-cancel"], by_id["vv-job-delete"]
+    assert isinstance(delete_button, gr.Button) and delete_button.parent is cancel_button.parent
+
+    me, other = ui_jobs.owner_for("b1"), ui_jobs.owner_for("b2")
+    assert ui_jobs.submit_job(r, me, SCRIPT, [], "wav").startswith("✅")
+    first = r.store.list(me)[0][0].id
+    wait_until(lambda: r.describe(r.get(first))["progress"]["audio_s"] == 1.0, 10)
+    assert ui_jobs.cancel_job(r, me, first) == f"⏹️ Job `{first}` cancelled."
+    wait_until(lambda: r.get(first).result_path, 10, what="its audio kept")
+    rows, files = ui_jobs.job_rows(r, me)
+    assert rows[0][:2] == [first, "cancelled"] and files == [str(r.result_file(r.get(first)))]
+
+    assert ui_jobs.delete_job(r, other, first).startswith("❌ You have no job")
+    kept = r.result_file(r.get(first))
+    assert ui_jobs.delete_job(r, me, first) == f"🗑️ Job `{first}` deleted, with its result."
+    assert r.store.get(first) is None and not kept.exists()
+
+    assert ui_jobs.submit_job(r, me, SCRIPT, [], "wav", "zh").startswith("✅")
+    second = r.store.list(me)[0][0].id
+    wait_until(lambda: r.describe(r.get(second))["progress"]["audio_s"] == 1.0, 10)
+    assert ui_jobs.delete_job(r, me, second, "zh") == f"🗑️ 任务 `{second}` 及其结果已删除。"
+    wait_until(lambda: not r._live, 10, what="the deleted job's run to end")
+    assert r.store.get(second) is None and list(r.store.results.iterdir()) == []
+    assert ui_jobs.job_rows(r, me) == ([], [])

@@ -4,7 +4,9 @@
     every 2 s (gr.Timer, queue=False): the owner's jobs -> the table (state,
         progress as audio made against the estimate), results (done jobs', and the
         audio cancelled ones made) -> the download list (gr.File, from the results folder)
-    Cancel -> JobRunner.cancel(id), for a job of that owner only
+    Cancel -> JobRunner.cancel(id): it stops, its record (and the audio it made) stays
+    Delete -> cancel it if it is active, then forget it and its result (DELETE /v1/jobs/{id})
+    both for a job of that owner only
 
 The owner (`page_owner`): a login whose user name is a key's name (auth.page_login
 lets only that key in under it) acts as that key, so its jobs are the ones the
@@ -18,6 +20,7 @@ Call `add_jobs_tab` inside a gr.Blocks().
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -136,6 +139,21 @@ def cancel_job(runner: JobRunner, owner: str, job_id: str, lang: str = "en") -> 
     return t(lang, "job_cancelled", id=job_id)
 
 
+def delete_job(runner: JobRunner, owner: str, job_id: str, lang: str = "en") -> str:
+    job_id = (job_id or "").strip()
+    job = runner.store.get(job_id) if job_id else None
+    if job is None or job.owner != owner:
+        return t(lang, "job_not_yours", id=job_id)
+    try:
+        if not job.finished:
+            with contextlib.suppress(JobError):  # it may end meanwhile: forget it anyway
+                runner.cancel(job_id)
+        runner.store.delete(job_id)
+    except JobError as e:
+        return f"❌ {explain(lang, e.kind.value, e.message)}"
+    return t(lang, "job_deleted", id=job_id)
+
+
 def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
     """The tab; returns its voices list, which the page refreshes with its own."""
     """Build the Jobs tab (call inside a gr.Blocks() context)."""
@@ -171,7 +189,8 @@ def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
         )
         with gr.Row():
             cancel_id = gr.Textbox(label=i18n("jobs_cancel_id"), placeholder="job id", scale=3)
-            cancel = gr.Button(i18n("jobs_cancel"), scale=1)
+            cancel = gr.Button(i18n("jobs_cancel"), scale=1, elem_id="vv-job-cancel")
+            delete = gr.Button(i18n("jobs_delete"), scale=1, elem_id="vv-job-delete")
         files = gr.File(label=i18n("jobs_files"), file_count="multiple", interactive=False)
         shown = gr.State(())  # the files on show: the list is replaced only when they change
         timer = gr.Timer(REFRESH_S)
@@ -200,6 +219,10 @@ def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
             mine = owner(ensure(browser_id), request)
             return cancel_job(runner, mine, job_id, language_of(request))
 
+        def on_delete(browser_id, job_id, request: gr.Request = None):
+            mine = owner(ensure(browser_id), request)
+            return delete_job(runner, mine, job_id, language_of(request))
+
         timer.tick(
             refresh,
             [browser, shown],
@@ -218,11 +241,12 @@ def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
             queue=False,
             api_visibility="private",
         )
-        cancel.click(on_cancel, [browser, cancel_id], [message], api_visibility="private").then(
-            refresh,
-            [browser, shown],
-            [browser, table, files, shown],
-            queue=False,
-            api_visibility="private",
-        )
+        for button, act in ((cancel, on_cancel), (delete, on_delete)):
+            button.click(act, [browser, cancel_id], [message], api_visibility="private").then(
+                refresh,
+                [browser, shown],
+                [browser, table, files, shown],
+                queue=False,
+                api_visibility="private",
+            )
     return voices
