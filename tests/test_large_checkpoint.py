@@ -1,0 +1,213 @@
+"""VibeVoice-Large (microsoft's 7B, served from community mirrors such as
+aoi-ot/VibeVoice-Large) through conversion and the step engine.
+
+The Large is VibeVoice-1.5B's architecture around Qwen2.5-7B (docs/MODEL.md, "Checkpoints"):
+28 layers, 28 query heads and 4 KV heads over hidden 3584 (head dim 128), intermediate
+18944, an untied lm_head over 152,064 embedding rows (the tokenizer has 151,665), a
+diffusion head of 4 layers at the LM's width, and the same acoustic (64) and semantic (128)
+latents. Its original-layout weights come in ten shards, model-00001-of-00010.safetensors
+to model-00010-of-00010.safetensors, named by model.safetensors.index.json.
+
+The checkpoint built here has all of that but the widths: head dim 8 (hidden 224) and
+small MLPs, which change no code path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_step_engine import assert_alone, drive, req, voice
+from vibevoice_reference import Reference
+
+from workers.checkpoints import convert
+from workers.checkpoints.tiny import tiny_config_dict
+
+LARGE_TEXT = {  # the Large's decoder_config, but for the widths
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "hidden_size": 28 * 8,
+    "intermediate_size": 96,
+    "max_window_layers": 28,
+}
+LARGE_SHARDS = 10
+LARGE_VOCAB_PAD = 399  # 152,064 embedding rows against the tokenizer's 151,665
+
+
+def large_shape(vocab: int, ids: dict[str, int]) -> dict:
+    """VibeVoiceConfig kwargs at the Large's head counts, layers and latent widths."""
+    shape = tiny_config_dict(vocab, ids)
+    text = shape["text_config"]
+    text.update(LARGE_TEXT, vocab_size=vocab + LARGE_VOCAB_PAD, tie_word_embeddings=False)
+    shape["audio_config"]["hidden_size"] = 64
+    shape["semantic_model_config"]["hidden_size"] = 128
+    shape["diffusion_head_config"].update(
+        hidden_size=text["hidden_size"],
+        latent_size=64,
+        num_hidden_layers=4,
+        intermediate_size=3 * text["hidden_size"],  # head_ffn_ratio 3.0
+    )
+    return shape
+
+
+def make_large_original_checkpoint(folder: Path, tiny_dir: str, seed: int = 7) -> Path:
+    """A Large-shaped checkpoint in the original layout, as the mirrors hold it: ten
+    shards and their index, the original config.json (tie_word_embeddings false at the
+    top, none in decoder_config) and preprocessor_config.json naming Qwen/Qwen2.5-7B.
+    The tiny tokenizer is kept alongside (the real checkpoint has none)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, VibeVoiceConfig, VibeVoiceForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tiny = json.loads((Path(tiny_dir) / "config.json").read_text())
+    ids = {k: tiny[f"{k}_token_id"] for k in ("pad", "eos", "audio_bos", "audio_eos", "audio")}
+    shape = large_shape(len(tok), ids)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = VibeVoiceForConditionalGeneration(VibeVoiceConfig(**shape)).eval()
+    state = {convert.hf_to_original_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    assert "lm_head.weight" in state  # untied: the Large ships its own head
+
+    folder.mkdir(parents=True)
+    names = sorted(state)
+    per = -(-len(names) // LARGE_SHARDS)
+    weight_map = {}
+    for i in range(LARGE_SHARDS):
+        shard = f"model-{i + 1:05d}-of-{LARGE_SHARDS:05d}.safetensors"
+        part = {k: state[k] for k in names[i * per : (i + 1) * per]}
+        save_file(part, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    config = convert.original_config_from_tiny(shape)
+    config["decoder_config"].pop("tie_word_embeddings")
+    config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    preprocessor = {
+        "processor_class": "VibeVoiceProcessor",
+        "speech_tok_compress_ratio": 3200,
+        "db_normalize": True,
+        "audio_processor": {"sampling_rate": 24000, "normalize_audio": True},
+        "language_model_pretrained_name": "Qwen/Qwen2.5-7B",
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny_dir) / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def large_dirs(tiny_model_dir, tmp_path_factory):
+    """(the original-layout folder, its conversion) for the whole module."""
+    root = tmp_path_factory.mktemp("large")
+    src = make_large_original_checkpoint(root / "original", tiny_model_dir)
+    dst = Path(convert.convert_checkpoint(src, root / "hf"))
+    return src, dst
+
+
+@pytest.fixture(scope="module")
+def served(large_dirs):
+    """The converted Large with the tiny model's sequence_bias on the audio token:
+    random weights need it to speak at all (workers/checkpoints/tiny.py)."""
+    _, dst = large_dirs
+    gen = dst / "generation_config.json"
+    conf = json.loads(gen.read_text())
+    conf["sequence_bias"] = [
+        [[json.loads((dst / "config.json").read_text())["audio_token_id"]], 50.0]
+    ]
+    gen.write_text(json.dumps(conf))
+    return dst
+
+
+def test_a_large_checkpoint_in_ten_shards_converts_weight_for_weight(large_dirs):
+    from safetensors.torch import load_file
+    from transformers import VibeVoiceForConditionalGeneration
+
+    src, dst = large_dirs
+    assert convert.looks_like_original_layout(src)
+    original = {}
+    for shard in sorted(src.glob("model-*-of-00010.safetensors")):
+        original.update(load_file(str(shard)))
+    model = VibeVoiceForConditionalGeneration.from_pretrained(dst)
+    text = model.config.text_config
+    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        28,
+        28,
+        4,
+    )
+    assert not model.config.tie_word_embeddings
+    converted = model.state_dict()
+    assert len(converted) == len(original)
+    for key, tensor in original.items():
+        assert torch.equal(converted[convert.original_to_hf_key(key)], tensor), key
+    # the head is the Large's own, not the embeddings
+    assert not torch.equal(
+        converted["lm_head.weight"], converted["model.language_model.embed_tokens.weight"]
+    )
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    words = len(tok["model"]["vocab"]) + len(tok["added_tokens"])
+    assert model.config.vocab_size == words + LARGE_VOCAB_PAD
+
+
+@pytest.fixture(scope="module")
+def large_engine(served):
+    from workers.engines.contract import EngineSpec
+    from workers.engines.vibevoice.engine import VibeVoiceEngine
+
+    eng = VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=str(served), max_batch_size=4))
+    eng.load()
+    return eng
+
+
+def test_the_engine_on_the_converted_large_equals_transformers_generate(large_engine, served):
+    reference = Reference(str(served))
+    # served as real weights (no tiny-model marker): a row ends at its max_audio_s
+    rows = [
+        req("plain", seed=1, max_audio_s=1.2),
+        req("voiced", "Short one.", seed=2, voices=(voice(),), max_audio_s=0.8),
+    ]
+    for r in rows:
+        sink = drive(large_engine, {0: [r]})
+        assert sink.ends[r.id] == "max_audio"
+        assert len(sink.pcm(r.id)) == int(r.max_audio_s * 24000) // 3200 * 3200
+        assert_alone(reference, sink, r)
+    sink = drive(large_engine, {0: [rows[0]], 2: [rows[1]]})  # batched, joining 2 steps in
+    for r in rows:
+        assert_alone(reference, sink, r)
+
+
+def test_the_engine_sizes_the_large_kv_by_its_kv_heads(large_engine):
+    steps = large_engine.steps
+    # layers x KV heads x head dim x (key, value) x 4 bytes (float32 here)
+    assert steps.kv_bytes_per_token == 28 * 4 * 8 * 2 * 4
+    assert (steps.kv.layers, steps.kv.kv_heads, steps.kv.head_dim) == (28, 4, 8)
+
+
+LARGE_CONFIG = Path(__file__).parent / "data" / "vibevoice-large-config.json"
+QWEN_IDS = {"pad": 151643, "eos": 151643, "audio_bos": 151652, "audio_eos": 151653, "audio": 151654}
+
+
+def test_the_large_config_converts_to_its_9_34b_parameters_and_56_kib_of_kv_a_token():
+    """The Large's own config.json (tests/data, as microsoft's configuration_vibevoice.py
+    carries it), converted and built on the meta device: 9.34 B parameters, 17.4 GiB in
+    bf16 (the published size of the checkpoint), and a token's KV in one branch of
+    28 layers x 4 KV heads x 128 x (key, value) x 2 bytes."""
+    from transformers import VibeVoiceConfig, VibeVoiceForConditionalGeneration
+
+    original = json.loads(LARGE_CONFIG.read_text())
+    assert convert.config_is_original_layout(original)
+    config = VibeVoiceConfig(**convert.hf_config_from_original(original, QWEN_IDS))
+    assert not config.tie_word_embeddings
+    with torch.device("meta"):
+        model = VibeVoiceForConditionalGeneration(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert params == 9_343_355_363
+    assert round(params * 2 / 2**30, 1) == 17.4
+    text = config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    assert text.num_hidden_layers * text.num_key_value_heads * head_dim * 2 * 2 == 56 * 1024
