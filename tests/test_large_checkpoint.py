@@ -211,3 +211,42 @@ def test_the_large_config_converts_to_its_9_34b_parameters_and_56_kib_of_kv_a_to
     text = config.text_config
     head_dim = text.hidden_size // text.num_attention_heads
     assert text.num_hidden_layers * text.num_key_value_heads * head_dim * 2 * 2 == 56 * 1024
+
+
+@pytest.mark.parametrize("preprocessor", [None, {"language_model_pretrained_name": None}])
+def test_a_large_without_a_named_tokenizer_converts_with_qwen2_5_7b(
+    tmp_path, monkeypatch, preprocessor
+):
+    """A Large folder whose preprocessor_config.json is missing or names no tokenizer:
+    conversion asks for the Large's own Qwen2.5-7B tokenizer (its vocabulary is the
+    1.5B's), not Qwen2.5-1.5B's. The download is refused here; the name is what it asked."""
+    import transformers
+
+    asked = []
+
+    def offline(name, *args, **kwargs):
+        asked.append(name)
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    src = tmp_path / "large"
+    src.mkdir()
+    shutil.copy(LARGE_CONFIG, src / "config.json")
+    if preprocessor is not None:
+        (src / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    with pytest.raises(OSError, match="offline"):
+        convert.convert_checkpoint(src, tmp_path / "hf")
+    assert asked == ["Qwen/Qwen2.5-7B"]
+    # a named tokenizer still wins, and the 1.5B's width still gets the 1.5B's
+    (src / "preprocessor_config.json").write_text(
+        json.dumps({"language_model_pretrained_name": "some/tokenizer"})
+    )
+    with pytest.raises(OSError):
+        convert.convert_checkpoint(src, tmp_path / "hf")
+    small = json.loads(LARGE_CONFIG.read_text())
+    small["decoder_config"]["hidden_size"] = 1536
+    (src / "config.json").write_text(json.dumps(small))
+    (src / "preprocessor_config.json").unlink()
+    with pytest.raises(OSError):
+        convert.convert_checkpoint(src, tmp_path / "hf")
+    assert asked == ["Qwen/Qwen2.5-7B", "some/tokenizer", "Qwen/Qwen2.5-1.5B"]

@@ -251,16 +251,27 @@ def hf_config_from_original(orig: dict, token_ids: dict[str, int]) -> dict:
     }
 
 
-def _load_tokenizer(src: Path, tokenizer: str | None) -> Any:
+# The Qwen2.5 each checkpoint grew from, by width (1.5B, Large): one vocabulary in both
+# tokenizers; the models only pad their embeddings differently (151,936, 152,064 rows).
+QWEN_BY_WIDTH = {1536: "Qwen/Qwen2.5-1.5B", 3584: "Qwen/Qwen2.5-7B"}
+
+
+def tokenizer_source(src: Path, orig: dict) -> str:
+    """The tokenizer a conversion loads when none is given: `src`'s own files, else its
+    preprocessor_config's `language_model_pretrained_name`, else the decoder's Qwen2.5."""
+    if (src / "tokenizer.json").is_file():
+        return str(src)
+    pre = src / "preprocessor_config.json"
+    conf = json.loads(pre.read_text()) if pre.is_file() else {}
+    width = orig.get("decoder_config", {}).get("hidden_size")
+    named = conf.get("language_model_pretrained_name")
+    return named or QWEN_BY_WIDTH.get(width, QWEN_BY_WIDTH[1536])
+
+
+def _load_tokenizer(src: Path, tokenizer: str | None, orig: dict) -> Any:
     from transformers import AutoTokenizer
 
-    if tokenizer is None and (src / "tokenizer.json").is_file():
-        tokenizer = str(src)
-    if tokenizer is None:
-        pre = src / "preprocessor_config.json"
-        conf = json.loads(pre.read_text()) if pre.is_file() else {}
-        tokenizer = conf.get("language_model_pretrained_name", "Qwen/Qwen2.5-1.5B")
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+    tok = AutoTokenizer.from_pretrained(tokenizer or tokenizer_source(src, orig))
     tok.padding_side = "left"
     return tok
 
@@ -269,8 +280,8 @@ def convert_checkpoint(
     src: str | os.PathLike, dst: str | os.PathLike, tokenizer: str | None = None
 ) -> str:
     """Write an HF-layout copy of the original-layout checkpoint `src` (folder or hub id)
-    into `dst`. The tokenizer comes from `tokenizer`, else from tokenizer files in `src`,
-    else from `language_model_pretrained_name` in its preprocessor_config.json (a download).
+    into `dst`. The tokenizer comes from `tokenizer`, else `tokenizer_source` (a download
+    unless `src` holds tokenizer files).
     """
     import torch
     from safetensors.torch import load_file
@@ -299,7 +310,7 @@ def convert_checkpoint(
             ErrorKind.BAD_INPUT, f"{src} is not an original-layout VibeVoice checkpoint"
         )
     orig = json.loads((source / "config.json").read_text())
-    tok = _load_tokenizer(source, tokenizer)
+    tok = _load_tokenizer(source, tokenizer, orig)
     ids = {
         "pad": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         "eos": tok.eos_token_id,
