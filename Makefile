@@ -1,5 +1,5 @@
-# vibevoice-pool: `make run` serves the demo pool (`make run MODEL=...` a real
-# checkpoint), `make test` runs the suite.
+# vibevoice-pool: `make run` serves the demo pool (`make run MODEL=... [CONFIG=...]` a
+# real checkpoint), `make test` runs the suite.
 # Both create the virtual environment (.venv) themselves.
 
 PYTHON ?= python3
@@ -21,15 +21,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # `make run` serves the tiny demo model; `make run MODEL=<hub id or folder>` serves a
-# real checkpoint with configs/vibevoice-1.5b.yaml (every GPU; GPUS=0,1 or GPUS=cpu:1
-# to choose).
+# real checkpoint with configs/vibevoice-1.5b.yaml, or the config file CONFIG names
+# (CONFIG=configs/vibevoice-large.yaml for VibeVoice-Large); every GPU (GPUS=0,1 or
+# GPUS=cpu:1 to choose).
 MODEL  ?=
+CONFIG ?= configs/vibevoice-1.5b.yaml
 GPUS   ?=
 run: setup
 ifeq ($(strip $(MODEL)),)
 	$(VENV)/bin/vibevoice-pool launch --config configs/demo.yaml --port $(PORT) $(if $(GPUS),--gpus $(GPUS))
 else
-	$(VENV)/bin/vibevoice-pool launch --config configs/vibevoice-1.5b.yaml --model_path "$(MODEL)" --port $(PORT) $(if $(GPUS),--gpus $(GPUS))
+	$(VENV)/bin/vibevoice-pool launch --config "$(CONFIG)" --model_path "$(MODEL)" --port $(PORT) $(if $(GPUS),--gpus $(GPUS))
 endif
 
 # What the tests need from Debian: chromium for the browser tests (never a

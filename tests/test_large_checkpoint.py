@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from test_step_engine import assert_alone, drive, req, voice
 from vibevoice_reference import Reference
 
@@ -250,3 +251,44 @@ def test_a_large_without_a_named_tokenizer_converts_with_qwen2_5_7b(
     with pytest.raises(OSError):
         convert.convert_checkpoint(src, tmp_path / "hf")
     assert asked == ["Qwen/Qwen2.5-7B", "some/tokenizer", "Qwen/Qwen2.5-1.5B"]
+
+
+def test_the_large_config_fits_two_workers_and_their_rows_on_an_80_gb_gpu():
+    """configs/vibevoice-large.yaml against the Large's shape: per worker the weights
+    (17.4 GiB) and its KV budget, on an H100 80GB (81,559 MiB), leave at least 10 GiB
+    for CUDA state and activations; the budget holds max_batch_size rows of 10 minutes
+    (4,500 audio tokens after a 2,300-token prompt), counted as admission counts them
+    (both branches, whole 256-token blocks of the Large's KV, as on a GPU)."""
+    from vibevoice_pool import config as pool_config
+    from workers.engines.vibevoice.paged_kv import PagedKV, blocks_for
+
+    cfg = pool_config.build(pool_config.load_file(ROOT / "configs" / "vibevoice-large.yaml"))
+    kv = PagedKV(28, 4, 128, torch.bfloat16, "meta", block_tokens=256)
+    assert kv.bytes_per_block() == 256 * 56 * 1024
+    prompt, steps = 2300, 4500
+    row = blocks_for(prompt + steps + 2, 256) + blocks_for(steps + 2, 256)
+    budget = cfg.mem_budget_mb * 2**20
+    assert cfg.max_batch_size * row * kv.bytes_per_block() <= budget
+    weights = 9_343_355_363 * 2
+    left = 81_559 * 2**20 - cfg.workers_per_gpu * (weights + budget)
+    assert left >= 10 * 2**30, left / 2**30
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+def test_make_run_serves_a_checkpoint_with_the_config_file_config_names():
+    """`make run MODEL=... CONFIG=configs/vibevoice-large.yaml` launches with the Large's
+    settings (it always took configs/vibevoice-1.5b.yaml); without CONFIG, the 1.5B's."""
+    import subprocess
+
+    def launch(*args: str) -> str:
+        out = subprocess.run(
+            ["make", "-n", "-C", str(ROOT), "run", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return next(line for line in out.splitlines() if " launch " in line)
+
+    large = launch("MODEL=/models/large-hf", "CONFIG=configs/vibevoice-large.yaml")
+    assert '--config "configs/vibevoice-large.yaml" --model_path "/models/large-hf"' in large
+    assert '--config "configs/vibevoice-1.5b.yaml"' in launch("MODEL=/models/small-hf")
