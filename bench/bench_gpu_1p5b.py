@@ -1,7 +1,8 @@
 """The step engine on the full-size VibeVoice-1.5B architecture, one GPU, by live rows.
 
 Builds VibeVoice-1.5B's architecture (the Qwen2.5-1.5B text model, the real acoustic and
-semantic tokenizers and diffusion head) with random weights, bf16, SDPA, and runs the step
+semantic tokenizers and diffusion head), or with --model large VibeVoice-Large's (the
+Qwen2.5-7B inside: 17.4 GiB), with random weights, bf16, SDPA, and runs the step
 engine (workers/engines/vibevoice/step.py) with 1, 4, 8, 16 and 32 rows admitted together:
 a fixed prompt per row (script tokens and one voice sample), 10 diffusion steps, cfg 1.3,
 diffusion-only guidance as microsoft's loop. Lengths "fixed": every row the same number of
@@ -25,6 +26,7 @@ measured); --budget-s skips the runs that would start after that many seconds.
 
     python bench/bench_gpu_1p5b.py --out results.json          # one GPU, under 8 minutes
     python bench/bench_gpu_1p5b.py --tiny --out tiny.json      # the tiny model on CPU
+    python bench/bench_gpu_1p5b.py --model large --out large.json   # VibeVoice-Large's shape
 
 For comparison (their author's figures, one H100, VibeVoice-1.5B): vLLM-Omni's port
 reports RTF 0.30 at batch 1 eager, 0.19 with CUDA graphs, and about 7 audio s per wall
@@ -48,61 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SAMPLE_RATE = 24000
 HOP = 3200
 
-QWEN25_1P5B = {  # the text model of VibeVoice-1.5B (Qwen2.5-1.5B)
-    "model_type": "qwen2",
-    "vocab_size": 151936,
-    "hidden_size": 1536,
-    "intermediate_size": 8960,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 65536,
-    "rms_norm_eps": 1e-6,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
-    "tie_word_embeddings": True,
-    "use_sliding_window": False,
-}
-
-
-def full_size_config(token_ids: dict | None = None):
-    """VibeVoice-1.5B's config. `token_ids` (pad, eos, audio_bos, audio_eos, audio) replaces
-    the Qwen2.5 special ids, for a folder whose tokenizer numbers them otherwise."""
-    from transformers import VibeVoiceConfig
-
-    ids = {"pad": 151643, "eos": 151643, "audio_bos": 151652, "audio_eos": 151653}
-    ids = {**ids, "audio": 151654, **(token_ids or {})}
-
-    tower = {
-        "num_filters": 32,
-        "kernel_size": 7,
-        "downsampling_ratios": [2, 2, 4, 5, 5, 8],
-        "depths": [3, 3, 3, 3, 3, 3, 8],
-        "rms_norm_eps": 1e-5,
-        "layer_scale_init_value": 1e-6,
-        "vae_std": 0.625,
-    }
-    return VibeVoiceConfig(
-        text_config=QWEN25_1P5B,
-        audio_config={"model_type": "vibevoice_acoustic_tokenizer", "hidden_size": 64, **tower},
-        semantic_model_config={
-            "model_type": "vibevoice_acoustic_tokenizer_encoder",
-            "hidden_size": 128,
-            **tower,
-        },
-        diffusion_head_config={
-            "hidden_size": QWEN25_1P5B["hidden_size"],  # 5.17 checks it, 5.23+ copies it
-            "latent_size": 64,  # the acoustic latent
-            "num_hidden_layers": 4,
-            "intermediate_size": 4608,  # head_ffn_ratio 3.0 x 1536
-            "frequency_embedding_size": 256,
-            "rms_norm_eps": 1e-5,
-        },
-        pad_token_id=ids["pad"],
-        eos_token_id=ids["eos"],
-        audio_bos_token_id=ids["audio_bos"],
-        audio_eos_token_id=ids["audio_eos"],
-        audio_token_id=ids["audio"],
-    )
+from bench.full_size import NAMES, full_size_config  # noqa: E402 (after the path)
 
 
 def build_model(args, torch):
@@ -119,7 +67,7 @@ def build_model(args, torch):
     else:
         with torch.device(args.device):
             model = VibeVoiceForConditionalGeneration._from_config(
-                full_size_config(), dtype=torch.bfloat16, attn_implementation=attn
+                full_size_config(model=args.model), dtype=torch.bfloat16, attn_implementation=attn
             )
     model = model.to(args.device).eval()
     configure_generation(model.generation_config, model.config.audio_token_id, bias=True)
@@ -386,6 +334,7 @@ def run_rows(
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="the tiny random model on CPU")
+    p.add_argument("--model", choices=sorted(NAMES), default="1.5b", help="the shape built")
     p.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
     p.add_argument("--rows", default="1,4,8,16,32")
     p.add_argument("--lengths", default="fixed,mixed", help="fixed, mixed or both")
@@ -428,7 +377,9 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     rows: list[dict] = []
     result = {
-        "model": "tiny random VibeVoice" if args.tiny else "VibeVoice-1.5B architecture, random",
+        "model": "tiny random VibeVoice"
+        if args.tiny
+        else f"{NAMES[args.model]} architecture, random",
         "engine": "step engine (continuous batching), rows admitted together",
         "params": params,
         "dtype": str(model.dtype).replace("torch.", ""),

@@ -19,6 +19,7 @@ writes each one's JSON into `--out` as it goes and the whole output into
 
     python bench/gpu_all.py --out results/ --budget-s 400      # on the GPU
     python bench/gpu_all.py --out /tmp/dry --tiny               # the same path on CPU
+    python bench/gpu_all.py --out results/ --model large        # VibeVoice-Large's shape
     python bench/gpu_all.py --out results/ --budget-s 250 --parts respawn,pool,engine \
         --engine-rows 1,4,16,32 --engine-lengths fixed --pool-rows 16 --pool-lengths 1,2,3,4
 
@@ -219,6 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for the JSON files and the log")
     ap.add_argument("--budget-s", type=float, default=400.0, help="for every part together")
     ap.add_argument("--tiny", action="store_true", help="the dry run: tiny model, CPU")
+    ap.add_argument("--model", choices=("1.5b", "large"), default="1.5b", help="the shape")
     ap.add_argument("--tokens", type=int, default=48, help="audio tokens per row in part a")
     ap.add_argument("--work", default=None, help="where the full-size folder goes")
     ap.add_argument(
@@ -238,12 +240,13 @@ def main(argv=None) -> int:
     log = Log(out / "log")
     t0 = time.monotonic()
     work = Path(args.work or tempfile.mkdtemp(prefix="vvp-gpu-"))
-    state = {"model": work / ("tiny" if args.tiny else "vv15")}
+    state = {"model": work / ("tiny" if args.tiny else f"vv-{args.model}")}
 
     def left(reserve: float = 0.0) -> float:
         return args.budget_s - (time.monotonic() - t0) - reserve
 
     a = [PY, str(BENCH / "bench_gpu_1p5b.py"), "--new-tokens", str(args.tokens)]
+    a += ["--model", args.model]
     a += ["--tiny", "--cache-dir", str(work)] if args.tiny else []
     rows = args.engine_rows or ("1,4" if args.tiny else "1,4,8,16,32")
 
@@ -264,7 +267,7 @@ def main(argv=None) -> int:
         b = [PY, str(BENCH / "gpu_respawn.py"), "--out", str(out / "b_respawn.json")]
         if args.tiny:
             return b + ["--tiny", str(work), "--gpu", "-1"]
-        return b + ["--build-full-size", str(state["model"])]
+        return b + ["--build-full-size", str(state["model"]), "--shape", args.model]
 
     def pool(limit: float) -> list[str]:  # 1 worker against 2, SIGKILL mid-batch, holders
         if args.tiny:  # gpu_respawn made the tiny model under work/

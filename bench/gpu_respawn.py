@@ -3,7 +3,8 @@
 Runs where a GPU is lent (nothing here works without one but the checks that
 say so). With a model folder in the HF layout (`--model DIR`, or
 `--build-full-size DIR` to save VibeVoice-1.5B's architecture with random
-weights there first, about 5 GB, with bench_gpu_1p5b.full_size_config):
+weights there first, about 5 GB, with bench_gpu_1p5b.full_size_config; with
+`--shape large` VibeVoice-Large's, about 18.7 GB):
 
     0. first, in a fresh interpreter, imports the zygote's preload one module at a
        time and reports which one (if any) leaves the CUDA driver mapped, with the
@@ -243,21 +244,22 @@ def respawn_on_gpu(model_dir: str, device: int = 0, probe: subprocess.Popen | No
     return res
 
 
-def build_full_size(folder: str) -> str:
-    """Save VibeVoice-1.5B's architecture with random weights (bf16) to `folder`, in a
-    process of its own (built on the GPU when there is one, for speed): its CUDA
-    context is gone before the checks start."""
+def build_full_size(folder: str, model: str = "1.5b") -> str:
+    """Save VibeVoice-1.5B's architecture (or `model` "large": VibeVoice-Large's) with
+    random weights (bf16) to `folder`, in a process of its own (built on the GPU when
+    there is one, for speed): its CUDA context is gone before the checks start."""
     code = (
-        "import sys; sys.path[:0] = sys.argv[3:]; "
-        "from gpu_respawn import _build; _build(sys.argv[1], sys.argv[2])"
+        "import sys; sys.path[:0] = sys.argv[4:]; "
+        "from gpu_respawn import _build; _build(sys.argv[1], sys.argv[2], sys.argv[3])"
     )
     bench, root = str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])
     device = "cuda" if shutil.which("nvidia-smi") else "cpu"
-    subprocess.run([sys.executable, "-c", code, folder, device, bench, root], check=True)
+    argv = [sys.executable, "-c", code, folder, device, model, bench, root]
+    subprocess.run(argv, check=True)
     return folder
 
 
-def _build(folder: str, device: str) -> None:
+def _build(folder: str, device: str, shape: str = "1.5b") -> None:
     import torch
     from bench_gpu_1p5b import full_size_config
     from transformers import VibeVoiceForConditionalGeneration
@@ -275,7 +277,7 @@ def _build(folder: str, device: str) -> None:
     ids = {k: tiny[f"{k}_token_id"] for k in names}
     with torch.device(device):
         model = VibeVoiceForConditionalGeneration._from_config(
-            full_size_config(ids), dtype=torch.bfloat16
+            full_size_config(ids, model=shape), dtype=torch.bfloat16
         )
     # Random weights never pick the audio token: the sequence_bias makes every token audio.
     configure_generation(model.generation_config, ids["audio"], bias=True)
@@ -289,6 +291,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a VibeVoice folder in the HF layout")
     ap.add_argument("--build-full-size", metavar="DIR", help="save the 1.5B architecture here")
+    ap.add_argument("--shape", choices=("1.5b", "large"), default="1.5b", help="which, built")
     ap.add_argument("--gpu", type=int, default=0, help="-1: the CPU (a dry run, with --tiny)")
     ap.add_argument("--tiny", metavar="DIR", help="build the tiny model here (a CPU dry run)")
     ap.add_argument("--out")
@@ -300,7 +303,7 @@ def main(argv=None) -> int:
 
         probe = start_touch_probe(Zygote("vibevoice").preload)
         t0 = time.monotonic()
-        model = build_full_size(args.build_full_size)
+        model = build_full_size(args.build_full_size, args.shape)
         print(f"built {model} in {time.monotonic() - t0:.0f} s", flush=True)
     if args.tiny:
         from workers.checkpoints.tiny import ensure_tiny_model

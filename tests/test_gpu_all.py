@@ -80,3 +80,27 @@ def test_a_graph_that_goes_wrong_after_its_checks_shows(tmp_path, tiny_model_dir
     runs = engine_runs(tmp_path, tiny_model_dir)
     assert runs["graphs"]["graphs_kept"]  # its checks passed
     assert runs["graphs"]["audio_vs_eager"] > 5e-3
+
+
+def test_model_large_reaches_every_part_that_builds_the_model(monkeypatch, tmp_path):
+    """`gpu_all.py --model large`: the engine runs and the full-size folder (which the
+    pool part serves) are VibeVoice-Large's shape; by default the 1.5B's."""
+    cmds: dict[str, list[str]] = {}
+
+    def run_part(name, cmd, limit_s, log):
+        cmds[name] = cmd
+        return {"name": name, "rc": 0, "timed_out": False, "wall_s": 0.0}
+
+    monkeypatch.setattr(gpu_all, "run_part", run_part)
+    monkeypatch.setattr(gpu_all, "env_info", lambda out, log: None)
+    monkeypatch.setattr(gpu_all, "best_rows", lambda path, default: default)
+    argv = ["--out", str(tmp_path), "--work", str(tmp_path / "w")]
+    assert gpu_all.main([*argv, "--model", "large"]) == 0
+    for part in ("a_eager", "a_compiled"):
+        assert cmds[part][cmds[part].index("--model") + 1] == "large", part
+    respawn = cmds["b_respawn"]
+    assert respawn[respawn.index("--shape") + 1] == "large"
+    folder = respawn[respawn.index("--build-full-size") + 1]
+    assert cmds["c_pool"][cmds["c_pool"].index("--model") + 1] == folder
+    assert gpu_all.main(argv) == 0
+    assert cmds["a_eager"][cmds["a_eager"].index("--model") + 1] == "1.5b"

@@ -292,3 +292,26 @@ def test_make_run_serves_a_checkpoint_with_the_config_file_config_names():
     large = launch("MODEL=/models/large-hf", "CONFIG=configs/vibevoice-large.yaml")
     assert '--config "configs/vibevoice-large.yaml" --model_path "/models/large-hf"' in large
     assert '--config "configs/vibevoice-1.5b.yaml"' in launch("MODEL=/models/small-hf")
+
+
+def test_the_gpu_benchmark_builds_the_large_shape_that_the_conversion_makes():
+    """bench/bench_gpu_1p5b.py --model large (and gpu_all.py --model large, which passes it
+    on) builds VibeVoice-Large's architecture: built on the meta device here, every weight
+    has the name and shape the Large's own config.json converts to."""
+    import argparse
+
+    from transformers import VibeVoiceConfig, VibeVoiceForConditionalGeneration
+
+    from bench import bench_gpu_1p5b
+
+    args = argparse.Namespace(tiny=False, device="meta", model="large")
+    bench = bench_gpu_1p5b.build_model(args, torch)
+    config = VibeVoiceConfig(
+        **convert.hf_config_from_original(json.loads(LARGE_CONFIG.read_text()), QWEN_IDS)
+    )
+    with torch.device("meta"):
+        converted = VibeVoiceForConditionalGeneration(config)
+    shapes = {k: tuple(v.shape) for k, v in converted.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in bench.state_dict().items()} == shapes
+    assert sum(p.numel() for p in bench.parameters()) == 9_343_355_363
+    assert bench.dtype == torch.bfloat16 and not bench.config.tie_word_embeddings
