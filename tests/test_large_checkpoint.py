@@ -155,13 +155,19 @@ def test_a_large_checkpoint_in_ten_shards_converts_weight_for_weight(large_dirs)
     assert model.config.vocab_size == words + LARGE_VOCAB_PAD
 
 
-@pytest.fixture(scope="module")
-def large_engine(served):
+@pytest.fixture(scope="module", params=["eager", "graphs", "graphs-lm"])
+def large_engine(served, request):
+    """The engine on the converted Large in each engine mode (on CPU the bucketed code a
+    CUDA graph would capture runs as plain calls)."""
     from workers.engines.contract import EngineSpec
     from workers.engines.vibevoice.engine import VibeVoiceEngine
 
-    eng = VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=str(served), max_batch_size=4))
+    spec = EngineSpec(
+        engine="vibevoice", model_path=str(served), max_batch_size=4, engine_mode=request.param
+    )
+    eng = VibeVoiceEngine(spec)
     eng.load()
+    assert (eng.steps.lm_graphs is not None) == (request.param == "graphs-lm")
     return eng
 
 
