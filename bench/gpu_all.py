@@ -215,6 +215,15 @@ CAP_S = {"engine": 330, "respawn": 120, "pool": 150, "compiled": 600}
 KEEP_S = {"engine": 60, "respawn": 90, "pool": 120, "compiled": 0}
 
 
+def large_budget_mb() -> float:
+    """Each worker's KV budget in configs/vibevoice-large.yaml, which the pool part keeps."""
+    import yaml
+
+    return yaml.safe_load((BENCH.parent / "configs" / "vibevoice-large.yaml").read_text())[
+        "mem_budget_mb"
+    ]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the JSON files and the log")
@@ -274,7 +283,10 @@ def main(argv=None) -> int:
             state["model"] = next(work.glob("vibevoice-tiny-*"), state["model"])
         n = args.pool_rows or best_rows(out / "a_eager.json", 4 if args.tiny else 16)
         c = [PY, str(BENCH / "gpu_pool.py"), "--model", str(state["model"]), "--rows", str(n)]
-        c += ["--kill", "--out", str(out / "c_pool.json"), "--timeout", "90"]
+        c += ["--kill", "--out", str(out / "c_pool.json")]
+        # the Large: its config's KV budget per worker; two workers load 2 x 17.4 GiB
+        c += ["--timeout", "90"] if args.model == "1.5b" else ["--timeout", "240"]
+        c += ["--mem-budget-mb", str(large_budget_mb())] if args.model == "large" else []
         c += ["--requests", "4" if args.tiny else "16"]
         lengths = args.pool_lengths or ("1,2" if args.tiny else None)
         return c + (["--lengths", lengths] if lengths else []) + (["--tiny"] if args.tiny else [])

@@ -210,6 +210,7 @@ def run_pool(args, model: str, workers: int, tmp: str, kill: bool) -> dict:
         "gpus": f"cpu:{workers}" if args.tiny else "0",
         "workers_per_gpu": 1 if args.tiny else workers,
         "max_batch_size": args.rows,
+        "mem_budget_mb": args.mem_budget_mb,
         "dtype": "auto" if args.tiny else "bfloat16",
         "attn_implementation": "sdpa",
         "inference_steps": 10,
@@ -272,6 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny model on CPU workers")
     ap.add_argument("--workers", default="1,2", help="worker counts to compare, in turn")
     ap.add_argument("--rows", type=int, default=16, help="rows per worker (max_batch_size)")
+    ap.add_argument("--mem-budget-mb", type=float, default=0.0, help="each worker's KV budget")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument(
         "--lengths",

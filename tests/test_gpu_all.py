@@ -101,6 +101,9 @@ def test_model_large_reaches_every_part_that_builds_the_model(monkeypatch, tmp_p
     respawn = cmds["b_respawn"]
     assert respawn[respawn.index("--shape") + 1] == "large"
     folder = respawn[respawn.index("--build-full-size") + 1]
-    assert cmds["c_pool"][cmds["c_pool"].index("--model") + 1] == folder
+    pool = cmds["c_pool"]
+    assert pool[pool.index("--model") + 1] == folder
+    assert pool[pool.index("--mem-budget-mb") + 1] == "16384"  # configs/vibevoice-large.yaml's
     assert gpu_all.main(argv) == 0
     assert cmds["a_eager"][cmds["a_eager"].index("--model") + 1] == "1.5b"
+    assert "--mem-budget-mb" not in cmds["c_pool"]
