@@ -321,3 +321,15 @@ def test_the_gpu_benchmark_builds_the_large_shape_that_the_conversion_makes():
     assert {k: tuple(v.shape) for k, v in bench.state_dict().items()} == shapes
     assert sum(p.numel() for p in bench.parameters()) == 9_343_355_363
     assert bench.dtype == torch.bfloat16 and not bench.config.tie_word_embeddings
+
+
+def test_a_large_in_the_original_layout_is_refused_without_pointing_at_the_1_5b(large_dirs):
+    """The refusal a worker boots with gives the command that converts the folder; it
+    offered `vibevoice/VibeVoice-1.5B-hf` as "the converted checkpoint" to anyone, a Large's
+    owner included, who would be served another, smaller model."""
+    src, _ = large_dirs
+    message = convert.refusal_for(str(src))
+    assert f"vibevoice-pool convert {src} DST" in message
+    assert "or use the converted checkpoint" not in message
+    assert "VibeVoice-1.5B also comes converted (vibevoice/VibeVoice-1.5B-hf)" in message
+    assert "the Large does not" in message

@@ -170,8 +170,8 @@ def refusal_for(model_path: str) -> str | None:
     return (
         f"{model_path} is a checkpoint in the original microsoft/VibeVoice layout, which "
         "transformers' VibeVoiceForConditionalGeneration cannot load. Convert it once with "
-        f"`{CONVERT_HINT.format(src=model_path)}` (DST: a new folder) and start with "
-        "--model_path DST, or use the converted checkpoint vibevoice/VibeVoice-1.5B-hf."
+        f"`{CONVERT_HINT.format(src=model_path)}` (DST: a new folder), then --model_path DST. "
+        "VibeVoice-1.5B also comes converted (vibevoice/VibeVoice-1.5B-hf); the Large does not."
     )
 
 
