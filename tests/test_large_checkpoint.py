@@ -34,6 +34,7 @@ LARGE_TEXT = {  # the Large's decoder_config, but for the widths
     "hidden_size": 28 * 8,
     "intermediate_size": 96,
     "max_window_layers": 28,
+    "max_position_embeddings": 32768,  # the 1.5B's is 65,536
 }
 LARGE_SHARDS = 10
 LARGE_VOCAB_PAD = 399  # 152,064 embedding rows against the tokenizer's 151,665
@@ -275,6 +276,12 @@ def test_the_large_config_fits_two_workers_and_their_rows_on_an_80_gb_gpu():
     row = blocks_for(prompt + steps + 2, 256) + blocks_for(steps + 2, 256)
     budget = cfg.mem_budget_mb * 2**20
     assert cfg.max_batch_size * row * kv.bytes_per_block() <= budget
+    # 30 minutes (the default max_audio_s) after a 6,300-token prompt: 8 rows at once
+    long = blocks_for(6300 + 13500 + 2, 256) + blocks_for(13500 + 2, 256)
+    assert budget // (long * kv.bytes_per_block()) == 8
+    # the longest row: both branches stopped by the 32,768 positions of the context
+    most = blocks_for(32768 + 2, 256) + blocks_for(32768 + 2, 256)
+    assert most * kv.bytes_per_block() < 3.6 * 2**30
     weights = 9_343_355_363 * 2
     left = 81_559 * 2**20 - cfg.workers_per_gpu * (weights + budget)
     assert left >= 10 * 2**30, left / 2**30
@@ -333,3 +340,15 @@ def test_a_large_in_the_original_layout_is_refused_without_pointing_at_the_1_5b(
     assert "or use the converted checkpoint" not in message
     assert "VibeVoice-1.5B also comes converted (vibevoice/VibeVoice-1.5B-hf)" in message
     assert "the Large does not" in message
+
+
+def test_a_large_row_is_capped_at_its_32768_positions(large_engine):
+    """The Large's context is half the 1.5B's: a 90-minute request (40,500 audio tokens)
+    is cut where prompt and audio tokens fill 32,768 positions, stop reason "context",
+    which is also what admission counts for it."""
+    from workers.wire.messages import StopReason
+
+    r = req("long", max_audio_s=5400.0, est_audio_s=5400.0)
+    cap = large_engine._caps(r, prompt_tokens=300)
+    assert (cap.steps, cap.step_reason) == (32768 - 300, StopReason.CONTEXT.value)
+    assert cap.tokens == 40500
