@@ -201,10 +201,10 @@ QWEN_IDS = {"pad": 151643, "eos": 151643, "audio_bos": 151652, "audio_eos": 1516
 
 
 def test_the_large_config_converts_to_its_9_34b_parameters_and_56_kib_of_kv_a_token():
-    """The Large's own config.json (tests/data, as microsoft's configuration_vibevoice.py
-    carries it), converted and built on the meta device: 9.34 B parameters, 17.4 GiB in
-    bf16 (the published size of the checkpoint), and a token's KV in one branch of
-    28 layers x 4 KV heads x 128 x (key, value) x 2 bytes."""
+    """The Large's config.json (tests/data, as a public port of microsoft's code keeps it
+    for its default), converted and built on the meta device: the 9.34 B parameters
+    published for the checkpoint, 18.7 GB (17.4 GiB) in bf16 as the mirrors' files, and
+    a token's KV in one branch of 28 layers x 4 KV heads x 128 x (key, value) x 2 bytes."""
     from transformers import VibeVoiceConfig, VibeVoiceForConditionalGeneration
 
     original = json.loads(LARGE_CONFIG.read_text())
