@@ -112,6 +112,15 @@ class Descendants:
                 pass
         return out
 
+    def refresh(self) -> None:
+        """Read again the command lines of those alive: one first seen between its
+        fork and its exec had the server's (a raylet or a log monitor, say)."""
+        for p in self.alive():
+            try:
+                self.cmds[p.pid] = " ".join(p.cmdline()) or p.name()
+            except psutil.Error:
+                pass
+
     def ray_pids(self) -> list[int]:
         """The ones that are Ray's (not uvicorn's helpers or the resource tracker)."""
         return sorted(pid for pid, cmd in self.cmds.items() if "ray" in cmd or "gcs_server" in cmd)
@@ -331,6 +340,7 @@ class Scenario:
         try:
             self.boot()
             self.procs.sample()
+            self.procs.refresh()
             cmds = self.procs.cmds.items()
             (raylet,) = [pid for pid, cmd in cmds if cmd.split(" ", 1)[0].endswith("/raylet")]
             os.kill(raylet, signal.SIGKILL)  # a process the server started
