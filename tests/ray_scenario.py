@@ -27,6 +27,7 @@ reports the exit code, the log and what it started that is still alive.
 
 SIGKILLs the raylet of the server's local Ray once both replicas are ready (the
 OOM killer's choice, say) and reports how the server ends, as above.
+tests/ray_parent_death.py builds on this for a SIGKILLed server.
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ class Scenario:
 
     # ---- helpers -------------------------------------------------------
 
-    def launch(self) -> None:
-        args = [sys.executable, "-m", "vibevoice_pool", "launch", "--backend", "ray"]
+    def launch(self, log_name: str = "server.log", *extra: str) -> None:
+        args = [sys.executable, "-m", "vibevoice_pool", "launch", "--backend", "ray", *extra]
         args += ["--gpus", "cpu:2", "--port", str(self.port), "--grace-s", "10"]
         args += [
             "--cache-dir",
@@ -155,7 +156,7 @@ class Scenario:
             args += ["--engine", "vibevoice", "--tiny-model", "--inference-steps", "4"]
         env = dict(os.environ, TMPDIR=str(self.workdir), HF_HUB_OFFLINE="1")
         env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1")
-        self.log_path = self.workdir / "server.log"
+        self.log_path = self.workdir / log_name
         self._log = open(self.log_path, "w")
         self.server = subprocess.Popen(
             args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env
@@ -191,9 +192,9 @@ class Scenario:
 
     # ---- phases --------------------------------------------------------
 
-    def boot(self) -> None:
+    def boot(self, log_name: str = "server.log", *extra: str) -> None:
         t0 = time.monotonic()
-        self.launch()
+        self.launch(log_name, *extra)
 
         def both_ready():
             workers = self.pool()["workers"]

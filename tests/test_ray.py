@@ -9,7 +9,10 @@ only loopback (most of Ray's processes listen on every interface), against a rea
 `vibevoice-pool launch --backend ray --gpus cpu:2` server: requests through the
 HTTP API, SIGKILL of a replica's process while requests run, the replacement,
 the quarantine of a request that kills every replica, and a SIGTERM after
-which no process the server started is alive (checked by pid).
+which no process the server started is alive (checked by pid). And
+tests/ray_parent_death.py, the same way: a SIGKILL of the server after which its
+Ray's processes and session folder are gone and a second start serves, and one
+that leaves a Ray cluster the server joined as it was.
 """
 
 from __future__ import annotations
@@ -207,7 +210,9 @@ def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
 # ---- the whole server on Ray, in a private network namespace -----------------
 
 
-def run_scenario(engine: str, workdir: Path, timeout: float, *extra: str) -> dict:
+def run_scenario(
+    engine: str, workdir: Path, timeout: float, *extra: str, script: str = "ray_scenario.py"
+) -> dict:
     import ray  # noqa: F401  (`make test` installs the ray extra: its absence is a failure)
 
     from vibevoice_pool.ray.cluster import netns_command
@@ -215,7 +220,7 @@ def run_scenario(engine: str, workdir: Path, timeout: float, *extra: str) -> dic
     assert shutil.which("unshare") and shutil.which("ip"), "install util-linux and iproute2"
     probe = subprocess.run(netns_command(["true"]), capture_output=True, text=True)
     assert probe.returncode == 0, f"cannot make a private network namespace: {probe.stderr}"
-    argv = [sys.executable, str(ROOT / "tests" / "ray_scenario.py")]
+    argv = [sys.executable, str(ROOT / "tests" / script)]
     argv += ["--engine", engine, "--workdir", str(workdir), *extra]
     proc = subprocess.run(
         netns_command(argv), cwd=ROOT, capture_output=True, text=True, timeout=timeout
@@ -316,3 +321,41 @@ def test_a_dead_raylet_stops_the_server_with_its_own_exit_code(tmp_path):
     assert result["exit_code"] == 4, (result["exit_code"], result["errors"], result["log_tail"])
     assert any("the local Ray's raylet (pid" in line for line in result["errors"]), result
     assert result["phases"]["shutdown"]["survivors"] == [], result["phases"]["shutdown"]
+
+
+@pytest.mark.slow
+@pytest.mark.serial
+@pytest.mark.timeout(420)
+def test_a_sigkilled_server_leaves_no_ray_and_starts_again(tmp_path):
+    """A SIGKILL of the server (the OOM killer, a `kill -9`) left its local Ray
+    behind: its agents and replicas outlived it (the dashboard agent by a minute,
+    a stopped replica for ever), and its session folder under
+    the temp dir for ever. Its watchdog now kills every process that Ray started
+    and deletes the folder within a few seconds; a server started again on the same
+    port and temp dir serves."""
+    result = run_scenario("sim", tmp_path, 360, "--kill-server", script="ray_parent_death.py")
+    assert result["only_loopback"] and "error" not in result, result
+    killed = result["phases"]["killed"]
+    ray_started = [c for c in killed["started"].values() if "/ray/" in c or c.startswith("ray::")]
+    assert len(ray_started) >= 5, killed["started"]  # gcs_server, raylet, agents, replicas
+    assert killed["session_dir"] and killed["stopped_replica"] in map(int, killed["started"])
+    assert killed["left"] == [], killed["left"]
+    assert not killed["folder_left"] and not killed["latest_is_ours"], killed
+    again = result["phases"]["again"]
+    assert again["session_dir"] not in ("", killed["session_dir"]), again
+    assert again["answer"]["status"] == 200 and again["answer"]["audio_s"] > 0, again
+    down = result["phases"]["shutdown"]
+    assert down["exit_code"] == 0 and down["survivors"] == [], down
+
+
+@pytest.mark.slow
+@pytest.mark.serial
+@pytest.mark.timeout(360)
+def test_a_sigkilled_server_leaves_a_joined_cluster_alone(tmp_path):
+    """Joined to a Ray it did not start (`--address`), the server has no watchdog:
+    its SIGKILL leaves that Ray's processes and session folder as they were."""
+    result = run_scenario("sim", tmp_path, 300, "--kill-joined", script="ray_parent_death.py")
+    assert result["only_loopback"] and "error" not in result, result
+    joined = result["phases"]["joined"]
+    assert len(joined["cluster_pids"]) >= 5, joined  # gcs_server, raylet, agents, replicas
+    assert joined["gone"] == {} and joined["folder_left"] and joined["owner_alive"], joined

@@ -12,6 +12,12 @@
                                   shut Serve and Ray down and make sure every
                                   process it started is gone, checked by pid
 
+A Ray we started has a watchdog (workers/host/watchdog.py) told of each of its
+processes and its session folder: if this process dies without stop() (SIGKILL,
+the OOM killer), the watchdog kills what its Ray left (its agents outlived the
+parent by a minute, a stopped replica for ever) and deletes the session folder.
+A joined cluster, or a Ray this process was connected to before, gets none.
+
 It also says how to run a command inside a private network namespace (only
 loopback), which is where the tests and the peer benchmark run Ray.
 Ray is imported here and in ray/backend.py only: without it the rest of the
@@ -40,6 +46,7 @@ from vibevoice_pool.config import ConfigError, PoolConfig
 from vibevoice_pool.pool.devices import Placement
 from workers.engines.contract import EngineSpec
 from workers.host.ray_replica import SlotReplica
+from workers.host.watchdog import Watchdog
 
 log = logging.getLogger("vibevoice_pool")
 
@@ -64,6 +71,7 @@ class RayCluster:
         self.apps: set[str] = set()
         self._procs: dict[int, psutil.Process] = {}  # the processes our Ray started
         self._core: dict[int, str] = {}  # of those, the ones Ray cannot live without
+        self._watchdog: Watchdog | None = None  # ends our Ray if this process dies unstopped
         # Serve's client is not thread-safe: building a deployment registers and
         # unregisters a module for pickling by value, process-wide. Our calls
         # that build or read configs take this lock (delete builds none).
@@ -85,6 +93,8 @@ class RayCluster:
             # ray.init sets SIGTERM to sys.exit in the main thread; the server's own
             # handlers only set a flag (a drain starts from it), so the previous one is put back.
             previous = signal.getsignal(signal.SIGTERM)
+            if self.owned:
+                self._watchdog = Watchdog()
             try:
                 self._init(cpus_needed, kw)
             except SystemExit as e:
@@ -96,6 +106,7 @@ class RayCluster:
                 self.track()
                 ray.shutdown()
                 self._reap()
+                self._stand_down()
                 previous(signal.SIGTERM, None)
                 raise
             finally:
@@ -116,13 +127,16 @@ class RayCluster:
                 # Ray's unix sockets live under $TMPDIR/ray/session_*/sockets/ and a
                 # socket path may not exceed 107 bytes: a long TMPDIR fails at init
                 kw["_temp_dir"] = SHORT_TEMP_DIR
-            ray.init(
+            context = ray.init(
                 address="local",
                 num_cpus=cpus,
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                 _node_ip_address="127.0.0.1",
                 **kw,
             )
+            session_dir = context.address_info.get("session_dir")
+            if self._watchdog is not None and session_dir:
+                self._watchdog.remove(session_dir)  # if this process dies unstopped
         else:
             log.info("Joining the Ray cluster at %s", self.cfg.address)
             ray.init(address=self.cfg.address, **kw)
@@ -148,8 +162,9 @@ class RayCluster:
         joined). Called again while serving: restarted replicas are new ones."""
         if not self.owned:
             return
+        watchdog = self._watchdog  # None once stopped
         for child in psutil.Process().children(recursive=True):
-            if child.pid in self._procs:
+            if child.pid in self._procs or watchdog and child.pid == watchdog.pid:
                 continue
             try:
                 cmd = " ".join(child.cmdline())
@@ -162,6 +177,11 @@ class RayCluster:
             for name in CORE_PROCESSES:
                 if exe.endswith("/" + name):
                     self._core[child.pid] = name
+            if watchdog is not None:
+                watchdog.watch_exact(child.pid)
+                if exe.endswith("/raylet"):
+                    # its workers carry its pid: those started since the last track()
+                    watchdog.watch_env("RAY_RAYLET_PID", str(child.pid), child.pid)
 
     def lost(self) -> str:
         """For a Ray we started: which of its core processes (gcs_server, raylet) is
@@ -282,6 +302,7 @@ class RayCluster:
         """Tear down what we made; the pids of Ray processes still alive after
         REAP_WAIT_S and a SIGKILL (empty when all is well)."""
         if not self.started:
+            self._stand_down()
             return []
         self.track()
         lost = self.owned and self.lost()
@@ -300,7 +321,14 @@ class RayCluster:
             return []  # the connection is its owner's to close
         ray.shutdown()  # a Ray we started stops; a joined cluster is only left
         # what a dead Ray left (its agents linger up to a minute) is ended at once
-        return self._reap(LOST_REAP_WAIT_S if lost else REAP_WAIT_S)
+        survivors = self._reap(LOST_REAP_WAIT_S if lost else REAP_WAIT_S)
+        self._stand_down()
+        return survivors
+
+    def _stand_down(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stand_down()
+            self._watchdog = None
 
     def _reap(self, wait_s: float = REAP_WAIT_S) -> list[int]:
         procs = list(self._procs.values())
