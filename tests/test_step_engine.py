@@ -321,3 +321,27 @@ def test_out_of_memory_mid_batch_restarts_the_rows_without_repeating_audio(
     for r in (a, b):
         assert sink.ends[r.id] == "estimate"
         assert_alone(reference, sink, r)
+
+
+def test_workers_sharing_a_gpu_each_count_their_share_of_its_free_memory(engine, monkeypatch):
+    """With no budget set, a worker admitted rows against the GPU's whole free memory;
+    configs/vibevoice-1.5b.yaml runs two workers a GPU, and both counted the same free
+    GiBs, admitting together up to twice what fits (then out of memory at a step)."""
+    steps = engine.steps
+    free = 8 << 30
+    monkeypatch.setattr(steps, "mem_budget_bytes", 0)
+    monkeypatch.setattr(steps, "device", "cuda:0")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free, 80 << 30))
+    held, headroom = steps.kv.pool_bytes(), steps.mem_headroom_bytes
+    monkeypatch.setattr(steps, "gpu_share", 1)
+    alone = steps.budget_bytes()
+    monkeypatch.setattr(steps, "gpu_share", 2)
+    shared = steps.budget_bytes()
+    assert alone == free + held - headroom
+    assert shared == free // 2 + held - headroom  # two such workers: free in all
+    from vibevoice_pool.config import build
+    from vibevoice_pool.pool.devices import Placement, engine_specs
+
+    cfg = build({"engine": "sim", "workers_per_gpu": 2})
+    places = [Placement("cuda:0", 0), Placement("cuda:0", 0), Placement("cpu:2", None)]
+    assert [s.gpu_share for s in engine_specs(cfg, places, "")] == [2, 2, 1]

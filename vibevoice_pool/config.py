@@ -117,8 +117,8 @@ class PoolConfig(BaseModel):
     )
     mem_budget_mb: float = WORKERS(
         0.0,
-        "KV-cache budget of a worker's rows in MiB; a row waits until it fits (0: free GPU "
-        "memory minus mem_headroom_mb; no limit on CPU)",
+        "KV-cache budget of a worker's rows in MiB; a row waits until it fits (0: its share "
+        "of the free GPU memory, free/workers_per_gpu, minus mem_headroom_mb; none on CPU)",
         ge=0,
     )
     mem_headroom_mb: float = WORKERS(

@@ -207,5 +207,8 @@ def engine_specs(cfg: PoolConfig, placements: list[Placement], model_path: str) 
     out = []
     for i, p in enumerate(placements):
         speed = cfg.sim_speeds[i % len(cfg.sim_speeds)] if cfg.sim_speeds else 1.0
-        out.append(replace(base, device="cuda" if p.is_gpu else "cpu", sim_speed=speed))
+        share = cfg.workers_per_gpu if p.is_gpu else 1
+        out.append(
+            replace(base, device="cuda" if p.is_gpu else "cpu", sim_speed=speed, gpu_share=share)
+        )
     return out

@@ -88,6 +88,9 @@ class EngineSpec:
     # (0: on CUDA, free memory minus the headroom; on CPU, no limit)
     mem_budget_mb: float = 0.0
     mem_headroom_mb: float = 1024.0
+    # workers on its GPU (workers_per_gpu): without a budget, a worker grows into its
+    # share of the free memory, so two on one card do not both count all of it
+    gpu_share: int = 1
     # opt-in, unmeasured: torch.compile mode of the diffusion head ("reduce-overhead":
     # CUDA graphs per row count); "" = off (workers/engines/vibevoice/audio.py)
     head_compile: str = ""

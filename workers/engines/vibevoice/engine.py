@@ -229,6 +229,7 @@ class VibeVoiceEngine:
             ProcessorPrompts(self.processor),
             mem_budget_bytes=int(spec.mem_budget_mb * MIB),
             mem_headroom_bytes=int(spec.mem_headroom_mb * MIB),
+            gpu_share=spec.gpu_share,
             head_compile=spec.head_compile,
             engine_mode=spec.engine_mode,
         )

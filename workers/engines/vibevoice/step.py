@@ -84,6 +84,7 @@ class StepEngine:
         prompts: Any,
         mem_budget_bytes: int = 0,
         mem_headroom_bytes: int = 0,
+        gpu_share: int = 1,
         head_compile: str = "",
         engine_mode: str = "auto",
     ):
@@ -93,6 +94,7 @@ class StepEngine:
         self.prompts = prompts  # .length(request) and .batch(requests, device, dtype)
         self.mem_budget_bytes = mem_budget_bytes
         self.mem_headroom_bytes = mem_headroom_bytes
+        self.gpu_share = max(1, gpu_share)
         cfg = model.config
         self.audio_id = cfg.audio_token_id
         self.bos_id = cfg.audio_bos_token_id
@@ -201,14 +203,16 @@ class StepEngine:
         return blocks * self.kv.bytes_per_block() + len(rows) * self.speech.bytes_per_slot()
 
     def budget_bytes(self) -> int:
-        """What the running set may hold: the configured budget, else on CUDA free
-        memory (plus what the rows hold now) minus headroom; 0 = no limit."""
+        """What the running set may hold: the configured budget, else on CUDA what the
+        rows hold now plus this worker's share of the free memory (every worker on the
+        card sees all of it free: two that each counted it whole would admit twice what
+        fits), minus headroom; 0 = no limit."""
         if self.mem_budget_bytes:
             return self.mem_budget_bytes
         if self.device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info()
             held = self.kv.pool_bytes()  # the pool's free blocks count as room
-            return max(1, free + held - self.mem_headroom_bytes)
+            return max(1, free // self.gpu_share + held - self.mem_headroom_bytes)
         return 0
 
     def _shape(self, row: Row) -> tuple[int, int]:
