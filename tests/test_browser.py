@@ -278,6 +278,16 @@ def _jobs_of(srv, key: str) -> list[str]:
     return [j["id"] for j in r.json()["data"]]
 
 
+def _alices_jobs_tab(context, named):
+    ok = context.request.post(named.url + "/login", form={"username": "alice", "password": ALICE})
+    assert ok.status == 200
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(named.url + "/")
+    page.get_by_role("tab", name="Jobs").click()
+    return page
+
+
 def test_a_login_under_a_keys_name_lists_and_submits_that_keys_jobs(browser, named):
     r = named.post("/v1/jobs", json={"script": "Speaker 1: from the API"}, headers=_bearer(ALICE))
     api_job = r.json()["id"]
@@ -290,19 +300,37 @@ def test_a_login_under_a_keys_name_lists_and_submits_that_keys_jobs(browser, nam
             ).status
             >= 400
         )
-        ok = context.request.post(
-            named.url + "/login", form={"username": "alice", "password": ALICE}
-        )
-        assert ok.status == 200
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(named.url + "/")
-        page.get_by_role("tab", name="Jobs").click()
+        page = _alices_jobs_tab(context, named)
         page.wait_for_selector(f"#vv-jobs-table td:has-text('{api_job}')", state="attached")
         page.fill("#vv-job-script textarea", "Speaker 1: from the page")
         page.click("#vv-job-submit")
         page.wait_for_selector("#vv-job-msg:has-text('queued')")
         wait_until(lambda: len(_jobs_of(named, ALICE)) == 2, 30, 0.2, "the page's job listed")
         assert _jobs_of(named, BOB) == []
+    finally:
+        context.close()
+
+
+def test_the_jobs_tab_cancels_a_running_job_keeping_it_then_deletes_it(browser, named):
+    """Cancel (the job stays, cancelled, with the audio it made) and Delete, clicked."""
+    script = "Speaker 1: " + "a sentence that goes on for quite a while, " * 100  # ~5 min
+    job = named.post("/v1/jobs", json={"script": script}, headers=_bearer(ALICE)).json()["id"]
+
+    def state() -> str:
+        r = named.get(f"/v1/jobs/{job}", headers=_bearer(ALICE))
+        return r.json()["state"] if r.status_code == 200 else str(r.status_code)
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = _alices_jobs_tab(context, named)
+        wait_until(lambda: state() == "running", 30, 0.1, "the job to run")
+        page.fill("#vv-job-id :is(input, textarea)", job)
+        page.click("#vv-job-cancel")
+        page.wait_for_selector("#vv-job-msg:has-text('cancelled.')")
+        wait_until(lambda: state() == "cancelled", 30, 0.2, "the job to be cancelled")
+        assert named.get(f"/v1/jobs/{job}/audio", headers=_bearer(ALICE)).status_code == 200
+        page.click("#vv-job-delete")
+        page.wait_for_selector("#vv-job-msg:has-text('deleted')")
+        assert state() == "404"
     finally:
         context.close()

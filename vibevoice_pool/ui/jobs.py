@@ -155,8 +155,8 @@ def delete_job(runner: JobRunner, owner: str, job_id: str, lang: str = "en") -> 
 
 
 def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
-    """The tab; returns its voices list, which the page refreshes with its own."""
-    """Build the Jobs tab (call inside a gr.Blocks() context)."""
+    """Build the Jobs tab (inside a gr.Blocks() context); returns its voices list, which
+    the page refreshes with its own."""
     gr.set_static_paths([runner.store.results])  # the download list serves results from there
     with gr.Tab(i18n("tab_jobs")):
         gr.Markdown(i18n("jobs_intro"))
@@ -188,7 +188,9 @@ def add_jobs_tab(front, runner: JobRunner, i18n) -> gr.Dropdown:
             elem_id="vv-jobs-table",  # JOBS_CSS: a narrow screen scrolls it, never squeezes it
         )
         with gr.Row():
-            cancel_id = gr.Textbox(label=i18n("jobs_cancel_id"), placeholder="job id", scale=3)
+            cancel_id = gr.Textbox(
+                label=i18n("jobs_cancel_id"), placeholder="job id", scale=3, elem_id="vv-job-id"
+            )
             cancel = gr.Button(i18n("jobs_cancel"), scale=1, elem_id="vv-job-cancel")
             delete = gr.Button(i18n("jobs_delete"), scale=1, elem_id="vv-job-delete")
         files = gr.File(label=i18n("jobs_files"), file_count="multiple", interactive=False)
