@@ -120,7 +120,10 @@ class Pool:
             log.info("Using GPUs: %s (%d worker(s) each)", gpu_ids, cfg.workers_per_gpu)
         else:
             log.info("Using %d CPU worker(s)", len(placements))
-        board = StatusBoard.create(len(placements) + SPARE_ROWS)
+        try:
+            board = StatusBoard.create(len(placements) + SPARE_ROWS)
+        except OSError as e:  # /dev/shm full or too small: before any worker starts
+            raise m.PoolError(m.ErrorKind.UNAVAILABLE, e.strerror or str(e)) from None
         recovery = RecoveryPolicy.from_config(cfg)  # one policy: quarantine and every slot
         dispatcher = Dispatcher(
             board,

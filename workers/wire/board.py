@@ -17,6 +17,8 @@ Times are `time.monotonic()` values, comparable across processes on Linux.
 from __future__ import annotations
 
 import enum
+import errno
+import os
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -98,7 +100,13 @@ class StatusBoard:
 
     @classmethod
     def create(cls, rows: int) -> StatusBoard:
-        shm = shared_memory.SharedMemory(create=True, size=rows * NCOLS * 8)
+        """OSError with a message to act on when shared memory has no room for it."""
+        size = rows * NCOLS * 8
+        try:
+            shm = shared_memory.SharedMemory(create=True, size=size)
+        except OSError as e:
+            raise OSError(e.errno, _no_room(size, e.strerror)) from None
+        _reserve(shm, size)
         board = cls(shm, rows, owner=True)
         board.table[:] = 0.0
         board.table[:, Col.HEALTH] = -1
@@ -132,3 +140,28 @@ class StatusBoard:
                 self._shm.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _no_room(size: int, why: str | None) -> str:
+    return (
+        f"no room in shared memory (/dev/shm) for the status board ({size} bytes): "
+        f"{why or 'no space left'}; free some, or give the container more "
+        "(docker run --shm-size, a Kubernetes emptyDir of medium Memory)"
+    )
+
+
+def _reserve(shm: shared_memory.SharedMemory, size: int) -> None:
+    """Give the block its pages now. A file in a full tmpfs is made and sized all
+    the same, and the first write through the mapping then kills the process with
+    SIGBUS; allocating the pages here turns that into an OSError at start."""
+    fd = getattr(shm, "_fd", -1)
+    if fd < 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return  # a file system that cannot allocate ahead: nothing to reserve
+        shm.close()
+        shm.unlink()
+        raise OSError(e.errno, _no_room(size, e.strerror)) from None
