@@ -1,16 +1,26 @@
-"""Faults of the host the server shares, caused for real: /dev/shm full at start."""
+"""Faults of the host the server shares, caused for real: /dev/shm full at start,
+the open-file limit reached while a worker is respawned."""
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_until
 
 SIM_ONE = ("--engine", "sim", "--gpus", "cpu:1")
+
+
+def lowest_free_fd(pid: int) -> int:
+    """The number the process's next file handle would take: as its open-file limit,
+    every further open fails with EMFILE (the limit caps the number, not the count)."""
+    held = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(held) + 1) if n not in held)
 
 
 @pytest.mark.skipif(
@@ -41,3 +51,31 @@ def test_a_full_dev_shm_is_refused_at_start_with_a_message(tmp_path):
     assert done.returncode == 2, out
     assert "no room in shared memory (/dev/shm) for the status board" in out
     assert "--shm-size" in out
+
+
+def test_a_worker_respawns_once_the_open_file_limit_frees(server):
+    """A worker that died while the parent held every file handle it may: the
+    respawn's pipe raised EMFILE in the supervisor's thread, which died, and the slot
+    read `starting` for ever. Now the start is a failed boot (with the limit named),
+    retried after the backoff, and the worker comes back once handles free."""
+    s = server(*SIM_ONE, "--backoff-cap-s", "1", "--boot-failures-to-fail", "1000")
+    old = s.worker_pids()[0]
+    soft, hard = resource.prlimit(s.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(s.proc.pid, resource.RLIMIT_NOFILE, (lowest_free_fd(s.proc.pid), hard))
+    try:
+        os.kill(old, signal.SIGKILL)
+        wait_until(
+            lambda: "could not start" in s.log() or "Exception in thread supervisor" in s.log(),
+            30,
+            what="the respawn to meet the open-file limit",
+        )
+    finally:
+        resource.prlimit(s.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert "open-file limit" in s.log()
+
+    def back() -> bool:
+        w = s.get("/v1/pool").json()["workers"][0]
+        return w["state"] == "ready" and w["pid"] not in (None, old)
+
+    wait_until(back, 60, 0.2, "a new worker to be ready")
+    assert s.post("/v1/synthesize", json={"script": "Speaker 1: back again"}).status_code == 200

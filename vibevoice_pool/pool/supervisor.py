@@ -43,7 +43,7 @@ from vibevoice_pool.pool.slots import SlotBase, SlotLifecycle
 from vibevoice_pool.pool.stacks import log_stack, stack_written
 from vibevoice_pool.pool.voice_sender import VoiceSender
 from vibevoice_pool.pool.warm_weights import WeightsHolder
-from vibevoice_pool.pool.worker_process import WorkerProcess
+from vibevoice_pool.pool.worker_process import WorkerProcess, start_error
 from vibevoice_pool.pool.zygote import Zygote
 from workers.engines.contract import EngineSpec
 from workers.host.watchdog import Watchdog
@@ -157,38 +157,48 @@ class Supervisor(SlotLifecycle):
         slot.generation += 1
         slot.kill_reason = ""
         self._starting(slot)
-        slot.requests = RequestChannel(self.ctx)
-        read_end, write_end = self.ctx.Pipe(duplex=False)
-        # room for a burst of chunks: the worker goes on while the parent reads them all at
-        # once (64 KB held less than one chunk of 0.5 s; a smaller pipe only waits sooner)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(read_end.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
-        death_r, death_w = self.ctx.Pipe(duplex=False)
-        slot.stack_file = os.path.join(self._stacks, f"worker-{i}-{slot.generation}.txt")
-        slot.kill_at, slot.stack_size, slot.asked_stack = 0.0, -1, False
-        spec = WorkerSpec(
-            slot=i,
-            generation=slot.generation,
-            engine=slot.engine,
-            board_name=b.name,
-            board_rows=b.rows,
-            cuda_device=slot.placement.cuda_index,
-            log_level=self.cfg.log_level,
-            log_format=self.cfg.log_format,
-            heartbeat_s=self.cfg.heartbeat_s,
-            stack_file=slot.stack_file,
-        )
-        ctx, forked = self.zygote.context()
-        proc = WorkerProcess(
-            ctx,
-            forked,
-            target=run_worker,
-            args=(spec, slot.requests.reader, write_end, death_r),
-            name=f"vibevoice-worker-{i}",
-            daemon=True,
-        )
-        self._note(i, "starting")
-        proc.start()
+        ends: list = []  # the pipes made so far, closed if the start fails
+        try:
+            slot.requests = RequestChannel(self.ctx)
+            ends += self.ctx.Pipe(duplex=False)
+            read_end, write_end = ends
+            # room for a burst of chunks, which the parent reads at once (channel.PIPE_BYTES)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(read_end.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+            ends += self.ctx.Pipe(duplex=False)
+            death_r, death_w = ends[2:]
+            slot.stack_file = os.path.join(self._stacks, f"worker-{i}-{slot.generation}.txt")
+            slot.kill_at, slot.stack_size, slot.asked_stack = 0.0, -1, False
+            spec = WorkerSpec(
+                slot=i,
+                generation=slot.generation,
+                engine=slot.engine,
+                board_name=b.name,
+                board_rows=b.rows,
+                cuda_device=slot.placement.cuda_index,
+                log_level=self.cfg.log_level,
+                log_format=self.cfg.log_format,
+                heartbeat_s=self.cfg.heartbeat_s,
+                stack_file=slot.stack_file,
+            )
+            ctx, forked = self.zygote.context()
+            proc = WorkerProcess(
+                ctx,
+                forked,
+                target=run_worker,
+                args=(spec, slot.requests.reader, write_end, death_r),
+                name=f"vibevoice-worker-{i}",
+                daemon=True,
+            )
+            self._note(i, "starting")
+            proc.start()
+        except OSError as e:  # no process (no file handle left, say): a boot that failed
+            for end in ends:
+                end.close()
+            self._close(slot)
+            slot.log.error("❌ %s could not start: %s", self._label(slot), start_error(e))
+            self._after_boot_failure(slot, start_error(e))
+            return
         slot.requests.reader_sent()
         write_end.close()
         death_r.close()

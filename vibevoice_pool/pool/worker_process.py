@@ -10,8 +10,10 @@ spawned worker falls back to its sentinel where no pidfd can be had.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import resource
 import signal
 import struct
 import termios
@@ -86,3 +88,14 @@ class WorkerProcess:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+
+def start_error(e: OSError) -> str:
+    """Why a worker process could not be started, in words an operator can act on."""
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return (
+            f"no file handle left to start a worker ({e.strerror}; open-file limit {limit}): "
+            "raise the limit (ulimit -n, LimitNOFILE=) or lower max_connections"
+        )
+    return f"the worker process could not be started: {e.strerror or e}"
