@@ -1,5 +1,5 @@
 """Faults of the host the server shares, caused for real: /dev/shm full at start,
-the open-file limit reached while a worker is respawned."""
+the open-file limit reached while a worker is respawned or the monitor samples."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from conftest import ROOT, free_port, wait_until
@@ -79,3 +80,46 @@ def test_a_worker_respawns_once_the_open_file_limit_frees(server):
 
     wait_until(back, 60, 0.2, "a new worker to be ready")
     assert s.post("/v1/synthesize", json={"script": "Speaker 1: back again"}).status_code == 200
+
+
+MONITOR_SCRIPT = textwrap.dedent(
+    """
+    import os, resource, sys, time
+    from vibevoice_pool.pool.monitor import Monitor
+    from workers.wire.board import Col, StatusBoard
+
+    board = StatusBoard.create(1)
+    mon = Monitor(board, lambda: [(0, None, os.getpid())], None, interval_s=0.02)
+    mon.start()
+    while board.get(0, Col.MEM_USED) == 0:
+        time.sleep(0.01)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    free = os.open(os.devnull, os.O_RDONLY)  # the lowest free number
+    os.close(free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))
+    time.sleep(0.5)  # every sample meets EMFILE
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    board.set(0, Col.MEM_USED, 0)
+    deadline = time.monotonic() + 10
+    while board.get(0, Col.MEM_USED) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("sampled again" if board.get(0, Col.MEM_USED) > 0 else "monitor gone")
+    mon.stop()
+    board.close()
+    """
+)
+
+
+def test_the_monitor_samples_again_after_the_open_file_limit_frees(tmp_path):
+    """psutil's EMFILE is a plain OSError, which ended the monitor's thread: the
+    board's memory and utilisation columns froze for the rest of the run. Now a
+    failed sample is logged once and the next one goes on."""
+    done = subprocess.run(
+        [sys.executable, "-c", MONITOR_SCRIPT],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "sampled again" in done.stdout, done.stdout + done.stderr

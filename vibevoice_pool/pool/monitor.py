@@ -115,8 +115,18 @@ class Monitor:
             self._thread.join(timeout=2)
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self.interval_s):
-            self.sample_once()
+            try:
+                self.sample_once()
+            except Exception as e:  # no file handle left (EMFILE), say: sample again later
+                if not failing:
+                    log.warning("The device monitor could not sample (retrying): %s", e)
+                failing = True
+                continue
+            if failing:
+                log.info("The device monitor samples again")
+            failing = False
 
     def sample_once(self) -> None:
         for row, cuda_index, pid in self.slots():
