@@ -123,3 +123,24 @@ def test_the_monitor_samples_again_after_the_open_file_limit_frees(tmp_path):
         timeout=60,
     )
     assert "sampled again" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_request_body_the_disk_has_no_room_for_is_answered_503(server):
+    """A large body waits in $TMPDIR; a write there that fails (a full disk, here the
+    file size limit: EFBIG) escaped the spool as a 500 `internal_error` with a
+    traceback in the log. Now it is a 503 that names the folder, and the server
+    serves on."""
+    s = server(*SIM_ONE)
+    body = {"script": "Speaker 1: hi", "speakers": [{"audio": "A" * (1 << 20)}]}
+    soft, hard = resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (256 << 10, hard))
+    try:
+        r = s.post("/v1/synthesize", json=body)
+    finally:
+        resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert error["code"] == "overloaded" and "no room for this request body" in error["message"]
+    assert r.headers["retry-after"] == "5"
+    assert "Traceback" not in s.log()
+    assert s.post("/v1/synthesize", json={"script": "Speaker 1: still here"}).status_code == 200

@@ -10,7 +10,8 @@ at a time. A body over `max_bytes` gets 413 (at once when its Content-Length
 says so); a client that leaves while sending costs nothing more, and the file
 is gone as soon as it closes (unnamed: a crash leaves nothing behind either).
 All the bodies being spooled at once may hold `total_bytes` of what has
-arrived; the body whose bytes pass it gets 503. What counts is what came, not
+arrived; the body whose bytes pass it gets 503, as does one the disk has no room
+for (a full $TMPDIR, a file size limit). What counts is what came, not
 what a Content-Length declares: a declared length costs the client nothing to
 send, so counting it let a few clients without a key (on the page's paths,
 which the key middleware does not guard) hold the whole budget with a trickle
@@ -46,6 +47,16 @@ class BodySpool:
             "the server is taking in as many large request bodies as it may at once; "
             "retry in a moment",
             [(b"retry-after", b"1")],
+        )
+
+    async def _no_room(self, send, e: OSError) -> None:
+        await send_error(
+            send,
+            503,
+            "overloaded",
+            f"the server's temporary folder ({tempfile.gettempdir()}) has no room for this "
+            f"request body ({e.strerror or e}); retry later, or send a smaller body",
+            [(b"retry-after", b"5")],
         )
 
     async def _too_large(self, send) -> None:
@@ -89,7 +100,10 @@ class BodySpool:
                         return await self._full(send)
                     self.held += len(data)
                     counted += len(data)
-                    spool.write(data)
+                    try:
+                        spool.write(data)
+                    except OSError as e:  # ENOSPC, EFBIG (RLIMIT_FSIZE), EROFS...
+                        return await self._no_room(send, e)
                     if not message.get("more_body", False):
                         break
                 await self._replay(scope, receive, send, spool, size)
