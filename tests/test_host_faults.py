@@ -144,3 +144,24 @@ def test_a_request_body_the_disk_has_no_room_for_is_answered_503(server):
     assert r.headers["retry-after"] == "5"
     assert "Traceback" not in s.log()
     assert s.post("/v1/synthesize", json={"script": "Speaker 1: still here"}).status_code == 200
+
+
+def test_a_voice_the_disk_has_no_room_for_is_answered_507(server):
+    """A voice upload whose write to the voices folder failed (a full disk, here the
+    file size limit: EFBIG) was a 500 `internal_error`; now 507 `disk_full` naming
+    the folder, the voice is not listed, and the same upload works once there is room."""
+    from serving import wav_bytes
+
+    s = server(*SIM_ONE)
+    upload = {"files": {"file": ("v.wav", wav_bytes(1.0), "audio/wav")}, "data": {"name": "roomy"}}
+    soft, hard = resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (8 << 10, hard))
+    try:
+        r = s.post("/v1/voices", **upload)
+    finally:
+        resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+    assert r.status_code == 507, r.text
+    error = r.json()["error"]
+    assert error["code"] == "disk_full" and "voices folder" in error["message"]
+    assert "roomy" not in [v["name"] for v in s.get("/v1/voices").json()["voices"]]
+    assert s.post("/v1/voices", **upload).status_code == 201

@@ -66,7 +66,7 @@ WHY = {
     "502": "The request took down workers twice and was given up",
     "503": "No worker is ready (or the server is stopping): retry after Retry-After",
     "504": "The request ran past its time limit",
-    "507": "Out of memory (GPU), the jobs disk limit, or a full data disk",
+    "507": "Out of memory (GPU), the jobs disk limit, or a full data or voices disk",
 }
 SYNTH_FAILURES = ("429", "500", "502", "503", "504", "507")
 # 404 voice_not_found: a voice named in the body that the server does not hold;
@@ -76,7 +76,8 @@ ROUTE_ERRORS = {
     ("/v1/synthesize", "post"): ("404", "415", *SYNTH_FAILURES),
     ("/v1/audio/speech", "post"): ("404", *SYNTH_FAILURES),
     ("/v1/jobs", "post"): ("404", "409", "415", "429", "503", "507"),  # 429: decodes, owners
-    ("/v1/voices", "post"): ("415", "429"),
+    ("/v1/voices", "post"): ("415", "429", "507"),
+    ("/v1/voices/{name}", "delete"): ("507",),
     ("/metrics", "get"): ("403",),
     ("/v1/jobs/{job_id}", "delete"): ("409", "507"),
     ("/v1/jobs/{job_id}/cancel", "post"): ("507",),
@@ -178,6 +179,8 @@ ROUTE_CODES = {  # error codes of a route's own statuses, where a client may act
     ("/v1/jobs", "post", "507"): ("disk_limit", "disk_full"),
     ("/v1/jobs", "post", "409"): ("idempotency_key_reused",),
     ("/v1/jobs/{job_id}", "delete", "507"): ("disk_full",),
+    ("/v1/voices", "post", "507"): ("disk_full",),
+    ("/v1/voices/{name}", "delete", "507"): ("disk_full",),
     ("/v1/jobs/{job_id}/cancel", "post", "507"): ("disk_full",),
 }
 

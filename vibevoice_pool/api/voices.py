@@ -15,6 +15,8 @@ take is refused with 400, as the schema says (additionalProperties: false).
 Ownership (with API keys): an upload belongs to the key that sent it; a user
 key that overwrites or deletes a preset or another key's voice gets 403
 `forbidden` (VoiceLibrary's VoiceForbidden). Admin keys may change any voice.
+A write the folder's disk refuses (full, a file size limit, read-only) gets 507
+`disk_full` naming the folder.
 """
 
 from __future__ import annotations
@@ -152,6 +154,15 @@ async def _read_upload(request: Request, max_bytes: int) -> tuple[str, bytes, bo
     raise _bad(f"unsupported content type {ctype or 'none'!r}; {FORM_HINT}")
 
 
+def _not_stored(library, e: OSError):
+    """507 disk_full: the voices folder would not take the write (the voice is unchanged,
+    or, deleted, may still name its uploader as its owner)."""
+    why = e.strerror or str(e)
+    return plain_error(
+        507, "disk_full", f"the voices folder {str(library.folder)!r} could not be written ({why})"
+    )
+
+
 def router(front) -> APIRouter:
     """GET, POST and DELETE /v1/voices."""
     router = APIRouter()
@@ -179,6 +190,8 @@ def router(front) -> APIRouter:
             )
         except VoiceForbidden as e:
             return plain_error(403, "forbidden", e.message)
+        except OSError as e:  # a full disk (ENOSPC), a file size limit (EFBIG), read-only
+            return _not_stored(library, e)
         return JSONResponse({"name": stored, "renamed": stored != name.strip()}, 201)
 
     @router.get("/v1/voices/{name:path}")
@@ -198,6 +211,8 @@ def router(front) -> APIRouter:
             library.delete(name, owner=caller.owner, admin=caller.admin)
         except VoiceForbidden as e:
             return plain_error(403, "forbidden", e.message)
+        except OSError as e:
+            return _not_stored(library, e)
         return {"deleted": name}
 
     return router
