@@ -437,7 +437,7 @@ def check_voices_dir(cfg: PoolConfig) -> None:
 
 def check_openai_voices(cfg: PoolConfig) -> None:
     """ConfigError for an openai_voices setting that cannot be read."""
-    from vibevoice_pool.voices import parse_openai_map
+    from vibevoice_pool.api.openai import parse_openai_map
 
     try:
         parse_openai_map(cfg.openai_voices)

@@ -87,23 +87,6 @@ class VoiceForbidden(Exception):
         self.message = message
 
 
-def parse_openai_map(text: str) -> dict[str, str]:
-    """The openai_voices setting ("alloy=NAME,echo=NAME") as {openai name: preset}.
-    ValueError naming the mistake."""
-    out: dict[str, str] = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        name, sep, preset = part.partition("=")
-        name, preset = name.strip().lower(), preset.strip()
-        if not sep or not preset:
-            raise ValueError(f"write NAME=PRESET pairs separated by commas, not {part.strip()!r}")
-        if name not in OPENAI_VOICES:
-            raise ValueError(f"{name!r} is not an OpenAI voice name ({', '.join(OPENAI_VOICES)})")
-        out[name] = preset
-    return out
-
-
 def _list_voices(folder: Path) -> dict[str, Path]:
     """name (file stem) -> path, for the audio files directly in folder."""
     found: dict[str, Path] = {}

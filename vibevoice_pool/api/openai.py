@@ -70,7 +70,7 @@ from vibevoice_pool.api.speech import (
     stream_encoder,
     stream_response,
 )
-from vibevoice_pool.voices import MODEL_VOICE, OPENAI_VOICES, parse_openai_map
+from vibevoice_pool.voices import MODEL_VOICE, OPENAI_VOICES
 from workers.wire import messages as m
 
 # Names clients send as `model`; every one is this server's single model.
@@ -140,6 +140,23 @@ class AudioModels(BaseModel):
 
 class AudioVoices(BaseModel):
     voices: list[Named] | list[str]
+
+
+def parse_openai_map(text: str) -> dict[str, str]:
+    """The openai_voices setting ("alloy=NAME,echo=NAME") as {openai name: preset}.
+    ValueError naming the mistake."""
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, preset = part.partition("=")
+        name, preset = name.strip().lower(), preset.strip()
+        if not sep or not preset:
+            raise ValueError(f"write NAME=PRESET pairs separated by commas, not {part.strip()!r}")
+        if name not in OPENAI_VOICES:
+            raise ValueError(f"{name!r} is not an OpenAI voice name ({', '.join(OPENAI_VOICES)})")
+        out[name] = preset
+    return out
 
 
 def _bad(message: str) -> m.PoolError:
