@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 from conftest import ROOT, free_port, wait_until
@@ -165,3 +166,66 @@ def test_a_voice_the_disk_has_no_room_for_is_answered_507(server):
     assert error["code"] == "disk_full" and "voices folder" in error["message"]
     assert "roomy" not in [v["name"] for v in s.get("/v1/voices").json()["voices"]]
     assert s.post("/v1/voices", **upload).status_code == 201
+
+
+UPLOADER_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from serving import wav_bytes
+    from vibevoice_pool.voices import VoiceLibrary
+
+    lib = VoiceLibrary(sys.argv[1], max_bytes=1 << 20, max_seconds=10)
+    save = lib._save_owners
+
+    def stop_then_save(owners):  # stopped between reading the owners and writing them
+        os.kill(os.getpid(), signal.SIGSTOP)
+        save(owners)
+
+    lib._save_owners = stop_then_save
+    lib.add("from-server-a", wav_bytes(0.5), owner="alice")
+    """
+)
+
+
+def test_two_servers_sharing_a_voices_folder_keep_each_others_owners(tmp_path):
+    """Two pools on one host share the voices folder by default (the data folder
+    is refused, and the refusal says to pass another --data-dir). Each server
+    read the owners file, added its voice and wrote it back under a lock of its
+    own process only: an upload of one landing inside the other's lost its owner,
+    so it became a preset, offered to every caller and to the OpenAI voice names.
+    Now the folder's lock (flock) makes the servers take turns. The first server
+    is a real process, stopped (SIGSTOP) between reading and writing the owners."""
+    from serving import wav_bytes
+
+    from vibevoice_pool.voices import VoiceLibrary
+
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    a = subprocess.Popen(
+        [sys.executable, "-c", UPLOADER_SCRIPT, str(folder)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}"),
+    )
+    try:
+        wait_until(lambda: _state(a.pid) == "T", 30, what="server A to stop mid-upload")
+        b = VoiceLibrary(folder, max_bytes=1 << 20, max_seconds=10)
+        second = threading.Thread(
+            target=b.add, args=("from-server-b", wav_bytes(0.5)), kwargs={"owner": "bob"}
+        )
+        second.start()
+        second.join(5)  # the old code finished here; the new waits for A's turn to end
+        os.kill(a.pid, signal.SIGCONT)
+        assert a.wait(30) == 0
+        second.join(30)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    owners = VoiceLibrary(folder, max_bytes=1 << 20, max_seconds=10)
+    assert owners.owner("from-server-a") == "alice"
+    assert owners.owner("from-server-b") == "bob"
+    assert "from-server-b" not in owners.presets()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

@@ -19,11 +19,14 @@ a preset or another owner's voice (VoiceForbidden otherwise). The OpenAI voice
 names (OPENAI_VOICES) map to presets only (openai_voice), never to an upload,
 and no upload may take one of those names, or a preset's short name ("Alice");
 the forgiving forms of a name try every preset before any upload: no upload
-captures what another caller asked for by a preset's name.
+captures what another caller asked for by a preset's name. Servers that share
+the folder change it one at a time (an flock on the folder): no owner is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -134,6 +137,18 @@ def safe_voice_name(name: str) -> str:
             "'-', '_' and '.' (e.g. en-Maria_woman)"
         )
     return safe
+
+
+@contextlib.contextmanager
+def _folder_turn(folder: Path):
+    """Servers sharing the folder (two pools on one host do by default) change it one
+    at a time: an flock on the folder itself, let go when its holder exits."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(folder: Path, filename: str, data: bytes) -> Path:
@@ -361,7 +376,7 @@ class VoiceLibrary:
             max_seconds=self.max_seconds,
             what="voice sample",
         )
-        with self._lock:
+        with self._lock, _folder_turn(self.folder):  # and the other servers' turns
             named = [p for p in self.presets() if p.lower() != safe.lower()]
             shadowed = [p for p in named if _short_name(p).lower() == safe.lower()]
             if shadowed:
@@ -394,7 +409,7 @@ class VoiceLibrary:
     def delete(self, name: str, *, owner: str | None = None, admin: bool = True) -> None:
         """Remove the stored voice with exactly this name (no partial matching).
         VoiceForbidden when it is not the caller's (see the module doc)."""
-        with self._lock:
+        with self._lock, _folder_turn(self.folder):
             if not isinstance(name, str) or name not in self._listing():
                 raise _bad(f"no voice named {name!r} to delete; voices: {self.names()}")
             self._check_may_change(name, owner, admin)

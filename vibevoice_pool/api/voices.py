@@ -208,7 +208,7 @@ def router(front) -> APIRouter:
             hint = f" (did you mean {safe!r}?)" if safe in library.names() else ""
             return plain_error(404, "not_found", f"no voice named {name!r}{hint}; GET /v1/voices")
         try:
-            library.delete(name, owner=caller.owner, admin=caller.admin)
+            await asyncio.to_thread(library.delete, name, owner=caller.owner, admin=caller.admin)
         except VoiceForbidden as e:
             return plain_error(403, "forbidden", e.message)
         except OSError as e:
