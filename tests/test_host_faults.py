@@ -1,5 +1,7 @@
-"""Faults of the host the server shares, caused for real: /dev/shm full at start,
-the open-file limit reached while a worker is respawned or the monitor samples."""
+"""Faults of the host the server shares, caused for real where a test can: /dev/shm
+full, the open-file limit reached, a full disk (a file size limit), two servers
+sharing a folder; and the wall clock stepped back (read from the code: a test
+cannot step the system clock, so the view gets the stepped time)."""
 
 from __future__ import annotations
 
@@ -229,3 +231,26 @@ def test_two_servers_sharing_a_voices_folder_keep_each_others_owners(tmp_path):
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_job_view_never_reads_negative_times_when_the_clock_steps_back():
+    """A job's times are wall-clock times (they outlive the process, unlike the
+    monotonic clock). With the system clock stepped back an hour (NTP, an operator)
+    a running job's view read `ran_s` -3,600 and a queued one's `waited_s` below
+    zero; both now read 0 until the clock catches up."""
+    from vibevoice_pool.jobs.records import Job, JobState
+    from vibevoice_pool.jobs.view import job_view
+
+    created = 1_800_000_000.0
+    row = dict(owner="o", format="wav", seed=1, est_audio_s=10.0, est_bytes=1, runs=1)
+    row |= dict(request_id="r", worker=0, audio_s=0.0, compute_s=None, result_path=None)
+    row |= dict(result_bytes=0, error_code=None, error=None, finished_count=0, stop_reason=None)
+    running = Job("a", state=JobState.RUNNING, created_at=created, started_at=created + 5,
+                  finished_at=None, **row)  # fmt: skip
+    queued = Job("b", state=JobState.QUEUED, created_at=created, started_at=None,
+                 finished_at=None, **row)  # fmt: skip
+    stepped_back = created - 3600
+    ran = job_view(running, 1.0, 0, now=stepped_back, ttl_s=60)["timings"]
+    waited = job_view(queued, 0.0, None, now=stepped_back, ttl_s=60)["timings"]
+    assert ran["ran_s"] == 0.0 and ran["waited_s"] == 5.0
+    assert waited["waited_s"] == 0.0

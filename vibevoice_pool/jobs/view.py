@@ -53,8 +53,9 @@ def job_view(
             "created_at": job.created_at,
             "started_at": job.started_at,
             "finished_at": job.finished_at,
-            "waited_s": round((job.started_at or end) - job.created_at, 3),
-            "ran_s": round(end - job.started_at, 3) if job.started_at else None,
+            # wall-clock times (they outlive the process); a clock stepped back reads 0
+            "waited_s": round(max(0.0, (job.started_at or end) - job.created_at), 3),
+            "ran_s": round(max(0.0, end - job.started_at), 3) if job.started_at else None,
             "compute_s": job.compute_s,
         },
         "error": {"code": job.error_code, "message": job.error} if job.error_code else None,
