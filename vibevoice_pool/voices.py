@@ -142,7 +142,9 @@ def safe_voice_name(name: str) -> str:
 @contextlib.contextmanager
 def _folder_turn(folder: Path):
     """Servers sharing the folder (two pools on one host do by default) change it one
-    at a time: an flock on the folder itself, let go when its holder exits."""
+    at a time: an flock on the folder itself (made if it is not there yet), let go when
+    its holder exits."""
+    folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
