@@ -154,3 +154,18 @@ def test_a_voice_added_on_the_page_is_checked_and_offered_to_every_speaker(tmp_p
     assert message.startswith("❌ 输入有误：") and "could not be read as audio" in message
     listed = page.job_voices(["take_1", "gone"])  # the Jobs tab's list follows the uploads
     assert "take_1" in listed["choices"] and listed["value"] == ["take_1"]
+
+
+def test_the_pages_files_stay_in_this_servers_private_folder(srv, client):
+    """Gradio kept the page's audio in <tmp>/gradio: shared by every server on the
+    machine (a server that stops deletes its files, which another may serve) and
+    open to other users. Each server now has its own, mode 0700."""
+    import os
+
+    client.predict(SCRIPT, 2, None, None, None, None, 1.3, 10, 7, api_name="/generate")
+    tmp = srv.log_path.parent  # the server's TMPDIR
+    private = tmp / f"vibevoice-pool-{os.getuid()}"
+    assert private.stat().st_mode & 0o777 == 0o700
+    made = list((private / f"gradio-{srv.port}").rglob("*.wav"))
+    assert made, sorted(p.name for p in tmp.iterdir())
+    assert not (tmp / "gradio").exists()

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 from vibevoice_pool import config as config_mod
+from vibevoice_pool.api.address import private_temp
 from vibevoice_pool.api.address import publish as publish_address
 from vibevoice_pool.api.address import withdraw as withdraw_address
 from vibevoice_pool.config import ConfigError, PoolConfig
@@ -351,6 +352,7 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
     from workers.wire.messages import PoolError
 
     raise_nofile()  # before the workers' pipes and the clients' sockets take handles
+    private_page_files(cfg.port)  # before Gradio is imported
     audio.set_decode_slots(cfg.max_decodes, cfg.decode_wait_s)
     # The page's imports (Gradio) take seconds: do them while the workers boot.
     threading.Thread(target=_preload_front, name="preload-ui", daemon=True).start()
@@ -424,6 +426,19 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
             code = pool.supervisor.fatal_exit
         log.info("Stopped.")
     return code
+
+
+def private_page_files(port: int) -> None:
+    """Gradio keeps the page's audio and uploads in one folder, <tmp>/gradio unless
+    GRADIO_TEMP_DIR names one: shared by every server on the machine (its files are
+    named by content, and a server that stops deletes its own, which another may be
+    serving) and open to other users. Unless the variable is set, each server gets
+    its own in this user's private folder (mode 0700), one per port."""
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return
+    base = private_temp()
+    if base is not None:
+        os.environ["GRADIO_TEMP_DIR"] = str(base / f"gradio-{port or os.getpid()}")
 
 
 def check_voices_dir(cfg: PoolConfig) -> None:

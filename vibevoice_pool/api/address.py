@@ -45,21 +45,30 @@ class Server:
     pid: int
 
 
+def _ours(path: Path) -> bool:
+    """Made if missing (mode 0700); True when it is a folder of this user's that no one
+    else can write."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def private_temp() -> Path | None:
+    """vibevoice-pool-<uid> in the temp folder, or None if it is not safely ours."""
+    path = Path(tempfile.gettempdir()) / f"vibevoice-pool-{os.getuid()}"
+    return path if _ours(path) else None
+
+
 def folder() -> Path | None:
     """This user's folder of running servers (made if missing), or None if it cannot
     be made or is not safely ours."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "vibevoice-pool" if runtime else None
-    uid = os.getuid()
-    for path in filter(None, (base, Path(tempfile.gettempdir()) / f"vibevoice-pool-{uid}")):
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = path.lstat()
-        except OSError:
-            continue
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o022:
-            return path
-    return None
+    if runtime and _ours(Path(runtime) / "vibevoice-pool"):
+        return Path(runtime) / "vibevoice-pool"
+    return private_temp()
 
 
 def client_url(host: str, port: int) -> str:
