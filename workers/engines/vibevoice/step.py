@@ -20,9 +20,8 @@ compare each row with. The engine owns the running set of rows. Each call to
      negative token attends only itself, at position 0); a negative row keeps this
      step's column only when the row diffuses (the others do not move on, so the
      column is overwritten next step and their unconditional context does not grow:
-     microsoft's `correct_cnt`). Running the
-     negative pass before the token is known changes nothing: a row that does
-     not diffuse drops what it computed;
+     microsoft's `correct_cnt`). Running the negative pass before the token is
+     known changes nothing: a row that does not diffuse drops what it computed;
   5. for the rows that drew the audio token: the diffusion head batched over
      them (grouped by step count, each row with its own cfg scale and its own
      noise generator), then the acoustic decode and semantic re-encode of
@@ -32,10 +31,10 @@ compare each row with. The engine owns the running set of rows. Each call to
 Each row's history (engines/trail.py) leaves with its audio; a row sent again with
 it (request.resume) is rebuilt by resume.py at admit and goes on from its last step.
 
-Memory-aware admission: `fits(rows)` predicts the peak KV of a running set in
-blocks (per row, its positive branch's prompt plus step cap and its negative
-branch's step cap, each rounded up to whole blocks) and compares it with the budget
-(a setting, or on CUDA free memory plus the pool minus headroom).
+Memory-aware admission: `fits(rows)` predicts the peak KV of a running set in blocks
+(per row, its positive branch's prompt plus step cap and its negative branch's step
+cap, in whole blocks) against the budget (a setting, or on CUDA its pool plus its
+share of the free memory, minus headroom).
 CUDA out-of-memory escapes `step`; what follows is the host's policy
 (workers/host/step_host.py), which decides who runs.
 """
@@ -204,15 +203,13 @@ class StepEngine:
 
     def budget_bytes(self) -> int:
         """What the running set may hold: the configured budget, else on CUDA what the
-        rows hold now plus this worker's share of the free memory (every worker on the
-        card sees all of it free: two that each counted it whole would admit twice what
-        fits), minus headroom; 0 = no limit."""
+        rows hold plus this worker's share of the free memory (each worker on the card
+        sees all of it free), minus headroom; 0 = no limit."""
         if self.mem_budget_bytes:
             return self.mem_budget_bytes
-        if self.device.startswith("cuda"):
-            free, _ = torch.cuda.mem_get_info()
-            held = self.kv.pool_bytes()  # the pool's free blocks count as room
-            return max(1, free // self.gpu_share + held - self.mem_headroom_bytes)
+        if self.device.startswith("cuda"):  # the pool's free blocks count as room
+            free = torch.cuda.mem_get_info()[0] // self.gpu_share
+            return max(1, free + self.kv.pool_bytes() - self.mem_headroom_bytes)
         return 0
 
     def _shape(self, row: Row) -> tuple[int, int]:
