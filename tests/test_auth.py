@@ -188,27 +188,32 @@ def test_a_keys_name_as_the_user_name_takes_that_key_only():
     assert page_owner(KeyRing(), None, "b1") == "browser:b1"
 
 
-def test_failed_logins_slow_down_then_get_429(named):
+def test_failed_logins_slow_down_then_get_429(tmp_path):
+    """On a server of its own: the lock it ends with holds every loopback address for
+    300 s, so on the module's shared server any login after it got 429."""
     import time
 
     took, statuses = [], []
-    with httpx.Client(base_url=named.url, timeout=30) as browser:
-        for i in range(8):
-            t0 = time.monotonic()
-            r = browser.post("/login", data={"username": "x", "password": f"guess-{i}"})
-            took.append(time.monotonic() - t0)
-            statuses.append(r.status_code)
-        assert statuses == [400] * 8
-        # From the fourth failure on, each answer waits 0.25 s, doubling up to 2 s. Only
-        # lower bounds here: a busy machine may slow any answer, never speed one up (that
-        # the first three wait nothing is test_guards' check, on an injected sleep).
-        assert min(took[3:]) >= 0.25 and sum(took[3:]) >= 0.25 + 0.5 + 1 + 2 + 2
-        locked = browser.post("/login", data={"username": "x", "password": ALICE})
-        assert locked.status_code == 429  # the right key too, until the window passes
-        assert 250 <= int(locked.headers["retry-after"]) <= 300
-        assert "failed logins" in locked.json()["error"]["message"]
-    # the API's Bearer keys are not the page login: they still work
-    assert named.get("/v1/pool", headers={"Authorization": f"Bearer {ALICE}"}).status_code == 200
+    with named_keys_server(tmp_path) as named:
+        with httpx.Client(base_url=named.url, timeout=30) as browser:
+            for i in range(8):
+                t0 = time.monotonic()
+                r = browser.post("/login", data={"username": "x", "password": f"guess-{i}"})
+                took.append(time.monotonic() - t0)
+                statuses.append(r.status_code)
+            assert statuses == [400] * 8
+            # From the fourth failure on, each answer waits 0.25 s, doubling up to 2 s.
+            # Only lower bounds here: a busy machine may slow any answer, never speed one
+            # up (that the first three wait nothing is test_guards' check, on an injected
+            # sleep).
+            assert min(took[3:]) >= 0.25 and sum(took[3:]) >= 0.25 + 0.5 + 1 + 2 + 2
+            locked = browser.post("/login", data={"username": "x", "password": ALICE})
+            assert locked.status_code == 429  # the right key too, until the window passes
+            assert 250 <= int(locked.headers["retry-after"]) <= 300
+            assert "failed logins" in locked.json()["error"]["message"]
+        # the API's Bearer keys are not the page login: they still work
+        alice = {"Authorization": f"Bearer {ALICE}"}
+        assert named.get("/v1/pool", headers=alice).status_code == 200
 
 
 def test_a_bad_keys_file_stops_the_launch_before_any_worker(tmp_path):
