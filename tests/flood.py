@@ -7,8 +7,9 @@ in place of those the server closed (every TOP_UP_S):
     bodies   each sends the headers of `POST /v1/synthesize` with
              Content-Length: 10,000,000, then BODY_RATE bytes a second
 
-It prints one JSON line at the end: connections opened, and how many were up
-at each top-up.
+It prints a JSON line once its first N connections are opened ({"up": N}; SECONDS
+count from then), and one at the end: connections opened, and how many were up at
+each top-up.
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ def main() -> None:
     raise_nofile()
     socks: dict[socket.socket, bool] = {}  # socket -> its request sent
     opened, counts, serial = 0, [], 0
-    end = time.monotonic() + seconds
+    end = None
     next_top_up = 0.0
     filler = b" " * BODY_RATE
-    while time.monotonic() < end:
+    while end is None or time.monotonic() < end:
         now = time.monotonic()
         if now >= next_top_up:
             for s in closed_ones(socks):
@@ -95,6 +96,9 @@ def main() -> None:
                 opened += 1
                 serial += 1
             next_top_up = now + TOP_UP_S
+            if end is None:  # the flood is up: the test's probes start now
+                print(json.dumps({"up": len(socks)}), flush=True)
+                end = now + seconds
         waiting = {s.fileno(): s for s, sent in socks.items() if not sent}
         poll = select.poll()
         for fd in waiting:
