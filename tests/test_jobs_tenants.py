@@ -65,18 +65,27 @@ def free_up(store: JobStore) -> None:
 
 
 def test_the_next_job_goes_to_the_owner_with_fewest_running_then_least_recently_served(store):
+    def start(job_id: str, at: float) -> None:  # handed over, then begun by a worker
+        store.claim(job_id, "r", at)
+        store.note_worker(job_id, 0, at)  # (started_at: what "served" counts)
+
+    done = {"result_path": "x", "result_bytes": 1, "audio_s": 1, "compute_s": None, "worker": 0}
     a = [new_job(store, T0 + i, owner="a") for i in range(5)]
     b = [new_job(store, T0 + 10 + i, owner="b") for i in range(2)]
     assert store.next_queued().id == a[0]  # nobody runs: the oldest job's owner
-    store.claim(a[0], "r", T0 + 20)
+    start(a[0], T0 + 20)
     assert store.next_queued().id == b[0]  # a holds one, b none: b, though newer
-    store.claim(b[0], "r", T0 + 21)
+    start(b[0], T0 + 21)
     assert store.next_queued().id == a[1]  # one each; a was served longer ago
     assert store.next_queued(max_running=1) is None  # both at the cap: nothing
-    store.finish_done(
-        a[0], result_path="x", result_bytes=1, audio_s=1, compute_s=None, worker=0, at=T0 + 30
-    )
+    store.finish_done(a[0], **done, at=T0 + 30)
     assert store.next_queued(max_running=1).id == a[1]
+    # None running, and the least recently served owner goes first though its queued
+    # job is the newer: above, the oldest job and the least recently served agreed.
+    store.finish_done(b[0], **done, at=T0 + 31)
+    start(a[1], T0 + 40)
+    store.finish_done(a[1], **done, at=T0 + 41)
+    assert store.next_queued().id == b[1]  # b last began at T0+21, a at T0+40
 
 
 def test_one_owners_limits_refuse_its_jobs_and_leave_others_room(tmp_path):
