@@ -310,5 +310,7 @@ def test_a_file_evaluates_preconditions_before_its_range(tmp_path):
     assert r.status_code == 206 and r.content == data[:10]
     old = "Mon, 01 Jan 2001 00:00:00 GMT"
     assert c.get("/a.wav", headers={"If-Unmodified-Since": old}).status_code == 412
+    # 13.1.4: 412 only when the file is newer than the date; its own date passes
+    assert c.get("/a.wav", headers={"If-Unmodified-Since": modified}).content == data
     assert c.get("/a.wav", headers={"If-Modified-Since": old}).content == data
     assert c.get("/a.wav", headers={"If-Modified-Since": "not a date"}).content == data
