@@ -41,6 +41,10 @@ def test_bad_scripts_say_what_and_where(text, words):
 def test_length_limit():
     with pytest.raises(PoolError, match="limit is 10"):
         parse_script("Speaker 1: " + "x" * 20, max_chars=10)
+    # the limit itself is allowed, one character more is not
+    assert parse_script("Speaker 1: " + "x" * 9, max_chars=20) == (Turn(0, "x" * 9),)
+    with pytest.raises(PoolError, match="has 21 characters; the limit is 20"):
+        parse_script("Speaker 1: " + "x" * 10, max_chars=20)
 
 
 def test_five_speakers_for_rotation_is_refused():
