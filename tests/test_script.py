@@ -18,6 +18,9 @@ def test_unprefixed_lines_rotate_through_the_speakers():
     turns = parse_script("one\ntwo\nthree", num_speakers=2)
     assert [t.speaker for t in turns] == [0, 1, 0]
     assert [t.speaker for t in parse_script("a\nb")] == [0, 0]
+    # Speaker 1 and Speaker 3 named: the script has three speakers, Speaker 2 among them
+    turns = parse_script("Speaker 1: hi\nSpeaker 3: yo\nx\ny\nz")
+    assert [t.speaker for t in turns] == [0, 2, 0, 1, 2]
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,8 @@ def parse_script(
     text: str, *, max_chars: int = 20000, num_speakers: int | None = None
 ) -> tuple[Turn, ...]:
     """Turns of a script, speakers 0-based. `num_speakers` sets how many
-    speakers unprefixed lines rotate through (default: as many as named, or 1)."""
+    speakers unprefixed lines rotate through (default: every speaker up to the
+    highest one named, so Speaker 1 and Speaker 3 make three; or 1)."""
     if not isinstance(text, str) or not text.strip():
         raise _bad("the script is empty: write at least one line, e.g. 'Speaker 1: Hello'")
     if len(text) > max_chars:
