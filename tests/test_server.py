@@ -49,6 +49,28 @@ def test_no_worker_outlives_a_sigkilled_parent(server):
     wait_until(lambda: not any(pid_alive(p) for p in pids), 10, what="every worker to exit")
 
 
+def test_running_workers_leave_by_themselves_with_the_watchdog_stopped(server):
+    """The watchdog only backs up a worker that cannot run: one that runs leaves by
+    itself when its parent is gone (its death pipe, or its request pipe's end). With
+    the watchdog SIGSTOPped nothing else can end them; the test above would pass on
+    the watchdog alone."""
+    import psutil
+
+    s = server(*SIM, "--gpus", "cpu:2")
+    pids = s.worker_pids()
+    (dog,) = [
+        p for p in psutil.Process(s.proc.pid).children() if "watchdog.main" in " ".join(p.cmdline())
+    ]
+    dog.send_signal(signal.SIGSTOP)
+    try:
+        os.kill(s.proc.pid, signal.SIGKILL)
+        s.proc.wait(10)
+        wait_until(lambda: not any(pid_alive(p) for p in pids), 10, what="every worker to exit")
+    finally:
+        dog.send_signal(signal.SIGCONT)  # it reads the end of its pipe, finds none, exits
+    dog.wait(15)
+
+
 def test_sigterm_lets_requests_in_flight_finish_and_exits_0(server):
     s = server(*SIM, "--gpus", "cpu:2", "--sim-rtf", "0.4", "--grace-s", "30")
     results = []
