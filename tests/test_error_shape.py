@@ -6,9 +6,11 @@ answer. Afterwards the server is ready and no worker restarted."""
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
-from conftest import wait_until
+from conftest import ROOT, wait_until
 from serving import shared_server, wav_bytes
 
 OK = "Speaker 1: Hello there."
@@ -314,3 +316,13 @@ def test_a_file_evaluates_preconditions_before_its_range(tmp_path):
     assert c.get("/a.wav", headers={"If-Unmodified-Since": modified}).content == data
     assert c.get("/a.wav", headers={"If-Modified-Since": old}).content == data
     assert c.get("/a.wav", headers={"If-Modified-Since": "not a date"}).content == data
+
+
+def test_the_readmes_error_list_names_every_status_the_api_declares():
+    """README's **Errors** paragraph is where an operator looks a status up: each one
+    /openapi.json can declare has its words there (502, 431 and 500 had none)."""
+    from vibevoice_pool.api.openapi_doc import WHY
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    errors = readme[readme.index("**Errors**") : readme.index("**Long scripts")]
+    assert sorted(set(WHY) - set(re.findall(r"\b[1-5]\d\d\b", errors))) == []
