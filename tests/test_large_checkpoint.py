@@ -265,7 +265,8 @@ def test_the_large_config_fits_two_workers_and_their_rows_on_an_80_gb_gpu():
     (17.4 GiB) and its KV budget, on an H100 80GB (81,559 MiB), leave at least 10 GiB
     for CUDA state and activations; the budget holds max_batch_size rows of 10 minutes
     (4,500 audio tokens after a 2,300-token prompt), counted as admission counts them
-    (both branches, whole 256-token blocks of the Large's KV, as on a GPU)."""
+    (both branches, whole 256-token blocks of the Large's KV: flash-attn's, which round
+    up most; sdpa's are 16 tokens)."""
     from vibevoice_pool import config as pool_config
     from workers.engines.vibevoice.paged_kv import PagedKV, blocks_for
 
