@@ -259,3 +259,22 @@ def test_an_original_layout_checkpoint_is_refused_with_the_command_that_converts
     )
     assert c.returncode == 0, c.stderr
     assert (dst / "config.json").is_file()
+
+
+def test_convert_takes_the_converters_tokenizer_flag(tmp_path, monkeypatch):
+    """`vibevoice-pool convert` had no --tokenizer (the converter's own main had), so a
+    checkpoint whose tokenizer is elsewhere could not be converted from the command."""
+    from vibevoice_pool import cli
+    from workers.checkpoints import convert
+
+    seen = {}
+    monkeypatch.setattr(
+        convert,
+        "convert_checkpoint",
+        lambda s, d, tokenizer=None: seen.update(src=s, dst=d, tokenizer=tokenizer),
+    )
+    src = tmp_path / "orig"
+    src.mkdir()
+    args = ["convert", str(src), str(tmp_path / "out"), "--tokenizer", "Qwen/Qwen2.5-7B"]
+    assert cli.main(args) == 0
+    assert seen == {"src": str(src), "dst": str(tmp_path / "out"), "tokenizer": "Qwen/Qwen2.5-7B"}

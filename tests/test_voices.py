@@ -156,7 +156,7 @@ def test_add_then_resolve_and_delete(lib, folder):
     assert not [p for p in os.listdir(folder) if p.startswith(".tmp")]  # no temp left
     with pytest.raises(PoolError) as e:
         lib.add("en-new_voice", wav_bytes(tone()))  # taken (any case)
-    assert "already exists" in bad_input(e)
+    assert "already exists" in bad_input(e) and "overwrite=true" in bad_input(e)
     lib.add("en-New_voice", wav_bytes(tone(2.0)), overwrite=True)
     assert len(lib.resolve("en-New_voice")) == 2 * SAMPLE_RATE
     lib.delete("en-New_voice")

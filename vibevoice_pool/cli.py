@@ -152,8 +152,13 @@ def _client_parsers(sub) -> None:
     p.add_argument("dir")
 
     p = sub.add_parser("convert", help="convert an original-layout checkpoint to the HF layout")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="original-layout folder or hub id (microsoft/VibeVoice-1.5B)")
+    p.add_argument("dst", help="new folder for the HF-layout checkpoint")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer folder or hub id (default: the checkpoint's own, else the one its "
+        "preprocessor_config names, else Qwen2.5 of its width)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -275,7 +280,7 @@ def _checkpoint_tool(ns) -> int:
 
             if not os.path.exists(ns.src) and not HUB_ID.match(ns.src):
                 raise ValueError(f"{ns.src}: no such folder, and no hub id (namespace/name)")
-            convert_checkpoint(ns.src, ns.dst)
+            convert_checkpoint(ns.src, ns.dst, tokenizer=ns.tokenizer)
             print(f"converted {ns.src} -> {ns.dst}")
     except PoolError as e:
         print(f"vibevoice-pool {ns.command}: {e.message}", file=sys.stderr)

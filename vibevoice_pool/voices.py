@@ -389,8 +389,8 @@ class VoiceLibrary:
             taken = [n for n in self._listing() if n.lower() == safe.lower()]
             if taken and not overwrite:
                 raise _bad(
-                    f"a voice named {taken[0]!r} already exists; choose another name "
-                    "or delete that voice first"
+                    f"a voice named {taken[0]!r} already exists; choose another name, "
+                    "or send overwrite=true to replace it"
                 )
             for old in taken:
                 self._check_may_change(old, owner, admin)
