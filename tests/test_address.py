@@ -120,8 +120,13 @@ def test_a_stopping_server_withdraws_its_address_first(here, tmp_path):
     try:
         s.wait_ready()
         assert running.servers() == [running.Server(s.url, s.proc.pid)]
+        # the page's files are the server's own (server.private_page_files), gone with it
+        page_files = tmp_path / f"vibevoice-pool-{os.getuid()}" / f"gradio-{s.port}"
+        page_files.mkdir(parents=True, exist_ok=True)
+        (page_files / "cached.wav").write_bytes(b"RIFF")
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(60) == 0
         assert running.servers() == [] and list(here.iterdir()) == []
+        assert not page_files.exists()
     finally:
         s.stop()

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -352,7 +353,7 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
     from workers.wire.messages import PoolError
 
     raise_nofile()  # before the workers' pipes and the clients' sockets take handles
-    private_page_files(cfg.port)  # before Gradio is imported
+    page_files = private_page_files(cfg.port)  # before Gradio is imported
     audio.set_decode_slots(cfg.max_decodes, cfg.decode_wait_s)
     # The page's imports (Gradio) take seconds: do them while the workers boot.
     threading.Thread(target=_preload_front, name="preload-ui", daemon=True).start()
@@ -424,21 +425,25 @@ def _serve(cfg: PoolConfig, stopping: Stopping) -> int:
         sock.close()
         if pool.supervisor.fatal:  # the backend could not go on (its local Ray died)
             code = pool.supervisor.fatal_exit
+        if page_files is not None:
+            shutil.rmtree(page_files, ignore_errors=True)
         log.info("Stopped.")
     return code
 
 
-def private_page_files(port: int) -> None:
+def private_page_files(port: int) -> Path | None:
     """Gradio keeps the page's audio and uploads in one folder, <tmp>/gradio unless
     GRADIO_TEMP_DIR names one: shared by every server on the machine (its files are
     named by content, and a server that stops deletes its own, which another may be
     serving) and open to other users. Unless the variable is set, each server gets
-    its own in this user's private folder (mode 0700), one per port."""
-    if os.environ.get("GRADIO_TEMP_DIR"):
-        return
-    base = private_temp()
-    if base is not None:
-        os.environ["GRADIO_TEMP_DIR"] = str(base / f"gradio-{port or os.getpid()}")
+    its own in this user's private folder (mode 0700), one per port: the folder it
+    removes as it stops."""
+    base = None if os.environ.get("GRADIO_TEMP_DIR") else private_temp()
+    if base is None:
+        return None
+    folder = base / f"gradio-{port or os.getpid()}"
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    return folder
 
 
 def check_voices_dir(cfg: PoolConfig) -> None:
