@@ -11,9 +11,11 @@ port and temp dir and reports how that one boots, serves and stops.
 
     python tests/ray_parent_death.py --kill-joined --workdir DIR
 
-starts a Ray of its own (a cluster the server does not own), a server joined to
-it (`--address`), SIGKILLs the server, and reports whether every process of that
-Ray and its session folder are still there JOINED_WAIT_S later.
+starts a Ray of its own (a cluster the servers do not own), two servers joined
+to it (`--address`), SIGKILLs the first, and reports how long its Serve
+applications and its warden outlive it (up to ORPHAN_WAIT_S), whether the
+second's applications and replicas are untouched and it still serves, and
+whether that Ray's own processes and session folder are still there.
 
 Each prints one JSON object on its last line, and only ends processes it
 started, by pid.
@@ -37,17 +39,23 @@ from ray_scenario import Descendants, Scenario
 from vibevoice_pool.ray.cluster import SHORT_TEMP_DIR, only_loopback
 
 KILL_WAIT_S = 15.0  # what a SIGKILLed server's Ray left is ended within a few seconds
-JOINED_WAIT_S = 5.0  # longer than the watchdog takes, had the server started one
-# A Ray that is not the server's: it prints its GCS address and session folder,
-# and shuts down when its stdin closes.
+POOLS = "vibevoice-pool-"  # our applications' and wardens' names start with it
+ORPHAN_WAIT_S = 30.0  # a SIGKILLed joined server's applications go within seconds
+# A Ray that is not the servers': it prints its GCS address and session folder,
+# then for each line on its stdin the Serve applications and named actors of
+# that Ray (a JSON line), and shuts down when its stdin closes.
 CLUSTER = """
 import json, sys, ray
+from ray import serve
 ctx = ray.init(address="local", num_cpus=2, include_dashboard=False,
                _node_ip_address="127.0.0.1", _temp_dir=sys.argv[1],
                object_store_memory=256 * 2**20)
 info = ctx.address_info
 print(json.dumps({"gcs": info["gcs_address"], "session_dir": info["session_dir"]}), flush=True)
-sys.stdin.read()
+for _ in sys.stdin:
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    apps = sorted(serve.status().applications)
+    print(json.dumps({"apps": apps, "actors": sorted(a["name"] for a in actors)}), flush=True)
 ray.shutdown()
 """
 
@@ -127,7 +135,9 @@ class ParentDeath(Scenario):
         return self.result
 
     def kill_joined(self) -> dict:
-        """SIGKILL a server joined to a Ray it did not start: that Ray is left alone."""
+        """Two servers joined to a Ray they did not start; SIGKILL the first: its
+        applications (and their replicas) and its warden go, the second's stay and
+        it serves, and that Ray's own processes and folder are left alone."""
         os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
         owner = subprocess.Popen(
             [sys.executable, "-c", CLUSTER, SHORT_TEMP_DIR],
@@ -136,28 +146,64 @@ class ParentDeath(Scenario):
             stderr=subprocess.DEVNULL,
             text=True,
         )
+
+        def look() -> dict:  # the cluster's Serve applications and named actors
+            owner.stdin.write("?\n")
+            owner.stdin.flush()
+            return json.loads(owner.stdout.readline())
+
         cluster = Descendants(owner.pid)
+        (self.workdir / "other").mkdir(exist_ok=True)
+        other = Scenario(self.engine, self.workdir / "other")
         info: dict = {}
         try:
             info = json.loads(owner.stdout.readline())
             self.boot("server.log", "--address", info["gcs"])
+            first = look()
+            other.boot("server.log", "--address", info["gcs"])
+            both = look()
             cluster.sample()
+            cluster.refresh()
             before = {p.pid: cluster.cmds[p.pid][:120] for p in cluster.alive()}
+            victim = [w["pid"] for w in self.pool()["workers"]]
+            kept = [w["pid"] for w in other.pool()["workers"]]
             os.kill(self.server.pid, signal.SIGKILL)  # the server this scenario started
+            killed_at = time.monotonic()
             self.server.wait(10)
-            time.sleep(JOINED_WAIT_S)
+            mine = {name for name in first["apps"] + first["actors"] if name.startswith(POOLS)}
+            gone_s, now = None, look()
+            while time.monotonic() - killed_at < ORPHAN_WAIT_S:
+                if not mine & (set(now["apps"]) | set(now["actors"])):
+                    gone_s = round(time.monotonic() - killed_at, 1)
+                    break
+                time.sleep(0.2)
+                now = look()
             alive = {p.pid for p in cluster.alive()}
             self.result["phases"]["joined"] = {
                 "session_dir": info["session_dir"],
+                "first": first,
+                "both": both,
+                "after": now,
+                "orphans_gone_s": gone_s,
+                "victim_replicas_alive": [pid for pid in victim if pid in alive],
+                "kept_replicas": kept,
+                "kept_replicas_alive": [pid for pid in kept if pid in alive],
                 "cluster_pids": before,
                 "gone": {pid: cmd for pid, cmd in before.items() if pid not in alive},
                 "folder_left": os.path.isdir(info["session_dir"]),
                 "owner_alive": owner.poll() is None,
+                "other_answer": other.synth("The other pool still serves.", 3),
+            }
+            other.shutdown()
+            self.result["phases"]["other_stopped"] = {
+                "exit_code": other.result["phases"]["shutdown"]["exit_code"],
+                "after": look(),
             }
         except Exception as e:
             self.result["error"] = f"{type(e).__name__}: {e}"
-        if self.server is not None and self.server.poll() is None:
-            self.shutdown()
+        for scenario in (self, other):
+            if scenario.server is not None and scenario.server.poll() is None:
+                scenario.shutdown()
         owner.stdin.close()  # its Ray shuts down
         try:
             owner.wait(60)
@@ -171,9 +217,12 @@ class ParentDeath(Scenario):
                 pass
         if info.get("session_dir"):
             shutil.rmtree(info["session_dir"], ignore_errors=True)
-        if self.server is not None:
-            self._log.close()
-            self.result["log_tail"] = self.log_path.read_text()[-3000:]
+        logs = []
+        for scenario in (self, other):
+            if scenario.server is not None:
+                scenario._log.close()
+                logs.append(scenario.log_path.read_text()[-1500:])
+        self.result["log_tail"] = "\n----\n".join(logs)
         return self.result
 
 

@@ -12,7 +12,9 @@ the quarantine of a request that kills every replica, and a SIGTERM after
 which no process the server started is alive (checked by pid). And
 tests/ray_parent_death.py, the same way: a SIGKILL of the server after which its
 Ray's processes and session folder are gone and a second start serves, and one
-that leaves a Ray cluster the server joined as it was.
+of two servers joined to a Ray they did not start: the killed one's Serve
+applications are deleted by its warden, the other's stay, and that Ray is left
+as it was.
 """
 
 from __future__ import annotations
@@ -195,6 +197,28 @@ def test_a_deployment_build_that_races_serve_is_retried(monkeypatch):
         cluster._target("app-y", spec, 1.0, 0.0, 4, 5.0, 30.0)
 
 
+def test_the_warden_takes_only_applications_whose_pool_is_dead():
+    """A warden deletes an application only if its name says one of our pools
+    made it and that pool's driver job is dead: never a live pool's, never
+    another program's, never a name it cannot read."""
+    from vibevoice_pool.ray.warden import app_prefix, orphans, owner
+
+    dead_pool, live_pool = app_prefix("02000000", "0a53f9"), app_prefix("03000000", "79455a")
+    assert (
+        dead_pool == "vibevoice-pool-02000000-0a53f9-" and owner(dead_pool + "w1-3") == "02000000"
+    )
+    apps = [
+        dead_pool + "w0-1",
+        dead_pool + "w1-3",
+        live_pool + "w0-1",
+        "vibevoice-pool-0a53f9-w0-1",  # no owner in it (made before owners were named)
+        "02000000-w0-1",
+        "my-app",
+    ]
+    assert orphans(apps, {"02000000", "01000000"}) == [dead_pool + "w0-1", dead_pool + "w1-3"]
+    assert orphans(apps, set()) == []
+
+
 def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
     from vibevoice_pool.config import build
     from vibevoice_pool.pool.facade import supervisor_class
@@ -351,11 +375,38 @@ def test_a_sigkilled_server_leaves_no_ray_and_starts_again(tmp_path):
 @pytest.mark.slow
 @pytest.mark.serial
 @pytest.mark.timeout(360)
-def test_a_sigkilled_server_leaves_a_joined_cluster_alone(tmp_path):
+def test_a_sigkilled_joined_server_leaves_no_application_and_the_cluster_alone(tmp_path):
     """Joined to a Ray it did not start (`--address`), the server has no watchdog:
-    its SIGKILL leaves that Ray's processes and session folder as they were."""
+    its SIGKILL leaves that Ray's own processes and session folder as they were.
+    Its Serve applications used to stay deployed for ever, their replicas running
+    (on a real cluster, holding GPUs). Its warden, a detached actor, now deletes
+    them once its driver's job is dead, and ends; another live pool on the same
+    cluster keeps its applications and replicas, and serves."""
     result = run_scenario("sim", tmp_path, 300, "--kill-joined", script="ray_parent_death.py")
     assert result["only_loopback"] and "error" not in result, result
     joined = result["phases"]["joined"]
-    assert len(joined["cluster_pids"]) >= 5, joined  # gcs_server, raylet, agents, replicas
-    assert joined["gone"] == {} and joined["folder_left"] and joined["owner_alive"], joined
+    first, both, after = joined["first"], joined["both"], joined["after"]
+    mine = [a for a in first["apps"] if a.startswith("vibevoice-pool-")]
+    theirs = sorted(set(both["apps"]) - set(first["apps"]))
+    assert len(mine) == 2 and len(theirs) == 2, (first, both)
+    # the killed pool's applications, replicas and warden are gone ...
+    assert joined["orphans_gone_s"] is not None, (after, result["log_tail"])
+    assert not set(mine) & set(after["apps"]), after
+    assert joined["victim_replicas_alive"] == [], joined
+    # ... the other pool's are not, and it serves
+    assert set(theirs) <= set(after["apps"]), after
+    assert sum(name.endswith("-warden") for name in after["actors"]) == 1, after
+    assert joined["kept_replicas_alive"] == joined["kept_replicas"], joined
+    assert joined["other_answer"]["status"] == 200, joined["other_answer"]
+
+    # the cluster itself: only workers (replicas, wardens) may have gone
+    def worker(cmd: str) -> bool:  # its title, or its command line before it set one
+        return cmd.startswith("ray::") or "default_worker.py" in cmd
+
+    core = {pid: cmd for pid, cmd in joined["cluster_pids"].items() if not worker(cmd)}
+    assert len(core) >= 4 and not set(core) & set(joined["gone"]), joined  # gcs, raylet, agents
+    assert joined["folder_left"] and joined["owner_alive"], joined
+    # the other pool's clean stop deletes its applications and its warden
+    stopped = result["phases"]["other_stopped"]
+    assert stopped["exit_code"] == 0, result["log_tail"]
+    assert not [n for n in stopped["after"]["apps"] + stopped["after"]["actors"] if "pool-" in n]

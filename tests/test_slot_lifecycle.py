@@ -76,9 +76,10 @@ class FakeCluster:
     """What RaySupervisor asks of Ray, answered in process: each deploy builds a
     real SlotReplica (which loads the sim engine, or fails to)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, tag):
         from workers.host.ray_replica import SlotReplica
 
+        self.prefix = f"vibevoice-pool-01000000-{tag}-"  # as a real cluster names ours
         self.make = SlotReplica
         self.replicas: dict = {}
         self.hung: list = []  # replicas that no longer answer

@@ -70,8 +70,8 @@ class RaySupervisor(SlotLifecycle):
     boot_hint = ", and check that the Ray cluster has the CPUs/GPUs asked for"
 
     def _setup(self) -> None:
-        self.cluster = RayCluster(self.cfg)
-        self.tag = uuid.uuid4().hex[:6]  # our applications' names, apart from other pools'
+        # the tag keeps our applications' names apart from other pools' of this driver
+        self.cluster = RayCluster(self.cfg, uuid.uuid4().hex[:6])
         self._threads: list[threading.Thread] = []
         self.streams = Streams(self.board, self.dispatcher, self._lost, self._stop)
 
@@ -163,7 +163,7 @@ class RaySupervisor(SlotLifecycle):
         """Start (or replace) the slot's Serve application in a thread."""
         old = slot.app
         slot.deploys += 1
-        slot.app = f"vibevoice-pool-{self.tag}-w{slot.index}-{slot.deploys}"
+        slot.app = f"{self.cluster.prefix}w{slot.index}-{slot.deploys}"  # see ray/warden.py
         slot.handle, slot.deploying = None, True
         slot.synth = slot.pinger = slot.mover = None
         slot.pid, i = None, slot.index

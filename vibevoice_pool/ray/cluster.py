@@ -1,10 +1,14 @@
 """Ray and Ray Serve for the ray backend: start or join, deploy, tear down.
 
-    RayCluster(cfg).start(cpus)   address "": start a private local Ray (loopback,
+    RayCluster(cfg, tag).start(cpus)
+                                  address "": start a private local Ray (loopback,
                                   no dashboard, RAY_AUTH_MODE=disabled unless set)
                                   address auto | HOST:PORT: join that cluster
                                   (a process already connected keeps its Ray)
                                   then Serve, with its HTTP proxy disabled
+                                  joined: a warden for our applications
+    prefix                        our applications' names start with it (the
+                                  driver's job id and the pool's tag)
     deploy(app, spec, ...)        one Serve application per slot (blocks until it
                                   runs, or raises DeployError)
     delete(app)                   remove one slot's application
@@ -16,12 +20,14 @@ A Ray we started has a watchdog (workers/host/watchdog.py) told of each of its
 processes and its session folder: if this process dies without stop() (SIGKILL,
 the OOM killer), the watchdog kills what its Ray left (its agents outlived the
 parent by a minute, a stopped replica for ever) and deletes the session folder.
-A joined cluster, or a Ray this process was connected to before, gets none.
+A joined cluster, or a Ray this process was connected to before, gets none:
+there the pool's warden (ray/warden.py), a detached actor, deletes its Serve
+applications once this driver is dead.
 
 It also says how to run a command inside a private network namespace (only
 loopback), which is where the tests and the peer benchmark run Ray.
-Ray is imported here and in ray/backend.py only: without it the rest of the
-package never notices.
+Ray is imported in this package only (here, ray/backend.py, ray/streams.py
+and ray/warden.py): without it the rest of the package never notices.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from ray.serve.schema import ApplicationStatus
 
 from vibevoice_pool.config import ConfigError, PoolConfig
 from vibevoice_pool.pool.devices import Placement
+from vibevoice_pool.ray.warden import NAMESPACE, Warden, app_prefix
 from workers.engines.contract import EngineSpec
 from workers.host.ray_replica import SlotReplica
 from workers.host.watchdog import Watchdog
@@ -56,6 +63,7 @@ LOST_REAP_WAIT_S = 2.0  # the same, once its raylet or GCS has died
 MAX_TEMP_DIR_CHARS = 30  # longer, and Ray's socket paths pass the 107-byte limit
 BUILD_TRIES = 5  # building a deployment, when it races Serve's own threads
 SHORT_TEMP_DIR = "/tmp/ray"
+WARDEN_START_S = 60.0  # a worker process to start on a busy cluster
 CORE_PROCESSES = ("gcs_server", "raylet")  # executables; Ray dies with either
 
 
@@ -64,14 +72,17 @@ class DeployError(RuntimeError):
 
 
 class RayCluster:
-    def __init__(self, cfg: PoolConfig):
+    def __init__(self, cfg: PoolConfig, tag: str = "pool"):
         self.cfg = cfg
+        self.tag = tag
+        self.prefix = ""  # set once connected: app_prefix(job id, tag)
         self.owned = not cfg.address  # we start (and so stop) this Ray
         self.reused = False  # this process was connected to Ray before us
         self.apps: set[str] = set()
         self._procs: dict[int, psutil.Process] = {}  # the processes our Ray started
         self._core: dict[int, str] = {}  # of those, the ones Ray cannot live without
         self._watchdog: Watchdog | None = None  # ends our Ray if this process dies unstopped
+        self._warden = None  # joined: deletes our applications if this process dies unstopped
         # Serve's client is not thread-safe: building a deployment registers and
         # unregisters a module for pickling by value, process-wide. Our calls
         # that build or read configs take this lock (delete builds none).
@@ -116,6 +127,13 @@ class RayCluster:
         self.track()
         logging.getLogger("ray.serve").setLevel(quiet)
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
+        job = ray.get_runtime_context().get_job_id()
+        self.prefix = app_prefix(job, self.tag)
+        if not self.owned:  # a Ray we started dies with us; a cluster does not
+            self._warden = Warden.options(
+                name=f"{self.prefix}warden", namespace=NAMESPACE, lifetime="detached"
+            ).remote(job, self.prefix)
+            ray.get(self._warden.ping.remote(), timeout=WARDEN_START_S)
         self.track()
 
     def _init(self, cpus_needed: float, kw: dict) -> None:
@@ -275,12 +293,15 @@ class RayCluster:
             return (ApplicationStatus.DEPLOYING, "")
         return None if found is None else (found.status, found.message)
 
-    def delete(self, app: str) -> None:
+    def delete(self, app: str) -> bool:
+        """False (and a warning) when Serve would not delete it."""
         self.apps.discard(app)
         try:
             serve.delete(app)  # builds no config; blocking, so not under the lock
         except (RayError, RayServeException, RuntimeError) as e:
             log.warning("could not delete Serve application %s: %s", app, e)
+            return False
+        return True
 
     def failed_apps(self) -> dict[str, str]:
         """Applications Serve gave up deploying: name -> Serve's message."""
@@ -312,8 +333,11 @@ class RayCluster:
             elif self.owned:
                 serve.shutdown()
             else:
-                for app in list(self.apps):
-                    self.delete(app)
+                deleted = [self.delete(app) for app in list(self.apps)]
+                if self._warden is not None and all(deleted):
+                    # nothing of ours left to watch (else it deletes the rest once we are gone)
+                    ray.kill(self._warden, no_restart=True)
+                    self._warden = None
         except (RayError, RayServeException, RuntimeError) as e:
             log.warning("Ray Serve did not shut down cleanly: %s", e)
         self.started = False
