@@ -216,7 +216,11 @@ class ParentDeath(Scenario):
             except psutil.Error:
                 pass
         if info.get("session_dir"):
-            shutil.rmtree(info["session_dir"], ignore_errors=True)
+            folder = Path(info["session_dir"])
+            shutil.rmtree(folder, ignore_errors=True)
+            latest = folder.parent / "session_latest"  # Ray's link to it, if still to it
+            if latest.is_symlink() and os.readlink(latest) == str(folder):
+                latest.unlink()
         logs = []
         for scenario in (self, other):
             if scenario.server is not None:
