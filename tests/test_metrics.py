@@ -223,7 +223,25 @@ def test_a_row_preempted_on_one_worker_and_finished_on_another_leaves_the_first_
 DOCS = ("README.md", "docs/OPERATIONS.md", "docs/DEPLOY.md", "docs/RAY.md", "docs/MODEL.md")
 
 
-def test_every_metric_and_label_the_docs_name_is_exported(api):
+@pytest.fixture
+def api_with_jobs(sim_pool, tmp_path):
+    """The API of a server that runs jobs (its /metrics has the jobs' series too)."""
+    from vibevoice_pool.jobs.launch import start_jobs
+    from vibevoice_pool.jobs.store import JobStore
+
+    ensure_demo_voices(tmp_path / "voices")
+    with sim_pool(gpus="cpu:2", sim_rtf=0.02) as pool:
+        voices = VoiceLibrary(tmp_path / "voices", max_bytes=1 << 20, max_seconds=60)
+        front = Front(pool, voices, pool.cfg)
+        front.jobs = start_jobs(pool.cfg, pool, front, JobStore.open(tmp_path / "data"))
+        try:
+            with TestClient(create_app(front)) as client:
+                yield client
+        finally:
+            front.jobs.stop()
+
+
+def test_every_metric_and_label_the_docs_name_is_exported(api_with_jobs):
     """What an operator alerts on is what the docs name: each series they write
     (`vibevoice_pool_resumes_total{outcome="resumed"|"replayed"}`) is in /metrics,
     each label value too, and `state="recovering"` of the worker state."""
@@ -231,11 +249,14 @@ def test_every_metric_and_label_the_docs_name_is_exported(api):
 
     from conftest import ROOT
 
+    api = api_with_jobs
+
     text = "\n".join((ROOT / d).read_text() for d in DOCS)
     name = r"(vibevoice_pool_[a-z_]*[a-z])(?![a-z_]*\*)"  # not a prefix: vibevoice_pool_worker_*
     named = re.findall(name + r'(?:\{(\w+)="([^}]*)"\})?', text)
     assert len({n for n, _, _ in named}) >= 6  # the docs do name them
     assert api.post("/v1/synthesize", json={"script": "Speaker 1: hello"}).status_code == 200
+    assert api.post("/v1/synthesize", json={"script": ""}).status_code == 400  # a refusal
     r = api.get("/metrics")
     series: dict[str, list[dict]] = {}
     for family in text_string_to_metric_families(r.text):
@@ -247,3 +268,56 @@ def test_every_metric_and_label_the_docs_name_is_exported(api):
             assert any(labels.get(label) == v for labels in series[name]), (name, label, v)
     states = {labels["state"] for labels in series["vibevoice_pool_worker_state"]}
     assert "recovering" in states and "backoff" not in states
+
+
+@pytest.mark.slow
+def test_jobs_made_replayed_refused_and_ended_are_counted(server, tmp_path):
+    """On a real launch with jobs: an Idempotency-Key sent again is a replay, with
+    another body a 409 counted among the refusals; a done, a failed and a cancelled
+    job each count once in their state (a second cancel of the ended job is no end)."""
+    import httpx
+
+    s = server("--engine", "sim", "--gpus", "cpu:2", "--data-dir", str(tmp_path / "data"))
+
+    def post(body: dict, key: str | None = None) -> httpx.Response:
+        return s.post("/v1/jobs", json=body, headers={"Idempotency-Key": key} if key else {})
+
+    def scraped() -> dict[str, list]:
+        r = s.get("/metrics")
+        assert r.status_code == 200
+        return {f.name: f.samples for f in text_string_to_metric_families(r.text)}
+
+    key = "retry-0123456789abcdef"
+    first = post({"script": "Speaker 1: once only"}, key)
+    assert first.status_code == 202, first.text
+    again = post({"script": "Speaker 1: once only"}, key)
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    other = post({"script": "Speaker 1: another body"}, key)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    failing = post({"script": "Speaker 1: [[error]] boom"})
+    long = post({"script": "Speaker 1: " + "a long story to tell. " * 200})
+    assert failing.status_code == long.status_code == 202
+    for _ in range(2):  # once cancelled, the second answers the ended job as it is
+        r = s.post(f"/v1/jobs/{long.json()['id']}/cancel")
+        assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+    assert s.get("/v1/jobs/" + "0" * 32).status_code == 404
+
+    def ended():
+        m = scraped()
+        done = value(
+            m["vibevoice_pool_jobs_ended"], "vibevoice_pool_jobs_ended_total", state="done"
+        )
+        failed = value(
+            m["vibevoice_pool_jobs_ended"], "vibevoice_pool_jobs_ended_total", state="failed"
+        )
+        return m if done == 1 and failed == 1 else None
+
+    m = wait_until(ended, 60, 0.25, "the short job done and the failing one failed")
+    assert value(m["vibevoice_pool_jobs_created"], "vibevoice_pool_jobs_created_total") == 3
+    assert value(m["vibevoice_pool_jobs_replayed"], "vibevoice_pool_jobs_replayed_total") == 1
+    ends = m["vibevoice_pool_jobs_ended"]
+    assert value(ends, "vibevoice_pool_jobs_ended_total", state="cancelled") == 1
+    refused = m["vibevoice_pool_refused"]
+    name = "vibevoice_pool_refused_total"
+    assert value(refused, name, reason="idempotency_key_reused") == 1
+    assert value(refused, name, reason="not_found") == 1

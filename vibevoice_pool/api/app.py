@@ -65,7 +65,7 @@ def create_app(front: Front) -> FastAPI:
         openai_api.router(front),
         voices_api.router(front),
         scaling.pool_router(front.pool),
-        metrics.router(front.pool, activity),
+        metrics.router(front.pool, activity, front.jobs),
     ]
     if front.jobs is not None:
         from vibevoice_pool.api.jobs import jobs_router
@@ -74,7 +74,7 @@ def create_app(front: Front) -> FastAPI:
     elif front.jobs_unavailable:
         from vibevoice_pool.api.jobs import unavailable_router
 
-        routers.append(unavailable_router(front.jobs_unavailable))
+        routers.append(unavailable_router(front.jobs_unavailable, activity.refused))
     for router in routers:
         # The routes themselves, not include_router's lazy wrapper: the 405 and 404
         # answers (errors.UnknownRoutes) and /openapi.json read app.router.routes.

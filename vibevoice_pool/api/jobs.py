@@ -192,6 +192,18 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
     keys: KeyRing | None = getattr(front, "keys", None)
     tokens = OwnerTokens.in_folder(runner.store.folder)
 
+    def refuse(err: JobError | PoolError) -> JSONResponse:
+        """The error's answer, counted in /metrics' refusals by its code (a 409
+        idempotency_key_reused, a 507 disk_full...), as the other routes' are."""
+        activity = getattr(front, "activity", None)  # none in tests of the router alone
+        if isinstance(err, PoolError):
+            if activity is not None:
+                front.refused(err)
+            return error_response(err)
+        if activity is not None:
+            activity.refused(err.kind.value)
+        return job_error(err)
+
     def own(job_id: str, request: Request) -> Job:
         """The job, if this caller may see it (named keys: only its own)."""
         job = runner.get(job_id)
@@ -211,10 +223,8 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
             fields = body.model_dump()
             idem = (key, fingerprint(fields)) if key else None
             job = runner.submit(owner, fields, idem)
-        except PoolError as e:
-            return error_response(e)
-        except JobError as e:
-            return job_error(e)
+        except (PoolError, JobError) as e:
+            return refuse(e)
         headers = {"Location": f"/v1/jobs/{job.id}"}
         if minted:
             headers["X-Owner-Token"] = minted
@@ -253,10 +263,8 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
     def get_job(job_id: str, request: Request):
         try:
             return view(runner, own(job_id, request))
-        except JobError as e:
-            return job_error(e)
-        except PoolError as e:
-            return error_response(e)
+        except (JobError, PoolError) as e:
+            return refuse(e)
 
     # One route a method: api_route(methods=[GET, HEAD]) gave both one operationId
     @router.head("/{job_id}/audio", operation_id="job_audio_head")
@@ -265,10 +273,8 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
         try:
             job = own(job_id, request)
             path = runner.result_file(job)
-        except JobError as e:
-            return job_error(e)
-        except PoolError as e:
-            return error_response(e)
+        except (JobError, PoolError) as e:
+            return refuse(e)
         headers = {
             "X-Job-Id": job.id,
             "X-Request-Id": job.request_id or "",
@@ -302,10 +308,8 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
                     if e.kind is not JobErrorKind.CONFLICT:
                         raise
             return view(runner, runner.get(job.id))
-        except JobError as e:
-            return job_error(e)
-        except PoolError as e:
-            return error_response(e)
+        except (JobError, PoolError) as e:
+            return refuse(e)
 
     @router.delete("/{job_id}")
     def delete_job(job_id: str, request: Request):
@@ -316,17 +320,16 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
                     runner.cancel(job.id)
             last = view(runner, runner.get(job.id))
             runner.store.delete(job.id)
-        except JobError as e:
-            return job_error(e)
-        except PoolError as e:
-            return error_response(e)
+        except (JobError, PoolError) as e:
+            return refuse(e)
         return {**last, "deleted": True}
 
     return router
 
 
-def unavailable_router(why: str) -> APIRouter:
-    """/v1/jobs when the server started without jobs: 503 on every route, saying why."""
+def unavailable_router(why: str, on_refused=None) -> APIRouter:
+    """/v1/jobs when the server started without jobs: 503 on every route, saying why
+    (each counted by `on_refused`, /metrics' refusals)."""
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     message = f"jobs are unavailable on this server: {why}; restart it once there is space"
 
@@ -335,6 +338,8 @@ def unavailable_router(why: str) -> APIRouter:
         "/{rest:path}", methods=["GET", "HEAD", "POST", "DELETE"], include_in_schema=False
     )
     def unavailable(rest: str = ""):
+        if on_refused is not None:
+            on_refused("jobs_unavailable")
         return plain_error(503, "jobs_unavailable", message)
 
     return router

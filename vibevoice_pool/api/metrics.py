@@ -8,7 +8,8 @@ Two sources, both read at scrape time:
     per worker, audio seconds produced, busy seconds, the request latency
     histogram, and the audio delivered so far (for the page's audio-per-second
     chart). Refusals (bad input, overloaded, no key, ...) are counted by the
-    front ends that answer them, through `Activity.refused`.
+    front ends that answer them, through `Activity.refused`;
+  - the job runner's counts, when the server runs jobs (JobsCollector).
 
 Every series is in this app's own CollectorRegistry, so two apps in one
 process (tests) never collide.
@@ -252,16 +253,43 @@ class PoolCollector:
         yield from fams.values()
 
 
-def registry_for(pool, activity: Activity) -> CollectorRegistry:
+class JobsCollector:
+    """The job runner's counts: jobs made, Idempotency-Key replays, jobs ended by state."""
+
+    ENDS = ("done", "failed", "cancelled")
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def collect(self):
+        counts = dict(self.runner.counts)  # its keys are fixed: a copy in one call
+        p = "vibevoice_pool_jobs_"
+        c = CounterMetricFamily(p + "created", "Jobs written down by POST /v1/jobs or the page")
+        c.add_metric([], counts["created"])
+        yield c
+        c = CounterMetricFamily(
+            p + "replayed", "Job submissions answered with the job their Idempotency-Key made"
+        )
+        c.add_metric([], counts["replayed"])
+        yield c
+        c = CounterMetricFamily(p + "ended", "Jobs that ended, by their state", labels=["state"])
+        for state in self.ENDS:
+            c.add_metric([state], counts[state])
+        yield c
+
+
+def registry_for(pool, activity: Activity, jobs=None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolCollector(pool, activity))
     registry.register(activity.latency)
+    if jobs is not None:
+        registry.register(JobsCollector(jobs))
     return registry
 
 
-def router(pool, activity: Activity) -> APIRouter:
-    """GET /metrics."""
-    registry = registry_for(pool, activity)
+def router(pool, activity: Activity, jobs=None) -> APIRouter:
+    """GET /metrics; `jobs`: the JobRunner, when the server runs jobs."""
+    registry = registry_for(pool, activity, jobs)
     router = APIRouter()
 
     @router.get("/metrics", include_in_schema=False)

@@ -94,11 +94,10 @@ class JobRunner:
         owner_running: int = 0,
         capacity: Callable[[], int] | None = None,
     ):
-        """`build` turns a stored body into a validated Request (PoolError
-        BAD_INPUT otherwise), as /v1/synthesize does; `queue_depth` is how many
-        job requests may wait in the pool's admission queue at once;
-        `owner_running` caps one owner's jobs in the pool (0: `capacity()`, the
-        rows the pool runs at once, minus one)."""
+        """`build` turns a stored body into a validated Request (PoolError BAD_INPUT
+        otherwise), as /v1/synthesize does; `queue_depth` is how many job requests may
+        wait in the pool's admission queue at once; `owner_running` caps one owner's
+        jobs in the pool (0: `capacity()`, the rows the pool runs at once, minus one)."""
         self.store = store
         self.pool = pool
         self.queue_depth = max(1, queue_depth)
@@ -125,6 +124,7 @@ class JobRunner:
         self._said_full = False
         self.progress = Progress(store.folder)  # a running job's audio and history on disk
         self.places = Places(clock)  # where each run's row is now (preempted, moved...)
+        self.counts = dict.fromkeys(("created", "replayed", "done", "failed", "cancelled"), 0)
 
     # ---- life ----------------------------------------------------------
 
@@ -147,8 +147,8 @@ class JobRunner:
         return self
 
     def stop(self, grace_s: float = 0.0) -> None:
-        """Take no new job; running ones get `grace_s` to finish, then are
-        cancelled and queued again for the next start. Closes the store."""
+        """Take no new job; running ones get `grace_s` to finish, then are cancelled
+        and queued again for the next start. Closes the store."""
         if self._thread is not None:
             self._stop_at = time.monotonic() + grace_s
             self._stopping = True
@@ -189,10 +189,17 @@ class JobRunner:
             at=self.clock(),
             idem=idem,
         )
-        if job.id == job_id:  # else the job an Idempotency-Key made before
-            log.info("job %s queued (about %.0f s of audio)", job.id, job.est_audio_s)
-            self._poke()
+        if job.id != job_id:  # the job an Idempotency-Key made before
+            self._count("replayed")
+            return job
+        self._count("created")
+        log.info("job %s queued (about %.0f s of audio)", job.id, job.est_audio_s)
+        self._poke()
         return job
+
+    def _count(self, what: str) -> None:  # /metrics reads them (api/metrics.py)
+        with self._lock:
+            self.counts[what] += 1
 
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -205,6 +212,7 @@ class JobRunner:
         end (its row gone from its worker). JobError NOT_FOUND / CONFLICT (it had ended)."""
         self.store.cancel(job_id, self.clock())
         with self._lock:
+            self.counts["cancelled"] += 1
             live = self._live.get(job_id)
             if live is not None:
                 live.cancelled = True
@@ -289,9 +297,8 @@ class JobRunner:
                 loop.call_soon_threadsafe(wake.set)
 
     def _on_pool_event(self, event) -> None:
-        # a row's place changed (preempted, moved...): the store hears it; room in the
-        # admission queue: news only while a queued job waits for it (a wake for every API
-        # request cost a store query and a thread hop each)
+        # a row's place changed (preempted, moved...), or room in the admission queue while
+        # a queued job waits for it (a wake at every request cost a query and a thread hop)
         room = self._want_room and event.kind in ("finished", "dispatched")
         if self.places.on_event(event) is not None or room:
             self._poke()
@@ -451,19 +458,22 @@ class JobRunner:
         except JobError as e:
             self._fail(live.job_id, e.kind.value, e.message, handle.worker)
             return
-        at = self.clock()
+        at, audio_s = self.clock(), len(pcm) / m.SAMPLE_RATE
 
-        def finish() -> bool:
-            return self.store.finish_done(
+        def finish() -> bool:  # now, or once the disk has room again (_write_later)
+            ended = self.store.finish_done(
                 live.job_id,
                 result_path=rel,
                 result_bytes=size,
-                audio_s=len(pcm) / m.SAMPLE_RATE,
+                audio_s=audio_s,
                 compute_s=done.compute_s,
                 worker=handle.worker,
                 at=at,
                 stop_reason=done.stop_reason,
             )
+            if ended:
+                self._count("done")
+            return ended
 
         try:
             finished = finish()
@@ -471,14 +481,8 @@ class JobRunner:
             self._write_later(live.job_id, finish, e)
             return
         if finished:
-            log.info(
-                "job %s done: %.1f s of audio, %d bytes",
-                live.job_id,
-                len(pcm) / m.SAMPLE_RATE,
-                size,
-            )
+            log.info("job %s done: %.1f s of audio, %d bytes", live.job_id, audio_s, size)
         else:  # cancelled while it was being written: all of it is what it made
-            audio_s = len(pcm) / m.SAMPLE_RATE
             results.attach(self.store, live.job_id, rel, size, audio_s, handle.worker)
 
     def _fail(self, job_id: str, code: str, message: str, worker: int | None = None) -> None:
@@ -486,6 +490,7 @@ class JobRunner:
 
         def fail() -> None:
             if self.store.fail(job_id, code, message, at, worker):
+                self._count("failed")
                 log.warning("job %s failed: %s: %s", job_id, code, message)
 
         try:
