@@ -20,6 +20,15 @@ from conftest import ROOT, free_port, wait_until
 SIM_ONE = ("--engine", "sim", "--gpus", "cpu:1")
 
 
+def counted(s, name: str, **labels) -> float:
+    """The server's /metrics sample `name` with `labels` (0 when it has none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(s.get("/metrics").text)
+    samples = [x for f in families for x in f.samples if x.name == name]
+    return sum(x.value for x in samples if labels.items() <= x.labels.items())
+
+
 def lowest_free_fd(pid: int) -> int:
     """The number the process's next file handle would take: as its open-file limit,
     every further open fails with EMFILE (the limit caps the number, not the count)."""
@@ -146,6 +155,9 @@ def test_a_request_body_the_disk_has_no_room_for_is_answered_503(server):
     assert error["code"] == "overloaded" and "no room for this request body" in error["message"]
     assert r.headers["retry-after"] == "5"
     assert "Traceback" not in s.log()
+    # what an operator alerts on: the temporary folder's disk had no room
+    assert counted(s, "vibevoice_pool_disk_full_total", folder="tmp") == 1
+    assert counted(s, "vibevoice_pool_refused_total", reason="overloaded") == 1
     assert s.post("/v1/synthesize", json={"script": "Speaker 1: still here"}).status_code == 200
 
 
@@ -168,6 +180,9 @@ def test_a_voice_the_disk_has_no_room_for_is_answered_507(server):
     assert error["code"] == "disk_full" and "voices folder" in error["message"]
     assert "roomy" not in [v["name"] for v in s.get("/v1/voices").json()["voices"]]
     assert s.post("/v1/voices", **upload).status_code == 201
+    assert counted(s, "vibevoice_pool_disk_full_total", folder="voices") == 1
+    assert counted(s, "vibevoice_pool_refused_total", reason="disk_full") == 1
+    assert counted(s, "vibevoice_pool_disk_full_total", folder="tmp") == 0
 
 
 UPLOADER_SCRIPT = textwrap.dedent(

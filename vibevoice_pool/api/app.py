@@ -161,6 +161,7 @@ def _middlewares(app: FastAPI, front: Front) -> None:
         spool_bytes=front.cfg.body_spool_kb * 1024,
         max_bytes=front.max_body_bytes,
         total_bytes=int(front.cfg.spool_limit_mb * (1 << 20)),
+        activity=front.activity,
     )
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=front.max_body_bytes, on_refused=front.activity.refused

@@ -202,6 +202,8 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
             return error_response(err)
         if activity is not None:
             activity.refused(err.kind.value)
+            if err.kind is JobErrorKind.DISK_FULL:
+                activity.no_room("data")
         return job_error(err)
 
     def own(job_id: str, request: Request) -> Job:

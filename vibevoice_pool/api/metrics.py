@@ -34,6 +34,7 @@ from workers.wire import messages as m
 
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
 STATES = SHOWN  # ready, busy, recovering, starting, failed, ...
+FOLDERS = ("voices", "data", "tmp")  # where a write may find no room: Activity.no_room
 
 
 class Activity:
@@ -48,6 +49,7 @@ class Activity:
         self._lock = threading.Lock()
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (worker or "", outcome)
         self.refusals: Counter[str] = Counter()
+        self.no_rooms: Counter[str] = Counter(dict.fromkeys(FOLDERS, 0))
         self.audio_s: defaultdict[int, float] = defaultdict(float)  # per worker, once Done
         # samples of a running request each worker made before it was lost: credited to
         # them when the request is done (the last worker gets only its own share)
@@ -119,6 +121,12 @@ class Activity:
         with self._lock:
             self.refusals[reason] += 1
 
+    def no_room(self, folder: str) -> None:
+        """A request refused because the disk under `folder` (one of FOLDERS) had no
+        room for its write: ENOSPC, a file size limit (507 disk_full, the spool's 503)."""
+        with self._lock:
+            self.no_rooms[folder] += 1
+
     # ---- reads -----------------------------------------------------------
 
     def busy_seconds(self, slot: int) -> float:
@@ -168,6 +176,16 @@ class PoolCollector:
         )
         for reason, n in sorted(refusals.items()):
             c.add_metric([reason], n)
+        yield c
+        with self.activity._lock:
+            no_rooms = dict(self.activity.no_rooms)
+        c = CounterMetricFamily(
+            p + "disk_full",
+            "Requests refused because a folder's disk had no room for their write",
+            labels=["folder"],
+        )
+        for folder, n in sorted(no_rooms.items()):
+            c.add_metric([folder], n)
         yield c
         c = CounterMetricFamily(p + "requeued", "Requests sent back to the queue by a death")
         c.add_metric([], self.pool.requeued())

@@ -11,7 +11,8 @@ says so); a client that leaves while sending costs nothing more, and the file
 is gone as soon as it closes (unnamed: a crash leaves nothing behind either).
 All the bodies being spooled at once may hold `total_bytes` of what has
 arrived; the body whose bytes pass it gets 503, as does one the disk has no room
-for (a full $TMPDIR, a file size limit). What counts is what came, not
+for (a full $TMPDIR, a file size limit; /metrics counts it in
+vibevoice_pool_disk_full_total{folder="tmp"} too). What counts is what came, not
 what a Content-Length declares: a declared length costs the client nothing to
 send, so counting it let a few clients without a key (on the page's paths,
 which the key middleware does not guard) hold the whole budget with a trickle
@@ -32,14 +33,19 @@ CHUNK = 64 * 1024
 
 
 class BodySpool:
-    def __init__(self, app, spool_bytes: int, max_bytes: int, total_bytes: int = 4 << 30):
+    def __init__(
+        self, app, spool_bytes: int, max_bytes: int, total_bytes: int = 4 << 30, activity=None
+    ):
         self.app = app
+        self.activity = activity  # counts its 503s (api/metrics.py), when given
         self.spool_bytes = spool_bytes
         self.max_bytes = max_bytes
         self.total_bytes = total_bytes  # all the bodies being spooled at once
         self.held = 0  # bytes the bodies being spooled hold now (what came of each)
 
     async def _full(self, send) -> None:
+        if self.activity is not None:
+            self.activity.refused("overloaded")
         await send_error(
             send,
             503,
@@ -50,6 +56,9 @@ class BodySpool:
         )
 
     async def _no_room(self, send, e: OSError) -> None:
+        if self.activity is not None:
+            self.activity.refused("overloaded")
+            self.activity.no_room("tmp")
         await send_error(
             send,
             503,

@@ -154,10 +154,13 @@ async def _read_upload(request: Request, max_bytes: int) -> tuple[str, bytes, bo
     raise _bad(f"unsupported content type {ctype or 'none'!r}; {FORM_HINT}")
 
 
-def _not_stored(library, e: OSError):
+def _not_stored(front, e: OSError):
     """507 disk_full: the voices folder would not take the write (the voice is unchanged,
-    or, deleted, may still name its uploader as its owner)."""
-    why = e.strerror or str(e)
+    or, deleted, may still name its uploader as its owner). Counted for /metrics."""
+    why, library = e.strerror or str(e), front.voices
+    if front.activity is not None:
+        front.activity.refused("disk_full")
+        front.activity.no_room("voices")
     return plain_error(
         507, "disk_full", f"the voices folder {str(library.folder)!r} could not be written ({why})"
     )
@@ -191,7 +194,7 @@ def router(front) -> APIRouter:
         except VoiceForbidden as e:
             return plain_error(403, "forbidden", e.message)
         except OSError as e:  # a full disk (ENOSPC), a file size limit (EFBIG), read-only
-            return _not_stored(library, e)
+            return _not_stored(front, e)
         return JSONResponse({"name": stored, "renamed": stored != name.strip()}, 201)
 
     @router.get("/v1/voices/{name:path}")
@@ -212,7 +215,7 @@ def router(front) -> APIRouter:
         except VoiceForbidden as e:
             return plain_error(403, "forbidden", e.message)
         except OSError as e:
-            return _not_stored(library, e)
+            return _not_stored(front, e)
         return {"deleted": name}
 
     return router
