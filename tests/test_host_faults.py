@@ -92,6 +92,10 @@ def test_a_worker_respawns_once_the_open_file_limit_frees(server):
 
     wait_until(back, 60, 0.2, "a new worker to be ready")
     assert s.post("/v1/synthesize", json={"script": "Speaker 1: back again"}).status_code == 200
+    # what an operator alerts on: boots that failed for lack of file handles, on worker 0
+    name = "vibevoice_pool_worker_boot_failures_total"
+    assert counted(s, name, worker="0", device="cpu:0", reason="file_handles") >= 1
+    assert counted(s, name, reason="load") == counted(s, name, reason="start") == 0
 
 
 MONITOR_SCRIPT = textwrap.dedent(

@@ -165,6 +165,7 @@ def test_a_failed_boot_is_retried_then_halts_as_the_policy_says(backends, kind):
     slot = sup.slots[0]
     assert policy.asked.count("on_boot_failure") == 2  # the first retried at once, then halt
     assert slot.record.boot_failures == 2
+    assert slot.boot_failed == {"load": 2, "start": 0, "file_handles": 0}  # what /metrics reads
     assert slot.due_at - time.monotonic() > 100  # retried after failed_retry_s, not before
     time.sleep(0.5)
     assert int(board.get(0, Col.SLOT_STATE)) == SlotState.FAILED

@@ -239,6 +239,7 @@ class PoolCollector:
             ),
             "busy": fam("c", "busy_seconds", "Seconds the worker spent generating"),
             "restarts": fam("c", "restarts", "Times the worker was respawned"),
+            "boots": fam("c", "boot_failures", "Boots that failed, by why (slots.py)", ["reason"]),
             "mem_used": fam("g", "memory_used_bytes", "Device memory used (RSS for CPU workers)"),
             "mem_total": fam("g", "memory_total_bytes", "Device memory in total"),
             "util": fam("g", "utilization_ratio", "Device utilisation, 0-1"),
@@ -246,8 +247,11 @@ class PoolCollector:
             "speed": fam("g", "speed", "Measured audio seconds per wall second"),
             "completed": fam("g", "completed_since_spawn", "Requests done since the last spawn"),
         }
+        boot_failures = self.pool.boot_failures()
         for w in workers:
             ids = [str(w["id"]), str(w["device"])]
+            for reason, n in boot_failures.get(w["id"], {}).items():
+                fams["boots"].add_metric([*ids, reason], n)
             state = shown_state(w)
             fams["up"].add_metric(ids, 1 if state in SERVING else 0)
             for s in STATES:

@@ -216,6 +216,10 @@ class Pool:
         """Measured audio over estimated audio (a moving average): scales estimates."""
         return self.dispatcher.work_ratio
 
+    def boot_failures(self) -> dict[int, dict[str, int]]:
+        """Each live slot's failed boots so far, by reason (slots.BOOT_FAILURES)."""
+        return {i: dict(self.supervisor.slots[i].boot_failed) for i in self.live_slots()}
+
     def requeued(self) -> int:
         """Requests sent back to the queue because their worker was lost, so far."""
         return self.dispatcher.counters.get("requeued", 0)

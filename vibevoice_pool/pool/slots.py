@@ -33,6 +33,9 @@ from workers.wire import messages as m
 from workers.wire.board import Col, SlotState, StatusBoard
 
 log = logging.getLogger("vibevoice_pool")
+# why a boot failed, as /metrics counts them: the engine did not load (or its process
+# died loading it); its process could not be started; the same for lack of file handles
+BOOT_FAILURES = ("load", "start", "file_handles")
 
 
 class BootError(RuntimeError):
@@ -54,6 +57,7 @@ class SlotBase:
     removed: bool = False
     restarts: int = 0
     info: m.DeviceInfo | None = None
+    boot_failed: dict = field(default_factory=lambda: dict.fromkeys(BOOT_FAILURES, 0))
 
     @property
     def ready(self) -> bool:
@@ -234,8 +238,9 @@ class SlotLifecycle:
         self._apply(slot, action)
         return action
 
-    def _after_boot_failure(self, slot: SlotBase, message: str) -> Action:
-        """The slot's worker could not load its engine."""
+    def _after_boot_failure(self, slot: SlotBase, message: str, reason: str = "load") -> Action:
+        """The slot's worker could not load its engine (`reason`: one of BOOT_FAILURES)."""
+        slot.boot_failed[reason] += 1
         self._boot_error(slot, message)
         action = self.policy.on_boot_failure(slot.record, self.clock())
         self._apply(slot, action)

@@ -43,7 +43,7 @@ from vibevoice_pool.pool.slots import SlotBase, SlotLifecycle
 from vibevoice_pool.pool.stacks import log_stack, stack_written
 from vibevoice_pool.pool.voice_sender import VoiceSender
 from vibevoice_pool.pool.warm_weights import WeightsHolder
-from vibevoice_pool.pool.worker_process import WorkerProcess, start_error
+from vibevoice_pool.pool.worker_process import WorkerProcess, start_cause, start_error
 from vibevoice_pool.pool.zygote import Zygote
 from workers.engines.contract import EngineSpec
 from workers.host.watchdog import Watchdog
@@ -197,7 +197,7 @@ class Supervisor(SlotLifecycle):
                 end.close()
             self._close(slot)
             slot.log.error("❌ %s could not start: %s", self._label(slot), start_error(e))
-            self._after_boot_failure(slot, start_error(e))
+            self._after_boot_failure(slot, start_error(e), start_cause(e))
             return
         slot.requests.reader_sent()
         write_end.close()

@@ -90,6 +90,11 @@ class WorkerProcess:
             self.pidfd = None
 
 
+def start_cause(e: OSError) -> str:
+    """The failed boot's reason in /metrics: `file_handles` for EMFILE / ENFILE."""
+    return "file_handles" if e.errno in (errno.EMFILE, errno.ENFILE) else "start"
+
+
 def start_error(e: OSError) -> str:
     """Why a worker process could not be started, in words an operator can act on."""
     if e.errno in (errno.EMFILE, errno.ENFILE):
