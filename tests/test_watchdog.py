@@ -24,7 +24,7 @@ PARENT = """
 import json, os, subprocess, sys, time
 from workers.host.watchdog import Watchdog
 folder, mark, stand_down = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-dog = Watchdog()
+dog = Watchdog("json")  # its line as the server's JSON log would have it
 told = subprocess.Popen(["sleep", "300"])  # known by its start time
 dog.watch_exact(told.pid)
 dog.watch_env(mark.split("=")[0], mark.split("=")[1], os.getpid())
@@ -56,11 +56,22 @@ def run_parent(tmp_path, stand_down: bool):
         [sys.executable, "-c", PARENT, str(session), mark, "1" if stand_down else "0"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,  # the watchdog's too: it inherits it
         text=True,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     pids = json.loads(parent.stdout.readline())
     return parent, pids, before, session, other
+
+
+def said_so_far(parent) -> str:
+    """What the parent's stderr holds now (the `sleep`s keep it open: no EOF to read to)."""
+    fd = parent.stderr.fileno()
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 1 << 16).decode()
+    except BlockingIOError:
+        return ""
 
 
 def end(*pids: int) -> None:
@@ -81,6 +92,13 @@ def test_a_sigkilled_parent_leaves_nothing_it_told_of_and_spares_the_rest(tmp_pa
         assert not session.exists() and not (tmp_path / "ray" / "session_latest").is_symlink()
         assert (other / "logs" / "raylet.out").exists()
         assert (tmp_path / "ray" / "session_older").resolve() == other
+        # the log says once what it ended, in the server's format (a JSON line here)
+        lines = [json.loads(x) for x in said_so_far(parent).splitlines() if "watchdog" in x]
+        assert len(lines) == 1 and lines[0]["level"] == "WARNING", lines
+        said = lines[0]["msg"]
+        assert f"the server (pid {parent.pid}) ended without stopping" in said
+        assert "SIGKILLed 2 process(es)" in said and "deleted 1 folder(s)" in said
+        assert str(pids["told"]) in said and str(pids["untold"]) not in said
     finally:
         end(pids["told"], pids["marked"], pids["untold"], before.pid)
         before.wait(5)
@@ -96,6 +114,7 @@ def test_a_parent_that_stood_down_leaves_its_processes_and_folder_alone(tmp_path
         time.sleep(1.5)  # longer than the watchdog's grace, had it stayed
         assert all(pid_alive(pids[k]) for k in ("told", "marked", "untold"))
         assert (session / "logs" / "raylet.out").exists()
+        assert "watchdog" not in said_so_far(parent)  # nothing to say
     finally:
         end(pids["told"], pids["marked"], pids["untold"], before.pid)
         before.wait(5)

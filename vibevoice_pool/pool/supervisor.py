@@ -90,7 +90,7 @@ class Supervisor(SlotLifecycle):
         self._thread: threading.Thread | None = None
         self.weights = WeightsHolder(cfg.warm_weights)  # model weights held in memory
         self._stacks = tempfile.mkdtemp(prefix="vibevoice-pool-stacks-")
-        self.watchdog = Watchdog()  # ends the workers this process leaves if it dies
+        self.watchdog = Watchdog(cfg.log_format)  # ends the workers left if this one dies
 
     def _new_slot(self, index: int, placement: Placement, engine: EngineSpec) -> _Slot:
         return _Slot(index, placement, engine)

@@ -105,7 +105,7 @@ class RayCluster:
             # handlers only set a flag (a drain starts from it), so the previous one is put back.
             previous = signal.getsignal(signal.SIGTERM)
             if self.owned:
-                self._watchdog = Watchdog()
+                self._watchdog = Watchdog(self.cfg.log_format)
             try:
                 self._init(cpus_needed, kw)
             except SystemExit as e:

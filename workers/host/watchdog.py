@@ -10,7 +10,9 @@
     remove(path)  -- "rm PATH" line -->     a folder to delete once those are gone
     stand_down()  -- "stop" line -->        exits: a clean stop ends its own workers
     the parent dies: EOF                    waits GRACE_S, SIGKILLs every one left,
-                                            waits for them, deletes the folders
+                                            waits for them, deletes the folders, and
+                                            says so in one line on stderr (the server's
+                                            log format: text or JSON), when it did
 
 A worker exits by itself once its parent's death pipe closes (a thread of the
 worker reads it: workers/host/worker.py), but only a worker that runs can read
@@ -43,11 +45,11 @@ GONE_WAIT_S = 5.0  # how long the killed get to vanish before their folders go
 class Watchdog:
     """The parent's end: one pipe to the watchdog process."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_format: str = "text") -> None:
         read_fd, self._w = os.pipe()
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         code = f"import sys; sys.path.insert(0, {root!r}); from workers.host import watchdog; "
-        code += f"watchdog.main({read_fd})"
+        code += f"watchdog.main({read_fd}, {log_format!r}, {os.getpid()})"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code], pass_fds=(read_fd,), stdin=subprocess.DEVNULL
         )
@@ -171,7 +173,30 @@ def _remove(path: str) -> None:
                 os.unlink(link)
 
 
-def main(fd: int) -> None:
+def report(parent: int, killed: list[int], folders: list[str], log_format: str) -> None:
+    """One line on stderr, in the server's log format, saying what was left and ended."""
+    import logging
+
+    from workers.host.log_lines import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    text = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handler.setFormatter(JsonFormatter() if log_format == "json" else text)
+    say = logging.getLogger("vibevoice_pool.watchdog")
+    say.addHandler(handler)
+    say.propagate = False
+    shown = ", ".join(map(str, killed[:20])) + (" ..." if len(killed) > 20 else "")
+    say.warning(
+        "watchdog: the server (pid %d) ended without stopping what it started: "
+        "SIGKILLed %d process(es) it left%s, deleted %d folder(s)",
+        parent,
+        len(killed),
+        f" ({shown})" if killed else "",
+        len(folders),
+    )
+
+
+def main(fd: int, log_format: str = "text", parent: int = 0) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     pids: set[int] = set()
@@ -202,13 +227,18 @@ def main(fd: int) -> None:
     doomed = {pid for pid in pids if _ours(pid)}
     doomed |= {pid for pid, ticks in exact.items() if start_ticks(pid) == ticks}
     doomed |= _with_env(markers, until)
+    killed = []
     for pid in sorted(doomed):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
     if not folders:
+        if killed:
+            report(parent, killed, folders, log_format)
         return
     deadline = time.monotonic() + GONE_WAIT_S
     while any(_alive(pid) for pid in doomed) and time.monotonic() < deadline:
         time.sleep(0.05)
     for path in folders:
         _remove(path)
+    report(parent, killed, folders, log_format)
