@@ -162,6 +162,7 @@ def test_a_request_body_the_disk_has_no_room_for_is_answered_503(server):
     # what an operator alerts on: the temporary folder's disk had no room
     assert counted(s, "vibevoice_pool_disk_full_total", folder="tmp") == 1
     assert counted(s, "vibevoice_pool_refused_total", reason="overloaded") == 1
+    assert s.log().count("No room on the disk of the tmp folder") == 1
     assert s.post("/v1/synthesize", json={"script": "Speaker 1: still here"}).status_code == 200
 
 
@@ -177,16 +178,19 @@ def test_a_voice_the_disk_has_no_room_for_is_answered_507(server):
     resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (8 << 10, hard))
     try:
         r = s.post("/v1/voices", **upload)
+        again = s.post("/v1/voices", **upload)  # the log says it once, not per request
     finally:
         resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
-    assert r.status_code == 507, r.text
+    assert r.status_code == again.status_code == 507, r.text
     error = r.json()["error"]
     assert error["code"] == "disk_full" and "voices folder" in error["message"]
     assert "roomy" not in [v["name"] for v in s.get("/v1/voices").json()["voices"]]
     assert s.post("/v1/voices", **upload).status_code == 201
-    assert counted(s, "vibevoice_pool_disk_full_total", folder="voices") == 1
-    assert counted(s, "vibevoice_pool_refused_total", reason="disk_full") == 1
+    assert counted(s, "vibevoice_pool_disk_full_total", folder="voices") == 2
+    assert counted(s, "vibevoice_pool_refused_total", reason="disk_full") == 2
     assert counted(s, "vibevoice_pool_disk_full_total", folder="tmp") == 0
+    said = [x for x in s.log().splitlines() if "No room on the disk of the voices folder" in x]
+    assert len(said) == 1 and "1 request(s) refused" in said[0], said
 
 
 UPLOADER_SCRIPT = textwrap.dedent(

@@ -203,7 +203,7 @@ def jobs_router(front, runner: JobRunner) -> APIRouter:
         if activity is not None:
             activity.refused(err.kind.value)
             if err.kind is JobErrorKind.DISK_FULL:
-                activity.no_room("data")
+                activity.no_room("data", str(runner.store.folder))
         return job_error(err)
 
     def own(job_id: str, request: Request) -> Job:

@@ -17,6 +17,7 @@ process (tests) never collide.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, defaultdict
@@ -35,6 +36,8 @@ from workers.wire import messages as m
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
 STATES = SHOWN  # ready, busy, recovering, starting, failed, ...
 FOLDERS = ("voices", "data", "tmp")  # where a write may find no room: Activity.no_room
+NO_ROOM_LOG_S = 60.0  # a full disk is said at most once a minute a folder, not per request
+log = logging.getLogger("vibevoice_pool")
 
 
 class Activity:
@@ -50,6 +53,7 @@ class Activity:
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (worker or "", outcome)
         self.refusals: Counter[str] = Counter()
         self.no_rooms: Counter[str] = Counter(dict.fromkeys(FOLDERS, 0))
+        self._no_room_said: dict[str, tuple[float, int]] = {}  # folder -> (when, count then)
         self.audio_s: defaultdict[int, float] = defaultdict(float)  # per worker, once Done
         # samples of a running request each worker made before it was lost: credited to
         # them when the request is done (the last worker gets only its own share)
@@ -121,11 +125,28 @@ class Activity:
         with self._lock:
             self.refusals[reason] += 1
 
-    def no_room(self, folder: str) -> None:
-        """A request refused because the disk under `folder` (one of FOLDERS) had no
-        room for its write: ENOSPC, a file size limit (507 disk_full, the spool's 503)."""
+    def no_room(self, folder: str, path: str = "") -> None:
+        """A request refused because the disk under `folder` (one of FOLDERS, at `path`)
+        had no room for its write: ENOSPC, a file size limit (507 disk_full, the spool's
+        503). The log says so at the first, then at most once a minute with how many."""
+        now = self.clock()
         with self._lock:
             self.no_rooms[folder] += 1
+            total = self.no_rooms[folder]
+            said = self._no_room_said.get(folder)
+            if said is not None and now - said[0] < NO_ROOM_LOG_S:
+                return
+            self._no_room_said[folder] = (now, total)
+        since = total - (said[1] if said else 0)
+        where = f" ({path})" if path else ""
+        log.warning(
+            "No room on the disk of the %s folder%s: %d request(s) refused since the last "
+            "line (%d in all, vibevoice_pool_disk_full_total)",
+            folder,
+            where,
+            since,
+            total,
+        )
 
     # ---- reads -----------------------------------------------------------
 

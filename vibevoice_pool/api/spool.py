@@ -58,7 +58,7 @@ class BodySpool:
     async def _no_room(self, send, e: OSError) -> None:
         if self.activity is not None:
             self.activity.refused("overloaded")
-            self.activity.no_room("tmp")
+            self.activity.no_room("tmp", tempfile.gettempdir())
         await send_error(
             send,
             503,

@@ -160,7 +160,7 @@ def _not_stored(front, e: OSError):
     why, library = e.strerror or str(e), front.voices
     if front.activity is not None:
         front.activity.refused("disk_full")
-        front.activity.no_room("voices")
+        front.activity.no_room("voices", str(library.folder))
     return plain_error(
         507, "disk_full", f"the voices folder {str(library.folder)!r} could not be written ({why})"
     )
