@@ -113,10 +113,13 @@ def test_a_crash_shows_as_a_requeue_a_lost_request_and_a_restart(api):
     )
 
 
-def test_a_row_resumed_after_a_sigkill_is_counted_with_the_steps_it_kept(sim_pool, tmp_path):
+def test_a_row_resumed_after_a_sigkill_is_counted_with_the_steps_it_kept(
+    sim_pool, tmp_path, caplog
+):
     """A streamed sim row whose worker is SIGKILLed mid-row resumes from its history
     on the other worker: its audio is whole, and /metrics counts the resume and the
-    steps it did not run again."""
+    steps it did not run again; the log's resume line carries the request and the
+    worker and device it resumed on (the JSON lines' fields)."""
     import os
     import signal
 
@@ -126,6 +129,7 @@ def test_a_row_resumed_after_a_sigkill_is_counted_with_the_steps_it_kept(sim_poo
     from workers.engines.sim import tone
     from workers.wire.board import Col
 
+    caplog.set_level("INFO", logger="vibevoice_pool")
     ensure_demo_voices(tmp_path / "voices")
     with sim_pool(gpus="cpu:2", sim_rtf=0.2) as pool:  # 0.1 s a step of 0.5 s
         voices = VoiceLibrary(tmp_path / "voices", max_bytes=1 << 20, max_seconds=60)
@@ -137,6 +141,10 @@ def test_a_row_resumed_after_a_sigkill_is_counted_with_the_steps_it_kept(sim_poo
             got = h.result(timeout=60)
             assert np.array_equal(got, tone(5, 0, len(got)))
             assert h.resumed == 1  # what the page shows
+            said = [r for r in caplog.records if " resumed on worker " in r.getMessage()]
+            assert len(said) == 1, said
+            assert (said[0].request_id, said[0].worker) == (h.id, h.worker)
+            assert said[0].device == f"cpu:{h.worker}"
             assert len(got) / 24_000 == pytest.approx(h.request.est_audio_s, abs=0.01)
             m = scrape(client)
             resumed = value(

@@ -142,6 +142,7 @@ class Pool:
         monitor = Monitor(board, supervisor.monitor_targets, nvml, cfg.monitor_interval_s)
         pool = cls(cfg, board, dispatcher, supervisor, monitor, model_path, found)
         pool.subscribe(pool._log_event)
+        log.addFilter(pool._device_field)  # survival.py's lines name a worker, not its device
         try:
             supervisor.start()
             monitor.start()
@@ -253,6 +254,14 @@ class Pool:
         shared = sum(s.placement.cuda_index == p.cuda_index for s in slots) > 1
         return f"GPU {p.cuda_index} (worker {slot})" if shared else f"GPU {p.cuda_index}"
 
+    def _device_field(self, record: logging.LogRecord) -> bool:
+        """A log filter: a line that names its worker gets the worker's device too."""
+        if getattr(record, "worker", None) is not None and not hasattr(record, "device"):
+            device = self._fields(record.worker).get("device")
+            if device is not None:
+                record.device = device
+        return True
+
     def _fields(self, slot: int | None) -> dict:
         """A request line's fields about its worker (JSON lines: worker, device)."""
         slots = self.supervisor.slots
@@ -354,6 +363,7 @@ class Pool:
     def shutdown(self, grace_s: float | None = None) -> None:
         grace = self.cfg.grace_s if grace_s is None else grace_s
         self.monitor.stop()
+        log.removeFilter(self._device_field)
         self.supervisor.shutdown(grace)
         self.board.close()
 

@@ -69,6 +69,11 @@ def started(counters, asked: dict, job, slot: int, from_samples: int) -> None:
             job.handle.resumed += 1  # the page says so
 
 
+def fields(request_id: str, slot: int | None) -> dict:
+    """A line's JSON fields: the request, and its worker (the pool adds the device)."""
+    return {"request_id": request_id, **({} if slot is None else {"worker": slot})}
+
+
 def forget(asked: dict, slot: int | None, request_id: str) -> None:
     """A request ended: it no longer holds a place asked over capacity."""
     if slot is not None and asked.get(slot) == request_id:
@@ -86,6 +91,7 @@ def resumed(counters: collections.Counter, req: m.Request, slot: int, from_sampl
             slot,
             hist.steps,
             from_samples / m.SAMPLE_RATE,
+            extra=fields(req.id, slot),
         )
     else:
         counters["resume_refused"] += 1
@@ -95,13 +101,17 @@ def resumed(counters: collections.Counter, req: m.Request, slot: int, from_sampl
             req.id,
             hist.steps,
             slot,
+            extra=fields(req.id, slot),
         )
 
 
 def keep_history(job, delta) -> None:
     """A chunk's history piece joins the request's (RequestHandle.history)."""
     if delta is not None and not job.handle.history.extend(delta):
-        log.warning("request %s: a history piece that does not follow", job.request.id)
+        rid = job.request.id
+        log.warning(
+            "request %s: a history piece that does not follow", rid, extra=fields(rid, None)
+        )
 
 
 def preemption(queue, jobs, board, slots: set[int], asked: dict):
@@ -199,6 +209,7 @@ def preempted(counters: collections.Counter, asked: dict, job, slot: int, steps:
         "moves off" if moved else "preempted on",
         slot,
         steps,
+        extra=fields(job.request.id, slot),
     )
     job.request = replace(job.request, resume=job.handle.history.snapshot())
     job.slot, job.running = None, False
@@ -214,6 +225,7 @@ def ended(job, why: str) -> m.Failed:
         "request %s quarantined: it was running on %d workers that died",
         job.request.id,
         job.lost,
+        extra=fields(job.request.id, None),
     )
     return m.Failed(
         job.request.id,
