@@ -265,6 +265,9 @@ def test_every_metric_and_label_the_docs_name_is_exported(api_with_jobs):
     assert len({n for n, _, _ in named}) >= 6  # the docs do name them
     assert api.post("/v1/synthesize", json={"script": "Speaker 1: hello"}).status_code == 200
     assert api.post("/v1/synthesize", json={"script": ""}).status_code == 400  # a refusal
+    key = {"Idempotency-Key": "docs-0123456789abcdef"}  # a key sent again with another body
+    assert api.post("/v1/jobs", json={"script": "Speaker 1: a"}, headers=key).status_code == 202
+    assert api.post("/v1/jobs", json={"script": "Speaker 1: b"}, headers=key).status_code == 409
     r = api.get("/metrics")
     series: dict[str, list[dict]] = {}
     for family in text_string_to_metric_families(r.text):
