@@ -255,30 +255,30 @@ def jobs_table(jobs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def show_job(url: str, job_id: str, api_key: str | None = None) -> int:
-    """Print one job's row (the id is what fetches it; with named keys, only its own)."""
+def _ask(method: str, url: str, path: str, api_key: str | None, **kw) -> httpx.Response | int:
+    """A 200 answer, else the exit code once what went wrong is said."""
     try:
-        r = httpx.get(f"{url}/v1/jobs/{job_id}", headers=_headers(api_key), timeout=10)
+        r = httpx.request(method, url + path, headers=_headers(api_key), **kw)
     except httpx.HTTPError as e:
         _say(f"cannot reach {url}: {e}")
         return 1
-    if r.status_code != 200:
-        return _fail(r)
+    return r if r.status_code == 200 else _fail(r)
+
+
+def show_job(url: str, job_id: str, api_key: str | None = None) -> int:
+    """Print one job's row (the id is what fetches it; with named keys, only its own)."""
+    r = _ask("GET", url, f"/v1/jobs/{job_id}", api_key, timeout=10)
+    if isinstance(r, int):
+        return r
     print(jobs_table([r.json()]))
     return 0
 
 
 def list_jobs(url: str, api_key: str | None = None, limit: int = 20) -> int:
     """Print the caller's jobs (this API key's, or this owner token's), newest first."""
-    try:
-        r = httpx.get(
-            f"{url}/v1/jobs", params={"limit": limit}, headers=_headers(api_key), timeout=10
-        )
-    except httpx.HTTPError as e:
-        _say(f"cannot reach {url}: {e}")
-        return 1
-    if r.status_code != 200:
-        return _fail(r)
+    r = _ask("GET", url, "/v1/jobs", api_key, params={"limit": limit}, timeout=10)
+    if isinstance(r, int):
+        return r
     page = r.json()
     print(jobs_table(page["data"]) if page["data"] else "no jobs")
     if page["has_more"]:
@@ -288,13 +288,9 @@ def list_jobs(url: str, api_key: str | None = None, limit: int = 20) -> int:
 
 def cancel_job(url: str, job_id: str, api_key: str | None = None) -> int:
     """Cancel a job and print its row; see the exit codes in the module doc."""
-    try:
-        r = httpx.post(f"{url}/v1/jobs/{job_id}/cancel", headers=_headers(api_key), timeout=30)
-    except httpx.HTTPError as e:
-        _say(f"cannot reach {url}: {e}")
-        return 1
-    if r.status_code != 200:
-        return _fail(r)
+    r = _ask("POST", url, f"/v1/jobs/{job_id}/cancel", api_key, timeout=30)
+    if isinstance(r, int):
+        return r
     job = r.json()
     print(jobs_table([job]))
     if job["state"] != "cancelled":

@@ -127,10 +127,15 @@ def submit_job(
     return t(lang, "job_queued", id=job.id, secs=job.est_audio_s)
 
 
+def _owned(runner: JobRunner, owner: str, job_id: str):
+    """The owner's job of that id, or None (no such job, or another's)."""
+    job = runner.store.get(job_id) if job_id else None
+    return job if job is not None and job.owner == owner else None
+
+
 def cancel_job(runner: JobRunner, owner: str, job_id: str, lang: str = "en") -> str:
     job_id = (job_id or "").strip()
-    job = runner.store.get(job_id) if job_id else None
-    if job is None or job.owner != owner:
+    if _owned(runner, owner, job_id) is None:
         return t(lang, "job_not_yours", id=job_id)
     try:
         runner.cancel(job_id)
@@ -141,8 +146,8 @@ def cancel_job(runner: JobRunner, owner: str, job_id: str, lang: str = "en") -> 
 
 def delete_job(runner: JobRunner, owner: str, job_id: str, lang: str = "en") -> str:
     job_id = (job_id or "").strip()
-    job = runner.store.get(job_id) if job_id else None
-    if job is None or job.owner != owner:
+    job = _owned(runner, owner, job_id)
+    if job is None:
         return t(lang, "job_not_yours", id=job_id)
     try:
         if not job.finished:
