@@ -62,3 +62,26 @@ def test_workers_that_do_not_exit_are_waited_for_together(tmp_path):
     for pid in pids:
         wait_until(lambda p=pid: not pid_alive(p), 10, what=f"worker {pid} to end")
     assert took < 2 * STOP_WAIT_S  # 4 x STOP_WAIT_S before
+
+
+def test_a_start_signal_waits_for_the_worker_being_started(caplog):
+    """A SIGTERM to the group while the workers started raised Interrupted wherever the
+    main thread was, once in the middle of a worker's start: the zygote, cut off while
+    it was being sent the worker's descriptors, printed an EOFError traceback (CI's
+    test_a_signal_while_the_workers_start_stops_them_without_a_traceback). Within
+    uninterrupted() the signal is said at once and raised as the stretch ends."""
+    from vibevoice_pool.pool.stopping import Interrupted, Stopping, uninterrupted
+
+    stopping = Stopping(grace_s=5)
+    went_on = []
+    with caplog.at_level("WARNING", logger="vibevoice_pool"):
+        with pytest.raises(Interrupted) as e:
+            with uninterrupted():
+                stopping.handle(signal.SIGTERM)  # returns: the start goes on
+                went_on.append("the worker's start finished")
+    assert went_on and e.value.exit_code == 128 + signal.SIGTERM
+    assert "SIGTERM while starting" in caplog.text
+    with pytest.raises(Interrupted):  # outside it, at once as before
+        Stopping(grace_s=5).handle(signal.SIGINT)
+    with uninterrupted():  # no signal: nothing raised, and nothing left pending
+        pass

@@ -12,11 +12,15 @@ first line of the launch to its exit.
                               sent twice, as `timeout` does: not a second)
 
 A handler never raises once the server is up, so a third Ctrl+C cannot break the
-stop half way (a process that stops half way leaves its workers behind).
+stop half way (a process that stops half way leaves its workers behind). Nor inside
+`uninterrupted()`: a worker's start, where an exception would cut the zygote off in
+the middle of the descriptors it is being sent (a traceback in the log, from it);
+the signal's Interrupted is raised as that stretch ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -58,6 +62,25 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+_held = {"depth": 0, "signal": 0}  # the main thread's uninterrupted() stretch
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """A stretch a start signal does not cut: its Interrupted comes at the end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers run in the main thread only
+        return
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        signum, _held["signal"] = _held["signal"], 0
+        if signum and not _held["depth"]:
+            raise Interrupted(signum)
 
 
 class Stopping:
@@ -121,6 +144,9 @@ class Stopping:
             if not self.serving:
                 self.deadline = self.clock()  # nothing accepted yet: nothing to wait for
                 log.warning("%s while starting: stopping the workers started so far", name)
+                if _held["depth"]:
+                    _held["signal"] = signum  # raised where the stretch ends
+                    return
                 raise Interrupted(signum)
             self.begin()
             log.warning(

@@ -41,6 +41,7 @@ from vibevoice_pool.pool.devices import Placement
 from vibevoice_pool.pool.recovery import Cause, KillKind, Verdict, Vitals
 from vibevoice_pool.pool.slots import SlotBase, SlotLifecycle
 from vibevoice_pool.pool.stacks import log_stack, stack_written
+from vibevoice_pool.pool.stopping import uninterrupted
 from vibevoice_pool.pool.voice_sender import VoiceSender
 from vibevoice_pool.pool.warm_weights import WeightsHolder
 from vibevoice_pool.pool.worker_process import WorkerProcess, start_cause, start_error
@@ -101,8 +102,9 @@ class Supervisor(SlotLifecycle):
         self.zygote.start(wait_s=min(self.cfg.boot_timeout_s, ZYGOTE_WAIT_S))
         for slot in self.slots:
             slot.engine = self.weights.spec_for(slot.engine)
-        for slot in self.slots:
-            self._start(slot)
+        with uninterrupted():  # a signal stops the start between two workers, not within
+            for slot in self.slots:
+                self._start(slot)
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
         self._thread.start()
 
@@ -151,7 +153,6 @@ class Supervisor(SlotLifecycle):
         os.close(self._wake_w)
 
     # ---- start ---------------------------------------------------------
-
     def _start(self, slot: _Slot) -> None:
         b, i = self.board, slot.index
         slot.generation += 1
