@@ -193,6 +193,27 @@ def test_a_voice_the_disk_has_no_room_for_is_answered_507(server):
     assert len(said) == 1 and "1 request(s) refused" in said[0], said
 
 
+def test_a_job_the_store_has_no_room_for_is_answered_507(server):
+    """A job whose write to the job store failed at the file size limit (RLIMIT_FSIZE:
+    SQLite says only "disk I/O error" for EFBIG) was a 500 `storage_error`; now 507
+    `disk_full` naming the limit, counted as the data folder's, and the same job is
+    taken once the limit is raised."""
+    s = server(*SIM_ONE)
+    job = {"script": "Speaker 1: a job for a store at its limit"}
+    soft, hard = resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (8 << 10, hard))
+    try:
+        r = s.post("/v1/jobs", json=job)
+    finally:
+        resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+    assert r.status_code == 507, r.text
+    error = r.json()["error"]
+    assert error["code"] == "disk_full" and "file size limit" in error["message"], error
+    assert counted(s, "vibevoice_pool_disk_full_total", folder="data") == 1
+    assert "Traceback" not in s.log()
+    assert s.post("/v1/jobs", json=job).status_code == 202
+
+
 UPLOADER_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys

@@ -4,7 +4,9 @@ Limits          jobs_disk_limit_mb, jobs_owner_disk_mb, jobs_owner_max_active
 check_room      DISK_LIMIT or OWNER_LIMIT for a new job that would pass them
 HELD_SQL        what rows hold: a done (or cancelled) job its result, a queued or running
                 one its expected result, and every kept body its size
-is_disk_full    SQLITE_FULL or ENOSPC/EDQUOT (by code, never by message)
+is_disk_full    SQLITE_FULL or ENOSPC/EDQUOT/EFBIG (by code, never by message)
+size_limited    a store file at the process's file size limit (SQLite says only
+                "disk I/O error" for EFBIG)
 storage_error   the JobError for a failed write: DISK_FULL or STORAGE
 """
 
@@ -15,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,10 +93,28 @@ BODY_FILE_KEY = "$file"  # the database's body of a job whose body is a file
 
 
 def is_disk_full(e: BaseException) -> bool:
-    """SQLite's SQLITE_FULL, or ENOSPC/EDQUOT from the file system."""
+    """SQLite's SQLITE_FULL, or ENOSPC/EDQUOT from the file system, or EFBIG (a
+    file at the process's file size limit, RLIMIT_FSIZE, or the file system's)."""
     if isinstance(e, sqlite3.Error):
         return (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+SIZE_LIMIT_SLACK = 2**20  # a store file this close to the file size limit has reached it
+
+
+def size_limited(folder: Path) -> int:
+    """The process's file size limit (RLIMIT_FSIZE) in bytes when one of the store's
+    files in `folder` has (nearly) reached it, else 0. SQLite reports a write past the
+    limit (EFBIG) as a bare "disk I/O error"; this tells it apart."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.is_file() and entry.stat().st_size + SIZE_LIMIT_SLACK > soft:
+                return soft
+    return 0
 
 
 def out_of_space(folder: Path) -> bool:
@@ -107,6 +128,14 @@ def out_of_space(folder: Path) -> bool:
 
 
 def storage_error(e: BaseException, folder: Path) -> JobError:
+    limit = size_limited(folder) if isinstance(e, sqlite3.Error) else 0
+    if limit:
+        return JobError(
+            JobErrorKind.DISK_FULL,
+            f"the job store in {folder} reached this process's file size limit "
+            f"(ulimit -f, {limit} bytes); new jobs wait until it is raised "
+            "(live synthesis still works)",
+        )
     if is_disk_full(e) or out_of_space(folder):
         return JobError(
             JobErrorKind.DISK_FULL,

@@ -50,6 +50,7 @@ from .disk import (
     out_of_space,
     read_body,
     reclaim_space,
+    size_limited,
     storage_error,
     write_body,
 )
@@ -111,7 +112,7 @@ class JobStore:
             migrate(conn)
         except sqlite3.Error as e:
             os.close(lock_fd)
-            if is_disk_full(e) or out_of_space(folder):
+            if is_disk_full(e) or out_of_space(folder) or size_limited(folder):
                 raise storage_error(e, folder) from e
             raise JobError(JobErrorKind.DATA_DIR, f"cannot open {folder / DB_NAME}: {e}") from e
         return cls(folder, conn, lock_fd, limits)
