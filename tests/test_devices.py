@@ -291,3 +291,24 @@ def test_numbered_gpus_on_a_mixed_machine_warn_of_cudas_other_order(gpu_pool, mo
     assert [w["device"] for w in pool.status()["workers"]] == ["cuda:1"]
     warned = [r for r in caplog.records if "nvidia-smi's order" in r.getMessage()]
     assert warned and warned[0].levelname == "WARNING", caplog.text
+
+
+def test_a_worker_added_on_a_busy_gpu_counts_its_share_of_the_free_memory(gpu_pool):
+    """A worker added at run time (`scale --add`, POST /v1/pool/workers) took the
+    launch's workers_per_gpu as its share: added beside a running worker of a GPU, it
+    counted the GPU's whole free memory as its own, as the first did (together up to
+    twice what fits). It now counts one share of all the workers on that GPU."""
+    pool = gpu_pool(FakeNvml({0: FakeGpu(), 1: FakeGpu()}), gpus="0")
+
+    def share(i: int) -> int:  # what the worker is started with
+        return pool.supervisor.slots[i].engine.gpu_share
+
+    second = pool.add_worker("0")
+    other_gpu = pool.add_worker("cuda:1")
+    third = pool.add_worker("0")
+    assert [share(0), share(second), share(other_gpu), share(third)] == [1, 2, 1, 3]
+    n = len(pool.live_slots())
+    wait_until(lambda: pool.ready_workers() == n, 60, what="the added workers")
+    pool.remove_worker(second)
+    wait_until(lambda: second not in pool.live_slots(), 30, what="the removed worker to go")
+    assert share(pool.add_worker("0")) == 3  # two left on GPU 0, and this one

@@ -345,6 +345,18 @@ class Pool:
         speeds = self.cfg.sim_speeds
         if speeds:
             spec = dc_replace(spec, sim_speed=speeds[len(self.supervisor.slots) % len(speeds)])
+        if placement.is_gpu:  # its share of the GPU's free memory: one of all on it now
+            on_it = [i for i in self.live_slots() if self.placements[i].device == placement.device]
+            if len(on_it) + 1 > spec.gpu_share:
+                spec = dc_replace(spec, gpu_share=len(on_it) + 1)
+                log.info(
+                    "Worker added on GPU %s, which runs %d already: it counts 1/%d of its free "
+                    "memory (workers started before keep their share; set mem_budget_mb to "
+                    "split it exactly)",
+                    placement.cuda_index,
+                    len(on_it),
+                    spec.gpu_share,
+                )
         return self.supervisor.add_slot(placement, spec)
 
     def restart_worker(self, index: int) -> None:
