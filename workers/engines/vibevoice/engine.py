@@ -107,6 +107,33 @@ def row_cap(
     return RowCap(max(1, tokens), reason, max(1, step_cap), step_reason)
 
 
+def direct_load(device: str) -> bool:
+    """Whether a worker loads its weights straight onto its device: on a GPU, when
+    accelerate (which transformers needs for a device map) is installed."""
+    return device.startswith("cuda") and importlib.util.find_spec("accelerate") is not None
+
+
+def load_weights(cls: Any, path: str, dtype: Any, attention: str, device: str = "") -> Any:
+    """The model of `path`. With `device`, each weight goes from the file straight to
+    it (a device map of one device): no copy of the whole model in host memory first,
+    which N workers of VibeVoice-Large (18.7 GB each) loading at once would need.
+    Should that fail for any reason but a bad checkpoint, it loads on the CPU (the
+    caller moves it)."""
+    kwargs = {"dtype": dtype, "attn_implementation": {"text_config": attention}}
+    if device:
+        try:
+            return cls.from_pretrained(path, device_map={"": device}, **kwargs)
+        except (OSError, ValueError):
+            raise
+        except Exception as exc:  # noqa: BLE001 (the host-memory path still works)
+            log.warning(
+                "loading the weights straight onto %s failed (%r): loading on the CPU first",
+                device,
+                exc,
+            )
+    return cls.from_pretrained(path, **kwargs)
+
+
 def attention_for(requested: str, device: str) -> tuple[str, str]:
     """The LM's attention implementation to load, and why. "auto" (and an explicit
     "flash_attention_2") take flash_attention_2 on a GPU where the flash-attn package
@@ -210,10 +237,12 @@ class VibeVoiceEngine:
         self.attention, _ = attention_for(spec.attn_implementation, self.device)
         try:
             self.processor = VibeVoiceProcessor.from_pretrained(spec.model_path)
-            model = VibeVoiceForConditionalGeneration.from_pretrained(
+            model = load_weights(
+                VibeVoiceForConditionalGeneration,
                 spec.model_path,
-                dtype=dtype,
-                attn_implementation={"text_config": self.attention},
+                dtype,
+                self.attention,
+                self.device if direct_load(self.device) else "",
             )
         except (OSError, ValueError) as exc:
             msg = f"cannot load a VibeVoice model from {spec.model_path!r}: {exc}"
