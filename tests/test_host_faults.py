@@ -5,6 +5,7 @@ cannot step the system clock, so the view gets the stepped time)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -27,6 +28,18 @@ def counted(s, name: str, **labels) -> float:
     families = text_string_to_metric_families(s.get("/metrics").text)
     samples = [x for f in families for x in f.samples if x.name == name]
     return sum(x.value for x in samples if labels.items() <= x.labels.items())
+
+
+@contextlib.contextmanager
+def file_size_limit(pid: int, limit: int):
+    """The process's file size limit (RLIMIT_FSIZE) set to `limit` bytes inside the
+    block: a write past it fails with EFBIG, as on a full disk."""
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def lowest_free_fd(pid: int) -> int:
@@ -148,12 +161,8 @@ def test_a_request_body_the_disk_has_no_room_for_is_answered_503(server):
     serves on."""
     s = server(*SIM_ONE)
     body = {"script": "Speaker 1: hi", "speakers": [{"audio": "A" * (1 << 20)}]}
-    soft, hard = resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE)
-    resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (256 << 10, hard))
-    try:
+    with file_size_limit(s.proc.pid, 256 << 10):
         r = s.post("/v1/synthesize", json=body)
-    finally:
-        resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
     assert r.status_code == 503, r.text
     error = r.json()["error"]
     assert error["code"] == "overloaded" and "no room for this request body" in error["message"]
@@ -174,13 +183,9 @@ def test_a_voice_the_disk_has_no_room_for_is_answered_507(server):
 
     s = server(*SIM_ONE)
     upload = {"files": {"file": ("v.wav", wav_bytes(1.0), "audio/wav")}, "data": {"name": "roomy"}}
-    soft, hard = resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE)
-    resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (8 << 10, hard))
-    try:
+    with file_size_limit(s.proc.pid, 8 << 10):
         r = s.post("/v1/voices", **upload)
         again = s.post("/v1/voices", **upload)  # the log says it once, not per request
-    finally:
-        resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
     assert r.status_code == again.status_code == 507, r.text
     error = r.json()["error"]
     assert error["code"] == "disk_full" and "voices folder" in error["message"]
@@ -200,12 +205,8 @@ def test_a_job_the_store_has_no_room_for_is_answered_507(server):
     taken once the limit is raised."""
     s = server(*SIM_ONE)
     job = {"script": "Speaker 1: a job for a store at its limit"}
-    soft, hard = resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE)
-    resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (8 << 10, hard))
-    try:
+    with file_size_limit(s.proc.pid, 8 << 10):
         r = s.post("/v1/jobs", json=job)
-    finally:
-        resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
     assert r.status_code == 507, r.text
     error = r.json()["error"]
     assert error["code"] == "disk_full" and "file size limit" in error["message"], error
