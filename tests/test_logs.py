@@ -111,3 +111,24 @@ def test_json_lines_about_a_worker_carry_its_worker_and_device(server):
     for x in life:
         assert "worker" in x and x["device"] == f"cpu:{x['worker']}", x
     assert {x["worker"] for x in died + respawning} == {victim}
+
+
+def test_json_lines_about_a_job_carry_its_job_id_and_request_id(server):
+    """A job's lines (queued, running as request R, done) named the job only in their
+    text: a log search by job, or from a job to the request lines of its run (the
+    worker's choice, its death), had to parse messages. They now carry `job_id`, and
+    the lines that name the run its `request_id`, the field the request lines have."""
+    s = server("--engine", "sim", "--gpus", "cpu:1", "--log-format", "json")
+    job = s.post("/v1/jobs", json={"script": "Speaker 1: Hello there.", "seed": 1}).json()
+    wait_until(lambda: s.get(f"/v1/jobs/{job['id']}").json()["state"] == "done", 60, what="done")
+    wait_until(lambda: f"job {job['id']} done" in s.log(), 10, what="the done line")
+    lines = [json.loads(x) for x in s.log().splitlines() if x.startswith("{")]
+    mine = [x for x in lines if x.get("job_id") == job["id"]]
+    said = {x["msg"].split(" ")[2].rstrip(":") for x in mine}
+    assert {"queued", "running", "done"} <= said, mine
+    run = next(x for x in mine if " running as request " in x["msg"])
+    request_id = run["msg"].rsplit(" ", 1)[1]
+    assert run["request_id"] == request_id
+    assert next(x for x in mine if " done: " in x["msg"])["request_id"] == request_id
+    chose = [x for x in lines if "Chose" in x["msg"] and x.get("request_id") == request_id]
+    assert len(chose) == 1  # the pool's line about the same run, joined by the field

@@ -90,3 +90,13 @@ COLUMNS = ", ".join(f.name for f in Job.__dataclass_fields__.values())
 
 def job_from_row(row: tuple) -> Job:
     return Job(row[0], row[1], JobState(row[2]), *row[3:])
+
+
+def say(emit, job_id: str, message: str, *args, request_id: str | None = None) -> None:
+    """A line about a job, "job <id><message>" through `emit` (log.info, log.warning...),
+    with its `job_id` as a field of JSON logs, and its `request_id` where the line
+    names the pool request that runs it."""
+    fields = {"job_id": job_id}
+    if request_id is not None:
+        fields["request_id"] = request_id
+    emit("job %s" + message, job_id, *args, extra=fields, stacklevel=2)

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 
 from vibevoice_pool.jobs.disk import is_disk_full, write_result
-from vibevoice_pool.jobs.records import Job, JobError, JobErrorKind, JobState
+from vibevoice_pool.jobs.records import Job, JobError, JobErrorKind, JobState, say
 from vibevoice_pool.jobs.store import RESULTS_DIR
 from workers.wire.messages import SAMPLE_RATE
 
@@ -49,7 +49,7 @@ def attach(store, job_id: str, rel: str, size: int, audio_s: float, worker) -> b
     try:
         kept = store.keep_partial(job_id, rel, size, audio_s, worker)
     except JobError as e:  # a full disk: the file would be an orphan
-        log.warning("job %s: its audio is not kept: %s", job_id, e.message)
+        say(log.warning, job_id, ": its audio is not kept: %s", e.message)
         kept = False
     if not kept:  # deleted meanwhile, or not writable
         (store.folder / rel).unlink(missing_ok=True)
@@ -64,12 +64,12 @@ def keep_partial(store, job_id: str, fmt: str, pcm, worker: int | None) -> float
     try:
         rel, size = write(store, job_id, fmt, pcm)
     except JobError as e:
-        log.warning("job %s: the audio it made before its cancel is lost: %s", job_id, e.message)
+        say(log.warning, job_id, ": the audio it made before its cancel is lost: %s", e.message)
         return 0.0
     audio_s = len(pcm) / SAMPLE_RATE
     if not attach(store, job_id, rel, size, audio_s, worker):
         return 0.0
-    log.info("job %s: the %.1f s of audio it made before its cancel are kept", job_id, audio_s)
+    say(log.info, job_id, ": the %.1f s of audio it made before its cancel are kept", audio_s)
     return audio_s
 
 

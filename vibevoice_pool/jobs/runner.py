@@ -10,9 +10,8 @@
         -> Request from the stored body -> pool.submit (OVERLOADED / UNAVAILABLE: it
            stays queued; try again in a moment)
         -> claim (queued -> running) -> follow the handle: audio made = progress
-        Done:   encode, write results/<id>.<fmt> (temp file, fsync, rename), then
-                running -> done; a write error (disk full, I/O) -> failed
-        Failed: running -> failed (the pool has already retried a lost worker)
+        Done: encode, write results/<id>.<fmt> (temp file, fsync, rename), running -> done;
+        a write error (disk full, I/O) -> failed. Failed: running -> failed (the pool retried)
     cancel(id, wait_s): cancelled in the store first, then the pool request is stopped;
         waits up to wait_s for its row to leave its worker (POST /v1/jobs/{id}/cancel)
     start(): jobs a previous server left queued or running are queued again (a running
@@ -49,6 +48,7 @@ from vibevoice_pool.jobs import results
 from vibevoice_pool.jobs.disk import sweep_orphans
 from vibevoice_pool.jobs.places import Places
 from vibevoice_pool.jobs.progress import Progress
+from vibevoice_pool.jobs.records import say
 from vibevoice_pool.jobs.store import Job, JobError, JobErrorKind, JobState, JobStore
 from vibevoice_pool.jobs.view import job_view
 from workers.wire import messages as m
@@ -193,7 +193,7 @@ class JobRunner:
             self._count("replayed")
             return job
         self._count("created")
-        log.info("job %s queued (about %.0f s of audio)", job.id, job.est_audio_s)
+        say(log.info, job.id, " queued (about %.0f s of audio)", job.est_audio_s)
         self._poke()
         return job
 
@@ -220,7 +220,7 @@ class JobRunner:
             results.keep_saved(self.store, self.progress, job_id)
         elif live.handle is not None:
             live.handle.cancel()
-        log.info("job %s cancelled", job_id)
+        say(log.info, job_id, " cancelled")
         if live is not None and wait_s > 0:
             with self._let_go:
                 self._let_go.wait_for(lambda: job_id not in self._live, wait_s)
@@ -267,14 +267,14 @@ class JobRunner:
             except JobError:
                 return  # still full: try again next tick
             self._unsettled.pop(job_id, None)
-            log.info("job %s: its outcome is written down now", job_id)
+            say(log.info, job_id, ": its outcome is written down now")
         running = self.store.running_ids()
         with self._lock:
             held = set(self._live) | set(self._unsettled)
         for job_id in running - held:  # no run of this process holds it
             with contextlib.suppress(JobError):
                 if self.store.requeue(job_id, "no worker held it", self.clock()):
-                    log.warning("job %s was running without a worker: queued again", job_id)
+                    say(log.warning, job_id, " was running without a worker: queued again")
         self.store.reclaim()
 
     def _write_later(self, job_id: str, write: Callable[[], object], err: JobError) -> None:
@@ -361,7 +361,7 @@ class JobRunner:
                 self._fail(job.id, e.kind.value, f"the stored request cannot run: {e.message}")
                 continue
             except Exception as e:
-                log.exception("job %s: building its request failed", job.id)
+                say(log.exception, job.id, ": building its request failed")
                 self._fail(job.id, INTERNAL, f"building the request failed: {e!r}")
                 continue
             if self._stopping or self._held:
@@ -395,7 +395,7 @@ class JobRunner:
                     return
                 continue
             self._said_full = False
-            log.info("job %s running as request %s", job.id, handle.id)
+            say(log.info, job.id, " running as request %s", handle.id, request_id=handle.id)
             task = asyncio.create_task(self._follow(live))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -414,7 +414,7 @@ class JobRunner:
                 pass  # the handle's outcome says how it ended
             await self._conclude(live)
         except Exception as e:
-            log.exception("job %s: following it failed", live.job_id)
+            say(log.exception, live.job_id, ": following it failed")
             handle.cancel()  # no one reads it now: its row must not run on
             self.progress.drop(live.job_id)
             self._fail(live.job_id, INTERNAL, f"the server lost track of this job: {e!r}")
@@ -452,9 +452,8 @@ class JobRunner:
         handle = live.handle
         pcm = np.concatenate([live.prior, handle.audio()])
         try:
-            rel, size = await asyncio.to_thread(
-                results.write, self.store, live.job_id, live.fmt, pcm
-            )
+            args = (self.store, live.job_id, live.fmt, pcm)
+            rel, size = await asyncio.to_thread(results.write, *args)
         except JobError as e:
             self._fail(live.job_id, e.kind.value, e.message, handle.worker)
             return
@@ -481,7 +480,8 @@ class JobRunner:
             self._write_later(live.job_id, finish, e)
             return
         if finished:
-            log.info("job %s done: %.1f s of audio, %d bytes", live.job_id, audio_s, size)
+            done_line = " done: %.1f s of audio, %d bytes"
+            say(log.info, live.job_id, done_line, audio_s, size, request_id=handle.id)
         else:  # cancelled while it was being written: all of it is what it made
             results.attach(self.store, live.job_id, rel, size, audio_s, handle.worker)
 
@@ -491,7 +491,7 @@ class JobRunner:
         def fail() -> None:
             if self.store.fail(job_id, code, message, at, worker):
                 self._count("failed")
-                log.warning("job %s failed: %s: %s", job_id, code, message)
+                say(log.warning, job_id, " failed: %s: %s", code, message)
 
         try:
             fail()

@@ -29,7 +29,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("request_id", "worker", "device"):
+        for key in ("request_id", "job_id", "worker", "device"):
             if hasattr(record, key):
                 out[key] = getattr(record, key)
         if self.worker is not None:
