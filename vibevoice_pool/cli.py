@@ -107,9 +107,11 @@ def _client_parsers(sub) -> None:
     p.add_argument("--url", default=None, help=URL_HELP)
     p.add_argument("--script", required=True, help="a text file, or - for stdin")
     p.add_argument("--voice", action="append", default=[], help="a preset per speaker, in order")
-    p.add_argument("--cfg-scale", type=float, default=1.3)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--cfg-scale", type=float, default=1.3, help="guidance, 1.0-2.0 (default: %(default)s)"
+    )
+    p.add_argument("--steps", type=int, help="diffusion steps (default: the server's)")
+    p.add_argument("--seed", type=int, help="the same seed gives the same audio (default: random)")
     p.add_argument(
         "--format", default=None, help="wav, flac, mp3, opus, aac or pcm (default: -o's extension)"
     )
