@@ -169,6 +169,9 @@ def worker_measure(model_dir: str, device: int, results, release) -> None:
     if device >= 0:
         torch.cuda.synchronize()
     out["engine_load_s"] = time.monotonic() - t0
+    from workers.engines.vibevoice.engine import direct_load
+
+    out["direct_load"] = direct_load(target)  # weights straight onto the GPU (accelerate)
     out["device"] = info.name
     results.send(out)
     release.recv()  # hold the context while the parent asks nvidia-smi
