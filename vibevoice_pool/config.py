@@ -215,7 +215,7 @@ class PoolConfig(BaseModel):
     api_keys: Text = FRONT(
         "",
         "a file of named keys ('name: [admin|user:] key' a line; no role: a user); each "
-        "name owns its own jobs and voices",
+        "name owns its own jobs and voices; read again when it changes",
         metavar="FILE",
     )
     cors_origins: Text = FRONT(

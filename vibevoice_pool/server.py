@@ -132,13 +132,15 @@ CORS_ENV = "VIBEVOICE_POOL_CORS_ORIGINS"  # comma-separated origins; unset: no C
 def build_front(cfg: PoolConfig, pool, environ=None):
     """The Front every route uses. The API key and CORS origins are read here, at
     launch: --api-key, else $VIBEVOICE_POOL_API_KEY; --cors-origins, else
-    $VIBEVOICE_POOL_CORS_ORIGINS."""
+    $VIBEVOICE_POOL_CORS_ORIGINS. The --api-keys file is read here and again
+    whenever it changes (live_keys.LiveKeys)."""
     from vibevoice_pool.api.auth import (
         KeyFileError,
         key_ring,
         resolve_api_key,
         short_key_warning,
     )
+    from vibevoice_pool.api.live_keys import LiveKeys
     from vibevoice_pool.api.speech import Front
     from vibevoice_pool.voices import VoiceLibrary, prepare_voices
     from workers.checkpoints.tiny import is_tiny_model
@@ -147,8 +149,8 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     key = resolve_api_key(cfg.api_key, env)
     if key != cfg.api_key:
         cfg = cfg.replace(api_key=key)
-    try:
-        keys = key_ring(key, cfg.api_keys)
+    try:  # the keys file is read again when it changes (live_keys.py)
+        keys = LiveKeys(key, cfg.api_keys) if cfg.api_keys else key_ring(key)
     except KeyFileError as e:
         raise ConfigError(f"api_keys: {e}") from None
     if short_key_warning(key):

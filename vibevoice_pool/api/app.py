@@ -65,7 +65,7 @@ def create_app(front: Front) -> FastAPI:
         openai_api.router(front),
         voices_api.router(front),
         scaling.pool_router(front.pool),
-        metrics.router(front.pool, activity, front.jobs),
+        metrics.router(front.pool, activity, front.jobs, front.keys),
     ]
     if front.jobs is not None:
         from vibevoice_pool.api.jobs import jobs_router

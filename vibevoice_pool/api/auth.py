@@ -4,7 +4,9 @@
     KeyRing / load_keys    the keys accepted, each a Caller (name, owner, role):
                            the one --api-key is an admin (owner "key:<hash>");
                            `--api-keys FILE` holds "name: [role:] key" lines
-                           (owner "key:<name>"; an entry without a role is a user)
+                           (owner "key:<name>"; an entry without a role is a user);
+                           the server reads that file again when it changes
+                           (live_keys.LiveKeys, which answers as a KeyRing does)
     roles                  admin: everything, worker actions (ADMIN_ROUTES),
                            /metrics, the presets; user: synthesis, its own jobs
                            and its own uploaded voices (api/voices.py checks those)
@@ -32,7 +34,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from vibevoice_pool.api.errors import error_body, send_error, send_json
 from vibevoice_pool.api.login_throttle import FailureLog, client_key
@@ -131,6 +133,23 @@ class KeyRing:
         return bool(self.entries) and self.owner_of(headers) is not None
 
 
+class Keys(Protocol):
+    """What the routes ask of the keys in force: a KeyRing, or a LiveKeys (the
+    --api-keys file, read again when it changes; live_keys.py)."""
+
+    named: bool
+
+    def __bool__(self) -> bool: ...
+
+    def match(self, given: str) -> Caller | None: ...
+
+    def caller(self, headers: list[tuple[bytes, bytes]]) -> Caller | None: ...
+
+    def by_name(self, name: str | None) -> Caller | None: ...
+
+    def allows(self, headers: list[tuple[bytes, bytes]]) -> bool: ...
+
+
 def load_keys(path: str | os.PathLike) -> list[tuple[str, str, str]]:
     """(name, key, role) of a keys file: 'name: [role:] key' a line, '#' comments,
     blank lines. role is admin or user; an entry without one is a user."""
@@ -170,14 +189,16 @@ def load_keys(path: str | os.PathLike) -> list[tuple[str, str, str]]:
 
 def key_ring(api_key: str, keys_file: str = "") -> KeyRing:
     """The ring for --api-key (an admin) and --api-keys FILE (either, both or neither)."""
+    return ring_of(api_key, load_keys(keys_file) if keys_file else [], named=bool(keys_file))
+
+
+def ring_of(api_key: str, named_keys: list[tuple[str, str, str]], named: bool) -> KeyRing:
+    """The ring of --api-key (an admin) and a keys file's (name, key, role) entries."""
     entries = []
     if api_key:
         entries.append((api_key, Caller("default", single_key_owner(api_key), ADMIN)))
-    if keys_file:
-        entries += [
-            (key, Caller(name, f"key:{name}", role)) for name, key, role in load_keys(keys_file)
-        ]
-    return KeyRing(tuple(entries), named=bool(keys_file))
+    entries += [(key, Caller(name, f"key:{name}", role)) for name, key, role in named_keys]
+    return KeyRing(tuple(entries), named=named)
 
 
 def short_key_warning(api_key: str) -> str:
@@ -224,13 +245,13 @@ class ApiKeyMiddleware:
     def __init__(
         self,
         app,
-        key: str | KeyRing,
+        key: str | Keys,
         on_refused: Callable[[str], None] | None = None,
         allow: Callable[[str], bool] | None = None,
         failures: FailureLog | None = None,
     ):
         self.app = app
-        self.keys = key if isinstance(key, KeyRing) else key_ring(key)
+        self.keys = key_ring(key) if isinstance(key, str) else key
         self.on_refused = on_refused
         self.allow = allow
         self.failures = failures if failures is not None else FailureLog()
@@ -295,11 +316,11 @@ class ApiKeyMiddleware:
         )
 
 
-def page_login(key: str | KeyRing) -> Callable[[str, str], bool]:
+def page_login(key: str | Keys) -> Callable[[str, str], bool]:
     """Gradio's auth callable: an API key as the password, and any user name but
     another key's name. A user name that is a key's name is that key's own: the
     page then acts as that key's owner (its jobs are the ones the API lists)."""
-    keys = key if isinstance(key, KeyRing) else key_ring(key)
+    keys = key_ring(key) if isinstance(key, str) else key
 
     def check(user: str, password: str) -> bool:
         caller = keys.match(password or "")

@@ -55,7 +55,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from vibevoice_pool import encoders
-from vibevoice_pool.api.auth import KeyRing, caller_of
+from vibevoice_pool.api.auth import Keys, caller_of
 from vibevoice_pool.api.errors import FileAnswer, error_response, plain_error
 from vibevoice_pool.api.speech import SynthesizeBody
 from vibevoice_pool.jobs.runner import JobRunner
@@ -189,7 +189,7 @@ def view(runner: JobRunner, job: Job) -> dict:
 def jobs_router(front, runner: JobRunner) -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-    keys: KeyRing | None = getattr(front, "keys", None)
+    keys: Keys | None = getattr(front, "keys", None)
     tokens = OwnerTokens.in_folder(runner.store.folder)
 
     def refuse(err: JobError | PoolError) -> JSONResponse:

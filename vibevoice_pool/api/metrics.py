@@ -9,7 +9,8 @@ Two sources, both read at scrape time:
     histogram, and the audio delivered so far (for the page's audio-per-second
     chart). Refusals (bad input, overloaded, no key, ...) are counted by the
     front ends that answer them, through `Activity.refused`;
-  - the job runner's counts, when the server runs jobs (JobsCollector).
+  - the job runner's counts, when the server runs jobs (JobsCollector);
+  - the --api-keys file's reloads and failed reloads (KeysCollector).
 
 Every series is in this app's own CollectorRegistry, so two apps in one
 process (tests) never collide.
@@ -321,18 +322,42 @@ class JobsCollector:
         yield c
 
 
-def registry_for(pool, activity: Activity, jobs=None) -> CollectorRegistry:
+class KeysCollector:
+    """Readings of the --api-keys file after the launch's (live_keys.LiveKeys): those
+    that took effect and those that failed (the keys in force stayed). Both 0 without
+    a keys file, so an alert on the failures needs no keys file to exist."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def collect(self):
+        p = "vibevoice_pool_keys_"
+        c = CounterMetricFamily(p + "reloads", "Readings of the --api-keys file that took effect")
+        c.add_metric([], getattr(self.keys, "reloads", 0))
+        yield c
+        c = CounterMetricFamily(
+            p + "reload_failures",
+            "Readings of the --api-keys file that failed (bad, unreadable or gone): "
+            "the keys read before stayed in force",
+        )
+        c.add_metric([], getattr(self.keys, "failures", 0))
+        yield c
+
+
+def registry_for(pool, activity: Activity, jobs=None, keys=None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolCollector(pool, activity))
     registry.register(activity.latency)
+    registry.register(KeysCollector(keys))
     if jobs is not None:
         registry.register(JobsCollector(jobs))
     return registry
 
 
-def router(pool, activity: Activity, jobs=None) -> APIRouter:
-    """GET /metrics; `jobs`: the JobRunner, when the server runs jobs."""
-    registry = registry_for(pool, activity, jobs)
+def router(pool, activity: Activity, jobs=None, keys=None) -> APIRouter:
+    """GET /metrics; `jobs`: the JobRunner, when the server runs jobs; `keys`: the
+    Front's keys (a LiveKeys counts its reloads)."""
+    registry = registry_for(pool, activity, jobs, keys)
     router = APIRouter()
 
     @router.get("/metrics", include_in_schema=False)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from vibevoice_pool import audio, encoders
 from vibevoice_pool.api import tempo
-from vibevoice_pool.api.auth import KeyRing
+from vibevoice_pool.api.auth import Keys
 from vibevoice_pool.api.errors import error_response, status_for
 from vibevoice_pool.api.metrics import Activity
 from vibevoice_pool.audio import BASE64_PATTERN as BASE64
@@ -126,7 +126,9 @@ class Front:
     stream_tokens: StreamTokens | None = field(default=None, repr=False)
     # the JobRunner (jobs/runner.py, which imports this module: so not named here)
     jobs: object | None = None
-    keys: KeyRing | None = None  # --api-key and --api-keys, set at launch
+    # --api-key and --api-keys, set at launch (a LiveKeys with a keys file: it reads
+    # the file again when it changes)
+    keys: Keys | None = None
     jobs_unavailable: str = ""  # why there are no jobs (a full data disk at start)
 
     def refused(self, err: m.PoolError) -> None:
