@@ -166,6 +166,30 @@ def test_the_page_login_follows_the_file(srv):
         assert browser.get("/gradio_api/info").status_code == 200
 
 
+def test_a_page_logged_in_with_a_removed_key_is_logged_out(srv):
+    """Gradio keeps a login as a session token that never asks the key again: a page
+    logged in with bob's key went on working after bob left the file. Now the
+    sessions under the user names bob's key logged in with end; alice's stay."""
+    rewrite(srv, BASE)
+    pages = {user: httpx.Client(base_url=srv.url, timeout=10) for user in ("x", "bob", "alice")}
+    try:
+        for user, key in (("x", BOB), ("bob", BOB), ("alice", ALICE)):
+            r = pages[user].post("/login", data={"username": user, "password": key})
+            assert r.status_code == 200
+            assert pages[user].get("/gradio_api/info").status_code == 200
+        rewrite(srv, {"ops": BASE["ops"], "alice": BASE["alice"]})
+
+        def logged_out():
+            return all(pages[u].get("/gradio_api/info").status_code == 401 for u in ("x", "bob"))
+
+        wait_until(logged_out, 10, 0.2, "bob's page sessions to end")
+        assert pages["alice"].get("/gradio_api/info").status_code == 200
+        assert "Page logins ended with their keys: 2 sessions (user names: bob, x)" in srv.log()
+    finally:
+        for page in pages.values():
+            page.close()
+
+
 # ---- LiveKeys alone, on an injected clock --------------------------------------------
 
 

@@ -316,16 +316,23 @@ class ApiKeyMiddleware:
         )
 
 
-def page_login(key: str | Keys) -> Callable[[str, str], bool]:
+def page_login(
+    key: str | Keys,
+    on_login: Callable[[str, Caller], None] | None = None,
+) -> Callable[[str, str], bool]:
     """Gradio's auth callable: an API key as the password, and any user name but
     another key's name. A user name that is a key's name is that key's own: the
-    page then acts as that key's owner (its jobs are the ones the API lists)."""
+    page then acts as that key's owner (its jobs are the ones the API lists).
+    `on_login(user, caller)` hears each login let in (live_keys.PageSessions)."""
     keys = key_ring(key) if isinstance(key, str) else key
 
     def check(user: str, password: str) -> bool:
         caller = keys.match(password or "")
         named = keys.by_name(user)
-        return caller is not None and (named is None or named == caller)
+        ok = caller is not None and (named is None or named == caller)
+        if ok and on_login is not None:
+            on_login(user, caller)
+        return ok
 
     return check
 

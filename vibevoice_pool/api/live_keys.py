@@ -16,6 +16,9 @@ revoke, add or re-role a key.
                               one error line; read again once it is back
     counts                    reloads and failed reloads, for /metrics
                               (metrics.KeysCollector)
+    on_revoke(fn)             fn(names) after a reading that took keys away: the
+                              names removed or given a new key (PageSessions ends
+                              the page's logins made with them)
 
 A revoked key's jobs and voices belong to its name ("key:<name>"), not to the key:
 they stay, and a key given that name again gets them back.
@@ -28,6 +31,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from vibevoice_pool.api.auth import Caller, KeyFileError, KeyRing, load_keys, ring_of
 
@@ -55,6 +59,7 @@ class LiveKeys:
         self.reloads = 0  # readings after the first that took effect
         self.failures = 0  # readings after the first that failed (bad, unreadable, gone)
         self._lock = threading.Lock()
+        self._on_revoke: list[Callable[[frozenset[str]], None]] = []
         try:
             self._seen: object = _stamp(self.path)
         except OSError as e:
@@ -95,32 +100,45 @@ class LiveKeys:
 
     # ---- reading the file again --------------------------------------------
 
+    def on_revoke(self, fn: Callable[[frozenset[str]], None]) -> None:
+        """Call fn(names) after each reading that took keys away (removed, or given a
+        new key), outside the lock, in the thread of the request that read the file."""
+        self._on_revoke.append(fn)
+
     def refresh(self) -> None:
         """Read the file again if it changed since the last look (at most once a
         CHECK_S; a request that finds another thread looking uses the keys in force)."""
         if self.clock() - self._checked < CHECK_S or not self._lock.acquire(blocking=False):
             return
+        revoked: frozenset[str] = frozenset()
         try:
-            self._checked = self.clock()
-            try:
-                stamp: object = _stamp(self.path)
-            except OSError as e:
-                stamp = ("gone", e.errno)
-                if stamp != self._seen:
-                    self._seen = stamp
-                    self._failed(f"cannot read the keys file {self.path}: {e.strerror}")
-                return
-            if stamp == self._seen:
-                return
-            self._seen = stamp
-            try:
-                entries = load_keys(self.path)
-            except KeyFileError as e:
-                self._failed(str(e))
-                return
-            self._took(entries)
+            revoked = self._look()
         finally:
             self._lock.release()
+        if revoked:
+            for fn in self._on_revoke:
+                fn(revoked)
+
+    def _look(self) -> frozenset[str]:
+        """The file read again if it changed: the names whose old key no longer works."""
+        self._checked = self.clock()
+        try:
+            stamp: object = _stamp(self.path)
+        except OSError as e:
+            stamp = ("gone", e.errno)
+            if stamp != self._seen:
+                self._seen = stamp
+                self._failed(f"cannot read the keys file {self.path}: {e.strerror}")
+            return frozenset()
+        if stamp == self._seen:
+            return frozenset()
+        self._seen = stamp
+        try:
+            entries = load_keys(self.path)
+        except KeyFileError as e:
+            self._failed(str(e))
+            return frozenset()
+        return self._took(entries)
 
     def _failed(self, why: str) -> None:
         self.failures += 1
@@ -131,7 +149,7 @@ class LiveKeys:
             len(self._entries),
         )
 
-    def _took(self, entries: list[tuple[str, str, str]]) -> None:
+    def _took(self, entries: list[tuple[str, str, str]]) -> frozenset[str]:
         before = {name: (key, role) for name, key, role in self._entries}
         after = {name: (key, role) for name, key, role in entries}
         added = sorted(after.keys() - before.keys())
@@ -158,3 +176,42 @@ class LiveKeys:
             said(rekeyed),
             said(reroled),
         )
+        return frozenset(removed) | frozenset(rekeyed)
+
+
+class PageSessions:
+    """The page's logins, ended with their key. Gradio keeps a login as a session
+    token that maps to the user name only, and never asks the key again: a page
+    logged in with a key the file then dropped would go on working. So each login's
+    key name is noted under its user name (`logged_in`, from auth.page_login), and
+    when names are revoked (LiveKeys.on_revoke) every session under a user name that
+    one of them logged in with ends: its next request is a 401, its page the login
+    form. Another key's session under that same user name ends too (it logs in
+    again); a session under another user name stays."""
+
+    def __init__(self):
+        self.app = None  # Gradio's app (its `tokens`: session token -> user name), once mounted
+        self._lock = threading.Lock()
+        self._names: dict[str, set[str]] = {}  # user name -> key names it logged in with
+
+    def logged_in(self, user: str, caller: Caller) -> None:
+        with self._lock:
+            self._names.setdefault(user, set()).add(caller.name)
+
+    def revoke(self, names: frozenset[str]) -> None:
+        with self._lock:
+            users = {u for u, used in self._names.items() if used & names}
+            for user in users:
+                del self._names[user]
+        tokens = getattr(self.app, "tokens", None)
+        if not users or tokens is None:
+            return
+        ended = [token for token, user in list(tokens.items()) if user in users]
+        for token in ended:
+            tokens.pop(token, None)
+        if ended:
+            log.info(
+                "Page logins ended with their keys: %d sessions (user names: %s)",
+                len(ended),
+                ", ".join(sorted(users)),
+            )

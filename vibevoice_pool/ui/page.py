@@ -35,6 +35,7 @@ from starlette.routing import Mount
 
 from vibevoice_pool import audio
 from vibevoice_pool.api.auth import page_login
+from vibevoice_pool.api.live_keys import LiveKeys, PageSessions
 from vibevoice_pool.api.speech import Speaker, SynthesizeBody, describe_invalid
 from vibevoice_pool.script import MAX_SPEAKERS
 from vibevoice_pool.ui.charts import History, render
@@ -272,13 +273,15 @@ def mount(app: FastAPI, front) -> FastAPI:
     app.router.routes.extend(page.streams.router().routes)  # as create_app adds its routers
     front.stream_tokens = page.streams
     key = front.keys or cfg.api_key  # auth.KeyRing: every key logs in
+    # a keys file read again: a login ends with its key (live_keys.PageSessions)
+    sessions = PageSessions() if isinstance(front.keys, LiveKeys) else None
     app = gr.mount_gradio_app(
         app,
         demo,
         path="/",
         server_name=cfg.host,
         server_port=cfg.port,
-        auth=page_login(key) if key else None,
+        auth=page_login(key, sessions.logged_in if sessions else None) if key else None,
         auth_message=(
             "Password: an API key of this server. User name: your key's name to share "
             "its jobs with the API, or any other name. / 密码：本服务器的 API 密钥。"
@@ -296,6 +299,9 @@ def mount(app: FastAPI, front) -> FastAPI:
         mcp_server=False,
     )
     gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and r.path == "")
+    if sessions is not None:
+        sessions.app = gradio_app
+        front.keys.on_revoke(sessions.revoke)
     # Idle tabs hold a keep-alive stream open for ever; end those when the server stops.
     app.state.on_stopping.append(gradio_app.stop_event.set)
     if cfg.share and not key:
