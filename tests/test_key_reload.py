@@ -166,6 +166,21 @@ def test_the_page_login_follows_the_file(srv):
         assert browser.get("/gradio_api/info").status_code == 200
 
 
+def test_a_name_taken_out_and_given_back_has_its_jobs_again(srv):
+    """What a key made belongs to its name: bob's job outlives bob's removal, no
+    other key sees it, and a new key under the name bob lists and reads it."""
+    rewrite(srv, BASE)
+    r = srv.post("/v1/jobs", json={"script": "Speaker 1: mine"}, headers=bearer(BOB))
+    assert r.status_code == 202
+    job = r.json()["id"]
+    rewrite(srv, {"ops": BASE["ops"], "alice": BASE["alice"]})
+    assert srv.get(f"/v1/jobs/{job}", headers=bearer(ALICE)).status_code == 404
+    rewrite(srv, {**BASE, "bob": ("user", BOB_NEW)})
+    listed = srv.get("/v1/jobs", headers=bearer(BOB_NEW)).json()["data"]
+    assert [j["id"] for j in listed] == [job]
+    assert srv.get(f"/v1/jobs/{job}", headers=bearer(BOB_NEW)).json()["id"] == job
+
+
 def test_a_page_logged_in_with_a_removed_key_is_logged_out(srv):
     """Gradio keeps a login as a session token that never asks the key again: a page
     logged in with bob's key went on working after bob left the file. Now the
