@@ -241,3 +241,19 @@ def test_a_swapped_symlink_is_read(tmp_path):
     os.replace(tmp_path / "data.new", tmp_path / "data")
     now[0] = CHECK_S
     assert keys.match(BOB) is None and keys.match(CAROL).owner == "key:carol"
+
+
+def test_a_client_left_with_a_revoked_key_is_told_so_and_locks_no_one_out(srv):
+    """A client still sending a key the file took away counted as guessing keys: after
+    eight its address got 429 `key_throttled` for every key, the good ones of the
+    others behind the same NAT or proxy included. The server knows that key: it is
+    now 401 `key_revoked`, naming whose it was, and is not counted as a guess."""
+    rewrite(srv, BASE)
+    rewrite(srv, {"ops": BASE["ops"], "alice": BASE["alice"]})  # bob's key revoked
+    answers = [srv.get("/v1/pool", headers=bearer(BOB)) for _ in range(12)]
+    assert {r.status_code for r in answers} == {401}
+    error = answers[-1].json()["error"]
+    assert error["code"] == "key_revoked" and "'bob'" in error["message"], error
+    assert status(srv, ALICE, "/v1/jobs") == 200  # the same address: not throttled
+    rewrite(srv, BASE)  # bob's key given back: it works again
+    assert status(srv, BOB, "/v1/jobs") == 200

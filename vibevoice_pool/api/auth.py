@@ -256,6 +256,11 @@ class ApiKeyMiddleware:
         self.allow = allow
         self.failures = failures if failures is not None else FailureLog()
 
+    def _revoked(self, given: str) -> str | None:
+        """The name of a key the keys file took away (LiveKeys), else None."""
+        revoked = getattr(self.keys, "revoked_name", None)
+        return revoked(given) if revoked is not None else None
+
     def _refuse(self, why: str) -> None:
         if self.on_refused is not None:
             self.on_refused(why)
@@ -293,10 +298,23 @@ class ApiKeyMiddleware:
                 )
             scope.setdefault("state", {})["caller"] = caller
             return await self.app(scope, receive, send)
+        if self.allow is not None and self.allow(path):
+            if given and not self._revoked(given):
+                self.failures.record_failure(address)
+            return await self.app(scope, receive, send)
+        name = self._revoked(given)
+        if name is not None:  # not a guess: a client still holding a key taken away
+            self._refuse("key_revoked")
+            return await send_error(
+                send,
+                401,
+                "key_revoked",
+                f"this API key (of {name!r}) was revoked from the server's keys file; "
+                "ask its operator for a new one",
+                [(b"www-authenticate", b"Bearer")],
+            )
         if given:
             self.failures.record_failure(address)
-        if self.allow is not None and self.allow(path):
-            return await self.app(scope, receive, send)
         self._refuse("unauthorized")
         said = (
             "the API key sent is not one of this server's keys"

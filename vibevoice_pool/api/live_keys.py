@@ -16,6 +16,11 @@ revoke, add or re-role a key.
                               one error line; read again once it is back
     counts                    reloads and failed reloads, for /metrics
                               (metrics.KeysCollector)
+    revoked_name(key)         the name a key was revoked from (the last REVOKED_KEPT,
+                              kept as digests): the middleware answers it 401
+                              `key_revoked` and does not count it as a wrong key, so
+                              a client left with an old key does not get its
+                              address (a NAT, a proxy) throttled for everyone
     on_revoke(fn)             fn(names) after a reading that took keys away: the
                               names removed or given a new key (PageSessions ends
                               the page's logins made with them)
@@ -26,6 +31,8 @@ they stay, and a key given that name again gets them back.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import os
 import threading
@@ -36,7 +43,12 @@ from typing import Callable
 from vibevoice_pool.api.auth import Caller, KeyFileError, KeyRing, load_keys, ring_of
 
 CHECK_S = 1.0  # the file's stat at most this often; a revoked key works at most this long
+REVOKED_KEPT = 1024  # revoked keys remembered (as digests), the oldest forgotten first
 log = logging.getLogger("vibevoice_pool")
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
 
 
 def _stamp(path: Path) -> tuple[int, int, int, int]:
@@ -67,6 +79,7 @@ class LiveKeys:
         self._entries = load_keys(self.path)
         self._ring = ring_of(api_key, self._entries, named=True)
         self._checked = clock()
+        self._revoked: collections.OrderedDict[bytes, str] = collections.OrderedDict()
 
     # ---- what KeyRing answers, from the keys in force ---------------------
 
@@ -97,6 +110,10 @@ class LiveKeys:
 
     def allows(self, headers) -> bool:
         return self.ring.allows(headers)
+
+    def revoked_name(self, given: str) -> str | None:
+        """The name `given` was a key of, if a reading of the file took it away."""
+        return self._revoked.get(_digest(given)) if given and self._revoked else None
 
     # ---- reading the file again --------------------------------------------
 
@@ -160,6 +177,12 @@ class LiveKeys:
             for n in after.keys() & before.keys()
             if after[n][1] != before[n][1]
         )
+        for name in removed + rekeyed:  # the old key: told apart from a guess from now on
+            self._revoked[_digest(before[name][0])] = name
+        for key, _ in after.values():  # a key given again works again
+            self._revoked.pop(_digest(key), None)
+        while len(self._revoked) > REVOKED_KEPT:
+            self._revoked.popitem(last=False)
         self._entries = entries
         self._ring = ring_of(self.api_key, entries, named=True)
         self.reloads += 1

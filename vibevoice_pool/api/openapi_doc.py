@@ -130,6 +130,7 @@ SSE = {  # OpenAPI 3.1: the schema of text/event-stream describes one event
 }
 GUARD_CODES = {  # the error codes the guards answer with, per status (origin.py, ...)
     "400": ("bad_host",),  # a Host this server does not serve (every route)
+    "401": ("unauthorized", "key_revoked"),  # auth.py: no key, a wrong one, a revoked one
     "403": ("cross_site",),  # a write a browser marks as from another site
     "408": ("timeout",),  # connections.py: headers or body sent too slowly
     "429": ("too_many_streams",),  # connections.py: the address's requests in progress
