@@ -4,7 +4,10 @@ A data folder written by an older server opens as it is: `migrate` creates
 what is missing and adds the columns later versions brought (ALTER TABLE ADD
 COLUMN, nullable, so old rows read as NULL). PRAGMA user_version records the
 version the file now has. A file that is already current is not written at
-all, so a server starts on a full disk.
+all, so a server starts on a full disk. A file a newer version wrote (a higher
+user_version) is refused as it is (NewerStore), never written: this version
+cannot know what that one's rows mean, and setting its version back would make
+the newer one skip its own upgrade later.
 
 Space: the file is made with auto_vacuum=INCREMENTAL (a file from before is
 converted by one VACUUM when it is upgraded), so the pages that expired jobs
@@ -74,9 +77,26 @@ _KEYED = "CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (owner, idem_key
 INCREMENTAL = 2  # PRAGMA auto_vacuum's value
 
 
+class NewerStore(Exception):
+    """The file was written by a newer version of the server (its schema `version`)."""
+
+    def __init__(self, version: int):
+        super().__init__(
+            f"was written by a newer vibevoice-pool (job store version {version}; this "
+            f"version reads up to {SCHEMA_VERSION}); it is left as it is: run the newer "
+            "version on it, or give this one another --data-dir (or the copy of the data "
+            "folder kept from before the upgrade)"
+        )
+        self.version = version
+
+
 def migrate(conn: sqlite3.Connection) -> None:
-    """Bring the database on `conn` to SCHEMA_VERSION (a new file or an older one)."""
-    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+    """Bring the database on `conn` to SCHEMA_VERSION (a new file or an older one).
+    NewerStore, with nothing written, for a file of a newer version."""
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise NewerStore(found)
+    if found == SCHEMA_VERSION:
         return  # current: nothing to write
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
         conn.execute(f"PRAGMA auto_vacuum={INCREMENTAL}")  # a new file takes it at once

@@ -65,7 +65,7 @@ from .records import (  # noqa: F401 (re-exported: the store's users import them
     JobState,
     job_from_row,
 )
-from .schema import migrate
+from .schema import NewerStore, migrate
 
 DB_NAME = "jobs.db"
 LOCK_NAME = "jobs.lock"
@@ -96,8 +96,8 @@ class JobStore:
         owner_max_active: int = 200,
     ) -> JobStore:
         """Open (or create) the store in `folder`, taking its lock. JobError
-        DATA_DIR if another server holds it or it cannot be written, DISK_FULL
-        when its disk is too full to open it."""
+        DATA_DIR if another server holds it, it cannot be written or a newer
+        version wrote it, DISK_FULL when its disk is too full to open it."""
         folder = Path(folder).expanduser()
         limits = Limits(int(disk_limit_mb * 2**20), int(owner_disk_mb * 2**20), owner_max_active)
         lock_fd = lock_folder(folder, RESULTS_DIR, LOCK_NAME)
@@ -110,6 +110,10 @@ class JobStore:
             conn.execute("PRAGMA synchronous=FULL")  # a finished transition survives power loss
             conn.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT}")
             migrate(conn)
+        except NewerStore as e:
+            conn.close()
+            os.close(lock_fd)
+            raise JobError(JobErrorKind.DATA_DIR, f"{folder / DB_NAME} {e}") from None
         except sqlite3.Error as e:
             os.close(lock_fd)
             if is_disk_full(e) or out_of_space(folder) or size_limited(folder):
