@@ -71,3 +71,66 @@ def test_a_launch_on_a_newer_store_stops_with_one_line_before_any_worker(tmp_pat
         assert len(lines) == 1 and f"version {SCHEMA_VERSION + 1}" in lines[0]
     finally:
         s.stop()
+
+
+def damaged_store(data, jobs: int = 2000) -> bytes:
+    """A store of `jobs` queued jobs, a stretch in its middle overwritten (as a bad
+    disk or a careless copy leaves it): SQLite opens it, and a query over its jobs
+    fails half-way. Its bytes, as damaged."""
+    store = JobStore.open(data)
+    for i in range(jobs):
+        store.create(
+            f"job{i}",
+            owner=f"owner{i % 50}",
+            body={"script": "Speaker 1: hello there " * 10},
+            fmt="wav",
+            seed=1,
+            est_audio_s=1.0,
+            est_bytes=10,
+            at=T0 + i,
+        )
+    store.close()
+    raw = bytearray((data / "jobs.db").read_bytes())
+    half = len(raw) // 2
+    raw[half : half + 64 * 1024] = bytes(range(256)) * 256
+    (data / "jobs.db").write_bytes(bytes(raw))
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("damage", ["middle", "garbage", "cut"])
+def test_a_damaged_store_is_refused_at_open_and_left_as_it_is(tmp_path, damage):
+    data = tmp_path / "data"
+    if damage == "middle":
+        before = damaged_store(data)
+    else:
+        damaged_store(data, jobs=200)
+        raw = (data / "jobs.db").read_bytes()
+        before = raw[:100] if damage == "cut" else b"not a database\n" * 500
+        (data / "jobs.db").write_bytes(before)
+    with pytest.raises(JobError) as e:
+        JobStore.open(data)
+    assert e.value.kind is JobErrorKind.STORAGE  # the server serves on without jobs
+    assert "damaged" in e.value.message and ".recover" in e.value.message
+    assert (data / "jobs.db").read_bytes() == before
+    (data / "jobs.db").rename(data / "jobs.db.damaged")  # as the message says
+    JobStore.open(data).close()  # a new one; the lock was let go
+
+
+def test_a_launch_on_a_damaged_store_serves_without_jobs_and_says_why(tmp_path):
+    data = tmp_path / "cache" / "data"
+    before = damaged_store(data)
+    s = Server(["--engine", "sim", "--gpus", "cpu:1"], tmp_path)
+    try:
+        s.wait_ready()
+        assert s.get("/health").status_code == 200
+        jobs = s.get("/v1/jobs")
+        assert jobs.status_code == 503
+        error = jobs.json()["error"]
+        assert error["code"] == "jobs_unavailable" and "damaged" in error["message"]
+        assert "restart it once there is space" not in error["message"]
+        log = s.log()
+        assert "Traceback" not in log
+        assert len([line for line in log.splitlines() if "is damaged" in line]) == 1
+    finally:
+        s.stop()
+    assert (data / "jobs.db").read_bytes() == before  # left for the operator to recover

@@ -36,7 +36,7 @@ Errors are OpenAI-shaped (errors.py): PoolError by its kind, JobError by
 JOB_STATUS (507 for a full data disk or the data limit, 429 past an owner's
 limits). Handlers are plain functions: FastAPI runs them off the loop.
 unavailable_router: every /v1/jobs route answers 503 jobs_unavailable (the
-data disk was full at start).
+data disk was full at start, or the job store's file is damaged: the answer says which).
 """
 
 from __future__ import annotations
@@ -333,7 +333,7 @@ def unavailable_router(why: str, on_refused=None) -> APIRouter:
     """/v1/jobs when the server started without jobs: 503 on every route, saying why
     (each counted by `on_refused`, /metrics' refusals)."""
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-    message = f"jobs are unavailable on this server: {why}; restart it once there is space"
+    message = f"jobs are unavailable on this server: {why}"
 
     @router.api_route("", methods=["GET", "POST"], include_in_schema=False)
     @router.api_route(

@@ -145,6 +145,29 @@ def storage_error(e: BaseException, folder: Path) -> JobError:
     return JobError(JobErrorKind.STORAGE, f"the job store in {folder} failed: {e}")
 
 
+def is_damaged(e: BaseException) -> bool:
+    """SQLite's SQLITE_CORRUPT or SQLITE_NOTADB: the file is not (or no longer) a sound
+    database: cut short, overwritten, or not a database at all."""
+    code = (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
+    return isinstance(e, sqlite3.Error) and code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def open_error(e: sqlite3.Error, db: Path) -> JobError:
+    """Why the database file `db` could not be opened: DISK_FULL (its disk is full),
+    STORAGE (the file is damaged: the server serves without jobs; the file is left as it
+    is for the operator), DATA_DIR (it cannot be used: the server does not start)."""
+    if is_disk_full(e) or out_of_space(db.parent) or size_limited(db.parent):
+        return storage_error(e, db.parent)
+    if is_damaged(e):
+        return JobError(
+            JobErrorKind.STORAGE,
+            f"the job store {db} is damaged ({e}) and was left as it is; stop the server "
+            f"and move the file aside (the next start makes a new, empty one), or recover "
+            f"its jobs into a new file (sqlite3 {db.name} .recover), then start again",
+        )
+    return JobError(JobErrorKind.DATA_DIR, f"cannot open {db}: {e}")
+
+
 def file_size(path: Path) -> int:
     try:
         return path.stat().st_size

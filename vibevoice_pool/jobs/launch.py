@@ -1,6 +1,7 @@
 """The server's jobs, wired at launch: the store in the data folder, the runner over
-the pool, and what happens when the data disk is full at start (the server
-serves without jobs: /v1/jobs answers 503 jobs_unavailable).
+the pool, and what happens when the data disk is full at start or the job store's
+file is damaged (the server serves without jobs: /v1/jobs answers 503
+jobs_unavailable, saying why).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ log = logging.getLogger("vibevoice_pool")
 
 def open_store(cfg: PoolConfig) -> tuple[JobStore | None, str]:
     """The server's JobStore in config.data_dir(cfg), or (None, why) when the data
-    disk is too full to open it: the server then starts without jobs. ConfigError
+    disk is too full to open it or its file is damaged: the server then starts without
+    jobs. ConfigError
     when the folder cannot be used at all (another server holds it, not writable)."""
     from vibevoice_pool import config
 
@@ -34,8 +36,11 @@ def open_store(cfg: PoolConfig) -> tuple[JobStore | None, str]:
         )
     except JobError as e:
         if e.kind in (JobErrorKind.DISK_FULL, JobErrorKind.STORAGE):
-            log.error("Jobs are unavailable: %s", e.message)
-            return None, e.message
+            why = e.message
+            if e.kind is JobErrorKind.DISK_FULL:
+                why += "; restart it once there is space"
+            log.error("Jobs are unavailable: %s", why)
+            return None, why
         raise config.ConfigError(e.message) from e
     return store, ""
 

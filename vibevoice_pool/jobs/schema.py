@@ -77,6 +77,17 @@ _KEYED = "CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (owner, idem_key
 INCREMENTAL = 2  # PRAGMA auto_vacuum's value
 
 
+def check_intact(conn: sqlite3.Connection) -> None:
+    """sqlite3.DatabaseError (SQLITE_CORRUPT) when the file's pages do not hold together
+    (PRAGMA quick_check: a file cut short or overwritten in part, which opens but fails
+    in the middle of a query later); before anything is written to it."""
+    found = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+    if found != "ok":
+        err = sqlite3.DatabaseError(f"database disk image is malformed: {found}")
+        err.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+        raise err
+
+
 class NewerStore(Exception):
     """The file was written by a newer version of the server (its schema `version`)."""
 

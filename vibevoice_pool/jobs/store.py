@@ -45,12 +45,10 @@ from .disk import (
     check_room,
     drop_body,
     folder_bytes,
-    is_disk_full,
     lock_folder,
-    out_of_space,
+    open_error,
     read_body,
     reclaim_space,
-    size_limited,
     storage_error,
     write_body,
 )
@@ -65,7 +63,7 @@ from .records import (  # noqa: F401 (re-exported: the store's users import them
     JobState,
     job_from_row,
 )
-from .schema import NewerStore, migrate
+from .schema import NewerStore, check_intact, migrate
 
 DB_NAME = "jobs.db"
 LOCK_NAME = "jobs.lock"
@@ -97,7 +95,8 @@ class JobStore:
     ) -> JobStore:
         """Open (or create) the store in `folder`, taking its lock. JobError
         DATA_DIR if another server holds it, it cannot be written or a newer
-        version wrote it, DISK_FULL when its disk is too full to open it."""
+        version wrote it, DISK_FULL when its disk is too full to open it, STORAGE
+        when its file is damaged (disk.open_error)."""
         folder = Path(folder).expanduser()
         limits = Limits(int(disk_limit_mb * 2**20), int(owner_disk_mb * 2**20), owner_max_active)
         lock_fd = lock_folder(folder, RESULTS_DIR, LOCK_NAME)
@@ -109,6 +108,7 @@ class JobStore:
                 conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a finished transition survives power loss
             conn.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT}")
+            check_intact(conn)  # damage found now, not by a query while it serves
             migrate(conn)
         except NewerStore as e:
             conn.close()
@@ -116,9 +116,7 @@ class JobStore:
             raise JobError(JobErrorKind.DATA_DIR, f"{folder / DB_NAME} {e}") from None
         except sqlite3.Error as e:
             os.close(lock_fd)
-            if is_disk_full(e) or out_of_space(folder) or size_limited(folder):
-                raise storage_error(e, folder) from e
-            raise JobError(JobErrorKind.DATA_DIR, f"cannot open {folder / DB_NAME}: {e}") from e
+            raise open_error(e, folder / DB_NAME) from e
         return cls(folder, conn, lock_fd, limits)
 
     def close(self) -> None:
