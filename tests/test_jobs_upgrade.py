@@ -4,6 +4,7 @@ older or a newer version, a migration killed half-way, damaged files at launch."
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 
 import pytest
 from conftest import Server
@@ -134,3 +135,34 @@ def test_a_launch_on_a_damaged_store_serves_without_jobs_and_says_why(tmp_path):
     finally:
         s.stop()
     assert (data / "jobs.db").read_bytes() == before  # left for the operator to recover
+
+
+@dataclass(frozen=True)
+class Req:  # what resume reads of a request: a copy of it carries the saved history
+    resume: object = None
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped", "empty"])
+def test_a_damaged_saved_history_runs_the_job_from_its_start(tmp_path, caplog, damage):
+    """A job's saved history (progress/<id>.hist) damaged on disk: the job runs again
+    from its start, with a warning, instead of failing as 'building the request failed'
+    (a cut npz is zipfile.BadZipFile, an empty one EOFError)."""
+    import numpy as np
+
+    from vibevoice_pool.jobs.progress import Progress
+    from workers.wire.history import History
+
+    progress = Progress(tmp_path)
+    hist = History(b"\x01" * 60, b"\x02" * 40, 4, 2400, None)
+    progress._save("j", np.ones(2400, dtype=np.float32), 0, hist)
+    request = Req()
+    assert progress.resume("j", request)[0].resume == hist  # sound: it resumes
+    path = tmp_path / "progress" / "j.hist"
+    raw = path.read_bytes()
+    path.write_bytes(
+        {"cut": raw[: len(raw) // 2], "empty": b""}.get(damage)
+        or raw[: len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 0xFF]) + raw[len(raw) // 2 + 1 :]
+    )
+    again, audio = Progress(tmp_path).resume("j", request)
+    assert again is request and len(audio) == 0
+    assert any("unreadable" in r.getMessage() for r in caplog.records)

@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import time
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,7 +64,7 @@ class Progress:
             pcm = np.fromfile(pcm_path, dtype=np.float32)
         except FileNotFoundError:
             return req, empty
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # cut, bad
             log.warning(
                 "job %s: its saved progress is unreadable (%s): run from its start", job_id, e
             )
