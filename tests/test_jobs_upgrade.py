@@ -166,3 +166,24 @@ def test_a_damaged_saved_history_runs_the_job_from_its_start(tmp_path, caplog, d
     again, audio = Progress(tmp_path).resume("j", request)
     assert again is request and len(audio) == 0
     assert any("unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_current_store_short_of_a_column_is_mended_at_open(tmp_path):
+    """user_version says current, but a column is gone (a hand edit, a tool that copied
+    the table): the open adds it back, instead of every new job failing with
+    'table jobs has no column named idem_fp'."""
+    data = tmp_path / "data"
+    store = JobStore.open(data)
+    add_job(store, "kept")
+    store.close()
+    conn = sqlite3.connect(data / "jobs.db")
+    conn.execute("DROP INDEX jobs_by_key")
+    conn.execute("ALTER TABLE jobs DROP COLUMN idem_fp")
+    conn.commit()
+    conn.close()
+    store = JobStore.open(data)
+    try:
+        add_job(store, "new")
+        assert store.get("kept") is not None and store.get("new") is not None
+    finally:
+        store.close()

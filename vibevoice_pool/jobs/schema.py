@@ -107,14 +107,15 @@ def migrate(conn: sqlite3.Connection) -> None:
     found = conn.execute("PRAGMA user_version").fetchone()[0]
     if found > SCHEMA_VERSION:
         raise NewerStore(found)
-    if found == SCHEMA_VERSION:
-        return  # current: nothing to write
+    have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if found == SCHEMA_VERSION and have.issuperset(name for name, _ in ADDED_COLUMNS):
+        return  # current: nothing to write (a current file short of a column is mended)
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
         conn.execute(f"PRAGMA auto_vacuum={INCREMENTAL}")  # a new file takes it at once
         if conn.execute("PRAGMA page_count").fetchone()[0] > 0:
             conn.execute("VACUUM")  # an older file: rebuilt once to take it
     conn.executescript(_SCHEMA)
-    have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}  # a new file's too
     for name, sql_type in ADDED_COLUMNS:
         if name not in have:
             conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
