@@ -187,3 +187,65 @@ def test_a_current_store_short_of_a_column_is_mended_at_open(tmp_path):
         assert store.get("kept") is not None and store.get("new") is not None
     finally:
         store.close()
+
+
+KILLED_MIGRATION = """
+import os, signal, sqlite3, sys
+from vibevoice_pool.jobs.store import JobStore
+
+at = sys.argv[2]
+connect = sqlite3.connect
+
+def traced(*args, **kw):
+    conn = connect(*args, **kw)
+    def kill(sql):
+        if at in sql:
+            os.kill(os.getpid(), signal.SIGKILL)
+    conn.set_trace_callback(kill)
+    return conn
+
+sqlite3.connect = traced
+JobStore.open(sys.argv[1])
+print("not killed")
+"""
+
+
+@pytest.mark.parametrize(
+    "at", ["VACUUM", "CREATE INDEX IF NOT EXISTS jobs_by_owner", "ADD COLUMN idem_key", "UNIQUE"]
+)
+def test_an_upgrade_killed_half_way_is_finished_by_the_next_open(tmp_path, at):
+    """A server SIGKILLed while it upgrades a version 1 store (at the VACUUM, between its
+    CREATEs, between two ADD COLUMNs, before user_version): the next open finishes the
+    upgrade, and the old jobs are all there."""
+    import subprocess
+    import sys
+
+    from test_jobs_store import V1_JOBS
+
+    data = tmp_path / "data"
+    data.mkdir()
+    old = sqlite3.connect(data / "jobs.db")
+    old.executescript(V1_JOBS)
+    for i in range(50):
+        old.execute(
+            "INSERT INTO jobs (id, owner, state, body, format, seed, est_audio_s, est_bytes,"
+            " created_at) VALUES (?, 'me', 'queued', '{}', 'wav', 1, 1.0, 10, ?)",
+            (f"old{i}", T0 + i),
+        )
+    old.commit()
+    old.close()
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED_MIGRATION, str(data), at], capture_output=True, text=True
+    )
+    assert run.returncode == -9, run.stdout + run.stderr  # killed where asked
+    store = JobStore.open(data)
+    try:
+        assert len(store.list("me", limit=100)[0]) == 50
+        add_job(store, "new")
+        assert store.get("new").state.value == "queued"
+    finally:
+        store.close()
+    conn = sqlite3.connect(data / "jobs.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+    conn.close()
