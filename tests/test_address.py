@@ -130,3 +130,15 @@ def test_a_stopping_server_withdraws_its_address_first(here, tmp_path):
         assert not page_files.exists()
     finally:
         s.stop()
+
+
+def test_a_live_launchs_file_of_another_layout_is_passed_over(here):
+    """A file another version's live launch wrote, without the url this one reads: the
+    commands pass it over (and leave it to its launch) instead of a KeyError."""
+    here.mkdir(mode=0o700)
+    me = psutil.Process()
+    other = here / f"{me.pid}.json"
+    other.write_text(json.dumps({"pid": me.pid, "created": me.create_time(), "urls": ["x"]}))
+    assert running.servers() == []
+    assert running.default_url() == running.FALLBACK_URL
+    assert other.exists()

@@ -13,7 +13,8 @@ The folder is $XDG_RUNTIME_DIR/vibevoice-pool, else vibevoice-pool-<uid> in the 
 folder, made mode 0700; one that another user owns or others can write is not used
 (a file there could point the commands, and their API key, elsewhere). A file names
 its launch's pid and start time, so a pid the system gave to another process since
-does not count as the server.
+does not count as the server. A file is {"url", "pid", "created"}; a live launch's
+file without a url (another version's layout) is passed over and left to it.
 """
 
 from __future__ import annotations
@@ -118,10 +119,11 @@ def servers() -> list[Server]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and _alive(record):
-            found.append(Server(str(record["url"]), int(record["pid"])))
-        else:  # its launch is gone (SIGKILL, a crash): the file says nothing now
-            path.unlink(missing_ok=True)
+        if not (isinstance(record, dict) and _alive(record)):
+            path.unlink(missing_ok=True)  # its launch is gone (SIGKILL, a crash)
+        elif isinstance(record.get("url"), str):
+            found.append(Server(record["url"], int(record["pid"])))
+        # else: a live launch of another version wrote it in another layout: left to it
     return found
 
 
