@@ -249,3 +249,38 @@ def test_an_upgrade_killed_half_way_is_finished_by_the_next_open(tmp_path, at):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
     conn.close()
+
+
+@pytest.mark.parametrize("damage", ["gone", "cut"])
+def test_a_job_whose_stored_body_is_gone_fails_and_the_next_one_runs(tmp_path, caplog, damage):
+    """A queued job's large body (bodies/<id>.json) deleted or cut short on disk: the job
+    fails storage_error, with one line saying why, and the job behind it runs. (A missing
+    file was JobError NOT_FOUND, which the runner took for a job gone meanwhile: it picked
+    the same job again at once, for ever, and no job ran.)"""
+    from jobs_fakes import SCRIPT, FakePool, build, wait_state
+
+    from vibevoice_pool.jobs.runner import JobRunner
+    from vibevoice_pool.jobs.store import JobState
+
+    store = JobStore.open(tmp_path / "data")
+    for job_id, body, at in (
+        ("big", {"script": SCRIPT, "pad": "x" * 300_000}, T0),  # past 256 KB: a file
+        ("next", {"script": SCRIPT}, T0 + 1),
+    ):
+        store.create(
+            job_id, owner="me", body=body, fmt="wav", seed=1, est_audio_s=4.0, est_bytes=10, at=at
+        )
+    (path,) = (tmp_path / "data" / "bodies").iterdir()
+    if damage == "gone":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:1000])
+    runner = JobRunner(store, FakePool(), build, queue_depth=2).start()
+    try:
+        failed = wait_state(runner, "big", JobState.FAILED)
+        assert failed.error_code == "storage_error" and "cannot be read" in failed.error
+        wait_state(runner, "next", JobState.DONE)
+    finally:
+        runner.stop()
+    assert not [r for r in caplog.records if r.exc_info]  # said in a line, no traceback
+    assert [r for r in caplog.records if "job big failed: storage_error" in r.getMessage()]

@@ -7,8 +7,8 @@
         next queued job, fair between owners (store.next_queued), an owner
         holding at most `owner_running` jobs in the pool (0: its rows but one,
         so another owner's job starts at once)
-        -> Request from the stored body -> pool.submit (OVERLOADED / UNAVAILABLE: it
-           stays queued; try again in a moment)
+        -> Request from the stored body (unreadable: failed) -> pool.submit (OVERLOADED /
+           UNAVAILABLE: it stays queued; try again in a moment)
         -> claim (queued -> running) -> follow the handle: audio made = progress
         Done: encode, write results/<id>.<fmt> (temp file, fsync, rename), running -> done;
         a write error (disk full, I/O) -> failed. Failed: running -> failed (the pool retried)
@@ -252,9 +252,7 @@ class JobRunner:
 
     def owner_cap(self) -> int:
         """How many jobs of one owner may be in the pool at once."""
-        if self.owner_running > 0:
-            return self.owner_running
-        return max(1, self._capacity() - 1)
+        return self.owner_running if self.owner_running > 0 else max(1, self._capacity() - 1)
 
     def _upkeep(self) -> None:
         """Each tick, off the loop: places changed, writes the disk refused, orphans, space."""
@@ -355,8 +353,10 @@ class JobRunner:
             try:
                 req = await asyncio.to_thread(self._build, self.store.body(job.id))
                 req, prior = self.progress.resume(job.id, req)  # a restart goes on
-            except JobError:
-                continue  # it expired or went away meanwhile
+            except JobError as e:
+                if e.kind is JobErrorKind.STORAGE:  # its body is gone or damaged on disk
+                    self._fail(job.id, e.kind.value, e.message)
+                continue  # else it expired or went away meanwhile
             except m.PoolError as e:
                 self._fail(job.id, e.kind.value, f"the stored request cannot run: {e.message}")
                 continue

@@ -141,8 +141,10 @@ class JobStore:
             raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id}")
         try:
             return read_body(self.folder, row[0])
-        except FileNotFoundError:
-            raise JobError(JobErrorKind.NOT_FOUND, f"the body of job {job_id} is gone") from None
+        except (OSError, ValueError) as e:  # its file gone or damaged: it can never run
+            raise JobError(
+                JobErrorKind.STORAGE, f"the stored request of job {job_id} cannot be read: {e}"
+            ) from None
 
     def list(
         self, owner: str, *, limit: int = 20, offset: int = 0, state: JobState | None = None
