@@ -284,3 +284,41 @@ def test_a_job_whose_stored_body_is_gone_fails_and_the_next_one_runs(tmp_path, c
         runner.stop()
     assert not [r for r in caplog.records if r.exc_info]  # said in a line, no traceback
     assert [r for r in caplog.records if "job big failed: storage_error" in r.getMessage()]
+
+
+def test_a_result_cut_short_on_disk_is_a_typed_error_not_a_broken_file(tmp_path, caplog):
+    """A done job's result file cut short (a disk fault, a copy of the data folder taken
+    while it was written): GET .../audio answers 500 storage_error saying so, and the log
+    names the file, instead of 200 with a file that does not decode."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from jobs_fakes import SCRIPT, FakePool, build, wait_state
+
+    from vibevoice_pool.api.jobs import jobs_router
+    from vibevoice_pool.jobs.runner import JobRunner
+    from vibevoice_pool.jobs.store import JobState
+
+    class Front:
+        class cfg:
+            api_key = ""
+
+    runner = JobRunner(JobStore.open(tmp_path / "data"), FakePool(), build, queue_depth=2)
+    runner.start()
+    try:
+        app = FastAPI()
+        app.include_router(jobs_router(Front(), runner))
+        client = TestClient(app)
+        sent = client.post("/v1/jobs", json={"script": SCRIPT})
+        job = wait_state(runner, sent.json()["id"], JobState.DONE)
+        mine = {"X-Owner-Token": sent.headers["x-owner-token"]}
+        whole = client.get(f"/v1/jobs/{job.id}/audio", headers=mine)
+        assert whole.status_code == 200 and len(whole.content) == job.result_bytes
+        path = runner.result_file(job)
+        path.write_bytes(whole.content[: len(whole.content) // 2])
+        cut = client.get(f"/v1/jobs/{job.id}/audio", headers=mine)
+        assert cut.status_code == 500
+        error = cut.json()["error"]
+        assert error["code"] == "storage_error" and "damaged" in error["message"]
+        assert any(str(path) in r.getMessage() for r in caplog.records)
+    finally:
+        runner.stop()

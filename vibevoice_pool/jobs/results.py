@@ -10,6 +10,7 @@ GET /v1/jobs/{id}/audio.
                                        to resume, or the server died before its run ended)
     result_file(store, job)            the file of a done job, or of a cancelled one that
                                        kept its audio; else the JobError that says why not
+                                       (one no longer its written size: STORAGE, damaged)
 
 The store names the file in the job's row (result_path); a file no row names is
 swept at the next start (disk.sweep_orphans).
@@ -86,7 +87,7 @@ def keep_saved(store, progress, job_id: str) -> float:
 
 def result_file(store, job: Job) -> Path:
     """The result of a done job (or a cancelled one's audio). JobError NOT_READY,
-    NO_AUDIO (it never comes), NOT_FOUND."""
+    NO_AUDIO (it never comes), NOT_FOUND (gone), STORAGE (not the size it was written at)."""
     if job.state is JobState.FAILED or (job.state is JobState.CANCELLED and not job.result_path):
         why = f" ({job.error})" if job.error else ""
         made = " before it made any audio" if job.state is JobState.CANCELLED else ""
@@ -96,6 +97,16 @@ def result_file(store, job: Job) -> Path:
         msg = f"job {job.id} is {job.state.value}; its audio exists once it is done"
         raise JobError(JobErrorKind.NOT_READY, msg)
     path = store.folder / job.result_path
-    if not path.is_file():
+    try:
+        size = path.stat().st_size if path.is_file() else -1
+    except OSError:
+        size = -1
+    if size < 0:
         raise JobError(JobErrorKind.NOT_FOUND, f"the result of job {job.id} is gone from disk")
+    if size != job.result_bytes:  # cut short or overwritten since it was written
+        log.warning(
+            "job %s: its result %s is %d bytes, not %d", job.id, path, size, job.result_bytes
+        )
+        msg = f"the result of job {job.id} is damaged on disk ({size} of {job.result_bytes} bytes)"
+        raise JobError(JobErrorKind.STORAGE, msg + "; submit it again")
     return path
