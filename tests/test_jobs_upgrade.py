@@ -193,15 +193,22 @@ KILLED_MIGRATION = """
 import os, signal, sqlite3, sys
 from vibevoice_pool.jobs.store import JobStore
 
-at = sys.argv[2]
+at, mid = sys.argv[2], sys.argv[3] == "mid"
 connect = sqlite3.connect
+steps = []
 
 def traced(*args, **kw):
     conn = connect(*args, **kw)
-    def kill(sql):
-        if at in sql:
+    def kill(sql):  # as the statement starts, or (mid) some way into it
+        if at in sql and not mid:
             os.kill(os.getpid(), signal.SIGKILL)
+        steps.append(at in sql)
+    def midway():
+        if steps and steps[-1]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return 0
     conn.set_trace_callback(kill)
+    conn.set_progress_handler(midway, 5000)
     return conn
 
 sqlite3.connect = traced
@@ -211,12 +218,19 @@ print("not killed")
 
 
 @pytest.mark.parametrize(
-    "at", ["VACUUM", "CREATE INDEX IF NOT EXISTS jobs_by_owner", "ADD COLUMN idem_key", "UNIQUE"]
+    "at, mid",
+    [
+        ("VACUUM", "mid"),
+        ("VACUUM", "start"),
+        ("CREATE INDEX IF NOT EXISTS jobs_by_owner", "start"),
+        ("ADD COLUMN idem_key", "start"),
+        ("UNIQUE", "start"),
+    ],
 )
-def test_an_upgrade_killed_half_way_is_finished_by_the_next_open(tmp_path, at):
-    """A server SIGKILLed while it upgrades a version 1 store (at the VACUUM, between its
-    CREATEs, between two ADD COLUMNs, before user_version): the next open finishes the
-    upgrade, and the old jobs are all there."""
+def test_an_upgrade_killed_half_way_is_finished_by_the_next_open(tmp_path, at, mid):
+    """A server SIGKILLed while it upgrades a version 1 store (in the middle of its VACUUM,
+    before it, between its CREATEs, between two ADD COLUMNs, before user_version): the
+    next open finishes the upgrade, and the old jobs are all there."""
     import subprocess
     import sys
 
@@ -226,21 +240,21 @@ def test_an_upgrade_killed_half_way_is_finished_by_the_next_open(tmp_path, at):
     data.mkdir()
     old = sqlite3.connect(data / "jobs.db")
     old.executescript(V1_JOBS)
-    for i in range(50):
+    for i in range(2000):  # enough rows that the VACUUM is killed in its middle
         old.execute(
             "INSERT INTO jobs (id, owner, state, body, format, seed, est_audio_s, est_bytes,"
-            " created_at) VALUES (?, 'me', 'queued', '{}', 'wav', 1, 1.0, 10, ?)",
-            (f"old{i}", T0 + i),
+            " created_at) VALUES (?, 'old', 'queued', ?, 'wav', 1, 1.0, 10, ?)",
+            (f"old{i}", '{"script": "Speaker 1: %s"}' % ("x" * 2000), T0 + i),  # pages to copy
         )
     old.commit()
     old.close()
     run = subprocess.run(
-        [sys.executable, "-c", KILLED_MIGRATION, str(data), at], capture_output=True, text=True
+        [sys.executable, "-c", KILLED_MIGRATION, str(data), at, mid], capture_output=True, text=True
     )
     assert run.returncode == -9, run.stdout + run.stderr  # killed where asked
     store = JobStore.open(data)
     try:
-        assert len(store.list("me", limit=100)[0]) == 50
+        assert len(store.list("old", limit=5000)[0]) == 2000
         add_job(store, "new")
         assert store.get("new").state.value == "queued"
     finally:
