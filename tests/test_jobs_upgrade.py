@@ -336,3 +336,38 @@ def test_a_result_cut_short_on_disk_is_a_typed_error_not_a_broken_file(tmp_path,
         assert any(str(path) in r.getMessage() for r in caplog.records)
     finally:
         runner.stop()
+
+
+@pytest.mark.parametrize("name, size", [("owner.secret", 32), ("page.secret", 16)])
+def test_a_secret_file_left_empty_is_replaced_not_used_as_an_empty_key(
+    tmp_path, caplog, name, size
+):
+    """A server killed between making a secret file and writing it left it empty, and
+    the next start read b"" as the key: anyone could then sign an owner token (HMAC
+    under an empty key). Such a file is now replaced, with a warning."""
+    import base64
+    import hashlib
+    import hmac
+
+    from vibevoice_pool.api.jobs import OwnerTokens
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / name).write_bytes(b"")  # as the kill left it
+    if name == "owner.secret":
+        tokens = OwnerTokens.in_folder(data)
+        part = "A" * 32  # a token anyone could make under an empty key
+        mac = hmac.new(b"", part.encode(), hashlib.sha256).digest()
+        forged = part + base64.urlsafe_b64encode(mac).decode()[:22]
+        assert not tokens.valid(forged)
+        assert tokens.valid(tokens.mint())
+        secret = tokens._secret
+        again = OwnerTokens.in_folder(data)._secret
+    else:
+        from vibevoice_pool.ui.jobs import _secret
+
+        secret, again = _secret(data).encode(), _secret(data).encode()
+    assert len(secret) == 2 * size and (data / name).read_bytes() == secret  # kept now
+    assert (data / name).stat().st_mode & 0o777 == 0o600
+    assert again == secret  # and used again at the next start, not replaced
+    assert any(name in r.getMessage() and "replaced" in r.getMessage() for r in caplog.records)

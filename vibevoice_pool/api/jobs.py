@@ -47,7 +47,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 
@@ -58,6 +57,7 @@ from vibevoice_pool import encoders
 from vibevoice_pool.api.auth import Keys, caller_of
 from vibevoice_pool.api.errors import FileAnswer, error_response, plain_error
 from vibevoice_pool.api.speech import SynthesizeBody
+from vibevoice_pool.jobs.disk import kept_secret
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import Job, JobError, JobErrorKind, JobState
 from workers.wire.messages import ErrorKind, PoolError
@@ -95,18 +95,11 @@ class OwnerTokens:
     def in_folder(cls, folder) -> OwnerTokens:
         """With the secret kept in `folder` (made once), so tokens outlive a restart;
         a folder that cannot keep it (a full disk) gives a secret for this run only."""
-        path = folder / TOKEN_SECRET_FILE
         try:
-            secret = path.read_bytes().strip()
-        except FileNotFoundError:
-            secret = secrets.token_hex(32).encode()
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secret)
-            except OSError as e:
-                log.warning("Jobs: owner tokens last only until a restart (%s)", e)
-        return cls(secret)
+            return cls(kept_secret(folder / TOKEN_SECRET_FILE, 32))
+        except OSError as e:
+            log.warning("Jobs: owner tokens last only until a restart (%s)", e)
+            return cls(secrets.token_hex(32).encode())
 
     def _sign(self, part: str) -> str:
         mac = hmac.new(self._secret, part.encode(), hashlib.sha256).digest()

@@ -16,13 +16,17 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import resource
+import secrets
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from .records import JobError, JobErrorKind
+
+log = logging.getLogger("vibevoice_pool")
 
 
 @dataclass(frozen=True)
@@ -205,12 +209,12 @@ def lock_folder(folder: Path, results: str, lock_name: str) -> int:
     return lock_fd
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` so that a reader sees all of it or none of it:
     a temporary file beside it, fsync, rename over, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             view = memoryview(data)
             while view:
@@ -270,6 +274,21 @@ def write_body(folder: Path, job_id: str, text: str) -> str:
             path.unlink()
         raise storage_error(e, folder) from e
     return json.dumps({BODY_FILE_KEY: f"{BODIES_DIR}/{path.name}"})
+
+
+def kept_secret(path: Path, size: int) -> bytes:
+    """The secret kept at `path`: `size` random bytes as hex, made when missing (whole
+    or not at all: write_atomic, mode 0600). A file shorter than that (empty: a server
+    killed as it wrote one before writes were atomic) is replaced with a warning: a key
+    that short would let anyone sign. OSError when it cannot be written."""
+    with contextlib.suppress(FileNotFoundError):
+        secret = path.read_bytes().strip()
+        if len(secret) >= 2 * size:
+            return secret
+        log.warning("%s holds %d of %d characters: replaced", path, len(secret), 2 * size)
+    secret = secrets.token_hex(size).encode()
+    write_atomic(path, secret, mode=0o600)
+    return secret
 
 
 def read_body(folder: Path, stored: str) -> dict:

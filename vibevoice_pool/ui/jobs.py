@@ -21,14 +21,13 @@ Call `add_jobs_tab` inside a gr.Blocks().
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 import time
 import uuid
 from pathlib import Path
 
 import gradio as gr
 
+from vibevoice_pool.jobs.disk import kept_secret
 from vibevoice_pool.jobs.runner import JobRunner
 from vibevoice_pool.jobs.store import JobError
 from vibevoice_pool.ui.i18n import explain, language_of, t
@@ -57,15 +56,7 @@ def page_owner(keys, user: str | None, browser_id: str) -> str:
 
 def _secret(folder: Path) -> str:
     """A secret for the browser id, made once and kept in the data folder."""
-    path = folder / SECRET_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        value = secrets.token_hex(16)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(value)
-        return value
+    return kept_secret(folder / SECRET_FILE, 16).decode()
 
 
 def job_table(runner: JobRunner, owner: str, lang: str = "en") -> tuple[dict, list[str]]:
