@@ -267,3 +267,28 @@ def test_a_quiet_upload_is_stored_without_losing_it_to_16_bits(lib):
     gain = np.dot(preset, inline) / np.dot(inline, inline)
     noise_db = 20 * np.log10(np.std(preset - gain * inline) / np.std(inline))
     assert noise_db < -80, f"the stored preset carries noise {noise_db:.1f} dB under the voice"
+
+
+def test_a_damaged_owners_file_is_said_and_kept_aside_not_overwritten(lib, folder, caplog):
+    """A voices' owners file cut short (a disk fault, a copy taken mid-write) or in
+    another layout was read as "no owners" without a word, and the next upload wrote
+    a new one over it: who had uploaded what was lost for good. It is now said once
+    (naming the file), and the next write keeps the damaged file aside first."""
+    lib.add("mine", wav_bytes(tone()), owner="alice")
+    lib.add("theirs", wav_bytes(tone(0.7)), owner="bob")
+    owners = folder / ".owners.json"
+    whole = owners.read_bytes()
+    owners.write_bytes(whole[: len(whole) // 2])  # cut short
+    with caplog.at_level("WARNING", logger="vibevoice_pool"):
+        assert lib.owner("mine") is None and "mine" in lib.presets()  # nothing to go by
+        assert lib.owner("theirs") is None  # read once: one line for this state
+    said = [r.getMessage() for r in caplog.records if "owners file" in r.getMessage()]
+    assert len(said) == 1 and str(owners) in said[0] and "damaged" in said[0], said
+    lib.add("later", wav_bytes(tone(0.8)), owner="carol")
+    kept = sorted(folder.glob(".owners.json.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == whole[: len(whole) // 2]
+    assert lib.owner("later") == "carol"
+    owners.write_text('{"mine": {"owner": "alice"}}')  # another layout: damaged too
+    with caplog.at_level("WARNING", logger="vibevoice_pool"):
+        assert lib.owner("mine") is None
+    assert sum("owners file" in r.getMessage() for r in caplog.records) == 2

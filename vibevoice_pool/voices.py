@@ -1,16 +1,15 @@
 """The voice presets folder: listing, matching, loading, adding and deleting voices.
 
-Owns: one folder of voice samples (wav, mp3, flac, ogg files named like
-`en-Alice_woman.wav`), a cache of their decoded audio, safe file names for
-voices users add, and the synthetic demo voices: tones, written when the
-folder is empty and offered only with the tiny model or the simulator
-(prepare_voices). Real weights would clone a tone, so with them the demo
-voices are hidden, and a speaker without a sample gets no voice prompt: the
-model speaks in its own voice (MODEL_VOICE_NOTE). Crossing its border: voice names (str) in, float32 mono SAMPLE_RATE
-numpy arrays out (what a Request carries), upload bytes in via add(). Every
-user mistake is PoolError(BAD_INPUT) (TooLarge for oversized uploads, NotAudio
-for bytes that are no sound file, VoiceNotFound for a name it does not hold); no
-path outside the folder is ever read, written or removed.
+Owns: one folder of voice samples (wav, mp3, flac, ogg files named like `en-Alice_woman.wav`),
+a cache of their decoded audio, safe file names for voices users add, and the synthetic demo
+voices: tones, written when the folder is empty and offered only with the tiny model or the
+simulator (prepare_voices). Real weights would clone a tone, so with them the demo voices are
+hidden, and a speaker without a sample gets no voice prompt: the model speaks in its own voice
+(MODEL_VOICE_NOTE). Crossing its border: voice names (str) in, float32 mono SAMPLE_RATE numpy
+arrays out (what a Request carries), upload bytes in via add(). Every user mistake is
+PoolError(BAD_INPUT) (TooLarge for oversized uploads, NotAudio for bytes that are no sound file,
+VoiceNotFound for a name it does not hold); no path outside the folder is ever read, written or
+removed.
 
 Ownership: a voice added through add() records its uploader (an owner id, see
 api/auth.py) in the folder's hidden OWNERS_FILE; a file put in the folder by
@@ -39,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vibevoice_pool.audio import decode_upload, encode
-from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError
+from vibevoice_pool.audio import decode_upload, demo_tone, encode
+from workers.wire.messages import ErrorKind, PoolError
 
 VOICE_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".mp3", ".ogg")  # preference order
 MAX_NAME_LENGTH = 64
@@ -191,6 +190,7 @@ class VoiceLibrary:
         self._cache: dict[str, tuple[Path, tuple[int, int], np.ndarray]] = {}
         self._listed: tuple[int, float, dict[str, Path]] | None = None  # mtime_ns, when, names
         self._owned: tuple[tuple, dict[str, str]] | None = None  # (ino, size, mtime_ns), owners
+        self._damaged = False  # the owners file as last read did not parse as one
 
     # ---- owners ----------------------------------------------------------
 
@@ -205,15 +205,28 @@ class VoiceLibrary:
             if kept is not None and kept[0] == stamp:
                 return dict(kept[1])
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        except FileNotFoundError:
             return {}
-        owners = (
-            {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
-        )
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        owners = {k: v for k, v in data.items() if isinstance(v, str)} if data else {}
+        self._damaged = not isinstance(data, dict) or len(owners) < len(data)
+        if self._damaged:  # said once a state of the file (it is read once a stamp)
+            log.warning(
+                "The voices' owners file %s is damaged: the uploads it does not name count as "
+                "presets; it is kept aside as %s.damaged-<time> at the next upload or delete",
+                path,
+                OWNERS_FILE,
+            )
         self._owned = (stamp, owners)
         return dict(owners)
 
     def _save_owners(self, owners: dict[str, str]) -> None:
+        if self._damaged:  # what it held stays for the operator, never overwritten
+            with contextlib.suppress(OSError):
+                path = self.folder / OWNERS_FILE
+                os.replace(path, path.with_name(f"{OWNERS_FILE}.damaged-{time.time_ns()}"))
+            self._damaged = False
         _write_atomic(self.folder, OWNERS_FILE, json.dumps(owners, sort_keys=True).encode())
 
     def owner(self, name: str) -> str | None:
@@ -449,20 +462,6 @@ _DEMO_VOICES: dict[str, float] = {
 }
 
 
-def _demo_tone(f0: float, seconds: float = 3.5, seed: int = 0) -> np.ndarray:
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    # Pitch glides like intonation, with a 5.5 Hz vibrato of 1.5 %.
-    contour = 1.0 + 0.06 * np.sin(2 * np.pi * 0.4 * t + seed)
-    freq = f0 * contour * (1.0 + 0.015 * np.sin(2 * np.pi * 5.5 * t))
-    phase = 2 * np.pi * np.cumsum(freq) / SAMPLE_RATE
-    voice = sum(np.sin(k * phase) / k**1.3 for k in range(1, 9))
-    # Syllable-like loudness at ~3.5 Hz, fades at both ends.
-    syllables = 0.55 + 0.45 * np.sin(2 * np.pi * 3.5 * t + seed) ** 2
-    fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.05)
-    out = voice * syllables * fade
-    return (0.5 * out / np.max(np.abs(out))).astype(np.float32)
-
-
 def prepare_voices(folder: str | os.PathLike, *, synthetic: bool) -> tuple[list[str], str]:
     """Ready the presets folder at launch: the demo voices written (only when `synthetic`,
     the tiny model or the simulator, and the folder holds none), and a line for the log."""
@@ -489,7 +488,7 @@ def ensure_demo_voices(folder: str | os.PathLike) -> list[str]:
         return []
     written = []
     for i, (name, f0) in enumerate(_DEMO_VOICES.items()):
-        wav, _ = encode(_demo_tone(f0, seed=i), "wav")
+        wav, _ = encode(demo_tone(f0, seed=i), "wav")
         _write_atomic(path, name + ".wav", wav)
         written.append(name)
     return written
