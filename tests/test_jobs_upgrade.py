@@ -4,10 +4,11 @@ older or a newer version, a migration killed half-way, damaged files at launch."
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 
 import pytest
-from conftest import Server
+from conftest import Server, wait_until
 
 from vibevoice_pool.jobs.schema import SCHEMA_VERSION
 from vibevoice_pool.jobs.store import JobError, JobErrorKind, JobStore
@@ -371,3 +372,41 @@ def test_a_secret_file_left_empty_is_replaced_not_used_as_an_empty_key(
     assert (data / name).stat().st_mode & 0o777 == 0o600
     assert again == secret  # and used again at the next start, not replaced
     assert any(name in r.getMessage() and "replaced" in r.getMessage() for r in caplog.records)
+
+
+def test_a_store_damaged_while_serving_is_a_typed_error_said_once(tmp_path, caplog):
+    """A jobs.db damaged while the server ran (a bad disk under it) made each read
+    raise sqlite3.DatabaseError: the runner logged a traceback every tick (0.5 s),
+    and /v1/jobs answered a bare 500. A read's SQLite error is now a JobError, as a
+    write's was: STORAGE naming the damaged file and what to do, which the runner
+    says once and waits on, as for a full disk."""
+    from jobs_fakes import FakePool, build
+
+    from vibevoice_pool.jobs.runner import JobRunner
+
+    data = tmp_path / "data"
+    store = JobStore.open(data)
+    for i in range(2000):
+        body = {"script": "Speaker 1: hello there " * 10}
+        args = dict(fmt="wav", seed=1, est_audio_s=1.0, est_bytes=10, at=T0 + i)
+        store.create(f"job{i}", owner=f"owner{i % 50}", body=body, **args)
+    with caplog.at_level("INFO", logger="vibevoice_pool"):
+        runner = JobRunner(store, FakePool(), build, queue_depth=2).start()  # serving
+        try:
+            store._conn.execute("PRAGMA cache_size=1")  # a busy server's: other pages in it
+            store._conn.execute("PRAGMA shrink_memory")
+            with open(data / "jobs.db", "r+b") as f:  # the bad disk, under the running store
+                f.seek(f.seek(0, 2) // 2)
+                f.write(bytes(range(256)) * 256)
+            caplog.clear()
+            with pytest.raises(JobError) as e:
+                store.running_ids(also_queued=True)
+            wait_until(lambda: "is damaged" in caplog.text, 10, what="the damage said")
+            time.sleep(1.5)  # three more ticks of the runner
+        finally:
+            runner.stop(0)
+    assert e.value.kind is JobErrorKind.STORAGE
+    assert "is damaged" in e.value.message and ".recover" in e.value.message
+    said = [r for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is None, caplog.text
+    assert "the runner hit an error" not in caplog.text

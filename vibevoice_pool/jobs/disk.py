@@ -146,7 +146,19 @@ def storage_error(e: BaseException, folder: Path) -> JobError:
             f"the disk of the data folder {folder} is full; new jobs wait until space is "
             "freed (live synthesis still works)",
         )
+    if is_damaged(e):
+        return damaged(e, folder / "jobs.db")
     return JobError(JobErrorKind.STORAGE, f"the job store in {folder} failed: {e}")
+
+
+def damaged(e: BaseException, db: Path) -> JobError:
+    """STORAGE for a damaged database file, with what the operator does about it."""
+    return JobError(
+        JobErrorKind.STORAGE,
+        f"the job store {db} is damaged ({e}) and was left as it is; stop the server "
+        f"and move the file aside (the next start makes a new, empty one), or recover "
+        f"its jobs into a new file (sqlite3 {db.name} .recover), then start again",
+    )
 
 
 def is_damaged(e: BaseException) -> bool:
@@ -163,12 +175,7 @@ def open_error(e: sqlite3.Error, db: Path) -> JobError:
     if is_disk_full(e) or out_of_space(db.parent) or size_limited(db.parent):
         return storage_error(e, db.parent)
     if is_damaged(e):
-        return JobError(
-            JobErrorKind.STORAGE,
-            f"the job store {db} is damaged ({e}) and was left as it is; stop the server "
-            f"and move the file aside (the next start makes a new, empty one), or recover "
-            f"its jobs into a new file (sqlite3 {db.name} .recover), then start again",
-        )
+        return damaged(e, db)
     return JobError(JobErrorKind.DATA_DIR, f"cannot open {db}: {e}")
 
 

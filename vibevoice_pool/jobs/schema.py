@@ -77,6 +77,24 @@ _KEYED = "CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (owner, idem_key
 INCREMENTAL = 2  # PRAGMA auto_vacuum's value
 
 
+def connect(path, journal_limit: int) -> sqlite3.Connection:
+    """The store's connection to the file at `path`: WAL, every commit synced, the
+    file checked whole (check_intact) and brought to SCHEMA_VERSION (migrate).
+    sqlite3.Error or NewerStore (the connection closed) when it cannot be used."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    try:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")  # a finished transition survives power loss
+        conn.execute(f"PRAGMA journal_size_limit={journal_limit}")
+        check_intact(conn)  # damage found now, not by a query while it serves
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def check_intact(conn: sqlite3.Connection) -> None:
     """sqlite3.DatabaseError (SQLITE_CORRUPT) when the file's pages do not hold together
     (PRAGMA quick_check: a file cut short or overwritten in part, which opens but fails

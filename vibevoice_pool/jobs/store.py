@@ -63,7 +63,7 @@ from .records import (  # noqa: F401 (re-exported: the store's users import them
     JobState,
     job_from_row,
 )
-from .schema import NewerStore, check_intact, migrate
+from .schema import NewerStore, connect
 
 DB_NAME = "jobs.db"
 LOCK_NAME = "jobs.lock"
@@ -101,17 +101,8 @@ class JobStore:
         limits = Limits(int(disk_limit_mb * 2**20), int(owner_disk_mb * 2**20), owner_max_active)
         lock_fd = lock_folder(folder, RESULTS_DIR, LOCK_NAME)
         try:
-            conn = sqlite3.connect(
-                folder / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30
-            )
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # a finished transition survives power loss
-            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT}")
-            check_intact(conn)  # damage found now, not by a query while it serves
-            migrate(conn)
+            conn = connect(folder / DB_NAME, JOURNAL_LIMIT)
         except NewerStore as e:
-            conn.close()
             os.close(lock_fd)
             raise JobError(JobErrorKind.DATA_DIR, f"{folder / DB_NAME} {e}") from None
         except sqlite3.Error as e:
@@ -130,12 +121,12 @@ class JobStore:
     # ---- reading -------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        with self._mutex:
+        with self._read():
             row = self._conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
         return job_from_row(row) if row else None
 
     def body(self, job_id: str) -> dict:
-        with self._mutex:
+        with self._read():
             row = self._conn.execute("SELECT body FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             raise JobError(JobErrorKind.NOT_FOUND, f"no job {job_id}")
@@ -157,7 +148,7 @@ class JobStore:
             args += [] if JobState(state) in SHOWN_STATE_SQL else [JobState(state).value]
         sql += " ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
         args += [limit + 1, offset]
-        with self._mutex:
+        with self._read():
             rows = self._conn.execute(sql, args).fetchall()
         return [job_from_row(r) for r in rows[:limit]], len(rows) > limit
 
@@ -165,7 +156,7 @@ class JobStore:
         """The next job to run (see Fairness in the module doc); owners with
         `max_running` jobs running already are passed over."""
         cap = max_running if max_running is not None else 2**62
-        with self._mutex:
+        with self._read():
             row = self._conn.execute(
                 "SELECT q.owner,"
                 " (SELECT COUNT(*) FROM jobs r WHERE r.owner=q.owner AND r.state='running') AS n,"
@@ -185,14 +176,13 @@ class JobStore:
 
     def running_ids(self, also_queued: bool = False) -> set[str]:
         states = "('running', 'queued')" if also_queued else "('running')"
-        with self._mutex:
-            return {
-                r[0] for r in self._conn.execute(f"SELECT id FROM jobs WHERE state IN {states}")
-            }
+        with self._read():
+            rows = self._conn.execute(f"SELECT id FROM jobs WHERE state IN {states}").fetchall()
+        return {r[0] for r in rows}
 
     def events(self, job_id: str) -> list[tuple[str | None, str, str]]:
         """(from, to, detail) of every transition of a job, in order."""
-        with self._mutex:
+        with self._read():
             return self._conn.execute(
                 "SELECT from_state, to_state, detail FROM events WHERE job_id=? ORDER BY seq",
                 (job_id,),
@@ -202,14 +192,14 @@ class JobStore:
 
     def result_bytes(self) -> int:
         """Bytes of the results on disk (finished jobs)."""
-        with self._mutex:
+        with self._read():
             return self._conn.execute(
                 "SELECT COALESCE(SUM(result_bytes), 0) FROM jobs WHERE state IN ('done','cancelled')"
             ).fetchone()[0]
 
     def reserved_bytes(self, owner: str | None = None) -> int:
         """What the jobs hold or will write (see Disk in the module doc), of one owner or all."""
-        with self._mutex:
+        with self._read():
             if owner is None:
                 return self._conn.execute(f"SELECT {HELD_SQL} FROM jobs").fetchone()[0]
             return self._conn.execute(
@@ -225,6 +215,15 @@ class JobStore:
         enough to give (or `force`). False when the disk refused even that."""
         with self._mutex:
             return reclaim_space(self._conn, self.folder / (DB_NAME + "-wal"), force)
+
+    @contextlib.contextmanager
+    def _read(self):
+        """A read under the mutex; SQLite's errors become JobError, as a write's do."""
+        with self._mutex:
+            try:
+                yield
+            except sqlite3.Error as e:
+                raise storage_error(e, self.folder) from e
 
     @contextlib.contextmanager
     def _tx(self):
@@ -367,13 +366,13 @@ class JobStore:
     def requeue_unfinished(self, at: float) -> list[str]:
         """At start: every job a previous server left running is queued again.
         Returns the ids of the jobs to run (queued now), oldest first."""
-        with self._mutex:
+        with self._read():
             running = [
                 r[0] for r in self._conn.execute("SELECT id FROM jobs WHERE state='running'")
             ]
         for job_id in running:
             self.requeue(job_id, "the server restarted while it ran", at)
-        with self._mutex:
+        with self._read():
             return [
                 r[0]
                 for r in self._conn.execute(
@@ -490,7 +489,7 @@ class JobStore:
 
     def kept_results(self) -> set[str]:
         """The result paths that finished jobs point at (a cancelled job's: what it made)."""
-        with self._mutex:
+        with self._read():
             return {
                 r[0]
                 for r in self._conn.execute(
