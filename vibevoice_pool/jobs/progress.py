@@ -95,12 +95,11 @@ class Progress:
         hist = handle.history.snapshot()
         if hist is None or hist.samples <= on_disk:
             return
-        audio = handle.audio()
-        made = np.concatenate([prior, audio]) if len(prior) else audio
-        if len(made) < hist.samples:
+        new = _unsaved(handle, prior, on_disk)
+        if len(new) < hist.samples - on_disk:
             return  # its audio is on its way: next time
         try:
-            self._save(job_id, made, on_disk, hist)
+            self._save(job_id, new[: hist.samples - on_disk], on_disk, hist)
         except OSError as e:  # a full disk, say: the job goes on, its audio is in memory
             log.warning(
                 "job %s: its progress could not be saved (%s): dropped, so that the disk "
@@ -115,12 +114,13 @@ class Progress:
             return
         self._saved[job_id] = (now, hist.samples)
 
-    def _save(self, job_id: str, made: np.ndarray, on_disk: int, hist: History) -> None:
+    def _save(self, job_id: str, new: np.ndarray, on_disk: int, hist: History) -> None:
+        """`new`: the audio past the `on_disk` samples saved, up to the history's end."""
         pcm_path, hist_path = self._paths(job_id)
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(pcm_path, "ab") as f:
             f.truncate(on_disk * 4)
-            f.write(np.ascontiguousarray(made[on_disk : hist.samples], dtype=np.float32).tobytes())
+            f.write(np.ascontiguousarray(new, dtype=np.float32).tobytes())
             f.flush()
             os.fsync(f.fileno())
         write_atomic(hist_path, _history_bytes(hist))
@@ -144,6 +144,15 @@ class Progress:
         pcm, hist = self._paths(job_id)
         for path in (pcm, hist, hist.with_name(f".{hist.name}.tmp")):  # write_atomic's
             path.unlink(missing_ok=True)
+
+
+def _unsaved(handle, prior: np.ndarray, on_disk: int) -> np.ndarray:
+    """The job's audio past its first `on_disk` samples: the previous server's (`prior`)
+    then the handle's. Only what is past `on_disk` is copied: a tick costs the audio
+    made since the last one, not the row's whole audio (O(n^2) in all for a long row)."""
+    if on_disk >= len(prior):
+        return handle.audio(on_disk - len(prior))
+    return np.concatenate([prior[on_disk:], handle.audio()])
 
 
 def _history_bytes(h: History) -> bytes:

@@ -20,6 +20,7 @@ progress while its <audio> player's stream reads another.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import threading
 import time
@@ -56,6 +57,7 @@ class RequestHandle:
         self._cond = threading.Condition()
         self._wakers: set[Callable[[], None]] = set()  # readers waiting for the next event
         self._chunks: list[np.ndarray] = []
+        self._ends: list[int] = []  # samples received up to the end of each of _chunks
         # the row's history (workers/wire/history.py): what it resumes from when it is
         # sent again; the dispatcher grows it, a job's runner saves it beside its audio
         self.history = HistoryLog(request.resume)
@@ -70,6 +72,7 @@ class RequestHandle:
             if isinstance(event, m.Chunk):
                 self._chunks.append(event.pcm)
                 self.samples += len(event.pcm)
+                self._ends.append(self.samples)
             if isinstance(event, TERMINAL):
                 self.outcome = event
                 self.finished_at = self._clock()
@@ -92,11 +95,20 @@ class RequestHandle:
         if self.outcome is None:
             self._cancel(self.id)
 
-    def audio(self) -> np.ndarray:
-        """Every sample received so far, as one float32 array."""
+    def audio(self, start: int = 0) -> np.ndarray:
+        """The samples received so far from sample `start` on (all of them by default),
+        as one float32 array. Only the chunks past `start` are copied, so a reader that
+        asks for what is new since its last call (a job's progress) copies each sample
+        once, not its row's whole audio each time."""
         with self._cond:
-            parts = list(self._chunks)
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+            first = bisect.bisect_right(self._ends, start)
+            parts = self._chunks[first:]
+            skip = start - (self._ends[first - 1] if first else 0)
+        if not parts:
+            return np.zeros(0, dtype=np.float32)
+        if skip:
+            parts[0] = parts[0][skip:]
+        return np.concatenate(parts)
 
     def result(self, timeout: float | None = None) -> np.ndarray:
         """Block until the end; the audio, or the PoolError it failed with."""
