@@ -107,3 +107,91 @@ def test_a_resumed_jobs_ticks_save_after_its_prior_audio_and_copy_it_once(tmp_pa
     assert seen["bytes"] <= 190 * HOP * 4
     saved = progress.saved_audio("job")
     np.testing.assert_array_equal(saved, np.repeat(np.arange(200, dtype=np.float32), HOP))
+
+
+def counted_history(handle: RequestHandle) -> dict:
+    """Count the history bytes the handle's HistoryLog hands out (a snapshot, a piece)."""
+    seen = {"bytes": 0}
+    log = handle.history
+    for name in ("snapshot", "since"):
+        method = getattr(log, name, None)
+        if method is None:
+            continue
+
+        def counting(*args, _method=method, **kw):
+            out = _method(*args, **kw)
+            if out is not None:
+                seen["bytes"] += len(out.tokens) + len(out.feedback)
+            return out
+
+        setattr(log, name, counting)
+    return seen
+
+
+def test_a_long_jobs_history_is_appended_not_rewritten_each_tick(tmp_path, monkeypatch):
+    """Each tick took a snapshot of the whole history (a copy) and rewrote all of it to
+    .hist: O(n) per second, 32 MB a second at the end of a 90 minute 1.5B job. Now a
+    tick copies the steps since the last and appends them; the file written whole
+    (.hist, its counts) stays the same size."""
+    from vibevoice_pool.jobs import progress as progress_mod
+
+    written: list[int] = []
+    write_atomic = progress_mod.write_atomic
+
+    def counting(path, data):
+        written.append(len(data))
+        return write_atomic(path, data)
+
+    monkeypatch.setattr(progress_mod, "write_atomic", counting)
+    clock = Clock()
+    progress = Progress(tmp_path, clock=clock)
+    h = handle_for()
+    seen = counted_history(h)
+    steps = 300
+    for k in range(steps):
+        feed(h, k)
+        clock.now += 1.0
+        progress.tick("job", h, np.zeros(0, dtype=np.float32))
+    per_step = 4 + 4 * WIDTH
+    assert seen["bytes"] <= steps * per_step  # old code: about steps / 2 times that
+    assert len(written) == steps and max(written) == written[0]  # old: grew with each step
+    req, prior = progress.resume("job", m.Request(id="r2", turns=(m.Turn(0, "hi"),)))
+    assert req.resume.steps == steps and len(prior) == steps * HOP
+    np.testing.assert_array_equal(req.resume.token_array(), np.arange(steps, dtype=np.int32))
+    fed = req.resume.feedback_array()
+    np.testing.assert_array_equal(
+        fed, np.repeat(np.arange(steps, dtype=np.float32), WIDTH).reshape(steps, WIDTH)
+    )
+
+
+def test_a_whole_history_saved_before_steps_were_appended_still_resumes(tmp_path):
+    """A .hist written whole (tokens and feedback inside) by the server before: the job
+    resumes from it, and its next saves write every step to .steps."""
+    import io
+
+    clock = Clock()
+    progress = Progress(tmp_path, clock=clock)
+    progress.dir.mkdir(parents=True)
+    steps = 5
+    tokens = np.arange(steps, dtype="<i4").tobytes()
+    feedback = np.repeat(np.arange(steps, dtype="<f4"), WIDTH).tobytes()
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        tokens=np.frombuffer(tokens, np.uint8),
+        feedback=np.frombuffer(feedback, np.uint8),
+        meta=np.array([WIDTH, steps * HOP, -1], dtype=np.int64),
+        noise=np.zeros(0, np.uint8),
+    )
+    (progress.dir / "job.hist").write_bytes(buf.getvalue())
+    np.repeat(np.arange(steps, dtype=np.float32), HOP).tofile(progress.dir / "job.pcm")
+    req, prior = progress.resume("job", m.Request(id="r", turns=(m.Turn(0, "hi"),)))
+    assert req.resume.steps == steps and len(prior) == steps * HOP
+    h = handle_for(req)
+    for k in range(steps, 12):
+        feed(h, k)
+    clock.now += 10.0
+    progress.tick("job", h, prior)
+    again, prior = progress.resume("job", m.Request(id="r2", turns=(m.Turn(0, "hi"),)))
+    np.testing.assert_array_equal(again.resume.token_array(), np.arange(12, dtype=np.int32))
+    np.testing.assert_array_equal(prior, np.repeat(np.arange(12, dtype=np.float32), HOP))

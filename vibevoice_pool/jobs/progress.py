@@ -1,9 +1,13 @@
 """A running job's progress on disk, beside its audio: what a restart resumes from.
 
     progress/<job id>.pcm    the audio made so far, float32 mono, appended as it comes
-    progress/<job id>.hist   the row's history (workers/wire/history.py) up to a step,
-                             rewritten whole (temp file, fsync, rename) every
-                             CHECKPOINT_S, after the audio it covers is on disk
+    progress/<job id>.steps  the row's history (workers/wire/history.py), appended
+                             step by step: per step its int32 token, then its
+                             float32 feedback (width values)
+    progress/<job id>.hist   how much of those is saved: the steps, the samples, the
+                             width and the noise generator's latest state, rewritten
+                             (temp file, fsync, rename) every CHECKPOINT_S, after the
+                             audio and the steps it counts are on disk
 
 The runner (runner.py) calls:
     resume(job_id, request) -> (request, audio so far)
@@ -20,7 +24,11 @@ The runner (runner.py) calls:
                               result: results.keep_saved), the jobs with files here
 
 The history is saved only up to audio already on disk, so a restart never misses
-audio; the audio past the history is cut off at the restart and made again.
+audio; the audio and steps past the .hist's counts are cut off at the restart and
+made again. A save writes only what is new since the last (the audio from
+RequestHandle.audio(start), the steps from HistoryLog.since(step)): a tick's cost
+does not grow with the job's length. A .hist written whole (tokens and feedback
+inside, before .steps) is still read.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import numpy as np
 
 from vibevoice_pool.jobs.disk import PROGRESS_DIR, write_atomic
 from workers.wire import messages as m
-from workers.wire.history import History
+from workers.wire.history import TOKEN, VALUE, History, HistoryDelta
 
 log = logging.getLogger("vibevoice_pool")
 
@@ -49,10 +57,14 @@ class Progress:
     def __init__(self, folder: Path, clock=time.monotonic):
         self.dir = Path(folder) / PROGRESS_DIR
         self.clock = clock
-        self._saved: dict[str, tuple[float, int]] = {}  # job -> (when, samples on disk)
+        # job -> (when, samples on disk, steps on disk)
+        self._saved: dict[str, tuple[float, int, int]] = {}
 
     def _paths(self, job_id: str) -> tuple[Path, Path]:
         return self.dir / f"{job_id}.pcm", self.dir / f"{job_id}.hist"
+
+    def _steps_path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}.steps"
 
     def resume(self, job_id: str, req: m.Request) -> tuple[m.Request, np.ndarray]:
         """The request with the job's saved history, and the audio that history covers
@@ -60,7 +72,7 @@ class Progress:
         pcm_path, hist_path = self._paths(job_id)
         empty = np.zeros(0, dtype=np.float32)
         try:
-            hist = _read_history(hist_path.read_bytes())
+            hist, whole = _read_history(hist_path.read_bytes(), self._steps_path(job_id))
             pcm = np.fromfile(pcm_path, dtype=np.float32)
         except FileNotFoundError:
             return req, empty
@@ -80,7 +92,8 @@ class Progress:
             hist.steps,
             hist.samples / m.SAMPLE_RATE,
         )
-        self._saved[job_id] = (self.clock(), hist.samples)
+        # an old whole .hist: the next save writes every step to .steps
+        self._saved[job_id] = (self.clock(), hist.samples, 0 if whole else hist.steps)
         with open(pcm_path, "r+b") as f:  # what came after the history is made again
             f.truncate(hist.samples * 4)
         return replace(req, resume=hist), pcm[: hist.samples].copy()
@@ -89,17 +102,17 @@ class Progress:
         """Save the job's progress when CHECKPOINT_S has passed since the last save (or
         now, `force`: the server stops the job, and the next start goes on from here)."""
         now = self.clock()
-        when, on_disk = self._saved.get(job_id, (0.0, 0))
+        when, on_disk, steps = self._saved.get(job_id, (0.0, 0, 0))
         if now - when < CHECKPOINT_S and not (force and now >= when):
             return
-        hist = handle.history.snapshot()
-        if hist is None or hist.samples <= on_disk:
+        piece = handle.history.since(steps)
+        if piece is None or piece.samples <= on_disk:
             return
         new = _unsaved(handle, prior, on_disk)
-        if len(new) < hist.samples - on_disk:
+        if len(new) < piece.samples - on_disk:
             return  # its audio is on its way: next time
         try:
-            self._save(job_id, new[: hist.samples - on_disk], on_disk, hist)
+            self._save(job_id, new[: piece.samples - on_disk], on_disk, piece)
         except OSError as e:  # a full disk, say: the job goes on, its audio is in memory
             log.warning(
                 "job %s: its progress could not be saved (%s): dropped, so that the disk "
@@ -110,20 +123,18 @@ class Progress:
                 RETRY_S,
             )
             self.drop(job_id)
-            self._saved[job_id] = (now + RETRY_S, 0)
+            self._saved[job_id] = (now + RETRY_S, 0, 0)
             return
-        self._saved[job_id] = (now, hist.samples)
+        self._saved[job_id] = (now, piece.samples, piece.start + piece.steps)
 
-    def _save(self, job_id: str, new: np.ndarray, on_disk: int, hist: History) -> None:
-        """`new`: the audio past the `on_disk` samples saved, up to the history's end."""
+    def _save(self, job_id: str, new: np.ndarray, on_disk: int, piece: HistoryDelta) -> None:
+        """`new`: the audio past the `on_disk` samples saved, up to the end of `piece`,
+        the steps past those saved (it starts at the first step not on disk)."""
         pcm_path, hist_path = self._paths(job_id)
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(pcm_path, "ab") as f:
-            f.truncate(on_disk * 4)
-            f.write(np.ascontiguousarray(new, dtype=np.float32).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        write_atomic(hist_path, _history_bytes(hist))
+        _append(pcm_path, on_disk * 4, np.ascontiguousarray(new, dtype=np.float32).tobytes())
+        _append(self._steps_path(job_id), piece.start * _record(piece.width), _records(piece))
+        write_atomic(hist_path, _meta_bytes(piece))
 
     def saved_audio(self, job_id: str) -> np.ndarray:
         """All the audio saved of a job (none when there is no file, or it is unreadable)."""
@@ -142,7 +153,8 @@ class Progress:
     def drop(self, job_id: str) -> None:
         self._saved.pop(job_id, None)
         pcm, hist = self._paths(job_id)
-        for path in (pcm, hist, hist.with_name(f".{hist.name}.tmp")):  # write_atomic's
+        steps = self._steps_path(job_id)
+        for path in (pcm, steps, hist, hist.with_name(f".{hist.name}.tmp")):  # write_atomic's
             path.unlink(missing_ok=True)
 
 
@@ -155,21 +167,59 @@ def _unsaved(handle, prior: np.ndarray, on_disk: int) -> np.ndarray:
     return np.concatenate([prior[on_disk:], handle.audio()])
 
 
-def _history_bytes(h: History) -> bytes:
+def _append(path: Path, keep: int, data: bytes) -> None:
+    """`data` after the first `keep` bytes of `path` (what a failed save left past
+    them goes), on disk before this returns."""
+    with open(path, "ab") as f:
+        f.truncate(keep)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _record(width: int) -> int:
+    """The bytes of one step in .steps: its token, then its feedback."""
+    return TOKEN.itemsize + width * VALUE.itemsize
+
+
+def _records(piece: HistoryDelta) -> bytes:
+    rows = np.zeros((piece.steps, _record(piece.width)), dtype=np.uint8)
+    rows[:, : TOKEN.itemsize] = np.frombuffer(piece.tokens, np.uint8).reshape(piece.steps, -1)
+    if piece.width:
+        rows[:, TOKEN.itemsize :] = np.frombuffer(piece.feedback, np.uint8).reshape(piece.steps, -1)
+    return rows.tobytes()
+
+
+def _meta_bytes(piece: HistoryDelta) -> bytes:
     buf = io.BytesIO()
-    noise_at, noise = h.noise if h.noise else (-1, b"")
+    noise_at, noise = piece.noise if piece.noise else (-1, b"")
+    steps = piece.start + piece.steps
     np.savez(
         buf,
-        tokens=np.frombuffer(h.tokens, dtype=np.uint8),
-        feedback=np.frombuffer(h.feedback, dtype=np.uint8),
-        meta=np.array([h.width, h.samples, noise_at], dtype=np.int64),
+        meta=np.array([piece.width, piece.samples, noise_at, steps], dtype=np.int64),
         noise=np.frombuffer(noise, dtype=np.uint8),
     )
     return buf.getvalue()
 
 
-def _read_history(data: bytes) -> History:
+def _read_history(data: bytes, steps_path: Path) -> tuple[History, bool]:
+    """The saved history, and whether it was a whole one (.hist alone, as written
+    before .steps)."""
     with np.load(io.BytesIO(data)) as z:
-        width, samples, noise_at = (int(x) for x in z["meta"])
+        meta = [int(x) for x in z["meta"]]
+        width, samples, noise_at = meta[:3]
         noise = (noise_at, z["noise"].tobytes()) if noise_at >= 0 else None
-        return History(z["tokens"].tobytes(), z["feedback"].tobytes(), width, samples, noise)
+        if "tokens" in z:
+            tokens, feedback = z["tokens"].tobytes(), z["feedback"].tobytes()
+            return History(tokens, feedback, width, samples, noise), True
+    steps = meta[3]
+    size = steps * _record(width)
+    with open(steps_path, "r+b") as f:
+        rows = np.frombuffer(f.read(size), dtype=np.uint8)
+        if len(rows) < size:
+            raise ValueError(f"{steps_path.name} holds fewer than {steps} steps")
+        f.truncate(size)  # steps past the count are made again
+    rows = rows.reshape(steps, -1)
+    tokens = rows[:, : TOKEN.itemsize].tobytes()
+    feedback = rows[:, TOKEN.itemsize :].tobytes()
+    return History(tokens, feedback, width, samples, noise), False

@@ -109,6 +109,23 @@ class HistoryLog:
             self.noise = delta.noise
         return True
 
+    def since(self, step: int) -> HistoryDelta | None:
+        """The steps from `step` to its end as one piece (None when it has none past
+        `step`): a reader that keeps the history elsewhere (a job's progress on disk)
+        copies what is new, not the row's whole history each time."""
+        with self._lock:
+            if self.steps <= step:
+                return None
+            width = max(0, self.width)
+            return HistoryDelta(
+                step,
+                bytes(self.tokens[step * TOKEN.itemsize :]),
+                bytes(self.feedback[step * width * VALUE.itemsize :]),
+                width,
+                self.samples,
+                self.noise,
+            )
+
     def snapshot(self) -> History | None:
         with self._lock:
             if not self.steps:
