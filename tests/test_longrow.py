@@ -195,3 +195,77 @@ def test_a_whole_history_saved_before_steps_were_appended_still_resumes(tmp_path
     again, prior = progress.resume("job", m.Request(id="r2", turns=(m.Turn(0, "hi"),)))
     np.testing.assert_array_equal(again.resume.token_array(), np.arange(12, dtype=np.int32))
     np.testing.assert_array_equal(prior, np.repeat(np.arange(12, dtype=np.float32), HOP))
+
+
+def test_a_streamed_answer_lets_go_of_the_audio_its_client_has():
+    """A streamed answer's handle kept every chunk (and its event) until the answer
+    ended: the parent held the whole answer, 96 KB a second of audio (518 MB at the
+    end of a 90 minute stream), though its client had it all but the last chunk. The
+    stream's reader (speech.encoded) now lets go of what it has read: the chunks
+    pushed are freed as the client gets them."""
+    import asyncio
+    import gc
+    import weakref
+
+    from vibevoice_pool.api import speech
+    from vibevoice_pool.encoders import StreamEncoder
+
+    h = handle_for()
+    refs = []
+    sent = []
+
+    async def client():
+        async for data in speech.encoded(h, StreamEncoder("wav")):
+            sent.append(len(data))
+
+    async def main() -> int:
+        task = asyncio.create_task(client())
+        for k in range(200):
+            pcm = np.full(HOP, k, dtype=np.float32)
+            refs.append(weakref.ref(pcm))
+            h.push(m.Chunk("r", k, pcm))
+            del pcm
+            for _ in range(3):
+                await asyncio.sleep(0)  # the client takes it
+        gc.collect()
+        alive = sum(r() is not None for r in refs)
+        h.push(m.Done("r", 200 * HOP / m.SAMPLE_RATE, 1.0))
+        await task
+        return alive
+
+    alive = asyncio.run(main())
+    assert alive <= 2  # old code: all 200
+    assert sum(sent) == 44 + 200 * HOP * 2  # the wav header, every sample as int16
+    assert h.samples == 200 * HOP and isinstance(h.outcome, m.Done)
+
+
+def test_a_reader_beside_a_releasing_one_still_reads_every_chunk():
+    """What a releasing reader lets go is only what every reader has read: a slower
+    reader that began before it still gets the whole audio."""
+    import asyncio
+
+    h = handle_for()
+
+    async def read(release: bool, pause: int) -> np.ndarray:
+        parts = []
+        async for pcm in h.stream(release=release):
+            parts.append(pcm)
+            for _ in range(pause):
+                await asyncio.sleep(0)
+        return np.concatenate(parts)
+
+    async def main():
+        slow = asyncio.create_task(read(False, 7))
+        fast = asyncio.create_task(read(True, 0))
+        await asyncio.sleep(0)
+        for k in range(50):
+            feed(h, k)
+            await asyncio.sleep(0)
+        h.push(m.Done("r", 50 * HOP / m.SAMPLE_RATE, 1.0))
+        return await slow, await fast
+
+    slow, fast = asyncio.run(main())
+    whole = np.repeat(np.arange(50, dtype=np.float32), HOP)
+    np.testing.assert_array_equal(slow, whole)
+    np.testing.assert_array_equal(fast, whole)
+    assert len(h.audio()) == 0  # both have read it all: nothing is held

@@ -261,10 +261,11 @@ def stream_encoder(fmt: str, speed: float = 1.0):
 async def encoded(handle: RequestHandle, enc: encoders.StreamEncoder):
     """The handle's audio through `enc` as it is made: the header, each chunk's bytes,
     the tail. Raises the PoolError the request failed with; the encoder is closed, and
-    a request still running when its reader stops (the client went away) is cancelled."""
+    a request still running when its reader stops (the client went away) is cancelled.
+    The handle lets go of each chunk once it is read (its one reader: the client's)."""
     try:
         yield await encoders.run(enc, enc.start)
-        async for pcm in handle.stream():
+        async for pcm in handle.stream(release=True):
             data = await encoders.run(enc, enc.push, pcm)
             if data:
                 yield data

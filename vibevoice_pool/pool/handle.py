@@ -10,11 +10,16 @@ then exactly one of Done or Failed). Callers read it one way:
                                   its audio, float32 at 24 kHz, from the first sample;
                                   ends when it is done (handle.outcome is the Done),
                                   raises the typed PoolError when it failed
+    handle.stream(release=True)   the same, for the handle's last reader (a streamed
+                                  answer): what every reader has read is let go, so
+                                  a long stream holds only what its client has not had
     handle.result(timeout)        the same from a plain thread: all the audio, or raises
 
 It takes several readers: each stream reads from the first sample at its own
 pace, and waits (no polling) when it has caught up. The page reads one for its
-progress while its <audio> player's stream reads another.
+progress while its <audio> player's stream reads another. Once a releasing reader
+has begun, a reader that starts later begins at the first event still held, and
+audio() has only the samples not read yet.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ class RequestHandle:
         self.finished_at: float | None = None  # monotonic time of the terminal event
         self.samples = 0  # audio samples received so far
         self._events: list = []  # every event, in order: each reader keeps its own place
+        self._gone = 0  # events let go from the front of _events (a releasing reader's)
+        self._places: dict[object, int] = {}  # each reader's next event, of all pushed
+        self._release = False  # a releasing reader has begun
         self._cond = threading.Condition()
         self._wakers: set[Callable[[], None]] = set()  # readers waiting for the next event
         self._chunks: list[np.ndarray] = []
@@ -103,7 +111,11 @@ class RequestHandle:
         with self._cond:
             first = bisect.bisect_right(self._ends, start)
             parts = self._chunks[first:]
-            skip = start - (self._ends[first - 1] if first else 0)
+            if first:
+                begin = self._ends[first - 1]
+            else:  # the first chunk held (the ones before were let go, or none)
+                begin = self._ends[0] - len(self._chunks[0]) if self._chunks else start
+            skip = max(0, start - begin)
         if not parts:
             return np.zeros(0, dtype=np.float32)
         if skip:
@@ -127,28 +139,36 @@ class RequestHandle:
                 raise _error(event)
             return
 
-    async def stream(self):
+    async def stream(self, release: bool = False):
         """Its audio as it is made, from the first sample; raises the typed PoolError
-        when it failed (after the audio that came before the failure)."""
-        async for event in self._read():
+        when it failed (after the audio that came before the failure). `release`: no
+        one needs what this reader has read after it (a streamed answer): the handle
+        lets go of every event all its readers have read, chunks included."""
+        async for event in self._read(release):
             if isinstance(event, m.Chunk):
                 yield event.pcm
             elif isinstance(event, m.Failed):
                 raise _error(event)
 
-    async def _read(self):
-        """Every event in order from the first, ending with the terminal one."""
+    async def _read(self, release: bool = False):
+        """Every event in order from the first held, ending with the terminal one."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
 
         def waker() -> None:
             loop.call_soon_threadsafe(wake.set)
 
-        read = 0
+        with self._cond:
+            read = self._gone
+            self._places[waker] = read
+            self._release = self._release or release
         try:
             while True:
                 with self._cond:
-                    fresh = self._events[read:]
+                    self._places[waker] = read
+                    if self._release:
+                        self._let_go(min(self._places.values()))
+                    fresh = self._events[read - self._gone :]
                     if not fresh:
                         self._wakers.add(waker)
                 if not fresh:
@@ -163,6 +183,21 @@ class RequestHandle:
         finally:
             with self._cond:
                 self._wakers.discard(waker)
+                del self._places[waker]
+                if self._release:  # the last reader out: all it read goes
+                    self._let_go(min(self._places.values(), default=read))
+
+    def _let_go(self, upto: int) -> None:
+        """Drop the events before `upto` (every reader has read them), and their
+        chunks (under _cond)."""
+        k = upto - self._gone
+        if k <= 0:
+            return
+        chunks = sum(isinstance(e, m.Chunk) for e in self._events[:k])
+        del self._events[:k]
+        del self._chunks[:chunks]
+        del self._ends[:chunks]
+        self._gone += k
 
 
 def wake_now(wakers) -> None:
