@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from bench import common, gpu_record
+from bench.longrow import record as longrow
 from bench.overhead import record as overhead
 from bench.ray_peer import record as ray_peer
 from bench.recovery import record as recovery
@@ -36,6 +37,7 @@ SECTIONS = (
     ("shape", shape),
     ("upsample", upsample),
     ("tempo", tempo),
+    ("longrow", longrow),
     ("ray", ray_peer),
 )
 

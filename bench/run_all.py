@@ -19,6 +19,7 @@ FILE`), `record.py` writes its part of the record from the figures.
     shape/        the step engine's shape (issue 22): dispatches, host syncs, the LM's host time, CB against generate
     upsample/     the decoder's upsampling at 1.5B widths: transformers' conv against conv_stacks
     tempo/        OpenAI's speed: the stretch's cost per second of audio, whole and streamed
+    longrow/      a row's host cost by its length: the worker's step, the parent's stream and job
     ray_peer/     Ray Serve beside the pool
 
 bench_gpu_1p5b.py needs a GPU and is listed, not run. A failed section is
@@ -47,6 +48,7 @@ SECTIONS = (  # name, the module that measures it, its time limit in seconds
     ("shape", "bench.shape.run", 600),
     ("upsample", "bench.upsample.run", 300),
     ("tempo", "bench.tempo.run", 120),
+    ("longrow", "bench.longrow.run", 300),
     ("ray", "bench.ray_peer.run", 900),
 )
 BUDGET_S = 15 * 60

@@ -368,3 +368,20 @@ def test_the_tempo_record_comes_from_the_saved_figures():
     assert f"medians of {d['repeats']} runs" in text
     section = tempo.section({"name": "tempo", "rc": 0, "data": d})
     assert section[0] == tempo.TITLE and "\n".join(section[2:]) == text
+
+
+def test_the_longrow_record_comes_from_the_saved_figures():
+    from bench.longrow import record as longrow
+
+    d = figures("longrow")
+    text = "\n".join(longrow.body(d))
+    for w in d["worker"]:  # each length's step time and Python calls a step
+        assert f"| {w['step_ms']:.1f} | {w['kv_ms']:.1f} | {w['calls_per_step']:.0f} |" in text
+    for mode in ("stream", "job"):
+        for r in d["parent"][mode] + d["before"]["parent"][mode]:
+            assert f"{r['chunk_us']:.0f}" in text
+    job, old = d["parent"]["job"], d["before"]["parent"]["job"]
+    assert f"at {job[-1]['audio_s']:g} s costs {job[-1]['tick_ms']:.1f} ms" in text
+    assert f"{old[-1]['tick_ms']:.1f} ms at {old[-1]['audio_s']:g} s" in text
+    section = longrow.section({"name": "longrow", "rc": 0, "data": d})
+    assert section[0] == longrow.TITLE and "\n".join(section[2:]) == text
