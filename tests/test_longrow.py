@@ -66,6 +66,15 @@ def test_handle_audio_from_a_sample_copies_only_what_follows_it():
         np.testing.assert_array_equal(h.audio(start), whole[start:])
 
 
+def tick_each_chunk(progress, h, clock, steps: int = 300) -> int:
+    """`steps` chunks fed to the handle, a checkpoint after each; `steps`."""
+    for k in range(steps):
+        feed(h, k)
+        clock.now += 1.0
+        progress.tick("job", h, np.zeros(0, dtype=np.float32))
+    return steps
+
+
 def test_a_long_jobs_progress_ticks_copy_each_sample_once(tmp_path):
     """Each tick saved the audio made since the last one, but took it from the whole
     audio, concatenated again (handle.audio()) every CHECKPOINT_S: a 90 minute job
@@ -75,11 +84,7 @@ def test_a_long_jobs_progress_ticks_copy_each_sample_once(tmp_path):
     progress = Progress(tmp_path, clock=clock)
     h = handle_for()
     seen = counted(h)
-    steps = 300
-    for k in range(steps):
-        feed(h, k)
-        clock.now += 1.0  # a checkpoint each chunk
-        progress.tick("job", h, np.zeros(0, dtype=np.float32))
+    steps = tick_each_chunk(progress, h, clock)
     total = steps * HOP * 4
     assert seen["bytes"] <= total  # old code: about steps / 2 times that
     saved = progress.saved_audio("job")
@@ -147,11 +152,7 @@ def test_a_long_jobs_history_is_appended_not_rewritten_each_tick(tmp_path, monke
     progress = Progress(tmp_path, clock=clock)
     h = handle_for()
     seen = counted_history(h)
-    steps = 300
-    for k in range(steps):
-        feed(h, k)
-        clock.now += 1.0
-        progress.tick("job", h, np.zeros(0, dtype=np.float32))
+    steps = tick_each_chunk(progress, h, clock)
     per_step = 4 + 4 * WIDTH
     assert seen["bytes"] <= steps * per_step  # old code: about steps / 2 times that
     assert len(written) == steps and max(written) == written[0]  # old: grew with each step
