@@ -145,6 +145,33 @@ def test_add_and_remove_workers_while_20_requests_run(sim_pool):
         assert {h.worker for h in handles} >= {new}
 
 
+def test_a_removed_workers_slot_is_taken_by_the_next_added_worker(sim_pool):
+    """Adding and removing a worker again and again (an operator, an autoscaler, for
+    weeks) took a slot and its board row for good each time: after SPARE_ROWS cycles
+    every add was refused ("room for 17 workers at most") with one worker up. A
+    removed, stopped worker's slot now goes to the next one, its row as new."""
+    with sim_pool(gpus="cpu:1") as pool:
+        by_id = lambda i: next(w for w in pool.status()["workers"] if w["id"] == i)  # noqa: E731
+        rows = pool.board.rows
+        for _ in range(rows + 2):  # more cycles than the board has rows
+            new = pool.add_worker("cpu")
+            wait_until(lambda n=new: by_id(n)["state"] == "ready", 30, what=f"worker {new}")
+            pid = by_id(new)["pid"]
+            pool.board.set(new, Col.COMPLETED, 7)  # counts of its own, to be forgotten
+            pool.remove_worker(new)
+            wait_until(lambda n=new: n not in pool.live_slots(), 30, what=f"{new} removed")
+            wait_until(lambda p=pid: not pid_alive(p), 15, what="the removed worker to exit")
+        assert len(pool.supervisor.slots) == 2  # worker 0 and the one slot reused
+        new = pool.add_worker("cpu")
+        assert new == 1
+        wait_until(lambda: by_id(new)["state"] == "ready", 30, what="the last added worker")
+        w = by_id(new)
+        assert w["device"] == "cpu:1" and w["restarts"] == 0 and w["completed"] == 0
+        handles = [submit(pool, seed=i) for i in range(4)]
+        assert all(len(h.result(timeout=60)) > 0 for h in handles)
+        assert pool.dispatcher.counters["requeued"] == 0
+
+
 def test_cpu_workers_are_monitored_without_a_driver(sim_pool):
     assert RealNvml.open() is None  # no NVIDIA driver on this machine: no error either
     with sim_pool(gpus="cpu:2", monitor_interval_s=0.2) as pool:

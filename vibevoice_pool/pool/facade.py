@@ -75,7 +75,7 @@ class Pool:
 
     @property
     def placements(self) -> list[Placement]:
-        """Where every slot ever started runs, by slot index (removed ones included)."""
+        """Where each slot runs, by slot index (a removed one until an add takes it)."""
         return [s.placement for s in self.supervisor.slots]
 
     def live_slots(self) -> list[int]:
@@ -334,9 +334,10 @@ class Pool:
                 m.ErrorKind.BAD_INPUT,
                 f'device {device!r}: name one device, "cpu", "cuda:N" or "N"',
             )
+        index = self.supervisor.next_index()  # a removed worker's, or a new one
         try:
             if dev == "cpu":
-                placement = Placement(f"cpu:{len(self.supervisor.slots)}", None)
+                placement = Placement(f"cpu:{index}", None)
             else:
                 placement = plan(gpu, 1, self.gpus)[0]
         except ConfigError as e:  # a GPU this host does not have: the GPUs it has
@@ -344,7 +345,7 @@ class Pool:
         spec = engine_specs(self.cfg, [placement], self.model_path or self.cfg.model_path)[0]
         speeds = self.cfg.sim_speeds
         if speeds:
-            spec = dc_replace(spec, sim_speed=speeds[len(self.supervisor.slots) % len(speeds)])
+            spec = dc_replace(spec, sim_speed=speeds[index % len(speeds)])
         if placement.is_gpu:  # its share of the GPU's free memory: one of all on it now
             on_it = [i for i in self.live_slots() if self.placements[i].device == placement.device]
             if len(on_it) + 1 > spec.gpu_share:

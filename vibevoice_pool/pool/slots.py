@@ -86,6 +86,7 @@ class SlotBackend(Protocol):
     def start(self) -> None: ...
     def wait_ready(self, timeout: float) -> None: ...
     def add_slot(self, placement: Placement, engine: EngineSpec) -> int: ...
+    def next_index(self) -> int: ...
     def remove_slot(self, index: int) -> None: ...
     def restart(self, index: int) -> None: ...
     def shutdown(self, grace_s: float) -> None: ...
@@ -101,6 +102,7 @@ class SlotLifecycle:
     noun = "worker"
     boot_hint = ""
     moves_rows = True  # a removed slot hands its rows back (HandBack) to resume elsewhere
+    reuses_slots = True  # an added worker takes the slot (and board row) of a removed one
 
     def __init__(
         self,
@@ -167,17 +169,38 @@ class SlotLifecycle:
         with self._lock:
             if self._stop.is_set():
                 raise m.PoolError(m.ErrorKind.UNAVAILABLE, "the pool is shutting down")
-            rows = self.board.rows
-            if len(self.slots) >= rows:
+            rows, index = self.board.rows, self._free_index()
+            if index >= rows:
                 raise m.PoolError(
                     m.ErrorKind.BAD_INPUT, f"the pool has room for {rows} workers at most"
                 )
-            slot = self._new_slot(len(self.slots), placement, engine)
-            self.slots.append(slot)
+            slot = self._new_slot(index, placement, engine)
+            if index < len(self.slots):  # a removed worker's: its row and counts go
+                self.board.clear_row(index)
+                self.dispatcher.worker_lost(index, "removed", blame=False)  # holds nothing
+                self.slots[index] = slot
+            else:
+                self.slots.append(slot)
             self._start(slot)
         self._wake()
         slot.log.info("➕ added %s as worker %d", self._label(slot), slot.index)
         return slot.index
+
+    def next_index(self) -> int:
+        """The slot index the next add_slot takes (what its worker will be called)."""
+        with self._lock:
+            return self._free_index()
+
+    def _free_index(self) -> int:
+        """The first slot removed and stopped, its worker gone; else a new one. Without
+        this every add after a remove took a board row for good, and after
+        SPARE_ROWS cycles the pool refused any add with one worker up."""
+        if self.reuses_slots:
+            for s in self.slots:
+                stopped = int(self.board.get(s.index, Col.SLOT_STATE)) == SlotState.STOPPED
+                if s.removed and stopped and getattr(s, "process", None) is None:
+                    return s.index
+        return len(self.slots)
 
     def remove_slot(self, index: int) -> None:
         """Drain a worker, then stop it for good: its rows move to the other workers by

@@ -68,6 +68,7 @@ FAILED_APPS_EVERY_S = 1.0
 class RaySupervisor(SlotLifecycle):
     noun = "replica"
     boot_hint = ", and check that the Ray cluster has the CPUs/GPUs asked for"
+    reuses_slots = False  # a slot's application name and deploy token stay its own
 
     def _setup(self) -> None:
         # the tag keeps our applications' names apart from other pools' of this driver

@@ -108,8 +108,8 @@ class StatusBoard:
             raise OSError(e.errno, _no_room(size, e.strerror)) from None
         _reserve(shm, size)
         board = cls(shm, rows, owner=True)
-        board.table[:] = 0.0
-        board.table[:, Col.HEALTH] = -1
+        for row in range(rows):
+            board.clear_row(row)
         return board
 
     @classmethod
@@ -125,6 +125,12 @@ class StatusBoard:
     def add(self, row: int, col: Col, delta: float) -> None:
         """Only for the column's own writer: read-modify-write is not atomic."""
         self.table[row, col] += delta
+
+    def clear_row(self, row: int) -> None:
+        """A row as new: zeros, and no device health known. Only while nobody writes it
+        (a slot with no worker)."""
+        self.table[row] = 0.0
+        self.table[row, Col.HEALTH] = -1
 
     def snapshot(self) -> np.ndarray:
         return self.table.copy()
