@@ -22,6 +22,7 @@ from bench.respawn import record as respawn
 from bench.resume import record as resume
 from bench.scheduling import record as scheduling
 from bench.shape import record as shape
+from bench.soak import record as soak_record
 from bench.tempo import record as tempo
 from bench.tiny import record as tiny
 from bench.upsample import record as upsample
@@ -119,7 +120,9 @@ def _targets(sections: dict) -> str:
 
 def _not_run(peer_ran: bool) -> list[str]:
     record = gpu_record.newest()  # the last GPU run's section (docs/gpu/*.json)
-    out = [*(gpu_record.section(record) if record else []), "## Not measured here", ""]
+    soak = soak_record.newest()  # the last soak's (docs/soak/*.jsonl): ten minutes, kept
+    out = [*(gpu_record.section(record) if record else [])]
+    out += [*(soak_record.section(soak) if soak else []), "## Not measured here", ""]
     if not record:
         out.append(f"- `bench/{GPU_SCRIPT}` and `bench/gpu_all.py`: on a GPU only.")
     else:

@@ -15,6 +15,7 @@ from bench import common, gpu_record, report
 from bench.overhead import record as overhead
 from bench.recovery import record as recovery
 from bench.scheduling import record as scheduling
+from bench.soak import record as soak
 
 DATA = Path(__file__).parent / "data" / "bench"
 
@@ -385,3 +386,50 @@ def test_the_longrow_record_comes_from_the_saved_figures():
     assert f"{old[-1]['tick_ms']:.1f} ms at {old[-1]['audio_s']:g} s" in text
     section = longrow.section({"name": "longrow", "rc": 0, "data": d})
     assert section[0] == longrow.TITLE and "\n".join(section[2:]) == text
+
+
+def test_the_soak_section_reads_the_saved_rounds(tmp_path):
+    """Per-round figures from a saved soak file; RSS growth per 1,000 requests counted
+    from the first round past the warm-up (the page keeps 5 min of streams)."""
+
+    def row(n, t, requests, rss_kb, fds):
+        kinds = {"socket": fds - 3, "pipe": 2, "file": 1, "memfd": 0}
+        worker = {"pid": 9, "fds": {"pipe": 14}, "threads": 5, "rss_kb": 400 << 10}
+        return {
+            "round": n,
+            "fault": "none",
+            "requests": requests,
+            "errors": [],
+            "t": t,
+            "parent_fds": kinds,
+            "parent_threads": 17,
+            "parent_rss_kb": rss_kb,
+            "workers": [worker],
+            "children": 5,
+            "shm_mapped": ["/dev/shm/psm_x"],
+            "tmp_entries": 12,
+            "data_entries": 8,
+            "restarts": n,
+        }
+
+    info = {
+        "date": "2026-12-07 17:38 UTC",
+        "machine": "test CPU, 2 cores, 24 GiB",
+        "revision": "abc1234",
+        "command": "python -m bench.soak.run --minutes 10",
+        "minutes": 10,
+    }
+    rows = [
+        row(0, 0, 60, 480 << 10, 58),
+        row(1, 200, 120, 490 << 10, 58),
+        row(2, 400, 1120, 491 << 10, 59),
+        row(3, 600, 2120, 493 << 10, 58),
+    ]
+    path = tmp_path / "soak-2026-12-07.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [{"info": info}, *rows]))
+    assert soak.newest(tmp_path) == path
+    text = "\n".join(soak.section(path))
+    assert "## 7. Soak" in text and "commit abc1234" in text and "test CPU" in text
+    assert "| 3 | none | 2120 | 58 (55/2/1/0) | 17 | 493 | 14/5 | 400 |" in text
+    assert "After round 2" in text and "parent descriptors 58-59" in text
+    assert "2048 KiB per 1,000 requests" in text  # (493 - 491) MiB over 1,000 requests
