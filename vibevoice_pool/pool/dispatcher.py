@@ -35,19 +35,11 @@ from typing import Callable
 from vibevoice_pool.pool import events as ev
 from vibevoice_pool.pool import survival
 from vibevoice_pool.pool.handle import RequestHandle, Wakeups, wake_now
-from vibevoice_pool.pool.policies import Ctx, View, choose
+from vibevoice_pool.pool.policies import Ctx, View, choose, snapshot
 from workers.wire import messages as m
-from workers.wire.board import Col, SlotState, StatusBoard, WorkerState
+from workers.wire.board import Col, StatusBoard
 
 log = logging.getLogger("vibevoice_pool")
-
-# Board columns as plain ints, for the hot path.
-_SLOT_STATE, _WORKER_STATE, _CAPACITY = map(int, (Col.SLOT_STATE, Col.WORKER_STATE, Col.CAPACITY))
-_BATCH_LIMIT, _INFLIGHT, _QUEUED = map(int, (Col.BATCH_LIMIT, Col.INFLIGHT, Col.QUEUED_WORK_S))
-_SPEED, _UTIL, _DEVICE = int(Col.SPEED), int(Col.UTIL), int(Col.DEVICE)
-_MEM_USED, _MEM_TOTAL, _MEM_REUSABLE = int(Col.MEM_USED), int(Col.MEM_TOTAL), int(Col.MEM_REUSABLE)
-_RUNNING = float(SlotState.RUNNING)
-_UP = (float(WorkerState.IDLE), float(WorkerState.BUSY))
 
 
 @dataclass
@@ -402,30 +394,9 @@ class Dispatcher:
         self.listeners.queue(event)  # under the lock: the queue keeps the lock's order
 
     def _eligible(self) -> list[View]:
-        """Views of the workers that can take a request now. Each row is read from
-        the board once, as a list of floats (the hot path: no numpy scalars)."""
-        t = self.board.table
-        views = []
-        for slot in self._links:
-            if slot in self._draining:
-                continue
-            row = t[slot].tolist()
-            if row[_SLOT_STATE] != _RUNNING or row[_WORKER_STATE] not in _UP:
-                continue
-            capacity = max(1, int(row[_CAPACITY]))
-            if row[_BATCH_LIMIT] >= 1:
-                capacity = min(capacity, int(row[_BATCH_LIMIT]))
-            inflight = int(row[_INFLIGHT])
-            if not self.has_room(inflight, capacity):
-                continue
-            mem_total = row[_MEM_TOTAL]
-            if row[_DEVICE] < 0 or mem_total <= 0:
-                mem_free = float("inf")  # unknown (CPU, or no NVML sample yet)
-            else:
-                mem_free = mem_total - row[_MEM_USED] + row[_MEM_REUSABLE]
-            stats = (row[_QUEUED], row[_SPEED], row[_MEM_USED], mem_total, row[_UTIL], mem_free)
-            views.append(View(slot, inflight, capacity, *stats))
-        return views
+        """Views of the workers that can take a request now (policies.snapshot)."""
+        up = [slot for slot in self._links if slot not in self._draining]
+        return snapshot(self.board.table, up, self.has_room)
 
     def has_room(self, inflight: int, capacity: int) -> bool:
         """Late binding: a slot takes a request only while it holds fewer than its

@@ -11,13 +11,26 @@ ties rotate with the turn (`pick`), so equal workers share the load.
     round_robin   the next worker in turn
     power_of_two  two at random, the shorter queue of the two
     random        any one
+
+snapshot(table, slots, has_room) reads the eligible workers' Views off the status
+board (the dispatcher's hot path).
 """
 
 from __future__ import annotations
 
 import random as _random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
+
+from workers.wire.board import Col, SlotState, WorkerState
+
+# Board columns as plain ints, for the hot path.
+_SLOT_STATE, _WORKER_STATE, _CAPACITY = map(int, (Col.SLOT_STATE, Col.WORKER_STATE, Col.CAPACITY))
+_BATCH_LIMIT, _INFLIGHT, _QUEUED = map(int, (Col.BATCH_LIMIT, Col.INFLIGHT, Col.QUEUED_WORK_S))
+_SPEED, _UTIL, _DEVICE = int(Col.SPEED), int(Col.UTIL), int(Col.DEVICE)
+_MEM_USED, _MEM_TOTAL, _MEM_REUSABLE = int(Col.MEM_USED), int(Col.MEM_TOTAL), int(Col.MEM_REUSABLE)
+_RUNNING = float(SlotState.RUNNING)
+_UP = (float(WorkerState.IDLE), float(WorkerState.BUSY))
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,31 @@ class View:
     mem_total: float = 0.0
     util: float = 0.0  # percent
     mem_free: float = float("inf")  # bytes free for new work on the device
+
+
+def snapshot(table, slots: Iterable[int], has_room: Callable[[int, int], bool]) -> list[View]:
+    """Views of the workers in `slots` that can take a request now (up, and
+    `has_room(inflight, capacity)`). Each row is read from the board's table once,
+    as a list of floats (the hot path: no numpy scalars)."""
+    views = []
+    for slot in slots:
+        row = table[slot].tolist()
+        if row[_SLOT_STATE] != _RUNNING or row[_WORKER_STATE] not in _UP:
+            continue
+        capacity = max(1, int(row[_CAPACITY]))
+        if row[_BATCH_LIMIT] >= 1:
+            capacity = min(capacity, int(row[_BATCH_LIMIT]))
+        inflight = int(row[_INFLIGHT])
+        if not has_room(inflight, capacity):
+            continue
+        mem_total = row[_MEM_TOTAL]
+        if row[_DEVICE] < 0 or mem_total <= 0:
+            mem_free = float("inf")  # unknown (CPU, or no NVML sample yet)
+        else:
+            mem_free = mem_total - row[_MEM_USED] + row[_MEM_REUSABLE]
+        stats = (row[_QUEUED], row[_SPEED], row[_MEM_USED], mem_total, row[_UTIL], mem_free)
+        views.append(View(slot, inflight, capacity, *stats))
+    return views
 
 
 @dataclass
