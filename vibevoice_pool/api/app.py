@@ -29,7 +29,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from vibevoice_pool import __version__
-from vibevoice_pool.api.auth import ApiKeyMiddleware, BodyLimitMiddleware
+from vibevoice_pool.api.auth import ApiKeyMiddleware, BodyLimitMiddleware, tenant_of
 from vibevoice_pool.api.errors import error_response, plain_error
 from vibevoice_pool.api.metrics import Activity
 from vibevoice_pool.api.speech import (
@@ -132,7 +132,7 @@ def native_router(front: Front) -> APIRouter:
             req = await asyncio.to_thread(front.build_request, body)
         else:
             req = front.build_request(body)
-        handle = pool.submit(req)
+        handle = pool.submit(req, tenant_of(request.scope, front.keys))
         if body.stream:
             return await stream_response(request, handle, body.format)
         return await run_to_response(request, handle, body.format)

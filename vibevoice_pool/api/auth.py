@@ -16,6 +16,8 @@
                            keys throttled per address (login_throttle.FailureLog:
                            429 `key_throttled`); the Caller goes to
                            scope["state"]["caller"] for the routes
+    tenant_of(scope, keys) whom a live request waits its turn as: a named key's
+                           owner, else "" (pool/fair_queue.py)
     page_login(keys)       the Gradio page's login check (any user name, a key
                            as password); Gradio guards its own routes with it
     BodyLimitMiddleware    a request body over the limit is answered 413 before
@@ -94,6 +96,13 @@ KEYLESS = Caller("anyone", "", ADMIN)  # a server without keys: no roles
 def caller_of(scope) -> Caller:
     """The Caller the key middleware found for this request (KEYLESS without keys)."""
     return (scope.get("state") or {}).get("caller") or KEYLESS
+
+
+def tenant_of(scope, keys: KeyRing | None) -> str:
+    """Whom a live request waits its turn as in the admission queue (pool/fair_queue.py):
+    with --api-keys, the key's owner (the single --api-key beside them too); "" without
+    them (no keys, or the single --api-key alone: one tenant, first in first out)."""
+    return caller_of(scope).owner if keys is not None and keys.named else ""
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import encoders
 from vibevoice_pool.api import tempo
+from vibevoice_pool.api.auth import tenant_of
 from vibevoice_pool.api.errors import error_response, plain_error
 from vibevoice_pool.api.speech import (
     NOT_BLANK,
@@ -314,7 +315,7 @@ def router(front) -> APIRouter:
             stream=stream,
         )
         req = await asyncio.to_thread(front.build_request, synth)
-        handle = pool.submit(req)
+        handle = pool.submit(req, tenant_of(request.scope, front.keys))
         extra = {"X-Voice": quote(preset or MODEL_VOICE), "X-Model": quote(body.model)}
         if body.stream_format == "sse":  # flac in whole pieces, unless "stream": true
             whole = fmt == "flac" and body.stream is not True

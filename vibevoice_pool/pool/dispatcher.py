@@ -8,7 +8,8 @@
                    v
               worker request queue --> worker --> on_message() --> handle
 
-A request leaves the admission queue only when a worker can start it (late binding); an
+A request leaves the admission queue only when a worker can start it (late binding), the
+oldest of the owner (a named key) holding the fewest in the pool first (fair_queue.py); an
 interactive request that finds no room goes over capacity to a worker running a job row, which
 gives it its place (survival.py). A lost worker's requests go back to the head of the queue with
 their history, to resume (one that took down `max_attempts` workers is answered WORKER_LOST).
@@ -34,6 +35,7 @@ from typing import Callable
 
 from vibevoice_pool.pool import events as ev
 from vibevoice_pool.pool import survival
+from vibevoice_pool.pool.fair_queue import FairQueue
 from vibevoice_pool.pool.handle import RequestHandle, Wakeups, wake_now
 from vibevoice_pool.pool.policies import Ctx, View, choose, snapshot
 from workers.wire import messages as m
@@ -48,6 +50,7 @@ class _Job:
     handle: RequestHandle
     work_s: float  # estimated audio seconds, corrected by measurement
     seq: int  # the order of arrival
+    owner: str = ""  # a named key's tenant ("": none): the queue is fair between them
     lost: int = 0  # workers this request was on when they died
     slot: int | None = None
     left_s: float = 0.0  # estimated work still to do on its slot
@@ -87,7 +90,7 @@ class Dispatcher:
         self.mem_per_audio_s_bytes = mem_per_audio_s_bytes
         self._lock = threading.RLock()
         self._depth = 0  # how deep the lock is held (it is re-entrant)
-        self._queue: collections.deque[_Job] = collections.deque()
+        self._queue = FairQueue()
         self._jobs: dict[str, _Job] = {}
         self._links: dict[int, Callable[[object], None]] = {}  # slot -> send
         self._draining: set[int] = set()  # live, but takes no new work
@@ -114,7 +117,7 @@ class Dispatcher:
     def new_id(self) -> str:
         return uuid.uuid4().hex[:16]
 
-    def submit(self, request: m.Request) -> RequestHandle:
+    def submit(self, request: m.Request, owner: str = "") -> RequestHandle:
         """Accept a request or refuse it at once (OVERLOADED, UNAVAILABLE)."""
         with self._locked():
             if not self._admitting:
@@ -128,10 +131,12 @@ class Dispatcher:
                     retryable=True,
                 )
             handle = RequestHandle(request, self.cancel, self.clock, wake=self._wakeups)
-            job = _Job(request, handle, request.est_audio_s * self.work_ratio, next(self._seq))
+            job = _Job(
+                request, handle, request.est_audio_s * self.work_ratio, next(self._seq), owner
+            )
             job.delivered = request.resume.samples if request.resume else 0  # a job restarted
             self._jobs[request.id] = job
-            self._queue.append(job)
+            self._queue.push(job)
             self.counters["accepted"] += 1
             self._pump_locked()
             return handle
@@ -223,7 +228,7 @@ class Dispatcher:
                     attempt=job.request.attempt + 1,
                     resume=job.handle.history.snapshot(),
                 )
-                self._queue.appendleft(job)
+                self._queue.push_front(job)
                 requeued.append(job.request.id)
                 self.counters["requeued"] += 1
                 self._emit(ev.Requeued(job.request, job.handle, slot))
@@ -294,7 +299,7 @@ class Dispatcher:
             else:
                 moved = slot in self._draining or not job.running  # removed, or recalled
                 survival.preempted(self.counters, self._asked, job, slot, msg.steps, moved)
-                self._queue.appendleft(job)
+                self._queue.push_front(job)
                 self._emit(ev.Requeued(job.request, job.handle, slot, lost=False, moved=moved))
         elif isinstance(msg, m.Failed):
             if msg.traceback:  # for the log; a client gets the message only
@@ -365,6 +370,7 @@ class Dispatcher:
         survival.forget(self._asked, job.slot, job.request.id)
         job.handle.worker = job.slot if job.slot is not None else job.handle.worker
         job.slot = None
+        self._queue.released(job)
         self.counters["completed" if isinstance(outcome, m.Done) else outcome.error.value] += 1
         job.handle.push(outcome)
         self._emit(ev.Finished(job.request, job.handle, outcome))
@@ -416,6 +422,7 @@ class Dispatcher:
         job.slot, job.left_s, job.seen, job.moving = slot, job.work_s, 0, False
         job.dispatched_at = self.clock()
         job.handle.worker = slot
+        self._queue.bound(job)
         self.board.add(slot, Col.INFLIGHT, 1)
         self.board.add(slot, Col.QUEUED_WORK_S, job.work_s)
 
@@ -439,7 +446,7 @@ class Dispatcher:
         if self._removed:  # rows of removed workers move first, into the places free now
             self._move_locked()
         while self._queue:
-            job = self._queue[0]
+            job = self._queue.peek()
             need = self.mem_need(job.work_s)
             views = [v for v in self._eligible() if v.mem_free >= need]
             views = survival.for_suspect(job, survival.beating(views, self.board, self.stale_s))
@@ -449,7 +456,7 @@ class Dispatcher:
                 if self._preempt_locked(sends):
                     continue
                 break
-            self._queue.popleft()
+            self._queue.remove(job)
             i, score = choose(self.policy, views, job.work_s, self._ctx)
             self._ctx.turn += 1
             self._bind(job, views[i].slot)

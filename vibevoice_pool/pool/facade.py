@@ -181,9 +181,10 @@ class Pool:
             est_audio_s=audio_seconds_for(text, cap),
         )
 
-    def submit(self, request: m.Request) -> RequestHandle:
+    def submit(self, request: m.Request, owner: str = "") -> RequestHandle:
         """Accept a request, or refuse it at once: OVERLOADED when the queue is
-        full, UNAVAILABLE when no worker is up or on its way up."""
+        full, UNAVAILABLE when no worker is up or on its way up. `owner`: the tenant
+        (a named key) it waits its turn as; "" for none (fair_queue.py)."""
         alive = (SlotState.RUNNING, SlotState.STARTING, SlotState.BACKOFF)
         if not self.dispatcher.has_workers() and not any(
             int(self.board.get(i, Col.SLOT_STATE)) in alive for i in self.live_slots()
@@ -191,7 +192,7 @@ class Pool:
             raise m.PoolError(
                 m.ErrorKind.UNAVAILABLE, "no worker is ready or starting; see /v1/pool", True
             )
-        return self.dispatcher.submit(request)
+        return self.dispatcher.submit(request, owner)
 
     def ready_workers(self) -> int:
         """Workers that take requests and whose heartbeat is fresh: a frozen worker

@@ -115,9 +115,9 @@ def keep_history(job, delta) -> None:
 
 
 def preemption(queue, jobs, board, slots: set[int], asked: dict):
-    """(the first waiting interactive request, the worker it may go to over capacity),
-    taken off the queue and noted in `asked`; or None."""
-    job = next((j for j in queue if j.request.priority != m.Priority.BATCH.value), None)
+    """(the interactive request that would leave the queue first (a FairQueue), the worker
+    it may go to over capacity), taken off the queue and noted in `asked`; or None."""
+    job = queue.first(lambda j: j.request.priority != m.Priority.BATCH.value)
     if job is None:
         return None
     running = [(j.slot, j.request) for j in jobs if j.running]

@@ -1,0 +1,152 @@
+"""The admission queue's discipline: which waiting request leaves it next, and how
+much of it one owner may hold (the dispatcher calls these under its lock).
+
+    head lane   requests sent back (their worker died, they were preempted or
+                moved off a removed worker): they leave first, in the order the
+                dispatcher puts them there (push_front), as they always did
+    lines       the new requests, one line per owner (a named key's tenant; ""
+                for a request without one: no keys, the one --api-key, the page,
+                a job), each oldest first
+
+    peek() -> job       the next to leave: the head lane's first; else the first of
+                        the line whose owner holds the fewest requests in the pool
+                        (bound to a worker: queued there or running); on a tie, the
+                        owner whose last request was bound longer ago (never: first),
+                        so owners take turns even for one free place; so a tenant
+                        that sends one request behind another's burst starts at the
+                        next free place
+    first(accept)       the same, among the requests `accept` takes (the interactive
+                        request that may preempt a batch row)
+    bound / released    a request took or gave up its place on a worker (bound
+                        also marks its owner's turn)
+
+A pick looks at the first request of each owner's line: O(owners waiting), not
+O(queue). With one owner (a server without named keys) it is the FIFO it was.
+A job needs `.owner`, `.seq` (arrival order) and `.request.id`.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Iterator
+
+
+class FairQueue:
+    def __init__(self):
+        self._n = 0  # requests waiting, all lanes
+        self._head: collections.deque = collections.deque()
+        self._in_head: set[str] = set()  # request ids in the head lane
+        self._lines: dict[str, collections.deque] = {}  # only owners with some waiting
+        self._queued: collections.Counter[str] = collections.Counter()  # all lanes
+        self._held: collections.Counter[str] = collections.Counter()  # bound to a worker
+        self._bound: set[str] = set()  # the request ids counted in _held
+        self._turn = 0
+        self._served: dict[str, int] = {}  # owner -> the turn its last request was bound
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def __iter__(self) -> Iterator:
+        """The head lane, then each owner's line (not the order they leave in)."""
+        yield from self._head
+        for line in self._lines.values():
+            yield from line
+
+    def push(self, job) -> None:
+        """A new request joins the back of its owner's line."""
+        self._lines.setdefault(job.owner, collections.deque()).append(job)
+        self._queued[job.owner] += 1
+        self._n += 1
+
+    def push_front(self, job) -> None:
+        """A request sent back goes to the head of the queue (before the head lane's
+        others); it no longer holds a place on a worker."""
+        self.released(job)
+        self._head.appendleft(job)
+        self._in_head.add(job.request.id)
+        self._queued[job.owner] += 1
+        self._n += 1
+
+    def peek(self):
+        """The request that leaves next, or None."""
+        if self._head:
+            return self._head[0]
+        best, best_key = None, None
+        for owner, line in self._lines.items():
+            key = (self._held[owner], self._served.get(owner, 0), line[0].seq)
+            if best_key is None or key < best_key:
+                best, best_key = line[0], key
+        return best
+
+    def first(self, accept: Callable[[object], bool]):
+        """The request that would leave next among those `accept` takes, or None."""
+        hit = next((j for j in self._head if accept(j)), None)
+        if hit is not None:
+            return hit
+        best, best_key = None, None
+        for owner, line in self._lines.items():
+            job = next((j for j in line if accept(j)), None)
+            if job is not None:
+                key = (self._held[owner], self._served.get(owner, 0), job.seq)
+                if best_key is None or key < best_key:
+                    best, best_key = job, key
+        return best
+
+    def remove(self, job) -> None:
+        """`job` leaves the queue (picked, cancelled, expired, preempting); a
+        ValueError if it is not in it, as deque.remove."""
+        rid = job.request.id
+        if rid in self._in_head:
+            if self._head and self._head[0] is job:
+                self._head.popleft()
+            else:
+                self._head.remove(job)
+            self._in_head.discard(rid)
+        else:
+            line = self._lines.get(job.owner)
+            if line is None:
+                raise ValueError(f"request {rid} is not in the queue")
+            if line[0] is job:
+                line.popleft()
+            else:
+                line.remove(job)
+            if not line:
+                del self._lines[job.owner]
+        self._n -= 1
+        self._queued[job.owner] -= 1
+        if not self._queued[job.owner]:
+            del self._queued[job.owner]
+
+    def clear(self) -> None:
+        self._head.clear()
+        self._in_head.clear()
+        self._lines.clear()
+        self._queued.clear()
+        self._n = 0
+
+    def bound(self, job) -> None:
+        """`job` took a place on a worker: its owner holds one more, and had its turn."""
+        self._turn += 1
+        self._served[job.owner] = self._turn
+        if job.request.id not in self._bound:
+            self._bound.add(job.request.id)
+            self._held[job.owner] += 1
+
+    def released(self, job) -> None:
+        """`job` gave its place up (back to the queue, or answered)."""
+        if job.request.id in self._bound:
+            self._bound.discard(job.request.id)
+            self._held[job.owner] -= 1
+            if not self._held[job.owner]:
+                del self._held[job.owner]
+
+    def held(self, owner: str) -> int:
+        """Requests of `owner` bound to a worker (queued there or running)."""
+        return self._held[owner]
+
+    def queued(self, owner: str) -> int:
+        """Requests of `owner` waiting in this queue."""
+        return self._queued[owner]
