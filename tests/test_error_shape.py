@@ -179,6 +179,8 @@ def test_openapi_declares_what_the_guards_answer(srv):
         assert codes_of(ops[key]["403"]) == want, key
     assert "forbidden" in codes_of(ops[("/v1/voices", "post")]["403"])
     assert {"owner_limit", "key_throttled"} <= codes_of(ops[("/v1/jobs", "post")]["429"])
+    for key in [("/v1/synthesize", "post"), ("/v1/audio/speech", "post")]:  # a key's share
+        assert {"overloaded", "owner_queue_full"} <= codes_of(ops[key]["429"]), key
     assert codes_of(ops[("/v1/jobs", "post")]["507"]) == {"disk_limit", "disk_full"}
     assert "admin_needs_json" not in codes_of(ops[("/v1/jobs", "post")]["403"])
     for key in [k for k in ops if k[0] in ("/login", "/login/") and k[1] == "post"]:

@@ -9,7 +9,7 @@ import pytest
 from test_dispatcher import board, req, up  # noqa: F401  (board: a fixture)
 
 from vibevoice_pool.pool.dispatcher import Dispatcher
-from vibevoice_pool.pool.fair_queue import FairQueue
+from vibevoice_pool.pool.fair_queue import FairQueue, OwnerQueueFull, owner_cap
 from workers.wire import messages as m
 
 
@@ -162,3 +162,41 @@ def test_on_a_tie_the_owner_served_longer_ago_goes_first():
         q.released(job)
         order.append(job.request.id)
     assert order == ["a0", "b7", "c8", "a1", "a2"]
+
+
+def test_owner_cap_is_a_share_of_the_queue_at_least_one_and_zero_is_none():
+    assert owner_cap(0.5, 50) == 25 and owner_cap(0.5, 1) == 1 and owner_cap(1.0, 7) == 7
+    assert owner_cap(0.0, 50) == 0
+    q = FairQueue(owner_cap=2)
+    for i in range(2):
+        q.push(J(i, "a"))
+        q.push(J(10 + i))
+    assert q.full_for("a") and not q.full_for("b")
+    assert not q.full_for("")  # no owner: held to the queue's size alone
+    q.remove(q.first(lambda j: j.owner == "a"))
+    assert not q.full_for("a")
+    assert not FairQueue(owner_cap=0).full_for("a")
+
+
+def test_an_owner_past_its_share_is_refused_while_another_is_admitted(board):  # noqa: F811
+    d = Dispatcher(board, max_queue=4, owner_max_queued=2)
+    link = up(board, d, 0)
+    for i in range(3):  # one starts, two wait: a's share
+        d.submit(req(i), owner="key:a")
+    with pytest.raises(OwnerQueueFull) as e:
+        d.submit(req(3), owner="key:a")
+    err = e.value
+    assert err.kind == m.ErrorKind.OVERLOADED and err.retryable and err.code == "owner_queue_full"
+    assert "'a'" in err.message and "owner_queue_share" in err.message
+    assert d.counters["refused_owner_queue_full"] == 1
+    d.submit(req(4), owner="key:b")  # b is still admitted
+    d.submit(req(5))  # and a request without an owner
+    with pytest.raises(m.PoolError) as full:
+        d.submit(req(6), owner="key:b")  # the queue itself is full now: plain overloaded
+    assert full.value.kind == m.ErrorKind.OVERLOADED and not isinstance(full.value, OwnerQueueFull)
+    for rid in ("r0", "r4", "r5"):  # the owners take turns: a went, then b, then none
+        finish(d, rid)
+    assert [r.id for r in link.synth()] == ["r0", "r4", "r5", "r1"]
+    d.submit(req(7), owner="key:a")  # r1 left the queue: a has one waiting, room for one
+    with pytest.raises(OwnerQueueFull):
+        d.submit(req(8), owner="key:a")

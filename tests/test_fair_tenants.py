@@ -68,3 +68,28 @@ def test_without_named_keys_the_queue_stays_first_in_first_out(tmp_path):
         burst, last, order = burst_then_one(s, "", "")
     assert set(burst) | {last} <= set(order)
     assert order.index(last) == len(order) - 1, (order, last)  # behind all of the burst
+
+
+def test_a_tenant_past_its_share_of_the_queue_gets_429_while_another_is_admitted(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text(f"alice: {ALICE}\nbob: {BOB}\n")
+    # a queue of 4: a key's share (owner_queue_share 0.5) is 2 waiting
+    args = ("--api-keys", str(keys), "--max-queue", "4", *ARGS)
+    with running_server(tmp_path, *args, api_key=OPS) as s:
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            alices = [pool.submit(post, s, ALICE, LONG) for _ in range(4)]
+            wait_until(
+                lambda: s.get("/v1/pool", headers=auth(BOB)).json()["queue"]["length"] == 2,
+                30,
+                what="two of alice's requests to wait in the queue",
+            )
+            over = post(s, ALICE, SHORT)
+            bobs = pool.submit(post, s, BOB, SHORT)
+            assert bobs.result().status_code == 200
+            assert all(f.result().status_code == 200 for f in alices)
+        metrics = s.get("/metrics", headers=auth(OPS)).text
+    assert over.status_code == 429 and over.headers["Retry-After"].isdigit()
+    err = over.json()["error"]
+    assert err["code"] == "owner_queue_full" and err["type"] == "rate_limit_error"
+    assert "'alice'" in err["message"] and "owner_queue_share" in err["message"]
+    assert 'vibevoice_pool_refused_total{reason="owner_queue_full"} 1' in metrics

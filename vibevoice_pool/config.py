@@ -165,6 +165,9 @@ class PoolConfig(BaseModel):
     max_queue: int = SCHEDULING(
         50, "admission queue; when full, requests are refused at once (HTTP 429)", gt=0
     )
+    owner_queue_share: float = SCHEDULING(
+        0.5, "share of max_queue one named key may fill (HTTP 429 past it; 0: no cap)", ge=0, le=1
+    )
     mem_reserve_mb: float = SCHEDULING(
         1024.0, "GPU memory in MiB a request needs beyond its length", ge=0
     )
@@ -365,9 +368,7 @@ def shown(value: Any) -> str:
         return "on" if value else "off"
     if isinstance(value, tuple):
         return ",".join(f"{v:g}" for v in value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def build(values: dict[str, Any], origins: dict[str, str] | None = None) -> PoolConfig:
@@ -440,15 +441,13 @@ def default_cache_dir(cfg: PoolConfig) -> Path:
 
 
 def data_dir(cfg: PoolConfig) -> Path:
-    if cfg.data_dir:
-        return Path(cfg.data_dir).expanduser()
-    return default_cache_dir(cfg) / "data"
+    return Path(cfg.data_dir).expanduser() if cfg.data_dir else default_cache_dir(cfg) / "data"
 
 
 def voices_dir(cfg: PoolConfig) -> Path:
-    if cfg.voices_dir:
-        return Path(cfg.voices_dir).expanduser()
-    return default_cache_dir(cfg) / "voices"
+    return (
+        Path(cfg.voices_dir).expanduser() if cfg.voices_dir else default_cache_dir(cfg) / "voices"
+    )
 
 
 # ---- the README's table ------------------------------------------------------------

@@ -173,6 +173,8 @@ ROUTE_CODES = {  # error codes of a route's own statuses, where a client may act
     ("/v1/synthesize", "post", "404"): ("voice_not_found",),
     ("/v1/synthesize", "post", "415"): ("unsupported_audio",),
     ("/v1/audio/speech", "post", "404"): ("voice_not_found",),
+    ("/v1/synthesize", "post", "429"): ("overloaded", "owner_queue_full"),
+    ("/v1/audio/speech", "post", "429"): ("overloaded", "owner_queue_full"),
     ("/v1/jobs", "post", "404"): ("voice_not_found",),
     ("/v1/jobs", "post", "415"): ("unsupported_audio",),
     ("/v1/voices", "post", "415"): ("unsupported_audio",),

@@ -31,7 +31,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from vibevoice_pool import audio, encoders
 from vibevoice_pool.api import tempo
 from vibevoice_pool.api.auth import Keys
-from vibevoice_pool.api.errors import error_response, status_for
+from vibevoice_pool.api.errors import error_code, error_response, status_for
 from vibevoice_pool.api.metrics import Activity
 from vibevoice_pool.audio import BASE64_PATTERN as BASE64
 from vibevoice_pool.config import PoolConfig
@@ -134,7 +134,8 @@ class Front:
     def refused(self, err: m.PoolError) -> None:
         """Count an error answered before admission (for /metrics)."""
         if self.activity is not None:
-            self.activity.refused("too_large" if status_for(err) == 413 else err.kind.value)
+            status = status_for(err)  # a 429 by its code: overloaded, owner_queue_full
+            self.activity.refused(error_code(err) if status in (413, 429) else err.kind.value)
 
     @property
     def max_body_bytes(self) -> int:

@@ -35,7 +35,7 @@ from typing import Callable
 
 from vibevoice_pool.pool import events as ev
 from vibevoice_pool.pool import survival
-from vibevoice_pool.pool.fair_queue import FairQueue
+from vibevoice_pool.pool.fair_queue import FairQueue, OwnerQueueFull
 from vibevoice_pool.pool.handle import RequestHandle, Wakeups, wake_now
 from vibevoice_pool.pool.policies import Ctx, View, choose, snapshot
 from workers.wire import messages as m
@@ -71,6 +71,7 @@ class Dispatcher:
         *,
         policy: str = "least_work",
         max_queue: int = 50,
+        owner_max_queued: int = 0,  # places of the queue one named owner may hold (0: all)
         max_attempts: int = 2,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -90,7 +91,7 @@ class Dispatcher:
         self.mem_per_audio_s_bytes = mem_per_audio_s_bytes
         self._lock = threading.RLock()
         self._depth = 0  # how deep the lock is held (it is re-entrant)
-        self._queue = FairQueue()
+        self._queue = FairQueue(owner_max_queued)
         self._jobs: dict[str, _Job] = {}
         self._links: dict[int, Callable[[object], None]] = {}  # slot -> send
         self._draining: set[int] = set()  # live, but takes no new work
@@ -130,6 +131,9 @@ class Dispatcher:
                     f"the queue is full ({self.max_queue} waiting); retry in a few seconds",
                     retryable=True,
                 )
+            if self._queue.full_for(owner):
+                self.counters["refused_owner_queue_full"] += 1
+                raise OwnerQueueFull(owner, self._queue.owner_cap)
             handle = RequestHandle(request, self.cancel, self.clock, wake=self._wakeups)
             job = _Job(
                 request, handle, request.est_audio_s * self.work_ratio, next(self._seq), owner

@@ -33,6 +33,7 @@ from vibevoice_pool.pool.devices import (
     visible,
 )
 from vibevoice_pool.pool.dispatcher import Dispatcher
+from vibevoice_pool.pool.fair_queue import owner_cap
 from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.pool.monitor import Monitor, Nvml, RealNvml
 from vibevoice_pool.pool.recovery import RecoveryPolicy
@@ -129,6 +130,7 @@ class Pool:
             board,
             policy=cfg.policy,
             max_queue=cfg.max_queue,
+            owner_max_queued=owner_cap(cfg.owner_queue_share, cfg.max_queue),
             max_attempts=cfg.max_attempts,
             quarantined=recovery.quarantined,
             mem_reserve_bytes=cfg.mem_reserve_mb * 2**20,

@@ -19,6 +19,9 @@ much of it one owner may hold (the dispatcher calls these under its lock).
                         request that may preempt a batch row)
     bound / released    a request took or gave up its place on a worker (bound
                         also marks its owner's turn)
+    full_for(owner)     a named owner has `owner_cap` requests waiting already: its
+                        next is refused (OwnerQueueFull, HTTP 429 owner_queue_full),
+                        while the others are still admitted
 
 A pick looks at the first request of each owner's line: O(owners waiting), not
 O(queue). With one owner (a server without named keys) it is the FIFO it was.
@@ -28,11 +31,34 @@ A job needs `.owner`, `.seq` (arrival order) and `.request.id`.
 from __future__ import annotations
 
 import collections
+import math
 from typing import Callable, Iterator
+
+from workers.wire import messages as m
+
+
+class OwnerQueueFull(m.PoolError):
+    """A named key has its share of the admission queue waiting (owner_queue_share):
+    answered 429 `owner_queue_full` with Retry-After; other keys are still admitted."""
+
+    code = "owner_queue_full"
+
+    def __init__(self, owner: str, cap: int):
+        name = owner.removeprefix("key:")
+        why = f"key {name!r} has {cap} requests waiting, its share of the queue"
+        hint = "(owner_queue_share); retry once one of them has started"
+        super().__init__(m.ErrorKind.OVERLOADED, f"{why} {hint}", retryable=True)
+
+
+def owner_cap(share: float, max_queue: int) -> int:
+    """The places of the queue one owner may hold: `share` of them, at least one; 0 (no
+    cap) for a share of 0."""
+    return max(1, math.floor(share * max_queue)) if share > 0 else 0
 
 
 class FairQueue:
-    def __init__(self):
+    def __init__(self, owner_cap: int = 0):
+        self.owner_cap = owner_cap  # 0: no cap
         self._n = 0  # requests waiting, all lanes
         self._head: collections.deque = collections.deque()
         self._in_head: set[str] = set()  # request ids in the head lane
@@ -150,3 +176,8 @@ class FairQueue:
     def queued(self, owner: str) -> int:
         """Requests of `owner` waiting in this queue."""
         return self._queued[owner]
+
+    def full_for(self, owner: str) -> bool:
+        """A named owner has its share of the queue (`owner_cap`) waiting already; a
+        request without an owner is held to the queue's size alone."""
+        return bool(owner) and self.owner_cap > 0 and self._queued[owner] >= self.owner_cap
