@@ -18,6 +18,7 @@ class J:
 
     def __init__(self, seq: int, owner: str = ""):
         self.seq, self.owner = seq, owner
+        self.held = self.front = False
         self.request = m.Request(id=f"{owner or 'none'}{seq}", turns=(m.Turn(0, "hi"),))
 
     def __repr__(self) -> str:

@@ -51,6 +51,8 @@ class _Job:
     work_s: float  # estimated audio seconds, corrected by measurement
     seq: int  # the order of arrival
     owner: str = ""  # a named key's tenant ("": none): the queue is fair between them
+    held: bool = False  # (the FairQueue's flags) bound to a worker
+    front: bool = False  # in the queue's head lane (sent back)
     lost: int = 0  # workers this request was on when they died
     slot: int | None = None
     left_s: float = 0.0  # estimated work still to do on its slot

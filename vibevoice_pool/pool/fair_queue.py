@@ -25,7 +25,9 @@ much of it one owner may hold (the dispatcher calls these under its lock).
 
 A pick looks at the first request of each owner's line: O(owners waiting), not
 O(queue). With one owner (a server without named keys) it is the FIFO it was.
-A job needs `.owner`, `.seq` (arrival order) and `.request.id`.
+A job needs `.owner`, `.seq` (arrival order), and `.held` and `.front`, two flags
+this queue keeps (False to start: bound to a worker, in the head lane). The counts
+keep one entry per owner ever seen (the keys file's names).
 """
 
 from __future__ import annotations
@@ -61,11 +63,9 @@ class FairQueue:
         self.owner_cap = owner_cap  # 0: no cap
         self._n = 0  # requests waiting, all lanes
         self._head: collections.deque = collections.deque()
-        self._in_head: set[str] = set()  # request ids in the head lane
         self._lines: dict[str, collections.deque] = {}  # only owners with some waiting
-        self._queued: collections.Counter[str] = collections.Counter()  # all lanes
-        self._held: collections.Counter[str] = collections.Counter()  # bound to a worker
-        self._bound: set[str] = set()  # the request ids counted in _held
+        self._queued: dict[str, int] = {}  # owner -> requests waiting, all lanes
+        self._held: dict[str, int] = {}  # owner -> requests bound to a worker
         self._turn = 0
         self._served: dict[str, int] = {}  # owner -> the turn its last request was bound
 
@@ -83,8 +83,11 @@ class FairQueue:
 
     def push(self, job) -> None:
         """A new request joins the back of its owner's line."""
-        self._lines.setdefault(job.owner, collections.deque()).append(job)
-        self._queued[job.owner] += 1
+        line = self._lines.get(job.owner)
+        if line is None:
+            line = self._lines[job.owner] = collections.deque()
+        line.append(job)
+        self._queued[job.owner] = self._queued.get(job.owner, 0) + 1
         self._n += 1
 
     def push_front(self, job) -> None:
@@ -92,23 +95,29 @@ class FairQueue:
         others); it no longer holds a place on a worker."""
         self.released(job)
         self._head.appendleft(job)
-        self._in_head.add(job.request.id)
-        self._queued[job.owner] += 1
+        job.front = True
+        self._queued[job.owner] = self._queued.get(job.owner, 0) + 1
         self._n += 1
 
     def peek(self):
         """The request that leaves next, or None."""
         if self._head:
             return self._head[0]
+        if len(self._lines) < 2:  # one owner waiting (or none): its oldest
+            return next((line[0] for line in self._lines.values()), None)
+        held, served = self._held, self._served
         best, best_key = None, None
         for owner, line in self._lines.items():
-            key = (self._held[owner], self._served.get(owner, 0), line[0].seq)
+            key = (held.get(owner, 0), served.get(owner, 0), line[0].seq)
             if best_key is None or key < best_key:
                 best, best_key = line[0], key
         return best
 
     def first(self, accept: Callable[[object], bool]):
         """The request that would leave next among those `accept` takes, or None."""
+        hit = self.peek()  # most often the next to leave is one it takes
+        if hit is None or accept(hit):
+            return hit
         hit = next((j for j in self._head if accept(j)), None)
         if hit is not None:
             return hit
@@ -116,7 +125,7 @@ class FairQueue:
         for owner, line in self._lines.items():
             job = next((j for j in line if accept(j)), None)
             if job is not None:
-                key = (self._held[owner], self._served.get(owner, 0), job.seq)
+                key = (self._held.get(owner, 0), self._served.get(owner, 0), job.seq)
                 if best_key is None or key < best_key:
                     best, best_key = job, key
         return best
@@ -124,31 +133,29 @@ class FairQueue:
     def remove(self, job) -> None:
         """`job` leaves the queue (picked, cancelled, expired, preempting); a
         ValueError if it is not in it, as deque.remove."""
-        rid = job.request.id
-        if rid in self._in_head:
+        if job.front:
             if self._head and self._head[0] is job:
                 self._head.popleft()
             else:
                 self._head.remove(job)
-            self._in_head.discard(rid)
+            job.front = False
         else:
             line = self._lines.get(job.owner)
             if line is None:
-                raise ValueError(f"request {rid} is not in the queue")
+                raise ValueError(f"request {job.request.id} is not in the queue")
             if line[0] is job:
                 line.popleft()
             else:
                 line.remove(job)
             if not line:
                 del self._lines[job.owner]
-        self._n -= 1
         self._queued[job.owner] -= 1
-        if not self._queued[job.owner]:
-            del self._queued[job.owner]
+        self._n -= 1
 
     def clear(self) -> None:
+        for job in self._head:
+            job.front = False
         self._head.clear()
-        self._in_head.clear()
         self._lines.clear()
         self._queued.clear()
         self._n = 0
@@ -157,27 +164,25 @@ class FairQueue:
         """`job` took a place on a worker: its owner holds one more, and had its turn."""
         self._turn += 1
         self._served[job.owner] = self._turn
-        if job.request.id not in self._bound:
-            self._bound.add(job.request.id)
-            self._held[job.owner] += 1
+        if not job.held:
+            job.held = True
+            self._held[job.owner] = self._held.get(job.owner, 0) + 1
 
     def released(self, job) -> None:
         """`job` gave its place up (back to the queue, or answered)."""
-        if job.request.id in self._bound:
-            self._bound.discard(job.request.id)
+        if job.held:
+            job.held = False
             self._held[job.owner] -= 1
-            if not self._held[job.owner]:
-                del self._held[job.owner]
 
     def held(self, owner: str) -> int:
         """Requests of `owner` bound to a worker (queued there or running)."""
-        return self._held[owner]
+        return self._held.get(owner, 0)
 
     def queued(self, owner: str) -> int:
         """Requests of `owner` waiting in this queue."""
-        return self._queued[owner]
+        return self._queued.get(owner, 0)
 
     def full_for(self, owner: str) -> bool:
         """A named owner has its share of the queue (`owner_cap`) waiting already; a
         request without an owner is held to the queue's size alone."""
-        return bool(owner) and self.owner_cap > 0 and self._queued[owner] >= self.owner_cap
+        return bool(owner) and 0 < self.owner_cap <= self._queued.get(owner, 0)
