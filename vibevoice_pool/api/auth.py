@@ -98,7 +98,7 @@ def caller_of(scope) -> Caller:
     return (scope.get("state") or {}).get("caller") or KEYLESS
 
 
-def tenant_of(scope, keys: KeyRing | None) -> str:
+def tenant_of(scope, keys: Keys | None) -> str:
     """Whom a live request waits its turn as in the admission queue (pool/fair_queue.py):
     with --api-keys, the key's owner (the single --api-key beside them too); "" without
     them (no keys, or the single --api-key alone: one tenant, first in first out)."""
