@@ -129,9 +129,10 @@ def section(path: Path) -> list[str]:
         f"{rng(f['children'])}, /dev/shm segments {rng(f['shm'])}, data folder entries "
         f"{rng(f['data'])}: flat, per request and per fault.",
         f"- Parent RSS: {f['rss_kib_per_1000']:.0f} KiB per 1,000 requests after "
-        f"round {f['warm_round']}: still a slow climb, one page Generate a round; what "
-        "holds it is not settled yet (Gradio keeps a state per page session, up to "
-        "10,000). Workers' RSS moves with what they run, and a respawned worker starts "
+        f"round {f['warm_round']}: a slow climb, one page Generate (a new page session) a "
+        "round. Gradio keeps each page session's state until it holds 10,000 of them; a "
+        "run of the page's Generate alone kept about 125 KiB a session once its 5 min of "
+        "live streams was full. Workers' RSS moves with what they run, and a respawned worker starts "
         "lower; it does not climb.",
         "- The temp folder grows by the page's Generate: Gradio keeps each answer's "
         "audio file and deletes those older than an hour every 30 min "
