@@ -266,3 +266,29 @@ def test_a_page_request_lets_its_audio_go_once_its_replay_time_is_over(sim_pool,
         url, (rate, pcm) = asyncio.run(generate_then_idle())
         assert rate == m.SAMPLE_RATE and len(pcm) > 0  # it made its audio
         assert not page.streams.allows(url)  # and let it go
+
+
+def test_the_page_keeps_the_state_of_a_bounded_number_of_sessions(sim_pool, tmp_path):
+    """Each page session (a tab, a gradio_client) left its state in the server, about
+    125 KiB, until Gradio's default of 10,000 sessions: the parent's slow climb in the
+    soak (bench/soak), up to about 1.2 GB. The page now keeps the PAGE_SESSIONS used
+    most recently; an older one gets a fresh state if it comes back."""
+    from starlette.routing import Mount
+
+    from vibevoice_pool.api.app import create_app
+    from vibevoice_pool.api.speech import Front
+    from vibevoice_pool.ui.layout import PAGE_SESSIONS
+    from vibevoice_pool.ui.page import mount
+    from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
+
+    ensure_demo_voices(tmp_path / "voices")
+    with sim_pool(gpus="cpu:1") as pool:
+        voices = VoiceLibrary(tmp_path / "voices", max_bytes=1 << 20, max_seconds=60)
+        front = Front(pool, voices, pool.cfg)
+        app = mount(create_app(front), front)
+        gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and r.path == "")
+        held = gradio_app.state_holder
+        for i in range(PAGE_SESSIONS + 50):  # what each session's first event does
+            held[f"session-{i}"]
+        assert len(held.session_data) == PAGE_SESSIONS
+        assert "session-0" not in held and f"session-{PAGE_SESSIONS + 49}" in held

@@ -130,10 +130,11 @@ def section(path: Path) -> list[str]:
         f"{rng(f['data'])}: flat, per request and per fault.",
         f"- Parent RSS: {f['rss_kib_per_1000']:.0f} KiB per 1,000 requests after "
         f"round {f['warm_round']}: a slow climb, one page Generate (a new page session) a "
-        "round. Gradio keeps each page session's state until it holds 10,000 of them; a "
+        "round. Gradio kept each page session's state until it held 10,000 of them; a "
         "run of the page's Generate alone kept about 125 KiB a session once its 5 min of "
-        "live streams was full. Workers' RSS moves with what they run, and a respawned worker starts "
-        "lower; it does not climb.",
+        "live streams was full. The page now keeps 500 sessions' state (ui/layout.py "
+        "PAGE_SESSIONS, about 60 MiB at most; this run predates it). Workers' RSS moves with "
+        "what they run, and a respawned worker starts lower; it does not climb.",
         "- The temp folder grows by the page's Generate: Gradio keeps each answer's "
         "audio file and deletes those older than an hour every 30 min "
         "(`delete_cache=(1800, 3600)`): bounded by an hour of page traffic.",

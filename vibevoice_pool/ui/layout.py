@@ -77,11 +77,17 @@ PAGE_CSS = (
 )
 
 
+PAGE_SESSIONS = 500  # page sessions (tabs) whose state is kept: about 60 MiB at most
+
+
 def build(page) -> gr.Blocks:
     """The page's components and events, wired to the handlers of a ui.Page."""
     i18n = gradio_i18n()
     # Every complete audio is a file in Gradio's cache: drop those over an hour old.
     with gr.Blocks(title="VibeVoice pool", delete_cache=(1800, 3600)) as demo:
+        # Gradio keeps each page session's state (about 125 KiB) until 10,000 sessions;
+        # past PAGE_SESSIONS the least recently used one goes (read at the mount).
+        demo.state_session_capacity = PAGE_SESSIONS
         gr.Markdown(i18n("title"))
         with gr.Row():
             with gr.Column(scale=2, min_width=440):
