@@ -143,27 +143,36 @@ class Req:  # what resume reads of a request: a copy of it carries the saved his
     resume: object = None
 
 
-@pytest.mark.parametrize("damage", ["cut", "flipped", "empty"])
+@pytest.mark.parametrize("damage", ["cut", "flipped", "empty", "steps cut"])
 def test_a_damaged_saved_history_runs_the_job_from_its_start(tmp_path, caplog, damage):
-    """A job's saved history (progress/<id>.hist) damaged on disk: the job runs again
-    from its start, with a warning, instead of failing as 'building the request failed'
-    (a cut npz is zipfile.BadZipFile, an empty one EOFError)."""
+    """A job's saved history (progress/<id>.hist, and the steps it counts in .steps)
+    damaged on disk: the job runs again from its start, with a warning, instead of
+    failing as 'building the request failed' (a cut npz is zipfile.BadZipFile, an
+    empty one EOFError)."""
     import numpy as np
 
     from vibevoice_pool.jobs.progress import Progress
-    from workers.wire.history import History
+    from workers.wire.history import History, HistoryDelta
 
     progress = Progress(tmp_path)
-    hist = History(b"\x01" * 60, b"\x02" * 40, 4, 2400, None)
-    progress._save("j", np.ones(2400, dtype=np.float32), 0, hist)
-    request = Req()
-    assert progress.resume("j", request)[0].resume == hist  # sound: it resumes
-    path = tmp_path / "progress" / "j.hist"
-    raw = path.read_bytes()
-    path.write_bytes(
-        {"cut": raw[: len(raw) // 2], "empty": b""}.get(damage)
-        or raw[: len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 0xFF]) + raw[len(raw) // 2 + 1 :]
+    tokens, feedback = b"\x01" * 60, b"\x02" * 240  # 15 steps, 4 values each
+    progress._save(
+        "j", np.ones(2400, dtype=np.float32), 0, HistoryDelta(0, tokens, feedback, 4, 2400)
     )
+    request = Req()
+    hist = History(tokens, feedback, 4, 2400, None)
+    assert progress.resume("j", request)[0].resume == hist  # sound: it resumes
+    path = tmp_path / "progress" / ("j.steps" if damage == "steps cut" else "j.hist")
+    raw = path.read_bytes()
+    at = raw.find(np.array([4, 2400], dtype=np.int64).tobytes()) + 9  # in the counts
+    assert at > 9 or damage == "steps cut"
+    damaged = {
+        "cut": raw[: len(raw) // 2],
+        "steps cut": raw[: len(raw) // 2],
+        "empty": b"",
+        "flipped": raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1 :],
+    }
+    path.write_bytes(damaged[damage])
     again, audio = Progress(tmp_path).resume("j", request)
     assert again is request and len(audio) == 0
     assert any("unreadable" in r.getMessage() for r in caplog.records)
