@@ -34,20 +34,18 @@ def fd_kinds(pid: int) -> dict[str, int]:
     return counts
 
 
+KINDS = (  # a descriptor's kind, by how its link begins (first match)
+    ("socket:", "socket"),
+    ("pipe:", "pipe"),
+    ("/memfd:", "memfd"),
+    ("/dev/shm/", "shm"),
+    ("anon_inode:", "anon"),
+    ("/", "file"),
+)
+
+
 def _kind(target: str) -> str:
-    if target.startswith("socket:"):
-        return "socket"
-    if target.startswith("pipe:"):
-        return "pipe"
-    if target.startswith("/memfd:"):
-        return "memfd"
-    if target.startswith("/dev/shm/"):
-        return "shm"
-    if target.startswith("anon_inode:"):
-        return "anon"
-    if target.startswith("/"):
-        return "file"
-    return "other"
+    return next((kind for start, kind in KINDS if target.startswith(start)), "other")
 
 
 def status(pid: int) -> dict[str, int]:
