@@ -11,6 +11,7 @@ with a right key instead."""
 from __future__ import annotations
 
 import os
+import threading
 
 import httpx
 import pytest
@@ -208,38 +209,68 @@ def test_a_page_logged_in_with_a_removed_key_is_logged_out(srv):
 # ---- LiveKeys alone, on an injected clock --------------------------------------------
 
 
-def test_the_file_is_looked_at_at_most_once_a_second(tmp_path):
-    """A change is seen at the first question a CHECK_S after the last look, not
-    before: a request costs no stat of the file but once a second."""
-    from vibevoice_pool.api.live_keys import CHECK_S, LiveKeys
+def test_a_request_never_waits_on_the_keys_file(tmp_path, monkeypatch):
+    """A keys file on a hung network file system stalled the request that came a
+    second after the last look: its stat ran on the request path, in the event loop.
+    The file is now looked at by a watcher thread of its own; a request answers from
+    the keys in force while that look hangs, and the change is taken once it ends."""
+    from vibevoice_pool.api import live_keys
 
-    now = [0.0]
     path = tmp_path / "keys"
     path.write_text(keys_text(BASE))
-    keys = LiveKeys("", path, clock=lambda: now[0])
+    keys = live_keys.LiveKeys("", path, watch=False)
+    stat, hung, go = live_keys._stamp, threading.Event(), threading.Event()
+
+    def hanging(p):
+        hung.set()
+        go.wait(60)
+        return stat(p)
+
+    monkeypatch.setattr(live_keys, "_stamp", hanging)
     path.write_text(keys_text({"ops": BASE["ops"]}))
-    now[0] = CHECK_S / 2
-    assert keys.match(BOB).name == "bob"  # not looked at yet
-    now[0] = CHECK_S
+    watcher = threading.Thread(target=keys.check, daemon=True)
+    watcher.start()
+    assert hung.wait(10)
+    answered = []
+    asker = threading.Thread(target=lambda: answered.append(keys.match(BOB)), daemon=True)
+    asker.start()
+    asker.join(10)
+    assert answered and answered[0].name == "bob"  # the keys in force, while the look hangs
+    go.set()
+    watcher.join(10)
     assert keys.match(BOB) is None and keys.match(OPS).name == "ops"
     assert (keys.reloads, keys.failures) == (1, 0)
+
+
+def test_the_watcher_takes_a_change_by_itself(tmp_path):
+    """No request is needed for a change to be read: the watcher looks once a CHECK_S."""
+    from vibevoice_pool.api.live_keys import LiveKeys
+
+    path = tmp_path / "keys"
+    path.write_text(keys_text(BASE))
+    keys = LiveKeys("", path)
+    try:
+        path.write_text(keys_text({"ops": BASE["ops"]}))
+        wait_until(lambda: keys.reloads == 1, 10, 0.05, "the watcher to read the file")
+        assert keys.match(BOB) is None
+    finally:
+        keys.close()
 
 
 def test_a_swapped_symlink_is_read(tmp_path):
     """A mounted secret (Kubernetes) is a symlink to a folder swapped for a new one:
     the path's own stat is that of the file it leads to now."""
-    from vibevoice_pool.api.live_keys import CHECK_S, LiveKeys
+    from vibevoice_pool.api.live_keys import LiveKeys
 
-    now = [0.0]
     for name, keys in (("v1", BASE), ("v2", {"ops": BASE["ops"], "carol": ("user", CAROL)})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "keys").write_text(keys_text(keys))
     (tmp_path / "data").symlink_to("v1")
-    keys = LiveKeys("", tmp_path / "data" / "keys", clock=lambda: now[0])
+    keys = LiveKeys("", tmp_path / "data" / "keys", watch=False)
     assert keys.match(BOB) is not None
     (tmp_path / "data.new").symlink_to("v2")
     os.replace(tmp_path / "data.new", tmp_path / "data")
-    now[0] = CHECK_S
+    keys.check()
     assert keys.match(BOB) is None and keys.match(CAROL).owner == "key:carol"
 
 

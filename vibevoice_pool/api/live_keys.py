@@ -5,10 +5,12 @@ revoke, add or re-role a key.
                               login ask (match, by_name, named, ...), answered from
                               the KeyRing of the file's last good reading (plus the
                               one --api-key, which never changes)
-    refresh()                 on the request path, at most once a CHECK_S: the file's
-                              (device, inode, size, mtime) against the last seen; a
-                              change is read again. An editor's write-and-rename is a
-                              new inode; a symlink swapped (a mounted secret) too
+    the watcher thread        once a CHECK_S, check(): the file's (device, inode,
+                              size, mtime) against the last seen; a change is read
+                              again. An editor's write-and-rename is a new inode; a
+                              symlink swapped (a mounted secret) too. A request never
+                              touches the file: a keys file on a hung network file
+                              system stalls the watcher, never the event loop
     a reading that fails      the keys in force stay; one error line (the file's
                               line and why, from auth.load_keys); read again only
                               once the file changes again
@@ -36,13 +38,12 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
 from vibevoice_pool.api.auth import Caller, KeyFileError, KeyRing, load_keys, ring_of
 
-CHECK_S = 1.0  # the file's stat at most this often; a revoked key works at most this long
+CHECK_S = 1.0  # the watcher's stat of the file this often; a revoked key works about this long
 REVOKED_KEPT = 1024  # revoked keys remembered (as digests), the oldest forgotten first
 log = logging.getLogger("vibevoice_pool")
 
@@ -57,17 +58,17 @@ def _stamp(path: Path) -> tuple[int, int, int, int]:
 
 
 class LiveKeys:
-    """The keys in force: the keys file's last good reading, checked for a change at
-    most once a CHECK_S by whichever request comes. Thread-safe (the page's login
-    runs in Gradio's threads)."""
+    """The keys in force: the keys file's last good reading, checked for a change
+    once a CHECK_S by a watcher thread of its own. Thread-safe (the page's login runs
+    in Gradio's threads)."""
 
     named = True  # each name owns its own jobs, even by id
 
-    def __init__(self, api_key: str, path: str | os.PathLike, clock=time.monotonic):
-        """Reads the file once: KeyFileError if it cannot be used (the launch stops)."""
+    def __init__(self, api_key: str, path: str | os.PathLike, watch: bool = True):
+        """Reads the file once: KeyFileError if it cannot be used (the launch stops).
+        watch=False starts no watcher: the file is read again only by check()."""
         self.api_key = api_key
         self.path = Path(path).expanduser()
-        self.clock = clock
         self.reloads = 0  # readings after the first that took effect
         self.failures = 0  # readings after the first that failed (bad, unreadable, gone)
         self._lock = threading.Lock()
@@ -78,15 +79,16 @@ class LiveKeys:
             raise KeyFileError(f"cannot read the keys file {self.path}: {e.strerror}") from None
         self._entries = load_keys(self.path)
         self._ring = ring_of(api_key, self._entries, named=True)
-        self._checked = clock()
         self._revoked: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        self._closed = threading.Event()
+        if watch:
+            threading.Thread(target=self._watch, name="api-keys-watch", daemon=True).start()
 
     # ---- what KeyRing answers, from the keys in force ---------------------
 
     @property
     def ring(self) -> KeyRing:
-        """The keys in force now, the file checked first if CHECK_S has passed."""
-        self.refresh()
+        """The keys in force now (the watcher swaps in a new reading whole)."""
         return self._ring
 
     def __bool__(self) -> bool:
@@ -119,26 +121,31 @@ class LiveKeys:
 
     def on_revoke(self, fn: Callable[[frozenset[str]], None]) -> None:
         """Call fn(names) after each reading that took keys away (removed, or given a
-        new key), outside the lock, in the thread of the request that read the file."""
+        new key), outside the lock, in the watcher's thread."""
         self._on_revoke.append(fn)
 
-    def refresh(self) -> None:
-        """Read the file again if it changed since the last look (at most once a
-        CHECK_S; a request that finds another thread looking uses the keys in force)."""
-        if self.clock() - self._checked < CHECK_S or not self._lock.acquire(blocking=False):
-            return
-        revoked: frozenset[str] = frozenset()
-        try:
+    def check(self) -> None:
+        """Read the file again if it changed since the last look (the watcher's call,
+        once a CHECK_S; a test's)."""
+        with self._lock:
             revoked = self._look()
-        finally:
-            self._lock.release()
         if revoked:
             for fn in self._on_revoke:
                 fn(revoked)
 
+    def close(self) -> None:
+        """Stop the watcher (the keys in force stay)."""
+        self._closed.set()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(CHECK_S):
+            try:
+                self.check()
+            except Exception:  # a bug must not end the watching: the next look may do
+                log.exception("API keys: the look at %s failed", self.path)
+
     def _look(self) -> frozenset[str]:
         """The file read again if it changed: the names whose old key no longer works."""
-        self._checked = self.clock()
         try:
             stamp: object = _stamp(self.path)
         except OSError as e:
