@@ -12,16 +12,15 @@ raised, so a round goes on and the soak reports it.
 from __future__ import annotations
 
 import base64
-import io
 import socket
 import time
 import uuid
-import wave
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
+
+from vibevoice_pool.audio import demo_tone, encode
 
 SCRIPT = "Speaker 1: A short line for the soak."
 TWO = "Speaker 1: One short line.\nSpeaker 2: And a second one."
@@ -29,16 +28,9 @@ FORMATS = ("wav", "mp3", "opus", "flac", "aac", "pcm")
 COMMON = {"inference_steps": 4, "seed": 7}
 
 
-def sample_wav(seconds: float = 1.0, rate: int = 24000) -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
+def sample_wav(seconds: float = 1.0) -> bytes:
+    """A voice sample as a client uploads one: the demo voices' tone, as a WAV."""
+    return encode(demo_tone(220.0, seconds), "wav")[0]
 
 
 class Round:
