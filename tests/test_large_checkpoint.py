@@ -24,7 +24,7 @@ from conftest import ROOT
 from test_step_engine import assert_alone, drive, req, voice
 from vibevoice_reference import Reference
 
-from workers.checkpoints import convert
+from workers.checkpoints import convert, weight_names
 from workers.checkpoints.tiny import tiny_config_dict
 
 LARGE_TEXT = {  # the Large's decoder_config, but for the widths
@@ -71,7 +71,9 @@ def make_large_original_checkpoint(folder: Path, tiny_dir: str, seed: int = 7) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = VibeVoiceForConditionalGeneration(VibeVoiceConfig(**shape)).eval()
-    state = {convert.hf_to_original_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    state = {
+        weight_names.hf_to_original_key(k): v.contiguous() for k, v in model.state_dict().items()
+    }
     assert "lm_head.weight" in state  # untied: the Large ships its own head
 
     folder.mkdir(parents=True)
@@ -146,7 +148,7 @@ def test_a_large_checkpoint_in_ten_shards_converts_weight_for_weight(large_dirs)
     converted = model.state_dict()
     assert len(converted) == len(original)
     for key, tensor in original.items():
-        assert torch.equal(converted[convert.original_to_hf_key(key)], tensor), key
+        assert torch.equal(converted[weight_names.original_to_hf_key(key)], tensor), key
     # the head is the Large's own, not the embeddings
     assert not torch.equal(
         converted["lm_head.weight"], converted["model.language_model.embed_tokens.weight"]

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from workers.checkpoints import (
     convert,
     tiny,  # noqa: E402
+    weight_names,
 )
 from workers.engines.contract import EngineSpec
 from workers.engines.vibevoice.engine import HOP_SAMPLES, VibeVoiceEngine  # noqa: E402
@@ -397,8 +398,8 @@ def test_weight_names_round_trip():
         "model.acoustic_connector.norm.weight",
         "model.speech_scaling_factor",
     ]
-    assert [convert.hf_to_original_key(k) for k in keys] == expected
-    assert [convert.original_to_hf_key(k) for k in expected] == keys
+    assert [weight_names.hf_to_original_key(k) for k in keys] == expected
+    assert [weight_names.original_to_hf_key(k) for k in expected] == keys
 
 
 def test_row_cap_is_the_smallest_limit_and_names_it():
