@@ -148,7 +148,7 @@ def test_sigkill_mid_batch_replays_every_row_without_repeated_audio(pool, refere
 def test_with_a_small_memory_budget_a_row_waits_for_one_to_leave(tiny_model_dir, tmp_path):
     from workers.engines.contract import EngineSpec
     from workers.engines.vibevoice.engine import VibeVoiceEngine
-    from workers.engines.vibevoice.step import MIB
+    from workers.engines.vibevoice.row_memory import MIB
 
     first_text, second_text = "Speaker 1: " + "first words " * 6, "Speaker 1: second"
     local = VibeVoiceEngine(EngineSpec(engine="vibevoice", model_path=tiny_model_dir))

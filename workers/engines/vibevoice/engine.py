@@ -249,7 +249,8 @@ class VibeVoiceEngine:
             raise PoolError(ErrorKind.BAD_INPUT, msg) from exc
         self.model = model.to(self.device).eval()
         from workers.engines.vibevoice.prompt import ProcessorPrompts
-        from workers.engines.vibevoice.step import MIB, StepEngine
+        from workers.engines.vibevoice.row_memory import MIB
+        from workers.engines.vibevoice.step import StepEngine
 
         self.steps = StepEngine(
             self.model,
