@@ -14,8 +14,9 @@ process's end (worker_process.py) and a wake-up pipe at once:
     tick (every 50 ms, and after messages at most every 10 ms)
                            -> the policy's hang rule over the board's vitals
                               (heartbeat, progress, device health, boot time):
-                              a kill; due respawns start, old requests time
-                              out, a dead zygote is restarted
+                              a kill (kills.py, with the stop at shutdown); due
+                              respawns start, old requests time out, a dead
+                              zygote is restarted
 
 Slot life: starting -> running (ready <-> busy) -> dead -> backoff -> starting;
 `failed` after the policy's failed boots in a row, retried every
@@ -38,9 +39,10 @@ from multiprocessing import connection
 
 from vibevoice_pool.pool.channel import F_SETPIPE_SZ, PIPE_BYTES, RequestChannel
 from vibevoice_pool.pool.devices import Placement
-from vibevoice_pool.pool.recovery import Cause, KillKind, Verdict, Vitals
+from vibevoice_pool.pool.kills import WorkerKills
+from vibevoice_pool.pool.recovery import Cause, Verdict
 from vibevoice_pool.pool.slots import SlotBase, SlotLifecycle
-from vibevoice_pool.pool.stacks import log_stack, stack_written
+from vibevoice_pool.pool.stacks import log_stack
 from vibevoice_pool.pool.stopping import uninterrupted
 from vibevoice_pool.pool.voice_sender import VoiceSender
 from vibevoice_pool.pool.warm_weights import WeightsHolder
@@ -48,19 +50,16 @@ from vibevoice_pool.pool.worker_process import WorkerProcess, start_cause, start
 from vibevoice_pool.pool.zygote import Zygote
 from workers.engines.contract import EngineSpec
 from workers.host.watchdog import Watchdog
-from workers.host.worker import STACK_SIGNAL, WorkerSpec
+from workers.host.worker import WorkerSpec
 from workers.host.worker import run as run_worker
 from workers.wire import messages as m
-from workers.wire.board import Col, SlotState, WorkerState
+from workers.wire.board import Col, SlotState
 
 log = logging.getLogger("vibevoice_pool")
 
 TICK_S = 0.05
 BUSY_TICK_S = 0.01  # the shortest time between two ticks while messages keep coming
 READ_BURST = 64  # messages read from one worker per wake-up at most (the others' turn next)
-STACK_WAIT_S = 1.0  # longest wait for a hung worker's stack before SIGKILL
-STOP_WAIT_S = 2.0  # at shutdown, longest wait for the workers to exit before SIGKILL
-ASK_STACK = (KillKind.HANG, KillKind.STALL, KillKind.BOOT_TIMEOUT)  # stuck: ask what on
 RESTART_REQUESTED = Cause.RESTART.value
 ZYGOTE_WAIT_S = 120.0  # at launch, longest wait for the zygote before workers spawn
 
@@ -81,7 +80,7 @@ class _Slot(SlotBase):
     stack_size: int = -1  # the stack file's size at the last tick
 
 
-class Supervisor(SlotLifecycle):
+class Supervisor(WorkerKills, SlotLifecycle):
     def _setup(self) -> None:
         cfg = self.cfg
         self.zygote = Zygote(cfg.engine, cfg.worker_start)
@@ -366,38 +365,6 @@ class Supervisor(SlotLifecycle):
         self.zygote.check()
         self.dispatcher.expire(self.cfg.request_timeout_s)
 
-    def _vitals(self, slot: _Slot, now: float) -> Vitals:
-        """What the board shows of a live worker, for the policy's hang rule."""
-        b, i = self.board, slot.index
-        beat = b.get(i, Col.HEARTBEAT)  # 0 until the worker's first beat
-        busy = int(b.get(i, Col.WORKER_STATE)) == WorkerState.BUSY
-        unhealthy = slot.placement.is_gpu and b.get(i, Col.HEALTH) == 0
-        slot.unhealthy_since = (slot.unhealthy_since or now) if unhealthy else 0.0
-        return Vitals(
-            heartbeat_age=now - beat if beat > 0 else None,
-            progress_age=now - b.get(i, Col.PROGRESS) if busy else None,
-            unhealthy_for=now - slot.unhealthy_since if unhealthy else None,
-        )
-
-    def _check_live(self, slot: _Slot, now: float) -> None:
-        """The hang rule, and a removed worker that finished draining."""
-        if slot.kill_reason:
-            if slot.kill_at and stack_written(slot, now):
-                slot.kill_at = 0.0
-                slot.process.kill()
-            return  # killed (or about to be); its sentinel will fire
-        kill = self.policy.on_tick(slot.record, now, self._vitals(slot, now))
-        if kill is not None:
-            if kill.kind is KillKind.BOOT_TIMEOUT:
-                slot.boot_error = kill.reason
-            elif kill.kind is KillKind.DEVICE_LOST:
-                slot.device_lost = True
-                self.dispatcher.drain(slot.index)
-            self._kill(slot, kill.reason, ask_stack=kill.kind in ASK_STACK)
-        elif slot.removed and not slot.shutdown_sent and self.dispatcher.held_by(slot.index) == 0:
-            slot.shutdown_sent = True
-            self._send(slot, m.Shutdown())
-
     def _check_down(self, slot: _Slot, now: float) -> None:
         """Respawn a slot whose backoff is over, retry a failed or unavailable one."""
         b, i = self.board, slot.index
@@ -422,50 +389,12 @@ class Supervisor(SlotLifecycle):
 
     # ---- helpers -------------------------------------------------------
 
-    def _kill(self, slot: _Slot, reason: str, ask_stack: bool = False) -> None:
-        """SIGKILL; a stuck worker is first asked for its stack (STACK_SIGNAL: its
-        faulthandler writes every thread's), and killed once it is written."""
-        slot.kill_reason = reason
-        slot.log.warning("⚠️ %s (worker %d): %s; killing it", self._label(slot), slot.index, reason)
-        self._note(slot.index, "kill")
-        if ask_stack and slot.stack_file:
-            slot.kill_at, slot.asked_stack = self.clock() + STACK_WAIT_S, True
-            slot.process.signal(STACK_SIGNAL)
-        else:
-            slot.process.kill()
-
     def _send(self, slot: _Slot, msg) -> None:
         if slot.requests is not None:
             try:
                 slot.requests.put(msg)
             except (ValueError, OSError):
                 pass
-
-    def _stop_processes(self, slots: list[_Slot], timeout: float = STOP_WAIT_S) -> None:
-        """One wait for every worker to end on its Shutdown, then SIGKILL for the rest
-        (a worker still booting, stopped or stuck): a stop of N workers waits
-        `timeout` once, not N times. Meanwhile what they still send is read and
-        dropped: a worker blocked on a full response pipe never reads its Shutdown."""
-        deadline = time.monotonic() + timeout
-        running = {slot.process.handle for slot in slots}
-        talking = {slot.responses for slot in slots if slot.responses is not None}
-        while running and (left := deadline - time.monotonic()) > 0:
-            for ready in connection.wait([*running, *talking], left):
-                if ready in running:
-                    running.discard(ready)
-                    continue
-                try:
-                    ready.recv_bytes()
-                except (EOFError, OSError):
-                    talking.discard(ready)
-        stuck = [slot.process for slot in slots if slot.process.alive()]
-        for proc in stuck:
-            proc.kill()
-        _wait_all(stuck, timeout)
-        for slot in slots:
-            slot.process.proc.join(timeout=0.5)  # a spawned child is reaped
-            self._close(slot)
-            self.board.set(slot.index, Col.SLOT_STATE, SlotState.STOPPED)
 
     def _close(self, slot: _Slot) -> None:
         if slot.requests is not None:
@@ -483,13 +412,6 @@ class Supervisor(SlotLifecycle):
             os.write(self._wake_w, b"x")
         except OSError:
             pass
-
-
-def _wait_all(procs: list[WorkerProcess], timeout: float) -> None:
-    """Wait until every process has ended, or `timeout` has passed (one deadline)."""
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        proc.ended(max(0.0, deadline - time.monotonic()))
 
 
 def _waiting(conn) -> bool:
