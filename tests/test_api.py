@@ -231,7 +231,7 @@ def test_cors_only_for_the_configured_origins(tmp_path):
     from vibevoice_pool.api.metrics import Activity
     from vibevoice_pool.api.speech import Front
     from vibevoice_pool.config import build
-    from vibevoice_pool.voices import VoiceLibrary
+    from vibevoice_pool.voices.library import VoiceLibrary
 
     voices = VoiceLibrary(tmp_path, max_bytes=1 << 20, max_seconds=60)
     front = Front(

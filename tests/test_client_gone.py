@@ -19,7 +19,7 @@ from conftest import wait_until
 
 from vibevoice_pool.api.app import create_app
 from vibevoice_pool.api.speech import Front
-from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
+from vibevoice_pool.voices.library import VoiceLibrary, ensure_demo_voices
 
 LONG = "a long story that takes some time to tell. " * 40  # ~115 s of audio
 

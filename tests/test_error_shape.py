@@ -225,7 +225,7 @@ def test_an_unforeseen_failure_is_a_500_in_the_same_shape(tmp_path):
     from vibevoice_pool.api.metrics import Activity
     from vibevoice_pool.api.speech import Front
     from vibevoice_pool.config import build
-    from vibevoice_pool.voices import VoiceLibrary
+    from vibevoice_pool.voices.library import VoiceLibrary
 
     class NoPool:
         def status(self) -> dict:

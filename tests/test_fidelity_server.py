@@ -214,7 +214,7 @@ def test_real_weights_get_no_synthetic_voices_and_say_whose_voice_speaks(tiny_mo
     the model's own voice (no voice prompt)."""
     import shutil
 
-    from vibevoice_pool.voices import ensure_demo_voices
+    from vibevoice_pool.voices.library import ensure_demo_voices
 
     real = tmp_path / "real-weights"
     shutil.copytree(tiny_model_dir, real, ignore=shutil.ignore_patterns("TINY_MODEL"))

@@ -103,7 +103,7 @@ def _page(tmp_path, workers: int = 3, max_queue: int = 7):
     from vibevoice_pool.api.speech import Front
     from vibevoice_pool.config import build
     from vibevoice_pool.ui import page as ui
-    from vibevoice_pool.voices import VoiceLibrary
+    from vibevoice_pool.voices.library import VoiceLibrary
 
     cfg = build({"engine": "sim", "max_queue": max_queue, "max_batch_size": 2})
     voices = VoiceLibrary(tmp_path / "voices", max_bytes=1 << 20, max_seconds=60)

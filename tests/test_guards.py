@@ -286,7 +286,7 @@ def test_the_page_upload_and_presets_on_disk_meet_the_same_header_checks(tmp_pat
     import numpy as np
     import soundfile as sf
 
-    from vibevoice_pool.voices import VoiceLibrary
+    from vibevoice_pool.voices.library import VoiceLibrary
     from workers.wire.messages import PoolError
 
     buf = io.BytesIO()

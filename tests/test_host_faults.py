@@ -219,7 +219,7 @@ UPLOADER_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from serving import wav_bytes
-    from vibevoice_pool.voices import VoiceLibrary
+    from vibevoice_pool.voices.library import VoiceLibrary
 
     lib = VoiceLibrary(sys.argv[1], max_bytes=1 << 20, max_seconds=10)
     save = lib._save_owners
@@ -244,7 +244,7 @@ def test_two_servers_sharing_a_voices_folder_keep_each_others_owners(tmp_path):
     is a real process, stopped (SIGSTOP) between reading and writing the owners."""
     from serving import wav_bytes
 
-    from vibevoice_pool.voices import VoiceLibrary
+    from vibevoice_pool.voices.library import VoiceLibrary
 
     folder = tmp_path / "voices"
     folder.mkdir()

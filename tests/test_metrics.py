@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vibevoice_pool.api.app import create_app
 from vibevoice_pool.api.speech import Front
-from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
+from vibevoice_pool.voices.library import VoiceLibrary, ensure_demo_voices
 
 
 def scrape(client) -> dict[str, list]:

@@ -11,7 +11,7 @@ import soundfile as sf
 
 from vibevoice_pool.api.speech import Front, SynthesizeBody
 from vibevoice_pool.config import PoolConfig
-from vibevoice_pool.voices import VoiceLibrary, VoiceNotFound
+from vibevoice_pool.voices.library import VoiceLibrary, VoiceNotFound
 from workers.wire.messages import SAMPLE_RATE, PoolError
 
 
@@ -88,7 +88,7 @@ def test_the_pages_voice_dropdowns_start_on_presets_too(front):
 
 def test_a_broken_voice_file_on_the_server_is_the_servers_error_not_the_clients(front, caplog):
     from vibevoice_pool.api.errors import error_code, status_for
-    from vibevoice_pool.voices import VoiceUnreadable
+    from vibevoice_pool.voices.library import VoiceUnreadable
 
     (front.voices.folder / "en-Zed_man.wav").write_bytes(b"RIFF junk that is no wav at all")
     body = SynthesizeBody(script="Speaker 1: Hi.", speakers=[{"voice": "en-Zed_man"}])

@@ -245,7 +245,7 @@ def test_a_page_request_lets_its_audio_go_once_its_replay_time_is_over(sim_pool,
     from vibevoice_pool.api.app import create_app
     from vibevoice_pool.api.speech import Front
     from vibevoice_pool.ui.page import Page
-    from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
+    from vibevoice_pool.voices.library import VoiceLibrary, ensure_demo_voices
 
     ensure_demo_voices(tmp_path / "voices")
     with sim_pool(gpus="cpu:1", sim_rtf=0.01) as pool:
@@ -279,7 +279,7 @@ def test_the_page_keeps_the_state_of_a_bounded_number_of_sessions(sim_pool, tmp_
     from vibevoice_pool.api.speech import Front
     from vibevoice_pool.ui.layout import PAGE_SESSIONS
     from vibevoice_pool.ui.page import mount
-    from vibevoice_pool.voices import VoiceLibrary, ensure_demo_voices
+    from vibevoice_pool.voices.library import VoiceLibrary, ensure_demo_voices
 
     ensure_demo_voices(tmp_path / "voices")
     with sim_pool(gpus="cpu:1") as pool:

@@ -10,7 +10,12 @@ import pytest
 import soundfile as sf
 
 from vibevoice_pool.audio import NotAudio, TooLarge
-from vibevoice_pool.voices import VoiceLibrary, VoiceNotFound, ensure_demo_voices, safe_voice_name
+from vibevoice_pool.voices.library import (
+    VoiceLibrary,
+    VoiceNotFound,
+    ensure_demo_voices,
+    safe_voice_name,
+)
 from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError
 
 
@@ -215,7 +220,7 @@ def test_demo_voices_not_written_next_to_real_ones(folder):
 
 
 def test_demo_voices_are_written_and_offered_only_for_synthetic_engines(tmp_path):
-    from vibevoice_pool.voices import prepare_voices
+    from vibevoice_pool.voices.library import prepare_voices
 
     real_dir, tiny_dir = tmp_path / "real", tmp_path / "tiny"
     made, line = prepare_voices(real_dir, synthetic=False)

@@ -142,7 +142,7 @@ def build_front(cfg: PoolConfig, pool, environ=None):
     )
     from vibevoice_pool.api.live_keys import LiveKeys
     from vibevoice_pool.api.speech import Front
-    from vibevoice_pool.voices import VoiceLibrary, prepare_voices
+    from vibevoice_pool.voices.library import VoiceLibrary, prepare_voices
     from workers.checkpoints.tiny import is_tiny_model
 
     env = os.environ if environ is None else environ

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
 from vibevoice_pool.audio import NotAudio, TooLarge
-from vibevoice_pool.voices import VoiceNotFound, VoiceUnreadable
+from vibevoice_pool.voices.library import VoiceNotFound, VoiceUnreadable
 from workers.wire.messages import ErrorKind, PoolError
 
 STATUS = {

@@ -71,7 +71,7 @@ from vibevoice_pool.api.speech import (
     stream_encoder,
     stream_response,
 )
-from vibevoice_pool.voices import MODEL_VOICE, OPENAI_VOICES
+from vibevoice_pool.voices.library import MODEL_VOICE, OPENAI_VOICES
 from workers.wire import messages as m
 
 # Names clients send as `model`; every one is this server's single model.

@@ -38,7 +38,7 @@ from vibevoice_pool.config import PoolConfig
 from vibevoice_pool.pool.facade import Pool
 from vibevoice_pool.pool.handle import RequestHandle
 from vibevoice_pool.script import MAX_SPEAKERS, check_encodable, parse_script
-from vibevoice_pool.voices import VoiceLibrary
+from vibevoice_pool.voices.library import VoiceLibrary
 from workers.wire import messages as m
 
 log = logging.getLogger("vibevoice_pool")

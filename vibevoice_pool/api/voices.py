@@ -32,7 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vibevoice_pool.api.auth import caller_of
 from vibevoice_pool.api.errors import body_parse_message, plain_error
 from vibevoice_pool.audio import BASE64_PATTERN, base64_bytes
-from vibevoice_pool.voices import MODEL_VOICE_NOTE, VoiceForbidden, safe_voice_name
+from vibevoice_pool.voices.library import MODEL_VOICE_NOTE, safe_voice_name
+from vibevoice_pool.voices.owners import VoiceForbidden
 from workers.wire.messages import ErrorKind, PoolError
 
 FORM_HINT = (

@@ -11,26 +11,21 @@ PoolError(BAD_INPUT) (TooLarge for oversized uploads, NotAudio for bytes that ar
 VoiceNotFound for a name it does not hold); no path outside the folder is ever read, written or
 removed.
 
-Ownership: a voice added through add() records its uploader (an owner id, see
-api/auth.py) in the folder's hidden OWNERS_FILE; a file put in the folder by
-the operator has no owner and is a preset. Only an admin overwrites or deletes
-a preset or another owner's voice (VoiceForbidden otherwise). The OpenAI voice
+Ownership (owners.py): a voice added through add() records its uploader; a file put
+in the folder by the operator has no owner and is a preset, and only an admin overwrites
+or deletes a preset or another owner's voice (VoiceForbidden otherwise). The OpenAI voice
 names (OPENAI_VOICES) map to presets only (openai_voice), never to an upload,
 and no upload may take one of those names, or a preset's short name ("Alice");
 the forgiving forms of a name try every preset before any upload: no upload
 captures what another caller asked for by a preset's name. Servers that share
-the folder change it one at a time (an flock on the folder): no owner is lost.
+the folder change it one at a time (an flock on the folder, folder.py): no owner is lost.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 import unicodedata
@@ -39,14 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from vibevoice_pool.audio import decode_upload, demo_tone, encode
+from vibevoice_pool.voices.folder import VOICE_EXTENSIONS, folder_turn, list_voices, write_atomic
+from vibevoice_pool.voices.owners import VoiceOwners
 from workers.wire.messages import ErrorKind, PoolError
 
-VOICE_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".mp3", ".ogg")  # preference order
 MAX_NAME_LENGTH = 64
 LISTING_MAX_AGE_S = 2.0  # a change the folder's mtime misses is seen within this
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 log = logging.getLogger("vibevoice_pool")
-OWNERS_FILE = ".owners.json"  # {voice name: owner id} of the voices added by upload
 OPENAI_VOICES = tuple(
     "alloy ash ballad coral echo fable nova onyx sage shimmer verse marin cedar".split()
 )
@@ -81,36 +76,6 @@ class VoiceUnreadable(PoolError):
         super().__init__(ErrorKind.ENGINE_ERROR, message)
 
 
-class VoiceForbidden(Exception):
-    """A caller changing a voice that is not its own (HTTP 403)."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-def _list_voices(folder: Path) -> dict[str, Path]:
-    """name (file stem) -> path, for the audio files directly in folder."""
-    found: dict[str, Path] = {}
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except FileNotFoundError:
-        return found
-    for entry in entries:
-        stem, ext = os.path.splitext(entry.name)
-        ext = ext.lower()
-        if not stem or entry.name.startswith(".") or ext not in VOICE_EXTENSIONS:
-            continue
-        if not entry.is_file():
-            continue
-        known = found.get(stem)
-        if known is None or VOICE_EXTENSIONS.index(ext) < VOICE_EXTENSIONS.index(
-            known.suffix.lower()
-        ):
-            found[stem] = Path(entry.path)
-    return found
-
-
 def safe_voice_name(name: str) -> str:
     """A name fit to be a file stem in the folder, or BAD_INPUT saying why not.
 
@@ -138,38 +103,7 @@ def safe_voice_name(name: str) -> str:
     return safe
 
 
-@contextlib.contextmanager
-def _folder_turn(folder: Path):
-    """Servers sharing the folder (two pools on one host do by default) change it one
-    at a time: an flock on the folder itself (made if it is not there yet), let go when
-    its holder exits."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(folder: Path, filename: str, data: bytes) -> Path:
-    """Write data to folder/filename via a hidden temp file and a rename."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        target = folder / filename
-        os.replace(tmp, target)
-        return target
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class VoiceLibrary:
+class VoiceLibrary(VoiceOwners):
     """The voices in one folder. Thread-safe; the folder may change underneath."""
 
     def __init__(
@@ -192,52 +126,6 @@ class VoiceLibrary:
         self._owned: tuple[tuple, dict[str, str]] | None = None  # (ino, size, mtime_ns), owners
         self._damaged = False  # the owners file as last read did not parse as one
 
-    # ---- owners ----------------------------------------------------------
-
-    def _owners(self) -> dict[str, str]:
-        """The owners file (a copy), read again only when its inode, size or mtime
-        changed: every request's default voice asks, and it is replaced, never edited."""
-        path = self.folder / OWNERS_FILE
-        try:
-            st = os.stat(path)
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-            kept = self._owned
-            if kept is not None and kept[0] == stamp:
-                return dict(kept[1])
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (ValueError, UnicodeDecodeError):
-            data = None
-        owners = {k: v for k, v in data.items() if isinstance(v, str)} if data else {}
-        self._damaged = not isinstance(data, dict) or len(owners) < len(data)
-        if self._damaged:  # said once a state of the file (it is read once a stamp)
-            log.warning(
-                "The voices' owners file %s is damaged: the uploads it does not name count as "
-                "presets; it is kept aside as %s.damaged-<time> at the next upload or delete",
-                path,
-                OWNERS_FILE,
-            )
-        self._owned = (stamp, owners)
-        return dict(owners)
-
-    def _save_owners(self, owners: dict[str, str]) -> None:
-        if self._damaged:  # what it held stays for the operator, never overwritten
-            with contextlib.suppress(OSError):
-                path = self.folder / OWNERS_FILE
-                os.replace(path, path.with_name(f"{OWNERS_FILE}.damaged-{time.time_ns()}"))
-            self._damaged = False
-        _write_atomic(self.folder, OWNERS_FILE, json.dumps(owners, sort_keys=True).encode())
-
-    def owner(self, name: str) -> str | None:
-        """Who uploaded `name`; None for a preset (a file the operator put there)."""
-        return self._owners().get(name)
-
-    def presets(self) -> list[str]:
-        """The voices nobody uploaded: the operator's files and the demo voices."""
-        owners = self._owners()
-        return [n for n in self.names() if n not in owners]
-
     def openai_voice(self, voice: str, declared: dict[str, str] | None = None) -> str | None:
         """The preset an OpenAI voice name plays: the declared one (openai_voices
         setting), else a preset of that very name, else the presets in a fixed
@@ -259,18 +147,6 @@ class VoiceLibrary:
             return None
         return presets[OPENAI_VOICES.index(low) % len(presets)]
 
-    def _check_may_change(self, name: str, owner: str | None, admin: bool) -> None:
-        if admin:
-            return
-        holder = self._owners().get(name)
-        if holder is None:
-            raise VoiceForbidden(f"{name!r} is a preset; only an admin key may change or delete it")
-        if holder != owner:
-            raise VoiceForbidden(
-                f"the voice {name!r} was uploaded by another key; only that key or an "
-                "admin may change or delete it"
-            )
-
     def _listing(self) -> dict[str, Path]:
         """The folder's voices, listed again only when the folder changed (its
         mtime), or LISTING_MAX_AGE_S passed, or we changed it ourselves."""
@@ -282,7 +158,7 @@ class VoiceLibrary:
         listed = self._listed
         if listed is not None and listed[0] == stamp and now - listed[1] < LISTING_MAX_AGE_S:
             return listed[2]
-        found = _list_voices(self.folder)
+        found = list_voices(self.folder)
         if not self.offer_demo:
             found = {n: p for n, p in found.items() if n not in _DEMO_VOICES}
         self._listed = (stamp, now, found)
@@ -391,7 +267,7 @@ class VoiceLibrary:
             max_seconds=self.max_seconds,
             what="voice sample",
         )
-        with self._lock, _folder_turn(self.folder):  # and the other servers' turns
+        with self._lock, folder_turn(self.folder):  # and the other servers' turns
             named = [p for p in self.presets() if p.lower() != safe.lower()]
             shadowed = [p for p in named if _short_name(p).lower() == safe.lower()]
             if shadowed:
@@ -416,7 +292,7 @@ class VoiceLibrary:
             # at its peak, so that 16 bits keep a quiet (float or 24-bit) recording whole:
             # the model normalises every sample to -25 dBFS, so the level is not kept
             wav, _ = encode(samples / np.max(np.abs(samples)), "wav")
-            _write_atomic(self.folder, safe + ".wav", wav)
+            write_atomic(self.folder, safe + ".wav", wav)
             self._cache.pop(safe, None)
             self._listed = None
         return safe
@@ -424,7 +300,7 @@ class VoiceLibrary:
     def delete(self, name: str, *, owner: str | None = None, admin: bool = True) -> None:
         """Remove the stored voice with exactly this name (no partial matching).
         VoiceForbidden when it is not the caller's (see the module doc)."""
-        with self._lock, _folder_turn(self.folder):
+        with self._lock, folder_turn(self.folder):
             if not isinstance(name, str) or name not in self._listing():
                 raise _bad(f"no voice named {name!r} to delete; voices: {self.names()}")
             self._check_may_change(name, owner, admin)
@@ -475,7 +351,7 @@ def prepare_voices(folder: str | os.PathLike, *, synthetic: bool) -> tuple[list[
                 "and the simulator; put your own wav/mp3/flac/ogg there)"
             )
         return [], ""
-    real = [n for n in _list_voices(path) if n not in _DEMO_VOICES]
+    real = [n for n in list_voices(path) if n not in _DEMO_VOICES]
     if real:
         return [], ""
     return [], f"No voice presets in {path}. {MODEL_VOICE_NOTE}"
@@ -484,11 +360,11 @@ def prepare_voices(folder: str | os.PathLike, *, synthetic: bool) -> tuple[list[
 def ensure_demo_voices(folder: str | os.PathLike) -> list[str]:
     """Write the synthetic demo voices when `folder` holds no voice; returns names written."""
     path = Path(folder)
-    if _list_voices(path):
+    if list_voices(path):
         return []
     written = []
     for i, (name, f0) in enumerate(_DEMO_VOICES.items()):
         wav, _ = encode(demo_tone(f0, seed=i), "wav")
-        _write_atomic(path, name + ".wav", wav)
+        write_atomic(path, name + ".wav", wav)
         written.append(name)
     return written
