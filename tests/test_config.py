@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vibevoice_pool import config
+from vibevoice_pool import config, settings_help
 from vibevoice_pool.cli import launch_config, parser
 from vibevoice_pool.config import ConfigError, PoolConfig, build, load_file
 from vibevoice_pool.pool.devices import Gpu, plan
@@ -45,7 +45,7 @@ def test_every_setting_is_a_flag_in_both_spellings_with_its_default():
     launch = parser()._subparsers._group_actions[0].choices["launch"]
     options = {o for a in launch._actions for o in a.option_strings}
     for name in PoolConfig.model_fields:
-        assert config.flag(name) in options and f"--{name}" in options, name
+        assert settings_help.flag(name) in options and f"--{name}" in options, name
 
 
 def test_old_demo_flags_in_both_spellings():
@@ -323,8 +323,8 @@ def test_the_shipped_config_files_are_valid():
 
 
 def _readme_block(text: str) -> str:
-    assert config.START in text and config.END in text
-    return text.split(config.START, 1)[1].split(config.END, 1)[0]
+    assert settings_help.START in text and settings_help.END in text
+    return text.split(settings_help.START, 1)[1].split(settings_help.END, 1)[0]
 
 
 def test_readme_and_launch_help_list_the_same_settings():
@@ -338,7 +338,7 @@ def test_readme_and_launch_help_list_the_same_settings():
         "--device",
         "--help",
     }
-    assert readme == shown == {config.flag(n) for n in PoolConfig.model_fields}
+    assert readme == shown == {settings_help.flag(n) for n in PoolConfig.model_fields}
 
 
 # Flags the docs show for other programs: docker, ray start, buildah, debootstrap,
@@ -372,7 +372,7 @@ def test_every_flag_the_docs_show_is_a_flag_of_a_command():
 
 
 def test_readme_table_is_the_generated_one():
-    assert _readme_block((ROOT / "README.md").read_text()) == "\n" + config.markdown()
+    assert _readme_block((ROOT / "README.md").read_text()) == "\n" + settings_help.markdown()
 
 
 def test_the_generator_rewrites_only_its_block(tmp_path):
@@ -381,7 +381,7 @@ def test_the_generator_rewrites_only_its_block(tmp_path):
     before = readme.read_text()
     stale = before.replace("| `--max-queue` |", "| `--old-flag` |")
     readme.write_text(stale)
-    run = [sys.executable, "-m", "vibevoice_pool.config", "--readme", str(readme)]
+    run = [sys.executable, "-m", "vibevoice_pool.settings_help", "--readme", str(readme)]
     out = subprocess.run(run, capture_output=True, text=True, check=True, cwd=ROOT)
     assert "updated" in out.stdout and readme.read_text() == before
     out = subprocess.run(run, capture_output=True, text=True, check=True, cwd=ROOT)

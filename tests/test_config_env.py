@@ -4,7 +4,7 @@ variable."""
 
 import pytest
 
-from vibevoice_pool import config
+from vibevoice_pool import config, settings_help
 from vibevoice_pool.cli import launch_config, parser
 from vibevoice_pool.config import ConfigError, PoolConfig
 from vibevoice_pool.environment import stray_variables
@@ -28,7 +28,7 @@ def test_every_setting_has_its_variable():
     assert config.env_name("model_path") == "VIBEVOICE_POOL_MODEL_PATH"
     names = {config.env_name(n) for n in PoolConfig.model_fields}
     assert len(names) == len(PoolConfig.model_fields)
-    block = config.markdown()
+    block = settings_help.markdown()
     assert all(f"`{n}`" in block for n in names)
 
 

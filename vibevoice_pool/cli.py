@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _launch_parser(sub) -> None:
     """Every field of config.PoolConfig is a flag, in its section, with its help."""
-    from vibevoice_pool import config
+    from vibevoice_pool import settings_help
 
     p = sub.add_parser(
         "launch",
@@ -56,31 +56,31 @@ def _launch_parser(sub) -> None:
     p.add_argument(
         "--device", dest="_device", metavar="DEVICE", help="deprecated: devices come from --gpus"
     )
-    for title, fields in config.sections():
+    for title, fields in settings_help.sections():
         group = p.add_argument_group(title)
         for name, info in fields:
             _add_setting(group, p, name, info)
 
 
 def _add_setting(group, p, name: str, info) -> None:
-    from vibevoice_pool import config
+    from vibevoice_pool import settings_help
 
-    options = [o for o in config.choices(info) if o]  # "" (off) is said in the help
-    words, default = info.description, config.shown(info.default)
+    options = [o for o in settings_help.choices(info) if o]  # "" (off) is said in the help
+    words, default = info.description, settings_help.shown(info.default)
     if len(options) > 4:
         words += f"; one of {', '.join(options)}"
     if default and "default" not in words:
         words += f" (default: {default})"
-    if config.is_switch(info):
+    if settings_help.is_switch(info):
         kind = {"action": argparse.BooleanOptionalAction}
     elif options and len(options) <= 4:
         kind = {"metavar": "{" + ",".join(options) + "}"}
     else:
         kind = {"metavar": _metavar(name, info)}
-    group.add_argument(config.flag(name), dest=name, help=words, **kind)
+    group.add_argument(settings_help.flag(name), dest=name, help=words, **kind)
     if "_" in name:  # the old demo's spelling, accepted, not listed twice
         p.add_argument(f"--{name}", dest=name, help=argparse.SUPPRESS, **kind)
-        if config.is_switch(info):  # and its off: --no_warm_weights as --no-warm-weights
+        if settings_help.is_switch(info):  # and its off: --no_warm_weights as --no-warm-weights
             p.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
 
 

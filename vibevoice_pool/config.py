@@ -3,7 +3,8 @@
 Each field is one setting: its type, default, bounds, choices and help text.
 Everything else is read off the fields: the `launch` flags and their --help
 (cli.py), the YAML keys of a config file, the validation, and the README's
-settings table (`python -m vibevoice_pool.config --readme README.md`).
+settings table (settings_help.py: `python -m vibevoice_pool.settings_help --readme
+README.md`).
 Every setting is also an environment variable, VIBEVOICE_POOL_<NAME> (the
 container convention), read by pydantic-settings when `launch` starts.
 Precedence: built-in default < environment variable < config file (`--config`)
@@ -13,7 +14,7 @@ Precedence: built-in default < environment variable < config file (`--config`)
     cfg.replace(**changes)          a validated copy
     load_file(path) -> dict         a YAML file's raw settings
     environment.py: from_environment(), stray_variables(environ)  (the variables)
-    sections()                      [(title, [(name, FieldInfo)])], declaration order
+    settings_help.py: sections(), flag(name), markdown()  (what people read of them)
 
 To add a setting: declare a field below (type, default, help, bounds) with its
 section's maker, read it as `cfg.<name>`, and run the README command above (a
@@ -23,12 +24,10 @@ test fails until the README's table matches).
 from __future__ import annotations
 
 import difflib
-import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from pydantic.fields import FieldInfo
 
 from vibevoice_pool.pool.policies import POLICIES
 from workers.wire.messages import MAX_INFERENCE_STEPS, MAX_VOICE_S
@@ -338,39 +337,6 @@ class PoolConfig(BaseModel):
         return build(self.model_dump() | changes)
 
 
-# ---- reading the declaration -----------------------------------------------------
-
-
-def sections() -> list[tuple[str, list[tuple[str, FieldInfo]]]]:
-    """The settings by section, in declaration order."""
-    out: dict[str, list[tuple[str, FieldInfo]]] = {}
-    for name, info in PoolConfig.model_fields.items():
-        out.setdefault(info.json_schema_extra["section"], []).append((name, info))
-    return list(out.items())
-
-
-def choices(info: FieldInfo) -> tuple[str, ...]:
-    """The values a setting takes, when it is one of a few words."""
-    return tuple(get_args(info.annotation)) if get_origin(info.annotation) is Literal else ()
-
-
-def is_switch(info: FieldInfo) -> bool:
-    return info.annotation is bool
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def shown(value: Any) -> str:
-    """A default as a reader writes it."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, tuple):
-        return ",".join(f"{v:g}" for v in value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def build(values: dict[str, Any], origins: dict[str, str] | None = None) -> PoolConfig:
     """A validated PoolConfig from raw values (a YAML mapping, parsed flags).
     `origins` names where a value came from (an environment variable) for the errors."""
@@ -448,52 +414,3 @@ def voices_dir(cfg: PoolConfig) -> Path:
     return (
         Path(cfg.voices_dir).expanduser() if cfg.voices_dir else default_cache_dir(cfg) / "voices"
     )
-
-
-# ---- the README's table ------------------------------------------------------------
-
-START, END = "<!-- settings: start -->", "<!-- settings: end -->"
-
-
-def markdown() -> str:
-    """The settings table of the README, one block per section."""
-    out = []
-    for title, fields in sections():
-        out += [
-            f"**{title}**",
-            "",
-            "| flag | environment | default | meaning |",
-            "|---|---|---|---|",
-        ]
-        for name, info in fields:
-            words = info.description.replace("|", "\\|")
-            if choices(info):
-                words += f"; one of {', '.join(f'`{c}`' for c in choices(info) if c)}"
-            default = shown(info.default)
-            shown_default = f"`{default}`" if default else ""
-            out.append(f"| `{flag(name)}` | `{env_name(name)}` | {shown_default} | {words} |")
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
-
-
-def write_readme(path: str | Path) -> bool:
-    """Put the table between the markers of a README; True when it changed."""
-    p = Path(path)
-    text = p.read_text()
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not (start and end):
-        raise ConfigError(f"{p} has no {START} ... {END} block")
-    new = f"{head}{START}\n{markdown()}{END}{tail}"
-    p.write_text(new)
-    return new != text
-
-
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[:1] == ["--readme"] and len(args) == 2:
-        print(f"{args[1]}: {'updated' if write_readme(args[1]) else 'already current'}")
-    elif args == ["--markdown"]:
-        print(markdown(), end="")
-    else:
-        sys.exit("usage: python -m vibevoice_pool.config (--markdown | --readme README.md)")
