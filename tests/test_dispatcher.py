@@ -207,11 +207,12 @@ def test_listeners_get_typed_events_in_order(board):
     assert [type(e) for e in seen] == [
         ev.Dispatched,
         ev.Started,
+        ev.FirstAudio,  # once: the second worker's new audio is not the first
         ev.Requeued,
         ev.Dispatched,
         ev.Finished,
     ]
-    assert [getattr(e, "slot", None) for e in seen] == [0, 0, 0, 1, None]
+    assert [getattr(e, "slot", None) for e in seen] == [0, 0, 0, 0, 1, None]
     assert all(e.handle is h for e in seen)
     assert seen[1].at == 5.0 and seen[3].request.attempt == 2
     assert isinstance(seen[-1].outcome, m.Done) and h.samples == 4800
@@ -397,3 +398,41 @@ def test_a_reader_whose_event_loop_closed_does_not_break_the_dispatcher(board):
     d.on_message(0, m.Done("r1", 0.0, 0.01))
     assert gone.done and [r.id for r in link.synth()] == ["r1", "r2"]
     assert not nxt.done
+
+
+def test_a_handle_keeps_its_first_start_and_its_first_audio_when_sent_again(board):
+    """The queue wait and the first audio are read from the handle (/metrics, the done
+    line): admission to the first Started and to the first Chunk, on the dispatcher's
+    clock; a request sent back after its worker died keeps both, and the audio a replay
+    repeats (trimmed, never pushed) moves neither."""
+    now = [100.0]
+    d = Dispatcher(board, clock=lambda: now[0])
+    h = d.submit(req(1))  # no worker: it waits
+    now[0] = 102.0
+    assert h.queue_s() is None and h.first_audio_s() is None
+    up(board, d, 0)
+    now[0] = 103.0
+    d.on_message(0, m.Started("r1", at=0.0))
+    now[0] = 104.5
+    d.on_message(0, m.Chunk("r1", 0, np.zeros(0, np.float32)))  # no audio yet
+    assert h.queue_s() == 3.0 and h.first_audio_s() is None
+    now[0] = 105.0
+    d.on_message(0, m.Chunk("r1", 1, np.zeros(2400, np.float32)))
+    d.worker_lost(0, "killed")
+    up(board, d, 1)
+    now[0] = 110.0
+    d.on_message(1, m.Started("r1", at=0.0))
+    d.on_message(1, m.Chunk("r1", 0, np.zeros(2400, np.float32)))  # a replay of the same
+    now[0] = 111.0
+    d.on_message(1, m.Chunk("r1", 1, np.zeros(2400, np.float32)))
+    d.on_message(1, m.Done("r1", 0.2, 0.1))
+    assert (h.queue_s(), h.first_audio_s(), h.finished_at) == (3.0, 5.0, 111.0)
+
+
+def test_a_request_that_ends_in_the_queue_waited_until_its_end(board):
+    now = [100.0]
+    d = Dispatcher(board, clock=lambda: now[0])
+    h = d.submit(req(1))
+    now[0] = 107.0
+    h.cancel()
+    assert h.queue_s() == 7.0 and h.started_at is None and h.first_audio_s() is None

@@ -6,8 +6,8 @@ Two sources, both read at scrape time:
     the admission queue (a custom collector; no multiprocess mode needed);
   - `Activity`, a dispatcher listener kept in the parent: requests by outcome
     per worker, audio seconds produced, busy seconds, the request latency
-    histogram, and the audio delivered so far (for the page's audio-per-second
-    chart). Refusals (bad input, overloaded, no key, ...) are counted by the
+    histograms (duration; queue wait, time to first audio and speed, by priority),
+    and the audio delivered so far (for the page's audio-per-second chart). Refusals (bad input, overloaded, no key, ...) are counted by the
     front ends that answer them, through `Activity.refused`;
   - the job runner's counts, when the server runs jobs (JobsCollector);
   - the --api-keys file's reloads and failed reloads (KeysCollector).
@@ -35,6 +35,13 @@ from vibevoice_pool.pool.states import SERVING, SHOWN, shown_state
 from workers.wire import messages as m
 
 LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, float("inf"))
+# a wait is milliseconds on an idle pool and minutes behind a full one
+QUEUE_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
+# first audio is 0.1-5 s on a GPU (the first step, after the prompt's prefill), more when queued
+FIRST_AUDIO_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, float("inf"))
+# audio seconds a wall second: below 1 a stream that plays as it comes stalls
+SPEED_BUCKETS = (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, float("inf"))
+PRIORITIES = tuple(p.value for p in m.Priority)  # interactive, batch (a job's rows)
 STATES = SHOWN  # ready, busy, recovering, starting, failed, ...
 FOLDERS = ("voices", "data", "tmp")  # where a write may find no room: Activity.no_room
 NO_ROOM_LOG_S = 60.0  # a full disk is said at most once a minute a folder, not per request
@@ -71,6 +78,38 @@ class Activity:
             buckets=LATENCY_BUCKETS,
             registry=None,
         )
+        self.queue_wait = Histogram(
+            "vibevoice_pool_request_queue_seconds",
+            "Time from admission until a worker first began the request (its first "
+            "Started; a request sent back to the queue and begun again counts its first "
+            "wait only), or until its end when none began it (cancelled, timed out or shut "
+            "down while queued); by priority: interactive, or batch (a job's rows)",
+            ["priority"],
+            buckets=QUEUE_BUCKETS,
+            registry=None,
+        )
+        self.first_audio = Histogram(
+            "vibevoice_pool_time_to_first_audio_seconds",
+            "Time from admission to the first audio of the request in the server (streamed "
+            "or not; a request that made no audio is not counted), by priority",
+            ["priority"],
+            buckets=FIRST_AUDIO_BUCKETS,
+            registry=None,
+        )
+        self.speed = Histogram(
+            "vibevoice_pool_request_speed_ratio",
+            "Audio seconds of a completed request over the wall seconds from the first "
+            "start of it on a worker to its end (above 1: faster than real time; the "
+            "inverse of the real-time factor), by priority",
+            ["priority"],
+            buckets=SPEED_BUCKETS,
+            registry=None,
+        )
+        self.histograms = (self.latency, self.queue_wait, self.first_audio, self.speed)
+        # each priority's series from the start, at 0; kept: a request's observations
+        # skip the label lookup (prometheus_client's labels() takes a lock each call)
+        self._series = {p: self._of(p) for p in PRIORITIES}
+        self._waited: set[str] = set()  # requests whose queue wait is observed
 
     @classmethod
     def attach(cls, pool) -> Activity:
@@ -88,6 +127,11 @@ class Activity:
                 self._active[rid] = e.handle
             elif isinstance(e, ev.Started):
                 self._start(e.slot, rid, now)
+                if rid not in self._waited:  # its first start: sent again, it waited before
+                    self._waited.add(rid)
+                    self._priority(e.request)[0].observe(e.handle.queue_s() or 0.0)
+            elif isinstance(e, ev.FirstAudio):
+                self._priority(e.request)[1].observe(e.handle.first_audio_s() or 0.0)
             elif isinstance(e, ev.Requeued):
                 self._stop(e.slot, rid, now)
                 made = self._made_on.setdefault(rid, Counter())
@@ -107,6 +151,30 @@ class Activity:
                     for slot, samples in made.items():
                         self.audio_s[slot] += samples / m.SAMPLE_RATE
                 self.latency.labels(outcome).observe(max(0.0, now - e.handle.submitted_at))
+                self._ended(e, done)
+
+    def _ended(self, e: ev.Finished, done: bool) -> None:
+        """A request's end: the queue wait of one no worker began, and the speed of
+        one completed (under _lock)."""
+        h, (queue_wait, _, speed) = e.handle, self._priority(e.request)
+        if e.request.id in self._waited:
+            self._waited.discard(e.request.id)
+        else:
+            queue_wait.observe(h.queue_s() or 0.0)
+        if done and h.started_at is not None and h.finished_at is not None:
+            ran = h.finished_at - h.started_at
+            if ran > 0 and e.outcome.audio_s > 0:
+                speed.observe(e.outcome.audio_s / ran)
+
+    def _of(self, priority: str) -> tuple:
+        return tuple(h.labels(priority) for h in self.histograms[1:])
+
+    def _priority(self, request: m.Request) -> tuple:
+        """The queue wait, first audio and speed series of the request's priority."""
+        series = self._series.get(request.priority)
+        if series is None:
+            series = self._series[request.priority] = self._of(request.priority)
+        return series
 
     def _start(self, slot: int, rid: str, now: float) -> None:
         if not self._running[slot]:
@@ -347,7 +415,8 @@ class KeysCollector:
 def registry_for(pool, activity: Activity, jobs=None, keys=None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolCollector(pool, activity))
-    registry.register(activity.latency)
+    for histogram in activity.histograms:
+        registry.register(histogram)
     registry.register(KeysCollector(keys))
     if jobs is not None:
         registry.register(JobsCollector(jobs))

@@ -359,7 +359,10 @@ class Dispatcher:
             return  # a replay: the client already has these samples
         pcm = msg.pcm[job.delivered - start :] if start < job.delivered else msg.pcm
         job.delivered = job.seen
+        first = job.handle.first_audio_at is None
         job.handle.push(m.Chunk(msg.id, msg.seq, pcm))
+        if first:
+            self._emit(ev.FirstAudio(job.request, job.handle, job.slot))
 
     def _release(self, job: _Job) -> None:
         slot = job.slot

@@ -2,6 +2,7 @@
 
     Dispatched   a request was sent to a slot (its score, and how many that slot held)
     Started      the worker began it (`at` is the worker's clock)
+    FirstAudio   its first audio reached the handle (once a request; handle.first_audio_at)
     Requeued     the slot was lost, or gave the row up (preempted, moved off a removed
                  worker: lost=False); the request waits in the queue again
     Finished     the request ended: outcome is Done or Failed
@@ -47,6 +48,14 @@ class Started:
 
 
 @dataclass(frozen=True)
+class FirstAudio:
+    kind: ClassVar[str] = "first_audio"
+    request: m.Request
+    handle: RequestHandle
+    slot: int
+
+
+@dataclass(frozen=True)
 class Requeued:
     kind: ClassVar[str] = "requeued"
     request: m.Request
@@ -64,7 +73,7 @@ class Finished:
     outcome: m.Done | m.Failed
 
 
-PoolEvent = Union[Dispatched, Started, Requeued, Finished]
+PoolEvent = Union[Dispatched, Started, FirstAudio, Requeued, Finished]
 Listener = Callable[[PoolEvent], None]
 
 

@@ -14,6 +14,9 @@ then exactly one of Done or Failed). Callers read it one way:
                                   answer): what every reader has read is let go, so
                                   a long stream holds only what its client has not had
     handle.result(timeout)        the same from a plain thread: all the audio, or raises
+    handle.queue_s(), first_audio_s()
+                                  seconds from admission to a worker's first start, and
+                                  to its first audio (/metrics, the log's done line)
 
 It takes several readers: each stream reads from the first sample at its own
 pace, and waits (no polling) when it has caught up. The page reads one for its
@@ -57,6 +60,8 @@ class RequestHandle:
         self._cancel = cancel
         self._wake = wake or wake_now  # the readers a push found waiting (the dispatcher's Wakeups)
         self.finished_at: float | None = None  # monotonic time of the terminal event
+        self.started_at: float | None = None  # of the first Started: a worker began it
+        self.first_audio_at: float | None = None  # of the first Chunk: its first audio
         self.samples = 0  # audio samples received so far
         self._events: list = []  # every event, in order: each reader keeps its own place
         self._gone = 0  # events let go from the front of _events (a releasing reader's)
@@ -81,6 +86,11 @@ class RequestHandle:
                 self._chunks.append(event.pcm)
                 self.samples += len(event.pcm)
                 self._ends.append(self.samples)
+                if self.first_audio_at is None and len(event.pcm):
+                    self.first_audio_at = self._clock()
+            elif isinstance(event, m.Started):
+                if self.started_at is None:  # a request sent again keeps its first
+                    self.started_at = self._clock()
             if isinstance(event, TERMINAL):
                 self.outcome = event
                 self.finished_at = self._clock()
@@ -97,6 +107,20 @@ class RequestHandle:
     @property
     def done(self) -> bool:
         return self.outcome is not None
+
+    def queue_s(self) -> float | None:
+        """Seconds from admission until a worker first began it: the first Started, not
+        a later one of a request sent back to the queue (its lost worker's time stays in
+        its duration); until its end when it ended before any worker began it (cancelled
+        or timed out in the queue); None while it waits."""
+        end = self.started_at if self.started_at is not None else self.finished_at
+        return None if end is None else max(0.0, end - self.submitted_at)
+
+    def first_audio_s(self) -> float | None:
+        """Seconds from admission to its first audio in the parent (streamed or not);
+        None before any came."""
+        at = self.first_audio_at
+        return None if at is None else max(0.0, at - self.submitted_at)
 
     def cancel(self) -> None:
         """Ask the pool to stop this request; a Failed(cancelled) follows."""
