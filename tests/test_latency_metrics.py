@@ -72,11 +72,14 @@ def below(buckets: dict[float, float], seconds: float) -> float:
     return max((n for le, n in buckets.items() if le <= seconds), default=0.0)
 
 
-def test_a_request_held_behind_a_busy_worker_shows_its_wait_and_its_first_audio(served):
+def test_a_request_held_behind_a_busy_worker_shows_its_wait_and_its_first_audio(served, caplog):
     """One worker that runs one row at a time: a long streamed request, then a second
     that waits in the queue until the first is done. Its wait is at least that hold,
     the first's is under it; each request's first audio is observed once, after its
-    wait and not after its end; a job's rows count under priority="batch"."""
+    wait and not after its end; a job's rows count under priority="batch". The done
+    line of each says its wait, its first audio and its whole time, as words and as
+    the JSON lines' fields."""
+    caplog.set_level("INFO", logger="vibevoice_pool")
     with served(gpus="cpu:1", sim_rtf=0.1, max_batch_size=1) as (pool, client):
         long = pool.make_request(parse_script("Speaker 1: " + "words " * 40), seed=1, stream=True)
         held = pool.submit(long)
@@ -115,10 +118,23 @@ def test_a_request_held_behind_a_busy_worker_shows_its_wait_and_its_first_audio(
         assert speeds == pytest.approx(expected, rel=1e-6)
         assert value(metrics["vibevoice_pool_requests"], "vibevoice_pool_requests_total") == 3
 
+    for h in (held, waiting):
+        done = [r for r in caplog.records if r.getMessage().startswith(f"request {h.id} done")]
+        assert len(done) == 1, done
+        r = done[0]
+        assert (r.queue_s, r.first_audio_s) == (round(h.queue_s(), 3), round(h.first_audio_s(), 3))
+        assert r.total_s == round(h.finished_at - h.submitted_at, 3)
+        assert r.audio_s == round(h.outcome.audio_s, 3) > 0
+        words = f"waited {h.queue_s():.2f} s, first audio after {h.first_audio_s():.2f} s"
+        assert words in r.getMessage()
+    assert done[0].queue_s >= round(hold, 3)  # (the last: the waiting one's) its whole wait
 
-def test_a_request_that_ends_in_the_queue_counts_its_wait_and_no_first_audio(served):
+
+def test_a_request_that_ends_in_the_queue_counts_its_wait_and_no_first_audio(served, caplog):
     """A request cancelled while it waits for the only place: its wait (admission to
-    its end) is counted, under the queue's histogram, and it has no first audio."""
+    its end) is counted, under the queue's histogram, and it has no first audio; its
+    failed line says so."""
+    caplog.set_level("INFO", logger="vibevoice_pool")
     with served(gpus="cpu:1", sim_rtf=0.1, max_batch_size=1) as (pool, client):
         busy = pool.submit(pool.make_request(parse_script("Speaker 1: " + "words " * 30), seed=1))
         wait_until(lambda: busy.samples > 0, 30, 0.01, "the busy worker's audio")
@@ -134,6 +150,11 @@ def test_a_request_that_ends_in_the_queue_counts_its_wait_and_no_first_audio(ser
         assert total == pytest.approx(busy.queue_s() + queued.queue_s(), abs=1e-6)
         assert histogram(metrics, FIRST, priority="interactive")[0] == 1
         assert histogram(metrics, SPEED, priority="interactive")[0] == 1  # completed only
+    said = [r for r in caplog.records if r.getMessage().startswith(f"request {queued.id} failed")]
+    assert len(said) == 1 and f"waited in the queue {queued.queue_s():.2f} s, no audio" in (
+        said[0].getMessage()
+    )
+    assert said[0].queue_s == said[0].total_s and not hasattr(said[0], "first_audio_s")
 
 
 def test_a_request_sent_back_after_a_sigkill_is_counted_once(served):

@@ -111,6 +111,11 @@ def test_json_lines_about_a_worker_carry_its_worker_and_device(server):
     for x in life:
         assert "worker" in x and x["device"] == f"cpu:{x['worker']}", x
     assert {x["worker"] for x in died + respawning} == {victim}
+    done = about(f"request {r.headers['X-Request-Id']} done on ")
+    assert len(done) == 1  # its times as fields: one search gives a request's story
+    times = done[0]
+    assert 0 <= times["queue_s"] <= times["first_audio_s"] <= times["total_s"]
+    assert times["audio_s"] > 0 and times["request_id"] == r.headers["X-Request-Id"]
 
 
 def test_json_lines_about_a_job_carry_its_job_id_and_request_id(server):

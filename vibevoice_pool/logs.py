@@ -1,6 +1,7 @@
 """Log set-up for the parent: text (the old demo's lines, with their marks) or
 JSON lines. A line about a request carries its id in the message and, for
-JSON, as a field when the caller passes `extra={"request_id": ...}`.
+JSON, as a field when the caller passes `extra={"request_id": ...}`; a
+request's end line carries its times too (TIMES: `extra={"queue_s": ...}`).
 
 The parent logs from its hot threads (the dispatcher logs while it holds its
 lock, the event loop logs per request), so no thread of those writes to
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import json
 import logging
 import logging.handlers
 import queue
@@ -21,6 +23,21 @@ import sys
 from workers.host.log_lines import JsonFormatter
 
 _listener: logging.handlers.QueueListener | None = None
+# a request's times on its end line (pool/facade.py): seconds from its admission to a
+# worker's first start, to its first audio and to its end; the audio it made
+TIMES = ("queue_s", "first_audio_s", "total_s", "audio_s")
+
+
+class Json(JsonFormatter):
+    """The JSON lines the workers write too, with a request's TIMES when the line
+    has them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        times = {k: getattr(record, k) for k in TIMES if hasattr(record, k)}
+        if not times:
+            return line
+        return json.dumps({**json.loads(line), **times}, ensure_ascii=False)
 
 
 class _Enqueue(logging.handlers.QueueHandler):
@@ -42,7 +59,7 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     global _listener
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(Json())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     stop()

@@ -404,23 +404,50 @@ class Pool:
                 self.where(e.slot),
                 extra={"request_id": rid, **self._fields(e.slot)},
             )
-        elif isinstance(e, ev.Finished):
+        elif isinstance(e, ev.Finished) and log.isEnabledFor(logging.INFO):
+            said, times = _times(e.handle)
             if isinstance(e.outcome, m.Done):
                 log.info(
-                    "request %s done on %s: %.1f s of audio in %.1f s",
+                    "request %s done on %s: %.1f s of audio in %.1f s (%s)",
                     rid,
                     self.where(e.handle.worker),
                     e.outcome.audio_s,
                     e.outcome.compute_s,
-                    extra={"request_id": rid, **self._fields(e.handle.worker)},
+                    said,
+                    extra={
+                        "request_id": rid,
+                        **self._fields(e.handle.worker),
+                        **times,
+                        "audio_s": round(e.outcome.audio_s, 3),
+                    },
                 )
             else:
                 worker = e.handle.worker  # None: it failed before any worker took it
                 log.info(
-                    "request %s failed%s: %s: %s",
+                    "request %s failed%s: %s: %s (%s)",
                     rid,
                     "" if worker is None else f" on {self.where(worker)}",
                     e.outcome.error.value,
                     e.outcome.message,
-                    extra={"request_id": rid, **({} if worker is None else self._fields(worker))},
+                    said,
+                    extra={
+                        "request_id": rid,
+                        **({} if worker is None else self._fields(worker)),
+                        **times,
+                    },
                 )
+
+
+def _times(h: RequestHandle) -> tuple[str, dict]:
+    """A request's end line's times: its words, and its JSON fields (logs.TIMES):
+    queue_s (admission to a worker's first start; to its end when none began it),
+    first_audio_s (to its first audio; absent without audio), total_s (to its end)."""
+    queue_s, first_s = h.queue_s(), h.first_audio_s()
+    total_s = max(0.0, (h.finished_at or h.submitted_at) - h.submitted_at)
+    times = {"queue_s": round(queue_s or 0.0, 3), "total_s": round(total_s, 3)}
+    first = "no audio"
+    if first_s is not None:
+        times["first_audio_s"] = round(first_s, 3)
+        first = f"first audio after {first_s:.2f} s"
+    waited = "waited" if h.started_at is not None else "waited in the queue"
+    return f"{waited} {queue_s or 0.0:.2f} s, {first}, {total_s:.1f} s in all", times
