@@ -14,7 +14,8 @@ tests/ray_parent_death.py, the same way: a SIGKILL of the server after which its
 Ray's processes and session folder are gone and a second start serves, and one
 of two servers joined to a Ray they did not start: the killed one's Serve
 applications are deleted by its warden, the other's stay, and that Ray is left
-as it was.
+as it was. And tests/ray_slot_cycles.py: replicas added and removed more times
+than the status board has rows, each add taking the removed one's slot.
 """
 
 from __future__ import annotations
@@ -413,3 +414,35 @@ def test_a_sigkilled_joined_server_leaves_no_application_and_the_cluster_alone(t
     stopped = result["phases"]["other_stopped"]
     assert stopped["exit_code"] == 0, result["log_tail"]
     assert not [n for n in stopped["after"]["apps"] + stopped["after"]["actors"] if "pool-" in n]
+
+
+@pytest.mark.slow
+@pytest.mark.serial
+@pytest.mark.timeout(600)
+def test_an_added_replica_takes_the_slot_of_a_removed_one(tmp_path):
+    """Each replica added while serving took a new slot and status-board row, and a
+    removed one kept its own for good: after 16 add/remove cycles every add was
+    refused ("room for 18 workers at most" on a two-replica server). An added
+    replica now takes a removed, stopped one's slot (a Serve application of a new
+    name), its row cleared, as a local worker does; no removed replica lives on."""
+    result = run_scenario("sim", tmp_path, 540, script="ray_slot_cycles.py")
+    assert result["only_loopback"] and "error" not in result, (result, result.get("log_tail"))
+    assert result["phases"]["first_removed"] == [202, 202]
+    rounds = result["phases"]["cycles"]
+    refused = [r for r in rounds if r["status"] != 201]
+    assert not refused, refused
+    assert len(rounds) == 20  # more than the board's 18 rows
+    assert {r["id"] for r in rounds} == {0}  # the first removed slot, every time
+    for r in rounds:
+        # as new: no count of the replica that served there before
+        assert r["completed"] == 0 and r["restarts"] == 0 and r["device"] == "cpu:0", r
+        assert r["answer"]["status"] == 200 and r["answer"]["worker"] == "0", r
+        assert r["removed"] == 202, r
+    assert result["phases"]["replicas_left"] == [], result["phases"]["replicas_left"]
+    # 2 at launch and one an add, each of its own name: a deletion still running
+    # never meets a new application of the same name
+    apps = result["apps"]
+    assert len(apps) == 22 and len(set(apps)) == len(apps), apps
+    assert result["warnings"] == [], result["warnings"]
+    down = result["phases"]["shutdown"]
+    assert down["exit_code"] == 0 and down["survivors"] == [], down

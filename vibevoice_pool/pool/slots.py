@@ -102,7 +102,6 @@ class SlotLifecycle:
     noun = "worker"
     boot_hint = ""
     moves_rows = True  # a removed slot hands its rows back (HandBack) to resume elsewhere
-    reuses_slots = True  # an added worker takes the slot (and board row) of a removed one
 
     def __init__(
         self,
@@ -138,6 +137,11 @@ class SlotLifecycle:
 
     def _start(self, slot: SlotBase) -> None:
         raise NotImplementedError
+
+    def _worker_gone(self, slot: SlotBase) -> bool:
+        """A removed, stopped slot's worker is gone for good: an added one may take
+        its slot (and board row). The local backend's: its process has been reaped."""
+        return getattr(slot, "process", None) is None
 
     def _wake(self) -> None:
         """Let the watching thread look at the slots now."""
@@ -195,11 +199,10 @@ class SlotLifecycle:
         """The first slot removed and stopped, its worker gone; else a new one. Without
         this every add after a remove took a board row for good, and after
         SPARE_ROWS cycles the pool refused any add with one worker up."""
-        if self.reuses_slots:
-            for s in self.slots:
-                stopped = int(self.board.get(s.index, Col.SLOT_STATE)) == SlotState.STOPPED
-                if s.removed and stopped and getattr(s, "process", None) is None:
-                    return s.index
+        for s in self.slots:
+            stopped = int(self.board.get(s.index, Col.SLOT_STATE)) == SlotState.STOPPED
+            if s.removed and stopped and self._worker_gone(s):
+                return s.index
         return len(self.slots)
 
     def remove_slot(self, index: int) -> None:

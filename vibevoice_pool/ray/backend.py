@@ -68,7 +68,6 @@ FAILED_APPS_EVERY_S = 1.0
 class RaySupervisor(SlotLifecycle):
     noun = "replica"
     boot_hint = ", and check that the Ray cluster has the CPUs/GPUs asked for"
-    reuses_slots = False  # a slot's application name and deploy token stay its own
 
     def _setup(self) -> None:
         # the tag keeps our applications' names apart from other pools' of this driver
@@ -77,7 +76,18 @@ class RaySupervisor(SlotLifecycle):
         self.streams = Streams(self.board, self.dispatcher, self._lost, self._stop)
 
     def _new_slot(self, index: int, placement: Placement, engine: EngineSpec) -> Slot:
-        return Slot(index, placement, engine)
+        slot = Slot(index, placement, engine)
+        taken = getattr(self, "slots", [])  # none yet while __init__ makes the first ones
+        if index < len(taken):
+            # a removed slot's, taken by an added replica: its deploy count goes on, so no
+            # application name comes twice (the old one may still be being deleted)
+            slot.deploys = taken[index].deploys
+        return slot
+
+    def _worker_gone(self, slot: Slot) -> bool:
+        """Detached, and its application on its way out (_check undeployed it). The
+        board can read stopped a tick earlier (a replica that died while draining)."""
+        return slot.stopped
 
     def _label(self, slot: Slot) -> str:
         return slot.label
