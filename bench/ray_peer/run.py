@@ -19,7 +19,10 @@ Two workloads, driven the same way through each system's in-process client
     sim    open loop, Poisson arrivals at 80% of the two workers' capacity,
            lognormal sizes (mean 2 s of audio, cv 1), sim_rtf 0.05
 
-Latency is submit to the last message (Done). Ray runs inside a private
+Latency is submit to the last message (Done). Around the measured zero
+workload the run also reads where the time goes (bench/ray_peer/cost.py): CPU
+per request by process, and for the two pools the steps of a request's round
+trip from the dispatcher's events. Ray runs inside a private
 network namespace with only loopback (the script re-runs itself under
 `unshare --net` when it is not in one). Prints a Markdown table; --out writes
 JSON. bench/run_all.py runs it like the other sections.
@@ -40,6 +43,7 @@ import time
 from pathlib import Path
 
 from bench import common
+from bench.ray_peer import cost
 
 ROOT = common.ROOT
 
@@ -95,6 +99,11 @@ class PoolSystem:
         except m.PoolError:
             return False
         return True
+
+    def record(self) -> common.Recorder:
+        recorder = common.Recorder()
+        self.pool.subscribe(recorder)
+        return recorder
 
     def close(self) -> None:
         self.pool.shutdown(grace_s=0)
@@ -217,7 +226,13 @@ def run_workload(name: str, w: dict) -> dict:
                 coro = closed_loop(system, w["n"], w["clients"], w["audio_s"])
             else:
                 coro = open_loop(system, w["arrivals"], w["sizes"])
-            out[system_name] = asyncio.run(coro)
+            recorder = system.record() if name == "zero" and hasattr(system, "record") else None
+            before = cost.cpu_seconds()
+            r = out[system_name] = asyncio.run(coro)
+            if name == "zero":  # where the time goes
+                r["cpu_ms"] = cost.by_role(before, cost.cpu_seconds(), r["n"])
+                if recorder is not None:
+                    r["hops"] = cost.hops(recorder)
         finally:
             system.close()
         r = out[system_name]
@@ -296,6 +311,9 @@ def measure(quick: bool) -> dict:
         for k, v in workloads.items()
     }
     return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "revision": _revision(),
+        "command": "python -m bench.ray_peer.run" + (" --quick" if quick else ""),
         "machine": common.machine(),
         "load": common.load_average(),
         "only_loopback": only_loopback(),
@@ -306,6 +324,12 @@ def measure(quick: bool) -> dict:
         "ratios": ratio,
         "table": markdown(results, ratio),
     }
+
+
+def _revision() -> str:
+    from bench.run_all import git_revision
+
+    return git_revision()
 
 
 def main(argv=None) -> int:
