@@ -35,9 +35,16 @@ def test_a_preempted_job_shows_queued_waiting_until_a_worker_begins_it_again(ser
         return {i: c.get(f"/v1/jobs/{i}").json() for i in ids}
 
     wait_until(lambda: all(v["state"] == "running" for v in views().values()), 60, 0.1)
-    wait_until(lambda: min(v["progress"]["audio_s"] for v in views().values()) >= 4, 60, 0.1)
-    before = views()
-    assert all(v["progress"]["eta_s"] > 0 for v in before.values())  # it has run a while
+
+    def under_way():  # each has run a while: 4 s of audio, and the runner's ETA for it
+        now = views()
+        ok = all(
+            v["progress"]["audio_s"] >= 4 and (v["progress"]["eta_s"] or 0) > 0
+            for v in now.values()
+        )
+        return now if ok else None
+
+    before = wait_until(under_way, 60, 0.1, "every job to have run a while")
     chats = [  # two interactive requests take two jobs' places
         threading.Thread(target=c.post, args=("/v1/synthesize",), kwargs={"json": {"script": s}})
         for s in (CHAT, CHAT.replace("answer", "reply"))
