@@ -189,3 +189,34 @@ def test_a_streamed_mp3_or_aac_decodes_its_priming_first_as_documented(fmt, lead
         assert lead <= len(out) - len(pcm) <= lead + frame
         shift = np.correlate(out[: 2 * SAMPLE_RATE], pcm[:SAMPLE_RATE], "valid")
         assert int(np.argmax(shift)) == lead  # the audio starts after the priming
+
+
+def _ogg_pages_without_serial(data: bytes) -> bytes:
+    """An Ogg stream with each page's serial number and checksum zeroed (FFmpeg picks a
+    random serial for every file, so two encodes of one audio differ there alone)."""
+    out, i = bytearray(data), 0
+    while i < len(out):
+        assert out[i : i + 4] == b"OggS"
+        segments = out[i + 26]
+        size = 27 + segments + sum(out[i + 27 : i + 27 + segments])
+        out[i + 14 : i + 18] = out[i + 22 : i + 26] = bytes(4)
+        i += size
+    return bytes(out)
+
+
+@pytest.mark.parametrize("fmt", SUPPORTED_FORMATS)
+@pytest.mark.parametrize("samples", [0, 100, 3200, 7 * SAMPLE_RATE + 123])
+def test_a_whole_file_written_piece_by_piece_is_the_file_encode_makes(fmt, samples):
+    """write_whole (a job's result, its audio read from disk in pieces) writes the bytes
+    encode() makes of all the audio at once; an mp3's Info frame, which counts the
+    frames, is written in front once they are."""
+    from vibevoice_pool.encoders import write_whole
+
+    pcm = (np.random.default_rng(samples).standard_normal(samples) * 0.2).astype(np.float32)
+    whole, _ = encode(pcm, fmt)
+    out = io.BytesIO()
+    write_whole(out, (pcm[i : i + 777] for i in range(0, samples, 777)), samples, fmt)
+    if fmt == "opus":
+        assert _ogg_pages_without_serial(out.getvalue()) == _ogg_pages_without_serial(whole)
+    else:
+        assert out.getvalue() == whole

@@ -3,6 +3,10 @@
     check_format(name)     the canonical name, or BAD_INPUT listing the formats
     content_type(name)     the Content-Type of that format's bytes
     encode(pcm, name)      one whole file (bytes, content type)
+    write_whole(out, pieces, samples, name)
+                           the same file, its audio given in pieces and its bytes
+                           written to a seekable file as they are made (a job's
+                           result: its audio is on disk, not in memory)
     StreamEncoder(name)    start() / push(pcm) per chunk / end(): bytes that play
                            while they arrive, in every format
 
@@ -50,6 +54,7 @@ import struct
 import threading
 
 import numpy as np
+import soundfile as sf
 
 from vibevoice_pool import audio
 from workers.wire.messages import SAMPLE_RATE, ErrorKind, PoolError
@@ -124,6 +129,7 @@ def encode(pcm: np.ndarray, fmt: str) -> tuple[bytes, str]:
 # LAME's tag and FFmpeg count it): what a gapless decoder skips at the start.
 MP3_ENCODER_DELAY = 576
 MP3_FRAME = 576  # samples in an MPEG-2 layer III frame (24 kHz)
+MP3_FRAME_BYTES = 72 * MP3_BIT_RATE // SAMPLE_RATE  # bytes in one at MP3_BIT_RATE
 MP3_STREAM_LEAD = MP3_ENCODER_DELAY + 529  # a stream's priming, as decoded
 AAC_LEAD = 1024  # FFmpeg's aac encoder's priming: one frame
 
@@ -138,21 +144,74 @@ def _crc16(data: bytes) -> int:
     return crc
 
 
+def write_whole(out, pieces, samples: int, fmt: str) -> None:
+    """Write to `out` (a seekable binary file at its start) the bytes encode() makes of
+    the audio `pieces` (float32 mono arrays, `samples` in all), one piece at a time:
+    no whole copy of the audio or of the file in memory. The same bytes as encode()
+    but for opus, whose Ogg stream serial is random in every file."""
+    name = check_format(fmt)
+    if name == "pcm" or (name == "wav" and 2 * samples <= 0xFFFFFFFF - 36):
+        if name == "wav":  # the header with its sizes, as audio.encode writes it
+            out.write(audio._wav_header(2 * samples, SAMPLE_RATE, 1))
+        for pcm in pieces:
+            out.write(audio.to_int16(audio._mono(pcm)).astype("<i2", copy=False).tobytes())
+        return
+    if name in ("wav", "flac"):  # libsndfile, fed block by block (the same bytes)
+        container, subtype, _ = audio._CODECS[name]
+        with sf.SoundFile(out, "w", SAMPLE_RATE, 1, subtype, format=container) as f:
+            for pcm in pieces:
+                f.write(audio.to_int16(audio._mono(pcm)))
+        return
+    enc = StreamEncoder(name)
+    first = out.tell()
+    if name == "mp3":  # room for the Info frame, written once the frames are counted
+        out.write(bytes(MP3_FRAME_BYTES))
+    head = enc.start()  # the first bytes of the frames (an mp3's Info frame copies them)
+    out.write(head)
+    for pcm in pieces:
+        data = enc.push(pcm)
+        head = (head + data[:4])[:4] if len(head) < 4 else head
+        out.write(data)
+    data = enc.end()
+    head = (head + data[:4])[:4]
+    out.write(data)
+    if name != "mp3":
+        return
+    end = out.tell()
+    frames = end - first - MP3_FRAME_BYTES
+    info = _info_frame(head, frames, enc.samples)
+    if info:
+        out.seek(first)
+        out.write(info)
+        out.seek(end)
+        return
+    out.seek(first + MP3_FRAME_BYTES)  # no Info frame (no audio): the frames move up
+    rest = out.read(frames)
+    out.seek(first)
+    out.write(rest)
+    out.truncate()
+
+
 def mp3_info_frame(frames_data: bytes, samples: int) -> bytes:
     """A silent first frame holding the Xing "Info" tag and LAME's tag for a whole
     constant-rate mp3 of `samples` samples: its frame count, encoder delay and end
     padding, from which FFmpeg (browsers, PyAV) and mpg123 (libsndfile) skip the
     codec's priming and padding, so the file decodes to exactly `samples`.
     b"" where the frames do not allow one (no audio)."""
-    if len(frames_data) < 4 or frames_data[:2] != b"\xff\xf3":  # MPEG-2 layer III
+    return _info_frame(frames_data[:4], len(frames_data), samples)
+
+
+def _info_frame(head: bytes, length: int, samples: int) -> bytes:
+    """mp3_info_frame of frames whose first 4 bytes are `head`, `length` bytes in all."""
+    if len(head) < 4 or head[:2] != b"\xff\xf3":  # MPEG-2 layer III
         return b""
-    size = 72 * MP3_BIT_RATE // SAMPLE_RATE  # bytes in a frame (none needs padding)
-    frames = len(frames_data) // size
+    size = MP3_FRAME_BYTES  # bytes in a frame (none needs padding)
+    frames = length // size
     padding = frames * MP3_FRAME - MP3_ENCODER_DELAY - samples
-    if samples <= 0 or len(frames_data) != frames * size or not 0 <= padding < 4096:
+    if samples <= 0 or length != frames * size or not 0 <= padding < 4096:
         return b""
-    header = frames_data[:2] + bytes([frames_data[2] & ~0x02, frames_data[3]])
-    total = size + len(frames_data)
+    header = head[:2] + bytes([head[2] & ~0x02, head[3]])
+    total = size + length
     tag = b"Info" + struct.pack(">III", 0x3, frames, total)  # flags: frames, bytes
     tag += b"LAME3.100".ljust(9, b"\0")  # the encoder (libmp3lame)
     tag += bytes([0x01, 0]) + bytes(8)  # revision 0, CBR; lowpass, ReplayGain: unset
