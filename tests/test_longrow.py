@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vibevoice_pool.jobs.job_audio import JobAudio
 from vibevoice_pool.jobs.progress import Progress
 from vibevoice_pool.pool.handle import RequestHandle
 from workers.wire import messages as m
@@ -27,11 +28,14 @@ def handle_for(request: m.Request | None = None) -> RequestHandle:
     return RequestHandle(request or m.Request(id="r", turns=(m.Turn(0, "hi"),)), lambda _: None)
 
 
-def feed(handle: RequestHandle, k: int) -> None:
-    """What the dispatcher does with a chunk: its history piece, then its audio."""
+def feed(handle: RequestHandle, k: int, audio: JobAudio | None = None) -> None:
+    """What the dispatcher does with a chunk: its history piece, then its audio; and
+    with `audio`, what a job's runner does with it (it reads it into its JobAudio)."""
     c = chunk(k)
     handle.history.extend(c.history)
     handle.push(m.Chunk(c.id, c.seq, c.pcm))
+    if audio is not None:
+        audio.add(c.pcm)
 
 
 class Clock:
@@ -42,17 +46,17 @@ class Clock:
         return self.now
 
 
-def counted(handle: RequestHandle) -> dict:
-    """Count the audio bytes the handle hands out (handle.audio, whatever it is asked)."""
+def counted(audio: JobAudio) -> dict:
+    """Count the audio bytes a job's audio hands out to be saved (JobAudio.since)."""
     seen = {"bytes": 0}
-    audio = handle.audio
+    since = audio.since
 
     def counting(*args, **kw):
-        out = audio(*args, **kw)
+        out = since(*args, **kw)
         seen["bytes"] += out.nbytes
         return out
 
-    handle.audio = counting
+    audio.since = counting
     return seen
 
 
@@ -66,12 +70,18 @@ def test_handle_audio_from_a_sample_copies_only_what_follows_it():
         np.testing.assert_array_equal(h.audio(start), whole[start:])
 
 
-def tick_each_chunk(progress, h, clock, steps: int = 300) -> int:
-    """`steps` chunks fed to the handle, a checkpoint after each; `steps`."""
+def job_audio(progress: Progress) -> JobAudio:
+    return JobAudio(progress._paths("job")[0])
+
+
+def tick_each_chunk(progress, h, clock, steps: int = 300, audio=None) -> int:
+    """`steps` chunks fed to the handle and the job's audio, a checkpoint after each;
+    `steps`."""
+    audio = audio or job_audio(progress)
     for k in range(steps):
-        feed(h, k)
+        feed(h, k, audio)
         clock.now += 1.0
-        progress.tick("job", h, np.zeros(0, dtype=np.float32))
+        progress.tick("job", h.history, audio)
     return steps
 
 
@@ -79,12 +89,13 @@ def test_a_long_jobs_progress_ticks_copy_each_sample_once(tmp_path):
     """Each tick saved the audio made since the last one, but took it from the whole
     audio, concatenated again (handle.audio()) every CHECKPOINT_S: a 90 minute job
     copied its half a gigabyte of audio every second, O(n^2) in all. Now a tick copies
-    what is new: the bytes the handle hands out stay within the row's audio."""
+    what is new: the bytes handed out to be saved stay within the row's audio."""
     clock = Clock()
     progress = Progress(tmp_path, clock=clock)
     h = handle_for()
-    seen = counted(h)
-    steps = tick_each_chunk(progress, h, clock)
+    audio = job_audio(progress)
+    seen = counted(audio)
+    steps = tick_each_chunk(progress, h, clock, audio=audio)
     total = steps * HOP * 4
     assert seen["bytes"] <= total  # old code: about steps / 2 times that
     saved = progress.saved_audio("job")
@@ -97,18 +108,15 @@ def test_a_resumed_jobs_ticks_save_after_its_prior_audio_and_copy_it_once(tmp_pa
     clock = Clock()
     progress = Progress(tmp_path, clock=clock)
     first = handle_for()
-    for k in range(10):
-        feed(first, k)
-        clock.now += 1.0
-        progress.tick("job", first, np.zeros(0, dtype=np.float32))
+    tick_each_chunk(progress, first, clock, steps=10)
     req, prior = progress.resume("job", m.Request(id="r2", turns=(m.Turn(0, "hi"),)))
-    assert len(prior) == 10 * HOP and req.resume.steps == 10
+    assert prior.made == prior.on_disk == 10 * HOP and req.resume.steps == 10
     h = handle_for(req)
-    seen = counted(h)
+    seen = counted(prior)
     for k in range(10, 200):
-        feed(h, k)
+        feed(h, k, prior)
         clock.now += 1.0
-        progress.tick("job", h, prior)
+        progress.tick("job", h.history, prior)
     assert seen["bytes"] <= 190 * HOP * 4
     saved = progress.saved_audio("job")
     np.testing.assert_array_equal(saved, np.repeat(np.arange(200, dtype=np.float32), HOP))
@@ -157,7 +165,7 @@ def test_a_long_jobs_history_is_appended_not_rewritten_each_tick(tmp_path, monke
     assert seen["bytes"] <= steps * per_step  # old code: about steps / 2 times that
     assert len(written) == steps and max(written) == written[0]  # old: grew with each step
     req, prior = progress.resume("job", m.Request(id="r2", turns=(m.Turn(0, "hi"),)))
-    assert req.resume.steps == steps and len(prior) == steps * HOP
+    assert req.resume.steps == steps and prior.made == steps * HOP
     np.testing.assert_array_equal(req.resume.token_array(), np.arange(steps, dtype=np.int32))
     fed = req.resume.feedback_array()
     np.testing.assert_array_equal(
@@ -187,15 +195,16 @@ def test_a_whole_history_saved_before_steps_were_appended_still_resumes(tmp_path
     (progress.dir / "job.hist").write_bytes(buf.getvalue())
     np.repeat(np.arange(steps, dtype=np.float32), HOP).tofile(progress.dir / "job.pcm")
     req, prior = progress.resume("job", m.Request(id="r", turns=(m.Turn(0, "hi"),)))
-    assert req.resume.steps == steps and len(prior) == steps * HOP
+    assert req.resume.steps == steps and prior.made == steps * HOP
     h = handle_for(req)
     for k in range(steps, 12):
-        feed(h, k)
+        feed(h, k, prior)
     clock.now += 10.0
-    progress.tick("job", h, prior)
+    progress.tick("job", h.history, prior)
     again, prior = progress.resume("job", m.Request(id="r2", turns=(m.Turn(0, "hi"),)))
     np.testing.assert_array_equal(again.resume.token_array(), np.arange(12, dtype=np.int32))
-    np.testing.assert_array_equal(prior, np.repeat(np.arange(12, dtype=np.float32), HOP))
+    saved = np.concatenate(list(prior.pieces()))
+    np.testing.assert_array_equal(saved, np.repeat(np.arange(12, dtype=np.float32), HOP))
 
 
 def test_a_streamed_answer_lets_go_of_the_audio_its_client_has():

@@ -262,14 +262,16 @@ def test_on_a_full_data_disk_jobs_get_507_synthesis_serves_and_the_server_restar
             assert jobs.json()["error"]["code"] in ("jobs_unavailable", "disk_full", "disk_limit")
 
 
-def test_a_disk_that_fills_while_a_job_runs_gives_its_progress_back_and_the_job_finishes(
+def test_a_disk_that_fills_while_a_job_runs_keeps_its_saved_progress_and_the_job_finishes(
     tmp_path,
 ):
-    """The running job's checkpoint meets a full disk: the job goes on (its audio is in
-    memory), its progress files go, and once there is room its result is whole. It used
-    to lose the job: the write's OSError ended the runner's follow ('the server lost
-    track of this job'), left the request running in the pool unread, and left the
-    progress files filling the disk, the job 'running' until space came back."""
+    """The running job's checkpoint meets a full disk: the job goes on, what it saved
+    stays on disk (a restart would resume from it), the audio past it waits in memory,
+    and once there is room it is appended and the result is whole. It used to lose the
+    job: the write's OSError ended the runner's follow ('the server lost track of this
+    job'), left the request running in the pool unread, and left the progress files
+    filling the disk, the job 'running' until space came back. Then the files were
+    dropped, the whole audio kept in memory (jobs/job_audio.py)."""
     with small_disk(tmp_path / "disk", 16) as disk:
         data = disk / "data"
         body = {"script": "Speaker 1: " + "a long line of speech " * 40, "format": "pcm"}
@@ -279,7 +281,9 @@ def test_a_disk_that_fills_while_a_job_runs_gives_its_progress_back_and_the_job_
             progress = data / "progress" / f"{job}.pcm"
             wait_until(lambda: progress.exists() and progress.stat().st_size, 20, 0.05)
             fill(disk)
-            wait_until(lambda: not progress.exists(), 10, 0.05, "the progress to be dropped")
+            refused = "its progress could not be saved"
+            wait_until(lambda: refused in s.log(), 10, 0.05, "a refused save")
+            assert progress.stat().st_size  # the prefix it saved stays
             (disk / "filler").unlink()
 
             def ended():

@@ -216,19 +216,20 @@ def lock_folder(folder: Path, results: str, lock_name: str) -> int:
     return lock_fd
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data, mode: int = 0o644) -> None:
     """Write `data` to `path` so that a reader sees all of it or none of it:
-    a temporary file beside it, fsync, rename over, fsync the folder."""
+    a temporary file beside it, fsync, rename over, fsync the folder. `data`: bytes,
+    or a function that writes them to the (seekable, binary) file it is given."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
+        with open(fd, "w+b", closefd=True) as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
             os.fsync(fd)
-        finally:
-            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -329,18 +330,25 @@ def sweep_orphans(store) -> None:
                 path.unlink()
 
 
-def write_result(store, path: Path, pcm, fmt: str) -> int:
-    """Encode a job's audio and write it atomically, within the store's disk limit;
-    its size in bytes."""
+def write_result(store, path: Path, audio, fmt: str) -> int:
+    """Encode a job's audio (a JobAudio: read from disk a block at a time, then its tail)
+    straight into its file, written atomically within the store's disk limit; its size
+    in bytes."""
     from vibevoice_pool import encoders
 
-    data, _ = encoders.encode(pcm, fmt)
-    held = store.result_bytes()
-    if held + len(data) > store.limit_bytes:
-        raise JobError(
-            JobErrorKind.DISK_LIMIT,
-            f"the result ({len(data)} bytes) would pass jobs_disk_limit_mb="
-            f"{store.limit_bytes / (1024 * 1024):g} ({held} bytes held)",
-        )
-    write_atomic(path, data)
-    return len(data)
+    size = 0
+
+    def encode(f) -> None:
+        nonlocal size
+        encoders.write_whole(f, audio.pieces(), audio.made, fmt)
+        size = f.seek(0, os.SEEK_END)
+        held = store.result_bytes()
+        if held + size > store.limit_bytes:  # the temporary file goes
+            raise JobError(
+                JobErrorKind.DISK_LIMIT,
+                f"the result ({size} bytes) would pass jobs_disk_limit_mb="
+                f"{store.limit_bytes / (1024 * 1024):g} ({held} bytes held)",
+            )
+
+    write_atomic(path, encode)
+    return size

@@ -10,29 +10,36 @@
                              audio and the steps it counts are on disk
 
 The runner (runner.py) calls:
-    resume(job_id, request) -> (request, audio so far)
+    resume(job_id, request) -> (request, JobAudio)
                               at start: a job a previous server left running goes
                               on from its last saved step (request.resume), and its
-                              saved audio is the beginning of its result
-    tick(job_id, handle, prior, force=False)
+                              saved audio (on disk, job_audio.py) is the beginning of
+                              its result
+    tick(job_id, history, audio, force=False)
                               while it runs: save when CHECKPOINT_S has passed (at
-                              once with force: the server stops it); a save the disk
-                              refuses drops the files (the space goes back; the job
-                              goes on) and is tried again in RETRY_S
+                              once with force: the server stops it), and let the
+                              saved audio go from memory (JobAudio.saved); a save the
+                              disk refuses keeps what is on disk, the rest waits in
+                              memory, tried again in RETRY_S
+    refused(job_id)           whether its last save was refused (the disk is full)
     drop(job_id)              once it is done, failed or cancelled
-    saved_audio(job_id), ids()  the audio saved of a job (a cancelled job keeps it as its
+    saved(job_id), saved_audio(job_id), ids()
+                              the audio saved of a job (a cancelled job keeps it as its
                               result: results.keep_saved), the jobs with files here
 
 The history is saved only up to audio already on disk, so a restart never misses
 audio; the audio and steps past the .hist's counts are cut off at the restart and
 made again. A save writes only what is new since the last (the audio from
-RequestHandle.audio(start), the steps from HistoryLog.since(step)): a tick's cost
-does not grow with the job's length. A .hist written whole (tokens and feedback
+JobAudio.since(start), the steps from HistoryLog.since(step)): a tick's cost does
+not grow with the job's length, and the memory holds only the audio not saved.
+A refused save (a full disk) leaves the files as the last good save left them:
+a restart resumes from there, and the next save appends past it. A .hist written whole (tokens and feedback
 inside, before .steps) is still read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -44,13 +51,14 @@ from pathlib import Path
 import numpy as np
 
 from vibevoice_pool.jobs.disk import PROGRESS_DIR, write_atomic
+from vibevoice_pool.jobs.job_audio import JobAudio, saved_only
 from workers.wire import messages as m
 from workers.wire.history import TOKEN, VALUE, History, HistoryDelta
 
 log = logging.getLogger("vibevoice_pool")
 
 CHECKPOINT_S = 1.0
-RETRY_S = 30.0  # after a save the disk refused
+RETRY_S = 5.0  # after a save the disk refused
 
 
 class Progress:
@@ -59,6 +67,7 @@ class Progress:
         self.clock = clock
         # job -> (when, samples on disk, steps on disk)
         self._saved: dict[str, tuple[float, int, int]] = {}
+        self._refused: set[str] = set()  # jobs whose last save the disk refused
 
     def _paths(self, job_id: str) -> tuple[Path, Path]:
         return self.dir / f"{job_id}.pcm", self.dir / f"{job_id}.hist"
@@ -66,14 +75,14 @@ class Progress:
     def _steps_path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.steps"
 
-    def resume(self, job_id: str, req: m.Request) -> tuple[m.Request, np.ndarray]:
-        """The request with the job's saved history, and the audio that history covers
-        (none when nothing usable was saved)."""
+    def resume(self, job_id: str, req: m.Request) -> tuple[m.Request, JobAudio]:
+        """The request with the job's saved history, and the audio that history covers,
+        on disk (none when nothing usable was saved)."""
         pcm_path, hist_path = self._paths(job_id)
-        empty = np.zeros(0, dtype=np.float32)
+        empty = JobAudio(pcm_path)
         try:
             hist, whole = _read_history(hist_path.read_bytes(), self._steps_path(job_id))
-            pcm = np.fromfile(pcm_path, dtype=np.float32)
+            pcm_bytes = pcm_path.stat().st_size
         except FileNotFoundError:
             return req, empty
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # cut, bad
@@ -81,7 +90,7 @@ class Progress:
                 "job %s: its saved progress is unreadable (%s): run from its start", job_id, e
             )
             return req, empty
-        if len(pcm) < hist.samples:
+        if pcm_bytes < hist.samples * 4:
             log.warning(
                 "job %s: its saved audio is shorter than its history: from its start", job_id
             )
@@ -96,36 +105,48 @@ class Progress:
         self._saved[job_id] = (self.clock(), hist.samples, 0 if whole else hist.steps)
         with open(pcm_path, "r+b") as f:  # what came after the history is made again
             f.truncate(hist.samples * 4)
-        return replace(req, resume=hist), pcm[: hist.samples].copy()
+        return replace(req, resume=hist), JobAudio(pcm_path, hist.samples)
 
-    def tick(self, job_id: str, handle, prior: np.ndarray, force: bool = False) -> None:
-        """Save the job's progress when CHECKPOINT_S has passed since the last save (or
-        now, `force`: the server stops the job, and the next start goes on from here)."""
+    def tick(self, job_id: str, history, audio: JobAudio, force: bool = False) -> None:
+        """Save the job's progress (its HistoryLog `history` and the `audio` past what
+        is on disk) when CHECKPOINT_S has passed since the last save (or now, `force`:
+        the server stops the job, and the next start goes on from here); the audio
+        saved leaves memory."""
         now = self.clock()
-        when, on_disk, steps = self._saved.get(job_id, (0.0, 0, 0))
+        when, on_disk, steps = self._saved.get(job_id, (0.0, audio.on_disk, 0))
         if now - when < CHECKPOINT_S and not (force and now >= when):
             return
-        piece = handle.history.since(steps)
+        piece = history.since(steps)
         if piece is None or piece.samples <= on_disk:
             return
-        new = _unsaved(handle, prior, on_disk)
+        new = audio.since(on_disk)
         if len(new) < piece.samples - on_disk:
             return  # its audio is on its way: next time
         try:
             self._save(job_id, new[: piece.samples - on_disk], on_disk, piece)
-        except OSError as e:  # a full disk, say: the job goes on, its audio is in memory
-            log.warning(
-                "job %s: its progress could not be saved (%s): dropped, so that the disk "
-                "gets the space back (a restart would run it from its start); tried again "
-                "in %.0f s",
-                job_id,
-                e.strerror or e,
-                RETRY_S,
-            )
-            self.drop(job_id)
-            self._saved[job_id] = (now + RETRY_S, 0, 0)
+        except OSError as e:  # a full disk, say: what is on disk stays, the rest waits
+            if job_id not in self._refused:
+                log.warning(
+                    "job %s: its progress could not be saved (%s): the %.1f s saved stay on "
+                    "disk, the %.1f s past them wait in memory; tried again every %.0f s",
+                    job_id,
+                    e.strerror or e,
+                    on_disk / m.SAMPLE_RATE,
+                    audio.held / m.SAMPLE_RATE,
+                    RETRY_S,
+                )
+            self._refused.add(job_id)
+            self._saved[job_id] = (now + RETRY_S, on_disk, steps)
             return
+        if job_id in self._refused:
+            self._refused.discard(job_id)
+            log.info("job %s: its progress is saved again", job_id)
         self._saved[job_id] = (now, piece.samples, piece.start + piece.steps)
+        audio.saved(piece.samples)
+
+    def refused(self, job_id: str) -> bool:
+        """Whether the disk refused the job's last save (its tail waits in memory)."""
+        return job_id in self._refused
 
     def _save(self, job_id: str, new: np.ndarray, on_disk: int, piece: HistoryDelta) -> None:
         """`new`: the audio past the `on_disk` samples saved, up to the end of `piece`,
@@ -135,6 +156,10 @@ class Progress:
         _append(pcm_path, on_disk * 4, np.ascontiguousarray(new, dtype=np.float32).tobytes())
         _append(self._steps_path(job_id), piece.start * _record(piece.width), _records(piece))
         write_atomic(hist_path, _meta_bytes(piece))
+
+    def saved(self, job_id: str) -> JobAudio:
+        """All the audio saved of a job whose run has ended, on disk."""
+        return saved_only(self._paths(job_id)[0])
 
     def saved_audio(self, job_id: str) -> np.ndarray:
         """All the audio saved of a job (none when there is no file, or it is unreadable)."""
@@ -152,29 +177,31 @@ class Progress:
 
     def drop(self, job_id: str) -> None:
         self._saved.pop(job_id, None)
+        self._refused.discard(job_id)
         pcm, hist = self._paths(job_id)
         steps = self._steps_path(job_id)
         for path in (pcm, steps, hist, hist.with_name(f".{hist.name}.tmp")):  # write_atomic's
             path.unlink(missing_ok=True)
 
 
-def _unsaved(handle, prior: np.ndarray, on_disk: int) -> np.ndarray:
-    """The job's audio past its first `on_disk` samples: the previous server's (`prior`)
-    then the handle's. Only what is past `on_disk` is copied: a tick costs the audio
-    made since the last one, not the row's whole audio (O(n^2) in all for a long row)."""
-    if on_disk >= len(prior):
-        return handle.audio(on_disk - len(prior))
-    return np.concatenate([prior[on_disk:], handle.audio()])
-
-
 def _append(path: Path, keep: int, data: bytes) -> None:
     """`data` after the first `keep` bytes of `path` (what a failed save left past
-    them goes), on disk before this returns."""
-    with open(path, "ab") as f:
-        f.truncate(keep)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    them goes), on disk before this returns. Refused (a full disk): the file is cut
+    back to `keep` bytes, as far as it can be, and the OSError raised."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, keep)
+        view, at = memoryview(data), keep
+        while view:  # unbuffered: nothing is left to be written at close
+            n = os.pwrite(fd, view, at)
+            view, at = view[n:], at + n
+        os.fsync(fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, keep)
+        raise
+    finally:
+        os.close(fd)
 
 
 def _record(width: int) -> int:

@@ -1,10 +1,12 @@
 """A job's result on disk: written once its audio is made, and which file answers
 GET /v1/jobs/{id}/audio.
 
-    write(store, job_id, fmt, pcm)     results/<id>.<fmt>, encoded (disk.write_result):
-                                       its path in the folder and size; JobError
-                                       DISK_LIMIT, DISK_FULL or STORAGE, saying what to do
-    keep_partial(store, job, pcm, ..)  a cancelled job's audio, made before its cancel,
+    write(store, job_id, fmt, audio)   results/<id>.<fmt>, encoded from the job's audio
+                                       (a JobAudio: on disk and its tail in memory) as it
+                                       is read (disk.write_result): its path in the folder
+                                       and size; JobError DISK_LIMIT, DISK_FULL or
+                                       STORAGE, saying what to do
+    keep_partial(store, job, audio, ..) a cancelled job's audio, made before its cancel,
                                        as its result (the store's keep_partial)
     keep_saved(store, progress, job)   the same from its progress on disk (it was queued
                                        to resume, or the server died before its run ended)
@@ -22,6 +24,7 @@ import logging
 from pathlib import Path
 
 from vibevoice_pool.jobs.disk import is_disk_full, write_result
+from vibevoice_pool.jobs.job_audio import JobAudio
 from vibevoice_pool.jobs.records import Job, JobError, JobErrorKind, JobState, say
 from vibevoice_pool.jobs.store import RESULTS_DIR
 from workers.wire.messages import SAMPLE_RATE
@@ -29,12 +32,12 @@ from workers.wire.messages import SAMPLE_RATE
 log = logging.getLogger("vibevoice_pool")
 
 
-def write(store, job_id: str, fmt: str, pcm) -> tuple[str, int]:
+def write(store, job_id: str, fmt: str, audio: JobAudio) -> tuple[str, int]:
     """Encode a job's audio into its result file; (its path in the folder, its size)."""
     rel = f"{RESULTS_DIR}/{job_id}.{fmt}"
     path = store.folder / rel
     try:
-        return rel, write_result(store, path, pcm, fmt)
+        return rel, write_result(store, path, audio, fmt)
     except OSError as e:
         kind = JobErrorKind.DISK_FULL if is_disk_full(e) else JobErrorKind.STORAGE
         raise JobError(
@@ -57,17 +60,17 @@ def attach(store, job_id: str, rel: str, size: int, audio_s: float, worker) -> b
     return kept
 
 
-def keep_partial(store, job_id: str, fmt: str, pcm, worker: int | None) -> float:
+def keep_partial(store, job_id: str, fmt: str, audio: JobAudio, worker: int | None) -> float:
     """Keep the audio a cancelled job made as its result; the seconds kept (0: none
     made, or it could not be written, which is logged: the job stays cancelled)."""
-    if not len(pcm):
+    if not audio.made:
         return 0.0
     try:
-        rel, size = write(store, job_id, fmt, pcm)
+        rel, size = write(store, job_id, fmt, audio)
     except JobError as e:
         say(log.warning, job_id, ": the audio it made before its cancel is lost: %s", e.message)
         return 0.0
-    audio_s = len(pcm) / SAMPLE_RATE
+    audio_s = audio.made / SAMPLE_RATE
     if not attach(store, job_id, rel, size, audio_s, worker):
         return 0.0
     say(log.info, job_id, ": the %.1f s of audio it made before its cancel are kept", audio_s)
@@ -80,7 +83,7 @@ def keep_saved(store, progress, job_id: str) -> float:
     job = store.get(job_id)
     kept = 0.0
     if job is not None and job.state is JobState.CANCELLED and not job.result_path:
-        kept = keep_partial(store, job_id, job.format, progress.saved_audio(job_id), job.worker)
+        kept = keep_partial(store, job_id, job.format, progress.saved(job_id), job.worker)
     progress.drop(job_id)
     return kept
 

@@ -9,8 +9,10 @@
         so another owner's job starts at once)
         -> Request from the stored body (unreadable: failed) -> pool.submit (OVERLOADED /
            UNAVAILABLE: it stays queued; try again in a moment)
-        -> claim (queued -> running) -> follow the handle: audio made = progress
-        Done: encode, write results/<id>.<fmt> (temp file, fsync, rename), running -> done;
+        -> claim (queued -> running) -> follow the handle, letting go of what it read:
+           audio made = progress, saved each second; memory holds only the unsaved tail
+        Done: encode from disk and tail, write results/<id>.<fmt> (temp file, fsync,
+        rename), running -> done;
         a write error (disk full, I/O) -> failed. Failed: running -> failed (the pool retried)
     cancel(id, wait_s): cancelled in the store first, then the pool request is stopped;
         waits up to wait_s for its row to leave its worker (POST /v1/jobs/{id}/cancel)
@@ -42,10 +44,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
-
 from vibevoice_pool.jobs import results
 from vibevoice_pool.jobs.disk import sweep_orphans
+from vibevoice_pool.jobs.job_audio import JobAudio
 from vibevoice_pool.jobs.places import Places
 from vibevoice_pool.jobs.progress import Progress
 from vibevoice_pool.jobs.records import say
@@ -75,10 +76,9 @@ class _Live:
     job_id: str
     fmt: str
     handle: Any = None  # RequestHandle
-    samples: int = 0  # audio made so far
+    audio: JobAudio | None = None  # made so far: on disk, the unsaved tail in memory
     cancelled: bool = False  # its owner cancelled it
     stopping: bool = False  # the server is stopping: queue it again
-    prior: Any = None  # the audio a previous server saved (progress.py): its result's start
 
 
 class JobRunner:
@@ -233,7 +233,7 @@ class JobRunner:
         """The JSON view of a job, with live progress while it runs."""
         with self._lock:
             live = self._live.get(job.id)
-            made, handle = (live.samples / m.SAMPLE_RATE, live.handle) if live else (0, None)
+            made, handle = (live.audio.made / m.SAMPLE_RATE, live.handle) if live else (0, None)
         if handle is None or job.state is not JobState.RUNNING:
             return job_view(job, job.audio_s, job.worker, now=self.clock(), ttl_s=self.ttl_s)
         worker, note, eta = self.places.shown(handle.id, handle.worker, made, job.est_audio_s)
@@ -352,7 +352,7 @@ class JobRunner:
                 return
             try:
                 req = await asyncio.to_thread(self._build, self.store.body(job.id))
-                req, prior = self.progress.resume(job.id, req)  # a restart goes on
+                req, made = self.progress.resume(job.id, req)  # a restart goes on
             except JobError as e:
                 if e.kind is JobErrorKind.STORAGE:  # its body is gone or damaged on disk
                     self._fail(job.id, e.kind.value, e.message)
@@ -378,8 +378,8 @@ class JobRunner:
                 self._fail(job.id, e.kind.value, e.message)
                 continue
             self._said_later = False
-            live = _Live(job.id, job.format, handle, len(prior), prior=prior)
-            self.places.track(handle.id, job.id, len(prior) / m.SAMPLE_RATE)
+            live = _Live(job.id, job.format, handle, made)
+            self.places.track(handle.id, job.id, made.made / m.SAMPLE_RATE)
             with self._lock:
                 self._live[job.id] = live
             try:
@@ -407,9 +407,9 @@ class JobRunner:
                 await handle.started()
                 with contextlib.suppress(JobError):  # a note only: a full disk skips it
                     self.store.note_worker(live.job_id, handle.worker, self.clock())
-                async for pcm in handle.stream():
-                    live.samples += len(pcm)
-                    self.progress.tick(live.job_id, handle, live.prior)
+                async for pcm in handle.stream(release=True):  # the handle lets it go
+                    live.audio.add(pcm)
+                    self.progress.tick(live.job_id, handle.history, live.audio)
             except m.PoolError:
                 pass  # the handle's outcome says how it ended
             await self._conclude(live)
@@ -434,13 +434,12 @@ class JobRunner:
             if isinstance(outcome, m.Done):
                 await self._deliver(live, outcome)
             elif outcome.error is m.ErrorKind.CANCELLED and live.stopping:
-                self.progress.tick(live.job_id, live.handle, live.prior, force=True)  # all of it
+                self.progress.tick(live.job_id, live.handle.history, live.audio, force=True)
                 why = "the server stopped before it finished"
                 with contextlib.suppress(JobError):  # still running: the next start requeues it
                     self.store.requeue(live.job_id, why, self.clock())
             elif outcome.error is m.ErrorKind.CANCELLED and live.cancelled:  # the store says so
-                made = np.concatenate([live.prior, live.handle.audio()])  # kept as its result
-                args = (self.store, live.job_id, live.fmt, made, live.handle.worker)
+                args = (self.store, live.job_id, live.fmt, live.audio, live.handle.worker)
                 await asyncio.to_thread(results.keep_partial, *args)
             else:
                 self._fail(live.job_id, outcome.error.value, outcome.message, live.handle.worker)
@@ -450,14 +449,13 @@ class JobRunner:
 
     async def _deliver(self, live: _Live, done: m.Done) -> None:
         handle = live.handle
-        pcm = np.concatenate([live.prior, handle.audio()])
-        try:
-            args = (self.store, live.job_id, live.fmt, pcm)
+        try:  # from the saved audio on disk and the tail in memory (job_audio.py)
+            args = (self.store, live.job_id, live.fmt, live.audio)
             rel, size = await asyncio.to_thread(results.write, *args)
         except JobError as e:
             self._fail(live.job_id, e.kind.value, e.message, handle.worker)
             return
-        at, audio_s = self.clock(), len(pcm) / m.SAMPLE_RATE
+        at, audio_s = self.clock(), live.audio.made / m.SAMPLE_RATE
 
         def finish() -> bool:  # now, or once the disk has room again (_write_later)
             ended = self.store.finish_done(
