@@ -23,9 +23,21 @@ CHUNK = m.SAMPLE_RATE // 2  # the fake pool's chunks: 0.5 s
 LONG = "Speaker 1: " + "a" * 200  # about 15 s of audio: 30 chunks
 
 
+def sound(done: int, n: int, seq: int) -> np.ndarray:
+    """The fake pool's chunk `seq`: its samples [done, done + n), a sound of its own."""
+    return (0.5 * np.sin(np.arange(done, done + n) * (0.01 + seq * 1e-4))).astype("f4")
+
+
+def whole_sound(total: int) -> np.ndarray:
+    """All the audio of a row of `total` samples, as one run from its start makes it."""
+    starts = range(0, total, CHUNK)
+    return np.concatenate([sound(a, min(CHUNK, total - a), k) for k, a in enumerate(starts)])
+
+
 class HistoryPool(FakePool):
     """The fake pool, each chunk a different sound with its history step, as the
-    dispatcher hands them over (the history first); what it made is kept to compare."""
+    dispatcher hands them over (the history first); what it made is kept to compare.
+    A request with a history (resume) goes on from its end, as the engines do."""
 
     def __init__(self):
         super().__init__()
@@ -37,7 +49,7 @@ class HistoryPool(FakePool):
         handle.push(m.Started(req.id))
         total = int(round(req.est_audio_s * m.SAMPLE_RATE))
         made = self.made.setdefault(req.id, [])
-        done, seq = 0, 0
+        done, seq = (req.resume.samples, req.resume.steps) if req.resume else (0, 0)
         while done < total:
             while seq >= self.free_chunks and not self.gate.wait(0.01):
                 if req.id in self.cancelled:
@@ -46,7 +58,7 @@ class HistoryPool(FakePool):
                 handle.push(m.Failed(req.id, m.ErrorKind.CANCELLED, "cancelled"))
                 return
             n = min(CHUNK, total - done)
-            pcm = (0.5 * np.sin(np.arange(done, done + n) * (0.01 + seq * 1e-4))).astype("f4")
+            pcm = sound(done, n, seq)
             made.append(pcm.copy())
             fed = np.full(2, seq, "<f4").tobytes()
             handle.history.extend(HistoryDelta(seq, np.int32(seq).tobytes(), fed, 2, done + n))
@@ -172,6 +184,55 @@ def test_a_save_the_full_disk_refuses_keeps_its_prefix_the_tail_waits_and_the_re
             assert r.result_file(done).read_bytes() == encoders.encode(made, "wav")[0]
         finally:
             for _ in make:  # the runners stop before the disk goes
+                pass
+
+
+def test_a_disk_that_stays_full_sets_the_job_aside_and_it_goes_on_from_its_saved_audio(
+    tmp_path, monkeypatch
+):
+    """While the disk refuses a job's saves, the audio past it waits in memory; a disk
+    that stays full would have it grow to the whole job. Past TAIL_MAX_S the run stops
+    (its request cancelled in the pool), the job is queued again and nothing starts
+    while the disk has no room; once it has, the job goes on from the audio it saved
+    (its history), and its result is the audio of one whole run, the same bytes."""
+    from test_tenants import fill, small_disk
+
+    from vibevoice_pool.jobs import ending
+    from vibevoice_pool.jobs import runner as runner_mod
+
+    monkeypatch.setattr(ending, "TAIL_MAX_S", 3.0)  # 6 chunks
+    monkeypatch.setattr(runner_mod, "DISK_RETRY_S", 0.2)
+    with small_disk(tmp_path / "disk", 16) as disk:
+        make = runners(disk)
+        try:
+            pool = HistoryPool()
+            pool.hold(after_chunks=4)
+            r = next(make)(pool)
+            every_tick_saves(r)
+            job = r.submit("me", {"script": LONG, "format": "wav"})
+            live = made_by(r, job.id, 4)
+            wait_until(lambda: live.audio.on_disk == 4 * CHUNK, 10, 0.01, "4 chunks saved")
+            first = live.handle.request
+            fill(disk)
+            pool.release()
+            wait_until(lambda: job.id not in r._live, 10, 0.01, "the run to stop")
+            assert first.id in pool.cancelled  # its row stopped in the pool
+            made = sum(map(len, pool.made[first.id]))
+            assert 7 * CHUNK <= made < 20 * CHUNK  # it stopped past 6 unsaved chunks
+            pcm, _ = r.progress._paths(job.id)
+            assert pcm.stat().st_size == 4 * CHUNK * 4  # what it saved stays
+            time.sleep(1.0)  # five retries of DISK_RETRY_S
+            assert pool.submitted == [first.id]  # nothing starts on the full disk
+            (disk / "filler").unlink()
+            done = wait_state(r, job.id, JobState.DONE, timeout=30)
+            again = pool.submitted[1]
+            assert len(pool.submitted) == 2 and pool.submitted[0] == first.id
+            total = round(done.audio_s * m.SAMPLE_RATE)
+            assert sum(map(len, pool.made[again])) == total - 4 * CHUNK  # from the 4 saved
+            audio = r.result_file(done).read_bytes()
+            assert audio == encoders.encode(whole_sound(total), "wav")[0]
+        finally:
+            for _ in make:
                 pass
 
 

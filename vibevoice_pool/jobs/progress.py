@@ -103,6 +103,7 @@ class Progress:
         )
         # an old whole .hist: the next save writes every step to .steps
         self._saved[job_id] = (self.clock(), hist.samples, 0 if whole else hist.steps)
+        self._refused.discard(job_id)  # a new run: its saves are tried afresh
         with open(pcm_path, "r+b") as f:  # what came after the history is made again
             f.truncate(hist.samples * 4)
         return replace(req, resume=hist), JobAudio(pcm_path, hist.samples)

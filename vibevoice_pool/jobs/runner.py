@@ -22,9 +22,11 @@
     hold() at the stop signal: start no queued job; stop(grace): running jobs finish
         within grace, the rest are queued again (their progress saved) for the next start
 
-A full data disk (JobError DISK_FULL): new jobs are refused (507), nothing new goes to the pool
-for DISK_RETRY_S, an unwritable finish is written when space returns, and each tick a `running`
-job no run of this process holds is queued again: nothing stays `running` without a worker.
+A full data disk (JobError DISK_FULL, or under 1 MB free): new jobs are refused (507), nothing
+new goes to the pool for DISK_RETRY_S, an unwritable finish is written when space returns, and
+each tick a `running` job no run of this process holds is queued again: nothing stays `running`
+without a worker. A running job's refused saves keep its audio past the disk in memory, up to
+ending.TAIL_MAX_S; then it stops and is queued again, to go on from what it saved (ending.py).
 
 Exactly once: a job ends through one compare-and-set in the store (finished_count <= 1 is a
 CHECK), so a racing cancel and finish cannot both win. A run killed at any point leaves the job
@@ -40,13 +42,13 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-from vibevoice_pool.jobs import results
-from vibevoice_pool.jobs.disk import sweep_orphans
-from vibevoice_pool.jobs.job_audio import JobAudio
+from vibevoice_pool.jobs import ending, results
+from vibevoice_pool.jobs.disk import out_of_space, sweep_orphans
+from vibevoice_pool.jobs.ending import Live
 from vibevoice_pool.jobs.places import Places
 from vibevoice_pool.jobs.progress import Progress
 from vibevoice_pool.jobs.records import say
@@ -67,18 +69,6 @@ STOP_CANCEL_WAIT_S = 10.0  # at stop, how long cancelled runs get to answer
 BYTES_PER_AUDIO_S = {"wav": 48_000, "pcm": 48_000, "flac": 48_000, "mp3": 16_000}  # upper bounds
 BYTES_PER_AUDIO_S |= {"opus": 8_000, "aac": 16_000}  # of result sizes: disk reserved for a job
 INTERNAL = "internal_error"
-
-
-@dataclass
-class _Live:
-    """A job this process has handed to the pool."""
-
-    job_id: str
-    fmt: str
-    handle: Any = None  # RequestHandle
-    audio: JobAudio | None = None  # made so far: on disk, the unsaved tail in memory
-    cancelled: bool = False  # its owner cancelled it
-    stopping: bool = False  # the server is stopping: queue it again
 
 
 class JobRunner:
@@ -105,7 +95,7 @@ class JobRunner:
         self.clock = clock
         self._build = build
         self._lock = threading.Lock()
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, Live] = {}
         self._let_go = threading.Condition(self._lock)  # a run left _live (cancel waits)
         self._tasks: set[asyncio.Task] = set()
         self._thread: threading.Thread | None = None
@@ -346,6 +336,9 @@ class JobRunner:
             self._want_room = True  # before the look: an event after it wakes the loop
             if self.pool.queue_length() >= self.queue_depth:
                 return
+            if out_of_space(self.store.folder):  # its progress could not be saved
+                self._retry_at = time.monotonic() + DISK_RETRY_S
+                return
             job = self.store.next_queued(self.owner_cap())
             if job is None:
                 self._want_room = False  # a new job pokes the loop itself (submit)
@@ -378,7 +371,7 @@ class JobRunner:
                 self._fail(job.id, e.kind.value, e.message)
                 continue
             self._said_later = False
-            live = _Live(job.id, job.format, handle, made)
+            live = Live(job.id, job.format, handle, made)
             self.places.track(handle.id, job.id, made.made / m.SAMPLE_RATE)
             with self._lock:
                 self._live[job.id] = live
@@ -400,7 +393,7 @@ class JobRunner:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _follow(self, live: _Live) -> None:
+    async def _follow(self, live: Live) -> None:
         handle = live.handle
         try:
             try:
@@ -410,9 +403,11 @@ class JobRunner:
                 async for pcm in handle.stream(release=True):  # the handle lets it go
                     live.audio.add(pcm)
                     self.progress.tick(live.job_id, handle.history, live.audio)
+                    if ending.too_far(self, live):  # the disk stays full: go on later
+                        ending.set_aside(self, live)
             except m.PoolError:
                 pass  # the handle's outcome says how it ended
-            await self._conclude(live)
+            await ending.conclude(self, live)
         except Exception as e:
             say(log.exception, live.job_id, ": following it failed")
             handle.cancel()  # no one reads it now: its row must not run on
@@ -427,61 +422,6 @@ class JobRunner:
         with self._let_go:
             self._live.pop(job_id, None)
             self._let_go.notify_all()
-
-    async def _conclude(self, live: _Live) -> None:
-        outcome = live.handle.outcome
-        try:
-            if isinstance(outcome, m.Done):
-                await self._deliver(live, outcome)
-            elif outcome.error is m.ErrorKind.CANCELLED and live.stopping:
-                self.progress.tick(live.job_id, live.handle.history, live.audio, force=True)
-                why = "the server stopped before it finished"
-                with contextlib.suppress(JobError):  # still running: the next start requeues it
-                    self.store.requeue(live.job_id, why, self.clock())
-            elif outcome.error is m.ErrorKind.CANCELLED and live.cancelled:  # the store says so
-                args = (self.store, live.job_id, live.fmt, live.audio, live.handle.worker)
-                await asyncio.to_thread(results.keep_partial, *args)
-            else:
-                self._fail(live.job_id, outcome.error.value, outcome.message, live.handle.worker)
-        finally:  # kept until the result is on disk: a server killed while it writes resumes
-            if not live.stopping:  # a job the server stops keeps it for the next start too
-                self.progress.drop(live.job_id)
-
-    async def _deliver(self, live: _Live, done: m.Done) -> None:
-        handle = live.handle
-        try:  # from the saved audio on disk and the tail in memory (job_audio.py)
-            args = (self.store, live.job_id, live.fmt, live.audio)
-            rel, size = await asyncio.to_thread(results.write, *args)
-        except JobError as e:
-            self._fail(live.job_id, e.kind.value, e.message, handle.worker)
-            return
-        at, audio_s = self.clock(), live.audio.made / m.SAMPLE_RATE
-
-        def finish() -> bool:  # now, or once the disk has room again (_write_later)
-            ended = self.store.finish_done(
-                live.job_id,
-                result_path=rel,
-                result_bytes=size,
-                audio_s=audio_s,
-                compute_s=done.compute_s,
-                worker=handle.worker,
-                at=at,
-                stop_reason=done.stop_reason,
-            )
-            if ended:
-                self._count("done")
-            return ended
-
-        try:
-            finished = finish()
-        except JobError as e:
-            self._write_later(live.job_id, finish, e)
-            return
-        if finished:
-            done_line = " done: %.1f s of audio, %d bytes"
-            say(log.info, live.job_id, done_line, audio_s, size, request_id=handle.id)
-        else:  # cancelled while it was being written: all of it is what it made
-            results.attach(self.store, live.job_id, rel, size, audio_s, handle.worker)
 
     def _fail(self, job_id: str, code: str, message: str, worker: int | None = None) -> None:
         at = self.clock()
