@@ -59,14 +59,33 @@ PARENT_HEAD = [
 ]
 
 
+KEPT = "job, read as before (the handle keeps its audio)"
+
+
+def job_memory_rows(d: dict) -> list[list[str]]:
+    """A job's parent memory at its row's end, as the runner reads it now and as it
+    read it before, from one run."""
+    p = d["parent"]
+    return [
+        [f"{j['audio_s']:g} s", _per_s(j["held"], j), _per_s(k["held"], k)]
+        for j, k in zip(p["job"], p["job_kept"], strict=True)
+    ]
+
+
+def _per_s(n: float, r: dict) -> str:
+    return f"{n / r['audio_s'] / 1e3:.1f}"
+
+
 def traced(d: dict) -> list[list[str]]:
     p = d["parent"]
     rows = []
-    for mode in ("stream", "job"):
-        t = p[f"{mode}_traced"]
+    for mode in ("stream", "job", "job_kept"):
+        t = p.get(f"{mode}_traced")
+        if t is None:  # a run before job_kept was measured
+            continue
         rows.append(
             [
-                mode,
+                KEPT if mode == "job_kept" else mode,
                 f"{t['audio_s']:g} s",
                 f"{t['held_bytes'] / t['audio_s'] / 1e3:.1f}",
                 f"{t['peak_bytes'] / t['audio_s'] / 1e3:.1f}",
@@ -110,6 +129,20 @@ def body(d: dict) -> list[str]:
         common.table(PARENT_HEAD, parent_rows(d)),
         "",
     ]
+    if "job_kept" in d["parent"]:
+        out += [
+            "A durable job's audio and history held by the parent at the row's end, its "
+            "result not written yet (the handle's chunks, the runner's unsaved tail, the "
+            "history), per second of audio: as the runner reads a job now (the handle "
+            "lets go of what it read, the runner of what it saved), and as it read one "
+            "before (the handle kept every chunk), in the same run:",
+            "",
+            common.table(
+                ["row", "job: KB held per audio s", f"{KEPT}: KB held per audio s"],
+                job_memory_rows(d),
+            ),
+            "",
+        ]
     if before:
         out += [
             f"### The parent before the fixes (commit {before.get('revision', '?')})",
@@ -119,7 +152,8 @@ def body(d: dict) -> list[str]:
         ]
     out += [
         "Every byte the parent's side still holds once the reader has all the audio "
-        "(tracemalloc, the longest row), and its peak, per second of audio:",
+        "(tracemalloc, the longest row; a job's result written), and its peak, per "
+        "second of audio:",
         "",
         common.table(
             ["reader", "row", "KB held per audio s", "KB peak per audio s"],
@@ -179,13 +213,39 @@ def reading(d: dict, before: dict | None) -> list[str]:
             f"  Before, {per_s / 1e3:.1f} KB a second: the whole answer too, "
             f"{per_s * 5400 / 1e6:.0f} MB at the end of a 90 minute stream."
         )
+    lines += job_reading(d["parent"], d["width"])
     lines += [
-        "- A whole answer, a job and the page's handles keep the audio they encode at "
-        "the end (96 KB a second of audio, float32 at 24 kHz: 518 MB for 90 minutes); a "
-        "job's is on disk too (its progress).",
+        "- A whole answer and the page's handles keep the audio they encode at the end "
+        "(96 KB a second of audio, float32 at 24 kHz: 518 MB for 90 minutes).",
         "",
     ]
     return lines
+
+
+def job_reading(p: dict, width: int) -> list[str]:
+    if "job_kept" not in p:
+        return [
+            "- A job's handle keeps the audio it encodes at the end (96 KB a second of "
+            "audio); it is on disk too (its progress)."
+        ]
+    j, k = p["job"][-1], p["job_kept"][-1]
+    tj, tk = p["job_traced"], p["job_kept_traced"]
+    held, kept = j["held"] / j["audio_s"], k["held"] / k["audio_s"]
+    history = 7.5 * 4 * (1 + width)  # 7.5 steps a second: a token and `width` values each
+    return [
+        f"- A durable job's parent memory at the end of a {j['audio_s']:g} s row: "
+        f"{held / 1e3:.1f} KB a second of audio: the history a resume needs "
+        f"({history / 1e3:.1f} KB a second at this width) and the audio not saved yet "
+        "(under a second); read as before, the handle kept every "
+        f"chunk: {kept / 1e3:.1f} KB a second ({kept * 5400 / 1e6:.0f} MB for a 90 "
+        f"minute job, {kept * 5400 * 10 / 1e9:.1f} GB for ten at once; now "
+        f"{held * 5400 / 1e6:.0f} MB, {held * 5400 * 10 / 1e6:.0f} MB for ten). The "
+        "result is encoded from the file a block at a time: the peak while it is "
+        f"written, {tj['peak_bytes'] / 1e6:.1f} MB in all "
+        f"({tj['peak_bytes'] / tj['audio_s'] / 1e3:.1f} KB a second of audio), against "
+        f"{tk['peak_bytes'] / 1e6:.1f} MB ({tk['peak_bytes'] / tk['audio_s'] / 1e3:.1f} KB "
+        "a second) with the whole audio in one array.",
+    ]
 
 
 def section(sec, img_dir=None, rel="") -> list[str]:

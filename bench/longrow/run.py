@@ -14,10 +14,15 @@ parent  the parent's side of the same row, fed synthetic chunks as the
         dispatcher feeds them (a Chunk of one audio token, 3,200 samples, with
         its history piece, VibeVoice-1.5B's width): a streamed answer read by
         speech.encoded (wav) and a durable job read as jobs/runner.py reads it
-        (Progress.tick every second of audio, into a temporary folder). The
-        host time per chunk over the row's last tenth, the bytes a progress
-        tick reads and writes, and the bytes (tracemalloc) still held once the
-        reader has every sample, per second of audio.
+        (the handle read letting go, into a JobAudio, Progress.tick every second
+        of audio into a temporary folder, then its wav result written from the
+        file and the tail). The same job read as the runner read it before
+        ("job_kept": the handle keeps every chunk, the result encoded from the
+        whole audio in one array), in the same run. The host time per chunk over
+        the row's last tenth, the bytes a progress tick reads and writes, the
+        audio and history bytes the parent holds at the row's end (before the
+        result is written), and the bytes (tracemalloc) still held once the
+        reader is done and the peak, per second of audio.
 
     python -m bench.longrow.run --out longrow.json [--quick]
 """
@@ -44,6 +49,7 @@ from bench import common
 HOP = 3200  # samples per audio token (7.5 tokens a second at 24 kHz)
 WIDTH = 192  # VibeVoice-1.5B's feedback values per step (64 acoustic + 128 semantic)
 LENGTHS = (1, 4, 16)
+MODES = ("stream", "job", "job_kept")  # job_kept: a job read as the runner read it before
 KV_OPS = ("scaled_dot_product_attention", "index_select")
 
 
@@ -157,9 +163,11 @@ class _Clock:
 async def _parent_row(steps: int, mode: str, folder: Path) -> dict:
     """One row's chunks into a RequestHandle as the dispatcher pushes them, read as a
     stream (`mode` "stream") or as a job (Progress.tick per chunk, a second of audio
-    a second)."""
+    a second; "job_kept": the handle keeps its audio, as the runner read it before)."""
+    from vibevoice_pool import encoders
     from vibevoice_pool.api import speech
     from vibevoice_pool.encoders import StreamEncoder
+    from vibevoice_pool.jobs.job_audio import JobAudio
     from vibevoice_pool.jobs.progress import Progress
     from vibevoice_pool.pool.handle import RequestHandle
     from workers.wire import messages as m
@@ -167,22 +175,29 @@ async def _parent_row(steps: int, mode: str, folder: Path) -> dict:
     handle = RequestHandle(m.Request(id="r", turns=(m.Turn(0, "a"),)), lambda rid: None)
     clock = _Clock()
     progress = Progress(folder, clock=clock)
-    io = {"ticks": 0, "tick_s": [], "written": 0}
-    prior = np.zeros(0, dtype=np.float32)
+    io = {"ticks": 0, "tick_s": [], "written": 0, "held": 0}
+    audio = JobAudio(progress._paths("job")[0])
 
     async def read() -> None:
         if mode == "stream":
             async for _ in speech.encoded(handle, StreamEncoder("wav")):
                 pass
             return
-        async for _ in handle.stream():
+        async for pcm in handle.stream(release=mode == "job"):
+            audio.add(pcm)
             t = time.perf_counter()
             before = _disk(folder)
-            progress.tick("job", handle, prior)
+            progress.tick("job", handle.history, audio)
             after = _disk(folder)
             if after != before:
                 io["tick_s"].append(time.perf_counter() - t)
                 io["written"] = after
+        io["held"] = _held(handle, audio)  # at the row's end, its result not written yet
+        with open(folder / "result.wav", "wb") as f:
+            if mode == "job":  # from the file and the tail (disk.write_result)
+                encoders.write_whole(f, audio.pieces(), audio.made, "wav")
+            else:  # the whole audio as one array, encoded whole (the runner before)
+                f.write(encoders.encode(np.concatenate([handle.audio()]), "wav")[0])
         progress.drop("job")
 
     reader = asyncio.create_task(read())
@@ -196,7 +211,7 @@ async def _parent_row(steps: int, mode: str, folder: Path) -> dict:
         times.append(time.perf_counter() - t)
     handle.push(m.Done("r", steps * HOP / m.SAMPLE_RATE, 1.0))
     await reader
-    held = _held(handle)
+    held = io["held"] if mode != "stream" else _held(handle)
     tail = max(20, steps // 10)
     ticks = io["tick_s"][-max(2, len(io["tick_s"]) // 10) :]
     return {
@@ -212,16 +227,18 @@ def _disk(folder: Path) -> int:
     return sum(p.stat().st_size for p in d.iterdir()) if d.exists() else 0
 
 
-def _held(handle) -> int:
-    """The audio and history bytes the handle still references once its reader is done."""
-    chunks = getattr(handle, "_chunks", [])
-    pcm = sum(c.nbytes for c in chunks)
+def _held(handle, audio=None) -> int:
+    """The audio and history bytes the handle (and a job's JobAudio: its tail) still
+    references; an array both hold counts once."""
+    arrays = {id(c): c for c in getattr(handle, "_chunks", [])}
+    arrays |= {id(c): c for c in getattr(audio, "_tail", [])}
+    pcm = sum(c.nbytes for c in arrays.values())
     return pcm + len(handle.history.tokens) + len(handle.history.feedback)
 
 
 def parent_part(base_s: float, lengths) -> dict:
-    out: dict = {"stream": [], "job": []}
-    for mode in ("stream", "job"):
+    out: dict = {"stream": [], "job": [], "job_kept": []}
+    for mode in MODES:
         for k in lengths:
             steps = round(base_s * k * 7.5)
             with tempfile.TemporaryDirectory() as tmp:
@@ -231,7 +248,7 @@ def parent_part(base_s: float, lengths) -> dict:
             out[mode].append(res)
     # tracemalloc: every byte a streamed row still holds once its client has it all
     steps = round(base_s * lengths[-1] * 7.5)
-    for mode in ("stream", "job"):
+    for mode in MODES:
         with tempfile.TemporaryDirectory() as tmp:
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
@@ -299,11 +316,11 @@ def main(argv=None) -> int:
             f"{w['calls_per_step']:.0f} calls/step, pickle {w['pickle_us']:.0f} us, "
             f"row host state {w['row_host_bytes']} B"
         )
-    for mode in ("stream", "job"):
+    for mode in MODES:
         for r in res["parent"][mode]:
             print(
                 f"parent {mode} {r['audio_s']:>5g} s: {r['chunk_us']:.0f} us/chunk, "
-                f"tick {r['tick_ms']:.2f} ms, handle holds {r['held'] / r['audio_s']:.0f} B/s"
+                f"tick {r['tick_ms']:.2f} ms, holds {r['held'] / r['audio_s']:.0f} B/s"
             )
         tr = res["parent"][f"{mode}_traced"]
         print(f"parent {mode} traced: {tr}")
