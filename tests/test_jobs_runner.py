@@ -59,24 +59,80 @@ def test_a_job_reports_why_its_row_stopped_in_its_view(runner):
     assert c.get(f"/v1/jobs/{queued['id']}/audio").headers["x-stop-reason"] == "runaway_cap"
 
 
+def _refuse_results(monkeypatch, times: int | None):
+    """The result's write (disk.write_atomic) fails ENOSPC `times` times (None: always)."""
+    from vibevoice_pool.jobs import disk, ending
+
+    monkeypatch.setattr(ending, "RESULT_RETRY_S", 0.1)
+    real, calls = disk.write_atomic, []
+
+    def disk_full(path, data):
+        calls.append(path)
+        if times is None or len(calls) <= times:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(disk, "write_atomic", disk_full)
+    return calls
+
+
+def test_a_result_a_full_disk_refuses_is_written_once_there_is_room(runner, monkeypatch, caplog):
+    """A job whose audio was whole but whose result found the disk full failed
+    `disk_full`: its minutes of GPU work lost to a disk freed seconds later. Its audio
+    is on disk and in memory: the result is now written again until there is room, and
+    the job is done, run once."""
+    calls = _refuse_results(monkeypatch, 3)
+    pool = FakePool()
+    r = runner(pool)
+    first = r.submit("me", {"script": SCRIPT})
+    job = wait_state(r, first.id, JobState.DONE)
+    assert len(calls) == 4 and len(pool.submitted) == 1  # written at the 4th try, run once
+    pcm, _ = sf.read(r.result_file(job))
+    assert len(pcm) == round(audio_seconds_for(SCRIPT) * m.SAMPLE_RATE)
+    assert "its result waits for room on the disk" in caplog.text
+    second = r.submit("me", {"script": SCRIPT})
+    assert r.result_file(wait_state(r, second.id, JobState.DONE)).is_file()
+
+
+def test_a_result_still_waiting_for_room_at_a_stop_is_queued_for_the_next_start(
+    runner, monkeypatch, tmp_path
+):
+    """The server stops while a finished job's result waits for room: the job is queued
+    again (not failed, not left running), and the next start finishes it."""
+    calls = _refuse_results(monkeypatch, None)
+    r = runner()
+    job = r.submit("me", {"script": SCRIPT})
+    wait_until(lambda: len(calls) >= 2, 10, what="the result refused twice")
+    r.stop()
+    store = JobStore.open(tmp_path / "data")
+    assert store.get(job.id).state is JobState.QUEUED
+    monkeypatch.undo()  # the disk has room again
+    again = runner(store_=store)
+    done = wait_state(again, job.id, JobState.DONE)
+    pcm, _ = sf.read(again.result_file(done))
+    assert len(pcm) == round(audio_seconds_for(SCRIPT) * m.SAMPLE_RATE)
+
+
 def test_a_result_that_cannot_be_written_fails_its_job_and_the_next_one_runs(runner, monkeypatch):
+    """Not a full disk (the folder is a file): the result never can be; the job fails
+    `storage_error` and the next one runs."""
     from vibevoice_pool.jobs import disk
 
     real = disk.write_atomic
     calls = []
 
-    def disk_full_once(path, data):
+    def not_a_folder_once(path, data):
         calls.append(path)
         if len(calls) == 1:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(errno.ENOTDIR, "Not a directory", str(path))
         real(path, data)
 
-    monkeypatch.setattr(disk, "write_atomic", disk_full_once)  # the result's write
+    monkeypatch.setattr(disk, "write_atomic", not_a_folder_once)  # the result's write
     r = runner()
     first = r.submit("me", {"script": SCRIPT})
     job = wait_state(r, first.id, JobState.FAILED)
-    assert job.error_code == "disk_full"  # ENOSPC, told by its errno
-    assert "could not be written" in job.error and "No space left on device" in job.error
+    assert job.error_code == "storage_error"
+    assert "could not be written" in job.error and "Not a directory" in job.error
     second = r.submit("me", {"script": SCRIPT})
     assert r.result_file(wait_state(r, second.id, JobState.DONE)).is_file()
 

@@ -6,9 +6,14 @@ runner's, runner.py, once the handle it follows has its outcome).
                               whose store, progress and clock it uses, and its retries
                               of writes the disk refused):
         Done                  its result written from its audio (on disk, then the tail
-                              in memory: job_audio.py), the job done; a finish the disk
-                              refuses is written when there is room; a result it
-                              refuses: failed
+                              in memory: job_audio.py), the job done; a result a full
+                              disk refuses is written again each RESULT_RETRY_S until
+                              there is room (the audio is whole: the job stays running,
+                              and runs once), or the server stops (it goes on from its
+                              saved audio at the next start); a finish the disk refuses
+                              is written when there is room; a result that cannot be
+                              written for another reason (a size limit, a damaged
+                              folder): failed
         cancelled, stopping   the server stops it, or it was set aside: its progress
                               saved (what the disk takes), queued again to go on from it
         cancelled by owner    the audio it made kept as its result
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +44,7 @@ from workers.wire import messages as m
 log = logging.getLogger("vibevoice_pool")
 
 TAIL_MAX_S = 60.0  # unsaved audio a job may hold in memory while the disk refuses (5.5 MiB)
+RESULT_RETRY_S = 5.0  # a whole job's result the disk refused: written again this often
 STOPPED = "the server stopped before it finished"
 SET_ASIDE = "the data disk stayed full: it goes on from its saved audio once there is room"
 
@@ -98,12 +105,10 @@ async def conclude(r, live: Live) -> None:
 
 async def _deliver(r, live: Live, done: m.Done) -> None:
     handle = live.handle
-    try:  # from the saved audio on disk and the tail in memory (job_audio.py)
-        args = (r.store, live.job_id, live.fmt, live.audio)
-        rel, size = await asyncio.to_thread(results.write, *args)
-    except JobError as e:
-        r._fail(live.job_id, e.kind.value, e.message, handle.worker)
+    written = await _write_result(r, live)
+    if written is None:
         return
+    rel, size = written
     at, audio_s = r.clock(), live.audio.made / m.SAMPLE_RATE
 
     def finish() -> bool:  # now, or once the disk has room again (_write_later)
@@ -131,3 +136,31 @@ async def _deliver(r, live: Live, done: m.Done) -> None:
         say(log.info, live.job_id, done_line, audio_s, size, request_id=handle.id)
     else:  # cancelled while it was being written: all of it is what it made
         results.attach(r.store, live.job_id, rel, size, audio_s, handle.worker)
+
+
+async def _write_result(r, live: Live) -> tuple[str, int] | None:
+    """Its result written from its audio (on disk, the tail in memory); a full disk:
+    written again each RESULT_RETRY_S while the server runs. None when it failed, or the
+    server stopped first (then queued again, its progress kept, to go on from it)."""
+    waited = False
+    while True:
+        try:
+            args = (r.store, live.job_id, live.fmt, live.audio)
+            return await asyncio.to_thread(results.write, *args)
+        except JobError as e:
+            if e.kind is not JobErrorKind.DISK_FULL:
+                r._fail(live.job_id, e.kind.value, e.message, live.handle.worker)
+                return None
+            if not waited:
+                made = live.audio.made / m.SAMPLE_RATE
+                line = ": its %.1f s of audio are made; its result waits for room on the disk"
+                say(log.warning, live.job_id, line, made)
+                waited = True
+            r._disk_full(e)
+        until = time.monotonic() + RESULT_RETRY_S
+        while not live.stopping and time.monotonic() < until:
+            await asyncio.sleep(min(0.1, RESULT_RETRY_S))
+        if live.stopping:  # the server stops: it goes on from what its progress saved
+            with contextlib.suppress(JobError):  # else the next start requeues it
+                r.store.requeue(live.job_id, STOPPED, r.clock())
+            return None
