@@ -243,7 +243,12 @@ def test_on_a_full_data_disk_jobs_get_507_synthesis_serves_and_the_server_restar
         data = disk / "data"
         args = ("--data-dir", str(data), "--sim-rtf", "0.002")
         with running_server(tmp_path, *args) as s:
-            assert s.post("/v1/jobs", json={"script": "Speaker 1: before"}).status_code == 202
+            before = s.post("/v1/jobs", json={"script": "Speaker 1: before"})
+            assert before.status_code == 202
+            owner = {"X-Owner-Token": before.headers["x-owner-token"]}
+            url = f"/v1/jobs/{before.json()['id']}"
+            # done before the disk fills (a result that meets a full disk waits for room)
+            wait_until(lambda: s.get(url, headers=owner).json()["state"] == "done", 30, 0.05)
             fill(disk)
             refused = s.post("/v1/jobs", json={"script": "Speaker 1: on a full disk"})
             assert refused.status_code == 507, refused.text
