@@ -60,6 +60,11 @@ PARENT_HEAD = [
 
 
 KEPT = "job, read as before (the handle keeps its audio)"
+LABELS = {
+    "job_kept": KEPT,
+    "whole": "whole answer (past a minute in a temporary file)",
+    "whole_kept": "whole answer, read as before (the handle keeps its audio)",
+}
 
 
 def job_memory_rows(d: dict) -> list[list[str]]:
@@ -79,13 +84,13 @@ def _per_s(n: float, r: dict) -> str:
 def traced(d: dict) -> list[list[str]]:
     p = d["parent"]
     rows = []
-    for mode in ("stream", "job", "job_kept"):
+    for mode in ("stream", "job", "job_kept", "whole", "whole_kept"):
         t = p.get(f"{mode}_traced")
-        if t is None:  # a run before job_kept was measured
+        if t is None:  # a run before this reader was measured
             continue
         rows.append(
             [
-                KEPT if mode == "job_kept" else mode,
+                LABELS.get(mode, mode),
                 f"{t['audio_s']:g} s",
                 f"{t['held_bytes'] / t['audio_s'] / 1e3:.1f}",
                 f"{t['peak_bytes'] / t['audio_s'] / 1e3:.1f}",
@@ -214,12 +219,28 @@ def reading(d: dict, before: dict | None) -> list[str]:
             f"{per_s * 5400 / 1e6:.0f} MB at the end of a 90 minute stream."
         )
     lines += job_reading(d["parent"], d["width"])
-    lines += [
-        "- A whole answer and the page's handles keep the audio they encode at the end "
-        "(96 KB a second of audio, float32 at 24 kHz: 518 MB for 90 minutes).",
-        "",
-    ]
+    lines += whole_reading(d["parent"]) + [""]
     return lines
+
+
+def whole_reading(p: dict) -> list[str]:
+    if "whole_traced" not in p:
+        return [
+            "- A whole answer and the page's handles keep the audio they encode at the end "
+            "(96 KB a second of audio, float32 at 24 kHz: 518 MB for 90 minutes)."
+        ]
+    w, k = p["whole"][-1], p["whole_kept"][-1]
+    tw, tk = p["whole_traced"], p["whole_kept_traced"]
+    return [
+        f"- An answer sent whole, at the end of a {w['audio_s']:g} s row: the parent "
+        f"holds {w['held'] / 1e6:.1f} MB of its audio and history "
+        f"({w['held'] / w['audio_s'] / 1e3:.1f} KB a second; at most a minute of audio "
+        "in memory, the rest in a temporary file), against "
+        f"{k['held'] / 1e6:.1f} MB ({k['held'] / k['audio_s'] / 1e3:.1f} KB a second) "
+        "read as before; the peak while it is encoded, "
+        f"{tw['peak_bytes'] / 1e6:.1f} MB against {tk['peak_bytes'] / 1e6:.1f} MB. "
+        "The page's handles keep the audio they play (96 KB a second).",
+    ]
 
 
 def job_reading(p: dict, width: int) -> list[str]:

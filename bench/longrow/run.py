@@ -18,7 +18,9 @@ parent  the parent's side of the same row, fed synthetic chunks as the
         of audio into a temporary folder, then its wav result written from the
         file and the tail). The same job read as the runner read it before
         ("job_kept": the handle keeps every chunk, the result encoded from the
-        whole audio in one array), in the same run. The host time per chunk over
+        whole audio in one array), in the same run. An answer sent whole read as
+        speech.run_to_response reads it ("whole": past a minute in a temporary
+        file, api/whole.py) and as it read it before ("whole_kept"). The host time per chunk over
         the row's last tenth, the bytes a progress tick reads and writes, the
         audio and history bytes the parent holds at the row's end (before the
         result is written), and the bytes (tracemalloc) still held once the
@@ -49,7 +51,9 @@ from bench import common
 HOP = 3200  # samples per audio token (7.5 tokens a second at 24 kHz)
 WIDTH = 192  # VibeVoice-1.5B's feedback values per step (64 acoustic + 128 semantic)
 LENGTHS = (1, 4, 16)
-MODES = ("stream", "job", "job_kept")  # job_kept: a job read as the runner read it before
+# job_kept: a job read as the runner read it before; whole: an answer sent whole (api/whole.py),
+# whole_kept: as it was answered before (the handle keeps every chunk, encoded as one array)
+MODES = ("stream", "job", "job_kept", "whole", "whole_kept")
 KV_OPS = ("scaled_dot_product_attention", "index_select")
 
 
@@ -183,6 +187,9 @@ async def _parent_row(steps: int, mode: str, folder: Path) -> dict:
             async for _ in speech.encoded(handle, StreamEncoder("wav")):
                 pass
             return
+        if mode.startswith("whole"):
+            await _read_whole(handle, mode, io)
+            return
         async for pcm in handle.stream(release=mode == "job"):
             audio.add(pcm)
             t = time.perf_counter()
@@ -222,6 +229,28 @@ async def _parent_row(steps: int, mode: str, folder: Path) -> dict:
     }
 
 
+async def _read_whole(handle, mode: str, io: dict) -> None:
+    """An answer sent whole: its audio kept as run_to_response keeps it ("whole": past
+    a minute in a temporary file) or as it kept it before ("whole_kept": the handle
+    keeps every chunk, then one array encoded); held at its end, then encoded."""
+    from vibevoice_pool import encoders
+    from vibevoice_pool.api import whole
+
+    if mode == "whole":
+        kept = whole.AnswerAudio()
+        async for pcm in handle.stream(release=True):
+            kept.add(pcm)
+        io["held"] = _held(handle, kept)
+        body = whole.encoded(kept, "wav")[0]
+        if not isinstance(body, bytes):
+            body.close()
+        return
+    async for _ in handle.stream():
+        pass
+    io["held"] = _held(handle)
+    encoders.encode(handle.audio(), "wav")
+
+
 def _disk(folder: Path) -> int:
     d = folder / "progress"
     return sum(p.stat().st_size for p in d.iterdir()) if d.exists() else 0
@@ -231,13 +260,13 @@ def _held(handle, audio=None) -> int:
     """The audio and history bytes the handle (and a job's JobAudio: its tail) still
     references; an array both hold counts once."""
     arrays = {id(c): c for c in getattr(handle, "_chunks", [])}
-    arrays |= {id(c): c for c in getattr(audio, "_tail", [])}
+    arrays |= {id(c): c for c in getattr(audio, "_tail", getattr(audio, "_mem", []))}
     pcm = sum(c.nbytes for c in arrays.values())
     return pcm + len(handle.history.tokens) + len(handle.history.feedback)
 
 
 def parent_part(base_s: float, lengths) -> dict:
-    out: dict = {"stream": [], "job": [], "job_kept": []}
+    out: dict = {mode: [] for mode in MODES}
     for mode in MODES:
         for k in lengths:
             steps = round(base_s * k * 7.5)

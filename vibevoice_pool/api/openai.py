@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vibevoice_pool import encoders
 from vibevoice_pool.api import tempo
+from vibevoice_pool.api import whole as answers
 from vibevoice_pool.api.auth import tenant_of
 from vibevoice_pool.api.errors import error_response, plain_error
 from vibevoice_pool.api.speech import (
@@ -193,20 +194,28 @@ def streams(body: SpeechBody, fmt: str) -> bool:
 
 async def _whole(handle, fmt: str, speed: float):
     """The audio as one file once it is all made, at `speed`, in pieces of SSE_PIECE
-    bytes (a streamed FLAC cannot say its length, and libsndfile will not read it)."""
+    bytes (a streamed FLAC cannot say its length, and libsndfile will not read it); past
+    a minute its audio waits in a temporary file (whole.py)."""
+    kept = answers.AnswerAudio()
     try:
-        async for _ in handle.stream():
-            pass
+        async for pcm in handle.stream(release=True):
+            kept.add(pcm)
+    except BaseException:  # it failed, or the client went away
+        kept.close()
+        raise
     finally:
         if not handle.done:
             handle.cancel()  # the client went away
-
-    def encode() -> bytes:
-        return encoders.encode(tempo.stretch(handle.audio(), speed), fmt)[0]
-
-    data = await asyncio.to_thread(encode)
-    for i in range(0, len(data), SSE_PIECE):
-        yield data[i : i + SSE_PIECE]
+    body, size, _, _ = await asyncio.to_thread(answers.encoded, kept, fmt, speed)
+    if isinstance(body, bytes):
+        for i in range(0, len(body), SSE_PIECE):
+            yield body[i : i + SSE_PIECE]
+        return
+    try:
+        while data := await asyncio.to_thread(body.read, SSE_PIECE):
+            yield data
+    finally:
+        body.close()
 
 
 async def _sse(

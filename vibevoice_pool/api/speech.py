@@ -29,7 +29,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from vibevoice_pool import audio, encoders
-from vibevoice_pool.api import tempo
+from vibevoice_pool.api import tempo, whole
 from vibevoice_pool.api.auth import Keys
 from vibevoice_pool.api.errors import error_code, error_response, status_for
 from vibevoice_pool.api.metrics import Activity
@@ -234,23 +234,26 @@ async def run_to_response(
         watcher.append(asyncio.create_task(_cancel_on_disconnect(request, handle)))
 
     timer = asyncio.get_running_loop().call_later(DISCONNECT_CHECK_S, watch)
+    kept = whole.AnswerAudio()  # past a minute in a temporary file (whole.py)
     try:
-        async for _ in handle.stream():
-            pass
+        async for pcm in handle.stream(release=True):  # the handle lets each chunk go
+            kept.add(pcm)
     except m.PoolError as e:
+        kept.close()
         return error_response(e)
     finally:
         timer.cancel()
         for task in watcher:
             task.cancel()
-    pcm = handle.audio()
-    if speed != 1.0:
-        pcm = await asyncio.to_thread(tempo.stretch, pcm, speed)
-    if fmt in INLINE_FORMATS and len(pcm) <= INLINE_ENCODE_SAMPLES:
-        data, ctype = encoders.encode(pcm, fmt)  # a copy and a header: cheaper than a thread hop
+    if speed == 1.0 and fmt in INLINE_FORMATS and kept.made <= INLINE_ENCODE_SAMPLES:
+        body, size, samples, ctype = whole.encoded(kept, fmt)  # cheaper than a thread hop
     else:
-        data, ctype = await asyncio.to_thread(encoders.encode, pcm, fmt)
-    return Response(data, media_type=ctype, headers=headers_for(handle, len(pcm) / m.SAMPLE_RATE))
+        body, size, samples, ctype = await asyncio.to_thread(whole.encoded, kept, fmt, speed)
+    headers = headers_for(handle, samples / m.SAMPLE_RATE)
+    if isinstance(body, bytes):
+        return Response(body, media_type=ctype, headers=headers)
+    headers["Content-Length"] = str(size)
+    return StreamingResponse(whole.file_chunks(body), media_type=ctype, headers=headers)
 
 
 def stream_encoder(fmt: str, speed: float = 1.0):
