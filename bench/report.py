@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from bench import common, gpu_record
+from bench.chaos import record as chaos_record
 from bench.longrow import record as longrow
 from bench.overhead import record as overhead
 from bench.ray_peer import record as ray_peer
@@ -122,7 +123,9 @@ def _not_run(peer_ran: bool) -> list[str]:
     record = gpu_record.newest()  # the last GPU run's section (docs/gpu/*.json)
     soak = soak_record.newest()  # the last soak's (docs/soak/*.jsonl): ten minutes, kept
     out = [*(gpu_record.section(record) if record else [])]
-    out += [*(soak_record.section(soak) if soak else []), "## Not measured here", ""]
+    chaos = chaos_record.newest()  # the last chaos run's (docs/chaos/*.jsonl): minutes, kept
+    out += [*(soak_record.section(soak) if soak else [])]
+    out += [*(chaos_record.section(chaos) if chaos else []), "## Not measured here", ""]
     if not record:
         out.append(f"- `bench/{GPU_SCRIPT}` and `bench/gpu_all.py`: on a GPU only.")
     else:

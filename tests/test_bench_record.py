@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import common, gpu_record, report
+from bench.chaos import record as chaos
 from bench.overhead import record as overhead
 from bench.recovery import record as recovery
 from bench.scheduling import record as scheduling
@@ -433,3 +434,53 @@ def test_the_soak_section_reads_the_saved_rounds(tmp_path):
     assert "| 3 | none | 2120 | 58 (55/2/1/0) | 17 | 493 | 14/5 | 400 |" in text
     assert "After round 2" in text and "parent descriptors 58-59" in text
     assert "2048 KiB per 1,000 requests" in text  # (493 - 491) MiB over 1,000 requests
+
+
+def test_the_chaos_section_counts_outcomes_and_lists_wrong_answers(tmp_path):
+    """Requests by kind and outcome, faults by kind, the longest wait and each answer
+    that was neither right nor meant, from a saved chaos file."""
+
+    def req(kind, outcome, wait, detail=""):
+        key = ["synth", "one", "demo-Alice_woman", 11, "pcm"]
+        return {"kind": kind, "key": key, "outcome": outcome, "wait_s": wait, "detail": detail}
+
+    info = {
+        "date": "2026-12-07 20:23 UTC",
+        "machine": "test CPU, 2 cores, 24 GiB",
+        "revision": "abc1234",
+        "command": "python -m bench.chaos.run --minutes 3 --seed 2",
+        "minutes": 3,
+        "seed": 2,
+        "keys": 24,
+        "hang_s": 4.0,
+    }
+    end = {"workers": 2, "states": ["ready", "ready"], "ready_workers": 2, "pool_agrees": True}
+    end |= {"restarts": 3, "rows": {"preempted": 5}, "queue": 0, "quarantined": ["r9"]}
+    end["pool_finished"] = {"completed": 4, "cancelled": 1, "worker_lost": 1}
+    lines = [
+        {"info": info},
+        {"references": 1, "seconds": 8.0},
+        req("synth", "ok", 1.0),
+        req("synth_stream", "broken", 3.0) | {"request_id": "r9"},  # the log: quarantined
+        req("synth", "ok_rounding", 2.5, "70 samples off by 1"),
+        req("job", "mismatch", 7.25, "100 samples, the reference 200"),
+        req("leave", "left", 0.1),
+        {"fault": "sigkill", "worker": 0},
+        {"fault": "preempt", "jobs": 4, "preempted": 5},
+        {"fault": "restart", "skipped": "no serving worker"},
+        {"end": end},
+    ]
+    path = tmp_path / "chaos-2026-12-07-2.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    assert chaos.newest(tmp_path) == path
+    text = "\n".join(chaos.section(path))
+    assert "## 8. Chaos" in text and "--seed 2" in text and "a 4 s hang timeout" in text
+    assert "| requests | ok | ok_rounding | left | quarantined | mismatch |" in text
+    assert "| synth | 1 | 1 | 0 | 0 | 0 |" in text and "| **all** | 1 | 1 | 1 | 1 | 1 |" in text
+    assert "| synth_stream | 0 | 0 | 0 | 1 | 0 |" in text
+    assert "6 requests finished (cancelled 1, completed 4, worker_lost 1) for 6 sent" in text
+    assert "| sigkill | 1 |" in text and "| skipped (no worker to take) | 1 |" in text
+    assert "Mismatched answers: 1" in text and "The longest wait: 7.2 s (job, mismatch)" in text
+    assert "preempted for interactive requests: 5 in all, 5 within 3 s" in text
+    assert "agrees: True" in text
+    assert "100 samples, the reference 200" in text

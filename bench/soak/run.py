@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def facts(args) -> dict:
+def facts(args, command: str = "") -> dict:
     """What the record says of the run: machine, date, command, code."""
     cpu = next(
         (x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")),
@@ -156,7 +156,7 @@ def facts(args) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB",
         "revision": rev.stdout.decode().strip() or "?",
-        "command": f"python -m bench.soak.run --minutes {args.minutes:g}",
+        "command": command or f"python -m bench.soak.run --minutes {args.minutes:g}",
         "minutes": args.minutes,
     }
 
