@@ -129,7 +129,13 @@ class _Clock:
 
 def _handle(rid: str, slot: int | None, samples: int = 0, submitted: float = 100.0):
     return SimpleNamespace(
-        request=SimpleNamespace(id=rid), worker=slot, submitted_at=submitted, samples=samples
+        request=SimpleNamespace(id=rid, priority=m.Priority.INTERACTIVE.value),
+        worker=slot,
+        submitted_at=submitted,
+        samples=samples,
+        queue_s=lambda: 0.0,  # the latency histograms (test_latency_metrics.py)
+        started_at=None,
+        finished_at=None,
     )
 
 
