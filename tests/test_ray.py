@@ -44,7 +44,8 @@ def request(rid: str, text: str = "a" * 15, seed: int = 1) -> m.Request:
 
 
 async def collect(replica: SlotReplica, req: m.Request) -> list:
-    return [msg async for msg in replica.synthesize(req)]
+    """The request's messages, in order (the replica yields them in lists)."""
+    return [msg async for item in replica.synthesize(req) for msg in item]
 
 
 def sim(**kw) -> EngineSpec:
@@ -96,7 +97,7 @@ def test_a_cancelled_stream_frees_its_row():
         return first
 
     first = asyncio.run(cancel_midway())
-    assert isinstance(first, m.Started)
+    assert isinstance(first[0], m.Started)
     deadline = time.monotonic() + 5
     while replica.stats().rows and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -114,7 +115,7 @@ def test_a_cancel_that_empties_the_batch_leaves_the_replica_idle_not_stalled():
 
     async def cancel_after_steps():
         gen = replica.synthesize(request("long", "a" * 600))
-        for _ in range(4):  # Started and three chunks: the row has run steps
+        for _ in range(4):  # Started and three steps' chunks: the row has run steps
             await gen.__anext__()
         await gen.aclose()
 
@@ -137,9 +138,9 @@ def test_a_row_handed_back_ends_its_stream_with_preempted_and_its_history():
 
     async def hand_back_midway():
         gen = replica.synthesize(request("moving", "a" * 600))
-        msgs = [await gen.__anext__() for _ in range(4)]  # Started and three chunks
+        items = [await gen.__anext__() for _ in range(4)]  # Started, three steps' chunks
         await replica.hand_back("moving")
-        return msgs + [msg async for msg in gen]
+        return [msg for item in items for msg in item] + [x async for item in gen for x in item]
 
     msgs = asyncio.run(hand_back_midway())
     assert isinstance(msgs[-1], m.Preempted) and msgs[-1].id == "moving"

@@ -86,9 +86,8 @@ def reading(zero: dict, total: dict, busy: dict, cores: int) -> list[str]:
         f"the pool on Ray's, {ray['cpu_ms'].get(DRIVER, 0.0):.1f} ms are in this process "
         f"(the Serve handle and its router, Ray's core worker, our stream threads and "
         f"dispatcher) and {ray['cpu_ms'].get('replicas', 0.0):.1f} ms in the replicas "
-        "(Serve's request wrapper, the actor call, one Ray object per streamed message: "
-        "Started, the Chunks and Done). That is the price of a Serve call, not a wait of "
-        "ours.",
+        "(Serve's request wrapper, the actor call, one Ray object per streamed item). "
+        "That is the price of a Serve call, not a wait of ours.",
         f"- The round trip is CPU work, not waiting: this run's processes kept "
         f"{busy['pool_ray']:.2f} of {cores} cores busy (the machine's other work, in the "
         "load average, took its share of the rest), so it stretches with the machine's "
@@ -109,13 +108,14 @@ def reading(zero: dict, total: dict, busy: dict, cores: int) -> list[str]:
         )
     rest = f" ({hops[HOPS[2]]:.1f} ms of the {hops[HOPS[3]]:.1f} ms here)" if hops else ""
     out += [
-        "- What would cut it: fewer streamed items per request. The replica yields each "
-        "message as its own item, one Ray object each: a zero-work request streams four "
-        "(Started, two Chunks, Done), and the Started -> Done step is the three after "
-        f"the first{rest}. A replica that yields what one step made as one item would "
-        "save most of that step; it is a change to workers/host/ray_replica.py and "
-        "ray/streams.py together. With the real model a request is seconds of GPU work "
-        "and the same cost is a percent or less.",
+        "- Streamed items: the replica yields what each step made for a request as one "
+        "item, one Ray object (Started once the row is scheduled, then each step's "
+        "Chunks and Done; what is already queued goes together), so a zero-work request "
+        "(Started, two Chunks, Done, its chunks made in two steps) crosses as one to "
+        f"three items where it took four; the Started -> Done step{rest} is what is left "
+        "of the later ones. The rest is Serve's per-call machinery, the same through "
+        "Serve's own router. With the real model a request is seconds of GPU work and "
+        "the same cost is a percent or less.",
         "",
     ]
     return out

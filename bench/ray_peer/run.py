@@ -142,8 +142,8 @@ class ServeSystem:
         from workers.wire import messages as m
 
         last = None
-        async for item in self.handle.remote(req):
-            last = item
+        async for item in self.handle.remote(req):  # a list: what one step made
+            last = item[-1]
         return isinstance(last, m.Done)
 
     def close(self) -> None:

@@ -9,7 +9,8 @@ only how a slot is started (a Serve application), stopped and watched (pings
 and streams) is here.
 
     Dispatcher --send(Synthesize)--> stream thread: handle.synthesize.remote(req,
-        ^                            stream=True); each item -> on_message(slot)
+        ^                            stream=True); each item (a step's messages)
+        |                            -> on_message(slot), one message at a time
         |                            replica death (RayActorError) -> worker_lost
         +----- attach(slot, send) -- prober thread: ping every slot; a replica
                                      that answers (a new one after a death) is

@@ -1,8 +1,9 @@
 """The request path of the ray backend: one Serve stream per request.
 
     Dispatcher (under its lock) --send(Synthesize)--> Streams.sender(): a thread
-        calls the slot's handle with stream=True and feeds every item the
-        replica yields (Started, Chunk, Done / Failed) to on_message(slot)
+        calls the slot's handle with stream=True; each item the replica yields
+        is a list of messages (what one step made for the request: Started,
+        Chunk, Done / Failed), fed one by one, in order, to on_message(slot)
     --send(Cancel)--> the stream's Serve call is cancelled; its thread answers
         Failed(cancelled), as a local worker does
     --send(HandBack)--> the replica's hand_back (a removed slot's rows move): the
@@ -210,11 +211,12 @@ class Streams:
                 self.cancel(response)
                 return
             for item in response:
-                if stream.stale:
-                    self.cancel(response)
-                    return
-                ended = ended or isinstance(item, m.ROW_ENDS)
-                self._deliver(slot, stream, item)
+                for msg in item:  # one item: the messages one step made, in order
+                    if stream.stale:
+                        self.cancel(response)
+                        return
+                    ended = ended or isinstance(msg, m.ROW_ENDS)
+                    self._deliver(slot, stream, msg)
             if not ended and not stream.stale:
                 msg = "the replica closed the stream without an answer"
                 self._deliver(slot, stream, m.Failed(rid, m.ErrorKind.ENGINE_ERROR, msg))

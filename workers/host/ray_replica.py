@@ -2,9 +2,10 @@
 
     RaySupervisor (parent)                      SlotReplica (one Ray actor per slot)
     ----------------------                      ------------------------------------
-    synthesize.remote(request), stream=True -->  queue the request; yield Started,
-                                                 Chunk..., then Done or Failed as the
-                                                 engine thread makes them
+    synthesize.remote(request), stream=True -->  queue the request; yield lists of its
+                                                 messages (Started, Chunk..., then Done
+                                                 or Failed) as the engine thread makes
+                                                 them: one list a step
     generator.cancel() (Cancel, timeout)    -->  the stream's finally cancels the row
     hand_back.remote(id) (HandBack)         -->  the row leaves at the next step: its
                                                  stream ends with Preempted (its
@@ -19,6 +20,14 @@ steps it hands the host what arrived and the cancels, then calls run_step() (the
 host lets waiting requests join, runs the step, sends what it made). The replica's event loop only moves messages between
 that thread and each request's stream. What crosses back is the
 workers.wire.messages dataclasses, nothing else.
+
+Each item a stream yields is a list: every message of that request that is ready,
+in order. Every item costs a Ray object and a round of Serve's streaming, so the
+engine thread holds what a step makes and hands each stream its part at once at two
+points of the step (once scheduling is done, so Started never waits for the
+engine's work; and once the step's output is applied), and after the cancels and
+hand-backs it applies between steps; the stream then also takes whatever else is
+already queued for it. Nothing waits for more to come: no timer, no count.
 
 Nothing here imports Ray: SlotReplica is a plain class (a test drives it in
 process) and vibevoice_pool/ray/cluster.py wraps it with `serve.deployment`.
@@ -89,6 +98,7 @@ class SlotReplica:
         self._hand_backs: set[str] = set()  # rows to give back (their slot is removed)
         self._host: StepHost | None = None
         self._outboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._made: list = []  # the engine thread's messages since its last flush
         self._rows = 0
         self._stepping = False  # the engine thread is in run_step
         self._progress = 0.0
@@ -128,11 +138,12 @@ class SlotReplica:
     # ---- what Serve calls ----------------------------------------------
 
     async def synthesize(self, request: m.Request):
-        """Run one request; yield its messages, ending with Done or Failed."""
+        """Run one request; yield lists of its messages (each what is ready, in
+        order), the last one ending with Done, Failed or Preempted."""
         if self._engine is None:
-            yield m.Failed(request.id, m.ErrorKind.UNAVAILABLE, self.boot_message, True)
+            yield [m.Failed(request.id, m.ErrorKind.UNAVAILABLE, self.boot_message, True)]
             return
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()  # of lists of messages
         with self._cond:
             self._outboxes[request.id] = (asyncio.get_running_loop(), queue)
             self._pending.append(request)
@@ -140,9 +151,12 @@ class SlotReplica:
         finished = False
         try:
             while True:
-                msg = await queue.get()
-                finished = isinstance(msg, m.ROW_ENDS)
-                yield msg
+                msgs = await queue.get()
+                while not queue.empty():  # flushes that came while we were away
+                    msgs += queue.get_nowait()
+                ends = [i for i, msg in enumerate(msgs) if isinstance(msg, m.ROW_ENDS)]
+                finished = bool(ends)
+                yield msgs[: ends[0] + 1] if ends else msgs  # nothing follows a row's end
                 if finished:
                     return
         finally:
@@ -156,7 +170,9 @@ class SlotReplica:
             for req in self._pending:
                 if req.id == request_id:
                     self._pending.remove(req)
-                    self._post(m.Failed(request_id, m.ErrorKind.CANCELLED, "cancelled"))
+                    self._send(
+                        request_id, [m.Failed(request_id, m.ErrorKind.CANCELLED, "cancelled")]
+                    )
                     return
             self._cancels.add(request_id)
             self._cond.notify_all()
@@ -219,19 +235,41 @@ class SlotReplica:
     # ---- the engine thread ---------------------------------------------
 
     def _post(self, msg) -> None:
-        """Hand a message to its request's stream (from any thread)."""
-        box = self._outboxes.get(msg.id)
+        """A message the engine thread made: held until its next flush."""
+        self._made.append(msg)
+
+    def _flush(self) -> None:
+        """Hand each stream what the engine thread made for it since the last flush,
+        as one list (engine thread only)."""
+        if not self._made:
+            return
+        made, self._made = self._made, []
+        by_request: dict[str, list] = {}
+        for msg in made:
+            by_request.setdefault(msg.id, []).append(msg)
+        for request_id, msgs in by_request.items():
+            self._send(request_id, msgs)
+
+    def _send(self, request_id: str, msgs: list) -> None:
+        """Hand messages to their request's stream (from any thread)."""
+        box = self._outboxes.get(request_id)
         if box is None:
             return  # the stream is gone (cancelled by its caller)
         loop, queue = box
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, msg)
+            loop.call_soon_threadsafe(queue.put_nowait, msgs)
         except RuntimeError:  # the loop is closed: the replica is stopping
             pass
 
     def _loop(self) -> None:
         sink = _ReplicaSink(self)
-        host = self._host = StepHost(self._engine, sink, preempt=preemption.victim, give_back=True)
+        host = self._host = StepHost(
+            self._engine,
+            sink,
+            preempt=preemption.victim,
+            give_back=True,
+            scheduled=self._flush,
+        )
         while True:
             with self._cond:
                 while not (self._pending or self._cancels or self._hand_backs or not host.idle):
@@ -248,6 +286,7 @@ class SlotReplica:
                 host.cancel(rid)
             for rid in hand_backs:
                 host.hand_back(rid)
+            self._flush()
             # a cancel or a hand-back can empty the batch between two steps: the row count (what
             # pings report and the stall check reads) follows it now, not at a
             # step that may never come
@@ -257,6 +296,7 @@ class SlotReplica:
             self._progress = time.monotonic()
             self._stepping = True
             host.run_step()
+            self._flush()
             self._stepping = False
             self._rows = host.live
             self.speed = host.speed

@@ -101,6 +101,7 @@ class StepHost:
         preempt: PreemptPolicy = never_preempt,
         clock=time.monotonic,
         give_back: bool = False,
+        scheduled: Callable[[], None] | None = None,
     ):
         self.engine = engine
         self.sink = sink  # contract.HostSink: started / chunk / finish / fail / step
@@ -108,6 +109,10 @@ class StepHost:
         # a preempted row that keeps its history goes back to the parent (Preempted) to
         # resume anywhere, instead of rerunning here from its start
         self.give_back = give_back
+        # called between schedule and execute: a host that holds its messages back to
+        # send a step's as one (the Ray replica) sends what scheduling made (Started, a
+        # failed prepare) there, before the engine's work
+        self.scheduled = scheduled
         self.clock = clock
         self.max_rows = max(1, engine.max_rows)  # the live row limit
         self.pending: collections.deque[m.Request] = collections.deque()
@@ -161,6 +166,8 @@ class StepHost:
         sched = self.schedule()
         if not self.running:
             return sched
+        if self.scheduled is not None:
+            self.scheduled()
         t0 = self.clock()
         out = self._execute()
         if out is not None:
