@@ -25,7 +25,9 @@ per request by process, and for the two pools the steps of a request's round
 trip from the dispatcher's events. Ray runs inside a private
 network namespace with only loopback (the script re-runs itself under
 `unshare --net` when it is not in one). Prints a Markdown table; --out writes
-JSON. bench/run_all.py runs it like the other sections.
+JSON. bench/run_all.py runs it like the other sections. To compare two
+checkouts of the Ray path, bench/ray_peer/rounds.py measures the pool on Ray's
+zero workload alone, in longer rounds.
 
     python -m bench.ray_peer.run --out ray_peer.json [--quick]
 """
