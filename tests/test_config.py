@@ -348,7 +348,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--exclude-path-regex", "--head", "--include-dashboard", "--isolation", "--max-time",
     "--name", "--net", "--network", "--pull", "--shm-size", "--stop-timeout", "--variant",
     "--cpu-image-bytes", "--cpu-torch-wheel", "--out", "--quick", "--readme", "--from-literal",
-    "--read-only", "--tmpfs", "--rm",
+    "--read-only", "--tmpfs", "--rm", "--rounds",
 }  # fmt: skip
 
 
