@@ -71,6 +71,18 @@ class FakePool:
         threading.Thread(target=self._play, args=(handle,), daemon=True).start()
         return handle
 
+    def may_go_on(self, handle: RequestHandle, seq: int) -> bool:
+        """Wait until chunk `seq` may be made (hold/release); False once the request is
+        cancelled, its Failed pushed."""
+        req = handle.request
+        while seq >= self.free_chunks and not self.gate.wait(0.01):
+            if req.id in self.cancelled:
+                break
+        if req.id in self.cancelled:
+            handle.push(m.Failed(req.id, m.ErrorKind.CANCELLED, "cancelled"))
+            return False
+        return True
+
     def _play(self, handle: RequestHandle) -> None:
         req = handle.request
         self.begin.wait()
@@ -78,11 +90,7 @@ class FakePool:
         total = int(round(req.est_audio_s * m.SAMPLE_RATE))
         step, done, seq = m.SAMPLE_RATE // 2, 0, 0
         while done < total:
-            while seq >= self.free_chunks and not self.gate.wait(0.01):
-                if req.id in self.cancelled:
-                    break
-            if req.id in self.cancelled:
-                handle.push(m.Failed(req.id, m.ErrorKind.CANCELLED, "cancelled"))
+            if not self.may_go_on(handle, seq):
                 return
             n = min(step, total - done)
             handle.push(m.Chunk(req.id, seq, np.full(n, 0.1, np.float32)))

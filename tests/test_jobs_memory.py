@@ -51,11 +51,7 @@ class HistoryPool(FakePool):
         made = self.made.setdefault(req.id, [])
         done, seq = (req.resume.samples, req.resume.steps) if req.resume else (0, 0)
         while done < total:
-            while seq >= self.free_chunks and not self.gate.wait(0.01):
-                if req.id in self.cancelled:
-                    break
-            if req.id in self.cancelled:
-                handle.push(m.Failed(req.id, m.ErrorKind.CANCELLED, "cancelled"))
+            if not self.may_go_on(handle, seq):
                 return
             n = min(CHUNK, total - done)
             pcm = sound(done, n, seq)
