@@ -340,3 +340,18 @@ def demo_tone(f0: float, seconds: float = 3.5, seed: int = 0) -> np.ndarray:
     fade = np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.05)
     out = voice * syllables * fade
     return (0.5 * out / np.max(np.abs(out))).astype(np.float32)
+
+
+def float_blocks(f, samples: int, block: int):
+    """`samples` float32 samples read from the binary file `f` at its position, `block`
+    at a time (a job's progress audio, an answer's spilled audio); OSError when the
+    file ends first."""
+    left = samples
+    while left:
+        part = np.frombuffer(f.read(4 * min(block, left)), dtype=np.float32)
+        if not len(part):
+            raise OSError(
+                f"{getattr(f, 'name', 'a file')} holds {samples - left} of {samples} samples"
+            )
+        left -= len(part)
+        yield part

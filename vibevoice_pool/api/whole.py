@@ -29,6 +29,7 @@ import numpy as np
 
 from vibevoice_pool import encoders
 from vibevoice_pool.api import tempo
+from vibevoice_pool.audio import float_blocks
 from workers.wire.messages import SAMPLE_RATE
 
 SPILL_SAMPLES = 60 * SAMPLE_RATE  # an answer's audio held in memory before it goes to a file
@@ -87,13 +88,7 @@ class AnswerAudio:
         """All the audio, in order: the file's a block at a time, then memory's."""
         if self._file is not None and self.on_disk:
             self._file.seek(0)
-            left = self.on_disk
-            while left:
-                part = np.frombuffer(self._file.read(4 * min(block, left)), dtype=np.float32)
-                if not len(part):
-                    raise OSError(f"an answer's audio file holds {self.on_disk - left} samples")
-                left -= len(part)
-                yield part
+            yield from float_blocks(self._file, self.on_disk, block)
         yield from list(self._mem)
 
     def whole(self) -> np.ndarray:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vibevoice_pool.audio import float_blocks
+
 BLOCK = 1 << 18  # samples read from the file at a time for the result (1 MiB)
 _EMPTY = np.zeros(0, dtype=np.float32)
 
@@ -73,16 +75,7 @@ class JobAudio:
         time, then the tail. OSError when the file holds fewer than on_disk."""
         if self.on_disk:
             with open(self.path, "rb") as f:
-                left = self.on_disk
-                while left:
-                    part = np.fromfile(f, dtype=np.float32, count=min(block, left))
-                    if not len(part):
-                        raise OSError(
-                            f"{self.path} holds {self.on_disk - left} of "
-                            f"{self.on_disk} saved samples"
-                        )
-                    left -= len(part)
-                    yield part
+                yield from float_blocks(f, self.on_disk, block)
         yield from list(self._tail)
 
 
